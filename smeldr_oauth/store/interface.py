@@ -1,0 +1,149 @@
+"""
+The storage seam of the authorization server.
+
+Everything the protocol logic needs from persistence, as a zope
+L{Interface} whose methods return L{Deferred}s.  Methods that change more
+than one row are atomic: an implementation must apply all of a call's
+changes or none.  Only hashes of secrets cross this seam.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attr
+from zope.interface import Interface
+
+from smeldr_oauth.oauth.model import (
+    AccessInfo,
+    AccessToken,
+    AuthorizationCode,
+    Client,
+    Grant,
+    RefreshToken,
+)
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class CodeRedemption:
+    """
+    The result of L{IOAuthStore.consume_code}.
+
+    @ivar status: C{"ok"} (the code was fresh and is now spent),
+        C{"replayed"} (it had been spent before: its grant has now been
+        revoked), C{"expired"} or C{"unknown"}.
+    """
+
+    status: str
+    code: Optional[AuthorizationCode] = None
+    grant: Optional[Grant] = None
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class RefreshRedemption:
+    """
+    The result of L{IOAuthStore.redeem_refresh_token}.
+
+    @ivar status: C{"rotated"} (new tokens stored), C{"grace"} (the previous
+        generation replayed within the grace window: new tokens stored),
+        C{"reused"} (an older token: the grant is now revoked),
+        C{"invalid_scope"} (asked for scopes beyond the grant: nothing
+        changed), C{"expired"}, C{"unknown"} or C{"revoked"}.
+    """
+
+    status: str
+    grant: Optional[Grant] = None
+
+
+class IOAuthStore(Interface):
+    """
+    Persistence for clients, grants, codes and tokens.
+    """
+
+    def save_client(client: Client) -> "Deferred[None]":  # type: ignore[misc]
+        """
+        Store a dynamically registered client.
+        """
+
+    def get_client(client_id: str) -> "Deferred[Optional[Client]]":  # type: ignore[misc]
+        """
+        The registered client with this id, or C{None}.
+        """
+
+    def count_clients() -> "Deferred[int]":  # type: ignore[misc]
+        """
+        How many registered clients are stored (for the registration cap).
+        """
+
+    def create_grant(grant: Grant, code: AuthorizationCode) -> "Deferred[None]":  # type: ignore[misc]
+        """
+        Store a new grant together with its first authorization code.
+        """
+
+    def consume_code(code_hash: str, now: float) -> "Deferred[CodeRedemption]":  # type: ignore[misc]
+        """
+        Atomically spend an authorization code.  Spending a spent code
+        revokes its grant (and every token hanging from it).
+        """
+
+    def add_tokens(
+        grant_id: str, access: AccessToken, refresh: Optional[RefreshToken]
+    ) -> "Deferred[None]":  # type: ignore[misc]
+        """
+        Store the tokens issued for a code exchange.
+        """
+
+    def redeem_refresh_token(
+        token_hash: str,
+        now: float,
+        grace: float,
+        requested_scopes: Optional[tuple[str, ...]],
+        new_access: AccessToken,
+        new_refresh: RefreshToken,
+    ) -> "Deferred[RefreshRedemption]":  # type: ignore[misc]
+        """
+        Atomically decide and apply one refresh: see
+        L{smeldr_oauth.oauth.rotation.decide}.  C{new_access} and
+        C{new_refresh} carry a placeholder C{grant_id}, C{scopes} and
+        C{generation}; the store fills in the real ones.
+        """
+
+    def lookup_access_token(token_hash: str, now: float) -> "Deferred[Optional[AccessInfo]]":  # type: ignore[misc]
+        """
+        What a live access token grants, or C{None} if it is unknown,
+        expired or revoked.
+        """
+
+    def revoke_token(token_hash: str, now: float) -> "Deferred[Optional[str]]":  # type: ignore[misc]
+        """
+        RFC 7009: revoke an access token (just it) or a refresh token (its
+        whole grant).  Returns the revoked grant id when a grant ended.
+        """
+
+    def revoke_grant(grant_id: str, now: float) -> "Deferred[bool]":  # type: ignore[misc]
+        """
+        End a grant and every code and token hanging from it.
+        """
+
+    def revoke_grants_of_site_token(site_token_id: str, now: float) -> "Deferred[list[str]]":  # type: ignore[misc]
+        """
+        End every grant approved with this site token; returns their ids.
+        """
+
+    def list_grants(
+        subject: Optional[str] = None, site_token_id: Optional[str] = None
+    ) -> "Deferred[list[Grant]]":  # type: ignore[misc]
+        """
+        Live grants, optionally only those of one subject or site token.
+        """
+
+    def touch_grant(grant_id: str, now: float) -> "Deferred[None]":  # type: ignore[misc]
+        """
+        Record that a grant was used (for the connected-apps page).
+        """
+
+    def purge_expired(now: float) -> "Deferred[int]":  # type: ignore[misc]
+        """
+        Delete expired codes and tokens and long-revoked grants; returns the
+        number of rows removed.
+        """
