@@ -33,7 +33,7 @@ setup(
     ],
     entry_points={
         "console_scripts": [
-            "smeldr-oauth-admin = smeldr_oauth.service.admin:main",
+            "smeldr-oauth-admin = smeldr_oauth.site.admin:main",
             "smeldr-oauth-stdio = smeldr_oauth.mcp.stdio:main",
         ]
     },

@@ -31,7 +31,10 @@ class CodeRedemption:
 
     @ivar status: C{"ok"} (the code was fresh and is now spent),
         C{"replayed"} (it had been spent before: its grant has now been
-        revoked), C{"expired"} or C{"unknown"}.
+        revoked), C{"revoked"} (its grant had ended before this exchange),
+        C{"expired"} or C{"unknown"}.  Only C{"ok"} may yield tokens; every
+        other status is an C{invalid_grant} error.  A code is spent by the
+        first exchange whatever its status, so it never works twice.
     """
 
     status: str
@@ -105,7 +108,10 @@ class IOAuthStore(Interface):
         Atomically decide and apply one refresh: see
         L{smeldr_oauth.oauth.rotation.decide}.  C{new_access} and
         C{new_refresh} carry a placeholder C{grant_id}, C{scopes} and
-        C{generation}; the store fills in the real ones.
+        C{generation}; the store fills in the real ones (and gives the new
+        access token the grant's C{resource}: a refresh cannot move a token
+        to another audience).  C{requested_scopes} of C{None} or C{()} means
+        the grant's scopes; duplicates are dropped.
         """
 
     def lookup_access_token(token_hash: str, now: float) -> "Deferred[Optional[AccessInfo]]":  # type: ignore[misc]

@@ -1,0 +1,150 @@
+# -*- test-case-name: tests.test_mcp_auth -*-
+"""
+Bearer-token protection of the MCP endpoints (RFC 6750, RFC 9728, MCP
+authorization): reading the C{Authorization} header and building the
+C{WWW-Authenticate} challenges that send a client to the authorization
+server.
+
+Tokens are accepted only in the C{Authorization} header: never in the
+query string or a form body (RFC 6750 section 2.3 allows it; MCP forbids
+it, and URLs end up in logs).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import attr
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from smeldr_oauth.oauth.interfaces import IAccessVerifier
+from smeldr_oauth.oauth.model import AccessInfo
+
+log = Logger()
+
+# RFC 6750 b64token.
+_TOKEN68 = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+MAX_TOKEN_LENGTH = 4096
+
+
+class AuthFailure(Exception):
+    """
+    The request is not authorised: answer with C{status} and the
+    C{WWW-Authenticate} value C{challenge}.
+    """
+
+    def __init__(self, status: int, challenge: str, error: Optional[str] = None) -> None:
+        super().__init__(error or "unauthorized")
+        self.status = status
+        self.challenge = challenge
+        self.error = error
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Challenger:
+    """
+    Builds the challenges of one protected resource.
+
+    @ivar resource_metadata_url: absolute URL of the RFC 9728 document.
+    @ivar scope: the scopes a client should ask for by default.
+    """
+
+    resource_metadata_url: str
+    scope: str
+
+    def _header(self, error: Optional[str], scope: Optional[str], description: Optional[str]) -> str:
+        params = []
+        if error:
+            params.append(f"error={_quote(error)}")
+        if description:
+            params.append(f"error_description={_quote(description)}")
+        if scope:
+            params.append(f"scope={_quote(scope)}")
+        params.append(f"resource_metadata={_quote(self.resource_metadata_url)}")
+        return "Bearer " + ", ".join(params)
+
+    def missing(self) -> AuthFailure:
+        """No credentials: 401 pointing at the resource metadata."""
+        header = "Bearer " + ", ".join(
+            [f"resource_metadata={_quote(self.resource_metadata_url)}", f"scope={_quote(self.scope)}"]
+        )
+        return AuthFailure(401, header)
+
+    def invalid_token(self, description: str = "The access token is invalid or expired") -> AuthFailure:
+        return AuthFailure(401, self._header("invalid_token", self.scope, description), "invalid_token")
+
+    def invalid_request(self, description: str) -> AuthFailure:
+        return AuthFailure(400, self._header("invalid_request", None, description), "invalid_request")
+
+    def insufficient_scope(self, scopes: tuple[str, ...]) -> AuthFailure:
+        return AuthFailure(
+            403,
+            self._header("insufficient_scope", " ".join(scopes), "The access token lacks a required scope"),
+            "insufficient_scope",
+        )
+
+
+def bearer_token(authorization: Optional[list[bytes]], challenger: Challenger) -> str:
+    """
+    The token of an C{Authorization: Bearer} header.
+
+    @param authorization: every raw C{Authorization} header value.
+    @raise AuthFailure: none given (401 without an error code, so the client
+        starts authorization); several, another scheme, or a malformed
+        token (401 invalid_token / 400 invalid_request).
+    """
+    if not authorization:
+        raise challenger.missing()
+    if len(authorization) > 1:
+        raise challenger.invalid_request("Several Authorization headers")
+    try:
+        value = authorization[0].decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise challenger.invalid_token("Malformed Authorization header")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer":
+        # Another scheme (Basic, ...) is "no bearer credentials".
+        raise challenger.missing()
+    token = token.strip()
+    if not token or len(token) > MAX_TOKEN_LENGTH or not _TOKEN68.match(token):
+        raise challenger.invalid_token("Malformed bearer token")
+    return token
+
+
+def verify(
+    verifier: IAccessVerifier, token: str, challenger: Challenger, clock: IReactorTime
+) -> Deferred:
+    """
+    Ask the verifier about C{token}.
+
+    @return: a L{Deferred} firing with the L{AccessInfo}, or failing with
+        L{AuthFailure}.  A verifier that fails (its store is down) becomes
+        a 503-style L{AuthFailure}, never a 500 with a traceback.
+    """
+    d = maybeDeferred(verifier.verify_access_token, token)
+
+    def checked(info: Optional[AccessInfo]) -> AccessInfo:
+        if info is None:
+            log.info("Bearer token refused")
+            raise challenger.invalid_token()
+        if info.expires_at and info.expires_at <= clock.seconds():
+            raise challenger.invalid_token("The access token expired")
+        return info
+
+    def broken(failure: object) -> None:
+        from twisted.python.failure import Failure
+
+        assert isinstance(failure, Failure)
+        if failure.check(AuthFailure):
+            failure.raiseException()
+        log.failure("Access token verifier failed", failure)
+        raise AuthFailure(503, "", "temporarily_unavailable")
+
+    return d.addCallback(checked).addErrback(broken)

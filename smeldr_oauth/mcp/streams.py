@@ -1,0 +1,180 @@
+# -*- test-case-name: tests.test_mcp_streams -*-
+"""
+Server-Sent Events responses on Klein/twisted.web, with the three things a
+long-lived stream needs on the open internet:
+
+  - keepalive comments, so proxies (and ChatGPT) do not drop an idle stream;
+  - a bounded outgoing queue: the stream is a streaming producer of its
+    request, so when the client stops reading and the transport's buffer
+    fills, writes queue here instead; past C{max_queue} queued events the
+    client is disconnected rather than buffered without limit;
+  - an end the server controls: L{SSEStream.done} is the L{Deferred} the
+    Klein route returns (Klein cancels it when the client goes away; firing
+    it finishes the response).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger()
+
+
+def format_event(data: str, event: Optional[str] = None, event_id: Optional[str] = None) -> bytes:
+    """
+    One SSE frame.  Multi-line data becomes several C{data:} lines, so a
+    newline in a payload cannot end the event early or inject fields.
+    """
+    lines = []
+    if event_id is not None:
+        lines.append(f"id: {_one_line(event_id)}")
+    if event is not None:
+        lines.append(f"event: {_one_line(event)}")
+    for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        lines.append(f"data: {line}")
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+def _one_line(value: str) -> str:
+    return value.replace("\r", " ").replace("\n", " ")
+
+
+@implementer(IPushProducer)
+class SSEStream:
+    """
+    A C{text/event-stream} response.
+
+    @ivar done: return this from the Klein route after L{start}.
+    @ivar closed: C{True} once the stream ended, whichever side ended it.
+    """
+
+    def __init__(
+        self,
+        request: object,
+        clock: IReactorTime,
+        *,
+        keepalive_interval: Optional[float] = 15.0,
+        max_queue: int = 256,
+        on_close: Optional[Callable[["SSEStream"], None]] = None,
+        done: Optional[Deferred] = None,
+    ) -> None:
+        self._request = request
+        self._clock = clock
+        self._keepalive_interval = keepalive_interval
+        self._max_queue = max_queue
+        self._on_close = on_close
+        self._queue: deque[bytes] = deque()
+        self._paused = False
+        self._keepalive: Optional[LoopingCall] = None
+        self.closed = False
+        # An owner that already returned a Deferred to Klein passes it as
+        # `done`, and must call client_gone() from its canceller.
+        self.done: Deferred = done if done is not None else Deferred(self._client_gone)
+
+    def start(self, first: bytes = b": stream open\n\n", headers: Optional[dict[bytes, bytes]] = None) -> Deferred:
+        """
+        Send the headers and the first bytes (so the client sees the stream
+        open at once), start keepalives.
+
+        @return: L{done}, for the route to return.
+        """
+        request = self._request
+        request.setResponseCode(200)  # type: ignore[attr-defined]
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")  # type: ignore[attr-defined]
+        request.setHeader(b"Cache-Control", b"no-cache, no-transform")  # type: ignore[attr-defined]
+        # nginx and similar proxies buffer responses unless told otherwise.
+        request.setHeader(b"X-Accel-Buffering", b"no")  # type: ignore[attr-defined]
+        for name, value in (headers or {}).items():
+            request.setHeader(name, value)  # type: ignore[attr-defined]
+        request.registerProducer(self, True)  # type: ignore[attr-defined]
+        request.write(first)  # type: ignore[attr-defined]
+        if self._keepalive_interval:
+            self._keepalive = LoopingCall(self.comment, "keepalive")
+            self._keepalive.clock = self._clock
+            self._keepalive.start(self._keepalive_interval, now=False)
+        return self.done
+
+    def send(self, data: str, event: Optional[str] = None, event_id: Optional[str] = None) -> None:
+        """Queue or write one event."""
+        self._write(format_event(data, event, event_id))
+
+    def comment(self, text: str) -> None:
+        self._write(f": {_one_line(text)}\n\n".encode("utf-8"))
+
+    def _write(self, frame: bytes) -> None:
+        if self.closed:
+            return
+        if self._paused:
+            self._queue.append(frame)
+            if len(self._queue) > self._max_queue:
+                log.warn("SSE client stopped reading; disconnecting it ({queued} events queued)", queued=len(self._queue))
+                self.abort()
+            return
+        self._request.write(frame)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """End the stream from the server side (the response finishes)."""
+        if self.closed:
+            return
+        self._cleanup()
+        try:
+            self._request.unregisterProducer()  # type: ignore[attr-defined]
+        except Exception:
+            pass
+        if not self.done.called:
+            self.done.callback(b"")
+
+    def abort(self) -> None:
+        """Drop the connection at once (a consumer that stopped reading)."""
+        if self.closed:
+            return
+        self._cleanup()
+        transport = getattr(getattr(self._request, "channel", None), "transport", None)
+        # Klein notices the lost connection and cancels `done`; firing it
+        # here would make Klein render an error page on a started response.
+        if transport is not None and hasattr(transport, "abortConnection"):
+            transport.abortConnection()
+        elif transport is not None:
+            transport.loseConnection()
+        elif not self.done.called:
+            self.done.callback(b"")
+
+    def _client_gone(self, _: Deferred) -> None:
+        # Klein cancels `done` when the connection is lost.
+        self._cleanup()
+
+    def client_gone(self) -> None:
+        """The connection was lost (for owners of an external C{done})."""
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.clear()
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
+        if self._on_close is not None:
+            callback, self._on_close = self._on_close, None
+            callback(self)
+
+    # IPushProducer: the transport tells us when the client is not reading.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        while self._queue and not self._paused and not self.closed:
+            self._request.write(self._queue.popleft())  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        # The connection is going away; Klein will cancel `done`.
+        self._cleanup()

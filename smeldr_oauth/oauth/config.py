@@ -1,0 +1,115 @@
+# -*- test-case-name: tests.test_oauth_config -*-
+"""
+The authorization server's configuration: one frozen record, validated once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import attr
+
+from smeldr_oauth.oauth.urls import canonical_resource, is_loopback_host, parse
+
+OFFLINE_ACCESS = "offline_access"
+
+DEFAULT_SCOPES: Mapping[str, str] = {
+    "read": "Read your site's content",
+    "write": "Create, change and delete your site's content",
+}
+
+
+class ConfigError(ValueError):
+    """
+    A configuration value is unusable; the message says which and why.
+    """
+
+
+def _issuer(value: str) -> str:
+    url = parse(value)
+    if url is None or url.scheme not in ("http", "https"):
+        raise ConfigError(f"issuer must be an absolute http(s) URL, got {value!r}")
+    if url.scheme == "http" and not is_loopback_host(url.host):
+        raise ConfigError("issuer must use https unless its host is loopback")
+    if url.query or url.fragment or url.userinfo:
+        raise ConfigError("issuer must have no query, fragment or user info (RFC 8414)")
+    return value.rstrip("/")
+
+
+@attr.s(frozen=True, kw_only=True)
+class Config:
+    """
+    @ivar issuer: the public base URL; the metadata's C{issuer} is exactly
+        this (trailing slash removed), byte-identical to what the resource
+        metadata names, because the Python SDK compares them byte for byte.
+    @ivar resource: the protected resource (the public MCP URL); defaults to
+        C{<issuer>/mcp}.
+    @ivar verify_bearer: checks what the user pastes into the consent form.
+        Returns C{True}/C{False}, a subject string, an
+        L{smeldr_oauth.oauth.model.Approval}, or a Deferred/coroutine of one.
+    @ivar scopes: scope name -> words shown on the consent page.
+    @ivar default_scopes: granted when a request names none (ChatGPT
+        reconnects without C{scope}); defaults to every scope but
+        C{offline_access}.
+    @ivar refresh_grace: seconds during which the previous refresh token may
+        be replayed (parallel refreshes) without ending the grant.
+    @ivar refresh_for_refresh_grant_clients: also issue refresh tokens to
+        clients whose metadata lists the C{refresh_token} grant, even when
+        C{offline_access} was not asked for.
+    @ivar allow_insecure_client_ids: development only: http and loopback
+        client_id URLs and redirect URIs.
+    """
+
+    issuer: str = attr.ib(converter=_issuer)
+    verify_bearer: Callable[[str], Any] = attr.ib()
+    resource: Optional[str] = attr.ib(default=None)
+    scopes: Mapping[str, str] = attr.ib(factory=lambda: dict(DEFAULT_SCOPES))
+    default_scopes: Optional[tuple[str, ...]] = attr.ib(default=None)
+    access_token_ttl: int = attr.ib(default=3600)
+    auth_code_ttl: int = attr.ib(default=300)
+    refresh_token_ttl: int = attr.ib(default=30 * 24 * 3600)
+    refresh_grace: int = attr.ib(default=60)
+    refresh_for_refresh_grant_clients: bool = attr.ib(default=False)
+    dynamic_registration: bool = attr.ib(default=True)
+    max_registered_clients: int = attr.ib(default=10000)
+    allow_insecure_client_ids: bool = attr.ib(default=False)
+    access_cache_ttl: float = attr.ib(default=30.0)
+    access_cache_size: int = attr.ib(default=10000)
+    paste_failures_per_minute: int = attr.ib(default=10)
+    registrations_per_minute: int = attr.ib(default=20)
+    service_name: str = attr.ib(default="smeldr")
+
+    def __attrs_post_init__(self) -> None:
+        if self.resource is None:
+            object.__setattr__(self, "resource", self.issuer + "/mcp")
+        canon = canonical_resource(self.resource or "")
+        if canon is None:
+            raise ConfigError(f"resource must be an absolute http(s) URL, got {self.resource!r}")
+        object.__setattr__(self, "resource", canon)
+        for name in ("access_token_ttl", "auth_code_ttl", "refresh_token_ttl"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.refresh_grace < 0:
+            raise ConfigError("refresh_grace must not be negative")
+        for scope in self.scopes:
+            if not scope or any(c in scope for c in ' "\\') or not scope.isprintable():
+                raise ConfigError(f"invalid scope name {scope!r}")
+        if self.default_scopes is None:
+            object.__setattr__(
+                self, "default_scopes", tuple(s for s in self.scopes if s != OFFLINE_ACCESS)
+            )
+        unknown = set(self.default_scopes or ()) - set(self.all_scopes)
+        if unknown:
+            raise ConfigError(f"default scopes not in scopes: {sorted(unknown)}")
+
+    @property
+    def all_scopes(self) -> tuple[str, ...]:
+        """
+        Every scope the server grants: the configured ones plus
+        C{offline_access} (which asks for a refresh token).
+        """
+        names = [s for s in self.scopes if s != OFFLINE_ACCESS]
+        return tuple(names) + (OFFLINE_ACCESS,)
+
+    def endpoint(self, path: str) -> str:
+        return self.issuer + path

@@ -1,0 +1,105 @@
+# -*- test-case-name: tests.test_oauth_server -*-
+"""
+The one place OAuth errors are defined.
+
+Protocol logic raises these; the HTTP layer turns them into an RFC 6749
+section 5.2 JSON body (token, revocation and registration endpoints), an
+error redirect carrying C{iss} (authorization endpoint, once the redirect URI
+is trusted), or a plain page (authorization endpoint, before it is).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class OAuthError(Exception):
+    """
+    An OAuth error response.
+
+    @ivar error: the RFC 6749 / RFC 7591 / RFC 8707 error code.
+    @ivar description: human-readable text; never contains a secret.
+    @ivar status: the HTTP status for JSON endpoints.
+    """
+
+    status = 400
+
+    def __init__(self, error: str, description: str, status: Optional[int] = None) -> None:
+        super().__init__(error, description)
+        self.error = error
+        self.description = description
+        if status is not None:
+            self.status = status
+
+    def as_json(self) -> dict[str, str]:
+        return {"error": self.error, "error_description": self.description}
+
+
+def invalid_request(description: str) -> OAuthError:
+    return OAuthError("invalid_request", description)
+
+
+def invalid_client(description: str) -> OAuthError:
+    return OAuthError("invalid_client", description, 401)
+
+
+def invalid_grant(description: str) -> OAuthError:
+    return OAuthError("invalid_grant", description)
+
+
+def invalid_scope(description: str) -> OAuthError:
+    return OAuthError("invalid_scope", description)
+
+
+def invalid_target(description: str) -> OAuthError:
+    return OAuthError("invalid_target", description)
+
+
+def unsupported_grant_type(description: str) -> OAuthError:
+    return OAuthError("unsupported_grant_type", description)
+
+
+def unsupported_response_type(description: str) -> OAuthError:
+    return OAuthError("unsupported_response_type", description)
+
+
+def access_denied(description: str) -> OAuthError:
+    return OAuthError("access_denied", description, 403)
+
+
+def slow_down(description: str) -> OAuthError:
+    return OAuthError("slow_down", description, 429)
+
+
+def invalid_redirect_uri(description: str) -> OAuthError:
+    return OAuthError("invalid_redirect_uri", description)
+
+
+def invalid_client_metadata(description: str) -> OAuthError:
+    return OAuthError("invalid_client_metadata", description)
+
+
+class UntrustedRedirect(Exception):
+    """
+    The authorization request cannot be redirected back: the client is
+    unknown or the redirect URI is not one of its own.  The user gets a
+    plain error page, never a redirect (no open redirector).
+    """
+
+    def __init__(self, title: str, detail: str) -> None:
+        super().__init__(title, detail)
+        self.title = title
+        self.detail = detail
+
+
+class AuthorizeRedirectError(Exception):
+    """
+    An authorization request error that may be sent back to the (trusted)
+    redirect URI, with C{state} and C{iss}.
+    """
+
+    def __init__(self, redirect_uri: str, state: Optional[str], error: OAuthError) -> None:
+        super().__init__(redirect_uri, error.error)
+        self.redirect_uri = redirect_uri
+        self.state = state
+        self.error = error

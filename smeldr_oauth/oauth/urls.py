@@ -1,0 +1,131 @@
+# -*- test-case-name: tests.test_oauth_urls -*-
+"""
+URL rules: issuer and resource canonicalisation (RFC 8414, RFC 8707,
+RFC 9728) and redirect URI matching (OAuth 2.1 exact match, with RFC 8252's
+any-port rule for loopback redirects).
+
+Pure functions over strings, built on L{hyperlink}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Optional
+
+from hyperlink import URL, DecodedURL
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def parse(value: str) -> Optional[URL]:
+    """
+    Parse an absolute URL, or C{None} if it is not one.
+    """
+    if not isinstance(value, str) or not value or len(value) > 2048:
+        return None
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
+        return None
+    try:
+        url = URL.from_text(value)
+    except Exception:
+        return None
+    if not url.absolute or not url.host:
+        return None
+    return url
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.lower().strip("[]")
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _default_port(scheme: str) -> Optional[int]:
+    return {"http": 80, "https": 443}.get(scheme)
+
+
+def canonical_resource(value: str) -> Optional[str]:
+    """
+    Canonicalise a resource indicator (RFC 8707) or an issuer for
+    comparison: lower-case scheme and host, default port dropped, no query
+    and no fragment, trailing slashes stripped from the path (Python SDK 1.x
+    adds one to a bare origin; Claude.ai strips them).  C{None} when the
+    value is not an absolute http(s) URL.
+
+    Query parameters are dropped because ChatGPT has been seen appending
+    them; a resource is identified by origin and path alone here, which is
+    safe because this server only ever issues tokens for its own
+    configured resource.
+    """
+    url = parse(value)
+    if url is None or url.scheme.lower() not in ("http", "https"):
+        return None
+    if url.userinfo:
+        return None
+    scheme = url.scheme.lower()
+    host = url.host.lower()
+    port = url.port
+    path = "/".join(url.path).rstrip("/")
+    if path and not path.startswith("/"):
+        path = "/" + path
+    hostpart = f"[{host}]" if ":" in host else host
+    if port is not None and port != _default_port(scheme):
+        hostpart = f"{hostpart}:{port}"
+    return f"{scheme}://{hostpart}{path}"
+
+
+def redirect_uri_matches(registered: str, presented: str) -> bool:
+    """
+    Does C{presented} match the C{registered} redirect URI?
+
+    Exact string match (OAuth 2.1 section 2.3.1), except that for loopback
+    redirect URIs (127.0.0.1, [::1], localhost, over http) the port is
+    ignored, as RFC 8252 section 7.3 requires: native clients such as
+    Claude Code register C{http://localhost/callback} and listen on an
+    ephemeral port.
+    """
+    if registered == presented:
+        return True
+    reg = parse(registered)
+    pres = parse(presented)
+    if reg is None or pres is None:
+        return False
+    if reg.scheme != "http" or pres.scheme != "http":
+        return False
+    if not is_loopback_host(reg.host) or reg.host.lower() != pres.host.lower():
+        return False
+    if reg.userinfo or pres.userinfo or pres.fragment:
+        return False
+    return (reg.path, reg.query) == (pres.path, pres.query)
+
+
+def valid_redirect_uri(value: str, allow_insecure: bool = False) -> bool:
+    """
+    May a client register this redirect URI?  https anywhere, http only on
+    a loopback host (RFC 8252), or a private-use scheme for native apps;
+    never a fragment or user info.
+    """
+    url = parse(value)
+    if url is None or url.fragment or url.userinfo or "#" in value:
+        return False
+    scheme = url.scheme.lower()
+    if scheme == "https":
+        return True
+    if scheme == "http":
+        return allow_insecure or is_loopback_host(url.host)
+    return False
+
+
+def with_query(base: str, params: list[tuple[str, str]]) -> str:
+    """
+    Add query parameters to C{base}, keeping the ones it already has
+    (OAuth 2.1 section 4.1.2: the redirect URI's own query is retained).
+    """
+    url = DecodedURL.from_text(base)
+    for name, value in params:
+        url = url.add(name, value)
+    return url.to_text()

@@ -1,0 +1,145 @@
+# -*- test-case-name: tests.test_service_tap -*-
+"""
+C{twist smeldr-oauth}: command-line options and the service they describe.
+
+The shape follows C{twisted.web.tap}: repeatable C{--listen} endpoint
+strings, defaults filled in C{postOptions}, and C{makeService} returning a
+L{MultiService} with one endpoint service per listener.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+from twisted.application.service import IService, MultiService
+from twisted.application.strports import service as strports_service
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from smeldr_oauth.oauth.config import Config, ConfigError
+
+
+def _positive_int(name: str):  # type: ignore[no-untyped-def]
+    def convert(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} must be a whole number of seconds, got {value!r}")
+        if number <= 0:
+            raise usage.UsageError(f"--{name} must be positive, got {value!r}")
+        return number
+
+    return convert
+
+
+class Options(usage.Options):
+    synopsis = "--issuer https://example.com [options]"
+    longdesc = (
+        "Serve an OAuth 2.1 authorization server and an MCP server (Streamable HTTP and "
+        "HTTP+SSE at /mcp) for ChatGPT, Claude.ai and MCP SDK clients, on SQLite."
+    )
+
+    optParameters = [
+        ["issuer", None, None, "Public base URL of this server (https unless loopback). Required."],
+        ["resource", None, None, "Public URL of the MCP endpoint [default: <issuer>/mcp]."],
+        ["oauth-db", None, "./oauth.db", "SQLite file for clients, grants and tokens."],
+        ["site-db", None, "./site.db", "SQLite file for site content and site tokens."],
+        ["app", None, None, "Serve your own MCP app (module:attribute) instead of the site tools."],
+        ["access-token-ttl", None, 3600, "Access token lifetime in seconds.", _positive_int("access-token-ttl")],
+        ["auth-code-ttl", None, 300, "Authorization code lifetime in seconds.", _positive_int("auth-code-ttl")],
+        [
+            "refresh-token-ttl",
+            None,
+            30 * 24 * 3600,
+            "Refresh token idle lifetime in seconds.",
+            _positive_int("refresh-token-ttl"),
+        ],
+        [
+            "refresh-grace",
+            None,
+            60,
+            "Seconds the previous refresh token stays usable after rotation.",
+            _positive_int("refresh-grace"),
+        ],
+        ["keepalive", None, 15, "Seconds between SSE keepalive comments.", _positive_int("keepalive")],
+        ["max-body", None, 1 << 20, "Largest request body accepted, in bytes.", _positive_int("max-body")],
+        ["cimd-ca-file", None, None, "TESTING ONLY: PEM CA to trust for client metadata fetches."],
+        ["service-name", None, "smeldr", "Name shown on the consent page."],
+    ]
+
+    optFlags = [
+        ["no-registration", None, "Turn dynamic client registration (RFC 7591) off."],
+        ["no-cimd", None, "Turn Client ID Metadata Documents off."],
+        ["dev", None, "DEVELOPMENT ONLY: allow http:// and loopback client_id URLs."],
+        [
+            "refresh-for-refresh-grant-clients",
+            None,
+            "Also issue refresh tokens to clients whose metadata lists the refresh_token grant.",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["allowed-origin"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        A Twisted endpoint to listen on (repeatable), e.g. tcp:8080 or
+        ssl:8443:privateKey=key.pem:certKey=cert.pem [default: tcp:8080].
+        """
+        from twisted.internet import reactor
+
+        try:
+            serverFromString(reactor, description)
+        except Exception as e:
+            raise usage.UsageError(f"--listen {description!r}: {e}")
+        self["listen"].append(description)
+
+    def opt_allowed_origin(self, origin: str) -> None:
+        """
+        A browser Origin allowed to call /mcp (repeatable) [default: the issuer's origin].
+        """
+        self["allowed-origin"].append(origin.rstrip("/"))
+
+    def postOptions(self) -> None:
+        if not self["issuer"]:
+            raise usage.UsageError("--issuer is required")
+        if not self["listen"]:
+            self["listen"] = ["tcp:8080"]
+        try:
+            self["config"] = self.config(verify_bearer=lambda token: False)
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
+    def config(self, **overrides: Any) -> Config:
+        """
+        The authorization server's L{Config} these options describe.
+        """
+        kw: dict[str, Any] = dict(
+            issuer=self["issuer"],
+            resource=self["resource"],
+            access_token_ttl=self["access-token-ttl"],
+            auth_code_ttl=self["auth-code-ttl"],
+            refresh_token_ttl=self["refresh-token-ttl"],
+            refresh_grace=self["refresh-grace"],
+            dynamic_registration=not self["no-registration"],
+            allow_insecure_client_ids=bool(self["dev"]),
+            refresh_for_refresh_grant_clients=bool(self["refresh-for-refresh-grant-clients"]),
+            service_name=self["service-name"],
+        )
+        kw.update(overrides)
+        return Config(**kw)
+
+
+def makeService(options: Options) -> IService:
+    from smeldr_oauth.service.wiring import StandaloneService
+
+    top = MultiService()
+    app_service = StandaloneService(options)
+    app_service.setServiceParent(top)
+    for description in options["listen"]:
+        listener = strports_service(description, app_service.site)
+        listener.setServiceParent(top)
+    return top

@@ -1,0 +1,78 @@
+# -*- test-case-name: tests.test_service_web -*-
+"""
+The HTTP site: a L{Request} that refuses oversized bodies, and the
+L{Site} that uses it.
+
+twisted.web buffers any request body it is sent; the cap has to live in
+C{handleContentChunk} (as synapse does), so a client cannot make the
+server hold more than C{max_body} bytes of one request.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.logger import Logger
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+log = Logger()
+
+DEFAULT_MAX_BODY = 1 << 20
+
+
+class LimitedRequest(Request):
+    """
+    A request whose body may not exceed C{channel.site.max_body} bytes:
+    beyond it the rest is discarded and the answer is a 413.
+    """
+
+    _too_big = False
+    _received = 0
+
+    def _limit(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return getattr(site, "max_body", DEFAULT_MAX_BODY)
+
+    def gotLength(self, length):  # type: ignore[no-untyped-def]
+        if length is not None and length > self._limit():
+            self._too_big = True
+            length = None
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._too_big:
+            return
+        self._received += len(data)
+        if self._received > self._limit():
+            self._too_big = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if self._too_big:
+            self.setResponseCode(413)
+            self.setHeader(b"content-type", b"application/json")
+            self.setHeader(b"connection", b"close")
+            self.write(
+                json.dumps(
+                    {"error": "invalid_request", "error_description": "request body too large"}
+                ).encode()
+            )
+            self.finish()
+            return
+        super().process()
+
+
+class SmeldrSite(Site):
+    """
+    The site for every smeldr-oauth HTTP listener.
+    """
+
+    requestFactory = LimitedRequest
+
+    def __init__(self, resource: IResource, max_body: int = DEFAULT_MAX_BODY, **kw) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(resource, **kw)
+        self.max_body = max_body

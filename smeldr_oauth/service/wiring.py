@@ -1,0 +1,204 @@
+# -*- test-case-name: tests.test_service_wiring -*-
+"""
+Putting the parts together: the library's L{mount} (the seed's "four
+steps" end here) and the standalone service behind C{twist smeldr-oauth}.
+
+This is the only layer that may fall back to the global reactor.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional
+
+import attr
+from klein import Klein
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python import usage
+
+from smeldr_oauth.mcp.app import MCPApp
+from smeldr_oauth.mcp.http import MCPHTTP
+from smeldr_oauth.oauth.config import OFFLINE_ACCESS
+from smeldr_oauth.oauth.http import OAuthHTTP
+from smeldr_oauth.oauth.server import OAuthServer
+from smeldr_oauth.service.web import SmeldrSite
+
+log = Logger()
+
+
+@attr.s(auto_attribs=True, kw_only=True)
+class Mounted:
+    """
+    What L{mount} put on the Klein app: keep it to shut down cleanly.
+    """
+
+    oauth: OAuthServer
+    oauth_http: OAuthHTTP
+    mcp_http: Optional[MCPHTTP]
+
+    def shutdown(self) -> "Deferred[None]":
+        if self.mcp_http is None:
+            return succeed(None)
+        return self.mcp_http.shutdown()
+
+
+def mount(
+    app: Klein,
+    oauth: OAuthServer,
+    mcp_app: Optional[MCPApp] = None,
+    *,
+    reactor: IReactorTime,
+    allowed_origins: Optional[tuple[str, ...]] = None,
+    keepalive_interval: float = 15.0,
+    max_body: int = 1 << 20,
+    mcp_path: Optional[str] = None,
+) -> Mounted:
+    """
+    Mount every endpoint of C{oauth} (metadata, authorize, token, revoke,
+    register) and, when C{mcp_app} is given, the MCP endpoints protected by
+    it, on an existing Klein app.
+
+    @param mcp_path: where the MCP endpoint lives; defaults to the path of
+        the configured resource URL (C{/mcp}).
+    """
+    from hyperlink import URL
+
+    config = oauth.config
+    oauth_http = OAuthHTTP(oauth)
+    oauth_http.register(app)
+    mcp_http = None
+    if mcp_app is not None:
+        resource = config.resource or ""
+        path = mcp_path or ("/" + "/".join(p for p in URL.from_text(resource).path if p)) or "/mcp"
+        suffix = path.strip("/")
+        metadata_url = config.issuer + "/.well-known/oauth-protected-resource" + (
+            "/" + suffix if suffix else ""
+        )
+        mcp_http = MCPHTTP(
+            reactor,
+            mcp_app,
+            oauth,
+            resource_url=resource,
+            resource_metadata_url=metadata_url,
+            challenge_scope=" ".join(s for s in config.all_scopes if s != OFFLINE_ACCESS),
+            allowed_origins=allowed_origins,
+            keepalive_interval=keepalive_interval,
+            max_body=max_body,
+        )
+        mcp_http.register(app, path)
+        oauth.add_revocation_observer(mcp_http.close_grant)
+    return Mounted(oauth=oauth, oauth_http=oauth_http, mcp_http=mcp_http)
+
+
+def load_app(spec: str) -> MCPApp:
+    """
+    Load a user's L{MCPApp} from C{module:attribute}; the attribute may be
+    the app or a callable that returns one.
+    """
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise usage.UsageError(f"--app must look like module:attribute, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+        target = getattr(module, attribute)
+    except (ImportError, AttributeError) as e:
+        raise usage.UsageError(f"--app {spec!r}: {e}")
+    if not isinstance(target, MCPApp) and callable(target):
+        target = target()
+    if not isinstance(target, MCPApp):
+        raise usage.UsageError(f"--app {spec!r} is not an MCPApp")
+    return target
+
+
+class StandaloneService(Service):
+    """
+    Everything C{twist smeldr-oauth} runs, but the listeners: the stores,
+    the authorization server, the MCP app and the HTTP site.
+    """
+
+    def __init__(self, options: Any, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        from smeldr_oauth.site.stores import open_site
+        from smeldr_oauth.site.tools import build_app, site_scopes
+        from smeldr_oauth.store.sqlite import SQLiteStore
+
+        self.reactor = reactor
+        self.options = options
+        self.site_stores = open_site(options["site-db"], reactor)
+        self.store = SQLiteStore(options["oauth-db"], reactor)
+        if options["app"]:
+            mcp_app = load_app(options["app"])
+            scopes = dict(getattr(mcp_app, "scope_descriptions", lambda: {})())
+            if not scopes:
+                scopes = {"read": "Use the tools that read", "write": "Use the tools that change things"}
+        else:
+            mcp_app = build_app(self.site_stores, reactor)
+            scopes = dict(site_scopes())
+        cimd = None
+        if not options["no-cimd"]:
+            from smeldr_oauth.oauth.cimd import CIMDResolver
+
+            trust_root = None
+            if options["cimd-ca-file"]:
+                from twisted.internet.ssl import Certificate
+
+                with open(options["cimd-ca-file"], "rb") as f:
+                    trust_root = Certificate.loadPEM(f.read())
+            cimd = CIMDResolver(
+                reactor, allow_insecure=bool(options["dev"]), trust_root=trust_root
+            )
+        config = options.config(verify_bearer=self.site_stores.tokens.verify_bearer, scopes=scopes)
+        self.oauth = OAuthServer(config, self.store, reactor, cimd)
+        self.app = Klein()
+        self.mounted = mount(
+            self.app,
+            self.oauth,
+            mcp_app,
+            reactor=reactor,
+            allowed_origins=tuple(options["allowed-origin"]) or None,
+            keepalive_interval=float(options["keepalive"]),
+            max_body=options["max-body"],
+        )
+        self.site = SmeldrSite(self.app.resource(), max_body=options["max-body"])
+        self._purging: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self.options["dev"]:
+            log.warn(
+                "DEVELOPMENT MODE (--dev): http:// and loopback client_id URLs are accepted. "
+                "Never use this on a public server."
+            )
+        if self.options["cimd-ca-file"]:
+            log.warn("--cimd-ca-file is set: client metadata fetches trust an extra CA (testing only)")
+
+        def ready(_: Any) -> None:
+            self._purging = self.store.start_purging(self.reactor)
+
+        def failed(f: Any) -> None:
+            log.failure("the OAuth database could not be opened", f)
+            self.reactor.stop()
+
+        self.store.ready.addCallbacks(ready, failed)
+        log.info(
+            "smeldr-oauth serving issuer {issuer}, resource {resource}",
+            issuer=self.oauth.config.issuer,
+            resource=self.oauth.config.resource,
+        )
+
+    def stopService(self) -> "Deferred[Any]":
+        super().stopService()
+        if self._purging is not None and self._purging.running:
+            self._purging.stop()
+
+        def close(_: Any) -> None:
+            self.store.close()
+            self.site_stores.close()
+
+        return self.mounted.shutdown().addBoth(close)

@@ -1,0 +1,284 @@
+# -*- test-case-name: tests.test_site_tokens -*-
+"""
+Site tokens: what the site's owner pastes into the OAuth consent form to
+prove that they may let an app in.
+
+A token is C{"smeldr_"} plus 256 random bits.  The database keeps only its
+SHA-256 (L{smeldr_oauth.oauth.secrets.hash_secret}): look-up is an index
+probe on the hash, which reveals nothing useful through timing because the
+attacker does not control the hash's bytes; the found row's hash is then
+compared again in constant time so that the decision never rests on SQL
+string comparison alone.
+
+Each token has a name (the C{subject} of the grants approved with it) and an
+id (recorded on those grants, so that revoking the token can revoke them:
+see L{smeldr_oauth.site.admin}).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import attr
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+
+from smeldr_oauth.oauth.model import Approval
+from smeldr_oauth.oauth.secrets import constant_time_equal, hash_secret, new_id
+from smeldr_oauth.site.db import (
+    Migration,
+    Schema,
+    SecondsClock,
+    SQLiteDatabase,
+    wall_clock,
+)
+from smeldr_oauth.site.posts import _CONTROL, SiteError, ValidationError
+
+log = Logger()
+
+PREFIX = "smeldr_"
+MAX_NAME = 100
+# "smeldr_" + 43 characters; anything much longer is not ours.
+MAX_TOKEN = 128
+
+
+class TokenNotFound(SiteError):
+    def __init__(self, token_id: str) -> None:
+        super().__init__(f"no site token with id {token_id!r}")
+        self.token_id = token_id
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class SiteToken:
+    """
+    A site token as listed: everything but the secret (which is not stored)
+    and its hash (which is nobody's business).
+    """
+
+    id: str
+    name: str
+    created_at: float
+    last_used_at: float | None = None
+    revoked_at: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+SCHEMA = Schema(
+    "site_tokens",
+    (
+        Migration(
+            1,
+            (
+                """
+                CREATE TABLE site_tokens (
+                    id TEXT PRIMARY KEY,
+                    name TEXT NOT NULL,
+                    token_hash TEXT NOT NULL UNIQUE,
+                    created_at REAL NOT NULL,
+                    last_used_at REAL,
+                    revoked_at REAL
+                )
+                """,
+            ),
+        ),
+    ),
+)
+
+
+def validate_name(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValidationError("name", "must be a string")
+    value = value.strip()
+    if not value:
+        raise ValidationError("name", "must not be empty")
+    if len(value) > MAX_NAME:
+        raise ValidationError("name", f"must be at most {MAX_NAME} characters")
+    if "\n" in value or "\r" in value or "\t" in value or _CONTROL.search(value):
+        raise ValidationError("name", "must be one line without control characters")
+    return value
+
+
+def new_site_token() -> str:
+    """
+    A fresh site token: the prefix makes it recognisable (to people, and
+    to secret scanners), the rest is 256 bits from L{secrets}.
+    """
+    return PREFIX + secrets.token_urlsafe(32)
+
+
+def _record(row: Any) -> SiteToken:
+    return SiteToken(
+        id=row["id"],
+        name=row["name"],
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+class SiteTokenStore:
+    """
+    Site tokens in a L{SQLiteDatabase}.  Every method returns a
+    L{Deferred}.
+    """
+
+    schema = SCHEMA
+
+    def __init__(self, db: SQLiteDatabase, clock: SecondsClock | None = None) -> None:
+        self._db = db
+        self._clock = clock if clock is not None else wall_clock()
+
+    def create(self, name: str) -> Deferred[tuple[str, str]]:
+        """
+        Make a token called C{name}.
+
+        @return: C{(token_id, plaintext)}.  The plaintext is not kept: this
+            is the only time anyone sees it.
+        """
+        try:
+            name = validate_name(name)
+        except ValidationError as e:
+            return fail(e)
+        token_id = new_id()
+        plaintext = new_site_token()
+        now = self._clock.seconds()
+
+        def insert(connection: Any) -> tuple[str, str]:
+            connection.execute(
+                "INSERT INTO site_tokens (id, name, token_hash, created_at) VALUES (?, ?, ?, ?)",
+                (token_id, name, hash_secret(plaintext), now),
+            )
+            return token_id, plaintext
+
+        d = self._db.write(SCHEMA, insert)
+
+        def logged(result: tuple[str, str]) -> tuple[str, str]:
+            log.info(
+                "site token {token_id} created for {name}", token_id=token_id, name=name
+            )
+            return result
+
+        return d.addCallback(logged)
+
+    def list(self) -> Deferred[list[SiteToken]]:
+        """
+        Every token, revoked ones included, oldest first.
+        """
+
+        def query(connection: Any) -> list[SiteToken]:
+            rows = connection.execute(
+                "SELECT id, name, created_at, last_used_at, revoked_at FROM site_tokens"
+                " ORDER BY created_at, id"
+            )
+            return [_record(r) for r in rows]
+
+        return self._db.read(SCHEMA, query)
+
+    def get(self, token_id: str) -> Deferred[SiteToken | None]:
+        """
+        The token with this id, or C{None}.
+        """
+
+        def query(connection: Any) -> SiteToken | None:
+            row = connection.execute(
+                "SELECT id, name, created_at, last_used_at, revoked_at FROM site_tokens WHERE id = ?",
+                (token_id,),
+            ).fetchone()
+            return None if row is None else _record(row)
+
+        return self._db.read(SCHEMA, query)
+
+    def revoke(self, token_id: str) -> Deferred[bool]:
+        """
+        Stop a token from approving anything from now on.  (Grants it
+        already approved live in the OAuth store: the caller revokes those
+        too, see L{smeldr_oauth.site.admin}.)
+
+        @return: C{True} if it was live, C{False} if it was already revoked.
+        @raise TokenNotFound: (in the Deferred) no such token.
+        """
+        if not isinstance(token_id, str):
+            return fail(TokenNotFound(repr(token_id)))
+        now = self._clock.seconds()
+
+        def apply(connection: Any) -> bool:
+            row = connection.execute(
+                "SELECT revoked_at FROM site_tokens WHERE id = ?", (token_id,)
+            ).fetchone()
+            if row is None:
+                raise TokenNotFound(token_id)
+            if row["revoked_at"] is not None:
+                return False
+            connection.execute(
+                "UPDATE site_tokens SET revoked_at = ? WHERE id = ?", (now, token_id)
+            )
+            return True
+
+        d = self._db.write(SCHEMA, apply)
+
+        def logged(changed: bool) -> bool:
+            if changed:
+                log.info("site token {token_id} revoked", token_id=token_id)
+            return changed
+
+        return d.addCallback(logged)
+
+    def verify(self, plaintext: str) -> Deferred[Approval | None]:
+        """
+        Who a pasted token stands for, or C{None} if it is not a live site
+        token.  A successful check records C{last_used_at}.
+        """
+        if (
+            not isinstance(plaintext, str)
+            or not plaintext.startswith(PREFIX)
+            or len(plaintext) > MAX_TOKEN
+        ):
+            log.info("site token rejected: malformed")
+            return succeed(None)
+        presented = hash_secret(plaintext)
+        now = self._clock.seconds()
+
+        def check(connection: Any) -> tuple[Approval | None, str | None]:
+            row = connection.execute(
+                "SELECT id, name, token_hash, revoked_at FROM site_tokens WHERE token_hash = ?",
+                (presented,),
+            ).fetchone()
+            if row is None or not constant_time_equal(row["token_hash"], presented):
+                return None, None
+            if row["revoked_at"] is not None:
+                return None, row["id"]
+            connection.execute(
+                "UPDATE site_tokens SET last_used_at = ? WHERE id = ?", (now, row["id"])
+            )
+            return Approval(subject=row["name"], site_token_id=row["id"]), row["id"]
+
+        def logged(
+            result: tuple[Approval | None, str | None],
+        ) -> Approval | None:
+            approval, token_id = result
+            if approval is not None:
+                log.info(
+                    "site token {token_id} accepted for {subject}",
+                    token_id=token_id,
+                    subject=approval.subject,
+                )
+            elif token_id is not None:
+                log.warn(  # noqa: G010 - twisted.logger.Logger has warn, not warning
+                    "site token {token_id} rejected: revoked", token_id=token_id
+                )
+            else:
+                log.info("site token rejected: unknown")
+            return approval
+
+        return self._db.write(SCHEMA, check).addCallback(logged)
+
+    def verify_bearer(self, token: str) -> Deferred[Approval | None]:
+        """
+        L{verify} under the name the OAuth configuration expects: pass
+        C{store.verify_bearer} as its C{verify_bearer}.
+        """
+        return self.verify(token)

@@ -1,0 +1,554 @@
+# -*- test-case-name: tests.test_site_tools -*-
+"""
+The MCP face of the default site: tools to list, read, search, write,
+publish and delete posts; published posts as resources
+C{smeldr://posts/{slug}}; prompts to draft and summarise.
+
+Reading needs the C{read} scope, changing anything C{write}: the consent page
+shows the words of L{site_scopes}, so what a user approves is exactly what
+the tools check.
+
+The handlers only translate: arguments to L{PostStore} calls, L{Post}s to
+JSON, the store's typed errors to L{ToolError}s (which the model sees and
+can correct), and changes to resource notifications.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Annotated, Any, Literal
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from smeldr_oauth.mcp.app import Context, MCPApp, ToolError
+from smeldr_oauth.mcp.jsonrpc import invalid_params
+from smeldr_oauth.site.posts import (
+    MAX_LIMIT,
+    PUBLISHED,
+    Post,
+    PostNotFound,
+    PostStore,
+    SearchHit,
+    SiteError,
+)
+from smeldr_oauth.site.stores import SiteStores, open_site
+
+POST_URI = "smeldr://posts/{slug}"
+#: How many published posts C{resources/list} shows (newest first).
+RESOURCE_LIST_LIMIT = 200
+EXCERPT = 200
+
+
+def site_scopes() -> dict[str, str]:
+    """
+    The scopes the site's tools use, each with the words the consent page
+    shows for it.
+    """
+    return {
+        "read": "Read your site's posts",
+        "write": "Create, edit, publish and delete your site's posts",
+    }
+
+
+INSTRUCTIONS = """\
+This server manages the posts of a website. Posts are markdown with a title,
+tags and a status: drafts are private, published posts are public and are
+also readable as resources smeldr://posts/<slug>. Use search_posts or
+list_posts to find posts, get_post to read one in full. New posts start as
+drafts: create_post, then publish_post when the user agrees.\
+"""
+
+
+def post_uri(slug: str) -> str:
+    return POST_URI.replace("{slug}", slug)
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _excerpt(body: str) -> str:
+    flat = re.sub(r"\s+", " ", body).strip()
+    return flat if len(flat) <= EXCERPT else flat[: EXCERPT - 1].rstrip() + "…"
+
+
+def post_summary(post: Post) -> dict[str, Any]:
+    """
+    A post without its body: what lists and search results carry.
+    """
+    summary: dict[str, Any] = {
+        "slug": post.slug,
+        "title": post.title,
+        "status": post.status,
+        "tags": list(post.tags),
+        "created_at": _iso(post.created_at),
+        "updated_at": _iso(post.updated_at),
+        "published_at": _iso(post.published_at),
+        "excerpt": _excerpt(post.body),
+    }
+    if post.status == PUBLISHED:
+        summary["uri"] = post_uri(post.slug)
+    return summary
+
+
+def post_json(post: Post) -> dict[str, Any]:
+    """
+    A whole post, as tools return it.
+    """
+    full = post_summary(post)
+    del full["excerpt"]
+    full["body"] = post.body
+    return full
+
+
+def _hit_json(hit: SearchHit) -> dict[str, Any]:
+    found = post_summary(hit.post)
+    found["snippet"] = hit.snippet
+    return found
+
+
+def _as_tool_error(failure: Failure) -> None:
+    """
+    The store's typed errors become tool errors: their messages are written
+    for the caller and name the bad argument, so the model can fix its call.
+    """
+    failure.trap(SiteError)
+    raise ToolError(str(failure.value))
+
+
+def _whole(value: float | None) -> int | None:
+    # JSON has one number type: accept 10.0 where an integer is meant.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value  # type: ignore[return-value]
+
+
+# Output schemas: what structuredContent holds.
+
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_SUMMARY_PROPERTIES: dict[str, Any] = {
+    "slug": {"type": "string"},
+    "title": {"type": "string"},
+    "status": {"type": "string", "enum": ["draft", "published"]},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "created_at": {"type": "string", "format": "date-time"},
+    "updated_at": {"type": "string", "format": "date-time"},
+    "published_at": {**_NULLABLE_STRING, "format": "date-time"},
+    "uri": {"type": "string", "description": "resource URI (published posts only)"},
+}
+_REQUIRED = [
+    "slug",
+    "title",
+    "status",
+    "tags",
+    "created_at",
+    "updated_at",
+    "published_at",
+]
+POST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        **_SUMMARY_PROPERTIES,
+        "body": {"type": "string", "description": "markdown"},
+    },
+    "required": _REQUIRED + ["body"],
+}
+SUMMARY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {**_SUMMARY_PROPERTIES, "excerpt": {"type": "string"}},
+    "required": _REQUIRED + ["excerpt"],
+}
+LIST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "posts": {"type": "array", "items": SUMMARY_SCHEMA},
+        "next_cursor": {
+            **_NULLABLE_STRING,
+            "description": "pass as cursor to get the next page; null on the last page",
+        },
+    },
+    "required": ["posts", "next_cursor"],
+}
+SEARCH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "results": {
+            "type": "array",
+            "items": {
+                **SUMMARY_SCHEMA,
+                "properties": {
+                    **SUMMARY_SCHEMA["properties"],
+                    "snippet": {
+                        "type": "string",
+                        "description": "matching text, terms in [brackets]",
+                    },
+                },
+            },
+        },
+    },
+    "required": ["results"],
+}
+DELETED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"deleted": {"type": "string"}, "title": {"type": "string"}},
+    "required": ["deleted", "title"],
+}
+
+# Argument types: the annotations carry the descriptions the schema shows.
+
+Slug = Annotated[
+    str, "The post's slug, e.g. 'my-first-post' (see list_posts or search_posts)."
+]
+Status = Literal["draft", "published"]
+StatusFilter = Annotated[Status | None, "Only posts in this status; omit for all."]
+Tags = Annotated[
+    list[str] | None,
+    "Tags: lowercase letters, digits and hyphens, at most 20 (e.g. ['python', 'how-to']).",
+]
+
+
+def build_app(
+    site: str | os.PathLike[str] | SiteStores | PostStore, reactor: Any = None
+) -> MCPApp:
+    """
+    The site's L{MCPApp}.
+
+    @param site: the site database's path (opened here, with C{reactor}),
+        or already open L{SiteStores}, or just a L{PostStore}.
+    @param reactor: for the database pool when C{site} is a path.
+    """
+    if isinstance(site, PostStore):
+        posts = site
+    elif isinstance(site, SiteStores):
+        posts = site.posts
+    else:
+        posts = open_site(site, reactor).posts
+
+    app = MCPApp(name="smeldr-site", version="0.1.0", instructions=INSTRUCTIONS)
+
+    def changed(before: Post | None, after: Post | None) -> None:
+        """
+        Tell subscribers what a change did to the published posts: each
+        published URI it touched was updated, and since the resource list
+        shows titles and excerpts, the list changed too.
+        """
+        uris = {
+            post_uri(p.slug)
+            for p in (before, after)
+            if p is not None and p.status == PUBLISHED
+        }
+        for uri in sorted(uris):
+            app.notify_resource_updated(uri)
+        if uris:
+            app.notify_list_changed("resources")
+
+    # -- read ------------------------------------------------------------------
+
+    @app.tool(
+        title="List posts",
+        description=(
+            "List the site's posts, newest first, without their bodies (each has an excerpt). "
+            "Filter by status or tag. Results come in pages: when next_cursor is not null, "
+            "call again with cursor=next_cursor for more."
+        ),
+        scopes=("read",),
+        output_schema=LIST_SCHEMA,
+        annotations={
+            "readOnlyHint": True,
+            "idempotentHint": True,
+            "openWorldHint": False,
+        },
+    )
+    def list_posts(
+        ctx: Context,
+        status: StatusFilter = None,
+        tag: Annotated[str | None, "Only posts with this tag."] = None,
+        limit: Annotated[int, f"Posts per page, 1 to {MAX_LIMIT}."] = 20,
+        cursor: Annotated[str | None, "next_cursor from the previous page."] = None,
+    ) -> Deferred:
+        d = posts.list(status=status, tag=tag, limit=_whole(limit), cursor=cursor)
+        d.addCallback(
+            lambda page: {
+                "posts": [post_summary(p) for p in page.posts],
+                "next_cursor": page.next_cursor,
+            }
+        )
+        return d.addErrback(_as_tool_error)
+
+    @app.tool(
+        title="Get a post",
+        description="Read one post in full (markdown body, tags, status, dates) by its slug.",
+        scopes=("read",),
+        output_schema=POST_SCHEMA,
+        annotations={
+            "readOnlyHint": True,
+            "idempotentHint": True,
+            "openWorldHint": False,
+        },
+    )
+    def get_post(ctx: Context, slug: Slug) -> Deferred:
+        return posts.get(slug).addCallback(post_json).addErrback(_as_tool_error)
+
+    @app.tool(
+        title="Search posts",
+        description=(
+            "Full-text search over titles, bodies and tags, best matches first. Every word must "
+            "match (stemmed: 'running' finds 'run'); end a word with * to match a prefix. "
+            "Quotes and operators are ignored. Returns summaries with a snippet around the match."
+        ),
+        scopes=("read",),
+        output_schema=SEARCH_SCHEMA,
+        annotations={
+            "readOnlyHint": True,
+            "idempotentHint": True,
+            "openWorldHint": False,
+        },
+    )
+    def search_posts(
+        ctx: Context,
+        query: Annotated[str, "Words to look for, e.g. 'twisted deferred'."],
+        status: StatusFilter = None,
+        limit: Annotated[int, f"At most this many results, 1 to {MAX_LIMIT}."] = 10,
+    ) -> Deferred:
+        d = posts.search(query, status=status, limit=_whole(limit))
+        d.addCallback(lambda hits: {"results": [_hit_json(h) for h in hits]})
+        return d.addErrback(_as_tool_error)
+
+    # -- write -----------------------------------------------------------------
+
+    @app.tool(
+        title="Create a post",
+        description=(
+            "Create a post. It starts as a draft (private) unless status is 'published'; "
+            "prefer drafts and publish_post once the user has approved. The slug (the post's "
+            "address) is made from the title unless given."
+        ),
+        scopes=("write",),
+        output_schema=POST_SCHEMA,
+        annotations={
+            "readOnlyHint": False,
+            "destructiveHint": False,
+            "idempotentHint": False,
+            "openWorldHint": False,
+        },
+    )
+    def create_post(
+        ctx: Context,
+        title: Annotated[str, "The title, one line, at most 200 characters."],
+        body: Annotated[str, "The content, in markdown."] = "",
+        tags: Tags = None,
+        slug: Annotated[
+            str | None,
+            "The address: lowercase letters, digits and hyphens. Made from the title if omitted.",
+        ] = None,
+        status: Annotated[Status, "'draft' (default) or 'published'."] = "draft",
+    ) -> Deferred:
+        d = posts.create(title, body=body, slug=slug, tags=tags or [], status=status)
+
+        def done(post: Post) -> dict[str, Any]:
+            changed(None, post)
+            return post_json(post)
+
+        return d.addCallbacks(done, _as_tool_error)
+
+    @app.tool(
+        title="Update a post",
+        description=(
+            "Change a post's title, body, tags, slug or status. Only the fields given change; "
+            "tags, when given, replace the old ones. Setting status to 'draft' unpublishes it."
+        ),
+        scopes=("write",),
+        output_schema=POST_SCHEMA,
+        annotations={
+            "readOnlyHint": False,
+            "destructiveHint": True,
+            "idempotentHint": True,
+            "openWorldHint": False,
+        },
+    )
+    async def update_post(
+        ctx: Context,
+        slug: Slug,
+        title: Annotated[str | None, "New title."] = None,
+        body: Annotated[str | None, "New markdown body (replaces the old one)."] = None,
+        tags: Tags = None,
+        new_slug: Annotated[
+            str | None, "New slug (the post's address changes)."
+        ] = None,
+        status: Annotated[Status | None, "New status."] = None,
+    ) -> dict[str, Any]:
+        try:
+            before = await posts.get(slug)
+            after = await posts.update(
+                slug,
+                title=title,
+                body=body,
+                tags=tags,
+                new_slug=new_slug,
+                status=status,
+            )
+        except SiteError as e:
+            raise ToolError(str(e))
+        changed(before, after)
+        return post_json(after)
+
+    @app.tool(
+        title="Publish a post",
+        description=(
+            "Make a draft public. Its published date is set the first time; publishing an "
+            "already published post changes nothing."
+        ),
+        scopes=("write",),
+        output_schema=POST_SCHEMA,
+        annotations={
+            "readOnlyHint": False,
+            "destructiveHint": False,
+            "idempotentHint": True,
+            "openWorldHint": True,
+        },
+    )
+    async def publish_post(ctx: Context, slug: Slug) -> dict[str, Any]:
+        try:
+            before = await posts.get(slug)
+            after = await posts.publish(slug)
+        except SiteError as e:
+            raise ToolError(str(e))
+        changed(before, after)
+        return post_json(after)
+
+    @app.tool(
+        title="Delete a post",
+        description=(
+            "Delete a post for good; this cannot be undone. Confirm with the user first. "
+            "To hide a post instead, update_post with status 'draft'."
+        ),
+        scopes=("write",),
+        output_schema=DELETED_SCHEMA,
+        annotations={
+            "readOnlyHint": False,
+            "destructiveHint": True,
+            "idempotentHint": True,
+            "openWorldHint": False,
+        },
+    )
+    def delete_post(ctx: Context, slug: Slug) -> Deferred:
+        def done(post: Post) -> dict[str, Any]:
+            changed(post, None)
+            return {"deleted": post.slug, "title": post.title}
+
+        return posts.delete(slug).addCallbacks(done, _as_tool_error)
+
+    # -- resources ---------------------------------------------------------------
+
+    @app.resource(
+        POST_URI,
+        name="post",
+        title="Published post",
+        description="A published post as markdown, with its title as the first line.",
+        mime_type="text/markdown",
+        scopes=("read",),
+    )
+    def post_resource(ctx: Context, slug: str) -> Deferred:
+        # Drafts are not resources: they answer "not found" like unknown
+        # slugs, so a resource URI never leaks an unpublished post.
+        def render(post: Post) -> str | None:
+            if post.status != PUBLISHED:
+                return None
+            return f"# {post.title}\n\n{post.body}"
+
+        def missing(failure: Failure) -> None:
+            failure.trap(PostNotFound)
+
+        return posts.get(slug).addCallbacks(render, missing)
+
+    @app.resource_list(scopes=("read",))
+    def list_post_resources(ctx: Context) -> Deferred:
+        async def gather() -> list[dict[str, Any]]:
+            entries: list[dict[str, Any]] = []
+            page = await posts.list(status=PUBLISHED, limit=MAX_LIMIT)
+            while True:
+                for post in page.posts:
+                    entries.append(
+                        {
+                            "uri": post_uri(post.slug),
+                            "name": post.slug,
+                            "title": post.title,
+                            "description": _excerpt(post.body),
+                            "mimeType": "text/markdown",
+                        }
+                    )
+                if page.next_cursor is None or len(entries) >= RESOURCE_LIST_LIMIT:
+                    return entries[:RESOURCE_LIST_LIMIT]
+                page = await posts.list(
+                    status=PUBLISHED, limit=MAX_LIMIT, cursor=page.next_cursor
+                )
+
+        return Deferred.fromCoroutine(gather())
+
+    @app.completion(POST_URI, argument="slug")
+    def complete_post_slug(ctx: Context, value: str) -> Deferred:
+        return posts.slugs(value, status=PUBLISHED, limit=100)
+
+    @app.completion("summarize_post", argument="slug")
+    def complete_any_slug(ctx: Context, value: str) -> Deferred:
+        return posts.slugs(value, limit=100)
+
+    # -- prompts -----------------------------------------------------------------
+
+    @app.prompt(
+        title="Draft a post",
+        description="Write a new blog post on a topic and save it as a draft.",
+        scopes=("read",),
+    )
+    def draft_post(
+        ctx: Context,
+        topic: Annotated[str, "What the post is about."],
+        audience: Annotated[
+            str, "Who it is for (default: general readers)."
+        ] = "general readers",
+        length: Annotated[str, "short, medium or long (default medium)."] = "medium",
+    ) -> str:
+        words = {"short": "about 300", "long": "about 1500"}.get(
+            length.strip().lower(), "about 700"
+        )
+        return (
+            f"Write a blog post about: {topic}\n\n"
+            f"Audience: {audience}. Length: {words} words. Use markdown with a few "
+            "section headings; no title heading in the body (the title is separate).\n\n"
+            "First call search_posts to check the site has not covered this already, and "
+            "mention related posts by slug if there are some. Then save it with create_post "
+            "(status 'draft', a concise title, two to five lowercase tags). Show me the "
+            "result and ask before calling publish_post."
+        )
+
+    @app.prompt(
+        title="Summarise a post",
+        description="Summarise one of the site's posts.",
+        scopes=("read",),
+    )
+    async def summarize_post(
+        ctx: Context,
+        slug: Annotated[str, "The post's slug."],
+        style: Annotated[str, "one-line, short or detailed (default short)."] = "short",
+    ) -> list[dict[str, Any]]:
+        try:
+            post = await posts.get(slug)
+        except PostNotFound as e:
+            raise invalid_params(str(e))
+        how = {
+            "one-line": "in a single sentence",
+            "detailed": "in a few paragraphs covering every main point",
+        }.get(style.strip().lower(), "in three to five bullet points")
+        text = (
+            f"Summarise the following post {how}.\n\n"
+            f"Title: {post.title}\nTags: {', '.join(post.tags) or '(none)'}\n"
+            f"Status: {post.status}\n\n---\n{post.body}\n---"
+        )
+        return [{"role": "user", "content": text}]
+
+    return app

@@ -1,0 +1,97 @@
+# -*- test-case-name: tests.test_store_memory -*-
+"""
+What the store implementations share beyond the interface: their error,
+their security log events and the periodic purge.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from smeldr_oauth.oauth import rotation
+from smeldr_oauth.store.interface import CodeRedemption, IOAuthStore, RefreshRedemption
+
+log = Logger()
+
+#: How long a revoked or dead grant is kept (for the connected-apps page and
+#: for forensics) before C{purge_expired} deletes it.
+GRANT_RETENTION = 7 * 24 * 3600.0
+
+#: Once an hour is plenty: expired rows are already inert (every read checks
+#: expiry), purging only bounds the size of the database.
+DEFAULT_PURGE_INTERVAL = 3600.0
+
+
+class StoreConflict(Exception):
+    """
+    A change would break a uniqueness or reference rule (a secret hash or an
+    id already stored, a token for a grant that does not exist).  The whole
+    call was rolled back: nothing changed.
+
+    With 256-bit secrets this never happens by chance; it means a bug, so it
+    is an exception rather than a status.
+    """
+
+
+def log_code_replay(result: CodeRedemption) -> CodeRedemption:
+    """
+    Log a replayed authorization code as a security event.  Stores call it
+    on the reactor thread (a database thread must not call log observers).
+    No secret, not even a hash, is logged.
+    """
+    if result.status == "replayed" and result.code is not None:
+        log.warn(
+            "Authorization code replayed: grant {grant_id} of client {client_id} revoked",
+            grant_id=result.code.grant_id,
+            client_id=result.code.client_id,
+            security_event="code_replay",
+        )
+    return result
+
+
+def log_refresh_reuse(result: RefreshRedemption) -> RefreshRedemption:
+    """
+    Log a reused refresh token as a security event (see L{log_code_replay}).
+    """
+    if result.status == rotation.REUSED and result.grant is not None:
+        log.warn(
+            "Refresh token reused: grant {grant_id} of client {client_id} revoked",
+            grant_id=result.grant.grant_id,
+            client_id=result.grant.client_id,
+            security_event="refresh_reuse",
+        )
+    return result
+
+
+def start_purging(
+    store: IOAuthStore, clock: IReactorTime, interval: float = DEFAULT_PURGE_INTERVAL
+) -> LoopingCall:
+    """
+    Call C{store.purge_expired(clock.seconds())} now and every C{interval}
+    seconds until the returned L{LoopingCall} is stopped.
+
+    A failing purge is logged and the loop goes on: a transient database
+    error must not end clean-up for the life of the process (a L{LoopingCall}
+    whose call fails stops for good).
+    """
+
+    def purge() -> "Deferred[None]":
+        d: "Deferred[int]" = maybeDeferred(store.purge_expired, clock.seconds())
+
+        def purged(count: int) -> None:
+            if count:
+                log.info("Purged {count} expired OAuth rows", count=count)
+
+        def failed(failure: Failure) -> None:
+            log.failure("Purging expired OAuth rows failed", failure)
+
+        return d.addCallbacks(purged, failed)
+
+    loop = LoopingCall(purge)
+    loop.clock = clock
+    loop.start(interval, now=True)
+    return loop

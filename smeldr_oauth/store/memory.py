@@ -1,0 +1,359 @@
+# -*- test-case-name: tests.test_store_memory -*-
+"""
+L{IOAuthStore} in memory: for tests, and for embedding where losing every
+grant on restart is acceptable.
+
+It keeps the semantics of L{smeldr_oauth.store.sqlite.SQLiteStore} (the same
+behavioural tests run against both, and both defer refresh decisions to
+L{smeldr_oauth.oauth.rotation.decide}).  Atomicity comes from doing all the
+checks of a call before its first change; everything runs on the reactor
+thread, so no call can interleave with another.  Results are already-fired
+L{Deferred}s.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, TypeVar
+
+import attr
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from zope.interface import implementer
+
+from smeldr_oauth.oauth import rotation
+from smeldr_oauth.oauth.model import (
+    AccessInfo,
+    AccessToken,
+    AuthorizationCode,
+    Client,
+    Grant,
+    RefreshToken,
+)
+from smeldr_oauth.store.common import (
+    DEFAULT_PURGE_INTERVAL,
+    GRANT_RETENTION,
+    StoreConflict,
+    log_code_replay,
+    log_refresh_reuse,
+    start_purging,
+)
+from smeldr_oauth.store.interface import CodeRedemption, IOAuthStore, RefreshRedemption
+
+T = TypeVar("T")
+
+
+def _call(f: Callable[[], T]) -> "Deferred[T]":
+    try:
+        return succeed(f())
+    except Exception:
+        return fail()
+
+
+@implementer(IOAuthStore)
+class MemoryStore:
+    """
+    Clients, grants, codes and tokens in dictionaries keyed by id or hash.
+    """
+
+    def __init__(
+        self, clock: Optional[IReactorTime] = None, *, grant_retention: float = GRANT_RETENTION
+    ) -> None:
+        """
+        @param clock: the default clock of L{start_purging}.
+        @param grant_retention: seconds a revoked or dead grant is kept.
+        """
+        self._clock = clock
+        self._grant_retention = grant_retention
+        self._clients: dict[str, Client] = {}
+        self._grants: dict[str, Grant] = {}
+        self._codes: dict[str, AuthorizationCode] = {}
+        self._code_used: dict[str, float] = {}
+        self._access: dict[str, AccessToken] = {}
+        self._access_revoked: dict[str, float] = {}
+        self._refresh: dict[str, RefreshToken] = {}
+        self._refresh_revoked: dict[str, float] = {}
+
+    def close(self) -> None:
+        """
+        Nothing to release; here so that both stores close alike.
+        """
+
+    def start_purging(
+        self, clock: Optional[IReactorTime] = None, interval: float = DEFAULT_PURGE_INTERVAL
+    ) -> LoopingCall:
+        """
+        Purge expired rows now and every C{interval} seconds: see
+        L{smeldr_oauth.store.common.start_purging}.
+        """
+        clock = clock if clock is not None else self._clock
+        if clock is None:
+            raise ValueError("start_purging needs a clock")
+        return start_purging(self, clock, interval)
+
+    # Helpers
+
+    def _revoke_grant(self, grant_id: str, now: float) -> bool:
+        grant = self._grants.get(grant_id)
+        if grant is None:
+            return False
+        ended = grant.revoked_at is None
+        if ended:
+            self._grants[grant_id] = attr.evolve(grant, revoked_at=now)
+        for tokens, revoked in (
+            (self._access, self._access_revoked),
+            (self._refresh, self._refresh_revoked),
+        ):
+            for token_hash, token in tokens.items():
+                if token.grant_id == grant_id:
+                    revoked.setdefault(token_hash, now)
+        return ended
+
+    def _check_new_tokens(
+        self, grant_id: str, access: AccessToken, refresh: Optional[RefreshToken]
+    ) -> None:
+        if grant_id not in self._grants:
+            raise StoreConflict("no such grant")
+        if access.token_hash in self._access:
+            raise StoreConflict("access token hash already stored")
+        if refresh is not None and refresh.token_hash in self._refresh:
+            raise StoreConflict("refresh token hash already stored")
+
+    # Clients
+
+    def save_client(self, client: Client) -> "Deferred[None]":
+        def save() -> None:
+            if client.client_id in self._clients:
+                raise StoreConflict("client id already stored")
+            self._clients[client.client_id] = client
+
+        return _call(save)
+
+    def get_client(self, client_id: str) -> "Deferred[Optional[Client]]":
+        return succeed(self._clients.get(client_id))
+
+    def count_clients(self) -> "Deferred[int]":
+        return succeed(len(self._clients))
+
+    # Grants and codes
+
+    def create_grant(self, grant: Grant, code: AuthorizationCode) -> "Deferred[None]":
+        def create() -> None:
+            if code.grant_id != grant.grant_id:
+                raise ValueError("the code does not belong to the grant")
+            if grant.grant_id in self._grants:
+                raise StoreConflict("grant id already stored")
+            if code.code_hash in self._codes:
+                raise StoreConflict("code hash already stored")
+            self._grants[grant.grant_id] = grant
+            self._codes[code.code_hash] = code
+
+        return _call(create)
+
+    def consume_code(self, code_hash: str, now: float) -> "Deferred[CodeRedemption]":
+        """
+        See L{smeldr_oauth.store.sqlite.SQLiteStore.consume_code}.
+        """
+
+        def consume() -> CodeRedemption:
+            code = self._codes.get(code_hash)
+            if code is None:
+                return CodeRedemption(status="unknown")
+            if code_hash in self._code_used:
+                self._revoke_grant(code.grant_id, now)
+                return CodeRedemption(
+                    status="replayed", code=code, grant=self._grants.get(code.grant_id)
+                )
+            self._code_used[code_hash] = now
+            grant = self._grants.get(code.grant_id)
+            if grant is None or grant.revoked_at is not None:
+                return CodeRedemption(status="revoked", code=code, grant=grant)
+            if now >= code.expires_at:
+                return CodeRedemption(status="expired", code=code, grant=grant)
+            return CodeRedemption(status="ok", code=code, grant=grant)
+
+        return _call(consume).addCallback(log_code_replay)
+
+    def add_tokens(
+        self, grant_id: str, access: AccessToken, refresh: Optional[RefreshToken]
+    ) -> "Deferred[None]":
+        """
+        See L{smeldr_oauth.store.sqlite.SQLiteStore.add_tokens}.
+        """
+
+        def add() -> None:
+            self._check_new_tokens(grant_id, access, refresh)
+            self._access[access.token_hash] = attr.evolve(access, grant_id=grant_id)
+            if refresh is not None:
+                self._refresh[refresh.token_hash] = attr.evolve(
+                    refresh, grant_id=grant_id, used_at=None
+                )
+
+        return _call(add)
+
+    def redeem_refresh_token(
+        self,
+        token_hash: str,
+        now: float,
+        grace: float,
+        requested_scopes: Optional[tuple[str, ...]],
+        new_access: AccessToken,
+        new_refresh: RefreshToken,
+    ) -> "Deferred[RefreshRedemption]":
+        """
+        See L{smeldr_oauth.store.sqlite.SQLiteStore.redeem_refresh_token}.
+        """
+
+        def redeem() -> RefreshRedemption:
+            token = self._refresh.get(token_hash)
+            grant = None if token is None else self._grants.get(token.grant_id)
+            live_generation = live_siblings = 0
+            if token is not None:
+                generations = [
+                    t.generation for t in self._refresh.values() if t.grant_id == token.grant_id
+                ]
+                live_generation = max(generations)
+                live_siblings = generations.count(live_generation)
+            decision = rotation.decide(
+                token=token,
+                token_revoked=token_hash in self._refresh_revoked,
+                grant=grant,
+                live_generation=live_generation,
+                live_siblings=live_siblings,
+                now=now,
+                grace=grace,
+                requested_scopes=requested_scopes,
+            )
+            if token is None or grant is None:
+                return RefreshRedemption(status=decision.status)
+            grant_id = grant.grant_id
+            if decision.new_generation is not None:
+                # Every check before the first change: all or nothing.
+                self._check_new_tokens(grant_id, new_access, new_refresh)
+            if decision.revoke_grant:
+                self._revoke_grant(grant_id, now)
+            if decision.mark_used:
+                self._refresh[token_hash] = attr.evolve(token, used_at=now)
+            if decision.revoke_unused_siblings:
+                for other_hash, other in self._refresh.items():
+                    if (
+                        other.grant_id == grant_id
+                        and other.generation == token.generation
+                        and other_hash != token_hash
+                        and other.used_at is None
+                    ):
+                        self._refresh_revoked.setdefault(other_hash, now)
+            if decision.new_generation is not None:
+                self._access[new_access.token_hash] = attr.evolve(
+                    new_access,
+                    grant_id=grant_id,
+                    scopes=decision.access_scopes,
+                    resource=grant.resource,
+                )
+                self._refresh[new_refresh.token_hash] = attr.evolve(
+                    new_refresh,
+                    grant_id=grant_id,
+                    scopes=decision.refresh_scopes,
+                    generation=decision.new_generation,
+                    used_at=None,
+                )
+                self._grants[grant_id] = attr.evolve(self._grants[grant_id], last_used_at=now)
+            return RefreshRedemption(status=decision.status, grant=self._grants[grant_id])
+
+        return _call(redeem).addCallback(log_refresh_reuse)
+
+    def lookup_access_token(self, token_hash: str, now: float) -> "Deferred[Optional[AccessInfo]]":
+        token = self._access.get(token_hash)
+        if token is None or token_hash in self._access_revoked or now >= token.expires_at:
+            return succeed(None)
+        grant = self._grants.get(token.grant_id)
+        if grant is None or grant.revoked_at is not None:
+            return succeed(None)
+        return succeed(
+            AccessInfo(
+                subject=grant.subject,
+                client_id=grant.client_id,
+                scopes=frozenset(token.scopes),
+                resource=token.resource,
+                grant_id=grant.grant_id,
+                expires_at=token.expires_at,
+            )
+        )
+
+    def revoke_token(self, token_hash: str, now: float) -> "Deferred[Optional[str]]":
+        if token_hash in self._access:
+            self._access_revoked.setdefault(token_hash, now)
+            return succeed(None)
+        token = self._refresh.get(token_hash)
+        if token is not None and self._revoke_grant(token.grant_id, now):
+            return succeed(token.grant_id)
+        return succeed(None)
+
+    def revoke_grant(self, grant_id: str, now: float) -> "Deferred[bool]":
+        return succeed(self._revoke_grant(grant_id, now))
+
+    def revoke_grants_of_site_token(self, site_token_id: str, now: float) -> "Deferred[list[str]]":
+        ended = [
+            grant.grant_id
+            for grant in self._sorted_grants()
+            if grant.site_token_id == site_token_id and grant.revoked_at is None
+        ]
+        for grant_id in ended:
+            self._revoke_grant(grant_id, now)
+        return succeed(ended)
+
+    def _sorted_grants(self) -> list[Grant]:
+        return sorted(self._grants.values(), key=lambda g: (g.created_at, g.grant_id))
+
+    def list_grants(
+        self, subject: Optional[str] = None, site_token_id: Optional[str] = None
+    ) -> "Deferred[list[Grant]]":
+        return succeed(
+            [
+                grant
+                for grant in self._sorted_grants()
+                if grant.revoked_at is None
+                and (subject is None or grant.subject == subject)
+                and (site_token_id is None or grant.site_token_id == site_token_id)
+            ]
+        )
+
+    def touch_grant(self, grant_id: str, now: float) -> "Deferred[None]":
+        grant = self._grants.get(grant_id)
+        if grant is not None:
+            self._grants[grant_id] = attr.evolve(grant, last_used_at=now)
+        return succeed(None)
+
+    def purge_expired(self, now: float) -> "Deferred[int]":
+        """
+        See L{smeldr_oauth.store.sqlite.SQLiteStore.purge_expired}.
+        """
+        cutoff = now - self._grant_retention
+        removed = 0
+        # Each table with its side table of spend/revocation times.
+        tables: tuple[tuple[dict[str, Any], dict[str, float]], ...] = (
+            (self._codes, self._code_used),
+            (self._access, self._access_revoked),
+            (self._refresh, self._refresh_revoked),
+        )
+        for rows, extra in tables:
+            for key in [k for k, row in rows.items() if row.expires_at <= now]:
+                del rows[key]
+                extra.pop(key, None)
+                removed += 1
+        in_use = {row.grant_id for rows, _ in tables for row in rows.values()}
+        for grant in list(self._grants.values()):
+            last_activity = max(grant.created_at, grant.last_used_at or grant.created_at)
+            if (grant.revoked_at is not None and grant.revoked_at <= cutoff) or (
+                grant.revoked_at is None
+                and last_activity <= cutoff
+                and grant.grant_id not in in_use
+            ):
+                for rows, extra in tables:
+                    for key in [k for k, row in rows.items() if row.grant_id == grant.grant_id]:
+                        del rows[key]
+                        extra.pop(key, None)
+                        removed += 1
+                del self._grants[grant.grant_id]
+                removed += 1
+        return succeed(removed)

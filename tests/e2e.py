@@ -1,0 +1,478 @@
+# -*- test-case-name: tests.test_e2e_python_sdk -*-
+"""
+Shared helpers for end-to-end tests: a real C{twist smeldr-oauth} process on
+a free 127.0.0.1 port with its own temporary databases, a site token made with
+the admin CLI, and a way to run client programs against it.
+
+Everything waits on the real reactor (endpoint connects retried with
+C{deferLater}); nothing sleeps. Each helper takes the reactor it should use;
+only the test modules pick the global one.
+
+The server's output is kept: L{RunningServer.annotate} appends it to a failure
+message, and at cleanup it is written to C{server.log} beside the databases
+(under C{_trial_temp}), so a failing run always shows what the server said.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import ipaddress
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import attr
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import error, ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint
+from twisted.internet.interfaces import IReactorCore, IReactorProcess, IReactorTime
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+#: The checkout, so that subprocesses import this tree's C{smeldr_oauth}.
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ServerFailed(Exception):
+    """
+    The server process did not come up, or died; the message carries its log.
+    """
+
+
+def freePort() -> int:
+    """
+    A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    The server must know its port before it starts (it is part of the
+    issuer), so the port is picked here and released; another process could
+    take it in between, which on a test machine is rare enough.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def subprocessEnvironment() -> dict[str, str]:
+    """
+    The environment for every child: this interpreter's, unbuffered, with
+    the checkout first on C{sys.path} so the code under test is what runs.
+    """
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(
+        [CHECKOUT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+    return env
+
+
+class _OutputCollector(ProcessProtocol):
+    """
+    Keep everything a child writes (stdout and stderr apart, and both in
+    order), and say when it ends.
+    """
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self.ended: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+
+    def outReceived(self, data: bytes) -> None:
+        self.out.append(data)
+        self.chunks.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err.append(data)
+        self.chunks.append(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.reason = reason
+        self.ended.callback(None)
+
+    def output(self) -> str:
+        return b"".join(self.chunks).decode("utf-8", "replace")
+
+    def status(self) -> int:
+        """
+        The exit status; C{-N} for a child killed by signal N.
+        """
+        assert self.reason is not None
+        value = self.reason.value
+        if getattr(value, "signal", None):
+            return -int(value.signal)
+        return int(getattr(value, "exitCode", 0) or 0)
+
+
+@attr.s(auto_attribs=True)
+class RunningServer:
+    """
+    A C{twist smeldr-oauth} process and what a client needs to reach it.
+
+    @ivar issuer: The issuer it was started with, C{http://127.0.0.1:PORT}.
+    @ivar mcpURL: The MCP endpoint, C{<issuer>/mcp}.
+    """
+
+    reactor: Any
+    port: int
+    issuer: str
+    mcpURL: str
+    directory: str
+    oauthDB: str
+    siteDB: str
+    argv: list[str]
+    _process: Any
+    _collector: _OutputCollector
+
+    def log(self) -> str:
+        """
+        Everything the server printed so far.
+        """
+        return self._collector.output()
+
+    def isRunning(self) -> bool:
+        return self._collector.reason is None
+
+    def annotate(self, message: str) -> str:
+        """
+        C{message} followed by the server's command line and log, for a
+        failure that the log may explain.
+        """
+        return (
+            f"{message}\n--- server: {' '.join(self.argv)}\n--- server log ---\n"
+            f"{self.log()}--- end of server log ---"
+        )
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """
+        End the process: SIGTERM, then SIGKILL if it has not gone after
+        C{timeout} seconds; then write its log to C{server.log}.
+        """
+        if self.isRunning():
+            try:
+                self._process.signalProcess("TERM")
+            except error.ProcessExitedAlready:
+                pass
+            killer = self.reactor.callLater(timeout, self._kill)
+            await self._collector.ended
+            if killer.active():
+                killer.cancel()
+        self._saveLog()
+
+    def _saveLog(self) -> None:
+        with open(os.path.join(self.directory, "server.log"), "w") as f:
+            f.write(self.log())
+
+    def _kill(self) -> None:
+        try:
+            self._process.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+
+async def waitForListening(
+    reactor: IReactorTime,
+    port: int,
+    alive: Any,
+    timeout: float = 15.0,
+    interval: float = 0.1,
+) -> None:
+    """
+    Connect to C{127.0.0.1:port} until a connection succeeds.
+
+    @param alive: A callable that says whether the process is still running:
+        a server that died will never listen, so stop waiting at once.
+    @raise ServerFailed: The process died, or C{timeout} passed.
+    """
+    deadline = reactor.seconds() + timeout
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2)
+    while True:
+        if not alive():
+            raise ServerFailed(f"the server exited before listening on port {port}")
+        try:
+            connected = await endpoint.connect(Factory.forProtocol(Protocol))
+        except (error.ConnectError, error.ConnectionRefusedError):
+            if reactor.seconds() > deadline:
+                raise ServerFailed(
+                    f"nothing listened on 127.0.0.1:{port} within {timeout}s"
+                )
+            await deferLater(reactor, interval, lambda: None)
+        else:
+            connected.transport.loseConnection()
+            return
+
+
+async def startServer(
+    testCase: TestCase,
+    reactor: Any,
+    extraArguments: Sequence[str] = (),
+    timeout: float = 15.0,
+) -> RunningServer:
+    """
+    Start C{twist smeldr-oauth} on a free loopback port with fresh databases
+    in a new temporary directory, and wait until it accepts connections.
+
+    The process is stopped at the test's cleanup, and its log kept.
+
+    @param extraArguments: More C{smeldr-oauth} options, such as
+        C{["--access-token-ttl", "2"]}.
+    @raise ServerFailed: It died or never listened; the message has its log.
+    """
+    assert IReactorProcess.providedBy(reactor) and IReactorCore.providedBy(reactor)
+    directory = os.path.abspath(testCase.mktemp())
+    os.makedirs(directory)
+    port = freePort()
+    issuer = f"http://127.0.0.1:{port}"
+    oauthDB = os.path.join(directory, "oauth.db")
+    siteDB = os.path.join(directory, "site.db")
+    argv = [
+        sys.executable,
+        "-m",
+        "twisted",
+        "--log-format=text",
+        "smeldr-oauth",
+        "--issuer",
+        issuer,
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--oauth-db",
+        oauthDB,
+        "--site-db",
+        siteDB,
+        "--dev",
+        *extraArguments,
+    ]
+    collector = _OutputCollector()
+    process = reactor.spawnProcess(
+        collector, sys.executable, argv, env=subprocessEnvironment(), path=directory
+    )
+    server = RunningServer(
+        reactor=reactor,
+        port=port,
+        issuer=issuer,
+        mcpURL=f"{issuer}/mcp",
+        directory=directory,
+        oauthDB=oauthDB,
+        siteDB=siteDB,
+        argv=argv,
+        process=process,
+        collector=collector,
+    )
+    testCase.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
+    try:
+        await waitForListening(reactor, port, server.isRunning, timeout=timeout)
+    except ServerFailed as e:
+        await server.stop()
+        raise ServerFailed(server.annotate(str(e))) from None
+    return server
+
+
+async def runProgram(
+    reactor: Any, command: Sequence[str], timeout: float = 30.0, path: str | None = None
+) -> tuple[str, str, int]:
+    """
+    Run C{command}; give back its stdout, stderr and exit status (C{-N} when
+    killed by signal N). A child still running after C{timeout} seconds is
+    killed, so a hung client cannot hang the suite.
+    """
+    collector = _OutputCollector()
+    process = reactor.spawnProcess(
+        collector,
+        command[0],
+        list(command),
+        env=subprocessEnvironment(),
+        path=path or CHECKOUT,
+    )
+
+    def kill() -> None:
+        try:
+            process.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+    killer = reactor.callLater(timeout, kill)
+    await collector.ended
+    if killer.active():
+        killer.cancel()
+    return (
+        b"".join(collector.out).decode("utf-8", "replace"),
+        b"".join(collector.err).decode("utf-8", "replace"),
+        collector.status(),
+    )
+
+
+async def runPython(
+    reactor: Any,
+    arguments: Sequence[str],
+    timeout: float = 30.0,
+    path: str | None = None,
+) -> tuple[str, str, int]:
+    """
+    L{runProgram} with this interpreter: C{arguments} are its arguments.
+    """
+    return await runProgram(reactor, [sys.executable, *arguments], timeout, path)
+
+
+def adminCommand() -> list[str]:
+    """
+    How to run the admin CLI: the installed C{smeldr-oauth-admin} script
+    beside this interpreter when there is one (what an operator runs), else
+    the module behind it.
+    """
+    script = os.path.join(os.path.dirname(sys.executable), "smeldr-oauth-admin")
+    if os.path.exists(script):
+        return [script]
+    for module in ("smeldr_oauth.service.admin", "smeldr_oauth.site.admin"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if found:
+            return [sys.executable, "-m", module]
+    raise ServerFailed(
+        "no admin CLI: neither smeldr-oauth-admin nor its module is installed"
+    )
+
+
+async def createSiteToken(
+    reactor: Any, server: RunningServer, name: str = "e2e"
+) -> str:
+    """
+    Make a site token with the admin CLI, as an operator would, and return
+    it (the last word it prints).
+
+    @raise ServerFailed: The CLI failed or printed no token.
+    """
+    command = [*adminCommand(), "token", "create", name, "--site-db", server.siteDB]
+    out, err, code = await runProgram(reactor, command)
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    if code != 0 or not lines:
+        raise ServerFailed(
+            server.annotate(
+                f"{' '.join(command)} exited {code}\nstdout: {out!r}\nstderr: {err}"
+            )
+        )
+    return lines[-1].split()[-1]
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class MetadataHost:
+    """
+    An HTTPS server on 127.0.0.1 publishing one client metadata document.
+
+    @ivar url: The document's URL, which is also the client's C{client_id}.
+    @ivar caFile: A PEM file with the certificate to trust for it (pass it
+        to the server as C{--cimd-ca-file}).
+    """
+
+    url: str
+    caFile: str
+
+
+def _selfSignedCertificate(directory: str) -> tuple[str, bytes]:
+    """
+    Make a certificate for C{127.0.0.1} and C{localhost} that is its own CA.
+
+    @return: The file its certificate was written to (what the server must
+        trust) and its certificate and key together, as PEM.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.DNSName("localhost"),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    certificatePEM = certificate.public_bytes(serialization.Encoding.PEM)
+    keyPEM = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    certFile = os.path.join(directory, "cimd-ca.pem")
+    with open(certFile, "wb") as f:
+        f.write(certificatePEM)
+    return certFile, keyPEM + certificatePEM
+
+
+class _Document(Resource):
+    """
+    One JSON document, whatever the request's path below it.
+    """
+
+    isLeaf = True
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self.body = body
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return self.body
+
+
+async def serveClientMetadata(
+    testCase: TestCase,
+    reactor: Any,
+    redirectURIs: Sequence[str],
+    name: str = "client.json",
+) -> MetadataHost:
+    """
+    Publish a Client ID Metadata Document over HTTPS on a free loopback
+    port, as an MCP application would on its own site, for the lifetime of
+    the test.
+
+    The document describes a public client (C{token_endpoint_auth_method}
+    C{none}) using the authorization code and refresh grants. Its URL is only
+    known once the port is, so the document is filled in after listening.
+    """
+    directory = os.path.abspath(testCase.mktemp())
+    os.makedirs(directory)
+    caFile, pem = _selfSignedCertificate(directory)
+    options = ssl.PrivateCertificate.loadPEM(pem.decode("ascii")).options()
+    document = _Document(b"")
+    root = Resource()
+    root.putChild(name.encode("ascii"), document)
+    endpoint = SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
+    port = await endpoint.listen(Site(root))
+    testCase.addCleanup(port.stopListening)
+    url = f"https://127.0.0.1:{port.getHost().port}/{name}"
+    document.body = json.dumps(
+        {
+            "client_id": url,
+            "client_name": "smeldr e2e (CIMD)",
+            "redirect_uris": list(redirectURIs),
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+            "token_endpoint_auth_method": "none",
+        }
+    ).encode("utf-8")
+    return MetadataHost(url=url, caFile=caFile)

@@ -1,0 +1,233 @@
+"""
+End to end with the official MCP Python SDK: a real C{twist smeldr-oauth}
+process, and C{tests/clients/python_sdk_client.py} driving it with
+C{mcp.Client} + C{OAuthClientProvider} over both transports, through dynamic
+registration, the consent form, the code exchange, a refresh and a revocation.
+
+The driver runs in its own interpreter (it is asyncio, this is Twisted); it
+prints one JSON line, which these tests judge. A failure shows the driver's
+error, its HTTP trace and stderr, and the server's log.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests.e2e import (
+    CHECKOUT,
+    RunningServer,
+    createSiteToken,
+    runPython,
+    serveClientMetadata,
+    startServer,
+)
+
+DRIVER = os.path.join(CHECKOUT, "tests", "clients", "python_sdk_client.py")
+
+#: Where the driver says it wants the code; nothing listens there, the
+#: driver reads the redirect itself (see its C{--callback-port}).
+CALLBACK = "http://127.0.0.1:33418/callback"
+
+
+def _requireSDK() -> None:
+    if (
+        importlib.util.find_spec("mcp") is None
+        or importlib.util.find_spec("httpx2") is None
+    ):
+        raise SkipTest("the MCP Python SDK is not installed (pip install 'mcp==2.3.0')")
+
+
+class PythonSDKTests(TestCase):
+    """
+    The Python SDK's whole OAuth + MCP flow against a live server.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        _requireSDK()
+
+    async def serve(self, *extraArguments: str) -> tuple[RunningServer, str]:
+        server = await startServer(self, reactor, extraArguments)
+        siteToken = await createSiteToken(reactor, server)
+        return server, siteToken
+
+    async def drive(
+        self, server: RunningServer, siteToken: str, *arguments: str
+    ) -> dict[str, Any]:
+        """
+        Run the driver against C{server}; fail with everything known unless
+        it reports success.
+        """
+        out, err, code = await runPython(
+            reactor,
+            [
+                DRIVER,
+                "--url",
+                server.mcpURL,
+                "--site-token",
+                siteToken,
+                "--tool",
+                "list_posts",
+                "--args",
+                "{}",
+                "--timeout",
+                "20",
+                *arguments,
+            ],
+            timeout=30,
+        )
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        report: dict[str, Any] | None = None
+        if lines:
+            try:
+                report = json.loads(lines[-1])
+            except ValueError:
+                report = None
+        if code != 0 or report is None or not report.get("ok"):
+            trace = "\n".join(json.dumps(e) for e in (report or {}).get("http", []))
+            self.fail(
+                server.annotate(
+                    f"driver {' '.join(arguments)} exited {code}\n"
+                    f"error: {(report or {}).get('error')}\n"
+                    f"--- HTTP trace ---\n{trace}\n--- driver stderr ---\n{err}"
+                    f"--- driver stdout ---\n{out}"
+                )
+            )
+        assert report is not None
+        return report
+
+    def assertToolWorked(self, result: dict[str, Any]) -> None:
+        self.assertFalse(result.get("isError", False), result)
+        self.assertIn("content", result)
+
+    def assertFirstContact(self, report: dict[str, Any]) -> None:
+        """
+        What any successful first connection shows: one consent, one code
+        exchange, a public client, the tool listed and working.
+        """
+        self.assertTrue(report["protocol_version"])
+        self.assertIn("list_posts", report["tools"])
+        self.assertToolWorked(report["tool_result"])
+        self.assertEqual(report["authorizations_before_followup"], 1)
+        self.assertEqual(report["code_grants"], 1)
+        self.assertEqual(
+            report["registered"]["has_secret"], False, report["registered"]
+        )
+        first = report["tokens"][0]
+        self.assertEqual(first["token_type"], "Bearer")
+        self.assertIsNotNone(first["refresh"], "no refresh token was issued")
+        # The first MCP request went out without a token, and the 401 that
+        # answered it named the resource metadata, which is what starts it all.
+        unauthorized = [e for e in report["http"] if e.get("status") == 401]
+        self.assertTrue(unauthorized, report["http"])
+        self.assertIn("resource_metadata=", unauthorized[0]["www_authenticate"] or "")
+
+    async def test_streamableHTTPWithDynamicRegistration(self) -> None:
+        """
+        Streamable HTTP: discover, register, consent, exchange, initialize,
+        list and call a tool.
+        """
+        server, siteToken = await self.serve()
+        report = await self.drive(server, siteToken, "--transport", "streamable")
+        self.assertFirstContact(report)
+        self.assertEqual(report["authorizations"], 1)
+        posts = [
+            e for e in report["http"] if e["method"] == "POST" and e["path"] == "/mcp"
+        ]
+        self.assertTrue(all(e.get("status") != 500 for e in posts), posts)
+
+    async def test_legacySSEWithDynamicRegistration(self) -> None:
+        """
+        Legacy SSE: the same flow, with the token on the GET stream and on
+        every POST to the message endpoint.
+        """
+        server, siteToken = await self.serve()
+        report = await self.drive(server, siteToken, "--transport", "sse")
+        self.assertFirstContact(report)
+        self.assertEqual(report["authorizations"], 1)
+        self.assertTrue(
+            any(
+                e["method"] == "POST" and e["path"] == "/mcp/message"
+                for e in report["http"]
+            ),
+            report["http"],
+        )
+
+    async def test_refresh(self) -> None:
+        """
+        When the access token runs out, the SDK uses the refresh grant
+        (without asking the person again) and the next call works with the new
+        token. The server's TTL is lowered so that the token really expires.
+        """
+        server, siteToken = await self.serve("--access-token-ttl", "2")
+        report = await self.drive(
+            server, siteToken, "--transport", "streamable", "--refresh"
+        )
+        self.assertFirstContact(report)
+        self.assertEqual(report["tokens"][0]["expires_in"], 2)
+        self.assertEqual(report["refresh_method"], "waited")
+        self.assertEqual(report["refresh_grants"], 1)
+        self.assertTrue(report["refreshed"])
+        self.assertEqual(report["authorizations"], 1)
+        self.assertToolWorked(report["after_refresh_result"])
+        accessTokens = {t["access"] for t in report["tokens"]}
+        self.assertEqual(len(accessTokens), 2)
+
+    async def test_revokeThenRecover(self) -> None:
+        """
+        After the access token is revoked, the MCP endpoint answers 401; the
+        SDK authorizes again and the call goes through on the same session.
+        """
+        server, siteToken = await self.serve()
+        report = await self.drive(
+            server, siteToken, "--transport", "streamable", "--revoke"
+        )
+        self.assertFirstContact(report)
+        self.assertEqual(report["revoke"]["status"], 200)
+        self.assertEqual(report["revoke"]["probe_status"], 401)
+        self.assertEqual(report["authorizations"], 2)
+        self.assertEqual(report["code_grants"], 2)
+        self.assertToolWorked(report["after_revoke_result"])
+
+    async def test_revokeThenRecoverOverSSE(self) -> None:
+        """
+        The same recovery on a legacy SSE session: the stream stays up and the
+        message endpoint accepts the new token.
+        """
+        server, siteToken = await self.serve()
+        report = await self.drive(server, siteToken, "--transport", "sse", "--revoke")
+        self.assertFirstContact(report)
+        self.assertEqual(report["revoke"]["probe_status"], 401)
+        self.assertEqual(report["authorizations"], 2)
+        self.assertToolWorked(report["after_revoke_result"])
+
+    async def test_streamableHTTPWithClientMetadataDocument(self) -> None:
+        """
+        With a Client ID Metadata Document (the server advertises
+        C{client_id_metadata_document_supported}), the SDK uses the document's
+        https URL as its client_id and registers nothing; the server fetches
+        the document, trusting the test's CA.
+        """
+        host = await serveClientMetadata(self, reactor, [CALLBACK])
+        server, siteToken = await self.serve("--cimd-ca-file", host.caFile)
+        report = await self.drive(
+            server,
+            siteToken,
+            "--transport",
+            "streamable",
+            "--identity",
+            "cimd",
+            "--client-metadata-url",
+            host.url,
+        )
+        self.assertFirstContact(report)
+        self.assertTrue(report["registered"]["client_id_is_url"], report["registered"])
+        registrations = [e for e in report["http"] if e["path"].endswith("/register")]
+        self.assertEqual(registrations, [])

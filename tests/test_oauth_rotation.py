@@ -1,0 +1,221 @@
+"""
+Tests for L{smeldr_oauth.oauth.rotation}: the refresh policy with plain
+values, no store.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attr
+from twisted.trial.unittest import SynchronousTestCase
+
+from smeldr_oauth.oauth.model import Grant, RefreshToken
+from smeldr_oauth.oauth.rotation import (
+    MAX_SIBLINGS,
+    RotationDecision,
+    decide,
+    narrow_scopes,
+)
+
+NOW = 1_000_000.0
+GRACE = 10.0
+SCOPES = ("read", "write")
+
+GRANT = Grant(
+    grant_id="g",
+    client_id="c",
+    subject="alice",
+    scopes=SCOPES,
+    resource="https://example.com/mcp",
+    created_at=0.0,
+)
+TOKEN = RefreshToken(
+    token_hash="h",
+    grant_id="g",
+    scopes=SCOPES,
+    generation=3,
+    created_at=NOW - 100,
+    expires_at=NOW + 100,
+)
+
+
+def run(
+    token: Optional[RefreshToken] = TOKEN,
+    grant: Optional[Grant] = GRANT,
+    live_generation: int = 3,
+    live_siblings: int = 1,
+    token_revoked: bool = False,
+    requested_scopes: Optional[tuple[str, ...]] = None,
+    grace: float = GRACE,
+    now: float = NOW,
+) -> RotationDecision:
+    return decide(
+        token=token,
+        token_revoked=token_revoked,
+        grant=grant,
+        live_generation=live_generation,
+        live_siblings=live_siblings,
+        now=now,
+        grace=grace,
+        requested_scopes=requested_scopes,
+    )
+
+
+def spent(ago: float, generation: int = 2) -> RefreshToken:
+    return attr.evolve(TOKEN, generation=generation, used_at=NOW - ago)
+
+
+REUSED = RotationDecision(status="reused", revoke_grant=True)
+
+
+class DecideTests(SynchronousTestCase):
+    """
+    Tests for L{decide}.
+    """
+
+    def test_rotated(self) -> None:
+        self.assertEqual(
+            run(),
+            RotationDecision(
+                status="rotated",
+                mark_used=True,
+                revoke_unused_siblings=True,
+                new_generation=4,
+                access_scopes=SCOPES,
+                refresh_scopes=SCOPES,
+            ),
+        )
+        self.assertTrue(run().issues_tokens)
+
+    def test_rotated_narrowed(self) -> None:
+        """
+        Narrowing applies to the access token, never to the refresh token.
+        """
+        decision = run(requested_scopes=("write",))
+        self.assertEqual((decision.access_scopes, decision.refresh_scopes), (("write",), SCOPES))
+
+    def test_unknown(self) -> None:
+        self.assertEqual(run(token=None), RotationDecision(status="unknown"))
+        self.assertEqual(run(grant=None), RotationDecision(status="unknown"))
+
+    def test_revoked_grant(self) -> None:
+        """
+        A revoked grant wins over every other verdict, reuse included
+        (there is nothing left to revoke).
+        """
+        revoked = attr.evolve(GRANT, revoked_at=NOW - 1)
+        self.assertEqual(run(grant=revoked), RotationDecision(status="revoked"))
+        self.assertEqual(
+            run(grant=revoked, token=spent(1000), token_revoked=True),
+            RotationDecision(status="revoked"),
+        )
+
+    def test_expired(self) -> None:
+        self.assertEqual(run(now=TOKEN.expires_at), RotationDecision(status="expired"))
+        self.assertFalse(run(now=TOKEN.expires_at).issues_tokens)
+
+    def test_invalid_scope(self) -> None:
+        self.assertEqual(
+            run(requested_scopes=("read", "admin")), RotationDecision(status="invalid_scope")
+        )
+
+    def test_grace(self) -> None:
+        """
+        The previous generation, spent within the window, yields a sibling
+        of the live generation and spends nothing more.
+        """
+        for ago in (0.0, GRACE / 2, GRACE):
+            self.assertEqual(
+                run(token=spent(ago)),
+                RotationDecision(
+                    status="grace", new_generation=3, access_scopes=SCOPES, refresh_scopes=SCOPES
+                ),
+            )
+
+    def test_grace_invalid_scope(self) -> None:
+        self.assertEqual(
+            run(token=spent(1), requested_scopes=("admin",)),
+            RotationDecision(status="invalid_scope"),
+        )
+
+    def test_after_grace(self) -> None:
+        self.assertEqual(run(token=spent(GRACE + 0.001)), REUSED)
+
+    def test_grace_disabled(self) -> None:
+        self.assertEqual(run(token=spent(0), grace=0), REUSED)
+
+    def test_spent_in_the_future(self) -> None:
+        """
+        A spend time after C{now} (a clock stepped back) is not grace.
+        """
+        self.assertEqual(run(token=spent(-1)), REUSED)
+
+    def test_sibling_cap(self) -> None:
+        self.assertEqual(run(token=spent(1), live_siblings=MAX_SIBLINGS - 1).status, "grace")
+        self.assertEqual(run(token=spent(1), live_siblings=MAX_SIBLINGS), REUSED)
+
+    def test_older_generation(self) -> None:
+        self.assertEqual(run(token=spent(1, generation=1)), REUSED)
+
+    def test_spent_live_generation(self) -> None:
+        """
+        A spent token of the live generation is reuse (its successor must
+        have been deleted; nothing legitimate presents it).
+        """
+        self.assertEqual(run(token=spent(1, generation=3)), REUSED)
+
+    def test_revoked_sibling(self) -> None:
+        """
+        An unspent token revoked because a sibling was rotated is reuse.
+        """
+        self.assertEqual(run(token=attr.evolve(TOKEN, generation=2), token_revoked=True), REUSED)
+        self.assertEqual(run(token_revoked=True), REUSED)
+
+    def test_stale_unspent(self) -> None:
+        self.assertEqual(run(token=attr.evolve(TOKEN, generation=1)), REUSED)
+
+    def test_reuse_before_expiry_and_scope(self) -> None:
+        """
+        Reuse is detected even when the request is also expired or asks for
+        too much: a replay is a theft signal whatever else is wrong.
+        """
+        old = attr.evolve(spent(1000), expires_at=NOW - 1)
+        self.assertEqual(run(token=old, requested_scopes=("admin",)), REUSED)
+
+
+class NarrowScopesTests(SynchronousTestCase):
+    """
+    Tests for L{narrow_scopes}.
+    """
+
+    def test_absent(self) -> None:
+        self.assertEqual(narrow_scopes(SCOPES, None), SCOPES)
+        self.assertEqual(narrow_scopes(SCOPES, ()), SCOPES)
+
+    def test_subset(self) -> None:
+        self.assertEqual(narrow_scopes(SCOPES, ("write", "read", "write")), ("write", "read"))
+
+    def test_beyond(self) -> None:
+        self.assertIsNone(narrow_scopes(SCOPES, ("read", "admin")))
+        self.assertIsNone(narrow_scopes((), ("read",)))
+
+    def test_exhaustive_small(self) -> None:
+        """
+        For every request over a small alphabet, the result is C{None}
+        exactly when the request leaves the grant, and otherwise a
+        duplicate-free subset.
+        """
+        from itertools import product
+
+        alphabet = ("a", "b", "c")
+        for size in range(4):
+            for requested in product(alphabet, repeat=size):
+                result: Any = narrow_scopes(("a", "b"), requested)
+                if not requested:
+                    self.assertEqual(result, ("a", "b"))
+                elif set(requested) <= {"a", "b"}:
+                    self.assertEqual(set(result), set(requested))
+                    self.assertEqual(len(result), len(set(result)))
+                else:
+                    self.assertIsNone(result)

@@ -1,0 +1,281 @@
+"""
+Tests for L{smeldr_oauth.site.posts}: a real SQLite file in the trial temp
+directory, behind the real (threaded) adbapi pool.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from smeldr_oauth.site.db import SQLiteDatabase
+from smeldr_oauth.site.posts import (
+    MAX_SLUG,
+    InvalidCursor,
+    InvalidQuery,
+    PostNotFound,
+    PostStore,
+    SlugTaken,
+    ValidationError,
+    decode_cursor,
+    encode_cursor,
+    fts_query,
+    slugify,
+    validate_slug,
+    validate_tags,
+)
+
+
+class PureTests(SynchronousTestCase):
+    def test_slugify(self) -> None:
+        self.assertEqual(slugify("Hello, World!"), "hello-world")
+        self.assertEqual(
+            slugify("Crème brûlée -- à la carte"), "creme-brulee-a-la-carte"
+        )
+        self.assertEqual(slugify("日本語"), "post")
+        long = slugify("word " * 40)
+        self.assertLessEqual(len(long), MAX_SLUG)
+        validate_slug(long)
+
+    @given(st.text(max_size=300))
+    def test_slugify_always_valid(self, title: str) -> None:
+        validate_slug(slugify(title))
+
+    def test_validate_slug(self) -> None:
+        for bad in [
+            "",
+            "A",
+            "a b",
+            "-a",
+            "a-",
+            "a--b",
+            "a_b",
+            "é",
+            "a" * (MAX_SLUG + 1),
+            3,
+            None,
+        ]:
+            self.assertRaises(ValidationError, validate_slug, bad)
+        self.assertEqual(validate_slug("a-1-b"), "a-1-b")
+
+    def test_validate_tags(self) -> None:
+        self.assertEqual(
+            validate_tags(["Python", "python", "web-dev"]), ("python", "web-dev")
+        )
+        self.assertRaises(ValidationError, validate_tags, "python")
+        self.assertRaises(ValidationError, validate_tags, ["two words"])
+        self.assertRaises(ValidationError, validate_tags, [1])
+        self.assertRaises(ValidationError, validate_tags, [f"t{i}" for i in range(21)])
+
+    def test_fts_query(self) -> None:
+        self.assertEqual(fts_query("hello world"), '"hello" "world"')
+        self.assertEqual(fts_query('title:"x" OR (y* NEAR z'), '"title" "x" "y"* "z"')
+        self.assertRaises(InvalidQuery, fts_query, '"" ()*')
+        self.assertRaises(InvalidQuery, fts_query, "AND OR")
+        self.assertRaises(InvalidQuery, fts_query, 5)
+
+    @given(st.text(max_size=200))
+    def test_fts_query_always_parses(self, query: str) -> None:
+        """
+        Whatever the input, the sanitised query is valid FTS5 syntax.
+        """
+        try:
+            match = fts_query(query)
+        except InvalidQuery:
+            return
+        connection = sqlite3.connect(":memory:")
+        connection.execute("CREATE VIRTUAL TABLE t USING fts5(a)")
+        connection.execute("SELECT * FROM t WHERE t MATCH ?", (match,)).fetchall()
+
+    def test_cursor_round_trip(self) -> None:
+        self.assertEqual(decode_cursor(encode_cursor(42)), 42)
+        for bad in ["", "!!", "eDox", encode_cursor(1) + "A", None, 3, "x" * 100]:
+            self.assertRaises(InvalidCursor, decode_cursor, bad)
+
+
+class PostStoreTests(TestCase):
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.path = self.mktemp() + ".db"
+        self.db = SQLiteDatabase(self.path, reactor=reactor, clock=self.clock)
+        self.addCleanup(self.db.close)
+        self.store = PostStore(self.db, clock=self.clock)
+
+    @inlineCallbacks
+    def test_create_and_get(self):
+        post = yield self.store.create(
+            "Hello, World", "Some *markdown*", tags=["Intro", "meta"]
+        )
+        self.assertEqual(post.slug, "hello-world")
+        self.assertEqual(post.title, "Hello, World")
+        self.assertEqual(post.status, "draft")
+        self.assertEqual(post.tags, ("intro", "meta"))
+        self.assertEqual(
+            (post.created_at, post.updated_at, post.published_at), (1000, 1000, None)
+        )
+        again = yield self.store.get("hello-world")
+        self.assertEqual(again, post)
+
+    @inlineCallbacks
+    def test_derived_slug_made_unique(self):
+        a = yield self.store.create("Same")
+        b = yield self.store.create("Same")
+        c = yield self.store.create("Same")
+        self.assertEqual([a.slug, b.slug, c.slug], ["same", "same-2", "same-3"])
+
+    @inlineCallbacks
+    def test_explicit_slug_taken(self):
+        yield self.store.create("One", slug="taken")
+        yield self.assertFailure(self.store.create("Two", slug="taken"), SlugTaken)
+
+    @inlineCallbacks
+    def test_validation_errors(self):
+        yield self.assertFailure(self.store.create(""), ValidationError)
+        yield self.assertFailure(
+            self.store.create("x", slug="Bad Slug"), ValidationError
+        )
+        yield self.assertFailure(self.store.create("x", status="live"), ValidationError)
+        yield self.assertFailure(self.store.create("x", body=5), ValidationError)  # type: ignore[arg-type]
+        yield self.assertFailure(self.store.create("x", tags="a,b"), ValidationError)  # type: ignore[arg-type]
+        yield self.assertFailure(self.store.list(limit=0), ValidationError)
+        yield self.assertFailure(self.store.list(limit="5"), ValidationError)  # type: ignore[arg-type]
+        yield self.assertFailure(self.store.list(cursor="nope"), InvalidCursor)
+        yield self.assertFailure(self.store.get("No Such"), PostNotFound)
+        yield self.assertFailure(self.store.get("missing"), PostNotFound)
+
+    @inlineCallbacks
+    def test_update(self):
+        yield self.store.create("Old", body="old body", tags=["a"])
+        self.clock.advance(5)
+        post = yield self.store.update(
+            "old", title="New", body="new body", tags=["b", "c"], new_slug="new"
+        )
+        self.assertEqual(
+            (post.slug, post.title, post.body, post.tags),
+            ("new", "New", "new body", ("b", "c")),
+        )
+        self.assertEqual((post.created_at, post.updated_at), (1000, 1005))
+        yield self.assertFailure(self.store.get("old"), PostNotFound)
+        page = yield self.store.list(tag="a")
+        self.assertEqual(page.posts, ())
+        page = yield self.store.list(tag="c")
+        self.assertEqual([p.slug for p in page.posts], ["new"])
+        yield self.assertFailure(self.store.update("old", title="x"), PostNotFound)
+        yield self.store.create("Other")
+        yield self.assertFailure(self.store.update("other", new_slug="new"), SlugTaken)
+        # Renaming to its own slug is fine.
+        same = yield self.store.update("new", new_slug="new")
+        self.assertEqual(same.slug, "new")
+
+    @inlineCallbacks
+    def test_publish_keeps_first_date(self):
+        yield self.store.create("P")
+        self.clock.advance(10)
+        post = yield self.store.publish("p")
+        self.assertEqual((post.status, post.published_at), ("published", 1010))
+        self.clock.advance(10)
+        post = yield self.store.unpublish("p")
+        self.assertEqual((post.status, post.published_at), ("draft", 1010))
+        self.clock.advance(10)
+        post = yield self.store.publish("p")
+        self.assertEqual(
+            (post.status, post.published_at, post.updated_at), ("published", 1010, 1030)
+        )
+
+    @inlineCallbacks
+    def test_create_published(self):
+        post = yield self.store.create("Now", status="published")
+        self.assertEqual(post.published_at, 1000)
+
+    @inlineCallbacks
+    def test_delete(self):
+        yield self.store.create("Gone", body="unique-word", tags=["t"])
+        post = yield self.store.delete("gone")
+        self.assertEqual(post.slug, "gone")
+        yield self.assertFailure(self.store.get("gone"), PostNotFound)
+        yield self.assertFailure(self.store.delete("gone"), PostNotFound)
+        hits = yield self.store.search("unique")
+        self.assertEqual(hits, [])
+        # Tag rows went with it (foreign key cascade).
+        rows = (
+            sqlite3.connect(self.path)
+            .execute("SELECT COUNT(*) FROM post_tags")
+            .fetchone()
+        )
+        self.assertEqual(rows[0], 0)
+
+    @inlineCallbacks
+    def test_list_pagination_and_filters(self):
+        for i in range(7):
+            yield self.store.create(
+                f"Post {i}", tags=["even"] if i % 2 == 0 else ["odd"]
+            )
+        yield self.store.publish("post-3")
+        page = yield self.store.list(limit=3)
+        self.assertEqual([p.slug for p in page.posts], ["post-6", "post-5", "post-4"])
+        page = yield self.store.list(limit=3, cursor=page.next_cursor)
+        self.assertEqual([p.slug for p in page.posts], ["post-3", "post-2", "post-1"])
+        page = yield self.store.list(limit=3, cursor=page.next_cursor)
+        self.assertEqual([p.slug for p in page.posts], ["post-0"])
+        self.assertIsNone(page.next_cursor)
+        page = yield self.store.list(tag="odd")
+        self.assertEqual([p.slug for p in page.posts], ["post-5", "post-3", "post-1"])
+        page = yield self.store.list(status="published")
+        self.assertEqual([p.slug for p in page.posts], ["post-3"])
+        page = yield self.store.list(status="draft", tag="odd")
+        self.assertEqual([p.slug for p in page.posts], ["post-5", "post-1"])
+
+    @inlineCallbacks
+    def test_search(self):
+        yield self.store.create(
+            "Twisted deferreds",
+            body="Callbacks and errbacks explained.",
+            tags=["python"],
+        )
+        yield self.store.create(
+            "Gardening", body="Tomatoes need sun. Twisted vines too."
+        )
+        yield self.store.create("Cooking", body="Nothing here", tags=["twisted"])
+        hits = yield self.store.search("twisted")
+        # Title outweighs tags outweighs body.
+        self.assertEqual(
+            [h.post.slug for h in hits], ["twisted-deferreds", "cooking", "gardening"]
+        )
+        hits = yield self.store.search("callback")  # porter stemming
+        self.assertEqual([h.post.slug for h in hits], ["twisted-deferreds"])
+        self.assertIn("[Callbacks]", hits[0].snippet)
+        hits = yield self.store.search("tomat*")
+        self.assertEqual([h.post.slug for h in hits], ["gardening"])
+        yield self.store.publish("gardening")
+        hits = yield self.store.search("twisted", status="published")
+        self.assertEqual([h.post.slug for h in hits], ["gardening"])
+        # Index follows updates.
+        yield self.store.update("cooking", body="sourdough", tags=[])
+        hits = yield self.store.search("sourdough")
+        self.assertEqual([h.post.slug for h in hits], ["cooking"])
+        hits = yield self.store.search("twisted")
+        self.assertNotIn("cooking", [h.post.slug for h in hits])
+        # FTS syntax in the input is harmless.
+        hits = yield self.store.search('"twisted" AND (NEAR title: *')
+        self.assertEqual(len(hits), 0)
+        yield self.assertFailure(self.store.search('"" ()'), InvalidQuery)
+
+    @inlineCallbacks
+    def test_slugs(self):
+        yield self.store.create("Alpha one")
+        yield self.store.create("Alpha two", status="published")
+        yield self.store.create("Beta")
+        slugs = yield self.store.slugs("alpha")
+        self.assertEqual(slugs, ["alpha-one", "alpha-two"])
+        slugs = yield self.store.slugs("alpha", status="published")
+        self.assertEqual(slugs, ["alpha-two"])
+        slugs = yield self.store.slugs("%")
+        self.assertEqual(slugs, [])

@@ -1,0 +1,105 @@
+"""
+Tests for L{smeldr_oauth.site.tokens}.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import TestCase
+
+from smeldr_oauth.oauth.model import Approval
+from smeldr_oauth.oauth.secrets import hash_secret
+from smeldr_oauth.site.posts import ValidationError
+from smeldr_oauth.site.stores import open_site
+from smeldr_oauth.site.tokens import SiteToken, TokenNotFound
+
+
+class SiteTokenStoreTests(TestCase):
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.clock = Clock()
+        self.clock.advance(500)
+        self.path = self.mktemp()
+        self.site = open_site(self.path, reactor, clock=self.clock)
+        self.addCleanup(self.site.close)
+        self.tokens = self.site.tokens
+
+    @inlineCallbacks
+    def test_create_stores_only_hash(self):
+        token_id, plaintext = yield self.tokens.create("  alice  ")
+        self.assertTrue(plaintext.startswith("smeldr_"))
+        self.assertEqual(len(plaintext), len("smeldr_") + 43)
+        raw = sqlite3.connect(self.path)
+        self.addCleanup(raw.close)
+        rows = raw.execute("SELECT * FROM site_tokens").fetchall()
+        self.assertEqual(len(rows), 1)
+        self.assertNotIn(plaintext, repr(rows))
+        self.assertIn(hash_secret(plaintext), rows[0])
+        listed = yield self.tokens.list()
+        self.assertEqual(listed, [SiteToken(id=token_id, name="alice", created_at=500)])
+
+    @inlineCallbacks
+    def test_tokens_differ(self):
+        a = yield self.tokens.create("a")
+        b = yield self.tokens.create("a")
+        self.assertNotEqual(a[0], b[0])
+        self.assertNotEqual(a[1], b[1])
+
+    @inlineCallbacks
+    def test_bad_names(self):
+        for bad in ["", "   ", "a\nb", "x" * 101, None, "nul\x00"]:
+            yield self.assertFailure(self.tokens.create(bad), ValidationError)
+
+    @inlineCallbacks
+    def test_verify(self):
+        token_id, plaintext = yield self.tokens.create("alice")
+        self.clock.advance(10)
+        with capturedLogs() as events:
+            approval = yield self.tokens.verify_bearer(plaintext)
+        self.assertEqual(approval, Approval(subject="alice", site_token_id=token_id))
+        self.assertNotIn(plaintext, repr(events))
+        (record,) = yield self.tokens.list()
+        self.assertEqual(record.last_used_at, 510)
+
+    @inlineCallbacks
+    def test_verify_rejects(self):
+        _, plaintext = yield self.tokens.create("alice")
+        for bad in [
+            plaintext[:-1],
+            plaintext + "x",
+            "x" + plaintext,
+            plaintext[7:],
+            "",
+            "smeldr_" + "a" * 500,
+            None,
+            7,
+        ]:
+            result = yield self.tokens.verify(bad)
+            self.assertIsNone(result, bad)
+        (record,) = yield self.tokens.list()
+        self.assertIsNone(record.last_used_at)
+
+    @inlineCallbacks
+    def test_revoke(self):
+        token_id, plaintext = yield self.tokens.create("alice")
+        other_id, other = yield self.tokens.create("bob")
+        self.clock.advance(1)
+        with capturedLogs() as events:
+            changed = yield self.tokens.revoke(token_id)
+            self.assertTrue(changed)
+            result = yield self.tokens.verify(plaintext)
+        self.assertIsNone(result)
+        self.assertNotIn(plaintext, repr(events))
+        changed = yield self.tokens.revoke(token_id)
+        self.assertFalse(changed)
+        approval = yield self.tokens.verify(other)
+        self.assertEqual(approval.site_token_id, other_id)
+        record = yield self.tokens.get(token_id)
+        self.assertEqual(record.revoked_at, 501)
+        self.assertFalse(record.active)
+        yield self.assertFailure(self.tokens.revoke("nope"), TokenNotFound)

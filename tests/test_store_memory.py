@@ -1,0 +1,594 @@
+"""
+Tests for L{smeldr_oauth.store.memory}, and the behaviour every
+L{IOAuthStore} must have (L{StoreBehaviourMixin}, also run against
+L{smeldr_oauth.store.sqlite.SQLiteStore} by C{tests.test_store_sqlite}).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+import attr
+from twisted.internet.defer import fail
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from smeldr_oauth.oauth.model import (
+    AccessInfo,
+    AccessToken,
+    AuthorizationCode,
+    Client,
+    Grant,
+    RefreshToken,
+)
+from smeldr_oauth.oauth.secrets import hash_secret
+from smeldr_oauth.store.common import GRANT_RETENTION, StoreConflict, start_purging
+from smeldr_oauth.store.interface import IOAuthStore
+from smeldr_oauth.store.memory import MemoryStore
+
+T0 = 1_700_000_000.0
+CODE_TTL = 60.0
+ACCESS_TTL = 3600.0
+REFRESH_TTL = 30 * 86400.0
+GRACE = 10.0
+SCOPES = ("mcp:read", "mcp:write")
+RESOURCE = "https://example.com/mcp"
+
+
+def h(name: str) -> str:
+    """
+    A deterministic stand-in for a secret's hash.
+    """
+    return hash_secret("secret-" + name)
+
+
+def access(name: str, now: float = T0, scopes: tuple[str, ...] = SCOPES) -> AccessToken:
+    return AccessToken(
+        token_hash=h(name),
+        grant_id="placeholder",
+        scopes=scopes,
+        resource=RESOURCE,
+        expires_at=now + ACCESS_TTL,
+    )
+
+
+def refresh(name: str, now: float = T0) -> RefreshToken:
+    return RefreshToken(
+        token_hash=h(name),
+        grant_id="placeholder",
+        scopes=SCOPES,
+        generation=0,
+        created_at=now,
+        expires_at=now + REFRESH_TTL,
+    )
+
+
+def make_grant(
+    grant_id: str = "g1",
+    subject: str = "alice",
+    site_token_id: Optional[str] = "site-token-1",
+    created_at: float = T0,
+) -> Grant:
+    return Grant(
+        grant_id=grant_id,
+        client_id="client-1",
+        subject=subject,
+        scopes=SCOPES,
+        resource=RESOURCE,
+        created_at=created_at,
+        site_token_id=site_token_id,
+        client_name="Claude",
+    )
+
+
+def make_code(name: str, grant_id: str = "g1", now: float = T0) -> AuthorizationCode:
+    return AuthorizationCode(
+        code_hash=h(name),
+        grant_id=grant_id,
+        client_id="client-1",
+        redirect_uri="https://claude.ai/api/mcp/auth_callback",
+        code_challenge="E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
+        scopes=SCOPES,
+        resource=RESOURCE,
+        expires_at=now + CODE_TTL,
+        issue_refresh=True,
+    )
+
+
+if TYPE_CHECKING:
+    _MixinBase = SynchronousTestCase
+else:
+    _MixinBase = object
+
+
+class StoreBehaviourMixin(_MixinBase):
+    """
+    The contract of L{IOAuthStore}, for a L{SynchronousTestCase} whose
+    C{make_store} returns a store whose Deferreds fire synchronously.
+    """
+
+    store: Any
+
+    def make_store(self) -> Any:
+        raise NotImplementedError()
+
+    def setUp(self) -> None:
+        self.store = self.make_store()
+
+    # Helpers
+
+    def ok(self, d: Any) -> Any:
+        return self.successResultOf(d)
+
+    def grant_with_tokens(
+        self,
+        grant_id: str = "g1",
+        site_token_id: Optional[str] = "site-token-1",
+        subject: str = "alice",
+        now: float = T0,
+    ) -> None:
+        """
+        Create a grant, exchange its code, and store access token
+        C{grant_id + "-a0"} and refresh token C{grant_id + "-r0"}.
+        """
+        grant = make_grant(grant_id, subject=subject, site_token_id=site_token_id, created_at=now)
+        self.ok(self.store.create_grant(grant, make_code(grant_id + "-code", grant_id, now)))
+        result = self.ok(self.store.consume_code(h(grant_id + "-code"), now + 1))
+        self.assertEqual(result.status, "ok")
+        self.ok(
+            self.store.add_tokens(grant_id, access(grant_id + "-a0", now), refresh(grant_id + "-r0", now))
+        )
+
+    def redeem(
+        self,
+        token: str,
+        new: str,
+        now: float,
+        grace: float = GRACE,
+        scopes: Optional[tuple[str, ...]] = None,
+    ) -> Any:
+        return self.ok(
+            self.store.redeem_refresh_token(
+                h(token), now, grace, scopes, access(new + "-a", now), refresh(new, now)
+            )
+        )
+
+    def live(self, token: str, now: float = T0 + 2) -> Any:
+        """
+        The L{AccessInfo} of access token C{token} at C{now}, or C{None}.
+        """
+        return self.ok(self.store.lookup_access_token(h(token), now))
+
+    # Interface
+
+    def test_provides(self) -> None:
+        self.assertTrue(verifyObject(IOAuthStore, self.store))
+
+    # Clients
+
+    def test_client_round_trip(self) -> None:
+        client = Client(
+            client_id="c1",
+            client_name="ChatGPT",
+            redirect_uris=("https://chatgpt.com/connector_platform_oauth_redirect",),
+            scope="mcp:read",
+            client_secret_hash=h("client"),
+            created_at=T0,
+            client_uri="https://openai.com",
+        )
+        self.assertEqual(self.ok(self.store.count_clients()), 0)
+        self.ok(self.store.save_client(client))
+        self.assertEqual(self.ok(self.store.get_client("c1")), client)
+        self.assertIsNone(self.ok(self.store.get_client("c2")))
+        self.assertEqual(self.ok(self.store.count_clients()), 1)
+
+    def test_duplicate_client(self) -> None:
+        client = Client(client_id="c1", client_name=None, redirect_uris=())
+        self.ok(self.store.save_client(client))
+        self.failureResultOf(
+            self.store.save_client(Client(client_id="c1", client_name="evil", redirect_uris=())),
+            StoreConflict,
+        )
+        self.assertEqual(self.ok(self.store.get_client("c1")), client)
+
+    # Grants and codes
+
+    def test_consume_code_ok(self) -> None:
+        grant = make_grant()
+        code = make_code("code")
+        self.ok(self.store.create_grant(grant, code))
+        result = self.ok(self.store.consume_code(h("code"), T0 + 1))
+        self.assertEqual((result.status, result.code, result.grant), ("ok", code, grant))
+
+    def test_consume_code_unknown(self) -> None:
+        result = self.ok(self.store.consume_code(h("nothing"), T0))
+        self.assertEqual((result.status, result.code, result.grant), ("unknown", None, None))
+
+    def test_consume_code_expired(self) -> None:
+        self.ok(self.store.create_grant(make_grant(), make_code("code")))
+        result = self.ok(self.store.consume_code(h("code"), T0 + CODE_TTL))
+        self.assertEqual(result.status, "expired")
+
+    def test_consume_code_replayed(self) -> None:
+        """
+        Spending a spent code revokes the grant and the tokens issued with
+        the first exchange, and is logged without secrets.
+        """
+        self.grant_with_tokens()
+        self.assertIsNotNone(self.live("g1-a0"))
+        with capturedLogs() as events:
+            result = self.ok(self.store.consume_code(h("g1-code"), T0 + 2))
+        self.assertEqual(result.status, "replayed")
+        self.assertEqual(result.grant.revoked_at, T0 + 2)
+        self.assertIsNone(self.live("g1-a0"))
+        self.assertEqual(self.redeem("g1-r0", "r1", T0 + 3).status, "revoked")
+        self.assertEqual(self.ok(self.store.list_grants()), [])
+        [event] = [e for e in events if e.get("security_event") == "code_replay"]
+        self.assertEqual(event["grant_id"], "g1")
+        self.assertNotIn(h("g1-code"), repr(event))
+
+    def test_consume_code_twice_concurrently(self) -> None:
+        """
+        Of two exchanges of one code started together, exactly one wins.
+        """
+        self.ok(self.store.create_grant(make_grant(), make_code("code")))
+        first = self.store.consume_code(h("code"), T0 + 1)
+        second = self.store.consume_code(h("code"), T0 + 1)
+        statuses = sorted([self.ok(first).status, self.ok(second).status])
+        self.assertEqual(statuses, ["ok", "replayed"])
+
+    def test_consume_code_of_revoked_grant(self) -> None:
+        self.ok(self.store.create_grant(make_grant(), make_code("code")))
+        self.assertTrue(self.ok(self.store.revoke_grant("g1", T0 + 1)))
+        self.assertEqual(self.ok(self.store.consume_code(h("code"), T0 + 2)).status, "revoked")
+
+    def test_create_grant_code_mismatch(self) -> None:
+        self.failureResultOf(
+            self.store.create_grant(make_grant("g1"), make_code("code", grant_id="g2")), ValueError
+        )
+        self.assertEqual(self.ok(self.store.list_grants()), [])
+
+    def test_create_grant_rolls_back(self) -> None:
+        """
+        A grant whose code cannot be stored is not stored either.
+        """
+        self.ok(self.store.create_grant(make_grant("g1"), make_code("code", "g1")))
+        self.failureResultOf(
+            self.store.create_grant(make_grant("g2"), make_code("code", "g2")), StoreConflict
+        )
+        self.assertEqual([g.grant_id for g in self.ok(self.store.list_grants())], ["g1"])
+
+    # Access tokens
+
+    def test_lookup_access_token(self) -> None:
+        self.grant_with_tokens()
+        self.assertEqual(
+            self.live("g1-a0"),
+            AccessInfo(
+                subject="alice",
+                client_id="client-1",
+                scopes=frozenset(SCOPES),
+                resource=RESOURCE,
+                grant_id="g1",
+                expires_at=T0 + ACCESS_TTL,
+            ),
+        )
+
+    def test_lookup_access_token_dead(self) -> None:
+        self.grant_with_tokens()
+        self.assertIsNone(self.live("g1-a0", T0 + ACCESS_TTL))
+        self.assertIsNone(self.live("nothing"))
+        self.assertIsNone(self.ok(self.store.revoke_token(h("g1-a0"), T0 + 2)))
+        self.assertIsNone(self.live("g1-a0"))
+
+    def test_add_tokens_unknown_grant(self) -> None:
+        self.failureResultOf(
+            self.store.add_tokens("nope", access("a"), refresh("r")), StoreConflict
+        )
+        self.assertEqual(self.redeem("r", "r1", T0 + 1).status, "unknown")
+
+    def test_add_tokens_rolls_back(self) -> None:
+        """
+        When the access token cannot be stored, the refresh token is not.
+        """
+        self.grant_with_tokens()
+        self.failureResultOf(
+            self.store.add_tokens("g1", access("g1-a0"), refresh("other")), StoreConflict
+        )
+        self.assertEqual(self.redeem("other", "r1", T0 + 1).status, "unknown")
+
+    def test_add_tokens_without_refresh(self) -> None:
+        self.ok(self.store.create_grant(make_grant(), make_code("code")))
+        self.ok(self.store.add_tokens("g1", access("a"), None))
+        self.assertIsNotNone(self.live("a"))
+
+    # Refresh
+
+    def test_refresh_rotated(self) -> None:
+        self.grant_with_tokens()
+        result = self.redeem("g1-r0", "r1", T0 + 100)
+        self.assertEqual(result.status, "rotated")
+        self.assertEqual(result.grant.grant_id, "g1")
+        self.assertEqual(result.grant.last_used_at, T0 + 100)
+        info = self.live("r1-a", T0 + 100)
+        self.assertEqual((info.grant_id, info.scopes, info.subject), ("g1", frozenset(SCOPES), "alice"))
+        self.assertEqual(self.redeem("r1", "r2", T0 + 200).status, "rotated")
+
+    def test_refresh_narrowed_scopes(self) -> None:
+        """
+        A narrowed refresh narrows the new access token only: the next
+        refresh without C{scope} gets every scope of the grant back.
+        """
+        self.grant_with_tokens()
+        result = self.redeem("g1-r0", "r1", T0 + 100, scopes=("mcp:read",))
+        self.assertEqual(result.status, "rotated")
+        self.assertEqual(self.live("r1-a", T0 + 100).scopes, frozenset({"mcp:read"}))
+        self.assertEqual(self.redeem("r1", "r2", T0 + 200).status, "rotated")
+        self.assertEqual(self.live("r2-a", T0 + 200).scopes, frozenset(SCOPES))
+
+    def test_refresh_keeps_grant_resource(self) -> None:
+        self.grant_with_tokens()
+        other = attr.evolve(access("r1-a", T0 + 100), resource="https://evil.example/mcp")
+        self.ok(
+            self.store.redeem_refresh_token(h("g1-r0"), T0 + 100, GRACE, None, other, refresh("r1"))
+        )
+        self.assertEqual(self.live("r1-a", T0 + 100).resource, RESOURCE)
+
+    def test_refresh_invalid_scope(self) -> None:
+        """
+        Asking for a scope the grant lacks changes nothing.
+        """
+        self.grant_with_tokens()
+        result = self.redeem("g1-r0", "r1", T0 + 100, scopes=("mcp:read", "admin"))
+        self.assertEqual(result.status, "invalid_scope")
+        self.assertIsNone(self.live("r1-a", T0 + 100))
+        self.assertEqual(self.redeem("r1", "r2", T0 + 100).status, "unknown")
+        self.assertEqual(self.redeem("g1-r0", "r1", T0 + 100).status, "rotated")
+
+    def test_refresh_expired(self) -> None:
+        self.grant_with_tokens()
+        self.assertEqual(self.redeem("g1-r0", "r1", T0 + REFRESH_TTL).status, "expired")
+        self.assertIsNone(self.live("r1-a", T0 + REFRESH_TTL))
+
+    def test_refresh_idle_expiry_moves(self) -> None:
+        """
+        Each rotation gives the new token its own idle lifetime.
+        """
+        self.grant_with_tokens()
+        later = T0 + REFRESH_TTL - 1
+        self.assertEqual(self.redeem("g1-r0", "r1", later).status, "rotated")
+        self.assertEqual(self.redeem("r1", "r2", later + REFRESH_TTL - 1).status, "rotated")
+
+    def test_refresh_unknown(self) -> None:
+        self.assertEqual(self.redeem("nothing", "r1", T0).status, "unknown")
+
+    def test_refresh_revoked(self) -> None:
+        self.grant_with_tokens()
+        self.ok(self.store.revoke_grant("g1", T0 + 1))
+        result = self.redeem("g1-r0", "r1", T0 + 2)
+        self.assertEqual(result.status, "revoked")
+        self.assertIsNone(self.live("r1-a", T0 + 2))
+
+    def test_refresh_reused(self) -> None:
+        """
+        A spent token presented after the grace window ends the grant,
+        and the event is logged without secrets.
+        """
+        self.grant_with_tokens()
+        self.assertEqual(self.redeem("g1-r0", "r1", T0 + 100).status, "rotated")
+        with capturedLogs() as events:
+            result = self.redeem("g1-r0", "r1b", T0 + 100 + GRACE + 1)
+        self.assertEqual(result.status, "reused")
+        self.assertEqual(result.grant.revoked_at, T0 + 100 + GRACE + 1)
+        self.assertIsNone(self.live("r1-a", T0 + 112))
+        self.assertIsNone(self.live("r1b-a", T0 + 112))
+        self.assertEqual(self.redeem("r1", "r2", T0 + 113).status, "revoked")
+        [event] = [e for e in events if e.get("security_event") == "refresh_reuse"]
+        self.assertEqual((event["grant_id"], event["client_id"]), ("g1", "client-1"))
+        for secret in (h("g1-r0"), h("r1b")):
+            self.assertNotIn(secret, repr(event))
+
+    def test_refresh_grace(self) -> None:
+        """
+        The loser of a parallel refresh gets a sibling of the winner's
+        token; once one sibling is rotated, presenting the other is reuse.
+        """
+        self.grant_with_tokens()
+        self.assertEqual(self.redeem("g1-r0", "r1", T0 + 100).status, "rotated")
+        result = self.redeem("g1-r0", "r1b", T0 + 100 + GRACE)
+        self.assertEqual(result.status, "grace")
+        self.assertIsNotNone(self.live("r1b-a", T0 + 110))
+        self.assertIsNotNone(self.live("r1-a", T0 + 110))
+        self.assertEqual(self.redeem("r1b", "r2", T0 + 200).status, "rotated")
+        self.assertEqual(self.redeem("r1", "r2b", T0 + 201).status, "reused")
+        self.assertEqual(self.ok(self.store.list_grants()), [])
+
+    def test_refresh_grace_narrowed(self) -> None:
+        self.grant_with_tokens()
+        self.redeem("g1-r0", "r1", T0 + 100)
+        result = self.redeem("g1-r0", "r1b", T0 + 101, scopes=("mcp:write",))
+        self.assertEqual(result.status, "grace")
+        self.assertEqual(self.live("r1b-a", T0 + 101).scopes, frozenset({"mcp:write"}))
+        self.assertEqual(self.redeem("r1b", "r2", T0 + 102).status, "rotated")
+        self.assertEqual(self.live("r2-a", T0 + 102).scopes, frozenset(SCOPES))
+
+    def test_refresh_grace_sibling_cap(self) -> None:
+        self.grant_with_tokens()
+        self.redeem("g1-r0", "r1", T0 + 100)
+        for n in range(3):
+            self.assertEqual(self.redeem("g1-r0", f"s{n}", T0 + 101).status, "grace")
+        self.assertEqual(self.redeem("g1-r0", "s3", T0 + 101).status, "reused")
+
+    def test_refresh_grace_disabled(self) -> None:
+        self.grant_with_tokens()
+        self.redeem("g1-r0", "r1", T0 + 100, grace=0)
+        self.assertEqual(self.redeem("g1-r0", "r1b", T0 + 100, grace=0).status, "reused")
+
+    def test_refresh_older_generation_reused(self) -> None:
+        """
+        Grace covers only the generation just before the live one.
+        """
+        self.grant_with_tokens()
+        self.redeem("g1-r0", "r1", T0 + 100)
+        self.redeem("r1", "r2", T0 + 101)
+        self.assertEqual(self.redeem("g1-r0", "r1b", T0 + 102).status, "reused")
+
+    def test_refresh_rolls_back(self) -> None:
+        """
+        A refresh that fails half-way (the new refresh token's hash is
+        taken) leaves the presented token unspent and stores nothing.
+        """
+        self.grant_with_tokens()
+        self.grant_with_tokens("g2")
+        d = self.store.redeem_refresh_token(
+            h("g1-r0"), T0 + 100, GRACE, None, access("r1-a", T0 + 100), refresh("g2-r0")
+        )
+        self.failureResultOf(d, StoreConflict)
+        self.assertIsNone(self.live("r1-a", T0 + 100))
+        grant = self.ok(self.store.list_grants(subject="alice"))[0]
+        self.assertIsNone(grant.last_used_at)
+        self.assertEqual(self.redeem("g1-r0", "r1", T0 + 100).status, "rotated")
+
+    # Revocation
+
+    def test_revoke_access_token(self) -> None:
+        """
+        Revoking an access token ends only that token.
+        """
+        self.grant_with_tokens()
+        self.assertIsNone(self.ok(self.store.revoke_token(h("g1-a0"), T0 + 2)))
+        self.assertIsNone(self.live("g1-a0"))
+        self.assertEqual(len(self.ok(self.store.list_grants())), 1)
+        self.assertEqual(self.redeem("g1-r0", "r1", T0 + 3).status, "rotated")
+
+    def test_revoke_refresh_token(self) -> None:
+        """
+        Revoking a refresh token ends its grant (RFC 7009 section 2.1).
+        """
+        self.grant_with_tokens()
+        self.assertEqual(self.ok(self.store.revoke_token(h("g1-r0"), T0 + 2)), "g1")
+        self.assertIsNone(self.live("g1-a0"))
+        self.assertEqual(self.ok(self.store.list_grants()), [])
+        self.assertIsNone(self.ok(self.store.revoke_token(h("g1-r0"), T0 + 3)))
+
+    def test_revoke_unknown_token(self) -> None:
+        self.assertIsNone(self.ok(self.store.revoke_token(h("nothing"), T0)))
+
+    def test_revoke_grant(self) -> None:
+        self.grant_with_tokens()
+        self.assertTrue(self.ok(self.store.revoke_grant("g1", T0 + 2)))
+        self.assertFalse(self.ok(self.store.revoke_grant("g1", T0 + 3)))
+        self.assertFalse(self.ok(self.store.revoke_grant("nope", T0 + 3)))
+        self.assertIsNone(self.live("g1-a0"))
+
+    def test_revoke_grants_of_site_token(self) -> None:
+        self.grant_with_tokens("g1", site_token_id="s1")
+        self.grant_with_tokens("g2", site_token_id="s1")
+        self.grant_with_tokens("g3", site_token_id="s2")
+        ended = self.ok(self.store.revoke_grants_of_site_token("s1", T0 + 5))
+        self.assertEqual(sorted(ended), ["g1", "g2"])
+        self.assertEqual(self.ok(self.store.revoke_grants_of_site_token("s1", T0 + 6)), [])
+        self.assertEqual([g.grant_id for g in self.ok(self.store.list_grants())], ["g3"])
+        self.assertIsNone(self.live("g1-a0"))
+        self.assertIsNotNone(self.live("g3-a0"))
+
+    def test_list_grants_filters(self) -> None:
+        self.grant_with_tokens("g1", subject="alice", site_token_id="s1")
+        self.grant_with_tokens("g2", subject="bob", site_token_id="s1", now=T0 + 1)
+        self.grant_with_tokens("g3", subject="alice", site_token_id=None, now=T0 + 2)
+
+        def ids(**kw: Any) -> list[str]:
+            return [g.grant_id for g in self.ok(self.store.list_grants(**kw))]
+
+        self.assertEqual(ids(), ["g1", "g2", "g3"])
+        self.assertEqual(ids(subject="alice"), ["g1", "g3"])
+        self.assertEqual(ids(site_token_id="s1"), ["g1", "g2"])
+        self.assertEqual(ids(subject="bob", site_token_id="s1"), ["g2"])
+        self.assertEqual(ids(subject="carol"), [])
+
+    def test_touch_grant(self) -> None:
+        self.grant_with_tokens()
+        self.ok(self.store.touch_grant("g1", T0 + 50))
+        [grant] = self.ok(self.store.list_grants())
+        self.assertEqual(grant.last_used_at, T0 + 50)
+
+    # Purge
+
+    def test_purge_expired(self) -> None:
+        self.grant_with_tokens("g1")
+        self.ok(self.store.create_grant(make_grant("g2"), make_code("c2", "g2")))
+        # Code, access token: gone; refresh token and both grants stay.
+        self.assertEqual(self.ok(self.store.purge_expired(T0 + ACCESS_TTL)), 3)
+        self.assertEqual(self.ok(self.store.purge_expired(T0 + ACCESS_TTL)), 0)
+        self.assertEqual(len(self.ok(self.store.list_grants())), 2)
+        self.assertEqual(self.redeem("g1-r0", "r1", T0 + ACCESS_TTL).status, "rotated")
+        # The refreshed access token has expired by now; g2 never got a
+        # token, so a week after its creation it goes.
+        self.assertEqual(self.ok(self.store.purge_expired(T0 + GRANT_RETENTION)), 2)
+        self.assertEqual([g.grant_id for g in self.ok(self.store.list_grants())], ["g1"])
+
+    def test_purge_revoked_grant(self) -> None:
+        """
+        A revoked grant stays for the retention time, then goes with every
+        row hanging from it.
+        """
+        self.grant_with_tokens()
+        self.ok(self.store.revoke_grant("g1", T0 + 10))
+        self.assertEqual(self.ok(self.store.purge_expired(T0 + 20)), 0)
+        self.assertEqual(self.redeem("g1-r0", "r1", T0 + 21).status, "revoked")
+        # code + access token + refresh token + grant
+        self.assertEqual(self.ok(self.store.purge_expired(T0 + 10 + GRANT_RETENTION)), 4)
+        self.assertEqual(self.redeem("g1-r0", "r1", T0 + 10 + GRANT_RETENTION).status, "unknown")
+
+    def test_purge_keeps_spent_refresh_tokens(self) -> None:
+        """
+        Spent refresh tokens outlive a purge until they expire: reuse
+        detection needs them.
+        """
+        self.grant_with_tokens()
+        self.redeem("g1-r0", "r1", T0 + 100)
+        self.ok(self.store.purge_expired(T0 + 200))
+        self.assertEqual(self.redeem("g1-r0", "r1b", T0 + 300).status, "reused")
+
+    def test_start_purging(self) -> None:
+        clock = Clock()
+        clock.advance(T0)
+        self.grant_with_tokens()
+        loop = self.store.start_purging(clock, interval=ACCESS_TTL)
+        self.addCleanup(loop.stop)
+        self.assertIsNotNone(self.live("g1-a0"))
+        clock.advance(ACCESS_TTL)
+        self.assertIsNone(self.live("g1-a0"))
+
+
+class MemoryStoreTests(StoreBehaviourMixin, SynchronousTestCase):
+    def make_store(self) -> MemoryStore:
+        return MemoryStore()
+
+
+class StartPurgingTests(SynchronousTestCase):
+    """
+    Tests for L{start_purging}.
+    """
+
+    def test_failure_does_not_stop(self) -> None:
+        """
+        A failing purge is logged and the loop goes on.
+        """
+        calls: list[float] = []
+
+        class Failing:
+            def purge_expired(self, now: float) -> Any:
+                calls.append(now)
+                return fail(RuntimeError("disk full"))
+
+        clock = Clock()
+        with capturedLogs() as events:
+            loop = start_purging(Failing(), clock, 10)  # type: ignore[arg-type]
+            clock.advance(10)
+        loop.stop()
+        self.assertEqual(calls, [0, 10])
+        self.assertEqual(len([e for e in events if "log_failure" in e]), 2)
+        self.flushLoggedErrors(RuntimeError)

@@ -1,0 +1,283 @@
+"""
+Tests for L{smeldr_oauth.store.sqlite} and L{smeldr_oauth.store.migrations}.
+
+Most tests run real SQLite inside a L{SynchronousTestCase}: the store's
+connection pool gets a thread-less thread pool and a reactor whose
+C{callFromThread} calls at once (the trick of synapse's C{tests/server.py}),
+so every Deferred has fired by the time the call returns.  One
+L{TestCase} runs the store on real threads against the real reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any, Callable
+
+import attr
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from smeldr_oauth.oauth.secrets import hash_secret, new_secret
+from smeldr_oauth.store.migrations import MIGRATIONS, migrate, split_script
+from smeldr_oauth.store.sqlite import SQLiteStore
+from tests.test_store_memory import (
+    T0,
+    StoreBehaviourMixin,
+    access,
+    h,
+    make_code,
+    make_grant,
+    refresh,
+)
+
+
+class InlineReactor(Clock):
+    """
+    Just enough reactor for an adbapi pool whose work runs inline:
+    C{callFromThread} calls at once, and the pool starts at once.
+    """
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+    def callWhenRunning(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+    def addSystemEventTrigger(self, *args: Any, **kwargs: Any) -> object:
+        return object()
+
+    def removeSystemEventTrigger(self, triggerID: object) -> None:
+        pass
+
+
+class InlineThreadPool:
+    """
+    A thread pool without threads: work runs on the caller's thread.
+    """
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def callInThreadWithCallback(
+        self, onResult: Callable[[bool, Any], None], f: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> None:
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+
+
+def inline_store(testcase: SynchronousTestCase, path: str, **kwargs: Any) -> SQLiteStore:
+    """
+    A migrated L{SQLiteStore} at C{path} whose Deferreds fire synchronously.
+    """
+    store = SQLiteStore(path, InlineReactor(), threadpool=InlineThreadPool(), **kwargs)
+    testcase.addCleanup(store.close)
+    testcase.assertIs(testcase.successResultOf(store.ready), store)
+    return store
+
+
+class SQLiteStoreBehaviourTests(StoreBehaviourMixin, SynchronousTestCase):
+    """
+    The shared store contract, on a real SQLite file.
+    """
+
+    def make_store(self) -> SQLiteStore:
+        return inline_store(self, self.mktemp() + ".db")
+
+
+class MemoryDatabaseTests(StoreBehaviourMixin, SynchronousTestCase):
+    """
+    The shared store contract, on C{":memory:"} (the pool's single
+    connection keeps it alive).
+    """
+
+    def make_store(self) -> SQLiteStore:
+        return inline_store(self, ":memory:")
+
+
+def raw(path: str) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, isolation_level=None)
+    return connection
+
+
+class SQLiteStoreTests(SynchronousTestCase):
+    """
+    What is particular to SQLite: files, pragmas, migrations, bytes at rest.
+    """
+
+    def setUp(self) -> None:
+        self.path = self.mktemp() + ".db"
+
+    def test_pragmas(self) -> None:
+        store = inline_store(self, self.path)
+
+        def pragmas(connection: Any) -> tuple[Any, ...]:
+            return tuple(
+                connection.execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("journal_mode", "foreign_keys", "synchronous", "busy_timeout")
+            )
+
+        self.assertEqual(
+            self.successResultOf(store._pool.runWithConnection(pragmas)), ("wal", 1, 1, 5000)
+        )
+
+    def test_reopen(self) -> None:
+        """
+        Reopening a file keeps its rows and reapplies no migration.
+        """
+        store = inline_store(self, self.path)
+        self.successResultOf(store.create_grant(make_grant(), make_code("code")))
+        store.close()
+        store = inline_store(self, self.path)
+        self.assertEqual(len(self.successResultOf(store.list_grants())), 1)
+        self.assertEqual(self.successResultOf(store.consume_code(h("code"), T0)).status, "ok")
+        store.close()
+        connection = raw(self.path)
+        self.addCleanup(connection.close)
+        self.assertEqual(
+            connection.execute("SELECT * FROM schema_version").fetchall(), [(0, len(MIGRATIONS))]
+        )
+
+    def test_open(self) -> None:
+        d = SQLiteStore.open(self.path, InlineReactor(), threadpool=InlineThreadPool())
+        store = self.successResultOf(d)
+        self.addCleanup(store.close)
+        self.assertEqual(self.successResultOf(store.count_clients()), 0)
+
+    def test_hashes_only(self) -> None:
+        """
+        The file holds the hashes of the secrets, never the secrets.
+        """
+        code, access_token, refresh_token = new_secret(), new_secret(), new_secret()
+        store = inline_store(self, self.path)
+        grant = make_grant()
+        self.successResultOf(
+            store.create_grant(grant, attr.evolve(make_code("x"), code_hash=hash_secret(code)))
+        )
+        self.successResultOf(store.consume_code(hash_secret(code), T0 + 1))
+        self.successResultOf(
+            store.add_tokens(
+                "g1",
+                attr.evolve(access("x"), token_hash=hash_secret(access_token)),
+                attr.evolve(refresh("x"), token_hash=hash_secret(refresh_token)),
+            )
+        )
+        store.close()
+        data = b""
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                with open(self.path + suffix, "rb") as f:
+                    data += f.read()
+        for secret in (code, access_token, refresh_token):
+            self.assertNotIn(secret.encode("ascii"), data)
+            self.assertIn(hash_secret(secret).encode("ascii"), data)
+
+    def test_migrations_step_by_step(self) -> None:
+        """
+        A database at version 1 is brought to version 2 by applying only
+        the second migration.
+        """
+        first = "CREATE TABLE a (x INTEGER);\nINSERT INTO a VALUES (1);"
+        second = "CREATE TABLE b (y TEXT DEFAULT 'semi;colon');\nINSERT INTO a VALUES (2);"
+        connection = raw(self.path)
+        self.addCleanup(connection.close)
+        self.assertEqual(migrate(connection, [first]), 1)
+        self.assertEqual(migrate(connection, [first, second]), 2)
+        self.assertEqual(migrate(connection, [first, second]), 2)
+        self.assertEqual(connection.execute("SELECT x FROM a").fetchall(), [(1,), (2,)])
+
+    def test_failed_migration_rolls_back(self) -> None:
+        """
+        A migration that fails half-way leaves no trace; the ones before it
+        stay applied.
+        """
+        first = "CREATE TABLE a (x INTEGER);"
+        broken = "CREATE TABLE b (y INTEGER);\nINSERT INTO nowhere VALUES (1);"
+        connection = raw(self.path)
+        self.addCleanup(connection.close)
+        self.assertRaises(sqlite3.OperationalError, migrate, connection, [first, broken])
+        self.assertFalse(connection.in_transaction)
+        self.assertEqual(connection.execute("SELECT version FROM schema_version").fetchall(), [(1,)])
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+        self.assertIn("a", tables)
+        self.assertNotIn("b", tables)
+
+    def test_failed_migration_fails_ready(self) -> None:
+        store = SQLiteStore(
+            self.path,
+            InlineReactor(),
+            threadpool=InlineThreadPool(),
+            migrations=MIGRATIONS + ("INSERT INTO nowhere VALUES (1);",),
+        )
+        self.addCleanup(store.close)
+        self.failureResultOf(store.ready, sqlite3.OperationalError)
+
+    def test_newer_database_refused(self) -> None:
+        inline_store(self, self.path).close()
+        store = SQLiteStore(
+            self.path, InlineReactor(), threadpool=InlineThreadPool(), migrations=MIGRATIONS[:0]
+        )
+        self.addCleanup(store.close)
+        self.failureResultOf(store.ready, RuntimeError)
+
+    def test_split_script(self) -> None:
+        self.assertEqual(
+            split_script("CREATE TABLE a (x TEXT DEFAULT ';');\n\n-- note\nSELECT 1;\n"),
+            ["CREATE TABLE a (x TEXT DEFAULT ';');", "-- note\nSELECT 1;"],
+        )
+        self.assertRaises(ValueError, split_script, "SELECT 1;\nSELECT (")
+
+    def test_close_twice(self) -> None:
+        store = inline_store(self, self.path)
+        store.close()
+        store.close()
+
+
+class RealThreadTests(TestCase):
+    """
+    The store on the real reactor and real threads.
+    """
+
+    @inlineCallbacks
+    def test_concurrent_code_exchange(self) -> Any:
+        """
+        Several exchanges of one code, through two stores (two connections,
+        two threads) on one file, started at once: exactly one wins.
+        """
+        path = self.mktemp() + ".db"
+        first = yield SQLiteStore.open(path, global_reactor)
+        self.addCleanup(first.close)
+        second = yield SQLiteStore.open(path, global_reactor)
+        self.addCleanup(second.close)
+        yield first.create_grant(make_grant(), make_code("code"))
+        attempts = [
+            store.consume_code(h("code"), T0 + 1) for _ in range(4) for store in (first, second)
+        ]
+        results = yield DeferredList(attempts, fireOnOneErrback=True, consumeErrors=True)
+        statuses = sorted(result.status for _, result in results)
+        self.assertEqual(statuses, ["ok"] + ["replayed"] * 7)
+        grants = yield second.list_grants()
+        self.assertEqual(grants, [])
+
+    @inlineCallbacks
+    def test_refresh_on_threads(self) -> Any:
+        store = yield SQLiteStore.open(self.mktemp() + ".db", global_reactor)
+        self.addCleanup(store.close)
+        yield store.create_grant(make_grant(), make_code("code"))
+        yield store.add_tokens("g1", access("a0"), refresh("r0"))
+        result = yield store.redeem_refresh_token(
+            h("r0"), T0 + 5, 10.0, None, access("a1", T0 + 5), refresh("r1", T0 + 5)
+        )
+        self.assertEqual(result.status, "rotated")
+        info = yield store.lookup_access_token(h("a1"), T0 + 6)
+        self.assertEqual(info.grant_id, "g1")
