@@ -58,12 +58,12 @@ class PythonSDKTests(TestCase):
         siteToken = await createSiteToken(reactor, server)
         return server, siteToken
 
-    async def drive(
+    async def runDriver(
         self, server: RunningServer, siteToken: str, *arguments: str
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any] | None, str, str, int]:
         """
-        Run the driver against C{server}; fail with everything known unless
-        it reports success.
+        Run the driver against C{server}; give back its report (C{None} if
+        it printed none), stdout, stderr and exit status.
         """
         out, err, code = await runPython(
             reactor,
@@ -90,6 +90,16 @@ class PythonSDKTests(TestCase):
                 report = json.loads(lines[-1])
             except ValueError:
                 report = None
+        return report, out, err, code
+
+    async def drive(
+        self, server: RunningServer, siteToken: str, *arguments: str
+    ) -> dict[str, Any]:
+        """
+        Run the driver against C{server}; fail with everything known unless
+        it reports success.
+        """
+        report, out, err, code = await self.runDriver(server, siteToken, *arguments)
         if code != 0 or report is None or not report.get("ok"):
             trace = "\n".join(json.dumps(e) for e in (report or {}).get("http", []))
             self.fail(
@@ -103,6 +113,18 @@ class PythonSDKTests(TestCase):
         assert report is not None
         return report
 
+    @staticmethod
+    def explain(report: dict[str, Any]) -> str:
+        """
+        The driver's report without its results, then its HTTP trace, one
+        exchange a line: the message for a failed assertion about it.
+        """
+        summary = {
+            k: v for k, v in report.items() if k != "http" and not k.endswith("result")
+        }
+        trace = "\n".join(json.dumps(e) for e in report.get("http", []))
+        return f"\nreport: {json.dumps(summary)}\n--- HTTP trace ---\n{trace}"
+
     def assertToolWorked(self, result: dict[str, Any]) -> None:
         self.assertFalse(result.get("isError", False), result)
         self.assertIn("content", result)
@@ -112,22 +134,27 @@ class PythonSDKTests(TestCase):
         What any successful first connection shows: one consent, one code
         exchange, a public client, the tool listed and working.
         """
-        self.assertTrue(report["protocol_version"])
-        self.assertIn("list_posts", report["tools"])
+        why = self.explain(report)
+        self.assertTrue(report["protocol_version"], why)
+        self.assertIn("list_posts", report["tools"], why)
         self.assertToolWorked(report["tool_result"])
-        self.assertEqual(report["authorizations_before_followup"], 1)
-        self.assertEqual(report["code_grants"], 1)
-        self.assertEqual(
-            report["registered"]["has_secret"], False, report["registered"]
-        )
+        self.assertEqual(report["authorizations_before_followup"], 1, why)
+        self.assertEqual(report["code_grants_before_followup"], 1, why)
+        self.assertEqual(report["registered"]["has_secret"], False, why)
         first = report["tokens"][0]
-        self.assertEqual(first["token_type"], "Bearer")
-        self.assertIsNotNone(first["refresh"], "no refresh token was issued")
+        self.assertEqual(first["token_type"], "Bearer", why)
+        self.assertIsNotNone(first["refresh"], "no refresh token was issued" + why)
         # The first MCP request went out without a token, and the 401 that
         # answered it named the resource metadata, which is what starts it all.
         unauthorized = [e for e in report["http"] if e.get("status") == 401]
-        self.assertTrue(unauthorized, report["http"])
-        self.assertIn("resource_metadata=", unauthorized[0]["www_authenticate"] or "")
+        self.assertTrue(unauthorized, why)
+        self.assertIn(
+            "resource_metadata=", unauthorized[0]["www_authenticate"] or "", why
+        )
+        # Nothing the server answered was a server error.
+        self.assertEqual(
+            [e for e in report["http"] if e.get("status", 0) >= 500], [], why
+        )
 
     async def test_streamableHTTPWithDynamicRegistration(self) -> None:
         """
@@ -231,3 +258,69 @@ class PythonSDKTests(TestCase):
         self.assertTrue(report["registered"]["client_id_is_url"], report["registered"])
         registrations = [e for e in report["http"] if e["path"].endswith("/register")]
         self.assertEqual(registrations, [])
+
+    async def test_streamableHTTPLegacyHandshake(self) -> None:
+        """
+        With C{mode="legacy"} (what 2025-era SDKs do) the SDK runs the
+        C{initialize} handshake, opens the C{GET /mcp} stream with its session
+        and ends the session with C{DELETE /mcp}, all with the token.
+        """
+        server, siteToken = await self.serve()
+        report = await self.drive(
+            server, siteToken, "--transport", "streamable", "--mode", "legacy"
+        )
+        self.assertFirstContact(report)
+        why = self.explain(report)
+        self.assertTrue(report["protocol_version"].startswith("2025-"), why)
+        statuses = {
+            (e["method"], e.get("rpc")): e.get("status")
+            for e in report["http"]
+            if e["path"] == "/mcp" and e["auth"]
+        }
+        self.assertEqual(statuses[("POST", "initialize")], 200, why)
+        self.assertEqual(statuses[("POST", "notifications/initialized")], 202, why)
+        self.assertIn(statuses[("GET", None)], (200, 405), why)
+        self.assertIn(statuses[("DELETE", None)], (200, 204), why)
+
+    async def test_legacySSELegacyHandshake(self) -> None:
+        """
+        The C{initialize} handshake over legacy SSE: every message POSTed to
+        the message endpoint is accepted with 202 and answered on the stream.
+        """
+        server, siteToken = await self.serve()
+        report = await self.drive(
+            server, siteToken, "--transport", "sse", "--mode", "legacy"
+        )
+        self.assertFirstContact(report)
+        why = self.explain(report)
+        self.assertTrue(report["protocol_version"].startswith("2025-"), why)
+        messages = [
+            (e.get("rpc"), e.get("status"))
+            for e in report["http"]
+            if e["path"] == "/mcp/message"
+        ]
+        self.assertEqual(
+            messages,
+            [
+                ("initialize", 202),
+                ("notifications/initialized", 202),
+                ("tools/list", 202),
+                ("tools/call", 202),
+            ],
+            why,
+        )
+
+    async def test_denyReachesTheApplication(self) -> None:
+        """
+        When the person presses Deny, the consent POST answers 303 to the
+        application's redirect URI with C{error=access_denied}, and no code.
+        """
+        server, siteToken = await self.serve()
+        report, out, err, code = await self.runDriver(
+            server, siteToken, "--decision", "deny"
+        )
+        self.assertEqual(code, 1, server.annotate(out + err))
+        assert report is not None
+        self.assertIn("error='access_denied'", report["error"], self.explain(report))
+        self.assertEqual(report["code_grants"], 0)
+        self.assertEqual(report["tokens"], [])

@@ -84,6 +84,18 @@ class Options(usage.Options):
         self["listen"] = []
         self["allowed-origin"] = []
 
+    def parseOptions(self, options: Optional[list[str]] = None) -> None:
+        """
+        A bad value is one line on stderr and exit status 2, not the whole
+        usage text that C{twist} would print (exit 64): operators read it in
+        platform logs where the one line is what shows.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            sys.stderr.write(f"smeldr-oauth: error: {e}\n")
+            raise SystemExit(2)
+
     def opt_listen(self, description: str) -> None:
         """
         A Twisted endpoint to listen on (repeatable), e.g. tcp:8080 or
@@ -108,6 +120,21 @@ class Options(usage.Options):
             raise usage.UsageError("--issuer is required")
         if not self["listen"]:
             self["listen"] = ["tcp:8080"]
+        self["mcp-app"] = None
+        if self["app"]:
+            from smeldr_oauth.service.wiring import load_app
+
+            self["mcp-app"] = load_app(self["app"])
+        if self["cimd-ca-file"]:
+            from twisted.internet.ssl import Certificate
+
+            try:
+                with open(self["cimd-ca-file"], "rb") as f:
+                    self["cimd-ca"] = Certificate.loadPEM(f.read())
+            except Exception as e:
+                raise usage.UsageError(f"--cimd-ca-file: cannot load a PEM certificate: {e}")
+        else:
+            self["cimd-ca"] = None
         try:
             self["config"] = self.config(verify_bearer=lambda token: False)
         except ConfigError as e:

@@ -104,7 +104,7 @@ def load_app(spec: str) -> MCPApp:
     try:
         module = importlib.import_module(module_name)
         target = getattr(module, attribute)
-    except (ImportError, AttributeError) as e:
+    except Exception as e:
         raise usage.UsageError(f"--app {spec!r}: {e}")
     if not isinstance(target, MCPApp) and callable(target):
         target = target()
@@ -132,8 +132,8 @@ class StandaloneService(Service):
         self.options = options
         self.site_stores = open_site(options["site-db"], reactor)
         self.store = SQLiteStore(options["oauth-db"], reactor)
-        if options["app"]:
-            mcp_app = load_app(options["app"])
+        if options["mcp-app"] is not None:
+            mcp_app = options["mcp-app"]
             scopes = dict(getattr(mcp_app, "scope_descriptions", lambda: {})())
             if not scopes:
                 scopes = {"read": "Use the tools that read", "write": "Use the tools that change things"}
@@ -144,14 +144,8 @@ class StandaloneService(Service):
         if not options["no-cimd"]:
             from smeldr_oauth.oauth.cimd import CIMDResolver
 
-            trust_root = None
-            if options["cimd-ca-file"]:
-                from twisted.internet.ssl import Certificate
-
-                with open(options["cimd-ca-file"], "rb") as f:
-                    trust_root = Certificate.loadPEM(f.read())
             cimd = CIMDResolver(
-                reactor, allow_insecure=bool(options["dev"]), trust_root=trust_root
+                reactor, allow_insecure=bool(options["dev"]), trust_root=options["cimd-ca"]
             )
         config = options.config(verify_bearer=self.site_stores.tokens.verify_bearer, scopes=scopes)
         self.oauth = OAuthServer(config, self.store, reactor, cimd)

@@ -350,15 +350,24 @@ async def revoke(
     token = storage.tokens.access_token
     async with httpx2.AsyncClient(timeout=10.0, event_hooks=trace.hooks()) as http:
         info = storage.clientInfo
-        form = {"token": token, "token_type_hint": "access_token", "client_id": info.client_id}
+        form = {
+            "token": token,
+            "token_type_hint": "access_token",
+            "client_id": info.client_id,
+        }
         auth: tuple[str, str] | None = None
         # Authenticate as at the token endpoint (RFC 7009 2.1): a public
         # client names itself, a confidential one also proves it.
-        if info.client_secret and info.token_endpoint_auth_method == "client_secret_basic":
+        if (
+            info.client_secret
+            and info.token_endpoint_auth_method == "client_secret_basic"
+        ):
             auth = (info.client_id, info.client_secret)
         elif info.client_secret:
             form["client_secret"] = info.client_secret
-        response = await http.post(endpoint, data=form, auth=auth or httpx2.USE_CLIENT_DEFAULT)
+        response = await http.post(
+            endpoint, data=form, auth=auth or httpx2.USE_CLIENT_DEFAULT
+        )
         if response.status_code != 200:
             raise DriverError(
                 f"POST {urlsplit(endpoint).path} (revoke access token) answered "
@@ -448,6 +457,9 @@ async def run(
             first = await client.call_tool(options.tool, arguments)
             report["tool_result"] = toolResult(first)
             report["authorizations_before_followup"] = browser.authorizations
+            report["code_grants_before_followup"] = trace.count(
+                grant_type="authorization_code", status=200
+            )
 
             if options.refresh:
                 assert storage.tokens is not None

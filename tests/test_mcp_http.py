@@ -1,0 +1,576 @@
+"""
+Tests for L{smeldr_oauth.mcp.http}: both HTTP transports over real sockets
+on 127.0.0.1, with a fake access-token verifier.  Timing (keepalives) is
+driven by a L{Clock} given to L{MCPHTTP} as its reactor; only the sockets use
+the real reactor.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import treq
+from klein import Klein
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from smeldr_oauth.mcp import Context, MCPApp
+from smeldr_oauth.mcp.http import MCPHTTP, capped_request_factory
+from smeldr_oauth.oauth.interfaces import IAccessVerifier
+from smeldr_oauth.oauth.model import AccessInfo
+
+METADATA = "https://mcp.example/.well-known/oauth-protected-resource/mcp"
+RESOURCE = "https://mcp.example/mcp"
+ACCEPT = "application/json, text/event-stream"
+
+
+def access(subject: str = "alice", client: str = "c1", scopes: tuple = ("read",), grant: str = "g1") -> AccessInfo:
+    return AccessInfo(
+        subject=subject, client_id=client, scopes=frozenset(scopes), resource=RESOURCE, grant_id=grant, expires_at=1e12
+    )
+
+
+@implementer(IAccessVerifier)
+class FakeVerifier:
+    """Tokens are dictionary keys; anything else is unknown."""
+
+    def __init__(self, tokens: dict[str, AccessInfo]) -> None:
+        self.tokens = tokens
+
+    def verify_access_token(self, token: str) -> Deferred:
+        return succeed(self.tokens.get(token))
+
+
+TOKENS = {
+    "alice": access(),
+    "alice-refreshed": access(grant="g1"),
+    "alice-rw": access(scopes=("read", "write"), grant="g2"),
+    "alice-other-client": access(client="c2", grant="g3"),
+    "bob": access(subject="bob", grant="g4"),
+}
+
+
+def build_app() -> MCPApp:
+    app = MCPApp(name="http-test", version="1")
+
+    @app.tool()
+    def echo(text: str) -> str:
+        return text
+
+    @app.tool(scopes=("write",))
+    def write(text: str) -> str:
+        return "wrote " + text
+
+    @app.tool()
+    async def progress(ctx: Context) -> str:
+        await ctx.report_progress(1, 2)
+        return "done"
+
+    return app
+
+
+class RawClient(Protocol):
+    """A bare TCP client: send bytes, wait for bytes, pause reading."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: Deferred = Deferred()
+        self._waiters: list[tuple[bytes, Deferred]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        for needle, d in list(self._waiters):
+            if needle in self.data:
+                self._waiters.remove((needle, d))
+                d.callback(self.data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(None)
+        for needle, d in self._waiters:
+            d.errback(AssertionError(f"connection lost waiting for {needle!r}; got {self.data!r}"))
+        self._waiters = []
+
+    def wait_for(self, needle: bytes, timeout: float = 5.0) -> Deferred:
+        if needle in self.data:
+            return succeed(self.data)
+        d: Deferred = Deferred()
+        self._waiters.append((needle, d))
+        timer = reactor.callLater(timeout, lambda: d.called or d.errback(AssertionError(f"timeout waiting for {needle!r}; got {self.data!r}")))  # type: ignore[attr-defined]
+
+        def stop(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(stop)
+
+
+class HTTPTestBase(TestCase):
+    keepalive = 15.0
+    max_queue = 256
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.clock = Clock()
+        self.app = build_app()
+        self.verifier = FakeVerifier(TOKENS)
+        self.mcp = MCPHTTP(
+            self.clock,
+            self.app,
+            self.verifier,
+            resource_url=RESOURCE,
+            resource_metadata_url=METADATA,
+            challenge_scope="read write",
+            allowed_origins=("https://claude.ai",),
+            keepalive_interval=self.keepalive,
+            max_body=1000,
+            max_queue=self.max_queue,
+        )
+        klein = Klein()
+        self.mcp.register(klein)
+        site = Site(klein.resource())
+        site.requestFactory = capped_request_factory(1000)
+        site.noisy = False
+        self.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(self.port.stopListening)
+        self.addCleanup(self.mcp.shutdown)
+
+    async def request(
+        self,
+        method: str,
+        path: str = "/mcp",
+        body: Any = None,
+        token: Optional[str] = "alice",
+        headers: Optional[dict[str, str]] = None,
+    ) -> tuple[int, Any, bytes]:
+        all_headers = {"Accept": "application/json"}
+        if body is not None:
+            all_headers["Content-Type"] = "application/json"
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        all_headers.update(headers or {})
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        response = await treq.request(
+            method, self.base + path, headers={k: [v] for k, v in all_headers.items()}, data=data, pool=self.pool
+        )
+        content = await response.content()
+        return response.code, response.headers, content
+
+    async def initialize(self, token: str = "alice", version: str = "2025-06-18") -> str:
+        code, headers, body = await self.request(
+            "POST",
+            body={
+                "jsonrpc": "2.0",
+                "id": 0,
+                "method": "initialize",
+                "params": {"protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+            },
+            token=token,
+        )
+        self.assertEqual(code, 200, body)
+        self.assertEqual(json.loads(body)["result"]["protocolVersion"], version)
+        [session_id] = headers.getRawHeaders("mcp-session-id")
+        code, _, _ = await self.request(
+            "POST",
+            body={"jsonrpc": "2.0", "method": "notifications/initialized"},
+            token=token,
+            headers={"Mcp-Session-Id": session_id},
+        )
+        self.assertEqual(code, 202)
+        return session_id
+
+    async def raw(self, request: bytes) -> RawClient:
+        client = RawClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), client)
+        client.transport.write(request)
+
+        async def close() -> None:
+            if not client.lost.called:
+                client.transport.abortConnection()
+            await client.lost
+
+        self.addCleanup(close)
+        return client
+
+    async def open_legacy(self, token: str = "alice") -> tuple[RawClient, str]:
+        client = await self.raw(
+            b"GET /mcp HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nAuthorization: Bearer "
+            + token.encode()
+            + b"\r\n\r\n"
+        )
+        data = await client.wait_for(b"session_id=")
+        await client.wait_for(b"\n\n")
+        line = data.split(b"data: ", 1)[1].split(b"\n", 1)[0].decode()
+        return client, line
+
+
+class AuthTests(HTTPTestBase):
+    async def test_no_token(self) -> None:
+        code, headers, body = await self.request("POST", body={"jsonrpc": "2.0", "id": 1, "method": "ping"}, token=None)
+        self.assertEqual(code, 401)
+        self.assertEqual(
+            headers.getRawHeaders("www-authenticate"), [f'Bearer resource_metadata="{METADATA}", scope="read write"']
+        )
+        self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
+
+    async def test_invalid_token(self) -> None:
+        code, headers, _ = await self.request("POST", body={}, token="nope")
+        self.assertEqual(code, 401)
+        challenge = headers.getRawHeaders("www-authenticate")[0]
+        self.assertIn('error="invalid_token"', challenge)
+        self.assertIn(f'resource_metadata="{METADATA}"', challenge)
+
+    async def test_expired_token(self) -> None:
+        self.verifier.tokens["old"] = AccessInfo(
+            subject="a", client_id="c", scopes=frozenset(), resource=RESOURCE, grant_id="g", expires_at=-1.0
+        )
+        code, headers, _ = await self.request("GET", token="old")
+        self.assertEqual(code, 401)
+        self.assertIn('error="invalid_token"', headers.getRawHeaders("www-authenticate")[0])
+
+    async def test_query_token_never_accepted(self) -> None:
+        code, _, _ = await self.request("POST", path="/mcp?access_token=alice", body={}, token=None)
+        self.assertEqual(code, 401)
+
+    async def test_malformed_and_other_schemes(self) -> None:
+        for value in ("Basic YWxpY2U6eA==", "Bearer", "Bearer a b", "Bearer \u00e9"):
+            code, _, _ = await self.request("GET", token=None, headers={"Authorization": value})
+            self.assertEqual(code, 401, value)
+
+    async def test_insufficient_scope(self) -> None:
+        session_id = await self.initialize()
+        code, headers, body = await self.request(
+            "POST",
+            body={"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "write", "arguments": {"text": "x"}}},
+            headers={"Mcp-Session-Id": session_id},
+        )
+        self.assertEqual(code, 403)
+        self.assertEqual(
+            headers.getRawHeaders("www-authenticate"),
+            [
+                'Bearer error="insufficient_scope", error_description="The access token lacks a required scope", '
+                f'scope="write", resource_metadata="{METADATA}"'
+            ],
+        )
+        # A stepped-up token of the same user and client works on the same session.
+        self.verifier.tokens["alice-rw"] = access(scopes=("read", "write"))
+        code, _, body = await self.request(
+            "POST",
+            body={"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "write", "arguments": {"text": "x"}}},
+            headers={"Mcp-Session-Id": session_id},
+            token="alice-rw",
+        )
+        self.assertEqual(code, 200)
+        self.assertEqual(json.loads(body)["result"]["content"][0]["text"], "wrote x")
+
+    async def test_verifier_failure_is_503_not_500(self) -> None:
+        class Broken:
+            def verify_access_token(self, token: str) -> Deferred:
+                raise RuntimeError("db down")
+
+        self.mcp.verifier = Broken()
+        code, headers, body = await self.request("GET")
+        self.assertEqual(code, 503)
+        self.assertNotIn(b"db down", body)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class StreamableHTTPTests(HTTPTestBase):
+    async def test_initialize_and_call(self) -> None:
+        session_id = await self.initialize()
+        self.assertGreaterEqual(len(session_id), 22)
+        code, headers, body = await self.request(
+            "POST",
+            body={"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}},
+            headers={"Mcp-Session-Id": session_id, "MCP-Protocol-Version": "2025-06-18"},
+        )
+        self.assertEqual(code, 200)
+        self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
+        self.assertEqual(json.loads(body)["result"]["content"], [{"type": "text", "text": "hi"}])
+
+    async def test_session_bound_to_subject_and_client(self) -> None:
+        session_id = await self.initialize()
+        ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        for token in ("bob", "alice-other-client"):
+            code, _, _ = await self.request("POST", body=ping, token=token, headers={"Mcp-Session-Id": session_id})
+            self.assertEqual(code, 404, token)
+        code, _, _ = await self.request("POST", body=ping, token="alice-refreshed", headers={"Mcp-Session-Id": session_id})
+        self.assertEqual(code, 200)
+
+    async def test_unknown_session(self) -> None:
+        code, _, body = await self.request(
+            "POST", body={"jsonrpc": "2.0", "id": 1, "method": "ping"}, headers={"Mcp-Session-Id": "nope"}
+        )
+        self.assertEqual(code, 404)
+        self.assertEqual(json.loads(body)["error"]["code"], -32600)
+
+    async def test_missing_session(self) -> None:
+        code, _, _ = await self.request("POST", body={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+        self.assertEqual(code, 400)
+
+    async def test_bad_protocol_version_header(self) -> None:
+        session_id = await self.initialize()
+        code, _, _ = await self.request(
+            "POST",
+            body={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+            headers={"Mcp-Session-Id": session_id, "MCP-Protocol-Version": "1999-01-01"},
+        )
+        self.assertEqual(code, 400)
+
+    async def test_origin(self) -> None:
+        ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        code, _, _ = await self.request("POST", body=ping, headers={"Origin": "https://evil.example"})
+        self.assertEqual(code, 403)
+        code, _, _ = await self.request("POST", body=ping, headers={"Origin": "null"})
+        self.assertEqual(code, 403)
+        session_id = await self.initialize()
+        code, headers, _ = await self.request(
+            "POST", body=ping, headers={"Origin": "https://claude.ai", "Mcp-Session-Id": session_id}
+        )
+        self.assertEqual(code, 200)
+        self.assertEqual(headers.getRawHeaders("access-control-allow-origin"), ["https://claude.ai"])
+
+    async def test_huge_body_then_still_serving(self) -> None:
+        code, _, _ = await self.request("POST", body=b"[" + b"1," * 5000 + b"1]")
+        self.assertEqual(code, 413)
+        await self.initialize()
+
+    async def test_huge_chunked_body(self) -> None:
+        client = await self.raw(
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + b"800\r\n" + b" " * 2048 + b"\r\n0\r\n\r\n"
+        )
+        await client.wait_for(b"413")
+
+    async def test_malformed_bodies(self) -> None:
+        code, _, body = await self.request("POST", body=b"{nope")
+        self.assertEqual((code, json.loads(body)["error"]["code"]), (400, -32700))
+        code, _, _ = await self.request("POST", body=b"{}", headers={"Content-Type": "text/plain"})
+        self.assertEqual(code, 415)
+        code, _, body = await self.request("POST", body=b"\xff\xfe")
+        self.assertEqual((code, json.loads(body)["error"]["code"]), (400, -32700))
+        session_id = await self.initialize()
+        code, _, body = await self.request("POST", body=b'{"jsonrpc":"2.0","id":1,"method":7}', headers={"Mcp-Session-Id": session_id})
+        self.assertEqual(json.loads(body)["error"]["code"], -32600)
+        code, _, body = await self.request(
+            "POST",
+            body={"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": 1}}},
+            headers={"Mcp-Session-Id": session_id},
+        )
+        self.assertEqual(json.loads(body)["error"]["code"], -32602)
+
+    async def test_batches(self) -> None:
+        batch = [{"jsonrpc": "2.0", "id": 1, "method": "ping"}, {"jsonrpc": "2.0", "id": 2, "method": "ping"}]
+        session_id = await self.initialize(version="2025-03-26")
+        code, _, body = await self.request("POST", body=batch, headers={"Mcp-Session-Id": session_id})
+        self.assertEqual(code, 200)
+        self.assertEqual([r["id"] for r in json.loads(body)], [1, 2])
+        session_id = await self.initialize(version="2025-06-18")
+        code, _, _ = await self.request("POST", body=batch, headers={"Mcp-Session-Id": session_id})
+        self.assertEqual(code, 400)
+
+    async def test_progress_turns_answer_into_sse(self) -> None:
+        session_id = await self.initialize()
+        code, headers, body = await self.request(
+            "POST",
+            body={"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "progress", "_meta": {"progressToken": 1}}},
+            headers={"Mcp-Session-Id": session_id, "Accept": ACCEPT},
+        )
+        self.assertEqual(code, 200)
+        self.assertEqual(headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
+        events = [json.loads(line[6:]) for line in body.decode().splitlines() if line.startswith("data: ")]
+        self.assertEqual([e.get("method") for e in events], ["notifications/progress", None])
+        self.assertEqual(events[1]["result"]["content"][0]["text"], "done")
+
+    async def test_get_stream_resume_and_delete(self) -> None:
+        session_id = await self.initialize()
+        get = (
+            b"GET /mcp HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nAuthorization: Bearer alice\r\n"
+            b"Mcp-Session-Id: " + session_id.encode() + b"\r\n"
+        )
+        client = await self.raw(get + b"\r\n")
+        await client.wait_for(b": stream open")
+        self.app.notify_list_changed("tools")
+        await client.wait_for(b"id: 1\nevent: message\ndata: ")
+        self.app.notify_list_changed("prompts")
+        await client.wait_for(b"id: 2\n")
+        # Reconnect asking for everything after event 1.
+        again = await self.raw(get + b"Last-Event-ID: 1\r\n\r\n")
+        await again.wait_for(b"prompts/list_changed")
+        self.assertNotIn(b"tools/list_changed", again.data)
+        await client.lost  # the new stream replaced the old one
+        code, _, _ = await self.request("DELETE", headers={"Mcp-Session-Id": session_id})
+        self.assertEqual(code, 204)
+        await again.lost
+        code, _, _ = await self.request("DELETE", headers={"Mcp-Session-Id": session_id})
+        self.assertEqual(code, 404)
+
+    async def test_get_stream_of_someone_else(self) -> None:
+        session_id = await self.initialize()
+        code, _, _ = await self.request("GET", token="bob", headers={"Mcp-Session-Id": session_id, "Accept": "text/event-stream"})
+        self.assertEqual(code, 404)
+
+    async def test_options_and_405(self) -> None:
+        code, headers, _ = await self.request("OPTIONS", token=None)
+        self.assertEqual(code, 204)
+        self.assertEqual(headers.getRawHeaders("allow"), ["DELETE, GET, OPTIONS, POST"])
+        code, headers, body = await self.request("PUT", body={})
+        self.assertEqual(code, 405)
+        self.assertEqual(headers.getRawHeaders("allow"), ["DELETE, GET, OPTIONS, POST"])
+        self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
+        code, headers, _ = await self.request("GET", path="/mcp/message")
+        self.assertEqual((code, headers.getRawHeaders("allow")), (405, ["OPTIONS, POST"]))
+
+    async def test_revocation_ends_sessions(self) -> None:
+        session_id = await self.initialize()
+        self.mcp.close_grant("g1")
+        code, _, _ = await self.request("POST", body={"jsonrpc": "2.0", "id": 1, "method": "ping"}, headers={"Mcp-Session-Id": session_id})
+        self.assertEqual(code, 404)
+
+
+class StatelessTests(HTTPTestBase):
+    META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+
+    def headers(self, method: str, name: Optional[str] = None, version: str = "2026-07-28") -> dict[str, str]:
+        headers = {"MCP-Protocol-Version": version, "Mcp-Method": method}
+        if name:
+            headers["Mcp-Name"] = name
+        return headers
+
+    async def test_discover_and_call(self) -> None:
+        code, headers, body = await self.request(
+            "POST", body={"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {"_meta": self.META}},
+            headers=self.headers("server/discover"),
+        )
+        self.assertEqual(code, 200)
+        self.assertIsNone(headers.getRawHeaders("mcp-session-id"))
+        self.assertEqual(json.loads(body)["result"]["supportedVersions"], ["2026-07-28"])
+        code, _, body = await self.request(
+            "POST",
+            body={"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "s"}, "_meta": self.META}},
+            headers=self.headers("tools/call", "echo"),
+        )
+        self.assertEqual(json.loads(body)["result"]["content"][0]["text"], "s")
+
+    async def test_errors_and_statuses(self) -> None:
+        cases = [
+            ({"method": "tools/list", "params": {"_meta": self.META}}, self.headers("tools/call"), 400, -32020),
+            ({"method": "tools/call", "params": {"name": "echo", "_meta": self.META}}, self.headers("tools/call", "x"), 400, -32020),
+            (
+                {"method": "tools/list", "params": {"_meta": dict(self.META, **{"io.modelcontextprotocol/protocolVersion": "2099-01-01"})}},
+                self.headers("tools/list", version="2099-01-01"),
+                400,
+                -32022,
+            ),
+            ({"method": "ping", "params": {"_meta": self.META}}, self.headers("ping"), 404, -32601),
+            ({"method": "tools/list", "params": {}}, self.headers("tools/list"), 400, -32602),
+        ]
+        for body, headers, status, error in cases:
+            code, _, content = await self.request("POST", body=dict(body, jsonrpc="2.0", id=1), headers=headers)
+            self.assertEqual((code, json.loads(content)["error"]["code"]), (status, error), body)
+
+    async def test_scope_still_enforced(self) -> None:
+        code, headers, _ = await self.request(
+            "POST",
+            body={"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "write", "arguments": {"text": "s"}, "_meta": self.META}},
+            headers=self.headers("tools/call", "write"),
+        )
+        self.assertEqual(code, 403)
+        self.assertIn('scope="write"', headers.getRawHeaders("www-authenticate")[0])
+
+
+class LegacySSETests(HTTPTestBase):
+    keepalive = 10.0
+    max_queue = 4
+
+    async def test_endpoint_then_messages(self) -> None:
+        client, endpoint = await self.open_legacy()
+        self.assertTrue(endpoint.startswith("/mcp/message?session_id="))
+        self.assertIn(b"event: endpoint\ndata: /mcp/message", client.data)
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2024-11-05", "capabilities": {}}}
+        code, _, body = await self.request("POST", path=endpoint, body=init)
+        self.assertEqual((code, body), (202, b"Accepted"))
+        await client.wait_for(b'"protocolVersion":"2024-11-05"')
+        self.assertIn(b"event: message\ndata: {", client.data)
+        # A refreshed token of the same user and client may post.
+        code, _, _ = await self.request(
+            "POST", path=endpoint, token="alice-refreshed",
+            body={"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "zz"}}},
+        )
+        self.assertEqual(code, 202)
+        await client.wait_for(b'"text":"zz"')
+
+    async def test_post_needs_owner_token(self) -> None:
+        client, endpoint = await self.open_legacy()
+        ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        for token in ("bob", "alice-other-client"):
+            code, _, _ = await self.request("POST", path=endpoint, body=ping, token=token)
+            self.assertEqual(code, 404)
+        code, _, _ = await self.request("POST", path=endpoint, body=ping, token=None)
+        self.assertEqual(code, 401)
+        code, _, _ = await self.request("POST", path="/mcp/message?session_id=x", body=ping)
+        self.assertEqual(code, 404)
+        code, _, _ = await self.request("POST", path="/mcp/message", body=ping)
+        self.assertEqual(code, 400)
+        code, _, _ = await self.request("POST", path=endpoint, body=b"{bad")
+        self.assertEqual(code, 400)
+
+    async def test_get_without_session_is_legacy_whatever_accept(self) -> None:
+        client = await self.raw(b"GET /mcp HTTP/1.1\r\nHost: x\r\nAccept: application/json, text/event-stream\r\nAuthorization: Bearer alice\r\n\r\n")
+        await client.wait_for(b"event: endpoint")
+
+    async def test_keepalive(self) -> None:
+        client, _ = await self.open_legacy()
+        self.assertNotIn(b": keepalive", client.data)
+        self.clock.advance(10)
+        await client.wait_for(b": keepalive\n\n")
+        count = client.data.count(b": keepalive")
+        self.clock.advance(10)
+        await client.wait_for(b": keepalive\n\n" * 1)
+        await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(client.data.count(b": keepalive"), count + 1)
+
+    async def test_revocation_closes_stream(self) -> None:
+        client, endpoint = await self.open_legacy()
+        other, _ = await self.open_legacy("bob")
+        self.mcp.close_grant("g1")
+        await client.lost
+        self.assertFalse(other.lost.called)
+        code, _, _ = await self.request("POST", path=endpoint, body={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        self.assertEqual(code, 404)
+
+    async def test_slow_consumer_disconnected(self) -> None:
+        client, endpoint = await self.open_legacy()
+        await self.request(
+            "POST", path=endpoint,
+            body={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2024-11-05", "capabilities": {}}},
+        )
+        client.transport.pauseProducing()  # stop reading
+        [http_session] = [s for s in self.mcp._sessions.values() if s.kind == "legacy"]
+        big = "x" * 65536
+        for _ in range(400):
+            if client.lost.called:
+                break
+            for _ in range(8):
+                http_session.protocol.notify(None, "notifications/message", {"level": "info", "data": big})
+            await deferLater(reactor, 0.001, lambda: None)
+        client.transport.resumeProducing()
+        await client.lost
+        self.assertEqual(self.mcp.session_count, 0)
+        # Everyone else is still served.
+        await self.initialize()
+
+    async def test_shutdown_ends_streams(self) -> None:
+        client, _ = await self.open_legacy()
+        await self.mcp.shutdown()
+        await client.lost
+        self.assertTrue(client.data.endswith(b"0\r\n\r\n"))

@@ -1,0 +1,197 @@
+"""
+Tests for L{smeldr_oauth.service.tap}: the options of C{twist smeldr-oauth}
+and the service they build, over real sockets (plain TCP and TLS).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from smeldr_oauth.service import tap
+from smeldr_oauth.service.wiring import StandaloneService
+
+
+def parse(*argv: str) -> tap.Options:
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+
+    def assertExit2(self, *argv: str) -> str:
+        with self.assertRaises(SystemExit) as raised:
+            parse(*argv)
+        self.assertEqual(raised.exception.code, 2)
+        text = self.stderr.getvalue()
+        self.assertEqual(text.count("\n"), 1, text)
+        self.assertTrue(text.startswith("smeldr-oauth: error: "), text)
+        return text
+
+    def test_defaults(self) -> None:
+        options = parse("--issuer", "https://cms.example.com/")
+        self.assertEqual(options["listen"], ["tcp:8080"])
+        self.assertEqual(options["oauth-db"], "./oauth.db")
+        self.assertEqual(options["site-db"], "./site.db")
+        config = options["config"]
+        self.assertEqual(config.issuer, "https://cms.example.com")
+        self.assertEqual(config.resource, "https://cms.example.com/mcp")
+        self.assertEqual(config.access_token_ttl, 3600)
+        self.assertEqual(config.auth_code_ttl, 300)
+        self.assertTrue(config.dynamic_registration)
+        self.assertFalse(config.allow_insecure_client_ids)
+
+    def test_switches(self) -> None:
+        options = parse(
+            "--issuer", "http://127.0.0.1:9",
+            "--listen", "tcp:1:interface=127.0.0.1",
+            "--listen", "tcp:2:interface=127.0.0.1",
+            "--no-registration", "--dev", "--access-token-ttl", "60",
+            "--resource", "http://127.0.0.1:9/tools",
+        )
+        self.assertEqual(len(options["listen"]), 2)
+        config = options["config"]
+        self.assertFalse(config.dynamic_registration)
+        self.assertTrue(config.allow_insecure_client_ids)
+        self.assertEqual(config.access_token_ttl, 60)
+        self.assertEqual(config.resource, "http://127.0.0.1:9/tools")
+
+    def test_issuer_required(self) -> None:
+        self.assertIn("--issuer is required", self.assertExit2())
+
+    def test_http_issuer_refused(self) -> None:
+        self.assertIn("https", self.assertExit2("--issuer", "http://cms.example.com"))
+
+    def test_bad_numbers(self) -> None:
+        self.assertExit2("--issuer", "https://a.example", "--access-token-ttl", "soon")
+        self.stderr.truncate(0)
+        self.stderr.seek(0)
+        self.assertExit2("--issuer", "https://a.example", "--refresh-grace", "-1")
+
+    def test_bad_listen(self) -> None:
+        self.assertIn("--listen", self.assertExit2("--issuer", "https://a.example", "--listen", "nope:1"))
+
+    def test_bad_app(self) -> None:
+        self.assertIn("--app", self.assertExit2("--issuer", "https://a.example", "--app", "no_such_module:x"))
+        self.stderr.truncate(0)
+        self.stderr.seek(0)
+        self.assertIn("--app", self.assertExit2("--issuer", "https://a.example", "--app", "json"))
+
+    def test_bad_ca(self) -> None:
+        self.assertIn("--cimd-ca-file", self.assertExit2("--issuer", "https://a.example", "--cimd-ca-file", __file__))
+
+
+def self_signed(tmp: str) -> tuple[str, str]:
+    """
+    A throwaway key and certificate for 127.0.0.1, as PEM files.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    key_path = os.path.join(tmp, "key.pem")
+    cert_path = os.path.join(tmp, "cert.pem")
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+class ServiceOverSocketTests(TestCase):
+    """
+    The service C{twist smeldr-oauth} runs, on real sockets and real SQLite
+    files.
+    """
+
+    @inlineCallbacks
+    def serve(self, endpoint: str, scheme: str, agent: Any = None) -> Any:
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        options = parse(
+            "--issuer", "http://127.0.0.1:1",
+            "--oauth-db", os.path.join(tmp, "oauth.db"),
+            "--site-db", os.path.join(tmp, "site.db"),
+        )
+        service = StandaloneService(options, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = yield serverFromString(reactor, endpoint).listen(service.site)
+        self.addCleanup(port.stopListening)
+        url = f"{scheme}://127.0.0.1:{port.getHost().port}/.well-known/oauth-authorization-server"
+        if agent is None:
+            from twisted.web.client import Agent, HTTPConnectionPool
+
+            agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        client = treq.client.HTTPClient(agent)
+        response = yield client.get(url)
+        body = yield response.content()
+        return response, json.loads(body)
+
+    @inlineCallbacks
+    def test_tcp(self) -> Any:
+        response, body = yield self.serve("tcp:0:interface=127.0.0.1", "http")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body["issuer"], "http://127.0.0.1:1")
+
+    @inlineCallbacks
+    def test_ssl(self) -> Any:
+        """
+        C{--listen ssl:...} serves TLS through pyOpenSSL.
+        """
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+        from twisted.web.iweb import IPolicyForHTTPS
+        from zope.interface import implementer
+
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        key, cert = self_signed(tmp)
+        with open(cert, "rb") as f:
+            root = Certificate.loadPEM(f.read())
+
+        @implementer(IPolicyForHTTPS)
+        class Trust:
+            def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+                return optionsForClientTLS("127.0.0.1", trustRoot=root)
+
+        from twisted.web.client import HTTPConnectionPool
+
+        agent = Agent(reactor, contextFactory=Trust(), pool=HTTPConnectionPool(reactor, persistent=False))
+        response, body = yield self.serve(
+            f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}", "https", agent
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body["token_endpoint"], "http://127.0.0.1:1/oauth/token")
