@@ -341,7 +341,7 @@ async def revoke(
 ) -> dict[str, Any]:
     """
     Revoke the current access token the way an application's "disconnect"
-    would (RFC 7009, public client: C{client_id} in the body), then prove the
+    would (RFC 7009, authenticated as at the token endpoint), then prove the
     token is dead by presenting it to the MCP endpoint directly.
     """
     assert storage.tokens is not None and storage.clientInfo is not None
