@@ -22,6 +22,7 @@ from twisted.python import usage
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.http import MCPHTTP
 from smeldr_oauth.oauth.config import OFFLINE_ACCESS
+from smeldr_oauth.oauth.grants import GrantsPage
 from smeldr_oauth.oauth.http import OAuthHTTP
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.service.web import SmeldrSite
@@ -69,6 +70,8 @@ def mount(
     config = oauth.config
     oauth_http = OAuthHTTP(oauth)
     oauth_http.register(app)
+    GrantsPage(oauth, reactor).register(app)
+    register_health(app, oauth)
     mcp_http = None
     if mcp_app is not None:
         resource = config.resource or ""
@@ -91,6 +94,26 @@ def mount(
         mcp_http.register(app, path)
         oauth.add_revocation_observer(mcp_http.close_grant)
     return Mounted(oauth=oauth, oauth_http=oauth_http, mcp_http=mcp_http)
+
+
+def register_health(app: Klein, oauth: OAuthServer, path: str = "/healthz") -> None:
+    """
+    C{GET /healthz}: 200 when the OAuth store answers a query, 503 when it
+    does not, for platform health checks.  It says nothing else.
+    """
+
+    async def health(request: Any) -> bytes:
+        request.setHeader("Content-Type", "application/json")
+        request.setHeader("Cache-Control", "no-store")
+        try:
+            await oauth.store.count_clients()
+        except Exception:
+            log.failure("health check: the OAuth store did not answer")
+            request.setResponseCode(503)
+            return b'{"status":"unavailable"}'
+        return b'{"status":"ok"}'
+
+    app.route(path, methods=["GET", "HEAD"], branch=False, endpoint="smeldr_healthz")(health)
 
 
 def load_app(spec: str) -> MCPApp:
