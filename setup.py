@@ -30,6 +30,7 @@ setup(
         "attrs>=23.1",
         "hyperlink>=21.0",
         "zope.interface>=6.0",
+        "prometheus_client>=0.20",
     ],
     entry_points={
         "console_scripts": [

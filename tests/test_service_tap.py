@@ -195,3 +195,45 @@ class ServiceOverSocketTests(TestCase):
         )
         self.assertEqual(response.code, 200)
         self.assertEqual(body["token_endpoint"], "http://127.0.0.1:1/oauth/token")
+
+
+class MetricsOverSocketTests(TestCase):
+    """
+    C{--metrics-listen}: metrics on their own listener, fed by the site.
+    """
+
+    @inlineCallbacks
+    def test_metrics_and_health(self) -> Any:
+        from twisted.web.client import Agent, HTTPConnectionPool
+        from twisted.web.server import Site
+
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        options = parse(
+            "--issuer", "http://127.0.0.1:1",
+            "--oauth-db", os.path.join(tmp, "oauth.db"),
+            "--site-db", os.path.join(tmp, "site.db"),
+            "--metrics-listen", "tcp:0:interface=127.0.0.1",
+        )
+        service = StandaloneService(options, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(service.site)
+        self.addCleanup(port.stopListening)
+        metrics_port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            Site(service.metrics.resource())
+        )
+        self.addCleanup(metrics_port.stopListening)
+        client = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        base = f"http://127.0.0.1:{port.getHost().port}"
+        response = yield client.get(base + "/healthz")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads((yield response.content())), {"status": "ok"})
+        response = yield client.get(base + "/metrics")
+        self.assertEqual(response.code, 404, "metrics must not be on the public site")
+        yield response.content()
+        response = yield client.get(f"http://127.0.0.1:{metrics_port.getHost().port}/")
+        text = (yield response.content()).decode()
+        self.assertIn('smeldr_http_request_duration_seconds_count{method="GET",route="/healthz",status="2xx"} 1.0', text)
+        self.assertIn('route="other"', text)
+        self.assertIn("smeldr_mcp_open_streams", text)

@@ -66,6 +66,12 @@ class Options(usage.Options):
         ["max-body", None, 1 << 20, "Largest request body accepted, in bytes.", _positive_int("max-body")],
         ["cimd-ca-file", None, None, "TESTING ONLY: PEM CA to trust for client metadata fetches."],
         ["service-name", None, "smeldr", "Name shown on the consent page."],
+        [
+            "metrics-listen",
+            None,
+            None,
+            "Serve Prometheus metrics on this endpoint (e.g. tcp:9100:interface=127.0.0.1) [default: off].",
+        ],
     ]
 
     optFlags = [
@@ -125,6 +131,13 @@ class Options(usage.Options):
             from smeldr_oauth.service.wiring import load_app
 
             self["mcp-app"] = load_app(self["app"])
+        if self["metrics-listen"]:
+            from twisted.internet import reactor
+
+            try:
+                serverFromString(reactor, self["metrics-listen"])
+            except Exception as e:
+                raise usage.UsageError(f"--metrics-listen {self['metrics-listen']!r}: {e}")
         if self["cimd-ca-file"]:
             from twisted.internet.ssl import Certificate
 
@@ -169,4 +182,9 @@ def makeService(options: Options) -> IService:
     for description in options["listen"]:
         listener = strports_service(description, app_service.site)
         listener.setServiceParent(top)
+    if options["metrics-listen"]:
+        from twisted.web.server import Site
+
+        metrics_site = Site(app_service.metrics.resource())
+        strports_service(options["metrics-listen"], metrics_site).setServiceParent(top)
     return top

@@ -11,6 +11,7 @@ server hold more than C{max_body} bytes of one request.
 from __future__ import annotations
 
 import json
+import time
 
 from twisted.logger import Logger
 from twisted.web.resource import IResource
@@ -51,7 +52,10 @@ class LimitedRequest(Request):
             return
         super().handleContentChunk(data)
 
+    _started: float = 0.0
+
     def process(self) -> None:
+        self._started = time.perf_counter()
         if self._too_big:
             self.setResponseCode(413)
             self.setHeader(b"content-type", b"application/json")
@@ -66,6 +70,17 @@ class LimitedRequest(Request):
         super().process()
 
 
+    def finish(self) -> None:
+        metrics = getattr(getattr(getattr(self, "channel", None), "site", None), "metrics", None)
+        super().finish()
+        if metrics is None or not self._started:
+            return
+        content_type = self.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
+        if content_type.startswith(b"text/event-stream"):
+            return
+        metrics.observe_request(self.path, self.method, self.code, time.perf_counter() - self._started)
+
+
 class SmeldrSite(Site):
     """
     The site for every smeldr-oauth HTTP listener.
@@ -73,6 +88,7 @@ class SmeldrSite(Site):
 
     requestFactory = LimitedRequest
 
-    def __init__(self, resource: IResource, max_body: int = DEFAULT_MAX_BODY, **kw) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, resource: IResource, max_body: int = DEFAULT_MAX_BODY, metrics=None, **kw) -> None:  # type: ignore[no-untyped-def]
         super().__init__(resource, **kw)
         self.max_body = max_body
+        self.metrics = metrics

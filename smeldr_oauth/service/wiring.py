@@ -182,11 +182,24 @@ class StandaloneService(Service):
             keepalive_interval=float(options["keepalive"]),
             max_body=options["max-body"],
         )
-        self.site = SmeldrSite(self.app.resource(), max_body=options["max-body"])
+        from smeldr_oauth.service.metrics import Metrics, MetricsObserver
+
+        mcp_http = self.mounted.mcp_http
+        self.metrics = Metrics(open_streams=(lambda: float(getattr(mcp_http, "stream_count", 0))) if mcp_http else None)
+        self._metrics_observer = MetricsObserver(self.metrics)
+        self.site = SmeldrSite(
+            self.app.resource(),
+            max_body=options["max-body"],
+            metrics=self.metrics if options["metrics-listen"] else None,
+        )
         self._purging: Any = None
 
     def startService(self) -> None:
         super().startService()
+        if self.options["metrics-listen"]:
+            from twisted.logger import globalLogPublisher
+
+            globalLogPublisher.addObserver(self._metrics_observer)
         if self.options["dev"]:
             log.warn(
                 "DEVELOPMENT MODE (--dev): http:// and loopback client_id URLs are accepted. "
@@ -211,6 +224,9 @@ class StandaloneService(Service):
 
     def stopService(self) -> "Deferred[Any]":
         super().stopService()
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(self._metrics_observer)
         if self._purging is not None and self._purging.running:
             self._purging.stop()
 

@@ -1,0 +1,158 @@
+# -*- test-case-name: tests.test_service_metrics -*-
+"""
+Prometheus metrics, fed by the same structured log events that record
+security decisions.
+
+Protocol code does not import this module.  It emits L{twisted.logger}
+events carrying a C{smeldr_event} field (for example C{"code_replay"} or
+C{"token_issued"}); L{MetricsObserver} counts them.  The log and the metrics
+therefore cannot disagree, and the protocol layers stay free of a metrics
+dependency.
+
+Metrics are served only on their own listener (C{--metrics-listen}), never
+on the public site.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.twisted import MetricsResource
+from twisted.logger import ILogObserver
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+#: Paths that get their own latency label; anything else is "other", so a
+#: scan of random URLs cannot create unbounded label values.
+KNOWN_ROUTES = frozenset(
+    {
+        "/.well-known/oauth-authorization-server",
+        "/.well-known/oauth-protected-resource",
+        "/.well-known/oauth-protected-resource/mcp",
+        "/.well-known/openid-configuration",
+        "/oauth/authorize",
+        "/oauth/token",
+        "/oauth/revoke",
+        "/oauth/register",
+        "/oauth/grants",
+        "/authorize",
+        "/token",
+        "/register",
+        "/mcp",
+        "/mcp/message",
+        "/healthz",
+    }
+)
+
+MAX_TOOL_LABELS = 200
+
+
+def route_label(path: bytes) -> str:
+    text = path.split(b"?", 1)[0].decode("ascii", "replace")
+    return text if text in KNOWN_ROUTES else "other"
+
+
+class Metrics:
+    """
+    The server's metrics, in a registry of their own (not the process-wide
+    default), so several servers in one process (tests) do not collide.
+    """
+
+    def __init__(self, open_streams: Optional[Callable[[], float]] = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.grants = Counter("smeldr_grants_approved", "Grants approved on the consent page", registry=r)
+        self.tokens_issued = Counter(
+            "smeldr_tokens_issued", "Token responses, by grant type", ["grant_type"], registry=r
+        )
+        self.token_refusals = Counter(
+            "smeldr_token_refusals", "Token endpoint errors, by OAuth error code", ["reason"], registry=r
+        )
+        self.security_events = Counter(
+            "smeldr_security_events",
+            "Security decisions (code replay, refresh reuse, refused paste, refused CIMD fetch, ...)",
+            ["event"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "smeldr_rate_limited", "Requests refused by a rate limit, by endpoint", ["endpoint"], registry=r
+        )
+        self.mcp_calls = Counter(
+            "smeldr_mcp_tool_calls", "MCP tool calls, by tool and outcome", ["tool", "outcome"], registry=r
+        )
+        self.latency = Histogram(
+            "smeldr_http_request_duration_seconds",
+            "HTTP request latency (to the end of the response; SSE streams excluded)",
+            ["route", "method", "status"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.open_streams = Gauge("smeldr_mcp_open_streams", "Open SSE streams", registry=r)
+        if open_streams is not None:
+            self.open_streams.set_function(open_streams)
+        self._tools: set[str] = set()
+
+    def tool_label(self, name: Any) -> str:
+        name = str(name)[:64]
+        if name in self._tools:
+            return name
+        if len(self._tools) >= MAX_TOOL_LABELS:
+            return "other"
+        self._tools.add(name)
+        return name
+
+    def observe_request(self, path: bytes, method: bytes, status: int, seconds: float) -> None:
+        self.latency.labels(
+            route=route_label(path),
+            method=method.decode("ascii", "replace")[:8],
+            status=f"{status // 100}xx",
+        ).observe(seconds)
+
+    def resource(self) -> Resource:
+        return MetricsResource(registry=self.registry)
+
+
+@implementer(ILogObserver)
+class MetricsObserver:
+    """
+    Count the log events that carry C{smeldr_event}.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("smeldr_event")
+        if kind is None:
+            return
+        m = self.metrics
+        if kind == "grant_approved":
+            m.grants.inc()
+        elif kind == "token_issued":
+            m.tokens_issued.labels(grant_type=str(event.get("grant_type", "unknown"))[:32]).inc()
+        elif kind == "token_refused":
+            m.token_refusals.labels(reason=str(event.get("reason", "unknown"))[:32]).inc()
+        elif kind == "rate_limited":
+            m.rate_limited.labels(endpoint=str(event.get("endpoint", "unknown"))[:32]).inc()
+        elif kind == "mcp_call":
+            m.mcp_calls.labels(
+                tool=m.tool_label(event.get("tool", "unknown")),
+                outcome=str(event.get("outcome", "unknown"))[:16],
+            ).inc()
+        if kind in SECURITY_EVENTS:
+            m.security_events.labels(event=kind).inc()
+
+
+SECURITY_EVENTS = frozenset(
+    {
+        "code_replay",
+        "refresh_reuse",
+        "refresh_wrong_client",
+        "paste_refused",
+        "cimd_refused",
+        "rate_limited",
+        "csrf_refused",
+        "session_owner_mismatch",
+    }
+)
