@@ -51,7 +51,7 @@ from twisted.web.client import (
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from smeldr_oauth.oauth.model import Client
@@ -492,6 +492,17 @@ class _Entry:
 # --- Reading the body ---------------------------------------------------
 
 
+def _stop(transport: object) -> None:
+    """
+    Stop the connection under a response body.  The body protocol's
+    transport is the agent's producer proxy, whose C{stopProducing} closes
+    the connection and stops reading from it.
+    """
+    stop = getattr(transport, "stopProducing", None)
+    if stop is not None:
+        stop()
+
+
 def _too_large(max_bytes: int) -> CIMDError:
     return CIMDError(f"client metadata document is larger than {max_bytes} bytes")
 
@@ -519,7 +530,7 @@ class _RawCap(Protocol):
         self._size += len(data)
         if self._size > self._max:
             self._done = True
-            self.transport.stopProducing()
+            _stop(self.transport)
             self._inner.connectionLost(Failure(_too_large(self._max)))
             return
         self._inner.dataReceived(data)
@@ -556,7 +567,7 @@ class _GuardedAgent:
         method: bytes,
         uri: bytes,
         headers: Headers | None = None,
-        bodyProducer: object = None,
+        bodyProducer: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
         headers = headers.copy() if headers is not None else Headers()
         headers.removeHeader(b"accept-encoding")
@@ -579,14 +590,14 @@ class _CappedBody(Protocol):
 
     def _cancel(self, d: Deferred[bytes]) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            _stop(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.finished.called:
             return
         self._size += len(data)
         if self._size > self._max:
-            self.transport.stopProducing()
+            _stop(self.transport)
             if not self.finished.called:
                 self.finished.errback(_too_large(self._max))
             return
@@ -609,7 +620,7 @@ class _Discard(Protocol):
 
     def makeConnection(self, transport: Any) -> None:
         Protocol.makeConnection(self, transport)
-        transport.stopProducing()
+        _stop(transport)
 
 
 def _discard(response: IResponse) -> None:
@@ -753,11 +764,11 @@ class CIMDResolver:
 
         waiters = self._in_flight.get(client_id)
         if waiters is None and len(self._in_flight) >= self._max_in_flight:
-            e = CIMDError(
+            busy = CIMDError(
                 "too many client metadata documents are being fetched; try again"
             )
-            self._refused(host, e)
-            return fail(e)
+            self._refused(host, busy)
+            return fail(busy)
 
         def forget(d: Deferred[Client]) -> None:
             # A caller giving up does not cancel the fetch others share.
@@ -775,10 +786,10 @@ class CIMDResolver:
         return waiter
 
     def _fetch(self, client_id: str, stale: _Entry | None) -> Deferred[Client]:
-        headers = {b"Accept": [b"application/json"]}
+        headers = Headers({b"Accept": [b"application/json"]})
         if stale is not None and stale.etag is not None:
-            headers[b"If-None-Match"] = [stale.etag]
-        d = self._http.get(
+            headers.setRawHeaders(b"If-None-Match", [stale.etag])
+        d: Deferred[Any] = self._http.get(
             client_id,
             headers=headers,
             allow_redirects=False,
@@ -872,7 +883,7 @@ class CIMDResolver:
                     waiter.callback(result)
 
     def _refused(self, host: str, problem: CIMDError) -> None:
-        log.warning(
+        log.warn(  # noqa: G010 - twisted.logger.Logger has warn, not warning
             "Refused client metadata document from {host}: {reason}",
             host=host,
             reason=problem.reason,

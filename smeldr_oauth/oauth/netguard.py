@@ -46,6 +46,8 @@ from twisted.internet.endpoints import (
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import (
     IHostnameResolver,
+    IProtocol,
+    IProtocolFactory,
     IResolutionReceiver,
     IStreamClientEndpoint,
 )
@@ -271,23 +273,23 @@ class _VettedEndpoint:
     connect_timeout: float
     max_addresses: int = 4
 
-    def connect(self, protocolFactory: object) -> Deferred[object]:
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         literal = parse_ip(self.host)
         if literal is not None:
             resolved: Deferred[list[str]] = Deferred()
             resolved.callback([str(literal)])
         else:
             resolved = _resolve_once(self.name_resolver, self.host, self.port)
-        resolved.addCallback(self._vet)
-        resolved.addCallback(self._attempt, protocolFactory, 0)
-        return resolved
+        return resolved.addCallback(self._vet).addCallback(
+            self._attempt, protocolFactory, 0
+        )
 
     def _vet(self, addresses: list[str]) -> list[str]:
         if not addresses:
             raise DNSLookupError(f"no addresses for {self.host}")
         for address in addresses:
             if not self.policy.permits(address):
-                log.warning(
+                log.warn(  # noqa: G010 - twisted.logger.Logger has warn, not warning
                     "Refused outbound connection to {host}: it resolved to "
                     "the special-use address {address}",
                     host=self.host,
@@ -299,8 +301,8 @@ class _VettedEndpoint:
         return unique[: self.max_addresses]
 
     def _attempt(
-        self, addresses: Sequence[str], protocolFactory: object, index: int
-    ) -> Deferred[object]:
+        self, addresses: Sequence[str], protocolFactory: IProtocolFactory, index: int
+    ) -> Deferred[IProtocol]:
         address = addresses[index]
         ip = parse_ip(address)
         tcp: IStreamClientEndpoint
@@ -312,16 +314,16 @@ class _VettedEndpoint:
             tcp = TCP4ClientEndpoint(
                 self.reactor, address, self.port, timeout=self.connect_timeout
             )
-        endpoint = tcp
+        endpoint: IStreamClientEndpoint = tcp
         if self.tls is not None:
             # SNI and certificate checks use the name from the URL; only
             # the TCP connection uses the vetted address.
             creator = self.tls.creatorForNetloc(self.host.encode("ascii"), self.port)
             endpoint = wrapClientTLS(creator, tcp)
-        d: Deferred[object] = endpoint.connect(protocolFactory)
+        d: Deferred[IProtocol] = endpoint.connect(protocolFactory)
         if index + 1 < len(addresses):
 
-            def next_address(failure: Failure) -> Deferred[object]:
+            def next_address(failure: Failure) -> Deferred[IProtocol]:
                 failure.trap(ConnectError, TimeoutError)
                 return self._attempt(addresses, protocolFactory, index + 1)
 
