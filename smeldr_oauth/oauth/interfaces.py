@@ -8,9 +8,14 @@ L{AccessInfo} (and tell when a grant ends) can protect an MCP endpoint.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 from zope.interface import Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from smeldr_oauth.oauth.model import AccessInfo
 
 
 class IAccessVerifier(Interface):

@@ -9,7 +9,7 @@ changes or none.  Only hashes of secrets cross this seam.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import attr
 from zope.interface import Interface
@@ -22,6 +22,9 @@ from smeldr_oauth.oauth.model import (
     Grant,
     RefreshToken,
 )
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
