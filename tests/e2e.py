@@ -477,3 +477,55 @@ async def serveClientMetadata(
         }
     ).encode("utf-8")
     return MetadataHost(url=url, caFile=caFile)
+
+
+#: Where tests write the client matrix (client x transport x identity x case
+#: -> status) that the docs are generated from; unset, nothing is written.
+MATRIX_ENVIRONMENT = "SMELDR_MATRIX_DIR"
+
+
+def recordMatrix(
+    testCase: TestCase,
+    client: str,
+    version: str,
+    transport: str,
+    identity: str,
+    case: str,
+    status: str,
+) -> None:
+    """
+    Add one row to the client matrix, if C{$SMELDR_MATRIX_DIR} is set: a JSON
+    list of C{{client, version, transport, identity, case, status, test}}
+    objects in C{<dir>/<test id>.json} (a test may add several rows).
+
+    @param client: The client as a person knows it, e.g. C{"mcp (Python SDK)"}
+        or C{"mcp-remote"}.
+    @param version: The client's version that ran.
+    @param transport: C{"streamable-http"} or C{"sse"}.
+    @param identity: C{"dcr"} (dynamic registration) or C{"cimd"}.
+    @param case: What was proven, e.g. C{"connect"}, C{"refresh"},
+        C{"revoke-recover"}.
+    @param status: C{"pass"}, C{"fail"} or C{"skip"}.
+    """
+    directory = os.environ.get(MATRIX_ENVIRONMENT)
+    if not directory:
+        return
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{testCase.id()}.json")
+    rows: list[dict[str, str]] = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = json.load(f)
+    rows.append(
+        {
+            "client": client,
+            "version": version,
+            "transport": transport,
+            "identity": identity,
+            "case": case,
+            "status": status,
+            "test": testCase.id(),
+        }
+    )
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
