@@ -1,0 +1,641 @@
+#!/usr/bin/env python
+"""
+Drive a real smeldr-oauth server with the official MCP Python SDK 1.x (PyPI
+C{mcp} 1.30.0, installed in its own venv by C{scripts/setup-python-sdk1.sh}).
+
+The twin of C{tests/clients/python_sdk_client.py} (the 2.x driver): the same
+command line, the same one-line JSON report, so that
+C{tests/test_e2e_python_sdk1.py} judges both alike. It exists because the 1.x
+API differs: a C{ClientSession} over the C{streamablehttp_client} /
+C{sse_client} context managers (what most 1.x applications were written
+with), C{httpx} rather than C{httpx2}, and a C{callback_handler} that returns
+C{(code, state)}. 1.x does not check the redirect's C{iss}: the browser part
+here does, so a server that stops sending it still fails.
+
+It runs in the 1.x venv's interpreter, never in the test venv (the two SDKs
+cannot share one environment), and trial never imports it.
+
+It plays both parts a person would: the MCP application (C{ClientSession}
+with an C{OAuthClientProvider}) and the browser. The provider's
+C{redirect_handler} receives the authorization URL; the browser part GETs it,
+fills in the consent form's every C{<input>}, sets C{site_token}, presses the
+C{decision=approve} button, POSTs the form without following redirects and
+expects a 303 whose C{Location} carries C{code}, C{state} and C{iss}. Nothing
+listens on the redirect URI: the C{callback_handler} just hands those values
+back to the SDK, which is exactly what a loopback callback server would do.
+
+The SDK is used as shipped: server bugs must surface as failures here, never be
+smoothed over. The only reach into SDK internals is C{--refresh} on a server
+whose access tokens live long: the SDK has no public way to say "this token
+expired", so the driver moves the provider's expiry clock (see L{forceExpiry}).
+
+Output: one JSON line on stdout. On success C{{"ok": true, ...}} with the
+negotiated protocol version, tool names, the tool result, how many times the
+browser authorized, token events (fingerprints, never tokens) and a trace of
+every HTTP exchange (with the C{resource} each OAuth request named). On failure
+C{{"ok": false, "error": ...}} with the same trace, the traceback on stderr,
+and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import hashlib
+import json
+import logging
+import sys
+import time
+import traceback
+from datetime import timedelta
+from importlib.metadata import version
+from html.parser import HTMLParser
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
+
+import anyio
+import httpx
+from mcp import ClientSession
+from mcp.client.auth import OAuthClientProvider, TokenStorage
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamablehttp_client
+from mcp.shared.auth import (
+    OAuthClientInformationFull,
+    OAuthClientMetadata,
+    OAuthToken,
+)
+
+
+def fingerprint(secret: str | None) -> str | None:
+    """
+    A short, stable stand-in for a token in the output, so that runs can show
+    that two tokens differ without ever printing one.
+    """
+    if secret is None:
+        return None
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
+
+
+class DriverError(Exception):
+    """
+    The server did something a browser or the SDK would not accept; the
+    message says what was sent, what came back and what was expected.
+    """
+
+
+class Trace:
+    """
+    Every HTTP exchange either client made, in order, without bodies or
+    credentials: the evidence a failure report needs.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    async def onRequest(self, request: httpx.Request) -> None:
+        entry: dict[str, Any] = {
+            "method": request.method,
+            "path": request.url.path,
+            "auth": "Authorization" in request.headers,
+        }
+        if request.url.path.endswith("/token") or request.url.path.endswith("/revoke"):
+            try:
+                form = parse_qs(request.content.decode("ascii"))
+            except (httpx.RequestNotRead, UnicodeDecodeError):
+                form = {}
+            if "grant_type" in form:
+                entry["grant_type"] = form["grant_type"][0]
+            if "resource" in form:
+                entry["resource"] = form["resource"]
+        if request.method == "GET" and request.url.path.endswith("/authorize"):
+            query = parse_qs(request.url.query.decode("ascii", "replace"))
+            entry["resource"] = query.get("resource")
+            entry["scope"] = query.get("scope")
+        if request.method == "POST" and request.headers.get("content-type", "").startswith(
+            "application/json"
+        ):
+            try:
+                body = json.loads(request.content)
+                if isinstance(body, dict) and "method" in body:
+                    entry["rpc"] = body["method"]
+            except (httpx.RequestNotRead, ValueError):
+                pass
+        self.events.append(entry)
+        request.extensions["trace_entry"] = entry
+
+    async def onResponse(self, response: httpx.Response) -> None:
+        entry = response.request.extensions.get("trace_entry")
+        if entry is None:
+            return
+        entry["status"] = response.status_code
+        if response.status_code in (401, 403):
+            entry["www_authenticate"] = response.headers.get("www-authenticate")
+
+    def hooks(self) -> dict[str, list[Any]]:
+        return {"request": [self.onRequest], "response": [self.onResponse]}
+
+    def count(self, **match: Any) -> int:
+        return sum(1 for e in self.events if all(e.get(k) == v for k, v in match.items()))
+
+
+class MemoryStorage(TokenStorage):
+    """
+    The SDK's C{TokenStorage}, in memory, remembering every token it was
+    handed so the driver can tell a refresh from a re-authorization.
+    """
+
+    def __init__(self) -> None:
+        self.tokens: OAuthToken | None = None
+        self.clientInfo: OAuthClientInformationFull | None = None
+        self.history: list[OAuthToken] = []
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return self.tokens
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        self.tokens = tokens
+        self.history.append(tokens)
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return self.clientInfo
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self.clientInfo = client_info
+
+
+class ConsentFormParser(HTMLParser):
+    """
+    Collect the forms of a page the way a browser sees them: each form's
+    action and method, its named C{<input>}s with their values, and its
+    submit buttons' name/value pairs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.forms: list[dict[str, Any]] = []
+        self._current: dict[str, Any] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: (v if v is not None else "") for k, v in attrs}
+        if tag == "form":
+            self._current = {
+                "action": a.get("action", ""),
+                "method": a.get("method", "get").lower(),
+                "inputs": [],
+                "buttons": [],
+            }
+            self.forms.append(self._current)
+        elif self._current is None:
+            return
+        elif tag == "input":
+            kind = a.get("type", "text").lower()
+            if kind in ("submit", "image", "button"):
+                if "name" in a:
+                    self._current["buttons"].append((a["name"], a.get("value", "")))
+            elif kind in ("checkbox", "radio") and "checked" not in a:
+                return
+            elif "name" in a and "disabled" not in a:
+                self._current["inputs"].append((a["name"], a.get("value", "")))
+        elif tag == "button" and a.get("type", "submit").lower() == "submit" and "name" in a:
+            self._current["buttons"].append((a["name"], a.get("value", "")))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form":
+            self._current = None
+
+
+class Browser:
+    """
+    The person at the browser: open the authorization URL, paste the site
+    token, approve, and carry the redirect back to the application.
+    """
+
+    def __init__(self, siteToken: str, trace: Trace, decision: str = "approve") -> None:
+        self.siteToken = siteToken
+        self.trace = trace
+        self.decision = decision
+        self.authorizations = 0
+        self._result: tuple[str, str | None] | None = None
+        #: Gives the issuer the redirect's C{iss} must name: the discovered
+        #: authorization server metadata's, read when the redirect arrives.
+        self.issuerOf: Callable[[], str | None] = lambda: None
+        #: What each consent redirect looked like (no codes).
+        self.redirects: list[dict[str, Any]] = []
+
+    async def redirectHandler(self, authorizationURL: str) -> None:
+        self.authorizations += 1
+        self._result = None
+        async with httpx.AsyncClient(
+            follow_redirects=False, timeout=10.0, event_hooks=self.trace.hooks()
+        ) as browser:
+            page = await browser.get(authorizationURL, headers={"Accept": "text/html"})
+            # A browser follows redirects on the server's own origin (a login
+            # or consent page elsewhere on the site); one that leaves it goes
+            # back to the application, which only happens for errors here.
+            origin = urlsplit(authorizationURL)[:2]
+            for _ in range(5):
+                location = page.headers.get("location")
+                if page.status_code not in (301, 302, 303, 307, 308) or not location:
+                    break
+                target = urljoin(str(page.url), location)
+                if urlsplit(target)[:2] != origin:
+                    query = parse_qs(urlsplit(target).query)
+                    raise DriverError(
+                        f"GET authorize redirected to the client ({page.status_code}) instead "
+                        f"of showing the consent form: error={query.get('error')} "
+                        f"description={query.get('error_description')}"
+                    )
+                page = await browser.get(target, headers={"Accept": "text/html"})
+            if page.status_code != 200:
+                raise DriverError(
+                    f"GET authorize answered {page.status_code} "
+                    f"(Location: {page.headers.get('location')!r}), expected 200 with "
+                    f"the consent form; body: {page.text[:500]!r}"
+                )
+            contentType = page.headers.get("content-type", "")
+            if not contentType.startswith("text/html"):
+                raise DriverError(f"GET authorize answered Content-Type {contentType!r}, expected text/html")
+            parser = ConsentFormParser()
+            parser.feed(page.text)
+            parser.close()
+            forms = [
+                f
+                for f in parser.forms
+                if any(name == "site_token" for name, _ in f["inputs"])
+                or any(name == "decision" for name, _ in f["buttons"])
+            ]
+            if len(forms) != 1:
+                raise DriverError(
+                    f"consent page has {len(forms)} forms with a site_token input or a "
+                    f"decision button, expected exactly 1; page: {page.text[:1000]!r}"
+                )
+            form = forms[0]
+            if form["method"] != "post":
+                raise DriverError(f"consent form method is {form['method']!r}, expected post")
+            if ("decision", self.decision) not in form["buttons"]:
+                raise DriverError(
+                    f"consent form has no <button name=decision value={self.decision}>; "
+                    f"buttons: {form['buttons']!r}"
+                )
+            fields = [(n, v) for n, v in form["inputs"] if n != "site_token"]
+            fields.append(("site_token", self.siteToken))
+            fields.append(("decision", self.decision))
+            # An empty or missing action submits to the document's own URL.
+            action = urljoin(str(page.url), form["action"]) if form["action"] else str(page.url)
+            answer = await browser.post(
+                action,
+                content=urlencode(fields).encode("ascii"),
+                headers={
+                    "Content-Type": "application/x-www-form-urlencoded",
+                    "Origin": "{0.scheme}://{0.netloc}".format(urlsplit(str(page.url))),
+                },
+            )
+            if answer.status_code != 303:
+                raise DriverError(
+                    f"POST {urlsplit(action).path} (consent, decision={self.decision}) "
+                    f"answered {answer.status_code}, expected 303 to the redirect URI; "
+                    f"Location: {answer.headers.get('location')!r}; body: {answer.text[:500]!r}"
+                )
+            location = answer.headers.get("location")
+            if not location:
+                raise DriverError("consent POST answered 303 without a Location header")
+        query = parse_qs(urlsplit(location).query)
+        if "error" in query:
+            raise DriverError(
+                f"consent redirected with error={query['error'][0]!r} "
+                f"description={query.get('error_description', [''])[0]!r}"
+            )
+        for name, values in query.items():
+            if len(values) != 1:
+                raise DriverError(f"redirect repeats the {name!r} parameter: {location!r}")
+        if "code" not in query:
+            raise DriverError(f"redirect has no code: {location!r}")
+        # The 1.x SDK does not check C{iss} itself (2.x does): the browser
+        # part checks a present one here, and the report carries it, so the
+        # tests can insist that it is there.
+        expected = self.issuerOf()
+        iss = query.get("iss", [None])[0]
+        if expected is not None and iss is not None:
+            if iss != expected:
+                raise DriverError(
+                    f"redirect carries iss={iss!r}, expected the issuer "
+                    f"{expected!r} (RFC 9207); redirect: {location.split('?', 1)[0]!r}"
+                )
+        self.redirects.append(
+            {
+                "redirect_uri": location.split("?", 1)[0],
+                "iss": query.get("iss", [None])[0],
+                "has_state": "state" in query,
+            }
+        )
+        self._result = (query["code"][0], query.get("state", [None])[0])
+
+    async def callbackHandler(self) -> tuple[str, str | None]:
+        """
+        What 1.x expects back from the loopback callback: C{(code, state)}.
+        """
+        if self._result is None:
+            raise DriverError("callback handler called before a redirect was captured")
+        result, self._result = self._result, None
+        return result
+
+
+def forceExpiry(provider: OAuthClientProvider) -> None:
+    """
+    Make the provider believe its access token has expired, so that its next
+    request starts with a refresh grant.
+
+    The SDK keeps the expiry on the provider's context and reads stored tokens
+    only once, without an expiry, so neither C{TokenStorage} nor any public
+    API can do this: this is the one place the driver touches SDK internals,
+    used only when the server's tokens live too long to wait for.
+    """
+    provider.context.token_expiry_time = time.time() - 1
+
+
+def toolResult(result: Any) -> dict[str, Any]:
+    return result.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+async def revoke(
+    revocationEndpoint: str | None,
+    mcpURL: str,
+    storage: MemoryStorage,
+    trace: Trace,
+) -> dict[str, Any]:
+    """
+    Revoke the current access token the way an application's "disconnect"
+    would (RFC 7009, authenticated as at the token endpoint), then prove the
+    token is dead by presenting it to the MCP endpoint directly.
+    """
+    assert storage.tokens is not None and storage.clientInfo is not None
+    origin = "{0.scheme}://{0.netloc}".format(urlsplit(mcpURL))
+    endpoint = revocationEndpoint or urljoin(origin, "/oauth/revoke")
+    token = storage.tokens.access_token
+    async with httpx.AsyncClient(timeout=10.0, event_hooks=trace.hooks()) as http:
+        info = storage.clientInfo
+        form = {
+            "token": token,
+            "token_type_hint": "access_token",
+            "client_id": info.client_id,
+        }
+        auth: tuple[str, str] | None = None
+        # Authenticate as at the token endpoint (RFC 7009 2.1): a public
+        # client names itself, a confidential one also proves it.
+        if info.client_secret and info.token_endpoint_auth_method == "client_secret_basic":
+            auth = (info.client_id, info.client_secret)
+        elif info.client_secret:
+            form["client_secret"] = info.client_secret
+        response = await http.post(endpoint, data=form, auth=auth or httpx.USE_CLIENT_DEFAULT)
+        if response.status_code != 200:
+            raise DriverError(
+                f"POST {urlsplit(endpoint).path} (revoke access token) answered "
+                f"{response.status_code}, expected 200 (RFC 7009 2.2); body: {response.text[:300]!r}"
+            )
+        probe = await http.post(
+            mcpURL,
+            json={"jsonrpc": "2.0", "id": "probe", "method": "ping"},
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Accept": "application/json, text/event-stream",
+            },
+        )
+    return {
+        "endpoint": urlsplit(endpoint).path,
+        "status": response.status_code,
+        "probe_status": probe.status_code,
+        "probe_www_authenticate": probe.headers.get("www-authenticate"),
+    }
+
+
+async def run(options: argparse.Namespace, trace: Trace, report: dict[str, Any]) -> None:
+    storage = MemoryStorage()
+    browser = Browser(options.site_token, trace, decision=options.decision)
+    redirectURI = f"http://127.0.0.1:{options.callback_port}/callback"
+    metadata = OAuthClientMetadata(
+        client_name="smeldr e2e (mcp python sdk 1.x)",
+        redirect_uris=[redirectURI],
+        grant_types=["authorization_code", "refresh_token"],
+        response_types=["code"],
+        token_endpoint_auth_method=options.auth_method,
+    )
+    provider = OAuthClientProvider(
+        server_url=options.url,
+        client_metadata=metadata,
+        storage=storage,
+        redirect_handler=browser.redirectHandler,
+        callback_handler=browser.callbackHandler,
+        client_metadata_url=options.client_metadata_url if options.identity == "cimd" else None,
+    )
+
+    def discoveredIssuer() -> str | None:
+        # 1.x's OAuthMetadata has no field for RFC 9207's
+        # authorization_response_iss_parameter_supported, and renders the
+        # issuer through pydantic, which gives a bare origin a trailing
+        # slash the server never wrote: undo that to compare as RFC 9207 says.
+        found = provider.context.oauth_metadata
+        if found is None:
+            return None
+        issuer = str(found.issuer)
+        if urlsplit(issuer).path == "/":
+            issuer = issuer[:-1]
+        return issuer
+
+    browser.issuerOf = discoveredIssuer
+
+    def factory(
+        headers: dict[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
+        auth: httpx.Auth | None = None,
+    ) -> httpx.AsyncClient:
+        # The SDK's own factory, plus the trace's hooks.
+        return httpx.AsyncClient(headers=headers, timeout=timeout, auth=auth, event_hooks=trace.hooks())
+
+    if options.transport == "streamable":
+        transport: Any = streamablehttp_client(
+            options.url,
+            auth=provider,
+            timeout=10.0,
+            sse_read_timeout=30.0,
+            httpx_client_factory=factory,
+        )
+    else:
+        transport = sse_client(
+            options.url,
+            auth=provider,
+            timeout=10.0,
+            sse_read_timeout=30.0,
+            httpx_client_factory=factory,
+        )
+
+    arguments = json.loads(options.args)
+    try:
+        async with transport as streams:
+            read, write = streams[0], streams[1]
+            async with ClientSession(read, write, read_timeout_seconds=timedelta(seconds=15)) as session:
+                initialized = await session.initialize()
+                report["protocol_version"] = initialized.protocolVersion
+                report["server_info"] = initialized.serverInfo.model_dump(mode="json")
+                report["client_id_is_url"] = bool(
+                    storage.clientInfo and storage.clientInfo.client_id.startswith("https://")
+                )
+                tools = await session.list_tools()
+                report["tools"] = sorted(t.name for t in tools.tools)
+                first = await session.call_tool(options.tool, arguments)
+                report["tool_result"] = toolResult(first)
+                report["authorizations_before_followup"] = browser.authorizations
+                report["code_grants_before_followup"] = trace.count(
+                    grant_type="authorization_code", status=200
+                )
+
+                if options.refresh:
+                    assert storage.tokens is not None
+                    before = storage.tokens
+                    expiresIn = before.expires_in
+                    if expiresIn is not None and expiresIn <= options.max_wait:
+                        # Let the server's own TTL run out: the most honest refresh.
+                        report["refresh_method"] = "waited"
+                        await anyio.sleep(expiresIn + 1.0)
+                    else:
+                        report["refresh_method"] = "forced"
+                        forceExpiry(provider)
+                    again = await session.call_tool(options.tool, arguments)
+                    report["after_refresh_result"] = toolResult(again)
+                    report["refreshed"] = storage.tokens is not before and (
+                        storage.tokens.access_token != before.access_token
+                    )
+
+                if options.revoke:
+                    oauthMetadata = provider.context.oauth_metadata
+                    report["revoke"] = await revoke(
+                        str(oauthMetadata.revocation_endpoint)
+                        if oauthMetadata and oauthMetadata.revocation_endpoint
+                        else None,
+                        options.url,
+                        storage,
+                        trace,
+                    )
+                    again = await session.call_tool(options.tool, arguments)
+                    report["after_revoke_result"] = toolResult(again)
+    finally:
+        report["sdk_version"] = version("mcp")
+        report["authorizations"] = browser.authorizations
+        report["redirects"] = browser.redirects
+        report["tokens"] = [
+            {
+                "access": fingerprint(t.access_token),
+                "refresh": fingerprint(t.refresh_token),
+                "expires_in": t.expires_in,
+                "scope": t.scope,
+                "token_type": t.token_type,
+            }
+            for t in storage.history
+        ]
+        report["registered"] = (
+            {
+                "client_id_is_url": storage.clientInfo.client_id.startswith("https://"),
+                "token_endpoint_auth_method": storage.clientInfo.token_endpoint_auth_method,
+                "has_secret": storage.clientInfo.client_secret is not None,
+            }
+            if storage.clientInfo
+            else None
+        )
+        report["refresh_grants"] = trace.count(grant_type="refresh_token", status=200)
+        report["code_grants"] = trace.count(grant_type="authorization_code", status=200)
+
+
+def describe(exc: BaseException) -> str:
+    """
+    One line per leaf exception: anyio wraps failures in exception groups,
+    whose own message ("unhandled errors in a TaskGroup") says nothing.
+    """
+    # BaseExceptionGroup is a builtin from 3.11 on (the lint targets 3.10).
+    groups = getattr(builtins, "BaseExceptionGroup", ())
+    if isinstance(exc, groups):
+        return "; ".join(describe(e) for e in exc.exceptions)
+    text = f"{type(exc).__name__}: {exc}"
+    if exc.__cause__ is not None:
+        text += f" (caused by {describe(exc.__cause__)})"
+    return text
+
+
+def parseArguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", required=True, help="the MCP URL, e.g. http://127.0.0.1:PORT/mcp")
+    parser.add_argument("--transport", choices=["streamable", "sse"], default="streamable")
+    parser.add_argument("--site-token", required=True)
+    parser.add_argument("--identity", choices=["dcr", "cimd"], default="dcr")
+    parser.add_argument("--client-metadata-url", help="https URL of the CIMD document (--identity cimd)")
+    parser.add_argument("--tool", default="list_posts")
+    parser.add_argument("--args", default="{}", help="the tool's arguments as a JSON object")
+    parser.add_argument(
+        "--mode",
+        default="legacy",
+        choices=["auto", "legacy"],
+        help="accepted for the 2.x driver's command line; 1.x always runs the "
+        "initialize handshake (what 2.x calls legacy)",
+    )
+    parser.add_argument(
+        "--auth-method",
+        default=None,
+        choices=["none", "client_secret_post", "client_secret_basic"],
+        help="token_endpoint_auth_method to ask for at registration (default: ask for none in particular)",
+    )
+    parser.add_argument("--decision", default="approve", choices=["approve", "deny"])
+    parser.add_argument("--callback-port", type=int, default=33418)
+    parser.add_argument(
+        "--refresh",
+        action="store_true",
+        help="then make the SDK refresh and call again",
+    )
+    parser.add_argument(
+        "--revoke",
+        action="store_true",
+        help="then revoke the access token and call again",
+    )
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=5.0,
+        help="for --refresh: wait out a token TTL up to this many seconds, else force the expiry",
+    )
+    parser.add_argument("--timeout", type=float, default=20.0, help="give up after this many seconds")
+    parser.add_argument("--verbose", action="store_true", help="SDK debug logs on stderr")
+    options = parser.parse_args(argv)
+    if options.identity == "cimd" and not options.client_metadata_url:
+        parser.error("--identity cimd needs --client-metadata-url")
+    return options
+
+
+def main(argv: list[str]) -> int:
+    options = parseArguments(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if options.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(name)s %(levelname)s %(message)s",
+    )
+    trace = Trace()
+    report: dict[str, Any] = {
+        "transport": options.transport,
+        "identity": options.identity,
+    }
+
+    async def bounded() -> None:
+        with anyio.fail_after(options.timeout):
+            await run(options, trace, report)
+
+    try:
+        anyio.run(bounded)
+    except BaseException as exc:  # noqa: BLE001 - report everything, KeyboardInterrupt too
+        traceback.print_exception(exc, file=sys.stderr)
+        report.update(ok=False, error=describe(exc), http=trace.events)
+        print(json.dumps(report), flush=True)
+        return 1
+    report.update(ok=True, http=trace.events)
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
