@@ -114,6 +114,7 @@ class RawClient(Protocol):
 
 
 class HTTPTestBase(TestCase):
+    timeout = 30
     keepalive = 15.0
     max_queue = 256
 
@@ -407,10 +408,10 @@ class StreamableHTTPTests(HTTPTestBase):
         again = await self.raw(get + b"Last-Event-ID: 1\r\n\r\n")
         await again.wait_for(b"prompts/list_changed")
         self.assertNotIn(b"tools/list_changed", again.data)
-        await client.lost  # the new stream replaced the old one
+        await client.wait_for(b"\r\n0\r\n\r\n")  # the new stream replaced (ended) the old one
         code, _, _ = await self.request("DELETE", headers={"Mcp-Session-Id": session_id})
         self.assertEqual(code, 204)
-        await again.lost
+        await again.wait_for(b"\r\n0\r\n\r\n")
         code, _, _ = await self.request("DELETE", headers={"Mcp-Session-Id": session_id})
         self.assertEqual(code, 404)
 
@@ -543,8 +544,8 @@ class LegacySSETests(HTTPTestBase):
         client, endpoint = await self.open_legacy()
         other, _ = await self.open_legacy("bob")
         self.mcp.close_grant("g1")
-        await client.lost
-        self.assertFalse(other.lost.called)
+        await client.wait_for(b"\r\n0\r\n\r\n")  # the response (stream) ended
+        self.assertNotIn(b"\r\n0\r\n\r\n", other.data)
         code, _, _ = await self.request("POST", path=endpoint, body={"jsonrpc": "2.0", "id": 1, "method": "ping"})
         self.assertEqual(code, 404)
 
@@ -572,5 +573,5 @@ class LegacySSETests(HTTPTestBase):
     async def test_shutdown_ends_streams(self) -> None:
         client, _ = await self.open_legacy()
         await self.mcp.shutdown()
-        await client.lost
-        self.assertTrue(client.data.endswith(b"0\r\n\r\n"))
+        await client.wait_for(b"\r\n0\r\n\r\n")
+        self.assertEqual(self.mcp.session_count, 0)

@@ -461,6 +461,13 @@ class MCPHTTP:
     def session_count(self) -> int:
         return len(self._sessions)
 
+    @property
+    def stream_count(self) -> int:
+        """
+        Open SSE streams (legacy, server-initiated and POST responses).
+        """
+        return len(self._streams)
+
     # -- plumbing ---------------------------------------------------------------
 
     def _track(self, stream: SSEStream, grant_id: Optional[str]) -> None:

@@ -185,7 +185,7 @@ class StandaloneService(Service):
         from smeldr_oauth.service.metrics import Metrics, MetricsObserver
 
         mcp_http = self.mounted.mcp_http
-        self.metrics = Metrics(open_streams=(lambda: float(getattr(mcp_http, "stream_count", 0))) if mcp_http else None)
+        self.metrics = Metrics(open_streams=(lambda: float(mcp_http.stream_count)) if mcp_http else None)
         self._metrics_observer = MetricsObserver(self.metrics)
         self.site = SmeldrSite(
             self.app.resource(),

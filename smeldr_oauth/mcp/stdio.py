@@ -1,0 +1,168 @@
+# -*- test-case-name: tests.test_mcp_stdio -*-
+"""
+The stdio transport: newline-delimited JSON-RPC on stdin/stdout, for local
+clients that spawn the server (Claude Desktop and similar).
+
+There is no OAuth here: whoever can start the process is the local
+operator and is trusted, so every call runs as subject C{"local"} with
+every scope the application names.  stdout carries only protocol frames;
+logs go to stderr.
+
+Console command::
+
+    smeldr-oauth-stdio [--app module:attr] [--site-db PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any, Optional, Sequence
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+
+from smeldr_oauth.mcp import jsonrpc
+from smeldr_oauth.mcp.app import MCPApp
+from smeldr_oauth.mcp.session import CallbackOutlet, Principal, ServerSession
+
+log = Logger()
+
+DEFAULT_APP = "smeldr_oauth.site.tools:build_app"
+
+
+class StdioMCP(LineReceiver):
+    """
+    One MCP session over a byte stream of newline-delimited JSON.
+
+    @ivar MAX_LENGTH: the longest accepted line (the stdio counterpart of
+        the HTTP body limit).
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self, app: MCPApp, clock: IReactorTime, max_line: int = 1 << 20) -> None:
+        self.MAX_LENGTH = max_line
+        self.session = ServerSession(app, clock, default_outlet=CallbackOutlet(self._send))
+        self.principal = Principal("local", None, app.all_scopes(), None)
+        self.finished: Deferred = Deferred()
+
+    def _send(self, message: Any) -> None:
+        if self.transport is not None:
+            self.transport.write(jsonrpc.encode(message) + b"\n")
+
+    def lineReceived(self, line: bytes) -> None:
+        line = line.strip()
+        if not line:
+            return
+        try:
+            is_batch, messages = jsonrpc.parse_frame(line)
+        except jsonrpc.JSONRPCError as error:
+            self._send(jsonrpc.error_response(None, error))
+            return
+        if is_batch and not self.session.allows_batch:
+            self._send(
+                jsonrpc.error_response(None, jsonrpc.invalid_request("Batches are not allowed at this protocol version"))
+            )
+            return
+        if not is_batch:
+            self.session.handle(messages[0], self.principal, self.session.default_outlet).addCallback(self._reply)
+            return
+        responses: list[Any] = []
+        remaining = [len(messages)]
+
+        def collected(response: Optional[dict]) -> None:
+            if response is not None:
+                responses.append(response)
+            remaining[0] -= 1
+            if remaining[0] == 0 and responses:
+                self._send(responses)
+
+        for message in messages:
+            self.session.handle(message, self.principal, self.session.default_outlet).addCallback(collected)
+
+    def _reply(self, response: Optional[dict]) -> None:
+        if response is not None:
+            self._send(response)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # The rest of the oversized line is discarded by LineReceiver; say
+        # why instead of dropping the connection.
+        self._send(jsonrpc.error_response(None, jsonrpc.invalid_request("Message too large")))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.session.close()
+        if not self.finished.called:
+            self.finished.callback(None)
+
+
+def load_app(spec: str, site_db: Optional[str], reactor: Any) -> Deferred:
+    """
+    Resolve C{module:attr} to an L{MCPApp}.  The attribute may be an app,
+    or a factory: called as C{factory(site_db, reactor)} when C{--site-db}
+    was given, else C{factory()}; it may return a L{Deferred} or coroutine.
+    """
+    module_name, _, attr_name = spec.partition(":")
+    if not module_name or not attr_name:
+        raise SystemExit(f"--app must look like module:attr, not {spec!r}")
+    target: Any = importlib.import_module(module_name)
+    for part in attr_name.split("."):
+        target = getattr(target, part)
+    if isinstance(target, MCPApp):
+        return Deferred.fromCoroutine(_identity(target))
+    result = target(site_db, reactor) if site_db is not None else target()
+
+    async def resolve() -> MCPApp:
+        value = await result if hasattr(result, "__await__") or isinstance(result, Deferred) else result
+        if not isinstance(value, MCPApp):
+            raise SystemExit(f"{spec} did not give an MCPApp")
+        return value
+
+    return ensureDeferred(resolve())
+
+
+async def _identity(value: Any) -> Any:
+    return value
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console entry point: serve an app on stdin/stdout until stdin closes."""
+    parser = argparse.ArgumentParser(prog="smeldr-oauth-stdio", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--app", default=DEFAULT_APP, help="module:attr of an MCPApp or a factory of one")
+    parser.add_argument("--site-db", default=None, help="path of the site content database")
+    parser.add_argument("--max-line", type=int, default=1 << 20, help="longest accepted message, in bytes")
+    args = parser.parse_args(argv)
+    if args.app == DEFAULT_APP and args.site_db is None:
+        parser.error("--site-db is required for the default site-content app")
+
+    from twisted.internet import reactor
+    from twisted.internet.stdio import StandardIO
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+
+    def serve(app: MCPApp) -> Deferred:
+        protocol = StdioMCP(app, reactor, args.max_line)
+        StandardIO(protocol, reactor=reactor)
+        return protocol.finished
+
+    def failed(failure: Any) -> None:
+        log.failure("smeldr-oauth-stdio stopped", failure)
+
+    def stop(_: object) -> None:
+        if reactor.running:  # type: ignore[attr-defined]
+            reactor.stop()  # type: ignore[attr-defined]
+
+    def start() -> None:
+        load_app(args.app, args.site_db, reactor).addCallback(serve).addErrback(failed).addBoth(stop)
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,85 @@
+"""Tests for L{smeldr_oauth.mcp.stdio}: the newline-delimited JSON transport."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from smeldr_oauth.mcp import Context, MCPApp
+from smeldr_oauth.mcp.stdio import StdioMCP, load_app, main
+
+app = MCPApp(name="stdio-test")
+
+
+@app.tool(scopes=("write",))
+def whoami(ctx: Context) -> str:
+    return f"{ctx.subject} {sorted(ctx.scopes)}"
+
+
+def factory() -> MCPApp:
+    return app
+
+
+class StdioTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.transport = StringTransport()
+        self.protocol = StdioMCP(app, Clock(), max_line=200)
+        self.protocol.makeConnection(self.transport)
+
+    def lines(self) -> list:
+        out = [json.loads(line) for line in self.transport.value().splitlines() if line]
+        self.transport.clear()
+        return out
+
+    def init(self, version: str = "2025-06-18") -> None:
+        self.protocol.dataReceived(
+            json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": version, "capabilities": {}}}).encode()
+            + b"\n"
+        )
+        self.assertEqual(self.lines()[0]["result"]["protocolVersion"], version)
+
+    def test_local_operator_has_every_scope(self) -> None:
+        self.init()
+        self.protocol.dataReceived(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"whoami"}}\r\n')
+        self.assertEqual(self.lines()[0]["result"]["content"][0]["text"], "local ['write']")
+
+    def test_split_and_joined_lines(self) -> None:
+        self.init()
+        self.protocol.dataReceived(b'{"jsonrpc":"2.0","id":1,"meth')
+        self.protocol.dataReceived(b'od":"ping"}\n{"jsonrpc":"2.0","id":2,"method":"ping"}\n\n')
+        self.assertEqual([r["id"] for r in self.lines()], [1, 2])
+
+    def test_errors(self) -> None:
+        self.protocol.dataReceived(b"{bad\n")
+        self.assertEqual(self.lines()[0]["error"]["code"], -32700)
+        self.protocol.dataReceived(b"x" * 300 + b"\n")
+        self.assertEqual(self.lines()[0]["error"]["code"], -32600)
+        self.protocol.dataReceived(b'[{"jsonrpc":"2.0","id":1,"method":"ping"}]\n')
+        self.assertEqual(self.lines()[0]["error"]["code"], -32600)
+
+    def test_batch_in_2025_03_26(self) -> None:
+        self.init("2025-03-26")
+        self.protocol.dataReceived(b'[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/x"}]\n')
+        [batch] = self.lines()
+        self.assertEqual([r["id"] for r in batch], [1])
+
+    def test_connection_lost_closes_session(self) -> None:
+        self.init()
+        self.protocol.connectionLost(None)
+        self.assertEqual(self.protocol.session.state, "closed")
+        self.assertIsNone(self.successResultOf(self.protocol.finished))
+
+
+class LoadAppTests(SynchronousTestCase):
+    def test_instance_and_factory(self) -> None:
+        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:app", None, Clock())), app)
+        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:factory", None, Clock())), app)
+
+    def test_bad_spec(self) -> None:
+        self.assertRaises(SystemExit, load_app, "nocolon", None, Clock())
+
+    def test_default_app_needs_site_db(self) -> None:
+        self.assertRaises(SystemExit, main, [])

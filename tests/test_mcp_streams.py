@@ -1,0 +1,91 @@
+"""Tests for L{smeldr_oauth.mcp.streams}: SSE framing, keepalives, slow consumers."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from smeldr_oauth.mcp.streams import SSEStream, format_event
+
+
+class AbortableTransport:
+    aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+class PushRequest(DummyRequest):
+    """DummyRequest loops on pull producers; record push producers instead."""
+
+    producer = None
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+class FormatTests(SynchronousTestCase):
+    def test_fields(self) -> None:
+        self.assertEqual(format_event("{}", "message", "7"), b"id: 7\nevent: message\ndata: {}\n\n")
+
+    def test_newlines_cannot_inject_fields(self) -> None:
+        self.assertEqual(format_event("a\nevent: x\r\nb", "m\nx"), b"event: m x\ndata: a\ndata: event: x\ndata: b\n\n")
+
+
+class StreamTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.request = PushRequest([b"mcp"])
+        self.request.channel = type("Channel", (), {"transport": AbortableTransport()})()
+        self.closed: list = []
+        self.stream = SSEStream(self.request, self.clock, keepalive_interval=5, max_queue=2, on_close=self.closed.append)
+        self.done = self.stream.start()
+
+    def test_headers_and_first_bytes(self) -> None:
+        self.assertIs(self.request.producer, self.stream)
+        self.assertEqual(self.request.responseHeaders.getRawHeaders(b"content-type"), [b"text/event-stream; charset=utf-8"])
+        self.assertEqual(self.request.written, [b": stream open\n\n"])
+
+    def test_keepalive_on_clock(self) -> None:
+        self.clock.advance(4.9)
+        self.assertEqual(len(self.request.written), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(self.request.written[-1], b": keepalive\n\n")
+        self.clock.advance(5)
+        self.assertEqual(len(self.request.written), 3)
+
+    def test_paused_queue_then_resume(self) -> None:
+        self.stream.pauseProducing()
+        self.stream.send("1")
+        self.stream.send("2")
+        self.assertEqual(len(self.request.written), 1)
+        self.stream.resumeProducing()
+        self.assertEqual(self.request.written[1:], [b"data: 1\n\n", b"data: 2\n\n"])
+
+    def test_slow_consumer_aborted(self) -> None:
+        self.stream.pauseProducing()
+        for n in range(3):
+            self.stream.send(str(n))
+        self.assertTrue(self.request.channel.transport.aborted)
+        self.assertTrue(self.stream.closed)
+        self.assertEqual(self.closed, [self.stream])
+        # Keepalives stop with the stream.
+        self.clock.advance(100)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_close_fires_done(self) -> None:
+        self.stream.close()
+        self.assertEqual(self.successResultOf(self.done), b"")
+        self.stream.send("late")
+        self.assertEqual(len(self.request.written), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_client_gone(self) -> None:
+        self.done.cancel()
+        self.failureResultOf(self.done)
+        self.assertTrue(self.stream.closed)
+        self.assertEqual(self.closed, [self.stream])
