@@ -221,6 +221,8 @@ class SQLiteStoreTests(SynchronousTestCase):
         )
         self.addCleanup(store.close)
         self.failureResultOf(store.ready, sqlite3.OperationalError)
+        self.failureResultOf(store.ready, sqlite3.OperationalError)
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
 
     def test_newer_database_refused(self) -> None:
         inline_store(self, self.path).close()
@@ -229,6 +231,30 @@ class SQLiteStoreTests(SynchronousTestCase):
         )
         self.addCleanup(store.close)
         self.failureResultOf(store.ready, RuntimeError)
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_ready_many_times(self) -> None:
+        """
+        Every access to C{ready} gets its own result, before and after the
+        migrations ran.
+        """
+        threadpool = InlineThreadPool()
+        calls: list[Any] = []
+        original = threadpool.callInThreadWithCallback
+
+        def later(*args: Any, **kwargs: Any) -> None:
+            calls.append((args, kwargs))
+
+        threadpool.callInThreadWithCallback = later  # type: ignore[method-assign]
+        store = SQLiteStore(self.path, InlineReactor(), threadpool=threadpool)
+        self.addCleanup(store.close)
+        early = [store.ready, store.ready]
+        for d in early:
+            self.assertNoResult(d)
+        [(args, kwargs)] = calls
+        original(*args, **kwargs)
+        for d in early + [store.ready]:
+            self.assertIs(self.successResultOf(d), store)
 
     def test_split_script(self) -> None:
         self.assertEqual(

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smeldr_oauth.oauth import rotation
@@ -46,6 +48,8 @@ from smeldr_oauth.store.common import (
 )
 from smeldr_oauth.store.interface import CodeRedemption, IOAuthStore, RefreshRedemption
 from smeldr_oauth.store.migrations import MIGRATIONS, migrate
+
+log = Logger()
 
 T = TypeVar("T")
 
@@ -258,13 +262,7 @@ class SQLiteStore:
     Construct it, then wait for L{ready} (or use L{open}) before relying on
     it; calls made earlier queue behind the migrations on the store's single
     thread, so they are safe, but a failed migration fails them too.
-
-    @ivar ready: fires with the store once the schema is current, or fails
-        if it cannot be made current (for example a file from a newer
-        version).
     """
-
-    ready: "Deferred[SQLiteStore]"
 
     def __init__(
         self,
@@ -303,9 +301,38 @@ class SQLiteStore:
             cp_noisy=False,
             threadpool=threadpool,
         )
-        self.ready = self._pool.runWithConnection(migrate, migrations).addCallback(
-            lambda _: self
-        )
+        self._outcome: Optional[Union[SQLiteStore, Failure]] = None
+        self._waiting: list[Deferred[SQLiteStore]] = []
+        self._pool.runWithConnection(migrate, migrations).addBoth(self._migrated)
+
+    def _migrated(self, result: object) -> None:
+        if isinstance(result, Failure):
+            log.failure("The OAuth database could not be migrated", result)
+        self._outcome = result if isinstance(result, Failure) else self
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            self._fire(d)
+
+    def _fire(self, d: "Deferred[SQLiteStore]") -> None:
+        if isinstance(self._outcome, Failure):
+            d.errback(self._outcome)
+        else:
+            d.callback(self)
+
+    @property
+    def ready(self) -> "Deferred[SQLiteStore]":
+        """
+        A new L{Deferred} on each access (so that several waiters cannot
+        spoil each other's result) that fires with the store once its schema
+        is current, or fails if it cannot be made current (for example a
+        file written by a newer version).
+        """
+        d: Deferred[SQLiteStore] = Deferred()
+        if self._outcome is None:
+            self._waiting.append(d)
+        else:
+            self._fire(d)
+        return d
 
     @classmethod
     def open(cls, path: str, reactor: Any = None, clock: Any = None, **kwargs: Any) -> "Deferred[SQLiteStore]":
