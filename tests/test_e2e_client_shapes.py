@@ -879,11 +879,6 @@ class ClientShapeTests(TestCase):
 
         await self.matrix("Claude.ai", "cimd", "parallel-refresh-5", body)
 
-    test_parallelRefreshesBeyondTheSiblingCap.todo = (  # type: ignore[attr-defined]
-        "server: the 5th parallel refresh inside the grace window is treated as "
-        "reuse and revokes the grant (rotation.decide, MAX_SIBLINGS=4)"
-    )
-
     async def test_reuseAfterGraceRevokesTheGrant(self) -> None:
         """
         The grace window is short: presenting a rotated refresh token after

@@ -153,7 +153,10 @@ class DecideTests(SynchronousTestCase):
 
     def test_sibling_cap(self) -> None:
         self.assertEqual(run(token=spent(1), live_siblings=MAX_SIBLINGS - 1).status, "grace")
-        self.assertEqual(run(token=spent(1), live_siblings=MAX_SIBLINGS), REUSED)
+        decision = run(token=spent(1), live_siblings=MAX_SIBLINGS)
+        self.assertEqual(decision.status, "grace_exhausted")
+        self.assertFalse(decision.revoke_grant)
+        self.assertIsNone(decision.new_generation)
 
     def test_older_generation(self) -> None:
         self.assertEqual(run(token=spent(1, generation=1)), REUSED)

@@ -40,6 +40,7 @@ EXPIRED = "expired"
 INVALID_SCOPE = "invalid_scope"
 ROTATED = "rotated"
 GRACE = "grace"
+GRACE_EXHAUSTED = "grace_exhausted"
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -129,9 +130,10 @@ def decide(
       4. the token's idle lifetime is over: C{"expired"};
       5. the request asks for scopes beyond the grant: C{"invalid_scope"};
       6. a spent token of the generation just before the live one, spent at
-         most C{grace} seconds ago, while the live generation has fewer than
-         C{max_siblings} tokens: C{"grace"}, a sibling of the live
-         generation is issued;
+         most C{grace} seconds ago: C{"grace"}, a sibling of the live
+         generation is issued, unless the live generation already holds
+         C{max_siblings} tokens: then C{"grace_exhausted"}, refused
+         without ending the grant;
       7. otherwise (an unspent token of the live generation): C{"rotated"}.
 
     @param token: the presented token as stored, or C{None} if unknown.
@@ -148,17 +150,23 @@ def decide(
     if grant.revoked_at is not None:
         return RotationDecision(status=REVOKED)
 
-    in_grace = (
+    in_window = (
         grace > 0
         and token.used_at is not None
         and not token_revoked
         and token.generation == live_generation - 1
         and 0 <= now - token.used_at <= grace
-        and live_siblings < max_siblings
     )
     stale_unspent = token.used_at is None and token.generation != live_generation
-    if token_revoked or stale_unspent or (token.used_at is not None and not in_grace):
+    if token_revoked or stale_unspent or (token.used_at is not None and not in_window):
         return RotationDecision(status=REUSED, revoke_grant=True)
+    if in_window and live_siblings >= max_siblings:
+        # Yet another replay inside the window: refuse it, but do not end
+        # the grant.  A client firing many parallel refreshes (Claude.ai
+        # does) must not log its user out; the cap only bounds how many
+        # live branches one grace window can create.
+        return RotationDecision(status=GRACE_EXHAUSTED)
+    in_grace = in_window
 
     if now >= token.expires_at:
         return RotationDecision(status=EXPIRED)

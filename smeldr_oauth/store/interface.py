@@ -53,6 +53,8 @@ class RefreshRedemption:
     @ivar status: C{"rotated"} (new tokens stored), C{"grace"} (the previous
         generation replayed within the grace window: new tokens stored),
         C{"reused"} (an older token: the grant is now revoked),
+        C{"grace_exhausted"} (a replay inside the grace window beyond the
+        sibling cap: refused, nothing changed, the grant lives on),
         C{"invalid_scope"} (asked for scopes beyond the grant: nothing
         changed), C{"expired"}, C{"unknown"} or C{"revoked"}.
     """
