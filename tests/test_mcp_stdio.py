@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -17,6 +18,15 @@ app = MCPApp(name="stdio-test")
 @app.tool(scopes=("write",))
 def whoami(ctx: Context) -> str:
     return f"{ctx.subject} {sorted(ctx.scopes)}"
+
+
+@app.tool(scopes=())
+def later(ctx: Context) -> Deferred:
+    """Answers only when the test fires it."""
+    return PENDING.pop()
+
+
+PENDING: list = []
 
 
 def factory() -> MCPApp:
@@ -65,6 +75,26 @@ class StdioTests(SynchronousTestCase):
         self.protocol.dataReceived(b'[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/x"}]\n')
         [batch] = self.lines()
         self.assertEqual([r["id"] for r in batch], [1])
+
+    def test_stdin_closed_answers_in_flight_first(self) -> None:
+        """
+        When stdin ends, a request still running is answered before stdout
+        closes (a client that pipes its requests then closes its end).
+        """
+        self.init()
+        slow: Deferred = Deferred()
+        PENDING.append(slow)
+        self.protocol.dataReceived(b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"later"}}\n')
+        self.protocol.readConnectionLost()
+        self.assertFalse(self.transport.disconnecting)
+        slow.callback("done")
+        self.assertEqual(self.lines()[0]["result"]["content"][0]["text"], "done")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_stdin_closed_when_idle(self) -> None:
+        self.init()
+        self.protocol.readConnectionLost()
+        self.assertTrue(self.transport.disconnecting)
 
     def test_connection_lost_closes_session(self) -> None:
         self.init()

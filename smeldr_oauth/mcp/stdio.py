@@ -21,9 +21,10 @@ import sys
 from typing import Any, Optional, Sequence
 
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
 
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
@@ -34,9 +35,14 @@ log = Logger()
 DEFAULT_APP = "smeldr_oauth.site.tools:build_app"
 
 
+@implementer(IHalfCloseableProtocol)
 class StdioMCP(LineReceiver):
     """
     One MCP session over a byte stream of newline-delimited JSON.
+
+    When stdin closes, requests already read are still answered before
+    stdout closes: a client that writes its requests and then closes its
+    end (a shell pipe, a test harness) gets every response.
 
     @ivar MAX_LENGTH: the longest accepted line (the stdio counterpart of
         the HTTP body limit).
@@ -50,6 +56,33 @@ class StdioMCP(LineReceiver):
         self.session = ServerSession(app, clock, default_outlet=CallbackOutlet(self._send))
         self.principal = Principal("local", None, app.all_scopes(), None)
         self.finished: Deferred = Deferred()
+        self._pending = 0
+        self._input_closed = False
+
+    def _track(self, d: Deferred) -> Deferred:
+        self._pending += 1
+
+        def done(result: Any) -> Any:
+            self._pending -= 1
+            self._maybe_close()
+            return result
+
+        return d.addBoth(done)
+
+    def _maybe_close(self) -> None:
+        if self._input_closed and self._pending == 0 and self.transport is not None:
+            self.transport.loseConnection()
+
+    def readConnectionLost(self) -> None:
+        """
+        stdin reached its end: finish what is in flight, then close.
+        """
+        self._input_closed = True
+        self._maybe_close()
+
+    def writeConnectionLost(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def _send(self, message: Any) -> None:
         if self.transport is not None:
@@ -70,7 +103,9 @@ class StdioMCP(LineReceiver):
             )
             return
         if not is_batch:
-            self.session.handle(messages[0], self.principal, self.session.default_outlet).addCallback(self._reply)
+            self._track(
+                self.session.handle(messages[0], self.principal, self.session.default_outlet).addCallback(self._reply)
+            )
             return
         responses: list[Any] = []
         remaining = [len(messages)]
@@ -83,7 +118,7 @@ class StdioMCP(LineReceiver):
                 self._send(responses)
 
         for message in messages:
-            self.session.handle(message, self.principal, self.session.default_outlet).addCallback(collected)
+            self._track(self.session.handle(message, self.principal, self.session.default_outlet).addCallback(collected))
 
     def _reply(self, response: Optional[dict]) -> None:
         if response is not None:
