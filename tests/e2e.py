@@ -483,6 +483,10 @@ async def serveClientMetadata(
 #: -> status) that the docs are generated from; unset, nothing is written.
 MATRIX_ENVIRONMENT = "SMELDR_MATRIX_DIR"
 
+#: The matrix files this process has written: a test's first row replaces
+#: what an earlier run left in its file, later rows are added to it.
+_matrixFilesWritten: set[str] = set()
+
 
 def recordMatrix(
     testCase: TestCase,
@@ -496,7 +500,8 @@ def recordMatrix(
     """
     Add one row to the client matrix, if C{$SMELDR_MATRIX_DIR} is set: a JSON
     list of C{{client, version, transport, identity, case, status, test}}
-    objects in C{<dir>/<test id>.json} (a test may add several rows).
+    objects in C{<dir>/<test id>.json} (a test may add several rows; a new
+    run of the test replaces the rows of the previous one).
 
     @param client: The client as a person knows it, e.g. C{"mcp (Python SDK)"}
         or C{"mcp-remote"}.
@@ -513,9 +518,10 @@ def recordMatrix(
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"{testCase.id()}.json")
     rows: list[dict[str, str]] = []
-    if os.path.exists(path):
+    if path in _matrixFilesWritten and os.path.exists(path):
         with open(path) as f:
             rows = json.load(f)
+    _matrixFilesWritten.add(path)
     rows.append(
         {
             "client": client,
