@@ -55,7 +55,12 @@ class Config:
         be replayed (parallel refreshes) without ending the grant.
     @ivar refresh_for_refresh_grant_clients: also issue refresh tokens to
         clients whose metadata lists the C{refresh_token} grant, even when
-        C{offline_access} was not asked for.
+        C{offline_access} was not asked for.  On by default: the TypeScript
+        SDK and the Python SDK 1.x ask for the resource's scopes only
+        (never C{offline_access}) yet register for the refresh grant, and
+        without this their users would face the consent page every hour.
+        Refresh tokens rotate on every use, which is what OAuth 2.1 asks of
+        refresh tokens held by public clients.
     @ivar allow_insecure_client_ids: development only: http and loopback
         client_id URLs and redirect URIs.
     """
@@ -69,7 +74,7 @@ class Config:
     auth_code_ttl: int = attr.ib(default=300)
     refresh_token_ttl: int = attr.ib(default=30 * 24 * 3600)
     refresh_grace: int = attr.ib(default=60)
-    refresh_for_refresh_grant_clients: bool = attr.ib(default=False)
+    refresh_for_refresh_grant_clients: bool = attr.ib(default=True)
     dynamic_registration: bool = attr.ib(default=True)
     max_registered_clients: int = attr.ib(default=10000)
     allow_insecure_client_ids: bool = attr.ib(default=False)

@@ -81,7 +81,12 @@ class Options(usage.Options):
         [
             "refresh-for-refresh-grant-clients",
             None,
-            "Also issue refresh tokens to clients whose metadata lists the refresh_token grant.",
+            "Issue refresh tokens to clients whose metadata lists the refresh_token grant (the default).",
+        ],
+        [
+            "offline-access-only",
+            None,
+            "Issue refresh tokens only when the offline_access scope was granted.",
         ],
     ]
 
@@ -166,7 +171,7 @@ class Options(usage.Options):
             refresh_grace=self["refresh-grace"],
             dynamic_registration=not self["no-registration"],
             allow_insecure_client_ids=bool(self["dev"]),
-            refresh_for_refresh_grant_clients=bool(self["refresh-for-refresh-grant-clients"]),
+            refresh_for_refresh_grant_clients=not self["offline-access-only"],
             service_name=self["service-name"],
         )
         kw.update(overrides)
