@@ -82,13 +82,14 @@ def render_grants(
     else:
         parts.append('<ul class="grants">')
         for grant in grants:
-            words = ", ".join(escape(w) for _, w in pages.scope_words(grant.scopes, scope_words))
+            words = "".join(f"<li>{escape(w)}</li>" for _, w in pages.scope_words(grant.scopes, scope_words))
             name = escape(grant.client_name or "Unnamed application")
             label_id = f"g-{escape(grant.grant_id)}"
             parts.append(
                 f'<li><h2 id="{label_id}">{name}</h2>'
                 f'<p class="muted">{escape(_client_host(grant.client_id))}</p>'
-                f"<p>Can: {words}</p>"
+                f'<p>It can:</p><ul class="scopes">{words}</ul>'
+
                 f'<p class="muted">Connected {_when(grant.created_at)}; last used {_when(grant.last_used_at)}</p>'
                 f'<form method="post" action="{escape(action)}">'
                 '<input type="hidden" name="action" value="revoke">'

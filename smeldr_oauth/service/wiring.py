@@ -115,6 +115,15 @@ def register_health(app: Klein, oauth: OAuthServer, path: str = "/healthz") -> N
 
     app.route(path, methods=["GET", "HEAD"], branch=False, endpoint="smeldr_healthz")(health)
 
+    def favicon(request: Any) -> bytes:
+        # Browsers ask for it on every page; an empty answer they may cache
+        # keeps a 404 out of their consoles and our access log.
+        request.setResponseCode(204)
+        request.setHeader("Cache-Control", "public, max-age=86400")
+        return b""
+
+    app.route("/favicon.ico", methods=["GET", "HEAD"], branch=False, endpoint="smeldr_favicon")(favicon)
+
 
 def load_app(spec: str) -> MCPApp:
     """
