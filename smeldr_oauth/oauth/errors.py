@@ -10,7 +10,22 @@ is trusted), or a plain page (authorization endpoint, before it is).
 
 from __future__ import annotations
 
+import re
 from typing import Optional
+
+# RFC 6749 section 5.2: error_description is limited to printable ASCII
+# without '"' and '\\'.  Descriptions may quote what a client sent (an
+# unknown scope), so anything else is replaced rather than echoed.
+_NOT_DESCRIPTION = re.compile(r"[^\x20-\x21\x23-\x5b\x5d-\x7e]")
+MAX_DESCRIPTION = 300
+
+
+def clean_description(text: str) -> str:
+    """
+    Make C{text} a valid C{error_description}: printable ASCII except C{"}
+    and C{\\}, at most L{MAX_DESCRIPTION} characters.
+    """
+    return _NOT_DESCRIPTION.sub("?", text)[:MAX_DESCRIPTION]
 
 
 class OAuthError(Exception):
@@ -27,7 +42,7 @@ class OAuthError(Exception):
     def __init__(self, error: str, description: str, status: Optional[int] = None) -> None:
         super().__init__(error, description)
         self.error = error
-        self.description = description
+        self.description = clean_description(description)
         if status is not None:
             self.status = status
 
@@ -103,3 +118,22 @@ class AuthorizeRedirectError(Exception):
         self.redirect_uri = redirect_uri
         self.state = state
         self.error = error
+
+
+def login_required(description: str) -> OAuthError:
+    """
+    C{prompt=none} asked for no interaction, but every approval here needs
+    the user to paste a site token (OpenID Connect Core section 3.1.2.6).
+    """
+    return OAuthError("login_required", description)
+
+
+def server_error(description: str = "the server could not handle the request") -> OAuthError:
+    """
+    Something failed on our side; the description never says what.
+    """
+    return OAuthError("server_error", description, 500)
+
+
+def temporarily_unavailable(description: str) -> OAuthError:
+    return OAuthError("temporarily_unavailable", description, 503)

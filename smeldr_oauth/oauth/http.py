@@ -24,6 +24,7 @@ from twisted.web.iweb import IRequest
 
 from smeldr_oauth.oauth import errors, pages
 from smeldr_oauth.oauth.server import AuthorizationRequest, OAuthServer
+from smeldr_oauth.oauth.urls import valid_host
 
 log = Logger()
 
@@ -83,7 +84,9 @@ def parse_form(request: IRequest, limit: int = MAX_FORM) -> dict[str, list[str]]
     data = read_body(request, limit)
     try:
         text = data.decode("utf-8")
-        return parse_qs(text, keep_blank_values=True, strict_parsing=False, max_num_fields=100, errors="strict")
+        return parse_qs(
+            text, keep_blank_values=True, strict_parsing=False, max_num_fields=100, errors="strict"
+        )
     except (UnicodeDecodeError, ValueError):
         raise BadBody("the body is not a valid form")
 
@@ -147,10 +150,22 @@ def page_response(
 
 
 def _origin(url: str) -> tuple[str, ...]:
-    parsed = URL.from_text(url)
+    """
+    The origin of C{url} as a CSP source expression, or nothing when it
+    cannot be written as one safely (the form then may only post to
+    C{'self'}, and the browser will not follow the redirect: better than
+    a header injection).
+    """
+    try:
+        parsed = URL.from_text(url)
+    except Exception:
+        return ()
+    scheme = parsed.scheme.lower()
+    if scheme not in ("http", "https") or not valid_host(parsed.host):
+        return ()
     port = "" if parsed.port in (None, 80, 443) else f":{parsed.port}"
     host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
-    return (f"{parsed.scheme}://{host}{port}",)
+    return (f"{scheme}://{host}{port}",)
 
 
 class OAuthHTTP:
@@ -167,53 +182,70 @@ class OAuthHTTP:
         Mount every endpoint.  The authorize, token and register endpoints
         also answer at the origin root, where clients that skip metadata
         (the 2025-03-26 fallback, Claude.ai at times) look for them.
+
+        Every path also answers the methods it does not support, with a
+        405 in its own format (JSON, or a page for C{authorize}) and a
+        sorted C{Allow}, instead of Werkzeug's HTML.  Only the metadata,
+        token, revocation and registration endpoints speak CORS (and so
+        answer C{OPTIONS}); the authorization endpoint never does.
         """
         resource_path = URL.from_text(self.config.resource or "").path
         prm_paths = ["/.well-known/oauth-protected-resource"]
         suffix = "/".join(p for p in resource_path if p)
         if suffix:
             prm_paths.append("/.well-known/oauth-protected-resource/" + suffix)
-        self._route(app, "/.well-known/oauth-authorization-server", ["GET", "HEAD"], self.as_metadata, cors=True)
-        for path in prm_paths:
-            self._route(app, path, ["GET", "HEAD"], self.pr_metadata, cors=True)
-        self._route(app, "/.well-known/openid-configuration", ["GET", "HEAD"], self.no_oidc, cors=True)
+        routes: list[tuple[str, dict[str, Callable[[IRequest], Any]], bool]] = [
+            ("/.well-known/oauth-authorization-server", {"GET": self.as_metadata}, True),
+            ("/.well-known/openid-configuration", {"GET": self.no_oidc}, True),
+        ]
+        routes += [(path, {"GET": self.pr_metadata}, True) for path in prm_paths]
         for prefix in ("/oauth", ""):
-            self._route(app, prefix + "/authorize", ["GET", "HEAD"], self.authorize_get, cors=False)
-            self._route(app, prefix + "/authorize", ["POST"], self.authorize_post, cors=False)
-            self._route(app, prefix + "/token", ["POST"], self.token, cors=True)
-            self._route(app, prefix + "/register", ["POST"], self.register_client, cors=True)
-        self._route(app, "/oauth/revoke", ["POST"], self.revoke, cors=True)
-        self._route(app, "/revoke", ["POST"], self.revoke, cors=True)
+            routes += [
+                (prefix + "/authorize", {"GET": self.authorize_get, "POST": self.authorize_post}, False),
+                (prefix + "/token", {"POST": self.token}, True),
+                (prefix + "/register", {"POST": self.register_client}, True),
+                (prefix + "/revoke", {"POST": self.revoke}, True),
+            ]
+        for path, handlers, cors in routes:
+            self._mount(app, path, handlers, cors)
 
-    def _route(
+    def _mount(
         self,
         app: Klein,
         path: str,
-        methods: list[str],
-        handler: Callable[[IRequest], Any],
+        handlers: dict[str, Callable[[IRequest], Any]],
         cors: bool,
     ) -> None:
-        allowed = sorted(set(methods) | {"OPTIONS"} if cors else set(methods))
-
-        @app.route(path, methods=methods, branch=False, endpoint=f"oauth:{path}:{methods[0]}")
-        def route(request: IRequest) -> Any:
-            return handler(request)
-
+        methods = set(handlers)
+        if "GET" in methods:
+            methods.add("HEAD")
         if cors:
-            key = f"oauth:{path}:OPTIONS"
-            registered = app.__dict__.setdefault("_smeldr_oauth_options", set())
-            if key not in registered:
-                registered.add(key)
+            methods.add("OPTIONS")
+        allow = ", ".join(sorted(methods))
 
-                @app.route(path, methods=["OPTIONS"], branch=False, endpoint=key)
-                def preflight(request: IRequest) -> bytes:
-                    request.setResponseCode(204)
-                    for k, v in CORS_HEADERS.items():
-                        request.setHeader(k, v)
-                    request.setHeader(
-                        "Access-Control-Allow-Methods", ", ".join(m for m in allowed)
-                    )
-                    return b""
+        def dispatch(request: IRequest) -> Any:
+            method = request.method.decode("ascii", "replace").upper()
+            handler = handlers.get("GET" if method == "HEAD" else method)
+            if handler is not None:
+                return handler(request)
+            if method == "OPTIONS" and cors:
+                request.setResponseCode(204)
+                for k, v in CORS_HEADERS.items():
+                    request.setHeader(k, v)
+                request.setHeader("Access-Control-Allow-Methods", allow)
+                return b""
+            request.setHeader("Allow", allow)
+            if not cors:
+                return self._error_page(
+                    request, "Method not allowed", "This address does not answer that method.", 405
+                )
+            return json_response(
+                request,
+                405,
+                {"error": "invalid_request", "error_description": "method not allowed; see the Allow header"},
+            )
+
+        app.route(path, branch=False, endpoint=f"oauth:{path}")(dispatch)
 
     # -- metadata -------------------------------------------------------------
 
@@ -243,14 +275,33 @@ class OAuthHTTP:
             params = parse_query(request)
         except BadBody as e:
             return self._error_page(request, "Invalid request", str(e))
-        return await self._authorize(request, params, None)
+        return await self._guarded(request, params, None)
 
     async def authorize_post(self, request: IRequest) -> bytes:
+        """
+        The consent form.  Only the body counts: a query string on the
+        POST is ignored, so nothing outside the form can change it.
+        """
         try:
             params = parse_form(request)
         except BadBody as e:
             return self._error_page(request, "Invalid request", str(e))
-        return await self._authorize(request, params, params)
+        return await self._guarded(request, params, params)
+
+    async def _guarded(
+        self,
+        request: IRequest,
+        params: dict[str, list[str]],
+        form: Optional[dict[str, list[str]]],
+    ) -> bytes:
+        try:
+            return await self._authorize(request, params, form)
+        except Exception:
+            # Never a traceback, never a redirect we did not decide on.
+            log.failure("the authorization endpoint failed")
+            return self._error_page(
+                request, "Something went wrong", "The request could not be handled. Try again later.", 500
+            )
 
     def _error_page(self, request: IRequest, title: str, detail: str, status: int = 400) -> bytes:
         return page_response(request, status, lambda nonce: pages.error_page(title, detail, nonce))
@@ -271,18 +322,24 @@ class OAuthHTTP:
             return self._consent(request, authz, None, 200)
         decisions = form.get("decision", [])
         if decisions == ["deny"]:
-            log.info(
-                "user denied client {client_id}", client_id=authz.client.client_id
-            )
+            log.info("user denied client {client_id}", client_id=authz.client.client_id)
             return self._redirect(request, self.server.deny(authz))
         if decisions != ["approve"]:
             return self._consent(request, authz, "Choose Approve or Deny.", 400)
         address = client_address(request)
         if not self.server.paste_limiter.allowed(address):
-            log.warn("refused site token paste from {address}: rate limited", address=address)
+            log.warn(
+                "refused site token paste from {address}: rate limited",
+                address=address,
+                endpoint="authorize",
+                smeldr_event="rate_limited",
+            )
             request.setHeader("Retry-After", "60")
-            return self._consent(request, authz, "Too many failed attempts. Wait a minute and try again.", 429)
-        pasted = form.get("site_token", [""])
+            return self._consent(
+                request, authz, "Too many failed attempts. Wait a minute and try again.", 429
+            )
+        pasted = form.get("site_token", [])
+        # A repeated field is refused like a wrong token: only one paste.
         approval = await self.server.verify_paste(pasted[0] if len(pasted) == 1 else "")
         if approval is None:
             self.server.paste_limiter.hit(address)
@@ -290,6 +347,7 @@ class OAuthHTTP:
                 "refused site token paste from {address} for client {client_id}",
                 address=address,
                 client_id=authz.client.client_id,
+                smeldr_event="paste_refused",
             )
             return self._consent(request, authz, "That site token was not accepted.", 403)
         location = await self.server.approve(authz, approval)
@@ -343,6 +401,7 @@ class OAuthHTTP:
         status: int = 200,
     ) -> bytes:
         basic = None
+        basic_sent = bool(request.getHeader("authorization"))
         try:
             try:
                 params = parse_form(request)
@@ -351,7 +410,12 @@ class OAuthHTTP:
             basic = basic_credentials(request)
             result = await call(params, basic)
         except errors.OAuthError as e:
-            return oauth_error_response(request, e, basic_used=basic is not None)
+            return oauth_error_response(request, e, basic_used=basic_sent)
+        except Exception:
+            # A bug or a failing store: log it, and answer in the
+            # endpoint's own format without saying what went wrong.
+            log.failure("{path} failed", path=request.path.decode("ascii", "replace"))
+            return oauth_error_response(request, errors.server_error())
         return json_response(request, status, result if result is not None else {})
 
     def token(self, request: IRequest) -> "Deferred[bytes]":
@@ -373,7 +437,12 @@ class OAuthHTTP:
             )
         address = client_address(request)
         if not self.server.register_limiter.hit(address):
-            log.warn("refused registration from {address}: rate limited", address=address)
+            log.warn(
+                "refused registration from {address}: rate limited",
+                address=address,
+                endpoint="register",
+                smeldr_event="rate_limited",
+            )
             request.setHeader("Retry-After", "60")
             return json_response(
                 request, 429, {"error": "slow_down", "error_description": "too many registrations"}
@@ -388,4 +457,7 @@ class OAuthHTTP:
             result = await self.server.register(metadata)
         except errors.OAuthError as e:
             return oauth_error_response(request, e)
+        except Exception:
+            log.failure("registration failed")
+            return oauth_error_response(request, errors.server_error())
         return json_response(request, 201, result)

@@ -24,6 +24,9 @@ h1{font-size:1.35rem;margin:0 0 .75rem}
 p{margin:.5rem 0}
 .muted{color:var(--muted);font-size:.9rem}
 ul.scopes{padding-left:1.2rem;margin:.5rem 0 1rem}
+ul.grants{list-style:none;padding:0;margin:1rem 0}
+ul.grants>li{border-top:1px solid var(--border);padding:.75rem 0}
+h2{font-size:1.1rem;margin:0 0 .25rem}
 .warn{background:var(--warnbg);color:var(--warn);border-radius:8px;padding:.6rem .8rem;margin:.75rem 0;font-size:.95rem}
 label{display:block;font-weight:600;margin:1rem 0 .35rem}
 input[type=password]{width:100%;padding:.6rem .7rem;font:inherit;border:1px solid var(--border);border-radius:8px;background:var(--bg);color:var(--fg)}

@@ -11,6 +11,7 @@ behind L{IOAuthStore}.
 from __future__ import annotations
 
 import inspect
+import unicodedata
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -49,6 +50,12 @@ log = Logger()
 MAX_PARAM = 2048
 MAX_STATE = 1024
 
+#: Longest access token worth looking up: ours are 43 characters.
+MAX_TOKEN = 512
+
+#: The authorization request's parameters that may appear at most once
+#: (RFC 6749 section 3.1).  C{resource} is checked on its own: RFC 8707
+#: allows several, and this server refuses more than one as invalid_target.
 AUTHORIZE_PARAMS = (
     "response_type",
     "client_id",
@@ -57,8 +64,24 @@ AUTHORIZE_PARAMS = (
     "state",
     "code_challenge",
     "code_challenge_method",
-    "resource",
+    "prompt",
+    "response_mode",
 )
+
+#: The same for the token endpoint (RFC 6749 section 3.2).
+TOKEN_PARAMS = (
+    "grant_type",
+    "code",
+    "redirect_uri",
+    "client_id",
+    "client_secret",
+    "code_verifier",
+    "refresh_token",
+    "scope",
+)
+
+#: And for the revocation endpoint (RFC 7009 section 2.1).
+REVOKE_PARAMS = ("token", "token_type_hint", "client_id", "client_secret")
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -113,6 +136,41 @@ def single(params: Mapping[str, list[str]], name: str, required: bool = False) -
     return value
 
 
+def reject_repeated(params: Mapping[str, list[str]], names: Iterable[str]) -> None:
+    """
+    Refuse a request that repeats one of C{names} (RFC 6749 sections 3.1
+    and 3.2: parameters MUST NOT be included more than once).  Parameters
+    we do not know are ignored, as RFC 6749 section 3.1 requires.
+    """
+    for name in names:
+        if len(params.get(name, [])) > 1:
+            raise errors.invalid_request(f"parameter {name} is repeated")
+    if len(params.get("resource", [])) > 1:
+        raise errors.invalid_target("only one resource may be requested")
+
+
+def display_name(name: str) -> Optional[str]:
+    """
+    A self-declared client name made safe to show and to log: control
+    characters become spaces, format characters (bidi overrides, zero-width
+    joiners that could disguise the name) go, whitespace is collapsed.
+    """
+    visible = "".join(
+        " " if unicodedata.category(c) == "Cc" else c
+        for c in name
+        if unicodedata.category(c) not in ("Cf", "Co", "Cs", "Cn")
+    )
+    return " ".join(visible.split()) or None
+
+
+def _label(value: Optional[str]) -> str:
+    """
+    A client-supplied value fit for a log field or metric label: known
+    grant types pass, anything else is "other".
+    """
+    return value if value in ("authorization_code", "refresh_token") else "other"
+
+
 def _approval_of(result: Any) -> Optional[Approval]:
     if isinstance(result, Approval):
         return result
@@ -147,6 +205,10 @@ class OAuthServer:
         self._cimd = cimd
         self._observers: list[Callable[[str], None]] = []
         self._cache: OrderedDict[str, tuple[AccessInfo, float]] = OrderedDict()
+        # Bumped by every revocation.  A look-up that started before a
+        # revocation and ends after it may have read the token as live: its
+        # answer must not be cached (it would outlive the revocation).
+        self._revocations = 0
         self.paste_limiter = RateLimiter(clock, config.paste_failures_per_minute)
         self.register_limiter = RateLimiter(clock, config.registrations_per_minute)
 
@@ -206,15 +268,20 @@ class OAuthServer:
         if self._cimd is not None and is_cimd_client_id(
             client_id, allow_insecure=self.config.allow_insecure_client_ids
         ):
-            d = self._cimd.resolve(client_id)
+            d = maybeDeferred(self._cimd.resolve, client_id)
 
             def failed(f: Any) -> None:
-                f.trap(CIMDError)
-                log.info(
-                    "refused client metadata document {client_id}: {reason}",
-                    client_id=client_id,
-                    reason=f.value.reason,
-                )
+                if f.check(CIMDError):
+                    log.info(
+                        "refused client metadata document {client_id}: {reason}",
+                        client_id=client_id,
+                        reason=f.value.reason,
+                        smeldr_event="cimd_refused",
+                    )
+                else:
+                    log.failure(
+                        "resolving client metadata document {client_id} failed", f, client_id=client_id
+                    )
                 return None
 
             return d.addErrback(failed)
@@ -222,12 +289,15 @@ class OAuthServer:
 
     # -- authorization endpoint ---------------------------------------------
 
-    async def validate_authorization_request(
-        self, params: Mapping[str, list[str]]
-    ) -> AuthorizationRequest:
+    async def validate_authorization_request(self, params: Mapping[str, list[str]]) -> AuthorizationRequest:
         """
         Validate an authorization request (GET query or the consent form's
         fields, which are checked again in full on POST).
+
+        The client and its redirect URI are checked first: until both are
+        trusted, every problem is shown on a page (redirecting to an
+        unchecked URI would make this an open redirector).  After that,
+        every problem goes back to the client with C{state} and C{iss}.
 
         @raise errors.UntrustedRedirect: the client or the redirect URI
             cannot be trusted: show a page, do not redirect.
@@ -248,10 +318,10 @@ class OAuthServer:
                 "client metadata document could not be used.",
             )
         if redirect_uri is None:
-            if len(client.redirect_uris) != 1 or (
-                parse(client.redirect_uris[0]) is not None
-                and is_loopback_host(parse(client.redirect_uris[0]).host)  # type: ignore[union-attr]
-            ):
+            # Only an unambiguous, fixed registration may be defaulted: a
+            # loopback one needs the port the client is listening on.
+            only = parse(client.redirect_uris[0]) if len(client.redirect_uris) == 1 else None
+            if only is None or is_loopback_host(only.host):
                 raise errors.UntrustedRedirect(
                     "Invalid request", "The request does not say where to return to (redirect_uri)."
                 )
@@ -269,16 +339,14 @@ class OAuthServer:
             raise errors.AuthorizeRedirectError(
                 redirect_uri, None, errors.invalid_request("state is too long")
             )
-
-        def fail(error: errors.OAuthError) -> errors.AuthorizeRedirectError:
-            return errors.AuthorizeRedirectError(redirect_uri, state, error)  # type: ignore[arg-type]
-
         try:
-            for name in AUTHORIZE_PARAMS:
-                single(params, name)
+            reject_repeated(params, AUTHORIZE_PARAMS)
             response_type = single(params, "response_type", required=True)
             if response_type != "code":
                 raise errors.unsupported_response_type("only response_type=code is supported")
+            response_mode = single(params, "response_mode")
+            if response_mode not in (None, "query"):
+                raise errors.invalid_request("only response_mode=query is supported")
             challenge = single(params, "code_challenge")
             if challenge is None:
                 raise errors.invalid_request("PKCE is required: code_challenge is missing")
@@ -289,8 +357,9 @@ class OAuthServer:
                 raise errors.invalid_request("code_challenge is not a valid S256 challenge")
             scopes = self.parse_scopes(single(params, "scope"), client)
             resource = self.check_resource(params.get("resource", []))
+            self.check_prompt(single(params, "prompt"))
         except errors.OAuthError as e:
-            raise fail(e)
+            raise errors.AuthorizeRedirectError(redirect_uri, state, e)
         return AuthorizationRequest(
             client=client,
             redirect_uri=redirect_uri,
@@ -299,6 +368,22 @@ class OAuthServer:
             code_challenge=challenge,
             resource=resource,
         )
+
+    def check_prompt(self, prompt: Optional[str]) -> None:
+        """
+        C{prompt} (OpenID Connect Core section 3.1.2.1, used by OAuth
+        clients too): the consent page is always shown, so C{consent},
+        C{login} and C{select_account} are already honoured; C{none} cannot
+        be, because approving needs a pasted site token.  C{none} with any
+        other value is contradictory.  Unknown values are ignored.
+        """
+        if prompt is None:
+            return
+        values = prompt.split()
+        if "none" in values:
+            if len(values) > 1:
+                raise errors.invalid_request("prompt=none cannot be combined with other values")
+            raise errors.login_required("approval needs the user to paste a site token")
 
     def parse_scopes(self, scope: Optional[str], client: Optional[Client] = None) -> tuple[str, ...]:
         """
@@ -355,8 +440,13 @@ class OAuthServer:
                 result = await ensureDeferred(result)  # type: ignore[arg-type]
             elif isinstance(result, Deferred):
                 result = await result
-        except Exception:
-            log.failure("verify_bearer raised; treating the paste as refused")
+        except Exception as e:
+            # Not log.failure: the exception's text or traceback could
+            # quote the pasted token.  Its type is enough to start looking.
+            log.error(
+                "verify_bearer raised {exception_type}; treating the paste as refused",
+                exception_type=type(e).__qualname__,
+            )
             return None
         return _approval_of(result)
 
@@ -378,8 +468,7 @@ class OAuthServer:
             client_name=request.client.client_name,
         )
         issue_refresh = OFFLINE_ACCESS in request.scopes or (
-            self.config.refresh_for_refresh_grant_clients
-            and "refresh_token" in request.client.grant_types
+            self.config.refresh_for_refresh_grant_clients and "refresh_token" in request.client.grant_types
         )
         record = AuthorizationCode(
             code_hash=hash_secret(code),
@@ -395,6 +484,7 @@ class OAuthServer:
         await self.store.create_grant(grant, record)
         log.info(
             "grant {grant_id} approved by {subject} for client {client_id} scopes {scopes}",
+            smeldr_event="grant_approved",
             grant_id=grant.grant_id,
             subject=approval.subject,
             client_id=request.client.client_id,
@@ -434,13 +524,17 @@ class OAuthServer:
         if basic is not None and post_secret is not None:
             raise errors.invalid_request("use one client authentication method")
         if basic is not None:
-            client_id, secret = basic
+            client_id, basic_secret = basic
             if post_id is not None and post_id != client_id:
                 raise errors.invalid_client("client_id does not match the Authorization header")
+            # Some libraries send "client_id:" for a public client.
+            secret: Optional[str] = basic_secret or None
         else:
-            client_id, secret = post_id, post_secret  # type: ignore[assignment]
+            client_id, secret = post_id or "", post_secret
         if not client_id:
             raise errors.invalid_client("client_id is required")
+        if len(client_id) > MAX_PARAM:
+            raise errors.invalid_client("unknown client")
         client = await self.resolve_client(client_id)
         if client is None:
             raise errors.invalid_client("unknown client")
@@ -456,36 +550,62 @@ class OAuthServer:
     ) -> dict[str, Any]:
         """
         The token endpoint: the JSON body of a successful response.
+
+        Every outcome is a log event (C{smeldr_event} C{token_issued} or
+        C{token_refused}, which the metrics count), carrying the grant
+        type and error code only: never a parameter's value.
         """
-        grant_type = single(params, "grant_type", required=True)
-        if grant_type == "authorization_code":
-            return await self._code_grant(params, basic)
-        if grant_type == "refresh_token":
-            return await self._refresh_grant(params, basic)
-        raise errors.unsupported_grant_type("grant_type must be authorization_code or refresh_token")
+        grant_type: Optional[str] = None
+        try:
+            reject_repeated(params, TOKEN_PARAMS)
+            grant_type = single(params, "grant_type", required=True)
+            if grant_type == "authorization_code":
+                body = await self._code_grant(params, basic)
+            elif grant_type == "refresh_token":
+                body = await self._refresh_grant(params, basic)
+            else:
+                raise errors.unsupported_grant_type("grant_type must be authorization_code or refresh_token")
+        except errors.OAuthError as e:
+            log.info(
+                "token request refused: {reason}",
+                reason=e.error,
+                grant_type=_label(grant_type),
+                smeldr_event="token_refused",
+            )
+            raise
+        log.info(
+            "token issued by grant type {grant_type}", grant_type=grant_type, smeldr_event="token_issued"
+        )
+        return body
 
     async def _code_grant(
         self, params: Mapping[str, list[str]], basic: Optional[tuple[str, str]]
     ) -> dict[str, Any]:
+        # Everything that can be checked without the code is checked
+        # before it is spent, so a malformed request changes nothing.
         code = single(params, "code", required=True)
         verifier = single(params, "code_verifier", required=True)
         redirect_uri = single(params, "redirect_uri")
-        resource_values = params.get("resource", [])
-        if len(resource_values) > 1:
-            raise errors.invalid_target("only one resource may be requested")
+        resource_values = [v for v in params.get("resource", []) if v]
+        if resource_values:
+            self.check_resource(resource_values)
         client = await self.authenticate_client(params, basic)
         if not pkce.valid_verifier(verifier or ""):
             raise errors.invalid_grant("code_verifier is malformed")
         now = self._clock.seconds()
+        # From here the code is spent whatever happens: a code presented
+        # with the wrong verifier, client or redirect_uri never works again.
         result = await self.store.consume_code(hash_secret(code or ""), now)
         if result.status == "replayed":
-            assert result.grant is not None
+            # The store has revoked the grant.
+            assert result.code is not None
             log.warn(
-                "authorization code replayed: grant {grant_id} of client {client_id} revoked",
-                grant_id=result.grant.grant_id,
-                client_id=result.grant.client_id,
+                "replayed authorization code refused: grant {grant_id} revoked",
+                grant_id=result.code.grant_id,
+                client_id=result.code.client_id,
+                smeldr_event="code_replay",
             )
-            self._grant_revoked(result.grant.grant_id)
+            self._grant_revoked(result.code.grant_id)
             raise errors.invalid_grant("authorization code already used")
         if result.status != "ok":
             raise errors.invalid_grant("authorization code is invalid or expired")
@@ -495,7 +615,7 @@ class OAuthServer:
             raise errors.invalid_grant("authorization code was issued to another client")
         if redirect_uri is not None and redirect_uri != record.redirect_uri:
             raise errors.invalid_grant("redirect_uri does not match the authorization request")
-        if resource_values and resource_values[0]:
+        if resource_values:
             resource = canonical_resource(resource_values[0])
             if resource != record.resource:
                 raise errors.invalid_target("resource does not match the authorization request")
@@ -536,9 +656,7 @@ class OAuthServer:
         token = single(params, "refresh_token", required=True)
         scope = single(params, "scope")
         requested = None if scope is None else self.parse_scopes(scope)
-        resource_values = params.get("resource", [])
-        if resource_values:
-            self.check_resource(resource_values)
+        self.check_resource(params.get("resource", []))
         client = await self.authenticate_client(params, basic)
         now = self._clock.seconds()
         access = new_secret()
@@ -565,11 +683,13 @@ class OAuthServer:
             ),
         )
         if result.status == "reused":
+            # The store has revoked the grant.
             assert result.grant is not None
             log.warn(
-                "refresh token reused: grant {grant_id} of client {client_id} revoked",
+                "reused refresh token refused: grant {grant_id} revoked",
                 grant_id=result.grant.grant_id,
                 client_id=result.grant.client_id,
+                smeldr_event="refresh_reuse",
             )
             self._grant_revoked(result.grant.grant_id)
             raise errors.invalid_grant("refresh token already used")
@@ -589,6 +709,7 @@ class OAuthServer:
                 owner=grant.client_id,
                 client_id=client.client_id,
                 grant_id=grant.grant_id,
+                smeldr_event="refresh_wrong_client",
             )
             raise errors.invalid_grant("refresh token was issued to another client")
         return IssuedTokens(
@@ -600,25 +721,29 @@ class OAuthServer:
 
     # -- revocation -----------------------------------------------------------
 
-    async def revoke(
-        self, params: Mapping[str, list[str]], basic: Optional[tuple[str, str]] = None
-    ) -> None:
+    async def revoke(self, params: Mapping[str, list[str]], basic: Optional[tuple[str, str]] = None) -> None:
         """
         RFC 7009.  Unknown tokens are not an error; a refresh token ends its
         grant.  Public clients identify themselves by client_id only, and
         are not required to: a token is its own proof of possession.
         """
-        token = single(params, "token", required=True)
-        hint = single(params, "token_type_hint")
-        if hint is not None and hint not in ("access_token", "refresh_token"):
-            # RFC 7009 2.2.1: unsupported_token_type is for servers that
-            # cannot revoke a type; an unknown hint is simply ignored.
-            pass
+        reject_repeated(params, REVOKE_PARAMS)
+        values = params.get("token", [])
+        if not values or not values[0]:
+            raise errors.invalid_request("parameter token is required")
+        token = values[0]
+        # RFC 7009 section 2.2.1: a token_type_hint we do not know is
+        # ignored (unsupported_token_type is for types that cannot be
+        # revoked; both of ours can), and so is the hint itself: the
+        # token's hash finds it whatever its type.
         if basic is not None or single(params, "client_secret") is not None:
             await self.authenticate_client(params, basic)
-        token_hash = hash_secret(token or "")
-        self._cache.pop(token_hash, None)
+        if len(token) > MAX_PARAM:
+            # Not one of ours: RFC 7009 answers 200 for invalid tokens.
+            return
+        token_hash = hash_secret(token)
         grant_id = await self.store.revoke_token(token_hash, self._clock.seconds())
+        self._token_revoked(token_hash)
         if grant_id is not None:
             self._grant_revoked(grant_id)
 
@@ -631,7 +756,16 @@ class OAuthServer:
     def add_revocation_observer(self, observer: Callable[[str], None]) -> None:
         self._observers.append(observer)
 
+    def _token_revoked(self, token_hash: str) -> None:
+        """
+        Forget a revoked access token at once (called once the store has
+        recorded the revocation, so no later look-up can re-cache it).
+        """
+        self._revocations += 1
+        self._cache.pop(token_hash, None)
+
     def _grant_revoked(self, grant_id: str) -> None:
+        self._revocations += 1
         for key in [k for k, (info, _) in self._cache.items() if info.grant_id == grant_id]:
             del self._cache[key]
         for observer in list(self._observers):
@@ -654,9 +788,7 @@ class OAuthServer:
         if not isinstance(uris, list) or not uris or len(uris) > 20:
             raise errors.invalid_redirect_uri("redirect_uris must be a list of 1 to 20 URIs")
         for uri in uris:
-            if not isinstance(uri, str) or not valid_redirect_uri(
-                uri, self.config.allow_insecure_client_ids
-            ):
+            if not isinstance(uri, str) or not valid_redirect_uri(uri, self.config.allow_insecure_client_ids):
                 raise errors.invalid_redirect_uri(
                     "redirect URIs must be https, or http on a loopback host, with no fragment"
                 )
@@ -666,18 +798,22 @@ class OAuthServer:
                 "token_endpoint_auth_method must be none, client_secret_basic or client_secret_post"
             )
         grant_types = metadata.get("grant_types", ["authorization_code", "refresh_token"])
-        if not isinstance(grant_types, list) or not all(
-            g in ("authorization_code", "refresh_token") for g in grant_types
-        ) or "authorization_code" not in grant_types:
+        if (
+            not isinstance(grant_types, list)
+            or not all(g in ("authorization_code", "refresh_token") for g in grant_types)
+            or "authorization_code" not in grant_types
+        ):
             raise errors.invalid_client_metadata(
                 "grant_types must include authorization_code and may add refresh_token only"
             )
         response_types = metadata.get("response_types", ["code"])
         if response_types != ["code"]:
-            raise errors.invalid_client_metadata("response_types must be [\"code\"]")
+            raise errors.invalid_client_metadata('response_types must be ["code"]')
         name = metadata.get("client_name")
         if name is not None and (not isinstance(name, str) or len(name) > 200):
             raise errors.invalid_client_metadata("client_name must be a string of at most 200 characters")
+        if name is not None:
+            name = display_name(name)
         scope = metadata.get("scope")
         if scope is not None:
             if not isinstance(scope, str):
@@ -695,9 +831,11 @@ class OAuthServer:
                     raise errors.invalid_client_metadata(f"{key} must be an https URL")
                 optional_urls[key] = value
         if await self.store.count_clients() >= self.config.max_registered_clients:
-            raise errors.OAuthError(
-                "temporarily_unavailable", "registration is closed: too many clients", 503
+            log.warn(
+                "refused a registration: the cap of {cap} registered clients is reached",
+                cap=self.config.max_registered_clients,
             )
+            raise errors.temporarily_unavailable("registration is closed: too many clients")
         now = self._clock.seconds()
         secret = new_secret() if method != "none" else None
         client = Client(
@@ -747,7 +885,7 @@ class OAuthServer:
         affected entries at once.
         """
         now = self._clock.seconds()
-        if not token or len(token) > 512:
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN:
             return succeed(None)
         key = hash_secret(token)
         hit = self._cache.get(key)
@@ -757,11 +895,17 @@ class OAuthServer:
                 return succeed(info)
             del self._cache[key]
 
+        revocations = self._revocations
+
         def found(info: Optional[AccessInfo]) -> Optional[AccessInfo]:
             if info is None:
                 return None
             if canonical_resource(info.resource) != self.config.resource:
                 return None
+            if revocations != self._revocations:
+                # A revocation happened while we looked: this answer may
+                # predate it, so it is used once and not kept.
+                return info
             self._cache[key] = (info, now)
             while len(self._cache) > self.config.access_cache_size:
                 self._cache.popitem(last=False)

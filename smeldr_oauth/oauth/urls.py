@@ -10,11 +10,21 @@ Pure functions over strings, built on L{hyperlink}.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Optional
+from urllib.parse import quote
 
-from hyperlink import URL, DecodedURL
+from hyperlink import URL
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+# A DNS name (letters, digits, hyphens and underscores in dot-separated
+# labels, IDNs in their xn-- form).  Hosts end up in a Content-Security-Policy
+# (the consent form's form-action), where a ';' or a quote would be an
+# injection.
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_\-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_\-]{0,61}[A-Za-z0-9_])?)*\.?$"
+)
 
 
 def parse(value: str) -> Optional[URL]:
@@ -32,6 +42,17 @@ def parse(value: str) -> Optional[URL]:
     if not url.absolute or not url.host:
         return None
     return url
+
+
+def valid_host(host: str) -> bool:
+    """
+    Is C{host} a plain DNS name or an IP address literal?
+    """
+    try:
+        ipaddress.ip_address(host.strip("[]") if host.startswith("[") else host)
+        return True
+    except ValueError:
+        return bool(_HOST_NAME.match(host))
 
 
 def is_loopback_host(host: str) -> bool:
@@ -106,11 +127,14 @@ def redirect_uri_matches(registered: str, presented: str) -> bool:
 def valid_redirect_uri(value: str, allow_insecure: bool = False) -> bool:
     """
     May a client register this redirect URI?  https anywhere, http only on
-    a loopback host (RFC 8252), or a private-use scheme for native apps;
-    never a fragment or user info.
+    a loopback host (RFC 8252) unless C{allow_insecure}; never a fragment
+    or user info, and the host must be a plain DNS name or IP literal.
+    Private-use schemes are not accepted: no MCP client uses them.
     """
     url = parse(value)
     if url is None or url.fragment or url.userinfo or "#" in value:
+        return False
+    if not valid_host(url.host):
         return False
     scheme = url.scheme.lower()
     if scheme == "https":
@@ -123,9 +147,11 @@ def valid_redirect_uri(value: str, allow_insecure: bool = False) -> bool:
 def with_query(base: str, params: list[tuple[str, str]]) -> str:
     """
     Add query parameters to C{base}, keeping the ones it already has
-    (OAuth 2.1 section 4.1.2: the redirect URI's own query is retained).
+    byte for byte (OAuth 2.1 section 4.1.2: the redirect URI's own query is
+    retained).  Values are percent-encoded here, so a C{state} holding
+    C{&}, C{#} or C{%} comes back to the client as it was sent.
     """
-    url = DecodedURL.from_text(base)
+    url = URL.from_text(base)
     for name, value in params:
-        url = url.add(name, value)
+        url = url.add(quote(name, safe=""), quote(value, safe=""))
     return url.to_text()

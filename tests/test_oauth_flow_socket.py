@@ -1,0 +1,240 @@
+"""
+The whole authorization flow over real sockets: the Klein app served on
+127.0.0.1 by the production L{SmeldrSite}, a L{SQLiteStore} on a temporary
+file, and treq as the client.  One flow with a dynamically registered
+client, one with a Client ID Metadata Document served by a second local
+HTTP server and fetched by the real L{CIMDResolver}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from html import unescape
+from typing import Any, Optional
+from urllib.parse import urlencode
+
+import treq
+from klein import Klein
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from twisted.web.static import Data
+
+from smeldr_oauth.oauth import pkce
+from smeldr_oauth.oauth.cimd import CIMDResolver
+from smeldr_oauth.oauth.config import Config
+from smeldr_oauth.oauth.http import OAuthHTTP
+from smeldr_oauth.oauth.model import Approval
+from smeldr_oauth.oauth.server import OAuthServer
+from smeldr_oauth.service.web import SmeldrSite
+from smeldr_oauth.store.sqlite import SQLiteStore
+from tests.test_oauth_server import query_of
+
+SITE_TOKEN = "socket-site-token-0123456789abcdef"
+VERIFIER = "socket-verifier-" + "x" * 40
+FORM = {"Content-Type": ["application/x-www-form-urlencoded"]}
+
+
+def verify_bearer(pasted: str) -> Optional[Approval]:
+    if pasted == SITE_TOKEN:
+        return Approval(subject="alice", site_token_id="st-socket")
+    return None
+
+
+class FlowOverSocketTests(TestCase):
+    async def start(self, cimd: bool) -> None:
+        """
+        Listen, then build the server: its issuer needs the port.
+        """
+        self.app = Klein()
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            SmeldrSite(self.app.resource())
+        )
+        self.addCleanup(port.stopListening)
+        self.issuer = f"http://127.0.0.1:{port.getHost().port}"
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.store = SQLiteStore(os.path.join(directory, "oauth.db"), reactor)
+        self.addCleanup(self.store.close)
+        await self.store.ready
+        resolver = CIMDResolver(reactor, allow_insecure=True) if cimd else None
+        config = Config(
+            issuer=self.issuer,
+            verify_bearer=verify_bearer,
+            allow_insecure_client_ids=cimd,
+        )
+        self.server = OAuthServer(config, self.store, reactor, resolver)
+        OAuthHTTP(self.server).register(self.app)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = HTTPClient(Agent(reactor, pool=pool))
+
+    async def serve_document(self) -> str:
+        """
+        Serve a client metadata document on a second local server; return
+        its URL, which is the client_id.
+        """
+        root = Resource()
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(root))
+        self.addCleanup(port.stopListening)
+        client_id = f"http://127.0.0.1:{port.getHost().port}/oauth/client.json"
+        document = {
+            "client_id": client_id,
+            "client_name": "Socket CIMD App",
+            "redirect_uris": ["http://127.0.0.1/callback"],
+            "grant_types": ["authorization_code", "refresh_token"],
+            "token_endpoint_auth_method": "none",
+        }
+        oauth = Resource()
+        root.putChild(b"oauth", oauth)
+        oauth.putChild(b"client.json", Data(json.dumps(document).encode(), "application/json"))
+        return client_id
+
+    async def call(self, method: str, url: str, **kwargs: Any) -> tuple[Any, bytes]:
+        response = await self.http.request(method, url, allow_redirects=False, **kwargs)
+        body = await treq.content(response)
+        return response, body
+
+    async def flow(self, client_id: str, redirect_uri: str) -> list[str]:
+        """
+        Discovery, consent (GET then POST), code exchange, refresh and
+        revocation, as a client does them.  Returns every secret seen.
+        """
+        response, body = await self.call("HEAD", self.issuer + "/.well-known/oauth-authorization-server")
+        self.assertEqual((response.code, body), (200, b""))
+        response, body = await self.call("GET", self.issuer + "/.well-known/oauth-authorization-server")
+        meta = json.loads(body)
+        self.assertEqual(meta["issuer"], self.issuer)
+        response, body = await self.call("GET", self.issuer + "/.well-known/oauth-protected-resource/mcp")
+        self.assertEqual(json.loads(body)["authorization_servers"], [self.issuer])
+
+        state = "state-" + client_id[-8:]
+        query = {
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": redirect_uri,
+            "state": state,
+            "code_challenge": pkce.s256(VERIFIER),
+            "code_challenge_method": "S256",
+            "scope": "read offline_access",
+            "resource": self.issuer + "/mcp",
+        }
+        response, body = await self.call("GET", meta["authorization_endpoint"] + "?" + urlencode(query))
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual(response.headers.getRawHeaders("x-frame-options"), ["DENY"])
+        page = body.decode("utf-8")
+        action = unescape(re.search(r'<form method="post" action="([^"]+)"', page).group(1))  # type: ignore[union-attr]
+        fields = [
+            (unescape(k), unescape(v))
+            for k, v in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', page)
+        ]
+        fields += [("decision", "approve"), ("site_token", SITE_TOKEN)]
+        response, body = await self.call("POST", action, data=urlencode(fields).encode(), headers=FORM)
+        self.assertEqual(response.code, 303, body)
+        [location] = response.headers.getRawHeaders("location")
+        self.assertTrue(location.startswith(redirect_uri + "?"), location)
+        q = query_of(location)
+        self.assertEqual((q["state"], q["iss"]), ([state], [self.issuer]))
+        code = q["code"][0]
+
+        exchange = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "client_id": client_id,
+            "code_verifier": VERIFIER,
+            "resource": self.issuer + "/mcp",
+        }
+        response, body = await self.call(
+            "POST", meta["token_endpoint"], data=urlencode(exchange).encode(), headers=FORM
+        )
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual(response.headers.getRawHeaders("cache-control"), ["no-store"])
+        first = json.loads(body)
+        info = await self.server.verify_access_token(first["access_token"])
+        assert info is not None
+        self.assertEqual((info.subject, info.client_id), ("alice", client_id))
+
+        refresh = {
+            "grant_type": "refresh_token",
+            "refresh_token": first["refresh_token"],
+            "client_id": client_id,
+        }
+        response, body = await self.call(
+            "POST", meta["token_endpoint"], data=urlencode(refresh).encode(), headers=FORM
+        )
+        self.assertEqual(response.code, 200, body)
+        second = json.loads(body)
+        self.assertNotEqual(second["refresh_token"], first["refresh_token"])
+
+        revoke = {"token": second["refresh_token"], "client_id": client_id}
+        response, body = await self.call(
+            "POST", meta["revocation_endpoint"], data=urlencode(revoke).encode(), headers=FORM
+        )
+        self.assertEqual(response.code, 200, body)
+        self.assertIsNone(await self.server.verify_access_token(second["access_token"]))
+        self.assertIsNone(await self.server.verify_access_token(first["access_token"]))
+        refresh["refresh_token"] = second["refresh_token"]
+        response, body = await self.call(
+            "POST", meta["token_endpoint"], data=urlencode(refresh).encode(), headers=FORM
+        )
+        self.assertEqual((response.code, json.loads(body)["error"]), (400, "invalid_grant"))
+        return [
+            code,
+            first["access_token"],
+            first["refresh_token"],
+            second["access_token"],
+            second["refresh_token"],
+        ]
+
+    def assertNoSecrets(self, events: Any, secrets: list[str]) -> None:
+        texts = [formatEvent(e) + repr(e) for e in events]
+        for secret in secrets + [SITE_TOKEN]:
+            for text in texts:
+                self.assertNotIn(secret, text)
+
+    async def registered(self) -> None:
+        await self.start(cimd=False)
+        with capturedLogs() as events:
+            meta = json.loads(
+                (await self.call("GET", self.issuer + "/.well-known/oauth-authorization-server"))[1]
+            )
+            response, body = await self.call(
+                "POST",
+                meta["registration_endpoint"],
+                data=json.dumps(
+                    {"redirect_uris": ["http://127.0.0.1:6276/oauth/callback"], "client_name": "Socket App"}
+                ).encode(),
+                headers={"Content-Type": ["application/json"]},
+            )
+            self.assertEqual(response.code, 201, body)
+            client_id = json.loads(body)["client_id"]
+            secrets = await self.flow(client_id, "http://127.0.0.1:6276/oauth/callback")
+        self.assertNoSecrets(events, secrets)
+        self.assertIsNotNone(await self.store.get_client(client_id))
+
+    def test_registered_client(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.registered())
+
+    async def cimd(self) -> None:
+        await self.start(cimd=True)
+        client_id = await self.serve_document()
+        meta = json.loads(
+            (await self.call("GET", self.issuer + "/.well-known/oauth-authorization-server"))[1]
+        )
+        self.assertIs(meta["client_id_metadata_document_supported"], True)
+        with capturedLogs() as events:
+            secrets = await self.flow(client_id, "http://127.0.0.1:50123/callback")
+        self.assertNoSecrets(events, secrets)
+        # A CIMD client is never stored as a registration.
+        self.assertIsNone(await self.store.get_client(client_id))
+
+    def test_cimd_client(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.cimd())

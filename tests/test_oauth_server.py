@@ -1,0 +1,1212 @@
+"""
+Tests for L{smeldr_oauth.oauth.server}: the authorization server's protocol
+logic, with plain values, a L{MemoryStore} and a L{Clock}.
+
+Every failure test also checks that the store is exactly as it was (a
+snapshot of the store's dictionaries before and after), so a refused request
+cannot leave a grant, a code or a token behind.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import json
+from typing import Any, Coroutine, Iterator, Optional
+from urllib.parse import parse_qs, urlsplit
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from smeldr_oauth.oauth import errors, pkce
+from smeldr_oauth.oauth.cimd import CIMDError
+from smeldr_oauth.oauth.config import Config
+from smeldr_oauth.oauth.interfaces import IAccessVerifier, IGrantEvents
+from smeldr_oauth.oauth.model import AccessInfo, Approval, Client
+from smeldr_oauth.oauth.server import AUTHORIZE_PARAMS, AuthorizationRequest, OAuthServer
+from smeldr_oauth.store.memory import MemoryStore
+
+ISSUER = "https://as.example"
+RESOURCE = ISSUER + "/mcp"
+T0 = 1_800_000_000.0
+
+# RFC 7636 Appendix B.
+RFC_VERIFIER = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
+RFC_CHALLENGE = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+
+VERIFIER = "v" * 43 + "-._~0123456789"
+CHALLENGE = pkce.s256(VERIFIER)
+
+CIMD_ID = "https://app.example/oauth/client.json"
+CIMD_CLIENT = Client(
+    client_id=CIMD_ID,
+    client_name="Example App",
+    redirect_uris=("https://app.example/callback", "http://localhost/callback"),
+    kind="cimd",
+)
+SITE_TOKEN = "site-token-of-alice-0123456789"
+
+
+def verify_bearer(pasted: str) -> Any:
+    """
+    The site's C{verify_bearer}: every shape it may answer in.
+    """
+    if pasted == SITE_TOKEN:
+        return Approval(subject="alice", site_token_id="st-1")
+    if pasted == "plain-true":
+        return True
+    if pasted == "subject-bob":
+        return "bob"
+    if pasted == "deferred-carol":
+        return succeed("carol")
+    if pasted == "deferred-failing":
+        return fail(RuntimeError("database down for deferred-failing"))
+    if pasted == "coroutine-dave":
+
+        async def later() -> str:
+            return "dave"
+
+        return later()
+    if pasted.startswith("raise-"):
+        raise ValueError(f"cannot check {pasted}")
+    if pasted == "empty-subject":
+        return ""
+    return False
+
+
+class FakeResolver:
+    """
+    Stands in for L{smeldr_oauth.oauth.cimd.CIMDResolver}.
+    """
+
+    def __init__(self, clients: dict[str, Client]) -> None:
+        self.clients = clients
+        self.calls: list[str] = []
+        self.broken: Optional[Exception] = None
+
+    def resolve(self, client_id: str) -> "Deferred[Client]":
+        self.calls.append(client_id)
+        if self.broken is not None:
+            return fail(self.broken)
+        client = self.clients.get(client_id)
+        if client is None:
+            return fail(CIMDError("the document could not be fetched"))
+        return succeed(client)
+
+
+def snapshot(store: MemoryStore) -> dict[str, dict[str, Any]]:
+    """
+    Every dictionary the store keeps, copied: records are frozen, so a
+    shallow copy is a faithful picture.
+    """
+    return {name: dict(value) for name, value in vars(store).items() if isinstance(value, dict)}
+
+
+def query_of(location: str) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(location).query, keep_blank_values=True)
+
+
+class ServerTestCase(SynchronousTestCase):
+    """
+    A server on a memory store, a clock, a fake CIMD resolver, and one
+    registered public client.
+    """
+
+    config_overrides: dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.store = MemoryStore(self.clock)
+        self.resolver = FakeResolver({CIMD_ID: CIMD_CLIENT})
+        kw: dict[str, Any] = dict(issuer=ISSUER + "/", verify_bearer=verify_bearer)
+        kw.update(self.config_overrides)
+        self.config = Config(**kw)
+        self.server = OAuthServer(self.config, self.store, self.clock, self.resolver)
+        self.revoked: list[str] = []
+        self.server.add_revocation_observer(self.revoked.append)
+        registered = self.drive(
+            self.server.register(
+                {"redirect_uris": ["https://client.example/cb"], "client_name": "Registered"}
+            )
+        )
+        self.client_id = registered["client_id"]
+
+    # Driving coroutines
+
+    def drive(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return self.successResultOf(Deferred.fromCoroutine(coro))
+
+    def fails(self, coro: Coroutine[Any, Any, Any], *types: type) -> Any:
+        return self.failureResultOf(Deferred.fromCoroutine(coro), *types).value
+
+    def oauth_fails(
+        self, coro: Coroutine[Any, Any, Any], error: str, status: Optional[int] = None
+    ) -> errors.OAuthError:
+        e = self.fails(coro, errors.OAuthError)
+        self.assertEqual(e.error, error, e.description)
+        if status is not None:
+            self.assertEqual(e.status, status)
+        return e
+
+    @contextmanager
+    def unchanged(self) -> Iterator[None]:
+        """
+        Check that the block leaves the store exactly as it found it.
+        """
+        before = snapshot(self.store)
+        yield
+        self.assertEqual(snapshot(self.store), before)
+
+    # Building requests
+
+    def authorize_params(self, **overrides: Optional[str]) -> dict[str, list[str]]:
+        params: dict[str, Optional[str]] = {
+            "response_type": "code",
+            "client_id": self.client_id,
+            "redirect_uri": "https://client.example/cb",
+            "state": "xyz",
+            "code_challenge": CHALLENGE,
+            "code_challenge_method": "S256",
+            "scope": "read offline_access",
+            "resource": RESOURCE,
+        }
+        params.update(overrides)
+        return {k: [v] for k, v in params.items() if v is not None}
+
+    def validate(self, params: dict[str, list[str]]) -> AuthorizationRequest:
+        return self.drive(self.server.validate_authorization_request(params))
+
+    def redirect_error(self, params: dict[str, list[str]]) -> errors.AuthorizeRedirectError:
+        with self.unchanged():
+            return self.fails(
+                self.server.validate_authorization_request(params), errors.AuthorizeRedirectError
+            )
+
+    def untrusted(self, params: dict[str, list[str]]) -> errors.UntrustedRedirect:
+        with self.unchanged():
+            return self.fails(self.server.validate_authorization_request(params), errors.UntrustedRedirect)
+
+    def code_for(self, approval: Approval = Approval(subject="alice"), **overrides: Optional[str]) -> str:
+        request = self.validate(self.authorize_params(**overrides))
+        location = self.drive(self.server.approve(request, approval))
+        return query_of(location)["code"][0]
+
+    def exchange_params(self, code: str, /, **overrides: Optional[str]) -> dict[str, list[str]]:
+        params: dict[str, Optional[str]] = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": "https://client.example/cb",
+            "client_id": self.client_id,
+            "code_verifier": VERIFIER,
+            "resource": RESOURCE,
+        }
+        params.update(overrides)
+        return {k: [v] for k, v in params.items() if v is not None}
+
+    def tokens(self, **overrides: Optional[str]) -> dict[str, Any]:
+        code = self.code_for(**overrides)
+        return self.drive(self.server.token(self.exchange_params(code)))
+
+    def refresh(self, refresh_token: str, /, **overrides: Optional[str]) -> dict[str, list[str]]:
+        params: dict[str, Optional[str]] = {
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "client_id": self.client_id,
+        }
+        params.update(overrides)
+        return {k: [v] for k, v in params.items() if v is not None}
+
+    def access_info(self, token: str) -> Optional[AccessInfo]:
+        return self.successResultOf(self.server.verify_access_token(token))
+
+
+class MetadataTests(ServerTestCase):
+    def test_issuer_byte_identical(self) -> None:
+        """
+        The issuer has no trailing slash (the configured one had) and is
+        byte for byte what the protected resource metadata names: the
+        Python SDK compares them.
+        """
+        as_meta = self.server.authorization_server_metadata()
+        pr_meta = self.server.protected_resource_metadata()
+        self.assertEqual(as_meta["issuer"], ISSUER)
+        self.assertEqual(pr_meta["authorization_servers"], [as_meta["issuer"]])
+        self.assertEqual(pr_meta["resource"], RESOURCE)
+
+    def test_fields_clients_depend_on(self) -> None:
+        """
+        The fields of CLIENTS.md: S256 only, C{none} among the auth
+        methods, CIMD on, C{iss} on redirects, response types, and
+        C{offline_access} among the scopes (but not the resource's).
+        """
+        meta = self.server.authorization_server_metadata()
+        self.assertEqual(meta["code_challenge_methods_supported"], ["S256"])
+        self.assertIn("none", meta["token_endpoint_auth_methods_supported"])
+        self.assertIs(meta["client_id_metadata_document_supported"], True)
+        self.assertIs(meta["authorization_response_iss_parameter_supported"], True)
+        self.assertEqual(meta["response_types_supported"], ["code"])
+        self.assertEqual(meta["grant_types_supported"], ["authorization_code", "refresh_token"])
+        self.assertIn("offline_access", meta["scopes_supported"])
+        self.assertNotIn("offline_access", self.server.protected_resource_metadata()["scopes_supported"])
+        for key in (
+            "authorization_endpoint",
+            "token_endpoint",
+            "revocation_endpoint",
+            "registration_endpoint",
+        ):
+            self.assertTrue(meta[key].startswith(ISSUER + "/oauth/"), key)
+        json.dumps(meta)
+
+    def test_without_cimd_or_registration(self) -> None:
+        config = Config(issuer=ISSUER, verify_bearer=verify_bearer, dynamic_registration=False)
+        meta = OAuthServer(config, self.store, self.clock).authorization_server_metadata()
+        self.assertIs(meta["client_id_metadata_document_supported"], False)
+        self.assertNotIn("registration_endpoint", meta)
+
+    def test_interfaces(self) -> None:
+        self.assertTrue(verifyObject(IAccessVerifier, self.server))
+        self.assertTrue(verifyObject(IGrantEvents, self.server))
+
+
+class AuthorizeValidationTests(ServerTestCase):
+    def test_valid(self) -> None:
+        request = self.validate(self.authorize_params())
+        self.assertEqual(request.client.client_id, self.client_id)
+        self.assertEqual(request.redirect_uri, "https://client.example/cb")
+        self.assertEqual(request.scopes, ("read", "offline_access"))
+        self.assertEqual(request.state, "xyz")
+        self.assertEqual(request.resource, RESOURCE)
+
+    def test_defaults(self) -> None:
+        """
+        No scope (ChatGPT reconnecting), no resource, no state (TypeScript):
+        the default scopes, our resource, no state.
+        """
+        request = self.validate(self.authorize_params(scope=None, resource=None, state=None))
+        self.assertEqual(request.scopes, ("read", "write"))
+        self.assertEqual(request.resource, RESOURCE)
+        self.assertIsNone(request.state)
+        self.assertNotIn("state", dict(request.form_fields()))
+
+    def test_blank_scope_defaults(self) -> None:
+        self.assertEqual(self.validate(self.authorize_params(scope="  ")).scopes, ("read", "write"))
+
+    def test_resource_canonicalised(self) -> None:
+        for value in (
+            RESOURCE + "/",
+            "HTTPS://AS.EXAMPLE/mcp",
+            "https://as.example:443/mcp",
+            RESOURCE + "?from=chatgpt",
+        ):
+            self.assertEqual(self.validate(self.authorize_params(resource=value)).resource, RESOURCE, value)
+
+    def test_resource_mismatch(self) -> None:
+        for value in ("https://other.example/mcp", RESOURCE + "/other", "not a url", "ftp://as.example/mcp"):
+            e = self.redirect_error(self.authorize_params(resource=value))
+            self.assertEqual(e.error.error, "invalid_target", value)
+            self.assertEqual(e.state, "xyz")
+
+    def test_two_resources(self) -> None:
+        params = self.authorize_params()
+        params["resource"] = [RESOURCE, RESOURCE]
+        self.assertEqual(self.redirect_error(params).error.error, "invalid_target")
+
+    def test_unknown_client(self) -> None:
+        e = self.untrusted(self.authorize_params(client_id="nobody"))
+        self.assertEqual(e.title, "Unknown application")
+
+    def test_missing_client_id(self) -> None:
+        self.untrusted(self.authorize_params(client_id=None))
+        self.untrusted(self.authorize_params(client_id=""))
+
+    def test_client_id_oversized(self) -> None:
+        self.untrusted(self.authorize_params(client_id="x" * 5000))
+
+    def test_redirect_uri_not_registered(self) -> None:
+        for uri in (
+            "https://client.example/cb/",
+            "https://client.example/cb?x=1",
+            "https://evil.example/cb",
+            "http://client.example/cb",
+            "https://client.example/cb#frag",
+        ):
+            e = self.untrusted(self.authorize_params(redirect_uri=uri))
+            self.assertEqual(e.title, "Unexpected return address", uri)
+
+    def test_repeated_client_id_or_redirect_uri(self) -> None:
+        """
+        Before the redirect URI is trusted, a repeated parameter gets a
+        page, not a redirect.
+        """
+        for name in ("client_id", "redirect_uri", "state"):
+            params = self.authorize_params()
+            params[name] = params[name] * 2
+            self.untrusted(params)
+
+    def test_repeated_parameters(self) -> None:
+        """
+        Every other parameter repeated is an invalid_request redirect.
+        """
+        for name in AUTHORIZE_PARAMS:
+            if name in ("client_id", "redirect_uri", "state"):
+                continue
+            params = self.authorize_params(prompt="consent", response_mode="query")
+            params[name] = params[name] * 2
+            e = self.redirect_error(params)
+            self.assertEqual(e.error.error, "invalid_request", name)
+            self.assertIn(name, e.error.description)
+
+    def test_unknown_parameters_ignored(self) -> None:
+        params = self.authorize_params()
+        params["utm_source"] = ["a", "b"]
+        self.validate(params)
+
+    def test_redirect_uri_defaulted(self) -> None:
+        """
+        A client with one fixed redirect URI may leave it out.
+        """
+        self.assertEqual(
+            self.validate(self.authorize_params(redirect_uri=None)).redirect_uri, "https://client.example/cb"
+        )
+
+    def test_redirect_uri_required_when_ambiguous(self) -> None:
+        """
+        Several redirect URIs, or a loopback one (whose port the client
+        chooses), cannot be defaulted.
+        """
+        self.untrusted(self.authorize_params(client_id=CIMD_ID, redirect_uri=None))
+        loopback = self.drive(self.server.register({"redirect_uris": ["http://127.0.0.1/callback"]}))
+        self.untrusted(self.authorize_params(client_id=loopback["client_id"], redirect_uri=None))
+
+    def test_loopback_any_port(self) -> None:
+        """
+        Claude Code registers C{http://localhost/callback} and calls back
+        on an ephemeral port (RFC 8252).
+        """
+        request = self.validate(
+            self.authorize_params(client_id=CIMD_ID, redirect_uri="http://localhost:53682/callback")
+        )
+        self.assertEqual(request.redirect_uri, "http://localhost:53682/callback")
+        self.untrusted(self.authorize_params(client_id=CIMD_ID, redirect_uri="http://localhost:53682/other"))
+        self.untrusted(
+            self.authorize_params(client_id=CIMD_ID, redirect_uri="http://127.0.0.1:53682/callback")
+        )
+
+    def test_cimd_client(self) -> None:
+        request = self.validate(
+            self.authorize_params(client_id=CIMD_ID, redirect_uri="https://app.example/callback")
+        )
+        self.assertEqual(request.client, CIMD_CLIENT)
+        self.assertEqual(self.resolver.calls, [CIMD_ID])
+
+    def test_cimd_refused(self) -> None:
+        """
+        A document that cannot be used is an unknown client; the reason is
+        logged.
+        """
+        with capturedLogs() as events:
+            self.untrusted(self.authorize_params(client_id="https://app.example/missing.json"))
+        [event] = [e for e in events if e.get("smeldr_event") == "cimd_refused"]
+        self.assertIn("could not be fetched", formatEvent(event))
+
+    def test_cimd_resolver_bug(self) -> None:
+        """
+        An unexpected exception from the resolver is an unknown client, not
+        a crash.
+        """
+        self.resolver.broken = KeyError("boom")
+        with capturedLogs():
+            self.untrusted(self.authorize_params(client_id=CIMD_ID))
+        self.flushLoggedErrors(KeyError)
+
+    def test_cimd_off(self) -> None:
+        """
+        Without a resolver a URL client id is looked up among registrations
+        (and is not found).
+        """
+        server = OAuthServer(self.config, self.store, self.clock)
+        self.fails(
+            server.validate_authorization_request(self.authorize_params(client_id=CIMD_ID)),
+            errors.UntrustedRedirect,
+        )
+
+    def test_response_type(self) -> None:
+        for value, error in (
+            ("token", "unsupported_response_type"),
+            (None, "invalid_request"),
+            ("code token", "unsupported_response_type"),
+        ):
+            e = self.redirect_error(self.authorize_params(response_type=value))
+            self.assertEqual(e.error.error, error, value)
+            self.assertEqual(e.state, "xyz")
+            self.assertEqual(e.redirect_uri, "https://client.example/cb")
+
+    def test_pkce_required(self) -> None:
+        for overrides in (
+            {"code_challenge": None},
+            {"code_challenge_method": None},
+            {"code_challenge_method": "plain"},
+            {"code_challenge": "short"},
+            {"code_challenge": CHALLENGE + "="},
+            {"code_challenge": "+" * 43},
+        ):
+            e = self.redirect_error(self.authorize_params(**overrides))
+            self.assertEqual(e.error.error, "invalid_request", overrides)
+
+    def test_unknown_scope(self) -> None:
+        e = self.redirect_error(self.authorize_params(scope='read admin "quoted"'))
+        self.assertEqual(e.error.error, "invalid_scope")
+        self.assertNotIn('"', e.error.description)
+
+    def test_prompt(self) -> None:
+        """
+        C{prompt=consent} (the Python SDK with offline_access) is honoured
+        by always asking; C{prompt=none} cannot be.
+        """
+        for value in ("consent", "login", "select_account", "login consent", "unknown-value"):
+            self.validate(self.authorize_params(prompt=value))
+        self.assertEqual(
+            self.redirect_error(self.authorize_params(prompt="none")).error.error, "login_required"
+        )
+        self.assertEqual(
+            self.redirect_error(self.authorize_params(prompt="none consent")).error.error, "invalid_request"
+        )
+
+    def test_response_mode(self) -> None:
+        self.validate(self.authorize_params(response_mode="query"))
+        for value in ("fragment", "form_post"):
+            e = self.redirect_error(self.authorize_params(response_mode=value))
+            self.assertEqual(e.error.error, "invalid_request")
+
+    def test_state_too_long(self) -> None:
+        """
+        A state too long to echo is refused without echoing it.
+        """
+        e = self.redirect_error(self.authorize_params(state="s" * 1500))
+        self.assertIsNone(e.state)
+        self.assertNotIn("state", query_of(self.server.error_redirect(e)))
+
+    def test_oversized_parameter(self) -> None:
+        e = self.redirect_error(self.authorize_params(scope="read " * 1000))
+        self.assertEqual(e.error.error, "invalid_request")
+
+    def test_hostile_values(self) -> None:
+        """
+        NULs, control characters and markup are refused or carried as data.
+        """
+        self.untrusted(self.authorize_params(redirect_uri="https://client.example/cb\x00"))
+        self.untrusted(self.authorize_params(client_id="<script>\x00"))
+        request = self.validate(self.authorize_params(state="<b>&amp;\x00\u2028"))
+        self.assertEqual(request.state, "<b>&amp;\x00\u2028")
+
+    def test_error_redirect(self) -> None:
+        """
+        An error redirect carries error, state and iss (RFC 9207), and keeps
+        the redirect URI's own query.
+        """
+        e = errors.AuthorizeRedirectError(
+            "https://client.example/cb?x=%ZZ&y", "a&b=c#d", errors.invalid_scope("nope")
+        )
+        location = self.server.error_redirect(e)
+        self.assertTrue(location.startswith("https://client.example/cb?x=%ZZ&y&"), location)
+        q = query_of(location)
+        self.assertEqual(q["error"], ["invalid_scope"])
+        self.assertEqual(q["state"], ["a&b=c#d"])
+        self.assertEqual(q["iss"], [ISSUER])
+
+    def test_error_redirect_without_state(self) -> None:
+        e = errors.AuthorizeRedirectError("https://client.example/cb", None, errors.invalid_scope("nope"))
+        q = query_of(self.server.error_redirect(e))
+        self.assertNotIn("state", q)
+        self.assertEqual(q["iss"], [ISSUER])
+
+    def test_deny(self) -> None:
+        request = self.validate(self.authorize_params())
+        with self.unchanged():
+            location = self.server.deny(request)
+        q = query_of(location)
+        self.assertEqual((q["error"], q["state"], q["iss"]), (["access_denied"], ["xyz"], [ISSUER]))
+
+    def test_form_fields_revalidate(self) -> None:
+        """
+        The consent form's hidden fields validate to the same request.
+        """
+        request = self.validate(self.authorize_params(scope=None, resource=RESOURCE + "/"))
+        again = self.validate({k: [v] for k, v in request.form_fields()})
+        self.assertEqual(again, request)
+
+
+class PasteTests(ServerTestCase):
+    def verify(self, pasted: str) -> Optional[Approval]:
+        return self.drive(self.server.verify_paste(pasted))
+
+    def test_shapes(self) -> None:
+        """
+        C{verify_bearer} may answer an Approval, True, a subject, or a
+        Deferred or coroutine of one.
+        """
+        self.assertEqual(self.verify(SITE_TOKEN), Approval(subject="alice", site_token_id="st-1"))
+        self.assertEqual(self.verify("plain-true"), Approval(subject="site"))
+        self.assertEqual(self.verify("subject-bob"), Approval(subject="bob"))
+        self.assertEqual(self.verify("deferred-carol"), Approval(subject="carol"))
+        self.assertEqual(self.verify("coroutine-dave"), Approval(subject="dave"))
+
+    def test_refusals(self) -> None:
+        for pasted in ("wrong", "", "empty-subject", "x" * 5000):
+            self.assertIsNone(self.verify(pasted), pasted)
+
+    def test_exceptions_refuse_without_logging_the_token(self) -> None:
+        """
+        A C{verify_bearer} that raises (even quoting the token) refuses, and
+        the token does not reach the log.
+        """
+        with capturedLogs() as events:
+            self.assertIsNone(self.verify("raise-secret-paste"))
+            self.assertIsNone(self.verify("deferred-failing"))
+        self.assertTrue(events)
+        for event in events:
+            text = formatEvent(event) + repr(event)
+            self.assertNotIn("raise-secret-paste", text)
+            self.assertNotIn("deferred-failing", text)
+
+
+class CodeGrantTests(ServerTestCase):
+    def test_approve(self) -> None:
+        """
+        Approval stores a grant and the code's hash, never the code, and
+        redirects with code, state and iss.
+        """
+        request = self.validate(self.authorize_params())
+        location = self.drive(self.server.approve(request, Approval(subject="alice", site_token_id="st-1")))
+        self.assertTrue(location.startswith("https://client.example/cb?code="))
+        q = query_of(location)
+        self.assertEqual((q["state"], q["iss"]), (["xyz"], [ISSUER]))
+        code = q["code"][0]
+        self.assertNotIn(code, repr(snapshot(self.store)))
+        [grant] = self.successResultOf(self.store.list_grants())
+        self.assertEqual(
+            (grant.subject, grant.site_token_id, grant.client_id), ("alice", "st-1", self.client_id)
+        )
+
+    def test_exchange(self) -> None:
+        body = self.tokens()
+        self.assertEqual(body["token_type"], "Bearer")
+        self.assertEqual(body["expires_in"], 3600)
+        self.assertEqual(body["scope"], "read offline_access")
+        self.assertIn("refresh_token", body)
+        info = self.access_info(body["access_token"])
+        assert info is not None
+        self.assertEqual((info.subject, info.client_id, info.resource), ("alice", self.client_id, RESOURCE))
+        self.assertEqual(info.scopes, frozenset({"read", "offline_access"}))
+        self.assertNotIn(body["access_token"], repr(snapshot(self.store)))
+        self.assertNotIn(body["refresh_token"], repr(snapshot(self.store)))
+
+    def test_no_refresh_without_offline_access(self) -> None:
+        """
+        With C{refresh_for_refresh_grant_clients} off (C{--offline-access-only}),
+        only C{offline_access} earns a refresh token.
+        """
+        self.server.config = Config(
+            issuer=ISSUER, verify_bearer=verify_bearer, refresh_for_refresh_grant_clients=False
+        )
+        self.assertNotIn("refresh_token", self.tokens(scope="read"))
+
+    def test_refresh_for_refresh_grant_clients(self) -> None:
+        """
+        By default, clients whose metadata lists the refresh_token grant get
+        one even without offline_access (the TypeScript SDK and Python SDK
+        1.x never ask for it).
+        """
+        self.assertTrue(self.server.config.refresh_for_refresh_grant_clients)
+        self.assertIn("refresh_token", self.tokens(scope="read"))
+
+    def test_rfc7636_appendix_b(self) -> None:
+        self.assertEqual(pkce.s256(RFC_VERIFIER), RFC_CHALLENGE)
+        code = self.code_for(code_challenge=RFC_CHALLENGE)
+        body = self.drive(self.server.token(self.exchange_params(code, code_verifier=RFC_VERIFIER)))
+        self.assertIn("access_token", body)
+
+    def test_wrong_verifier(self) -> None:
+        """
+        A wrong verifier fails, and spends the code: it never works again,
+        not even with the right verifier.
+        """
+        code = self.code_for()
+        self.oauth_fails(
+            self.server.token(self.exchange_params(code, code_verifier="w" * 43)), "invalid_grant"
+        )
+        self.oauth_fails(self.server.token(self.exchange_params(code)), "invalid_grant")
+
+    def test_malformed_verifier_changes_nothing(self) -> None:
+        code = self.code_for()
+        for verifier in ("short", "!" * 43, "v" * 129):
+            with self.unchanged():
+                self.oauth_fails(
+                    self.server.token(self.exchange_params(code, code_verifier=verifier)), "invalid_grant"
+                )
+        self.drive(self.server.token(self.exchange_params(code)))
+
+    def test_wrong_client(self) -> None:
+        other = self.drive(self.server.register({"redirect_uris": ["https://client.example/cb"]}))
+        code = self.code_for()
+        self.oauth_fails(
+            self.server.token(self.exchange_params(code, client_id=other["client_id"])), "invalid_grant"
+        )
+
+    def test_wrong_redirect_uri(self) -> None:
+        code = self.code_for()
+        self.oauth_fails(
+            self.server.token(self.exchange_params(code, redirect_uri="https://client.example/other")),
+            "invalid_grant",
+        )
+
+    def test_redirect_uri_optional(self) -> None:
+        code = self.code_for()
+        self.drive(self.server.token(self.exchange_params(code, redirect_uri=None)))
+
+    def test_expired_code(self) -> None:
+        code = self.code_for()
+        self.clock.advance(300)
+        self.oauth_fails(self.server.token(self.exchange_params(code)), "invalid_grant")
+
+    def test_code_ttl_configurable(self) -> None:
+        self.server.config = Config(issuer=ISSUER, verify_bearer=verify_bearer, auth_code_ttl=10)
+        code = self.code_for()
+        self.clock.advance(10)
+        self.oauth_fails(self.server.token(self.exchange_params(code)), "invalid_grant")
+
+    def test_unknown_code(self) -> None:
+        with self.unchanged():
+            self.oauth_fails(self.server.token(self.exchange_params("nope")), "invalid_grant")
+
+    def test_replay_revokes_tokens(self) -> None:
+        """
+        A replayed code fails and ends everything issued from it.
+        """
+        code = self.code_for()
+        body = self.drive(self.server.token(self.exchange_params(code)))
+        self.assertIsNotNone(self.access_info(body["access_token"]))
+        self.oauth_fails(self.server.token(self.exchange_params(code)), "invalid_grant")
+        self.assertIsNone(self.access_info(body["access_token"]))
+        self.oauth_fails(self.server.token(self.refresh(body["refresh_token"])), "invalid_grant")
+        self.assertEqual(len(self.revoked), 1)
+        self.assertEqual(self.successResultOf(self.store.list_grants()), [])
+
+    def test_resource(self) -> None:
+        code = self.code_for()
+        self.drive(self.server.token(self.exchange_params(code, resource=RESOURCE + "/")))
+
+    def test_resource_mismatch_changes_nothing(self) -> None:
+        code = self.code_for()
+        for resource in ("https://other.example/mcp", "garbage"):
+            with self.unchanged():
+                self.oauth_fails(
+                    self.server.token(self.exchange_params(code, resource=resource)), "invalid_target"
+                )
+        self.drive(self.server.token(self.exchange_params(code)))
+
+    def test_bad_requests_change_nothing(self) -> None:
+        """
+        Missing, repeated, oversized or unknown parameters: the standard
+        error, and the code is still good afterwards.
+        """
+        code = self.code_for()
+        cases: list[tuple[dict[str, list[str]], str, int]] = []
+        for name in ("grant_type", "code", "code_verifier"):
+            p = self.exchange_params(code)
+            del p[name]
+            cases.append((p, "invalid_request", 400))
+        for name in ("grant_type", "code", "code_verifier", "redirect_uri", "client_id"):
+            p = self.exchange_params(code)
+            p[name] = p[name] * 2
+            cases.append((p, "invalid_request", 400))
+        p = self.exchange_params(code)
+        p["resource"] = [RESOURCE, RESOURCE]
+        cases.append((p, "invalid_target", 400))
+        cases.append((self.exchange_params(code, code="c" * 3000), "invalid_request", 400))
+        cases.append((self.exchange_params(code, grant_type="password"), "unsupported_grant_type", 400))
+        cases.append(
+            (self.exchange_params(code, grant_type="client_credentials"), "unsupported_grant_type", 400)
+        )
+        cases.append((self.exchange_params(code, client_id=None), "invalid_client", 401))
+        cases.append((self.exchange_params(code, client_id="unknown"), "invalid_client", 401))
+        cases.append((self.exchange_params(code, client_id="u" * 3000), "invalid_request", 400))
+        cases.append((self.exchange_params(code, client_secret="guess"), "invalid_client", 401))
+        for params, error, status in cases:
+            with self.unchanged():
+                self.oauth_fails(self.server.token(params), error, status)
+        self.drive(self.server.token(self.exchange_params(code)))
+
+    def test_cimd_client(self) -> None:
+        code = self.code_for(client_id=CIMD_ID, redirect_uri="http://localhost:4444/callback")
+        body = self.drive(
+            self.server.token(
+                self.exchange_params(code, client_id=CIMD_ID, redirect_uri="http://localhost:4444/callback")
+            )
+        )
+        info = self.access_info(body["access_token"])
+        assert info is not None
+        self.assertEqual(info.client_id, CIMD_ID)
+
+
+class ConfidentialClientTests(ServerTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        registered = self.drive(
+            self.server.register(
+                {
+                    "redirect_uris": ["https://client.example/cb"],
+                    "token_endpoint_auth_method": "client_secret_basic",
+                }
+            )
+        )
+        self.client_id = registered["client_id"]
+        self.secret = registered["client_secret"]
+        self.assertEqual(registered["client_secret_expires_at"], 0)
+
+    def test_basic(self) -> None:
+        code = self.code_for()
+        self.drive(
+            self.server.token(self.exchange_params(code, client_id=None), basic=(self.client_id, self.secret))
+        )
+
+    def test_basic_with_matching_client_id(self) -> None:
+        code = self.code_for()
+        self.drive(self.server.token(self.exchange_params(code), basic=(self.client_id, self.secret)))
+
+    def test_post(self) -> None:
+        code = self.code_for()
+        self.drive(self.server.token(self.exchange_params(code, client_secret=self.secret)))
+
+    def test_refused(self) -> None:
+        """
+        No secret, a wrong one, two methods at once, or a Basic user that
+        contradicts client_id: refused before the code is spent.
+        """
+        code = self.code_for()
+        cases: list[tuple[dict[str, list[str]], Any, str]] = [
+            (self.exchange_params(code), None, "invalid_client"),
+            (self.exchange_params(code, client_secret="wrong"), None, "invalid_client"),
+            (self.exchange_params(code, client_id=None), (self.client_id, "wrong"), "invalid_client"),
+            (self.exchange_params(code, client_id=None), (self.client_id, ""), "invalid_client"),
+            (
+                self.exchange_params(code, client_secret=self.secret),
+                (self.client_id, self.secret),
+                "invalid_request",
+            ),
+            (
+                self.exchange_params(code, client_id="someone-else"),
+                (self.client_id, self.secret),
+                "invalid_client",
+            ),
+        ]
+        for params, basic, error in cases:
+            with self.unchanged():
+                self.oauth_fails(self.server.token(params, basic=basic), error)
+        self.drive(self.server.token(self.exchange_params(code, client_secret=self.secret)))
+
+    def test_public_client_empty_basic_password(self) -> None:
+        """
+        Some libraries send C{client_id:} in Basic for a public client.
+        """
+        public = self.drive(self.server.register({"redirect_uris": ["https://client.example/cb"]}))
+        self.client_id = public["client_id"]
+        code = self.code_for()
+        self.drive(self.server.token(self.exchange_params(code, client_id=None), basic=(self.client_id, "")))
+
+
+class RefreshTests(ServerTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.first = self.tokens(scope="read write offline_access")
+
+    def test_rotation(self) -> None:
+        body = self.drive(self.server.token(self.refresh(self.first["refresh_token"])))
+        self.assertNotEqual(body["refresh_token"], self.first["refresh_token"])
+        self.assertEqual(body["scope"], "read write offline_access")
+        self.assertIsNotNone(self.access_info(body["access_token"]))
+        # The old access token lives on until it expires.
+        self.assertIsNotNone(self.access_info(self.first["access_token"]))
+        again = self.drive(self.server.token(self.refresh(body["refresh_token"])))
+        self.assertIn("refresh_token", again)
+
+    def test_narrowing(self) -> None:
+        body = self.drive(self.server.token(self.refresh(self.first["refresh_token"], scope="read")))
+        self.assertEqual(body["scope"], "read")
+        info = self.access_info(body["access_token"])
+        assert info is not None
+        self.assertEqual(info.scopes, frozenset({"read"}))
+        # The grant keeps its scopes: the next refresh may ask for all again.
+        wide = self.drive(self.server.token(self.refresh(body["refresh_token"], scope="read write")))
+        self.assertEqual(wide["scope"], "read write")
+
+    def test_widening_refused(self) -> None:
+        narrow = self.tokens(scope="read offline_access")
+        with self.unchanged():
+            self.oauth_fails(
+                self.server.token(self.refresh(narrow["refresh_token"], scope="read write")), "invalid_scope"
+            )
+        with self.unchanged():
+            self.oauth_fails(
+                self.server.token(self.refresh(narrow["refresh_token"], scope="admin")), "invalid_scope"
+            )
+        self.drive(self.server.token(self.refresh(narrow["refresh_token"], scope="read")))
+
+    def test_grace_window(self) -> None:
+        """
+        The previous token may be used again within the grace window
+        (parallel refreshes): the grant survives.
+        """
+        second = self.drive(self.server.token(self.refresh(self.first["refresh_token"])))
+        self.clock.advance(30)
+        parallel = self.drive(self.server.token(self.refresh(self.first["refresh_token"])))
+        self.assertIsNotNone(self.access_info(parallel["access_token"]))
+        self.assertIsNotNone(self.access_info(second["access_token"]))
+        self.assertEqual(self.revoked, [])
+
+    def test_reuse_after_grace_revokes(self) -> None:
+        second = self.drive(self.server.token(self.refresh(self.first["refresh_token"])))
+        self.assertIsNotNone(self.access_info(second["access_token"]))
+        self.clock.advance(61)
+        self.oauth_fails(self.server.token(self.refresh(self.first["refresh_token"])), "invalid_grant")
+        self.assertIsNone(self.access_info(second["access_token"]))
+        self.oauth_fails(self.server.token(self.refresh(second["refresh_token"])), "invalid_grant")
+        self.assertEqual(len(self.revoked), 1)
+
+    def test_older_generation_revokes(self) -> None:
+        second = self.drive(self.server.token(self.refresh(self.first["refresh_token"])))
+        third = self.drive(self.server.token(self.refresh(second["refresh_token"])))
+        self.oauth_fails(self.server.token(self.refresh(self.first["refresh_token"])), "invalid_grant")
+        self.assertIsNone(self.access_info(third["access_token"]))
+
+    def test_idle_expiry(self) -> None:
+        self.clock.advance(30 * 24 * 3600)
+        self.oauth_fails(self.server.token(self.refresh(self.first["refresh_token"])), "invalid_grant")
+
+    def test_use_extends_lifetime(self) -> None:
+        self.clock.advance(29 * 24 * 3600)
+        second = self.drive(self.server.token(self.refresh(self.first["refresh_token"])))
+        self.clock.advance(29 * 24 * 3600)
+        self.drive(self.server.token(self.refresh(second["refresh_token"])))
+
+    def test_other_client_revokes(self) -> None:
+        """
+        A refresh token presented by another client is a stolen one.
+        """
+        other = self.drive(self.server.register({"redirect_uris": ["https://client.example/cb"]}))
+        with capturedLogs() as events:
+            self.oauth_fails(
+                self.server.token(self.refresh(self.first["refresh_token"], client_id=other["client_id"])),
+                "invalid_grant",
+            )
+        self.assertIn("refresh_wrong_client", [e.get("smeldr_event") for e in events])
+        self.assertIsNone(self.access_info(self.first["access_token"]))
+        self.assertEqual(len(self.revoked), 1)
+
+    def test_bad_requests_change_nothing(self) -> None:
+        token = self.first["refresh_token"]
+        cases = [
+            (self.refresh(token, refresh_token=None), "invalid_request"),
+            (self.refresh("unknown"), "invalid_grant"),
+            (self.refresh(token, resource="https://other.example/mcp"), "invalid_target"),
+            (self.refresh(token, client_id="unknown"), "invalid_client"),
+            (self.refresh(token, client_id=None), "invalid_client"),
+            (self.refresh("r" * 3000), "invalid_request"),
+        ]
+        p = self.refresh(token)
+        p["refresh_token"] = [token, token]
+        cases.append((p, "invalid_request"))
+        p = self.refresh(token, scope="read")
+        p["scope"] = ["read", "write"]
+        cases.append((p, "invalid_request"))
+        for params, error in cases:
+            with self.unchanged():
+                self.oauth_fails(self.server.token(params), error)
+        self.drive(self.server.token(self.refresh(token, resource=RESOURCE)))
+
+    def test_revoked_grant(self) -> None:
+        info = self.access_info(self.first["access_token"])
+        assert info is not None
+        self.assertTrue(self.drive(self.server.revoke_grant(info.grant_id)))
+        self.oauth_fails(self.server.token(self.refresh(self.first["refresh_token"])), "invalid_grant")
+        self.assertFalse(self.drive(self.server.revoke_grant(info.grant_id)))
+
+
+class RevocationTests(ServerTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.body = self.tokens()
+
+    def revoke(self, **params: str) -> None:
+        self.assertIsNone(self.drive(self.server.revoke({k: [v] for k, v in params.items()})))
+
+    def test_access_token(self) -> None:
+        """
+        Revoking an access token ends it at once, even though it is cached,
+        and leaves the grant alone.
+        """
+        self.assertIsNotNone(self.access_info(self.body["access_token"]))
+        self.revoke(token=self.body["access_token"], token_type_hint="access_token")
+        self.assertIsNone(self.access_info(self.body["access_token"]))
+        self.assertEqual(self.revoked, [])
+        self.drive(self.server.token(self.refresh(self.body["refresh_token"])))
+
+    def test_refresh_token_ends_grant(self) -> None:
+        self.assertIsNotNone(self.access_info(self.body["access_token"]))
+        self.revoke(token=self.body["refresh_token"], client_id=self.client_id)
+        self.assertIsNone(self.access_info(self.body["access_token"]))
+        self.assertEqual(len(self.revoked), 1)
+        self.oauth_fails(self.server.token(self.refresh(self.body["refresh_token"])), "invalid_grant")
+
+    def test_unknown_tokens(self) -> None:
+        """
+        Unknown, oversized or oddly hinted tokens: success, nothing changes.
+        """
+        for token, hint in (("unknown", "refresh_token"), ("x" * 5000, "access_token"), ("y", "id_token")):
+            with self.unchanged():
+                self.revoke(token=token, token_type_hint=hint)
+
+    def test_bad_requests(self) -> None:
+        for params, error in (
+            ({}, "invalid_request"),
+            ({"token": [""]}, "invalid_request"),
+            ({"token": ["a", "b"]}, "invalid_request"),
+            ({"token": ["a"], "token_type_hint": ["a", "b"]}, "invalid_request"),
+            (
+                {"token": [self.body["access_token"]], "client_id": [self.client_id], "client_secret": ["x"]},
+                "invalid_client",
+            ),
+        ):
+            with self.unchanged():
+                self.oauth_fails(self.server.revoke(params), error)
+        self.assertIsNotNone(self.access_info(self.body["access_token"]))
+
+    def test_confidential_client(self) -> None:
+        registered = self.drive(
+            self.server.register(
+                {
+                    "redirect_uris": ["https://client.example/cb"],
+                    "token_endpoint_auth_method": "client_secret_post",
+                }
+            )
+        )
+        params = {"token": [self.body["access_token"]], "client_id": [registered["client_id"]]}
+        with self.unchanged():
+            self.oauth_fails(
+                self.server.revoke(params, basic=(registered["client_id"], "wrong")), "invalid_client"
+            )
+        self.drive(self.server.revoke(params, basic=(registered["client_id"], registered["client_secret"])))
+        self.assertIsNone(self.access_info(self.body["access_token"]))
+
+
+class RegistrationTests(ServerTestCase):
+    def register(self, metadata: Any) -> dict[str, Any]:
+        return self.drive(self.server.register(metadata))
+
+    def test_public_by_default(self) -> None:
+        body = self.register(
+            {
+                "redirect_uris": [
+                    "https://claude.ai/api/mcp/auth_callback",
+                    "http://localhost:6274/oauth/callback",
+                ],
+                "client_name": "Claude",
+                "scope": "read offline_access",
+                "client_uri": "https://claude.ai",
+                "unknown_field": {"ignored": True},
+            }
+        )
+        self.assertEqual(body["token_endpoint_auth_method"], "none")
+        self.assertNotIn("client_secret", body)
+        self.assertEqual(body["client_id_issued_at"], int(T0))
+        self.assertEqual(body["grant_types"], ["authorization_code", "refresh_token"])
+        self.assertEqual(body["response_types"], ["code"])
+        client = self.successResultOf(self.store.get_client(body["client_id"]))
+        assert client is not None
+        self.assertIsNone(client.client_secret_hash)
+        self.assertEqual(client.client_name, "Claude")
+
+    def test_name_cleaned(self) -> None:
+        """
+        Control and format characters cannot forge log lines or disguise
+        the name on the consent page.
+        """
+        body = self.register(
+            {"redirect_uris": ["https://client.example/cb"], "client_name": "Good\nApp\u202e\u200b  x"}
+        )
+        self.assertEqual(body["client_name"], "Good App x")
+        client = self.successResultOf(self.store.get_client(body["client_id"]))
+        assert client is not None
+        self.assertEqual(client.client_name, "Good App x")
+
+    def test_secret_hashed(self) -> None:
+        body = self.register(
+            {
+                "redirect_uris": ["https://client.example/cb"],
+                "token_endpoint_auth_method": "client_secret_post",
+            }
+        )
+        self.assertNotIn(body["client_secret"], repr(snapshot(self.store)))
+
+    def test_refused(self) -> None:
+        ok = ["https://client.example/cb"]
+        cases: list[tuple[Any, str]] = [
+            ([], "invalid_client_metadata"),
+            ("string", "invalid_client_metadata"),
+            (None, "invalid_client_metadata"),
+            ({}, "invalid_redirect_uri"),
+            ({"redirect_uris": []}, "invalid_redirect_uri"),
+            ({"redirect_uris": "https://client.example/cb"}, "invalid_redirect_uri"),
+            ({"redirect_uris": [1]}, "invalid_redirect_uri"),
+            ({"redirect_uris": [None]}, "invalid_redirect_uri"),
+            ({"redirect_uris": ["http://client.example/cb"]}, "invalid_redirect_uri"),
+            ({"redirect_uris": ["https://client.example/cb#x"]}, "invalid_redirect_uri"),
+            ({"redirect_uris": ["javascript:alert(1)"]}, "invalid_redirect_uri"),
+            ({"redirect_uris": ["com.example.app:/cb"]}, "invalid_redirect_uri"),
+            ({"redirect_uris": ["/relative"]}, "invalid_redirect_uri"),
+            ({"redirect_uris": ["https://user:pw@client.example/cb"]}, "invalid_redirect_uri"),
+            ({"redirect_uris": ["https://a;script-src:*/cb"]}, "invalid_redirect_uri"),
+            ({"redirect_uris": ["https://client.example/" + "x" * 3000]}, "invalid_redirect_uri"),
+            ({"redirect_uris": ok * 21}, "invalid_redirect_uri"),
+            (
+                {"redirect_uris": ok, "token_endpoint_auth_method": "private_key_jwt"},
+                "invalid_client_metadata",
+            ),
+            ({"redirect_uris": ok, "token_endpoint_auth_method": ["none"]}, "invalid_client_metadata"),
+            ({"redirect_uris": ok, "grant_types": ["refresh_token"]}, "invalid_client_metadata"),
+            (
+                {"redirect_uris": ok, "grant_types": ["authorization_code", "implicit"]},
+                "invalid_client_metadata",
+            ),
+            ({"redirect_uris": ok, "grant_types": "authorization_code"}, "invalid_client_metadata"),
+            ({"redirect_uris": ok, "grant_types": [{}]}, "invalid_client_metadata"),
+            ({"redirect_uris": ok, "response_types": ["token"]}, "invalid_client_metadata"),
+            ({"redirect_uris": ok, "client_name": 5}, "invalid_client_metadata"),
+            ({"redirect_uris": ok, "client_name": "n" * 201}, "invalid_client_metadata"),
+            ({"redirect_uris": ok, "scope": "read admin"}, "invalid_client_metadata"),
+            ({"redirect_uris": ok, "scope": ["read"]}, "invalid_client_metadata"),
+            ({"redirect_uris": ok, "client_uri": "http://client.example"}, "invalid_client_metadata"),
+            ({"redirect_uris": ok, "logo_uri": 7}, "invalid_client_metadata"),
+        ]
+        for metadata, error in cases:
+            with self.unchanged():
+                self.oauth_fails(self.server.register(metadata), error)
+
+    def test_cap(self) -> None:
+        self.server.config = Config(issuer=ISSUER, verify_bearer=verify_bearer, max_registered_clients=3)
+        self.register({"redirect_uris": ["https://client.example/cb"]})
+        self.register({"redirect_uris": ["https://client.example/cb"]})
+        with capturedLogs():
+            with self.unchanged():
+                self.oauth_fails(
+                    self.server.register({"redirect_uris": ["https://client.example/cb"]}),
+                    "temporarily_unavailable",
+                    503,
+                )
+
+
+class SlowLookupStore(MemoryStore):
+    """
+    A memory store whose access-token look-ups wait until the test fires
+    them, to race a revocation against a look-up.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.pending: list[tuple[Deferred[Any], Deferred[Any]]] = []
+        self.lookups = 0
+
+    def lookup_access_token(self, token_hash: str, now: float) -> "Deferred[Optional[AccessInfo]]":
+        self.lookups += 1
+        d: Deferred[Optional[AccessInfo]] = Deferred()
+        self.pending.append((d, super().lookup_access_token(token_hash, now)))
+        return d
+
+    def release(self) -> None:
+        pending, self.pending = self.pending, []
+        for d, answer in pending:
+            answer.chainDeferred(d)
+
+
+class AccessCacheTests(ServerTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.store = SlowLookupStore(self.clock)
+        self.server = OAuthServer(self.config, self.store, self.clock, self.resolver)
+        self.client_id = self.drive(self.server.register({"redirect_uris": ["https://client.example/cb"]}))[
+            "client_id"
+        ]
+        self.body = self.tokens()
+
+    def lookup(self, token: str) -> Optional[AccessInfo]:
+        d = self.server.verify_access_token(token)
+        self.store.release()
+        return self.successResultOf(d)
+
+    def test_cached(self) -> None:
+        self.assertIsNotNone(self.lookup(self.body["access_token"]))
+        self.assertIsNotNone(self.lookup(self.body["access_token"]))
+        self.assertEqual(self.store.lookups, 1)
+        self.clock.advance(self.config.access_cache_ttl)
+        self.assertIsNotNone(self.lookup(self.body["access_token"]))
+        self.assertEqual(self.store.lookups, 2)
+
+    def test_expiry_beats_cache(self) -> None:
+        self.assertIsNotNone(self.lookup(self.body["access_token"]))
+        self.clock.advance(3600 - 1)
+        self.assertIsNotNone(self.lookup(self.body["access_token"]))
+        self.clock.advance(1)
+        self.assertIsNone(self.lookup(self.body["access_token"]))
+
+    def test_revocation_during_lookup_not_cached(self) -> None:
+        """
+        A look-up that read the token before a revocation and answers after
+        it is not cached: the next look-up sees the revocation.
+        """
+        d = self.server.verify_access_token(self.body["access_token"])
+        self.drive(self.server.revoke({"token": [self.body["access_token"]]}))
+        self.store.release()
+        self.successResultOf(d)
+        self.assertIsNone(self.lookup(self.body["access_token"]))
+
+    def test_grant_revocation_clears_cache(self) -> None:
+        info = self.lookup(self.body["access_token"])
+        assert info is not None
+        self.drive(self.server.revoke_grant(info.grant_id))
+        self.assertIsNone(self.lookup(self.body["access_token"]))
+
+    def test_garbage(self) -> None:
+        for token in ("", "x" * 600, "unknown"):
+            self.assertIsNone(self.lookup(token))
+        self.assertIsNone(self.successResultOf(self.server.verify_access_token(None)))  # type: ignore[arg-type]
+
+    def test_other_resource(self) -> None:
+        """
+        A token issued for another resource (the server was reconfigured)
+        is not accepted.
+        """
+        self.server.config = Config(issuer=ISSUER, verify_bearer=verify_bearer, resource=ISSUER + "/other")
+        self.assertIsNone(self.lookup(self.body["access_token"]))
+
+    def test_cache_bounded(self) -> None:
+        self.server.config = Config(issuer=ISSUER, verify_bearer=verify_bearer, access_cache_size=2)
+        tokens = [self.tokens()["access_token"] for _ in range(4)]
+        for token in tokens:
+            self.assertIsNotNone(self.lookup(token))
+        self.assertEqual(len(self.server._cache), 2)
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_issuer(self) -> None:
+        from smeldr_oauth.oauth.config import ConfigError
+
+        self.assertEqual(
+            Config(issuer="http://127.0.0.1:8080/", verify_bearer=verify_bearer).issuer,
+            "http://127.0.0.1:8080",
+        )
+        for bad in ("http://example.com", "example.com", "https://example.com/?q=1", "https://u@example.com"):
+            self.assertRaises(ConfigError, Config, issuer=bad, verify_bearer=verify_bearer)
