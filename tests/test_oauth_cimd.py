@@ -103,9 +103,7 @@ class IsCIMDClientIdTests(SynchronousTestCase):
 
     def test_http_only_when_insecure(self) -> None:
         self.assertFalse(is_cimd_client_id("http://localhost:8000/client.json"))
-        self.assertTrue(
-            is_cimd_client_id("http://localhost:8000/client.json", allow_insecure=True)
-        )
+        self.assertTrue(is_cimd_client_id("http://localhost:8000/client.json", allow_insecure=True))
 
     def test_malformed_still_classified(self) -> None:
         """
@@ -223,9 +221,7 @@ class CheckClientIdURLTests(SynchronousTestCase):
 
     def test_allowed_networks(self) -> None:
         policy = AddressPolicy(allowed_networks=["127.0.0.1/32"])
-        self.assertEqual(
-            check_client_id_url("https://127.0.0.1:4443/c", policy=policy), "127.0.0.1"
-        )
+        self.assertEqual(check_client_id_url("https://127.0.0.1:4443/c", policy=policy), "127.0.0.1")
         self.assertRefused("https://127.0.0.2/c", policy=policy)
         self.assertRefused("http://127.0.0.1/c", policy=policy)
 
@@ -324,9 +320,7 @@ class ParseDocumentTests(SynchronousTestCase):
             b'{"a":' * 3000 + b"1" + b"}" * 3000,
             b'{"n": 1' + b"0" * 5000 + b"}",
         ):
-            self.assertEqual(
-                self.refused(raw), "client metadata document is not valid JSON"
-            )
+            self.assertEqual(self.refused(raw), "client metadata document is not valid JSON")
 
     def test_duplicate_keys(self) -> None:
         raw = (
@@ -334,9 +328,7 @@ class ParseDocumentTests(SynchronousTestCase):
             + URL.encode()
             + b'", "redirect_uris": ["https://a.example/cb"]}'
         )
-        self.assertEqual(
-            self.refused(raw), "client metadata document is not valid JSON"
-        )
+        self.assertEqual(self.refused(raw), "client metadata document is not valid JSON")
 
     def test_not_an_object(self) -> None:
         for doc in ([document()], "x", 1, None):
@@ -415,9 +407,7 @@ class ParseDocumentTests(SynchronousTestCase):
             ["private_key_jwt", "client_secret_post"],
             [],
         ):
-            client = self.parse(
-                document(token_endpoint_auth_methods_supported=supported)
-            )
+            client = self.parse(document(token_endpoint_auth_methods_supported=supported))
             self.assertEqual(client.token_endpoint_auth_method, "none")
 
     def test_other_methods(self) -> None:
@@ -465,17 +455,11 @@ class ParseDocumentTests(SynchronousTestCase):
         self.assertIsNone(self.parse(document(client_name=None)).client_name)
         self.assertIsNone(self.parse(document(client_name="  \u200b ")).client_name)
         self.assertEqual(
-            self.parse(
-                document(client_name="Evil\u202e gnp.exe\n\tCorp\x00")
-            ).client_name,
+            self.parse(document(client_name="Evil\u202e gnp.exe\n\tCorp\x00")).client_name,
             "Evil gnp.exe Corp",
         )
-        self.assertEqual(
-            len(self.parse(document(client_name="x" * 5000)).client_name), 200
-        )
-        self.assertEqual(
-            self.parse(document(client_name="Zoë 日本")).client_name, "Zoë 日本"
-        )
+        self.assertEqual(len(self.parse(document(client_name="x" * 5000)).client_name), 200)
+        self.assertEqual(self.parse(document(client_name="Zoë 日本")).client_name, "Zoë 日本")
         for value in (1, ["a"], {"a": 1}, True):
             self.refused(document(client_name=value))
 
@@ -686,9 +670,7 @@ class FakeAgent:
     def request(self, method, uri, headers=None, bodyProducer=None):
         cancelled: list = []
         d: Deferred = Deferred(lambda d: cancelled.append(True))
-        self.requests.append(
-            FakeRequest(method, uri, headers or Headers(), d, cancelled)
-        )
+        self.requests.append(FakeRequest(method, uri, headers or Headers(), d, cancelled))
         return d
 
 
@@ -715,9 +697,7 @@ class ResolverTests(SynchronousTestCase):
             self.assertNoResult(d)
             [req] = self.agent.requests
             self.assertEqual((req.method, req.uri), (b"GET", URL.encode()))
-            self.assertEqual(
-                req.headers.getRawHeaders(b"accept"), [b"application/json"]
-            )
+            self.assertEqual(req.headers.getRawHeaders(b"accept"), [b"application/json"])
             self.assertFalse(req.headers.hasHeader(b"accept-encoding"))
             self.assertFalse(req.headers.hasHeader(b"cookie"))
             self.assertFalse(req.headers.hasHeader(b"if-none-match"))
@@ -742,9 +722,7 @@ class ResolverTests(SynchronousTestCase):
     def test_invalid_url_not_fetched(self) -> None:
         with capturedLogs() as events:
             d = self.resolver.resolve("https://169.254.169.254/latest?token=abc")
-        self.assertEqual(
-            self.refusal(d), "client_id URL points at a special-use address"
-        )
+        self.assertEqual(self.refusal(d), "client_id URL points at a special-use address")
         self.assertEqual(self.agent.requests, [])
         [event] = [e for e in events if "reason" in e]
         self.assertEqual(event["host"], "169.254.169.254")
@@ -829,9 +807,7 @@ class ResolverTests(SynchronousTestCase):
 
         noise = gzip.compress(os.urandom(20_000))
         d = self.resolver.resolve(URL)
-        response = self.agent.requests[0].respond(
-            noise, headers={"content-encoding": "gzip"}, finish=False
-        )
+        response = self.agent.requests[0].respond(noise, headers={"content-encoding": "gzip"}, finish=False)
         self.assertIn("larger than", self.refusal(d))
         self.assertTrue(response.transport.stopped)
 
@@ -846,9 +822,7 @@ class ResolverTests(SynchronousTestCase):
         for code in (301, 302, 303, 307, 308):
             self.agent.requests.clear()
             d = self.resolver.resolve(URL)
-            response = self.agent.requests[0].respond(
-                code=code, headers={"location": "https://127.0.0.1/x"}
-            )
+            response = self.agent.requests[0].respond(code=code, headers={"location": "https://127.0.0.1/x"})
             self.assertIn("redirects are not followed", self.refusal(d))
             self.assertEqual(len(self.agent.requests), 1)
             self.assertTrue(response.transport.stopped)
@@ -858,9 +832,7 @@ class ResolverTests(SynchronousTestCase):
             self.agent.requests.clear()
             d = self.resolver.resolve(URL)
             response = self.agent.requests[0].respond(b"{}", code=code)
-            self.assertEqual(
-                self.refusal(d), f"client metadata URL answered HTTP {code}, not 200"
-            )
+            self.assertEqual(self.refusal(d), f"client metadata URL answered HTTP {code}, not 200")
             self.assertTrue(response.transport.stopped)
 
     def test_bad_document(self) -> None:
@@ -893,12 +865,8 @@ class ResolverTests(SynchronousTestCase):
         d = self.resolver.resolve(URL)
         response = self.agent.requests[0].respond(b"{", finish=False)
         assert response.protocol is not None
-        response.protocol.connectionLost(
-            Failure(ResponseFailed([Failure(Exception())]))
-        )
-        self.assertEqual(
-            self.refusal(d), "could not fetch the client metadata document"
-        )
+        response.protocol.connectionLost(Failure(ResponseFailed([Failure(Exception())])))
+        self.assertEqual(self.refusal(d), "could not fetch the client metadata document")
 
     def test_unexpected_error(self) -> None:
         """
@@ -920,9 +888,7 @@ class ResolverTests(SynchronousTestCase):
 
     def test_cache_hit_and_expiry(self) -> None:
         d = self.resolver.resolve(URL)
-        self.agent.requests[0].respond(
-            body_of(document()), headers={"cache-control": "max-age=60"}
-        )
+        self.agent.requests[0].respond(body_of(document()), headers={"cache-control": "max-age=60"})
         first = self.successResultOf(d)
         self.clock.advance(59)
         self.assertIs(self.successResultOf(self.resolver.resolve(URL)), first)
@@ -944,9 +910,7 @@ class ResolverTests(SynchronousTestCase):
 
     def test_max_ttl(self) -> None:
         self.resolver.resolve(URL)
-        self.agent.requests[0].respond(
-            body_of(document()), headers={"cache-control": "max-age=999999"}
-        )
+        self.agent.requests[0].respond(body_of(document()), headers={"cache-control": "max-age=999999"})
         self.clock.advance(86399)
         self.successResultOf(self.resolver.resolve(URL))
         self.clock.advance(1)
@@ -957,9 +921,7 @@ class ResolverTests(SynchronousTestCase):
         for value in ("no-store", "no-cache", "max-age=0"):
             self.agent.requests.clear()
             self.resolver.resolve(URL)
-            self.agent.requests[0].respond(
-                body_of(document()), headers={"cache-control": value}
-            )
+            self.agent.requests[0].respond(body_of(document()), headers={"cache-control": value})
             d = self.resolver.resolve(URL)
             self.assertEqual(len(self.agent.requests), 2, value)
             self.agent.requests[1].deferred.cancel()
@@ -1020,9 +982,7 @@ class ResolverTests(SynchronousTestCase):
         other = "https://other.example.com/c.json"
         self.resolver.resolve(URL)
         self.resolver.resolve(other)
-        self.assertEqual(
-            [r.uri for r in self.agent.requests], [URL.encode(), other.encode()]
-        )
+        self.assertEqual([r.uri for r in self.agent.requests], [URL.encode(), other.encode()])
 
     def test_in_flight_limit(self) -> None:
         self.make(max_in_flight=2)
@@ -1069,9 +1029,7 @@ class ResolverTests(SynchronousTestCase):
         self.agent.requests[0].respond(body_of(document()), headers={"etag": 'W/"v1"'})
         self.clock.advance(301)
         d = self.resolver.resolve(URL)
-        self.assertEqual(
-            self.agent.requests[1].headers.getRawHeaders(b"if-none-match"), [b'W/"v1"']
-        )
+        self.assertEqual(self.agent.requests[1].headers.getRawHeaders(b"if-none-match"), [b'W/"v1"'])
         self.agent.requests[1].respond(body_of(document(client_name="v2")))
         self.assertEqual(self.successResultOf(d).client_name, "v2")
 
@@ -1095,9 +1053,7 @@ class ResolverTests(SynchronousTestCase):
     def test_insecure_http(self) -> None:
         self.make(allow_insecure=True)
         d = self.resolver.resolve("http://localhost:8000/client.json")
-        self.agent.requests[0].respond(
-            body_of(document(client_id="http://localhost:8000/client.json"))
-        )
+        self.agent.requests[0].respond(body_of(document(client_id="http://localhost:8000/client.json")))
         self.successResultOf(d)
 
 
@@ -1131,9 +1087,7 @@ def make_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
             ),
             critical=True,
         )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     return key, cert
@@ -1160,9 +1114,7 @@ def make_server_cert(
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()),
             critical=False,
@@ -1252,19 +1204,13 @@ class RealSocketTests(TestCase):
     def listen(self, names: list[str]) -> None:
         options = make_server_cert(self.ca_key, self.ca, names).options()
         context = options.getContext()
-        context.set_tlsext_servername_callback(
-            lambda conn: self.server_names.append(conn.get_servername())
-        )
+        context.set_tlsext_servername_callback(lambda conn: self.server_names.append(conn.get_servername()))
         self.factory = TrackingFactory(Site(self.resource))
-        self.port = global_reactor.listenSSL(
-            0, self.factory, options, interface="127.0.0.1"
-        )
+        self.port = global_reactor.listenSSL(0, self.factory, options, interface="127.0.0.1")
         self.addCleanup(self.factory.closed)
         self.addCleanup(self.port.stopListening)
         self.url = f"https://{self.HOST}:{self.port.getHost().port}/client.json"
-        self.resource.bodies[b"/client.json"] = body_of(
-            document(client_id=self.url, client_name="Real")
-        )
+        self.resource.bodies[b"/client.json"] = body_of(document(client_id=self.url, client_name="Real"))
 
     def resolver(self, **kw: Any) -> CIMDResolver:
         kw.setdefault("trust_root", self.trust_root)
@@ -1312,12 +1258,7 @@ class RealSocketTests(TestCase):
             "client metadata host resolves to a special-use address",
         )
         self.assertEqual(self.factory.accepted, 0)
-        self.assertTrue(
-            any(
-                e.get("host") == self.HOST and e.get("address") == "127.0.0.1"
-                for e in events
-            )
-        )
+        self.assertTrue(any(e.get("host") == self.HOST and e.get("address") == "127.0.0.1" for e in events))
 
     @inlineCallbacks
     def test_loopback_literal_refused(self):
@@ -1335,9 +1276,7 @@ class RealSocketTests(TestCase):
         resolver = self.resolver(trust_root=None, allowed_networks=["127.0.0.1/32"])
         with self.assertRaises(CIMDError) as ctx:
             yield resolver.resolve(self.url)
-        self.assertEqual(
-            ctx.exception.reason, "TLS verification of the client metadata host failed"
-        )
+        self.assertEqual(ctx.exception.reason, "TLS verification of the client metadata host failed")
         self.assertEqual(self.resource.requests, [])
 
     @inlineCallbacks
@@ -1353,9 +1292,7 @@ class RealSocketTests(TestCase):
         url = self.url.replace(self.HOST, "other.example")
         with self.assertRaises(CIMDError) as ctx:
             yield resolver.resolve(url)
-        self.assertEqual(
-            ctx.exception.reason, "TLS verification of the client metadata host failed"
-        )
+        self.assertEqual(ctx.exception.reason, "TLS verification of the client metadata host failed")
         self.assertEqual(self.resource.requests, [])
 
     @inlineCallbacks

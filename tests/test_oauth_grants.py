@@ -69,7 +69,9 @@ class GrantsPageTests(SynchronousTestCase):
             )
             self.successResultOf(self.store.create_grant(grant, code))
 
-    def request(self, method: str, body: dict[str, str] | None = None, cookie: str | None = None) -> tuple[Any, str]:
+    def request(
+        self, method: str, body: dict[str, str] | None = None, cookie: str | None = None
+    ) -> tuple[Any, str]:
         headers = dict(FORM)
         if cookie:
             headers["Cookie"] = cookie
@@ -114,7 +116,9 @@ class GrantsPageTests(SynchronousTestCase):
 
     def test_revoke(self) -> None:
         cookie, csrf, _ = self.signin()
-        response, text = self.request("POST", {"action": "revoke", "grant_id": "g-alice", "csrf": csrf}, cookie)
+        response, text = self.request(
+            "POST", {"action": "revoke", "grant_id": "g-alice", "csrf": csrf}, cookie
+        )
         self.assertEqual(response.code, 200)
         self.assertIn("Disconnected", text)
         self.assertEqual(self.revoked, ["g-alice"])
@@ -122,7 +126,9 @@ class GrantsPageTests(SynchronousTestCase):
 
     def test_revoke_needs_csrf(self) -> None:
         cookie, csrf, _ = self.signin()
-        response, _ = self.request("POST", {"action": "revoke", "grant_id": "g-alice", "csrf": "forged"}, cookie)
+        response, _ = self.request(
+            "POST", {"action": "revoke", "grant_id": "g-alice", "csrf": "forged"}, cookie
+        )
         self.assertEqual(response.code, 403)
         response, _ = self.request("POST", {"action": "revoke", "grant_id": "g-alice"}, cookie)
         self.assertEqual(response.code, 403)
@@ -161,7 +167,9 @@ class GrantsPageTests(SynchronousTestCase):
             self.treq.post(URL, data=b"\xff\xfe=1", headers={**FORM, "Cookie": cookie})
         )
         self.assertEqual(response.code, 400)
-        response = self.successResultOf(self.treq.post(URL, data=b"{}", headers={"Content-Type": "application/json"}))
+        response = self.successResultOf(
+            self.treq.post(URL, data=b"{}", headers={"Content-Type": "application/json"})
+        )
         self.assertEqual(response.code, 400)
         response, _ = self.request("POST", {"action": "dance", "csrf": csrf}, cookie)
         self.assertEqual(response.code, 400)

@@ -121,9 +121,7 @@ class ClassifierTests(SynchronousTestCase):
         An IPv4 address is forbidden exactly when it is in one of the
         listed ranges.
         """
-        self.assertEqual(
-            is_forbidden_address(ip), any(ip in net for net in FORBIDDEN_V4)
-        )
+        self.assertEqual(is_forbidden_address(ip), any(ip in net for net in FORBIDDEN_V4))
 
     @given(st.ip_addresses(v=4))
     def test_v4_covers_stdlib(self, ip: ipaddress.IPv4Address) -> None:
@@ -163,13 +161,7 @@ class ClassifierTests(SynchronousTestCase):
         )
         if embedded:
             return
-        if (
-            not ip.is_global
-            or ip.is_multicast
-            or ip.is_link_local
-            or ip.is_site_local
-            or ip.is_private
-        ):
+        if not ip.is_global or ip.is_multicast or ip.is_link_local or ip.is_site_local or ip.is_private:
             self.assertTrue(is_forbidden_address(ip), str(ip))
 
     @given(st.ip_addresses(v=6))
@@ -179,9 +171,7 @@ class ClassifierTests(SynchronousTestCase):
         """
         if ip in ipaddress.ip_network("2000::/3"):
             return
-        if ip in ipaddress.ip_network("::ffff:0:0/96") or ip in ipaddress.ip_network(
-            "64:ff9b::/96"
-        ):
+        if ip in ipaddress.ip_network("::ffff:0:0/96") or ip in ipaddress.ip_network("64:ff9b::/96"):
             return
         self.assertTrue(is_forbidden_address(ip))
 
@@ -261,9 +251,7 @@ class VettedAgentTests(SynchronousTestCase):
         )
         self.tls = RecordingTLSPolicy()
 
-    def agent(
-        self, policy: AddressPolicy | None = None, allow_http: bool = False
-    ) -> Agent:
+    def agent(self, policy: AddressPolicy | None = None, allow_http: bool = False) -> Agent:
         factory = VettedEndpointFactory(
             reactor=self.reactor,
             policy=policy or AddressPolicy(),
@@ -365,9 +353,7 @@ class VettedAgentTests(SynchronousTestCase):
         The factory function wires the same guard.
         """
         agent = make_vetted_agent(self.reactor, name_resolver=self.resolver)
-        self.failureResultOf(
-            agent.request(b"GET", b"https://rebind.example/x"), ForbiddenAddress
-        )
+        self.failureResultOf(agent.request(b"GET", b"https://rebind.example/x"), ForbiddenAddress)
         agent.request(b"GET", b"https://cimd.example/x")
         self.assertEqual(self.reactor.tcpClients[0][0], "93.184.216.34")
 
@@ -389,9 +375,7 @@ class VettedAgentTests(SynchronousTestCase):
             tls=self.tls,
             name_resolver=Slow(),
         )
-        d = Agent.usingEndpointFactory(self.reactor, factory).request(
-            b"GET", b"https://x.example/"
-        )
+        d = Agent.usingEndpointFactory(self.reactor, factory).request(b"GET", b"https://x.example/")
         d.cancel()
         self.failureResultOf(d)
         [receiver] = pending

@@ -116,9 +116,7 @@ class DecideTests(SynchronousTestCase):
         self.assertFalse(run(now=TOKEN.expires_at).issues_tokens)
 
     def test_invalid_scope(self) -> None:
-        self.assertEqual(
-            run(requested_scopes=("read", "admin")), RotationDecision(status="invalid_scope")
-        )
+        self.assertEqual(run(requested_scopes=("read", "admin")), RotationDecision(status="invalid_scope"))
 
     def test_grace(self) -> None:
         """

@@ -37,7 +37,14 @@ class CanonicalResourceTests(SynchronousTestCase):
         self.assertNotEqual(canonical_resource("https://example.com:8443/mcp"), "https://example.com/mcp")
 
     def test_not_urls(self) -> None:
-        for value in ["", "mcp", "/mcp", "ftp://example.com/mcp", "https://u:p@example.com/mcp", "https://exa mple.com"]:
+        for value in [
+            "",
+            "mcp",
+            "/mcp",
+            "ftp://example.com/mcp",
+            "https://u:p@example.com/mcp",
+            "https://exa mple.com",
+        ]:
             self.assertIsNone(canonical_resource(value), value)
 
     @given(st.text(max_size=200))
@@ -47,8 +54,16 @@ class CanonicalResourceTests(SynchronousTestCase):
 
 class RedirectMatchTests(SynchronousTestCase):
     def test_exact(self) -> None:
-        self.assertTrue(redirect_uri_matches("https://claude.ai/api/mcp/auth_callback", "https://claude.ai/api/mcp/auth_callback"))
-        self.assertFalse(redirect_uri_matches("https://claude.ai/api/mcp/auth_callback", "https://claude.ai/api/mcp/auth_callback/"))
+        self.assertTrue(
+            redirect_uri_matches(
+                "https://claude.ai/api/mcp/auth_callback", "https://claude.ai/api/mcp/auth_callback"
+            )
+        )
+        self.assertFalse(
+            redirect_uri_matches(
+                "https://claude.ai/api/mcp/auth_callback", "https://claude.ai/api/mcp/auth_callback/"
+            )
+        )
         self.assertFalse(redirect_uri_matches("https://claude.ai/cb", "https://claude.ai:444/cb"))
         self.assertFalse(redirect_uri_matches("https://claude.ai/cb", "https://claude.ai/cb?x=1"))
 
@@ -62,7 +77,9 @@ class RedirectMatchTests(SynchronousTestCase):
         self.assertFalse(redirect_uri_matches("http://localhost/callback", "http://localhost:5/other"))
         self.assertFalse(redirect_uri_matches("http://localhost/callback", "http://127.0.0.1:5/callback"))
         self.assertFalse(redirect_uri_matches("https://example.com/cb", "https://example.com:5/cb"))
-        self.assertFalse(redirect_uri_matches("http://localhost/callback", "http://localhost.evil.com/callback"))
+        self.assertFalse(
+            redirect_uri_matches("http://localhost/callback", "http://localhost.evil.com/callback")
+        )
 
     def test_registrable(self) -> None:
         self.assertTrue(valid_redirect_uri("https://claude.ai/api/mcp/auth_callback"))
