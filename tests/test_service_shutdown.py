@@ -6,7 +6,6 @@ being cut), closes its database pools and exits.
 
 from __future__ import annotations
 
-from typing import Any
 
 import treq
 from twisted.internet import reactor

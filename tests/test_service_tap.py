@@ -172,7 +172,7 @@ class ServiceOverSocketTests(TestCase):
         C{--listen ssl:...} serves TLS through pyOpenSSL.
         """
         from twisted.internet.ssl import Certificate, optionsForClientTLS
-        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+        from twisted.web.client import Agent
         from twisted.web.iweb import IPolicyForHTTPS
         from zope.interface import implementer
 

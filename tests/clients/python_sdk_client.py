@@ -522,7 +522,7 @@ def describe(exc: BaseException) -> str:
     One line per leaf exception: anyio wraps failures in exception groups,
     whose own message ("unhandled errors in a TaskGroup") says nothing.
     """
-    if isinstance(exc, BaseExceptionGroup):
+    if isinstance(exc, BaseExceptionGroup):  # noqa: F821 (the driver runs on Python 3.11+)
         return "; ".join(describe(e) for e in exc.exceptions)
     text = f"{type(exc).__name__}: {exc}"
     if exc.__cause__ is not None:
