@@ -1165,13 +1165,34 @@ class AccessCacheTests(ServerTestCase):
     def test_revocation_during_lookup_not_cached(self) -> None:
         """
         A look-up that read the token before a revocation and answers after
-        it is not cached: the next look-up sees the revocation.
+        it is neither trusted nor cached: it asks the store again and sees
+        the revocation, and so does the next look-up.
         """
         d = self.server.verify_access_token(self.body["access_token"])
         self.drive(self.server.revoke({"token": [self.body["access_token"]]}))
         self.store.release()
-        self.successResultOf(d)
+        self.store.release()
+        self.assertIsNone(self.successResultOf(d))
         self.assertIsNone(self.lookup(self.body["access_token"]))
+
+    def test_use_touches_grant_once_a_minute(self) -> None:
+        """
+        Using a token records the grant's last use for the connected-apps
+        page, at most once a minute per grant.
+        """
+        info = self.lookup(self.body["access_token"])
+        assert info is not None
+        [grant] = self.successResultOf(self.store.list_grants())
+        self.assertEqual(grant.last_used_at, self.clock.seconds())
+        first = self.clock.seconds()
+        self.clock.advance(30)
+        self.lookup(self.body["access_token"])
+        [grant] = self.successResultOf(self.store.list_grants())
+        self.assertEqual(grant.last_used_at, first)
+        self.clock.advance(31)
+        self.lookup(self.body["access_token"])
+        [grant] = self.successResultOf(self.store.list_grants())
+        self.assertEqual(grant.last_used_at, self.clock.seconds())
 
     def test_grant_revocation_clears_cache(self) -> None:
         info = self.lookup(self.body["access_token"])

@@ -50,6 +50,10 @@ log = Logger()
 MAX_PARAM = 2048
 MAX_STATE = 1024
 
+#: Seconds between two records of the same grant's use ("last used" on the
+#: connected-apps page): one write a minute per grant, not one per request.
+TOUCH_INTERVAL = 60.0
+
 #: Longest access token worth looking up: ours are 43 characters.
 MAX_TOKEN = 512
 
@@ -205,6 +209,7 @@ class OAuthServer:
         self._cimd = cimd
         self._observers: list[Callable[[str], None]] = []
         self._cache: OrderedDict[str, tuple[AccessInfo, float]] = OrderedDict()
+        self._touched: OrderedDict[str, float] = OrderedDict()
         # Bumped by every revocation.  A look-up that started before a
         # revocation and ends after it may have read the token as live: its
         # answer must not be cached (it would outlive the revocation).
@@ -882,7 +887,8 @@ class OAuthServer:
         L{IAccessVerifier}: a live token issued for our resource.  Answers
         come from a bounded in-process cache for up to C{access_cache_ttl}
         seconds; every revocation made through this server drops the
-        affected entries at once.
+        affected entries at once.  A use also marks the grant as used (at
+        most once a minute per grant) for the connected-apps page.
         """
         now = self._clock.seconds()
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN:
@@ -892,23 +898,45 @@ class OAuthServer:
         if hit is not None:
             info, cached_at = hit
             if now < info.expires_at and now - cached_at < self.config.access_cache_ttl:
+                self._touch(info.grant_id, now)
                 return succeed(info)
             del self._cache[key]
+        return self._lookup(key, now, retry=True)
 
+    def _lookup(self, key: str, now: float, retry: bool) -> "Deferred[Optional[AccessInfo]]":
         revocations = self._revocations
 
-        def found(info: Optional[AccessInfo]) -> Optional[AccessInfo]:
+        def found(info: Optional[AccessInfo]) -> "Optional[AccessInfo] | Deferred[Optional[AccessInfo]]":
             if info is None:
                 return None
             if canonical_resource(info.resource) != self.config.resource:
                 return None
             if revocations != self._revocations:
-                # A revocation happened while we looked: this answer may
-                # predate it, so it is used once and not kept.
-                return info
+                # A revocation happened while we looked, so this answer may
+                # predate it: ask again (fail closed if it happens twice).
+                return self._lookup(key, now, retry=False) if retry else None
             self._cache[key] = (info, now)
             while len(self._cache) > self.config.access_cache_size:
                 self._cache.popitem(last=False)
+            self._touch(info.grant_id, now)
             return info
 
         return maybeDeferred(self.store.lookup_access_token, key, now).addCallback(found)
+
+    def _touch(self, grant_id: str, now: float) -> None:
+        """
+        Record a grant's use, at most once per L{TOUCH_INTERVAL} per grant,
+        without holding up the request that used it.
+        """
+        last = self._touched.get(grant_id)
+        if last is not None and now - last < TOUCH_INTERVAL:
+            return
+        self._touched[grant_id] = now
+        self._touched.move_to_end(grant_id)
+        while len(self._touched) > self.config.access_cache_size:
+            self._touched.popitem(last=False)
+
+        def failed(f: Any) -> None:
+            log.failure("could not record the use of grant {grant_id}", f, grant_id=grant_id)
+
+        maybeDeferred(self.store.touch_grant, grant_id, now).addErrback(failed)
