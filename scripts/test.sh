@@ -22,12 +22,19 @@ done
 
 echo "== lint"
 .venv/bin/ruff check smeldr_oauth twisted tests bench examples
-echo "== docs"
-PY=.venv/bin/python bash scripts/docs.sh
-
 echo "== tests"
 export SMELDR_MATRIX_DIR=${SMELDR_MATRIX_DIR:-$PWD/.trial_temp-matrix}
 rm -rf "$SMELDR_MATRIX_DIR" && mkdir -p "$SMELDR_MATRIX_DIR"
 # The suite runs against the installed package (twisted/plugins included).
-.venv/bin/python -m twisted.trial --temp-directory=.trial_temp "${@:-tests}"
-.venv/bin/python scripts/matrix.py "$SMELDR_MATRIX_DIR" docs/clients.md
+set +e
+.venv/bin/python -m twisted.trial --temp-directory=.trial_temp "${@:-tests}" 2>&1 | tee .trial_temp-summary.txt
+status=${PIPESTATUS[0]}
+set -e
+if [ "$status" -eq 0 ]; then
+    .venv/bin/python scripts/matrix.py "$SMELDR_MATRIX_DIR" docs/clients.md
+    echo "== docs"
+    PY=.venv/bin/python bash scripts/docs.sh || status=1
+fi
+# One plain closing line: "N passed, N failed, N skipped".
+.venv/bin/python scripts/summary.py .trial_temp-summary.txt "$status"
+exit "$status"
