@@ -23,6 +23,7 @@ from tests.e2e import (
     CHECKOUT,
     RunningServer,
     createSiteToken,
+    recordMatrix,
     runPython,
     serveClientMetadata,
     startServer,
@@ -33,6 +34,35 @@ DRIVER = os.path.join(CHECKOUT, "tests", "clients", "python_sdk_client.py")
 #: Where the driver says it wants the code; nothing listens there, the
 #: driver reads the redirect itself (see its C{--callback-port}).
 CALLBACK = "http://127.0.0.1:33418/callback"
+
+
+def _sdkVersion() -> str:
+    from importlib.metadata import version
+
+    return version("mcp")
+
+
+def _matrixCell(arguments: tuple[str, ...]) -> tuple[str, str, str, str]:
+    """
+    The matrix row (transport, identity, case, status) of a successful
+    driver run with C{arguments}.
+    """
+    def value(flag: str, default: str) -> str:
+        return arguments[arguments.index(flag) + 1] if flag in arguments else default
+
+    transport = "sse" if value("--transport", "streamable") == "sse" else "streamable-http"
+    identity = value("--identity", "dcr")
+    if "--refresh" in arguments:
+        case = "refresh"
+    elif "--revoke" in arguments:
+        case = "revoke-recover"
+    elif value("--decision", "approve") == "deny":
+        case = "deny"
+    elif value("--mode", "auto") == "legacy":
+        case = "connect-initialize"
+    else:
+        case = "connect"
+    return transport, identity, case, "pass"
 
 
 def _requireSDK() -> None:
@@ -111,6 +141,7 @@ class PythonSDKTests(TestCase):
                 )
             )
         assert report is not None
+        recordMatrix(self, "mcp (Python SDK 2.x)", _sdkVersion(), *_matrixCell(arguments))
         return report
 
     @staticmethod
