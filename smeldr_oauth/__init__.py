@@ -28,7 +28,6 @@ __all__ = [
     "CIMDResolver",
     "Config",
     "Context",
-    "IOAuthStore",
     "MCPApp",
     "MemoryStore",
     "OAuthServer",

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_site_admin -*-
 """
-C{smeldr-oauth-admin}: manage site tokens and the OAuth grants made with them.
+C{smeldr-oauth-admin}: manage site tokens and the OAuth grants made with them::
 
     smeldr-oauth-admin token create NAME [--site-db PATH]   # the token alone on stdout
     smeldr-oauth-admin token list [--site-db PATH]
