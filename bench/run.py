@@ -178,6 +178,7 @@ class Settings:
         self.observe = args.observe if args.observe is not None else (2.2 if self.smoke else 16.0)
         self.verify_calls = 200 if self.smoke else 5000
         self.only = set(args.only.split(",")) if args.only else None
+        self.server_args = tuple(args.server_arg or ())
 
     def as_json(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k != "only"} | {"only": sorted(self.only or [])}
@@ -219,7 +220,7 @@ def _fmt(value: Any, digits: int) -> str:
 def run_http(settings: Settings, report: dict[str, Any]) -> None:
     results: list[dict[str, Any]] = report["http"]
     bare = servers.start_bare()
-    smeldr = servers.start_smeldr()
+    smeldr = servers.start_smeldr(settings.server_args)
     report["servers"] = {"bare": " ".join(bare.argv), "smeldr": " ".join(smeldr.argv)}
     try:
         site_token = servers.create_site_token(smeldr)
@@ -320,7 +321,9 @@ def run_verify(settings: Settings, report: dict[str, Any]) -> None:
 
 
 def run_streams(settings: Settings, report: dict[str, Any]) -> None:
-    smeldr = servers.start_smeldr(("--keepalive", str(max(1, round(settings.keepalive)))))
+    smeldr = servers.start_smeldr(
+        ("--keepalive", str(max(1, round(settings.keepalive))), *settings.server_args)
+    )
     try:
         site_token = servers.create_site_token(smeldr)
         client_id = servers.register_client(smeldr)
@@ -511,6 +514,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--streams", help="idle SSE stream counts [1000,10000; smoke 10,20]")
     parser.add_argument(
         "--keepalive", type=float, help="SSE keepalive interval for the idle test, whole seconds [5]"
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        metavar="ARG",
+        help="extra argument for the smeldr-oauth server (repeatable), e.g. --server-arg=--db-threads=1",
     )
     parser.add_argument("--observe", type=float, help="seconds to watch keepalives [16]")
     parser.add_argument(

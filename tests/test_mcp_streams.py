@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from smeldr_oauth.mcp.streams import SSEStream, format_event
+from smeldr_oauth.mcp.streams import KeepaliveTimer, SSEStream, format_event
 
 
 class AbortableTransport:
@@ -89,3 +89,80 @@ class StreamTests(SynchronousTestCase):
         self.failureResultOf(self.done)
         self.assertTrue(self.stream.closed)
         self.assertEqual(self.closed, [self.stream])
+
+
+class SharedKeepaliveTests(SynchronousTestCase):
+    """
+    L{KeepaliveTimer}: one timer for many streams, keepalives spread over
+    the interval, every stream's gaps exactly one interval.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.timer = KeepaliveTimer(self.clock, 5.0, slots=5)
+
+    def open(self) -> tuple[PushRequest, SSEStream]:
+        request = PushRequest([b"mcp"])
+        request.channel = type("Channel", (), {"transport": AbortableTransport()})()
+        stream = SSEStream(request, self.clock, keepalive_interval=99, keepalive_timer=self.timer)
+        stream.start()
+        return request, stream
+
+    def keepalives(self, request: PushRequest) -> int:
+        return request.written.count(b": keepalive\n\n")
+
+    def test_no_timer_per_stream(self) -> None:
+        streams = [self.open() for _ in range(10)]
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(len(self.timer), 10)
+        for _, stream in streams:
+            stream.close()
+        self.assertEqual(len(self.timer), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_interval_and_spread(self) -> None:
+        """
+        A stream gets its first keepalive within one interval (not sooner
+        than one tick short of it) and then one every interval; streams
+        opened at different times are visited on different ticks.
+        """
+        first, _ = self.open()
+        self.clock.advance(2.5)
+        second, _ = self.open()
+        self.clock.advance(1.5)
+        self.assertEqual((self.keepalives(first), self.keepalives(second)), (0, 0))
+        self.clock.advance(1.0)  # t=5
+        self.assertEqual((self.keepalives(first), self.keepalives(second)), (1, 0))
+        self.clock.advance(2.0)  # t=7: second opened at 2.5, due by 7.5
+        self.assertEqual((self.keepalives(first), self.keepalives(second)), (1, 1))
+        self.clock.advance(5.0)  # t=12
+        self.assertEqual((self.keepalives(first), self.keepalives(second)), (2, 2))
+        for _ in range(20):
+            self.clock.advance(1.0)
+        self.assertEqual((self.keepalives(first), self.keepalives(second)), (6, 6))
+
+    def test_late_tick_does_not_drift(self) -> None:
+        request, _ = self.open()
+        self.clock.advance(1.7)  # the first tick runs 0.7 s late
+        self.clock.advance(3.3)  # t=5
+        self.assertEqual(self.keepalives(request), 1)
+        self.clock.advance(5.0)
+        self.assertEqual(self.keepalives(request), 2)
+
+    def test_closed_stream_gets_no_keepalive(self) -> None:
+        request, stream = self.open()
+        other, _ = self.open()
+        stream.close()
+        self.clock.advance(5.0)
+        self.assertEqual((self.keepalives(request), self.keepalives(other)), (0, 1))
+
+    def test_paused_stream_queues_keepalive(self) -> None:
+        request, stream = self.open()
+        stream.pauseProducing()
+        self.clock.advance(5.0)
+        self.assertEqual(self.keepalives(request), 0)
+        stream.resumeProducing()
+        self.assertEqual(self.keepalives(request), 1)
+
+    def test_bad_interval(self) -> None:
+        self.assertRaises(ValueError, KeepaliveTimer, self.clock, 0)

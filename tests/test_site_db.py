@@ -10,6 +10,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests import test_site_posts, test_site_tokens
 from smeldr_oauth.site.db import (
     Migration,
     Schema,
@@ -72,11 +73,13 @@ class MigrateTests(SynchronousTestCase):
 
 
 class DatabaseTests(TestCase):
+    threads = 1
+
     def setUp(self) -> None:
         from twisted.internet import reactor
 
         self.path = self.mktemp()
-        self.db = SQLiteDatabase(self.path, reactor=reactor, clock=Clock())
+        self.db = SQLiteDatabase(self.path, reactor=reactor, clock=Clock(), threads=self.threads)
         self.addCleanup(self.db.close)
         self.schema = Schema("t", (V1, V2))
 
@@ -122,3 +125,43 @@ class DatabaseTests(TestCase):
         self.assertEqual(
             other.execute("SELECT x FROM a ORDER BY x").fetchall(), [(2,), (7,)]
         )
+
+
+class ReactorThreadDatabaseTests(DatabaseTests):
+    """
+    The same, with C{--db-threads 0}: SQLite on the reactor thread.
+    """
+
+    threads = 0
+
+    def test_inline(self) -> None:
+        import threading
+
+        self.assertTrue(self.db.pool.inline)
+        d = self.db.read(self.schema, lambda connection: threading.get_ident())
+        self.assertEqual(self.successResultOf(d), threading.get_ident())
+
+    def test_bad_threads(self) -> None:
+        self.assertRaises(ValueError, SQLiteDatabase, self.mktemp(), threads=2)
+
+
+class ReactorThreadPostStoreTests(test_site_posts.PostStoreTests):
+    """
+    Every post store test with the site database on the reactor thread.
+    """
+
+    def setUp(self) -> None:
+        self.patch(SQLiteDatabase, "default_threads", 0)
+        super().setUp()
+        self.assertTrue(self.db.pool.inline)
+
+
+class ReactorThreadSiteTokenStoreTests(test_site_tokens.SiteTokenStoreTests):
+    """
+    Every site token store test with the site database on the reactor thread.
+    """
+
+    def setUp(self) -> None:
+        self.patch(SQLiteDatabase, "default_threads", 0)
+        super().setUp()
+        self.assertTrue(self.site.db.pool.inline)

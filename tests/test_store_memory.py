@@ -214,20 +214,17 @@ class StoreBehaviourMixin(_MixinBase):
     def test_consume_code_replayed(self) -> None:
         """
         Spending a spent code revokes the grant and the tokens issued with
-        the first exchange, and is logged without secrets.
+        the first exchange.  (The protocol layer logs the security
+        event, once; the store only decides and applies.)
         """
         self.grant_with_tokens()
         self.assertIsNotNone(self.live("g1-a0"))
-        with capturedLogs() as events:
-            result = self.ok(self.store.consume_code(h("g1-code"), T0 + 2))
+        result = self.ok(self.store.consume_code(h("g1-code"), T0 + 2))
         self.assertEqual(result.status, "replayed")
         self.assertEqual(result.grant.revoked_at, T0 + 2)
         self.assertIsNone(self.live("g1-a0"))
         self.assertEqual(self.redeem("g1-r0", "r1", T0 + 3).status, "revoked")
         self.assertEqual(self.ok(self.store.list_grants()), [])
-        [event] = [e for e in events if e.get("security_event") == "code_replay"]
-        self.assertEqual(event["grant_id"], "g1")
-        self.assertNotIn(h("g1-code"), repr(event))
 
     def test_consume_code_twice_concurrently(self) -> None:
         """
@@ -378,17 +375,12 @@ class StoreBehaviourMixin(_MixinBase):
         """
         self.grant_with_tokens()
         self.assertEqual(self.redeem("g1-r0", "r1", T0 + 100).status, "rotated")
-        with capturedLogs() as events:
-            result = self.redeem("g1-r0", "r1b", T0 + 100 + GRACE + 1)
+        result = self.redeem("g1-r0", "r1b", T0 + 100 + GRACE + 1)
         self.assertEqual(result.status, "reused")
         self.assertEqual(result.grant.revoked_at, T0 + 100 + GRACE + 1)
         self.assertIsNone(self.live("r1-a", T0 + 112))
         self.assertIsNone(self.live("r1b-a", T0 + 112))
         self.assertEqual(self.redeem("r1", "r2", T0 + 113).status, "revoked")
-        [event] = [e for e in events if e.get("security_event") == "refresh_reuse"]
-        self.assertEqual((event["grant_id"], event["client_id"]), ("g1", "client-1"))
-        for secret in (h("g1-r0"), h("r1b")):
-            self.assertNotIn(secret, repr(event))
 
     def test_refresh_grace(self) -> None:
         """

@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.oauth.secrets import hash_secret, new_secret
 from smeldr_oauth.store.migrations import MIGRATIONS, migrate, split_script
-from smeldr_oauth.store.sqlite import SQLiteStore
+from smeldr_oauth.store.sqlite import ReactorThreadPool, _insert_grant, SQLiteStore, thread_pool_for
 from tests.test_store_memory import (
     T0,
     StoreBehaviourMixin,
@@ -93,6 +93,53 @@ class SQLiteStoreBehaviourTests(StoreBehaviourMixin, SynchronousTestCase):
 
     def make_store(self) -> SQLiteStore:
         return inline_store(self, self.mktemp() + ".db")
+
+
+class NoCallFromThreadReactor(InlineReactor):
+    """
+    A reactor that fails the test if anything hands a result back through
+    C{callFromThread}: with a L{ReactorThreadPool} nothing should.
+    """
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("callFromThread used on the reactor thread")
+
+
+class ReactorThreadBehaviourTests(StoreBehaviourMixin, SynchronousTestCase):
+    """
+    The shared store contract with C{--db-threads 0}: the production
+    L{ReactorThreadPool}, no thread, no C{callFromThread}.
+    """
+
+    def make_store(self) -> SQLiteStore:
+        store = SQLiteStore(
+            self.mktemp() + ".db", NoCallFromThreadReactor(), threadpool=ReactorThreadPool()
+        )
+        self.addCleanup(store.close)
+        self.assertIs(self.successResultOf(store.ready), store)
+        self.assertTrue(store._pool.inline)
+        return store
+
+    def test_rollback_on_error(self) -> None:
+        """
+        An interaction that raises still rolls back, and the failure reaches
+        the caller's Deferred.
+        """
+        store = self.make_store()
+
+        def half(txn: Any) -> None:
+            _insert_grant(txn, make_grant())
+            raise ValueError("stop")
+
+        self.failureResultOf(store._write(half), ValueError)
+        self.assertEqual(self.successResultOf(store.list_grants()), [])
+
+
+class ThreadPoolForTests(SynchronousTestCase):
+    def test_modes(self) -> None:
+        self.assertIsInstance(thread_pool_for(0), ReactorThreadPool)
+        self.assertIsNone(thread_pool_for(1))
+        self.assertRaises(ValueError, thread_pool_for, 2)
 
 
 class MemoryDatabaseTests(StoreBehaviourMixin, SynchronousTestCase):
@@ -307,3 +354,28 @@ class RealThreadTests(TestCase):
         self.assertEqual(result.status, "rotated")
         info = yield store.lookup_access_token(h("a1"), T0 + 6)
         self.assertEqual(info.grant_id, "g1")
+
+
+class ReactorThreadRealReactorTests(TestCase):
+    """
+    C{--db-threads 0} on the real reactor: every interaction runs on the
+    reactor's thread and its Deferred has fired when the call returns.
+    """
+
+    def test_inline_on_reactor_thread(self) -> None:
+        import threading
+
+        store = SQLiteStore(self.mktemp() + ".db", global_reactor, threadpool=thread_pool_for(0))
+        self.addCleanup(store.close)
+        self.assertIs(self.successResultOf(store.ready), store)
+        threads: list[int] = []
+
+        def where(txn: Any) -> int:
+            threads.append(threading.get_ident())
+            txn.execute("SELECT 1")
+            return int(txn.fetchone()[0])
+
+        self.assertEqual(self.successResultOf(store._read(where)), 1)
+        self.successResultOf(store.create_grant(make_grant(), make_code("code")))
+        self.assertEqual(self.successResultOf(store.consume_code(h("code"), T0 + 1)).status, "ok")
+        self.assertEqual(threads, [threading.get_ident()])

@@ -49,7 +49,7 @@ from smeldr_oauth.mcp.session import (
     check_modern_headers,
     is_modern_request,
 )
-from smeldr_oauth.mcp.streams import SSEStream
+from smeldr_oauth.mcp.streams import KeepaliveTimer, SSEStream
 from smeldr_oauth.oauth.model import AccessInfo
 
 log = Logger()
@@ -132,9 +132,15 @@ def _principal(info: AccessInfo) -> Principal:
     )
 
 
-@attr.s(auto_attribs=True, eq=False)
+@attr.s(auto_attribs=True, eq=False, slots=True)
 class _HTTPSession:
-    """One MCP session as the HTTP layer keeps it."""
+    """
+    One MCP session as the HTTP layer keeps it.
+
+    Slotted, and the resumption buffer (Streamable HTTP only) and the set
+    of exchanges in flight are made on first use: a legacy session idling
+    behind its stream is held by the thousand.
+    """
 
     session_id: str
     kind: str  # "streamable" or "legacy"
@@ -143,11 +149,20 @@ class _HTTPSession:
     grant_id: Optional[str]
     protocol: ServerSession = attr.ib(default=None)
     stream: Optional[SSEStream] = None
-    buffer: deque = attr.ib(factory=deque)
+    buffer: Optional[deque] = None
     next_event_id: int = 0
     last_delivered: int = 0
     idle: Optional[IDelayedCall] = None
-    exchanges: set = attr.ib(factory=set)
+    exchanges: Optional[set] = None
+
+    def add_exchange(self, exchange: "_Exchange") -> None:
+        if self.exchanges is None:
+            self.exchanges = set()
+        self.exchanges.add(exchange)
+
+    def discard_exchange(self, exchange: "_Exchange") -> None:
+        if self.exchanges is not None:
+            self.exchanges.discard(exchange)
 
     def owned_by(self, info: AccessInfo) -> bool:
         return info.subject == self.subject and info.client_id == self.client_id
@@ -173,6 +188,8 @@ class _SessionOutlet(Outlet):
                 s.stream.send(data, event="message")
             return
         s.next_event_id += 1
+        if s.buffer is None:
+            s.buffer = deque()
         s.buffer.append((s.next_event_id, data))
         while len(s.buffer) > self._owner.resume_buffer:
             s.buffer.popleft()
@@ -232,7 +249,7 @@ class _Exchange:
     def run(self, requests: list[tuple[Message, Principal]]) -> Deferred:
         self.remaining = len(requests)
         if self.http_session is not None:
-            self.http_session.exchanges.add(self)
+            self.http_session.add_exchange(self)
         if self.sse_ok and self.owner.keepalive_interval:
             self._timer = self.owner.clock.callLater(self.owner.keepalive_interval, self._go_sse)
         for message, principal in requests:
@@ -261,6 +278,7 @@ class _Exchange:
             self.request,
             self.owner.clock,
             keepalive_interval=self.owner.keepalive_interval,
+            keepalive_timer=self.owner.keepalive_timer,
             max_queue=self.owner.max_queue,
             on_close=self._stream_closed,
             done=self.result,
@@ -285,7 +303,7 @@ class _Exchange:
     def _finish(self) -> None:
         self._stop_timer()
         if self.http_session is not None:
-            self.http_session.exchanges.discard(self)
+            self.http_session.discard_exchange(self)
         if self.mode == "sse":
             self.mode = "done"
             assert self.stream is not None
@@ -337,7 +355,7 @@ class _Exchange:
         self.mode = "done"
         self._stop_timer()
         if self.http_session is not None:
-            self.http_session.exchanges.discard(self)
+            self.http_session.discard_exchange(self)
         if self.modern:
             self.protocol.close()
 
@@ -410,6 +428,8 @@ class MCPHTTP:
             allowed_origins = (f"{url.scheme}://{url.host}{port}",)
         self.allowed_origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
         self.keepalive_interval = keepalive_interval
+        # One timer for every stream's keepalives (see KeepaliveTimer).
+        self.keepalive_timer = KeepaliveTimer(reactor, keepalive_interval) if keepalive_interval else None
         self.max_body = max_body
         self.session_idle_timeout = session_idle_timeout
         self.max_queue = max_queue
@@ -501,21 +521,22 @@ class MCPHTTP:
             log.failure("MCP route failed")
             return self._error(request, _rpc_error(500, jsonrpc.INTERNAL_ERROR, "Internal error"))
         if isinstance(result, Deferred):
-
-            def failed(failure: Any) -> Any:
-                if failure.check(_HTTPError):
-                    return self._error(request, failure.value)
-                if failure.check(AuthFailure):
-                    return self._error(request, _auth_error(failure.value))
-                from twisted.internet.defer import CancelledError
-
-                if failure.check(CancelledError):
-                    return None
-                log.failure("MCP route failed", failure)
-                return self._error(request, _rpc_error(500, jsonrpc.INTERNAL_ERROR, "Internal error"))
-
-            result.addErrback(failed)
+            # A bound method, not a closure: an idle stream holds this
+            # errback for as long as it is open.
+            result.addErrback(self._route_failed, request)
         return result
+
+    def _route_failed(self, failure: Any, request: Any) -> Any:
+        if failure.check(_HTTPError):
+            return self._error(request, failure.value)
+        if failure.check(AuthFailure):
+            return self._error(request, _auth_error(failure.value))
+        from twisted.internet.defer import CancelledError
+
+        if failure.check(CancelledError):
+            return None
+        log.failure("MCP route failed", failure)
+        return self._error(request, _rpc_error(500, jsonrpc.INTERNAL_ERROR, "Internal error"))
 
     def _error(self, request: Any, error: _HTTPError) -> bytes:
         request.setResponseCode(error.status)
@@ -656,7 +677,7 @@ class MCPHTTP:
             return
         if http_session.idle is not None and http_session.idle.active():
             http_session.idle.cancel()
-        for exchange in list(http_session.exchanges):
+        for exchange in list(http_session.exchanges or ()):
             exchange.end()
         http_session.protocol.close()
         if http_session.stream is not None:
@@ -819,6 +840,7 @@ class MCPHTTP:
             request,
             self.clock,
             keepalive_interval=self.keepalive_interval,
+            keepalive_timer=self.keepalive_timer,
             max_queue=self.max_queue,
             on_close=closed,
         )
@@ -831,7 +853,7 @@ class MCPHTTP:
                 replay_after = int(last_event)
             except ValueError:
                 pass
-        for event_id, data in list(http_session.buffer):
+        for event_id, data in list(http_session.buffer or ()):
             if event_id > replay_after:
                 stream.send(data, event="message", event_id=str(event_id))
                 http_session.last_delivered = max(http_session.last_delivered, event_id)
@@ -860,6 +882,7 @@ class MCPHTTP:
             request,
             self.clock,
             keepalive_interval=self.keepalive_interval,
+            keepalive_timer=self.keepalive_timer,
             max_queue=self.max_queue,
             on_close=closed,
         )

@@ -215,6 +215,27 @@ class ServerSession:
         (list-changed and resource-updated notifications).
     """
 
+    # A legacy SSE session idles behind its stream by the thousand: slots
+    # keep each one a few hundred bytes smaller.
+    __slots__ = (
+        "app",
+        "clock",
+        "session_id",
+        "default_outlet",
+        "request_timeout",
+        "modern_only",
+        "state",
+        "protocol_version",
+        "client_capabilities",
+        "client_info",
+        "log_level",
+        "subscriptions",
+        "_in_flight",
+        "_pending",
+        "_next_id",
+        "__weakref__",
+    )
+
     def __init__(
         self,
         app: MCPApp,
@@ -236,7 +257,9 @@ class ServerSession:
         self.client_capabilities: dict[str, Any] = {}
         self.client_info: dict[str, Any] = {}
         self.log_level: Optional[str] = "info"
-        self.subscriptions: set[str] = set()
+        # Replaced, never mutated: the empty frozenset is shared by every
+        # session, and most sessions never subscribe.
+        self.subscriptions: frozenset[str] = frozenset()
         self._in_flight: dict[Any, tuple[Deferred, _Call]] = {}
         self._pending: dict[Any, Deferred] = {}
         self._next_id = 0
@@ -728,14 +751,14 @@ class ServerSession:
     def _subscribe(self, params: dict[str, Any], call: _Call) -> dict[str, Any]:
         uri, resource, _ = self._find(params)
         self._check_scopes(resource.scopes, call)
-        self.subscriptions.add(uri)
+        self.subscriptions = self.subscriptions | {uri}
         return {}
 
     def _unsubscribe(self, params: dict[str, Any], call: _Call) -> dict[str, Any]:
         uri = params.get("uri")
         if not isinstance(uri, str):
             raise jsonrpc.invalid_params("uri must be a string")
-        self.subscriptions.discard(uri)
+        self.subscriptions = self.subscriptions - {uri}
         return {}
 
     def _prompts_list(self, params: dict[str, Any], call: _Call) -> dict[str, Any]:

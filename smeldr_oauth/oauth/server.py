@@ -214,6 +214,8 @@ class OAuthServer:
         # revocation and ends after it may have read the token as live: its
         # answer must not be cached (it would outlive the revocation).
         self._revocations = 0
+        # Registered clients by id (see resolve_client).
+        self._clients: OrderedDict[str, Client] = OrderedDict()
         self.paste_limiter = RateLimiter(clock, config.paste_failures_per_minute)
         self.register_limiter = RateLimiter(clock, config.registrations_per_minute)
 
@@ -270,6 +272,16 @@ class OAuthServer:
         """
         from smeldr_oauth.oauth.cimd import CIMDError, is_cimd_client_id
 
+        # Registered clients never change and are never deleted (the store
+        # has no API for either), so one found once is kept, in a bounded
+        # LRU, and every token request stops paying a database round trip.
+        # Only hits are kept: an unknown id is asked again next time.  An
+        # id found here came through the store branch below, so it is not
+        # a CIMD URL under this configuration.
+        known = self._clients.get(client_id)
+        if known is not None:
+            self._clients.move_to_end(client_id)
+            return succeed(known)
         if self._cimd is not None and is_cimd_client_id(
             client_id, allow_insecure=self.config.allow_insecure_client_ids
         ):
@@ -290,7 +302,18 @@ class OAuthServer:
                 return None
 
             return d.addErrback(failed)
-        return self.store.get_client(client_id)
+        return self.store.get_client(client_id).addCallback(self._remember_client)
+
+    #: How many registered clients L{resolve_client} keeps in memory.
+    client_cache_size = 1024
+
+    def _remember_client(self, client: Optional[Client]) -> Optional[Client]:
+        if client is not None:
+            self._clients[client.client_id] = client
+            self._clients.move_to_end(client.client_id)
+            while len(self._clients) > self.client_cache_size:
+                self._clients.popitem(last=False)
+        return client
 
     # -- authorization endpoint ---------------------------------------------
 

@@ -33,6 +33,12 @@ def _positive_int(name: str):  # type: ignore[no-untyped-def]
     return convert
 
 
+def _db_threads(value: str) -> int:
+    if value not in ("0", "1"):
+        raise usage.UsageError(f"--db-threads must be 0 or 1, got {value!r}")
+    return int(value)
+
+
 class Options(usage.Options):
     synopsis = "--issuer https://example.com [options]"
     longdesc = (
@@ -61,6 +67,14 @@ class Options(usage.Options):
             60,
             "Seconds the previous refresh token stays usable after rotation.",
             _positive_int("refresh-grace"),
+        ],
+        [
+            "db-threads",
+            None,
+            0,
+            "0: run SQLite on the reactor thread (fastest; a slow disk or another process "
+            "holding the write lock stalls the server); 1: on one database thread per file.",
+            _db_threads,
         ],
         ["keepalive", None, 15, "Seconds between SSE keepalive comments.", _positive_int("keepalive")],
         ["max-body", None, 1 << 20, "Largest request body accepted, in bytes.", _positive_int("max-body")],

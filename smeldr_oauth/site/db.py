@@ -26,9 +26,10 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 import attr
-from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+
+from smeldr_oauth.store.sqlite import SQLiteConnectionPool, thread_pool_for
 
 log = Logger()
 
@@ -170,23 +171,31 @@ class SQLiteDatabase:
 
     @ivar path: the file.
     @ivar pool: the L{adbapi.ConnectionPool}; closed by L{close}.
+    @cvar default_threads: C{threads} when the caller gives none (a class
+        attribute so that tests can run every store in either mode).
     """
+
+    default_threads = 1
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         reactor: Any | None = None,
         clock: SecondsClock | None = None,
+        threads: int | None = None,
     ) -> None:
         """
         @param reactor: the reactor the pool's thread reports back to
             (adbapi uses the global one if C{None}: only the service-wiring
             layer should rely on that).
         @param clock: the time source for C{applied_at}.
+        @param threads: 1 runs SQLite on the pool's own thread; 0 on the
+            calling (reactor) thread, whose Deferreds have fired on return
+            (C{--db-threads}; see L{smeldr_oauth.store.sqlite.ReactorThreadPool}).
         """
         self.path = os.fspath(path)
         self.clock = clock if clock is not None else wall_clock()
-        self.pool = adbapi.ConnectionPool(
+        self.pool = SQLiteConnectionPool(
             "sqlite3",
             self.path,
             timeout=BUSY_TIMEOUT,
@@ -196,8 +205,9 @@ class SQLiteDatabase:
             cp_openfun=_prepare,
             cp_reactor=reactor,
             cp_noisy=False,
+            threadpool=thread_pool_for(self.default_threads if threads is None else threads),
         )
-        # Touched only from the pool's single thread.
+        # Touched only from the pool's single thread (or the reactor's).
         self._current: set[str] = set()
 
     def _ensure(self, connection: Any, schema: Schema) -> None:

@@ -12,8 +12,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smeldr_oauth.oauth import rotation
-from smeldr_oauth.store.interface import CodeRedemption, IOAuthStore, RefreshRedemption
+from smeldr_oauth.store.interface import IOAuthStore
 
 log = Logger()
 
@@ -35,36 +34,6 @@ class StoreConflict(Exception):
     With 256-bit secrets this never happens by chance; it means a bug, so it
     is an exception rather than a status.
     """
-
-
-def log_code_replay(result: CodeRedemption) -> CodeRedemption:
-    """
-    Log a replayed authorization code as a security event.  Stores call it
-    on the reactor thread (a database thread must not call log observers).
-    No secret, not even a hash, is logged.
-    """
-    if result.status == "replayed" and result.code is not None:
-        log.warn(
-            "Authorization code replayed: grant {grant_id} of client {client_id} revoked",
-            grant_id=result.code.grant_id,
-            client_id=result.code.client_id,
-            security_event="code_replay",
-        )
-    return result
-
-
-def log_refresh_reuse(result: RefreshRedemption) -> RefreshRedemption:
-    """
-    Log a reused refresh token as a security event (see L{log_code_replay}).
-    """
-    if result.status == rotation.REUSED and result.grant is not None:
-        log.warn(
-            "Refresh token reused: grant {grant_id} of client {client_id} revoked",
-            grant_id=result.grant.grant_id,
-            client_id=result.grant.client_id,
-            security_event="refresh_reuse",
-        )
-    return result
 
 
 def start_purging(

@@ -34,8 +34,6 @@ from smeldr_oauth.store.common import (
     DEFAULT_PURGE_INTERVAL,
     GRANT_RETENTION,
     StoreConflict,
-    log_code_replay,
-    log_refresh_reuse,
     start_purging,
 )
 from smeldr_oauth.store.interface import CodeRedemption, IOAuthStore, RefreshRedemption
@@ -172,7 +170,7 @@ class MemoryStore:
                 return CodeRedemption(status="expired", code=code, grant=grant)
             return CodeRedemption(status="ok", code=code, grant=grant)
 
-        return _call(consume).addCallback(log_code_replay)
+        return _call(consume)
 
     def add_tokens(
         self, grant_id: str, access: AccessToken, refresh: Optional[RefreshToken]
@@ -260,7 +258,7 @@ class MemoryStore:
                 self._grants[grant_id] = attr.evolve(self._grants[grant_id], last_used_at=now)
             return RefreshRedemption(status=decision.status, grant=self._grants[grant_id])
 
-        return _call(redeem).addCallback(log_refresh_reuse)
+        return _call(redeem)
 
     def lookup_access_token(self, token_hash: str, now: float) -> "Deferred[Optional[AccessInfo]]":
         token = self._access.get(token_hash)

@@ -2,7 +2,8 @@
 """
 L{IOAuthStore} on SQLite, through L{twisted.enterprise.adbapi}.
 
-One connection on one thread (C{cp_min=cp_max=1}): SQLite serialises writers
+One connection on one thread (C{cp_min=cp_max=1}), or on the reactor thread
+itself with a L{ReactorThreadPool} (C{--db-threads 0}): SQLite serialises writers
 anyway, and a single writer never meets C{SQLITE_BUSY} from itself.  The
 connection is in autocommit mode and every call that writes runs as one
 C{BEGIN IMMEDIATE} transaction: the write lock is taken before the first
@@ -22,7 +23,7 @@ import sqlite3
 from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -42,8 +43,6 @@ from smeldr_oauth.store.common import (
     DEFAULT_PURGE_INTERVAL,
     GRANT_RETENTION,
     StoreConflict,
-    log_code_replay,
-    log_refresh_reuse,
     start_purging,
 )
 from smeldr_oauth.store.interface import CodeRedemption, IOAuthStore, RefreshRedemption
@@ -80,13 +79,59 @@ def _configure(connection: sqlite3.Connection) -> None:
     connection.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
 
 
-class _ConnectionPool(adbapi.ConnectionPool):
+class ReactorThreadPool:
     """
-    A L{ConnectionPool} that can run on a caller's thread pool.
+    Stands in for an adbapi pool's L{ThreadPool}: each interaction runs at
+    once, on the thread that asked for it (the reactor's).
+
+    Why: a SQLite point read or a small WAL write with C{synchronous=NORMAL}
+    takes tens of microseconds, while handing it to a database thread and
+    back (a queue put, a condition notify, a reactor wake-up, two GIL
+    hand-offs) costs several times that and, on a loaded machine, waits for
+    the other thread to be scheduled.  The price is that the reactor waits
+    for the database: see C{docs/performance.md} for the measured stalls
+    (a WAL checkpoint, the hourly purge, another process holding the write
+    lock for up to the busy timeout).
+    """
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def callInThreadWithCallback(
+        self, onResult: Callable[[bool, Any], None], f: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> None:
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+
+
+def _now(f: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
+    try:
+        result = f(*args, **kwargs)
+    except BaseException:
+        return fail(Failure())
+    return succeed(result)
+
+
+class SQLiteConnectionPool(adbapi.ConnectionPool):
+    """
+    A L{ConnectionPool} that can run on a caller's thread pool, or on none.
 
     Tests pass a thread-less pool (the trick of synapse's C{tests/server.py})
     so that real SQLite runs inside a C{SynchronousTestCase}; the pool must
     be swapped before the real one starts a thread.
+
+    With a L{ReactorThreadPool} the pool skips
+    L{threads.deferToThreadPool} altogether: the interaction runs now and
+    the L{Deferred} it returns has already fired, so no C{callFromThread}
+    (and no write to the reactor's waker) is paid per call.  Interactions
+    still commit on return and roll back on an exception, as adbapi does.
     """
 
     def __init__(self, *args: Any, threadpool: Any = None, **kwargs: Any) -> None:
@@ -99,9 +144,40 @@ class _ConnectionPool(adbapi.ConnectionPool):
             self.threadpool = self._replacement_threadpool
             self._replacement_threadpool = None
 
+    @property
+    def inline(self) -> bool:
+        """C{True} when interactions run on the calling thread."""
+        return isinstance(self.threadpool, ReactorThreadPool)
+
     def start(self) -> None:
         self._swap_threadpool()
         super().start()
+
+    def runInteraction(self, interaction: Any, *args: Any, **kw: Any) -> Deferred:  # type: ignore[override]
+        if self.inline:
+            return _now(self._runInteraction, interaction, *args, **kw)
+        return super().runInteraction(interaction, *args, **kw)
+
+    def runWithConnection(self, func: Any, *args: Any, **kw: Any) -> Deferred:  # type: ignore[override]
+        if self.inline:
+            return _now(self._runWithConnection, func, *args, **kw)
+        return super().runWithConnection(func, *args, **kw)
+
+
+#: The old private name.
+_ConnectionPool = SQLiteConnectionPool
+
+
+def thread_pool_for(db_threads: int) -> Optional[ReactorThreadPool]:
+    """
+    The C{threadpool=} argument of a store for C{--db-threads}: 0 runs SQLite
+    on the reactor thread, 1 on the pool's own single thread.
+    """
+    if db_threads == 0:
+        return ReactorThreadPool()
+    if db_threads == 1:
+        return None
+    raise ValueError(f"db_threads must be 0 or 1, not {db_threads!r}")
 
 
 def _client(row: sqlite3.Row) -> Client:
@@ -281,14 +357,15 @@ class SQLiteStore:
             falls back to the global reactor when it is C{None}.
         @param clock: the default clock of L{start_purging}.
         @param threadpool: a replacement for the pool's own thread pool
-            (tests use a thread-less one).
+            (tests use a thread-less one; a L{ReactorThreadPool}, what
+            C{--db-threads 0} passes, runs SQLite on the reactor thread).
         @param migrations: the schema scripts (tests use shorter lists).
         @param grant_retention: seconds a revoked or dead grant is kept.
         """
         self._clock = clock if clock is not None else reactor
         self._closed = False
         self._grant_retention = grant_retention
-        self._pool = _ConnectionPool(
+        self._pool = SQLiteConnectionPool(
             "sqlite3",
             path,
             check_same_thread=False,
@@ -469,7 +546,7 @@ class SQLiteStore:
                 return CodeRedemption(status="expired", code=code, grant=grant)
             return CodeRedemption(status="ok", code=code, grant=grant)
 
-        return self._write(consume).addCallback(log_code_replay)
+        return self._write(consume)
 
     def add_tokens(
         self, grant_id: str, access: AccessToken, refresh: Optional[RefreshToken]
@@ -534,7 +611,7 @@ class SQLiteStore:
             _apply(txn, decision, token, grant, now, new_access, new_refresh)
             return RefreshRedemption(status=decision.status, grant=_get_grant(txn, grant.grant_id))
 
-        return self._write(redeem).addCallback(log_refresh_reuse)
+        return self._write(redeem)
 
     def lookup_access_token(self, token_hash: str, now: float) -> "Deferred[Optional[AccessInfo]]":
         def lookup(txn: Any) -> Optional[AccessInfo]:
