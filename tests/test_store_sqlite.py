@@ -165,6 +165,26 @@ class SQLiteStoreTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.path = self.mktemp() + ".db"
 
+    def test_purge_in_batches(self) -> None:
+        """
+        A large backlog is purged in several transactions, with a turn of
+        the reactor between them, so that the reactor thread is never held
+        for the whole purge.
+        """
+        from smeldr_oauth.store import sqlite as module
+
+        self.patch(module, "PURGE_BATCH", 2)
+        store = inline_store(self, self.path)
+        for n in range(5):
+            self.successResultOf(store.create_grant(make_grant(f"g{n}"), make_code(f"c{n}", f"g{n}")))
+        d = store.purge_expired(T0 + 10_000)
+        # A full batch of codes, then a yield to the reactor: nothing more
+        # happens until the reactor turns.
+        self.assertNoResult(d)
+        store._clock.advance(0)
+        self.assertEqual(self.successResultOf(d), 5)
+        self.assertEqual(self.successResultOf(store.purge_expired(T0 + 10_000)), 0)
+
     def test_pragmas(self) -> None:
         store = inline_store(self, self.path)
 

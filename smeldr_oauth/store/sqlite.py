@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -705,31 +705,70 @@ class SQLiteStore:
         that have no code or token left and no activity (creation, last use)
         for that long, with whatever still hangs from them.  Spent refresh
         tokens stay until they expire: they are what reuse detection reads.
+
+        The work is done in transactions of at most L{PURGE_BATCH} rows,
+        with a turn of the reactor between them, so that a large backlog
+        does not stall the server when the database runs on the reactor
+        thread (C{--db-threads 0}).
         """
+        return Deferred.fromCoroutine(self._purge(now))
+
+    async def _purge(self, now: float) -> int:
         cutoff = now - self._grant_retention
+        removed = 0
+        for table in ("codes", "access_tokens", "refresh_tokens"):
+            while True:
+                count = await self._write(_purge_expired_rows, table, now, PURGE_BATCH)
+                removed += count
+                if count < PURGE_BATCH:
+                    break
+                await self._yield()
+        while True:
+            count, grants = await self._write(_purge_dead_grants, cutoff, PURGE_BATCH)
+            removed += count
+            if grants < PURGE_BATCH:
+                break
+            await self._yield()
+        return removed
 
-        def purge(txn: Any) -> int:
-            removed = 0
-            for table in ("codes", "access_tokens", "refresh_tokens"):
-                txn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
-                removed += txn.rowcount
-            txn.execute(
-                "SELECT grant_id FROM grants g WHERE"
-                " (revoked_at IS NOT NULL AND revoked_at <= ?)"
-                " OR (revoked_at IS NULL"
-                "  AND MAX(created_at, COALESCE(last_used_at, created_at)) <= ?"
-                "  AND NOT EXISTS (SELECT 1 FROM codes c WHERE c.grant_id = g.grant_id)"
-                "  AND NOT EXISTS (SELECT 1 FROM access_tokens a WHERE a.grant_id = g.grant_id)"
-                "  AND NOT EXISTS (SELECT 1 FROM refresh_tokens r WHERE r.grant_id = g.grant_id))",
-                (cutoff, cutoff),
-            )
-            for (grant_id,) in txn.fetchall():
-                for table in ("codes", "access_tokens", "refresh_tokens", "grants"):
-                    txn.execute(f"DELETE FROM {table} WHERE grant_id = ?", (grant_id,))
-                    removed += txn.rowcount
-            return removed
+    def _yield(self) -> "Deferred[None]":
+        if self._clock is None:
+            return succeed(None)
+        return deferLater(self._clock, 0, lambda: None)
 
-        return self._write(purge)
+
+#: Rows (or grants) removed per purge transaction.
+PURGE_BATCH = 1000
+
+
+def _purge_expired_rows(txn: Any, table: str, now: float, limit: int) -> int:
+    assert table in ("codes", "access_tokens", "refresh_tokens")
+    txn.execute(
+        f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE expires_at <= ? LIMIT ?)",
+        (now, limit),
+    )
+    return int(txn.rowcount)
+
+
+def _purge_dead_grants(txn: Any, cutoff: float, limit: int) -> tuple[int, int]:
+    txn.execute(
+        "SELECT grant_id FROM grants g WHERE"
+        " (revoked_at IS NOT NULL AND revoked_at <= ?)"
+        " OR (revoked_at IS NULL"
+        "  AND MAX(created_at, COALESCE(last_used_at, created_at)) <= ?"
+        "  AND NOT EXISTS (SELECT 1 FROM codes c WHERE c.grant_id = g.grant_id)"
+        "  AND NOT EXISTS (SELECT 1 FROM access_tokens a WHERE a.grant_id = g.grant_id)"
+        "  AND NOT EXISTS (SELECT 1 FROM refresh_tokens r WHERE r.grant_id = g.grant_id))"
+        " LIMIT ?",
+        (cutoff, cutoff, limit),
+    )
+    grants = txn.fetchall()
+    removed = 0
+    for (grant_id,) in grants:
+        for table in ("codes", "access_tokens", "refresh_tokens", "grants"):
+            txn.execute(f"DELETE FROM {table} WHERE grant_id = ?", (grant_id,))
+            removed += txn.rowcount
+    return removed, len(grants)
 
 
 def _apply(
