@@ -156,21 +156,14 @@ class StandaloneService(Service):
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
-        from smeldr_oauth.site.db import SQLiteDatabase
-        from smeldr_oauth.site.posts import PostStore
-        from smeldr_oauth.site.stores import SiteStores
-        from smeldr_oauth.site.tokens import SiteTokenStore
+        from smeldr_oauth.site.stores import open_site
         from smeldr_oauth.site.tools import build_app, site_scopes
         from smeldr_oauth.store.sqlite import SQLiteStore, thread_pool_for
 
         self.reactor = reactor
         self.options = options
         db_threads = options.get("db-threads", 0)
-        # What open_site() builds, with the database-thread mode of --db-threads.
-        site_db = SQLiteDatabase(options["site-db"], reactor=reactor, clock=reactor, threads=db_threads)
-        self.site_stores = SiteStores(
-            db=site_db, posts=PostStore(site_db, reactor), tokens=SiteTokenStore(site_db, reactor)
-        )
+        self.site_stores = open_site(options["site-db"], reactor, threads=db_threads)
         self.store = SQLiteStore(options["oauth-db"], reactor, threadpool=thread_pool_for(db_threads))
         if options["mcp-app"] is not None:
             mcp_app = options["mcp-app"]

@@ -42,10 +42,12 @@ def open_site(
         C{None}: leave that to the service-wiring layer).
     @param clock: the stores' time source; C{reactor} if C{None} and it has
         C{seconds()}, else the wall clock.
+    @param threads: C{0} runs SQLite on the reactor thread, C{1} on a
+        database thread (see L{SQLiteDatabase}); C{None} for its default.
     """
     if clock is None and reactor is not None and hasattr(reactor, "seconds"):
         clock = reactor
-    db = SQLiteDatabase(path, reactor=reactor, clock=clock)
+    db = SQLiteDatabase(path, reactor=reactor, clock=clock, threads=threads)
     return SiteStores(
         db=db, posts=PostStore(db, clock), tokens=SiteTokenStore(db, clock)
     )
