@@ -33,6 +33,7 @@ def open_site(
     path: str | os.PathLike[str],
     reactor: Any | None = None,
     clock: SecondsClock | None = None,
+    threads: int | None = None,
 ) -> SiteStores:
     """
     Open (creating if needed) the site database at C{path}.  Tables are
