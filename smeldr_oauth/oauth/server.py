@@ -946,6 +946,16 @@ class OAuthServer:
 
         return maybeDeferred(self.store.lookup_access_token, key, now).addCallback(found)
 
+    def forget_cached_tokens(self) -> None:
+        """
+        Drop every cached access-token answer, so the next use of each token
+        asks the store again.  For revocations made outside this process
+        (the admin command on the same database): see
+        L{smeldr_oauth.service.wiring.watch_external_changes}.
+        """
+        self._cache.clear()
+        self._revocations += 1
+
     def _touch(self, grant_id: str, now: float) -> None:
         """
         Record a grant's use, at most once per L{TOUCH_INTERVAL} per grant,

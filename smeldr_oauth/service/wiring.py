@@ -16,6 +16,7 @@ from klein import Klein
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -94,6 +95,33 @@ def mount(
         mcp_http.register(app, path)
         oauth.add_revocation_observer(mcp_http.close_grant)
     return Mounted(oauth=oauth, oauth_http=oauth_http, mcp_http=mcp_http)
+
+
+def watch_external_changes(store: Any, oauth: OAuthServer, clock: IReactorTime, interval: float = 1.0) -> LoopingCall:
+    """
+    Poll the store's C{data_version} every C{interval} seconds and, when
+    another process has written to the database (for example
+    C{smeldr-oauth-admin grants revoke}), forget the cached access-token
+    answers, so a revocation made there takes effect here within
+    C{interval} seconds rather than the cache's lifetime.
+    """
+    last: list[Optional[int]] = [None]
+
+    def poll() -> "Deferred[None]":
+        def seen(version: int) -> None:
+            if last[0] is not None and version != last[0]:
+                oauth.forget_cached_tokens()
+            last[0] = version
+
+        def failed(f: Any) -> None:
+            log.failure("could not poll the OAuth database for outside changes", f)
+
+        return store.data_version().addCallbacks(seen, failed)
+
+    loop = LoopingCall(poll)
+    loop.clock = clock
+    loop.start(interval, now=True)
+    return loop
 
 
 def register_health(app: Klein, oauth: OAuthServer, path: str = "/healthz") -> None:
@@ -203,6 +231,7 @@ class StandaloneService(Service):
             metrics=self.metrics if options["metrics-listen"] else None,
         )
         self._purging: Any = None
+        self._watching: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -220,6 +249,7 @@ class StandaloneService(Service):
 
         def ready(_: Any) -> None:
             self._purging = self.store.start_purging(self.reactor)
+            self._watching = watch_external_changes(self.store, self.oauth, self.reactor)
 
         def failed(f: Any) -> None:
             log.failure("the OAuth database could not be opened", f)
@@ -237,8 +267,9 @@ class StandaloneService(Service):
         from twisted.logger import globalLogPublisher
 
         globalLogPublisher.removeObserver(self._metrics_observer)
-        if self._purging is not None and self._purging.running:
-            self._purging.stop()
+        for loop in (self._purging, self._watching):
+            if loop is not None and loop.running:
+                loop.stop()
 
         def close(_: Any) -> None:
             self.store.close()

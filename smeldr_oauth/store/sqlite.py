@@ -692,6 +692,19 @@ class SQLiteStore:
 
         return self._read(list_)
 
+    def data_version(self) -> "Deferred[int]":
+        """
+        SQLite's C{PRAGMA data_version} on the store's connection: it
+        changes when I{another} connection (another process, such as
+        C{smeldr-oauth-admin}) commits to the file, and only then.  Polling
+        it is how a running server learns of revocations made elsewhere.
+        """
+
+        def version(connection: Any) -> int:
+            return int(connection.execute("PRAGMA data_version").fetchone()[0])
+
+        return self._pool.runWithConnection(version)
+
     def touch_grant(self, grant_id: str, now: float) -> "Deferred[None]":
         def touch(txn: Any) -> None:
             txn.execute("UPDATE grants SET last_used_at = ? WHERE grant_id = ?", (now, grant_id))
