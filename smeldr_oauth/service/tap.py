@@ -108,6 +108,7 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["allowed-origin"] = []
+        self["trust-forwarded-from"] = []
 
     def parseOptions(self, options: Optional[list[str]] = None) -> None:
         """
@@ -133,6 +134,20 @@ class Options(usage.Options):
         except Exception as e:
             raise usage.UsageError(f"--listen {description!r}: {e}")
         self["listen"].append(description)
+
+    def opt_trust_forwarded_from(self, network: str) -> None:
+        """
+        A proxy address or network (e.g. 10.0.0.0/8) whose X-Forwarded-For
+        header gives the client address for rate limits and logs
+        (repeatable) [default: none; forwarded headers are ignored].
+        """
+        import ipaddress
+
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as e:
+            raise usage.UsageError(f"--trust-forwarded-from {network!r}: {e}")
+        self["trust-forwarded-from"].append(network)
 
     def opt_allowed_origin(self, origin: str) -> None:
         """

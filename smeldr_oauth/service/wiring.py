@@ -26,7 +26,7 @@ from smeldr_oauth.oauth.config import OFFLINE_ACCESS
 from smeldr_oauth.oauth.grants import GrantsPage
 from smeldr_oauth.oauth.http import OAuthHTTP
 from smeldr_oauth.oauth.server import OAuthServer
-from smeldr_oauth.service.web import SmeldrSite
+from smeldr_oauth.service.web import SmeldrSite, TrustedProxies
 
 log = Logger()
 
@@ -229,6 +229,7 @@ class StandaloneService(Service):
             self.app.resource(),
             max_body=options["max-body"],
             metrics=self.metrics if options["metrics-listen"] else None,
+            trusted_proxies=TrustedProxies(options.get("trust-forwarded-from", ())),
         )
         self._purging: Any = None
         self._watching: Any = None
