@@ -702,7 +702,18 @@ class ServerSession:
             log.failure("Tool {tool} failed", failure, tool=tool.name)
             return error_result("Tool execution failed")
 
-        return d.addCallbacks(done, failed)
+        def counted(result: Any) -> Any:
+            outcome = "error" if isinstance(result, Failure) else ("tool_error" if result.get("isError") else "ok")
+            log.info(
+                "tool {tool} called by {subject}: {outcome}",
+                tool=tool.name,
+                subject=call.principal.subject if call.principal is not None else None,
+                outcome=outcome,
+                smeldr_event="mcp_call",
+            )
+            return result
+
+        return d.addCallbacks(done, failed).addBoth(counted)
 
     def _resources_list(self, params: dict[str, Any], call: _Call) -> Deferred:
         fixed = [r.descriptor(call.version) for r in self.app.resources if not r.is_template]

@@ -1,0 +1,50 @@
+"""
+Tests for L{smeldr_oauth.service.metrics}: the counters follow the
+structured log events, and labels stay bounded.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+from twisted.logger import Logger, LogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from smeldr_oauth.service.metrics import MAX_TOOL_LABELS, Metrics, MetricsObserver, route_label
+
+
+class MetricsObserverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.metrics = Metrics(open_streams=lambda: 3.0)
+        publisher = LogPublisher(MetricsObserver(self.metrics))
+        self.log = Logger(observer=publisher)
+
+    def text(self) -> str:
+        return generate_latest(self.metrics.registry).decode()
+
+    def test_events_counted(self) -> None:
+        self.log.info("x", smeldr_event="grant_approved")
+        self.log.info("x", smeldr_event="token_issued", grant_type="refresh_token")
+        self.log.info("x", smeldr_event="token_refused", reason="invalid_grant")
+        self.log.warn("x", smeldr_event="code_replay")
+        self.log.warn("x", smeldr_event="rate_limited", endpoint="register")
+        self.log.info("x", smeldr_event="mcp_call", tool="list_posts", outcome="ok")
+        self.log.info("an event without smeldr_event is ignored")
+        text = self.text()
+        self.assertIn("smeldr_grants_approved_total 1.0", text)
+        self.assertIn('smeldr_tokens_issued_total{grant_type="refresh_token"} 1.0', text)
+        self.assertIn('smeldr_token_refusals_total{reason="invalid_grant"} 1.0', text)
+        self.assertIn('smeldr_security_events_total{event="code_replay"} 1.0', text)
+        self.assertIn('smeldr_rate_limited_total{endpoint="register"} 1.0', text)
+        self.assertIn('smeldr_mcp_tool_calls_total{outcome="ok",tool="list_posts"} 1.0', text)
+        self.assertIn("smeldr_mcp_open_streams 3.0", text)
+
+    def test_tool_labels_bounded(self) -> None:
+        for n in range(MAX_TOOL_LABELS + 50):
+            self.log.info("x", smeldr_event="mcp_call", tool=f"tool{n}", outcome="ok")
+        self.assertIn('tool="other"', self.text())
+        self.assertEqual(len(self.metrics._tools), MAX_TOOL_LABELS)
+
+    def test_routes_bounded(self) -> None:
+        self.assertEqual(route_label(b"/oauth/token"), "/oauth/token")
+        self.assertEqual(route_label(b"/mcp?session_id=abc"), "/mcp")
+        self.assertEqual(route_label(b"/random/scan/path"), "other")
