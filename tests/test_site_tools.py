@@ -26,6 +26,7 @@ EVERYTHING = Principal(
     subject="alice", client_id="c1", scopes=frozenset({"read", "write"})
 )
 READ_ONLY = Principal(subject="alice", client_id="c1", scopes=frozenset({"read"}))
+WRITE_ONLY = Principal(subject="alice", client_id="c1", scopes=frozenset({"write"}))
 
 
 class ScopesTests(SynchronousTestCase):
@@ -239,6 +240,21 @@ class SiteToolsTests(TestCase):
         self.assertEqual(page.posts, ())
         result = yield self.tool("list_posts", READ_ONLY)
         self.assertFalse(result["isError"])
+
+    @inlineCallbacks
+    def test_write_only_cannot_read_through_writes(self):
+        """
+        A token with C{write} alone can change a draft but a no-op update
+        does not hand it the draft's body.
+        """
+        yield self.initialize()
+        yield self.tool("create_post", title="Secret plan", body="the secret body")
+        result = yield self.tool("update_post", WRITE_ONLY, slug="secret-plan")
+        self.assertFalse(result["isError"], result)
+        self.assertNotIn("body", result["structuredContent"])
+        self.assertNotIn("the secret body", repr(result))
+        result = yield self.tool("update_post", EVERYTHING, slug="secret-plan")
+        self.assertEqual(result["structuredContent"]["body"], "the secret body")
 
     @inlineCallbacks
     def test_resources_and_notifications(self):

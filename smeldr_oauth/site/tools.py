@@ -106,6 +106,21 @@ def post_json(post: Post) -> dict[str, Any]:
     return full
 
 
+def written_json(post: Post, ctx: Context) -> dict[str, Any]:
+    """
+    What a write tool answers: the post as written, with its body only when
+    the caller may also read.  A token with the C{write} scope alone must
+    not be able to read a draft by making a no-op change to it.
+    """
+    scopes = getattr(ctx, "scopes", None)
+    if scopes is None or "read" in scopes:
+        # No context: called directly from Python, not over MCP.
+        return post_json(post)
+    written = post_summary(post)
+    del written["excerpt"]
+    return written
+
+
 def _hit_json(hit: SearchHit) -> dict[str, Any]:
     found = post_summary(hit.post)
     found["snippet"] = hit.snippet
@@ -157,6 +172,14 @@ POST_SCHEMA: dict[str, Any] = {
         "body": {"type": "string", "description": "markdown"},
     },
     "required": _REQUIRED + ["body"],
+}
+WRITTEN_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        **_SUMMARY_PROPERTIES,
+        "body": {"type": "string", "description": "markdown; only for callers that may also read"},
+    },
+    "required": _REQUIRED,
 }
 SUMMARY_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -329,7 +352,7 @@ def build_app(
             "address) is made from the title unless given."
         ),
         scopes=("write",),
-        output_schema=POST_SCHEMA,
+        output_schema=WRITTEN_SCHEMA,
         annotations={
             "readOnlyHint": False,
             "destructiveHint": False,
@@ -352,7 +375,7 @@ def build_app(
 
         def done(post: Post) -> dict[str, Any]:
             changed(None, post)
-            return post_json(post)
+            return written_json(post, ctx)
 
         return d.addCallbacks(done, _as_tool_error)
 
@@ -363,7 +386,7 @@ def build_app(
             "tags, when given, replace the old ones. Setting status to 'draft' unpublishes it."
         ),
         scopes=("write",),
-        output_schema=POST_SCHEMA,
+        output_schema=WRITTEN_SCHEMA,
         annotations={
             "readOnlyHint": False,
             "destructiveHint": True,
@@ -395,7 +418,7 @@ def build_app(
         except SiteError as e:
             raise ToolError(str(e))
         changed(before, after)
-        return post_json(after)
+        return written_json(after, ctx)
 
     @app.tool(
         title="Publish a post",
@@ -404,7 +427,7 @@ def build_app(
             "already published post changes nothing."
         ),
         scopes=("write",),
-        output_schema=POST_SCHEMA,
+        output_schema=WRITTEN_SCHEMA,
         annotations={
             "readOnlyHint": False,
             "destructiveHint": False,
@@ -419,7 +442,7 @@ def build_app(
         except SiteError as e:
             raise ToolError(str(e))
         changed(before, after)
-        return post_json(after)
+        return written_json(after, ctx)
 
     @app.tool(
         title="Delete a post",
