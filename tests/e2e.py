@@ -281,7 +281,11 @@ async def startServer(
 
 
 async def runProgram(
-    reactor: Any, command: Sequence[str], timeout: float = 30.0, path: str | None = None
+    reactor: Any,
+    command: Sequence[str],
+    timeout: float = 30.0,
+    path: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[str, str, int]:
     """
     Run C{command}; give back its stdout, stderr and exit status (C{-N} when
@@ -293,7 +297,7 @@ async def runProgram(
         collector,
         command[0],
         list(command),
-        env=subprocessEnvironment(),
+        env=subprocessEnvironment() if env is None else env,
         path=path,
     )
 
