@@ -31,9 +31,12 @@ def hello(name: str) -> str:
     return f"Hello, {name}!"
 
 
-def main(listen: str = "tcp:8080:interface=127.0.0.1", issuer: str = "http://127.0.0.1:8080") -> None:
+def wire(reactor, issuer: str, oauth_db: str = "./oauth.db") -> OAuthServer:
+    """
+    The seed's four steps: store, server, tools, mount.
+    """
     # 1. The token store: its own SQLite file, not your content database.
-    store = SQLiteStore("./oauth.db", reactor)
+    store = SQLiteStore(oauth_db, reactor)
     # 2. The authorization server.  verify_bearer checks what the user pastes
     #    into the consent form: return True, a subject string, or an Approval.
     oauth = OAuthServer(
@@ -44,6 +47,11 @@ def main(listen: str = "tcp:8080:interface=127.0.0.1", issuer: str = "http://127
     )
     # 3 and 4. Mount the OAuth endpoints and the MCP tools they protect.
     mount(app, oauth, tools, reactor=reactor)
+    return oauth
+
+
+def main(listen: str = "tcp:8080:interface=127.0.0.1", issuer: str = "http://127.0.0.1:8080") -> None:
+    wire(reactor, issuer)
     endpoints.serverFromString(reactor, listen).listen(Site(app.resource()))
     reactor.run()
 
