@@ -362,12 +362,12 @@ def _inspect(func: Callable) -> _Signature:
         if p.kind is p.VAR_POSITIONAL:
             continue
         names.append(p.name)
-        schema = dict(schema_for(hints.get(p.name, p.annotation)))
+        prop = dict(schema_for(hints.get(p.name, p.annotation)))
         if p.default is p.empty:
             required.append(p.name)
         elif _jsonable(p.default):
-            schema["default"] = p.default
-        properties[p.name] = schema
+            prop["default"] = p.default
+        properties[p.name] = prop
     schema: dict[str, JSONValue] = {"type": "object", "properties": properties}
     if not accepts_kwargs:
         # Undeclared arguments are refused rather than silently dropped: a

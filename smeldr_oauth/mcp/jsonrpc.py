@@ -190,14 +190,14 @@ def parse_message(obj: object) -> Message:
             return Notification(method, params)
         if not _valid_id(raw_id):
             return Invalid(None, invalid_request('"id" must be a string or an integer'))
-        return Request(raw_id, method, params)
+        return Request(raw_id, method, params)  # type: ignore[arg-type]  # _valid_id checked it
     if "result" in obj or "error" in obj:
         if not _valid_id(raw_id):
             return Invalid(None, invalid_request("Response without a valid id"))
         error = obj.get("error")
         if error is not None and not isinstance(error, dict):
             return Invalid(msg_id, invalid_request('"error" must be an object'))
-        return Response(raw_id, obj.get("result"), error)
+        return Response(raw_id, obj.get("result"), error)  # type: ignore[arg-type]  # _valid_id checked it
     return Invalid(msg_id, invalid_request("Neither a request nor a response"))
 
 

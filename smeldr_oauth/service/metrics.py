@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.twisted import MetricsResource
 from twisted.logger import ILogObserver
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource
 from zope.interface import implementer
 
 #: Paths that get their own latency label; anything else is "other", so a
@@ -109,7 +109,7 @@ class Metrics:
             status=f"{status // 100}xx",
         ).observe(seconds)
 
-    def resource(self) -> Resource:
+    def resource(self) -> IResource:
         return MetricsResource(registry=self.registry)
 
 

@@ -50,8 +50,9 @@ class LimitedRequest(Request):
         self._received += len(data)
         if self._received > self._limit():
             self._too_big = True
-            self.content.seek(0)
-            self.content.truncate()
+            if self.content is not None:
+                self.content.seek(0)
+                self.content.truncate()
             return
         super().handleContentChunk(data)
 
