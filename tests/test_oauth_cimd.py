@@ -24,7 +24,7 @@ from OpenSSL import SSL
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import DNSLookupError
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.ssl import (
     Certificate,
     PrivateCertificate,
@@ -33,6 +33,7 @@ from twisted.internet.ssl import (
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.protocols.policies import WrappingFactory
+from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseDone, ResponseNeverReceived
@@ -45,13 +46,14 @@ from zope.interface import implementer
 from smeldr_oauth.oauth.cimd import (
     CIMDError,
     CIMDResolver,
+    _host_key,
     check_client_id_url,
     freshness,
     is_cimd_client_id,
     parse_document,
 )
 from smeldr_oauth.oauth.model import Client
-from smeldr_oauth.oauth.netguard import AddressPolicy, ForbiddenAddress
+from smeldr_oauth.oauth.netguard import AddressPolicy, ForbiddenAddress, make_vetted_agent
 
 from .test_oauth_netguard import FakeResolver
 
@@ -1057,6 +1059,336 @@ class ResolverTests(SynchronousTestCase):
         self.successResultOf(d)
 
 
+# --- Sharing fetch slots under attack ----------------------------------
+
+
+def doc_for(url: str, **overrides: Any) -> bytes:
+    return body_of(document(client_id=url, **overrides))
+
+
+CLAUDE = "https://claude.ai/oauth/mcp-oauth-client-metadata"
+CHATGPT = "https://chatgpt.com/oauth/client.json"
+
+
+class SlotTests(SynchronousTestCase):
+    """
+    A stranger who points client ids at slow hosts cannot take every fetch
+    slot: slots are capped per host, a deadline frees them, and documents
+    fetched successfully before have slots of their own.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.agent = FakeAgent()
+
+    def make(self, **kw: Any) -> CIMDResolver:
+        self.resolver = CIMDResolver(self.clock, agent=self.agent, **kw)
+        return self.resolver
+
+    def refusal(self, d: Deferred) -> CIMDError:
+        return self.failureResultOf(d, CIMDError).value
+
+    def know(self, url: str) -> None:
+        """
+        Fetch C{url} successfully once, without caching it.
+        """
+        d = self.resolver.resolve(url)
+        self.agent.requests[-1].respond(doc_for(url), headers={"cache-control": "no-store"})
+        self.successResultOf(d)
+
+    def test_finding_scenario(self) -> None:
+        """
+        The review finding: 70 lookups whose documents sit on one host that
+        never answers take 4 slots, not all of them; a fresh client on
+        another host is fetched at once; the deadline frees the 4.
+        """
+        self.make()
+        with capturedLogs() as events:
+            slow = [self.resolver.resolve(f"https://drip.example/{i}") for i in range(70)]
+        self.assertEqual(len(self.agent.requests), 4)
+        for d in slow[4:]:
+            self.assertEqual(
+                self.refusal(d).reason,
+                "too many client metadata documents are being fetched from this host; try again",
+            )
+        self.assertTrue(all(e["host"] == "drip.example" for e in events if "reason" in e))
+        d = self.resolver.resolve(CLAUDE)
+        self.agent.requests[4].respond(doc_for(CLAUDE))
+        self.assertEqual(self.successResultOf(d).client_id, CLAUDE)
+        self.clock.advance(5)
+        for d in slow[:4]:
+            self.assertIn("timed out", self.refusal(d).reason)
+        self.resolver.resolve("https://drip.example/again")
+        self.assertEqual(len(self.agent.requests), 6)
+
+    def test_per_host_limit(self) -> None:
+        """
+        Ports and paths do not make a host count twice; other hosts and
+        joining a fetch already under way are not affected.
+        """
+        self.make(max_in_flight_per_host=2)
+        first = self.resolver.resolve("https://slow.example/a")
+        self.resolver.resolve("https://slow.example:8443/b")
+        for url in ("https://slow.example/c", "https://slow.example:9443/a"):
+            self.assertIn("from this host", self.refusal(self.resolver.resolve(url)).reason)
+        joined = self.resolver.resolve("https://slow.example/a")
+        self.assertNoResult(joined)
+        self.assertNoResult(self.resolver.resolve("https://sub.slow.example/a"))
+        self.assertEqual(len(self.agent.requests), 3)
+        self.agent.requests[0].respond(b"{}", code=404)
+        self.failureResultOf(first, CIMDError)
+        self.failureResultOf(joined, CIMDError)
+        self.resolver.resolve("https://slow.example/c")
+        self.assertEqual(len(self.agent.requests), 4)
+
+    def test_ipv6_literals_share_their_64(self) -> None:
+        """
+        One machine holds a whole /64: its addresses count as one host.
+        """
+        self.assertEqual(_host_key("2a00:1450:4001:1::1"), "2a00:1450:4001:1::/64")
+        self.assertEqual(_host_key("2a00:1450:4001:1:ffff::2"), "2a00:1450:4001:1::/64")
+        self.assertEqual(_host_key("2a00:1450:4001:2::1"), "2a00:1450:4001:2::/64")
+        self.assertEqual(_host_key("93.184.215.14"), "93.184.215.14")
+        self.assertEqual(_host_key("claude.ai"), "claude.ai")
+
+    def test_reserved_for_known(self) -> None:
+        """
+        Unknown documents may not use the reserved slots; a document
+        fetched successfully before may, up to the overall cap.
+        """
+        self.make(max_in_flight=4, reserved_for_known=2, max_in_flight_per_host=10)
+        self.know(CHATGPT)
+        self.know(CLAUDE)
+        base = len(self.agent.requests)
+        self.resolver.resolve("https://a.example/c")
+        self.resolver.resolve("https://b.example/c")
+        d = self.resolver.resolve("https://c.example/c")
+        self.assertIn("too many client metadata documents are being fetched;", self.refusal(d).reason)
+        self.assertNoResult(self.resolver.resolve(CHATGPT))
+        self.assertNoResult(self.resolver.resolve(CLAUDE))
+        self.assertEqual(len(self.agent.requests), base + 4)
+        self.agent.requests[-1].respond(doc_for(CLAUDE))
+        self.failureResultOf(self.resolver.resolve("https://c.example/c"), CIMDError)
+
+    def test_default_reserve(self) -> None:
+        """
+        By default a quarter of the 64 slots are kept for known documents.
+        """
+        self.make(max_in_flight_per_host=1)
+        self.know(CHATGPT)
+        for i in range(48):
+            self.assertNoResult(self.resolver.resolve(f"https://h{i}.example/c"))
+        self.failureResultOf(self.resolver.resolve("https://h48.example/c"), CIMDError)
+        self.assertNoResult(self.resolver.resolve(CHATGPT))
+
+    def test_known_forgotten_after_failure(self) -> None:
+        """
+        A known document whose refetch fails is unknown again, so that a
+        stranger's own documents cannot hold the reserved slots by
+        loading once and dripping ever after.
+        """
+        self.make(max_in_flight=2, reserved_for_known=1)
+        self.know("https://mine.example/c")
+        d = self.resolver.resolve("https://mine.example/c")
+        self.clock.advance(5)
+        self.failureResultOf(d, CIMDError)
+        self.resolver.resolve("https://a.example/c")
+        d = self.resolver.resolve("https://mine.example/c")
+        self.assertIn("too many", self.refusal(d).reason)
+
+    def test_capacity_refusal_keeps_known(self) -> None:
+        """
+        Being refused a slot is not the document's fault: it stays known.
+        """
+        self.make(max_in_flight=2, reserved_for_known=1)
+        self.know(CHATGPT)
+        self.know(CLAUDE)
+        a = self.resolver.resolve("https://a.example/c")
+        self.resolver.resolve(CLAUDE)
+        self.failureResultOf(self.resolver.resolve(CHATGPT), CIMDError)
+        self.agent.requests[-2].respond(b"{}", code=404)  # a.example
+        self.agent.requests[-1].respond(doc_for(CLAUDE))
+        self.failureResultOf(a, CIMDError)
+        self.resolver.resolve("https://b.example/c")
+        self.assertNoResult(self.resolver.resolve(CHATGPT))
+
+    def test_known_lru_bounded(self) -> None:
+        self.make(max_in_flight=2, reserved_for_known=1, max_known_documents=1)
+        self.know(CHATGPT)
+        self.know(CLAUDE)
+        self.resolver.resolve("https://a.example/c")
+        self.failureResultOf(self.resolver.resolve(CHATGPT), CIMDError)
+        self.assertNoResult(self.resolver.resolve(CLAUDE))
+
+    def test_revalidation_makes_known(self) -> None:
+        """
+        A 304 answering our If-None-Match is a success too.
+        """
+        self.make(max_in_flight=2, reserved_for_known=1, max_known_documents=1)
+        self.resolver.resolve(CHATGPT)
+        self.agent.requests[0].respond(doc_for(CHATGPT), headers={"etag": '"1"'})
+        self.know(CLAUDE)  # pushes CHATGPT out of the known list
+        self.clock.advance(301)
+        self.resolver.resolve(CHATGPT)
+        self.agent.requests[-1].respond(code=304, headers={"cache-control": "no-store"})
+        self.resolver.resolve("https://a.example/c")
+        self.assertNoResult(self.resolver.resolve(CHATGPT))
+
+    def test_limits_checked(self) -> None:
+        for kw in (
+            {"max_in_flight": 0},
+            {"max_in_flight_per_host": 0},
+            {"max_in_flight": 4, "reserved_for_known": 4},
+            {"reserved_for_known": -1},
+            {"stale_if_error": -1},
+            {"max_known_documents": -1},
+        ):
+            self.assertRaises(ValueError, CIMDResolver, self.clock, agent=self.agent, **kw)
+        self.make(max_in_flight=1)  # no reserve: the one slot is for anyone
+        self.assertNoResult(self.resolver.resolve("https://a.example/c"))
+
+
+class StaleIfErrorTests(SynchronousTestCase):
+    """
+    A cached document up to an hour past expiry stands in for a refetch
+    that could not get a slot or failed for a reason that says nothing
+    about the document.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.agent = FakeAgent()
+        self.resolver = CIMDResolver(self.clock, agent=self.agent)
+
+    def cached(self, **kw: Any) -> Client:
+        if kw:
+            self.resolver = CIMDResolver(self.clock, agent=self.agent, **kw)
+        d = self.resolver.resolve(CLAUDE)
+        self.agent.requests[-1].respond(
+            doc_for(CLAUDE), headers={"cache-control": "max-age=60", "etag": '"v1"'}
+        )
+        client = self.successResultOf(d)
+        self.clock.advance(61)
+        return client
+
+    def test_no_slot(self) -> None:
+        """
+        Refused a slot, the stale copy is served at once with a warning,
+        and not refreshed: the next lookup tries the host again.
+        """
+        client = self.cached(max_in_flight=1)
+        a = self.resolver.resolve("https://a.example/c")
+        with capturedLogs() as events:
+            self.assertIs(self.successResultOf(self.resolver.resolve(CLAUDE)), client)
+        self.assertEqual(len(self.agent.requests), 2)
+        [event] = events
+        self.assertEqual(event["host"], "claude.ai")
+        self.assertIn("stale", event["log_format"])
+        self.assertIn("too many", event["reason"])
+        self.agent.requests[1].respond(b"{}", code=404)
+        self.failureResultOf(a, CIMDError)
+        self.resolver.resolve(CLAUDE)
+        self.assertEqual(len(self.agent.requests), 3)
+
+    def test_timeout(self) -> None:
+        """
+        Every waiter of a refetch that times out gets the stale copy.
+        """
+        client = self.cached()
+        first = self.resolver.resolve(CLAUDE)
+        second = self.resolver.resolve(CLAUDE)
+        self.clock.advance(5)
+        self.assertIs(self.successResultOf(first), client)
+        self.assertIs(self.successResultOf(second), client)
+        self.resolver.resolve(CLAUDE)
+        self.assertEqual(len(self.agent.requests), 3)
+        self.assertEqual(self.agent.requests[2].headers.getRawHeaders(b"if-none-match"), [b'"v1"'])
+
+    def test_transient_failures(self) -> None:
+        from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+
+        client = self.cached()
+        for failing in (
+            lambda r: r.deferred.errback(DNSLookupError("x")),
+            lambda r: r.deferred.errback(ConnectionRefusedError()),
+            lambda r: r.deferred.errback(ResponseNeverReceived([Failure(ConnectionLost())])),
+            lambda r: r.respond(b"{}", code=503),
+            lambda r: r.respond(b"{}", code=500),
+            lambda r: r.respond(b"{", finish=False).protocol.connectionLost(  # type: ignore[union-attr]
+                Failure(ConnectionLost())
+            ),
+        ):
+            d = self.resolver.resolve(CLAUDE)
+            failing(self.agent.requests[-1])
+            self.assertIs(self.successResultOf(d), client)
+
+    def test_window(self) -> None:
+        """
+        Past the stale window the failure is reported (and marked
+        transient); the copy is kept for revalidation.
+        """
+        self.cached()
+        self.clock.advance(3600 - 2)
+        d = self.resolver.resolve(CLAUDE)
+        self.clock.advance(5)  # 61 - 60 + 3598 + 5 > 3600 past expiry
+        error = self.failureResultOf(d, CIMDError).value
+        self.assertIn("timed out", error.reason)
+        self.assertTrue(error.transient)
+        self.resolver.resolve(CLAUDE)
+        self.assertEqual(self.agent.requests[-1].headers.getRawHeaders(b"if-none-match"), [b'"v1"'])
+
+    def test_window_configurable(self) -> None:
+        self.cached(stale_if_error=0)
+        d = self.resolver.resolve(CLAUDE)
+        self.clock.advance(5)
+        self.failureResultOf(d, CIMDError)
+
+    def test_definitive_failures(self) -> None:
+        """
+        A failure that tells us about the document or host now is
+        reported, and the cached copy dropped.
+        """
+        for failing in (
+            lambda r: r.respond(b"{}", code=404),
+            lambda r: r.respond(b"{}", code=410),
+            lambda r: r.respond(code=302, headers={"location": "https://x.example/"}),
+            lambda r: r.respond(b"<html>"),
+            lambda r: r.respond(b" " * 6000),
+            lambda r: r.deferred.errback(ForbiddenAddress("claude.ai", "10.0.0.1")),
+            lambda r: r.deferred.errback(ResponseNeverReceived([Failure(SSL.Error("bad"))])),
+        ):
+            self.agent.requests.clear()
+            self.cached()
+            d = self.resolver.resolve(CLAUDE)
+            failing(self.agent.requests[-1])
+            self.assertFalse(self.failureResultOf(d, CIMDError).value.transient)
+            d = self.resolver.resolve(CLAUDE)
+            self.assertFalse(self.agent.requests[-1].headers.hasHeader(b"if-none-match"))
+            self.agent.requests[-1].deferred.cancel()
+            self.failureResultOf(d)
+
+    def test_bug_not_masked(self) -> None:
+        """
+        Our own bug is reported, not papered over with a stale copy.
+        """
+        self.cached()
+        d = self.resolver.resolve(CLAUDE)
+        self.agent.requests[-1].deferred.errback(RuntimeError("boom"))
+        self.failureResultOf(d, CIMDError)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_failures_still_not_cached(self) -> None:
+        """
+        With nothing cached, a transient failure is reported and the next
+        lookup fetches again.
+        """
+        d = self.resolver.resolve(CLAUDE)
+        self.agent.requests[0].respond(b"{}", code=503)
+        self.assertTrue(self.failureResultOf(d, CIMDError).value.transient)
+        self.resolver.resolve(CLAUDE)
+        self.assertEqual(len(self.agent.requests), 2)
+
+
 # --- Real sockets -------------------------------------------------------
 
 
@@ -1316,3 +1648,178 @@ class RealSocketTests(TestCase):
         self.resource.bodies[b"/dev.json"] = body_of(document(client_id=url))
         client = yield CIMDResolver(global_reactor, allow_insecure=True).resolve(url)
         self.assertEqual(client.client_id, url)
+
+
+# --- A host that drips ---------------------------------------------------
+
+
+class Drip(Protocol):
+    """
+    Answers a request one byte per tick of C{factory.clock}: the whole
+    response (C{mode="headers"}), or complete headers and then the body
+    (C{mode="body"}).  It never finishes: only the client can end it.
+    """
+
+    factory: DripFactory
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.call: Any = None
+        self.request = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.request += data
+        if b"\r\n\r\n" not in self.request or self.call is not None:
+            return
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n\r\n"
+        body = b" " * 4000
+        if self.factory.mode == "headers":
+            self.pending = head + body
+        else:
+            self.transport.write(head)
+            self.pending = body
+        self.call = self.factory.clock.callLater(1, self.tick)
+        self.factory.requested.callback(None)
+
+    def tick(self) -> None:
+        self.transport.write(self.pending[:1])
+        self.pending = self.pending[1:]
+        self.factory.sent += 1
+        self.call = self.factory.clock.callLater(1, self.tick)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.factory.lost.callback(global_reactor.seconds())
+
+
+class DripFactory(ServerFactory):
+    protocol = Drip
+
+    def __init__(self, clock: Any, mode: str) -> None:
+        self.clock = clock
+        self.mode = mode
+        self.connections: list[Drip] = []
+        self.requested: Deferred = Deferred()
+        self.lost: Deferred = Deferred()
+        self.sent = 0
+
+
+@implementer(IAgent)
+class WatchingAgent:
+    """
+    Passes requests on, and counts the body bytes that reach the client.
+    """
+
+    def __init__(self, agent: IAgent) -> None:
+        self._agent = agent
+        self.responded: Deferred = Deferred()
+        self.received = 0
+        self.arrivals: list[Deferred] = []
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        d = self._agent.request(method, uri, headers, bodyProducer)
+
+        def watch(response: IResponse) -> IResponse:
+            self.responded.callback(None)
+            watcher = self
+
+            class Watched(proxyForInterface(IResponse)):  # type: ignore[misc]
+                def deliverBody(self, protocol: Protocol) -> None:
+                    inner = protocol.dataReceived
+
+                    def counted(data: bytes) -> None:
+                        watcher.received += len(data)
+                        waiting, watcher.arrivals = watcher.arrivals, []
+                        for w in waiting:
+                            w.callback(None)
+                        inner(data)
+
+                    protocol.dataReceived = counted  # type: ignore[method-assign]
+                    self.original.deliverBody(protocol)
+
+            return Watched(response)
+
+        return d.addCallback(watch)
+
+    def arrival(self) -> Deferred:
+        d: Deferred = Deferred()
+        self.arrivals.append(d)
+        return d
+
+
+class DripTests(TestCase):
+    """
+    A real host on 127.0.0.1 that sends one byte a second cannot hold a
+    fetch slot past the deadline, whether it drips its headers or its
+    body: the fetch fails at the deadline, the slot is free at once and
+    the connection is closed.
+    """
+
+    def serve(self, clock: Any, mode: str) -> tuple[DripFactory, str]:
+        factory = DripFactory(clock, mode)
+        port = global_reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return factory, f"http://127.0.0.1:{port.getHost().port}/drip.json"
+
+    @inlineCallbacks
+    def drip_against_clock(self, mode: str):
+        """
+        The deadline and the drip both run on a Clock; the bytes travel
+        over a real socket.
+        """
+        clock = Clock()
+        server, url = self.serve(clock, mode)
+        agent = WatchingAgent(
+            make_vetted_agent(global_reactor, policy=AddressPolicy(allow_all=True), allow_http=True)
+        )
+        resolver = CIMDResolver(clock, agent=agent, allow_insecure=True, max_in_flight=1)
+        d = resolver.resolve(url)
+        yield server.requested
+        if mode == "body":
+            yield agent.responded
+        for second in range(1, 5):
+            arrived = agent.arrival()
+            clock.advance(1)
+            if mode == "body":
+                yield arrived  # the byte reached the client: it is "active"
+                self.assertEqual(agent.received, second)
+            self.assertNoResult(d)
+            refused = resolver.resolve("http://127.0.0.1:1/other.json")
+            self.assertIn("too many", self.failureResultOf(refused, CIMDError).value.reason)
+        clock.advance(1)
+        error = self.failureResultOf(d, CIMDError).value
+        self.assertEqual(error.reason, "fetching the client metadata document timed out")
+        self.assertTrue(error.transient)
+        # The slot is free at the deadline, not when the socket closes.
+        other = resolver.resolve("http://127.0.0.1:1/other.json")
+        yield server.lost
+        self.assertEqual(server.sent, 5)
+        self.assertFalse(agent.responded.called and mode == "headers")
+        with self.assertRaises(CIMDError):
+            yield other  # port 1: nobody listens
+
+    def test_drip_headers(self):
+        return self.drip_against_clock("headers")
+
+    def test_drip_body(self):
+        return self.drip_against_clock("body")
+
+    @inlineCallbacks
+    def test_drip_real_time(self):
+        """
+        With the real reactor's clock and a 2 s deadline, a body sent one
+        byte a second is cut off at 2 s.
+        """
+        server, url = self.serve(global_reactor, "body")
+        resolver = CIMDResolver(global_reactor, allow_insecure=True, timeout=2.0)
+        start = global_reactor.seconds()
+        with self.assertRaises(CIMDError) as ctx:
+            yield resolver.resolve(url)
+        elapsed = global_reactor.seconds() - start
+        self.assertIn("timed out", ctx.exception.reason)
+        self.assertGreaterEqual(elapsed, 1.9)
+        self.assertLess(elapsed, 3.0)
+        closed_at = yield server.lost
+        self.assertLess(closed_at - start, 3.0)
+        self.assertIn(server.sent, (1, 2))

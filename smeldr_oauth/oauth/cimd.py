@@ -15,17 +15,23 @@ Everything here treats the URL and the document as hostile input:
     C{client_id}, lists usable redirect URIs and asks for no shared secret
     (L{parse_document});
   - valid documents are cached per C{Cache-Control} (bounded, LRU),
-    failures never are, and concurrent lookups of one URL share one fetch.
+    failures never are, and concurrent lookups of one URL share one fetch;
+  - fetch slots are limited overall and per host, with a share kept for
+    documents fetched successfully before, and a cached document may be
+    served up to an hour stale when a refetch gets no slot or fails
+    transiently, so that a stranger pointing client ids at slow hosts
+    cannot lock out the clients we know (L{CIMDResolver}).
 
 See C{docs/cimd.md} for the rules in prose.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import unicodedata
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
@@ -71,6 +77,12 @@ DEFAULT_TTL = 300.0
 MAX_TTL = 24 * 60 * 60.0
 MAX_CACHE_ENTRIES = 1024
 MAX_IN_FLIGHT = 64
+MAX_IN_FLIGHT_PER_HOST = 4
+MAX_KNOWN_DOCUMENTS = 1024
+STALE_IF_ERROR = 60 * 60.0
+#: HTTP statuses that say "not now" rather than "not this document"
+#: (RFC 5861's stale-if-error list).
+TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
 MAX_URL_LENGTH = 2048
 MAX_REDIRECT_URIS = 32
 MAX_CLIENT_NAME = 200
@@ -91,11 +103,15 @@ class CIMDError(Exception):
 
     @ivar reason: short text that is safe to show on an error page: it never
         contains response bodies, tokens or internal addresses.
+    @ivar transient: whether the failure says nothing about the document
+        (a timeout, a refused connection, a 503, no free fetch slot), so
+        that a cached copy may still stand in for it.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.transient = transient
 
 
 # --- The client_id URL ---------------------------------------------------
@@ -633,7 +649,13 @@ def _discard(response: IResponse) -> None:
 def _explain(failure: Failure) -> tuple[CIMDError, bool]:
     """
     Turn whatever a fetch failed with into a L{CIMDError} whose reason names
-    the kind of failure and nothing the remote side chose.
+    the kind of failure and nothing the remote side chose, and whose
+    C{transient} flag says whether a cached copy may stand in for it.
+
+    Transient: timeouts, DNS failures, refused or dropped connections.  Not
+    transient: anything that tells us about the host or document now (a
+    special-use address, a TLS failure, a redirect, a 404, an invalid or
+    oversized document) and our own bugs.
 
     @return: the error, and whether the failure was unexpected (a bug worth
         a traceback in the log rather than a remote host misbehaving).
@@ -649,29 +671,67 @@ def _explain(failure: Failure) -> tuple[CIMDError, bool]:
     for r in reasons:
         if r.check(CIMDError):
             return r.value, False  # type: ignore[return-value]
-    if failure.check(defer.TimeoutError, error.TimeoutError, defer.CancelledError):
-        return CIMDError("fetching the client metadata document timed out"), False
+    # Our deadline cancels the request; the HTTP client may report that
+    # as a response never received "because cancelled".
+    timeouts = (defer.TimeoutError, error.TimeoutError, defer.CancelledError)
+    if failure.check(*timeouts) or any(r.check(*timeouts) for r in reasons):
+        return CIMDError(
+            "fetching the client metadata document timed out", transient=True
+        ), False
     if failure.check(ForbiddenAddress):
         return CIMDError(
             "client metadata host resolves to a special-use address"
         ), False
     if failure.check(error.DNSLookupError):
-        return CIMDError("client metadata host could not be resolved"), False
+        return CIMDError(
+            "client metadata host could not be resolved", transient=True
+        ), False
     tls_errors = (SSL.Error, VerificationError, CertificateError)
     if failure.check(*tls_errors) or any(r.check(*tls_errors) for r in reasons):
         return CIMDError("TLS verification of the client metadata host failed"), False
     if failure.check(error.ConnectError):
-        return CIMDError("could not connect to the client metadata host"), False
-    fetch_failed = CIMDError("could not fetch the client metadata document")
+        return CIMDError(
+            "could not connect to the client metadata host", transient=True
+        ), False
+    if failure.check(SchemeNotSupported):
+        return CIMDError("could not fetch the client metadata document"), False
     if failure.check(
         ResponseFailed,
         ResponseNeverReceived,
         RequestTransmissionFailed,
         error.ConnectionLost,
-        SchemeNotSupported,
     ):
-        return fetch_failed, False
-    return fetch_failed, True
+        return CIMDError(
+            "could not fetch the client metadata document", transient=True
+        ), False
+    return CIMDError("could not fetch the client metadata document"), True
+
+
+def _host_key(host: str) -> str:
+    """
+    What the per-host fetch limit counts by: the host name, or for an IPv6
+    literal its /64, which one machine usually holds whole (so that it
+    cannot pose as 2**64 hosts).  Ports are not part of it: they are free.
+    """
+    ip = parse_ip(host)
+    if ip is not None and ip.version == 6:
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return host
+
+
+@attr.s(auto_attribs=True, eq=False, kw_only=True)
+class _Flight:
+    """
+    One fetch in progress and the callers waiting for it.
+
+    @ivar known: whether the URL was fetched successfully before the fetch
+        started; it decides which slots the fetch counts against.
+    """
+
+    host: str
+    key: tuple[str, bool]
+    known: bool
+    waiters: list[Deferred[Client]] = attr.ib(factory=list)
 
 
 class CIMDResolver:
@@ -682,6 +742,26 @@ class CIMDResolver:
     @ivar allow_insecure: the development switch: http client ids, loopback
         and private addresses, single-label host names.  Never on in
         production.
+
+    Anyone can make us fetch a URL (it is just a C{client_id} on an
+    authorization request), so fetch slots are a resource strangers compete
+    for.  Four rules keep one stranger from taking them all:
+
+      - each fetch has one deadline, C{timeout}, for everything (DNS,
+        connect, TLS, headers, body); a host that drips a byte a second
+        holds its slot for C{timeout} and no longer;
+      - at most C{max_in_flight_per_host} fetches per host (counted
+        separately for known and unknown documents, see below), so one
+        slow host, whatever paths and ports it uses, gets a few slots;
+      - documents fetched successfully before ("known", a bounded LRU of
+        URLs) may use the last C{reserved_for_known} of the
+        C{max_in_flight} slots, which unknown ones may not; a known document
+        whose refetch fails is forgotten, so a stranger's own documents
+        cannot keep those slots by dripping;
+      - when a refetch is refused for capacity or fails transiently, a
+        cached document up to C{stale_if_error} seconds past its expiry is
+        served instead (RFC 5861's stale-if-error), so clients already seen
+        keep working while the slots are contested.
     """
 
     def __init__(
@@ -699,6 +779,10 @@ class CIMDResolver:
         default_ttl: float = DEFAULT_TTL,
         max_ttl: float = MAX_TTL,
         max_in_flight: int = MAX_IN_FLIGHT,
+        max_in_flight_per_host: int = MAX_IN_FLIGHT_PER_HOST,
+        reserved_for_known: int | None = None,
+        max_known_documents: int = MAX_KNOWN_DOCUMENTS,
+        stale_if_error: float = STALE_IF_ERROR,
     ) -> None:
         """
         @param reactor: the clock for timeouts and cache expiry, and (for
@@ -713,7 +797,26 @@ class CIMDResolver:
             L{AddressPolicy}).
         @param name_resolver: C{IHostnameResolver} for the default agent;
             default the reactor's.
+        @param timeout: the deadline of a whole fetch, in seconds.
+        @param max_in_flight: how many documents may be fetched at once.
+        @param max_in_flight_per_host: how many documents from one host may
+            be fetched at once (known and unknown ones each).
+        @param reserved_for_known: how many of the C{max_in_flight} slots
+            only known documents may use; default a quarter.
+        @param max_known_documents: how many known document URLs to
+            remember (LRU).
+        @param stale_if_error: how many seconds past its expiry a cached
+            document may stand in for a refetch that could not be done.
+        @raise ValueError: if the limits contradict each other.
         """
+        if reserved_for_known is None:
+            reserved_for_known = max_in_flight // 4
+        if max_in_flight < 1 or max_in_flight_per_host < 1:
+            raise ValueError("max_in_flight and max_in_flight_per_host must be positive")
+        if not 0 <= reserved_for_known < max_in_flight:
+            raise ValueError("reserved_for_known must leave slots for unknown documents")
+        if max_known_documents < 0 or stale_if_error < 0:
+            raise ValueError("max_known_documents and stale_if_error must not be negative")
         self._clock = reactor
         self._allow_insecure = allow_insecure
         self._policy = AddressPolicy(
@@ -738,8 +841,15 @@ class CIMDResolver:
         self._default_ttl = default_ttl
         self._max_ttl = max_ttl
         self._max_in_flight = max_in_flight
+        self._max_per_host = max_in_flight_per_host
+        self._max_unknown = max_in_flight - reserved_for_known
+        self._max_known = max_known_documents
+        self._stale_if_error = stale_if_error
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
-        self._in_flight: dict[str, list[Deferred[Client]]] = {}
+        self._known: OrderedDict[str, None] = OrderedDict()
+        self._in_flight: dict[str, _Flight] = {}
+        self._unknown_in_flight = 0
+        self._per_host: Counter[tuple[str, bool]] = Counter()
 
     def resolve(self, client_id: str) -> Deferred[Client]:
         """
@@ -747,8 +857,10 @@ class CIMDResolver:
 
         Fires from the cache while the cached document is fresh; otherwise
         fetches (revalidating with C{If-None-Match} when a stale copy has an
-        ETag).  Concurrent calls for one URL share one fetch.  Errbacks with
-        L{CIMDError}.
+        ETag).  Concurrent calls for one URL share one fetch.  When there is
+        no slot for the fetch, or it fails transiently, a copy at most
+        C{stale_if_error} seconds past expiry is served instead.  Errbacks
+        with L{CIMDError}.
         """
         try:
             host = check_client_id_url(
@@ -760,30 +872,87 @@ class CIMDResolver:
         entry = self._cache.get(client_id)
         if entry is not None and self._clock.seconds() < entry.expires_at:
             self._cache.move_to_end(client_id)
+            if client_id in self._known:
+                self._known.move_to_end(client_id)
             return succeed(entry.client)
 
-        waiters = self._in_flight.get(client_id)
-        if waiters is None and len(self._in_flight) >= self._max_in_flight:
-            busy = CIMDError(
-                "too many client metadata documents are being fetched; try again"
-            )
-            self._refused(host, busy)
-            return fail(busy)
+        flight = self._in_flight.get(client_id)
+        if flight is None:
+            known = client_id in self._known
+            busy = self._no_slot(host, known)
+            if busy is not None:
+                stale = self._stale(client_id, host, busy)
+                if stale is not None:
+                    return succeed(stale)
+                self._refused(host, busy)
+                return fail(busy)
 
         def forget(d: Deferred[Client]) -> None:
             # A caller giving up does not cancel the fetch others share.
             current = self._in_flight.get(client_id)
-            if current is not None and d in current:
-                current.remove(d)
+            if current is not None and d in current.waiters:
+                current.waiters.remove(d)
 
         waiter: Deferred[Client] = Deferred(forget)
-        if waiters is not None:
-            waiters.append(waiter)
+        if flight is not None:
+            flight.waiters.append(waiter)
             return waiter
-        self._in_flight[client_id] = [waiter]
+        flight = _Flight(host=host, key=(_host_key(host), known), known=known)
+        flight.waiters.append(waiter)
+        self._in_flight[client_id] = flight
+        self._per_host[flight.key] += 1
+        if not known:
+            self._unknown_in_flight += 1
         fetching = maybeDeferred(self._fetch, client_id, entry)
-        fetching.addBoth(self._settle, client_id, host)
+        fetching.addBoth(self._settle, client_id)
         return waiter
+
+    def _no_slot(self, host: str, known: bool) -> CIMDError | None:
+        """
+        Why a new fetch from C{host} cannot start now, or C{None} if it can.
+        """
+        if len(self._in_flight) >= self._max_in_flight or (
+            not known and self._unknown_in_flight >= self._max_unknown
+        ):
+            return CIMDError(
+                "too many client metadata documents are being fetched; try again",
+                transient=True,
+            )
+        if self._per_host[(_host_key(host), known)] >= self._max_per_host:
+            return CIMDError(
+                "too many client metadata documents are being fetched from "
+                "this host; try again",
+                transient=True,
+            )
+        return None
+
+    def _stale(self, client_id: str, host: str, problem: CIMDError) -> Client | None:
+        """
+        The cached client for C{client_id} if it may stand in for a refetch
+        that failed transiently with C{problem}: at most C{stale_if_error}
+        seconds past its expiry.  The copy is not refreshed, so the next
+        lookup tries the host again.
+        """
+        entry = self._cache.get(client_id)
+        if entry is None:
+            return None
+        late = self._clock.seconds() - entry.expires_at
+        if late >= self._stale_if_error:
+            return None
+        log.warn(  # noqa: G010 - twisted.logger.Logger has warn, not warning
+            "Serving a stale client metadata document from {host}, "
+            "{late:.0f}s past expiry: {reason}",
+            host=host,
+            late=late,
+            reason=problem.reason,
+        )
+        return entry.client
+
+    def _remember_known(self, client_id: str) -> None:
+        self._known[client_id] = None
+        self._known.move_to_end(client_id)
+        while len(self._known) > self._max_known:
+            self._known.popitem(last=False)
 
     def _fetch(self, client_id: str, stale: _Entry | None) -> Deferred[Client]:
         headers = Headers({b"Accept": [b"application/json"]})
@@ -812,7 +981,10 @@ class CIMDResolver:
             raise CIMDError("client metadata URL redirects; redirects are not followed")
         if code != 200:
             _discard(response)
-            raise CIMDError(f"client metadata URL answered HTTP {int(code)}, not 200")
+            raise CIMDError(
+                f"client metadata URL answered HTTP {int(code)}, not 200",
+                transient=code in TRANSIENT_STATUSES,
+            )
         length = response.length
         if isinstance(length, int) and length > self._max_bytes:
             _discard(response)
@@ -859,8 +1031,15 @@ class CIMDResolver:
         while len(self._cache) > self._max_entries:
             self._cache.popitem(last=False)
 
-    def _settle(self, result: Client | Failure, client_id: str, host: str) -> None:
-        waiters = self._in_flight.pop(client_id, [])
+    def _settle(self, result: Client | Failure, client_id: str) -> None:
+        flight = self._in_flight.pop(client_id)
+        self._per_host[flight.key] -= 1
+        if not self._per_host[flight.key]:
+            del self._per_host[flight.key]
+        if not flight.known:
+            self._unknown_in_flight -= 1
+        host = flight.host
+        waiters = flight.waiters
         if isinstance(result, Failure):
             problem, unexpected = _explain(result)
             if unexpected:
@@ -869,14 +1048,26 @@ class CIMDResolver:
                     result,
                     host=host,
                 )
-            # Never cache a failure, and forget a stale copy: its ETag
-            # must not vouch for whatever the host serves now.
-            self._cache.pop(client_id, None)
+            # A known document that fails is known no more: otherwise a
+            # stranger could keep the reserved slots with documents of
+            # their own that once loaded and now drip.
+            self._known.pop(client_id, None)
+            stale = self._stale(client_id, host, problem) if problem.transient else None
+            if stale is not None:
+                for waiter in waiters:
+                    if not waiter.called:
+                        waiter.callback(stale)
+                return
+            if not problem.transient:
+                # Never cache a failure, and forget a stale copy: its ETag
+                # must not vouch for whatever the host serves now.
+                self._cache.pop(client_id, None)
             self._refused(host, problem)
             for waiter in waiters:
                 if not waiter.called:
-                    waiter.errback(CIMDError(problem.reason))
+                    waiter.errback(CIMDError(problem.reason, transient=problem.transient))
         else:
+            self._remember_known(client_id)
             log.info("Resolved client metadata document from {host}", host=host)
             for waiter in waiters:
                 if not waiter.called:
