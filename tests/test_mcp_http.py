@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+import attr
 import treq
 from klein import Klein
 from twisted.internet import reactor
@@ -74,6 +75,11 @@ def build_app() -> MCPApp:
         await ctx.report_progress(1, 2)
         return "done"
 
+    @app.tool()
+    async def hang() -> str:
+        await Deferred()  # until cancelled
+        return "never"
+
     return app
 
 
@@ -117,11 +123,14 @@ class HTTPTestBase(TestCase):
     timeout = 30
     keepalive = 15.0
     max_queue = 256
+    #: more MCPHTTP keyword arguments
+    options: dict[str, Any] = {}
 
     async def setUp(self) -> None:  # type: ignore[override]
         self.clock = Clock()
         self.app = build_app()
-        self.verifier = FakeVerifier(TOKENS)
+        # A copy: tests add and remove (revoke) tokens.
+        self.verifier = FakeVerifier(dict(TOKENS))
         self.mcp = MCPHTTP(
             self.clock,
             self.app,
@@ -133,6 +142,7 @@ class HTTPTestBase(TestCase):
             keepalive_interval=self.keepalive,
             max_body=1000,
             max_queue=self.max_queue,
+            **self.options,
         )
         klein = Klein()
         self.mcp.register(klein)
@@ -200,6 +210,18 @@ class HTTPTestBase(TestCase):
             await client.lost
 
         self.addCleanup(close)
+        return client
+
+    async def open_get(self, session_id: str, token: str = "alice") -> RawClient:
+        """The Streamable HTTP GET stream of a session."""
+        client = await self.raw(
+            b"GET /mcp HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nAuthorization: Bearer "
+            + token.encode()
+            + b"\r\nMcp-Session-Id: "
+            + session_id.encode()
+            + b"\r\n\r\n"
+        )
+        await client.wait_for(b": stream open")
         return client
 
     async def open_legacy(self, token: str = "alice") -> tuple[RawClient, str]:
@@ -575,3 +597,315 @@ class LegacySSETests(HTTPTestBase):
         await self.mcp.shutdown()
         await client.wait_for(b"\r\n0\r\n\r\n")
         self.assertEqual(self.mcp.session_count, 0)
+
+
+END = b"\r\n0\r\n\r\n"  # the last chunk: the response (stream) ended
+
+
+async def settle() -> None:
+    """Let the real reactor move bytes written by a Clock-driven action."""
+    await deferLater(reactor, 0.05, lambda: None)
+
+
+PING = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+
+
+class SessionCapTests(HTTPTestBase):
+    """
+    One token (one grant, one user) cannot fill the server-wide session cap
+    and lock everybody else out: sessions are capped per grant and per
+    subject, the caller's least recently active idle session makes room,
+    and sessions nobody used after initialize expire soon.
+    """
+
+    options = {"max_sessions": 12, "max_sessions_per_grant": 3, "max_sessions_per_subject": 5}
+
+    async def test_initialize_flood_does_not_lock_out_others(self) -> None:
+        """
+        Many more initializes from one token than the server-wide cap:
+        every one succeeds (the oldest idle sessions of that grant make
+        room), the grant never holds more than its cap, and another grant's
+        initialize and legacy GET still work.
+        """
+        first = await self.initialize()
+        for _ in range(20):
+            await self.initialize()
+        self.assertEqual(self.mcp.session_count, 3)
+        code, _, _ = await self.request("POST", body=PING, headers={"Mcp-Session-Id": first})
+        self.assertEqual(code, 404)  # evicted: the client starts over
+        bob = await self.initialize("bob")
+        code, _, _ = await self.request("POST", body=PING, token="bob", headers={"Mcp-Session-Id": bob})
+        self.assertEqual(code, 200)
+        client, _ = await self.open_legacy("bob")
+        self.assertIn(b"event: endpoint", client.data)
+
+    async def test_least_recently_active_idle_session_goes_first(self) -> None:
+        sessions = []
+        for _ in range(3):
+            sessions.append(await self.initialize())
+            self.clock.advance(1)
+        # The oldest one is used again: the second-oldest is now the least recently active.
+        code, _, _ = await self.request("POST", body=PING, headers={"Mcp-Session-Id": sessions[0]})
+        self.assertEqual(code, 200)
+        await self.initialize()
+        codes = []
+        for session_id in sessions:
+            code, _, _ = await self.request("POST", body=PING, headers={"Mcp-Session-Id": session_id})
+            codes.append(code)
+        self.assertEqual(codes, [200, 404, 200])
+
+    async def test_sessions_with_open_streams_are_not_evicted(self) -> None:
+        """
+        Only idle sessions make room; when every session of the grant has
+        an open stream the answer is 429 (with Retry-After), and other
+        grants are unaffected.
+        """
+        streamable = await self.initialize()
+        await self.open_get(streamable)
+        for _ in range(2):
+            await self.open_legacy()
+        code, headers, body = await self.request(
+            "POST",
+            body={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}},
+        )
+        self.assertEqual(code, 429)
+        self.assertEqual(json.loads(body)["error"]["message"], "Too many sessions")
+        self.assertEqual(headers.getRawHeaders("retry-after"), ["60"])
+        self.assertEqual(headers.getRawHeaders("cache-control"), ["no-store"])
+        code, _, _ = await self.request("GET", headers={"Accept": "text/event-stream"})
+        self.assertEqual(code, 429)
+        # The sessions that were there are intact.
+        code, _, _ = await self.request("POST", body=PING, headers={"Mcp-Session-Id": streamable})
+        self.assertEqual(code, 200)
+        await self.initialize("bob")
+
+    async def test_subject_cap_across_grants(self) -> None:
+        """
+        A user cannot get around the grant cap by authorizing again: the
+        subject's sessions across all its grants are capped too.
+        """
+        for grant in ("ga", "gb", "gc"):
+            self.verifier.tokens[grant] = access(grant=grant)
+            for _ in range(3):
+                await self.initialize(grant)
+        self.assertEqual(self.mcp.session_count, 5)
+        await self.initialize("bob")
+        self.assertEqual(self.mcp.session_count, 6)
+
+    async def test_server_wide_cap_is_last_resort(self) -> None:
+        for n in range(12):
+            self.verifier.tokens[f"user{n}"] = access(subject=f"user{n}", grant=f"gu{n}")
+            await self.initialize(f"user{n}")
+        code, _, _ = await self.request(
+            "POST",
+            body={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}},
+        )
+        self.assertEqual(code, 503)
+
+    async def test_unused_session_expires_soon(self) -> None:
+        """
+        A session that saw nothing after initialize (and its
+        notifications/initialized) ends after new_session_timeout; one that
+        served a request, or opened its GET stream, gets the long timeout.
+        """
+        unused = await self.initialize()
+        used = await self.initialize()
+        code, _, _ = await self.request("POST", body=PING, headers={"Mcp-Session-Id": used})
+        self.assertEqual(code, 200)
+        streamed = await self.initialize()
+        client = await self.open_get(streamed)
+        client.transport.loseConnection()
+        await client.lost
+        await settle()
+        self.clock.advance(60)
+        self.assertEqual(self.mcp.session_count, 2)
+        code, _, _ = await self.request("POST", body=PING, headers={"Mcp-Session-Id": unused})
+        self.assertEqual(code, 404)
+        for session_id in (used, streamed):
+            code, _, _ = await self.request("POST", body=PING, headers={"Mcp-Session-Id": session_id})
+            self.assertEqual(code, 200)
+        self.clock.advance(3600)
+        self.assertEqual(self.mcp.session_count, 0)
+
+
+class StreamTokenTests(HTTPTestBase):
+    """
+    Every open stream checks the access token that holds it open: every
+    stream_recheck_interval seconds (30), and at the token's expiry.
+    Revoking a token is modelled by removing it from the fake verifier, as
+    the OAuth server's answer changes after /oauth/revoke or a revocation
+    made by another process.
+    """
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        await super().setUp()
+        self.verifier.tokens["t1"] = access(grant="g1")
+        self.verifier.tokens["t2"] = access(grant="g1")
+
+    async def test_revoked_access_token_closes_legacy_stream(self) -> None:
+        client, endpoint = await self.open_legacy("t1")
+        other, _ = await self.open_legacy("alice")
+        del self.verifier.tokens["t1"]
+        self.clock.advance(29)
+        await settle()
+        self.assertNotIn(END, client.data)
+        self.clock.advance(1)
+        await client.wait_for(END)
+        code, _, _ = await self.request("POST", path=endpoint, body=PING)
+        self.assertEqual(code, 404)  # the legacy session ended with its stream
+        await settle()
+        self.assertNotIn(END, other.data)
+        # Still valid: checked again every 30 seconds, and kept.
+        self.clock.advance(60)
+        await settle()
+        self.assertNotIn(END, other.data)
+        self.assertEqual(self.mcp.stream_count, 1)
+
+    async def test_revoked_token_closes_get_stream_not_session(self) -> None:
+        session_id = await self.initialize("t1")
+        client = await self.open_get(session_id, "t1")
+        del self.verifier.tokens["t1"]
+        self.clock.advance(30)
+        await client.wait_for(END)
+        # The session is not bound to a token: the owner's valid token still works.
+        code, _, _ = await self.request("POST", body=PING, headers={"Mcp-Session-Id": session_id})
+        self.assertEqual(code, 200)
+
+    async def test_expiry_closes_stream_without_asking(self) -> None:
+        """
+        A stream ends when its token expires even if the verifier would
+        still accept it (a stale cache, or a verifier that does not look
+        at the clock).
+        """
+        self.verifier.tokens["short"] = attr.evolve(access(), expires_at=10.0)
+        client, _ = await self.open_legacy("short")
+        self.verifier.tokens["short"] = access()  # the verifier would say yes
+        self.clock.advance(9)
+        await settle()
+        self.assertNotIn(END, client.data)
+        self.clock.advance(1)
+        await client.wait_for(END)
+        self.assertEqual(self.mcp.stream_count, 0)
+
+    async def test_legacy_stream_follows_refreshed_token(self) -> None:
+        """
+        A legacy client keeps its SSE session after refreshing (or
+        re-authorizing): a POST with the new token makes the stream
+        depend on that token instead of the old one.
+        """
+        self.verifier.tokens["old"] = attr.evolve(access(), expires_at=100.0)
+        self.verifier.tokens["new"] = access(grant="g9")
+        client, endpoint = await self.open_legacy("old")
+        code, _, _ = await self.request("POST", path=endpoint, body=PING, token="new")
+        self.assertEqual(code, 202)
+        await client.wait_for(b'"result":{}')
+        del self.verifier.tokens["old"]
+        self.clock.advance(200)
+        await settle()
+        self.assertNotIn(END, client.data)
+        # Now it is the new token that counts, its grant included.
+        self.mcp.close_grant("g9")
+        await client.wait_for(END)
+
+    async def test_legacy_stream_follows_token_then_revocation(self) -> None:
+        client, endpoint = await self.open_legacy("t1")
+        code, _, _ = await self.request("POST", path=endpoint, body=PING, token="t2")
+        self.assertEqual(code, 202)
+        del self.verifier.tokens["t2"]
+        self.clock.advance(30)
+        await client.wait_for(END)
+
+    async def test_get_stream_follows_token_of_session_posts(self) -> None:
+        self.verifier.tokens["old"] = attr.evolve(access(), expires_at=50.0)
+        session_id = await self.initialize("old")
+        client = await self.open_get(session_id, "old")
+        code, _, _ = await self.request("POST", body=PING, token="t1", headers={"Mcp-Session-Id": session_id})
+        self.assertEqual(code, 200)
+        self.clock.advance(100)
+        await settle()
+        self.assertNotIn(END, client.data)
+
+    async def test_post_stream_checked_too(self) -> None:
+        """A long call's SSE answer is held open by its POST's token."""
+        session_id = await self.initialize("t1")
+        body = b'{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"hang"}}'
+        client = await self.raw(
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t1\r\nContent-Type: application/json\r\n"
+            b"Accept: application/json, text/event-stream\r\nMcp-Session-Id: " + session_id.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        await settle()
+        self.clock.advance(15)  # past the keepalive interval: the answer becomes a stream
+        await client.wait_for(b"text/event-stream")
+        self.assertEqual(self.mcp.stream_count, 1)
+        del self.verifier.tokens["t1"]
+        self.clock.advance(29)
+        await settle()
+        self.assertNotIn(END, client.data)
+        self.clock.advance(1)  # 30 s after the stream opened
+        await client.wait_for(END)
+        self.assertEqual(self.mcp.stream_count, 0)
+
+    async def test_verifier_down_keeps_stream_until_expiry(self) -> None:
+        self.verifier.tokens["short"] = attr.evolve(access(), expires_at=100.0)
+        client, _ = await self.open_legacy("short")
+
+        class Broken:
+            def verify_access_token(self, token: str) -> Deferred:
+                raise RuntimeError("db down")
+
+        self.mcp.verifier = Broken()
+        for _ in range(9):
+            self.clock.advance(10)
+        await settle()
+        self.assertNotIn(END, client.data)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
+        self.clock.advance(10)
+        await client.wait_for(END)
+
+    async def test_token_not_in_logs(self) -> None:
+        from twisted.logger import capturedLogs, formatEvent
+
+        secret = "SECRETxTOKENx0123456789"
+        self.verifier.tokens[secret] = access()
+        with capturedLogs() as events:
+            client, endpoint = await self.open_legacy(secret)
+            await self.request("POST", path=endpoint, body=PING, token="t1")
+            await self.request("POST", path=endpoint, body=PING, token=secret)
+            del self.verifier.tokens[secret]
+            self.clock.advance(30)
+            await client.wait_for(END)
+        text = " ".join(formatEvent(e) + repr(e) for e in events)
+        self.assertIn("no longer valid", text)
+        self.assertNotIn("SECRETxTOKEN", text)
+
+
+class CacheControlTests(HTTPTestBase):
+    """Every MCP answer says no-store: they depend on the token."""
+
+    async def test_every_answer(self) -> None:
+        answers = [await self.request("POST", body=PING, token=None), await self.request("OPTIONS", token=None)]
+        session_id = await self.initialize()
+        answers.append(await self.request("POST", body=PING, headers={"Mcp-Session-Id": session_id}))
+        answers.append(
+            await self.request(
+                "POST", body={"jsonrpc": "2.0", "method": "notifications/x"}, headers={"Mcp-Session-Id": session_id}
+            )
+        )
+        answers.append(await self.request("PUT", body={}))
+        answers.append(await self.request("DELETE", headers={"Mcp-Session-Id": session_id}))
+        self.assertEqual([code for code, _, _ in answers], [401, 204, 200, 202, 405, 204])
+        for code, headers, _ in answers:
+            self.assertEqual(headers.getRawHeaders("cache-control"), ["no-store"], code)
+
+    async def test_streams(self) -> None:
+        client, _ = await self.open_legacy()
+        self.assertIn(b"Cache-Control: no-store, no-transform\r\n", client.data)
+        session_id = await self.initialize()
+        code, headers, _ = await self.request(
+            "POST",
+            body={"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "progress", "_meta": {"progressToken": 1}}},
+            headers={"Mcp-Session-Id": session_id, "Accept": ACCEPT},
+        )
+        self.assertEqual(headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
+        self.assertEqual(headers.getRawHeaders("cache-control"), ["no-store, no-transform"])

@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from smeldr_oauth.mcp.streams import KeepaliveTimer, SSEStream, format_event
+from smeldr_oauth.mcp.streams import Deadlines, KeepaliveTimer, SSEStream, format_event
 
 
 class AbortableTransport:
@@ -49,6 +49,8 @@ class StreamTests(SynchronousTestCase):
         self.assertIs(self.request.producer, self.stream)
         self.assertEqual(self.request.responseHeaders.getRawHeaders(b"content-type"), [b"text/event-stream; charset=utf-8"])
         self.assertEqual(self.request.written, [b": stream open\n\n"])
+        # Events carry one token owner's data: nothing may store them.
+        self.assertEqual(self.request.responseHeaders.getRawHeaders(b"cache-control"), [b"no-store, no-transform"])
 
     def test_keepalive_on_clock(self) -> None:
         self.clock.advance(4.9)
@@ -166,3 +168,106 @@ class SharedKeepaliveTests(SynchronousTestCase):
 
     def test_bad_interval(self) -> None:
         self.assertRaises(ValueError, KeepaliveTimer, self.clock, 0)
+
+
+class DeadlinesTests(SynchronousTestCase):
+    """
+    L{Deadlines}: one delayed call for many keys, deadlines rounded up to
+    the granularity (never early), rescheduling and cancelling.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.fired: list[tuple[float, object]] = []
+        self.deadlines = Deadlines(self.clock, lambda key: self.fired.append((self.clock.seconds(), key)))
+
+    def test_fires_at_deadline_rounded_up(self) -> None:
+        self.deadlines.schedule("a", 2.3)
+        self.assertEqual(self.deadlines.when("a"), 3.0)
+        self.clock.advance(2.9)
+        self.assertEqual(self.fired, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.fired, [(3.0, "a")])
+        self.assertNotIn("a", self.deadlines)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_one_timer_for_many(self) -> None:
+        for n in range(100):
+            self.deadlines.schedule(n, 10 + n / 100)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(10)
+        self.assertEqual([key for _, key in self.fired], [0])
+        self.clock.advance(1)  # the rest were rounded up to 11: one firing
+        self.assertEqual(len(self.fired), 100)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_reschedule_and_cancel(self) -> None:
+        self.deadlines.schedule("a", 5)
+        self.deadlines.schedule("b", 6)
+        self.deadlines.schedule("a", 8)  # replaces 5
+        self.deadlines.cancel("b")
+        self.clock.advance(7)
+        self.assertEqual(self.fired, [])
+        self.deadlines.schedule("a", 7.5)  # earlier than 8 again
+        self.clock.advance(1)
+        self.assertEqual(self.fired, [(8.0, "a")])
+        self.assertEqual(len(self.deadlines), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_earlier_deadline_rearms(self) -> None:
+        self.deadlines.schedule("late", 100)
+        self.deadlines.schedule("soon", 1)
+        self.clock.advance(1)
+        self.assertEqual(self.fired, [(1.0, "soon")])
+        self.clock.advance(99)
+        self.assertEqual(self.fired[-1], (100.0, "late"))
+
+    def test_handler_may_reschedule(self) -> None:
+        def again(key: object) -> None:
+            self.fired.append((self.clock.seconds(), key))
+            if len(self.fired) < 3:
+                self.deadlines.schedule(key, self.clock.seconds() + 30)
+
+        self.deadlines = Deadlines(self.clock, again)
+        self.deadlines.schedule("s", 30)
+        for _ in range(10):
+            self.clock.advance(30)
+        self.assertEqual(self.fired, [(30.0, "s"), (60.0, "s"), (90.0, "s")])
+
+    def test_past_deadline_fires_on_next_turn_not_inline(self) -> None:
+        self.clock.advance(50)
+        self.deadlines.schedule("x", 10)
+        self.assertEqual(self.fired, [])
+        self.clock.advance(0)
+        self.assertEqual(self.fired, [(50.0, "x")])
+
+    def test_handler_failure_logged_others_still_fire(self) -> None:
+        def handler(key: object) -> None:
+            if key == "bad":
+                raise RuntimeError("boom")
+            self.fired.append((self.clock.seconds(), key))
+
+        self.deadlines = Deadlines(self.clock, handler)
+        self.deadlines.schedule("bad", 1)
+        self.deadlines.schedule("good", 1)
+        self.clock.advance(1)
+        self.assertEqual(self.fired, [(1.0, "good")])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_stale_entries_do_not_pile_up(self) -> None:
+        for n in range(10000):
+            self.deadlines.schedule("k", 1000 + n)
+        self.assertLess(len(self.deadlines._heap), 200)
+        self.clock.advance(10998)
+        self.assertEqual(self.fired, [])
+        self.clock.advance(1)
+        self.assertEqual(self.fired, [(10999.0, "k")])
+
+    def test_infinite_deadline_is_none(self) -> None:
+        self.deadlines.schedule("k", 5)
+        self.deadlines.schedule("k", float("inf"))
+        self.assertNotIn("k", self.deadlines)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_bad_granularity(self) -> None:
+        self.assertRaises(ValueError, Deadlines, self.clock, print, 0)

@@ -18,6 +18,17 @@ Sessions are bound to the token's subject I{and} client: a request with
 another caller's token on a session gets the same 404 as an unknown
 session, so a session id reveals nothing to someone who is not its owner.
 
+Sessions are capped per grant and per subject (the caller's oldest idle
+session makes room, else 429), so one token cannot fill the server-wide
+cap and lock everyone else out; a session nobody used after C{initialize}
+lives only C{new_session_timeout} seconds.
+
+Every open stream remembers the access token it was opened with (in
+memory, in plain text: the verifier needs the token itself) and verifies
+it again every C{stream_recheck_interval} seconds and at its expiry, so a
+revoked access token, one revoked by another process, or an expired one
+does not keep a stream open.
+
 The protocol itself lives in L{smeldr_oauth.mcp.session}; this module only
 translates HTTP to those calls and back.
 """
@@ -25,6 +36,7 @@ translates HTTP to those calls and back.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from collections import deque
 from typing import Any, Callable, Optional
@@ -49,7 +61,7 @@ from smeldr_oauth.mcp.session import (
     check_modern_headers,
     is_modern_request,
 )
-from smeldr_oauth.mcp.streams import KeepaliveTimer, SSEStream
+from smeldr_oauth.mcp.streams import Deadlines, KeepaliveTimer, SSEStream
 from smeldr_oauth.oauth.model import AccessInfo
 
 log = Logger()
@@ -126,6 +138,38 @@ def _auth_error(failure: AuthFailure) -> _HTTPError:
     return _HTTPError(failure.status, body, headers)
 
 
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class _Credential:
+    """A verified bearer token and what the verifier said about it."""
+
+    info: AccessInfo
+    token: str = attr.ib(repr=False)
+
+
+@attr.s(auto_attribs=True, eq=False, slots=True)
+class _StreamAuth:
+    """
+    The access token that keeps one stream open.
+
+    The token is kept in plain text (the verifier takes nothing else) for
+    as long as the stream is open, and never logged (C{repr=False}).  A
+    session's own stream (legacy or Streamable HTTP GET) follows the last
+    valid token its owner presented on the session.
+    """
+
+    stream: SSEStream
+    subject: str
+    client_id: Optional[str]
+    grant_id: Optional[str]
+    expires_at: float
+    token: str = attr.ib(repr=False)
+
+
+def _expiry(info: AccessInfo) -> float:
+    # verify() treats a zero expires_at as "does not expire".
+    return info.expires_at or math.inf
+
+
 def _principal(info: AccessInfo) -> Principal:
     return Principal(
         subject=info.subject, client_id=info.client_id, scopes=frozenset(info.scopes), grant_id=info.grant_id
@@ -154,6 +198,11 @@ class _HTTPSession:
     last_delivered: int = 0
     idle: Optional[IDelayedCall] = None
     exchanges: Optional[set] = None
+    # Whether the client did anything after initialize (a request, or
+    # opening the GET stream); until then the short idle timeout applies.
+    used: bool = False
+    last_active: float = 0.0
+    grant_key: Any = None
 
     def add_exchange(self, exchange: "_Exchange") -> None:
         if self.exchanges is None:
@@ -166,6 +215,14 @@ class _HTTPSession:
 
     def owned_by(self, info: AccessInfo) -> bool:
         return info.subject == self.subject and info.client_id == self.client_id
+
+    @property
+    def is_idle(self) -> bool:
+        """
+        No open stream and nothing in flight: ending it interrupts nothing
+        (the client gets a 404 on its next request and starts over).
+        """
+        return (self.stream is None or self.stream.closed) and not self.exchanges and not self.protocol.busy
 
 
 class _SessionOutlet(Outlet):
@@ -226,7 +283,7 @@ class _Exchange:
         is_batch: bool,
         sse_ok: bool,
         modern: bool,
-        grant_id: Optional[str],
+        credential: _Credential,
     ) -> None:
         self.owner = owner
         self.request = request
@@ -235,7 +292,7 @@ class _Exchange:
         self.is_batch = is_batch
         self.sse_ok = sse_ok
         self.modern = modern
-        self.grant_id = grant_id
+        self.credential = credential
         self.mode = "pending"
         self.pending: list[dict[str, Any]] = []
         self.responses: list[dict[str, Any]] = []
@@ -283,7 +340,7 @@ class _Exchange:
             on_close=self._stream_closed,
             done=self.result,
         )
-        self.owner._track(self.stream, self.grant_id)
+        self.owner._track(self.stream, self.credential)
         self.stream.start(headers=headers)
         pending, self.pending = self.pending, []
         for message in pending:
@@ -395,8 +452,22 @@ class MCPHTTP:
         (every non-browser client) are always allowed.
     @param session_idle_timeout: a Streamable HTTP session with no request
         and no open stream for this long is ended.
+    @param new_session_timeout: the idle timeout of a session that saw
+        nothing after C{initialize} (no request, no GET stream): scripted
+        C{initialize} floods leave nothing behind for long.
     @param max_queue: events a stream may queue for a client that stopped
         reading before it is disconnected.
+    @param max_sessions_per_grant: live sessions (both transports) one
+        grant may hold.  A new one ends the grant's least recently active
+        idle session (no open stream, nothing in flight); if none is idle
+        the answer is 429.
+    @param max_sessions_per_subject: the same across all the grants of one
+        subject (a user can make many grants by authorizing again).
+    @param max_sessions: the server-wide cap, a last resort (503): one user
+        reaches it only with C{max_sessions / max_sessions_per_subject}
+        accounts.
+    @param stream_recheck_interval: how often (seconds) an open stream's
+        access token is verified again; it is also checked when it expires.
     """
 
     def __init__(
@@ -412,9 +483,13 @@ class MCPHTTP:
         keepalive_interval: float = 15.0,
         max_body: int = 1 << 20,
         session_idle_timeout: float = 3600.0,
+        new_session_timeout: float = 60.0,
         max_queue: int = 256,
         resume_buffer: int = 256,
         max_sessions: int = 10000,
+        max_sessions_per_grant: int = 50,
+        max_sessions_per_subject: int = 200,
+        stream_recheck_interval: float = 30.0,
         request_timeout: float = 300.0,
     ) -> None:
         self.clock = reactor
@@ -432,13 +507,24 @@ class MCPHTTP:
         self.keepalive_timer = KeepaliveTimer(reactor, keepalive_interval) if keepalive_interval else None
         self.max_body = max_body
         self.session_idle_timeout = session_idle_timeout
+        self.new_session_timeout = min(new_session_timeout, session_idle_timeout)
         self.max_queue = max_queue
         self.resume_buffer = resume_buffer
         self.max_sessions = max_sessions
+        self.max_sessions_per_grant = max_sessions_per_grant
+        self.max_sessions_per_subject = max_sessions_per_subject
+        if min(max_sessions, max_sessions_per_grant, max_sessions_per_subject) < 1:
+            raise ValueError("session caps must be at least 1")
+        self.stream_recheck_interval = stream_recheck_interval
         self.request_timeout = request_timeout
         self.path = "/mcp"
         self._sessions: dict[str, _HTTPSession] = {}
-        self._streams: dict[SSEStream, Optional[str]] = {}
+        # The sessions of each grant and of each subject, for the caps.
+        self._by_grant: dict[Any, dict[str, _HTTPSession]] = {}
+        self._by_subject: dict[str, dict[str, _HTTPSession]] = {}
+        self._streams: dict[SSEStream, _StreamAuth] = {}
+        # One timer for every stream's token re-verification and expiry.
+        self._token_checks = Deadlines(reactor, self._recheck)  # type: ignore[arg-type]
 
     # -- wiring ---------------------------------------------------------------
 
@@ -460,9 +546,16 @@ class MCPHTTP:
         grant_events.add_revocation_observer(self.close_grant)
 
     def close_grant(self, grant_id: str) -> None:
-        """End the sessions created with C{grant_id} and every stream opened with it."""
-        for stream, owner_grant in list(self._streams.items()):
-            if owner_grant == grant_id:
+        """
+        End the sessions created with C{grant_id} and every stream held
+        open by one of its tokens.
+
+        Only revocations this process makes reach here at once; the
+        others (an access token revoked alone, another process's
+        revocations) are found by the streams' periodic re-verification.
+        """
+        for stream, auth in list(self._streams.items()):
+            if auth.grant_id == grant_id:
                 stream.close()
         for http_session in list(self._sessions.values()):
             if http_session.grant_id == grant_id:
@@ -490,11 +583,90 @@ class MCPHTTP:
 
     # -- plumbing ---------------------------------------------------------------
 
-    def _track(self, stream: SSEStream, grant_id: Optional[str]) -> None:
-        self._streams[stream] = grant_id
+    def _track(self, stream: SSEStream, credential: _Credential) -> None:
+        info = credential.info
+        auth = _StreamAuth(stream, info.subject, info.client_id, info.grant_id, _expiry(info), credential.token)
+        self._streams[stream] = auth
+        self._schedule_check(auth)
 
     def _untrack(self, stream: SSEStream) -> None:
-        self._streams.pop(stream, None)
+        auth = self._streams.pop(stream, None)
+        if auth is not None:
+            self._token_checks.cancel(auth)
+
+    def _schedule_check(self, auth: _StreamAuth) -> None:
+        self._token_checks.schedule(
+            auth, min(self.clock.seconds() + self.stream_recheck_interval, auth.expires_at)
+        )
+
+    def _follow_token(self, http_session: _HTTPSession, credential: _Credential) -> None:
+        """
+        The session's owner presented a valid token on the session: its own
+        stream (legacy, or the Streamable HTTP GET stream) is now held open
+        by that token, so a refreshed or re-authorized client's stream
+        survives the old token's expiry, and is checked against the token
+        actually in use.
+        """
+        stream = http_session.stream
+        auth = self._streams.get(stream) if stream is not None else None
+        if auth is None or auth.token == credential.token:
+            return
+        info = credential.info
+        auth.token = credential.token
+        auth.grant_id = info.grant_id
+        auth.expires_at = _expiry(info)
+        self._schedule_check(auth)
+
+    def _recheck(self, auth: _StreamAuth) -> None:
+        """
+        A stream's token is due for checking: close the stream if the token
+        expired, or if the verifier no longer accepts it (revoked here or
+        by another process).  If the verifier cannot answer (its store is
+        down) the stream stays open until the next check: expiry is still
+        enforced, so a stream never outlives its token's lifetime.
+        """
+        stream = auth.stream
+        if stream.closed or self._streams.get(stream) is not auth:
+            return
+        if auth.expires_at <= self.clock.seconds():
+            log.info(
+                "MCP stream closed: its access token expired ({subject} via {client_id})",
+                subject=auth.subject,
+                client_id=auth.client_id,
+            )
+            stream.close()
+            return
+        token = auth.token
+
+        def checked(info: AccessInfo) -> None:
+            if stream.closed or auth.token is not token:
+                return  # ended meanwhile, or now follows a newer token
+            if info.subject != auth.subject or info.client_id != auth.client_id:
+                refused(None)
+                return
+            auth.grant_id = info.grant_id
+            auth.expires_at = _expiry(info)
+            self._schedule_check(auth)
+
+        def refused(failure: Any) -> None:
+            if stream.closed or auth.token is not token:
+                return
+            if failure is not None and failure.check(AuthFailure) and failure.value.status == 503:
+                log.warn("MCP stream token could not be verified again; checking later")
+                self._schedule_check(auth)
+                return
+            log.info(
+                "MCP stream closed: its access token is no longer valid ({subject} via {client_id})",
+                subject=auth.subject,
+                client_id=auth.client_id,
+            )
+            stream.close()
+
+        def broken(failure: Any) -> None:
+            log.failure("MCP stream token check failed", failure)
+
+        d = verify(self.verifier, token, self.challenger, self.clock)
+        d.addCallbacks(checked, refused).addErrback(broken)
 
     def _guard(self, request: Any, allowed: tuple[bytes, ...], route: Callable[[Any], Any]) -> Any:
         """
@@ -502,6 +674,10 @@ class MCPHTTP:
         L{_HTTPError} and L{AuthFailure} into responses so that no bad input
         can produce a 500.
         """
+        # Answers depend on the token and may carry private data: no cache
+        # (browser, proxy, CDN) may keep any of them.  SSE streams repeat
+        # it (see SSEStream.start).
+        request.setHeader(b"Cache-Control", b"no-store")
         try:
             self._check_origin(request)
             if request.method == b"OPTIONS":
@@ -582,8 +758,11 @@ class MCPHTTP:
             raise _rpc_error(400, jsonrpc.INVALID_REQUEST, f"Malformed {name.decode()} header")
 
     def _authenticate(self, request: Any) -> Deferred:
+        """
+        @return: a L{Deferred} firing with the request's L{_Credential}.
+        """
         token = bearer_token(request.requestHeaders.getRawHeaders(b"authorization"), self.challenger)
-        return verify(self.verifier, token, self.challenger, self.clock)
+        return verify(self.verifier, token, self.challenger, self.clock).addCallback(_Credential, token)
 
     def _check_length(self, request: Any) -> None:
         if getattr(request, "body_too_large", False):
@@ -643,10 +822,17 @@ class MCPHTTP:
         return version
 
     def _new_session(self, kind: str, info: AccessInfo) -> _HTTPSession:
+        grant_key: Any = ("grant", info.grant_id) if info.grant_id else ("caller", info.subject, info.client_id)
+        self._make_room(self._by_grant.get(grant_key), self.max_sessions_per_grant, info)
+        self._make_room(self._by_subject.get(info.subject), self.max_sessions_per_subject, info)
         if len(self._sessions) >= self.max_sessions:
+            log.warn("MCP session limit of the server reached ({count} sessions)", count=len(self._sessions))
             raise _rpc_error(503, jsonrpc.INTERNAL_ERROR, "Too many sessions")
         session_id = secrets.token_urlsafe(32)
         http_session = _HTTPSession(session_id, kind, info.subject, info.client_id, info.grant_id)
+        http_session.grant_key = grant_key
+        self._by_grant.setdefault(grant_key, {})[session_id] = http_session
+        self._by_subject.setdefault(info.subject, {})[session_id] = http_session
         http_session.protocol = ServerSession(
             self.app,
             self.clock,
@@ -658,15 +844,46 @@ class MCPHTTP:
         self._touch(http_session)
         return http_session
 
+    def _make_room(self, bucket: Optional[dict[str, _HTTPSession]], cap: int, info: AccessInfo) -> None:
+        """
+        Make room for one more session in C{bucket} (one caller's
+        sessions) by ending its least recently active idle session.
+
+        @raise _HTTPError: 429 when every session of the bucket is busy.
+        """
+        while bucket and len(bucket) >= cap:
+            idle = [s for s in bucket.values() if s.is_idle]
+            if not idle:
+                log.info(
+                    "MCP session refused: {subject} via {client_id} has {count} busy sessions",
+                    subject=info.subject,
+                    client_id=info.client_id,
+                    count=len(bucket),
+                )
+                raise _HTTPError(
+                    429,
+                    jsonrpc.error_response(None, JSONRPCError(jsonrpc.INTERNAL_ERROR, "Too many sessions")),
+                    {"Retry-After": str(int(math.ceil(self.new_session_timeout)))},
+                )
+            victim = min(idle, key=lambda s: s.last_active)
+            log.info(
+                "MCP session limit reached for {subject} via {client_id}: oldest idle session ended",
+                subject=info.subject,
+                client_id=info.client_id,
+            )
+            self._end_session(victim)
+
     def _touch(self, http_session: _HTTPSession) -> None:
+        http_session.last_active = self.clock.seconds()
         if http_session.kind != "streamable":
             return
         if http_session.idle is not None and http_session.idle.active():
             http_session.idle.cancel()
-        http_session.idle = self.clock.callLater(self.session_idle_timeout, self._expire, http_session)
+        timeout = self.session_idle_timeout if http_session.used else self.new_session_timeout
+        http_session.idle = self.clock.callLater(timeout, self._expire, http_session)
 
     def _expire(self, http_session: _HTTPSession) -> None:
-        if http_session.stream is not None and not http_session.stream.closed or http_session.exchanges:
+        if not http_session.is_idle:
             self._touch(http_session)
             return
         log.info("MCP session idle; ended")
@@ -675,6 +892,12 @@ class MCPHTTP:
     def _end_session(self, http_session: _HTTPSession) -> None:
         if self._sessions.pop(http_session.session_id, None) is None:
             return
+        for index, key in ((self._by_grant, http_session.grant_key), (self._by_subject, http_session.subject)):
+            bucket = index.get(key)
+            if bucket is not None:
+                bucket.pop(http_session.session_id, None)
+                if not bucket:
+                    del index[key]
         if http_session.idle is not None and http_session.idle.active():
             http_session.idle.cancel()
         for exchange in list(http_session.exchanges or ()):
@@ -707,7 +930,8 @@ class MCPHTTP:
             return self._authenticate(request).addCallback(self._get, request)
         return self._authenticate(request).addCallback(self._delete, request)
 
-    def _post(self, info: AccessInfo, request: Any) -> Any:
+    def _post(self, credential: _Credential, request: Any) -> Any:
+        info = credential.info
         principal = _principal(info)
         is_batch, messages = self._read_body(request)
         json_ok, sse_ok = self._accepts(request)
@@ -718,14 +942,19 @@ class MCPHTTP:
             http_session = self._lookup(session_id, info, "streamable")
             self._check_version_header(request)
             protocol = http_session.protocol
+            if any(isinstance(m, Request) for m in messages):
+                http_session.used = True
             self._touch(http_session)
+            self._follow_token(http_session, credential)
             if is_batch and not protocol.allows_batch:
                 raise _rpc_error(400, jsonrpc.INVALID_REQUEST, "Batches are not allowed at this protocol version")
-            return self._exchange(request, http_session, protocol, is_batch, messages, principal, sse_ok, json_ok)
+            return self._exchange(
+                request, http_session, protocol, is_batch, messages, principal, credential, sse_ok, json_ok
+            )
         if any(is_modern_request(m) for m in messages) or (
             self._header(request, b"mcp-protocol-version") in MODERN_VERSIONS
         ):
-            return self._stateless(request, is_batch, messages, principal, sse_ok, json_ok)
+            return self._stateless(request, is_batch, messages, principal, credential, sse_ok, json_ok)
         self._check_version_header(request)
         first = messages[0]
         if is_batch or not isinstance(first, Request) or first.method != "initialize":
@@ -733,7 +962,16 @@ class MCPHTTP:
         http_session = self._new_session("streamable", info)
         exchange_headers = {"Mcp-Session-Id": http_session.session_id}
         d = self._exchange(
-            request, http_session, http_session.protocol, False, messages, principal, sse_ok, json_ok, exchange_headers
+            request,
+            http_session,
+            http_session.protocol,
+            False,
+            messages,
+            principal,
+            credential,
+            sse_ok,
+            json_ok,
+            exchange_headers,
         )
 
         def check_initialized(result: Any) -> Any:
@@ -750,6 +988,7 @@ class MCPHTTP:
         is_batch: bool,
         messages: list[Message],
         principal: Principal,
+        credential: _Credential,
         sse_ok: bool,
         json_ok: bool,
     ) -> Any:
@@ -773,7 +1012,9 @@ class MCPHTTP:
             check_modern_headers(message, headers)
         except JSONRPCError as error:
             raise _HTTPError(_MODERN_STATUS.get(error.code, 400), jsonrpc.error_response(message.id, error))
-        return self._exchange(request, None, protocol, False, messages, principal, sse_ok, json_ok, modern=True)
+        return self._exchange(
+            request, None, protocol, False, messages, principal, credential, sse_ok, json_ok, modern=True
+        )
 
     def _exchange(
         self,
@@ -783,6 +1024,7 @@ class MCPHTTP:
         is_batch: bool,
         messages: list[Message],
         principal: Principal,
+        credential: _Credential,
         sse_ok: bool,
         json_ok: bool,
         headers: Optional[dict[str, str]] = None,
@@ -805,7 +1047,7 @@ class MCPHTTP:
             is_batch,
             sse_ok,
             modern,
-            principal.grant_id,
+            credential,
         )
         exchange.headers = headers or {}
         d = exchange.run([(m, principal) for m in requests])
@@ -814,10 +1056,11 @@ class MCPHTTP:
             exchange._go_sse()
         return d
 
-    def _get(self, info: AccessInfo, request: Any) -> Any:
+    def _get(self, credential: _Credential, request: Any) -> Any:
+        info = credential.info
         session_id = self._header(request, b"mcp-session-id")
         if session_id is None:
-            return self._open_legacy(info, request)
+            return self._open_legacy(credential, request)
         http_session = self._lookup(session_id, info, "streamable")
         self._check_version_header(request)
         _, sse_ok = self._accepts(request)
@@ -845,7 +1088,8 @@ class MCPHTTP:
             on_close=closed,
         )
         http_session.stream = stream
-        self._track(stream, info.grant_id)
+        http_session.used = True
+        self._track(stream, credential)
         done = stream.start(headers={b"Mcp-Session-Id": http_session.session_id.encode()})
         replay_after = http_session.last_delivered
         if last_event is not None:
@@ -860,18 +1104,19 @@ class MCPHTTP:
         self._touch(http_session)
         return done
 
-    def _delete(self, info: AccessInfo, request: Any) -> Any:
+    def _delete(self, credential: _Credential, request: Any) -> Any:
         session_id = self._header(request, b"mcp-session-id")
         if session_id is None:
             raise _rpc_error(400, jsonrpc.INVALID_REQUEST, "Missing Mcp-Session-Id")
-        http_session = self._lookup(session_id, info, "streamable")
+        http_session = self._lookup(session_id, credential.info, "streamable")
         self._end_session(http_session)
         request.setResponseCode(204)
         return b""
 
     # -- legacy HTTP+SSE ---------------------------------------------------------
 
-    def _open_legacy(self, info: AccessInfo, request: Any) -> Any:
+    def _open_legacy(self, credential: _Credential, request: Any) -> Any:
+        info = credential.info
         http_session = self._new_session("legacy", info)
 
         def closed(stream: SSEStream) -> None:
@@ -887,7 +1132,7 @@ class MCPHTTP:
             on_close=closed,
         )
         http_session.stream = stream
-        self._track(stream, info.grant_id)
+        self._track(stream, credential)
         endpoint = hyperlink.URL.from_text(self.path + "/message").set("session_id", http_session.session_id)
         log.info("Legacy MCP SSE stream opened for {subject}", subject=info.subject)
         return stream.start(first=b"event: endpoint\ndata: " + endpoint.to_text().encode("ascii") + b"\n\n")
@@ -896,7 +1141,8 @@ class MCPHTTP:
         self._check_length(request)
         return self._authenticate(request).addCallback(self._message, request)
 
-    def _message(self, info: AccessInfo, request: Any) -> Any:
+    def _message(self, credential: _Credential, request: Any) -> Any:
+        info = credential.info
         principal = _principal(info)
         # Only the query string names the session (request.args would also
         # hold form fields).
@@ -907,6 +1153,7 @@ class MCPHTTP:
         if len(ids) != 1 or not ids[0]:
             raise _rpc_error(400, jsonrpc.INVALID_REQUEST, "session_id must be given once in the query")
         http_session = self._lookup(ids[0], info, "legacy")
+        self._follow_token(http_session, credential)
         is_batch, messages = self._read_body(request)
         protocol = http_session.protocol
         if is_batch and not protocol.allows_batch:

@@ -275,6 +275,14 @@ class ServerSession:
     def initialized(self) -> bool:
         return self.state in ("initialized", "ready")
 
+    @property
+    def busy(self) -> bool:
+        """
+        Whether a request is still running (a transport must not end the
+        session to make room for another one while it does).
+        """
+        return bool(self._in_flight)
+
     def missing_scopes(self, message: Message, principal: Principal) -> Optional[tuple[str, ...]]:
         """
         The scopes C{message} needs when C{principal} lacks some of them

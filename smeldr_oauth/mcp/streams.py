@@ -11,12 +11,17 @@ long-lived stream needs on the open internet:
   - an end the server controls: L{SSEStream.done} is the L{Deferred} the
     Klein route returns (Klein cancels it when the client goes away; firing
     it finishes the response).
+
+L{Deadlines} is the one timer behind per-stream deadlines (for MCP: when a
+stream's access token must be checked again, or expires).
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections import deque
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -116,6 +121,103 @@ class KeepaliveTimer:
             self._call = self._clock.callLater(max(0.0, self._due - now), self._fire)
 
 
+class Deadlines:
+    """
+    One timer for the deadlines of many keys (for MCP, one per open stream:
+    when its access token must be verified again, or expires).
+
+    A delayed call per stream would cost what L{KeepaliveTimer} saves, so
+    the deadlines sit in a heap behind a single delayed call armed for the
+    earliest one.  Deadlines are rounded I{up} to C{granularity} seconds,
+    so keys due about the same time are handled in one firing (with 10,000
+    streams checked every 30 s, about one firing a second instead of 333);
+    a deadline is thus met at most C{granularity} late, never early.
+    Rescheduling or cancelling leaves the old heap entry behind to be
+    skipped when it surfaces (the heap is rebuilt when such entries pile
+    up).
+
+    @param fire: called with each key whose deadline has come; the key is
+        no longer scheduled then (C{fire} may schedule it again).
+    """
+
+    __slots__ = ("_clock", "_fire", "_granularity", "_heap", "_when", "_call", "_seq")
+
+    def __init__(self, clock: IReactorTime, fire: Callable[[Hashable], None], granularity: float = 1.0) -> None:
+        if granularity <= 0:
+            raise ValueError("granularity must be positive")
+        self._clock = clock
+        self._fire = fire
+        self._granularity = granularity
+        self._heap: list[tuple[float, int, Hashable]] = []
+        self._when: dict[Hashable, tuple[float, int]] = {}
+        self._call: Optional[IDelayedCall] = None
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._when)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._when
+
+    def when(self, key: Hashable) -> Optional[float]:
+        """The (rounded) deadline of C{key}, or C{None}."""
+        entry = self._when.get(key)
+        return entry[0] if entry is not None else None
+
+    def schedule(self, key: Hashable, when: float) -> None:
+        """Call C{fire(key)} at C{when} (replacing any earlier deadline of C{key})."""
+        if math.isinf(when):
+            self.cancel(key)
+            return
+        when = math.ceil(when / self._granularity) * self._granularity
+        self._seq += 1
+        self._when[key] = (when, self._seq)
+        # (when, seq) is unique, so keys themselves are never compared.
+        heapq.heappush(self._heap, (when, self._seq, key))
+        if len(self._heap) > 2 * len(self._when) + 64:
+            self._heap = [(w, seq, k) for k, (w, seq) in self._when.items()]
+            heapq.heapify(self._heap)
+        self._arm()
+
+    def cancel(self, key: Hashable) -> None:
+        if self._when.pop(key, None) is not None and not self._when:
+            self._heap = []
+            self._arm()
+
+    def _arm(self) -> None:
+        heap = self._heap
+        while heap and self._when.get(heap[0][2]) != heap[0][:2]:
+            heapq.heappop(heap)
+        if not heap:
+            if self._call is not None and self._call.active():
+                self._call.cancel()
+            self._call = None
+            return
+        target = heap[0][0]
+        if self._call is not None and self._call.active():
+            if self._call.getTime() <= target:
+                return
+            self._call.cancel()
+        self._call = self._clock.callLater(max(0.0, target - self._clock.seconds()), self._run)
+
+    def _run(self) -> None:
+        self._call = None
+        now = self._clock.seconds()
+        due = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when, seq, key = heapq.heappop(heap)
+            if self._when.get(key) == (when, seq):
+                del self._when[key]
+                due.append(key)
+        for key in due:
+            try:
+                self._fire(key)
+            except Exception:
+                log.failure("deadline handler failed")
+        self._arm()
+
+
 @implementer(IPushProducer)
 class SSEStream:
     """
@@ -185,7 +287,9 @@ class SSEStream:
         request = self._request
         request.setResponseCode(200)  # type: ignore[attr-defined]
         request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")  # type: ignore[attr-defined]
-        request.setHeader(b"Cache-Control", b"no-cache, no-transform")  # type: ignore[attr-defined]
+        # no-store: events carry tool results for one token's owner; no
+        # cache (browser or proxy) may keep them.
+        request.setHeader(b"Cache-Control", b"no-store, no-transform")  # type: ignore[attr-defined]
         # nginx and similar proxies buffer responses unless told otherwise.
         request.setHeader(b"X-Accel-Buffering", b"no")  # type: ignore[attr-defined]
         for name, value in (headers or {}).items():
