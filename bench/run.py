@@ -321,8 +321,22 @@ def run_verify(settings: Settings, report: dict[str, Any]) -> None:
 
 
 def run_streams(settings: Settings, report: dict[str, Any]) -> None:
+    # One token holds every stream here, so the per-grant and per-user
+    # session caps (a defence against one caller starving the rest) are
+    # raised to the largest count measured.
+    most = str(max(settings.stream_counts) + 10)
     smeldr = servers.start_smeldr(
-        ("--keepalive", str(max(1, round(settings.keepalive))), *settings.server_args)
+        (
+            "--keepalive",
+            str(max(1, round(settings.keepalive))),
+            "--max-sessions-per-grant",
+            most,
+            "--max-sessions-per-user",
+            most,
+            "--max-sessions",
+            most,
+            *settings.server_args,
+        )
     )
     try:
         site_token = servers.create_site_token(smeldr)

@@ -78,6 +78,27 @@ class Options(usage.Options):
         ],
         ["keepalive", None, 15, "Seconds between SSE keepalive comments.", _positive_int("keepalive")],
         ["max-body", None, 1 << 20, "Largest request body accepted, in bytes.", _positive_int("max-body")],
+        [
+            "max-sessions",
+            None,
+            10000,
+            "MCP sessions the server holds at once (a last resort: beyond it, 503).",
+            _positive_int("max-sessions"),
+        ],
+        [
+            "max-sessions-per-grant",
+            None,
+            50,
+            "MCP sessions one grant may hold at once (its oldest idle one is ended first).",
+            _positive_int("max-sessions-per-grant"),
+        ],
+        [
+            "max-sessions-per-user",
+            None,
+            200,
+            "MCP sessions one user (subject) may hold at once, over all its grants.",
+            _positive_int("max-sessions-per-user"),
+        ],
         ["cimd-ca-file", None, None, "TESTING ONLY: PEM CA to trust for client metadata fetches."],
         ["service-name", None, "smeldr", "Name shown on the consent page."],
         [

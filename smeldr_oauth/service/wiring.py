@@ -57,6 +57,9 @@ def mount(
     keepalive_interval: float = 15.0,
     max_body: int = 1 << 20,
     mcp_path: Optional[str] = None,
+    max_sessions_per_grant: int = 50,
+    max_sessions_per_subject: int = 200,
+    max_sessions: int = 10000,
 ) -> Mounted:
     """
     Mount every endpoint of C{oauth} (metadata, authorize, token, revoke,
@@ -91,6 +94,9 @@ def mount(
             allowed_origins=allowed_origins,
             keepalive_interval=keepalive_interval,
             max_body=max_body,
+            max_sessions_per_grant=max_sessions_per_grant,
+            max_sessions_per_subject=max_sessions_per_subject,
+            max_sessions=max_sessions,
         )
         mcp_http.register(app, path)
         oauth.add_revocation_observer(mcp_http.close_grant)
@@ -219,6 +225,9 @@ class StandaloneService(Service):
             allowed_origins=tuple(options["allowed-origin"]) or None,
             keepalive_interval=float(options["keepalive"]),
             max_body=options["max-body"],
+            max_sessions_per_grant=options["max-sessions-per-grant"],
+            max_sessions_per_subject=options["max-sessions-per-user"],
+            max_sessions=options["max-sessions"],
         )
         from smeldr_oauth.service.metrics import Metrics, MetricsObserver
 
