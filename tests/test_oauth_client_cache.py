@@ -82,3 +82,19 @@ class ClientCacheTests(SynchronousTestCase):
         self.assertEqual(self.store.lookups, 3)
         self.resolve("b")
         self.assertEqual(self.store.lookups, 4)
+
+    def test_entries_expire(self) -> None:
+        """
+        The store purges long-unused registrations, so a remembered one is
+        asked for again after C{client_cache_ttl}: a purged client stops
+        working in a running server too.
+        """
+        self.successResultOf(self.store.save_client(make_client("c1")))
+        self.resolve("c1")
+        self.clock.advance(self.server.client_cache_ttl - 1)
+        self.resolve("c1")
+        self.assertEqual(self.store.lookups, 1)
+        self.clock.advance(1)
+        del self.store._clients["c1"]
+        self.assertIsNone(self.resolve("c1"))
+        self.assertEqual(self.store.lookups, 2)

@@ -19,7 +19,8 @@ import treq
 from klein import Klein
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
@@ -50,7 +51,7 @@ def verify_bearer(pasted: str) -> Optional[Approval]:
 
 
 class FlowOverSocketTests(TestCase):
-    async def start(self, cimd: bool) -> None:
+    async def start(self, cimd: bool, **overrides: Any) -> None:
         """
         Listen, then build the server: its issuer needs the port.
         """
@@ -66,11 +67,11 @@ class FlowOverSocketTests(TestCase):
         self.addCleanup(self.store.close)
         await self.store.ready
         resolver = CIMDResolver(reactor, allow_insecure=True) if cimd else None
-        config = Config(
-            issuer=self.issuer,
-            verify_bearer=verify_bearer,
-            allow_insecure_client_ids=cimd,
+        kw: dict[str, Any] = dict(
+            issuer=self.issuer, verify_bearer=verify_bearer, allow_insecure_client_ids=cimd
         )
+        kw.update(overrides)
+        config = Config(**kw)
         self.server = OAuthServer(config, self.store, reactor, resolver)
         OAuthHTTP(self.server).register(self.app)
         pool = HTTPConnectionPool(reactor, persistent=False)
@@ -238,3 +239,113 @@ class FlowOverSocketTests(TestCase):
 
     def test_cimd_client(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self.cimd())
+
+
+class FindingsOverSocketTests(TestCase):
+    """
+    The security review's reproductions, against the production site and
+    SQLite store over real sockets.
+    """
+
+    start = FlowOverSocketTests.start
+    call = FlowOverSocketTests.call
+
+    REDIRECT = "http://127.0.0.1:6276/oauth/callback"
+
+    async def register_client(self) -> str:
+        response, body = await self.call(
+            "POST",
+            self.issuer + "/oauth/register",
+            data=json.dumps({"redirect_uris": [self.REDIRECT]}).encode(),
+            headers={"Content-Type": ["application/json"]},
+        )
+        self.assertEqual(response.code, 201, body)
+        return str(json.loads(body)["client_id"])
+
+    def consent_fields(self, client_id: str, token: str) -> bytes:
+        return urlencode(
+            {
+                "response_type": "code",
+                "client_id": client_id,
+                "redirect_uri": self.REDIRECT,
+                "code_challenge": pkce.s256(VERIFIER),
+                "code_challenge_method": "S256",
+                "scope": "read offline_access",
+                "decision": "approve",
+                "site_token": token,
+            }
+        ).encode()
+
+    async def paste(self, client_id: str, token: str) -> Any:
+        response, _ = await self.call(
+            "POST", self.issuer + "/oauth/authorize", data=self.consent_fields(client_id, token), headers=FORM
+        )
+        return response
+
+    async def token_request(self, fields: dict[str, str]) -> tuple[int, Any]:
+        response, body = await self.call(
+            "POST", self.issuer + "/oauth/token", data=urlencode(fields).encode(), headers=FORM
+        )
+        return response.code, json.loads(body)
+
+    async def parallel_pastes(self) -> None:
+        def slow(pasted: str) -> Deferred[Optional[Approval]]:
+            return deferLater(reactor, 0.05, verify_bearer, pasted)
+
+        await self.start(cimd=False, verify_bearer=slow, paste_failures_per_minute=5)
+        client_id = await self.register_client()
+        with capturedLogs():
+            responses = await gatherResults([Deferred.fromCoroutine(self.paste(client_id, "wrong")) for _ in range(30)])
+        codes = [r.code for r in responses]
+        self.assertEqual((codes.count(403), codes.count(429)), (5, 25), codes)
+
+    def test_parallel_wrong_pastes(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.parallel_pastes())
+
+    async def parallel_refresh(self) -> None:
+        await self.start(cimd=False)
+        client_id = await self.register_client()
+        response = await self.paste(client_id, SITE_TOKEN)
+        self.assertEqual(response.code, 303)
+        code = query_of(response.headers.getRawHeaders("location")[0])["code"][0]
+        status, first = await self.token_request(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": self.REDIRECT,
+                "client_id": client_id,
+                "code_verifier": VERIFIER,
+            }
+        )
+        self.assertEqual(status, 200, first)
+        refresh = {"grant_type": "refresh_token", "client_id": client_id}
+        a, b = await gatherResults(
+            [
+                Deferred.fromCoroutine(self.token_request(dict(refresh, refresh_token=first["refresh_token"])))
+                for _ in range(2)
+            ]
+        )
+        self.assertEqual((a[0], b[0]), (200, 200))
+        status, c = await self.token_request(dict(refresh, refresh_token=a[1]["refresh_token"]))
+        self.assertEqual(status, 200, c)
+        with capturedLogs():
+            status, lost = await self.token_request(dict(refresh, refresh_token=b[1]["refresh_token"]))
+        self.assertEqual((status, lost["error"]), (400, "invalid_grant"))
+        # The user is still connected.
+        self.assertIsNotNone(await self.server.verify_access_token(c["access_token"]))
+        status, d = await self.token_request(dict(refresh, refresh_token=c["refresh_token"]))
+        self.assertEqual(status, 200, d)
+
+        # Revocation by another client changes nothing (RFC 7009 2.1).
+        other = await self.register_client()
+        response, _ = await self.call(
+            "POST",
+            self.issuer + "/oauth/revoke",
+            data=urlencode({"token": d["refresh_token"], "client_id": other}).encode(),
+            headers=FORM,
+        )
+        self.assertEqual(response.code, 200)
+        self.assertIsNotNone(await self.server.verify_access_token(d["access_token"]))
+
+    def test_parallel_refresh_then_loser(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.parallel_refresh())

@@ -176,10 +176,65 @@ class GrantsPageTests(SynchronousTestCase):
         self.assertEqual(self.revoked, [])
 
     def test_paste_rate_limited(self) -> None:
-        for _ in range(10):
+        for _ in range(self.server.config.paste_failures_per_minute):
             self.request("POST", {"action": "signin", "site_token": "nope"})
         response, _ = self.request("POST", {"action": "signin", "site_token": "alice-token"})
         self.assertEqual(response.code, 429)
         self.clock.advance(60)
         response, _ = self.request("POST", {"action": "signin", "site_token": "alice-token"})
         self.assertEqual(response.code, 200)
+
+
+class GrantsPageLimitTests(SynchronousTestCase):
+    """
+    The connected-apps sign-in shares the paste limiter, spends before the
+    slow check and refunds on success; over https it sends HSTS.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pending: list[Deferred[Any]] = []
+
+        def slow(token: str) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            self.pending.append(d)
+            return d
+
+        config = Config(issuer="https://as.example", verify_bearer=slow, paste_failures_per_minute=5)
+        self.server = OAuthServer(config, MemoryStore(self.clock), self.clock)
+        app = Klein()
+        GrantsPage(self.server, self.clock).register(app)
+        self.treq = StubTreq(app.resource())
+
+    def signin(self) -> Deferred[Any]:
+        return self.treq.request(
+            "POST",
+            "https://as.example/oauth/grants",
+            data=urlencode({"action": "signin", "site_token": "x"}).encode(),
+            headers=FORM,
+        )
+
+    def test_parallel_pastes(self) -> None:
+        started = [self.signin() for _ in range(20)]
+        self.assertEqual(len(self.pending), 5)
+        for d in self.pending:
+            d.callback(None)
+        self.treq.flush()
+        codes = [self.successResultOf(d).code for d in started]
+        self.assertEqual((codes.count(403), codes.count(429)), (5, 15))
+
+    def test_success_refunded(self) -> None:
+        for _ in range(12):
+            d = self.signin()
+            self.pending.pop().callback(Approval(subject="alice"))
+            self.treq.flush()
+            self.assertEqual(self.successResultOf(d).code, 200)
+
+    def test_hsts(self) -> None:
+        for method in ("GET", "POST"):
+            response = self.successResultOf(
+                self.treq.request(method, "https://as.example/oauth/grants", data=b"", headers=FORM)
+            )
+            self.assertEqual(
+                response.headers.getRawHeaders("strict-transport-security"), ["max-age=31536000"]
+            )

@@ -27,10 +27,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.http import OAuthHTTP
+from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.store.memory import MemoryStore
 from tests.test_oauth_server import (
     CHALLENGE,
+    SlowResolver,
     CIMD_CLIENT,
     CIMD_ID,
     ISSUER,
@@ -587,13 +589,14 @@ class DecisionTests(HTTPTestCase):
 
     def test_paste_rate_limit(self) -> None:
         """
-        Ten failed pastes a minute per address; then even the right token is
-        refused until the bucket refills.  Successes are not limited.
+        C{paste_failures_per_minute} failed pastes a minute per address;
+        then even the right token is refused until the bucket refills.
+        Successes are not limited.
         """
         for _ in range(3):
             self.assertEqual(self.decide().status, 303)
         with capturedLogs() as events:
-            for _ in range(10):
+            for _ in range(self.config.paste_failures_per_minute):
                 self.assertPage(self.decide(token="wrong"), 403)
             before = snapshot(self.store)
             refused = self.decide()
@@ -605,7 +608,7 @@ class DecisionTests(HTTPTestCase):
         self.assertIn("Too many failed attempts", refused.text)
         self.assertEqual(snapshot(self.store), before)
         self.assertErrorRedirect(self.decide("deny", token=None), "access_denied")
-        self.clock.advance(6)
+        self.clock.advance(60 / self.config.paste_failures_per_minute)
         self.assertEqual(self.decide().status, 303)
 
 
@@ -868,7 +871,8 @@ class RegistrationLimitTests(HTTPTestCase):
         with capturedLogs() as events:
             with self.unchanged():
                 response = self.register({"redirect_uris": ["https://client.example/cb"]})
-        self.assertEqual(response.status, 429)
+        # RFC 6749's "try again later", not the device flow's slow_down.
+        self.assertOAuthError(response, "temporarily_unavailable", 429)
         self.assertEqual(response.header("retry-after"), "60")
         [limited] = [e for e in events if e.get("smeldr_event") == "rate_limited"]
         self.assertEqual(limited["endpoint"], "register")
@@ -961,3 +965,118 @@ class LogTests(HTTPTestCase):
             self.assertIn(kind, kinds)
         self.assertIn("replayed", joined)
         self.assertIn("reused", joined)
+
+
+class HSTSTests(HTTPTestCase):
+    """
+    Every OAuth response of an https issuer carries HSTS, whatever its
+    status or format.
+    """
+
+    def test_every_endpoint(self) -> None:
+        responses = [
+            self.request("GET", "/.well-known/oauth-authorization-server"),
+            self.request("GET", "/.well-known/oauth-protected-resource"),
+            self.request("GET", "/.well-known/openid-configuration"),
+            self.consent(),
+            self.consent(client_id="unknown"),
+            self.decide(),
+            self.decide(token="wrong"),
+            self.post("/oauth/token", {"grant_type": "password"}),
+            self.post("/oauth/revoke", {"token": "x"}),
+            self.register({"redirect_uris": ["https://client.example/cb"]}),
+            self.request("OPTIONS", "/oauth/token"),
+            self.request("DELETE", "/oauth/token"),
+            self.request("PUT", "/oauth/authorize"),
+            self.request("POST", "/token", b"grant_type=x", FORM),
+        ]
+        for response in responses:
+            self.assertEqual(
+                response.header("strict-transport-security"), "max-age=31536000", response.status
+            )
+
+
+class NoHSTSOverHTTPTests(HTTPTestCase):
+    config_overrides = {"issuer": "http://127.0.0.1:8080"}
+
+    def test_http_issuer(self) -> None:
+        response = self.request("GET", "/.well-known/oauth-authorization-server")
+        self.assertEqual(response.status, 200)
+        self.assertIsNone(response.header("strict-transport-security"))
+
+
+#: The Deferreds of a verify_bearer that answers only when the test says.
+PENDING: list[Deferred[Any]] = []
+
+
+def slow_verify(pasted: str) -> "Deferred[Any]":
+    d: Deferred[Any] = Deferred()
+    PENDING.append(d)
+    return d
+
+
+class PasteRaceTests(HTTPTestCase):
+    """
+    Finding: the limiter was checked before the (slow) site-token check
+    and spent after it, so parallel wrong pastes all passed the check.
+    """
+
+    config_overrides = {"verify_bearer": slow_verify, "paste_failures_per_minute": 10}
+
+    def setUp(self) -> None:
+        del PENDING[:]
+        super().setUp()
+
+    def start(self) -> "Deferred[Any]":
+        fields = list(self.authorize_params().items()) + [("decision", "approve"), ("site_token", "wrong")]
+        return self.treq.request(
+            "POST",
+            ISSUER + "/oauth/authorize",
+            data=urlencode(fields).encode(),
+            headers=FORM,
+            allow_redirects=False,
+        )
+
+    def test_parallel_wrong_pastes(self) -> None:
+        with capturedLogs():
+            started = [self.start() for _ in range(60)]
+            self.assertEqual(len(PENDING), 10)
+            for d in PENDING:
+                d.callback(None)
+            self.treq.flush()
+        codes = [self.successResultOf(d).code for d in started]
+        self.assertEqual(codes.count(403), 10)
+        self.assertEqual(codes.count(429), 50)
+
+    def test_success_refunded(self) -> None:
+        """
+        A right paste gives its attempt back: the owner is never counted.
+        """
+        for _ in range(30):
+            d = self.start()
+            PENDING.pop().callback(Approval(subject="alice"))
+            self.treq.flush()
+            self.assertEqual(self.successResultOf(d).code, 303)
+        with capturedLogs():
+            for _ in range(10):
+                d = self.start()
+                PENDING.pop().callback(None)
+                self.treq.flush()
+                self.assertEqual(self.successResultOf(d).code, 403)
+            self.assertEqual(self.successResultOf(self.start()).code, 429)
+
+
+class CIMDFetchLimitHTTPTests(HTTPTestCase):
+    config_overrides = {"cimd_fetches_per_minute": 2}
+
+    def test_page_429(self) -> None:
+        self.server._cimd = SlowResolver()
+        for n in range(2):
+            self.treq.request(
+                "GET", ISSUER + "/oauth/authorize?" + urlencode(self.authorize_params(client_id=f"https://a{n}.example/c.json"))
+            )
+        with capturedLogs():
+            response = self.consent(client_id="https://a9.example/c.json")
+        self.assertPage(response, 429)
+        self.assertEqual(response.header("retry-after"), "60")
+        self.assertIn("Too many", response.text)

@@ -220,3 +220,71 @@ class NarrowScopesTests(SynchronousTestCase):
                     self.assertEqual(len(result), len(set(result)))
                 else:
                     self.assertIsNone(result)
+
+
+class SupersededTests(SynchronousTestCase):
+    """
+    A sibling revoked because another sibling rotated, presented again
+    (the Claude.ai pattern: refresh r0 twice, rotate one result, use the
+    other).
+    """
+
+    def decide(self, revoked_ago: float, grace: float = GRACE, **kw: Any) -> RotationDecision:
+        token = attr.evolve(TOKEN, generation=2)
+        return decide(
+            token=kw.get("token", token),
+            token_revoked=True,
+            token_revoked_at=NOW - revoked_ago,
+            grant=kw.get("grant", GRANT),
+            live_generation=3,
+            live_siblings=1,
+            now=NOW,
+            grace=grace,
+            requested_scopes=None,
+        )
+
+    def test_inside_window(self) -> None:
+        for ago in (0, 1, GRACE):
+            self.assertEqual(self.decide(ago), RotationDecision(status="superseded"), ago)
+
+    def test_outside_window_is_reuse(self) -> None:
+        self.assertEqual(self.decide(GRACE + 0.001), REUSED)
+
+    def test_future_revocation_is_reuse(self) -> None:
+        """
+        A revocation time after now (a clock step backwards) is not trusted
+        to excuse anything.
+        """
+        self.assertEqual(self.decide(-1), REUSED)
+
+    def test_grace_off(self) -> None:
+        self.assertEqual(self.decide(0, grace=0), REUSED)
+
+    def test_spent_and_revoked_is_reuse(self) -> None:
+        """
+        Only an unused sibling can be a race's loser.
+        """
+        token = attr.evolve(TOKEN, generation=2, used_at=NOW - 1)
+        self.assertEqual(self.decide(1, token=token), REUSED)
+
+    def test_unknown_revocation_time_is_reuse(self) -> None:
+        decision = decide(
+            token=attr.evolve(TOKEN, generation=2),
+            token_revoked=True,
+            grant=GRANT,
+            live_generation=3,
+            live_siblings=1,
+            now=NOW,
+            grace=GRACE,
+            requested_scopes=None,
+        )
+        self.assertEqual(decision, REUSED)
+
+    def test_revoked_grant_first(self) -> None:
+        grant = attr.evolve(GRANT, revoked_at=NOW - 1)
+        self.assertEqual(self.decide(1, grant=grant).status, "revoked")
+
+    def test_changes_nothing(self) -> None:
+        decision = self.decide(1)
+        self.assertFalse(decision.revoke_grant or decision.mark_used or decision.revoke_unused_siblings)
+        self.assertFalse(decision.issues_tokens)

@@ -15,6 +15,7 @@ import json
 from typing import Any, Coroutine, Iterator, Optional
 from urllib.parse import parse_qs, urlsplit
 
+import attr
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
@@ -999,8 +1000,13 @@ class RevocationTests(ServerTestCase):
             self.oauth_fails(
                 self.server.revoke(params, basic=(registered["client_id"], "wrong")), "invalid_client"
             )
-        self.drive(self.server.revoke(params, basic=(registered["client_id"], registered["client_secret"])))
-        self.assertIsNone(self.access_info(self.body["access_token"]))
+        # Authenticated, but the token is another client's: a 200 that
+        # changes nothing (RFC 7009 section 2.1).
+        with self.unchanged():
+            self.drive(
+                self.server.revoke(params, basic=(registered["client_id"], registered["client_secret"]))
+            )
+        self.assertIsNotNone(self.access_info(self.body["access_token"]))
 
 
 class RegistrationTests(ServerTestCase):
@@ -1231,3 +1237,222 @@ class ConfigTests(SynchronousTestCase):
         )
         for bad in ("http://example.com", "example.com", "https://example.com/?q=1", "https://u@example.com"):
             self.assertRaises(ConfigError, Config, issuer=bad, verify_bearer=verify_bearer)
+
+
+class SupersededRefreshTests(ServerTestCase):
+    """
+    Finding: two parallel refreshes of r0 give a and b; refreshing a
+    revokes b; using b soon after must not log the user out.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        first = self.tokens(scope="read write offline_access")
+        r0 = first["refresh_token"]
+        self.a = self.drive(self.server.token(self.refresh(r0)))
+        self.b = self.drive(self.server.token(self.refresh(r0)))
+        self.clock.advance(5)
+        self.c = self.drive(self.server.token(self.refresh(self.a["refresh_token"])))
+
+    def test_loser_refused_grant_kept(self) -> None:
+        self.clock.advance(self.config.refresh_grace)
+        with capturedLogs() as events:
+            with self.unchanged():
+                e = self.oauth_fails(self.server.token(self.refresh(self.b["refresh_token"])), "invalid_grant")
+        self.assertIn("superseded", e.description)
+        self.assertIn("refresh_superseded", [ev.get("smeldr_event") for ev in events])
+        self.assertNotIn("refresh_reuse", [ev.get("smeldr_event") for ev in events])
+        self.assertEqual(self.revoked, [])
+        self.assertIsNotNone(self.access_info(self.c["access_token"]))
+        self.drive(self.server.token(self.refresh(self.c["refresh_token"])))
+
+    def test_loser_late_is_reuse(self) -> None:
+        self.clock.advance(self.config.refresh_grace + 1)
+        self.oauth_fails(self.server.token(self.refresh(self.b["refresh_token"])), "invalid_grant")
+        self.assertEqual(len(self.revoked), 1)
+        self.assertIsNone(self.access_info(self.c["access_token"]))
+
+
+class RevokeOwnershipTests(ServerTestCase):
+    """
+    RFC 7009 section 2.1: a client that names itself revokes only its own
+    tokens; another client's are left alone, with the same 200.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.body = self.tokens(scope="read offline_access")
+        self.other = self.drive(self.server.register({"redirect_uris": ["https://other.example/cb"]}))
+
+    def test_other_public_client(self) -> None:
+        for token in (self.body["access_token"], self.body["refresh_token"]):
+            with self.unchanged():
+                self.assertIsNone(
+                    self.drive(self.server.revoke({"token": [token], "client_id": [self.other["client_id"]]}))
+                )
+        self.assertIsNotNone(self.access_info(self.body["access_token"]))
+        self.assertEqual(self.revoked, [])
+
+    def test_unknown_client_id(self) -> None:
+        with self.unchanged():
+            self.drive(self.server.revoke({"token": [self.body["refresh_token"]], "client_id": ["nobody"]}))
+        self.assertIsNotNone(self.access_info(self.body["access_token"]))
+
+    def test_own_client(self) -> None:
+        self.drive(self.server.revoke({"token": [self.body["access_token"]], "client_id": [self.client_id]}))
+        self.assertIsNone(self.access_info(self.body["access_token"]))
+        self.drive(self.server.revoke({"token": [self.body["refresh_token"]], "client_id": [self.client_id]}))
+        self.assertEqual(len(self.revoked), 1)
+
+    def test_no_client_id(self) -> None:
+        """
+        A request that does not name a client is trusted on the token alone,
+        as before.
+        """
+        self.drive(self.server.revoke({"token": [self.body["refresh_token"]]}))
+        self.assertEqual(len(self.revoked), 1)
+
+
+class RegisteredScopeTests(ServerTestCase):
+    """
+    RFC 7591 section 2: a registered client's C{scope} bounds what it may
+    ask for at the authorization endpoint.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.narrow = self.drive(
+            self.server.register({"redirect_uris": ["https://client.example/cb"], "scope": "read"})
+        )["client_id"]
+
+    def test_within(self) -> None:
+        request = self.validate(self.authorize_params(client_id=self.narrow, scope="read"))
+        self.assertEqual(request.scopes, ("read",))
+
+    def test_beyond(self) -> None:
+        for scope in ("read write", "write", "read offline_access"):
+            e = self.redirect_error(self.authorize_params(client_id=self.narrow, scope=scope))
+            self.assertEqual(e.error.error, "invalid_scope", scope)
+            self.assertEqual(e.state, "xyz")
+
+    def test_default_intersected(self) -> None:
+        request = self.validate(self.authorize_params(client_id=self.narrow, scope=None))
+        self.assertEqual(request.scopes, ("read",))
+
+    def test_no_default_left(self) -> None:
+        only_refresh = self.drive(
+            self.server.register({"redirect_uris": ["https://client.example/cb"], "scope": "offline_access"})
+        )["client_id"]
+        e = self.redirect_error(self.authorize_params(client_id=only_refresh, scope=None))
+        self.assertEqual(e.error.error, "invalid_scope")
+        request = self.validate(self.authorize_params(client_id=only_refresh, scope="offline_access"))
+        self.assertEqual(request.scopes, ("offline_access",))
+
+    def test_unlimited_without_registered_scope(self) -> None:
+        request = self.validate(self.authorize_params(scope="read write offline_access"))
+        self.assertEqual(request.scopes, ("read", "write", "offline_access"))
+
+    def test_cimd_scope_not_enforced(self) -> None:
+        """
+        A metadata document serves its client with every server, so its
+        scope names are not ours to enforce.
+        """
+        self.resolver.clients[CIMD_ID] = attr.evolve(CIMD_CLIENT, scope="openid profile")
+        request = self.validate(
+            self.authorize_params(
+                client_id=CIMD_ID, redirect_uri="https://app.example/callback", scope="read write"
+            )
+        )
+        self.assertEqual(request.scopes, ("read", "write"))
+
+
+class SlowResolver:
+    """
+    A CIMD resolver whose fetches wait until the test fires them, and whose
+    cache answers at once.
+    """
+
+    def __init__(self) -> None:
+        self.cached: dict[str, Client] = {}
+        self.pending: list[Deferred[Client]] = []
+
+    def resolve(self, client_id: str) -> "Deferred[Client]":
+        if client_id in self.cached:
+            return succeed(self.cached[client_id])
+        d: Deferred[Client] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+class CIMDFetchLimitTests(ServerTestCase):
+    config_overrides = {"cimd_fetches_per_minute": 3}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.slow = SlowResolver()
+        self.server = OAuthServer(self.config, self.store, self.clock, self.slow)
+
+    def authorize(self, n: int, address: str = "192.0.2.1") -> "Deferred[AuthorizationRequest]":
+        params = self.authorize_params(client_id=f"https://app{n}.example/client.json")
+        return Deferred.fromCoroutine(self.server.validate_authorization_request(params, address))
+
+    def test_fetches_limited_per_address(self) -> None:
+        with capturedLogs() as events:
+            for n in range(3):
+                self.assertNoResult(self.authorize(n))
+            e = self.failureResultOf(self.authorize(3), errors.UntrustedRedirect).value
+        self.assertEqual((e.status, e.retry_after), (429, 60))
+        self.assertEqual(len(self.slow.pending), 3)
+        [limited] = [ev for ev in events if ev.get("smeldr_event") == "rate_limited"]
+        self.assertEqual(limited["endpoint"], "cimd")
+        # Another address has its own bucket; an IPv6 /64 is one bucket.
+        self.assertNoResult(self.authorize(4, "192.0.2.2"))
+        for n in range(3):
+            self.assertNoResult(self.authorize(5 + n, f"2001:db8::{n + 1}"))
+        self.failureResultOf(self.authorize(9, "2001:db8::ffff"), errors.UntrustedRedirect)
+        # The bucket refills.
+        self.clock.advance(20)
+        self.assertNoResult(self.authorize(10))
+
+    def test_cached_answers_not_counted(self) -> None:
+        client = attr.evolve(CIMD_CLIENT, client_id="https://app0.example/client.json", redirect_uris=("https://client.example/cb",))
+        self.slow.cached[client.client_id] = client
+        for _ in range(10):
+            self.assertEqual(self.successResultOf(self.authorize(0)).client, client)
+
+    def test_token_endpoint_not_counted(self) -> None:
+        """
+        Without an address (token and revocation endpoints: client back
+        ends, many users behind one address) nothing is counted.
+        """
+        for n in range(5):
+            self.assertNoResult(self.server.resolve_client(f"https://app{n}.example/client.json"))
+        self.assertNoResult(self.authorize(0))
+
+
+class LogInjectionTests(ServerTestCase):
+    def test_loggable(self) -> None:
+        from smeldr_oauth.oauth.server import loggable
+
+        self.assertEqual(loggable("https://app.example/client.json"), "https://app.example/client.json")
+        for value in ("a\nforged line", "\x1b[31mred", "x" * 500, "\u202eevil", "'quoted'", "back\\slash"):
+            out = loggable(value)
+            self.assertLessEqual(len(out), 200, value)
+            self.assertTrue(all(" " <= c <= "~" for c in out), out)
+            self.assertNotIn("\n", out)
+        self.assertEqual(loggable(None), "None")
+
+    def test_cimd_refusal_logged_safely(self) -> None:
+        """
+        A refused document's client_id and reason are client-chosen: the
+        log line carries them escaped and bounded.
+        """
+        client_id = "https://app.example/" + "x" * 400 + ".json"
+        self.resolver.broken = CIMDError("bad \x1b[2J\nFAKE: admin logged in")
+        with capturedLogs() as events:
+            self.untrusted(self.authorize_params(client_id=client_id))
+        [event] = [e for e in events if e.get("smeldr_event") == "cimd_refused"]
+        text = formatEvent(event)
+        self.assertNotIn("\n", text)
+        self.assertNotIn("\x1b", text)
+        self.assertLessEqual(len(event["client_id"]), 200)

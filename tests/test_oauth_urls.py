@@ -7,6 +7,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smeldr_oauth.oauth.urls import (
     canonical_resource,
+    parse,
     redirect_uri_matches,
     valid_redirect_uri,
     with_query,
@@ -94,3 +95,81 @@ class RedirectMatchTests(SynchronousTestCase):
             with_query("https://a.example/cb?x=1", [("code", "c d"), ("state", "s&t")]),
             "https://a.example/cb?x=1&code=c%20d&state=s%26t",
         )
+
+
+BAD_PORTS = [
+    "99999",
+    "65536",
+    "-1",
+    "0",
+    "00000",
+    "+1234",
+    "\uff11\uff12\uff13\uff14",  # fullwidth digits
+    "\u0661\u0662\u0663\u0664",  # Arabic-Indic digits
+    "1_000",
+    " 80",
+    "123456",
+]
+
+
+class PortTests(SynchronousTestCase):
+    """
+    A port must be 1 to 5 ASCII digits naming 1 to 65535: hyperlink (via
+    C{int()}) takes much more, and loopback redirect URIs match on any port.
+    """
+
+    def test_parse_refuses_bad_ports(self) -> None:
+        for port in BAD_PORTS:
+            for host in ("127.0.0.1", "[::1]", "a.example", "u:p@a.example"):
+                self.assertIsNone(parse(f"https://{host}:{port}/cb"), (host, port))
+
+    def test_parse_accepts_good_ports(self) -> None:
+        for port, value in (("1", 1), ("80", 80), ("8080", 8080), ("65535", 65535), ("0443", 443)):
+            url = parse(f"http://127.0.0.1:{port}/cb")
+            assert url is not None, port
+            self.assertEqual(url.port, value)
+        self.assertIsNotNone(parse("http://[::1]:9/cb"))
+        self.assertIsNotNone(parse("https://a.example/cb?x=a:b@c:99999"))
+
+    def test_loopback_match_refuses_bad_ports(self) -> None:
+        for registered in ("http://127.0.0.1/cb", "http://localhost/cb", "http://[::1]/cb"):
+            host = registered.split("/")[2]
+            for port in BAD_PORTS:
+                self.assertFalse(
+                    redirect_uri_matches(registered, f"http://{host}:{port}/cb"), (registered, port)
+                )
+            self.assertTrue(redirect_uri_matches(registered, f"http://{host}:51234/cb"))
+
+    def test_exact_match_with_bad_port_refused(self) -> None:
+        """
+        Even byte-for-byte equal URIs do not match when the port is bad: a
+        registration stored before ports were checked stops working.
+        """
+        self.assertFalse(redirect_uri_matches("http://127.0.0.1:0/cb", "http://127.0.0.1:0/cb"))
+        self.assertTrue(redirect_uri_matches("https://a.example:8443/cb", "https://a.example:8443/cb"))
+
+    def test_registration_refuses_bad_ports(self) -> None:
+        for port in BAD_PORTS:
+            self.assertFalse(valid_redirect_uri(f"https://a.example:{port}/cb"), port)
+            self.assertFalse(valid_redirect_uri(f"http://127.0.0.1:{port}/cb"), port)
+        self.assertTrue(valid_redirect_uri("https://a.example:8443/cb"))
+
+    @given(
+        st.text(
+            alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="@/?#[]"),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    def test_any_port_text(self, port: str) -> None:
+        """
+        Whatever follows the colon, a URL parses only if it is a valid
+        ASCII port, and then the port is that number.
+        """
+        url = parse(f"http://127.0.0.1:{port}/cb")
+        plain = port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+        if url is not None:
+            self.assertTrue(plain, repr(port))
+            self.assertEqual(url.port, int(port))
+        if plain:
+            self.assertIsNotNone(url)

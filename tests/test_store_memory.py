@@ -24,7 +24,7 @@ from smeldr_oauth.oauth.model import (
     RefreshToken,
 )
 from smeldr_oauth.oauth.secrets import hash_secret
-from smeldr_oauth.store.common import GRANT_RETENTION, StoreConflict, start_purging
+from smeldr_oauth.store.common import CLIENT_RETENTION, GRANT_RETENTION, StoreConflict, start_purging
 from smeldr_oauth.store.interface import IOAuthStore
 from smeldr_oauth.store.memory import MemoryStore
 
@@ -385,7 +385,9 @@ class StoreBehaviourMixin(_MixinBase):
     def test_refresh_grace(self) -> None:
         """
         The loser of a parallel refresh gets a sibling of the winner's
-        token; once one sibling is rotated, presenting the other is reuse.
+        token; once one sibling is rotated, presenting the other is reuse
+        (after the grace window of that rotation: see
+        L{test_refresh_superseded_sibling} for inside it).
         """
         self.grant_with_tokens()
         self.assertEqual(self.redeem("g1-r0", "r1", T0 + 100).status, "rotated")
@@ -394,8 +396,52 @@ class StoreBehaviourMixin(_MixinBase):
         self.assertIsNotNone(self.live("r1b-a", T0 + 110))
         self.assertIsNotNone(self.live("r1-a", T0 + 110))
         self.assertEqual(self.redeem("r1b", "r2", T0 + 200).status, "rotated")
-        self.assertEqual(self.redeem("r1", "r2b", T0 + 201).status, "reused")
+        self.assertEqual(self.redeem("r1", "r2b", T0 + 200 + GRACE + 1).status, "reused")
         self.assertEqual(self.ok(self.store.list_grants()), [])
+
+    def test_refresh_superseded_sibling(self) -> None:
+        """
+        The Claude.ai pattern: two parallel refreshes of r0 give r1 and r1b;
+        rotating r1b revokes r1; r1 presented within the grace window of
+        that revocation is refused, but the grant and the winning branch
+        live on.  Nothing is stored for the refused request.
+        """
+        self.grant_with_tokens()
+        self.redeem("g1-r0", "r1", T0 + 100)
+        self.redeem("g1-r0", "r1b", T0 + 101)
+        self.assertEqual(self.redeem("r1b", "r2", T0 + 102).status, "rotated")
+        result = self.redeem("r1", "lost", T0 + 102 + GRACE)
+        self.assertEqual(result.status, "superseded")
+        self.assertIsNone(result.grant.revoked_at)
+        self.assertIsNone(self.live("lost-a", T0 + 103))
+        self.assertEqual([g.grant_id for g in self.ok(self.store.list_grants())], ["g1"])
+        self.assertIsNotNone(self.live("r2-a", T0 + 103))
+        # Again, still inside the window: still refused, still harmless.
+        self.assertEqual(self.redeem("r1", "lost2", T0 + 103).status, "superseded")
+        self.assertEqual(self.redeem("r2", "r3", T0 + 104).status, "rotated")
+
+    def test_refresh_superseded_sibling_late(self) -> None:
+        """
+        Outside the grace window of the revocation it is reuse again.
+        """
+        self.grant_with_tokens()
+        self.redeem("g1-r0", "r1", T0 + 100)
+        self.redeem("g1-r0", "r1b", T0 + 101)
+        self.redeem("r1b", "r2", T0 + 102)
+        result = self.redeem("r1", "lost", T0 + 102 + GRACE + 0.5)
+        self.assertEqual(result.status, "reused")
+        self.assertEqual(result.grant.revoked_at, T0 + 102 + GRACE + 0.5)
+
+    def test_refresh_superseded_needs_grace(self) -> None:
+        """
+        With grace off there are no siblings to supersede: a revoked token
+        is reuse, at once.
+        """
+        self.grant_with_tokens()
+        self.redeem("g1-r0", "r1", T0 + 100)
+        self.redeem("g1-r0", "r1b", T0 + 101)
+        self.redeem("r1b", "r2", T0 + 102)
+        self.assertEqual(self.redeem("r1", "lost", T0 + 102, grace=0).status, "reused")
 
     def test_refresh_grace_narrowed(self) -> None:
         self.grant_with_tokens()
@@ -470,6 +516,43 @@ class StoreBehaviourMixin(_MixinBase):
 
     def test_revoke_unknown_token(self) -> None:
         self.assertIsNone(self.ok(self.store.revoke_token(h("nothing"), T0)))
+        self.assertIsNone(self.ok(self.store.revoke_token(h("nothing"), T0, client_id="client-1")))
+
+    def test_revoke_token_of_named_client(self) -> None:
+        """
+        A client naming itself revokes its own tokens as before.
+        """
+        self.grant_with_tokens()
+        self.assertIsNone(self.ok(self.store.revoke_token(h("g1-a0"), T0 + 2, client_id="client-1")))
+        self.assertIsNone(self.live("g1-a0"))
+        self.assertEqual(self.ok(self.store.revoke_token(h("g1-r0"), T0 + 2, client_id="client-1")), "g1")
+        self.assertEqual(self.ok(self.store.list_grants()), [])
+
+    def test_revoke_token_of_another_client(self) -> None:
+        """
+        Another client's token, access or refresh, is left alone (RFC 7009
+        section 2.1), and the answer looks like an unknown token's.
+        """
+        self.grant_with_tokens()
+        self.assertIsNone(self.ok(self.store.revoke_token(h("g1-a0"), T0 + 2, client_id="other")))
+        self.assertIsNone(self.ok(self.store.revoke_token(h("g1-r0"), T0 + 2, client_id="other")))
+        self.assertIsNotNone(self.live("g1-a0"))
+        self.assertEqual(len(self.ok(self.store.list_grants())), 1)
+        self.assertEqual(self.redeem("g1-r0", "r1", T0 + 3).status, "rotated")
+
+    def test_refresh_superseded_status_kept_by_store(self) -> None:
+        """
+        The superseded sibling's revocation time is what the store hands
+        the decision: a revoked sibling of an earlier race is reuse once
+        the window of its own revocation has passed, even if a later
+        rotation happened recently.
+        """
+        self.grant_with_tokens()
+        self.redeem("g1-r0", "r1", T0 + 100)
+        self.redeem("g1-r0", "r1b", T0 + 101)
+        self.redeem("r1b", "r2", T0 + 102)  # revokes r1 at T0 + 102
+        self.redeem("r2", "r3", T0 + 102 + GRACE + 5)
+        self.assertEqual(self.redeem("r1", "lost", T0 + 102 + GRACE + 6).status, "reused")
 
     def test_revoke_grant(self) -> None:
         self.grant_with_tokens()
@@ -537,6 +620,42 @@ class StoreBehaviourMixin(_MixinBase):
         self.assertEqual(self.ok(self.store.purge_expired(T0 + 10 + GRANT_RETENTION)), 4)
         self.assertEqual(self.redeem("g1-r0", "r1", T0 + 10 + GRANT_RETENTION).status, "unknown")
 
+    def registered(self, client_id: str, created_at: float) -> Client:
+        client = Client(
+            client_id=client_id,
+            client_name=None,
+            redirect_uris=("https://client.example/cb",),
+            created_at=created_at,
+        )
+        self.ok(self.store.save_client(client))
+        return client
+
+    def test_purge_idle_clients(self) -> None:
+        """
+        A registered client older than the client retention with no grant
+        left goes; a young one, or one a grant (even a revoked one) refers
+        to, stays.
+        """
+        self.registered("old", T0)
+        self.registered("young", T0 + 10)
+        self.registered("client-1", T0)  # make_grant's client
+        self.grant_with_tokens(now=T0 + CLIENT_RETENTION - 100)
+        self.ok(self.store.revoke_grant("g1", T0 + CLIENT_RETENTION - 50))
+        self.ok(self.store.purge_expired(T0 + CLIENT_RETENTION - 1))
+        self.assertEqual(self.ok(self.store.count_clients()), 3)
+        self.assertEqual(self.ok(self.store.purge_expired(T0 + CLIENT_RETENTION)), 1)
+        self.assertIsNone(self.ok(self.store.get_client("old")))
+        self.assertIsNotNone(self.ok(self.store.get_client("young")))
+        self.assertIsNotNone(self.ok(self.store.get_client("client-1")))
+        self.assertEqual(self.ok(self.store.count_clients()), 2)
+        # Once the revoked grant itself is purged, its client goes too, in
+        # the same purge.
+        later = T0 + CLIENT_RETENTION - 50 + GRANT_RETENTION
+        self.ok(self.store.purge_expired(later))
+        self.assertEqual(self.ok(self.store.list_grants()), [])
+        self.assertIsNone(self.ok(self.store.get_client("client-1")))
+        self.assertEqual(self.ok(self.store.count_clients()), 0)
+
     def test_purge_keeps_spent_refresh_tokens(self) -> None:
         """
         Spent refresh tokens outlive a purge until they expire: reuse
@@ -559,6 +678,12 @@ class StoreBehaviourMixin(_MixinBase):
 
 
 class MemoryStoreTests(StoreBehaviourMixin, SynchronousTestCase):
+    def test_client_retention(self) -> None:
+        store = MemoryStore(client_retention=10.0)
+        self.ok(store.save_client(Client(client_id="c", client_name=None, redirect_uris=(), created_at=T0)))
+        self.assertEqual(self.ok(store.purge_expired(T0 + 9)), 0)
+        self.assertEqual(self.ok(store.purge_expired(T0 + 10)), 1)
+
     def make_store(self) -> MemoryStore:
         return MemoryStore()
 

@@ -185,6 +185,26 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), 5)
         self.assertEqual(self.successResultOf(store.purge_expired(T0 + 10_000)), 0)
 
+    def test_purge_clients_in_batches(self) -> None:
+        """
+        Idle registered clients are purged in batches too.
+        """
+        from smeldr_oauth.oauth.model import Client
+        from smeldr_oauth.store import sqlite as module
+        from smeldr_oauth.store.common import CLIENT_RETENTION
+
+        self.patch(module, "PURGE_BATCH", 2)
+        store = inline_store(self, self.path)
+        for n in range(5):
+            client = Client(client_id=f"c{n}", client_name=None, redirect_uris=("https://a.example/cb",), created_at=T0)
+            self.successResultOf(store.save_client(client))
+        d = store.purge_expired(T0 + CLIENT_RETENTION)
+        self.assertNoResult(d)
+        store._clock.advance(0)
+        store._clock.advance(0)
+        self.assertEqual(self.successResultOf(d), 5)
+        self.assertEqual(self.successResultOf(store.count_clients()), 0)
+
     def test_pragmas(self) -> None:
         store = inline_store(self, self.path)
 

@@ -63,6 +63,18 @@ class Config:
         refresh tokens held by public clients.
     @ivar allow_insecure_client_ids: development only: http and loopback
         client_id URLs and redirect URIs.
+    @ivar paste_failures_per_minute: refused site-token pastes (consent
+        page and connected-apps page together) per client address (IPv6:
+        per /64) per minute.  Site tokens are 256-bit, so this bounds load
+        rather than guessing; it is generous because whoever shares the
+        address can use it up and lock the owner out for a minute (see
+        C{docs/security.md}).
+    @ivar registrations_per_minute: dynamic registration attempts per
+        client address per minute.
+    @ivar cimd_fetches_per_minute: authorization requests per client
+        address per minute that make the server fetch a client metadata
+        document (answers from the document cache are not counted), so
+        nobody can make the server fetch URLs of their choosing at speed.
     """
 
     issuer: str = attr.ib(converter=_issuer)
@@ -80,8 +92,9 @@ class Config:
     allow_insecure_client_ids: bool = attr.ib(default=False)
     access_cache_ttl: float = attr.ib(default=30.0)
     access_cache_size: int = attr.ib(default=10000)
-    paste_failures_per_minute: int = attr.ib(default=10)
+    paste_failures_per_minute: int = attr.ib(default=30)
     registrations_per_minute: int = attr.ib(default=20)
+    cimd_fetches_per_minute: int = attr.ib(default=30)
     service_name: str = attr.ib(default="smeldr")
 
     def __attrs_post_init__(self) -> None:
@@ -92,6 +105,9 @@ class Config:
             raise ConfigError(f"resource must be an absolute http(s) URL, got {self.resource!r}")
         object.__setattr__(self, "resource", canon)
         for name in ("access_token_ttl", "auth_code_ttl", "refresh_token_ttl"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        for name in ("paste_failures_per_minute", "registrations_per_minute", "cimd_fetches_per_minute"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.refresh_grace < 0:

@@ -101,10 +101,23 @@ class UntrustedRedirect(Exception):
     plain error page, never a redirect (no open redirector).
     """
 
-    def __init__(self, title: str, detail: str) -> None:
+    def __init__(self, title: str, detail: str, status: int = 400, retry_after: Optional[int] = None) -> None:
         super().__init__(title, detail)
         self.title = title
         self.detail = detail
+        self.status = status
+        self.retry_after = retry_after
+
+
+class RateLimited(Exception):
+    """
+    A per-address rate limit refused the request; the HTTP layer answers
+    429 with C{Retry-After}.
+    """
+
+    def __init__(self, retry_after: int = 60) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
 
 
 class AuthorizeRedirectError(Exception):
@@ -135,5 +148,10 @@ def server_error(description: str = "the server could not handle the request") -
     return OAuthError("server_error", description, 500)
 
 
-def temporarily_unavailable(description: str) -> OAuthError:
-    return OAuthError("temporarily_unavailable", description, 503)
+def temporarily_unavailable(description: str, status: int = 503) -> OAuthError:
+    """
+    The server cannot serve the request now (a registration cap, or a rate
+    limit with C{status} 429): RFC 6749's code for "try again later", which
+    RFC 7591 clients understand better than the device-flow C{slow_down}.
+    """
+    return OAuthError("temporarily_unavailable", description, status)

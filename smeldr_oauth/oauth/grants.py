@@ -24,10 +24,10 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from smeldr_oauth.oauth import pages
-from smeldr_oauth.oauth.http import BadBody, client_address, page_response, parse_form
+from smeldr_oauth.oauth.http import HSTS, BadBody, client_address, page_response, parse_form
 from smeldr_oauth.oauth.model import Approval, Grant
 from smeldr_oauth.oauth.secrets import constant_time_equal, new_secret
-from smeldr_oauth.oauth.server import OAuthServer
+from smeldr_oauth.oauth.server import OAuthServer, loggable
 
 log = Logger()
 
@@ -126,6 +126,10 @@ class GrantsPage:
         app.route(self.path, methods=["GET", "HEAD"], branch=False, endpoint="smeldr_grants_get")(self.get)
         app.route(self.path, methods=["POST"], branch=False, endpoint="smeldr_grants_post")(self.post)
 
+    def _hsts(self, request: IRequest) -> None:
+        if self.secure:
+            request.setHeader("Strict-Transport-Security", HSTS)
+
     @property
     def action(self) -> str:
         return self.server.config.endpoint(self.path)
@@ -166,12 +170,14 @@ class GrantsPage:
         return page_response(request, status, lambda nonce: render_signin(nonce, self.action, error))
 
     async def get(self, request: IRequest) -> bytes:
+        self._hsts(request)
         found = self._session(request)
         if found is None:
             return self._signin(request)
         return await self._show(request, found[1])
 
     async def post(self, request: IRequest) -> bytes:
+        self._hsts(request)
         try:
             form = parse_form(request)
         except BadBody:
@@ -185,7 +191,11 @@ class GrantsPage:
         key, session = found
         csrf = form.get("csrf", [""])
         if len(csrf) != 1 or not constant_time_equal(csrf[0], session.csrf):
-            log.warn("refused connected-apps form without a valid CSRF token from {address}", address=client_address(request))
+            log.warn(
+                "refused connected-apps form without a valid CSRF token from {address}",
+                address=loggable(client_address(request)),
+                smeldr_event="csrf_refused",
+            )
             return self._signin(request, "That form has expired. Sign in again.", 403)
         if action == ["signout"]:
             del self.sessions[key]
@@ -201,8 +211,8 @@ class GrantsPage:
             await self.server.revoke_grant(grant_ids[0])
             log.info(
                 "grant {grant_id} revoked from the connected-apps page by {subject}",
-                grant_id=grant_ids[0],
-                subject=session.approval.subject,
+                grant_id=loggable(grant_ids[0]),
+                subject=loggable(session.approval.subject),
             )
             return await self._show(request, session, "Disconnected.")
         return await self._show(request, session, "Unknown action.", 400)
@@ -210,16 +220,26 @@ class GrantsPage:
     async def _do_signin(self, request: IRequest, form: dict[str, list[str]]) -> bytes:
         address = client_address(request)
         limiter = self.server.paste_limiter
-        if not limiter.allowed(address):
+        # Spend first, refund on success: see OAuthHTTP._authorize.
+        if not limiter.hit(address):
             request.setHeader("Retry-After", "60")
-            log.warn("refused site token paste from {address}: rate limited", address=address)
+            log.warn(
+                "refused site token paste from {address}: rate limited",
+                address=loggable(address),
+                endpoint="grants",
+                smeldr_event="rate_limited",
+            )
             return self._signin(request, "Too many failed attempts. Wait a minute and try again.", 429)
         pasted = form.get("site_token", [""])
         approval = await self.server.verify_paste(pasted[0] if len(pasted) == 1 else "")
         if approval is None:
-            limiter.hit(address)
-            log.warn("refused site token paste on the connected-apps page from {address}", address=address)
+            log.warn(
+                "refused site token paste on the connected-apps page from {address}",
+                address=loggable(address),
+                smeldr_event="paste_refused",
+            )
             return self._signin(request, "That site token was not accepted.", 403)
+        limiter.refund(address)
         now = self.clock.seconds()
         key = new_secret()
         session = PageSession(approval=approval, csrf=new_secret(), expires_at=now + SESSION_TTL)

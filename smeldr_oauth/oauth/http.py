@@ -23,13 +23,17 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from smeldr_oauth.oauth import errors, pages
-from smeldr_oauth.oauth.server import AuthorizationRequest, OAuthServer
+from smeldr_oauth.oauth.server import AuthorizationRequest, OAuthServer, loggable
 from smeldr_oauth.oauth.urls import valid_host
 
 log = Logger()
 
 MAX_FORM = 64 * 1024
 MAX_JSON = 64 * 1024
+
+#: RFC 6797: once a browser has seen this over https it never talks to the
+#: issuer over plain http again (a year, the usual preload minimum).
+HSTS = "max-age=31536000"
 
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
@@ -47,7 +51,10 @@ class BadBody(Exception):
 
 def client_address(request: IRequest) -> str:
     """
-    The peer address used as the rate-limit key.
+    The peer address used as the rate-limit key (the forwarded client's
+    when the peer is a proxy named by C{--trust-forwarded-from}: see
+    L{smeldr_oauth.service.web}).  The limiters fold IPv6 addresses into
+    their /64 (L{smeldr_oauth.oauth.ratelimit.bucket_key}).
     """
     peer = request.getClientAddress()
     return getattr(peer, "host", None) or "unknown"
@@ -176,6 +183,7 @@ class OAuthHTTP:
     def __init__(self, server: OAuthServer) -> None:
         self.server = server
         self.config = server.config
+        self.hsts = self.config.issuer.startswith("https://")
 
     def register(self, app: Klein) -> None:
         """
@@ -224,6 +232,8 @@ class OAuthHTTP:
         allow = ", ".join(sorted(methods))
 
         def dispatch(request: IRequest) -> Any:
+            if self.hsts:
+                request.setHeader("Strict-Transport-Security", HSTS)
             method = request.method.decode("ascii", "replace").upper()
             handler = handlers.get("GET" if method == "HEAD" else method)
             if handler is not None:
@@ -313,24 +323,29 @@ class OAuthHTTP:
         form: Optional[dict[str, list[str]]],
     ) -> bytes:
         try:
-            authz = await self.server.validate_authorization_request(params)
+            authz = await self.server.validate_authorization_request(params, client_address(request))
         except errors.UntrustedRedirect as e:
-            return self._error_page(request, e.title, e.detail)
+            if e.retry_after is not None:
+                request.setHeader("Retry-After", str(e.retry_after))
+            return self._error_page(request, e.title, e.detail, e.status)
         except errors.AuthorizeRedirectError as e:
             return self._redirect(request, self.server.error_redirect(e))
         if form is None:
             return self._consent(request, authz, None, 200)
         decisions = form.get("decision", [])
         if decisions == ["deny"]:
-            log.info("user denied client {client_id}", client_id=authz.client.client_id)
+            log.info("user denied client {client_id}", client_id=loggable(authz.client.client_id))
             return self._redirect(request, self.server.deny(authz))
         if decisions != ["approve"]:
             return self._consent(request, authz, "Choose Approve or Deny.", 400)
         address = client_address(request)
-        if not self.server.paste_limiter.allowed(address):
+        # Spend an attempt before the (possibly slow) check and give it
+        # back on success: checking first and spending after the await
+        # would let any number of parallel pastes through the check.
+        if not self.server.paste_limiter.hit(address):
             log.warn(
                 "refused site token paste from {address}: rate limited",
-                address=address,
+                address=loggable(address),
                 endpoint="authorize",
                 smeldr_event="rate_limited",
             )
@@ -342,14 +357,14 @@ class OAuthHTTP:
         # A repeated field is refused like a wrong token: only one paste.
         approval = await self.server.verify_paste(pasted[0] if len(pasted) == 1 else "")
         if approval is None:
-            self.server.paste_limiter.hit(address)
             log.warn(
                 "refused site token paste from {address} for client {client_id}",
-                address=address,
-                client_id=authz.client.client_id,
+                address=loggable(address),
+                client_id=loggable(authz.client.client_id),
                 smeldr_event="paste_refused",
             )
             return self._consent(request, authz, "That site token was not accepted.", 403)
+        self.server.paste_limiter.refund(address)
         location = await self.server.approve(authz, approval)
         return self._redirect(request, location)
 
@@ -414,7 +429,7 @@ class OAuthHTTP:
         except Exception:
             # A bug or a failing store: log it, and answer in the
             # endpoint's own format without saying what went wrong.
-            log.failure("{path} failed", path=request.path.decode("ascii", "replace"))
+            log.failure("{path} failed", path=loggable(request.path.decode("ascii", "replace")))
             return oauth_error_response(request, errors.server_error())
         return json_response(request, status, result if result is not None else {})
 
@@ -439,13 +454,13 @@ class OAuthHTTP:
         if not self.server.register_limiter.hit(address):
             log.warn(
                 "refused registration from {address}: rate limited",
-                address=address,
+                address=loggable(address),
                 endpoint="register",
                 smeldr_event="rate_limited",
             )
             request.setHeader("Retry-After", "60")
-            return json_response(
-                request, 429, {"error": "slow_down", "error_description": "too many registrations"}
+            return oauth_error_response(
+                request, errors.temporarily_unavailable("too many registrations; try again later", 429)
             )
         try:
             if _media_type(request) != "application/json":

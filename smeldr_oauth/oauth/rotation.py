@@ -12,8 +12,10 @@ a token of the generation just before the live one, spent less than C{grace}
 seconds ago, is let through once more: it yields a I{sibling} of the live
 generation instead of a new generation.  Siblings are capped so that the
 grace window cannot be turned into an unbounded token fountain, and when one
-sibling is rotated the unused others are revoked (presenting one of those
-later counts as reuse).
+sibling is rotated the unused others are revoked.  Presenting one of those
+within C{grace} seconds of that revocation is the same race one step later
+(Claude.ai refreshes r0 twice, gets a and b, rotates a, then uses b): it is
+refused without ending the grant.  Presenting one later counts as reuse.
 
 The stores (L{smeldr_oauth.store.sqlite}, L{smeldr_oauth.store.memory})
 load the facts inside one transaction, call L{decide}, and apply the
@@ -41,6 +43,7 @@ INVALID_SCOPE = "invalid_scope"
 ROTATED = "rotated"
 GRACE = "grace"
 GRACE_EXHAUSTED = "grace_exhausted"
+SUPERSEDED = "superseded"
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -106,6 +109,7 @@ def decide(
     *,
     token: Optional[RefreshToken],
     token_revoked: bool,
+    token_revoked_at: Optional[float] = None,
     grant: Optional[Grant],
     live_generation: int,
     live_siblings: int,
@@ -121,23 +125,29 @@ def decide(
 
       1. no such token (or grant): C{"unknown"};
       2. the grant has ended: C{"revoked"};
-      3. the token was revoked on its own (a superseded sibling), or is
+      3. an unspent token revoked on its own (a sibling superseded when
+         another sibling rotated: the stores revoke tokens singly for no
+         other reason), revoked at most C{grace} seconds ago:
+         C{"superseded"}, refused without ending the grant, because it is
+         the loser of a parallel refresh, not a thief;
+      4. the token was revoked on its own (a superseded sibling), or is
          spent and not eligible for grace, or is an unspent token of an
          old generation (which the rotation rules never leave behind):
          C{"reused"}, and the grant is revoked.  This comes before expiry
          and scope checks because a replayed token is a theft signal
          whatever else is wrong with the request;
-      4. the token's idle lifetime is over: C{"expired"};
-      5. the request asks for scopes beyond the grant: C{"invalid_scope"};
-      6. a spent token of the generation just before the live one, spent at
+      5. the token's idle lifetime is over: C{"expired"};
+      6. the request asks for scopes beyond the grant: C{"invalid_scope"};
+      7. a spent token of the generation just before the live one, spent at
          most C{grace} seconds ago: C{"grace"}, a sibling of the live
          generation is issued, unless the live generation already holds
          C{max_siblings} tokens: then C{"grace_exhausted"}, refused
          without ending the grant;
-      7. otherwise (an unspent token of the live generation): C{"rotated"}.
+      8. otherwise (an unspent token of the live generation): C{"rotated"}.
 
     @param token: the presented token as stored, or C{None} if unknown.
     @param token_revoked: whether the token itself carries a revocation.
+    @param token_revoked_at: when it was revoked, if it was (and known).
     @param grant: the token's grant, or C{None} if missing.
     @param live_generation: the highest generation stored for the grant.
     @param live_siblings: how many tokens the live generation holds.
@@ -157,6 +167,15 @@ def decide(
         and token.generation == live_generation - 1
         and 0 <= now - token.used_at <= grace
     )
+    superseded = (
+        grace > 0
+        and token_revoked
+        and token_revoked_at is not None
+        and token.used_at is None
+        and 0 <= now - token_revoked_at <= grace
+    )
+    if superseded:
+        return RotationDecision(status=SUPERSEDED)
     stale_unspent = token.used_at is None and token.generation != live_generation
     if token_revoked or stale_unspent or (token.used_at is not None and not in_window):
         return RotationDecision(status=REUSED, revoke_grant=True)

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attr
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -167,6 +167,25 @@ def display_name(name: str) -> Optional[str]:
     return " ".join(visible.split()) or None
 
 
+#: Longest rendering of a client-chosen value in a log line.
+MAX_LOGGED = 200
+
+
+def loggable(value: object) -> str:
+    """
+    A client-chosen value (a client_id, a CIMD refusal reason quoting a
+    document) made safe for a log line: plain printable ASCII up to
+    L{MAX_LOGGED} characters passes as it is; anything else is written as
+    its escaped C{ascii()} form, cut to L{MAX_LOGGED}, so that a newline
+    cannot forge a log line and an escape sequence cannot drive the
+    operator's terminal.
+    """
+    if isinstance(value, str) and len(value) <= MAX_LOGGED and all(" " <= c <= "~" for c in value):
+        if "\\" not in value and not value.startswith(("'", '"')):
+            return value
+    return ascii(value)[:MAX_LOGGED]
+
+
 def _label(value: Optional[str]) -> str:
     """
     A client-supplied value fit for a log field or metric label: known
@@ -215,9 +234,10 @@ class OAuthServer:
         # answer must not be cached (it would outlive the revocation).
         self._revocations = 0
         # Registered clients by id (see resolve_client).
-        self._clients: OrderedDict[str, Client] = OrderedDict()
+        self._clients: OrderedDict[str, tuple[Client, float]] = OrderedDict()
         self.paste_limiter = RateLimiter(clock, config.paste_failures_per_minute)
         self.register_limiter = RateLimiter(clock, config.registrations_per_minute)
+        self.cimd_limiter = RateLimiter(clock, config.cimd_fetches_per_minute)
 
     # -- metadata ---------------------------------------------------------
 
@@ -264,40 +284,71 @@ class OAuthServer:
 
     # -- clients ----------------------------------------------------------
 
-    def resolve_client(self, client_id: str) -> "Deferred[Optional[Client]]":
+    def resolve_client(self, client_id: str, address: Optional[str] = None) -> "Deferred[Optional[Client]]":
         """
         Find a client: a CIMD URL is fetched (and cached by the resolver),
         anything else is looked up among registrations.  Failures of a CIMD
         fetch become C{None} with the reason logged.
+
+        @param address: the address of the browser that sent an
+            authorization request.  When given, a CIMD resolution that has
+            to fetch counts against L{cimd_limiter} for that address, so no
+            one can make this server fetch URLs of their choosing at
+            speed.  (The token and revocation endpoints pass none: their
+            callers are client back ends such as Claude.ai's, thousands of
+            users behind few addresses, and they present client ids whose
+            documents the authorization request has just cached.)
+
+        @raise errors.RateLimited: (as a failed Deferred) C{address} has
+            made too many authorization requests that needed a fetch.
         """
         from smeldr_oauth.oauth.cimd import CIMDError, is_cimd_client_id
 
-        # Registered clients never change and are never deleted (the store
-        # has no API for either), so one found once is kept, in a bounded
-        # LRU, and every token request stops paying a database round trip.
-        # Only hits are kept: an unknown id is asked again next time.  An
-        # id found here came through the store branch below, so it is not
-        # a CIMD URL under this configuration.
+        # Registered clients never change, so one found once is kept, in a
+        # bounded LRU, and every token request stops paying a database
+        # round trip.  Entries live client_cache_ttl at most: the store
+        # deletes long-unused registrations (purge_expired), and a running
+        # server must not keep one alive for ever.  Only hits are kept: an
+        # unknown id is asked again next time.  An id found here came
+        # through the store branch below, so it is not a CIMD URL under
+        # this configuration.
         known = self._clients.get(client_id)
         if known is not None:
-            self._clients.move_to_end(client_id)
-            return succeed(known)
+            client, cached_at = known
+            if self._clock.seconds() - cached_at < self.client_cache_ttl:
+                self._clients.move_to_end(client_id)
+                return succeed(client)
+            del self._clients[client_id]
         if self._cimd is not None and is_cimd_client_id(
             client_id, allow_insecure=self.config.allow_insecure_client_ids
         ):
+            if address is not None and not self.cimd_limiter.hit(address):
+                log.warn(
+                    "refused client metadata document fetch for {address}: rate limited",
+                    address=loggable(address),
+                    endpoint="cimd",
+                    smeldr_event="rate_limited",
+                )
+                return fail(errors.RateLimited(60))
             d = maybeDeferred(self._cimd.resolve, client_id)
+            if address is not None and d.called:
+                # Answered at once: from the resolver's cache, or refused
+                # before any fetch.  Only fetches count.
+                self.cimd_limiter.refund(address)
 
             def failed(f: Any) -> None:
                 if f.check(CIMDError):
                     log.info(
                         "refused client metadata document {client_id}: {reason}",
-                        client_id=client_id,
-                        reason=f.value.reason,
+                        client_id=loggable(client_id),
+                        reason=loggable(f.value.reason),
                         smeldr_event="cimd_refused",
                     )
                 else:
                     log.failure(
-                        "resolving client metadata document {client_id} failed", f, client_id=client_id
+                        "resolving client metadata document {client_id} failed",
+                        f,
+                        client_id=loggable(client_id),
                     )
                 return None
 
@@ -307,9 +358,12 @@ class OAuthServer:
     #: How many registered clients L{resolve_client} keeps in memory.
     client_cache_size = 1024
 
+    #: Seconds L{resolve_client} trusts a remembered registration.
+    client_cache_ttl = 3600.0
+
     def _remember_client(self, client: Optional[Client]) -> Optional[Client]:
         if client is not None:
-            self._clients[client.client_id] = client
+            self._clients[client.client_id] = (client, self._clock.seconds())
             self._clients.move_to_end(client.client_id)
             while len(self._clients) > self.client_cache_size:
                 self._clients.popitem(last=False)
@@ -317,7 +371,9 @@ class OAuthServer:
 
     # -- authorization endpoint ---------------------------------------------
 
-    async def validate_authorization_request(self, params: Mapping[str, list[str]]) -> AuthorizationRequest:
+    async def validate_authorization_request(
+        self, params: Mapping[str, list[str]], address: Optional[str] = None
+    ) -> AuthorizationRequest:
         """
         Validate an authorization request (GET query or the consent form's
         fields, which are checked again in full on POST).
@@ -331,6 +387,10 @@ class OAuthServer:
             cannot be trusted: show a page, do not redirect.
         @raise errors.AuthorizeRedirectError: anything else, to be sent back
             to the (now trusted) redirect URI with C{state} and C{iss}.
+
+        @param address: the browser's address, for the CIMD fetch limit
+            (see L{resolve_client}); a limited request is an
+            L{errors.UntrustedRedirect} with status 429.
         """
         try:
             client_id = single(params, "client_id", required=True)
@@ -338,7 +398,15 @@ class OAuthServer:
         except errors.OAuthError as e:
             raise errors.UntrustedRedirect("Invalid request", e.description)
         assert client_id is not None
-        client = await self.resolve_client(client_id)
+        try:
+            client = await self.resolve_client(client_id, address)
+        except errors.RateLimited as e:
+            raise errors.UntrustedRedirect(
+                "Too many requests",
+                "Too many sign-in requests came from your network. Wait a minute and try again.",
+                status=429,
+                retry_after=e.retry_after,
+            )
         if client is None:
             raise errors.UntrustedRedirect(
                 "Unknown application",
@@ -418,13 +486,32 @@ class OAuthServer:
         The scopes asked for, in server order, or the defaults when none are
         named.  Unknown scopes are an C{invalid_scope} error rather than
         silently dropped, so a client learns what it will not get.
+
+        A I{registered} C{client} that registered a C{scope} (RFC 7591
+        section 2) gets nothing beyond it: asking for more is
+        C{invalid_scope}, and the defaults are cut down to it.  A CIMD
+        document's C{scope} is not enforced: one document serves a client
+        with every server it talks to, so its scope names are not ours.
         """
+        allowed = set(self.config.all_scopes)
+        limited = client is not None and client.kind == "registered" and client.scope is not None
+        if limited:
+            assert client is not None and client.scope is not None
+            allowed &= set(client.scope.split())
         if scope is None or not scope.strip():
-            return tuple(self.config.default_scopes or ())
+            defaults = tuple(s for s in self.config.default_scopes or () if s in allowed)
+            if limited and not defaults:
+                raise errors.invalid_scope("name a scope: none of the defaults was registered by this client")
+            return defaults
         asked = scope.split()
         unknown = [s for s in asked if s not in self.config.all_scopes]
         if unknown:
             raise errors.invalid_scope("unknown scope: " + " ".join(sorted(set(unknown)))[:200])
+        beyond = [s for s in asked if s not in allowed]
+        if beyond:
+            raise errors.invalid_scope(
+                "scope not registered by this client: " + " ".join(sorted(set(beyond)))[:200]
+            )
         return tuple(s for s in self.config.all_scopes if s in asked)
 
     def check_resource(self, values: Iterable[str]) -> str:
@@ -514,8 +601,8 @@ class OAuthServer:
             "grant {grant_id} approved by {subject} for client {client_id} scopes {scopes}",
             smeldr_event="grant_approved",
             grant_id=grant.grant_id,
-            subject=approval.subject,
-            client_id=request.client.client_id,
+            subject=loggable(approval.subject),
+            client_id=loggable(request.client.client_id),
             scopes=" ".join(request.scopes),
         )
         params = [("code", code)]
@@ -630,7 +717,7 @@ class OAuthServer:
             log.warn(
                 "replayed authorization code refused: grant {grant_id} revoked",
                 grant_id=result.code.grant_id,
-                client_id=result.code.client_id,
+                client_id=loggable(result.code.client_id),
                 smeldr_event="code_replay",
             )
             self._grant_revoked(result.code.grant_id)
@@ -716,11 +803,20 @@ class OAuthServer:
             log.warn(
                 "reused refresh token refused: grant {grant_id} revoked",
                 grant_id=result.grant.grant_id,
-                client_id=result.grant.client_id,
+                client_id=loggable(result.grant.client_id),
                 smeldr_event="refresh_reuse",
             )
             self._grant_revoked(result.grant.grant_id)
             raise errors.invalid_grant("refresh token already used")
+        if result.status == "superseded":
+            # A parallel refresh's loser: its sibling was rotated moments
+            # ago.  Refused, but the grant lives on (rotation.decide).
+            log.info(
+                "superseded refresh token refused: grant {grant_id} kept",
+                grant_id=result.grant.grant_id if result.grant is not None else None,
+                smeldr_event="refresh_superseded",
+            )
+            raise errors.invalid_grant("refresh token was superseded by a parallel refresh")
         if result.status == "invalid_scope":
             raise errors.invalid_scope("a refresh may narrow the scope, never widen it")
         if result.status not in ("rotated", "grace"):
@@ -734,8 +830,8 @@ class OAuthServer:
             self._grant_revoked(grant.grant_id)
             log.warn(
                 "refresh token of client {owner} presented by {client_id}: grant {grant_id} revoked",
-                owner=grant.client_id,
-                client_id=client.client_id,
+                owner=loggable(grant.client_id),
+                client_id=loggable(client.client_id),
                 grant_id=grant.grant_id,
                 smeldr_event="refresh_wrong_client",
             )
@@ -753,7 +849,11 @@ class OAuthServer:
         """
         RFC 7009.  Unknown tokens are not an error; a refresh token ends its
         grant.  Public clients identify themselves by client_id only, and
-        are not required to: a token is its own proof of possession.
+        are not required to: a token is its own proof of possession.  But
+        a client that does name itself (C{client_id}, or by authenticating)
+        revokes only its own tokens: one of another client's is left alone,
+        and the answer is the same 200 (RFC 7009 section 2.1: the server
+        verifies that the token was issued to the requesting client).
         """
         reject_repeated(params, REVOKE_PARAMS)
         values = params.get("token", [])
@@ -764,13 +864,14 @@ class OAuthServer:
         # ignored (unsupported_token_type is for types that cannot be
         # revoked; both of ours can), and so is the hint itself: the
         # token's hash finds it whatever its type.
+        requester = single(params, "client_id")
         if basic is not None or single(params, "client_secret") is not None:
-            await self.authenticate_client(params, basic)
+            requester = (await self.authenticate_client(params, basic)).client_id
         if len(token) > MAX_PARAM:
             # Not one of ours: RFC 7009 answers 200 for invalid tokens.
             return
         token_hash = hash_secret(token)
-        grant_id = await self.store.revoke_token(token_hash, self._clock.seconds())
+        grant_id = await self.store.revoke_token(token_hash, self._clock.seconds(), client_id=requester)
         self._token_revoked(token_hash)
         if grant_id is not None:
             self._grant_revoked(grant_id)
@@ -882,7 +983,7 @@ class OAuthServer:
         log.info(
             "registered client {client_id} ({name}) auth {method}",
             client_id=client.client_id,
-            name=name,
+            name=loggable(name),
             method=method,
         )
         body: dict[str, Any] = {

@@ -27,19 +27,57 @@ _HOST_NAME = re.compile(
 )
 
 
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def _port_text(value: str) -> Optional[str]:
+    """
+    The port of C{value}'s authority exactly as written, or C{None} when
+    the authority names none.
+    """
+    _, sep, rest = value.partition("://")
+    if not sep:
+        return None
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    hostport = authority.rpartition("@")[2]
+    if hostport.startswith("["):
+        after = hostport.partition("]")[2]
+        return after[1:] if after.startswith(":") else None
+    return hostport.rpartition(":")[2] if ":" in hostport else None
+
+
+def valid_port_text(port: Optional[str]) -> bool:
+    """
+    Is C{port} (as written in a URL) absent, or 1 to 5 ASCII digits naming
+    a port from 1 to 65535?  L{hyperlink} (through C{int()}) would also
+    take C{+1234}, C{-1}, C{0}, C{99999} and non-ASCII digits, and a
+    loopback redirect URI matches on any port, so each of those would be
+    accepted as "the same" redirect URI.
+    """
+    if port is None:
+        return True
+    return bool(_PORT.fullmatch(port)) and 1 <= int(port) <= 65535
+
+
 def parse(value: str) -> Optional[URL]:
     """
-    Parse an absolute URL, or C{None} if it is not one.
+    Parse an absolute URL, or C{None} if it is not one.  Control
+    characters, spaces and a port that is not ASCII digits from 1 to 65535
+    make it not one.
     """
     if not isinstance(value, str) or not value or len(value) > 2048:
         return None
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
+        return None
+    if not valid_port_text(_port_text(value)):
         return None
     try:
         url = URL.from_text(value)
     except Exception:
         return None
     if not url.absolute or not url.host:
+        return None
+    if url.port is not None and not 1 <= url.port <= 65535:
         return None
     return url
 
@@ -107,14 +145,17 @@ def redirect_uri_matches(registered: str, presented: str) -> bool:
     redirect URIs (127.0.0.1, [::1], localhost, over http) the port is
     ignored, as RFC 8252 section 7.3 requires: native clients such as
     Claude Code register C{http://localhost/callback} and listen on an
-    ephemeral port.
+    ephemeral port.  Either side with a port that is not ASCII digits
+    from 1 to 65535 matches nothing (see L{parse}).
     """
-    if registered == presented:
-        return True
     reg = parse(registered)
     pres = parse(presented)
     if reg is None or pres is None:
+        # Not even an exact match is trusted: a registration made before
+        # ports were checked must not keep working with a bad one.
         return False
+    if registered == presented:
+        return True
     if reg.scheme != "http" or pres.scheme != "http":
         return False
     if not is_loopback_host(reg.host) or reg.host.lower() != pres.host.lower():

@@ -149,6 +149,7 @@ SECURITY_EVENTS = frozenset(
         "code_replay",
         "refresh_reuse",
         "refresh_wrong_client",
+        "refresh_superseded",
         "paste_refused",
         "cimd_refused",
         "rate_limited",

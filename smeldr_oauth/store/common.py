@@ -20,6 +20,13 @@ log = Logger()
 #: for forensics) before C{purge_expired} deletes it.
 GRANT_RETENTION = 7 * 24 * 3600.0
 
+#: How old a registered client must be before C{purge_expired} deletes it,
+#: once no grant refers to it: registrations are never deleted otherwise,
+#: and a registration cap filled with abandoned clients would close
+#: dynamic registration for good.  A client gets a grant within minutes of
+#: registering, so 30 days leaves every real one alone.
+CLIENT_RETENTION = 30 * 24 * 3600.0
+
 #: Once an hour is plenty: expired rows are already inert (every read checks
 #: expiry), purging only bounds the size of the database.
 DEFAULT_PURGE_INTERVAL = 3600.0

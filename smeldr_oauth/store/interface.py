@@ -55,6 +55,10 @@ class RefreshRedemption:
         C{"reused"} (an older token: the grant is now revoked),
         C{"grace_exhausted"} (a replay inside the grace window beyond the
         sibling cap: refused, nothing changed, the grant lives on),
+        C{"superseded"} (an unused sibling revoked because another sibling
+        was rotated, presented within the grace window of that revocation:
+        the loser of a parallel refresh; refused, nothing changed, the
+        grant lives on; later it would be C{"reused"}),
         C{"invalid_scope"} (asked for scopes beyond the grant: nothing
         changed), C{"expired"}, C{"unknown"} or C{"revoked"}.
     """
@@ -125,10 +129,16 @@ class IOAuthStore(Interface):
         expired or revoked.
         """
 
-    def revoke_token(token_hash: str, now: float) -> "Deferred[Optional[str]]":  # type: ignore[misc]
+    def revoke_token(
+        token_hash: str, now: float, client_id: Optional[str] = None
+    ) -> "Deferred[Optional[str]]":  # type: ignore[misc]
         """
         RFC 7009: revoke an access token (just it) or a refresh token (its
         whole grant).  Returns the revoked grant id when a grant ended.
+
+        @param client_id: the client asking, when it named itself: a token
+            whose grant belongs to another client is left alone (and
+            C{None} returned, as for an unknown token).
         """
 
     def revoke_grant(grant_id: str, now: float) -> "Deferred[bool]":  # type: ignore[misc]
@@ -155,6 +165,9 @@ class IOAuthStore(Interface):
 
     def purge_expired(now: float) -> "Deferred[int]":  # type: ignore[misc]
         """
-        Delete expired codes and tokens and long-revoked grants; returns the
-        number of rows removed.
+        Delete expired codes and tokens and long-revoked grants, then
+        registered clients created long ago (see each store's
+        C{client_retention}) that no grant refers to any more, so that
+        abandoned registrations do not fill the registration cap for good.
+        Returns the number of rows removed.
         """

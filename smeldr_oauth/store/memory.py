@@ -31,6 +31,7 @@ from smeldr_oauth.oauth.model import (
     RefreshToken,
 )
 from smeldr_oauth.store.common import (
+    CLIENT_RETENTION,
     DEFAULT_PURGE_INTERVAL,
     GRANT_RETENTION,
     StoreConflict,
@@ -55,14 +56,21 @@ class MemoryStore:
     """
 
     def __init__(
-        self, clock: Optional[IReactorTime] = None, *, grant_retention: float = GRANT_RETENTION
+        self,
+        clock: Optional[IReactorTime] = None,
+        *,
+        grant_retention: float = GRANT_RETENTION,
+        client_retention: float = CLIENT_RETENTION,
     ) -> None:
         """
         @param clock: the default clock of L{start_purging}.
         @param grant_retention: seconds a revoked or dead grant is kept.
+        @param client_retention: seconds a registered client is kept when
+            no grant refers to it.
         """
         self._clock = clock
         self._grant_retention = grant_retention
+        self._client_retention = client_retention
         self._clients: dict[str, Client] = {}
         self._grants: dict[str, Grant] = {}
         self._codes: dict[str, AuthorizationCode] = {}
@@ -215,6 +223,7 @@ class MemoryStore:
             decision = rotation.decide(
                 token=token,
                 token_revoked=token_hash in self._refresh_revoked,
+                token_revoked_at=self._refresh_revoked.get(token_hash),
                 grant=grant,
                 live_generation=live_generation,
                 live_siblings=live_siblings,
@@ -278,12 +287,25 @@ class MemoryStore:
             )
         )
 
-    def revoke_token(self, token_hash: str, now: float) -> "Deferred[Optional[str]]":
-        if token_hash in self._access:
-            self._access_revoked.setdefault(token_hash, now)
+    def _client_of(self, grant_id: str) -> Optional[str]:
+        grant = self._grants.get(grant_id)
+        return None if grant is None else grant.client_id
+
+    def revoke_token(
+        self, token_hash: str, now: float, client_id: Optional[str] = None
+    ) -> "Deferred[Optional[str]]":
+        """
+        See L{smeldr_oauth.store.sqlite.SQLiteStore.revoke_token}.
+        """
+        access = self._access.get(token_hash)
+        if access is not None:
+            if client_id is None or self._client_of(access.grant_id) == client_id:
+                self._access_revoked.setdefault(token_hash, now)
             return succeed(None)
         token = self._refresh.get(token_hash)
-        if token is not None and self._revoke_grant(token.grant_id, now):
+        if token is None or (client_id is not None and self._client_of(token.grant_id) != client_id):
+            return succeed(None)
+        if self._revoke_grant(token.grant_id, now):
             return succeed(token.grant_id)
         return succeed(None)
 
@@ -353,5 +375,11 @@ class MemoryStore:
                         extra.pop(key, None)
                         removed += 1
                 del self._grants[grant.grant_id]
+                removed += 1
+        client_cutoff = now - self._client_retention
+        with_grants = {grant.client_id for grant in self._grants.values()}
+        for client in list(self._clients.values()):
+            if client.created_at <= client_cutoff and client.client_id not in with_grants:
+                del self._clients[client.client_id]
                 removed += 1
         return succeed(removed)

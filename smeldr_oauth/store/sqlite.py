@@ -40,6 +40,7 @@ from smeldr_oauth.oauth.model import (
     RefreshToken,
 )
 from smeldr_oauth.store.common import (
+    CLIENT_RETENTION,
     DEFAULT_PURGE_INTERVAL,
     GRANT_RETENTION,
     StoreConflict,
@@ -349,6 +350,7 @@ class SQLiteStore:
         threadpool: Any = None,
         migrations: Sequence[str] = MIGRATIONS,
         grant_retention: float = GRANT_RETENTION,
+        client_retention: float = CLIENT_RETENTION,
     ) -> None:
         """
         @param path: the database file (C{":memory:"} works: the pool holds
@@ -361,10 +363,13 @@ class SQLiteStore:
             C{--db-threads 0} passes, runs SQLite on the reactor thread).
         @param migrations: the schema scripts (tests use shorter lists).
         @param grant_retention: seconds a revoked or dead grant is kept.
+        @param client_retention: seconds a registered client is kept when
+            no grant refers to it.
         """
         self._clock = clock if clock is not None else reactor
         self._closed = False
         self._grant_retention = grant_retention
+        self._client_retention = client_retention
         self._pool = SQLiteConnectionPool(
             "sqlite3",
             path,
@@ -599,6 +604,7 @@ class SQLiteStore:
             decision = rotation.decide(
                 token=token,
                 token_revoked=row is not None and row["revoked_at"] is not None,
+                token_revoked_at=None if row is None else row["revoked_at"],
                 grant=grant,
                 live_generation=live_generation,
                 live_siblings=live_siblings,
@@ -637,19 +643,36 @@ class SQLiteStore:
 
         return self._read(lookup)
 
-    def revoke_token(self, token_hash: str, now: float) -> "Deferred[Optional[str]]":
+    def revoke_token(
+        self, token_hash: str, now: float, client_id: Optional[str] = None
+    ) -> "Deferred[Optional[str]]":
+        """
+        Revoke an access token (just it) or a refresh token (its whole
+        grant); with C{client_id}, only if the token's grant belongs to that
+        client.  Returns the grant id when a grant ended.
+        """
+
+        def owned(txn: Any, grant_id: str) -> bool:
+            if client_id is None:
+                return True
+            txn.execute("SELECT client_id FROM grants WHERE grant_id = ?", (grant_id,))
+            row = txn.fetchone()
+            return row is not None and row["client_id"] == client_id
+
         def revoke(txn: Any) -> Optional[str]:
-            txn.execute("SELECT revoked_at FROM access_tokens WHERE token_hash = ?", (token_hash,))
-            if txn.fetchone() is not None:
-                txn.execute(
-                    "UPDATE access_tokens SET revoked_at = ?"
-                    " WHERE token_hash = ? AND revoked_at IS NULL",
-                    (now, token_hash),
-                )
+            txn.execute("SELECT grant_id FROM access_tokens WHERE token_hash = ?", (token_hash,))
+            row = txn.fetchone()
+            if row is not None:
+                if owned(txn, row["grant_id"]):
+                    txn.execute(
+                        "UPDATE access_tokens SET revoked_at = ?"
+                        " WHERE token_hash = ? AND revoked_at IS NULL",
+                        (now, token_hash),
+                    )
                 return None
             txn.execute("SELECT grant_id FROM refresh_tokens WHERE token_hash = ?", (token_hash,))
             row = txn.fetchone()
-            if row is not None and _revoke_grant(txn, row["grant_id"], now):
+            if row is not None and owned(txn, row["grant_id"]) and _revoke_grant(txn, row["grant_id"], now):
                 return str(row["grant_id"])
             return None
 
@@ -742,6 +765,12 @@ class SQLiteStore:
             if grants < PURGE_BATCH:
                 break
             await self._yield()
+        while True:
+            count = await self._write(_purge_idle_clients, now - self._client_retention, PURGE_BATCH)
+            removed += count
+            if count < PURGE_BATCH:
+                break
+            await self._yield()
         return removed
 
     def _yield(self) -> "Deferred[None]":
@@ -759,6 +788,20 @@ def _purge_expired_rows(txn: Any, table: str, now: float, limit: int) -> int:
     txn.execute(
         f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE expires_at <= ? LIMIT ?)",
         (now, limit),
+    )
+    return int(txn.rowcount)
+
+
+def _purge_idle_clients(txn: Any, cutoff: float, limit: int) -> int:
+    """
+    Delete up to C{limit} clients created at or before C{cutoff} that no
+    grant refers to.  (C{NOT IN} over a subquery: SQLite builds it once per
+    statement, so no index on C{grants.client_id} is needed.)
+    """
+    txn.execute(
+        "DELETE FROM clients WHERE rowid IN (SELECT rowid FROM clients"
+        " WHERE created_at <= ? AND client_id NOT IN (SELECT client_id FROM grants) LIMIT ?)",
+        (cutoff, limit),
     )
     return int(txn.rowcount)
 

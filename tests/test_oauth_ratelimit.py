@@ -1,0 +1,98 @@
+"""
+Tests for L{smeldr_oauth.oauth.ratelimit}.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, strategies as st
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from smeldr_oauth.oauth.ratelimit import RateLimiter, bucket_key
+
+
+class BucketKeyTests(SynchronousTestCase):
+    def test_ipv4_own_bucket(self) -> None:
+        self.assertEqual(bucket_key("192.0.2.1"), "192.0.2.1")
+        self.assertNotEqual(bucket_key("192.0.2.1"), bucket_key("192.0.2.2"))
+
+    def test_ipv6_per_64(self) -> None:
+        """
+        Every address of one /64 shares a bucket, however it is written;
+        the next /64 is another bucket.
+        """
+        a = bucket_key("2001:db8:1:2::1")
+        self.assertEqual(a, "2001:db8:1:2::/64")
+        self.assertEqual(bucket_key("2001:db8:1:2:ffff:ffff:ffff:ffff"), a)
+        self.assertEqual(bucket_key("2001:DB8:1:2:0:0:0:9"), a)
+        self.assertEqual(bucket_key("2001:db8:1:2::1%eth0"), a)
+        self.assertNotEqual(bucket_key("2001:db8:1:3::1"), a)
+
+    def test_ipv4_mapped(self) -> None:
+        self.assertEqual(bucket_key("::ffff:192.0.2.1"), "192.0.2.1")
+
+    def test_not_an_address(self) -> None:
+        for value in ("unknown", "", "/tmp/socket", "host.example"):
+            self.assertEqual(bucket_key(value), value)
+
+    @given(st.text(max_size=60))
+    def test_never_raises(self, value: str) -> None:
+        self.assertIsInstance(bucket_key(value), str)
+
+    @given(st.ip_addresses(v=6))
+    def test_ipv6_keys_are_networks(self, ip: object) -> None:
+        key = bucket_key(str(ip))
+        self.assertTrue(key.endswith("/64") or "." in key, key)
+
+
+class RateLimiterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.limiter = RateLimiter(self.clock, 3)
+
+    def test_hit_until_empty(self) -> None:
+        self.assertEqual([self.limiter.hit("a") for _ in range(4)], [True, True, True, False])
+        self.assertFalse(self.limiter.allowed("a"))
+        self.assertTrue(self.limiter.hit("b"))
+
+    def test_refills(self) -> None:
+        for _ in range(3):
+            self.limiter.hit("a")
+        self.clock.advance(20)
+        self.assertTrue(self.limiter.hit("a"))
+        self.assertFalse(self.limiter.hit("a"))
+
+    def test_refund(self) -> None:
+        """
+        A refunded hit is as if it never happened; refunds never lift a
+        bucket above its capacity.
+        """
+        for _ in range(3):
+            self.assertTrue(self.limiter.hit("a"))
+        self.limiter.refund("a")
+        self.assertTrue(self.limiter.hit("a"))
+        self.assertFalse(self.limiter.hit("a"))
+        for _ in range(10):
+            self.limiter.refund("b")
+        self.assertEqual([self.limiter.hit("b") for _ in range(4)], [True, True, True, False])
+
+    def test_reserve_then_refund_bounds_parallel_attempts(self) -> None:
+        """
+        Spending before a slow check lets at most the capacity through,
+        however many checks are in flight at once.
+        """
+        admitted = [self.limiter.hit("a") for _ in range(60)]
+        self.assertEqual(admitted.count(True), 3)
+
+    def test_ipv6_neighbours_share(self) -> None:
+        for n in range(3):
+            self.assertTrue(self.limiter.hit(f"2001:db8::{n + 1}"))
+        self.assertFalse(self.limiter.hit("2001:db8::ffff"))
+        self.assertTrue(self.limiter.hit("2001:db8:0:1::1"))
+
+    def test_bounded_keys(self) -> None:
+        limiter = RateLimiter(self.clock, 1, max_keys=2)
+        for key in ("a", "b", "c"):
+            limiter.hit(key)
+        # "a" was forgotten: it starts with a full bucket again.
+        self.assertTrue(limiter.hit("a"))
