@@ -22,6 +22,8 @@ done
 
 echo "== lint"
 .venv/bin/ruff check smeldr_oauth twisted tests bench examples
+echo "== types"
+.venv/bin/mypy smeldr_oauth
 echo "== tests"
 export SMELDR_MATRIX_DIR=${SMELDR_MATRIX_DIR:-$PWD/.trial_temp-matrix}
 rm -rf "$SMELDR_MATRIX_DIR" && mkdir -p "$SMELDR_MATRIX_DIR"

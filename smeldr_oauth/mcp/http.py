@@ -387,7 +387,8 @@ class _Exchange:
                 request.setHeader(b"WWW-Authenticate", failure.challenge.encode())
                 status = 403
             elif self.modern and error:
-                status = _MODERN_STATUS.get(error.get("code"), 200)
+                code = error.get("code")
+                status = _MODERN_STATUS.get(code, 200) if isinstance(code, int) else 200
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json")
         self.result.callback(jsonrpc.encode(body))

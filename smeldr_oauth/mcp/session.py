@@ -299,10 +299,12 @@ class ServerSession:
             return ()
         params = message.params
         if message.method == "tools/call":
-            tool = self.app.tools.get(params.get("name")) if isinstance(params.get("name"), str) else None
+            name = params.get("name")
+            tool = self.app.tools.get(name) if isinstance(name, str) else None
             return tool.scopes if tool else ()
         if message.method == "prompts/get":
-            prompt = self.app.prompts.get(params.get("name")) if isinstance(params.get("name"), str) else None
+            name = params.get("name")
+            prompt = self.app.prompts.get(name) if isinstance(name, str) else None
             return prompt.scopes if prompt else ()
         if message.method in ("resources/read", "resources/subscribe"):
             uri = params.get("uri")
@@ -360,7 +362,7 @@ class ServerSession:
                 log.failure("MCP method {method} failed", result, method=message.method)
                 outer.callback(jsonrpc.error_response(message.id, jsonrpc.internal_error()))
                 return
-            outer.callback(jsonrpc.result_response(message.id, self._shape(message.method, call, result)))
+            outer.callback(jsonrpc.result_response(message.id, self._shape(message.method, call, result)))  # type: ignore[arg-type]
 
         inner.addBoth(finished)
         return outer
@@ -459,8 +461,9 @@ class ServerSession:
             return
         if message.error is not None:
             error = message.error
-            code = error.get("code") if isinstance(error.get("code"), int) else jsonrpc.INTERNAL_ERROR
-            text = error.get("message") if isinstance(error.get("message"), str) else "Client error"
+            raw_code, raw_text = error.get("code"), error.get("message")
+            code = raw_code if isinstance(raw_code, int) else jsonrpc.INTERNAL_ERROR
+            text = raw_text if isinstance(raw_text, str) else "Client error"
             d.errback(JSONRPCError(code, text[:500], error.get("data")))
         else:
             d.callback(message.result)
@@ -835,14 +838,14 @@ class ServerSession:
         name, value = argument.get("name"), argument.get("value", "")
         if not isinstance(name, str) or not isinstance(value, str):
             raise jsonrpc.invalid_params("argument name and value must be strings")
-        provider = self.app.completions.get((key, name))
+        provider = self.app.completions.get((key, name))  # type: ignore[arg-type]
         if provider is None:
             return succeed({"completion": {"values": [], "total": 0, "hasMore": False}})
         ctx = self._context(call)
         d = invoke(provider.func, provider.signature, ctx, {"value": value})
 
         def done(values: object) -> dict[str, Any]:
-            found = [str(v) for v in (values or [])]
+            found = [str(v) for v in (values or [])]  # type: ignore[attr-defined]
             return {"completion": {"values": found[:100], "total": len(found), "hasMore": len(found) > 100}}
 
         return d.addCallback(done)
