@@ -59,6 +59,7 @@ try:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.remote.webelement import WebElement
+    from selenium.webdriver.support.expected_conditions import staleness_of
     from selenium.webdriver.support.ui import WebDriverWait
 except ImportError:  # pragma: no cover - reported by _requireBrowser
     HAVE_SELENIUM = False
@@ -221,6 +222,26 @@ class Browser:
 
     def all(self, css: str) -> list[WebElement]:
         return list(self.driver.find_elements(By.CSS_SELECTOR, css))
+
+    def submit(self, button: WebElement, timeout: float = 10.0) -> None:
+        """
+        Click a form's button and wait until the page it leads to has
+        replaced this one: C{click()} returns before the navigation, and
+        reading the page straight after it races the browser.
+        """
+        old = self.driver.find_element(By.TAG_NAME, "html")
+        button.click()
+
+        def gone(driver: Any) -> bool:
+            # Chromium reports a replaced document either as a stale element
+            # or, mid-navigation, as a node that "does not belong to the
+            # document": both mean the old page is gone.
+            try:
+                return bool(staleness_of(old)(driver))
+            except WebDriverException:
+                return True
+
+        WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(gone)
 
     def button(self, label: str, within: WebElement | None = None) -> WebElement:
         buttons = [
@@ -522,7 +543,7 @@ class BrowserPagesTests(TestCase):
 
         def pasteAndApprove() -> str:
             self.browser.one("#site_token").send_keys(self.siteToken)
-            self.browser.button("Approve").click()
+            self.browser.submit(self.browser.button("Approve"))
             return str(self.browser.driver.current_url)
 
         landed = await self.thread(pasteAndApprove)
@@ -657,7 +678,7 @@ class BrowserPagesTests(TestCase):
         _, state = await self.openConsent()
 
         def deny() -> str:
-            self.browser.button("Deny").click()
+            self.browser.submit(self.browser.button("Deny"))
             return str(self.browser.driver.current_url)
 
         landed = await self.thread(deny)
@@ -681,7 +702,7 @@ class BrowserPagesTests(TestCase):
 
         def pasteWrong() -> dict[str, Any]:
             self.browser.one("#site_token").send_keys("smeldr_not-a-real-token")
-            self.browser.button("Approve").click()
+            self.browser.submit(self.browser.button("Approve"))
             alerts = self.browser.all("[role=alert]")
             field = self.browser.one("#site_token")
             return {
@@ -755,12 +776,12 @@ class BrowserPagesTests(TestCase):
             b.get(url)
             found["consent"] = (b.inputCount(), b.unlabelledInputs())
             b.one("#site_token").send_keys("wrong")
-            b.button("Approve").click()
+            b.submit(b.button("Approve"))
             found["consent error"] = (b.inputCount(), b.unlabelledInputs())
             b.get(grants)
             found["grants sign-in"] = (b.inputCount(), b.unlabelledInputs())
             b.one("#site_token").send_keys("wrong")
-            b.button("Show connected apps").click()
+            b.submit(b.button("Show connected apps"))
             found["grants sign-in error"] = (b.inputCount(), b.unlabelledInputs())
             return found
 
@@ -787,7 +808,7 @@ class BrowserPagesTests(TestCase):
             b = self.browser
             b.get(self.server.issuer + "/oauth/grants")
             b.one("#site_token").send_keys(self.siteToken)
-            b.button("Show connected apps").click()
+            b.submit(b.button("Show connected apps"))
             items = b.all("ul.grants > li")
             return {
                 "items": [i.text for i in items],
@@ -809,7 +830,7 @@ class BrowserPagesTests(TestCase):
         def disconnect() -> dict[str, Any]:
             b = self.browser
             item = b.one("ul.grants > li")
-            b.button("Disconnect", within=item).click()
+            b.submit(b.button("Disconnect", within=item))
             return {
                 "items": [i.text for i in b.all("ul.grants > li")],
                 "status": [s.text for s in b.all("[role=status]")],

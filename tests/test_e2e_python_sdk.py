@@ -290,6 +290,26 @@ class PythonSDKTests(TestCase):
         registrations = [e for e in report["http"] if e["path"].endswith("/register")]
         self.assertEqual(registrations, [])
 
+    async def test_legacySSEWithClientMetadataDocument(self) -> None:
+        """
+        The legacy HTTP+SSE transport with a Client ID Metadata Document.
+        """
+        host = await serveClientMetadata(self, reactor, [CALLBACK])
+        server, siteToken = await self.serve("--cimd-ca-file", host.caFile)
+        report = await self.drive(
+            server,
+            siteToken,
+            "--transport",
+            "sse",
+            "--identity",
+            "cimd",
+            "--client-metadata-url",
+            host.url,
+        )
+        self.assertFirstContact(report)
+        self.assertTrue(report["registered"]["client_id_is_url"], report["registered"])
+        self.assertEqual([e for e in report["http"] if e["path"].endswith("/register")], [])
+
     async def test_streamableHTTPLegacyHandshake(self) -> None:
         """
         With C{mode="legacy"} (what 2025-era SDKs do) the SDK runs the
