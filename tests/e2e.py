@@ -22,7 +22,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attr
@@ -539,3 +539,87 @@ def recordMatrix(
     )
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
+
+
+async def matrixOutcome(
+    testCase: TestCase,
+    client: str,
+    version: str,
+    transport: str,
+    identity: str,
+    case: str,
+    body: Callable[[], Awaitable[None]],
+) -> None:
+    """
+    Run C{body} and record its outcome (C{"pass"}, or C{"fail"} when it
+    raised, the error then passed on) as one matrix row: see L{recordMatrix}.
+    """
+    try:
+        await body()
+    except BaseException:
+        recordMatrix(testCase, client, version, transport, identity, case, "fail")
+        raise
+    recordMatrix(testCase, client, version, transport, identity, case, "pass")
+
+
+async def runDriverReport(
+    reactor: Any,
+    command: Sequence[str],
+    timeout: float = 30.0,
+    path: str | None = None,
+) -> tuple[dict[str, Any] | None, str, str, int]:
+    """
+    Run a client driver (a program under C{tests/clients} or C{tests/node}
+    that ends its output with a one-line JSON report).
+
+    @return: Its report (the last stdout line that starts with C{{}, parsed;
+        C{None} if there is none or it is no JSON), stdout, stderr and exit
+        status.
+    """
+    out, err, code = await runProgram(reactor, command, timeout=timeout, path=path)
+    report: dict[str, Any] | None = None
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if lines:
+        try:
+            report = json.loads(lines[-1])
+        except ValueError:
+            report = None
+    return report, out, err, code
+
+
+def checkDriver(
+    testCase: TestCase,
+    server: RunningServer,
+    arguments: Sequence[str],
+    report: dict[str, Any] | None,
+    out: str,
+    err: str,
+    code: int,
+) -> dict[str, Any]:
+    """
+    The report of a driver run by L{runDriverReport} with C{arguments};
+    fail C{testCase} with everything known (its error, HTTP trace, output
+    and the server's) unless it exited 0 reporting success.
+    """
+    if code != 0 or report is None or not report.get("ok"):
+        trace = "\n".join(json.dumps(e) for e in (report or {}).get("http", []))
+        testCase.fail(
+            server.annotate(
+                f"driver {' '.join(arguments)} exited {code}\n"
+                f"error: {(report or {}).get('error')}\n"
+                f"--- HTTP trace ---\n{trace}\n--- driver stderr ---\n{err}"
+                f"--- driver stdout ---\n{out}"
+            )
+        )
+    assert report is not None
+    return report
+
+
+def explainReport(report: dict[str, Any]) -> str:
+    """
+    A driver's report without its results, then its HTTP trace, one
+    exchange a line: the message for a failed assertion about it.
+    """
+    summary = {k: v for k, v in report.items() if k != "http" and not k.endswith("result")}
+    trace = "\n".join(json.dumps(e) for e in report.get("http", []))
+    return f"\nreport: {json.dumps(summary)}\n--- HTTP trace ---\n{trace}"

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import os
 import re
 import secrets
-from html.parser import HTMLParser
+from types import ModuleType
 from typing import Any, Optional
 from urllib.parse import urlencode
 
@@ -277,41 +278,24 @@ def judge(
 # The browser's part and a headless OAuth client
 
 
-class FormParser(HTMLParser):
+def _loadConsent() -> ModuleType:
     """
-    The forms of a page as a browser sees them: action, method, named
-    C{<input>}s with their values, and submit buttons.
+    The Python SDK drivers' browser helpers (C{tests/clients/consent.py}),
+    so the form here is parsed exactly as theirs is. C{tests/clients} is no
+    package (its drivers run as scripts, in other venvs), so the module is
+    loaded from its file.
     """
+    path = os.path.join(CHECKOUT, "tests", "clients", "consent.py")
+    spec = importlib.util.spec_from_file_location("smeldr_tests_clients_consent", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.forms: list[dict[str, Any]] = []
-        self._current: Optional[dict[str, Any]] = None
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, Optional[str]]]) -> None:
-        a = {k: (v if v is not None else "") for k, v in attrs}
-        if tag == "form":
-            self._current = {
-                "action": a.get("action", ""),
-                "method": a.get("method", "get").lower(),
-                "inputs": [],
-                "buttons": [],
-            }
-            self.forms.append(self._current)
-        elif self._current is None:
-            return
-        elif tag == "input" and "name" in a:
-            kind = a.get("type", "text").lower()
-            if kind in ("submit", "button", "image"):
-                self._current["buttons"].append((a["name"], a.get("value", "")))
-            elif kind not in ("checkbox", "radio") or "checked" in a:
-                self._current["inputs"].append((a["name"], a.get("value", "")))
-        elif tag == "button" and a.get("type", "submit").lower() == "submit" and "name" in a:
-            self._current["buttons"].append((a["name"], a.get("value", "")))
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "form":
-            self._current = None
+#: The forms of a page as a browser sees them: action, method, named
+#: C{<input>}s with their values, and submit buttons.
+FormParser = _loadConsent().ConsentFormParser
 
 
 def httpClient(testCase: TestCase) -> HTTPClient:

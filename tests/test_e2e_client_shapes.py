@@ -38,7 +38,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests import e2e
-from tests.e2e import RunningServer, createSiteToken, recordMatrix, startServer
+from tests.e2e import RunningServer, createSiteToken, matrixOutcome, startServer
 
 #: The matrix's version column for these rows: the documents' shapes as
 #: observed in late 2026, not a client build.
@@ -549,12 +549,7 @@ class ClientShapeTests(TestCase):
         """
         Run C{body} and record its outcome as one matrix row.
         """
-        try:
-            await body()
-        except BaseException:
-            recordMatrix(self, client, SHAPE_VERSION, "streamable-http", identity, case, "fail")
-            raise
-        recordMatrix(self, client, SHAPE_VERSION, "streamable-http", identity, case, "pass")
+        await matrixOutcome(self, client, SHAPE_VERSION, "streamable-http", identity, case, body)
 
     async def serve(self, *extraArguments: str, document: PublishedDocument | None = None) -> HostedClient:
         """

@@ -12,8 +12,8 @@ error, its HTTP trace and stderr, and the server's log.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
+import sys
 from typing import Any
 
 from twisted.internet import reactor
@@ -23,8 +23,10 @@ from tests.e2e import (
     CHECKOUT,
     RunningServer,
     createSiteToken,
+    checkDriver,
+    explainReport,
     recordMatrix,
-    runPython,
+    runDriverReport,
     serveClientMetadata,
     startServer,
 )
@@ -95,9 +97,10 @@ class PythonSDKTests(TestCase):
         Run the driver against C{server}; give back its report (C{None} if
         it printed none), stdout, stderr and exit status.
         """
-        out, err, code = await runPython(
+        return await runDriverReport(
             reactor,
             [
+                sys.executable,
                 DRIVER,
                 "--url",
                 server.mcpURL,
@@ -113,14 +116,6 @@ class PythonSDKTests(TestCase):
             ],
             timeout=30,
         )
-        lines = [line for line in out.splitlines() if line.startswith("{")]
-        report: dict[str, Any] | None = None
-        if lines:
-            try:
-                report = json.loads(lines[-1])
-            except ValueError:
-                report = None
-        return report, out, err, code
 
     async def drive(
         self, server: RunningServer, siteToken: str, *arguments: str
@@ -130,31 +125,11 @@ class PythonSDKTests(TestCase):
         it reports success.
         """
         report, out, err, code = await self.runDriver(server, siteToken, *arguments)
-        if code != 0 or report is None or not report.get("ok"):
-            trace = "\n".join(json.dumps(e) for e in (report or {}).get("http", []))
-            self.fail(
-                server.annotate(
-                    f"driver {' '.join(arguments)} exited {code}\n"
-                    f"error: {(report or {}).get('error')}\n"
-                    f"--- HTTP trace ---\n{trace}\n--- driver stderr ---\n{err}"
-                    f"--- driver stdout ---\n{out}"
-                )
-            )
-        assert report is not None
+        report = checkDriver(self, server, arguments, report, out, err, code)
         recordMatrix(self, "mcp (Python SDK 2.x)", _sdkVersion(), *_matrixCell(arguments))
         return report
 
-    @staticmethod
-    def explain(report: dict[str, Any]) -> str:
-        """
-        The driver's report without its results, then its HTTP trace, one
-        exchange a line: the message for a failed assertion about it.
-        """
-        summary = {
-            k: v for k, v in report.items() if k != "http" and not k.endswith("result")
-        }
-        trace = "\n".join(json.dumps(e) for e in report.get("http", []))
-        return f"\nreport: {json.dumps(summary)}\n--- HTTP trace ---\n{trace}"
+    explain = staticmethod(explainReport)
 
     def assertToolWorked(self, result: dict[str, Any]) -> None:
         self.assertFalse(result.get("isError", False), result)

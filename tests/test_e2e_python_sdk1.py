@@ -19,7 +19,6 @@ after a revocation it re-authorizes from scratch.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,8 +31,10 @@ from tests.e2e import (
     CHECKOUT,
     RunningServer,
     createSiteToken,
-    recordMatrix,
-    runProgram,
+    checkDriver,
+    explainReport,
+    matrixOutcome,
+    runDriverReport,
     serveClientMetadata,
     startServer,
 )
@@ -99,12 +100,7 @@ class PythonSDK1Tests(TestCase):
         """
         Run C{body} and record its outcome as one matrix row.
         """
-        try:
-            await body()
-        except BaseException:
-            recordMatrix(self, CLIENT, self.version, transport, identity, case, "fail")
-            raise
-        recordMatrix(self, CLIENT, self.version, transport, identity, case, "pass")
+        await matrixOutcome(self, CLIENT, self.version, transport, identity, case, body)
 
     async def serve(self, *extraArguments: str) -> tuple[RunningServer, str]:
         server = await startServer(self, reactor, extraArguments)
@@ -118,7 +114,7 @@ class PythonSDK1Tests(TestCase):
         Run the driver against C{server}; give back its report (C{None} if
         it printed none), stdout, stderr and exit status.
         """
-        out, err, code = await runProgram(
+        return await runDriverReport(
             reactor,
             [
                 PYTHON1,
@@ -137,14 +133,6 @@ class PythonSDK1Tests(TestCase):
             ],
             timeout=30,
         )
-        lines = [line for line in out.splitlines() if line.startswith("{")]
-        report: dict[str, Any] | None = None
-        if lines:
-            try:
-                report = json.loads(lines[-1])
-            except ValueError:
-                report = None
-        return report, out, err, code
 
     async def drive(
         self,
@@ -158,28 +146,9 @@ class PythonSDK1Tests(TestCase):
         it reports success.
         """
         report, out, err, code = await self.runDriver(server, siteToken, *arguments, url=url)
-        if code != 0 or report is None or not report.get("ok"):
-            trace = "\n".join(json.dumps(e) for e in (report or {}).get("http", []))
-            self.fail(
-                server.annotate(
-                    f"driver {' '.join(arguments)} exited {code}\n"
-                    f"error: {(report or {}).get('error')}\n"
-                    f"--- HTTP trace ---\n{trace}\n--- driver stderr ---\n{err}"
-                    f"--- driver stdout ---\n{out}"
-                )
-            )
-        assert report is not None
-        return report
+        return checkDriver(self, server, arguments, report, out, err, code)
 
-    @staticmethod
-    def explain(report: dict[str, Any]) -> str:
-        """
-        The driver's report without its results, then its HTTP trace, one
-        exchange a line: the message for a failed assertion about it.
-        """
-        summary = {k: v for k, v in report.items() if k != "http" and not k.endswith("result")}
-        trace = "\n".join(json.dumps(e) for e in report.get("http", []))
-        return f"\nreport: {json.dumps(summary)}\n--- HTTP trace ---\n{trace}"
+    explain = staticmethod(explainReport)
 
     def assertToolWorked(self, result: dict[str, Any]) -> None:
         self.assertFalse(result.get("isError", False), result)

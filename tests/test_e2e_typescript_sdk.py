@@ -34,8 +34,10 @@ from tests.e2e import (
     CHECKOUT,
     RunningServer,
     createSiteToken,
-    recordMatrix,
-    runProgram,
+    checkDriver,
+    explainReport,
+    matrixOutcome,
+    runDriverReport,
     serveClientMetadata,
     startServer,
 )
@@ -106,12 +108,7 @@ class TypeScriptSDKTests(TestCase):
         """
         Run C{body} and record its outcome as one matrix row.
         """
-        try:
-            await body()
-        except BaseException:
-            recordMatrix(self, CLIENT, self.version, transport, identity, case, "fail")
-            raise
-        recordMatrix(self, CLIENT, self.version, transport, identity, case, "pass")
+        await matrixOutcome(self, CLIENT, self.version, transport, identity, case, body)
 
     async def serve(self, *extraArguments: str) -> tuple[RunningServer, str]:
         server = await startServer(self, reactor, extraArguments)
@@ -125,7 +122,7 @@ class TypeScriptSDKTests(TestCase):
         Run the driver against C{server}; give back its report (C{None} if
         it printed none), stdout, stderr and exit status.
         """
-        out, err, code = await runProgram(
+        return await runDriverReport(
             reactor,
             [
                 self.node,
@@ -147,15 +144,6 @@ class TypeScriptSDKTests(TestCase):
             timeout=30,
             path=NODE_DIRECTORY,
         )
-        report: dict[str, Any] | None = None
-        for line in reversed(out.splitlines()):
-            if line.startswith("{"):
-                try:
-                    report = json.loads(line)
-                except ValueError:
-                    pass
-                break
-        return report, out, err, code
 
     async def drive(self, server: RunningServer, siteToken: str, *arguments: str) -> dict[str, Any]:
         """
@@ -163,28 +151,9 @@ class TypeScriptSDKTests(TestCase):
         success.
         """
         report, out, err, code = await self.runDriver(server, siteToken, *arguments)
-        if code != 0 or report is None or not report.get("ok"):
-            trace = "\n".join(json.dumps(e) for e in (report or {}).get("http", []))
-            self.fail(
-                server.annotate(
-                    f"driver {' '.join(arguments)} exited {code}\n"
-                    f"error: {(report or {}).get('error')}\n"
-                    f"--- HTTP trace ---\n{trace}\n--- driver stderr ---\n{err}"
-                    f"--- driver stdout ---\n{out}"
-                )
-            )
-        assert report is not None
-        return report
+        return checkDriver(self, server, arguments, report, out, err, code)
 
-    @staticmethod
-    def explain(report: dict[str, Any]) -> str:
-        """
-        The report without tool results, then its HTTP trace, one exchange a
-        line: the message for a failed assertion about it.
-        """
-        summary = {k: v for k, v in report.items() if k != "http" and not k.endswith("result")}
-        trace = "\n".join(json.dumps(e) for e in report.get("http", []))
-        return f"\nreport: {json.dumps(summary)}\n--- HTTP trace ---\n{trace}"
+    explain = staticmethod(explainReport)
 
     def assertToolWorked(self, result: dict[str, Any], why: str = "") -> None:
         self.assertFalse(result.get("isError", False), f"{result}{why}")

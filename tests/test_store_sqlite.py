@@ -57,6 +57,11 @@ class InlineReactor(Clock):
 class InlineThreadPool:
     """
     A thread pool without threads: work runs on the caller's thread.
+
+    The same code as the production L{ReactorThreadPool}, on purpose: the
+    store's pool treats a L{ReactorThreadPool} as C{inline} and then skips the
+    thread-pool path (C{callInThreadWithCallback}, C{callFromThread}) that
+    these tests exist to run, so neither it nor a subclass can stand in here.
     """
 
     def start(self) -> None:

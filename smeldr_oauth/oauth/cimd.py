@@ -739,10 +739,6 @@ class CIMDResolver:
     Turns metadata-document client ids into L{Client} records, fetching,
     validating and caching the documents.
 
-    @ivar allow_insecure: the development switch: http client ids, loopback
-        and private addresses, single-label host names.  Never on in
-        production.
-
     Anyone can make us fetch a URL (it is just a C{client_id} on an
     authorization request), so fetch slots are a resource strangers compete
     for.  Four rules keep one stranger from taking them all:
@@ -762,6 +758,10 @@ class CIMDResolver:
         cached document up to C{stale_if_error} seconds past its expiry is
         served instead (RFC 5861's stale-if-error), so clients already seen
         keep working while the slots are contested.
+
+    @ivar allow_insecure: the development switch: http client ids, loopback
+        and private addresses, single-label host names.  Never on in
+        production.
     """
 
     def __init__(

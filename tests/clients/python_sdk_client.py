@@ -30,15 +30,13 @@ trace, the traceback on stderr, and exit status 1.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
 import time
 import traceback
-from html.parser import HTMLParser
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import anyio
 import httpx2
@@ -53,73 +51,26 @@ from mcp.shared.auth import (
     OAuthToken,
 )
 
-
-def fingerprint(secret: str | None) -> str | None:
-    """
-    A short, stable stand-in for a token in the output, so that runs can show
-    that two tokens differ without ever printing one.
-    """
-    if secret is None:
-        return None
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
-
-
-class DriverError(Exception):
-    """
-    The server did something a browser or the SDK would not accept; the
-    message says what was sent, what came back and what was expected.
-    """
+import consent  # this directory: Python puts a script's own directory on sys.path
+from consent import (
+    DriverError,
+    consentForm,
+    consentLocation,
+    consentSubmission,
+    describe,
+    fingerprint,
+    nextOnOrigin,
+    redirectQuery,
+)
 
 
-class Trace:
+class Trace(consent.Trace):
     """
     Every HTTP exchange either client made, in order, without bodies or
     credentials: the evidence a failure report needs.
     """
 
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    async def onRequest(self, request: httpx2.Request) -> None:
-        entry: dict[str, Any] = {
-            "method": request.method,
-            "path": request.url.path,
-            "auth": "Authorization" in request.headers,
-        }
-        if request.url.path.endswith("/token") or request.url.path.endswith("/revoke"):
-            try:
-                form = parse_qs(request.content.decode("ascii"))
-            except (httpx2.RequestNotRead, UnicodeDecodeError):
-                form = {}
-            if "grant_type" in form:
-                entry["grant_type"] = form["grant_type"][0]
-        if request.method == "POST" and request.headers.get(
-            "content-type", ""
-        ).startswith("application/json"):
-            try:
-                body = json.loads(request.content)
-                if isinstance(body, dict) and "method" in body:
-                    entry["rpc"] = body["method"]
-            except (httpx2.RequestNotRead, ValueError):
-                pass
-        self.events.append(entry)
-        request.extensions["trace_entry"] = entry
-
-    async def onResponse(self, response: httpx2.Response) -> None:
-        entry = response.request.extensions.get("trace_entry")
-        if entry is None:
-            return
-        entry["status"] = response.status_code
-        if response.status_code in (401, 403):
-            entry["www_authenticate"] = response.headers.get("www-authenticate")
-
-    def hooks(self) -> dict[str, list[Any]]:
-        return {"request": [self.onRequest], "response": [self.onResponse]}
-
-    def count(self, **match: Any) -> int:
-        return sum(
-            1 for e in self.events if all(e.get(k) == v for k, v in match.items())
-        )
+    notRead = httpx2.RequestNotRead
 
 
 class MemoryStorage(TokenStorage):
@@ -147,51 +98,6 @@ class MemoryStorage(TokenStorage):
         self.clientInfo = client_info
 
 
-class ConsentFormParser(HTMLParser):
-    """
-    Collect the forms of a page the way a browser sees them: each form's
-    action and method, its named C{<input>}s with their values, and its
-    submit buttons' name/value pairs.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.forms: list[dict[str, Any]] = []
-        self._current: dict[str, Any] | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = {k: (v if v is not None else "") for k, v in attrs}
-        if tag == "form":
-            self._current = {
-                "action": a.get("action", ""),
-                "method": a.get("method", "get").lower(),
-                "inputs": [],
-                "buttons": [],
-            }
-            self.forms.append(self._current)
-        elif self._current is None:
-            return
-        elif tag == "input":
-            kind = a.get("type", "text").lower()
-            if kind in ("submit", "image", "button"):
-                if "name" in a:
-                    self._current["buttons"].append((a["name"], a.get("value", "")))
-            elif kind in ("checkbox", "radio") and "checked" not in a:
-                return
-            elif "name" in a and "disabled" not in a:
-                self._current["inputs"].append((a["name"], a.get("value", "")))
-        elif (
-            tag == "button"
-            and a.get("type", "submit").lower() == "submit"
-            and "name" in a
-        ):
-            self._current["buttons"].append((a["name"], a.get("value", "")))
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "form":
-            self._current = None
-
-
 class Browser:
     """
     The person at the browser: open the authorization URL, paste the site
@@ -212,97 +118,17 @@ class Browser:
             follow_redirects=False, timeout=10.0, event_hooks=self.trace.hooks()
         ) as browser:
             page = await browser.get(authorizationURL, headers={"Accept": "text/html"})
-            # A browser follows redirects on the server's own origin (a login
-            # or consent page elsewhere on the site); one that leaves it goes
-            # back to the application, which only happens for errors here.
             origin = urlsplit(authorizationURL)[:2]
             for _ in range(5):
-                location = page.headers.get("location")
-                if page.status_code not in (301, 302, 303, 307, 308) or not location:
+                target = nextOnOrigin(page, origin)
+                if target is None:
                     break
-                target = urljoin(str(page.url), location)
-                if urlsplit(target)[:2] != origin:
-                    query = parse_qs(urlsplit(target).query)
-                    raise DriverError(
-                        f"GET authorize redirected to the client ({page.status_code}) instead "
-                        f"of showing the consent form: error={query.get('error')} "
-                        f"description={query.get('error_description')}"
-                    )
                 page = await browser.get(target, headers={"Accept": "text/html"})
-            if page.status_code != 200:
-                raise DriverError(
-                    f"GET authorize answered {page.status_code} "
-                    f"(Location: {page.headers.get('location')!r}), expected 200 with "
-                    f"the consent form; body: {page.text[:500]!r}"
-                )
-            contentType = page.headers.get("content-type", "")
-            if not contentType.startswith("text/html"):
-                raise DriverError(
-                    f"GET authorize answered Content-Type {contentType!r}, expected text/html"
-                )
-            parser = ConsentFormParser()
-            parser.feed(page.text)
-            parser.close()
-            forms = [
-                f
-                for f in parser.forms
-                if any(name == "site_token" for name, _ in f["inputs"])
-                or any(name == "decision" for name, _ in f["buttons"])
-            ]
-            if len(forms) != 1:
-                raise DriverError(
-                    f"consent page has {len(forms)} forms with a site_token input or a "
-                    f"decision button, expected exactly 1; page: {page.text[:1000]!r}"
-                )
-            form = forms[0]
-            if form["method"] != "post":
-                raise DriverError(
-                    f"consent form method is {form['method']!r}, expected post"
-                )
-            if ("decision", self.decision) not in form["buttons"]:
-                raise DriverError(
-                    f"consent form has no <button name=decision value={self.decision}>; "
-                    f"buttons: {form['buttons']!r}"
-                )
-            fields = [(n, v) for n, v in form["inputs"] if n != "site_token"]
-            fields.append(("site_token", self.siteToken))
-            fields.append(("decision", self.decision))
-            # An empty or missing action submits to the document's own URL.
-            action = (
-                urljoin(str(page.url), form["action"])
-                if form["action"]
-                else str(page.url)
-            )
-            answer = await browser.post(
-                action,
-                content=urlencode(fields).encode("ascii"),
-                headers={
-                    "Content-Type": "application/x-www-form-urlencoded",
-                    "Origin": "{0.scheme}://{0.netloc}".format(urlsplit(str(page.url))),
-                },
-            )
-            if answer.status_code != 303:
-                raise DriverError(
-                    f"POST {urlsplit(action).path} (consent, decision={self.decision}) "
-                    f"answered {answer.status_code}, expected 303 to the redirect URI; "
-                    f"Location: {answer.headers.get('location')!r}; body: {answer.text[:500]!r}"
-                )
-            location = answer.headers.get("location")
-            if not location:
-                raise DriverError("consent POST answered 303 without a Location header")
-        query = parse_qs(urlsplit(location).query)
-        if "error" in query:
-            raise DriverError(
-                f"consent redirected with error={query['error'][0]!r} "
-                f"description={query.get('error_description', [''])[0]!r}"
-            )
-        for name, values in query.items():
-            if len(values) != 1:
-                raise DriverError(
-                    f"redirect repeats the {name!r} parameter: {location!r}"
-                )
-        if "code" not in query:
-            raise DriverError(f"redirect has no code: {location!r}")
+            form = consentForm(page, self.decision)
+            action, content, headers = consentSubmission(page, form, self.siteToken, self.decision)
+            answer = await browser.post(action, content=content, headers=headers)
+            location = consentLocation(answer, action, self.decision)
+        query = redirectQuery(location)
         self._result = AuthorizationCodeResult(
             code=query["code"][0],
             state=query.get("state", [None])[0],
@@ -515,19 +341,6 @@ async def run(
         )
         report["refresh_grants"] = trace.count(grant_type="refresh_token", status=200)
         report["code_grants"] = trace.count(grant_type="authorization_code", status=200)
-
-
-def describe(exc: BaseException) -> str:
-    """
-    One line per leaf exception: anyio wraps failures in exception groups,
-    whose own message ("unhandled errors in a TaskGroup") says nothing.
-    """
-    if isinstance(exc, BaseExceptionGroup):  # noqa: F821 (the driver runs on Python 3.11+)
-        return "; ".join(describe(e) for e in exc.exceptions)
-    text = f"{type(exc).__name__}: {exc}"
-    if exc.__cause__ is not None:
-        text += f" (caused by {describe(exc.__cause__)})"
-    return text
 
 
 def parseArguments(argv: list[str]) -> argparse.Namespace:
