@@ -1141,6 +1141,18 @@ class SlotTests(SynchronousTestCase):
         self.resolver.resolve("https://slow.example/c")
         self.assertEqual(len(self.agent.requests), 4)
 
+    def test_ipv6_literal_refused_plainly(self) -> None:
+        """
+        An IPv6-literal client_id is refused with a reason, without a fetch
+        and without a traceback (treq cannot fetch such URLs).
+        """
+        self.make()
+        before = len(self.agent.requests)
+        f = self.failureResultOf(self.resolver.resolve("https://[2606:4700:4700::1111]/client"), CIMDError)
+        self.assertIn("IPv6", f.value.reason)
+        self.assertEqual(len(self.agent.requests), before)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_ipv6_literals_share_their_64(self) -> None:
         """
         One machine holds a whole /64: its addresses count as one host.

@@ -866,6 +866,11 @@ class CIMDResolver:
             host = check_client_id_url(
                 client_id, allow_insecure=self._allow_insecure, policy=self._policy
             )
+            if ":" in host:
+                # treq IDNA-encodes the host of the URL it is given, which
+                # fails for an IPv6 literal: refuse it plainly rather than
+                # fail inside the fetch.  (No known client uses one.)
+                raise CIMDError("client_id URLs with an IPv6 address cannot be fetched; use a host name")
         except CIMDError as e:
             self._refused(_loggable_host(client_id), e)
             return fail(e)
