@@ -18,43 +18,27 @@ from typing import Iterable, Optional
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.web.resource import IResource
-from twisted.web.server import Request, Site
+from twisted.web.server import Site
+
+from smeldr_oauth.mcp.http import CappedRequest
 
 log = Logger()
 
 DEFAULT_MAX_BODY = 1 << 20
 
 
-class LimitedRequest(Request):
+class LimitedRequest(CappedRequest):
     """
-    A request whose body may not exceed C{channel.site.max_body} bytes:
-    beyond it the rest is discarded and the answer is a 413.
+    The MCP layer's L{CappedRequest} (which stops storing a body past its
+    limit), with the limit taken from C{channel.site.max_body} and the 413
+    given before routing, so that every endpoint, not only the MCP ones, is
+    covered by the one mechanism.
     """
-
-    _too_big = False
-    _received = 0
-
-    def _limit(self) -> int:
-        site = getattr(self.channel, "site", None)
-        return getattr(site, "max_body", DEFAULT_MAX_BODY)
 
     def gotLength(self, length):  # type: ignore[no-untyped-def]
-        if length is not None and length > self._limit():
-            self._too_big = True
-            length = None
+        site = getattr(self.channel, "site", None)
+        self.max_body = getattr(site, "max_body", DEFAULT_MAX_BODY)
         super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._too_big:
-            return
-        self._received += len(data)
-        if self._received > self._limit():
-            self._too_big = True
-            if self.content is not None:
-                self.content.seek(0)
-                self.content.truncate()
-            return
-        super().handleContentChunk(data)
 
     _started: float = 0.0
 
@@ -81,7 +65,7 @@ class LimitedRequest(Request):
 
     def process(self) -> None:
         self._started = time.perf_counter()
-        if self._too_big:
+        if self.body_too_large:
             self.setResponseCode(413)
             self.setHeader(b"content-type", b"application/json")
             self.setHeader(b"connection", b"close")
