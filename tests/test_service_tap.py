@@ -240,3 +240,36 @@ class MetricsOverSocketTests(TestCase):
         self.assertIn('smeldr_http_request_duration_seconds_count{method="GET",route="/healthz",status="2xx"} 1.0', text)
         self.assertIn('route="other"', text)
         self.assertIn("smeldr_mcp_open_streams", text)
+
+
+
+def admin_app():  # type: ignore[no-untyped-def]
+    from smeldr_oauth.mcp import MCPApp
+
+    app = MCPApp(name="admin-test")
+
+    @app.tool(scopes=("admin",))
+    def wipe() -> str:
+        return "wiped"
+
+    return app
+
+
+class CustomAppScopesTests(TestCase):
+    def test_app_scopes_are_granted(self) -> None:
+        """
+        C{--app}: the scopes the app's tools name are the server's scopes,
+        so a token can carry them.
+        """
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        options = parse(
+            "--issuer", "http://127.0.0.1:1",
+            "--oauth-db", os.path.join(tmp, "oauth.db"),
+            "--site-db", os.path.join(tmp, "site.db"),
+            "--app", "tests.test_service_tap:admin_app",
+        )
+        service = StandaloneService(options, reactor)
+        self.addCleanup(lambda: (service.store.close(), service.site_stores.close()))
+        self.assertEqual(service.oauth.config.all_scopes, ("admin", "offline_access"))
+        self.assertIn("admin", service.oauth.protected_resource_metadata()["scopes_supported"])

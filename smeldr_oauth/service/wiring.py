@@ -201,9 +201,9 @@ class StandaloneService(Service):
         self.store = SQLiteStore(options["oauth-db"], reactor, threadpool=thread_pool_for(db_threads))
         if options["mcp-app"] is not None:
             mcp_app = options["mcp-app"]
-            scopes = dict(getattr(mcp_app, "scope_descriptions", lambda: {})())
-            if not scopes:
-                scopes = {"read": "Use the tools that read", "write": "Use the tools that change things"}
+            # The scopes a user's app names are the ones the server grants;
+            # without this a tool needing "admin" could never be called.
+            scopes = {s: f"Use what needs the {s!r} scope" for s in sorted(mcp_app.all_scopes())}
         else:
             mcp_app = build_app(self.site_stores, reactor)
             scopes = dict(site_scopes())
