@@ -25,6 +25,8 @@ echo "== lint"
 echo "== types"
 .venv/bin/mypy smeldr_oauth
 echo "== tests"
+# Every end-to-end, conformance and browser test must run: see tests/prerequisites.py.
+export SMELDR_TESTS_STRICT=1
 export SMELDR_MATRIX_DIR=${SMELDR_MATRIX_DIR:-$PWD/.trial_temp-matrix}
 rm -rf "$SMELDR_MATRIX_DIR" && mkdir -p "$SMELDR_MATRIX_DIR"
 # The suite runs against the installed package (twisted/plugins included).
