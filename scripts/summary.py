@@ -1,13 +1,33 @@
 """
-Print trial's result as one plain closing line, "N passed, N failed, N skipped".
+Print trial's result as one plain closing line, "N passed, N failed, N skipped",
+after the reason of every skip.
 
     python scripts/summary.py TRIAL_OUTPUT EXIT_STATUS
+
+Under the README's test command (C{SMELDR_TESTS_STRICT=1}, see
+tests/prerequisites.py) nothing may be skipped: a skip makes the exit status
+1, so the run fails even if trial passed it.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+
+#: A trial "[SKIPPED]" section: the reason, a blank line, then the test ids.
+_SKIPPED = re.compile(r"^\[SKIPPED\]\n(.*?)\n\n(.*?)(?=^={10,}$|^-{10,}$|\Z)", re.M | re.S)
+
+
+def skipped(text: str) -> list[tuple[str, str]]:
+    """
+    Each skipped test's id and reason, from trial's report.
+    """
+    found = []
+    for reason, ids in _SKIPPED.findall(text):
+        for test in ids.split():
+            found.append((test, " ".join(reason.split())))
+    return found
 
 
 def main(path: str, status: str) -> int:
@@ -24,8 +44,13 @@ def main(path: str, status: str) -> int:
     if not found or (status != "0" and failed == 0):
         failed += 1
     passed = counts["successes"] + counts["expectedFailures"]
+    for test, reason in skipped(text):
+        print(f"skipped: {test}: {reason}")
+    strict = os.environ.get("SMELDR_TESTS_STRICT") == "1"
+    if strict and counts["skips"]:
+        print("skips are failures under the README's test command: run the install step each names")
     print(f"tests: {passed} passed, {failed} failed, {counts['skips']} skipped")
-    return 0
+    return 1 if strict and counts["skips"] else 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ a free 127.0.0.1 port with its own temporary databases, a site token made with
 the admin CLI, and a way to run client programs against it.
 
 Everything waits on the real reactor (endpoint connects retried with
-C{deferLater}); nothing sleeps. Each helper takes the reactor it should use;
+C{deferLater}); nothing sleeps. Every child is started bound to the test
+process (L{tests.lifetime}): none outlives an interrupted run. Each helper takes the reactor it should use;
 only the test modules pick the global one.
 
 The server's output is kept: L{RunningServer.annotate} appends it to a failure
@@ -40,6 +41,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+
+from tests.lifetime import spawnBound
 
 #: The checkout, where the client programs under C{tests/clients} live.
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -255,9 +258,32 @@ async def startServer(
         "--dev",
         *extraArguments,
     ]
+    return await launchServer(testCase, reactor, argv, port, issuer, directory, timeout=timeout)
+
+
+async def launchServer(
+    testCase: TestCase,
+    reactor: Any,
+    argv: Sequence[str],
+    port: int,
+    issuer: str,
+    directory: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 15.0,
+) -> RunningServer:
+    """
+    Run C{argv}, a server command that listens on C{port} (on 127.0.0.1 at
+    least) with its databases C{oauth.db} and C{site.db} in C{directory}
+    (its working directory), and wait until it accepts connections.
+
+    The process is stopped at the test's cleanup, and its log kept.
+
+    @param env: Its environment; L{subprocessEnvironment} if C{None}.
+    @raise ServerFailed: It died or never listened; the message has its log.
+    """
     collector = _OutputCollector()
-    process = reactor.spawnProcess(
-        collector, sys.executable, argv, env=subprocessEnvironment(), path=directory
+    process = spawnBound(
+        reactor, collector, argv, env=subprocessEnvironment() if env is None else env, path=directory
     )
     server = RunningServer(
         reactor=reactor,
@@ -265,9 +291,9 @@ async def startServer(
         issuer=issuer,
         mcpURL=f"{issuer}/mcp",
         directory=directory,
-        oauthDB=oauthDB,
-        siteDB=siteDB,
-        argv=argv,
+        oauthDB=os.path.join(directory, "oauth.db"),
+        siteDB=os.path.join(directory, "site.db"),
+        argv=list(argv),
         process=process,
         collector=collector,
     )
@@ -293,10 +319,10 @@ async def runProgram(
     killed, so a hung client cannot hang the suite.
     """
     collector = _OutputCollector()
-    process = reactor.spawnProcess(
+    process = spawnBound(
+        reactor,
         collector,
-        command[0],
-        list(command),
+        command,
         env=subprocessEnvironment() if env is None else env,
         path=path,
     )

@@ -14,6 +14,8 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.lifetime import bound
+
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: What every HTTP figure must carry.
@@ -40,7 +42,7 @@ class BenchSmokeTests(SynchronousTestCase):
         if not BenchSmokeTests.report:
             output = os.path.abspath(self.mktemp())
             completed = subprocess.run(
-                [sys.executable, "-m", "bench", "--smoke", "--output", output],
+                bound([sys.executable, "-m", "bench", "--smoke", "--output", output]),
                 cwd=CHECKOUT,
                 capture_output=True,
                 text=True,

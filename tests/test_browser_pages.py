@@ -23,7 +23,8 @@ directory.
 
 Prerequisites (C{scripts/setup-browser.sh} installs them): Debian's
 C{chromium} and C{chromium-driver}, and the C{selenium} package. Missing,
-these tests fail under C{CI=true} and are skipped elsewhere.
+these tests fail under the README's test command and are skipped elsewhere
+(L{tests.prerequisites}).
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.e2e import RunningServer, createSiteToken, startServer
+from tests.lifetime import boundExecutable
+from tests.prerequisites import require
 
 try:
     from selenium import webdriver
@@ -61,7 +64,7 @@ try:
     from selenium.webdriver.remote.webelement import WebElement
     from selenium.webdriver.support.expected_conditions import staleness_of
     from selenium.webdriver.support.ui import WebDriverWait
-except ImportError:  # pragma: no cover - reported by _requireBrowser
+except ImportError:  # pragma: no cover - reported by requireBrowser
     HAVE_SELENIUM = False
 else:
     HAVE_SELENIUM = True
@@ -90,25 +93,22 @@ document.addEventListener('securitypolicyviolation', e => window.__smeldrViolati
 T = TypeVar("T")
 
 
-def _requireBrowser() -> None:
+#: The step that installs everything these tests need.
+INSTALL = "bash scripts/setup-browser.sh (Chromium, chromedriver) and .venv/bin/pip install -r requirements-test.txt (selenium)"
+
+
+def requireBrowser() -> None:
     """
-    Skip (locally) or fail (in CI) when the browser tooling is missing: a
-    CI run must never pass by silently not testing the pages.
+    Fail under the README's test command, skip elsewhere, when the browser
+    tooling is missing: see L{tests.prerequisites}.
     """
     missing = []
     if not HAVE_SELENIUM:
-        missing.append("the selenium package (pip install selenium)")
+        missing.append("the selenium package")
     for path in (CHROMIUM, CHROMEDRIVER):
         if not os.access(path, os.X_OK):
             missing.append(path)
-    if missing:
-        _unavailable("browser tests need " + ", ".join(missing) + "; run scripts/setup-browser.sh")
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        raise AssertionError(reason)
-    raise SkipTest(reason)
+    require("browser tests need " + ", ".join(missing) if missing else None, INSTALL)
 
 
 def pkcePair() -> tuple[str, str]:
@@ -173,10 +173,16 @@ class Browser:
         Start Chromium as root in a closed network: the background
         networking flags keep it from calling home (which the network
         refuses, and which slows everything down).
+
+        chromedriver and the Chromium it starts are both bound to their
+        parents (L{boundExecutable}): killed with the test process, neither
+        stays behind. Call it from a thread that lives as long as the
+        browser (the reactor's thread pool keeps its threads).
         """
         profile = tempfile.mkdtemp(prefix="smeldr-chromium-")
+        directory = os.path.dirname(logFile)
         options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
+        options.binary_location = boundExecutable(directory, CHROMIUM)
         for argument in (
             "--headless=new",
             "--no-sandbox",
@@ -192,7 +198,7 @@ class Browser:
         ):
             options.add_argument(argument)
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-        service = Service(executable_path=CHROMEDRIVER, log_output=logFile)
+        service = Service(executable_path=boundExecutable(directory, CHROMEDRIVER), log_output=logFile)
         try:
             driver = webdriver.Chrome(options=options, service=service)
         except BaseException:
@@ -410,7 +416,7 @@ class BrowserPagesTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        _requireBrowser()
+        requireBrowser()
 
     async def thread(self, f: Callable[..., T], *args: Any) -> T:
         """
@@ -446,7 +452,7 @@ class BrowserPagesTests(TestCase):
             self.addCleanup(self.thread, browser.quit, consoleFile)
         else:
             if isinstance(browser.value, WebDriverException):
-                _unavailable(f"Chromium did not start: {browser.value.msg!r}; chromedriver log in {logFile}")
+                require(f"Chromium did not start: {browser.value.msg!r}; chromedriver log in {logFile}", INSTALL)
             browser.raiseException()
         if not serverOK:
             served.raiseException()

@@ -19,7 +19,8 @@ own baseline counts warnings too).
 
 The suite needs Node 22, installed with the suite by
 C{scripts/setup-conformance.sh} under C{tests/conformance/node_modules}; when
-it is missing these tests skip, except under CI (C{CI=true}), where they fail.
+it is missing these tests fail under the README's test command and skip
+elsewhere (L{tests.prerequisites}).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -61,6 +62,8 @@ from tests.e2e import (
     runProgram,
     startServer,
 )
+from tests.lifetime import spawnBound
+from tests.prerequisites import require
 
 TOOLING = os.path.join(CHECKOUT, "tests", "conformance")
 MODULES = os.path.join(TOOLING, "node_modules")
@@ -85,8 +88,8 @@ CALLBACK = "http://127.0.0.1:33419/callback"
 # The tooling
 
 
-def _inCI() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+#: The step that installs the suite and its Node.
+INSTALL = "bash scripts/setup-conformance.sh"
 
 
 def _package(name: str) -> dict[str, Any]:
@@ -124,9 +127,10 @@ def requireTooling() -> Tooling:
     """
     Find the suite and its Node, pinned as expected.
 
-    @raise SkipTest: They are not installed (locally).
-    @raise AssertionError: They are not installed, under CI; or the
-        installed versions are not the pinned ones.
+    @raise SkipTest: They are not installed, in a bare trial run.
+    @raise AssertionError: They are not installed, under the README's test
+        command (L{tests.prerequisites}); or the installed versions are not
+        the pinned ones.
     """
     try:
         node = _bin(NODE_PACKAGE, "node")
@@ -135,10 +139,8 @@ def requireTooling() -> Tooling:
         suiteNext = _bin(SUITE_NEXT[0], "conformance")
         versions = (_package(SUITE[0])["version"], _package(SUITE_NEXT[0])["version"])
     except (OSError, KeyError, ValueError) as e:
-        why = f"the MCP conformance suite is not installed ({e}); run scripts/setup-conformance.sh"
-        if _inCI():
-            raise AssertionError(why)
-        raise SkipTest(why)
+        require(f"the MCP conformance suite is not installed ({e})", INSTALL)
+        raise
     expected = (SUITE[1], SUITE_NEXT[1])
     assert versions == expected and nodeVersion.startswith(NODE_MAJOR), (
         f"tests/conformance/node_modules holds conformance {versions} on node "
@@ -606,9 +608,7 @@ class AuthorizationServerConformanceTests(_MatrixRow, TestCase):
             output,
         ]
         watcher = _Watcher(prefix=metadata["authorization_endpoint"] + "?")
-        process = reactor.spawnProcess(  # type: ignore[attr-defined]
-            watcher, command[0], command, env=e2e.subprocessEnvironment(), path=work
-        )
+        process = spawnBound(reactor, watcher, command, env=e2e.subprocessEnvironment(), path=work)
 
         def kill() -> None:
             try:

@@ -1,8 +1,11 @@
 """
 End to end with npm C{mcp-remote} (pinned in C{tests/node/package.json}), the
 stdio-to-remote proxy that desktop MCP hosts use to reach an OAuth-protected
-server: a real C{twist smeldr-oauth} process, and C{npx mcp-remote} talking to
-it, driven over stdio with newline-delimited JSON-RPC as a desktop host would.
+server: a real C{twist smeldr-oauth} process, and mcp-remote talking to it,
+driven over stdio with newline-delimited JSON-RPC as a desktop host would.
+Hosts run C{npx mcp-remote}; here Node runs the script npx would (the
+package's C{mcp-remote} bin) directly, because npx forks it and a child of a
+child would outlive an interrupted test run (L{tests.lifetime}).
 
 mcp-remote signs in at startup: it discovers the server, registers (or uses
 its C{--client-metadata-url} as the client_id when the server supports
@@ -43,6 +46,7 @@ from tests.e2e import (
     startServer,
     subprocessEnvironment,
 )
+from tests.lifetime import spawnBound
 from tests.test_e2e_typescript_sdk import (
     NODE_DIRECTORY,
     packageVersion,
@@ -70,6 +74,17 @@ DESKTOP_VARIABLES = (
     "MATE_DESKTOP_SESSION_ID",
     "DBUS_SESSION_BUS_ADDRESS",
 )
+
+
+def mcpRemoteScript() -> str:
+    """
+    The script of mcp-remote's C{mcp-remote} command, as its package.json
+    names it (what C{npx mcp-remote} runs).
+    """
+    with open(PACKAGE) as f:
+        bins = json.load(f)["bin"]
+    relative = bins["mcp-remote"] if isinstance(bins, dict) else bins
+    return os.path.join(os.path.dirname(PACKAGE), relative)
 
 
 class StdioPeer(ProcessProtocol):
@@ -186,9 +201,9 @@ class MCPRemoteTests(TestCase):
         caFile: str | None = None,
     ) -> tuple[StdioPeer, str, str]:
         """
-        Start C{npx mcp-remote <mcp url> <callback port> ...} in its own
-        home; give back its stdio peer, the browser's log file and the
-        config directory. It is stopped at cleanup.
+        Start C{mcp-remote <mcp url> <callback port> ...} in its own home;
+        give back its stdio peer, the browser's log file and the config
+        directory. It is stopped at cleanup.
         """
         home = os.path.abspath(self.mktemp())
         os.makedirs(home)
@@ -203,18 +218,14 @@ class MCPRemoteTests(TestCase):
             BROWSER=self.browserScript(home),
             SMELDR_SITE_TOKEN=siteToken,
             SMELDR_BROWSER_LOG=browserLog,
-            npm_config_update_notifier="false",
-            npm_config_cache=os.path.join(home, "npm-cache"),
         )
         if caFile is not None:
             # mcp-remote does not fetch its own metadata document, but a
             # client that checks it would need to trust the test CA.
             env["NODE_EXTRA_CA_CERTS"] = caFile
-        npx = os.path.join(os.path.dirname(self.node), "npx")
         argv = [
-            npx,
-            "--no-install",
-            "mcp-remote",
+            self.node,
+            mcpRemoteScript(),
             server.mcpURL,
             str(callbackPort),
             "--auth-timeout",
@@ -222,7 +233,7 @@ class MCPRemoteTests(TestCase):
             *arguments,
         ]
         peer = StdioPeer()
-        process = reactor.spawnProcess(peer, npx, argv, env=env, path=NODE_DIRECTORY)
+        process = spawnBound(reactor, peer, argv, env=env, path=NODE_DIRECTORY)
         self.addCleanup(self.stop, peer, process)
         return peer, browserLog, configDirectory
 
@@ -442,8 +453,9 @@ class MCPRemoteTests(TestCase):
             self.assertFalse(again["result"].get("isError", False), why)
             log = server.log()
             self.assertIn('"POST /mcp HTTP/1.1" 401', log, why)
-            # It held a refresh token (it asks for offline_access), so it
-            # refreshed instead of asking the person again.
+            # It held a refresh token (issued by default to a client
+            # registered for the refresh grant), so it refreshed instead of
+            # asking the person again.
             self.assertEqual(log.count('"POST /oauth/authorize HTTP/1.1" 303'), 1, why)
             self.assertEqual(log.count('"POST /oauth/token HTTP/1.1" 200'), 2, why)
 

@@ -18,6 +18,7 @@ from smeldr_oauth.oauth.model import Grant
 from smeldr_oauth.site import admin
 from smeldr_oauth.site.admin import UsageError, parse, run
 from smeldr_oauth.site.stores import open_site
+from tests.lifetime import bound
 
 try:
     from smeldr_oauth.store.sqlite import SQLiteStore
@@ -351,11 +352,8 @@ class ScriptTests(TestCase):
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [checkout, env.get("PYTHONPATH")])
         )
-        return getProcessOutputAndValue(
-            sys.executable,
-            ["-c", "from smeldr_oauth.site.admin import main; main()", *argv],
-            env=env,
-        )
+        command = bound([sys.executable, "-c", "from smeldr_oauth.site.admin import main; main()", *argv])
+        return getProcessOutputAndValue(command[0], command[1:], env=env)
 
     @inlineCallbacks
     def test_bad_arguments(self):
