@@ -1,6 +1,7 @@
 """
 Tests for L{smeldr_oauth.service.tap}: the options of C{twist smeldr-oauth}
-and the service they build, over real sockets (plain TCP and TLS).
+and the service they build, over real sockets (plain TCP and TLS), and the
+C{Procfile}'s command as a real process.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.service import tap
 from smeldr_oauth.service.wiring import StandaloneService
+from tests import e2e
+from tests.test_conformance import httpClient
 
 
 def parse(*argv: str) -> tap.Options:
@@ -273,3 +276,53 @@ class CustomAppScopesTests(TestCase):
         self.addCleanup(lambda: (service.store.close(), service.site_stores.close()))
         self.assertEqual(service.oauth.config.all_scopes, ("admin", "offline_access"))
         self.assertIn("admin", service.oauth.protected_resource_metadata()["scopes_supported"])
+
+
+class ProcfileTests(TestCase):
+    """
+    The C{Procfile}'s C{web:} command, exactly as written, run the way a
+    Procfile platform runs it: by a shell, with C{$PORT} and C{$ISSUER} set,
+    in a directory of its own.
+    """
+
+    timeout = 60
+
+    def webCommand(self) -> str:
+        with open(os.path.join(e2e.CHECKOUT, "Procfile")) as f:
+            commands = [line.split(":", 1)[1].strip() for line in f if line.startswith("web:")]
+        self.assertEqual(len(commands), 1, "the Procfile must have one web: line")
+        return commands[0]
+
+    async def test_webCommandServes(self) -> None:
+        """
+        It starts, listens on C{$PORT}, answers C{/healthz}, publishes
+        C{$ISSUER} as its issuer and keeps its database in its working
+        directory.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = e2e.freePort()
+        issuer = "https://smeldr.example.com"
+        env = e2e.subprocessEnvironment()
+        # The platform's PATH has the installed console scripts (twist).
+        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+        env.update(PORT=str(port), ISSUER=issuer)
+        # "exec": the server replaces the shell, so it is the process bound
+        # to this one (tests.lifetime) and the one that gets SIGTERM.
+        argv = ["/bin/sh", "-c", "exec " + self.webCommand()]
+        server = await e2e.launchServer(self, reactor, argv, port, issuer, directory, env=env)
+
+        http = httpClient(self)
+        base = f"http://127.0.0.1:{port}"
+        response = await http.get(base + "/healthz")
+        body = await response.content()
+        self.assertEqual((response.code, json.loads(body)), (200, {"status": "ok"}), server.annotate("/healthz"))
+        response = await http.get(base + "/.well-known/oauth-authorization-server")
+        metadata = json.loads(await response.content())
+        self.assertEqual(metadata["issuer"], issuer, server.annotate("metadata"))
+        self.assertEqual(metadata["token_endpoint"], issuer + "/oauth/token")
+        self.assertTrue(os.path.exists(server.oauthDB), os.listdir(directory))
+
+        await server.stop()
+        self.assertIn(server._collector.status(), (0, -15), server.annotate("exit status after SIGTERM"))
+        self.assertNotIn("Traceback", server.log(), server.annotate("traceback"))
