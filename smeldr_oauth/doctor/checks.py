@@ -29,6 +29,11 @@ from smeldr_oauth.oauth.urls import is_loopback_host, parse
 #: clients'; a minute is far beyond what NTP leaves.
 MAX_CLOCK_SKEW = 60.0
 
+_RENEW = (
+    "Renew the certificate (and make sure renewal runs on its own: certbot's timer, your "
+    "platform's managed certificates)."
+)
+
 #: The metadata fields whose values are URLs the clients follow.
 _AS_URL_FIELDS = (
     "issuer",
@@ -102,6 +107,14 @@ def check_tls(certificate: Optional[Certificate], now: float, min_days: float) -
     if certificate is None:
         return skip("tls", "not https (loopback development): no certificate to check")
     if certificate.error is not None:
+        if certificate.not_after is not None and certificate.not_after < now:
+            # OpenSSL says only "verify failed"; the dates say why.
+            return fail(
+                "tls",
+                f"the certificate expired on {_utc(certificate.not_after)} ({certificate.error})",
+                _RENEW,
+                error=certificate.error,
+            )
         return fail(
             "tls",
             f"TLS failed: {certificate.error}",
@@ -124,8 +137,7 @@ def check_tls(certificate: Optional[Certificate], now: float, min_days: float) -
         return fail(
             "tls",
             f"the certificate expired on {_utc(certificate.not_after)}",
-            "Renew the certificate (and make sure renewal runs on its own: certbot's timer, your "
-            "platform's managed certificates).",
+            _RENEW,
             **details,
         )
     if days < min_days:

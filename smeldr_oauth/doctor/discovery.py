@@ -49,10 +49,7 @@ def path_of(url: URL) -> str:
     """
     The URL's path as written (C{""} for none, C{"/mcp/"} keeps its slash).
     """
-    text = "/".join(url.path)
-    if url.path and not text.startswith("/"):
-        text = "/" + text
-    return text
+    return "/" + "/".join(url.path) if url.path else ""
 
 
 def parse_mcp_url(value: str) -> tuple[Optional[URL], Optional[str]]:
@@ -142,19 +139,21 @@ def compare_resource(requested: str, configured: str) -> ResourceMatch:
         return ResourceMatch(
             False, False, f"the resource is on {origin(have)}, the URL on {origin(want)} (another origin)"
         )
-    want_path, have_path = path_of(want), path_of(have)
+    # As WHATWG URLs have it (the TypeScript SDK): an empty path is "/".
+    want_path, have_path = path_of(want) or "/", path_of(have) or "/"
     if have.query:
         return ResourceMatch(False, False, "the resource carries a query string")
-    if len(want_path) < len(have_path):
-        if want_path.rstrip("/") == have_path.rstrip("/"):
-            return ResourceMatch(
-                False,
-                False,
-                f"the resource path {have_path!r} ends with a slash the URL's {want_path!r} lacks "
-                "(the TypeScript SDK refuses a URL path shorter than the resource's)",
-            )
+    # Both SDKs end both paths with one slash before comparing.
+    want_dir = want_path if want_path.endswith("/") else want_path + "/"
+    have_dir = have_path if have_path.endswith("/") else have_path + "/"
+    if len(want_path) < len(have_path) and want_dir == have_dir:
+        return ResourceMatch(
+            False,
+            False,
+            f"the resource path {have_path!r} ends with a slash the URL's {want_path!r} lacks "
+            "(the TypeScript SDK refuses a URL path shorter than the resource's)",
+        )
+    if len(want_path) < len(have_path) or not want_dir.startswith(have_dir):
         return ResourceMatch(False, False, f"the resource path {have_path!r} is not a prefix of {want_path!r}")
-    if not (want_path.rstrip("/") + "/").startswith(have_path.rstrip("/") + "/"):
-        return ResourceMatch(False, False, f"the resource path {have_path!r} is not a prefix of {want_path!r}")
-    exact = want_path.rstrip("/") == have_path.rstrip("/")
+    exact = want_dir == have_dir
     return ResourceMatch(True, exact)

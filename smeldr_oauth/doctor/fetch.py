@@ -150,20 +150,36 @@ def _headers(response: Any) -> dict[str, tuple[str, ...]]:
 class _Handshake(Protocol):
     """
     Connect, finish the TLS handshake, keep the peer's certificate, leave.
+
+    @ivar done: fires with the certificate, or fails with why there is
+        none, once the connection is closed (so nothing is left open).
     """
 
     def __init__(self, done: "Deferred[Any]") -> None:
         self.done = done
+        self.certificate: Any = None
+        self.stalled = False
+
+    def stall(self) -> None:
+        """
+        The handshake took too long: drop the connection.
+        """
+        self.stalled = True
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
         assert self.transport is not None
-        certificate = self.transport.getPeerCertificate()  # type: ignore[attr-defined]
-        if not self.done.called:
-            self.done.callback(certificate)
-        self.transport.loseConnection()
+        self.certificate = self.transport.getPeerCertificate()  # type: ignore[attr-defined]
+        self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
-        if not self.done.called:
+        if self.done.called:
+            return
+        if self.certificate is not None:
+            self.done.callback(self.certificate)
+        elif self.stalled:
+            self.done.errback(defer.TimeoutError("no TLS handshake"))
+        else:
             self.done.errback(reason)
 
 
@@ -289,8 +305,19 @@ class Fetcher:
             if not done.called:
                 done.errback(reason)
 
-        attempt.addErrback(refused)
-        done.addTimeout(self.timeout, self.reactor)
+        def connected(protocol: _Handshake) -> None:
+            # A server that never finishes the handshake: drop it, which
+            # fails `done` through connectionLost.
+            stalled = self.reactor.callLater(self.timeout, protocol.stall)
+
+            def settled(result: Any) -> Any:
+                if stalled.active():
+                    stalled.cancel()
+                return result
+
+            done.addBoth(settled)
+
+        attempt.addCallbacks(connected, refused)
         return await done
 
     async def stream(
