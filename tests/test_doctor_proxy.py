@@ -500,7 +500,7 @@ class HarnessTests(TestCase):
             f"sys.path.insert(0, {CHECKOUT!r})\n"
             "from tests.haproxy import guardedArgv\n"
             f"child = subprocess.Popen(guardedArgv([{program!r}, '-db', '-f', {config!r}]),"
-            " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+            " stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
             "print(child.pid, flush=True)\n"
             "sys.stdin.read()\n"
         )
@@ -516,11 +516,13 @@ class HarnessTests(TestCase):
         guarded = int(b"".join(collector.out).split()[0])
         self.assertTrue(_alive(guarded))
         parent.signalProcess("KILL")
-        await collector.ended
+        await collector.ended.addTimeout(10, reactor)
         deadline = reactor.seconds() + 10
         while _alive(guarded) and reactor.seconds() < deadline:
             await deferLater(reactor, 0.05, lambda: None)
-        self.assertFalse(_alive(guarded), "haproxy outlived the process that started it")
+        if _alive(guarded):
+            os.kill(guarded, 9)
+            self.fail("haproxy outlived the process that started it")
 
     def test_guardedArgv(self) -> None:
         """
