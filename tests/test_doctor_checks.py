@@ -204,6 +204,19 @@ class DocumentTests(SynchronousTestCase):
         verdict, _ = checks.check_protected_resource_metadata("prm-path", fetched(body=prm(servers=[])), True)
         self.assertEqual(verdict.status, FAIL)
 
+    def test_asMetadataHead(self) -> None:
+        """
+        ChatGPT sends HEAD first: one refused fails the check, the document
+        is still used.
+        """
+        get = fetched(body=as_metadata())
+        verdict, body = checks.check_authorization_server_metadata(get, "https://example.com", True, fetched(status=405))
+        self.assertEqual(verdict.status, FAIL)
+        self.assertIn("HEAD", verdict.summary)
+        self.assertEqual(body, as_metadata())
+        verdict, _ = checks.check_authorization_server_metadata(get, "https://example.com", True, fetched(status=200))
+        self.assertEqual(verdict.status, OK)
+
     def test_asMetadataSkippedWithoutServer(self) -> None:
         verdict, body = checks.check_authorization_server_metadata(None, None, True)
         self.assertEqual((verdict.status, body), (SKIP, None))

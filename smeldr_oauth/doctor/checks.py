@@ -287,20 +287,35 @@ def check_resource(mcp_url: str, documents: Mapping[str, Mapping[str, Any]]) -> 
 
 
 def check_authorization_server_metadata(
-    fetched: Optional[Fetched], issuer: Optional[str], mcp_answered_by_server: bool
+    fetched: Optional[Fetched],
+    issuer: Optional[str],
+    mcp_answered_by_server: bool,
+    head: Optional[Fetched] = None,
 ) -> tuple[Verdict, Optional[dict[str, Any]]]:
     """
     The authorization server's RFC 8414 metadata, at the URL derived from
-    the resource metadata's C{authorization_servers[0]}.
+    the resource metadata's C{authorization_servers[0]}; and a C{HEAD} for
+    it answered like the C{GET} (ChatGPT sends both).
     """
     if fetched is None or issuer is None:
         return skip("as-metadata", "no authorization server named (see the resource metadata)"), None
-    return document(
+    verdict, body = document(
         "as-metadata",
         fetched,
         "authorization server metadata",
         _not_forwarded(fetched, mcp_answered_by_server),
     )
+    if body is not None and head is not None and head.status != 200:
+        return (
+            fail(
+                "as-metadata",
+                f"HEAD {fetched.url} answered {head.answered()} while GET answers 200",
+                "Answer HEAD like GET on the metadata URLs: ChatGPT sends HEAD before it reads them.",
+                status=head.status,
+            ),
+            body,
+        )
+    return verdict, body
 
 
 def check_issuer(metadata: Mapping[str, Any], named: str) -> Verdict:

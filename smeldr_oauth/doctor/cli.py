@@ -142,17 +142,21 @@ async def _doctor(reactor: Any, options: argparse.Namespace, out: IO[str], err: 
         err.write(f"doctor: cannot load --ca-file {options.ca_file}: {type(e).__name__}\n")
         return 2
     fetcher = Fetcher(reactor, http_client(reactor, trust_root, options.timeout), options.timeout, trust_root)
-    verdicts = await diagnose(
-        fetcher,
-        DoctorOptions(
-            url=options.url,
-            keepalive=options.keepalive,
-            stream_seconds=options.stream_seconds,
-            min_cert_days=options.cert_days,
-            site_token=site_token,
-            access_token=access_token,
-        ),
-    )
+    try:
+        verdicts = await diagnose(
+            fetcher,
+            DoctorOptions(
+                url=options.url,
+                keepalive=options.keepalive,
+                stream_seconds=options.stream_seconds,
+                min_cert_days=options.cert_days,
+                site_token=site_token,
+                access_token=access_token,
+            ),
+        )
+    except Exception as e:  # noqa: BLE001 - one line, no traceback (which could show a token)
+        err.write(f"doctor: failed: {type(e).__name__}\n")
+        return 1
     if options.json:
         out.write(report.as_json(options.url, verdicts) + "\n")
     else:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import attr
 
 from smeldr_oauth.doctor import checks, discovery, sse
-from smeldr_oauth.doctor.fetch import Fetcher
+from smeldr_oauth.doctor.fetch import PROTOCOL_VERSION, Fetcher
 from smeldr_oauth.doctor.flow import Flow, FlowError
 from smeldr_oauth.doctor.model import Fetched, Verdict
 from smeldr_oauth.doctor.session import MCPSession, SessionReport
@@ -73,7 +73,11 @@ async def diagnose(fetcher: Fetcher, options: DoctorOptions) -> list[Verdict]:
             "jsonrpc": "2.0",
             "id": 0,
             "method": "initialize",
-            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "doctor", "version": "1"}},
+            "params": {
+                "protocolVersion": PROTOCOL_VERSION,
+                "capabilities": {},
+                "clientInfo": {"name": "smeldr-oauth-doctor", "version": "1"},
+            },
         },
     )
     reached = challenge.status == 401 and bool(challenge.headers.get("www-authenticate"))
@@ -92,13 +96,15 @@ async def diagnose(fetcher: Fetcher, options: DoctorOptions) -> list[Verdict]:
     first = next(iter(documents.values()), None)
     named: Optional[str] = None
     as_fetched: Optional[Fetched] = None
+    as_head: Optional[Fetched] = None
     if first is not None:
         named = first["authorization_servers"][0]
         as_url = discovery.authorization_server_metadata_url(named or "")
         if as_url is not None:
             as_fetched = await fetcher.get(as_url)
             fetched_documents.append(as_fetched)
-    verdict, metadata = checks.check_authorization_server_metadata(as_fetched, named, reached)
+            as_head = await fetcher.request("HEAD", as_url, {"MCP-Protocol-Version": PROTOCOL_VERSION})
+    verdict, metadata = checks.check_authorization_server_metadata(as_fetched, named, reached, as_head)
     verdicts.append(verdict)
     if metadata is not None and named is not None:
         verdicts.append(checks.check_issuer(metadata, named))
