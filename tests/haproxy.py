@@ -12,8 +12,9 @@ Use::
     servers = [await startServer(self, reactor, ["--issuer", frontend.url("https")])
                for _ in range(3)]
     proxy = await startHAProxy(self, reactor, [s.port for s in servers],
-                               frontend=frontend, tls=ca.serverPEM)
-    proxy.url  # https://127.0.0.1:PORT
+                               frontend=frontend, tls=ca.serverPEM, caFile=ca.caFile)
+    proxy.url      # https://127.0.0.1:PORT
+    httpClient(reactor, proxy.caFile)   # a treq client that trusts it
 
 Life cycle:
 
@@ -24,9 +25,10 @@ Life cycle:
   - haproxy runs in the foreground (C{-db}), one process, under a tiny
     guard that asks the kernel to kill it when the test process dies
     (C{PR_SET_PDEATHSIG}), so it never outlives trial, even on C{kill -9};
-  - it is stopped at the test's cleanup, and its log (the config first,
-    then what haproxy printed) is written beside the config under
-    C{_trial_temp} and added to failure messages by L{RunningProxy.annotate}.
+  - it is stopped at the test's cleanup; what it printed (haproxy logs
+    every request to stderr) is written beside its config under
+    C{_trial_temp} (C{haproxy.cfg.log}), and L{RunningProxy.annotate} adds
+    the config and the log to a failure message.
 
 Without haproxy installed, L{requireHAProxy} fails (under the README's test
 command) or skips, naming C{bash scripts/setup-haproxy.sh}.
@@ -451,6 +453,9 @@ def haproxyConfig(
     forwardedFor: bool = True,
     forwardedProto: bool = True,
     routedPaths: Optional[Sequence[str]] = None,
+    healthCheck: Optional[str] = None,
+    checkInterval: float = 0.5,
+    redispatch: bool = True,
     extraFrontend: Sequence[str] = (),
     extraBackend: Sequence[str] = (),
 ) -> str:
@@ -472,11 +477,19 @@ def haproxyConfig(
         reach the servers; the proxy answers every other path itself with
         an HTML 404 (a website in front of the app: the "well-known path
         not forwarded" setup).
+    @param healthCheck: a path (e.g. C{/healthz}) haproxy GETs on every
+        server each C{checkInterval} seconds, taking a server that fails
+        two checks out of the rotation until it passes two (for tests that
+        kill a server); none by default.
+    @param redispatch: a request whose connection to a server fails (a
+        killed process) is retried on another one (C{option redispatch},
+        C{retries 2}); a request the server accepted is never retried.
     @param extraFrontend: more lines for the frontend section.
     @param extraBackend: more lines for the app backend section.
     """
+    check = f" check inter {_ms(checkInterval)} fall 2 rise 2" if healthCheck else ""
     servers = "\n".join(
-        f"    server s{n} {host}:{port}" for n, (host, port) in enumerate(_backends(backends))
+        f"    server s{n} {host}:{port}{check}" for n, (host, port) in enumerate(_backends(backends))
     )
     bind = "    bind fd@3" + (f" ssl crt {tls}" if tls else "")
     frontend = [bind, f"    monitor-uri {READY_PATH}"]
@@ -492,7 +505,12 @@ def haproxyConfig(
     else:
         frontend.append("    default_backend app")
     frontend.extend(f"    {line}" for line in extraFrontend)
-    backend = ["    balance roundrobin", *(f"    {line}" for line in extraBackend)]
+    backend = ["    balance roundrobin"]
+    if healthCheck:
+        backend.append(f"    option httpchk GET {healthCheck}")
+    if redispatch:
+        backend += ["    option redispatch", "    retries 2"]
+    backend.extend(f"    {line}" for line in extraBackend)
     return (
         "global\n"
         "    nbthread 1\n"

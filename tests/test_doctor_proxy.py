@@ -474,6 +474,28 @@ class HarnessTests(TestCase):
             seen.append(await response.content())
         self.assertEqual(seen, [b"a", b"b", b"c", b"a", b"b", b"c"])
 
+    async def test_deadBackendRedispatched(self) -> None:
+        """
+        A backend that stops listening (a killed process): requests that
+        cannot connect to it are served by the other, and the health check
+        takes it out of the rotation.
+        """
+        ports = []
+        listening = []
+        for name in (b"a", b"b"):
+            port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(NameResource(name)))
+            listening.append(port)
+            ports.append(port.getHost().port)
+        self.addCleanup(listening[1].stopListening)
+        proxy = await startHAProxy(self, reactor, ports, healthCheck="/", checkInterval=0.1)
+        await listening[0].stopListening()
+        client = httpClient(reactor)
+        seen = []
+        for _ in range(4):
+            response = await client.get(proxy.url + "/x")
+            seen.append((response.code, await response.content()))
+        self.assertEqual(seen, [(200, b"b")] * 4, proxy.annotate("answers"))
+
     async def test_configRefused(self) -> None:
         """
         A configuration haproxy refuses fails the start with its message.
