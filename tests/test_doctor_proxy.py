@@ -87,12 +87,16 @@ class DoctorTestsMixin:
     Start servers, make a site token, run the doctor.
     """
 
-    async def server(self, *extra: str, issuer: str | None = None, oauthDB: str | None = None) -> RunningServer:
+    async def server(self, *extra: str, issuer: str | None = None, sharing: RunningServer | None = None) -> RunningServer:
+        """
+        A server with C{--keepalive 2}; behind a proxy (C{issuer}) trusting
+        it for X-Forwarded-For; on the databases of C{sharing} if given.
+        """
         arguments = ["--keepalive", KEEPALIVE, *extra]
         if issuer is not None:
             arguments += ["--issuer", issuer, "--trust-forwarded-from", "127.0.0.1"]
-        if oauthDB is not None:
-            arguments += ["--oauth-db", oauthDB]
+        if sharing is not None:
+            arguments += ["--oauth-db", sharing.oauthDB, "--site-db", sharing.siteDB]
         return await startServer(self, reactor, arguments)  # type: ignore[arg-type]
 
     async def siteTokenFile(self, server: RunningServer) -> tuple[str, str]:
@@ -203,7 +207,7 @@ class DoctorBehindHAProxyTests(DoctorTestsMixin, TestCase):
 
     async def behind(self, *, servers: int = 1, tls: bool = True, **proxyOptions: Any) -> tuple[RunningProxy, list[RunningServer], str]:
         """
-        C{servers} processes (on one pair of SQLite files) behind HAProxy,
+        C{servers} processes (on the first one's SQLite files) behind HAProxy,
         their issuer the proxy's public URL; and a site token file.
         """
         frontend = reserveFrontend(self)
@@ -212,7 +216,7 @@ class DoctorBehindHAProxyTests(DoctorTestsMixin, TestCase):
         first = await self.server(issuer=issuer)
         running = [first]
         for _ in range(servers - 1):
-            running.append(await self.server(issuer=issuer, oauthDB=first.oauthDB))
+            running.append(await self.server(issuer=issuer, sharing=first))
         proxy = await startHAProxy(
             self,
             reactor,

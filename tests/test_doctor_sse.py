@@ -38,6 +38,12 @@ class TimelineTests(SynchronousTestCase):
             cut.feed(0, stream[i : i + 3])
         self.assertEqual([k for _, k in whole.events], [k for _, k in cut.events])
 
+    def test_crlfAcrossChunks(self) -> None:
+        timeline = EventTimeline()
+        for piece in (b": a\r", b"\n\r", b"\n: b\r\n\r\n"):
+            timeline.feed(0, piece)
+        self.assertEqual(timeline.events, [(0, "comment"), (0, "comment")])
+
     def test_bounded(self) -> None:
         timeline = EventTimeline(limit=10)
         timeline.feed(0, b"x" * 100)

@@ -55,6 +55,8 @@ class EventTimeline:
 
     def __init__(self, limit: int = 1 << 20) -> None:
         self._buffer = b""
+        # A CR at the end of a chunk may be the first half of a CRLF.
+        self._cr = False
         self._limit = limit
         self.events: list[tuple[float, str]] = []
         self.received = 0
@@ -64,6 +66,11 @@ class EventTimeline:
         @param when: seconds since the request was sent.
         """
         self.received += len(data)
+        if self._cr:
+            data = b"\r" + data
+        self._cr = data.endswith(b"\r")
+        if self._cr:
+            data = data[:-1]
         self._buffer += data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         while b"\n\n" in self._buffer:
             frame, self._buffer = self._buffer.split(b"\n\n", 1)
