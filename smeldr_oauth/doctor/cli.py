@@ -25,10 +25,6 @@ from typing import IO, Any, Optional
 
 from twisted.internet.defer import Deferred, ensureDeferred
 
-from smeldr_oauth.doctor import report
-from smeldr_oauth.doctor.fetch import Fetcher, http_client, load_trust_root
-from smeldr_oauth.doctor.run import DoctorOptions, diagnose
-
 SITE_TOKEN_ENV = "SMELDR_SITE_TOKEN"
 ACCESS_TOKEN_ENV = "SMELDR_ACCESS_TOKEN"
 
@@ -75,8 +71,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         type=_positive,
         default=None,
         metavar="SECONDS",
-        help="how long to watch the event stream [default: one keepalive interval and a margin]; "
-        "longer catches proxies that cut long responses",
+        help="how long to watch the event stream [default and least: one keepalive interval and a "
+        "margin]; longer catches proxies that cut long responses",
     )
     doctor.add_argument(
         "--cert-days",
@@ -131,6 +127,12 @@ def read_secret(path: Optional[str], env: str, what: str, stdin: IO[str]) -> Opt
 
 
 async def _doctor(reactor: Any, options: argparse.Namespace, out: IO[str], err: IO[str], stdin: IO[str]) -> int:
+    # Imported here: the admin CLI builds this parser for every command,
+    # and only this one needs an HTTP client.
+    from smeldr_oauth.doctor import report
+    from smeldr_oauth.doctor.fetch import Fetcher, http_client, load_trust_root
+    from smeldr_oauth.doctor.run import DoctorOptions, diagnose
+
     try:
         site_token = read_secret(options.site_token_file, SITE_TOKEN_ENV, "site token", stdin)
         access_token = read_secret(options.access_token_file, ACCESS_TOKEN_ENV, "access token", stdin)

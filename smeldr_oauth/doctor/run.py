@@ -170,7 +170,8 @@ async def _with_token(
     The flow (with a site token), the session and the stream (with any
     token); skipped, saying why, without one.
     """
-    seconds = options.stream_seconds or sse.watch_time(options.keepalive)
+    # Never shorter than one keepalive and its margin: less proves nothing.
+    seconds = max(options.stream_seconds or 0.0, sse.watch_time(options.keepalive))
     token = options.access_token
     flow: Optional[Flow] = None
     credentials = None
