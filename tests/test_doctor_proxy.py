@@ -170,6 +170,18 @@ class DoctorDirectTests(DoctorTestsMixin, TestCase):
         self.assertEqual(run.code, 0, run.explain())
         self.assertEqual([run.status(c) for c in ("flow", "session", "stream")], ["skip"] * 3)
 
+    async def test_noRegistration(self) -> None:
+        """
+        A server without dynamic registration: the doctor cannot run a flow
+        with a site token, and says so without failing.
+        """
+        server = await self.server("--no-registration")
+        token, path = await self.siteTokenFile(server)
+        run = await self.doctor(server.mcpURL, "--site-token-file", path, secret=token)
+        self.assertEqual(run.code, 0, run.explain())
+        self.assertEqual([run.status(c) for c in ("flow", "session", "stream")], ["skip"] * 3)
+        self.assertIn("--access-token-file", run.checks["flow"]["summary"])
+
     async def test_accessToken(self) -> None:
         """
         An access token given with --access-token-file is used as it is:

@@ -179,6 +179,9 @@ async def _with_token(
     if token is None and options.site_token is not None:
         if resource_metadata is None or metadata is None:
             reason = "no metadata to run a flow with (see above)"
+        elif not isinstance(metadata.get("registration_endpoint"), str):
+            # Not a fault: the doctor has no metadata document to offer.
+            reason = "the server offers no dynamic registration: give an access token (--access-token-file)"
         else:
             flow = Flow(fetcher, options.url, str(resource_metadata["resource"]), metadata)
             try:
