@@ -8,6 +8,7 @@ C{smeldr-oauth-admin}: manage site tokens and the OAuth grants made with them::
     smeldr-oauth-admin grants list [--oauth-db PATH] [--subject NAME] [--site-token ID]
     smeldr-oauth-admin grants revoke GRANT_ID [--oauth-db PATH]
     smeldr-oauth-admin grants revoke-client CLIENT_ID [--oauth-db PATH]
+    smeldr-oauth-admin doctor URL [--json] [--site-token-file PATH]  # see smeldr_oauth.doctor
 
 Revoking a site token also revokes every grant approved with it: an app
 that was let in with a leaked token must lose its access, not only the
@@ -73,9 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     kinds = parser.add_subparsers(
-        dest="kind", metavar="{token,grants}", parser_class=_Parser
+        dest="kind", metavar="{token,grants,doctor}", parser_class=_Parser
     )
     kinds.required = True
+    from smeldr_oauth.doctor import cli as doctor
+
+    doctor.add_parser(kinds)
 
     token = kinds.add_parser(
         "token", help="site tokens (what you paste into the consent page)"
@@ -344,6 +348,10 @@ def run(
     @return: a Deferred firing with the exit status: 0 done, 1 refused (an
         unknown id, a missing database).
     """
+    if options.kind == "doctor":
+        from smeldr_oauth.doctor import cli as doctor
+
+        return doctor.run(reactor, options, out, err)
     commands = _Commands(reactor, options, out or sys.stdout, err or sys.stderr)
     return ensureDeferred(_dispatch(commands))
 
