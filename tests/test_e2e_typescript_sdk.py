@@ -272,21 +272,25 @@ class TypeScriptSDKTests(TestCase):
         why = self.explain(report)
         self.assertEqual(report["tokens"][0]["expires_in"], 2, why)
         self.assertEqual(report["refresh_method"], "waited", why)
-        # The expired token was refused with 401, then refreshed, once, and
+        # The expired token was refused with 401, then refreshed, and
         # nobody was asked again. Which request meets the 401 first is a
         # race: the call, or (Streamable HTTP) the SDK's standalone GET
         # stream, which the server closes at the token's expiry and the SDK
-        # reopens at once.
+        # reopens at once.  On a loaded machine the refreshed 2-second token
+        # can run out too before the call is done: then the SDK refreshes
+        # again.  What must hold is one refresh per expiry, never a new
+        # authorization.
         expired = [e for e in report["http"] if e.get("status") == 401 and e["auth"]]
-        self.assertEqual(len(expired), 1, why)
-        self.assertIn('error="invalid_token"', expired[0]["www_authenticate"], why)
-        self.assertEqual(report["refresh_grants"], 1, why)
+        self.assertGreaterEqual(len(expired), 1, why)
+        for refusal in expired:
+            self.assertIn('error="invalid_token"', refusal["www_authenticate"], why)
+        self.assertEqual(report["refresh_grants"], len(expired), why)
         self.assertEqual(report["authorizations"], 1, why)
         self.assertTrue(report["refreshed"], why)
         self.assertToolWorked(report["after_refresh_result"], why)
-        self.assertEqual(len({t["access"] for t in report["tokens"]}), 2, why)
-        # Rotation: the refresh token changed too.
-        self.assertEqual(len({t["refresh"] for t in report["tokens"]}), 2, why)
+        self.assertEqual(len({t["access"] for t in report["tokens"]}), len(expired) + 1, why)
+        # Rotation: the refresh token changed too, at every refresh.
+        self.assertEqual(len({t["refresh"] for t in report["tokens"]}), len(expired) + 1, why)
 
     async def test_refreshStreamableHTTP(self) -> None:
         """
