@@ -8,9 +8,9 @@ samples.
     python -m bench --profile floor,bare --connections 10  # several
     python -m bench --profile baseline                    # the optimisation round's input
 
-For each row it writes into C{bench/profiles/}: C{ROW.collapsed} (py-spy's
-raw collapsed stacks, aggregated by function; open it in speedscope or feed
-it to flamegraph.pl) and C{ROW.txt} (the summary); C{baseline} also writes
+For each row it writes into C{bench/profiles/}: C{ROW.collapsed.gz} (py-spy's
+raw collapsed stacks, aggregated by function, gzipped; unzip it and open it
+in speedscope or feed it to flamegraph.pl) and C{ROW.txt} (the summary); C{baseline} also writes
 C{BASELINE.md}, every row's summary in one file.
 
 The summary puts each sample in one I{category}, so the categories add up
@@ -24,6 +24,7 @@ top functions by self and by total (inclusive) share of the samples.
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import shutil
@@ -92,7 +93,7 @@ def _access_log(frame: Frame) -> bool:
 #: Categories that claim a sample wherever they appear in its stack (first match wins).
 ANYWHERE: list[tuple[str, Callable[[Frame], bool]]] = [
     ("access log (twisted.web, through the legacy log)", _access_log),
-    ("logging events (twisted.logger)", _in("twisted/logger/", "twisted/python/log.py", "txaio/")),
+    ("logging events (twisted.logger)", lambda f: _logging(f)),
     ("SQLite COMMIT", lambda f: f[0] == "commit" and _store(f)),
     ("SQLite statements and the store", lambda f: _store(f)),
     ("JSON", _in("json/")),
@@ -107,6 +108,27 @@ INNERMOST: list[tuple[str, Callable[[Frame], bool]]] = [
     ("reactor and TCP", _in("twisted/internet/", "twisted/python/")),
     ("smeldr-oauth code", _in("smeldr_oauth/", "bench/bare.py")),
 ]
+
+
+def _logging(frame: Frame) -> bool:
+    function, path = frame
+    if "twisted/logger/" in path or "txaio/" in path:
+        return True
+    # twisted.python.log wraps every reactor callback in callWithLogger:
+    # that is not logging.
+    return path.endswith("twisted/python/log.py") and function not in ("callWithLogger", "callWithContext")
+
+
+#: Where a request's dispatch chain runs (every sample of a request is in
+#: them): not worth listing among the top functions by total time.
+GLUE = (
+    "twisted/internet/",
+    "twisted/protocols/",
+    "twisted/python/",
+    "twisted/application/",
+    "runpy",
+    "__main__",
+)
 
 
 def _store(frame: Frame) -> bool:
@@ -130,7 +152,7 @@ def categorise(frames: list[Frame]) -> str:
     return "other (standard library, attrs, ...)"
 
 
-def summarise(stacks: list[tuple[list[Frame], int]], top: int = 15) -> dict[str, Any]:
+def summarise(stacks: list[tuple[list[Frame], int]], top: int = 20) -> dict[str, Any]:
     total = sum(count for _, count in stacks) or 1
     categories: Counter[str] = Counter()
     self_time: Counter[Frame] = Counter()
@@ -142,10 +164,12 @@ def summarise(stacks: list[tuple[list[Frame], int]], top: int = 15) -> dict[str,
         for frame in set(frames):
             inclusive[frame] += count
 
-    def share(counter: Counter[Any], n: int, below: float = 1.01) -> list[tuple[Any, float, float]]:
+    def share(
+        counter: Counter[Any], n: int, below: float = 1.01, skip: tuple[str, ...] = ()
+    ) -> list[tuple[Any, float, float]]:
         rows = []
         for key, count in counter.most_common():
-            if count / total >= below:
+            if count / total >= below or any(part in key[1] for part in skip):
                 continue
             rows.append((key, 100.0 * self_time[key] / total, 100.0 * inclusive[key] / total))
             if len(rows) == n:
@@ -156,8 +180,9 @@ def summarise(stacks: list[tuple[list[Frame], int]], top: int = 15) -> dict[str,
         "samples": total,
         "categories": [(name, 100.0 * count / total) for name, count in categories.most_common()],
         "top_self": share(self_time, top),
-        # Frames in (nearly) every sample (the reactor loop) say nothing.
-        "top_total": share(inclusive, top, below=0.97),
+        # The reactor loop and the request's dispatch chain are in (nearly)
+        # every sample: they say nothing.
+        "top_total": share(inclusive, top, below=0.75, skip=GLUE),
     }
 
 
@@ -250,7 +275,10 @@ def profile_row(
     driver.join()
     with open(collapsed) as f:
         summary = summarise(parse_collapsed(f))
-    return collapsed, summary, outcome.get("load", {})
+    with open(collapsed, "rb") as f, gzip.open(collapsed + ".gz", "wb") as z:
+        shutil.copyfileobj(f, z)
+    os.remove(collapsed)
+    return collapsed + ".gz", summary, outcome.get("load", {})
 
 
 def main(spec: str, settings: Any, seconds: float) -> int:
@@ -291,13 +319,14 @@ Python {m["python"]}, Twisted {m["twisted"]}, Klein {m["klein"]}; load average {
 is shared with other engineers' test runs). Each row: the Python generator at {connections} connections
 ({settings.warmup:g} s warm-up), `py-spy record --function --rate {SAMPLE_RATE}` on the server process for
 {seconds:g} s. Server arguments: {" ".join(settings.server_args) or "defaults (`--db-threads 0`)"}.
-The `ROW.collapsed` files beside this one are the raw stacks (speedscope opens them).
+The `ROW.collapsed.gz` files beside this one are the raw stacks (`gunzip -k`, then speedscope opens them).
 
 How to read it: "where the time goes" puts each busy sample in one category, so they add up to 100%.
 The access log, logging events, SQLite (COMMIT apart from the statements and the store code around
 them), JSON, hyperlink and Werkzeug routing claim a sample wherever they appear in its stack; the rest
 goes to the innermost of Klein, Deferred glue, twisted.web, the reactor and TCP, smeldr-oauth's code
-and "other". "self %" is time in the function itself, "total %" time in it and what it calls.
+and "other". "self %" is time in the function itself, "total %" time in it and what it calls (the reactor
+loop and the request's dispatch chain, in nearly every sample, are left out of the "total" list).
 Compare a row with `floor` (twisted.web alone) and `bare` (Klein's routing on top).
 
 """

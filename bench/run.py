@@ -153,6 +153,8 @@ _fmt = reporting.fmt
 
 def run_http(settings: Settings, report: dict[str, Any]) -> None:
     results: list[dict[str, Any]] = report["http"]
+    if not any(row.group is not None and settings.wants(row.group) for row in ROWS):
+        return  # only verify or streams: no row to compare with the references
     bench = Bench(settings.server_args)
     try:
         for name in ("floor", "bare", "smeldr"):
@@ -244,6 +246,7 @@ def run_streams(settings: Settings, report: dict[str, Any]) -> None:
                 keepalive,
                 settings.observe,
                 settle=0.3 if settings.smoke else 2.0,
+                spread_for=asked,
             )
         finally:
             smeldr.stop()
@@ -340,7 +343,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     parser.add_argument("--observe", type=float, help="seconds to watch keepalives [16]")
     parser.add_argument(
-        "--only", help="subset: metadata,refresh,flow,tools,verify,streams (the ceiling always runs)"
+        "--only",
+        help="subset: metadata,refresh,flow,tools,verify,streams (the floor and the ceiling run with any HTTP row)",
     )
     _more_options(parser)
     args = parser.parse_args(argv)

@@ -261,6 +261,7 @@ def measure(
     observe: float,
     settle: float = 1.0,
     processes: Optional[int] = None,
+    spread_for: int = 0,
 ) -> dict[str, Any]:
     """
     Open C{transport} streams up to each of C{counts} in turn, reading the
@@ -269,9 +270,12 @@ def measure(
 
     @param server: a L{bench.servers.OAuthServer} started with
         C{--keepalive keepalive}.
+    @param spread_for: lay the generator processes and source addresses out
+        for this many streams (the count asked for, when the descriptor
+        limit caps C{counts}).
     """
     target = server.target()
-    largest = max(counts)
+    largest = max(max(counts), spread_for)
     sources = source_addresses(largest)
     procs = processes or generator_processes(largest)
     generators = Generators(target, token, transport, procs, sources)
