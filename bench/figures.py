@@ -114,21 +114,33 @@ def _cpu(plt: Any, report: dict[str, Any], path: str) -> str:
 def _streams(plt: Any, report: dict[str, Any], path: str) -> str:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     most = 0
+    limited = None
     for run in report.get("streams", []):
         x = [0] + [s["streams"] for s in run["steps"]]
         y = [run["baseline_rss_mib"]] + [s["server_rss_mib"] for s in run["steps"]]
-        ax.plot(x, y, marker="o", label=f"{run['transport']} (measured)")
+        (line,) = ax.plot(x, y, marker="o", label=f"{run['transport']} (measured)")
         most = max(most, *x)
-        limited = run.get("fd_limited")
-        if limited:
-            ax.axvline(limited["cap"], color="grey", ls=":")
-            ax.annotate(
-                f"RLIMIT_NOFILE {limited['hard']:,}\non this box",
-                (limited["cap"], y[-1]),
-                fontsize=7,
-                xytext=(5, -30),
-                textcoords="offset points",
+        limited = run.get("fd_limited") or limited
+        if limited and len(x) > 1:
+            # Where the descriptor limit stopped the measurement: the same
+            # KiB per stream carried on, drawn as what it is, a projection.
+            per_stream = (y[-1] - y[0]) / x[-1]
+            ax.plot(
+                [x[-1], limited["asked"]],
+                [y[-1], y[0] + per_stream * limited["asked"]],
+                ls=":",
+                color=line.get_color(),
+                label=f"{run['transport']} projected at {per_stream * 1024:.1f} KiB/stream",
             )
+    if limited:
+        ax.axvline(limited["cap"], color="grey", ls=":")
+        ax.annotate(
+            f"hard RLIMIT_NOFILE {limited['hard']:,} on this box:\nmeasured up to {limited['cap']:,} streams",
+            (limited["cap"], 0),
+            fontsize=7,
+            xytext=(5, 10),
+            textcoords="offset points",
+        )
     streams = report.get("streams", [])
     if streams:
         base = min(run["baseline_rss_mib"] for run in streams)

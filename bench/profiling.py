@@ -9,7 +9,7 @@ samples.
     python -m bench --profile baseline                    # the optimisation round's input
 
 For each row it writes into C{bench/profiles/}: C{ROW.collapsed.gz} (py-spy's
-raw collapsed stacks, aggregated by function, gzipped; unzip it and open it
+raw collapsed stacks, by line, gzipped; unzip it and open it
 in speedscope or feed it to flamegraph.pl) and C{ROW.txt} (the summary); C{baseline} also writes
 C{BASELINE.md}, every row's summary in one file.
 
@@ -57,14 +57,18 @@ _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)
 Frame = tuple[str, str]  # (function, file)
 
 
-def parse_frame(text: str) -> Frame:
+def parse_frame(text: str) -> tuple[Frame, int]:
+    """C{function (file:line)}: the frame, and the line it was at (0 if not given)."""
     match = _FRAME.match(text.strip())
     if match is None:
-        return text.strip(), ""
-    return match.group("function"), match.group("file")
+        return (text.strip(), ""), 0
+    return (match.group("function"), match.group("file")), int(match.group("line") or 0)
 
 
-def parse_collapsed(lines: Iterable[str]) -> list[tuple[list[Frame], int]]:
+Stack = tuple[list[Frame], int, int]  # frames (root first), the leaf's line, samples
+
+
+def parse_collapsed(lines: Iterable[str]) -> list[Stack]:
     """py-spy's raw output: C{frame;frame;...;leaf COUNT} a line, root first."""
     stacks = []
     for line in lines:
@@ -72,11 +76,30 @@ def parse_collapsed(lines: Iterable[str]) -> list[tuple[list[Frame], int]]:
         if not line:
             continue
         stack, _, count = line.rpartition(" ")
-        frames = [parse_frame(f) for f in stack.split(";") if f]
+        parsed = [parse_frame(f) for f in stack.split(";") if f]
         # Leading "process ..." / "thread ..." pseudo-frames, when present.
-        frames = [f for f in frames if f[1] or not f[0].startswith(("process ", "thread "))]
-        stacks.append((frames, int(count)))
+        parsed = [(f, n) for f, n in parsed if f[1] or not f[0].startswith(("process ", "thread "))]
+        leaf_line = parsed[-1][1] if parsed else 0
+        stacks.append(([f for f, _ in parsed], leaf_line, int(count)))
     return stacks
+
+
+def _commit_line() -> int:
+    """
+    The line of adbapi's C{_runInteraction} that commits: C{conn.commit} is
+    the DB-API connection's own (C) method, reached through adbapi's
+    C{__getattr__}, so a sample inside SQLite's COMMIT has that line as its
+    innermost Python frame.
+    """
+    import inspect
+
+    from twisted.enterprise import adbapi
+
+    source, first = inspect.getsourcelines(adbapi.ConnectionPool._runInteraction)
+    for offset, text in enumerate(source):
+        if "conn.commit()" in text:
+            return first + offset
+    return -1
 
 
 def _in(*parts: str) -> Callable[[Frame], bool]:
@@ -94,7 +117,6 @@ def _access_log(frame: Frame) -> bool:
 ANYWHERE: list[tuple[str, Callable[[Frame], bool]]] = [
     ("access log (twisted.web, through the legacy log)", _access_log),
     ("logging events (twisted.logger)", lambda f: _logging(f)),
-    ("SQLite COMMIT", lambda f: f[0] == "commit" and _store(f)),
     ("SQLite statements and the store", lambda f: _store(f)),
     ("JSON", _in("json/")),
     ("hyperlink (URL parsing and building)", _in("hyperlink/")),
@@ -141,7 +163,16 @@ def _store(frame: Frame) -> bool:
     )
 
 
-def categorise(frames: list[Frame]) -> str:
+COMMIT = "SQLite COMMIT (adbapi's conn.commit())"
+
+
+def categorise(frames: list[Frame], leaf_line: int = 0, commit_line: int = -1) -> str:
+    if (
+        frames
+        and frames[-1] == ("_runInteraction", "twisted/enterprise/adbapi.py")
+        and leaf_line == commit_line
+    ):
+        return COMMIT
     for name, matches in ANYWHERE:
         if any(matches(f) for f in frames):
             return name
@@ -152,13 +183,15 @@ def categorise(frames: list[Frame]) -> str:
     return "other (standard library, attrs, ...)"
 
 
-def summarise(stacks: list[tuple[list[Frame], int]], top: int = 20) -> dict[str, Any]:
-    total = sum(count for _, count in stacks) or 1
+def summarise(stacks: list[Stack], top: int = 20, commit_line: Optional[int] = None) -> dict[str, Any]:
+    if commit_line is None:
+        commit_line = _commit_line()
+    total = sum(count for _, _, count in stacks) or 1
     categories: Counter[str] = Counter()
     self_time: Counter[Frame] = Counter()
     inclusive: Counter[Frame] = Counter()
-    for frames, count in stacks:
-        categories[categorise(frames)] += count
+    for frames, leaf_line, count in stacks:
+        categories[categorise(frames, leaf_line, commit_line)] += count
         if frames:
             self_time[frames[-1]] += count
         for frame in set(frames):
@@ -213,7 +246,10 @@ def render(name: str, summary: dict[str, Any], load: Optional[dict[str, Any]], s
 
 
 def record(pid: int, seconds: float, output: str) -> None:
-    """C{py-spy record} on C{pid} for C{seconds}, raw collapsed stacks by function."""
+    """
+    C{py-spy record} on C{pid} for C{seconds}, raw collapsed stacks by line
+    (the tables aggregate by function; the COMMIT category needs the line).
+    """
     py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(py_spy):
         raise RuntimeError("py-spy not found: pip install -r requirements-test.txt")
@@ -227,7 +263,6 @@ def record(pid: int, seconds: float, output: str) -> None:
             str(max(1, round(seconds))),
             "--rate",
             str(SAMPLE_RATE),
-            "--function",
             "--format",
             "raw",
             "--output",
@@ -291,6 +326,8 @@ def main(spec: str, settings: Any, seconds: float) -> int:
     processes = settings.processes or (1 if connections < 8 else 2)
     warmup = settings.warmup
     sections = []
+    summaries: dict[str, dict[str, Any]] = {}
+    loads: dict[str, dict[str, Any]] = {}
     bench = Bench(settings.server_args)
     try:
         for name in names:
@@ -301,11 +338,49 @@ def main(spec: str, settings: Any, seconds: float) -> int:
             print(text, flush=True)
             print(f"wrote {collapsed}", flush=True)
             sections.append(text)
+            summaries[name] = summary
+            loads[name] = load
     finally:
         bench.stop()
     if spec == "baseline":
-        write_baseline(sections, settings, connections, seconds)
+        write_baseline([matrix(summaries, loads), *sections], settings, connections, seconds)
     return 0
+
+
+def matrix(summaries: dict[str, dict[str, Any]], loads: dict[str, dict[str, Any]]) -> str:
+    """Every row's categories side by side, in µs of server CPU per operation and in %."""
+    names = list(summaries)
+    categories = list(dict.fromkeys(c for summary in summaries.values() for c, _ in summary["categories"]))
+
+    def us(name: str) -> Optional[float]:
+        load = loads.get(name) or {}
+        cpu, ops = load.get("server_cpu"), load.get("ops_per_s")
+        return cpu * 1e6 / ops if cpu and ops else None
+
+    lines = [
+        "## All rows side by side",
+        "",
+        "Server CPU per operation during the profile, split by category: µs (% of the row's samples).",
+        "",
+        "| category | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+        "| **µs of CPU per operation** | "
+        + " | ".join(f"**{us(n):,.0f}**" if us(n) else "-" for n in names)
+        + " |",
+    ]
+    for category in categories:
+        cells = []
+        for name in names:
+            share = dict(summaries[name]["categories"]).get(category)
+            cost = us(name)
+            if share is None:
+                cells.append("-")
+            elif cost is None:
+                cells.append(f"{share:.0f}%")
+            else:
+                cells.append(f"{cost * share / 100:,.0f} ({share:.0f}%)")
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_baseline(sections: list[str], settings: Any, connections: int, seconds: float) -> None:
@@ -317,13 +392,13 @@ def write_baseline(sections: list[str], settings: Any, connections: int, seconds
 Written by `python -m bench --profile baseline` on {m["date"]} ({m["nproc"]} cores, {m["cpu"]},
 Python {m["python"]}, Twisted {m["twisted"]}, Klein {m["klein"]}; load average {m["loadavg_start"]}; the box
 is shared with other engineers' test runs). Each row: the Python generator at {connections} connections
-({settings.warmup:g} s warm-up), `py-spy record --function --rate {SAMPLE_RATE}` on the server process for
+({settings.warmup:g} s warm-up), `py-spy record --rate {SAMPLE_RATE}` on the server process for
 {seconds:g} s. Server arguments: {" ".join(settings.server_args) or "defaults (`--db-threads 0`)"}.
 The `ROW.collapsed.gz` files beside this one are the raw stacks (`gunzip -k`, then speedscope opens them).
 
 How to read it: "where the time goes" puts each busy sample in one category, so they add up to 100%.
-The access log, logging events, SQLite (COMMIT apart from the statements and the store code around
-them), JSON, hyperlink and Werkzeug routing claim a sample wherever they appear in its stack; the rest
+SQLite's COMMIT (samples inside adbapi's `conn.commit()`) is counted first; then the access log, logging
+events, SQLite statements with the store code around them (adbapi, `smeldr_oauth/store/`), JSON, hyperlink and Werkzeug routing claim a sample wherever they appear in its stack; the rest
 goes to the innermost of Klein, Deferred glue, twisted.web, the reactor and TCP, smeldr-oauth's code
 and "other". "self %" is time in the function itself, "total %" time in it and what it calls (the reactor
 loop and the request's dispatch chain, in nearly every sample, are left out of the "total" list).

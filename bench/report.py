@@ -143,15 +143,15 @@ def verify_table(v: dict[str, Any]) -> str:
 
 def streams_table(run: dict[str, Any]) -> str:
     rows = [
-        f"| idle {run['transport']} streams | opened in s | server RSS MiB | KiB per stream |",
-        "|---:|---:|---:|---:|",
-        f"| 0 (baseline) | - | {run['baseline_rss_mib']:.1f} | - |",
+        f"| idle {run['transport']} streams | opened in s | server RSS MiB | KiB per stream | kernel TCP MiB (box) |",
+        "|---:|---:|---:|---:|---:|",
+        f"| 0 (baseline) | - | {run['baseline_rss_mib']:.1f} | - | - |",
     ]
     for step in run["steps"]:
         asked = f" of {step['asked']:,} asked" if step["asked"] != step["streams"] else ""
         rows.append(
             f"| {step['streams']:,}{asked} ({step['failures']} failed) | {step['open_seconds']:.1f} "
-            f"| {step['server_rss_mib']:.1f} | {step['per_stream_kib']:.2f} |"
+            f"| {step['server_rss_mib']:.1f} | {step['per_stream_kib']:.2f} | {fmt(step.get('tcp_kernel_mib'), 1)} |"
         )
     idle, loaded = run["probe_idle"], run["probe_loaded"]
     rows.append(

@@ -306,6 +306,7 @@ def measure(
             rss = server.rss_bytes()
             steps.append(
                 {
+                    "tcp_kernel_mib": tcp_kernel_mib(),
                     "streams": held,
                     "asked": count,
                     "failures": opened["failures"],
@@ -350,6 +351,24 @@ def measure(
         "probe_idle": idle_probe,
         "probe_loaded": loaded_probe,
     }
+
+
+def tcp_kernel_mib() -> Optional[float]:
+    """
+    The kernel's TCP buffer memory for the whole box (C{/proc/net/sockstat},
+    C{TCP: ... mem PAGES}, what C{net.ipv4.tcp_mem} limits), both ends of
+    every loopback stream included.
+    """
+    try:
+        with open("/proc/net/sockstat") as f:
+            for line in f:
+                if line.startswith("TCP:"):
+                    fields = line.split()
+                    pages = int(fields[fields.index("mem") + 1])
+                    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def kernel_settings() -> dict[str, Optional[str]]:

@@ -171,22 +171,36 @@ class ProfileSummaryTests(SynchronousTestCase):
             "dataReceived (twisted/web/http.py:1) 5",
             "run (twisted/internet/base.py:10);log (twisted/web/http.py:3471);emit (twisted/logger/_logger.py:9) 3",
             "run (twisted/internet/base.py:10);token (smeldr_oauth/oauth/server.py:4);"
-            "commit (twisted/enterprise/adbapi.py:80) 2",
+            "_runInteraction (twisted/enterprise/adbapi.py:445) 2",
+            "run (twisted/internet/base.py:10);token (smeldr_oauth/oauth/server.py:4);"
+            "_runInteraction (twisted/enterprise/adbapi.py:443) 1",
         ]
-        summary = profiling.summarise(profiling.parse_collapsed(lines))
-        self.assertEqual(summary["samples"], 10)
+        summary = profiling.summarise(profiling.parse_collapsed(lines), commit_line=445)
+        self.assertEqual(summary["samples"], 11)
         self.assertEqual(
-            dict(summary["categories"]),
+            {name: round(share * 11 / 100) for name, share in summary["categories"]},
             {
-                "twisted.web HTTP (parse, headers, finish)": 50.0,
-                "access log (twisted.web, through the legacy log)": 30.0,
-                "SQLite COMMIT": 20.0,
+                "twisted.web HTTP (parse, headers, finish)": 5,
+                "access log (twisted.web, through the legacy log)": 3,
+                profiling.COMMIT: 2,
+                "SQLite statements and the store": 1,
             },
         )
-        top = {frame: (s, t) for frame, s, t in summary["top_self"]}
-        self.assertEqual(top[("dataReceived", "twisted/web/http.py")], (50.0, 50.0))
+        top = {frame: (round(s * 11 / 100), round(t * 11 / 100)) for frame, s, t in summary["top_self"]}
+        self.assertEqual(top[("dataReceived", "twisted/web/http.py")], (5, 5))
+        # Aggregated by function, whatever the line.
+        self.assertEqual(top[("_runInteraction", "twisted/enterprise/adbapi.py")], (3, 3))
         # The reactor loop is in every sample: not a top "total" entry.
         self.assertNotIn(("run", "twisted/internet/base.py"), {f for f, _, _ in summary["top_total"]})
+
+    def test_the_commit_line_is_found(self) -> None:
+        """The line of adbapi's _runInteraction that calls conn.commit()."""
+        import linecache
+
+        from twisted.enterprise import adbapi
+
+        line = profiling._commit_line()
+        self.assertIn("conn.commit()", linecache.getline(adbapi.__file__, line))
 
 
 def _descendants(pid: int) -> list[int]:
