@@ -276,7 +276,7 @@ def record(pid: int, seconds: float, output: str) -> None:
 
 
 def profile_row(
-    bench: Bench, name: str, connections: int, seconds: float, warmup: float, processes: int
+    bench: Bench, name: str, connections: int, seconds: float, warmup: float, processes: int, directory: str
 ) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """Drive row C{name} and sample the server meanwhile; the collapsed file, summary and load figures."""
     row = BY_NAME[name]
@@ -304,8 +304,8 @@ def profile_row(
     driver = threading.Thread(target=drive, daemon=True)
     driver.start()
     time.sleep(0.2 + warmup)
-    os.makedirs(PROFILES, exist_ok=True)
-    collapsed = os.path.join(PROFILES, f"{name}.collapsed")
+    os.makedirs(directory, exist_ok=True)
+    collapsed = os.path.join(directory, f"{name}.collapsed")
     record(server.pid, seconds, collapsed)
     driver.join()
     with open(collapsed) as f:
@@ -316,7 +316,7 @@ def profile_row(
     return collapsed + ".gz", summary, outcome.get("load", {})
 
 
-def main(spec: str, settings: Any, seconds: float) -> int:
+def main(spec: str, settings: Any, seconds: float, directory: str = PROFILES) -> int:
     names = list(BASELINE_ROWS) if spec == "baseline" else spec.split(",")
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
@@ -331,9 +331,11 @@ def main(spec: str, settings: Any, seconds: float) -> int:
     bench = Bench(settings.server_args)
     try:
         for name in names:
-            collapsed, summary, load = profile_row(bench, name, connections, seconds, warmup, processes)
+            collapsed, summary, load = profile_row(
+                bench, name, connections, seconds, warmup, processes, directory
+            )
             text = render(name, summary, load, seconds)
-            with open(os.path.join(PROFILES, f"{name}.txt"), "w") as f:
+            with open(os.path.join(directory, f"{name}.txt"), "w") as f:
                 f.write(text)
             print(text, flush=True)
             print(f"wrote {collapsed}", flush=True)
@@ -343,7 +345,7 @@ def main(spec: str, settings: Any, seconds: float) -> int:
     finally:
         bench.stop()
     if spec == "baseline":
-        write_baseline([matrix(summaries, loads), *sections], settings, connections, seconds)
+        write_baseline([matrix(summaries, loads), *sections], settings, connections, seconds, directory)
     return 0
 
 
@@ -383,7 +385,9 @@ def matrix(summaries: dict[str, dict[str, Any]], loads: dict[str, dict[str, Any]
     return "\n".join(lines) + "\n"
 
 
-def write_baseline(sections: list[str], settings: Any, connections: int, seconds: float) -> None:
+def write_baseline(
+    sections: list[str], settings: Any, connections: int, seconds: float, directory: str
+) -> None:
     from bench.run import machine
 
     m = machine()
@@ -405,6 +409,6 @@ loop and the request's dispatch chain, in nearly every sample, are left out of t
 Compare a row with `floor` (twisted.web alone) and `bare` (Klein's routing on top).
 
 """
-    with open(os.path.join(PROFILES, "BASELINE.md"), "w") as f:
+    with open(os.path.join(directory, "BASELINE.md"), "w") as f:
         f.write(head + "\n".join(sections))
-    print(f"wrote {os.path.join(PROFILES, 'BASELINE.md')}")
+    print(f"wrote {os.path.join(directory, 'BASELINE.md')}")

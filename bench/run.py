@@ -310,6 +310,7 @@ def _more_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile-seconds", type=float, default=12.0, help="seconds sampled per profile [12]"
     )
+    parser.add_argument("--profiles", metavar="DIR", help="where --profile writes [bench/profiles]")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -354,7 +355,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.profile:
         from bench import profiling
 
-        return profiling.main(args.profile, settings, args.profile_seconds)
+        return profiling.main(
+            args.profile, settings, args.profile_seconds, args.profiles or profiling.PROFILES
+        )
     limits = servers.raise_fd_limit(max(settings.stream_counts) + streams.SERVER_RESERVE)
     report: dict[str, Any] = {
         "machine": machine(),

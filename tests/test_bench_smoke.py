@@ -7,6 +7,7 @@ speed, only whether the bench still works.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import select
@@ -164,6 +165,39 @@ class BenchSmokeTests(SynchronousTestCase):
 
 class ProfileSummaryTests(SynchronousTestCase):
     """The profile summary reads py-spy's collapsed stacks."""
+
+    def test_profile_a_row(self) -> None:
+        """C{--profile ROW}: py-spy on the server under the row's load, summarised."""
+        directory = os.path.abspath(self.mktemp())
+        completed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench",
+                "--profile",
+                "floor",
+                "--profile-seconds",
+                "1",
+                "--warmup",
+                "0.2",
+                "--connections",
+                "2",
+                "--profiles",
+                directory,
+            ],
+            cwd=CHECKOUT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(completed.returncode, 0, completed.stdout + completed.stderr)
+        with open(os.path.join(directory, "floor.txt")) as f:
+            text = f.read()
+        self.assertIn("| where the time goes | % of samples |", text)
+        self.assertIn("twisted.web HTTP", text)
+        with gzip.open(os.path.join(directory, "floor.collapsed.gz"), "rt") as z:
+            stacks = profiling.parse_collapsed(z)
+        self.assertTrue(any(("render_GET", "bench/bare.py") in frames for frames, _, _ in stacks))
 
     def test_categories_and_top_entries(self) -> None:
         lines = [
