@@ -143,7 +143,7 @@ def verify_table(v: dict[str, Any]) -> str:
 
 def streams_table(run: dict[str, Any]) -> str:
     rows = [
-        f"| idle {run['transport']} streams | opened in s | server RSS MiB | KiB per stream | kernel TCP MiB (box) |",
+        f"| idle {run['transport']} streams | opened in s (this step) | server RSS MiB | KiB per stream | kernel TCP MiB (box) |",
         "|---:|---:|---:|---:|---:|",
         f"| 0 (baseline) | - | {run['baseline_rss_mib']:.1f} | - | - |",
     ]
