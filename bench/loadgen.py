@@ -24,9 +24,12 @@ import multiprocessing
 import os
 import resource
 import secrets
+import socket
 import time
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, urlencode, urlsplit
+
+from bench import lifeline
 
 #: The MCP protocol versions the bench speaks.
 SESSION_VERSION = "2025-11-25"
@@ -187,9 +190,32 @@ class Connection(asyncio.Protocol):
             waiter.set_result(response)
 
 
-async def connect(host: str, port: int) -> Connection:
+#: From <linux/in.h>: bind() reserves no port; connect() picks one unique
+#: for the whole 4-tuple, so each source address has the full ephemeral
+#: range towards each server port.
+IP_BIND_ADDRESS_NO_PORT = 24
+
+
+async def connect(host: str, port: int, source: Optional[str] = None) -> Connection:
+    """
+    One connection; from the loopback address C{source} when given (bound
+    before connecting), so that many connections to one server port are not
+    limited to one address pair's ephemeral ports.
+    """
     loop = asyncio.get_event_loop()
-    _, protocol = await loop.create_connection(Connection, host, port)
+    if source is None:
+        _, protocol = await loop.create_connection(Connection, host, port)
+        return protocol
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.setblocking(False)
+        sock.bind((source, 0))
+        await loop.sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    _, protocol = await loop.create_connection(Connection, sock=sock)
     return protocol
 
 
@@ -424,23 +450,7 @@ async def user_streamable(target: dict[str, Any], state: Any, rec: Recorder) -> 
     conn = await connect(target["host"], target["port"])
     hostport, token = target["hostport"], state["access_token"]
     try:
-        init = {
-            "jsonrpc": "2.0",
-            "id": 0,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": SESSION_VERSION,
-                "capabilities": {},
-                "clientInfo": {"name": "bench", "version": "1"},
-            },
-        }
-        response = _ok(
-            await conn.request(
-                build("POST", "/mcp", hostport, _mcp_headers(token), json.dumps(init).encode())
-            ),
-            200,
-        )
-        session_id = response.headers[b"mcp-session-id"].decode("ascii")
+        session_id = await _initialize(conn, hostport, token)
         headers = _mcp_headers(token, session_id)
         note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
         _ok(await conn.request(build("POST", "/mcp", hostport, headers, note)), 202)
@@ -459,15 +469,66 @@ async def user_streamable(target: dict[str, Any], state: Any, rec: Recorder) -> 
         conn.close()
 
 
-async def open_legacy_stream(target: dict[str, Any], token: str) -> tuple[Connection, SSEReader]:
+async def open_legacy_stream(
+    target: dict[str, Any], token: str, source: Optional[str] = None
+) -> tuple[Connection, SSEReader]:
     """GET /mcp without a session: the 2024-11-05 stream, whose first event names the POST endpoint."""
-    conn = await connect(target["host"], target["port"])
+    conn = await connect(target["host"], target["port"], source)
     reader = SSEReader()
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
     head = await conn.stream(build("GET", "/mcp", target["hostport"], headers), reader.feed)
     _ok(head, 200)
     await reader.opened
     return conn, reader
+
+
+async def _initialize(conn: Connection, hostport: str, token: str) -> str:
+    """A Streamable HTTP C{initialize}; the new session's id."""
+    init = {
+        "jsonrpc": "2.0",
+        "id": 0,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": SESSION_VERSION,
+            "capabilities": {},
+            "clientInfo": {"name": "bench", "version": "1"},
+        },
+    }
+    response = _ok(
+        await conn.request(build("POST", "/mcp", hostport, _mcp_headers(token), json.dumps(init).encode())),
+        200,
+    )
+    return response.headers[b"mcp-session-id"].decode("ascii")
+
+
+async def open_streamable_stream(
+    target: dict[str, Any], token: str, source: Optional[str] = None
+) -> tuple[Connection, SSEReader]:
+    """
+    A Streamable HTTP session's own stream: C{initialize}, then C{GET /mcp}
+    with its C{Mcp-Session-Id} on the same keep-alive connection.
+    """
+    conn = await connect(target["host"], target["port"], source)
+    try:
+        hostport = target["hostport"]
+        session_id = await _initialize(conn, hostport, token)
+        headers = _mcp_headers(token, session_id)
+        del headers["Content-Type"]
+        headers["Accept"] = "text/event-stream"
+        reader = SSEReader()
+        _ok(await conn.stream(build("GET", "/mcp", hostport, headers), reader.feed), 200)
+        await reader.opened
+    except BaseException:
+        conn.close()
+        raise
+    return conn, reader
+
+
+#: How the idle-stream benchmarks open a stream, by transport.
+STREAM_OPENERS: dict[str, Callable[..., Any]] = {
+    "legacy": open_legacy_stream,
+    "streamable": open_streamable_stream,
+}
 
 
 async def user_legacy(target: dict[str, Any], state: Any, rec: Recorder) -> None:
@@ -578,6 +639,7 @@ async def _worker_main(
 
 def _worker(
     conn: Any,
+    parent_pid: int,
     scenario: str,
     target: dict[str, Any],
     states: list[Any],
@@ -585,6 +647,7 @@ def _worker(
     end: float,
     server_pid: Optional[int],
 ) -> None:
+    lifeline.die_with_parent(parent_pid)
     try:
         result = asyncio.run(_worker_main(scenario, target, states, start, end, server_pid))
     except Exception as e:  # report, never hang the parent
@@ -630,7 +693,7 @@ def run_load(
         parent, child = context.Pipe(duplex=False)
         p = context.Process(
             target=_worker,
-            args=(child, scenario, target, mine, start, end, server_pid if index == 0 else None),
+            args=(child, os.getpid(), scenario, target, mine, start, end, server_pid if index == 0 else None),
             daemon=True,
         )
         p.start()

@@ -4,9 +4,13 @@ The servers under test, each a real process as in production:
   - C{twist --log-format=text smeldr-oauth ... --dev} on 127.0.0.1 with fresh
     temporary databases; its access log and event log go to a file, as they
     would go to a platform's log collector;
-  - the ceiling: C{twist web --class bench.bare.resource}, a bare Klein route
-    returning a small JSON body, behind the same twisted.web C{Site} access
-    log.
+  - the references (L{bench.bare}): the floor, C{twist web --class
+    bench.bare.floor}, a plain twisted.web C{Resource}, and the ceiling,
+    C{twist web --class bench.bare.resource}, a bare Klein route; both return
+    a small JSON body behind the same twisted.web C{Site} access log.
+
+Every process started here dies with the bench, even on C{kill -9}
+(L{bench.lifeline}).
 
 And the synchronous set-up the benchmarks need before the clock starts: a
 site token (made with the admin CLI, as an operator would), a registered
@@ -29,6 +33,7 @@ import time
 from typing import Any, Optional
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+from bench import lifeline
 from bench.loadgen import pkce_pair
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,15 +46,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def raise_fd_limit() -> tuple[int, int]:
+def raise_fd_limit(wanted: int = 0) -> dict[str, Any]:
     """
-    Raise this process's soft RLIMIT_NOFILE to the hard limit; children
-    (the servers, the generators) inherit it.
+    Raise this process's RLIMIT_NOFILE, which the servers and generators
+    inherit: the hard limit to C{wanted} when it is higher (root with
+    C{CAP_SYS_RESOURCE} may; the kernel caps it at C{fs.nr_open}), then the
+    soft limit to the hard one.
+
+    @return: the limits in force, and why the hard one could not be raised.
     """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    refused = None
+    if wanted > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+        except (ValueError, OSError) as e:
+            refused = f"{e} (raising the hard limit needs CAP_SYS_RESOURCE, and fs.nr_open >= {wanted})"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {"soft": soft, "hard": hard, "wanted": wanted, "refused": refused}
 
 
 def _wait_listening(port: int, process: subprocess.Popen, log_path: str, timeout: float = 30.0) -> None:
@@ -95,7 +112,13 @@ class Server:
         self._own_directory = own_directory
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=directory, env=env, start_new_session=True
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=directory,
+            env=env,
+            start_new_session=True,
+            **lifeline.popen_kwargs(),
         )
         try:
             _wait_listening(port, self.process, self.log_path)
@@ -137,9 +160,14 @@ class Server:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def start_bare(directory: Optional[str] = None) -> Server:
+#: The references of L{bench.bare}: name -> (factory, path served).
+REFERENCES = {"floor": ("bench.bare.floor", "/floor"), "bare": ("bench.bare.resource", "/bare")}
+
+
+def start_reference(name: str, directory: Optional[str] = None) -> Server:
+    """The floor (C{name="floor"}) or the ceiling (C{"bare"}); see L{REFERENCES}."""
     own = directory is None
-    directory = directory or tempfile.mkdtemp(prefix="smeldr-bench-bare-")
+    directory = directory or tempfile.mkdtemp(prefix=f"smeldr-bench-{name}-")
     port = free_port()
     argv = [
         sys.executable,
@@ -150,7 +178,7 @@ def start_bare(directory: Optional[str] = None) -> Server:
         "--listen",
         f"tcp:{port}:interface=127.0.0.1",
         "--class",
-        "bench.bare.resource",
+        REFERENCES[name][0],
     ]
     return Server(argv, port, directory, _environment(True), own)
 
@@ -161,10 +189,16 @@ class OAuthServer(Server):
     resource: str
 
 
-def start_smeldr(extra: tuple[str, ...] = (), directory: Optional[str] = None) -> OAuthServer:
+def start_smeldr(
+    extra: tuple[str, ...] = (), directory: Optional[str] = None, listen_options: str = ""
+) -> OAuthServer:
     """
     C{twist smeldr-oauth} with fresh databases.  Not run from the checkout's
     path: the installed package is what is measured.
+
+    @param listen_options: appended to the C{--listen} endpoint, e.g.
+        C{":backlog=1024"} for a server that must accept thousands of
+        connections at once.
     """
     own = directory is None
     directory = directory or tempfile.mkdtemp(prefix="smeldr-bench-")
@@ -180,7 +214,7 @@ def start_smeldr(extra: tuple[str, ...] = (), directory: Optional[str] = None) -
         "--issuer",
         issuer,
         "--listen",
-        f"tcp:{port}:interface=127.0.0.1",
+        f"tcp:{port}:interface=127.0.0.1{listen_options}",
         "--oauth-db",
         os.path.join(directory, "oauth.db"),
         "--site-db",
@@ -210,6 +244,7 @@ def create_site_token(server: OAuthServer) -> str:
         text=True,
         check=True,
         timeout=60,
+        **lifeline.popen_kwargs(),
     ).stdout
     lines = [line.strip() for line in out.splitlines() if line.strip()]
     return lines[-1].split()[-1]
