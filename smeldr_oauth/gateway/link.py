@@ -124,7 +124,7 @@ class Link:
         self.last_active = self.clock.seconds()
         self.crashes = 0
         self.not_before = 0.0
-        self.started_at = 0.0
+        self.started_at: Optional[float] = None
         self.pid: Optional[int] = None
         self._waiters: list[Deferred] = []
         self._timer: Optional[IDelayedCall] = None
@@ -368,7 +368,7 @@ class Link:
         self.state = "idle"
         now = self.clock.seconds()
         if crashed:
-            if self.started_at and now - self.started_at >= STABLE_AFTER:
+            if self.started_at is not None and now - self.started_at >= STABLE_AFTER:
                 self.crashes = 0
             self.crashes += 1
             limits = self.config.limits
@@ -376,7 +376,7 @@ class Link:
                 limits.restart_backoff_max, limits.restart_backoff * 2 ** (self.crashes - 2)
             )
             self.not_before = now + delay
-        self.started_at = 0.0
+        self.started_at = None
         self.pool.released(self)
         waiters, self._waiters = self._waiters, []
         for d in waiters:
