@@ -140,15 +140,22 @@ class StdioChannel(ProcessProtocol):
         self.receiver = receiver
         env = self.config.child_environment(self.subject, self.environ)
         program = self.config.command[0]
-        executable = program if os.sep in program else shutil.which(program, path=env.get("PATH"))
+        if os.sep in program:
+            executable: Optional[str] = program if os.access(program, os.X_OK) else None
+        else:
+            executable = shutil.which(program, path=env.get("PATH"))
         if executable is None:
             return fail(errors.unavailable(self.config.name, "start_failed", "its command was not found"))
         try:
             self.reactor.spawnProcess(
                 self, executable, list(self.config.command), env=env, path=self.config.cwd
             )
-        except OSError:
-            log.failure("Upstream {upstream} could not be started", upstream=self.config.name)
+        except OSError as e:
+            log.warn(
+                "Upstream {upstream} could not be started: {error}",
+                upstream=self.config.name,
+                error=e.strerror or type(e).__name__,
+            )
             return fail(errors.unavailable(self.config.name, "start_failed", "its command could not be started"))
         return succeed(None)
 
@@ -162,7 +169,9 @@ class StdioChannel(ProcessProtocol):
         pass
 
     def close(self) -> Deferred:
-        if self._ended:
+        if self._ended or self.transport is None:
+            # Ended, or never started.
+            self._ended = True
             return succeed(None)
         d: Deferred = Deferred()
         self._closed.append(d)
