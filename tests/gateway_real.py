@@ -131,8 +131,30 @@ def agent(test: TestCase) -> Agent:
     return Agent(reactor, pool=pool)
 
 
-def stop_gateway(test: TestCase, gateway: Gateway) -> None:
-    test.addCleanup(gateway.stop)
+class Recorder:
+    """
+    Wraps a gateway's connector so a test sees what went upstream.
+
+    @ivar sent: every message sent to any upstream instance, in order.
+    @ivar channel: the channel made last.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.channel: Any = None
+        self._connector = gateway.pool.connector
+        gateway.pool.connector = self._connect
+
+    def _connect(self, owner: Any) -> Any:
+        channel = self.channel = self._connector(owner)
+        send = channel.send
+
+        def record(message: dict[str, Any], identity: Any = None) -> Any:
+            self.sent.append(message)
+            return send(message, identity)
+
+        channel.send = record
+        return channel
 
 
 class UpstreamProcess:

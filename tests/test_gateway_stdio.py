@@ -28,7 +28,7 @@ from smeldr_oauth.gateway.proxy import Gateway
 from smeldr_oauth.gateway.stdio import StderrLog
 from smeldr_oauth.mcp import jsonrpc
 from tests.gateway_fakes import RecordingOutlet
-from tests.gateway_real import ALICE, BOB, MISBEHAVING, Downstream, answered, everything, text, until
+from tests.gateway_real import ALICE, BOB, MISBEHAVING, Downstream, Recorder, answered, everything, text, until
 
 
 class StderrLogTests(SynchronousTestCase):
@@ -73,21 +73,7 @@ class RealUpstreamTestCase(TestCase):
     def gateway(self, upstream: UpstreamConfig, environ: Any = None) -> Gateway:
         gateway = Gateway(upstream, clock=reactor, reactor=reactor, environ=environ)
         self.addCleanup(gateway.stop)
-        self.sent: list[dict[str, Any]] = []
-        connector = gateway.pool.connector
-
-        def recording(owner: Any) -> Any:
-            channel = connector(owner)
-            send = channel.send
-
-            def record(message: dict[str, Any], identity: Any = None) -> Any:
-                self.sent.append(message)
-                return send(message, identity)
-
-            channel.send = record
-            return channel
-
-        gateway.pool.connector = recording
+        self.sent = Recorder(gateway).sent
         return gateway
 
     def pid(self, gateway: Gateway, subject: str = "alice") -> int:

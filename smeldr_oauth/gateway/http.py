@@ -43,7 +43,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent
+from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
 from smeldr_oauth.gateway import errors
@@ -105,6 +105,32 @@ class _Body(Protocol):
             transport.stopProducing()  # type: ignore[attr-defined]
 
 
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """
+    A request body known in full: written at once.  (treq's default goes
+    through the global cooperator, that is the global reactor; a message
+    is at most C{max_message_bytes} and already in memory.)
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> Deferred:
+        consumer.write(self.data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 def _read(response: Any, chunk: Callable[[bytes], None], limit: Optional[int]) -> tuple[_Body, Deferred]:
     body = _Body(chunk, limit)
     response.deliverBody(body)
@@ -136,7 +162,7 @@ class HTTPChannel:
         self.config = config
         # Each channel has its own jar: cookies an upstream sets for one
         # user's session are never sent with another user's requests.
-        self.http = HTTPClient(agent, cookiejar=IndexableCookieJar())
+        self.http = HTTPClient(agent, cookiejar=IndexableCookieJar(), data_to_body_producer=_BytesProducer)
         self.url = config.url or ""
         self.mode = "legacy" if config.transport == "sse" else "streamable"
         self.receiver: Optional[IChannelReceiver] = None
@@ -284,10 +310,11 @@ class HTTPChannel:
                 raise errors.unavailable(self.config.name, "exited", "the upstream ended its HTTP session")
             if request_id is None:
                 _read(response, lambda _: None, _ERROR_BODY_MAX)
-                if status >= 400:
+                if status >= 300:
                     raise self._fail(f"it answered HTTP {status}")
                 return None
-            if status >= 400:
+            if status >= 300:
+                # Redirects are not followed: the credential stays with the configured URL.
                 return self._error_body(response, status, request_id)
             media = _media_type(response)
             if media == "text/event-stream":
@@ -342,7 +369,7 @@ class HTTPChannel:
         body, done = _read(response, chunks.append, _ERROR_BODY_MAX)
 
         def parsed(_: Any) -> None:
-            if _media_type(response) == "application/json" and not body.too_large:
+            if status >= 400 and _media_type(response) == "application/json" and not body.too_large:
                 try:
                     decoded = json.loads(b"".join(chunks))
                 except ValueError:
