@@ -404,3 +404,96 @@ class ChannelRuleTests(SynchronousTestCase):
             stream.finish()
         self.agent.flush()
         self.assertEqual(self.receiver.lost, [("exited", "the upstream closed its event stream")])
+
+
+class StreamingUpstream(Resource):
+    """A Streamable HTTP upstream that answers over event streams, and drops them."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets: list[dict[bytes, list[bytes]]] = []
+        self.get_bodies: list[bytes] = []
+
+    def render_POST(self, request: Any) -> Any:
+        message = json.loads(request.content.read())
+        if "id" not in message:
+            request.setResponseCode(202)
+            return b""
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        if message["method"] == "initialize":
+            request.setHeader(b"Mcp-Session-Id", b"s-1")
+            answer = {"jsonrpc": "2.0", "id": message["id"], "result": {"ok": 1}}
+            return b"event: message\ndata: " + json.dumps(answer).encode() + b"\n\n"
+        # The 2025-11-25 polling pattern: an event id, then the stream ends before the answer.
+        progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}}
+        return b"id: ev-1\nretry: 250\ndata:\n\nid: ev-2\ndata: " + json.dumps(progress).encode() + b"\n\n"
+
+    def render_GET(self, request: Any) -> Any:
+        self.gets.append(dict(request.requestHeaders.getAllRawHeaders()))
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        if self.get_bodies:
+            return self.get_bodies.pop(0)
+        return b""
+
+
+class StreamRuleTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.upstream = StreamingUpstream()
+        self.agent = RequestTraversalAgent(self.upstream)
+        self.clock = Clock()
+        self.receiver = Receiver()
+        config = UpstreamConfig(name="web", kind="http", url="http://up.example/mcp")
+        self.channel = HTTPChannel(self.agent, self.clock, config)
+        self.successResultOf(self.channel.start(self.receiver))  # type: ignore[arg-type]
+        d = self.channel.send(jsonrpc.request(1, "initialize", {}))
+        self.agent.flush()
+        self.successResultOf(d)
+        self.channel.negotiated("2025-11-25")
+
+    def test_post_stream_resumed_with_last_event_id(self) -> None:
+        answer = {"jsonrpc": "2.0", "id": 2, "result": {"resumed": True}}
+        self.upstream.get_bodies.append(b"id: ev-3\nevent: message\ndata: " + json.dumps(answer).encode() + b"\n\n")
+        d = self.channel.send(jsonrpc.request(2, "tools/call", {}))
+        self.agent.flush()
+        self.assertNoResult(d)  # waits for the server's retry interval
+        self.clock.advance(0.25)
+        self.agent.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.upstream.gets[-1][b"Last-Event-Id"], [b"ev-2"])
+        self.assertEqual(self.upstream.gets[-1][b"Mcp-Session-Id"], [b"s-1"])
+        messages = [m for m, _ in self.receiver.messages]
+        self.assertEqual(messages[-2].method, "notifications/progress")
+        self.assertEqual(messages[-1].result, {"resumed": True})
+        self.assertEqual({related for _, related in self.receiver.messages[1:]}, {2})
+
+    def test_post_stream_without_answer_or_id_fails(self) -> None:
+        self.upstream.render_POST = lambda request: (request.setHeader(b"Content-Type", b"text/event-stream"), b": nothing\n\n")[1]  # type: ignore[method-assign]
+        d = self.channel.send(jsonrpc.request(2, "tools/call", {}))
+        self.agent.flush()
+        self.assertEqual(self.failureResultOf(d, JSONRPCError).value.message, "Upstream unavailable: it ended the stream without answering")
+
+    def test_get_stream_reconnects(self) -> None:
+        note = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+        self.upstream.get_bodies.append(b"retry: 2000\nid: g-1\ndata: " + json.dumps(note).encode() + b"\n\n")
+        d = self.channel.send(jsonrpc.notification("notifications/initialized", {}))
+        self.agent.flush()
+        self.successResultOf(d)
+        self.agent.flush()
+        self.assertEqual(len(self.upstream.gets), 1)
+        self.assertEqual(self.receiver.messages[-1][0].method, "notifications/tools/list_changed")
+        self.assertIsNone(self.receiver.messages[-1][1])
+        self.clock.advance(1.9)
+        self.agent.flush()
+        self.assertEqual(len(self.upstream.gets), 1)
+        self.clock.advance(0.1)
+        self.agent.flush()
+        self.assertEqual(len(self.upstream.gets), 2)
+        self.assertEqual(self.upstream.gets[-1][b"Last-Event-Id"], [b"g-1"])
+        # Closing stops the reconnections.
+        self.channel.close()
+        self.agent.flush()
+        self.clock.advance(60)
+        self.agent.flush()
+        self.assertLessEqual(len(self.upstream.gets), 2)

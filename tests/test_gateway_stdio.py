@@ -277,6 +277,17 @@ class FaultTests(RealUpstreamTestCase):
         await until(lambda: _gone(pid), 15, "the process to exit")
         self.assertIn("pid", text(await client.tool("pid")))
 
+    async def test_stop_escalates_to_kill(self) -> None:
+        """An upstream that ignores its closed stdin and SIGTERM is killed after the grace periods."""
+        gateway = self.gateway(config([sys.executable, MISBEHAVING, "--stubborn"], limits=Limits(stop_grace=0.3)))
+        client = Downstream(gateway)
+        await client.initialize()
+        pid = self.pid(gateway)
+        started = reactor.seconds()
+        await gateway.stop()
+        self.assertGreaterEqual(reactor.seconds() - started, 0.6)
+        self.assertTrue(_gone(pid))
+
     async def test_missing_command(self) -> None:
         gateway = self.gateway(config(["/nonexistent/upstream-binary"]))
         answer = await Downstream(gateway).request("initialize", {"protocolVersion": "2025-11-25"})

@@ -13,13 +13,18 @@ Tools (C{tools/call} name):
   - C{crash}: exits with status 3 without answering;
   - C{big} (C{size}): answers with a line of about C{size} bytes;
   - C{junk}: prints a line that is not JSON, then answers.
+
+With C{--stubborn} it ignores SIGTERM and outlives its stdin, so only
+SIGKILL stops it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
 
 CANCELLED: list = []
 
@@ -58,6 +63,9 @@ def call(request_id: object, name: str, arguments: dict) -> None:
 
 
 def main() -> None:
+    stubborn = "--stubborn" in sys.argv
+    if stubborn:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.stderr.write("misbehaving upstream ready\n")
     sys.stderr.flush()
     for line in sys.stdin:
@@ -89,6 +97,8 @@ def main() -> None:
             send({"jsonrpc": "2.0", "id": request_id, "result": {}})
         elif request_id is not None and method is not None:
             send({"jsonrpc": "2.0", "id": request_id, "error": {"code": -32601, "message": "Method not found"}})
+    while stubborn:
+        time.sleep(3600)
 
 
 if __name__ == "__main__":
