@@ -317,6 +317,23 @@ class ChannelRuleTests(SynchronousTestCase):
         self.assertEqual(headers[b"Accept"], [b"application/json, text/event-stream"])
         self.assertEqual(self.receiver.messages[-1][1], 2)  # attributed to its request
 
+    def test_notification_exchanges_are_bounded(self) -> None:
+        channel = self.channel(limits=Limits(request_timeout=5))
+        self.upstream.render = lambda request: NOT_DONE_YET  # type: ignore[method-assign]
+        d = self.send(channel, jsonrpc.notification("notifications/roots/list_changed", {}))
+        self.assertNoResult(d)
+        channel.clock.advance(5)  # type: ignore[attr-defined]
+        self.failureResultOf(d)
+
+    def test_owner_identity_on_requests_without_a_caller(self) -> None:
+        config = UpstreamConfig(name="web", kind="http", url="http://up.example/mcp", identity_headers=IDENTITY)
+        channel = HTTPChannel(self.agent, Clock(), config, Principal("alice", None, frozenset(), None))
+        self.successResultOf(channel.start(self.receiver))  # type: ignore[arg-type]
+        self.successResultOf(self.send(channel, jsonrpc.request(1, "initialize", {})))
+        headers = self.upstream.requests[-1][1]
+        self.assertEqual(headers[b"X-Smeldr-Subject"], [b"alice"])
+        self.assertNotIn(b"X-Smeldr-Client", headers)
+
     def test_cookies_stay_in_their_channel(self) -> None:
         first = self.channel()
         self.successResultOf(self.send(first, jsonrpc.request(1, "initialize", {})))

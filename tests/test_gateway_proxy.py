@@ -316,6 +316,17 @@ class ForwardingTests(SynchronousTestCase):
         self.assertEqual(answer["error"]["message"], "Session ended")
         self.session.close()
 
+    def test_another_subject_is_refused(self) -> None:
+        answer = self.h.answer(self.session, BOB, "tools/call", {"name": "echo", "arguments": {"text": "x"}})
+        self.assertEqual(answer["error"]["message"], "Session belongs to another subject")
+        self.assertNotIn("tools/call", self.h.channels[0].sent_methods())
+
+    def test_a_bug_is_an_internal_error(self) -> None:
+        self.session._forward = None  # type: ignore[assignment]
+        answer = self.h.answer(self.session, ALICE, "tools/list", {})
+        self.assertEqual(answer["error"]["code"], jsonrpc.INTERNAL_ERROR)
+        self.flushLoggedErrors(TypeError)
+
 
 class ScopeTests(SynchronousTestCase):
     SCOPES = ScopeMap(

@@ -157,9 +157,15 @@ class HTTPChannel:
 
     pid = None
 
-    def __init__(self, agent: IAgent, clock: IReactorTime, config: UpstreamConfig) -> None:
+    def __init__(self, agent: IAgent, clock: IReactorTime, config: UpstreamConfig, owner: Any = None) -> None:
+        """
+        @param owner: the principal (subject only) the session belongs to
+            under per-user or per-session isolation: its identity goes on
+            the requests that carry no caller (the GET stream, DELETE).
+        """
         self.clock = clock
         self.config = config
+        self.owner = owner
         # Each channel has its own jar: cookies an upstream sets for one
         # user's session are never sent with another user's requests.
         self.http = HTTPClient(agent, cookiejar=IndexableCookieJar(), data_to_body_producer=_BytesProducer)
@@ -193,9 +199,16 @@ class HTTPChannel:
             return fail(errors.unavailable(self.config.name, "exited", "its HTTP session has ended"))
         d = self._post_legacy(message, identity) if self.mode == "legacy" else self._post(message, identity)
         self._exchanges.add(d)
+        timer: Optional[IDelayedCall] = None
+        if "method" not in message or "id" not in message:
+            # Nobody waits for a notification or an answer: bound the exchange here
+            # (a request's exchange is bounded by the client's timeout).
+            timer = self.clock.callLater(self.config.limits.request_timeout, d.cancel)
 
         def forget(result: Any) -> Any:
             self._exchanges.discard(d)
+            if timer is not None and timer.active():
+                timer.cancel()
             return result
 
         return d.addBoth(forget)
@@ -234,6 +247,7 @@ class HTTPChannel:
         if credential is not None:
             headers.setRawHeaders(credential.header.encode("ascii"), [credential.value.encode("latin-1")])
         names = self.config.identity_headers
+        identity = identity if identity is not None else self.owner
         if identity is not None:
             for name, value in (
                 (names.subject, getattr(identity, "subject", None)),

@@ -180,7 +180,7 @@ def _connector(
 
     if http_agent is None:
         raise ValueError("an HTTP upstream needs an HTTP agent")
-    return lambda owner: HTTPChannel(http_agent, clock, config)
+    return lambda owner: HTTPChannel(http_agent, clock, config, owner)
 
 
 class _Call(CallContext):
@@ -226,6 +226,8 @@ class GatewaySession:
         self.log_level: Optional[str] = None
         self.subscriptions: set[str] = set()
         self.link: Optional[Link] = None
+        #: The subject whose instance this session uses (set on first use).
+        self.subject: Optional[str] = None
         self._in_flight: dict[Any, tuple[Deferred, _Call]] = {}
         self._pending: dict[str, Deferred] = {}
         self._next_id = 0
@@ -276,6 +278,9 @@ class GatewaySession:
             inner = self._dispatch(message, call)
         except JSONRPCError as error:
             return succeed(jsonrpc.error_response(message.id, error))
+        except Exception:
+            log.failure("Gateway {method} failed", method=message.method)
+            return succeed(jsonrpc.error_response(message.id, jsonrpc.internal_error()))
         self._in_flight[message.id] = (inner, call)
         answer: Deferred = Deferred()
 
@@ -393,6 +398,14 @@ class GatewaySession:
     def _prepare(self, message: Request, principal: Principal, outlet: Optional[Outlet]) -> _Call:
         if self.state == "closed":
             raise jsonrpc.invalid_request("Session ended")
+        if self.subject is not None and principal.subject != self.subject:
+            # The front checks the owner too; an instance must never see another subject's traffic.
+            log.warn(
+                "Gateway session used by another subject: {subject}",
+                subject=principal.subject,
+                smeldr_event="session_owner_mismatch",
+            )
+            raise jsonrpc.invalid_request("Session belongs to another subject")
         if self.modern_only or (self.state == "new" and message.method != "initialize" and is_modern_request(message)):
             return self._prepare_modern(message, principal, outlet)
         if self.state == "new" and message.method not in ("initialize", "ping"):
@@ -442,6 +455,7 @@ class GatewaySession:
 
     def _attach(self, call: _Call) -> Link:
         if self.link is None:
+            self.subject = call.principal.subject
             self.link = self.gateway.link_for(self, call.principal)
             if not self.modern_only:
                 self.link.attach(self)
