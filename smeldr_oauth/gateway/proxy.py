@@ -5,7 +5,7 @@ HTTP anywhere.
 
 The MCP front drives a L{GatewaySession} exactly as it drives the native
 L{smeldr_oauth.mcp.session.ServerSession} (both provide
-L{smeldr_oauth.gateway.interfaces.IMCPSession}):
+L{smeldr_oauth.gateway.interfaces.IMCPSession})::
 
     gateway = Gateway(upstream_config, clock=reactor, reactor=reactor, http_agent=agent)
     session = gateway.session(session_id=sid, default_outlet=outlet, request_timeout=300)
