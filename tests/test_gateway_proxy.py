@@ -222,6 +222,22 @@ class ForwardingTests(SynchronousTestCase):
         self.h.respond(self.session, ALICE, request["id"], {"role": "assistant", "content": {"type": "text", "text": "42"}, "model": "m"})
         self.assertEqual(text(self.successResultOf(d)), "model said: 42")
 
+    def test_cancellation_both_ways(self) -> None:
+        """
+        The client cancels a call while the upstream waits on a sampling
+        request: the upstream is told, abandons its own request, and the
+        client is told that request is off.
+        """
+        post = RecordingOutlet()
+        d = self.h.call_tool(self.session, ALICE, "ask", {"question": "?"}, outlet=post, msg_id="call-1")
+        (sampling,) = post.requests()
+        self.h.notify(self.session, ALICE, "notifications/cancelled", {"requestId": "call-1"})
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(post.messages[-1], jsonrpc.notification("notifications/cancelled", {"requestId": sampling["id"]}))
+        # A late answer from the client goes nowhere.
+        self.h.respond(self.session, ALICE, sampling["id"], {"role": "assistant", "content": {"type": "text", "text": "late"}, "model": "m"})
+        self.assertNotIn("late", str(self.h.channels[0].sent))
+
     def test_elicitation_and_roots(self) -> None:
         d = self.h.call_tool(self.session, ALICE, "form")
         request = self.outlet.requests()[-1]
