@@ -18,7 +18,7 @@ from typing import Any, Optional
 from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -131,16 +131,19 @@ class PythonSDKTests(HTTPTestCase):
         self.assertEqual(answer["error"]["code"], jsonrpc.REQUEST_TIMEOUT)
         upstream_id = [m for m in self.sent if m.get("method") == "tools/call"][-1]["id"]
         # The SDK cancels the handler when the notification arrives: ask until it has.
-        for _ in range(50):
+        for _ in range(100):
             cancelled = text(await client.tool("cancelled"))  # one text item per id
             if cancelled:
                 break
+            await deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(cancelled, str(upstream_id))
 
     async def test_list_changed_from_the_get_stream(self) -> None:
         gateway = await self.sdk_gateway()
         client = Downstream(gateway)
         await client.initialize()
+        # The server sends unasked messages only to a GET stream that is open already.
+        await until(lambda: self.channel.streaming, 10, "the GET stream")
         self.assertEqual(text(await client.tool("changes")), "announced")
         await until(lambda: "notifications/tools/list_changed" in client.outlet.methods(), 10, "tools/list_changed")
 
@@ -199,6 +202,7 @@ class EverythingHTTPTests(HTTPTestCase):
         self.assertIn("hello back", text(await answered(d)))
         # Unasked messages come on the GET stream, to the session's own channel.
         await client.request("logging/setLevel", {"level": "debug"})
+        await until(lambda: self.channel.streaming, 10, "the GET stream")
         await client.tool("toggle-simulated-logging")
         await until(lambda: "notifications/message" in client.outlet.methods(), 15, "a log message on the GET stream")
         await client.tool("toggle-simulated-logging")

@@ -185,6 +185,15 @@ class HTTPChannel:
         self._endpoint_ready: Optional[Deferred] = None
         self._exchanges: set[Deferred] = set()
 
+    @property
+    def streaming(self) -> bool:
+        """
+        Whether the GET stream (or the legacy event stream) is open: what
+        the upstream sends unasked before it opens is lost, as it would be
+        for any Streamable HTTP client.
+        """
+        return self._stream is not None
+
     # -- IUpstreamChannel ------------------------------------------------------
 
     def start(self, receiver: IChannelReceiver) -> Deferred:
