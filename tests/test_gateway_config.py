@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -249,6 +249,7 @@ command = "ls"
     def test_empty(self) -> None:
         self.assertEqual(load(environ={}), GatewayConfig(()))
 
+    @settings(deadline=None)  # no timing in tests: a loaded CI box is slow
     @given(st.text(max_size=200))
     def test_any_option_text(self, text: str) -> None:
         """Any option text gives a configuration or a ConfigError, nothing else."""

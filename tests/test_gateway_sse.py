@@ -4,7 +4,7 @@ Tests for L{smeldr_oauth.gateway.sse}: the incremental event-stream decoder.
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -50,6 +50,7 @@ class DecoderTests(SynchronousTestCase):
         self.assertRaises(SSETooLarge, decode, [b"data: " + b"x" * 30 + b"\n", b"data: " + b"y" * 30 + b"\n"], 40)
         self.assertRaises(SSETooLarge, decode, [b"x" * 30, b"y" * 30], 40)
 
+    @settings(deadline=None)  # no timing in tests: a loaded CI box is slow
     @given(
         st.lists(st.tuples(st.sampled_from(["message", "endpoint"]), st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]), max_size=30)), max_size=8),
         st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=20),
@@ -66,6 +67,7 @@ class DecoderTests(SynchronousTestCase):
         chunks.append(wire[position:])
         self.assertEqual(decode(chunks), [Event(data, kind) for kind, data in events])
 
+    @settings(deadline=None)  # no timing in tests: a loaded CI box is slow
     @given(st.binary(max_size=300))
     def test_any_bytes(self, data: bytes) -> None:
         """Garbage never raises anything but the size error."""
