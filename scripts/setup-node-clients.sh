@@ -1,30 +1,6 @@
 #!/usr/bin/env bash
 # Install the Node MCP clients the end-to-end tests drive (the official
 # TypeScript SDK and mcp-remote), exactly as pinned in tests/node/package-lock.json,
-# into tests/node/node_modules (gitignored).
-#
-# Idempotent: `npm ci` runs only when the lock file changed since the last
-# successful install (its hash is kept in node_modules/.smeldr-lock-sha256).
-# Needs node >= 20 and npm on PATH; the npm registry must be reachable on the
-# first run.
+# into tests/node/node_modules (gitignored). Idempotent; see scripts/npm-pinned.sh.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-DIR=tests/node
-
-if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-    echo "setup-node-clients: node and npm are required (Node >= 20)" >&2
-    exit 1
-fi
-major=$(node -p 'process.versions.node.split(".")[0]')
-if [ "$major" -lt 20 ]; then
-    echo "setup-node-clients: Node >= 20 is required, found $(node --version)" >&2
-    exit 1
-fi
-
-stamp="$DIR/node_modules/.smeldr-lock-sha256"
-want=$(sha256sum "$DIR/package-lock.json" | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    exit 0
-fi
-npm ci --prefix "$DIR" --no-audit --no-fund --loglevel=error
-echo "$want" > "$stamp"
+exec bash "$(dirname "$0")/npm-pinned.sh" tests/node setup-node-clients

@@ -1,0 +1,578 @@
+# -*- test-case-name: tests.test_gateway_proxy -*-
+"""
+The proxy core: downstream MCP requests in, upstream MCP requests out, no
+HTTP anywhere.
+
+The MCP front drives a L{GatewaySession} exactly as it drives the native
+L{smeldr_oauth.mcp.session.ServerSession} (both provide
+L{smeldr_oauth.gateway.interfaces.IMCPSession})::
+
+    gateway = Gateway(upstream_config, clock=reactor, reactor=reactor, http_agent=agent)
+    session = gateway.session(session_id=sid, default_outlet=outlet, request_timeout=300)
+    session.missing_scopes(message, principal)    # -> the scopes for a 403 step-up, or None
+    session.handle(message, principal, outlet)    # -> Deferred[response dict or None], never fails
+    session.close()
+
+The downstream handshake is answered here, at the version the client asked
+for, with the upstream's capabilities and server info; the upstream's own
+handshake happened (or happens now) at the version the I{upstream} agreed
+to.  C{ping} is answered here.  Tools, resources, prompts and completion
+requests are forwarded (after the scope check of
+L{smeldr_oauth.gateway.scopes}); C{logging/setLevel} and resource
+subscriptions are kept per session and merged per upstream instance
+(L{smeldr_oauth.gateway.link}).  Anything else answers "method not
+found": an upstream method the gateway does not know is a method whose
+scopes it cannot check.
+
+The caller's access token never reaches this layer, let alone the
+upstream: an HTTP upstream sees the gateway's own credential and, if
+configured, identity headers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from smeldr_oauth.gateway import errors, shape
+from smeldr_oauth.gateway.config import UpstreamConfig
+from smeldr_oauth.gateway.interfaces import IDownstream, IMCPSession, IUpstreamChannel
+from smeldr_oauth.gateway.link import CallContext, Link
+from smeldr_oauth.gateway.metrics import UpstreamMetrics
+from smeldr_oauth.gateway.pool import Pool
+from smeldr_oauth.mcp import jsonrpc
+from smeldr_oauth.mcp.app import LOG_LEVELS
+from smeldr_oauth.mcp.jsonrpc import InsufficientScope, JSONRPCError, Message, Notification, Request, Response
+from smeldr_oauth.mcp.session import (
+    CLIENT_CAPABILITIES_KEY,
+    LATEST_SESSION_VERSION,
+    LOG_LEVEL_KEY,
+    MODERN_VERSIONS,
+    PROTOCOL_VERSION_KEY,
+    REMOVED_IN_MODERN,
+    SESSION_VERSIONS,
+    Outlet,
+    Principal,
+    is_modern_request,
+)
+
+log = Logger()
+
+#: Methods forwarded to the upstream as they are.
+FORWARDED = frozenset(
+    {
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+    }
+)
+
+#: Resource subscriptions one downstream session may hold.
+MAX_SUBSCRIPTIONS = 1000
+
+
+class Gateway:
+    """
+    One configured upstream: its instances, scope map and counters, and the
+    factory of downstream sessions for it.
+
+    @ivar metrics: the upstream's L{UpstreamMetrics}.
+    """
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        *,
+        clock: IReactorTime,
+        reactor: Any = None,
+        http_agent: Any = None,
+        connector: Optional[Callable[[Any], IUpstreamChannel]] = None,
+        environ: Optional[dict[str, str]] = None,
+    ) -> None:
+        """
+        @param clock: all timing (timeouts, idle stop, backoff, rate limits).
+        @param reactor: an C{IReactorProcess} to spawn stdio upstreams.
+        @param http_agent: an C{IAgent} for HTTP upstreams (each upstream session
+            gets its own treq client, with its own cookie jar, over it).
+        @param connector: makes channels (tests); replaces the two above.
+        @param environ: the environment stdio upstreams inherit from
+            (default C{os.environ}).
+        """
+        self.config = config
+        self.clock = clock
+        self.metrics = UpstreamMetrics(config.name)
+        if connector is None:
+            connector = _connector(config, clock, reactor, http_agent, environ)
+        self.pool = Pool(config, clock, connector, self.metrics)
+        self._session_numbers = itertools.count(1)
+
+    def session(
+        self,
+        *,
+        session_id: Optional[str] = None,
+        default_outlet: Optional[Outlet] = None,
+        request_timeout: float = 300.0,
+        modern_only: bool = False,
+    ) -> "GatewaySession":
+        """A downstream session: the same arguments as C{ServerSession}'s."""
+        return GatewaySession(
+            self,
+            session_id=session_id,
+            default_outlet=default_outlet,
+            request_timeout=request_timeout,
+            modern_only=modern_only,
+        )
+
+    def link_for(self, session: "GatewaySession", principal: Principal) -> Link:
+        """The link (instance) a session's traffic goes to, by isolation."""
+        isolation = self.config.isolation
+        if isolation == "shared":
+            return self.pool.link(("shared",), None)
+        owner = Principal(principal.subject, None, frozenset(), None)
+        if isolation == "session" and not session.modern_only:
+            return self.pool.link(("session", session.number), owner)
+        # A stateless (2026-07-28) request has no session to isolate by:
+        # it runs on its subject's instance.
+        return self.pool.link(("user", principal.subject), owner)
+
+    def missing_scopes(self, message: Message, principal: Principal) -> Optional[tuple[str, ...]]:
+        if not isinstance(message, Request):
+            return None
+        return self.config.scopes.missing(message.method, message.params, principal.scopes)
+
+    def all_scopes(self) -> frozenset[str]:
+        """Every scope the upstream's mapping names (for metadata and consent)."""
+        return self.config.scopes.all_scopes()
+
+    def describe(self) -> dict[str, Any]:
+        """State and counters for C{/healthz}: no subjects, no secrets."""
+        state = self.pool.describe()
+        state["target"] = self.config.describe()
+        state["metrics"] = self.metrics.snapshot()
+        return state
+
+    def stop(self) -> Deferred:
+        """Stop every instance (service shutdown)."""
+        return self.pool.stop()
+
+
+def _connector(
+    config: UpstreamConfig, clock: IReactorTime, reactor: Any, http_agent: Any, environ: Optional[dict[str, str]]
+) -> Callable[[Any], IUpstreamChannel]:
+    if config.kind == "stdio":
+        from smeldr_oauth.gateway.stdio import StdioChannel
+
+        if reactor is None:
+            raise ValueError("a stdio upstream needs a reactor to spawn processes")
+        return lambda owner: StdioChannel(reactor, clock, config, owner.subject if owner else None, environ)
+    from smeldr_oauth.gateway.http import HTTPChannel
+
+    if http_agent is None:
+        raise ValueError("an HTTP upstream needs an HTTP agent")
+    return lambda owner: HTTPChannel(http_agent, clock, config, owner)
+
+
+class _Call(CallContext):
+    """A downstream request being served: its routing context plus what the session needs."""
+
+    def __init__(self, session: "GatewaySession", outlet: Any, principal: Principal, version: str, modern: bool, log_level: Optional[str]) -> None:
+        super().__init__(session, outlet, principal, log_level)
+        self.version = version
+        self.modern = modern
+        self.cancelled = False
+
+
+@implementer(IMCPSession, IDownstream)
+class GatewaySession:
+    """
+    One downstream MCP conversation relayed to an upstream.
+
+    @ivar log_level: the level the client chose (C{None}: it did not, and
+        gets what the upstream sends).
+    @ivar subscriptions: the resource URIs this session subscribed to.
+    """
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        *,
+        session_id: Optional[str] = None,
+        default_outlet: Optional[Outlet] = None,
+        request_timeout: float = 300.0,
+        modern_only: bool = False,
+    ) -> None:
+        self.gateway = gateway
+        self.clock = gateway.clock
+        self.number = next(gateway._session_numbers)
+        self.session_id = session_id
+        self.default_outlet = default_outlet
+        self.request_timeout = request_timeout
+        self.modern_only = modern_only
+        self.state = "new"
+        self.protocol_version: Optional[str] = None
+        self.client_capabilities: dict[str, Any] = {}
+        self.client_info: dict[str, Any] = {}
+        self.log_level: Optional[str] = None
+        self.subscriptions: set[str] = set()
+        self.link: Optional[Link] = None
+        #: The subject whose instance this session uses (set on first use).
+        self.subject: Optional[str] = None
+        self._in_flight: dict[Any, tuple[Deferred, _Call]] = {}
+        self._pending: dict[str, Deferred] = {}
+        self._next_id = 0
+
+    # -- IMCPSession -------------------------------------------------------------
+
+    @property
+    def initialized(self) -> bool:
+        return self.state in ("initialized", "ready")
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._in_flight)
+
+    @property
+    def allows_batch(self) -> bool:
+        return self.protocol_version == "2025-03-26"
+
+    def missing_scopes(self, message: Message, principal: Principal) -> Optional[tuple[str, ...]]:
+        return self.gateway.missing_scopes(message, principal)
+
+    def handle(self, message: Message, principal: Principal, outlet: Optional[Outlet] = None) -> Deferred:
+        if isinstance(message, jsonrpc.Invalid):
+            return succeed(jsonrpc.error_response(message.id, message.error))
+        if isinstance(message, Response):
+            self._answered(message)
+            return succeed(None)
+        if isinstance(message, Notification):
+            self._notified(message, principal)
+            return succeed(None)
+        assert isinstance(message, Request)
+        try:
+            call = self._prepare(message, principal, outlet)
+            missing = self.missing_scopes(message, principal)
+            if missing:
+                log.info(
+                    "Gateway call refused: {subject} via {client_id} lacks scopes {scopes}",
+                    subject=principal.subject,
+                    client_id=principal.client_id,
+                    scopes=" ".join(missing),
+                )
+                raise InsufficientScope(missing)
+        except JSONRPCError as error:
+            return succeed(jsonrpc.error_response(message.id, error))
+        if message.id in self._in_flight:
+            return succeed(jsonrpc.error_response(message.id, jsonrpc.invalid_request("Request id already in use")))
+        try:
+            inner = self._dispatch(message, call)
+        except JSONRPCError as error:
+            return succeed(jsonrpc.error_response(message.id, error))
+        except Exception:
+            log.failure("Gateway {method} failed", method=message.method)
+            return succeed(jsonrpc.error_response(message.id, jsonrpc.internal_error()))
+        self._in_flight[message.id] = (inner, call)
+        answer: Deferred = Deferred()
+
+        def finished(result: Any) -> None:
+            self._in_flight.pop(message.id, None)
+            call.done = True
+            if not isinstance(result, Failure):
+                answer.callback(jsonrpc.result_response(message.id, result))
+            elif call.cancelled and result.check(CancelledError):
+                answer.callback(None)  # a cancelled request gets no answer
+            elif result.check(JSONRPCError):
+                answer.callback(jsonrpc.error_response(message.id, result.value))
+            else:
+                log.failure("Gateway {method} failed", result, method=message.method)
+                answer.callback(jsonrpc.error_response(message.id, jsonrpc.internal_error()))
+
+        inner.addBoth(finished)
+        return answer
+
+    def close(self) -> None:
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        for inner, call in list(self._in_flight.values()):
+            call.cancelled = True
+            inner.cancel()
+        self._in_flight.clear()
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(JSONRPCError(jsonrpc.REQUEST_CANCELLED, "Session ended"))
+        if self.link is not None:
+            self.link.detach(self)
+
+    # -- IDownstream (what the link calls) ----------------------------------------
+
+    def deliver(self, notification: Notification, outlet: Optional[Outlet]) -> None:
+        if self.state == "closed":
+            return
+        target = outlet if outlet is not None else self.default_outlet
+        if target is not None:
+            target.send(jsonrpc.notification(notification.method, notification.params))
+
+    def can_answer(self, capability: str, params: Any) -> bool:
+        if self.modern_only or not self.initialized:
+            return False
+        declared = self.client_capabilities.get(capability)
+        if not isinstance(declared, dict):
+            return False
+        if capability == "elicitation":
+            mode = params.get("mode", "form") if isinstance(params, dict) else "form"
+            # {} declares form mode only (the 2025-06-18 meaning).
+            modes = {k for k in ("form", "url") if k in declared} or {"form"}
+            return mode in modes
+        return True
+
+    def client_request(self, method: str, params: dict[str, Any], outlet: Optional[Outlet]) -> Deferred:
+        if self.state == "closed":
+            return fail(JSONRPCError(jsonrpc.REQUEST_CANCELLED, "Session ended"))
+        target = outlet if outlet is not None and outlet.can_request else self.default_outlet
+        if target is None or not target.can_request:
+            return fail(JSONRPCError(jsonrpc.INVALID_REQUEST, "No channel to the client for requests"))
+        self._next_id += 1
+        request_id = f"gw-{self._next_id}"
+        timer: Optional[IDelayedCall] = None
+
+        def cancel(_: Deferred) -> None:
+            if self._pending.pop(request_id, None) is not None and self.state != "closed":
+                target.send(jsonrpc.notification("notifications/cancelled", {"requestId": request_id}))
+
+        d: Deferred = Deferred(cancel)
+        self._pending[request_id] = d
+
+        def expire() -> None:
+            if self._pending.pop(request_id, None) is d:
+                target.send(jsonrpc.notification("notifications/cancelled", {"requestId": request_id, "reason": "timeout"}))
+                d.errback(JSONRPCError(jsonrpc.REQUEST_TIMEOUT, "The client did not answer in time"))
+
+        def clear(result: Any) -> Any:
+            if timer is not None and timer.active():
+                timer.cancel()
+            return result
+
+        timer = self.clock.callLater(self.request_timeout, expire)
+        target.send(jsonrpc.request(request_id, method, params))
+        return d.addBoth(clear)
+
+    # -- internals -----------------------------------------------------------------
+
+    def _answered(self, message: Response) -> None:
+        d = self._pending.pop(message.id, None) if isinstance(message.id, str) else None
+        if d is None:
+            return
+        if message.error is not None:
+            d.errback(errors.from_upstream(message.error))
+        else:
+            d.callback(message.result)
+
+    def _notified(self, message: Notification, principal: Principal) -> None:
+        method = message.method
+        if method == "notifications/initialized":
+            if self.state == "initialized":
+                self.state = "ready"
+        elif method == "notifications/cancelled":
+            request_id = message.params.get("requestId")
+            entry = self._in_flight.get(request_id) if isinstance(request_id, (str, int)) else None
+            if entry is not None:
+                inner, call = entry
+                call.cancelled = True
+                inner.cancel()
+        elif method in ("notifications/roots/list_changed", "notifications/progress"):
+            # Progress here is the client's, for a request the upstream made.
+            if self.link is not None:
+                self.link.notify(method, message.params, principal)
+
+    def _prepare(self, message: Request, principal: Principal, outlet: Optional[Outlet]) -> _Call:
+        if self.state == "closed":
+            raise jsonrpc.invalid_request("Session ended")
+        if self.subject is not None and principal.subject != self.subject:
+            # The front checks the owner too; an instance must never see another subject's traffic.
+            log.warn(
+                "Gateway session used by another subject: {subject}",
+                subject=principal.subject,
+                smeldr_event="session_owner_mismatch",
+            )
+            raise jsonrpc.invalid_request("Session belongs to another subject")
+        if self.modern_only or (self.state == "new" and message.method != "initialize" and is_modern_request(message)):
+            return self._prepare_modern(message, principal, outlet)
+        if self.state == "new" and message.method not in ("initialize", "ping"):
+            raise jsonrpc.invalid_request("Session not initialized: send initialize first")
+        return _Call(self, outlet, principal, self.protocol_version or LATEST_SESSION_VERSION, False, "session")
+
+    def prepare(self, message: Request, principal: Principal) -> None:
+        """
+        Validate a stateless (2026-07-28) request before dispatch, as the
+        front does for native sessions.
+
+        @raise JSONRPCError: the revision's validation ladder.
+        """
+        self._prepare(message, principal, None)
+
+    def _prepare_modern(self, message: Request, principal: Principal, outlet: Optional[Outlet]) -> _Call:
+        meta = message.params.get("_meta")
+        if not isinstance(meta, dict) or PROTOCOL_VERSION_KEY not in meta or CLIENT_CAPABILITIES_KEY not in meta:
+            raise jsonrpc.invalid_params("params._meta must carry the protocol version and client capabilities")
+        version = meta[PROTOCOL_VERSION_KEY]
+        if version not in MODERN_VERSIONS:
+            raise jsonrpc.unsupported_version(version, MODERN_VERSIONS)
+        if not isinstance(meta[CLIENT_CAPABILITIES_KEY], dict):
+            raise jsonrpc.invalid_params("client capabilities must be an object")
+        level = meta.get(LOG_LEVEL_KEY)
+        if level is not None and level not in LOG_LEVELS:
+            raise jsonrpc.invalid_params("unknown log level")
+        if message.method in REMOVED_IN_MODERN:
+            raise jsonrpc.method_not_found(message.method)
+        return _Call(self, outlet, principal, version, True, level)
+
+    def _dispatch(self, message: Request, call: _Call) -> Deferred:
+        method, params = message.method, message.params
+        if method == "initialize":
+            return self._initialize(params, call)
+        if method == "ping":
+            return succeed({})
+        if method == "server/discover" and call.modern:
+            return self._attach(call).server_info().addCallback(self._discover)
+        if method == "logging/setLevel":
+            return self._set_level(params, call)
+        if method in ("resources/subscribe", "resources/unsubscribe"):
+            return self._subscription(method, params, call)
+        if method not in FORWARDED:
+            raise jsonrpc.method_not_found(method)
+        return self._forward(method, params, call)
+
+    def _attach(self, call: _Call) -> Link:
+        if self.link is None:
+            self.subject = call.principal.subject
+            self.link = self.gateway.link_for(self, call.principal)
+            if not self.modern_only:
+                self.link.attach(self)
+        return self.link
+
+    def _initialize(self, params: dict[str, Any], call: _Call) -> Deferred:
+        if self.state != "new":
+            raise jsonrpc.invalid_request("Already initialized")
+        requested = params.get("protocolVersion")
+        capabilities = params.get("capabilities", {})
+        client_info = params.get("clientInfo", {})
+        if not isinstance(requested, str):
+            raise jsonrpc.invalid_params("protocolVersion must be a string")
+        if not isinstance(capabilities, dict) or not isinstance(client_info, dict):
+            raise jsonrpc.invalid_params("capabilities and clientInfo must be objects")
+        # The client's version is negotiated here, whatever the upstream speaks.
+        version = requested if requested in SESSION_VERSIONS else LATEST_SESSION_VERSION
+        link = self._attach(call)
+
+        def answer(info: Any) -> dict[str, Any]:
+            if self.state == "closed":
+                raise JSONRPCError(jsonrpc.REQUEST_CANCELLED, "Session ended")
+            self.state = "initialized"
+            self.protocol_version = version
+            self.client_capabilities = capabilities
+            self.client_info = client_info
+            result: dict[str, Any] = {
+                "protocolVersion": version,
+                "capabilities": shape.capabilities(info.capabilities, modern=False),
+                "serverInfo": info.server_info or {"name": self.gateway.config.name or "upstream", "version": ""},
+            }
+            if info.instructions:
+                result["instructions"] = info.instructions
+            log.info(
+                "Gateway session {session_id} initialized at {version} for {subject} (upstream {upstream} at {upstream_version})",
+                session_id=(self.session_id or "-")[:8],
+                version=version,
+                subject=call.principal.subject,
+                upstream=self.gateway.config.name,
+                upstream_version=info.protocol_version,
+            )
+            return result
+
+        return link.server_info().addCallback(answer)
+
+    def _discover(self, info: Any) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "supportedVersions": list(MODERN_VERSIONS),
+            "capabilities": shape.capabilities(info.capabilities, modern=True),
+            "serverInfo": info.server_info,
+        }
+        if info.instructions:
+            result["instructions"] = info.instructions
+        return shape.modern_result("server/discover", result, info.server_info)
+
+    def _set_level(self, params: dict[str, Any], call: _Call) -> Deferred:
+        level = params.get("level")
+        if level not in LOG_LEVELS:
+            raise jsonrpc.invalid_params("level must be one of " + ", ".join(LOG_LEVELS))
+        self.log_level = level
+        return self._attach(call).set_level().addCallback(lambda _: {})
+
+    def _subscription(self, method: str, params: dict[str, Any], call: _Call) -> Deferred:
+        uri = params.get("uri")
+        if not isinstance(uri, str):
+            raise jsonrpc.invalid_params("uri must be a string")
+        link = self._attach(call)
+        if method == "resources/unsubscribe":
+            self.subscriptions.discard(uri)
+            return link.unsubscribe(self, uri, call.principal).addCallback(lambda _: {})
+        if uri not in self.subscriptions and len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
+            raise JSONRPCError(jsonrpc.INVALID_REQUEST, "Too many subscriptions on this session")
+
+        def joined(result: Any) -> dict[str, Any]:
+            self.subscriptions.add(uri)
+            return {}
+
+        return link.subscribe(self, uri, call.principal).addCallback(joined)
+
+    def _forward(self, method: str, params: dict[str, Any], call: _Call) -> Deferred:
+        link = self._attach(call)
+        upstream_params = shape.strip_modern_meta(params) if call.modern else params
+        started = self.clock.seconds()
+
+        def shaped(result: Any) -> Any:
+            result = self.gateway.config.scopes.shape_list(method, result, call.principal.scopes)
+            if call.modern:
+                info = link.client.server.server_info if link.client is not None and link.client.server else {}
+                return shape.modern_result(method, result, info)
+            return shape.for_version(method, result, call.version)
+
+        def observed(result: Any) -> Any:
+            elapsed = self.clock.seconds() - started
+            cancelled = isinstance(result, Failure) and result.check(CancelledError) is not None
+            if not cancelled:
+                self.gateway.metrics.observe(method, elapsed, not isinstance(result, Failure))
+            if isinstance(result, Failure):
+                error = result.value
+                code = error.code if isinstance(error, JSONRPCError) else None
+                outcome = "cancelled" if cancelled else {
+                    errors.UPSTREAM_UNAVAILABLE: "unavailable",
+                    jsonrpc.REQUEST_TIMEOUT: "timeout",
+                }.get(code, "error")  # type: ignore[arg-type]
+                if outcome == "timeout":
+                    self.gateway.metrics.timeouts += 1
+            else:
+                outcome = "tool_error" if isinstance(result, dict) and result.get("isError") else "ok"
+            if method == "tools/call":
+                log.info(
+                    "Gateway {upstream}: tool {tool} called by {subject}: {outcome} in {ms:.1f} ms",
+                    upstream=self.gateway.config.name,
+                    tool=str(params.get("name"))[:200],
+                    subject=call.principal.subject,
+                    outcome=outcome,
+                    ms=elapsed * 1000,
+                    smeldr_event="gateway_call",
+                )
+            return result
+
+        return link.call(method, upstream_params, call).addBoth(observed).addCallback(shaped)

@@ -1,0 +1,38 @@
+"""
+A short run of C{bench/gateway.py} so the gateway's benchmark cannot rot: it
+must run against the real upstream and report its numbers.  Nothing is timed
+here: a shared CI box says nothing about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.gateway_real import everything
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class GatewayBenchSmokeTests(SynchronousTestCase):
+    def test_reports_numbers(self) -> None:
+        everything()  # the upstream must be installed
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.gateway", "--calls", "30", "--sessions", "5", "--json"],
+            cwd=CHECKOUT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+        report = json.loads(out)
+        for side in ("direct", "gateway"):
+            self.assertGreater(report[side]["p50_ms"], 0)
+            self.assertGreaterEqual(report[side]["p99_ms"], report[side]["p50_ms"])
+        self.assertGreater(report["direct"]["upstream_rss_kib"], 1024)
+        self.assertGreater(report["gateway"]["bytes_per_idle_session"], 0)
+        self.assertIn("overhead_p50_ms", report)
