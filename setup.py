@@ -31,6 +31,7 @@ setup(
         "hyperlink>=21.0",
         "zope.interface>=6.0",
         "prometheus_client>=0.20",
+        "jsonschema>=4.18",
     ],
     entry_points={
         "console_scripts": [

@@ -23,12 +23,8 @@ from smeldr_oauth.mcp import (
     ToolError,
 )
 from smeldr_oauth.mcp import jsonrpc
-from smeldr_oauth.mcp.session import (
-    CallbackOutlet,
-    Principal,
-    ServerSession,
-    check_modern_headers,
-)
+from smeldr_oauth.mcp.session import CallbackOutlet, Principal, ServerSession
+from smeldr_oauth.mcp.versions import check_modern_headers
 
 READER = Principal("alice", "client-1", frozenset({"read"}), "grant-1")
 WRITER = Principal("alice", "client-1", frozenset({"read", "write"}), "grant-1")

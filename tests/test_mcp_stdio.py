@@ -10,7 +10,8 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from smeldr_oauth.mcp import Context, MCPApp
-from smeldr_oauth.mcp.stdio import StdioMCP, load_app, main
+from smeldr_oauth.mcp.app import AppLoadError, load_app
+from smeldr_oauth.mcp.stdio import StdioMCP, main
 
 app = MCPApp(name="stdio-test")
 
@@ -31,6 +32,26 @@ PENDING: list = []
 
 def factory() -> MCPApp:
     return app
+
+
+SEEN: list = []
+
+
+def with_site(site_db: str, reactor: object) -> MCPApp:
+    SEEN.append((site_db, reactor))
+    return app
+
+
+async def later_app() -> MCPApp:
+    return app
+
+
+def not_an_app_factory() -> object:
+    return object()
+
+
+class Holder:
+    app = app
 
 
 class StdioTests(SynchronousTestCase):
@@ -104,12 +125,28 @@ class StdioTests(SynchronousTestCase):
 
 
 class LoadAppTests(SynchronousTestCase):
-    def test_instance_and_factory(self) -> None:
-        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:app", None, Clock())), app)
-        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:factory", None, Clock())), app)
+    """L{load_app}, as both console commands use it."""
 
-    def test_bad_spec(self) -> None:
-        self.assertRaises(SystemExit, load_app, "nocolon", None, Clock())
+    def test_instance_and_factory(self) -> None:
+        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:app")), app)
+        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:factory")), app)
+
+    def test_factory_gets_the_arguments(self) -> None:
+        clock = Clock()
+        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:with_site", "site.db", clock)), app)
+        self.assertEqual(SEEN.pop(), ("site.db", clock))
+
+    def test_asynchronous_factory(self) -> None:
+        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:later_app")), app)
+
+    def test_dotted_attribute(self) -> None:
+        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:Holder.app")), app)
+
+    def test_refusals(self) -> None:
+        for spec in ("nocolon", "tests.test_mcp_stdio:", "no_such_module_x:app", "tests.test_mcp_stdio:missing", "json:__doc__"):
+            failure = self.failureResultOf(load_app(spec), AppLoadError)
+            self.assertIn("--app", str(failure.value))
+        self.failureResultOf(load_app("tests.test_mcp_stdio:not_an_app_factory"), AppLoadError)
 
     def test_default_app_needs_site_db(self) -> None:
         self.assertRaises(SystemExit, main, [])

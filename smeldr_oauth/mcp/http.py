@@ -52,15 +52,8 @@ from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.auth import AuthFailure, Challenger, bearer_token, verify
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message, Request
-from smeldr_oauth.mcp.session import (
-    MODERN_VERSIONS,
-    SUPPORTED_VERSIONS,
-    Outlet,
-    Principal,
-    ServerSession,
-    check_modern_headers,
-    is_modern_request,
-)
+from smeldr_oauth.mcp.session import Outlet, Principal, ServerSession
+from smeldr_oauth.mcp.versions import MODERN_VERSIONS, SUPPORTED_VERSIONS, check_modern_headers, is_modern_request
 from smeldr_oauth.mcp.streams import Deadlines, KeepaliveTimer, SSEStream
 from smeldr_oauth.oauth.model import AccessInfo
 
@@ -1009,7 +1002,7 @@ class MCPHTTP:
         }
         protocol = ServerSession(self.app, self.clock, modern_only=True, request_timeout=self.request_timeout)
         try:
-            protocol._prepare(message, principal, None)
+            protocol.prepare(message, principal, None)
             check_modern_headers(message, headers)
         except JSONRPCError as error:
             raise _HTTPError(_MODERN_STATUS.get(error.code, 400), jsonrpc.error_response(message.id, error))

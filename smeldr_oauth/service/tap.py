@@ -39,6 +39,28 @@ def _db_threads(value: str) -> int:
     return int(value)
 
 
+def _load_app(spec: str) -> Any:
+    """
+    C{--app}: the L{MCPApp} named by C{spec}, loaded now so a mistake is a
+    usage error.  Its factory (if it is one) is called without arguments
+    and must not be asynchronous: nothing runs the reactor yet.
+    """
+    from twisted.python.failure import Failure
+
+    from smeldr_oauth.mcp.app import AppLoadError, load_app
+
+    found: list[Any] = []
+    load_app(spec).addBoth(found.append)
+    if not found:
+        raise usage.UsageError(f"--app {spec!r}: the factory must return the app, not wait for it")
+    result = found[0]
+    if isinstance(result, Failure):
+        if result.check(AppLoadError):
+            raise usage.UsageError(str(result.value))
+        raise usage.UsageError(f"--app {spec!r}: {type(result.value).__name__}: {result.value}")
+    return result
+
+
 class Options(usage.Options):
     synopsis = "--issuer https://example.com [options]"
     longdesc = (
@@ -183,9 +205,7 @@ class Options(usage.Options):
             self["listen"] = ["tcp:8080"]
         self["mcp-app"] = None
         if self["app"]:
-            from smeldr_oauth.service.wiring import load_app
-
-            self["mcp-app"] = load_app(self["app"])
+            self["mcp-app"] = _load_app(self["app"])
         if self["metrics-listen"]:
             from twisted.internet import reactor
 

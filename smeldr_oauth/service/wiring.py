@@ -8,7 +8,6 @@ This is the only layer that may fall back to the global reactor.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Optional
 
 import attr
@@ -18,7 +17,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python import usage
 
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.http import MCPHTTP
@@ -157,26 +155,6 @@ def register_health(app: Klein, oauth: OAuthServer, path: str = "/healthz") -> N
         return b""
 
     app.route("/favicon.ico", methods=["GET", "HEAD"], branch=False, endpoint="smeldr_favicon")(favicon)
-
-
-def load_app(spec: str) -> MCPApp:
-    """
-    Load a user's L{MCPApp} from C{module:attribute}; the attribute may be
-    the app or a callable that returns one.
-    """
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise usage.UsageError(f"--app must look like module:attribute, got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-        target = getattr(module, attribute)
-    except Exception as e:
-        raise usage.UsageError(f"--app {spec!r}: {e}")
-    if not isinstance(target, MCPApp) and callable(target):
-        target = target()
-    if not isinstance(target, MCPApp):
-        raise usage.UsageError(f"--app {spec!r} is not an MCPApp")
-    return target
 
 
 class StandaloneService(Service):
