@@ -80,6 +80,16 @@ def build_app() -> MCPApp:
         await Deferred()  # until cancelled
         return "never"
 
+    @app.tool()
+    async def chatty(ctx: Context) -> str:
+        await ctx.log("debug", "quiet")
+        await ctx.log("warning", "loud")
+        return "said"
+
+    @app.tool()
+    async def ask(ctx: Context) -> dict:
+        return await ctx.elicit("Name?", {"type": "object", "properties": {"name": {"type": "string"}}})
+
     return app
 
 
@@ -131,9 +141,15 @@ class HTTPTestBase(TestCase):
         self.app = build_app()
         # A copy: tests add and remove (revoke) tokens.
         self.verifier = FakeVerifier(dict(TOKENS))
-        self.mcp = MCPHTTP(
+        self.mcp, self.port = await self.serve(self.app)
+        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+
+    async def serve(self, app: MCPApp) -> tuple[MCPHTTP, Any]:
+        """An MCP endpoint for C{app} on its own port (stopped after the test)."""
+        mcp = MCPHTTP(
             self.clock,
-            self.app,
+            app,
             self.verifier,
             resource_url=RESOURCE,
             resource_metadata_url=METADATA,
@@ -145,15 +161,14 @@ class HTTPTestBase(TestCase):
             **self.options,
         )
         klein = Klein()
-        self.mcp.register(klein)
+        mcp.register(klein)
         site = Site(klein.resource())
         site.requestFactory = capped_request_factory(1000)
         site.noisy = False
-        self.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
-        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
-        self.pool = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(self.port.stopListening)
-        self.addCleanup(self.mcp.shutdown)
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(mcp.shutdown)
+        return mcp, port
 
     async def request(
         self,
@@ -176,14 +191,20 @@ class HTTPTestBase(TestCase):
         content = await response.content()
         return response.code, response.headers, content
 
-    async def initialize(self, token: str = "alice", version: str = "2025-06-18") -> str:
+    async def initialize(
+        self, token: str = "alice", version: str = "2025-06-18", capabilities: Optional[dict] = None
+    ) -> str:
         code, headers, body = await self.request(
             "POST",
             body={
                 "jsonrpc": "2.0",
                 "id": 0,
                 "method": "initialize",
-                "params": {"protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+                "params": {
+                    "protocolVersion": version,
+                    "capabilities": capabilities or {},
+                    "clientInfo": {"name": "t", "version": "1"},
+                },
             },
             token=token,
         )
@@ -199,9 +220,10 @@ class HTTPTestBase(TestCase):
         self.assertEqual(code, 202)
         return session_id
 
-    async def raw(self, request: bytes) -> RawClient:
+    async def raw(self, request: bytes, port: Optional[int] = None) -> RawClient:
         client = RawClient()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), client)
+        port = port if port is not None else self.port.getHost().port
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
         client.transport.write(request)
 
         async def close() -> None:
@@ -300,7 +322,7 @@ class AuthTests(HTTPTestBase):
             def verify_access_token(self, token: str) -> Deferred:
                 raise RuntimeError("db down")
 
-        self.mcp.verifier = Broken()
+        self.mcp.auth.verifier = Broken()
         code, headers, body = await self.request("GET")
         self.assertEqual(code, 503)
         self.assertNotIn(b"db down", body)
@@ -578,7 +600,7 @@ class LegacySSETests(HTTPTestBase):
             body={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2024-11-05", "capabilities": {}}},
         )
         client.transport.pauseProducing()  # stop reading
-        [http_session] = [s for s in self.mcp._sessions.values() if s.kind == "legacy"]
+        [http_session] = [s for s in self.mcp.sessions.live_sessions() if s.kind == "legacy"]
         big = "x" * 65536
         for _ in range(400):
             if client.lost.called:
@@ -854,7 +876,7 @@ class StreamTokenTests(HTTPTestBase):
             def verify_access_token(self, token: str) -> Deferred:
                 raise RuntimeError("db down")
 
-        self.mcp.verifier = Broken()
+        self.mcp.auth.verifier = Broken()
         for _ in range(9):
             self.clock.advance(10)
         await settle()

@@ -198,12 +198,16 @@ class RecordingSink:
     def __init__(self) -> None:
         self.sent: list[tuple[str, Optional[int]]] = []
         self.ended = 0
+        self.refreshed: list[SessionRecord] = []
 
     def send(self, data: str, event_id: Optional[int]) -> None:
         self.sent.append((data, event_id))
 
     def end(self) -> None:
         self.ended += 1
+
+    def refresh(self, record: SessionRecord) -> None:
+        self.refreshed.append(record)
 
 
 class DeliveryContract:
@@ -232,6 +236,8 @@ class DeliveryContract:
         delivery.deliver("s", "d")
         self.assertEqual(len(one.sent), 2)
         self.assertEqual(two.sent[-1], ("d", None))
+        delivery.refresh("s", record("s"))
+        self.assertEqual((one.refreshed, two.refreshed), ([], [record("s")]))
         delivery.end("s")
         self.assertEqual((one.ended, two.ended), (0, 1))
         delivery.detach("s", two)

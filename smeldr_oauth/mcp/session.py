@@ -78,6 +78,8 @@ class Outlet:
     reach the client, e.g. a plain JSON answer).
     """
 
+    __slots__ = ()
+
     #: whether server-to-client requests can travel through this outlet.
     can_request = False
 
@@ -88,6 +90,7 @@ class Outlet:
 class CallbackOutlet(Outlet):
     """An outlet that hands every message to a callable."""
 
+    __slots__ = ("_write",)
     can_request = True
 
     def __init__(self, write: Callable[[dict[str, Any]], None]) -> None:

@@ -7,8 +7,8 @@ session needs wherever its next request lands.
     admitted under.
   - L{ISessionDelivery}: everything that must reach a session's stream
     (notifications, server-to-client requests, legacy POST answers), the
-    client's replies to server-to-client requests, and ending a session,
-    routed to the process that holds the live parts.
+    client's replies to server-to-client requests, state changes and
+    ending a session, routed to the processes that hold live parts.
   - L{IEventLog}: the Streamable HTTP resumption log behind
     C{Last-Event-ID}.
 
@@ -116,6 +116,12 @@ class ISessionSink(Interface):
     def end() -> None:  # type: ignore[misc]
         """End the session's live parts here: calls, exchanges, stream."""
 
+    def refresh(record: SessionRecord) -> None:  # type: ignore[misc]
+        """
+        The session's state changed (C{record} is the new one): take it up,
+        unless this sink made the change.
+        """
+
 
 class ISessionDelivery(Interface):
     """
@@ -140,6 +146,14 @@ class ISessionDelivery(Interface):
 
     def end(session_id: str) -> None:  # type: ignore[misc]
         """End the live parts of C{session_id} wherever they are."""
+
+    def refresh(session_id: str, record: SessionRecord) -> None:  # type: ignore[misc]
+        """
+        C{record} (a state change: C{initialize}, C{logging/setLevel},
+        subscriptions) was saved: every live copy of the session takes it
+        up, so a log level set through one process applies to the calls
+        another one runs.
+        """
 
     def expect_reply(  # type: ignore[misc]
         session_id: str, request_id: str, resolve: Callable[[Response], None]

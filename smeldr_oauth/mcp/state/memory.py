@@ -164,6 +164,10 @@ class LocalDelivery:
         for sink in self._each(session_id):
             sink.end()
 
+    def refresh(self, session_id: str, record: SessionRecord) -> None:
+        for sink in self._each(session_id):
+            sink.refresh(record)
+
     def expect_reply(self, session_id: str, request_id: str, resolve: Callable[[Response], None]) -> None:
         self._replies[(session_id, request_id)] = resolve
 

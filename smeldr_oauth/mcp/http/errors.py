@@ -1,0 +1,153 @@
+# -*- test-case-name: tests.test_mcp_http -*-
+"""
+Every status the MCP endpoints answer with, and the one place that turns
+a refusal into a response.
+
+Refusals are raised as L{MCPHTTPError} (status, JSON body, extra headers)
+or arrive as an L{AuthFailure} or a L{SessionLimitReached}; L{render} and
+L{render_failure} write them.  JSON-RPC answers that travel as plain JSON
+get their status from L{answer_status}: 200, except the C{insufficient_scope}
+step-up (403 with a challenge) and the 2026-07-28 error statuses.
+
+Statuses, for a reader looking for one:
+
+  - 202: notifications and responses only (nothing to answer); legacy
+    C{POST /mcp/message} (the answer travels on the stream);
+  - 204: C{DELETE}, C{OPTIONS};
+  - 400: malformed JSON, headers or session ids, a missing session id, an
+    unsupported C{MCP-Protocol-Version}, batches where none are allowed,
+    2026-07-28 envelope errors;
+  - 401 / 403: no, bad or expired token / a token without a needed scope
+    (both with C{WWW-Authenticate}), and a forbidden C{Origin} (403);
+  - 404: an unknown, ended or someone else's session (the same answer for
+    all three), an ended session's pending POST, a 2026-07-28 unknown
+    method;
+  - 405, 406, 413, 415: method, C{Accept}, body size, C{Content-Type};
+  - 429: every session of the caller is busy (with C{Retry-After});
+  - 500: a bug (logged; the body says nothing);
+  - 503: the token verifier cannot answer, or the server-wide session cap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Optional
+
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from smeldr_oauth.mcp import jsonrpc
+from smeldr_oauth.mcp.auth import AuthFailure, Challenger
+from smeldr_oauth.mcp.jsonrpc import JSONRPCError
+from smeldr_oauth.mcp.state.records import SessionLimitReached
+
+log = Logger()
+
+#: 2026-07-28 error codes and the HTTP status they travel with.
+MODERN_STATUS = {
+    jsonrpc.PARSE_ERROR: 400,
+    jsonrpc.INVALID_REQUEST: 400,
+    jsonrpc.INVALID_PARAMS: 400,
+    jsonrpc.HEADER_MISMATCH: 400,
+    jsonrpc.MISSING_CLIENT_CAPABILITY: 400,
+    jsonrpc.UNSUPPORTED_PROTOCOL_VERSION: 400,
+    jsonrpc.METHOD_NOT_FOUND: 404,
+}
+
+
+class MCPHTTPError(Exception):
+    """An HTTP-level refusal: status, JSON body, extra headers."""
+
+    def __init__(self, status: int, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
+
+
+def rpc_error(status: int, code: int, message: str, data: Any = None, msg_id: Any = None) -> MCPHTTPError:
+    """A refusal whose body is a JSON-RPC error."""
+    return MCPHTTPError(status, jsonrpc.error_response(msg_id, JSONRPCError(code, message, data)))
+
+
+def bad_request(message: str, data: Any = None) -> MCPHTTPError:
+    return rpc_error(400, jsonrpc.INVALID_REQUEST, message, data)
+
+
+def session_not_found() -> MCPHTTPError:
+    return rpc_error(404, jsonrpc.INVALID_REQUEST, "Session not found")
+
+
+def modern_refusal(msg_id: Any, error: JSONRPCError) -> MCPHTTPError:
+    """A 2026-07-28 request refused before it ran, with that revision's status."""
+    return MCPHTTPError(MODERN_STATUS.get(error.code, 400), jsonrpc.error_response(msg_id, error))
+
+
+def from_auth_failure(failure: AuthFailure) -> MCPHTTPError:
+    if failure.status == 503:
+        return rpc_error(503, jsonrpc.INTERNAL_ERROR, "Authorization temporarily unavailable")
+    body = {"error": failure.error or "unauthorized", "error_description": "Authorization required"}
+    if failure.status == 403:
+        body["error_description"] = "The access token lacks a required scope"
+    elif failure.error == "invalid_token":
+        body["error_description"] = "The access token is invalid or expired"
+    elif failure.error == "invalid_request":
+        body["error_description"] = "Malformed Authorization header"
+    headers = {"WWW-Authenticate": failure.challenge} if failure.challenge else {}
+    return MCPHTTPError(failure.status, body, headers)
+
+
+def from_session_limit(error: SessionLimitReached, retry_after: float) -> MCPHTTPError:
+    """
+    A caller whose sessions are all busy waits (429, C{Retry-After}); the
+    server-wide cap is the server's problem (503).
+    """
+    if error.scope == "server":
+        return rpc_error(503, jsonrpc.INTERNAL_ERROR, "Too many sessions")
+    refusal = rpc_error(429, jsonrpc.INTERNAL_ERROR, "Too many sessions")
+    refusal.headers["Retry-After"] = str(int(math.ceil(retry_after)))
+    return refusal
+
+
+def answer_status(response: dict[str, Any], modern: bool, challenger: Challenger) -> tuple[int, dict[str, str]]:
+    """
+    The status (and extra headers) of one JSON-RPC answer sent as plain
+    JSON: a C{tools/call} refused for scope becomes the 403 step-up a
+    client knows how to follow; 2026-07-28 errors carry their status.
+    """
+    error = response.get("error") or {}
+    if error.get("code") == jsonrpc.INSUFFICIENT_SCOPE:
+        scope = (error.get("data") or {}).get("scope", "")
+        failure = challenger.insufficient_scope(tuple(scope.split()))
+        return 403, {"WWW-Authenticate": failure.challenge}
+    if modern and error:
+        code = error.get("code")
+        return (MODERN_STATUS.get(code, 200) if isinstance(code, int) else 200), {}
+    return 200, {}
+
+
+def render(request: Any, error: MCPHTTPError) -> bytes:
+    """Write C{error}'s status and headers on C{request}; return its body."""
+    request.setResponseCode(error.status)
+    request.setHeader(b"Content-Type", b"application/json")
+    for name, value in error.headers.items():
+        request.setHeader(name.encode(), value.encode())
+    return json.dumps(error.body).encode()
+
+
+def render_failure(failure: Failure, request: Any) -> Optional[bytes]:
+    """
+    The errback of every route (and what a route raised): refusals as they
+    say, a bug as a 500 that says nothing (and a logged traceback), a
+    cancelled route (the client went away) as nothing at all.
+    """
+    if failure.check(MCPHTTPError):
+        return render(request, failure.value)  # type: ignore[arg-type]
+    if failure.check(AuthFailure):
+        return render(request, from_auth_failure(failure.value))  # type: ignore[arg-type]
+    if failure.check(CancelledError):
+        return None
+    log.failure("MCP route failed", failure)
+    return render(request, rpc_error(500, jsonrpc.INTERNAL_ERROR, "Internal error"))
