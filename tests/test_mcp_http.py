@@ -554,6 +554,35 @@ class LegacySSETests(HTTPTestBase):
         self.assertEqual(code, 202)
         await client.wait_for(b'"text":"zz"')
 
+    async def test_insufficient_scope_is_a_403_step_up(self) -> None:
+        """
+        On the legacy transport too, a call the token lacks a scope for is
+        refused with HTTP 403 and an insufficient_scope challenge (not a
+        JSON-RPC error on the stream), so the client steps up; the stepped-up
+        token then works on the same session and stream.
+        """
+        client, endpoint = await self.open_legacy()
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2024-11-05", "capabilities": {}}}
+        await self.request("POST", path=endpoint, body=init)
+        await client.wait_for(b'"protocolVersion"')
+        write = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "write", "arguments": {"text": "x"}}}
+        code, headers, body = await self.request("POST", path=endpoint, body=write)
+        self.assertEqual(code, 403, body)
+        self.assertEqual(
+            headers.getRawHeaders("www-authenticate"),
+            [
+                'Bearer error="insufficient_scope", error_description="The access token lacks a required scope", '
+                f'scope="write", resource_metadata="{METADATA}"'
+            ],
+        )
+        self.assertEqual(json.loads(body)["error"], "insufficient_scope")
+        self.verifier.tokens["alice-rw"] = access(scopes=("read", "write"))
+        code, _, _ = await self.request("POST", path=endpoint, body=write, token="alice-rw")
+        self.assertEqual(code, 202)
+        await client.wait_for(b"wrote x")
+        # The refused call never reached the stream.
+        self.assertEqual(client.data.count(b'"id":3'), 1)
+
     async def test_post_needs_owner_token(self) -> None:
         client, endpoint = await self.open_legacy()
         ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
