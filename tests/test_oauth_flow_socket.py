@@ -35,7 +35,7 @@ from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.http import OAuthHTTP
 from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
-from smeldr_oauth.service.web import SmeldrSite
+from smeldr_oauth.web.site import SmeldrSite
 from smeldr_oauth.store.sqlite import SQLiteStore
 from tests.test_oauth_server import query_of
 

@@ -26,7 +26,10 @@ from smeldr_oauth.oauth.config import OFFLINE_ACCESS
 from smeldr_oauth.oauth.grants import GrantsPage
 from smeldr_oauth.oauth.http import OAuthHTTP
 from smeldr_oauth.oauth.server import OAuthServer
-from smeldr_oauth.service.web import SmeldrSite, TrustedProxies
+from smeldr_oauth.web.errors import install_error_handlers
+from smeldr_oauth.web.health import Health
+from smeldr_oauth.web.routes import mount_routes
+from smeldr_oauth.web.site import SmeldrSite, TrustedProxies
 
 log = Logger()
 
@@ -75,7 +78,7 @@ def mount(
     oauth_http = OAuthHTTP(oauth)
     oauth_http.register(app)
     GrantsPage(oauth, reactor).register(app)
-    register_health(app, oauth)
+    mount_routes(app, Health(oauth.store).routes())
     mcp_http = None
     if mcp_app is not None:
         resource = config.resource or ""
@@ -128,35 +131,6 @@ def watch_external_changes(store: Any, oauth: OAuthServer, clock: IReactorTime, 
     loop.clock = clock
     loop.start(interval, now=True)
     return loop
-
-
-def register_health(app: Klein, oauth: OAuthServer, path: str = "/healthz") -> None:
-    """
-    C{GET /healthz}: 200 when the OAuth store answers a query, 503 when it
-    does not, for platform health checks.  It says nothing else.
-    """
-
-    async def health(request: Any) -> bytes:
-        request.setHeader("Content-Type", "application/json")
-        request.setHeader("Cache-Control", "no-store")
-        try:
-            await oauth.store.count_clients()
-        except Exception:
-            log.failure("health check: the OAuth store did not answer")
-            request.setResponseCode(503)
-            return b'{"status":"unavailable"}'
-        return b'{"status":"ok"}'
-
-    app.route(path, methods=["GET", "HEAD"], branch=False, endpoint="smeldr_healthz")(health)
-
-    def favicon(request: Any) -> bytes:
-        # Browsers ask for it on every page; an empty answer they may cache
-        # keeps a 404 out of their consoles and our access log.
-        request.setResponseCode(204)
-        request.setHeader("Cache-Control", "public, max-age=86400")
-        return b""
-
-    app.route("/favicon.ico", methods=["GET", "HEAD"], branch=False, endpoint="smeldr_favicon")(favicon)
 
 
 def load_app(spec: str) -> MCPApp:
@@ -229,6 +203,9 @@ class StandaloneService(Service):
             max_sessions_per_subject=options["max-sessions-per-user"],
             max_sessions=options["max-sessions"],
         )
+        # This app is the whole site: every unknown path and method gets
+        # the project's own answer, never Werkzeug's page.
+        install_error_handlers(self.app, site_wide=True)
         from smeldr_oauth.service.metrics import Metrics, MetricsObserver
 
         mcp_http = self.mounted.mcp_http
