@@ -120,6 +120,12 @@ class RateLimited(Exception):
         self.retry_after = retry_after
 
 
+class PasteRefused(Exception):
+    """
+    The site token pasted into a form was not accepted.
+    """
+
+
 class AuthorizeRedirectError(Exception):
     """
     An authorization request error that may be sent back to the (trusted)

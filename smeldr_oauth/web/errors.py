@@ -16,7 +16,7 @@ Status by exception (what a newcomer looks for):
     415 L{unsupported_media_type}; 429 L{too_many_requests}
     (C{Retry-After}); 500 L{internal_error}; 503 L{unavailable}.
   - L{smeldr_oauth.oauth.errors.OAuthError}: its C{status} (400, 401 with
-    C{WWW-Authenticate: Basic} when Basic was used, 403, 429, 500, 503),
+    C{WWW-Authenticate: Basic} when C{Authorization} was sent, 403, 429, 500, 503),
     body per RFC 6749 section 5.2.
   - L{smeldr_oauth.oauth.errors.UntrustedRedirect}: an HTML page with its
     status (400, or 429 with C{Retry-After}); never a redirect.
@@ -260,9 +260,12 @@ def dialect_for_path(path: bytes, api_prefixes: Iterable[str] = API_PREFIXES) ->
 # --- The handlers --------------------------------------------------------------
 
 
-def _basic_used(request: IRequest) -> bool:
-    raw = request.requestHeaders.getRawHeaders(b"authorization") or []
-    return any(value[:6].lower() == b"basic " for value in raw)
+def _authorization_sent(request: IRequest) -> bool:
+    """
+    Did the client try to authenticate with the C{Authorization} header?
+    Then a 401 must challenge it (RFC 6749 section 5.2), whatever it sent.
+    """
+    return request.requestHeaders.hasHeader(b"authorization")
 
 
 def as_http_error(error: BaseException) -> Optional[HTTPError]:
@@ -368,6 +371,6 @@ class _ErrorPath:
                     path=loggable(request.path.decode("latin-1")),
                 )
             error = internal_error()
-        elif isinstance(failure.value, oauth_errors.OAuthError) and error.status == 401 and _basic_used(request):
+        elif isinstance(failure.value, oauth_errors.OAuthError) and error.status == 401 and _authorization_sent(request):
             error.headers += (("WWW-Authenticate", 'Basic realm="oauth"'),)
         return dialect.render(request, error)
