@@ -374,6 +374,14 @@ class ParseDocumentTests(SynchronousTestCase):
         self.assertIn("client_secret", self.refused(document(client_secret="s3cret")))
         self.refused(document(client_secret=None))
 
+    def test_client_secret_expires_at(self) -> None:
+        """
+        A shared-secret member is refused even without the secret itself:
+        the draft says a document must not carry either.
+        """
+        for value in (0, 1893456000, None):
+            self.assertIn("client_secret_expires_at", self.refused(document(client_secret_expires_at=value)))
+
     def test_shared_secret_method(self) -> None:
         for method in (
             "client_secret_post",
