@@ -32,10 +32,12 @@ from twisted.web.static import Data
 from smeldr_oauth.oauth import pkce
 from smeldr_oauth.oauth.cimd import CIMDResolver
 from smeldr_oauth.oauth.config import Config
-from smeldr_oauth.oauth.http import OAuthHTTP
+from smeldr_oauth.web.authorize import AuthorizeRoutes
+from smeldr_oauth.web.oauth import OAuthRoutes
+from smeldr_oauth.web.routes import mount_routes
 from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
-from smeldr_oauth.service.web import SmeldrSite
+from smeldr_oauth.web.site import SmeldrSite
 from smeldr_oauth.store.sqlite import SQLiteStore
 from tests.test_oauth_server import query_of
 
@@ -73,7 +75,7 @@ class FlowOverSocketTests(TestCase):
         kw.update(overrides)
         config = Config(**kw)
         self.server = OAuthServer(config, self.store, reactor, resolver)
-        OAuthHTTP(self.server).register(self.app)
+        mount_routes(self.app, OAuthRoutes(self.server).routes() + AuthorizeRoutes(self.server).routes())
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.http = HTTPClient(Agent(reactor, pool=pool))
 
@@ -134,7 +136,7 @@ class FlowOverSocketTests(TestCase):
         action = unescape(re.search(r'<form method="post" action="([^"]+)"', page).group(1))  # type: ignore[union-attr]
         fields = [
             (unescape(k), unescape(v))
-            for k, v in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', page)
+            for k, v in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)" ?/?>', page)
         ]
         fields += [("decision", "approve"), ("site_token", SITE_TOKEN)]
         response, body = await self.call("POST", action, data=urlencode(fields).encode(), headers=FORM)

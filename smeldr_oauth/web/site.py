@@ -1,46 +1,66 @@
-# -*- test-case-name: tests.test_service_web -*-
+# -*- test-case-name: tests.test_web_site -*-
 """
-The HTTP site: a L{Request} that refuses oversized bodies, and the
-L{Site} that uses it.
+The HTTP site: L{SmeldrSite} and its request, L{SmeldrRequest}, which does
+what has to happen before any routing:
 
-twisted.web buffers any request body it is sent; the cap has to live in
-C{handleContentChunk} (as synapse does), so a client cannot make the
-server hold more than C{max_body} bytes of one request.
+  - the request-body cap: twisted.web buffers any body it is sent, so the
+    limit lives in C{handleContentChunk} (as synapse does); past
+    C{site.max_body} bytes nothing more is stored and the answer is 413,
+    whatever the path;
+  - a request line or C{Host} that routing cannot read (a method that is
+    not an HTTP token, a path that percent-decodes to bytes that are not
+    UTF-8, such as C{/%ff}, a C{Host} that is not ASCII) is a 400 at once:
+    Klein would log a traceback for each;
+  - the client address, from C{X-Forwarded-For} only when the peer is a
+    proxy the operator trusts (L{TrustedProxies});
+  - the request's duration, for the metrics.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
+import re
 import time
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.logger import Logger
 from twisted.web.resource import IResource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
-from smeldr_oauth.mcp.http import CappedRequest
-
-log = Logger()
+from smeldr_oauth.web import errors
 
 DEFAULT_MAX_BODY = 1 << 20
 
+#: RFC 9110 section 9.1: a method is a token.
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: A Host header routing can use: visible ASCII, no spaces.
+_HOST = re.compile(rb"[\x21-\x7e]*")
 
-class LimitedRequest(CappedRequest):
+
+class SmeldrRequest(Request):
     """
-    The MCP layer's L{CappedRequest} (which stops storing a body past its
-    limit), with the limit taken from C{channel.site.max_body} and the 413
-    given before routing, so that every endpoint, not only the MCP ones, is
-    covered by the one mechanism.
+    A request that stops storing its body past C{site.max_body} bytes and
+    refuses, before routing, what routing cannot handle.
     """
 
-    def gotLength(self, length):  # type: ignore[no-untyped-def]
+    max_body = DEFAULT_MAX_BODY
+    body_too_large = False
+    _received = 0
+    _started = 0.0
+
+    def gotLength(self, length: Optional[int]) -> None:
         site = getattr(self.channel, "site", None)
         self.max_body = getattr(site, "max_body", DEFAULT_MAX_BODY)
-        super().gotLength(length)
+        if length is not None and length > self.max_body:
+            self.body_too_large = True
+        super().gotLength(0 if self.body_too_large else length)
 
-    _started: float = 0.0
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self.body_too_large or self._received > self.max_body:
+            self.body_too_large = True
+            return
+        super().handleContentChunk(data)
 
     def getClientAddress(self):  # type: ignore[no-untyped-def]
         """
@@ -66,18 +86,45 @@ class LimitedRequest(CappedRequest):
     def process(self) -> None:
         self._started = time.perf_counter()
         if self.body_too_large:
-            self.setResponseCode(413)
-            self.setHeader(b"content-type", b"application/json")
-            self.setHeader(b"connection", b"close")
-            self.write(
-                json.dumps(
-                    {"error": "invalid_request", "error_description": "request body too large"}
-                ).encode()
-            )
-            self.finish()
+            self._refuse(errors.body_too_large(), close=True)
+            return
+        problem = self._unroutable()
+        if problem is not None:
+            self._refuse(errors.bad_request(problem))
             return
         super().process()
 
+    def _unroutable(self) -> Optional[str]:
+        """
+        Why routing could not read this request, or C{None}.  Cheap for the
+        usual request: plain ASCII paths skip the decoding.
+        """
+        if _METHOD.fullmatch(self.method) is None:
+            return "the method is not an HTTP token"
+        host = self.requestHeaders.getRawHeaders(b"host")
+        if host is not None and (len(host) > 1 or _HOST.fullmatch(host[0]) is None):
+            return "the Host header is not a single ASCII host name"
+        path = self.path
+        if not path.isascii() or b"%" in path:
+            from urllib.parse import unquote_to_bytes
+
+            try:
+                unquote_to_bytes(path).decode("utf-8")
+            except UnicodeDecodeError:
+                return "the path is not UTF-8"
+        return None
+
+    def _refuse(self, error: errors.HTTPError, close: bool = False) -> None:
+        """
+        Answer before routing, in the format the path calls for, with no
+        traceback and no log line beyond the access log's.
+        """
+        self.site = self.channel.site  # type: ignore[attr-defined]
+        if close:
+            self.setHeader(b"Connection", b"close")
+        body = errors.dialect_for_path(self.path).render(self, error)
+        self.write(body)
+        self.finish()
 
     def finish(self) -> None:
         metrics = getattr(getattr(getattr(self, "channel", None), "site", None), "metrics", None)
@@ -132,17 +179,22 @@ class TrustedProxies:
 class SmeldrSite(Site):
     """
     The site for every smeldr-oauth HTTP listener.
+
+    @param max_body: the largest request body accepted, in bytes.
+    @param metrics: a L{smeldr_oauth.service.metrics.Metrics} to time
+        requests with, or C{None}.
+    @param trusted_proxies: whose C{X-Forwarded-For} to believe.
     """
 
-    requestFactory = LimitedRequest
+    requestFactory = SmeldrRequest
 
-    def __init__(  # type: ignore[no-untyped-def]
+    def __init__(
         self,
         resource: IResource,
         max_body: int = DEFAULT_MAX_BODY,
-        metrics=None,
+        metrics: Any = None,
         trusted_proxies: Optional[TrustedProxies] = None,
-        **kw,
+        **kw: Any,
     ) -> None:
         # Every endpoint parses its own body (the token endpoint must not
         # mix query and form parameters), so twisted.web's form parsing into
