@@ -20,12 +20,12 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.server import Site
 from zope.interface import implementer
 
 from smeldr_oauth.mcp import Context, MCPApp
-from smeldr_oauth.mcp.http import MCPHTTP, capped_request_factory
+from smeldr_oauth.mcp.http import MCPHTTP
 from smeldr_oauth.oauth.interfaces import IAccessVerifier
+from smeldr_oauth.web.site import SmeldrSite
 from smeldr_oauth.oauth.model import AccessInfo
 
 METADATA = "https://mcp.example/.well-known/oauth-protected-resource/mcp"
@@ -162,8 +162,7 @@ class HTTPTestBase(TestCase):
         )
         klein = Klein()
         mcp.register(klein)
-        site = Site(klein.resource())
-        site.requestFactory = capped_request_factory(1000)
+        site = SmeldrSite(klein.resource(), max_body=1000)
         site.noisy = False
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         self.addCleanup(port.stopListening)
@@ -472,6 +471,11 @@ class StreamableHTTPTests(HTTPTestBase):
         self.assertEqual(code, 405)
         self.assertEqual(headers.getRawHeaders("allow"), ["DELETE, GET, OPTIONS, POST"])
         self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
+        self.assertEqual(json.loads(body)["error"]["code"], -32600)
+        # HEAD is not a GET here: it opens no session and no stream.
+        code, headers, _ = await self.request("HEAD")
+        self.assertEqual((code, headers.getRawHeaders("allow")), (405, ["DELETE, GET, OPTIONS, POST"]))
+        self.assertEqual(self.mcp.session_count, 0)
         code, headers, _ = await self.request("GET", path="/mcp/message")
         self.assertEqual((code, headers.getRawHeaders("allow")), (405, ["OPTIONS, POST"]))
 

@@ -11,11 +11,11 @@ One module per concern:
     L{smeldr_oauth.mcp.state.ISessionStore}, live parts here);
   - L{streamauth}: every stream and the token that keeps it open;
   - L{cors}: browser origins and C{OPTIONS};
-  - L{wire}: reading headers, C{Accept} and the body;
-  - L{errors}: every status, and refusals turned into responses.
+  - L{wire}: reading headers, C{Accept} and the body (on the site's
+    readers, L{smeldr_oauth.web});
+  - L{errors}: every status, and MCP's refusals as the site's errors.
 """
 
-from smeldr_oauth.mcp.http.capped import CappedRequest, capped_request_factory
 from smeldr_oauth.mcp.http.resource import MCPHTTP
 
-__all__ = ["MCPHTTP", "CappedRequest", "capped_request_factory"]
+__all__ = ["MCPHTTP"]

@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_mcp_http -*-
 """
 Browser origins: which may call the MCP endpoints (DNS-rebinding
-protection, as the MCP transport specification asks), the CORS headers
-they get, and the C{OPTIONS} preflight.
+protection, as the MCP transport specification asks) and the CORS headers
+they get.  The site's routes answer the C{OPTIONS} preflight
+(L{smeldr_oauth.web.routes}), with L{ALLOWED_HEADERS}.
 
 Requests without C{Origin} (every non-browser client) are always allowed:
 the bearer token is what protects them.
@@ -22,7 +23,7 @@ log = Logger()
 
 #: Request headers a browser client may send.
 ALLOWED_HEADERS = (
-    b"Authorization, Content-Type, Accept, Last-Event-ID, Mcp-Session-Id, MCP-Protocol-Version, Mcp-Method, Mcp-Name"
+    "Authorization, Content-Type, Accept, Last-Event-ID, Mcp-Session-Id, MCP-Protocol-Version, Mcp-Method, Mcp-Name"
 )
 #: Response headers a browser client may read.
 EXPOSED_HEADERS = b"Mcp-Session-Id, WWW-Authenticate"
@@ -51,7 +52,7 @@ class OriginPolicy:
         Let a request without C{Origin} or from an allowed one through
         (with CORS headers); refuse the rest.
 
-        @raise MCPHTTPError: 403.
+        @raise HTTPError: 403.
         """
         origins = request.requestHeaders.getRawHeaders(b"origin")
         if not origins:
@@ -64,13 +65,3 @@ class OriginPolicy:
         request.setHeader(b"Access-Control-Allow-Origin", origins[-1])
         request.setHeader(b"Vary", b"Origin")
         request.setHeader(b"Access-Control-Expose-Headers", EXPOSED_HEADERS)
-
-    def preflight(self, request: Any, allowed_methods: tuple[bytes, ...]) -> bytes:
-        """Answer C{OPTIONS}: 204 with what may be sent."""
-        methods = b", ".join(sorted(allowed_methods))
-        request.setResponseCode(204)
-        request.setHeader(b"Allow", methods)
-        request.setHeader(b"Access-Control-Allow-Methods", methods)
-        request.setHeader(b"Access-Control-Allow-Headers", ALLOWED_HEADERS)
-        request.setHeader(b"Access-Control-Max-Age", b"600")
-        return b""

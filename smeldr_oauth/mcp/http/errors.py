@@ -1,13 +1,15 @@
 # -*- test-case-name: tests.test_mcp_http -*-
 """
-Every status the MCP endpoints answer with, and the one place that turns
-a refusal into a response.
+Every status the MCP endpoints answer with, and the one place that maps
+MCP's refusals to them.
 
-Refusals are raised as L{MCPHTTPError} (status, JSON body, extra headers)
-or arrive as an L{AuthFailure} or a L{SessionLimitReached}; L{render} and
-L{render_failure} write them.  JSON-RPC answers that travel as plain JSON
-get their status from L{answer_status}: 200, except the C{insufficient_scope}
-step-up (403 with a challenge) and the 2026-07-28 error statuses.
+Refusals are raised as the site's L{HTTPError} carrying their JSON body
+(a JSON-RPC error, or RFC 6750's for bearer tokens) and extra headers; the
+site's error path (L{smeldr_oauth.web.errors}) writes them, in the routes'
+JSON-RPC dialect.  An L{AuthFailure} or a L{SessionLimitReached} becomes
+one here.  JSON-RPC answers that travel as plain JSON get their status
+from L{answer_status}: 200, except the C{insufficient_scope} step-up (403
+with a challenge) and the 2026-07-28 error statuses.
 
 Statuses, for a reader looking for one:
 
@@ -30,20 +32,17 @@ Statuses, for a reader looking for one:
 
 from __future__ import annotations
 
-import json
 import math
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet.defer import CancelledError
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.auth import AuthFailure, Challenger
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError
 from smeldr_oauth.mcp.state.records import SessionLimitReached
-
-log = Logger()
+from smeldr_oauth.web.errors import HTTPError
 
 #: 2026-07-28 error codes and the HTTP status they travel with.
 MODERN_STATUS = {
@@ -57,35 +56,42 @@ MODERN_STATUS = {
 }
 
 
-class MCPHTTPError(Exception):
-    """An HTTP-level refusal: status, JSON body, extra headers."""
-
-    def __init__(self, status: int, body: dict[str, Any], headers: Optional[dict[str, str]] = None) -> None:
-        super().__init__(status)
-        self.status = status
-        self.body = body
-        self.headers = headers or {}
-
-
-def rpc_error(status: int, code: int, message: str, data: Any = None, msg_id: Any = None) -> MCPHTTPError:
+def rpc_error(
+    status: int, code: int, message: str, data: Any = None, msg_id: Any = None, headers: tuple = ()
+) -> HTTPError:
     """A refusal whose body is a JSON-RPC error."""
-    return MCPHTTPError(status, jsonrpc.error_response(msg_id, JSONRPCError(code, message, data)))
+    return HTTPError(
+        status,
+        "invalid_request" if status < 500 else "server_error",
+        message,
+        headers=headers,
+        body=jsonrpc.error_response(msg_id, JSONRPCError(code, message, data)),
+    )
 
 
-def bad_request(message: str, data: Any = None) -> MCPHTTPError:
+def bad_request(message: str, data: Any = None) -> HTTPError:
     return rpc_error(400, jsonrpc.INVALID_REQUEST, message, data)
 
 
-def session_not_found() -> MCPHTTPError:
+def session_not_found() -> HTTPError:
     return rpc_error(404, jsonrpc.INVALID_REQUEST, "Session not found")
 
 
-def modern_refusal(msg_id: Any, error: JSONRPCError) -> MCPHTTPError:
+def modern_refusal(msg_id: Any, error: JSONRPCError) -> HTTPError:
     """A 2026-07-28 request refused before it ran, with that revision's status."""
-    return MCPHTTPError(MODERN_STATUS.get(error.code, 400), jsonrpc.error_response(msg_id, error))
+    return rpc_error(MODERN_STATUS.get(error.code, 400), error.code, error.message, error.data, msg_id)
 
 
-def from_auth_failure(failure: AuthFailure) -> MCPHTTPError:
+def invalid_frame(error: JSONRPCError, msg_id: Any = None) -> HTTPError:
+    """A body that is not a usable JSON-RPC frame: 400 with the JSON-RPC error."""
+    return rpc_error(400, error.code, error.message, error.data, msg_id)
+
+
+def from_auth_failure(failure: AuthFailure) -> HTTPError:
+    """
+    A bearer-token refusal: RFC 6750's body and challenge (401, 403), or
+    503 when the verifier could not answer.
+    """
     if failure.status == 503:
         return rpc_error(503, jsonrpc.INTERNAL_ERROR, "Authorization temporarily unavailable")
     body = {"error": failure.error or "unauthorized", "error_description": "Authorization required"}
@@ -95,20 +101,24 @@ def from_auth_failure(failure: AuthFailure) -> MCPHTTPError:
         body["error_description"] = "The access token is invalid or expired"
     elif failure.error == "invalid_request":
         body["error_description"] = "Malformed Authorization header"
-    headers = {"WWW-Authenticate": failure.challenge} if failure.challenge else {}
-    return MCPHTTPError(failure.status, body, headers)
+    headers = (("WWW-Authenticate", failure.challenge),) if failure.challenge else ()
+    return HTTPError(failure.status, body["error"], body["error_description"], headers=headers, body=body)
 
 
-def from_session_limit(error: SessionLimitReached, retry_after: float) -> MCPHTTPError:
+def from_session_limit(error: SessionLimitReached, retry_after: float) -> HTTPError:
     """
     A caller whose sessions are all busy waits (429, C{Retry-After}); the
     server-wide cap is the server's problem (503).
     """
     if error.scope == "server":
         return rpc_error(503, jsonrpc.INTERNAL_ERROR, "Too many sessions")
-    refusal = rpc_error(429, jsonrpc.INTERNAL_ERROR, "Too many sessions")
-    refusal.headers["Retry-After"] = str(int(math.ceil(retry_after)))
-    return refusal
+    return rpc_error(
+        429, jsonrpc.INTERNAL_ERROR, "Too many sessions", headers=(("Retry-After", str(int(math.ceil(retry_after)))),)
+    )
+
+
+def method_not_allowed(allowed: tuple[str, ...]) -> HTTPError:
+    return rpc_error(405, jsonrpc.INVALID_REQUEST, "Method not allowed", headers=(("Allow", ", ".join(sorted(allowed))),))
 
 
 def answer_status(response: dict[str, Any], modern: bool, challenger: Challenger) -> tuple[int, dict[str, str]]:
@@ -128,26 +138,16 @@ def answer_status(response: dict[str, Any], modern: bool, challenger: Challenger
     return 200, {}
 
 
-def render(request: Any, error: MCPHTTPError) -> bytes:
-    """Write C{error}'s status and headers on C{request}; return its body."""
-    request.setResponseCode(error.status)
-    request.setHeader(b"Content-Type", b"application/json")
-    for name, value in error.headers.items():
-        request.setHeader(name.encode(), value.encode())
-    return json.dumps(error.body).encode()
-
-
-def render_failure(failure: Failure, request: Any) -> Optional[bytes]:
+def refused(failure: Failure) -> Any:
     """
-    The errback of every route (and what a route raised): refusals as they
-    say, a bug as a 500 that says nothing (and a logged traceback), a
-    cancelled route (the client went away) as nothing at all.
+    The errback of every MCP route: a bearer-token refusal becomes its
+    L{HTTPError} (the site's error path writes every L{HTTPError}); a
+    cancelled route (the client went away) answers nothing.  A plain
+    function, not a closure: an idle stream holds it for as long as it is
+    open.
     """
-    if failure.check(MCPHTTPError):
-        return render(request, failure.value)  # type: ignore[arg-type]
     if failure.check(AuthFailure):
-        return render(request, from_auth_failure(failure.value))  # type: ignore[arg-type]
+        raise from_auth_failure(failure.value)  # type: ignore[arg-type]
     if failure.check(CancelledError):
         return None
-    log.failure("MCP route failed", failure)
-    return render(request, rpc_error(500, jsonrpc.INTERNAL_ERROR, "Internal error"))
+    return failure

@@ -214,7 +214,7 @@ class SessionRegistry:
         """
         The session if this process holds it, C{None} if it does not.
 
-        @raise MCPHTTPError: 404 when it is held here but is of another
+        @raise HTTPError: 404 when it is held here but is of another
             transport or someone else's.
         """
         live = self._live.get(session_id)

@@ -8,10 +8,12 @@ builds the parts and mounts them.
     transport's stream (L{LegacySSE});
   - C{/mcp/message}: the legacy transport's POSTs.
 
-Every route shares one guard: C{Cache-Control: no-store}, the C{Origin}
-check, C{OPTIONS}, 405, the bearer token, and turning every refusal into
-its response (L{smeldr_oauth.mcp.http.errors}) so that no input can
-produce a 500.
+Both are routes in the site's idiom (L{smeldr_oauth.web.routes}): the
+site's dispatcher answers C{OPTIONS} and 405, and its error path writes
+every refusal (L{smeldr_oauth.mcp.http.errors} says which) as a JSON-RPC
+error, so that no input can produce a 500.  Every answer carries
+C{Cache-Control: no-store}; the C{Origin} check runs before any handler;
+every handler starts with the bearer token.
 
 Sessions are bound to the token's subject I{and} client: a request with
 another caller's token on a session gets the same 404 as an unknown
@@ -25,17 +27,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import Deferred, succeed
+import attr
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.auth import BearerAuth, Challenger, Credential
 from smeldr_oauth.mcp.http import wire
-from smeldr_oauth.mcp.http.cors import OriginPolicy
-from smeldr_oauth.mcp.http.errors import rpc_error, render_failure
+from smeldr_oauth.mcp.http.cors import ALLOWED_HEADERS, OriginPolicy
+from smeldr_oauth.mcp.http.errors import method_not_allowed, refused
 from smeldr_oauth.mcp.http.legacy import LegacySSE
 from smeldr_oauth.mcp.http.registry import SessionRegistry
 from smeldr_oauth.mcp.http.streamable import StreamableHTTP
@@ -44,11 +45,24 @@ from smeldr_oauth.mcp.state.interfaces import IEventLog, ISessionDelivery, ISess
 from smeldr_oauth.mcp.state.memory import LocalDelivery, MemoryEventLog, MemorySessionStore
 from smeldr_oauth.mcp.state.records import SessionLimits
 from smeldr_oauth.mcp.streams import StreamOptions
+from smeldr_oauth.web.errors import JSONRPC
+from smeldr_oauth.web.routes import CORS, Route, mount_routes
 
 log = Logger()
 
-MCP_METHODS = (b"DELETE", b"GET", b"OPTIONS", b"POST")
-MESSAGE_METHODS = (b"OPTIONS", b"POST")
+_MCP_METHODS = ("DELETE", "GET", "OPTIONS", "POST")
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class _StreamRoute(Route):
+    """
+    A route whose C{GET} opens a stream (a session, for the legacy
+    transport): it answers no C{HEAD}, which the site's routes otherwise
+    serve with the C{GET} handler.
+    """
+
+    def allowed(self) -> list[str]:
+        return [method for method in super().allowed() if method != "HEAD"]
 
 
 class MCPHTTP:
@@ -155,18 +169,40 @@ class MCPHTTP:
     def path(self) -> str:
         return self.legacy.path
 
+    def routes(self, path: str = "/mcp") -> list[Route]:
+        """
+        The routes of the endpoint at C{path} and C{path + "/message"}, in
+        the site's routing idiom (L{smeldr_oauth.web.routes}).
+        """
+        self.legacy.path = path = path.rstrip("/") or "/mcp"
+        common = dict(
+            dialect=JSONRPC,
+            cors=CORS(allow_headers=ALLOWED_HEADERS, allow_origin=None, max_age=600),
+            # Answers depend on the token and may carry private data: no
+            # cache (browser, proxy, CDN) may keep any of them.  SSE streams
+            # repeat it (see SSEStream.start).
+            headers=((b"Cache-Control", b"no-store"),),
+        )
+        return [
+            _StreamRoute(
+                path=path,
+                methods={"POST": self._post, "GET": self._get, "DELETE": self._delete},
+                before=self._before_mcp,
+                name=f"smeldr_mcp:{path}",
+                **common,  # type: ignore[arg-type]
+            ),
+            Route(
+                path=path + "/message",
+                methods={"POST": self._message},
+                before=self.origins.check,
+                name=f"smeldr_mcp_message:{path}",
+                **common,  # type: ignore[arg-type]
+            ),
+        ]
+
     def register(self, klein_app: Any, path: str = "/mcp") -> None:
         """Mount C{path} and C{path + "/message"} on C{klein_app}."""
-        self.legacy.path = path = path.rstrip("/") or "/mcp"
-
-        def mcp(request: Any) -> Any:
-            return self._guard(request, MCP_METHODS, self._route_mcp)
-
-        def message(request: Any) -> Any:
-            return self._guard(request, MESSAGE_METHODS, self._route_message)
-
-        klein_app.route(path, endpoint=f"smeldr_mcp:{path}")(mcp)
-        klein_app.route(path + "/message", endpoint=f"smeldr_mcp_message:{path}")(message)
+        mount_routes(klein_app, self.routes(path))
 
     def add_revocation_source(self, grant_events: Any) -> None:
         """Close what a grant opened when C{grant_events} says it was revoked."""
@@ -203,47 +239,30 @@ class MCPHTTP:
 
     # -- routing ---------------------------------------------------------------
 
-    def _route_mcp(self, request: Any) -> Any:
-        if request.method == b"POST":
-            wire.check_length(request, self.max_body)
-            return self.auth.authenticate(request).addCallback(self.streamable.post, request)
-        if request.method == b"GET":
-            return self.auth.authenticate(request).addCallback(self._get, request)
-        return self.auth.authenticate(request).addCallback(self.streamable.delete, request)
+    def _before_mcp(self, request: Any) -> None:
+        self.origins.check(request)
+        if request.method == b"HEAD":
+            # Not a GET: a HEAD must not open a session or a stream.
+            raise method_not_allowed(_MCP_METHODS)
 
-    def _get(self, credential: Credential, request: Any) -> Any:
+    def _authenticated(self, request: Any, then: Callable[..., Any], *args: Any) -> Deferred:
+        """C{then(credential, *args)} once the bearer token is verified."""
+        return maybeDeferred(self.auth.authenticate, request).addCallback(then, *args).addErrback(refused)
+
+    def _post(self, request: Any) -> Deferred:
+        return self._authenticated(request, self.streamable.post, request)
+
+    def _get(self, request: Any) -> Deferred:
+        return self._authenticated(request, self._open, request)
+
+    def _open(self, credential: Credential, request: Any) -> Any:
         session_id = wire.header(request, b"mcp-session-id")
         if session_id is None:
             return self.legacy.open(credential, request)
         return self.streamable.get(credential, request, session_id)
 
-    def _route_message(self, request: Any) -> Any:
-        wire.check_length(request, self.max_body)
-        return self.auth.authenticate(request).addCallback(self.legacy.message, request)
+    def _delete(self, request: Any) -> Deferred:
+        return self._authenticated(request, self.streamable.delete, request)
 
-    def _guard(self, request: Any, allowed: tuple[bytes, ...], route: Callable[[Any], Any]) -> Any:
-        """
-        What every route shares: Origin and method checks, and turning
-        every refusal into its response so that no bad input can produce
-        a 500.
-        """
-        # Answers depend on the token and may carry private data: no cache
-        # (browser, proxy, CDN) may keep any of them.  SSE streams repeat
-        # it (see SSEStream.start).
-        request.setHeader(b"Cache-Control", b"no-store")
-        try:
-            self.origins.check(request)
-            if request.method == b"OPTIONS":
-                return self.origins.preflight(request, allowed)
-            if request.method not in allowed:
-                refusal = rpc_error(405, jsonrpc.INVALID_REQUEST, "Method not allowed")
-                refusal.headers["Allow"] = ", ".join(m.decode() for m in sorted(allowed))
-                raise refusal
-            result = route(request)
-        except Exception:
-            return render_failure(Failure(), request)
-        if isinstance(result, Deferred):
-            # A plain function, not a closure: an idle stream holds this
-            # errback for as long as it is open.
-            result.addErrback(render_failure, request)
-        return result
+    def _message(self, request: Any) -> Deferred:
+        return self._authenticated(request, self.legacy.message, request)

@@ -27,7 +27,7 @@ from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.auth import BearerAuth, Credential
 from smeldr_oauth.mcp.http import wire
-from smeldr_oauth.mcp.http.errors import MCPHTTPError, bad_request, modern_refusal, rpc_error
+from smeldr_oauth.mcp.http.errors import bad_request, invalid_frame, modern_refusal, rpc_error
 from smeldr_oauth.mcp.http.exchange import Exchange
 from smeldr_oauth.mcp.http.registry import LiveSession, SessionRegistry
 from smeldr_oauth.mcp.http.streamauth import StreamGuard
@@ -128,7 +128,7 @@ class StreamableHTTP:
             raise bad_request("Batches are not part of the 2026-07-28 exchange")
         message = post.messages[0]
         if isinstance(message, jsonrpc.Invalid):
-            raise MCPHTTPError(400, jsonrpc.error_response(message.id, message.error))
+            raise invalid_frame(message.error, message.id)
         if not isinstance(message, Request):
             # The stateless exchange defines no client notifications and
             # there is no session to deliver a response to.

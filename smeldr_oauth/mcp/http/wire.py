@@ -1,9 +1,9 @@
-# -*- test-case-name: tests.test_mcp_http -*-
+# -*- test-case-name: tests.test_mcp_http_wire -*-
 """
-Reading what an MCP client sent: single-valued headers read defensively
-(bytes 0x80-0xFF, repeats: a 400, never a 500), C{Accept} parsed by
-Werkzeug's parser, the body size and media type checked, the JSON-RPC frame
-parsed.
+Reading what an MCP client sent, on the site's defensive readers
+(L{smeldr_oauth.web.headers}, L{smeldr_oauth.web.body}): single-valued
+headers (bytes 0x80-0xFF or a repeat: a 400, never a 500), C{Accept}
+parsed by Werkzeug's parser, the JSON-RPC frame of the body.
 """
 
 from __future__ import annotations
@@ -14,28 +14,21 @@ from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import parse_accept_header
 
 from smeldr_oauth.mcp import jsonrpc
-from smeldr_oauth.mcp.http.errors import MCPHTTPError, bad_request, rpc_error
+from smeldr_oauth.mcp.http.errors import bad_request, invalid_frame
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message
 from smeldr_oauth.mcp.versions import SUPPORTED_VERSIONS
+from smeldr_oauth.web.body import JSON, read_body
+from smeldr_oauth.web.headers import header as site_header
 
 
 def header(request: Any, name: bytes) -> Optional[str]:
     """
     The one value of header C{name}, stripped, or C{None}.
 
-    @raise MCPHTTPError: 400 when it is repeated or not ASCII (HTTP allows
-        bytes 0x80-0xFF in a value; none of the headers read here may carry
-        them).
+    @raise HTTPError: 400 when it is repeated or not printable ASCII (none
+        of the headers MCP reads may carry other bytes).
     """
-    values = request.requestHeaders.getRawHeaders(name)
-    if not values:
-        return None
-    if len(values) > 1:
-        raise bad_request(f"Repeated {name.decode()} header")
-    try:
-        return values[0].decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise bad_request(f"Malformed {name.decode()} header")
+    return site_header(request, name, unique=True)
 
 
 def accepts(request: Any) -> tuple[bool, bool]:
@@ -49,46 +42,26 @@ def accepts(request: Any) -> tuple[bool, bool]:
 
 def check_version(request: Any) -> Optional[str]:
     """
-    @raise MCPHTTPError: 400 for an C{MCP-Protocol-Version} this server
-        does not speak.
+    @raise HTTPError: 400 for an C{MCP-Protocol-Version} this server does
+        not speak.
     """
     version = header(request, b"mcp-protocol-version")
     if version is not None and version not in SUPPORTED_VERSIONS:
-        raise bad_request("Unsupported MCP-Protocol-Version", {"supported": list(SUPPORTED_VERSIONS), "requested": version[:64]})
+        raise bad_request(
+            "Unsupported MCP-Protocol-Version", {"supported": list(SUPPORTED_VERSIONS), "requested": version[:64]}
+        )
     return version
-
-
-def check_length(request: Any, max_body: int) -> None:
-    """
-    Refuse a body that is or will be too large (413) before anything is
-    done with it: what the request class stopped storing, or what
-    C{Content-Length} announces.
-    """
-    if getattr(request, "body_too_large", False):
-        raise rpc_error(413, jsonrpc.INVALID_REQUEST, "Request body too large")
-    length = header(request, b"content-length")
-    if length is not None:
-        try:
-            if int(length) > max_body:
-                raise rpc_error(413, jsonrpc.INVALID_REQUEST, "Request body too large")
-        except ValueError:
-            raise bad_request("Bad Content-Length")
 
 
 def read_frame(request: Any, max_body: int) -> tuple[bool, list[Message]]:
     """
     The body as one JSON-RPC frame: C{(is_batch, messages)}.
 
-    @raise MCPHTTPError: 415 (not JSON), 413 (too large), 400 (not a frame).
+    @raise HTTPError: 415 (not JSON), 413 (over C{max_body}), 400 (not a
+        frame).
     """
-    content_type = (header(request, b"content-type") or "").split(";")[0].strip().lower()
-    if content_type != "application/json":
-        raise rpc_error(415, jsonrpc.INVALID_REQUEST, "Content-Type must be application/json")
-    request.content.seek(0)
-    body = request.content.read(max_body + 1)
-    if len(body) > max_body or getattr(request, "body_too_large", False):
-        raise rpc_error(413, jsonrpc.INVALID_REQUEST, "Request body too large")
+    body = read_body(request, JSON, max_body)
     try:
         return jsonrpc.parse_frame(body)
     except JSONRPCError as error:
-        raise MCPHTTPError(400, jsonrpc.error_response(None, error))
+        raise invalid_frame(error)
