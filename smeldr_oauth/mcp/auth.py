@@ -23,7 +23,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp.jsonrpc import Message
-from smeldr_oauth.mcp.session import Principal, ServerSession
+from smeldr_oauth.mcp.calls import Principal
+from smeldr_oauth.mcp.session import ServerSession
 from smeldr_oauth.oauth.interfaces import IAccessVerifier
 from smeldr_oauth.oauth.model import AccessInfo
 

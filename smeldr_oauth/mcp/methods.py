@@ -29,7 +29,8 @@ from smeldr_oauth.mcp.results import error_result, prompt_result, resource_conte
 from smeldr_oauth.mcp.versions import LATEST_SESSION_VERSION, MODERN_VERSIONS, SESSION_VERSIONS
 
 if TYPE_CHECKING:
-    from smeldr_oauth.mcp.session import Call, ServerSession
+    from smeldr_oauth.mcp.calls import Call
+    from smeldr_oauth.mcp.session import ServerSession
 
 log = Logger()
 

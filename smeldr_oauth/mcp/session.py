@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import attr
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -39,7 +38,8 @@ from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
-from smeldr_oauth.mcp.context import LOG_LEVELS, Context
+from smeldr_oauth.mcp.calls import Call, CallbackOutlet, Outlet, Principal
+from smeldr_oauth.mcp.context import LOG_LEVELS
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message, Notification, Request, Response
 from smeldr_oauth.mcp.methods import METHODS, needed_scopes
 from smeldr_oauth.mcp.results import modern_envelope
@@ -57,63 +57,7 @@ from smeldr_oauth.mcp.versions import (
 
 log = Logger()
 
-
-@attr.s(frozen=True, auto_attribs=True)
-class Principal:
-    """
-    Who sent one message: taken from that message's access token (or
-    C{"local"} on stdio), so a refreshed token's scopes apply at once.
-    """
-
-    subject: str
-    client_id: Optional[str]
-    scopes: frozenset[str]
-    grant_id: Optional[str] = None
-
-
-class Outlet:
-    """
-    Where the messages related to one request go.  Transports subclass
-    it; the base class drops everything (a transport with no way to
-    reach the client, e.g. a plain JSON answer).
-    """
-
-    __slots__ = ()
-
-    #: whether server-to-client requests can travel through this outlet.
-    can_request = False
-
-    def send(self, message: dict[str, Any]) -> None:
-        pass
-
-
-class CallbackOutlet(Outlet):
-    """An outlet that hands every message to a callable."""
-
-    __slots__ = ("_write",)
-    can_request = True
-
-    def __init__(self, write: Callable[[dict[str, Any]], None]) -> None:
-        self._write = write
-
-    def send(self, message: dict[str, Any]) -> None:
-        self._write(message)
-
-
-@attr.s(auto_attribs=True)
-class Call:
-    """Everything one request's handler needs to know."""
-
-    request_id: Any
-    principal: Principal
-    outlet: Optional[Outlet]
-    version: str
-    modern: bool
-    client_capabilities: dict[str, Any]
-    log_level: Optional[str]
-    progress_token: Any
-    context: Optional[Context] = None
-    cancelled: bool = False
+__all__ = ["ServerSession", "Call", "CallbackOutlet", "Outlet", "Principal"]
 
 
 class ServerSession:

@@ -27,7 +27,8 @@ from zope.interface import implementer
 
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import AppLoadError, MCPApp, load_app
-from smeldr_oauth.mcp.session import CallbackOutlet, Principal, ServerSession
+from smeldr_oauth.mcp.calls import CallbackOutlet, Principal
+from smeldr_oauth.mcp.session import ServerSession
 
 log = Logger()
 

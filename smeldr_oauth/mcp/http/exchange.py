@@ -24,7 +24,8 @@ from smeldr_oauth.mcp.http.errors import answer_status
 from smeldr_oauth.mcp.http.registry import LiveSession
 from smeldr_oauth.mcp.http.streamauth import StreamGuard
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message
-from smeldr_oauth.mcp.session import Outlet, Principal, ServerSession
+from smeldr_oauth.mcp.calls import Outlet, Principal
+from smeldr_oauth.mcp.session import ServerSession
 from smeldr_oauth.mcp.streams import SSEStream
 
 

@@ -42,7 +42,8 @@ from zope.interface import implementer
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.http.errors import from_session_limit, session_not_found
-from smeldr_oauth.mcp.session import Outlet, ServerSession
+from smeldr_oauth.mcp.calls import Outlet
+from smeldr_oauth.mcp.session import ServerSession
 from smeldr_oauth.mcp.state.interfaces import IEventLog, ISessionDelivery, ISessionSink, ISessionStore
 from smeldr_oauth.mcp.state.records import LEGACY, STREAMABLE, SessionLimitReached, SessionLimits, SessionRecord
 from smeldr_oauth.mcp.streams import SSEStream
