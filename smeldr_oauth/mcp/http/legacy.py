@@ -22,7 +22,6 @@ from smeldr_oauth.mcp.http.errors import bad_request
 from smeldr_oauth.mcp.http.registry import LiveSession, SessionRegistry
 from smeldr_oauth.mcp.http.streamauth import StreamGuard
 from smeldr_oauth.mcp.state.records import LEGACY
-from smeldr_oauth.mcp.streams import SSEStream
 
 log = Logger()
 
@@ -42,13 +41,10 @@ class LegacySSE:
 
     def open(self, credential: Credential, request: Any) -> Any:
         """C{GET /mcp}: a new session and its stream."""
-        return self.sessions.create(LEGACY, credential.info).addCallback(self._opened, request, credential)
+        return self.sessions.create(LEGACY, credential.info, self._opened, request, credential)
 
     def _opened(self, session: LiveSession, request: Any, credential: Credential) -> Any:
-        def closed(stream: SSEStream) -> None:
-            self.sessions.end(session)
-
-        stream = self.guard.open(request, credential, on_close=closed)
+        stream = self.guard.open(request, credential, on_close=session.stream_closed)
         session.stream = stream
         endpoint = hyperlink.URL.from_text(self.path + "/message").set("session_id", session.session_id)
         log.info("Legacy MCP SSE stream opened for {subject}", subject=credential.info.subject)

@@ -33,7 +33,7 @@ import secrets
 from typing import Any, Callable, Optional
 
 import attr
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,6 +50,21 @@ from smeldr_oauth.mcp.streams import SSEStream
 from smeldr_oauth.oauth.model import AccessInfo
 
 log = Logger()
+
+
+def _at_once(d: Deferred, then: Callable[..., Any], *args: Any) -> Any:
+    """
+    C{then(result, *args)}: now, if C{d} has fired (its failure raised),
+    else when it fires.
+    """
+    box: list[Any] = []
+    d.addBoth(box.append)
+    if not box:
+        return d.addCallback(lambda _: _at_once(succeed(box[0]) if not isinstance(box[0], Failure) else fail(box[0]), then, *args))
+    result = box[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return then(result, *args)
 
 
 def _logged(message: str) -> Callable[[Failure], None]:
@@ -110,6 +125,18 @@ class LiveSession:
         (the client gets a 404 on its next request and starts over).
         """
         return (self.stream is None or self.stream.closed) and not self.exchanges and not self.protocol.busy
+
+    def stream_closed(self, stream: SSEStream) -> None:
+        """
+        The session's own stream ended: a legacy session ends with it; a
+        Streamable HTTP session stays, for the client's next GET.
+        """
+        if self.record.kind == LEGACY:
+            self._registry.end(self)
+            return
+        if self.stream is stream:
+            self.stream = None
+        self._registry.touch(self)
 
     # ISessionSink
 
@@ -268,14 +295,19 @@ class SessionRegistry:
 
     # -- creating ----------------------------------------------------------------
 
-    def create(self, kind: str, info: AccessInfo) -> "Deferred[LiveSession]":
+    def create(self, kind: str, info: AccessInfo, then: Callable[..., Any], *args: Any) -> Any:
         """
-        A new session for the caller of C{info}, within the caps.
+        C{then(live, *args)} with a new session for the caller of C{info},
+        within the caps: at once when the store answers at once (the
+        in-process store does), so that a stream's Deferred is not left
+        chained behind the store's for as long as the stream is open.
 
-        @return: a L{Deferred} firing with its L{LiveSession}, or failing
-            with 429 (every session of the caller is busy) or 503 (the
-            server-wide cap).
+        @raise HTTPError: (or a L{Deferred} failing with it) 429, every
+            session of the caller is busy; 503, the server-wide cap.
         """
+        return _at_once(self._admit(kind, info), then, *args)
+
+    def _admit(self, kind: str, info: AccessInfo) -> "Deferred[LiveSession]":
         now = self.clock.seconds()
         record = SessionRecord(
             session_id=secrets.token_urlsafe(32),

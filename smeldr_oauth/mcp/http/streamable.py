@@ -34,7 +34,6 @@ from smeldr_oauth.mcp.http.streamauth import StreamGuard
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message, Request
 from smeldr_oauth.mcp.session import ServerSession
 from smeldr_oauth.mcp.state.records import STREAMABLE
-from smeldr_oauth.mcp.streams import SSEStream
 from smeldr_oauth.mcp.versions import MODERN_VERSIONS, check_modern_headers, is_modern_request
 
 
@@ -97,7 +96,7 @@ class StreamableHTTP:
         first = messages[0]
         if is_batch or not isinstance(first, Request) or first.method != "initialize":
             raise bad_request("Missing Mcp-Session-Id: send initialize first")
-        return self.sessions.create(STREAMABLE, credential.info).addCallback(self._initialize, post)
+        return self.sessions.create(STREAMABLE, credential.info, self._initialize, post)
 
     def _post_in_session(self, session: LiveSession, post: "_Post") -> Any:
         wire.check_version(post.request)
@@ -197,12 +196,7 @@ class StreamableHTTP:
             old, session.stream = session.stream, None
             old.close()
 
-        def closed(stream: SSEStream) -> None:
-            if session.stream is stream:
-                session.stream = None
-            self.sessions.touch(session)
-
-        stream = self.guard.open(request, credential, on_close=closed)
+        stream = self.guard.open(request, credential, on_close=session.stream_closed)
         session.stream = stream
         done = stream.start(headers={b"Mcp-Session-Id": session.session_id.encode()})
         after: Optional[int] = None

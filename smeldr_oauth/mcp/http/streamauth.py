@@ -40,6 +40,7 @@ class _StreamAuth:
     grant_id: Optional[str]
     expires_at: float
     token: str = attr.ib(repr=False)
+    on_close: Optional[Callable[[SSEStream], None]] = None
 
 
 class StreamGuard:
@@ -60,6 +61,8 @@ class StreamGuard:
         self._clock = options.clock
         self._streams: dict[SSEStream, _StreamAuth] = {}
         self._checks = Deadlines(self._clock, self._recheck)  # type: ignore[arg-type]
+        # One bound method for every stream (idle streams are many).
+        self._on_close = self._closed
 
     def open(
         self,
@@ -70,17 +73,13 @@ class StreamGuard:
     ) -> SSEStream:
         """
         A new stream on C{request}, held open by C{credential}'s token.
-        The caller starts it.
+        The caller starts it; C{on_close} is called when it ends.
         """
-
-        def closed(stream: SSEStream) -> None:
-            self._untrack(stream)
-            if on_close is not None:
-                on_close(stream)
-
-        stream = self.options.stream(request, on_close=closed, done=done)
+        stream = self.options.stream(request, on_close=self._on_close, done=done)
         info = credential.info
-        auth = _StreamAuth(stream, info.subject, info.client_id, info.grant_id, credential.expires_at, credential.token)
+        auth = _StreamAuth(
+            stream, info.subject, info.client_id, info.grant_id, credential.expires_at, credential.token, on_close
+        )
         self._streams[stream] = auth
         self._schedule(auth)
         return stream
@@ -112,10 +111,12 @@ class StreamGuard:
     def __len__(self) -> int:
         return len(self._streams)
 
-    def _untrack(self, stream: SSEStream) -> None:
+    def _closed(self, stream: SSEStream) -> None:
         auth = self._streams.pop(stream, None)
         if auth is not None:
             self._checks.cancel(auth)
+            if auth.on_close is not None:
+                auth.on_close(stream)
 
     def _schedule(self, auth: _StreamAuth) -> None:
         self._checks.schedule(auth, min(self._clock.seconds() + self.recheck_interval, auth.expires_at))
