@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
 
 from smeldr_oauth.mcp.state.memory import LocalDelivery, MemoryEventLog, MemorySessionStore
-from tests.test_mcp_http import HTTPTestBase, build_app
+from tests.test_mcp_http import HTTPTestBase, LegacySSETests, SessionCapTests, StreamableHTTPTests, build_app
 
 
 def sse_messages(data: bytes) -> list[dict[str, Any]]:
@@ -29,11 +30,12 @@ def sse_messages(data: bytes) -> list[dict[str, Any]]:
 class TwoProcessTests(HTTPTestBase):
     """Endpoint A (C{self.mcp}) and endpoint B (C{self.other}) on shared seams."""
 
+    def shared(self) -> dict[str, Any]:
+        return {"store": MemorySessionStore(), "delivery": LocalDelivery(), "events": MemoryEventLog(16)}
+
     async def setUp(self) -> None:  # type: ignore[override]
-        self.store = MemorySessionStore()
-        self.delivery = LocalDelivery()
-        self.events = MemoryEventLog(16)
-        self.options = {"store": self.store, "delivery": self.delivery, "events": self.events}
+        self.options = self.shared()
+        self.store = self.options["store"]
         await super().setUp()
         self.other_app = build_app()
         self.other, port = await self.serve(self.other_app)
@@ -84,7 +86,7 @@ class TwoProcessTests(HTTPTestBase):
         set_level = {"jsonrpc": "2.0", "id": 2, "method": "logging/setLevel", "params": {"level": "error"}}
         code, _, _ = await self.on_b("POST", body=set_level, headers=headers)
         self.assertEqual(code, 200)
-        record = self.successResultOf(self.store.get(session_id))
+        record = await self.store.get(session_id)
         self.assertEqual((record.log_level, record.protocol_version, record.used), ("error", "2025-06-18", True))
         code, response_headers, body = await self.request("POST", body=self.call("chatty", id=3), headers=headers)
         self.assertEqual(response_headers.getRawHeaders("content-type"), ["application/json"])
@@ -144,3 +146,54 @@ class TwoProcessTests(HTTPTestBase):
         )
         await again.wait_for(b"prompts/list_changed")
         self.assertNotIn(b"tools/list_changed", again.data)
+
+
+class _Later:
+    """
+    A seam whose Deferreds fire on a later reactor turn, as a database's
+    do: every method of C{inner} that returns a L{Deferred} answers later.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+        if not callable(method):
+            return method
+
+        def later(*args: Any, **kw: Any) -> Any:
+            result = method(*args, **kw)
+            if not isinstance(result, Deferred):
+                return result
+            answer: Deferred = Deferred()
+            result.addBoth(lambda value: reactor.callLater(0, answer.callback, value))  # type: ignore[attr-defined]
+            return answer
+
+        return later
+
+
+class LaterStoreMixin:
+    """Run a test class with a session store and event log that answer later."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.options = dict(self.options, store=_Later(MemorySessionStore()), events=_Later(MemoryEventLog(16)))
+        await super().setUp()  # type: ignore[misc]
+
+
+class LaterStoreStreamableTests(LaterStoreMixin, StreamableHTTPTests):
+    pass
+
+
+class LaterStoreLegacyTests(LaterStoreMixin, LegacySSETests):
+    pass
+
+
+class LaterStoreCapTests(LaterStoreMixin, SessionCapTests):
+    pass
+
+
+class LaterStoreTwoProcessTests(TwoProcessTests):
+    # The shared seams of TwoProcessTests, answering later.
+    def shared(self) -> dict[str, Any]:
+        return {"store": _Later(MemorySessionStore()), "delivery": LocalDelivery(), "events": _Later(MemoryEventLog(16))}
