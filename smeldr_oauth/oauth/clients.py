@@ -89,9 +89,11 @@ class ClientResolver:
         """
         # An id found here came through the store branch below, so it is
         # not a CIMD URL under this configuration.
-        known = self._known.get(client_id)
-        if known is not None:
-            return succeed(known)
+        try:
+            # Indexing, not .get(): a cachetools .get is a lookup twice over.
+            return succeed(self._known[client_id])
+        except KeyError:
+            pass
         if self.is_cimd(client_id):
             return self._resolve_document(client_id, address)
         return self.store.get_client(client_id).addCallback(self._remember)

@@ -81,7 +81,7 @@ class Tokens:
         except errors.OAuthError:
             client_id = ""
         if client_id:
-            spend(self.limits.token_per_client, "client:" + client_id[:MAX_PARAM], "token", "token request")
+            spend(self.limits.token_per_client, client_id[:MAX_PARAM], "token", "token request")
 
     async def token(
         self, params: Params, basic: Optional[tuple[str, str]] = None, address: Optional[str] = None
