@@ -12,6 +12,8 @@ import functools
 import ipaddress
 import math
 
+from typing import Optional
+
 import attr
 from cachetools import LRUCache
 from twisted.internet.interfaces import IReactorTime
@@ -71,8 +73,9 @@ class RateLimiter:
         self._rate = self._capacity / window
         self._buckets: LRUCache[str, tuple[float, float]] = LRUCache(max_keys)
 
-    def _level(self, key: str) -> float:
-        now = self._clock.seconds()
+    def _level(self, key: str, now: Optional[float] = None) -> float:
+        if now is None:
+            now = self._clock.seconds()
         try:
             # Indexing, not .get(): a cachetools .get is a lookup twice over.
             tokens, stamp = self._buckets[key]
@@ -92,11 +95,12 @@ class RateLimiter:
         was spent).
         """
         key = self._fold(key)
-        tokens = self._level(key)
+        now = self._clock.seconds()
+        tokens = self._level(key, now)
         ok = tokens >= 1.0
         if ok:
             tokens -= 1.0
-        self._buckets[key] = (tokens, self._clock.seconds())
+        self._buckets[key] = (tokens, now)
         return ok
 
     def refund(self, key: str) -> None:
