@@ -23,7 +23,8 @@ directory.
 
 Prerequisites (C{scripts/setup-browser.sh} installs them): Debian's
 C{chromium} and C{chromium-driver}, and the C{selenium} package. Missing,
-these tests fail under C{CI=true} and are skipped elsewhere.
+these tests fail under the README's test command and are skipped in a bare
+trial run (L{tests.prerequisites}).
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.e2e import RunningServer, createSiteToken, startServer
+from tests.prerequisites import require
 
 try:
     from selenium import webdriver
@@ -92,23 +94,20 @@ T = TypeVar("T")
 
 def _requireBrowser() -> None:
     """
-    Skip (locally) or fail (in CI) when the browser tooling is missing: a
-    CI run must never pass by silently not testing the pages.
+    Skip (a developer's bare trial run) or fail (the README's test command)
+    when the browser tooling is missing: see L{tests.prerequisites}.
     """
     missing = []
     if not HAVE_SELENIUM:
-        missing.append("the selenium package (pip install selenium)")
+        missing.append("the selenium package")
     for path in (CHROMIUM, CHROMEDRIVER):
         if not os.access(path, os.X_OK):
             missing.append(path)
-    if missing:
-        _unavailable("browser tests need " + ", ".join(missing) + "; run scripts/setup-browser.sh")
+    _unavailable("browser tests need " + ", ".join(missing) if missing else None)
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        raise AssertionError(reason)
-    raise SkipTest(reason)
+def _unavailable(missing: str | None) -> None:
+    require(missing, "bash scripts/setup-browser.sh")
 
 
 def pkcePair() -> tuple[str, str]:
@@ -789,6 +788,43 @@ class BrowserPagesTests(TestCase):
         for state, (count, unlabelled) in found.items():
             self.assertGreater(count, 0, f"{state}: no input at all")
             self.assertEqual(unlabelled, [], f"{state}: inputs without a label")
+        await self.assertNoCSPViolations()
+
+    # -- the landing page -----------------------------------------------------
+
+    async def test_landing(self) -> None:
+        """
+        C{GET /}: says what the server is, shows the MCP URL to paste into
+        an assistant, and leads to the connected-apps page; fits a phone.
+        """
+        await self.start()
+
+        def visit() -> dict[str, Any]:
+            b = self.browser
+            b.get(self.server.issuer + "/")
+            found = {
+                "title": b.driver.title,
+                "h1": b.one("h1").text,
+                "url": b.one("#mcp-url").text,
+                "text": b.text(),
+                "links": {a.text: a.get_attribute("href") for a in b.all("a")},
+            }
+            found["problems"] = b.screenshots(self.screenshotDirectory(), "landing")
+            link = [a for a in b.all("a") if a.text == "Connected apps"][0]
+            old = b.driver.find_element(By.TAG_NAME, "html")
+            link.click()
+            WebDriverWait(b.driver, 10, poll_frequency=0.05).until(staleness_of(old))
+            found["next"] = (b.driver.title, b.driver.current_url)
+            return found
+
+        page = await self.thread(visit)
+        self.assertEqual(page["h1"], "smeldr")
+        self.assertEqual(page["url"], self.server.issuer + "/mcp")
+        for words in ("ChatGPT", "Claude"):
+            self.assertIn(words, page["text"])
+        self.assertEqual(page["links"]["Connected apps"], self.server.issuer + "/oauth/grants")
+        self.assertEqual(page["problems"], [])
+        self.assertEqual(page["next"], ("Connected apps", self.server.issuer + "/oauth/grants"))
         await self.assertNoCSPViolations()
 
     # -- the connected-apps page -------------------------------------------

@@ -1492,3 +1492,74 @@ class LogInjectionTests(ServerTestCase):
         self.assertNotIn("\n", text)
         self.assertNotIn("\x1b", text)
         self.assertLessEqual(len(event["client_id"]), 200)
+
+
+class TokenRateLimitTests(ServerTestCase):
+    """
+    The token endpoint's limits: per client address and per client id.
+    """
+
+    config_overrides = {"token_requests_per_minute_per_address": 3, "token_requests_per_minute_per_client": 5}
+
+    def refresh_from(self, address: str, client_id: Optional[str] = None) -> "Deferred[dict[str, Any]]":
+        params = self.refresh("unknown-refresh-token", client_id=client_id or self.client_id)
+        return Deferred.fromCoroutine(self.server.token(params, address=address))
+
+    def test_per_address(self) -> None:
+        with capturedLogs() as events:
+            for _ in range(3):
+                self.failureResultOf(self.refresh_from("192.0.2.1"), errors.OAuthError)
+            limited = self.failureResultOf(self.refresh_from("192.0.2.1"), errors.RateLimited).value
+        self.assertEqual(limited.retry_after, 20)
+        [event] = [e for e in events if e.get("smeldr_event") == "rate_limited"]
+        self.assertEqual(event["endpoint"], "token")
+        # Another address has its own bucket, and the bucket refills.
+        self.failureResultOf(self.refresh_from("192.0.2.2"), errors.OAuthError)
+        self.clock.advance(20)
+        self.failureResultOf(self.refresh_from("192.0.2.1"), errors.OAuthError)
+
+    def test_per_client(self) -> None:
+        """
+        One client id from many addresses is limited too; unknown ids
+        count (so cycling ids is bounded by the address limit instead).
+        """
+        with capturedLogs():
+            for n in range(5):
+                self.failureResultOf(self.refresh_from(f"192.0.2.{n}"), errors.OAuthError)
+            self.failureResultOf(self.refresh_from("192.0.2.99"), errors.RateLimited)
+            self.failureResultOf(self.refresh_from("192.0.2.99", "another-client"), errors.OAuthError)
+
+    def test_without_address(self) -> None:
+        """
+        Called without an address (the library's own calls), only the
+        client id counts.
+        """
+        for _ in range(5):
+            self.failureResultOf(
+                Deferred.fromCoroutine(self.server.token(self.refresh("x"))), errors.OAuthError
+            )
+
+
+class ClaudeBurstTests(ServerTestCase):
+    """
+    With the default limits, Claude.ai's way of refreshing never meets a
+    429: every user's token refreshed three times at once, from a few
+    addresses, under one metadata-document client id.
+    """
+
+    def test_parallel_refresh_bursts(self) -> None:
+        users = 60
+        refresh_tokens = [self.tokens()["refresh_token"] for _ in range(users)]
+        addresses = ["160.79.104.10", "160.79.104.11", "160.79.104.12"]
+        refused = 0
+        with capturedLogs():
+            for n, token in enumerate(refresh_tokens):
+                for attempt in range(3):
+                    d = Deferred.fromCoroutine(
+                        self.server.token(self.refresh(token), address=addresses[(n + attempt) % 3])
+                    )
+                    self.assertIsNotNone(d.result)
+                    if isinstance(getattr(d.result, "value", None), errors.RateLimited):
+                        refused += 1
+                    d.addErrback(lambda f: None)
+        self.assertEqual(refused, 0)

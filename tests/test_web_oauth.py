@@ -859,6 +859,24 @@ class RegisterEndpointTests(HTTPTestCase):
         self.assertOAuthError(response, "invalid_request", 413)
 
 
+class TokenLimitTests(HTTPTestCase):
+    config_overrides = {"token_requests_per_minute_per_address": 2}
+
+    def test_rate_limit(self) -> None:
+        """
+        The token endpoint's own limit: a JSON 429 with C{Retry-After}, at
+        the root path too (the same bucket).
+        """
+        body = {"grant_type": "refresh_token", "refresh_token": "x", "client_id": self.client_id}
+        self.assertOAuthError(self.post("/oauth/token", body), "invalid_grant")
+        self.assertOAuthError(self.post("/token", body), "invalid_grant")
+        with capturedLogs():
+            response = self.post("/oauth/token", body)
+        self.assertOAuthError(response, "temporarily_unavailable", 429)
+        self.assertEqual(response.header("retry-after"), "30")
+        self.assertEqual(response.header("access-control-allow-origin"), "*")
+
+
 class RegistrationLimitTests(HTTPTestCase):
     config_overrides = {"max_registered_clients": 3, "registrations_per_minute": 4}
 

@@ -127,6 +127,14 @@ class RouteTests(RoutesTestCase):
         self.assertEqual(answer.json["error"]["code"], -32600)
         self.assertIsNone(answer.json["id"])
 
+    def test_no_head(self) -> None:
+        """
+        C{head=False}: a C{GET} that opens a stream does not answer C{HEAD}.
+        """
+        mount_routes(self.app, [Route(path="/stream", methods={"GET": lambda r: b"x"}, head=False)])
+        answer = self.request("HEAD", "/stream")
+        self.assertEqual((answer.status, answer.header("allow")), (405, "GET"))
+
     def test_trailing_slash_is_another_path(self) -> None:
         """
         C{branch} is off: C{/api/} is not C{/api} (and, the app not being

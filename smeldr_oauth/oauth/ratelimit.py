@@ -8,8 +8,11 @@ and L{Limits}: the set of them the authorization server spends, built once
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
+
+from typing import Optional
 
 import attr
 from cachetools import LRUCache
@@ -27,6 +30,7 @@ log = Logger()
 IPV6_PREFIX = 64
 
 
+@functools.lru_cache(maxsize=4096)
 def bucket_key(address: str) -> str:
     """
     The rate-limit bucket of a client address: an IPv4 address is its own
@@ -51,7 +55,8 @@ class RateLimiter:
     C{count}.  At most C{max_keys} keys are tracked (least recently seen
     forgotten first), so a flood of keys cannot grow memory without bound.
 
-    Keys are folded by L{bucket_key} (IPv6 addresses per /64).
+    Keys are folded by L{bucket_key} (IPv6 addresses per /64) unless
+    C{addresses} is false (client ids).
 
     To limit something that waits (a site-token check), spend first with
     L{hit} and give the event back with L{refund} if it turns out not to
@@ -59,34 +64,43 @@ class RateLimiter:
     of parallel requests through the check before the first one spends.
     """
 
-    def __init__(self, clock: IReactorTime, count: int, max_keys: int = 10000, window: float = 60.0) -> None:
+    def __init__(
+        self, clock: IReactorTime, count: int, max_keys: int = 10000, window: float = 60.0, addresses: bool = True
+    ) -> None:
         self._clock = clock
+        self._fold = bucket_key if addresses else str
         self._capacity = float(max(count, 1))
         self._rate = self._capacity / window
         self._buckets: LRUCache[str, tuple[float, float]] = LRUCache(max_keys)
 
-    def _level(self, key: str) -> float:
-        now = self._clock.seconds()
-        tokens, stamp = self._buckets.get(key, (self._capacity, now))
+    def _level(self, key: str, now: Optional[float] = None) -> float:
+        if now is None:
+            now = self._clock.seconds()
+        try:
+            # Indexing, not .get(): a cachetools .get is a lookup twice over.
+            tokens, stamp = self._buckets[key]
+        except KeyError:
+            return self._capacity
         return min(self._capacity, tokens + (now - stamp) * self._rate)
 
     def allowed(self, key: str) -> bool:
         """
         Is there room for one more event for C{key}?  (Does not spend it.)
         """
-        return self._level(bucket_key(key)) >= 1.0
+        return self._level(self._fold(key)) >= 1.0
 
     def hit(self, key: str) -> bool:
         """
         Spend one event for C{key}; C{False} if none was left (then nothing
         was spent).
         """
-        key = bucket_key(key)
-        tokens = self._level(key)
+        key = self._fold(key)
+        now = self._clock.seconds()
+        tokens = self._level(key, now)
         ok = tokens >= 1.0
         if ok:
             tokens -= 1.0
-        self._buckets[key] = (tokens, self._clock.seconds())
+        self._buckets[key] = (tokens, now)
         return ok
 
     def refund(self, key: str) -> None:
@@ -94,7 +108,7 @@ class RateLimiter:
         Give back one event spent with a successful L{hit} (never beyond the
         bucket's capacity).
         """
-        key = bucket_key(key)
+        key = self._fold(key)
         if key in self._buckets:
             self._buckets[key] = (min(self._capacity, self._level(key) + 1.0), self._clock.seconds())
 
@@ -102,7 +116,7 @@ class RateLimiter:
         """
         Whole seconds until C{key} may have one more event (at least 1).
         """
-        missing = 1.0 - self._level(bucket_key(key))
+        missing = 1.0 - self._level(self._fold(key))
         return max(1, math.ceil(missing / self._rate))
 
 
@@ -155,13 +169,13 @@ class Limits:
         """
         keys = getattr(config, "rate_limit_keys", 10000)
 
-        def limiter(name: str) -> RateLimiter:
-            return RateLimiter(clock, getattr(config, name), max_keys=keys)
+        def limiter(name: str, addresses: bool = True) -> RateLimiter:
+            return RateLimiter(clock, getattr(config, name), max_keys=keys, addresses=addresses)
 
         return cls(
             paste=limiter("paste_failures_per_minute"),
             registration=limiter("registrations_per_minute"),
             cimd_fetch=limiter("cimd_fetches_per_minute"),
             token_per_address=limiter("token_requests_per_minute_per_address"),
-            token_per_client=limiter("token_requests_per_minute_per_client"),
+            token_per_client=limiter("token_requests_per_minute_per_client", addresses=False),
         )

@@ -64,7 +64,9 @@ class Tokens:
         self.events = events
         self.limits = limits
 
-    def _check_rate(self, params: Params, basic: Optional[tuple[str, str]], address: Optional[str]) -> None:
+    def _check_rate(
+        self, params: Params, basic: Optional[tuple[str, str]], address: Optional[str]
+    ) -> Optional[tuple[str, Optional[str]]]:
         """
         Spend one token request for the client address and one for the
         client id it presents (unauthenticated yet: an id that turns out
@@ -72,16 +74,20 @@ class Tokens:
         limit, and the id bucket cannot be drained by a stranger faster
         than the address limit lets them).
 
+        @return: the client id and secret presented, if they could be read
+            (so authentication need not read them again).
         @raise errors.RateLimited: either is used up.
         """
         if address is not None:
             spend(self.limits.token_per_address, address, "token", "token request")
         try:
-            client_id, _ = presented_client(params, basic)
+            presented: Optional[tuple[str, Optional[str]]] = presented_client(params, basic)
         except errors.OAuthError:
-            client_id = ""
-        if client_id:
-            spend(self.limits.token_per_client, "client:" + client_id[:MAX_PARAM], "token", "token request")
+            return None
+        assert presented is not None
+        if presented[0]:
+            spend(self.limits.token_per_client, presented[0][:MAX_PARAM], "token", "token request")
+        return presented
 
     async def token(
         self, params: Params, basic: Optional[tuple[str, str]] = None, address: Optional[str] = None
@@ -97,15 +103,15 @@ class Tokens:
             not counted).
         @raise errors.RateLimited: a rate limit refused the request.
         """
-        self._check_rate(params, basic, address)
+        presented = self._check_rate(params, basic, address)
         grant_type: Optional[str] = None
         try:
             reject_repeated(params, TOKEN_PARAMS)
             grant_type = single(params, "grant_type", required=True)
             if grant_type == "authorization_code":
-                body = await self._code_grant(params, basic)
+                body = await self._code_grant(params, basic, presented)
             elif grant_type == "refresh_token":
-                body = await self._refresh_grant(params, basic)
+                body = await self._refresh_grant(params, basic, presented)
             else:
                 raise errors.unsupported_grant_type("grant_type must be authorization_code or refresh_token")
         except errors.OAuthError as e:
@@ -148,7 +154,9 @@ class Tokens:
         )
         return access, refresh_token, access_record, refresh_record
 
-    async def _code_grant(self, params: Params, basic: Optional[tuple[str, str]]) -> dict[str, Any]:
+    async def _code_grant(
+        self, params: Params, basic: Optional[tuple[str, str]], presented: Optional[tuple[str, Optional[str]]] = None
+    ) -> dict[str, Any]:
         # Everything that can be checked without the code is checked
         # before it is spent, so a malformed request changes nothing.
         code = single(params, "code", required=True)
@@ -157,7 +165,7 @@ class Tokens:
         resource_values = [v for v in params.get("resource", []) if v]
         if resource_values:
             check_resource(self.config, resource_values)
-        client = await self.clients.authenticate(params, basic)
+        client = await self.clients.authenticate(params, basic, presented)
         if not pkce.valid_verifier(verifier or ""):
             raise errors.invalid_grant("code_verifier is malformed")
         now = self._clock.seconds()
@@ -198,12 +206,14 @@ class Tokens:
             refresh_token=refresh,
         ).as_json()
 
-    async def _refresh_grant(self, params: Params, basic: Optional[tuple[str, str]]) -> dict[str, Any]:
+    async def _refresh_grant(
+        self, params: Params, basic: Optional[tuple[str, str]], presented: Optional[tuple[str, Optional[str]]] = None
+    ) -> dict[str, Any]:
         token = single(params, "refresh_token", required=True)
         scope = single(params, "scope")
         requested = None if scope is None else parse_scopes(self.config, scope)
         check_resource(self.config, params.get("resource", []))
-        client = await self.clients.authenticate(params, basic)
+        client = await self.clients.authenticate(params, basic, presented)
         now = self._clock.seconds()
         # The store fills in the grant, scopes and generation.
         access, refresh, access_record, refresh_record = self._new_tokens(

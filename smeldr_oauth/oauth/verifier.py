@@ -65,12 +65,15 @@ class AccessVerifier:
             return succeed(None)
         now = self._clock.seconds()
         key = hash_secret(token)
-        info = self._cache.get(key)
-        if info is not None:
-            if now < info.expires_at:
-                self._touch(info.grant_id, now)
-                return succeed(info)
-            self._cache.pop(key, None)
+        try:
+            # Indexing, not .get(): a cachetools .get is a lookup twice over.
+            info = self._cache[key]
+        except KeyError:
+            return self._lookup(key, now, retry=True)
+        if now < info.expires_at:
+            self._touch(info.grant_id, now)
+            return succeed(info)
+        self._cache.pop(key, None)
         return self._lookup(key, now, retry=True)
 
     def _lookup(self, key: str, now: float, retry: bool) -> "Deferred[Optional[AccessInfo]]":

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.http import MCPHTTP
 from smeldr_oauth.oauth.config import OFFLINE_ACCESS
+from smeldr_oauth.oauth.ratelimit import Limits
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.web.authorize import AuthorizeRoutes
 from smeldr_oauth.web.errors import API_PREFIXES, install_error_handlers
@@ -187,7 +188,7 @@ class StandaloneService(Service):
                 reactor, allow_insecure=bool(options["dev"]), trust_root=options["cimd-ca"]
             )
         config = options.config(verify_bearer=self.site_stores.tokens.verify_bearer, scopes=scopes)
-        self.oauth = OAuthServer(config, self.store, reactor, cimd)
+        self.oauth = OAuthServer(config, self.store, reactor, cimd, limits=Limits.from_config(config, reactor))
         self.app = Klein()
         self.mounted = mount(
             self.app,

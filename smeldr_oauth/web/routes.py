@@ -71,6 +71,8 @@ class Route:
     @ivar before: a check run before the handler, for every method
         (C{OPTIONS} included); it raises to refuse.
     @ivar name: the Klein endpoint name (unique per app); default the path.
+    @ivar head: answer C{HEAD} with the C{GET} handler (off for a C{GET}
+        that opens a stream).
     """
 
     path: str
@@ -80,13 +82,14 @@ class Route:
     headers: tuple[tuple[bytes, bytes], ...] = ()
     before: Optional[Callable[[IRequest], None]] = None
     name: Optional[str] = None
+    head: bool = True
 
     def allowed(self) -> list[str]:
         """
         Every method the route answers, sorted.
         """
         methods = set(self.methods)
-        if "GET" in methods:
+        if "GET" in methods and self.head:
             methods.add("HEAD")
         if self.cors is not None:
             methods.add("OPTIONS")
@@ -98,7 +101,7 @@ def _dispatcher(route: Route) -> Handler:
     allow = ", ".join(allowed).encode("ascii")
     fixed = route.headers + (route.cors.headers() if route.cors is not None else ())
     handlers = {m.encode("ascii"): h for m, h in route.methods.items()}
-    if b"GET" in handlers:
+    if b"GET" in handlers and route.head:
         handlers.setdefault(b"HEAD", handlers[b"GET"])
     dialect = route.dialect
     cors = route.cors
