@@ -117,10 +117,6 @@ def from_session_limit(error: SessionLimitReached, retry_after: float) -> HTTPEr
     )
 
 
-def method_not_allowed(allowed: tuple[str, ...]) -> HTTPError:
-    return rpc_error(405, jsonrpc.INVALID_REQUEST, "Method not allowed", headers=(("Allow", ", ".join(sorted(allowed))),))
-
-
 def answer_status(response: dict[str, Any], modern: bool, challenger: Challenger) -> tuple[int, dict[str, str]]:
     """
     The status (and extra headers) of one JSON-RPC answer sent as plain

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import attr
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -36,7 +35,7 @@ from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.auth import BearerAuth, Challenger, Credential
 from smeldr_oauth.mcp.http import wire
 from smeldr_oauth.mcp.http.cors import ALLOWED_HEADERS, OriginPolicy
-from smeldr_oauth.mcp.http.errors import method_not_allowed, refused
+from smeldr_oauth.mcp.http.errors import refused
 from smeldr_oauth.mcp.http.legacy import LegacySSE
 from smeldr_oauth.mcp.http.registry import SessionRegistry
 from smeldr_oauth.mcp.http.streamable import StreamableHTTP
@@ -49,20 +48,6 @@ from smeldr_oauth.web.errors import JSONRPC
 from smeldr_oauth.web.routes import CORS, Route, mount_routes
 
 log = Logger()
-
-_MCP_METHODS = ("DELETE", "GET", "OPTIONS", "POST")
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class _StreamRoute(Route):
-    """
-    A route whose C{GET} opens a stream (a session, for the legacy
-    transport): it answers no C{HEAD}, which the site's routes otherwise
-    serve with the C{GET} handler.
-    """
-
-    def allowed(self) -> list[str]:
-        return [method for method in super().allowed() if method != "HEAD"]
 
 
 class MCPHTTP:
@@ -184,10 +169,12 @@ class MCPHTTP:
             headers=((b"Cache-Control", b"no-store"),),
         )
         return [
-            _StreamRoute(
+            Route(
                 path=path,
                 methods={"POST": self._post, "GET": self._get, "DELETE": self._delete},
-                before=self._before_mcp,
+                # A HEAD is not a GET here: it must open no session, no stream.
+                head=False,
+                before=self.origins.check,
                 name=f"smeldr_mcp:{path}",
                 **common,  # type: ignore[arg-type]
             ),
@@ -238,12 +225,6 @@ class MCPHTTP:
         return len(self.guard)
 
     # -- routing ---------------------------------------------------------------
-
-    def _before_mcp(self, request: Any) -> None:
-        self.origins.check(request)
-        if request.method == b"HEAD":
-            # Not a GET: a HEAD must not open a session or a stream.
-            raise method_not_allowed(_MCP_METHODS)
 
     def _authenticated(self, request: Any, then: Callable[..., Any], *args: Any) -> Deferred:
         """C{then(credential, *args)} once the bearer token is verified."""
