@@ -271,20 +271,29 @@ class TypeScriptSDKTests(TestCase):
         self.assertEqual(report["tokens"][0]["expires_in"], 2, why)
         self.assertIsNotNone(report["tokens"][0]["refresh"], why)
         self.assertEqual(report["refresh_method"], "waited", why)
-        # The expired token was refused with 401, then refreshed, once, and
-        # nobody was asked again.
+        # The expired token was refused with 401, then refreshed, and nobody
+        # was asked again.  The 401 comes on the tools/call, or on the SDK's
+        # GET stream: the server closes that stream when the token expires
+        # and the SDK reconnects it a second later, which can come before
+        # the call or with it (then the SDK, which does not share a refresh
+        # in flight, refreshes for each 401: a race in the client's timing).
         expired = [
-            e for e in report["http"] if e.get("status") == 401 and e["auth"] and e.get("rpc") == "tools/call"
+            e
+            for e in report["http"]
+            if e.get("status") == 401
+            and e["auth"]
+            and (e.get("rpc") == "tools/call" or (e["method"] == "GET" and e["path"] == "/mcp"))
         ]
-        self.assertEqual(len(expired), 1, why)
-        self.assertIn('error="invalid_token"', expired[0]["www_authenticate"], why)
-        self.assertEqual(report["refresh_grants"], 1, why)
+        self.assertIn(len(expired), (1, 2), why)
+        for refusal in expired:
+            self.assertIn('error="invalid_token"', refusal["www_authenticate"], why)
+        self.assertEqual(report["refresh_grants"], len(expired), why)
         self.assertEqual(report["authorizations"], 1, why)
         self.assertTrue(report["refreshed"], why)
         self.assertToolWorked(report["after_refresh_result"], why)
-        self.assertEqual(len({t["access"] for t in report["tokens"]}), 2, why)
+        self.assertEqual(len({t["access"] for t in report["tokens"]}), 1 + len(expired), why)
         # Rotation: the refresh token changed too.
-        self.assertEqual(len({t["refresh"] for t in report["tokens"]}), 2, why)
+        self.assertEqual(len({t["refresh"] for t in report["tokens"]}), 1 + len(expired), why)
 
     async def test_refreshStreamableHTTP(self) -> None:
         """
