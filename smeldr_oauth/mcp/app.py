@@ -7,8 +7,8 @@ Nothing here knows about a transport or a protocol version beyond each
 record's descriptor: L{smeldr_oauth.mcp.session} and
 L{smeldr_oauth.mcp.methods} call the registry, L{smeldr_oauth.mcp.results}
 shapes what handlers return.  The content records, the L{Context} and
-L{ToolError} live in their own modules and are re-exported here and by
-L{smeldr_oauth.mcp}.
+L{ToolError} live in their own modules and are re-exported by
+L{smeldr_oauth.mcp} (and the last two here).
 """
 
 from __future__ import annotations
@@ -23,13 +23,6 @@ import attr
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.python.reflect import namedAny
 
-from smeldr_oauth.mcp.content import (
-    AudioContent,
-    EmbeddedResource,
-    ImageContent,
-    ResourceLink,
-    TextContent,
-)
 from smeldr_oauth.mcp.context import Context, ToolError
 from smeldr_oauth.mcp.schema import Signature, inspect_handler, is_typeddict, schema_for
 from smeldr_oauth.mcp.validation import ArgumentValidator, InvalidSchema
@@ -444,19 +437,7 @@ def load_app(spec: str, *args: Any) -> "Deferred[MCPApp]":
     return maybeDeferred(target, *args).addCallback(check)
 
 
-__all__ = [
-    "MCPApp",
-    "Context",
-    "ToolError",
-    "TextContent",
-    "ImageContent",
-    "AudioContent",
-    "EmbeddedResource",
-    "ResourceLink",
-    "Tool",
-    "Resource",
-    "Prompt",
-    "invoke",
-    "load_app",
-    "AppLoadError",
-]
+# Context and ToolError are re-exported: the tool-author API was imported
+# from here before they had modules of their own.
+__all__ = ["MCPApp", "Tool", "Resource", "ResourceLister", "Prompt", "Completion", "invoke", "load_app", "AppLoadError"]
+__all__ += ["Context", "ToolError"]

@@ -17,7 +17,7 @@ resource notifications.
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -40,6 +40,20 @@ from smeldr_oauth.site.post_json import (
 )
 from smeldr_oauth.site.posts import MAX_LIMIT, PUBLISHED, Post, PostNotFound, PostStore, SiteError
 from smeldr_oauth.site.stores import SiteStores, open_site
+
+#: The hints of every tool that only reads (MCP tool annotations).
+READ_ONLY = {"readOnlyHint": True, "idempotentHint": True, "openWorldHint": False}
+
+
+def writes(*, destructive: bool, idempotent: bool, open_world: bool) -> dict[str, bool]:
+    """The hints of a tool that changes posts."""
+    return {
+        "readOnlyHint": False,
+        "destructiveHint": destructive,
+        "idempotentHint": idempotent,
+        "openWorldHint": open_world,
+    }
+
 
 #: How many published posts C{resources/list} shows (newest first).
 RESOURCE_LIST_LIMIT = 200
@@ -129,6 +143,16 @@ def build_app(
         if uris:
             app.notify_list_changed("resources")
 
+    async def rewrite(ctx: Context, slug: str, change: Callable[[], Deferred]) -> dict[str, Any]:
+        """Change an existing post, tell subscribers, answer what was written."""
+        try:
+            before = await posts.get(slug)
+            after = await change()
+        except SiteError as e:
+            raise ToolError(str(e))
+        changed(before, after)
+        return written_json(after, ctx)
+
     # -- read ------------------------------------------------------------------
 
     @app.tool(
@@ -140,11 +164,7 @@ def build_app(
         ),
         scopes=("read",),
         output_schema=LIST_SCHEMA,
-        annotations={
-            "readOnlyHint": True,
-            "idempotentHint": True,
-            "openWorldHint": False,
-        },
+        annotations=READ_ONLY,
     )
     def list_posts(
         ctx: Context,
@@ -167,11 +187,7 @@ def build_app(
         description="Read one post in full (markdown body, tags, status, dates) by its slug.",
         scopes=("read",),
         output_schema=POST_SCHEMA,
-        annotations={
-            "readOnlyHint": True,
-            "idempotentHint": True,
-            "openWorldHint": False,
-        },
+        annotations=READ_ONLY,
     )
     def get_post(ctx: Context, slug: Slug) -> Deferred:
         return posts.get(slug).addCallback(post_json).addErrback(_as_tool_error)
@@ -185,11 +201,7 @@ def build_app(
         ),
         scopes=("read",),
         output_schema=SEARCH_SCHEMA,
-        annotations={
-            "readOnlyHint": True,
-            "idempotentHint": True,
-            "openWorldHint": False,
-        },
+        annotations=READ_ONLY,
     )
     def search_posts(
         ctx: Context,
@@ -212,12 +224,7 @@ def build_app(
         ),
         scopes=("write",),
         output_schema=WRITTEN_SCHEMA,
-        annotations={
-            "readOnlyHint": False,
-            "destructiveHint": False,
-            "idempotentHint": False,
-            "openWorldHint": False,
-        },
+        annotations=writes(destructive=False, idempotent=False, open_world=False),
     )
     def create_post(
         ctx: Context,
@@ -246,12 +253,7 @@ def build_app(
         ),
         scopes=("write",),
         output_schema=WRITTEN_SCHEMA,
-        annotations={
-            "readOnlyHint": False,
-            "destructiveHint": True,
-            "idempotentHint": True,
-            "openWorldHint": False,
-        },
+        annotations=writes(destructive=True, idempotent=True, open_world=False),
     )
     async def update_post(
         ctx: Context,
@@ -264,20 +266,11 @@ def build_app(
         ] = None,
         status: Annotated[Status | None, "New status."] = None,
     ) -> dict[str, Any]:
-        try:
-            before = await posts.get(slug)
-            after = await posts.update(
-                slug,
-                title=title,
-                body=body,
-                tags=tags,
-                new_slug=new_slug,
-                status=status,
-            )
-        except SiteError as e:
-            raise ToolError(str(e))
-        changed(before, after)
-        return written_json(after, ctx)
+        return await rewrite(
+            ctx,
+            slug,
+            lambda: posts.update(slug, title=title, body=body, tags=tags, new_slug=new_slug, status=status),
+        )
 
     @app.tool(
         title="Publish a post",
@@ -287,21 +280,10 @@ def build_app(
         ),
         scopes=("write",),
         output_schema=WRITTEN_SCHEMA,
-        annotations={
-            "readOnlyHint": False,
-            "destructiveHint": False,
-            "idempotentHint": True,
-            "openWorldHint": True,
-        },
+        annotations=writes(destructive=False, idempotent=True, open_world=True),
     )
     async def publish_post(ctx: Context, slug: Slug) -> dict[str, Any]:
-        try:
-            before = await posts.get(slug)
-            after = await posts.publish(slug)
-        except SiteError as e:
-            raise ToolError(str(e))
-        changed(before, after)
-        return written_json(after, ctx)
+        return await rewrite(ctx, slug, lambda: posts.publish(slug))
 
     @app.tool(
         title="Delete a post",
@@ -311,12 +293,7 @@ def build_app(
         ),
         scopes=("write",),
         output_schema=DELETED_SCHEMA,
-        annotations={
-            "readOnlyHint": False,
-            "destructiveHint": True,
-            "idempotentHint": True,
-            "openWorldHint": False,
-        },
+        annotations=writes(destructive=True, idempotent=True, open_world=False),
     )
     def delete_post(ctx: Context, slug: Slug) -> Deferred:
         def done(post: Post) -> dict[str, Any]:
