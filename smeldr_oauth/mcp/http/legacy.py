@@ -28,8 +28,10 @@ log = Logger()
 
 class LegacySSE:
     """
-    @param path: where C{/mcp} is mounted; the message endpoint is
-        C{path + "/message"}.
+    The legacy transport's two handlers.
+
+    @ivar path: where C{/mcp} is mounted (set by L{MCPHTTP.routes}); the
+        message endpoint is C{path + "/message"}.
     """
 
     def __init__(self, *, sessions: SessionRegistry, guard: StreamGuard, auth: BearerAuth, max_body: int) -> None:
