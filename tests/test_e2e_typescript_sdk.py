@@ -271,29 +271,32 @@ class TypeScriptSDKTests(TestCase):
         self.assertEqual(report["tokens"][0]["expires_in"], 2, why)
         self.assertIsNotNone(report["tokens"][0]["refresh"], why)
         self.assertEqual(report["refresh_method"], "waited", why)
-        # The expired token was refused with 401, then refreshed, and nobody
-        # was asked again.  The 401 comes on the tools/call, or on the SDK's
-        # GET stream: the server closes that stream when the token expires
-        # and the SDK reconnects it a second later, which can come before
-        # the call or with it (then the SDK, which does not share a refresh
-        # in flight, refreshes for each 401: a race in the client's timing).
+        # The expired token was refused with 401 and refreshed, and nobody
+        # was asked again.  The 401 comes on whichever use of the expired
+        # token reaches the server first: the waited tools/call, or (Streamable
+        # HTTP) the GET stream the SDK reopens after the server closed it at
+        # the token's expiry (stream deadlines are rounded up to the second,
+        # so the two race by milliseconds).  When both arrive together the SDK
+        # refreshes for each, in parallel, which the grace window allows.
         expired = [
             e
             for e in report["http"]
             if e.get("status") == 401
             and e["auth"]
-            and (e.get("rpc") == "tools/call" or (e["method"] == "GET" and e["path"] == "/mcp"))
+            and (e.get("rpc") == "tools/call" or (e["method"] == "GET" and e["path"].endswith("/mcp")))
         ]
         self.assertIn(len(expired), (1, 2), why)
-        for refusal in expired:
-            self.assertIn('error="invalid_token"', refusal["www_authenticate"], why)
+        for refused in expired:
+            self.assertIn('error="invalid_token"', refused["www_authenticate"], why)
         self.assertEqual(report["refresh_grants"], len(expired), why)
+        refreshes = [e for e in report["http"] if e.get("grant_type") == "refresh_token"]
+        self.assertEqual([e["status"] for e in refreshes], [200] * len(expired), why)
         self.assertEqual(report["authorizations"], 1, why)
         self.assertTrue(report["refreshed"], why)
         self.assertToolWorked(report["after_refresh_result"], why)
-        self.assertEqual(len({t["access"] for t in report["tokens"]}), 1 + len(expired), why)
+        self.assertGreaterEqual(len({t["access"] for t in report["tokens"]}), 2, why)
         # Rotation: the refresh token changed too.
-        self.assertEqual(len({t["refresh"] for t in report["tokens"]}), 1 + len(expired), why)
+        self.assertGreaterEqual(len({t["refresh"] for t in report["tokens"]}), 2, why)
 
     async def test_refreshStreamableHTTP(self) -> None:
         """

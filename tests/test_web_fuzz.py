@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 from typing import Any
 from urllib.parse import urlencode
@@ -44,6 +45,9 @@ from smeldr_oauth.store.memory import MemoryStore
 from smeldr_oauth.web.site import SmeldrSite
 
 ISSUER = "http://127.0.0.1:8080"
+
+#: A deeper search: SMELDR_FUZZ_SCALE=20 runs twenty times the examples.
+SCALE = int(os.environ.get("SMELDR_FUZZ_SCALE", "1"))
 SITE_TOKEN = "fuzz-site-token"
 VERIFIER = "v" * 50
 
@@ -106,6 +110,8 @@ header_names = st.one_of(
 header_values = st.one_of(
     st.binary(max_size=80).map(no_framing),
     st.sampled_from(CONTENT_TYPES),
+    # Hosts routing once choked on (found by this test).
+    st.sampled_from([b"a..b", b".", b"x" * 64 + b".example", b"[::1", b"h:99999", b"\xff.example"]),
     st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")).map(no_framing),
 )
 methods = st.one_of(st.sampled_from(METHODS), st.binary(min_size=1, max_size=8).map(no_framing).filter(bytes.strip))
@@ -340,7 +346,7 @@ class FuzzTests(SynchronousTestCase):
         self.assertIn(b'"result"', stream.stream_transport.value())
         stream.connectionLost(Failure(ConnectionDone()))
 
-    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=400 * SCALE, deadline=None, suppress_health_check=list(HealthCheck))
     @given(
         methods,
         path_bytes(),
@@ -353,7 +359,7 @@ class FuzzTests(SynchronousTestCase):
     ) -> None:
         self.check(request_bytes(method, path + query, headers, body))
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=300 * SCALE, deadline=None, suppress_health_check=list(HealthCheck))
     @given(
         st.sampled_from([b"GET", b"POST", b"DELETE", b"OPTIONS"]),
         st.sampled_from(["/mcp", "/mcp/message", "/oauth/token", "/oauth/revoke", "/oauth/register"]),
@@ -395,7 +401,7 @@ class FuzzTests(SynchronousTestCase):
         extra = [(b"Authorization", authorization), (b"Content-Type", content_type), (b"Accept", b"application/json, text/event-stream")]
         self.check(request_bytes(method, path.encode() + query, extra + headers, body))
 
-    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=200 * SCALE, deadline=None, suppress_health_check=list(HealthCheck))
     @given(
         st.booleans(),
         st.sampled_from([b"POST", b"GET", b"DELETE"]),
@@ -425,7 +431,7 @@ class FuzzTests(SynchronousTestCase):
                 with capturedLogs():
                     stream.connectionLost(Failure(ConnectionDone()))
 
-    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=200 * SCALE, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.sampled_from(HEADERS), st.binary(min_size=1, max_size=40).map(no_framing), st.sampled_from(ENDPOINTS))
     def test_high_bytes_in_headers(self, name: bytes, value: bytes, path: str) -> None:
         """

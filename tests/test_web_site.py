@@ -148,6 +148,19 @@ class RefusedBeforeRoutingTests(TestCase):
         self.assertIn(b" 400 ", answer.split(b"\r\n")[0])
         self.assertEqual(events, [])
 
+    async def test_bad_host_name(self) -> None:
+        """
+        An ASCII C{Host} that is no host name (an empty label, a label over
+        63 characters): Werkzeug refused it with a traceback; found by the
+        fuzz test.
+        """
+        for host in (b"a..b", b".", b"x" * 64 + b".example", b"a..b:8080"):
+            answer, events = await self.exchange(b"GET /x/a HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+            self.assertIn(b" 400 ", answer.split(b"\r\n")[0], host)
+            self.assertEqual(events, [], host)
+        answer, _ = await self.exchange(b"GET /x/a HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n")
+        self.assertIn(b" 200 ", answer.split(b"\r\n")[0])
+
     async def test_bad_method(self) -> None:
         answer, events = await self.exchange(b"G\xffT /x/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertIn(b" 400 ", answer.split(b"\r\n")[0])

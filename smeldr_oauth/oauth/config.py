@@ -83,10 +83,9 @@ class Config:
         id per minute: one metadata-document client (Claude.ai's, ChatGPT's)
         stands for every user of that product, so this too is generous.
     @ivar rate_limit_keys: how many addresses (or client ids) each limit
-        remembers; the least recently seen is forgotten first.
-
-    Every limit is a token bucket: bursts up to the number, refilled at the
-    number per minute.
+        remembers; the least recently seen is forgotten first.  Every limit
+        is a token bucket: bursts up to the number, refilled at the number
+        per minute.
     """
 
     issuer: str = attr.ib(converter=_issuer)

@@ -199,12 +199,7 @@ class Tokens:
             record.grant_id, record.scopes, record.resource, record.issue_refresh, generation=1
         )
         await self.store.add_tokens(record.grant_id, access_record, refresh_record)
-        return IssuedTokens(
-            access_token=access,
-            expires_in=self.config.access_token_ttl,
-            scopes=record.scopes,
-            refresh_token=refresh,
-        ).as_json()
+        return self._issued(access, record.scopes, refresh)
 
     async def _refresh_grant(
         self, params: Params, basic: Optional[tuple[str, str]], presented: Optional[tuple[str, Optional[str]]] = None
@@ -267,9 +262,12 @@ class Tokens:
                 smeldr_event="refresh_wrong_client",
             )
             raise errors.invalid_grant("refresh token was issued to another client")
+        return self._issued(access, requested if requested is not None else grant.scopes, refresh)
+
+    def _issued(self, access: str, scopes: tuple[str, ...], refresh: Optional[str]) -> dict[str, Any]:
+        """
+        The token response's body (RFC 6749 section 5.1).
+        """
         return IssuedTokens(
-            access_token=access,
-            expires_in=self.config.access_token_ttl,
-            scopes=requested if requested is not None else grant.scopes,
-            refresh_token=refresh,
+            access_token=access, expires_in=self.config.access_token_ttl, scopes=scopes, refresh_token=refresh
         ).as_json()

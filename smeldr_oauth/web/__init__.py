@@ -39,7 +39,8 @@ error (L{OAuthError <smeldr_oauth.oauth.errors.OAuthError>}, ...), and
 L{smeldr_oauth.web.errors} writes the answer in the route's format.  The
 same error path answers unknown paths (404) and methods (405, sorted
 C{Allow}) when the app is the whole site, so there is no Werkzeug page
-anywhere: a newcomer finds every error status in that one file.
+anywhere: a newcomer finds every error status in that one file.  A route,
+then, looks like this::
 
     def routes(self) -> list[Route]:
         return [

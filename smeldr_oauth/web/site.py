@@ -9,8 +9,8 @@ what has to happen before any routing:
     whatever the path;
   - a request line or C{Host} that routing cannot read (a method that is
     not an HTTP token, a path that percent-decodes to bytes that are not
-    UTF-8, such as C{/%ff}, a C{Host} that is not ASCII) is a 400 at once:
-    Klein would log a traceback for each;
+    UTF-8, such as C{/%ff}, a C{Host} that is no ASCII host name, such as
+    C{a..b}) is a 400 at once: Klein would log a traceback for each;
   - the client address, from C{X-Forwarded-For} only when the peer is a
     proxy the operator trusts (L{TrustedProxies});
   - the request's duration, for the metrics.
@@ -18,6 +18,7 @@ what has to happen before any routing:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import time
@@ -35,6 +36,24 @@ DEFAULT_MAX_BODY = 1 << 20
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: A Host header routing can use: visible ASCII, no spaces.
 _HOST = re.compile(rb"[\x21-\x7e]*")
+
+
+@functools.lru_cache(maxsize=256)
+def routable_host(host: bytes) -> bool:
+    """
+    Can routing use this C{Host} (without its port)?  Visible ASCII, and
+    a name Werkzeug can IDNA-encode: no empty label (C{a..b}), none over 63
+    characters.  Werkzeug raises for the others, outside Klein's error
+    handling, which made a 500 with a traceback.  (Hosts repeat, so the
+    answers are remembered.)
+    """
+    if _HOST.fullmatch(host) is None:
+        return False
+    try:
+        host.decode("ascii").lower().partition(":")[0].encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 class SmeldrRequest(Request):
@@ -102,8 +121,8 @@ class SmeldrRequest(Request):
         if _METHOD.fullmatch(self.method) is None:
             return "the method is not an HTTP token"
         host = self.requestHeaders.getRawHeaders(b"host")
-        if host is not None and (len(host) > 1 or _HOST.fullmatch(host[0]) is None):
-            return "the Host header is not a single ASCII host name"
+        if host is not None and (len(host) > 1 or not routable_host(self.getRequestHostname())):
+            return "the Host header is not a single valid host name"
         path = self.path
         if not path.isascii() or b"%" in path:
             from urllib.parse import unquote_to_bytes

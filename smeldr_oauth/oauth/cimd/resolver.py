@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
-import attr
 from cachetools import LRUCache
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
@@ -345,34 +344,23 @@ class CIMDResolver:
         client = parse_document(
             client_id, body, created_at=self._clock.seconds(), allow_insecure=self._allow_insecure
         )
-        ttl = freshness(headers, default_ttl=self._default_ttl, max_ttl=self._max_ttl)
-        if ttl is None:
-            self._cache.pop(client_id, None)
-        else:
-            self._store(
-                client_id,
-                Entry(
-                    client=client,
-                    expires_at=self._clock.seconds() + ttl,
-                    etag=etag(headers),
-                ),
-            )
+        self._cache_for(client_id, client, headers, etag(headers))
         return client
 
     def _revalidated(self, client_id: str, stale: Entry, headers: Headers) -> Client:
+        self._cache_for(client_id, stale.client, headers, etag(headers) or stale.etag)
+        return stale.client
+
+    def _cache_for(self, client_id: str, client: Client, headers: Headers, tag: bytes | None) -> None:
+        """
+        Keep C{client} for as long as the response's headers allow, or
+        forget it if they forbid caching.
+        """
         ttl = freshness(headers, default_ttl=self._default_ttl, max_ttl=self._max_ttl)
         if ttl is None:
             self._cache.pop(client_id, None)
         else:
-            self._store(
-                client_id,
-                attr.evolve(
-                    stale,
-                    expires_at=self._clock.seconds() + ttl,
-                    etag=etag(headers) or stale.etag,
-                ),
-            )
-        return stale.client
+            self._store(client_id, Entry(client=client, expires_at=self._clock.seconds() + ttl, etag=tag))
 
     def _store(self, client_id: str, entry: Entry) -> None:
         self._cache[client_id] = entry
