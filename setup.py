@@ -31,6 +31,9 @@ setup(
         "hyperlink>=21.0",
         "zope.interface>=6.0",
         "prometheus_client>=0.20",
+        "jsonschema>=4.18",
+        # Bounded LRU and TTL caches that take the injected clock.
+        "cachetools>=5.3",
     ],
     entry_points={
         "console_scripts": [

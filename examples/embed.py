@@ -11,9 +11,8 @@ import sys
 from klein import Klein
 from twisted.internet import endpoints, reactor
 from twisted.logger import globalLogBeginner, textFileLogObserver
-from twisted.web.server import Site
-
 from smeldr_oauth import CIMDResolver, Config, MCPApp, OAuthServer, SQLiteStore, mount
+from smeldr_oauth.web import SmeldrSite
 
 app = Klein()
 
@@ -52,7 +51,9 @@ def wire(reactor, issuer: str, oauth_db: str = "./oauth.db") -> OAuthServer:
 
 def main(listen: str = "tcp:8080:interface=127.0.0.1", issuer: str = "http://127.0.0.1:8080") -> None:
     wire(reactor, issuer)
-    endpoints.serverFromString(reactor, listen).listen(Site(app.resource()))
+    # SmeldrSite caps request bodies and refuses unroutable requests (/%ff)
+    # before routing; a plain twisted.web Site works too, without those.
+    endpoints.serverFromString(reactor, listen).listen(SmeldrSite(app.resource()))
     reactor.run()
 
 

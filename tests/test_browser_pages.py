@@ -797,6 +797,43 @@ class BrowserPagesTests(TestCase):
             self.assertEqual(unlabelled, [], f"{state}: inputs without a label")
         await self.assertNoCSPViolations()
 
+    # -- the landing page -----------------------------------------------------
+
+    async def test_landing(self) -> None:
+        """
+        C{GET /}: says what the server is, shows the MCP URL to paste into
+        an assistant, and leads to the connected-apps page; fits a phone.
+        """
+        await self.start()
+
+        def visit() -> dict[str, Any]:
+            b = self.browser
+            b.get(self.server.issuer + "/")
+            found = {
+                "title": b.driver.title,
+                "h1": b.one("h1").text,
+                "url": b.one("#mcp-url").text,
+                "text": b.text(),
+                "links": {a.text: a.get_attribute("href") for a in b.all("a")},
+            }
+            found["problems"] = b.screenshots(self.screenshotDirectory(), "landing")
+            link = [a for a in b.all("a") if a.text == "Connected apps"][0]
+            old = b.driver.find_element(By.TAG_NAME, "html")
+            link.click()
+            WebDriverWait(b.driver, 10, poll_frequency=0.05).until(staleness_of(old))
+            found["next"] = (b.driver.title, b.driver.current_url)
+            return found
+
+        page = await self.thread(visit)
+        self.assertEqual(page["h1"], "smeldr")
+        self.assertEqual(page["url"], self.server.issuer + "/mcp")
+        for words in ("ChatGPT", "Claude"):
+            self.assertIn(words, page["text"])
+        self.assertEqual(page["links"]["Connected apps"], self.server.issuer + "/oauth/grants")
+        self.assertEqual(page["problems"], [])
+        self.assertEqual(page["next"], ("Connected apps", self.server.issuer + "/oauth/grants"))
+        await self.assertNoCSPViolations()
+
     # -- the connected-apps page -------------------------------------------
 
     async def test_connectedAppsDisconnect(self) -> None:

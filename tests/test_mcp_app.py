@@ -1,14 +1,16 @@
-"""Tests for L{smeldr_oauth.mcp.app}: schemas from type hints, validation, registration."""
+"""Tests for L{smeldr_oauth.mcp.app}: registration and running handlers."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, TypedDict
+from typing import Optional, TypedDict
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from smeldr_oauth.mcp import Context, MCPApp
-from smeldr_oauth.mcp.app import _call, schema_for, validate
+from smeldr_oauth.mcp.app import invoke
+from smeldr_oauth.mcp.schema import inspect_handler
+from smeldr_oauth.mcp.validation import InvalidSchema
 
 
 class Point(TypedDict):
@@ -16,38 +18,7 @@ class Point(TypedDict):
     y: int
 
 
-class SchemaTests(SynchronousTestCase):
-    def test_scalars(self) -> None:
-        self.assertEqual(schema_for(str), {"type": "string"})
-        self.assertEqual(schema_for(int), {"type": "integer"})
-        self.assertEqual(schema_for(float), {"type": "number"})
-        self.assertEqual(schema_for(bool), {"type": "boolean"})
-
-    def test_containers(self) -> None:
-        self.assertEqual(schema_for(list[int]), {"type": "array", "items": {"type": "integer"}})
-        self.assertEqual(schema_for(dict), {"type": "object"})
-        self.assertEqual(schema_for(dict[str, int]), {"type": "object", "additionalProperties": {"type": "integer"}})
-        self.assertEqual(
-            schema_for(tuple[int, str]),
-            {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "minItems": 2, "maxItems": 2},
-        )
-
-    def test_optional_union_literal(self) -> None:
-        self.assertEqual(schema_for(Optional[str]), {"type": ["string", "null"]})
-        self.assertEqual(schema_for(int | None), {"type": ["integer", "null"]})
-        self.assertEqual(schema_for(Literal["a", "b"]), {"enum": ["a", "b"], "type": "string"})
-        self.assertEqual(schema_for(list[int] | None), {"anyOf": [{"type": "array", "items": {"type": "integer"}}, {"type": "null"}]})
-
-    def test_typeddict_and_annotated(self) -> None:
-        self.assertEqual(
-            schema_for(Point),
-            {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"]},
-        )
-        self.assertEqual(schema_for(Annotated[str, "The slug"]), {"type": "string", "description": "The slug"})
-
-    def test_unknown_is_anything(self) -> None:
-        self.assertEqual(schema_for(object), {})
-
+class RegistrationTests(SynchronousTestCase):
     def test_tool_schema_skips_context_and_uses_defaults(self) -> None:
         app = MCPApp()
 
@@ -85,21 +56,19 @@ class SchemaTests(SynchronousTestCase):
         self.assertIs(app.tools["x"].input_schema, schema)
         self.assertTrue(app.tools["x"].signature.accepts_kwargs)
 
-
-class ValidateTests(SynchronousTestCase):
-    def test_validate(self) -> None:
-        schema = schema_for(Point)
-        self.assertIsNone(validate({"x": 1, "y": 2}, schema))
-        self.assertIn("missing", validate({"x": 1}, schema))
-        self.assertIn("expected integer", validate({"x": "1", "y": 2}, schema))
-        self.assertIn("expected integer", validate({"x": True, "y": 2}, schema))
-        self.assertIsNone(validate(1.0, {"type": "integer"}))
-        self.assertIsNotNone(validate("c", schema_for(Literal["a", "b"])))
-        self.assertIsNotNone(validate([1, "x"], schema_for(list[int])))
-        self.assertIsNone(validate(None, schema_for(Optional[str])))
+    def test_invalid_schema_refused_at_registration(self) -> None:
+        """
+        A schema that is not JSON Schema stops the app where it is written,
+        not at the first call.
+        """
+        app = MCPApp()
+        with self.assertRaises(InvalidSchema) as caught:
+            app.tool(name="bad", input_schema={"type": "objekt"})(lambda: None)
+        self.assertIn("'bad'", str(caught.exception))
+        self.assertNotIn("bad", app.tools)
 
 
-class CallTests(SynchronousTestCase):
+class InvokeTests(SynchronousTestCase):
     def test_plain_deferred_async(self) -> None:
         def plain() -> int:
             return 1
@@ -113,5 +82,16 @@ class CallTests(SynchronousTestCase):
         def raising() -> None:
             raise ValueError("x")
 
-        self.assertEqual([self.successResultOf(_call(f)) for f in (plain, deferred, coroutine)], [1, 2, 3])
-        self.failureResultOf(_call(raising), ValueError)
+        def run(f: object) -> Deferred:
+            return invoke(f, inspect_handler(f), None, {})  # type: ignore[arg-type]
+
+        self.assertEqual([self.successResultOf(run(f)) for f in (plain, deferred, coroutine)], [1, 2, 3])
+        self.failureResultOf(run(raising), ValueError)
+
+    def test_context_and_undeclared_arguments(self) -> None:
+        def handler(ctx: Context, a: int, b: Optional[int] = None) -> tuple:
+            return (ctx, a, b)
+
+        marker = object()
+        d = invoke(handler, inspect_handler(handler), marker, {"a": 1, "zzz": 2})  # type: ignore[arg-type]
+        self.assertEqual(self.successResultOf(d), (marker, 1, None))

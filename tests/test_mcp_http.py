@@ -20,12 +20,12 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.server import Site
 from zope.interface import implementer
 
 from smeldr_oauth.mcp import Context, MCPApp
-from smeldr_oauth.mcp.http import MCPHTTP, capped_request_factory
+from smeldr_oauth.mcp.http import MCPHTTP
 from smeldr_oauth.oauth.interfaces import IAccessVerifier
+from smeldr_oauth.web.site import SmeldrSite
 from smeldr_oauth.oauth.model import AccessInfo
 
 METADATA = "https://mcp.example/.well-known/oauth-protected-resource/mcp"
@@ -80,6 +80,16 @@ def build_app() -> MCPApp:
         await Deferred()  # until cancelled
         return "never"
 
+    @app.tool()
+    async def chatty(ctx: Context) -> str:
+        await ctx.log("debug", "quiet")
+        await ctx.log("warning", "loud")
+        return "said"
+
+    @app.tool()
+    async def ask(ctx: Context) -> dict:
+        return await ctx.elicit("Name?", {"type": "object", "properties": {"name": {"type": "string"}}})
+
     return app
 
 
@@ -131,9 +141,15 @@ class HTTPTestBase(TestCase):
         self.app = build_app()
         # A copy: tests add and remove (revoke) tokens.
         self.verifier = FakeVerifier(dict(TOKENS))
-        self.mcp = MCPHTTP(
+        self.mcp, self.port = await self.serve(self.app)
+        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+
+    async def serve(self, app: MCPApp) -> tuple[MCPHTTP, Any]:
+        """An MCP endpoint for C{app} on its own port (stopped after the test)."""
+        mcp = MCPHTTP(
             self.clock,
-            self.app,
+            app,
             self.verifier,
             resource_url=RESOURCE,
             resource_metadata_url=METADATA,
@@ -145,15 +161,13 @@ class HTTPTestBase(TestCase):
             **self.options,
         )
         klein = Klein()
-        self.mcp.register(klein)
-        site = Site(klein.resource())
-        site.requestFactory = capped_request_factory(1000)
+        mcp.register(klein)
+        site = SmeldrSite(klein.resource(), max_body=1000)
         site.noisy = False
-        self.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
-        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
-        self.pool = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(self.port.stopListening)
-        self.addCleanup(self.mcp.shutdown)
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(mcp.shutdown)
+        return mcp, port
 
     async def request(
         self,
@@ -176,14 +190,20 @@ class HTTPTestBase(TestCase):
         content = await response.content()
         return response.code, response.headers, content
 
-    async def initialize(self, token: str = "alice", version: str = "2025-06-18") -> str:
+    async def initialize(
+        self, token: str = "alice", version: str = "2025-06-18", capabilities: Optional[dict] = None
+    ) -> str:
         code, headers, body = await self.request(
             "POST",
             body={
                 "jsonrpc": "2.0",
                 "id": 0,
                 "method": "initialize",
-                "params": {"protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+                "params": {
+                    "protocolVersion": version,
+                    "capabilities": capabilities or {},
+                    "clientInfo": {"name": "t", "version": "1"},
+                },
             },
             token=token,
         )
@@ -199,9 +219,10 @@ class HTTPTestBase(TestCase):
         self.assertEqual(code, 202)
         return session_id
 
-    async def raw(self, request: bytes) -> RawClient:
+    async def raw(self, request: bytes, port: Optional[int] = None) -> RawClient:
         client = RawClient()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), client)
+        port = port if port is not None else self.port.getHost().port
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
         client.transport.write(request)
 
         async def close() -> None:
@@ -300,7 +321,7 @@ class AuthTests(HTTPTestBase):
             def verify_access_token(self, token: str) -> Deferred:
                 raise RuntimeError("db down")
 
-        self.mcp.verifier = Broken()
+        self.mcp.auth.verifier = Broken()
         code, headers, body = await self.request("GET")
         self.assertEqual(code, 503)
         self.assertNotIn(b"db down", body)
@@ -450,6 +471,11 @@ class StreamableHTTPTests(HTTPTestBase):
         self.assertEqual(code, 405)
         self.assertEqual(headers.getRawHeaders("allow"), ["DELETE, GET, OPTIONS, POST"])
         self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
+        self.assertEqual(json.loads(body)["error"]["code"], -32600)
+        # HEAD is not a GET here: it opens no session and no stream.
+        code, headers, _ = await self.request("HEAD")
+        self.assertEqual((code, headers.getRawHeaders("allow")), (405, ["DELETE, GET, OPTIONS, POST"]))
+        self.assertEqual(self.mcp.session_count, 0)
         code, headers, _ = await self.request("GET", path="/mcp/message")
         self.assertEqual((code, headers.getRawHeaders("allow")), (405, ["OPTIONS, POST"]))
 
@@ -532,6 +558,35 @@ class LegacySSETests(HTTPTestBase):
         self.assertEqual(code, 202)
         await client.wait_for(b'"text":"zz"')
 
+    async def test_insufficient_scope_is_a_403_step_up(self) -> None:
+        """
+        On the legacy transport too, a call the token lacks a scope for is
+        refused with HTTP 403 and an insufficient_scope challenge (not a
+        JSON-RPC error on the stream), so the client steps up; the stepped-up
+        token then works on the same session and stream.
+        """
+        client, endpoint = await self.open_legacy()
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2024-11-05", "capabilities": {}}}
+        await self.request("POST", path=endpoint, body=init)
+        await client.wait_for(b'"protocolVersion"')
+        write = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "write", "arguments": {"text": "x"}}}
+        code, headers, body = await self.request("POST", path=endpoint, body=write)
+        self.assertEqual(code, 403, body)
+        self.assertEqual(
+            headers.getRawHeaders("www-authenticate"),
+            [
+                'Bearer error="insufficient_scope", error_description="The access token lacks a required scope", '
+                f'scope="write", resource_metadata="{METADATA}"'
+            ],
+        )
+        self.assertEqual(json.loads(body)["error"], "insufficient_scope")
+        self.verifier.tokens["alice-rw"] = access(scopes=("read", "write"))
+        code, _, _ = await self.request("POST", path=endpoint, body=write, token="alice-rw")
+        self.assertEqual(code, 202)
+        await client.wait_for(b"wrote x")
+        # The refused call never reached the stream.
+        self.assertEqual(client.data.count(b'"id":3'), 1)
+
     async def test_post_needs_owner_token(self) -> None:
         client, endpoint = await self.open_legacy()
         ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
@@ -578,7 +633,7 @@ class LegacySSETests(HTTPTestBase):
             body={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2024-11-05", "capabilities": {}}},
         )
         client.transport.pauseProducing()  # stop reading
-        [http_session] = [s for s in self.mcp._sessions.values() if s.kind == "legacy"]
+        [http_session] = [s for s in self.mcp.sessions.live_sessions() if s.kind == "legacy"]
         big = "x" * 65536
         for _ in range(400):
             if client.lost.called:
@@ -718,6 +773,7 @@ class SessionCapTests(HTTPTestBase):
         await client.lost
         await settle()
         self.clock.advance(60)
+        await settle()  # a session store may answer on a later turn
         self.assertEqual(self.mcp.session_count, 2)
         code, _, _ = await self.request("POST", body=PING, headers={"Mcp-Session-Id": unused})
         self.assertEqual(code, 404)
@@ -725,6 +781,7 @@ class SessionCapTests(HTTPTestBase):
             code, _, _ = await self.request("POST", body=PING, headers={"Mcp-Session-Id": session_id})
             self.assertEqual(code, 200)
         self.clock.advance(3600)
+        await settle()
         self.assertEqual(self.mcp.session_count, 0)
 
 
@@ -854,7 +911,7 @@ class StreamTokenTests(HTTPTestBase):
             def verify_access_token(self, token: str) -> Deferred:
                 raise RuntimeError("db down")
 
-        self.mcp.verifier = Broken()
+        self.mcp.auth.verifier = Broken()
         for _ in range(9):
             self.clock.advance(10)
         await settle()

@@ -23,12 +23,8 @@ from smeldr_oauth.mcp import (
     ToolError,
 )
 from smeldr_oauth.mcp import jsonrpc
-from smeldr_oauth.mcp.session import (
-    CallbackOutlet,
-    Principal,
-    ServerSession,
-    check_modern_headers,
-)
+from smeldr_oauth.mcp.session import CallbackOutlet, Principal, ServerSession
+from smeldr_oauth.mcp.versions import check_modern_headers
 
 READER = Principal("alice", "client-1", frozenset({"read"}), "grant-1")
 WRITER = Principal("alice", "client-1", frozenset({"read", "write"}), "grant-1")
@@ -86,6 +82,24 @@ def build_app() -> MCPApp:
         sampled = await ctx.sample([{"role": "user", "content": {"type": "text", "text": "hi"}}], 10)
         roots = await ctx.list_roots()
         return {"answer": answer, "sampled": sampled, "roots": roots, "who": [ctx.subject, ctx.client_id]}
+
+    @app.tool()
+    async def chatty(ctx: Context) -> str:
+        for level in ("debug", "info", "warning", "error"):
+            await ctx.log(level, level)
+        return "said"
+
+    @app.tool()
+    async def sample_only(ctx: Context) -> dict:
+        return await ctx.sample([{"role": "user", "content": {"type": "text", "text": "hi"}}], 10)
+
+    @app.tool()
+    async def elicit_only(ctx: Context) -> dict:
+        return await ctx.elicit("Name?", {"type": "object"})
+
+    @app.tool()
+    async def roots_only(ctx: Context) -> list:
+        return await ctx.list_roots()
 
     @app.resource("test://about", name="about")
     def about() -> str:
@@ -327,7 +341,9 @@ class ToolTests(SynchronousTestCase):
                 break
             params = {"cursor": result["nextCursor"]}
         self.assertEqual(names, list(self.h.app.tools))
-        self.assertEqual(pages, 4)
+        # Two per page (page_size=2).
+        self.assertEqual(pages, (len(names) + 1) // 2)
+        self.assertGreater(pages, 2)
 
     def test_descriptor(self) -> None:
         tools = {t["name"]: t for t in self.h.call("tools/list")["result"]["tools"]}
@@ -403,6 +419,49 @@ class ToolTests(SynchronousTestCase):
             response["result"]["structuredContent"],
             {"answer": answers[0], "sampled": answers[1], "roots": [{"uri": "file:///x"}], "who": ["alice", "client-1"]},
         )
+
+    def test_log_level_decides_what_is_sent(self) -> None:
+        """
+        logging/setLevel changes which log notifications leave: the default
+        is info, and each level lets through itself and everything above.
+        """
+
+        def sent_levels(level: Optional[str]) -> list:
+            h = Harness()
+            h.init()
+            if level is not None:
+                self.assertEqual(h.call("logging/setLevel", {"level": level})["result"], {})
+            h.sent.clear()
+            self.assertEqual(h.call("tools/call", {"name": "chatty"})["result"]["content"][0]["text"], "said")
+            return [m["params"]["level"] for m in h.sent if m["method"] == "notifications/message"]
+
+        self.assertEqual(sent_levels(None), ["info", "warning", "error"])
+        self.assertEqual(sent_levels("error"), ["error"])
+        self.assertEqual(sent_levels("warning"), ["warning", "error"])
+        self.assertEqual(sent_levels("debug"), ["debug", "info", "warning", "error"])
+
+    def test_each_server_request_checks_its_own_capability(self) -> None:
+        """
+        A client that declared the other capabilities but not the one a
+        request needs gets no request, and the tool learns which one is
+        missing; with that capability alone the request goes out.
+        """
+        for tool, capability, method in (
+            ("sample_only", "sampling", "sampling/createMessage"),
+            ("elicit_only", "elicitation", "elicitation/create"),
+            ("roots_only", "roots", "roots/list"),
+        ):
+            others = {c: {} for c in ("sampling", "elicitation", "roots") if c != capability}
+            h = Harness()
+            h.init(capabilities=others)
+            [response] = h.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool}})
+            self.assertTrue(response["result"]["isError"])
+            self.assertIn(repr(capability), response["result"]["content"][0]["text"])
+            self.assertNotIn(method, [m.get("method") for m in h.sent])
+            h = Harness()
+            h.init(capabilities={capability: {}})
+            self.assertEqual(h.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool}}), [])
+            self.assertEqual(h.sent[-1]["method"], method)
 
     def test_server_request_needs_capability(self) -> None:
         [response] = self.h.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "ask"}})

@@ -1,16 +1,28 @@
-"""Tests for L{smeldr_oauth.mcp.stdio}: the newline-delimited JSON transport."""
+"""
+Tests for L{smeldr_oauth.mcp.stdio}: the newline-delimited JSON transport, in
+memory and as the real console command over pipes.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.mcp import Context, MCPApp
-from smeldr_oauth.mcp.stdio import StdioMCP, load_app, main
+from smeldr_oauth.mcp.app import AppLoadError, load_app
+from smeldr_oauth.mcp.stdio import StdioMCP, main
 
 app = MCPApp(name="stdio-test")
 
@@ -31,6 +43,26 @@ PENDING: list = []
 
 def factory() -> MCPApp:
     return app
+
+
+SEEN: list = []
+
+
+def with_site(site_db: str, reactor: object) -> MCPApp:
+    SEEN.append((site_db, reactor))
+    return app
+
+
+async def later_app() -> MCPApp:
+    return app
+
+
+def not_an_app_factory() -> object:
+    return object()
+
+
+class Holder:
+    app = app
 
 
 class StdioTests(SynchronousTestCase):
@@ -104,12 +136,132 @@ class StdioTests(SynchronousTestCase):
 
 
 class LoadAppTests(SynchronousTestCase):
-    def test_instance_and_factory(self) -> None:
-        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:app", None, Clock())), app)
-        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:factory", None, Clock())), app)
+    """L{load_app}, as both console commands use it."""
 
-    def test_bad_spec(self) -> None:
-        self.assertRaises(SystemExit, load_app, "nocolon", None, Clock())
+    def test_instance_and_factory(self) -> None:
+        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:app")), app)
+        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:factory")), app)
+
+    def test_factory_gets_the_arguments(self) -> None:
+        clock = Clock()
+        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:with_site", "site.db", clock)), app)
+        self.assertEqual(SEEN.pop(), ("site.db", clock))
+
+    def test_asynchronous_factory(self) -> None:
+        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:later_app")), app)
+
+    def test_dotted_attribute(self) -> None:
+        self.assertIs(self.successResultOf(load_app("tests.test_mcp_stdio:Holder.app")), app)
+
+    def test_refusals(self) -> None:
+        for spec in ("nocolon", "tests.test_mcp_stdio:", "no_such_module_x:app", "tests.test_mcp_stdio:missing", "json:__doc__"):
+            failure = self.failureResultOf(load_app(spec), AppLoadError)
+            self.assertIn("--app", str(failure.value))
+        self.failureResultOf(load_app("tests.test_mcp_stdio:not_an_app_factory"), AppLoadError)
 
     def test_default_app_needs_site_db(self) -> None:
         self.assertRaises(SystemExit, main, [])
+
+
+class _Pipes(ProcessProtocol):
+    """stdout as JSON lines, stderr as bytes, the exit as a Deferred."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.lines: list[dict[str, Any]] = []
+        self.stderr = b""
+        self.ended: Deferred = Deferred()
+        self._waiting: list[tuple[int, Deferred]] = []
+
+    def outReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            self.lines.append(json.loads(line))
+        for count, d in list(self._waiting):
+            if len(self.lines) >= count:
+                self._waiting.remove((count, d))
+                d.callback(self.lines[count - 1])
+
+    def errReceived(self, data: bytes) -> None:
+        self.stderr += data
+
+    def processEnded(self, reason: Failure) -> None:
+        for _, d in self._waiting:
+            d.errback(AssertionError(f"the process ended first; stderr: {self.stderr!r}"))
+        self._waiting = []
+        self.ended.callback(reason.value)
+
+    def line(self, number: int) -> Deferred:
+        """The C{number}th line of stdout (1-based), when it comes."""
+        if len(self.lines) >= number:
+            return succeed(self.lines[number - 1])
+        d: Deferred = Deferred()
+        self._waiting.append((number, d))
+        return d
+
+
+class ConsoleCommandTests(TestCase):
+    """
+    The installed C{smeldr-oauth-stdio} console command, started as a real
+    process (a real SQLite site database) and driven over its pipes, as
+    Claude Desktop does.
+    """
+
+    timeout = 60
+
+    def spawn(self, *args: str) -> tuple[_Pipes, Any]:
+        command = shutil.which("smeldr-oauth-stdio", path=os.path.dirname(sys.executable))
+        if command is None:
+            self.fail("smeldr-oauth-stdio is not installed next to this Python: pip install -e .")
+        pipes = _Pipes()
+        env = dict(os.environ)
+        # The checkout first, so --app can name a test module.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+        transport = reactor.spawnProcess(pipes, command, [command, *args], env=env)  # type: ignore[attr-defined]
+
+        def kill() -> Deferred:
+            if not pipes.ended.called:
+                transport.signalProcess("KILL")
+            return pipes.ended
+
+        self.addCleanup(kill)
+        return pipes, transport
+
+    def write(self, transport: Any, message: dict[str, Any]) -> None:
+        transport.write(json.dumps(message).encode() + b"\n")
+
+    async def test_initialize_list_call_then_clean_exit(self) -> None:
+        site_db = os.path.abspath(self.mktemp()) + ".db"
+        pipes, transport = self.spawn("--site-db", site_db)
+        self.write(transport, {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "pipes", "version": "1"}}})
+        init = await pipes.line(1)
+        self.assertEqual(init["result"]["protocolVersion"], "2025-06-18")
+        self.assertEqual(init["result"]["serverInfo"]["name"], "smeldr-site")
+        self.write(transport, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+        self.write(transport, {"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+        listed = await pipes.line(2)
+        self.assertIn("create_post", [t["name"] for t in listed["result"]["tools"]])
+        create = {"name": "create_post", "arguments": {"title": "Over pipes", "body": "hello"}}
+        self.write(transport, {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": create})
+        created = await pipes.line(3)
+        self.assertEqual(created["result"]["structuredContent"]["slug"], "over-pipes")
+        self.write(transport, {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "get_post", "arguments": {"slug": "over-pipes"}}})
+        got = await pipes.line(4)
+        self.assertEqual(got["result"]["structuredContent"]["body"], "hello")
+        # stdin closes: the process finishes and exits by itself, cleanly.
+        transport.closeStdin()
+        ended = await pipes.ended
+        self.assertIsInstance(ended, ProcessDone)
+        self.assertEqual([line["id"] for line in pipes.lines], [0, 1, 2, 3])
+        self.assertNotIn(b"Traceback", pipes.stderr)
+        self.assertTrue(os.path.exists(site_db))
+
+    async def test_bad_app_is_one_line_and_a_failure_exit(self) -> None:
+        pipes, transport = self.spawn("--app", "no_such_module_anywhere:app")
+        ended = await pipes.ended
+        self.assertIsInstance(ended, ProcessTerminated)
+        self.assertEqual(ended.exitCode, 1)
+        self.assertIn(b"no_such_module_anywhere", pipes.stderr)
+        self.assertNotIn(b"Traceback", pipes.stderr)
+        self.assertEqual(pipes.lines, [])

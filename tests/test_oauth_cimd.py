@@ -46,7 +46,7 @@ from zope.interface import implementer
 from smeldr_oauth.oauth.cimd import (
     CIMDError,
     CIMDResolver,
-    _host_key,
+    host_key,
     check_client_id_url,
     freshness,
     is_cimd_client_id,
@@ -373,6 +373,14 @@ class ParseDocumentTests(SynchronousTestCase):
     def test_client_secret(self) -> None:
         self.assertIn("client_secret", self.refused(document(client_secret="s3cret")))
         self.refused(document(client_secret=None))
+
+    def test_client_secret_expires_at(self) -> None:
+        """
+        A shared-secret member is refused even without the secret itself:
+        the draft says a document must not carry either.
+        """
+        for value in (0, 1893456000, None):
+            self.assertIn("client_secret_expires_at", self.refused(document(client_secret_expires_at=value)))
 
     def test_shared_secret_method(self) -> None:
         for method in (
@@ -1157,11 +1165,11 @@ class SlotTests(SynchronousTestCase):
         """
         One machine holds a whole /64: its addresses count as one host.
         """
-        self.assertEqual(_host_key("2a00:1450:4001:1::1"), "2a00:1450:4001:1::/64")
-        self.assertEqual(_host_key("2a00:1450:4001:1:ffff::2"), "2a00:1450:4001:1::/64")
-        self.assertEqual(_host_key("2a00:1450:4001:2::1"), "2a00:1450:4001:2::/64")
-        self.assertEqual(_host_key("93.184.215.14"), "93.184.215.14")
-        self.assertEqual(_host_key("claude.ai"), "claude.ai")
+        self.assertEqual(host_key("2a00:1450:4001:1::1"), "2a00:1450:4001:1::/64")
+        self.assertEqual(host_key("2a00:1450:4001:1:ffff::2"), "2a00:1450:4001:1::/64")
+        self.assertEqual(host_key("2a00:1450:4001:2::1"), "2a00:1450:4001:2::/64")
+        self.assertEqual(host_key("93.184.215.14"), "93.184.215.14")
+        self.assertEqual(host_key("claude.ai"), "claude.ai")
 
     def test_reserved_for_known(self) -> None:
         """

@@ -1,6 +1,6 @@
 """
 Tests for the registered-client cache of
-L{smeldr_oauth.oauth.server.OAuthServer.resolve_client}.
+L{smeldr_oauth.oauth.clients.ClientResolver}.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from smeldr_oauth.oauth.clients import CLIENT_CACHE_TTL, ClientResolver
 from smeldr_oauth.oauth.config import Config
+from smeldr_oauth.oauth.ratelimit import RateLimiter
 from smeldr_oauth.oauth.model import Client
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.store.memory import MemoryStore
@@ -69,7 +71,10 @@ class ClientCacheTests(SynchronousTestCase):
         self.assertEqual(self.store.lookups, 2)
 
     def test_bounded_lru(self) -> None:
-        self.server.client_cache_size = 2
+        resolver = ClientResolver(
+            self.server.config, self.store, self.clock, None, RateLimiter(self.clock, 1), cache_size=2
+        )
+        self.resolve = lambda client_id: self.successResultOf(resolver.resolve(client_id))  # type: ignore[method-assign]
         for name in ("a", "b", "c"):
             self.successResultOf(self.store.save_client(make_client(name)))
         self.resolve("a")
@@ -91,7 +96,7 @@ class ClientCacheTests(SynchronousTestCase):
         """
         self.successResultOf(self.store.save_client(make_client("c1")))
         self.resolve("c1")
-        self.clock.advance(self.server.client_cache_ttl - 1)
+        self.clock.advance(CLIENT_CACHE_TTL - 1)
         self.resolve("c1")
         self.assertEqual(self.store.lookups, 1)
         self.clock.advance(1)

@@ -32,10 +32,12 @@ from twisted.web.static import Data
 from smeldr_oauth.oauth import pkce
 from smeldr_oauth.oauth.cimd import CIMDResolver
 from smeldr_oauth.oauth.config import Config
-from smeldr_oauth.oauth.http import OAuthHTTP
+from smeldr_oauth.web.authorize import AuthorizeRoutes
+from smeldr_oauth.web.oauth import OAuthRoutes
+from smeldr_oauth.web.routes import mount_routes
 from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
-from smeldr_oauth.service.web import SmeldrSite
+from smeldr_oauth.web.site import SmeldrSite
 from smeldr_oauth.store.sqlite import SQLiteStore
 from tests.test_oauth_server import query_of
 
@@ -51,16 +53,21 @@ def verify_bearer(pasted: str) -> Optional[Approval]:
 
 
 class FlowOverSocketTests(TestCase):
-    async def start(self, cimd: bool, **overrides: Any) -> None:
+    async def start(self, cimd: bool, path: str = "", **overrides: Any) -> None:
         """
         Listen, then build the server: its issuer needs the port.
+
+        @param path: the issuer's path (RFC 8414 section 3.1).
         """
         self.app = Klein()
         port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
             SmeldrSite(self.app.resource())
         )
         self.addCleanup(port.stopListening)
-        self.issuer = f"http://127.0.0.1:{port.getHost().port}"
+        self.origin = f"http://127.0.0.1:{port.getHost().port}"
+        self.issuer = self.origin + path
+        # Where RFC 8414 section 3.1 puts the metadata of an issuer with a path.
+        self.metadata_url = self.origin + "/.well-known/oauth-authorization-server" + path
         directory = self.mktemp()
         os.makedirs(directory)
         self.store = SQLiteStore(os.path.join(directory, "oauth.db"), reactor)
@@ -73,7 +80,7 @@ class FlowOverSocketTests(TestCase):
         kw.update(overrides)
         config = Config(**kw)
         self.server = OAuthServer(config, self.store, reactor, resolver)
-        OAuthHTTP(self.server).register(self.app)
+        mount_routes(self.app, OAuthRoutes(self.server).routes() + AuthorizeRoutes(self.server).routes())
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.http = HTTPClient(Agent(reactor, pool=pool))
 
@@ -108,12 +115,13 @@ class FlowOverSocketTests(TestCase):
         Discovery, consent (GET then POST), code exchange, refresh and
         revocation, as a client does them.  Returns every secret seen.
         """
-        response, body = await self.call("HEAD", self.issuer + "/.well-known/oauth-authorization-server")
+        response, body = await self.call("HEAD", self.metadata_url)
         self.assertEqual((response.code, body), (200, b""))
-        response, body = await self.call("GET", self.issuer + "/.well-known/oauth-authorization-server")
+        response, body = await self.call("GET", self.metadata_url)
         meta = json.loads(body)
         self.assertEqual(meta["issuer"], self.issuer)
-        response, body = await self.call("GET", self.issuer + "/.well-known/oauth-protected-resource/mcp")
+        resource_path = self.issuer[len(self.origin) :] + "/mcp"
+        response, body = await self.call("GET", self.origin + "/.well-known/oauth-protected-resource" + resource_path)
         self.assertEqual(json.loads(body)["authorization_servers"], [self.issuer])
 
         state = "state-" + client_id[-8:]
@@ -134,7 +142,7 @@ class FlowOverSocketTests(TestCase):
         action = unescape(re.search(r'<form method="post" action="([^"]+)"', page).group(1))  # type: ignore[union-attr]
         fields = [
             (unescape(k), unescape(v))
-            for k, v in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', page)
+            for k, v in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)" ?/?>', page)
         ]
         fields += [("decision", "approve"), ("site_token", SITE_TOKEN)]
         response, body = await self.call("POST", action, data=urlencode(fields).encode(), headers=FORM)
@@ -201,12 +209,10 @@ class FlowOverSocketTests(TestCase):
             for text in texts:
                 self.assertNotIn(secret, text)
 
-    async def registered(self) -> None:
-        await self.start(cimd=False)
+    async def registered(self, path: str = "") -> None:
+        await self.start(cimd=False, path=path)
         with capturedLogs() as events:
-            meta = json.loads(
-                (await self.call("GET", self.issuer + "/.well-known/oauth-authorization-server"))[1]
-            )
+            meta = json.loads((await self.call("GET", self.metadata_url))[1])
             response, body = await self.call(
                 "POST",
                 meta["registration_endpoint"],
@@ -224,12 +230,31 @@ class FlowOverSocketTests(TestCase):
     def test_registered_client(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self.registered())
 
+    async def issuer_with_path(self) -> None:
+        await self.registered("/auth")
+        # The endpoints live under the issuer's path...
+        meta = json.loads((await self.call("GET", self.metadata_url))[1])
+        self.assertEqual(meta["token_endpoint"], self.origin + "/auth/oauth/token")
+        self.assertEqual(meta["service_documentation"], self.origin + "/auth/")
+        # ... and the root metadata URL, where clients that drop the path
+        # look, answers the same document.
+        response, body = await self.call("GET", self.origin + "/.well-known/oauth-authorization-server")
+        self.assertEqual((response.code, json.loads(body)), (200, meta))
+        response, _ = await self.call("GET", self.origin + "/.well-known/oauth-protected-resource/auth/mcp")
+        self.assertEqual(response.code, 200)
+
+    def test_issuer_with_path(self) -> Deferred[None]:
+        """
+        An issuer with a path (C{http://host/auth}) is served at the
+        path-inserted well-known URL of RFC 8414 section 3.1, with its
+        endpoints under the path, and a whole flow works.
+        """
+        return Deferred.fromCoroutine(self.issuer_with_path())
+
     async def cimd(self) -> None:
         await self.start(cimd=True)
         client_id = await self.serve_document()
-        meta = json.loads(
-            (await self.call("GET", self.issuer + "/.well-known/oauth-authorization-server"))[1]
-        )
+        meta = json.loads((await self.call("GET", self.metadata_url))[1])
         self.assertIs(meta["client_id_metadata_document_supported"], True)
         with capturedLogs() as events:
             secrets = await self.flow(client_id, "http://127.0.0.1:50123/callback")

@@ -96,3 +96,21 @@ class RateLimiterTests(SynchronousTestCase):
             limiter.hit(key)
         # "a" was forgotten: it starts with a full bucket again.
         self.assertTrue(limiter.hit("a"))
+
+    def test_retry_after(self) -> None:
+        """
+        How long until the next event is allowed: a bucket of 3 a minute
+        refills one event every 20 seconds.
+        """
+        self.assertEqual(self.limiter.retry_after("a"), 1)
+        for _ in range(3):
+            self.limiter.hit("a")
+        self.assertEqual(self.limiter.retry_after("a"), 20)
+        self.clock.advance(15)
+        self.assertEqual(self.limiter.retry_after("a"), 5)
+
+    def test_window(self) -> None:
+        limiter = RateLimiter(self.clock, 2, window=10.0)
+        self.assertEqual([limiter.hit("a") for _ in range(3)], [True, True, False])
+        self.clock.advance(5)
+        self.assertEqual([limiter.hit("a") for _ in range(2)], [True, False])

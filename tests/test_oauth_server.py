@@ -129,12 +129,29 @@ class ServerTestCase(SynchronousTestCase):
         self.server = OAuthServer(self.config, self.store, self.clock, self.resolver)
         self.revoked: list[str] = []
         self.server.add_revocation_observer(self.revoked.append)
+        # Registered as every SDK registers: for both grants.
         registered = self.drive(
             self.server.register(
-                {"redirect_uris": ["https://client.example/cb"], "client_name": "Registered"}
+                {
+                    "redirect_uris": ["https://client.example/cb"],
+                    "client_name": "Registered",
+                    "grant_types": ["authorization_code", "refresh_token"],
+                }
             )
         )
         self.client_id = registered["client_id"]
+
+    def reconfigure(self, **overrides: Any) -> None:
+        """
+        A new server with C{overrides} on the same store, clock and
+        resolver (the registered client stays registered).
+        """
+        kw: dict[str, Any] = dict(issuer=ISSUER + "/", verify_bearer=verify_bearer)
+        kw.update(self.config_overrides)
+        kw.update(overrides)
+        self.config = Config(**kw)
+        self.server = OAuthServer(self.config, self.store, self.clock, self.resolver)
+        self.server.add_revocation_observer(self.revoked.append)
 
     # Driving coroutines
 
@@ -611,9 +628,7 @@ class CodeGrantTests(ServerTestCase):
         With C{refresh_for_refresh_grant_clients} off (C{--offline-access-only}),
         only C{offline_access} earns a refresh token.
         """
-        self.server.config = Config(
-            issuer=ISSUER, verify_bearer=verify_bearer, refresh_for_refresh_grant_clients=False
-        )
+        self.reconfigure(refresh_for_refresh_grant_clients=False)
         self.assertNotIn("refresh_token", self.tokens(scope="read"))
 
     def test_refresh_for_refresh_grant_clients(self) -> None:
@@ -675,7 +690,7 @@ class CodeGrantTests(ServerTestCase):
         self.oauth_fails(self.server.token(self.exchange_params(code)), "invalid_grant")
 
     def test_code_ttl_configurable(self) -> None:
-        self.server.config = Config(issuer=ISSUER, verify_bearer=verify_bearer, auth_code_ttl=10)
+        self.reconfigure(auth_code_ttl=10)
         code = self.code_for()
         self.clock.advance(10)
         self.oauth_fails(self.server.token(self.exchange_params(code)), "invalid_grant")
@@ -1029,12 +1044,32 @@ class RegistrationTests(ServerTestCase):
         self.assertEqual(body["token_endpoint_auth_method"], "none")
         self.assertNotIn("client_secret", body)
         self.assertEqual(body["client_id_issued_at"], int(T0))
-        self.assertEqual(body["grant_types"], ["authorization_code", "refresh_token"])
+        self.assertEqual(body["grant_types"], ["authorization_code"])
         self.assertEqual(body["response_types"], ["code"])
         client = self.successResultOf(self.store.get_client(body["client_id"]))
         assert client is not None
         self.assertIsNone(client.client_secret_hash)
         self.assertEqual(client.client_name, "Claude")
+
+    def test_grant_types_default(self) -> None:
+        """
+        Without C{grant_types} a client registers for C{authorization_code}
+        alone (RFC 7591 section 2), so it gets a refresh token only by
+        asking for C{offline_access}; one that names the refresh grant gets
+        one without (C{refresh_for_refresh_grant_clients}).
+        """
+        plain = self.register({"redirect_uris": ["https://client.example/cb"]})["client_id"]
+        both = self.register(
+            {"redirect_uris": ["https://client.example/cb"], "grant_types": ["authorization_code", "refresh_token"]}
+        )["client_id"]
+        stored = self.successResultOf(self.store.get_client(plain))
+        assert stored is not None
+        self.assertEqual(stored.grant_types, ("authorization_code",))
+        self.client_id = plain
+        self.assertNotIn("refresh_token", self.tokens(scope="read"))
+        self.assertIn("refresh_token", self.tokens(scope="read offline_access"))
+        self.client_id = both
+        self.assertIn("refresh_token", self.tokens(scope="read"))
 
     def test_name_cleaned(self) -> None:
         """
@@ -1103,7 +1138,7 @@ class RegistrationTests(ServerTestCase):
                 self.oauth_fails(self.server.register(metadata), error)
 
     def test_cap(self) -> None:
-        self.server.config = Config(issuer=ISSUER, verify_bearer=verify_bearer, max_registered_clients=3)
+        self.reconfigure(max_registered_clients=3)
         self.register({"redirect_uris": ["https://client.example/cb"]})
         self.register({"redirect_uris": ["https://client.example/cb"]})
         with capturedLogs():
@@ -1216,15 +1251,15 @@ class AccessCacheTests(ServerTestCase):
         A token issued for another resource (the server was reconfigured)
         is not accepted.
         """
-        self.server.config = Config(issuer=ISSUER, verify_bearer=verify_bearer, resource=ISSUER + "/other")
+        self.reconfigure(resource=ISSUER + "/other")
         self.assertIsNone(self.lookup(self.body["access_token"]))
 
     def test_cache_bounded(self) -> None:
-        self.server.config = Config(issuer=ISSUER, verify_bearer=verify_bearer, access_cache_size=2)
+        self.reconfigure(access_cache_size=2)
         tokens = [self.tokens()["access_token"] for _ in range(4)]
         for token in tokens:
             self.assertIsNotNone(self.lookup(token))
-        self.assertEqual(len(self.server._cache), 2)
+        self.assertEqual(len(self.server.verifier._cache), 2)
 
 
 class ConfigTests(SynchronousTestCase):
@@ -1401,7 +1436,8 @@ class CIMDFetchLimitTests(ServerTestCase):
             for n in range(3):
                 self.assertNoResult(self.authorize(n))
             e = self.failureResultOf(self.authorize(3), errors.UntrustedRedirect).value
-        self.assertEqual((e.status, e.retry_after), (429, 60))
+        # 3 fetches a minute: the next is allowed in 20 seconds.
+        self.assertEqual((e.status, e.retry_after), (429, 20))
         self.assertEqual(len(self.slow.pending), 3)
         [limited] = [ev for ev in events if ev.get("smeldr_event") == "rate_limited"]
         self.assertEqual(limited["endpoint"], "cimd")
@@ -1456,3 +1492,74 @@ class LogInjectionTests(ServerTestCase):
         self.assertNotIn("\n", text)
         self.assertNotIn("\x1b", text)
         self.assertLessEqual(len(event["client_id"]), 200)
+
+
+class TokenRateLimitTests(ServerTestCase):
+    """
+    The token endpoint's limits: per client address and per client id.
+    """
+
+    config_overrides = {"token_requests_per_minute_per_address": 3, "token_requests_per_minute_per_client": 5}
+
+    def refresh_from(self, address: str, client_id: Optional[str] = None) -> "Deferred[dict[str, Any]]":
+        params = self.refresh("unknown-refresh-token", client_id=client_id or self.client_id)
+        return Deferred.fromCoroutine(self.server.token(params, address=address))
+
+    def test_per_address(self) -> None:
+        with capturedLogs() as events:
+            for _ in range(3):
+                self.failureResultOf(self.refresh_from("192.0.2.1"), errors.OAuthError)
+            limited = self.failureResultOf(self.refresh_from("192.0.2.1"), errors.RateLimited).value
+        self.assertEqual(limited.retry_after, 20)
+        [event] = [e for e in events if e.get("smeldr_event") == "rate_limited"]
+        self.assertEqual(event["endpoint"], "token")
+        # Another address has its own bucket, and the bucket refills.
+        self.failureResultOf(self.refresh_from("192.0.2.2"), errors.OAuthError)
+        self.clock.advance(20)
+        self.failureResultOf(self.refresh_from("192.0.2.1"), errors.OAuthError)
+
+    def test_per_client(self) -> None:
+        """
+        One client id from many addresses is limited too; unknown ids
+        count (so cycling ids is bounded by the address limit instead).
+        """
+        with capturedLogs():
+            for n in range(5):
+                self.failureResultOf(self.refresh_from(f"192.0.2.{n}"), errors.OAuthError)
+            self.failureResultOf(self.refresh_from("192.0.2.99"), errors.RateLimited)
+            self.failureResultOf(self.refresh_from("192.0.2.99", "another-client"), errors.OAuthError)
+
+    def test_without_address(self) -> None:
+        """
+        Called without an address (the library's own calls), only the
+        client id counts.
+        """
+        for _ in range(5):
+            self.failureResultOf(
+                Deferred.fromCoroutine(self.server.token(self.refresh("x"))), errors.OAuthError
+            )
+
+
+class ClaudeBurstTests(ServerTestCase):
+    """
+    With the default limits, Claude.ai's way of refreshing never meets a
+    429: every user's token refreshed three times at once, from a few
+    addresses, under one metadata-document client id.
+    """
+
+    def test_parallel_refresh_bursts(self) -> None:
+        users = 60
+        refresh_tokens = [self.tokens()["refresh_token"] for _ in range(users)]
+        addresses = ["160.79.104.10", "160.79.104.11", "160.79.104.12"]
+        refused = 0
+        with capturedLogs():
+            for n, token in enumerate(refresh_tokens):
+                for attempt in range(3):
+                    d = Deferred.fromCoroutine(
+                        self.server.token(self.refresh(token), address=addresses[(n + attempt) % 3])
+                    )
+                    self.assertIsNotNone(d.result)
+                    if isinstance(getattr(d.result, "value", None), errors.RateLimited):
+                        refused += 1
+                    d.addErrback(lambda f: None)
+        self.assertEqual(refused, 0)

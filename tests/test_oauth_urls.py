@@ -6,7 +6,12 @@ from hypothesis import given, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from smeldr_oauth.oauth.urls import (
+    InvalidRedirectURI,
     canonical_resource,
+    check_redirect_uri,
+    is_host,
+    is_host_name,
+    is_loopback_host,
     parse,
     redirect_uri_matches,
     valid_redirect_uri,
@@ -173,3 +178,119 @@ class PortTests(SynchronousTestCase):
             self.assertEqual(url.port, int(port))
         if plain:
             self.assertIsNotNone(url)
+
+
+#: Redirect URIs and whether a client may have them, by the one rule.
+REDIRECT_CASES = [
+    ("https://claude.ai/api/mcp/auth_callback", True),
+    ("https://chatgpt.com/connector/oauth/abc", True),
+    ("https://Client.Example:8443/cb?x=1", True),
+    ("http://localhost/callback", True),
+    ("http://localhost:3000/oauth/callback", True),
+    ("http://127.0.0.1/callback", True),
+    ("http://127.0.0.1:6276/oauth/callback", True),
+    ("http://[::1]:8080/cb", True),
+    # RFC 8252 and OAuth 2.1 name 127.0.0.1 and [::1]; other loopback
+    # addresses are not loopback redirect URIs here.
+    ("http://127.0.0.2/cb", False),
+    ("http://127.1/cb", False),
+    ("http://[::ffff:127.0.0.1]/cb", False),
+    ("http://localhost.example.com/cb", False),
+    ("http://example.com/cb", False),
+    ("https://example.com/cb#frag", False),
+    ("https://user@example.com/cb", False),
+    ("https://exa_mple.com/cb", False),
+    ("https://example.com./cb", False),
+    ("https://example.123/cb", False),
+    ("https://exa mple.com/cb", False),
+    ("https://ex\u00e4mple.com/cb", False),
+    ("HTTPS://example.com/cb", False),
+    ("com.example.app:/cb", False),
+    ("javascript:alert(1)", False),
+    ("//example.com/cb", False),
+    ("https:example.com/cb", False),
+]
+
+
+class OneRedirectRuleTests(SynchronousTestCase):
+    """
+    Dynamic registration and metadata documents accept exactly the same
+    redirect URIs, by L{check_redirect_uri}.
+    """
+
+    def registered(self, uri: object) -> bool:
+        from twisted.internet.defer import Deferred
+        from twisted.internet.task import Clock
+
+        from smeldr_oauth.oauth.config import Config
+        from smeldr_oauth.oauth.errors import OAuthError
+        from smeldr_oauth.oauth.ratelimit import RateLimiter
+        from smeldr_oauth.oauth.registration import Registration
+        from smeldr_oauth.store.memory import MemoryStore
+
+        clock = Clock()
+        config = Config(issuer="https://as.example", verify_bearer=lambda t: None)
+        registration = Registration(config, MemoryStore(clock), clock, RateLimiter(clock, 1))
+        results: list[object] = []
+        Deferred.fromCoroutine(registration.register({"redirect_uris": [uri]})).addBoth(results.append)
+        [result] = results
+        if isinstance(result, dict):
+            return True
+        assert isinstance(getattr(result, "value", None), OAuthError), result
+        return False
+
+    def published(self, uri: object) -> bool:
+        import json
+
+        from smeldr_oauth.oauth.cimd import CIMDError, parse_document
+
+        client_id = "https://app.example/client.json"
+        body = json.dumps({"client_id": client_id, "redirect_uris": [uri]}).encode()
+        try:
+            parse_document(client_id, body)
+        except CIMDError:
+            return False
+        return True
+
+    def test_cases(self) -> None:
+        for uri, allowed in REDIRECT_CASES:
+            self.assertEqual(valid_redirect_uri(uri), allowed, uri)
+            self.assertEqual(self.registered(uri), allowed, uri)
+            self.assertEqual(self.published(uri), allowed, uri)
+
+    def test_reason(self) -> None:
+        with self.assertRaises(InvalidRedirectURI) as caught:
+            check_redirect_uri("http://127.0.0.2/cb")
+        self.assertIn("localhost, 127.0.0.1 or [::1]", str(caught.exception))
+
+    def test_development(self) -> None:
+        """
+        C{allow_insecure} (C{--dev}) lets http through on any host, and
+        nothing else.
+        """
+        self.assertEqual(check_redirect_uri("http://127.0.0.2/cb", allow_insecure=True), "http://127.0.0.2/cb")
+        self.assertFalse(valid_redirect_uri("http://a.example/cb#f", allow_insecure=True))
+
+    @given(st.one_of(st.text(max_size=60), st.sampled_from([u for u, _ in REDIRECT_CASES])))
+    def test_same_answer(self, uri: str) -> None:
+        self.assertEqual(self.registered(uri), self.published(uri), uri)
+
+
+class HostRuleTests(SynchronousTestCase):
+    def test_host_names(self) -> None:
+        for host in ("a.example", "A-B.example", "xn--bcher-kva.example", "localhost", "a" * 63 + ".example"):
+            self.assertTrue(is_host_name(host), host)
+        for host in ("", "a..b", "-a.example", "a-.example", "a_b.example", "a.example.", "1.2.3.4", "a.0x7f",
+                     "a" * 64 + ".example", "\u00e4.example", "a.example;x"):
+            self.assertFalse(is_host_name(host), host)
+
+    def test_hosts(self) -> None:
+        for host in ("a.example", "127.0.0.1", "::1", "[::1]"):
+            self.assertTrue(is_host(host), host)
+        self.assertFalse(is_host("fe80::1%eth0"))
+
+    def test_loopback(self) -> None:
+        for host in ("localhost", "LOCALHOST", "127.0.0.1", "::1", "[::1]"):
+            self.assertTrue(is_loopback_host(host), host)
+        for host in ("127.0.0.2", "localhost.example", "0.0.0.0", "::ffff:127.0.0.1"):
+            self.assertFalse(is_loopback_host(host), host)

@@ -72,6 +72,35 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.access_token_ttl, 60)
         self.assertEqual(config.resource, "http://127.0.0.1:9/tools")
 
+    def test_limits(self) -> None:
+        """
+        Every rate limit is an option, with the defaults the docs give.
+        """
+
+        def limits(*argv: str) -> tuple[int, ...]:
+            config = parse("--issuer", "https://a.example", *argv)["config"]
+            return (
+                config.paste_failures_per_minute,
+                config.registrations_per_minute,
+                config.cimd_fetches_per_minute,
+                config.token_requests_per_minute_per_address,
+                config.token_requests_per_minute_per_client,
+                config.rate_limit_keys,
+            )
+
+        self.assertEqual(limits(), (30, 20, 30, 600, 600, 10000))
+        self.assertEqual(
+            limits(
+                "--paste-limit", "5", "--registration-limit", "6", "--cimd-fetch-limit", "7",
+                "--token-limit-per-address", "8", "--token-limit-per-client", "9", "--rate-limit-keys", "10",
+            ),
+            (5, 6, 7, 8, 9, 10),
+        )
+        for option in ("--paste-limit", "--token-limit-per-client", "--rate-limit-keys"):
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+            self.assertIn(option, self.assertExit2("--issuer", "https://a.example", option, "0"))
+
     def test_issuer_required(self) -> None:
         self.assertIn("--issuer is required", self.assertExit2())
 

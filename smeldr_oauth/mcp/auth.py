@@ -12,14 +12,19 @@ it, and URLs end up in logs).
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import attr
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from smeldr_oauth.mcp.jsonrpc import Message
+from smeldr_oauth.mcp.calls import Principal
+from smeldr_oauth.mcp.session import ServerSession
 from smeldr_oauth.oauth.interfaces import IAccessVerifier
 from smeldr_oauth.oauth.model import AccessInfo
 
@@ -138,13 +143,75 @@ def verify(
             raise challenger.invalid_token("The access token expired")
         return info
 
-    def broken(failure: object) -> None:
-        from twisted.python.failure import Failure
-
-        assert isinstance(failure, Failure)
+    def broken(failure: Failure) -> None:
         if failure.check(AuthFailure):
             failure.raiseException()
         log.failure("Access token verifier failed", failure)
         raise AuthFailure(503, "", "temporarily_unavailable")
 
     return d.addCallback(checked).addErrback(broken)
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class Credential:
+    """
+    A verified bearer token and what the verifier said about it.  The
+    token itself is kept (a stream re-verifies it) but never shown.
+    """
+
+    info: AccessInfo
+    token: str = attr.ib(repr=False)
+
+    @property
+    def principal(self) -> Principal:
+        info = self.info
+        return Principal(
+            subject=info.subject, client_id=info.client_id, scopes=frozenset(info.scopes), grant_id=info.grant_id
+        )
+
+    @property
+    def expires_at(self) -> float:
+        # verify() treats a zero expires_at as "does not expire".
+        return self.info.expires_at or math.inf
+
+
+@attr.s(auto_attribs=True)
+class BearerAuth:
+    """
+    The protection of one resource: its verifier, its challenges, its clock.
+    """
+
+    verifier: IAccessVerifier
+    challenger: Challenger
+    clock: IReactorTime
+
+    def authenticate(self, request: Any) -> "Deferred[Credential]":
+        """
+        @return: a L{Deferred} firing with the request's L{Credential}, or
+            failing with L{AuthFailure}.
+        """
+        token = bearer_token(request.requestHeaders.getRawHeaders(b"authorization"), self.challenger)
+        return self.verify(token).addCallback(Credential, token)
+
+    def verify(self, token: str) -> "Deferred[AccessInfo]":
+        """See L{verify}."""
+        return verify(self.verifier, token, self.challenger, self.clock)
+
+    def require_scopes(self, protocol: ServerSession, messages: Sequence[Message], principal: Principal) -> None:
+        """
+        Refuse, before anything runs, a request whose token lacks a scope
+        one of C{messages} needs: HTTP transports answer 403 with an
+        C{insufficient_scope} challenge, so the client can step up.
+
+        @raise AuthFailure: 403.
+        """
+        for message in messages:
+            needed = protocol.missing_scopes(message, principal)
+            if needed:
+                log.info(
+                    "MCP request refused for insufficient scope: {subject} via {client_id} needs {scopes}",
+                    subject=principal.subject,
+                    client_id=principal.client_id,
+                    scopes=" ".join(needed),
+                )
+                raise self.challenger.insufficient_scope(needed)

@@ -6,7 +6,8 @@ A L{ServerSession} takes parsed JSON-RPC messages plus the caller's
 L{Principal} and an I{outlet} (where messages related to that request go:
 progress, logs, server-to-client requests) and answers with response
 dictionaries.  Transports (Streamable HTTP, legacy HTTP+SSE, stdio) only
-move bytes and decide where an outlet writes.
+move bytes and decide where an outlet writes.  The methods themselves are
+in L{smeldr_oauth.mcp.methods}.
 
 Two eras are served:
 
@@ -19,188 +20,44 @@ Two eras are served:
     optionally C{.../clientInfo} and C{.../logLevel}), C{server/discover}
     replaces C{initialize}, and C{ping}, C{logging/setLevel} and resource
     subscriptions are gone.
+
+A session's state (version, capabilities, log level, subscriptions) can be
+read back (L{ServerSession.on_change} hears every change) and restored
+(L{ServerSession.resume}), so that a session record kept elsewhere can
+rebuild the session in another process.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any, Callable, Optional
 
-import attr
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp import jsonrpc
-from smeldr_oauth.mcp.app import (
-    LOG_LEVELS,
-    Context,
-    MCPApp,
-    ToolError,
-    error_result,
-    invoke,
-    prompt_result,
-    resource_contents,
-    tool_result,
-    validate,
-)
-from smeldr_oauth.mcp.jsonrpc import (
-    InsufficientScope,
-    JSONRPCError,
-    Message,
-    Notification,
-    Request,
-    Response,
+from smeldr_oauth.mcp.app import MCPApp
+from smeldr_oauth.mcp.calls import Call, CallbackOutlet, Outlet, Principal
+from smeldr_oauth.mcp.context import LOG_LEVELS
+from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message, Notification, Request, Response
+from smeldr_oauth.mcp.methods import METHODS, needed_scopes
+from smeldr_oauth.mcp.results import modern_envelope
+from smeldr_oauth.mcp.state.interfaces import ISessionDelivery
+from smeldr_oauth.mcp.versions import (
+    BATCH_VERSIONS,
+    CLIENT_CAPABILITIES_KEY,
+    LATEST_SESSION_VERSION,
+    LOG_LEVEL_KEY,
+    MODERN_VERSIONS,
+    PROTOCOL_VERSION_KEY,
+    REMOVED_IN_MODERN,
+    is_modern_request,
 )
 
 log = Logger()
 
-SESSION_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
-MODERN_VERSIONS = ("2026-07-28",)
-#: Every version this server speaks, newest first.
-SUPPORTED_VERSIONS = MODERN_VERSIONS + SESSION_VERSIONS
-LATEST_SESSION_VERSION = SESSION_VERSIONS[0]
-BATCH_VERSIONS = ("2025-03-26",)
-
-PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
-CLIENT_CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
-CLIENT_INFO_KEY = "io.modelcontextprotocol/clientInfo"
-LOG_LEVEL_KEY = "io.modelcontextprotocol/logLevel"
-SERVER_INFO_KEY = "io.modelcontextprotocol/serverInfo"
-
-#: Methods the 2026-07-28 revision removed; they answer "method not found".
-REMOVED_IN_MODERN = frozenset(
-    {"initialize", "ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"}
-)
-#: 2026-07-28 results of these carry cache hints (C{ttlMs}, C{cacheScope}).
-CACHEABLE = frozenset(
-    {"prompts/list", "resources/list", "resources/read", "resources/templates/list", "server/discover", "tools/list"}
-)
-#: 2026-07-28: the body field mirrored by the C{Mcp-Name} header.
-NAME_BEARING = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class Principal:
-    """
-    Who sent one message: taken from that message's access token (or
-    C{"local"} on stdio), so a refreshed token's scopes apply at once.
-    """
-
-    subject: str
-    client_id: Optional[str]
-    scopes: frozenset[str]
-    grant_id: Optional[str] = None
-
-
-class Outlet:
-    """
-    Where the messages related to one request go.  Transports subclass
-    it; the base class drops everything (a transport with no way to
-    reach the client, e.g. a plain JSON answer).
-    """
-
-    #: whether server-to-client requests can travel through this outlet.
-    can_request = False
-
-    def send(self, message: dict[str, Any]) -> None:
-        pass
-
-
-class CallbackOutlet(Outlet):
-    """An outlet that hands every message to a callable."""
-
-    can_request = True
-
-    def __init__(self, write: Callable[[dict[str, Any]], None]) -> None:
-        self._write = write
-
-    def send(self, message: dict[str, Any]) -> None:
-        self._write(message)
-
-
-def is_modern_request(message: Message) -> bool:
-    """
-    Whether a request uses the 2026-07-28 per-request envelope (its
-    C{_meta} names a protocol version), whatever that version is.
-    """
-    if not isinstance(message, (Request, Notification)):
-        return False
-    meta = message.params.get("_meta")
-    return isinstance(meta, dict) and PROTOCOL_VERSION_KEY in meta
-
-
-def _decode_header_value(value: Optional[str]) -> Optional[str]:
-    # Mcp-Name may carry non-ASCII values as =?base64?...?=.
-    if value is None or not (value.startswith("=?base64?") and value.endswith("?=")):
-        return value
-    payload = value[len("=?base64?") : -2]
-    try:
-        decoded = base64.b64decode(payload, validate=True)
-        if base64.b64encode(decoded).decode("ascii") != payload:
-            return None
-        return decoded.decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-
-
-def check_modern_headers(request: Request, headers: dict[str, Optional[str]]) -> None:
-    """
-    The 2026-07-28 HTTP rule that routing headers agree with the body
-    (C{MCP-Protocol-Version}, C{Mcp-Method}, C{Mcp-Name}), so that a gateway
-    which routed on the headers routed what is actually executed.
-
-    @param headers: lower-case header names to values (C{None}: absent).
-    @raise JSONRPCError: C{HEADER_MISMATCH}.
-    """
-    meta = request.params.get("_meta")
-    version = meta.get(PROTOCOL_VERSION_KEY) if isinstance(meta, dict) else None
-    if headers.get("mcp-protocol-version") is None or headers.get("mcp-protocol-version") != version:
-        raise JSONRPCError(jsonrpc.HEADER_MISMATCH, "MCP-Protocol-Version header does not match _meta")
-    if headers.get("mcp-method") != request.method:
-        raise JSONRPCError(jsonrpc.HEADER_MISMATCH, "Mcp-Method header does not match the method")
-    key = NAME_BEARING.get(request.method)
-    if key is not None:
-        body_value = request.params.get(key)
-        if body_value is not None and _decode_header_value(headers.get("mcp-name")) != body_value:
-            raise JSONRPCError(jsonrpc.HEADER_MISMATCH, f"Mcp-Name header does not match {key}")
-
-
-def _encode_cursor(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode("ascii")
-
-
-def _decode_cursor(cursor: object) -> int:
-    if cursor is None:
-        return 0
-    try:
-        text = base64.urlsafe_b64decode(str(cursor).encode("ascii")).decode("ascii")
-        if not text.startswith("o:"):
-            raise ValueError(text)
-        offset = int(text[2:])
-        if offset < 0:
-            raise ValueError(offset)
-        return offset
-    except (ValueError, UnicodeError, binascii.Error):
-        raise jsonrpc.invalid_params("Invalid cursor")
-
-
-@attr.s(auto_attribs=True)
-class _Call:
-    """Everything one request's handler needs to know."""
-
-    request_id: Any
-    principal: Principal
-    outlet: Optional[Outlet]
-    version: str
-    modern: bool
-    client_capabilities: dict[str, Any]
-    log_level: Optional[str]
-    progress_token: Any
-    context: Optional[Context] = None
-    cancelled: bool = False
+__all__ = ["ServerSession", "Call", "CallbackOutlet", "Outlet", "Principal"]
 
 
 class ServerSession:
@@ -213,6 +70,9 @@ class ServerSession:
         C{info} until the client says otherwise.
     @ivar default_outlet: where messages unrelated to any request go
         (list-changed and resource-updated notifications).
+    @ivar on_change: called with the session after each change of the
+        state a session record keeps (C{initialize}, C{logging/setLevel},
+        subscriptions).
     """
 
     # A legacy SSE session idles behind its stream by the thousand: slots
@@ -230,6 +90,8 @@ class ServerSession:
         "client_info",
         "log_level",
         "subscriptions",
+        "on_change",
+        "_delivery",
         "_in_flight",
         "_pending",
         "_next_id",
@@ -245,7 +107,14 @@ class ServerSession:
         default_outlet: Optional[Outlet] = None,
         request_timeout: float = 300.0,
         modern_only: bool = False,
+        delivery: Optional[ISessionDelivery] = None,
+        on_change: Optional[Callable[["ServerSession"], None]] = None,
     ) -> None:
+        """
+        @param delivery: routes the client's replies to server-to-client
+            requests (they may reach another process); C{None} (stdio, the
+            stateless exchange): replies come back to this object.
+        """
         self.app = app
         self.clock = clock
         self.session_id = session_id
@@ -260,8 +129,10 @@ class ServerSession:
         # Replaced, never mutated: the empty frozenset is shared by every
         # session, and most sessions never subscribe.
         self.subscriptions: frozenset[str] = frozenset()
-        self._in_flight: dict[Any, tuple[Deferred, _Call]] = {}
-        self._pending: dict[Any, Deferred] = {}
+        self.on_change = on_change
+        self._delivery = delivery if session_id is not None else None
+        self._in_flight: dict[Any, tuple[Deferred, Call]] = {}
+        self._pending: dict[str, tuple[Deferred, IDelayedCall]] = {}
         self._next_id = 0
 
     # -- transport-facing API ------------------------------------------------
@@ -289,37 +160,12 @@ class ServerSession:
         (so a transport can answer HTTP 403 before dispatching), else
         C{None}.
         """
-        needed = self._needed_scopes(message)
+        needed = needed_scopes(self.app, message)
         if needed and not set(needed) <= principal.scopes:
             return needed
         return None
 
-    def _needed_scopes(self, message: Message) -> tuple[str, ...]:
-        if not isinstance(message, Request):
-            return ()
-        params = message.params
-        if message.method == "tools/call":
-            name = params.get("name")
-            tool = self.app.tools.get(name) if isinstance(name, str) else None
-            return tool.scopes if tool else ()
-        if message.method == "prompts/get":
-            name = params.get("name")
-            prompt = self.app.prompts.get(name) if isinstance(name, str) else None
-            return prompt.scopes if prompt else ()
-        if message.method in ("resources/read", "resources/subscribe"):
-            uri = params.get("uri")
-            found = self.app.find_resource(uri) if isinstance(uri, str) else None
-            return found[0].scopes if found else ()
-        if message.method == "resources/list":
-            needed: list[str] = []
-            for lister in self.app.resource_listers:
-                needed.extend(s for s in lister.scopes if s not in needed)
-            return tuple(needed)
-        return ()
-
-    def handle(
-        self, message: Message, principal: Principal, outlet: Optional[Outlet] = None
-    ) -> Deferred:
+    def handle(self, message: Message, principal: Principal, outlet: Optional[Outlet] = None) -> Deferred:
         """
         Process one message.
 
@@ -339,13 +185,11 @@ class ServerSession:
         if self.state == "closed":
             return succeed(jsonrpc.error_response(message.id, JSONRPCError(jsonrpc.INVALID_REQUEST, "Session ended")))
         try:
-            call = self._prepare(message, principal, outlet)
+            call = self.prepare(message, principal, outlet)
         except JSONRPCError as error:
             return succeed(jsonrpc.error_response(message.id, error))
         if message.id in self._in_flight:
-            return succeed(
-                jsonrpc.error_response(message.id, jsonrpc.invalid_request("Request id already in use"))
-            )
+            return succeed(jsonrpc.error_response(message.id, jsonrpc.invalid_request("Request id already in use")))
         inner = self._dispatch(message, call)
         self._in_flight[message.id] = (inner, call)
         outer: Deferred = Deferred()
@@ -362,7 +206,10 @@ class ServerSession:
                 log.failure("MCP method {method} failed", result, method=message.method)
                 outer.callback(jsonrpc.error_response(message.id, jsonrpc.internal_error()))
                 return
-            outer.callback(jsonrpc.result_response(message.id, self._shape(message.method, call, result)))  # type: ignore[arg-type]
+            if call.modern:
+                server_info = {"name": self.app.name, "version": self.app.version}
+                result = modern_envelope(message.method, result, server_info)  # type: ignore[arg-type]
+            outer.callback(jsonrpc.result_response(message.id, result))
 
         inner.addBoth(finished)
         return outer
@@ -383,8 +230,58 @@ class ServerSession:
             inner.cancel()
         self._in_flight.clear()
         pending, self._pending = self._pending, {}
-        for d in pending.values():
+        for request_id, (d, timeout) in pending.items():
+            self._stop_waiting(request_id, timeout)
             d.errback(JSONRPCError(jsonrpc.REQUEST_CANCELLED, "Session ended"))
+
+    def resume(
+        self,
+        *,
+        protocol_version: Optional[str],
+        client_capabilities: dict[str, Any],
+        client_info: dict[str, Any],
+        log_level: Optional[str],
+        subscriptions: frozenset[str],
+    ) -> None:
+        """
+        Take up a session that was initialized elsewhere (another process,
+        or before this object existed) from its recorded state.  A session
+        recorded before its C{initialize} finished stays new.
+        """
+        self.log_level = log_level
+        self.subscriptions = frozenset(subscriptions)
+        if protocol_version is not None:
+            self.protocol_version = protocol_version
+            self.client_capabilities = dict(client_capabilities)
+            self.client_info = dict(client_info)
+            self.state = "ready"
+            self.app.attach(self)
+
+    # -- state changes, made by the methods ----------------------------------
+
+    def initialized_as(self, version: str, capabilities: dict[str, Any], client_info: dict[str, Any]) -> None:
+        self.protocol_version = version
+        self.client_capabilities = capabilities
+        self.client_info = client_info
+        self.state = "initialized"
+        self.app.attach(self)
+        self._changed()
+
+    def set_log_level(self, level: str) -> None:
+        self.log_level = level
+        self._changed()
+
+    def subscribe(self, uri: str) -> None:
+        self.subscriptions = self.subscriptions | {uri}
+        self._changed()
+
+    def unsubscribe(self, uri: str) -> None:
+        self.subscriptions = self.subscriptions - {uri}
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
 
     # -- used by Context and MCPApp ------------------------------------------
 
@@ -398,7 +295,11 @@ class ServerSession:
     ) -> Deferred:
         """
         Send a request to the client and wait for its answer, which comes
-        back through L{handle} as a L{Response}.
+        back through L{handle} as a L{Response} (on this process or, through
+        the delivery, on another).
+
+        @param capability: the client capability the request needs
+            (C{sampling}, C{elicitation}, C{roots}).
         """
         if self.state == "closed":
             return fail(JSONRPCError(jsonrpc.REQUEST_CANCELLED, "Session ended"))
@@ -424,20 +325,18 @@ class ServerSession:
         request_id = f"srv-{self._next_id}"
 
         def cancel(_: Deferred) -> None:
-            self._pending.pop(request_id, None)
+            entry = self._pending.pop(request_id, None)
+            if entry is not None:
+                self._stop_waiting(request_id, entry[1])
             self.notify(target, "notifications/cancelled", {"requestId": request_id})
 
         d: Deferred = Deferred(cancel)
-        self._pending[request_id] = d
         timeout = self.clock.callLater(self.request_timeout, self._time_out, request_id)
+        self._pending[request_id] = (d, timeout)
+        if self._delivery is not None:
+            self._delivery.expect_reply(self.session_id, request_id, self._resolve)  # type: ignore[arg-type]
         target.send(jsonrpc.request(request_id, method, params))
-
-        def clear(result: object) -> object:
-            if timeout.active():
-                timeout.cancel()
-            return result
-
-        return d.addBoth(clear)
+        return d
 
     def resource_updated(self, uri: str) -> None:
         if uri in self.subscriptions:
@@ -449,16 +348,34 @@ class ServerSession:
 
     # -- internals -------------------------------------------------------------
 
+    def _stop_waiting(self, request_id: str, timeout: IDelayedCall) -> None:
+        if timeout.active():
+            timeout.cancel()
+        if self._delivery is not None:
+            self._delivery.forget_reply(self.session_id, request_id)  # type: ignore[arg-type]
+
     def _time_out(self, request_id: str) -> None:
-        d = self._pending.pop(request_id, None)
-        if d is not None:
-            d.errback(JSONRPCError(jsonrpc.REQUEST_TIMEOUT, "The client did not answer in time"))
+        entry = self._pending.pop(request_id, None)
+        if entry is not None:
+            self._stop_waiting(request_id, entry[1])
+            entry[0].errback(JSONRPCError(jsonrpc.REQUEST_TIMEOUT, "The client did not answer in time"))
 
     def _handle_response(self, message: Response) -> None:
-        d = self._pending.pop(message.id, None)
-        if d is None:
+        if self._delivery is not None:
+            # The request may have been sent by this session's live parts
+            # in another process.
+            found = self._delivery.route_reply(self.session_id, message)  # type: ignore[arg-type]
+        else:
+            found = self._resolve(message)
+        if not found:
             log.debug("Response to unknown request {id!r} ignored", id=str(message.id)[:64])
-            return
+
+    def _resolve(self, message: Response) -> bool:
+        entry = self._pending.pop(str(message.id), None) if isinstance(message.id, str) else None
+        if entry is None:
+            return False
+        d, timeout = entry
+        self._stop_waiting(str(message.id), timeout)
         if message.error is not None:
             error = message.error
             raw_code, raw_text = error.get("code"), error.get("message")
@@ -467,6 +384,7 @@ class ServerSession:
             d.errback(JSONRPCError(code, text[:500], error.get("data")))
         else:
             d.callback(message.result)
+        return True
 
     def _handle_notification(self, message: Notification) -> None:
         if message.method == "notifications/initialized":
@@ -485,7 +403,14 @@ class ServerSession:
         # notifications/roots/list_changed, progress from the client and
         # unknown notifications need no action; JSON-RPC says never answer.
 
-    def _prepare(self, message: Request, principal: Principal, outlet: Optional[Outlet]) -> _Call:
+    def prepare(self, message: Request, principal: Principal, outlet: Optional[Outlet]) -> Call:
+        """
+        Check C{message} against the session's era and state and say how
+        it will be served.
+
+        @raise JSONRPCError: it cannot be served (not initialized, a bad
+            2026-07-28 envelope, a method that revision removed).
+        """
         meta = message.params.get("_meta")
         progress = meta.get("progressToken") if isinstance(meta, dict) else None
         if isinstance(progress, bool) or not isinstance(progress, (str, int)):
@@ -494,7 +419,7 @@ class ServerSession:
             return self._prepare_modern(message, principal, outlet, meta, progress)
         if self.state == "new" and message.method not in ("initialize", "ping"):
             raise jsonrpc.invalid_request("Session not initialized: send initialize first")
-        return _Call(
+        return Call(
             request_id=message.id,
             principal=principal,
             outlet=outlet,
@@ -507,7 +432,7 @@ class ServerSession:
 
     def _prepare_modern(
         self, message: Request, principal: Principal, outlet: Optional[Outlet], meta: Any, progress: Any
-    ) -> _Call:
+    ) -> Call:
         # The validation ladder of the 2026-07-28 revision, first failure wins.
         if not isinstance(meta, dict):
             raise jsonrpc.invalid_params("params._meta must carry the protocol version and client capabilities")
@@ -527,7 +452,7 @@ class ServerSession:
             raise jsonrpc.invalid_params("unknown log level")
         if message.method in REMOVED_IN_MODERN:
             raise jsonrpc.method_not_found(message.method)
-        return _Call(
+        return Call(
             request_id=message.id,
             principal=principal,
             outlet=outlet,
@@ -539,331 +464,8 @@ class ServerSession:
             progress_token=progress,
         )
 
-    def _shape(self, method: str, call: _Call, result: dict[str, Any]) -> dict[str, Any]:
-        if not call.modern:
-            return result
-        shaped = dict(result)
-        shaped.setdefault("resultType", "complete")
-        if method in CACHEABLE:
-            # Results depend on who asks (scopes), so only private caches.
-            shaped.setdefault("ttlMs", 0)
-            shaped.setdefault("cacheScope", "private")
-        meta = dict(shaped.get("_meta") or {})
-        meta.setdefault(SERVER_INFO_KEY, {"name": self.app.name, "version": self.app.version})
-        shaped["_meta"] = meta
-        return shaped
-
-    def _context(self, call: _Call) -> Context:
-        ctx = Context(
-            session=self,
-            subject=call.principal.subject,
-            client_id=call.principal.client_id,
-            scopes=call.principal.scopes,
-            request_id=call.request_id,
-            protocol_version=call.version,
-            outlet=call.outlet,
-            progress_token=call.progress_token,
-            log_level=call.log_level,
-        )
-        if call.modern:
-            ctx.session_id = None
-        call.context = ctx
-        return ctx
-
-    def _check_scopes(self, needed: tuple[str, ...], call: _Call) -> None:
-        if needed and not set(needed) <= call.principal.scopes:
-            log.info(
-                "MCP call refused: {subject} via {client_id} lacks scopes {scopes}",
-                subject=call.principal.subject,
-                client_id=call.principal.client_id,
-                scopes=" ".join(needed),
-            )
-            raise InsufficientScope(needed)
-
-    def _dispatch(self, message: Request, call: _Call) -> Deferred:
-        handler = _METHODS.get(message.method)
+    def _dispatch(self, message: Request, call: Call) -> Deferred:
+        handler = METHODS.get(message.method)
         if handler is None or (not call.modern and message.method == "server/discover"):
             return fail(jsonrpc.method_not_found(message.method))
-        try:
-            result = handler(self, message.params, call)
-        except BaseException:
-            return fail()
-        if isinstance(result, Deferred):
-            return result
-        return succeed(result)
-
-    # -- methods ---------------------------------------------------------------
-
-    def _initialize(self, params: dict[str, Any], call: _Call) -> dict[str, Any]:
-        if self.state != "new":
-            raise jsonrpc.invalid_request("Already initialized")
-        requested = params.get("protocolVersion")
-        if not isinstance(requested, str):
-            raise jsonrpc.invalid_params("protocolVersion must be a string")
-        capabilities = params.get("capabilities", {})
-        client_info = params.get("clientInfo", {})
-        if not isinstance(capabilities, dict) or not isinstance(client_info, dict):
-            raise jsonrpc.invalid_params("capabilities and clientInfo must be objects")
-        # A session-era version is echoed; anything else (including the
-        # stateless 2026-07-28, which has no handshake) gets our latest
-        # session-era version as the counter-offer.
-        version = requested if requested in SESSION_VERSIONS else LATEST_SESSION_VERSION
-        self.protocol_version = version
-        self.client_capabilities = capabilities
-        self.client_info = client_info
-        self.state = "initialized"
-        self.app.attach(self)
-        log.info(
-            "MCP session {session_id} initialized at {version} for {subject}",
-            # A prefix is enough to correlate log lines.
-            session_id=(self.session_id or "-")[:8],
-            version=version,
-            subject=call.principal.subject,
-        )
-        result: dict[str, Any] = {
-            "protocolVersion": version,
-            "capabilities": self.app.capabilities(),
-            "serverInfo": {"name": self.app.name, "version": self.app.version},
-        }
-        if self.app.instructions:
-            result["instructions"] = self.app.instructions
-        return result
-
-    def _discover(self, params: dict[str, Any], call: _Call) -> dict[str, Any]:
-        result: dict[str, Any] = {
-            "supportedVersions": list(MODERN_VERSIONS),
-            "capabilities": self._modern_capabilities(),
-            "serverInfo": {"name": self.app.name, "version": self.app.version},
-        }
-        if self.app.instructions:
-            result["instructions"] = self.app.instructions
-        return result
-
-    def _modern_capabilities(self) -> dict[str, Any]:
-        caps = self.app.capabilities()
-        caps.pop("logging", None)
-        if "resources" in caps:
-            caps["resources"] = {}
-        for key in ("tools", "prompts"):
-            if key in caps:
-                caps[key] = {}
-        return caps
-
-    def _ping(self, params: dict[str, Any], call: _Call) -> dict[str, Any]:
-        return {}
-
-    def _set_level(self, params: dict[str, Any], call: _Call) -> dict[str, Any]:
-        level = params.get("level")
-        if level not in LOG_LEVELS:
-            raise jsonrpc.invalid_params("level must be one of " + ", ".join(LOG_LEVELS))
-        self.log_level = level
-        return {}
-
-    def _page(self, items: list[dict[str, Any]], key: str, params: dict[str, Any]) -> dict[str, Any]:
-        offset = _decode_cursor(params.get("cursor"))
-        if offset > len(items):
-            raise jsonrpc.invalid_params("Invalid cursor")
-        end = offset + self.app.page_size
-        result: dict[str, Any] = {key: items[offset:end]}
-        if end < len(items):
-            result["nextCursor"] = _encode_cursor(end)
-        return result
-
-    def _tools_list(self, params: dict[str, Any], call: _Call) -> dict[str, Any]:
-        # Every tool is listed whatever the caller's scopes, so a client can
-        # see what it could do after stepping up.
-        items = [tool.descriptor(call.version) for tool in self.app.tools.values()]
-        return self._page(items, "tools", params)
-
-    def _tools_call(self, params: dict[str, Any], call: _Call) -> Deferred:
-        name = params.get("name")
-        if not isinstance(name, str):
-            raise jsonrpc.invalid_params("name must be a string")
-        tool = self.app.tools.get(name)
-        if tool is None:
-            raise jsonrpc.invalid_params(f"Unknown tool: {name[:100]}")
-        self._check_scopes(tool.scopes, call)
-        arguments = params.get("arguments")
-        if arguments is None:
-            arguments = {}
-        if not isinstance(arguments, dict):
-            raise jsonrpc.invalid_params("arguments must be an object")
-        problem = validate(arguments, tool.input_schema)
-        if problem is not None:
-            if call.version >= "2025-11-25":
-                # Since 2025-11-25 input errors are tool errors, so the
-                # model can read them and correct its call.
-                return succeed(error_result(f"Invalid arguments: {problem}"))
-            raise jsonrpc.invalid_params(f"Invalid arguments: {problem}")
-        ctx = self._context(call)
-        d = invoke(tool.func, tool.signature, ctx, arguments)
-
-        def done(value: object) -> dict[str, Any]:
-            return tool_result(tool, value, call.version)
-
-        def failed(failure: Failure) -> dict[str, Any]:
-            if failure.check(CancelledError) and call.cancelled:
-                failure.raiseException()
-            if failure.check(ToolError):
-                return error_result(str(failure.value) or "Tool error")
-            if failure.check(InsufficientScope):
-                failure.raiseException()
-            if failure.check(JSONRPCError):
-                return error_result(failure.value.message)
-            log.failure("Tool {tool} failed", failure, tool=tool.name)
-            return error_result("Tool execution failed")
-
-        def counted(result: Any) -> Any:
-            outcome = "error" if isinstance(result, Failure) else ("tool_error" if result.get("isError") else "ok")
-            log.info(
-                "tool {tool} called by {subject}: {outcome}",
-                tool=tool.name,
-                subject=call.principal.subject if call.principal is not None else None,
-                outcome=outcome,
-                smeldr_event="mcp_call",
-            )
-            return result
-
-        return d.addCallbacks(done, failed).addBoth(counted)
-
-    def _resources_list(self, params: dict[str, Any], call: _Call) -> Deferred:
-        fixed = [r.descriptor(call.version) for r in self.app.resources if not r.is_template]
-        listers = self.app.resource_listers
-        for lister in listers:
-            self._check_scopes(lister.scopes, call)
-        ctx = self._context(call)
-
-        async def gather() -> dict[str, Any]:
-            items = list(fixed)
-            for lister in listers:
-                found = await invoke(lister.func, lister.signature, ctx, {})
-                for entry in found or ():
-                    if isinstance(entry, dict) and isinstance(entry.get("uri"), str):
-                        items.append(dict(entry))
-            return self._page(items, "resources", params)
-
-        return Deferred.fromCoroutine(gather())
-
-    def _templates_list(self, params: dict[str, Any], call: _Call) -> dict[str, Any]:
-        items = [r.descriptor(call.version) for r in self.app.resources if r.is_template]
-        return self._page(items, "resourceTemplates", params)
-
-    def _find(self, params: dict[str, Any]) -> tuple[str, Any, dict[str, str]]:
-        uri = params.get("uri")
-        if not isinstance(uri, str):
-            raise jsonrpc.invalid_params("uri must be a string")
-        found = self.app.find_resource(uri)
-        if found is None:
-            raise JSONRPCError(jsonrpc.RESOURCE_NOT_FOUND, "Resource not found", {"uri": uri[:500]})
-        return uri, found[0], found[1]
-
-    def _resources_read(self, params: dict[str, Any], call: _Call) -> Deferred:
-        uri, resource, arguments = self._find(params)
-        self._check_scopes(resource.scopes, call)
-        ctx = self._context(call)
-        d = invoke(resource.func, resource.signature, ctx, arguments)
-
-        def done(value: object) -> dict[str, Any]:
-            if value is None:
-                raise JSONRPCError(jsonrpc.RESOURCE_NOT_FOUND, "Resource not found", {"uri": uri[:500]})
-            return {"contents": resource_contents(resource, uri, value)}
-
-        return d.addCallback(done)
-
-    def _subscribe(self, params: dict[str, Any], call: _Call) -> dict[str, Any]:
-        uri, resource, _ = self._find(params)
-        self._check_scopes(resource.scopes, call)
-        self.subscriptions = self.subscriptions | {uri}
-        return {}
-
-    def _unsubscribe(self, params: dict[str, Any], call: _Call) -> dict[str, Any]:
-        uri = params.get("uri")
-        if not isinstance(uri, str):
-            raise jsonrpc.invalid_params("uri must be a string")
-        self.subscriptions = self.subscriptions - {uri}
-        return {}
-
-    def _prompts_list(self, params: dict[str, Any], call: _Call) -> dict[str, Any]:
-        items = [p.descriptor(call.version) for p in self.app.prompts.values()]
-        return self._page(items, "prompts", params)
-
-    def _prompts_get(self, params: dict[str, Any], call: _Call) -> Deferred:
-        name = params.get("name")
-        if not isinstance(name, str):
-            raise jsonrpc.invalid_params("name must be a string")
-        prompt = self.app.prompts.get(name)
-        if prompt is None:
-            raise jsonrpc.invalid_params(f"Unknown prompt: {name[:100]}")
-        self._check_scopes(prompt.scopes, call)
-        arguments = params.get("arguments") or {}
-        if not isinstance(arguments, dict) or not all(isinstance(v, str) for v in arguments.values()):
-            raise jsonrpc.invalid_params("prompt arguments must be an object of strings")
-        declared = prompt.signature.schema["properties"]
-        for key in arguments:
-            if key not in declared and not prompt.signature.accepts_kwargs:
-                raise jsonrpc.invalid_params(f"Unknown argument: {key[:100]}")
-        for key in prompt.signature.schema.get("required", ()):
-            if key not in arguments:
-                raise jsonrpc.invalid_params(f"Missing required argument: {key}")
-        ctx = self._context(call)
-        d = invoke(prompt.func, prompt.signature, ctx, arguments)
-
-        def done(value: object) -> dict[str, Any]:
-            try:
-                return prompt_result(prompt, value, call.version)
-            except TypeError:
-                log.failure("Prompt {prompt} returned an unusable value", prompt=prompt.name)
-                raise jsonrpc.internal_error()
-
-        return d.addCallback(done)
-
-    def _complete(self, params: dict[str, Any], call: _Call) -> Deferred:
-        ref = params.get("ref")
-        argument = params.get("argument")
-        if not isinstance(ref, dict) or not isinstance(argument, dict):
-            raise jsonrpc.invalid_params("ref and argument must be objects")
-        kind = ref.get("type")
-        if kind == "ref/prompt":
-            key = ref.get("name")
-            prompt = self.app.prompts.get(key) if isinstance(key, str) else None
-            if prompt is None:
-                raise jsonrpc.invalid_params("Unknown prompt")
-            self._check_scopes(prompt.scopes, call)
-        elif kind == "ref/resource":
-            key = ref.get("uri")
-            if not isinstance(key, str):
-                raise jsonrpc.invalid_params("uri must be a string")
-        else:
-            raise jsonrpc.invalid_params("ref.type must be ref/prompt or ref/resource")
-        name, value = argument.get("name"), argument.get("value", "")
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise jsonrpc.invalid_params("argument name and value must be strings")
-        provider = self.app.completions.get((key, name))  # type: ignore[arg-type]
-        if provider is None:
-            return succeed({"completion": {"values": [], "total": 0, "hasMore": False}})
-        ctx = self._context(call)
-        d = invoke(provider.func, provider.signature, ctx, {"value": value})
-
-        def done(values: object) -> dict[str, Any]:
-            found = [str(v) for v in (values or [])]  # type: ignore[attr-defined]
-            return {"completion": {"values": found[:100], "total": len(found), "hasMore": len(found) > 100}}
-
-        return d.addCallback(done)
-
-
-_METHODS: dict[str, Callable[[ServerSession, dict[str, Any], _Call], Any]] = {
-    "initialize": ServerSession._initialize,
-    "server/discover": ServerSession._discover,
-    "ping": ServerSession._ping,
-    "logging/setLevel": ServerSession._set_level,
-    "tools/list": ServerSession._tools_list,
-    "tools/call": ServerSession._tools_call,
-    "resources/list": ServerSession._resources_list,
-    "resources/templates/list": ServerSession._templates_list,
-    "resources/read": ServerSession._resources_read,
-    "resources/subscribe": ServerSession._subscribe,
-    "resources/unsubscribe": ServerSession._unsubscribe,
-    "prompts/list": ServerSession._prompts_list,
-    "prompts/get": ServerSession._prompts_get,
-    "completion/complete": ServerSession._complete,
-}
+        return maybeDeferred(handler, self, message.params, call)

@@ -16,19 +16,19 @@ Console command::
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import Any, Optional, Sequence
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from smeldr_oauth.mcp import jsonrpc
-from smeldr_oauth.mcp.app import MCPApp
-from smeldr_oauth.mcp.session import CallbackOutlet, Principal, ServerSession
+from smeldr_oauth.mcp.app import AppLoadError, MCPApp, load_app
+from smeldr_oauth.mcp.calls import CallbackOutlet, Principal
+from smeldr_oauth.mcp.session import ServerSession
 
 log = Logger()
 
@@ -135,35 +135,6 @@ class StdioMCP(LineReceiver):
             self.finished.callback(None)
 
 
-def load_app(spec: str, site_db: Optional[str], reactor: Any) -> Deferred:
-    """
-    Resolve C{module:attr} to an L{MCPApp}.  The attribute may be an app,
-    or a factory: called as C{factory(site_db, reactor)} when C{--site-db}
-    was given, else C{factory()}; it may return a L{Deferred} or coroutine.
-    """
-    module_name, _, attr_name = spec.partition(":")
-    if not module_name or not attr_name:
-        raise SystemExit(f"--app must look like module:attr, not {spec!r}")
-    target: Any = importlib.import_module(module_name)
-    for part in attr_name.split("."):
-        target = getattr(target, part)
-    if isinstance(target, MCPApp):
-        return Deferred.fromCoroutine(_identity(target))
-    result = target(site_db, reactor) if site_db is not None else target()
-
-    async def resolve() -> MCPApp:
-        value = await result if hasattr(result, "__await__") or isinstance(result, Deferred) else result
-        if not isinstance(value, MCPApp):
-            raise SystemExit(f"{spec} did not give an MCPApp")
-        return value
-
-    return ensureDeferred(resolve())
-
-
-async def _identity(value: Any) -> Any:
-    return value
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point: serve an app on stdin/stdout until stdin closes."""
     parser = argparse.ArgumentParser(prog="smeldr-oauth-stdio", description=__doc__.split("\n\n")[0])
@@ -180,23 +151,34 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
 
+    status: list[int] = []
+
     def serve(app: MCPApp) -> Deferred:
         protocol = StdioMCP(app, reactor, args.max_line)
         StandardIO(protocol, reactor=reactor)
         return protocol.finished
 
     def failed(failure: Any) -> None:
-        log.failure("smeldr-oauth-stdio stopped", failure)
+        status.append(1)
+        if failure.check(AppLoadError):
+            log.error("smeldr-oauth-stdio: {problem}", problem=str(failure.value))
+        else:
+            log.failure("smeldr-oauth-stdio stopped", failure)
 
     def stop(_: object) -> None:
         if reactor.running:  # type: ignore[attr-defined]
             reactor.stop()  # type: ignore[attr-defined]
 
     def start() -> None:
-        load_app(args.app, args.site_db, reactor).addCallback(serve).addErrback(failed).addBoth(stop)
+        # A factory gets what this command has: the site database and the
+        # reactor, when --site-db is given.
+        factory_args = (args.site_db, reactor) if args.site_db is not None else ()
+        load_app(args.app, *factory_args).addCallback(serve).addErrback(failed).addBoth(stop)
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
+    if status:
+        sys.exit(status[0])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,8 @@ long-lived stream needs on the open internet:
     it finishes the response).
 
 L{Deadlines} is the one timer behind per-stream deadlines (for MCP: when a
-stream's access token must be checked again, or expires).
+stream's access token must be checked again, or expires).  L{StreamOptions}
+makes every stream of one endpoint with the same settings.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 from collections import deque
 from typing import Callable, Hashable, Optional
 
+import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -388,3 +390,39 @@ class SSEStream:
     def stopProducing(self) -> None:
         # The connection is going away; Klein will cancel `done`.
         self._cleanup()
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class StreamOptions:
+    """
+    How one endpoint's streams are made: its clock, keepalive interval
+    (and the one timer sending them, see L{KeepaliveTimer}), and how many
+    events may queue for a client that stopped reading.
+    """
+
+    clock: IReactorTime
+    keepalive_interval: float = 15.0
+    max_queue: int = 256
+    keepalive_timer: Optional[KeepaliveTimer] = attr.ib(default=None)
+
+    @classmethod
+    def shared(cls, clock: IReactorTime, keepalive_interval: float, max_queue: int) -> "StreamOptions":
+        """Options whose streams share one keepalive timer."""
+        timer = KeepaliveTimer(clock, keepalive_interval) if keepalive_interval else None
+        return cls(clock, keepalive_interval, max_queue, timer)
+
+    def stream(
+        self,
+        request: object,
+        on_close: Optional[Callable[[SSEStream], None]] = None,
+        done: Optional[Deferred] = None,
+    ) -> SSEStream:
+        return SSEStream(
+            request,
+            self.clock,
+            keepalive_interval=self.keepalive_interval,
+            keepalive_timer=self.keepalive_timer,
+            max_queue=self.max_queue,
+            on_close=on_close,
+            done=done,
+        )

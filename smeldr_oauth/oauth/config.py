@@ -75,6 +75,17 @@ class Config:
         address per minute that make the server fetch a client metadata
         document (answers from the document cache are not counted), so
         nobody can make the server fetch URLs of their choosing at speed.
+    @ivar token_requests_per_minute_per_address: token requests per client
+        address per minute.  Generous: Claude.ai calls the token endpoint
+        for all of its users from a few addresses, and refreshes one token
+        several times in parallel.
+    @ivar token_requests_per_minute_per_client: token requests per client
+        id per minute: one metadata-document client (Claude.ai's, ChatGPT's)
+        stands for every user of that product, so this too is generous.
+    @ivar rate_limit_keys: how many addresses (or client ids) each limit
+        remembers; the least recently seen is forgotten first.  Every limit
+        is a token bucket: bursts up to the number, refilled at the number
+        per minute.
     """
 
     issuer: str = attr.ib(converter=_issuer)
@@ -95,6 +106,9 @@ class Config:
     paste_failures_per_minute: int = attr.ib(default=30)
     registrations_per_minute: int = attr.ib(default=20)
     cimd_fetches_per_minute: int = attr.ib(default=30)
+    token_requests_per_minute_per_address: int = attr.ib(default=600)
+    token_requests_per_minute_per_client: int = attr.ib(default=600)
+    rate_limit_keys: int = attr.ib(default=10000)
     service_name: str = attr.ib(default="smeldr")
 
     def __attrs_post_init__(self) -> None:
@@ -107,7 +121,14 @@ class Config:
         for name in ("access_token_ttl", "auth_code_ttl", "refresh_token_ttl"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        for name in ("paste_failures_per_minute", "registrations_per_minute", "cimd_fetches_per_minute"):
+        for name in (
+            "paste_failures_per_minute",
+            "registrations_per_minute",
+            "cimd_fetches_per_minute",
+            "token_requests_per_minute_per_address",
+            "token_requests_per_minute_per_client",
+            "rate_limit_keys",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.refresh_grace < 0:
@@ -133,4 +154,17 @@ class Config:
         return tuple(names) + (OFFLINE_ACCESS,)
 
     def endpoint(self, path: str) -> str:
+        """
+        The public URL of C{path} under the issuer (its path included).
+        """
         return self.issuer + path
+
+    @property
+    def issuer_origin(self) -> str:
+        """
+        The issuer's scheme, host and port: where the well-known documents
+        live when the issuer has a path (RFC 8414 section 3.1).
+        """
+        url = parse(self.issuer)
+        assert url is not None
+        return url.replace(path=(), query=(), fragment="").to_text().rstrip("/")

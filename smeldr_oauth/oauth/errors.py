@@ -120,17 +120,45 @@ class RateLimited(Exception):
         self.retry_after = retry_after
 
 
+class PasteRefused(Exception):
+    """
+    The site token pasted into a form was not accepted.
+    """
+
+
 class AuthorizeRedirectError(Exception):
     """
     An authorization request error that may be sent back to the (trusted)
     redirect URI, with C{state} and C{iss}.
+
+    @ivar issuer: the C{iss} to send back (RFC 9207); set by whoever raises
+        it, so the HTTP layer can answer with L{location} alone.
     """
 
-    def __init__(self, redirect_uri: str, state: Optional[str], error: OAuthError) -> None:
+    def __init__(
+        self, redirect_uri: str, state: Optional[str], error: OAuthError, issuer: Optional[str] = None
+    ) -> None:
         super().__init__(redirect_uri, error.error)
         self.redirect_uri = redirect_uri
         self.state = state
         self.error = error
+        self.issuer = issuer
+
+    @property
+    def location(self) -> str:
+        """
+        The Location of the error response (RFC 6749 section 4.1.2.1, with
+        RFC 9207's C{iss}).
+        """
+        from smeldr_oauth.oauth.urls import with_query
+
+        if self.issuer is None:
+            raise ValueError("an authorization error redirect needs the issuer")
+        params = [("error", self.error.error), ("error_description", self.error.description)]
+        if self.state is not None:
+            params.append(("state", self.state))
+        params.append(("iss", self.issuer))
+        return with_query(self.redirect_uri, params)
 
 
 def login_required(description: str) -> OAuthError:

@@ -1,8 +1,11 @@
 # -*- test-case-name: tests.test_oauth_urls -*-
 """
-URL rules: issuer and resource canonicalisation (RFC 8414, RFC 8707,
-RFC 9728) and redirect URI matching (OAuth 2.1 exact match, with RFC 8252's
-any-port rule for loopback redirects).
+URL rules, each in one place: issuer and resource canonicalisation
+(RFC 8414, RFC 8707, RFC 9728), the host-name grammar, the loopback hosts,
+which redirect URIs a client may have (L{check_redirect_uri}, for
+registrations and metadata documents alike) and how a presented one
+matches (OAuth 2.1 exact match, with RFC 8252's any-port rule for loopback
+redirects).
 
 Pure functions over strings, built on L{hyperlink}.
 """
@@ -16,15 +19,29 @@ from urllib.parse import quote
 
 from hyperlink import URL
 
+#: The loopback hosts a redirect URI may use over http: the two loopback
+#: IP literals RFC 8252 section 7.3 and OAuth 2.1 section 8.4.2 name, and
+#: C{localhost}, which they advise against but Claude Code, mcp-remote and
+#: the SDKs use.  Other loopback addresses (C{127.0.0.2}) are not in it: no
+#: client uses them, and one rule for everyone is easier to get right.
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
-# A DNS name (letters, digits, hyphens and underscores in dot-separated
-# labels, IDNs in their xn-- form).  Hosts end up in a Content-Security-Policy
-# (the consent form's form-action), where a ';' or a quote would be an
-# injection.
-_HOST_NAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_\-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_\-]{0,61}[A-Za-z0-9_])?)*\.?$"
-)
+#: One DNS label: letters, digits and inner hyphens (RFC 1123 section 2.1),
+#: in any case; IDNs in their xn-- form.
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+#: A last label like these makes resolvers read the name as an IPv4
+#: address in one of its legacy forms (127.1, 0x7f.1, 2130706433).
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
+
+#: Longest redirect URI (or client id URL) accepted.
+MAX_URL_LENGTH = 2048
+
+
+class InvalidRedirectURI(ValueError):
+    """
+    A redirect URI a client may not have; the message says why.
+    """
 
 
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -65,7 +82,7 @@ def parse(value: str) -> Optional[URL]:
     characters, spaces and a port that is not ASCII digits from 1 to 65535
     make it not one.
     """
-    if not isinstance(value, str) or not value or len(value) > 2048:
+    if not isinstance(value, str) or not value or len(value) > MAX_URL_LENGTH:
         return None
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
         return None
@@ -82,25 +99,48 @@ def parse(value: str) -> Optional[URL]:
     return url
 
 
-def valid_host(host: str) -> bool:
+def is_host_name(host: str) -> bool:
     """
-    Is C{host} a plain DNS name or an IP address literal?
+    The one host-name grammar: dot-separated DNS labels, at most 253
+    characters, no trailing dot, and a last label that is not a number (a
+    resolver would take C{127.1} or C{0x7f.1} for an address).  Hosts end
+    up in a Content-Security-Policy (the consent form's C{form-action}),
+    where a C{;} or a quote would be an injection.
     """
+    if not host or len(host) > 253:
+        return False
+    labels = host.split(".")
+    if not all(_LABEL.fullmatch(label) for label in labels):
+        return False
+    return _NUMERIC_LABEL.fullmatch(labels[-1]) is None
+
+
+def is_ip_literal(host: str) -> bool:
+    """
+    Is C{host} an IPv4 or IPv6 address (brackets allowed, no zone id)?
+    """
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if "%" in text:
+        return False
     try:
-        ipaddress.ip_address(host.strip("[]") if host.startswith("[") else host)
-        return True
+        ipaddress.ip_address(text)
     except ValueError:
-        return bool(_HOST_NAME.match(host))
+        return False
+    return True
+
+
+def is_host(host: str) -> bool:
+    """
+    Is C{host} a host name (L{is_host_name}) or an IP address literal?
+    """
+    return is_ip_literal(host) or is_host_name(host)
 
 
 def is_loopback_host(host: str) -> bool:
-    host = host.lower().strip("[]")
-    if host in LOOPBACK_HOSTS:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """
+    Is C{host} one of L{LOOPBACK_HOSTS} (any case, brackets allowed)?
+    """
+    return host.lower().strip("[]") in LOOPBACK_HOSTS
 
 
 def _default_port(scheme: str) -> Optional[int]:
@@ -165,24 +205,47 @@ def redirect_uri_matches(registered: str, presented: str) -> bool:
     return (reg.path, reg.query) == (pres.path, pres.query)
 
 
+def check_redirect_uri(value: object, allow_insecure: bool = False) -> str:
+    """
+    The one rule for the redirect URIs a client may have, whether it
+    registers them (RFC 7591) or publishes them in a metadata document:
+    an absolute URI of plain ASCII, no user info, no fragment, a valid host
+    and port; https anywhere, http only on a loopback host (L{LOOPBACK_HOSTS},
+    RFC 8252) unless C{allow_insecure} (development).  Private-use schemes
+    are refused: no MCP client uses them.
+
+    @return: C{value}.
+    @raise InvalidRedirectURI: saying why it is refused.
+    """
+    if not isinstance(value, str) or not value or len(value) > MAX_URL_LENGTH:
+        raise InvalidRedirectURI("redirect URIs must be strings of 1 to 2048 characters")
+    if not all(" " < c < "\x7f" for c in value):
+        raise InvalidRedirectURI("redirect URIs must be plain ASCII without spaces")
+    if "#" in value:
+        raise InvalidRedirectURI("redirect URIs must not contain a fragment")
+    url = parse(value)
+    if url is None or not value.startswith(url.scheme + "://"):
+        raise InvalidRedirectURI("redirect URIs must be absolute URIs with a valid port")
+    if url.userinfo:
+        raise InvalidRedirectURI("redirect URIs must not contain user info")
+    if not is_host(url.host):
+        raise InvalidRedirectURI("redirect URIs must name a valid host")
+    if url.scheme == "https":
+        return value
+    if url.scheme == "http" and (allow_insecure or is_loopback_host(url.host)):
+        return value
+    raise InvalidRedirectURI("redirect URIs must use https (http only on localhost, 127.0.0.1 or [::1])")
+
+
 def valid_redirect_uri(value: str, allow_insecure: bool = False) -> bool:
     """
-    May a client register this redirect URI?  https anywhere, http only on
-    a loopback host (RFC 8252) unless C{allow_insecure}; never a fragment
-    or user info, and the host must be a plain DNS name or IP literal.
-    Private-use schemes are not accepted: no MCP client uses them.
+    Whether L{check_redirect_uri} accepts C{value}.
     """
-    url = parse(value)
-    if url is None or url.fragment or url.userinfo or "#" in value:
+    try:
+        check_redirect_uri(value, allow_insecure)
+    except InvalidRedirectURI:
         return False
-    if not valid_host(url.host):
-        return False
-    scheme = url.scheme.lower()
-    if scheme == "https":
-        return True
-    if scheme == "http":
-        return allow_insecure or is_loopback_host(url.host)
-    return False
+    return True
 
 
 def with_query(base: str, params: list[tuple[str, str]]) -> str:

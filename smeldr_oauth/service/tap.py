@@ -20,12 +20,12 @@ from twisted.python import usage
 from smeldr_oauth.oauth.config import Config, ConfigError
 
 
-def _positive_int(name: str):  # type: ignore[no-untyped-def]
+def _positive_int(name: str, unit: str = "seconds"):  # type: ignore[no-untyped-def]
     def convert(value: str) -> int:
         try:
             number = int(value)
         except ValueError:
-            raise usage.UsageError(f"--{name} must be a whole number of seconds, got {value!r}")
+            raise usage.UsageError(f"--{name} must be a whole number of {unit}, got {value!r}")
         if number <= 0:
             raise usage.UsageError(f"--{name} must be positive, got {value!r}")
         return number
@@ -37,6 +37,28 @@ def _db_threads(value: str) -> int:
     if value not in ("0", "1"):
         raise usage.UsageError(f"--db-threads must be 0 or 1, got {value!r}")
     return int(value)
+
+
+def _load_app(spec: str) -> Any:
+    """
+    C{--app}: the L{MCPApp} named by C{spec}, loaded now so a mistake is a
+    usage error.  Its factory (if it is one) is called without arguments
+    and must not be asynchronous: nothing runs the reactor yet.
+    """
+    from twisted.python.failure import Failure
+
+    from smeldr_oauth.mcp.app import AppLoadError, load_app
+
+    found: list[Any] = []
+    load_app(spec).addBoth(found.append)
+    if not found:
+        raise usage.UsageError(f"--app {spec!r}: the factory must return the app, not wait for it")
+    result = found[0]
+    if isinstance(result, Failure):
+        if result.check(AppLoadError):
+            raise usage.UsageError(str(result.value))
+        raise usage.UsageError(f"--app {spec!r}: {type(result.value).__name__}: {result.value}")
+    return result
 
 
 class Options(usage.Options):
@@ -99,6 +121,49 @@ class Options(usage.Options):
             "MCP sessions one user (subject) may hold at once, over all its grants.",
             _positive_int("max-sessions-per-user"),
         ],
+        [
+            "paste-limit",
+            None,
+            30,
+            "Refused site-token pastes per client address per minute (consent and connected-apps pages).",
+            _positive_int("paste-limit", "attempts"),
+        ],
+        [
+            "registration-limit",
+            None,
+            20,
+            "Dynamic client registrations per client address per minute.",
+            _positive_int("registration-limit", "requests"),
+        ],
+        [
+            "cimd-fetch-limit",
+            None,
+            30,
+            "Authorization requests per client address per minute that fetch a client metadata document.",
+            _positive_int("cimd-fetch-limit", "requests"),
+        ],
+        [
+            "token-limit-per-address",
+            None,
+            600,
+            "Token requests per client address per minute.",
+            _positive_int("token-limit-per-address", "requests"),
+        ],
+        [
+            "token-limit-per-client",
+            None,
+            600,
+            "Token requests per client id per minute.",
+            _positive_int("token-limit-per-client", "requests"),
+        ],
+        [
+            "rate-limit-keys",
+            None,
+            10000,
+            "Addresses (or client ids) each rate limit remembers; the least recently seen go first.",
+            _positive_int("rate-limit-keys", "keys"),
+        ],
+        ["docs-url", None, None, "A documentation link for the landing page at / [default: none]."],
         ["cimd-ca-file", None, None, "TESTING ONLY: PEM CA to trust for client metadata fetches."],
         ["service-name", None, "smeldr", "Name shown on the consent page."],
         [
@@ -183,9 +248,7 @@ class Options(usage.Options):
             self["listen"] = ["tcp:8080"]
         self["mcp-app"] = None
         if self["app"]:
-            from smeldr_oauth.service.wiring import load_app
-
-            self["mcp-app"] = load_app(self["app"])
+            self["mcp-app"] = _load_app(self["app"])
         if self["metrics-listen"]:
             from twisted.internet import reactor
 
@@ -223,6 +286,12 @@ class Options(usage.Options):
             allow_insecure_client_ids=bool(self["dev"]),
             refresh_for_refresh_grant_clients=not self["offline-access-only"],
             service_name=self["service-name"],
+            paste_failures_per_minute=self["paste-limit"],
+            registrations_per_minute=self["registration-limit"],
+            cimd_fetches_per_minute=self["cimd-fetch-limit"],
+            token_requests_per_minute_per_address=self["token-limit-per-address"],
+            token_requests_per_minute_per_client=self["token-limit-per-client"],
+            rate_limit_keys=self["rate-limit-keys"],
         )
         kw.update(overrides)
         return Config(**kw)

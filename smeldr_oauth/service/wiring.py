@@ -8,7 +8,6 @@ This is the only layer that may fall back to the global reactor.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Optional
 
 import attr
@@ -18,15 +17,20 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python import usage
 
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.http import MCPHTTP
 from smeldr_oauth.oauth.config import OFFLINE_ACCESS
-from smeldr_oauth.oauth.grants import GrantsPage
-from smeldr_oauth.oauth.http import OAuthHTTP
+from smeldr_oauth.oauth.ratelimit import Limits
 from smeldr_oauth.oauth.server import OAuthServer
-from smeldr_oauth.service.web import SmeldrSite, TrustedProxies
+from smeldr_oauth.web.authorize import AuthorizeRoutes
+from smeldr_oauth.web.errors import API_PREFIXES, install_error_handlers
+from smeldr_oauth.web.grants import GrantsPage
+from smeldr_oauth.web.health import Health
+from smeldr_oauth.web.landing import Landing
+from smeldr_oauth.web.oauth import OAuthRoutes, issuer_path
+from smeldr_oauth.web.routes import Route, mount_routes
+from smeldr_oauth.web.site import SmeldrSite, TrustedProxies
 
 log = Logger()
 
@@ -38,7 +42,7 @@ class Mounted:
     """
 
     oauth: OAuthServer
-    oauth_http: OAuthHTTP
+    routes: list[Route]
     mcp_http: Optional[MCPHTTP]
 
     def shutdown(self) -> "Deferred[None]":
@@ -60,30 +64,39 @@ def mount(
     max_sessions_per_grant: int = 50,
     max_sessions_per_subject: int = 200,
     max_sessions: int = 10000,
+    whole_site: bool = False,
+    docs_url: Optional[str] = None,
 ) -> Mounted:
     """
     Mount every endpoint of C{oauth} (metadata, authorize, token, revoke,
-    register) and, when C{mcp_app} is given, the MCP endpoints protected by
-    it, on an existing Klein app.
+    register, the connected-apps page, C{/healthz}) and, when C{mcp_app} is
+    given, the MCP endpoints protected by it, on an existing Klein app.
 
     @param mcp_path: where the MCP endpoint lives; defaults to the path of
         the configured resource URL (C{/mcp}).
+    @param whole_site: C{app} is the whole site (the standalone server):
+        also serve the landing page at C{/}, and answer every unknown path
+        and method with the project's own 404 and 405.  Off when mounting
+        into someone else's app, whose C{/} and errors stay theirs.
+    @param docs_url: a documentation link for the landing page.
     """
     from hyperlink import URL
 
     config = oauth.config
-    oauth_http = OAuthHTTP(oauth)
-    oauth_http.register(app)
-    GrantsPage(oauth, reactor).register(app)
-    register_health(app, oauth)
+    routes = OAuthRoutes(oauth).routes() + AuthorizeRoutes(oauth).routes()
+    routes += GrantsPage(oauth, reactor).routes() + Health(oauth.store).routes()
+    if whole_site:
+        routes += Landing(config, docs_url).routes()
+    mount_routes(app, routes)
     mcp_http = None
     if mcp_app is not None:
         resource = config.resource or ""
         path = mcp_path or ("/" + "/".join(p for p in URL.from_text(resource).path if p)) or "/mcp"
-        suffix = path.strip("/")
-        metadata_url = config.issuer + "/.well-known/oauth-protected-resource" + (
-            "/" + suffix if suffix else ""
-        )
+        # RFC 9728 section 3.1: the well-known path goes between the
+        # resource's origin and its path.
+        origin = URL.from_text(resource).replace(path=(), query=(), fragment="").to_text().rstrip("/")
+        suffix = "/".join(p for p in URL.from_text(resource).path if p)
+        metadata_url = origin + "/.well-known/oauth-protected-resource" + ("/" + suffix if suffix else "")
         mcp_http = MCPHTTP(
             reactor,
             mcp_app,
@@ -100,7 +113,14 @@ def mount(
         )
         mcp_http.register(app, path)
         oauth.add_revocation_observer(mcp_http.close_grant)
-    return Mounted(oauth=oauth, oauth_http=oauth_http, mcp_http=mcp_http)
+    if whole_site:
+        # Every unknown path and method gets the project's own answer,
+        # never Werkzeug's page: JSON under the API paths (the issuer's and
+        # the MCP endpoint's included), the site's page elsewhere.
+        prefix = issuer_path(config.issuer)
+        extra = [prefix + "/oauth/"] + ([mcp_http.path] if mcp_http is not None else [])
+        install_error_handlers(app, site_wide=True, api_prefixes=API_PREFIXES + tuple(extra))
+    return Mounted(oauth=oauth, routes=routes, mcp_http=mcp_http)
 
 
 def watch_external_changes(store: Any, oauth: OAuthServer, clock: IReactorTime, interval: float = 1.0) -> LoopingCall:
@@ -130,53 +150,6 @@ def watch_external_changes(store: Any, oauth: OAuthServer, clock: IReactorTime, 
     return loop
 
 
-def register_health(app: Klein, oauth: OAuthServer, path: str = "/healthz") -> None:
-    """
-    C{GET /healthz}: 200 when the OAuth store answers a query, 503 when it
-    does not, for platform health checks.  It says nothing else.
-    """
-
-    async def health(request: Any) -> bytes:
-        request.setHeader("Content-Type", "application/json")
-        request.setHeader("Cache-Control", "no-store")
-        try:
-            await oauth.store.count_clients()
-        except Exception:
-            log.failure("health check: the OAuth store did not answer")
-            request.setResponseCode(503)
-            return b'{"status":"unavailable"}'
-        return b'{"status":"ok"}'
-
-    app.route(path, methods=["GET", "HEAD"], branch=False, endpoint="smeldr_healthz")(health)
-
-    def favicon(request: Any) -> bytes:
-        # Browsers ask for it on every page; an empty answer they may cache
-        # keeps a 404 out of their consoles and our access log.
-        request.setResponseCode(204)
-        request.setHeader("Cache-Control", "public, max-age=86400")
-        return b""
-
-    app.route("/favicon.ico", methods=["GET", "HEAD"], branch=False, endpoint="smeldr_favicon")(favicon)
-
-
-def load_app(spec: str) -> MCPApp:
-    """
-    Load a user's L{MCPApp} from C{module:attribute}; the attribute may be
-    the app or a callable that returns one.
-    """
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise usage.UsageError(f"--app must look like module:attribute, got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-        target = getattr(module, attribute)
-    except Exception as e:
-        raise usage.UsageError(f"--app {spec!r}: {e}")
-    if not isinstance(target, MCPApp) and callable(target):
-        target = target()
-    if not isinstance(target, MCPApp):
-        raise usage.UsageError(f"--app {spec!r} is not an MCPApp")
-    return target
 
 
 class StandaloneService(Service):
@@ -215,7 +188,7 @@ class StandaloneService(Service):
                 reactor, allow_insecure=bool(options["dev"]), trust_root=options["cimd-ca"]
             )
         config = options.config(verify_bearer=self.site_stores.tokens.verify_bearer, scopes=scopes)
-        self.oauth = OAuthServer(config, self.store, reactor, cimd)
+        self.oauth = OAuthServer(config, self.store, reactor, cimd, limits=Limits.from_config(config, reactor))
         self.app = Klein()
         self.mounted = mount(
             self.app,
@@ -228,6 +201,8 @@ class StandaloneService(Service):
             max_sessions_per_grant=options["max-sessions-per-grant"],
             max_sessions_per_subject=options["max-sessions-per-user"],
             max_sessions=options["max-sessions"],
+            whole_site=True,
+            docs_url=options.get("docs-url"),
         )
         from smeldr_oauth.service.metrics import Metrics, MetricsObserver
 

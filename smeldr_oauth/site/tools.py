@@ -9,37 +9,54 @@ shows the words of L{site_scopes}, so what a user approves is exactly what
 the tools check.
 
 The handlers only translate: arguments to L{PostStore} calls, L{Post}s to
-JSON, the store's typed errors to L{ToolError}s (which the model sees and
-can correct), and changes to resource notifications.
+JSON (L{smeldr_oauth.site.post_json}), the store's typed errors to
+L{ToolError}s (which the model sees and can correct), and changes to
+resource notifications.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from smeldr_oauth.mcp.app import Context, MCPApp, ToolError
+from smeldr_oauth.mcp import Context, MCPApp, ToolError
 from smeldr_oauth.mcp.jsonrpc import invalid_params
-from smeldr_oauth.site.posts import (
-    MAX_LIMIT,
-    PUBLISHED,
-    Post,
-    PostNotFound,
-    PostStore,
-    SearchHit,
-    SiteError,
+from smeldr_oauth.site.post_json import (
+    DELETED_SCHEMA,
+    LIST_SCHEMA,
+    POST_SCHEMA,
+    POST_URI,
+    SEARCH_SCHEMA,
+    WRITTEN_SCHEMA,
+    excerpt,
+    hit_json,
+    post_json,
+    post_summary,
+    post_uri,
+    written_json,
 )
+from smeldr_oauth.site.posts import MAX_LIMIT, PUBLISHED, Post, PostNotFound, PostStore, SiteError
 from smeldr_oauth.site.stores import SiteStores, open_site
 
-POST_URI = "smeldr://posts/{slug}"
+#: The hints of every tool that only reads (MCP tool annotations).
+READ_ONLY = {"readOnlyHint": True, "idempotentHint": True, "openWorldHint": False}
+
+
+def writes(*, destructive: bool, idempotent: bool, open_world: bool) -> dict[str, bool]:
+    """The hints of a tool that changes posts."""
+    return {
+        "readOnlyHint": False,
+        "destructiveHint": destructive,
+        "idempotentHint": idempotent,
+        "openWorldHint": open_world,
+    }
+
+
 #: How many published posts C{resources/list} shows (newest first).
 RESOURCE_LIST_LIMIT = 200
-EXCERPT = 200
 
 
 def site_scopes() -> dict[str, str]:
@@ -62,71 +79,6 @@ drafts: create_post, then publish_post when the user agrees.\
 """
 
 
-def post_uri(slug: str) -> str:
-    return POST_URI.replace("{slug}", slug)
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
-
-
-def _excerpt(body: str) -> str:
-    flat = re.sub(r"\s+", " ", body).strip()
-    return flat if len(flat) <= EXCERPT else flat[: EXCERPT - 1].rstrip() + "…"
-
-
-def post_summary(post: Post) -> dict[str, Any]:
-    """
-    A post without its body: what lists and search results carry.
-    """
-    summary: dict[str, Any] = {
-        "slug": post.slug,
-        "title": post.title,
-        "status": post.status,
-        "tags": list(post.tags),
-        "created_at": _iso(post.created_at),
-        "updated_at": _iso(post.updated_at),
-        "published_at": _iso(post.published_at),
-        "excerpt": _excerpt(post.body),
-    }
-    if post.status == PUBLISHED:
-        summary["uri"] = post_uri(post.slug)
-    return summary
-
-
-def post_json(post: Post) -> dict[str, Any]:
-    """
-    A whole post, as tools return it.
-    """
-    full = post_summary(post)
-    del full["excerpt"]
-    full["body"] = post.body
-    return full
-
-
-def written_json(post: Post, ctx: Context) -> dict[str, Any]:
-    """
-    What a write tool answers: the post as written, with its body only when
-    the caller may also read.  A token with the C{write} scope alone must
-    not be able to read a draft by making a no-op change to it.
-    """
-    scopes = getattr(ctx, "scopes", None)
-    if scopes is None or "read" in scopes:
-        # No context: called directly from Python, not over MCP.
-        return post_json(post)
-    written = post_summary(post)
-    del written["excerpt"]
-    return written
-
-
-def _hit_json(hit: SearchHit) -> dict[str, Any]:
-    found = post_summary(hit.post)
-    found["snippet"] = hit.snippet
-    return found
-
-
 def _as_tool_error(failure: Failure) -> None:
     """
     The store's typed errors become tool errors: their messages are written
@@ -142,85 +94,6 @@ def _whole(value: float | None) -> int | None:
         return int(value)
     return value  # type: ignore[return-value]
 
-
-# Output schemas: what structuredContent holds.
-
-_NULLABLE_STRING = {"type": ["string", "null"]}
-_SUMMARY_PROPERTIES: dict[str, Any] = {
-    "slug": {"type": "string"},
-    "title": {"type": "string"},
-    "status": {"type": "string", "enum": ["draft", "published"]},
-    "tags": {"type": "array", "items": {"type": "string"}},
-    "created_at": {"type": "string", "format": "date-time"},
-    "updated_at": {"type": "string", "format": "date-time"},
-    "published_at": {**_NULLABLE_STRING, "format": "date-time"},
-    "uri": {"type": "string", "description": "resource URI (published posts only)"},
-}
-_REQUIRED = [
-    "slug",
-    "title",
-    "status",
-    "tags",
-    "created_at",
-    "updated_at",
-    "published_at",
-]
-POST_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        **_SUMMARY_PROPERTIES,
-        "body": {"type": "string", "description": "markdown"},
-    },
-    "required": _REQUIRED + ["body"],
-}
-WRITTEN_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        **_SUMMARY_PROPERTIES,
-        "body": {"type": "string", "description": "markdown; only for callers that may also read"},
-    },
-    "required": _REQUIRED,
-}
-SUMMARY_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {**_SUMMARY_PROPERTIES, "excerpt": {"type": "string"}},
-    "required": _REQUIRED + ["excerpt"],
-}
-LIST_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "posts": {"type": "array", "items": SUMMARY_SCHEMA},
-        "next_cursor": {
-            **_NULLABLE_STRING,
-            "description": "pass as cursor to get the next page; null on the last page",
-        },
-    },
-    "required": ["posts", "next_cursor"],
-}
-SEARCH_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "results": {
-            "type": "array",
-            "items": {
-                **SUMMARY_SCHEMA,
-                "properties": {
-                    **SUMMARY_SCHEMA["properties"],
-                    "snippet": {
-                        "type": "string",
-                        "description": "matching text, terms in [brackets]",
-                    },
-                },
-            },
-        },
-    },
-    "required": ["results"],
-}
-DELETED_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"deleted": {"type": "string"}, "title": {"type": "string"}},
-    "required": ["deleted", "title"],
-}
 
 # Argument types: the annotations carry the descriptions the schema shows.
 
@@ -270,6 +143,16 @@ def build_app(
         if uris:
             app.notify_list_changed("resources")
 
+    async def rewrite(ctx: Context, slug: str, change: Callable[[], Deferred]) -> dict[str, Any]:
+        """Change an existing post, tell subscribers, answer what was written."""
+        try:
+            before = await posts.get(slug)
+            after = await change()
+        except SiteError as e:
+            raise ToolError(str(e))
+        changed(before, after)
+        return written_json(after, ctx)
+
     # -- read ------------------------------------------------------------------
 
     @app.tool(
@@ -281,11 +164,7 @@ def build_app(
         ),
         scopes=("read",),
         output_schema=LIST_SCHEMA,
-        annotations={
-            "readOnlyHint": True,
-            "idempotentHint": True,
-            "openWorldHint": False,
-        },
+        annotations=READ_ONLY,
     )
     def list_posts(
         ctx: Context,
@@ -308,11 +187,7 @@ def build_app(
         description="Read one post in full (markdown body, tags, status, dates) by its slug.",
         scopes=("read",),
         output_schema=POST_SCHEMA,
-        annotations={
-            "readOnlyHint": True,
-            "idempotentHint": True,
-            "openWorldHint": False,
-        },
+        annotations=READ_ONLY,
     )
     def get_post(ctx: Context, slug: Slug) -> Deferred:
         return posts.get(slug).addCallback(post_json).addErrback(_as_tool_error)
@@ -326,11 +201,7 @@ def build_app(
         ),
         scopes=("read",),
         output_schema=SEARCH_SCHEMA,
-        annotations={
-            "readOnlyHint": True,
-            "idempotentHint": True,
-            "openWorldHint": False,
-        },
+        annotations=READ_ONLY,
     )
     def search_posts(
         ctx: Context,
@@ -339,7 +210,7 @@ def build_app(
         limit: Annotated[int, f"At most this many results, 1 to {MAX_LIMIT}."] = 10,
     ) -> Deferred:
         d = posts.search(query, status=status, limit=_whole(limit))
-        d.addCallback(lambda hits: {"results": [_hit_json(h) for h in hits]})
+        d.addCallback(lambda hits: {"results": [hit_json(h) for h in hits]})
         return d.addErrback(_as_tool_error)
 
     # -- write -----------------------------------------------------------------
@@ -353,12 +224,7 @@ def build_app(
         ),
         scopes=("write",),
         output_schema=WRITTEN_SCHEMA,
-        annotations={
-            "readOnlyHint": False,
-            "destructiveHint": False,
-            "idempotentHint": False,
-            "openWorldHint": False,
-        },
+        annotations=writes(destructive=False, idempotent=False, open_world=False),
     )
     def create_post(
         ctx: Context,
@@ -387,12 +253,7 @@ def build_app(
         ),
         scopes=("write",),
         output_schema=WRITTEN_SCHEMA,
-        annotations={
-            "readOnlyHint": False,
-            "destructiveHint": True,
-            "idempotentHint": True,
-            "openWorldHint": False,
-        },
+        annotations=writes(destructive=True, idempotent=True, open_world=False),
     )
     async def update_post(
         ctx: Context,
@@ -405,20 +266,11 @@ def build_app(
         ] = None,
         status: Annotated[Status | None, "New status."] = None,
     ) -> dict[str, Any]:
-        try:
-            before = await posts.get(slug)
-            after = await posts.update(
-                slug,
-                title=title,
-                body=body,
-                tags=tags,
-                new_slug=new_slug,
-                status=status,
-            )
-        except SiteError as e:
-            raise ToolError(str(e))
-        changed(before, after)
-        return written_json(after, ctx)
+        return await rewrite(
+            ctx,
+            slug,
+            lambda: posts.update(slug, title=title, body=body, tags=tags, new_slug=new_slug, status=status),
+        )
 
     @app.tool(
         title="Publish a post",
@@ -428,21 +280,10 @@ def build_app(
         ),
         scopes=("write",),
         output_schema=WRITTEN_SCHEMA,
-        annotations={
-            "readOnlyHint": False,
-            "destructiveHint": False,
-            "idempotentHint": True,
-            "openWorldHint": True,
-        },
+        annotations=writes(destructive=False, idempotent=True, open_world=True),
     )
     async def publish_post(ctx: Context, slug: Slug) -> dict[str, Any]:
-        try:
-            before = await posts.get(slug)
-            after = await posts.publish(slug)
-        except SiteError as e:
-            raise ToolError(str(e))
-        changed(before, after)
-        return written_json(after, ctx)
+        return await rewrite(ctx, slug, lambda: posts.publish(slug))
 
     @app.tool(
         title="Delete a post",
@@ -452,12 +293,7 @@ def build_app(
         ),
         scopes=("write",),
         output_schema=DELETED_SCHEMA,
-        annotations={
-            "readOnlyHint": False,
-            "destructiveHint": True,
-            "idempotentHint": True,
-            "openWorldHint": False,
-        },
+        annotations=writes(destructive=True, idempotent=True, open_world=False),
     )
     def delete_post(ctx: Context, slug: Slug) -> Deferred:
         def done(post: Post) -> dict[str, Any]:
@@ -501,7 +337,7 @@ def build_app(
                             "uri": post_uri(post.slug),
                             "name": post.slug,
                             "title": post.title,
-                            "description": _excerpt(post.body),
+                            "description": excerpt(post.body),
                             "mimeType": "text/markdown",
                         }
                     )

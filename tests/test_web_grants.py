@@ -1,5 +1,5 @@
 """
-Tests for L{smeldr_oauth.oauth.grants}: the connected-apps page.
+Tests for L{smeldr_oauth.web.grants}: the connected-apps page.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smeldr_oauth.oauth.config import Config
-from smeldr_oauth.oauth.grants import SESSION_TTL, GrantsPage
+from smeldr_oauth.web.grants import SESSION_TTL, GrantsPage
+from smeldr_oauth.web.routes import mount_routes
 from smeldr_oauth.oauth.model import Approval, AuthorizationCode, Grant
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.store.memory import MemoryStore
@@ -42,7 +43,7 @@ class GrantsPageTests(SynchronousTestCase):
         self.server.add_revocation_observer(self.revoked.append)
         app = Klein()
         self.page = GrantsPage(self.server, self.clock)
-        self.page.register(app)
+        mount_routes(app, self.page.routes())
         self.resource = app.resource()
         self.treq = StubTreq(self.resource)
         for name, token_id in [("alice", "t-alice"), ("bob", "t-bob")]:
@@ -203,7 +204,7 @@ class GrantsPageLimitTests(SynchronousTestCase):
         config = Config(issuer="https://as.example", verify_bearer=slow, paste_failures_per_minute=5)
         self.server = OAuthServer(config, MemoryStore(self.clock), self.clock)
         app = Klein()
-        GrantsPage(self.server, self.clock).register(app)
+        mount_routes(app, GrantsPage(self.server, self.clock).routes())
         self.treq = StubTreq(app.resource())
 
     def signin(self) -> Deferred[Any]:

@@ -1,6 +1,6 @@
 """
-Tests for L{smeldr_oauth.oauth.http} (and the pages of
-L{smeldr_oauth.oauth.pages}): every endpoint through Klein with
+Tests for L{smeldr_oauth.web.oauth} and L{smeldr_oauth.web.authorize}
+(with the consent page): every endpoint through Klein with
 L{treq.testing.StubTreq}, on a L{MemoryStore} and a L{Clock}.
 
 Each bad request checks its status and error, that no 500 happened, and
@@ -26,7 +26,9 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from smeldr_oauth.oauth.config import Config
-from smeldr_oauth.oauth.http import OAuthHTTP
+from smeldr_oauth.web.authorize import AuthorizeRoutes
+from smeldr_oauth.web.oauth import OAuthRoutes
+from smeldr_oauth.web.routes import mount_routes
 from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.store.memory import MemoryStore
@@ -96,7 +98,7 @@ class HTTPTestCase(SynchronousTestCase):
         self.config = Config(**kw)
         self.server = OAuthServer(self.config, self.store, self.clock, self.resolver)
         self.app = Klein()
-        OAuthHTTP(self.server).register(self.app)
+        mount_routes(self.app, OAuthRoutes(self.server).routes() + AuthorizeRoutes(self.server).routes())
         self.treq = StubTreq(self.app.resource())
         if self.config.dynamic_registration:
             self.client_id = self.register(
@@ -371,7 +373,7 @@ class ConsentPageTests(HTTPTestCase):
         self.assertIn('name="decision" value="approve"', text)
         self.assertIn('name="decision" value="deny"', text)
         self.assertIn('type="password" id="site_token" name="site_token"', text)
-        hidden = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', text))
+        hidden = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)" ?/?>', text))
         self.assertEqual(unescape(hidden["client_id"]), self.client_id)
         self.assertEqual(unescape(hidden["state"]), "xyz")
         self.assertEqual(hidden["code_challenge"], CHALLENGE)
@@ -414,7 +416,8 @@ class ConsentPageTests(HTTPTestCase):
         ).json["client_id"]
         response = self.consent(client_id=client_id, state='"><script>alert(1)</script>')
         self.assertPage(response, 200)
-        self.assertIn("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;", response.text)
+        self.assertIn('&lt;script&gt;alert("x")&lt;/script&gt;', response.text)
+        self.assertNotIn("<script", response.text)
         self.assertIn("&quot;&gt;&lt;script&gt;", response.text)
 
     def test_untrusted_gets_page(self) -> None:
@@ -570,18 +573,19 @@ class DecisionTests(HTTPTestCase):
         good = urlencode(
             list(self.authorize_params().items()) + [("decision", "approve"), ("site_token", SITE_TOKEN)]
         ).encode()
-        for body, headers in (
-            (good, {"Content-Type": "text/plain"}),
-            (good, {}),
-            (json.dumps(self.authorize_params()).encode(), JSON),
-            (good + b"&state=%ff", FORM),
-            (good + b"\xff", FORM),
-            (good + b"&a=" + b"x" * 70000, FORM),
-            (good + b"&x=1" * 150, FORM),
+        for body, headers, status in (
+            (good, {"Content-Type": "text/plain"}, 415),
+            (good, {}, 415),
+            (json.dumps(self.authorize_params()).encode(), JSON, 415),
+            (good, {"Content-Type": "application/x-www-form-urlencoded\xff"}, 400),
+            (good + b"&state=%ff", FORM, 400),
+            (good + b"\xff", FORM, 400),
+            (good + b"&a=" + b"x" * 70000, FORM, 413),
+            (good + b"&x=1" * 150, FORM, 400),
         ):
             with self.unchanged():
                 response = self.post("/oauth/authorize", body, headers)
-            self.assertPage(response, 400)
+            self.assertPage(response, status)
         response = self.post(
             "/oauth/authorize", good, {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
         )
@@ -604,7 +608,8 @@ class DecisionTests(HTTPTestCase):
         self.assertEqual(
             [e["endpoint"] for e in events if e.get("smeldr_event") == "rate_limited"], ["authorize"]
         )
-        self.assertEqual(refused.header("retry-after"), "60")
+        # 30 refusals a minute: the next is allowed in 2 seconds.
+        self.assertEqual(refused.header("retry-after"), "2")
         self.assertIn("Too many failed attempts", refused.text)
         self.assertEqual(snapshot(self.store), before)
         self.assertErrorRedirect(self.decide("deny", token=None), "access_denied")
@@ -676,7 +681,7 @@ class TokenEndpointTests(HTTPTestCase):
             (encoded + b"&code=" + code.encode(), FORM, "invalid_request", 400),
             (encoded + b"&x=%ff", FORM, "invalid_request", 400),
             (encoded + b"\xff\xfe", FORM, "invalid_request", 400),
-            (encoded + b"&pad=" + b"x" * 70000, FORM, "invalid_request", 400),
+            (encoded + b"&pad=" + b"x" * 70000, FORM, "invalid_request", 413),
             (encoded + b"&x=1" * 150, FORM, "invalid_request", 400),
             (b"", FORM, "invalid_request", 400),
             (b"grant_type=", FORM, "invalid_request", 400),
@@ -827,13 +832,12 @@ class RegisterEndpointTests(HTTPTestCase):
             (b"[]", JSON, "invalid_client_metadata"),
             (b"null", JSON, "invalid_client_metadata"),
             (b"\xff\xfe{}", JSON, "invalid_client_metadata"),
-            (b"[" * 100000 + b"]" * 100000, JSON, "invalid_client_metadata"),
+            (b"[" * 30000 + b"]" * 30000, JSON, "invalid_client_metadata"),
             (
                 b'{"redirect_uris": ["https://client.example/cb"], "x": ' + b"9" * 5000 + b"}",
                 JSON,
                 "invalid_client_metadata",
             ),
-            (json.dumps({**ok, "pad": "x" * 70000}).encode(), JSON, "invalid_client_metadata"),
             (
                 json.dumps({"redirect_uris": ["http://client.example/cb"]}).encode(),
                 JSON,
@@ -849,6 +853,28 @@ class RegisterEndpointTests(HTTPTestCase):
             with self.unchanged():
                 response = self.register(body, headers)
             self.assertOAuthError(response, error)
+        # Too large is too large, whatever the endpoint.
+        with self.unchanged():
+            response = self.register(json.dumps({**ok, "pad": "x" * 70000}).encode(), JSON)
+        self.assertOAuthError(response, "invalid_request", 413)
+
+
+class TokenLimitTests(HTTPTestCase):
+    config_overrides = {"token_requests_per_minute_per_address": 2}
+
+    def test_rate_limit(self) -> None:
+        """
+        The token endpoint's own limit: a JSON 429 with C{Retry-After}, at
+        the root path too (the same bucket).
+        """
+        body = {"grant_type": "refresh_token", "refresh_token": "x", "client_id": self.client_id}
+        self.assertOAuthError(self.post("/oauth/token", body), "invalid_grant")
+        self.assertOAuthError(self.post("/token", body), "invalid_grant")
+        with capturedLogs():
+            response = self.post("/oauth/token", body)
+        self.assertOAuthError(response, "temporarily_unavailable", 429)
+        self.assertEqual(response.header("retry-after"), "30")
+        self.assertEqual(response.header("access-control-allow-origin"), "*")
 
 
 class RegistrationLimitTests(HTTPTestCase):
@@ -873,7 +899,8 @@ class RegistrationLimitTests(HTTPTestCase):
                 response = self.register({"redirect_uris": ["https://client.example/cb"]})
         # RFC 6749's "try again later", not the device flow's slow_down.
         self.assertOAuthError(response, "temporarily_unavailable", 429)
-        self.assertEqual(response.header("retry-after"), "60")
+        # 4 a minute: the next is allowed in 15 seconds.
+        self.assertEqual(response.header("retry-after"), "15")
         [limited] = [e for e in events if e.get("smeldr_event") == "rate_limited"]
         self.assertEqual(limited["endpoint"], "register")
         self.assertEqual(response.header("access-control-allow-origin"), "*")
@@ -1070,7 +1097,7 @@ class CIMDFetchLimitHTTPTests(HTTPTestCase):
     config_overrides = {"cimd_fetches_per_minute": 2}
 
     def test_page_429(self) -> None:
-        self.server._cimd = SlowResolver()
+        self.server.clients.cimd = SlowResolver()
         for n in range(2):
             self.treq.request(
                 "GET", ISSUER + "/oauth/authorize?" + urlencode(self.authorize_params(client_id=f"https://a{n}.example/c.json"))
@@ -1078,5 +1105,6 @@ class CIMDFetchLimitHTTPTests(HTTPTestCase):
         with capturedLogs():
             response = self.consent(client_id="https://a9.example/c.json")
         self.assertPage(response, 429)
-        self.assertEqual(response.header("retry-after"), "60")
+        # 2 fetches a minute: the next is allowed in 30 seconds.
+        self.assertEqual(response.header("retry-after"), "30")
         self.assertIn("Too many", response.text)

@@ -1,5 +1,6 @@
 """
-Tests for L{smeldr_oauth.service.web}: the request-body cap and trusted
+Tests for L{smeldr_oauth.web.site}: the request-body cap, requests refused
+before routing, and trusted
 forwarded headers, over real sockets.
 """
 
@@ -7,14 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from klein import Klein
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
-from smeldr_oauth.service.web import SmeldrSite, TrustedProxies
+from smeldr_oauth.web.site import SmeldrSite, TrustedProxies
 
 
 class Echo(Resource):
@@ -88,6 +91,80 @@ class SiteOverSocketTests(TestCase):
             b"Connection: close\r\n\r\n",
         )
         self.assertTrue(answer.endswith(b"203.0.113.9 0"), answer)
+
+
+def klein_app() -> Klein:
+    app = Klein()
+
+    @app.route("/x/<name>")
+    def x(request: Any, name: str) -> bytes:
+        return name.encode("utf-8")
+
+    return app
+
+
+class RefusedBeforeRoutingTests(TestCase):
+    """
+    What Klein cannot route (a path that percent-decodes to bytes that are
+    not UTF-8, a method that is not a token, a Host that is not ASCII) is a
+    400 from the site itself: no traceback, and no log line beyond the
+    access log's (Klein logs a multi-line traceback for each).
+    """
+
+    async def exchange(self, request: bytes) -> tuple[bytes, list[dict[str, Any]]]:
+        site = SmeldrSite(klein_app().resource())
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+        protocol = Raw(request)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        with capturedLogs() as events:
+            await endpoint.connect(Factory.forProtocol(lambda: protocol))
+            answer = await protocol.done
+        # The factory's start and stop lines and the access log are all a
+        # request may log.
+        return answer, [
+            e for e in events if "log_io" not in e and e.get("log_namespace") != "twisted.internet.protocol.Factory"
+        ]
+
+    async def test_bad_percent_encoding(self) -> None:
+        answer, events = await self.exchange(b"GET /x/%ff HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertIn(b" 400 ", answer.split(b"\r\n")[0])
+        self.assertIn(b"text/html", answer)
+        self.assertEqual(events, [])
+
+    async def test_bad_percent_encoding_on_api_path(self) -> None:
+        answer, events = await self.exchange(b"GET /oauth/%ff HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertIn(b" 400 ", answer.split(b"\r\n")[0])
+        self.assertIn(b'"error":"invalid_request"', answer)
+        self.assertEqual(events, [])
+
+    async def test_good_percent_encoding(self) -> None:
+        answer, _ = await self.exchange(b"GET /x/%C3%A9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertIn(b" 200 ", answer.split(b"\r\n")[0])
+        self.assertIn("\u00e9".encode("utf-8"), answer)
+
+    async def test_bad_host(self) -> None:
+        answer, events = await self.exchange(b"GET /x/a HTTP/1.1\r\nHost: \xff\xfe\r\nConnection: close\r\n\r\n")
+        self.assertIn(b" 400 ", answer.split(b"\r\n")[0])
+        self.assertEqual(events, [])
+
+    async def test_bad_host_name(self) -> None:
+        """
+        An ASCII C{Host} that is no host name (an empty label, a label over
+        63 characters): Werkzeug refused it with a traceback; found by the
+        fuzz test.
+        """
+        for host in (b"a..b", b".", b"x" * 64 + b".example", b"a..b:8080"):
+            answer, events = await self.exchange(b"GET /x/a HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+            self.assertIn(b" 400 ", answer.split(b"\r\n")[0], host)
+            self.assertEqual(events, [], host)
+        answer, _ = await self.exchange(b"GET /x/a HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n")
+        self.assertIn(b" 200 ", answer.split(b"\r\n")[0])
+
+    async def test_bad_method(self) -> None:
+        answer, events = await self.exchange(b"G\xffT /x/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertIn(b" 400 ", answer.split(b"\r\n")[0])
+        self.assertEqual(events, [])
 
 
 class TrustedProxiesTests(SynchronousTestCase):

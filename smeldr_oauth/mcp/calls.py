@@ -1,0 +1,74 @@
+# -*- test-case-name: tests.test_mcp_session -*-
+"""
+What one request travels with through the protocol core: who sent it
+(L{Principal}), where the messages related to it go (an L{Outlet}), and
+everything its handler needs to know (L{Call}).
+
+Transports make principals and outlets; the session makes calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import attr
+
+from smeldr_oauth.mcp.context import Context
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Principal:
+    """
+    Who sent one message: taken from that message's access token (or
+    C{"local"} on stdio), so a refreshed token's scopes apply at once.
+    """
+
+    subject: str
+    client_id: Optional[str]
+    scopes: frozenset[str]
+    grant_id: Optional[str] = None
+
+
+class Outlet:
+    """
+    Where the messages related to one request go.  Transports subclass
+    it; the base class drops everything (a transport with no way to
+    reach the client, e.g. a plain JSON answer).
+    """
+
+    __slots__ = ()
+
+    #: whether server-to-client requests can travel through this outlet.
+    can_request = False
+
+    def send(self, message: dict[str, Any]) -> None:
+        pass
+
+
+class CallbackOutlet(Outlet):
+    """An outlet that hands every message to a callable."""
+
+    __slots__ = ("_write",)
+    can_request = True
+
+    def __init__(self, write: Callable[[dict[str, Any]], None]) -> None:
+        self._write = write
+
+    def send(self, message: dict[str, Any]) -> None:
+        self._write(message)
+
+
+@attr.s(auto_attribs=True)
+class Call:
+    """Everything one request's handler needs to know."""
+
+    request_id: Any
+    principal: Principal
+    outlet: Optional[Outlet]
+    version: str
+    modern: bool
+    client_capabilities: dict[str, Any]
+    log_level: Optional[str]
+    progress_token: Any
+    context: Optional[Context] = None
+    cancelled: bool = False

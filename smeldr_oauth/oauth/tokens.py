@@ -1,0 +1,273 @@
+# -*- test-case-name: tests.test_oauth_server -*-
+"""
+The token endpoint (RFC 6749 section 3.2): the authorization code grant
+with PKCE, and the refresh grant with rotation (L{smeldr_oauth.oauth.rotation}
+decides; the store applies).  A new grant type is a method here and a
+branch in L{Tokens.token}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from smeldr_oauth.oauth import errors, pkce, rotation
+from smeldr_oauth.oauth.clients import ClientResolver, presented_client
+from smeldr_oauth.oauth.config import Config
+from smeldr_oauth.oauth.model import AccessToken, IssuedTokens, RefreshToken
+from smeldr_oauth.oauth.params import MAX_PARAM, TOKEN_PARAMS, Params, reject_repeated, single
+from smeldr_oauth.oauth.ratelimit import Limits, spend
+from smeldr_oauth.oauth.revocation import GrantEvents
+from smeldr_oauth.oauth.scopes import check_resource, parse_scopes
+from smeldr_oauth.oauth.secrets import hash_secret, new_secret
+from smeldr_oauth.oauth.text import loggable
+from smeldr_oauth.oauth.urls import canonical_resource
+
+log = Logger()
+
+#: The statuses of L{smeldr_oauth.store.interface.CodeRedemption}.
+CODE_OK = "ok"
+CODE_REPLAYED = "replayed"
+
+
+def _label(value: Optional[str]) -> str:
+    """
+    A client-supplied value fit for a log field or metric label: known
+    grant types pass, anything else is "other".
+    """
+    return value if value in ("authorization_code", "refresh_token") else "other"
+
+
+class Tokens:
+    """
+    Issues tokens.
+
+    @param limits: the token endpoint's limits per client address and per
+        client id are spent here.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: Any,
+        clock: IReactorTime,
+        clients: ClientResolver,
+        events: GrantEvents,
+        limits: Limits,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self._clock = clock
+        self.clients = clients
+        self.events = events
+        self.limits = limits
+
+    def _check_rate(
+        self, params: Params, basic: Optional[tuple[str, str]], address: Optional[str]
+    ) -> Optional[tuple[str, Optional[str]]]:
+        """
+        Spend one token request for the client address and one for the
+        client id it presents (unauthenticated yet: an id that turns out
+        unknown still counts, so cycling ids does not escape the address
+        limit, and the id bucket cannot be drained by a stranger faster
+        than the address limit lets them).
+
+        @return: the client id and secret presented, if they could be read
+            (so authentication need not read them again).
+        @raise errors.RateLimited: either is used up.
+        """
+        if address is not None:
+            spend(self.limits.token_per_address, address, "token", "token request")
+        try:
+            presented: Optional[tuple[str, Optional[str]]] = presented_client(params, basic)
+        except errors.OAuthError:
+            return None
+        assert presented is not None
+        if presented[0]:
+            spend(self.limits.token_per_client, presented[0][:MAX_PARAM], "token", "token request")
+        return presented
+
+    async def token(
+        self, params: Params, basic: Optional[tuple[str, str]] = None, address: Optional[str] = None
+    ) -> dict[str, Any]:
+        """
+        The token endpoint: the JSON body of a successful response.
+
+        Every outcome is a log event (C{smeldr_event} C{token_issued} or
+        C{token_refused}, which the metrics count), carrying the grant
+        type and error code only: never a parameter's value.
+
+        @param address: the client's address, for the rate limit (C{None}:
+            not counted).
+        @raise errors.RateLimited: a rate limit refused the request.
+        """
+        presented = self._check_rate(params, basic, address)
+        grant_type: Optional[str] = None
+        try:
+            reject_repeated(params, TOKEN_PARAMS)
+            grant_type = single(params, "grant_type", required=True)
+            if grant_type == "authorization_code":
+                body = await self._code_grant(params, basic, presented)
+            elif grant_type == "refresh_token":
+                body = await self._refresh_grant(params, basic, presented)
+            else:
+                raise errors.unsupported_grant_type("grant_type must be authorization_code or refresh_token")
+        except errors.OAuthError as e:
+            log.info(
+                "token request refused: {reason}",
+                reason=e.error,
+                grant_type=_label(grant_type),
+                smeldr_event="token_refused",
+            )
+            raise
+        # Debug level: a token issue is routine (one per refresh), and
+        # formatting an info line for each was a fifth of a refresh's CPU.
+        # The event is still published, so the metrics observer counts it;
+        # grants, refusals, replays and reuse stay at info or warn.
+        log.debug("token issued by grant type {grant_type}", grant_type=grant_type, smeldr_event="token_issued")
+        return body
+
+    def _new_tokens(self, grant_id: str, scopes: tuple[str, ...], resource: str, refresh: bool, generation: int) -> tuple[str, Optional[str], AccessToken, Optional[RefreshToken]]:
+        now = self._clock.seconds()
+        access = new_secret()
+        refresh_token = new_secret() if refresh else None
+        access_record = AccessToken(
+            token_hash=hash_secret(access),
+            grant_id=grant_id,
+            scopes=scopes,
+            resource=resource,
+            expires_at=now + self.config.access_token_ttl,
+        )
+        refresh_record = (
+            None
+            if refresh_token is None
+            else RefreshToken(
+                token_hash=hash_secret(refresh_token),
+                grant_id=grant_id,
+                scopes=scopes,
+                generation=generation,
+                created_at=now,
+                expires_at=now + self.config.refresh_token_ttl,
+            )
+        )
+        return access, refresh_token, access_record, refresh_record
+
+    async def _code_grant(
+        self, params: Params, basic: Optional[tuple[str, str]], presented: Optional[tuple[str, Optional[str]]] = None
+    ) -> dict[str, Any]:
+        # Everything that can be checked without the code is checked
+        # before it is spent, so a malformed request changes nothing.
+        code = single(params, "code", required=True)
+        verifier = single(params, "code_verifier", required=True)
+        redirect_uri = single(params, "redirect_uri")
+        resource_values = [v for v in params.get("resource", []) if v]
+        if resource_values:
+            check_resource(self.config, resource_values)
+        client = await self.clients.authenticate(params, basic, presented)
+        if not pkce.valid_verifier(verifier or ""):
+            raise errors.invalid_grant("code_verifier is malformed")
+        now = self._clock.seconds()
+        # From here the code is spent whatever happens: a code presented
+        # with the wrong verifier, client or redirect_uri never works again.
+        result = await self.store.consume_code(hash_secret(code or ""), now)
+        if result.status == CODE_REPLAYED:
+            # The store has revoked the grant.
+            assert result.code is not None
+            log.warn(
+                "replayed authorization code refused: grant {grant_id} revoked",
+                grant_id=result.code.grant_id,
+                client_id=loggable(result.code.client_id),
+                smeldr_event="code_replay",
+            )
+            self.events.grant_revoked(result.code.grant_id)
+            raise errors.invalid_grant("authorization code already used")
+        if result.status != CODE_OK:
+            raise errors.invalid_grant("authorization code is invalid or expired")
+        record = result.code
+        assert record is not None
+        if record.client_id != client.client_id:
+            raise errors.invalid_grant("authorization code was issued to another client")
+        if redirect_uri is not None and redirect_uri != record.redirect_uri:
+            raise errors.invalid_grant("redirect_uri does not match the authorization request")
+        if resource_values and canonical_resource(resource_values[0]) != record.resource:
+            raise errors.invalid_target("resource does not match the authorization request")
+        if not pkce.verify(verifier or "", record.code_challenge):
+            raise errors.invalid_grant("code_verifier does not match the code_challenge")
+        access, refresh, access_record, refresh_record = self._new_tokens(
+            record.grant_id, record.scopes, record.resource, record.issue_refresh, generation=1
+        )
+        await self.store.add_tokens(record.grant_id, access_record, refresh_record)
+        return self._issued(access, record.scopes, refresh)
+
+    async def _refresh_grant(
+        self, params: Params, basic: Optional[tuple[str, str]], presented: Optional[tuple[str, Optional[str]]] = None
+    ) -> dict[str, Any]:
+        token = single(params, "refresh_token", required=True)
+        scope = single(params, "scope")
+        requested = None if scope is None else parse_scopes(self.config, scope)
+        check_resource(self.config, params.get("resource", []))
+        client = await self.clients.authenticate(params, basic, presented)
+        now = self._clock.seconds()
+        # The store fills in the grant, scopes and generation.
+        access, refresh, access_record, refresh_record = self._new_tokens(
+            "", (), self.config.resource or "", True, generation=0
+        )
+        result = await self.store.redeem_refresh_token(
+            hash_secret(token or ""),
+            now,
+            float(self.config.refresh_grace),
+            requested,
+            access_record,
+            refresh_record,
+        )
+        status = result.status
+        if status == rotation.REUSED:
+            # The store has revoked the grant.
+            assert result.grant is not None
+            log.warn(
+                "reused refresh token refused: grant {grant_id} revoked",
+                grant_id=result.grant.grant_id,
+                client_id=loggable(result.grant.client_id),
+                smeldr_event="refresh_reuse",
+            )
+            self.events.grant_revoked(result.grant.grant_id)
+            raise errors.invalid_grant("refresh token already used")
+        if status == rotation.SUPERSEDED:
+            # A parallel refresh's loser: its sibling was rotated moments
+            # ago.  Refused, but the grant lives on (rotation.decide).
+            log.info(
+                "superseded refresh token refused: grant {grant_id} kept",
+                grant_id=result.grant.grant_id if result.grant is not None else None,
+                smeldr_event="refresh_superseded",
+            )
+            raise errors.invalid_grant("refresh token was superseded by a parallel refresh")
+        if status == rotation.INVALID_SCOPE:
+            raise errors.invalid_scope("a refresh may narrow the scope, never widen it")
+        if status not in (rotation.ROTATED, rotation.GRACE):
+            raise errors.invalid_grant("refresh token is invalid, expired or revoked")
+        grant = result.grant
+        assert grant is not None
+        if grant.client_id != client.client_id:
+            # A refresh token in the hands of another client is a stolen
+            # one: end the grant rather than just refuse.
+            await self.store.revoke_grant(grant.grant_id, now)
+            self.events.grant_revoked(grant.grant_id)
+            log.warn(
+                "refresh token of client {owner} presented by {client_id}: grant {grant_id} revoked",
+                owner=loggable(grant.client_id),
+                client_id=loggable(client.client_id),
+                grant_id=grant.grant_id,
+                smeldr_event="refresh_wrong_client",
+            )
+            raise errors.invalid_grant("refresh token was issued to another client")
+        return self._issued(access, requested if requested is not None else grant.scopes, refresh)
+
+    def _issued(self, access: str, scopes: tuple[str, ...], refresh: Optional[str]) -> dict[str, Any]:
+        """
+        The token response's body (RFC 6749 section 5.1).
+        """
+        return IssuedTokens(
+            access_token=access, expires_in=self.config.access_token_ttl, scopes=scopes, refresh_token=refresh
+        ).as_json()

@@ -1,0 +1,144 @@
+# -*- test-case-name: tests.test_web_routes -*-
+"""
+The one way a path is put on the site: a L{Route} names its path, a
+handler per method, its error L{Dialect}, its CORS policy and the headers
+every answer carries; L{mount_routes} puts a list of them on a Klein app.
+
+What every route then gets for free, the same way everywhere:
+  - C{HEAD} served by the C{GET} handler;
+  - C{OPTIONS}: a CORS preflight answer (204) when the route speaks CORS,
+    otherwise a 405 like any other method it does not answer;
+  - any other method: 405 with a sorted C{Allow}, in the route's format;
+  - errors raised by the handler written by L{smeldr_oauth.web.errors}, in
+    the route's format.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import attr
+from klein import Klein
+from twisted.web.iweb import IRequest
+
+from smeldr_oauth.web import errors
+from smeldr_oauth.web.errors import Dialect
+
+Handler = Callable[[IRequest], Any]
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class CORS:
+    """
+    A route's cross-origin policy.
+
+    @ivar allow_origin: the C{Access-Control-Allow-Origin} every answer
+        carries; C{None} when the route decides per request (the MCP
+        endpoint echoes an allowed C{Origin} from its L{Route.before}).
+    @ivar allow_headers: request headers a preflight allows.
+    @ivar max_age: seconds a browser may remember the preflight.
+    @ivar expose_headers: response headers a browser script may read.
+    """
+
+    allow_headers: str
+    allow_origin: Optional[str] = "*"
+    max_age: int = 86400
+    expose_headers: Optional[str] = None
+
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        pairs = []
+        if self.allow_origin is not None:
+            pairs.append((b"Access-Control-Allow-Origin", self.allow_origin.encode("ascii")))
+        if self.expose_headers is not None:
+            pairs.append((b"Access-Control-Expose-Headers", self.expose_headers.encode("ascii")))
+        return tuple(pairs)
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class Route:
+    """
+    One path and what it answers.
+
+    @ivar path: the Klein path (no variables needed so far).
+    @ivar methods: handler per method name (C{"GET"}, C{"POST"}, ...).
+        A handler takes the request and returns bytes, a Deferred or a
+        coroutine; it raises to refuse.
+    @ivar dialect: how its errors are written (L{errors.JSON},
+        L{errors.PAGE}, L{errors.JSONRPC}).
+    @ivar cors: its CORS policy, or C{None} (no CORS; C{OPTIONS} is 405).
+    @ivar headers: set on every answer, before the handler runs (so they
+        stay on error answers too).
+    @ivar before: a check run before the handler, for every method
+        (C{OPTIONS} included); it raises to refuse.
+    @ivar name: the Klein endpoint name (unique per app); default the path.
+    @ivar head: answer C{HEAD} with the C{GET} handler (off for a C{GET}
+        that opens a stream).
+    """
+
+    path: str
+    methods: Mapping[str, Handler]
+    dialect: Dialect = errors.JSON
+    cors: Optional[CORS] = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    before: Optional[Callable[[IRequest], None]] = None
+    name: Optional[str] = None
+    head: bool = True
+
+    def allowed(self) -> list[str]:
+        """
+        Every method the route answers, sorted.
+        """
+        methods = set(self.methods)
+        if "GET" in methods and self.head:
+            methods.add("HEAD")
+        if self.cors is not None:
+            methods.add("OPTIONS")
+        return sorted(methods)
+
+
+def _dispatcher(route: Route) -> Handler:
+    allowed = route.allowed()
+    allow = ", ".join(allowed).encode("ascii")
+    fixed = route.headers + (route.cors.headers() if route.cors is not None else ())
+    handlers = {m.encode("ascii"): h for m, h in route.methods.items()}
+    if b"GET" in handlers and route.head:
+        handlers.setdefault(b"HEAD", handlers[b"GET"])
+    dialect = route.dialect
+    cors = route.cors
+    before = route.before
+
+    def dispatch(request: IRequest) -> Any:
+        errors.set_dialect(request, dialect)
+        for key, value in fixed:
+            request.setHeader(key, value)
+        if before is not None:
+            before(request)
+        handler = handlers.get(request.method)
+        if handler is not None:
+            return handler(request)
+        if request.method == b"OPTIONS" and cors is not None:
+            request.setResponseCode(204)
+            request.setHeader(b"Allow", allow)
+            request.setHeader(b"Access-Control-Allow-Methods", allow)
+            request.setHeader(b"Access-Control-Allow-Headers", cors.allow_headers.encode("ascii"))
+            request.setHeader(b"Access-Control-Max-Age", str(cors.max_age).encode("ascii"))
+            return b""
+        raise errors.method_not_allowed(allowed)
+
+    return dispatch
+
+
+def mount_routes(app: Klein, routes: Iterable[Route]) -> None:
+    """
+    Put C{routes} on C{app}, and the error path they rely on
+    (L{errors.install_error_handlers}; mounting into someone else's app
+    does not make it site-wide).
+
+    Each path becomes one Klein route answering every method (C{branch}
+    off: C{/x/} and C{/x/y} are not C{/x}); the dispatcher picks the
+    handler, so a method nobody answers is our 405, not Werkzeug's.
+    """
+    errors.install_error_handlers(app)
+    for route in routes:
+        name = route.name or f"smeldr:{route.path}"
+        app.route(route.path, branch=False, endpoint=name)(_dispatcher(route))

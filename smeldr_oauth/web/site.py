@@ -1,0 +1,226 @@
+# -*- test-case-name: tests.test_web_site -*-
+"""
+The HTTP site: L{SmeldrSite} and its request, L{SmeldrRequest}, which does
+what has to happen before any routing:
+
+  - the request-body cap: twisted.web buffers any body it is sent, so the
+    limit lives in C{handleContentChunk} (as synapse does); past
+    C{site.max_body} bytes nothing more is stored and the answer is 413,
+    whatever the path;
+  - a request line or C{Host} that routing cannot read (a method that is
+    not an HTTP token, a path that percent-decodes to bytes that are not
+    UTF-8, such as C{/%ff}, a C{Host} that is no ASCII host name, such as
+    C{a..b}) is a 400 at once: Klein would log a traceback for each;
+  - the client address, from C{X-Forwarded-For} only when the peer is a
+    proxy the operator trusts (L{TrustedProxies});
+  - the request's duration, for the metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+import time
+from typing import Any, Iterable, Optional
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+from smeldr_oauth.web import errors
+
+DEFAULT_MAX_BODY = 1 << 20
+
+#: RFC 9110 section 9.1: a method is a token.
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: A Host header routing can use: visible ASCII, no spaces.
+_HOST = re.compile(rb"[\x21-\x7e]*")
+
+
+@functools.lru_cache(maxsize=256)
+def routable_host(host: bytes) -> bool:
+    """
+    Can routing use this C{Host} (without its port)?  Visible ASCII, and
+    a name Werkzeug can IDNA-encode: no empty label (C{a..b}), none over 63
+    characters.  Werkzeug raises for the others, outside Klein's error
+    handling, which made a 500 with a traceback.  (Hosts repeat, so the
+    answers are remembered.)
+    """
+    if _HOST.fullmatch(host) is None:
+        return False
+    try:
+        host.decode("ascii").lower().partition(":")[0].encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
+class SmeldrRequest(Request):
+    """
+    A request that stops storing its body past C{site.max_body} bytes and
+    refuses, before routing, what routing cannot handle.
+    """
+
+    max_body = DEFAULT_MAX_BODY
+    body_too_large = False
+    _received = 0
+    _started = 0.0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        site = getattr(self.channel, "site", None)
+        self.max_body = getattr(site, "max_body", DEFAULT_MAX_BODY)
+        if length is not None and length > self.max_body:
+            self.body_too_large = True
+        super().gotLength(0 if self.body_too_large else length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self.body_too_large or self._received > self.max_body:
+            self.body_too_large = True
+            return
+        super().handleContentChunk(data)
+
+    def getClientAddress(self):  # type: ignore[no-untyped-def]
+        """
+        The client's address: the peer, unless the peer is a proxy the
+        operator said to trust (C{--trust-forwarded-from}); then the
+        nearest address in C{X-Forwarded-For} that is not itself a trusted
+        proxy.  Without that option forwarded headers are ignored, so a
+        client cannot pick its own rate-limit key.
+        """
+        peer = super().getClientAddress()
+        site = getattr(getattr(self, "channel", None), "site", None)
+        proxies: Optional[TrustedProxies] = getattr(site, "trusted_proxies", None)
+        if proxies is None or not proxies:
+            return peer
+        forwarded = proxies.client_of(
+            getattr(peer, "host", ""), self.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+        )
+        if forwarded is None:
+            return peer
+        kind = IPv6Address if ":" in forwarded else IPv4Address
+        return kind("TCP", forwarded, 0)
+
+    def process(self) -> None:
+        self._started = time.perf_counter()
+        if self.body_too_large:
+            self._refuse(errors.body_too_large(), close=True)
+            return
+        problem = self._unroutable()
+        if problem is not None:
+            self._refuse(errors.bad_request(problem))
+            return
+        super().process()
+
+    def _unroutable(self) -> Optional[str]:
+        """
+        Why routing could not read this request, or C{None}.  Cheap for the
+        usual request: plain ASCII paths skip the decoding.
+        """
+        if _METHOD.fullmatch(self.method) is None:
+            return "the method is not an HTTP token"
+        host = self.requestHeaders.getRawHeaders(b"host")
+        if host is not None and (len(host) > 1 or not routable_host(self.getRequestHostname())):
+            return "the Host header is not a single valid host name"
+        path = self.path
+        if not path.isascii() or b"%" in path:
+            from urllib.parse import unquote_to_bytes
+
+            try:
+                unquote_to_bytes(path).decode("utf-8")
+            except UnicodeDecodeError:
+                return "the path is not UTF-8"
+        return None
+
+    def _refuse(self, error: errors.HTTPError, close: bool = False) -> None:
+        """
+        Answer before routing, in the format the path calls for, with no
+        traceback and no log line beyond the access log's.
+        """
+        self.site = self.channel.site  # type: ignore[attr-defined]
+        if close:
+            self.setHeader(b"Connection", b"close")
+        body = errors.dialect_for_path(self.path).render(self, error)
+        self.write(body)
+        self.finish()
+
+    def finish(self) -> None:
+        metrics = getattr(getattr(getattr(self, "channel", None), "site", None), "metrics", None)
+        super().finish()
+        if metrics is None or not self._started:
+            return
+        content_type = self.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
+        if content_type.startswith(b"text/event-stream"):
+            return
+        metrics.observe_request(self.path, self.method, self.code, time.perf_counter() - self._started)
+
+
+class TrustedProxies:
+    """
+    The proxies whose C{X-Forwarded-For} header is believed.
+    """
+
+    def __init__(self, networks: Iterable[str] = ()) -> None:
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def trusts(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+    def client_of(self, peer: str, headers: list[bytes]) -> Optional[str]:
+        """
+        Walk C{X-Forwarded-For} from the right (the hop nearest to us) past
+        trusted proxies; the first other address is the client.  C{None}
+        when the peer is not trusted or the header says nothing usable.
+        """
+        if not self.trusts(peer):
+            return None
+        hops: list[str] = []
+        for header in headers:
+            hops.extend(part.strip() for part in header.decode("latin-1").split(","))
+        for hop in reversed(hops):
+            try:
+                address = ipaddress.ip_address(hop)
+            except ValueError:
+                return None
+            if not self.trusts(str(address)):
+                return str(address)
+        return None
+
+
+class SmeldrSite(Site):
+    """
+    The site for every smeldr-oauth HTTP listener.
+
+    @param max_body: the largest request body accepted, in bytes.
+    @param metrics: a L{smeldr_oauth.service.metrics.Metrics} to time
+        requests with, or C{None}.
+    @param trusted_proxies: whose C{X-Forwarded-For} to believe.
+    """
+
+    requestFactory = SmeldrRequest
+
+    def __init__(
+        self,
+        resource: IResource,
+        max_body: int = DEFAULT_MAX_BODY,
+        metrics: Any = None,
+        trusted_proxies: Optional[TrustedProxies] = None,
+        **kw: Any,
+    ) -> None:
+        # Every endpoint parses its own body (the token endpoint must not
+        # mix query and form parameters), so twisted.web's form parsing into
+        # request.args is both unused and, through email.headerregistry, a
+        # fifth of the CPU of an MCP POST.
+        kw.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(resource, **kw)
+        self.max_body = max_body
+        self.metrics = metrics
+        self.trusted_proxies = trusted_proxies

@@ -1,0 +1,86 @@
+"""
+Tests for L{smeldr_oauth.web.body}: one body reader with a size cap and a
+media-type check, and the formats on it.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any, Optional
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from smeldr_oauth.web import errors
+from smeldr_oauth.web.body import FORM, JSON, read_body, read_form, read_json, read_query
+
+
+def posted(body: bytes, content_type: Optional[bytes] = None, uri: bytes = b"/") -> Any:
+    request = DummyRequest([b""])
+    request.content = BytesIO(body)
+    request.uri = uri
+    if content_type is not None:
+        request.requestHeaders.setRawHeaders(b"content-type", [content_type])
+    return request
+
+
+class ReadBodyTests(SynchronousTestCase):
+    def status_of(self, request: Any, media_type: Any = FORM, limit: int = 10) -> int:
+        with self.assertRaises(errors.HTTPError) as caught:
+            read_body(request, media_type, limit)
+        return caught.exception.status
+
+    def test_reads(self) -> None:
+        self.assertEqual(read_body(posted(b"a=1", FORM.encode()), FORM, 10), b"a=1")
+        self.assertEqual(read_body(posted(b"xyz"), None, 10), b"xyz")
+        self.assertEqual(read_body(posted(b"{}", b"application/json; charset=utf-8"), (FORM, JSON), 10), b"{}")
+
+    def test_limit(self) -> None:
+        self.assertEqual(read_body(posted(b"a" * 10, FORM.encode()), FORM, 10), b"a" * 10)
+        self.assertEqual(self.status_of(posted(b"a" * 11, FORM.encode())), 413)
+
+    def test_capped_by_the_site(self) -> None:
+        request = posted(b"", FORM.encode())
+        request.body_too_large = True
+        self.assertEqual(self.status_of(request), 413)
+
+    def test_media_type(self) -> None:
+        self.assertEqual(self.status_of(posted(b"a=1", b"text/plain")), 415)
+        self.assertEqual(self.status_of(posted(b"a=1")), 415)
+        self.assertEqual(self.status_of(posted(b"a=1", b"application/x-www-form-urlencoded\xff")), 400)
+
+
+class FormatTests(SynchronousTestCase):
+    def test_form(self) -> None:
+        self.assertEqual(read_form(posted(b"a=1&a=2&b=", FORM.encode())), {"a": ["1", "2"], "b": [""]})
+
+    def test_form_not_utf8(self) -> None:
+        with self.assertRaises(errors.HTTPError) as caught:
+            read_form(posted(b"a=%ff", FORM.encode()))
+        self.assertEqual(caught.exception.status, 400)
+
+    def test_form_too_many_fields(self) -> None:
+        with self.assertRaises(errors.HTTPError):
+            read_form(posted(b"&".join(b"a=1" for _ in range(101)), FORM.encode()))
+
+    def test_query(self) -> None:
+        self.assertEqual(read_query(posted(b"", uri=b"/x?a=%C3%A9&b")), {"a": ["\u00e9"], "b": [""]})
+        self.assertEqual(read_query(posted(b"", uri=b"/x")), {})
+        with self.assertRaises(errors.HTTPError):
+            read_query(posted(b"", uri=b"/x?a=%ff"))
+
+    def test_json(self) -> None:
+        self.assertEqual(read_json(posted(b'{"a": [1]}', b"application/json")), {"a": [1]})
+        for bad in (b"{", b"\xff", b"[" * 100000):
+            with self.assertRaises(errors.HTTPError):
+                read_json(posted(bad, b"application/json"), limit=200000)
+
+    @given(st.binary(max_size=200), st.sampled_from([FORM.encode(), b"application/json", b"text/plain", b"\xff"]))
+    def test_any_bytes(self, body: bytes, content_type: bytes) -> None:
+        for reader in (read_form, read_json):
+            try:
+                reader(posted(body, content_type))
+            except errors.HTTPError as e:
+                self.assertIn(e.status, (400, 413, 415))

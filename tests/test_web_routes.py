@@ -1,0 +1,330 @@
+"""
+Tests for L{smeldr_oauth.web.routes} and L{smeldr_oauth.web.errors}: the
+one routing idiom and the one error path, through Klein with
+L{treq.testing.StubTreq}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from klein import Klein
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from smeldr_oauth.oauth import errors as oauth_errors
+from smeldr_oauth.web import errors
+from smeldr_oauth.web.responses import json_response
+from smeldr_oauth.web.routes import CORS, Route, mount_routes
+
+
+class Answer:
+    def __init__(self, status: int, headers: Any, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: str) -> Optional[str]:
+        values = self.headers.getRawHeaders(name)
+        return None if values is None else values[0]
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class RoutesTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.app = Klein()
+        self.calls: list[str] = []
+
+    def request(self, method: str, path: str, **kw: Any) -> Answer:
+        treq = StubTreq(self.app.resource())
+        d: Deferred[Any] = treq.request(method, "http://x.example" + path, **kw)
+        response = self.successResultOf(d)
+        body = self.successResultOf(treq.content(response))
+        return Answer(response.code, response.headers, body)
+
+    def assertJSONError(self, answer: Answer, status: int, code: str) -> None:
+        self.assertEqual(answer.status, status)
+        self.assertEqual(answer.header("content-type"), "application/json")
+        self.assertEqual(answer.header("cache-control"), "no-store")
+        self.assertEqual(answer.json["error"], code)
+
+    def assertPage(self, answer: Answer, status: int) -> None:
+        self.assertEqual(answer.status, status)
+        self.assertEqual(answer.header("content-type"), "text/html; charset=utf-8")
+        self.assertEqual(answer.header("x-frame-options"), "DENY")
+        self.assertIn("frame-ancestors 'none'", answer.header("content-security-policy") or "")
+        self.assertTrue(answer.body.startswith(b"<!doctype html>"), answer.body[:100])
+
+
+class RouteTests(RoutesTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+
+        def get(request: Any) -> bytes:
+            self.calls.append("GET")
+            return json_response(request, {"ok": True})
+
+        async def post(request: Any) -> bytes:
+            self.calls.append("POST")
+            return json_response(request, {"posted": True}, 201)
+
+        mount_routes(
+            self.app,
+            [
+                Route(path="/api", methods={"GET": get, "POST": post}, cors=CORS(allow_headers="Content-Type")),
+                Route(path="/page", methods={"POST": post}, dialect=errors.PAGE),
+                Route(path="/rpc", methods={"POST": post}, dialect=errors.JSONRPC),
+            ],
+        )
+
+    def test_methods(self) -> None:
+        self.assertEqual(self.request("GET", "/api").json, {"ok": True})
+        self.assertEqual(self.request("POST", "/api").status, 201)
+        head = self.request("HEAD", "/api")
+        self.assertEqual((head.status, head.body), (200, b""))
+        self.assertEqual(self.calls, ["GET", "POST", "GET"])
+
+    def test_cors_on_every_answer(self) -> None:
+        self.assertEqual(self.request("GET", "/api").header("access-control-allow-origin"), "*")
+        self.assertEqual(self.request("PUT", "/api").header("access-control-allow-origin"), "*")
+
+    def test_preflight(self) -> None:
+        answer = self.request("OPTIONS", "/api")
+        self.assertEqual(answer.status, 204)
+        self.assertEqual(answer.header("access-control-allow-methods"), "GET, HEAD, OPTIONS, POST")
+        self.assertEqual(answer.header("allow"), "GET, HEAD, OPTIONS, POST")
+        self.assertEqual(answer.header("access-control-allow-headers"), "Content-Type")
+        self.assertEqual(answer.header("access-control-max-age"), "86400")
+        self.assertEqual(self.calls, [])
+
+    def test_no_preflight_without_cors(self) -> None:
+        answer = self.request("OPTIONS", "/page")
+        self.assertPage(answer, 405)
+        self.assertEqual(answer.header("allow"), "POST")
+        self.assertIsNone(answer.header("access-control-allow-origin"))
+
+    def test_method_not_allowed_json(self) -> None:
+        for method in ("PUT", "DELETE", "PATCH", "BREW"):
+            answer = self.request(method, "/api")
+            self.assertJSONError(answer, 405, "invalid_request")
+            self.assertEqual(answer.header("allow"), "GET, HEAD, OPTIONS, POST")
+        self.assertEqual(self.calls, [])
+
+    def test_method_not_allowed_page(self) -> None:
+        answer = self.request("GET", "/page")
+        self.assertPage(answer, 405)
+        self.assertIn(b"Method not allowed", answer.body)
+
+    def test_method_not_allowed_jsonrpc(self) -> None:
+        answer = self.request("GET", "/rpc")
+        self.assertEqual(answer.status, 405)
+        self.assertEqual(answer.json["error"]["code"], -32600)
+        self.assertIsNone(answer.json["id"])
+
+    def test_no_head(self) -> None:
+        """
+        C{head=False}: a C{GET} that opens a stream does not answer C{HEAD}.
+        """
+        mount_routes(self.app, [Route(path="/stream", methods={"GET": lambda r: b"x"}, head=False)])
+        answer = self.request("HEAD", "/stream")
+        self.assertEqual((answer.status, answer.header("allow")), (405, "GET"))
+
+    def test_trailing_slash_is_another_path(self) -> None:
+        """
+        C{branch} is off: C{/api/} is not C{/api} (and, the app not being
+        the whole site, its 404 is Klein's own).
+        """
+        self.assertEqual(self.request("GET", "/api/").status, 404)
+        self.assertEqual(self.calls, [])
+
+
+class ErrorPathTests(RoutesTestCase):
+    """
+    Handlers raise; the error path answers in the route's format.
+    """
+
+    def mount(self, dialect: errors.Dialect, error: BaseException, **route: Any) -> None:
+        def fail(request: Any) -> bytes:
+            raise error
+
+        async def fail_later(request: Any) -> bytes:
+            raise error
+
+        mount_routes(
+            self.app,
+            [
+                Route(path="/now", methods={"GET": fail}, dialect=dialect, **route),
+                Route(path="/later", methods={"GET": fail_later}, dialect=dialect, **route),
+            ],
+        )
+
+    def test_http_error(self) -> None:
+        self.mount(errors.JSON, errors.too_many_requests(7))
+        for path in ("/now", "/later"):
+            answer = self.request("GET", path)
+            self.assertJSONError(answer, 429, "temporarily_unavailable")
+            self.assertEqual(answer.header("retry-after"), "7")
+
+    def test_http_error_page(self) -> None:
+        self.mount(errors.PAGE, errors.body_too_large())
+        self.assertPage(self.request("GET", "/later"), 413)
+
+    def test_jsonrpc_body(self) -> None:
+        body = {"jsonrpc": "2.0", "id": 3, "error": {"code": -32602, "message": "no"}}
+        self.mount(errors.JSONRPC, errors.HTTPError(400, "invalid_request", "no", body=body))
+        answer = self.request("GET", "/now")
+        self.assertEqual((answer.status, answer.json), (400, body))
+
+    def test_oauth_error(self) -> None:
+        self.mount(errors.JSON, oauth_errors.invalid_grant("nope"))
+        answer = self.request("GET", "/later")
+        self.assertEqual(answer.status, 400)
+        self.assertEqual(answer.json, {"error": "invalid_grant", "error_description": "nope"})
+
+    def test_invalid_client_basic(self) -> None:
+        """
+        A 401 C{invalid_client} after Basic authentication asks for Basic
+        again (RFC 6749 section 5.2); without Basic it does not.
+        """
+        self.mount(errors.JSON, oauth_errors.invalid_client("who?"))
+        answer = self.request("GET", "/now", headers={"Authorization": "Basic eDp5"})
+        self.assertEqual(answer.status, 401)
+        self.assertEqual(answer.header("www-authenticate"), 'Basic realm="oauth"')
+        self.assertIsNone(self.request("GET", "/now").header("www-authenticate"))
+
+    def test_rate_limited(self) -> None:
+        self.mount(errors.JSON, oauth_errors.RateLimited(30))
+        answer = self.request("GET", "/now")
+        self.assertJSONError(answer, 429, "temporarily_unavailable")
+        self.assertEqual(answer.header("retry-after"), "30")
+
+    def test_untrusted_redirect(self) -> None:
+        self.mount(errors.PAGE, oauth_errors.UntrustedRedirect("Unknown application", "Who?", 429, retry_after=60))
+        answer = self.request("GET", "/later")
+        self.assertPage(answer, 429)
+        self.assertEqual(answer.header("retry-after"), "60")
+        self.assertIn(b"Unknown application", answer.body)
+
+    def test_authorize_redirect(self) -> None:
+        self.mount(
+            errors.PAGE,
+            oauth_errors.AuthorizeRedirectError(
+                "https://c.example/cb?x=1", "s&t", oauth_errors.invalid_scope("no"), issuer="https://as.example"
+            ),
+        )
+        answer = self.request("GET", "/now", allow_redirects=False)
+        self.assertEqual(answer.status, 303)
+        self.assertEqual(
+            answer.header("location"),
+            "https://c.example/cb?x=1&error=invalid_scope&error_description=no&state=s%26t&iss=https%3A%2F%2Fas.example",
+        )
+
+    def test_bug(self) -> None:
+        """
+        Anything else is a 500 in the route's format, logged once with its
+        traceback, and says nothing of what went wrong.
+        """
+        self.mount(errors.JSON, ZeroDivisionError("secret detail"))
+        with capturedLogs() as events:
+            answer = self.request("GET", "/later")
+        self.assertJSONError(answer, 500, "server_error")
+        self.assertNotIn(b"secret", answer.body)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(len([e for e in events if e.get("log_failure")]), 1)
+
+    def test_bug_page(self) -> None:
+        self.mount(errors.PAGE, KeyError("x"))
+        self.assertPage(self.request("GET", "/now"), 500)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+    def test_before(self) -> None:
+        """
+        A route's C{before} check runs for every method, OPTIONS included,
+        and its refusal is written like the handler's.
+        """
+
+        def before(request: Any) -> None:
+            raise errors.HTTPError(403, "forbidden", "Origin not allowed")
+
+        self.mount(errors.JSONRPC, ZeroDivisionError(), before=before, cors=CORS(allow_headers="X"))
+        for method in ("GET", "OPTIONS", "PUT"):
+            answer = self.request(method, "/now")
+            self.assertEqual(answer.status, 403)
+            self.assertEqual(answer.json["error"]["message"], "Origin not allowed")
+
+    def test_foreign_routes_untouched(self) -> None:
+        """
+        Mounted into someone else's app (not site-wide), their routes'
+        errors and their 404s stay theirs.
+        """
+        self.mount(errors.JSON, ZeroDivisionError())
+
+        @self.app.route("/theirs")
+        def theirs(request: Any) -> bytes:
+            raise ValueError("theirs")
+
+        @self.app.handle_errors(ValueError)
+        def their_handler(request: Any, failure: Any) -> bytes:
+            request.setResponseCode(418)
+            return b"mine"
+
+        answer = self.request("GET", "/theirs")
+        self.assertEqual((answer.status, answer.body), (418, b"mine"))
+        self.assertNotEqual(self.request("GET", "/nope").header("content-type"), "application/json")
+        self.flushLoggedErrors(ZeroDivisionError)
+
+
+class SiteWideTests(RoutesTestCase):
+    """
+    When the app is the whole site, every unknown path and method gets the
+    project's own answer: JSON on API paths, the site's page elsewhere.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        mount_routes(self.app, [Route(path="/oauth/grants", methods={"GET": lambda r: b"ok"}, dialect=errors.PAGE)])
+
+        @self.app.route("/theirs", methods=["GET"])
+        def theirs(request: Any) -> bytes:
+            raise ValueError("bug")
+
+        errors.install_error_handlers(self.app, site_wide=True)
+
+    def test_unknown_path_page(self) -> None:
+        for path in ("/nope", "/", "/a/b/c", "/oauth"):
+            answer = self.request("GET", path)
+            self.assertPage(answer, 404)
+            self.assertIn(b"Not found", answer.body)
+
+    def test_unknown_api_path(self) -> None:
+        for path in ("/oauth/nope", "/.well-known/nope", "/mcp/x", "/healthz/x", "/token/"):
+            self.assertJSONError(self.request("GET", path), 404, "not_found")
+
+    def test_unknown_method(self) -> None:
+        answer = self.request("PUT", "/oauth/grants")
+        self.assertPage(answer, 405)
+        self.assertEqual(answer.header("allow"), "GET, HEAD")
+
+    def test_werkzeug_method_not_allowed(self) -> None:
+        """
+        A route restricted by method (someone else's, on the same site)
+        answers 405 in our format too, with a sorted C{Allow}.
+        """
+        answer = self.request("DELETE", "/theirs")
+        self.assertPage(answer, 405)
+        self.assertEqual(answer.header("allow"), "GET, HEAD")
+
+    def test_foreign_bug(self) -> None:
+        self.assertPage(self.request("GET", "/theirs"), 500)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_extra_api_prefixes(self) -> None:
+        errors.install_error_handlers(self.app, site_wide=True, api_prefixes=["/auth/oauth/"])
+        self.assertJSONError(self.request("GET", "/auth/oauth/x"), 404, "not_found")
+        self.assertPage(self.request("GET", "/auth/x"), 404)
