@@ -34,7 +34,7 @@ from twisted.internet.protocol import ProcessProtocol
 from smeldr_oauth.gateway.config import Limits, UpstreamConfig
 from smeldr_oauth.gateway.proxy import Gateway
 from smeldr_oauth.mcp import jsonrpc
-from smeldr_oauth.mcp.session import Outlet, Principal
+from smeldr_oauth.mcp.calls import Outlet, Principal
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVERYTHING = os.path.join(

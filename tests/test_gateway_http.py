@@ -29,7 +29,7 @@ from smeldr_oauth.gateway.http import HTTPChannel
 from smeldr_oauth.gateway.proxy import Gateway
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError
-from smeldr_oauth.mcp.session import Principal
+from smeldr_oauth.mcp.calls import Principal
 from tests.gateway_fakes import RecordingOutlet
 from tests.gateway_real import ALICE, BOB, Downstream, Recorder, UpstreamProcess, agent, answered, text, until
 

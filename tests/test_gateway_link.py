@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from smeldr_oauth.gateway import errors
 from smeldr_oauth.gateway.config import Limits
 from smeldr_oauth.gateway.link import STABLE_AFTER
-from smeldr_oauth.mcp.session import Principal
+from smeldr_oauth.mcp.calls import Principal
 from tests.gateway_fakes import RecordingOutlet
 from tests.test_gateway_proxy import ALICE, BOB, Harness, text
 

@@ -17,7 +17,8 @@ from smeldr_oauth.gateway.interfaces import IDownstream, IMCPSession
 from smeldr_oauth.gateway.proxy import Gateway, GatewaySession
 from smeldr_oauth.gateway.scopes import SCOPES_META_KEY, ScopeMap, ScopeRule
 from smeldr_oauth.mcp import MCPApp, jsonrpc
-from smeldr_oauth.mcp.session import CallbackOutlet, Principal, ServerSession
+from smeldr_oauth.mcp.calls import CallbackOutlet, Principal
+from smeldr_oauth.mcp.session import ServerSession
 from tests.gateway_fakes import LoopbackChannel, RecordingOutlet, build_upstream_app, loop_config
 
 ALICE = Principal("alice", "client-a", frozenset({"mcp", "notes:read"}), "grant-a")

@@ -40,7 +40,7 @@ from smeldr_oauth.gateway.config import Limits
 from smeldr_oauth.gateway.interfaces import IChannelReceiver, IUpstreamChannel, IUpstreamHandler
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message, Notification, Request, Response
-from smeldr_oauth.mcp.session import SESSION_VERSIONS
+from smeldr_oauth.mcp.versions import SESSION_VERSIONS
 
 log = Logger()
 

@@ -48,7 +48,7 @@ import attr
 import hyperlink
 
 from smeldr_oauth.gateway.scopes import LIST_POLICIES, ScopeMap, ScopeRule
-from smeldr_oauth.mcp.session import SESSION_VERSIONS
+from smeldr_oauth.mcp.versions import SESSION_VERSIONS
 
 ISOLATIONS = ("user", "session", "shared")
 TRANSPORTS = ("auto", "streamable", "sse")

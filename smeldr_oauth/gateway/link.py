@@ -51,7 +51,7 @@ from smeldr_oauth.gateway.client import ServerInfo, UpstreamClient
 from smeldr_oauth.gateway.flow import NotificationGate
 from smeldr_oauth.gateway.interfaces import IDownstream, IUpstreamHandler
 from smeldr_oauth.mcp import jsonrpc
-from smeldr_oauth.mcp.app import LOG_LEVELS
+from smeldr_oauth.mcp.context import LOG_LEVELS
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Notification, Request
 
 if TYPE_CHECKING:  # pragma: no cover

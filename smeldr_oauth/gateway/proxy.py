@@ -47,9 +47,10 @@ from smeldr_oauth.gateway.link import CallContext, Link
 from smeldr_oauth.gateway.metrics import UpstreamMetrics
 from smeldr_oauth.gateway.pool import Pool
 from smeldr_oauth.mcp import jsonrpc
-from smeldr_oauth.mcp.app import LOG_LEVELS
+from smeldr_oauth.mcp.context import LOG_LEVELS
 from smeldr_oauth.mcp.jsonrpc import InsufficientScope, JSONRPCError, Message, Notification, Request, Response
-from smeldr_oauth.mcp.session import (
+from smeldr_oauth.mcp.calls import Outlet, Principal
+from smeldr_oauth.mcp.versions import (
     CLIENT_CAPABILITIES_KEY,
     LATEST_SESSION_VERSION,
     LOG_LEVEL_KEY,
@@ -57,8 +58,6 @@ from smeldr_oauth.mcp.session import (
     PROTOCOL_VERSION_KEY,
     REMOVED_IN_MODERN,
     SESSION_VERSIONS,
-    Outlet,
-    Principal,
     is_modern_request,
 )
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from smeldr_oauth.mcp.session import CACHEABLE, SERVER_INFO_KEY
+from smeldr_oauth.mcp.versions import CACHEABLE, SERVER_INFO_KEY
 
 #: Capabilities passed from the upstream to downstream clients; others
 #: (tasks, experimental, extensions) are not passed through by the gateway.
