@@ -18,6 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from smeldr_oauth.oauth.config import Config, ConfigError
+from smeldr_oauth.service import workers
 
 
 def _positive_int(name: str):  # type: ignore[no-untyped-def]
@@ -107,6 +108,14 @@ class Options(usage.Options):
             None,
             "Serve Prometheus metrics on this endpoint (e.g. tcp:9100:interface=127.0.0.1) [default: off].",
         ],
+        [
+            "workers",
+            None,
+            1,
+            "Worker processes sharing the --listen sockets (one per core); above 1 this process "
+            "only supervises them.",
+            workers.worker_count,
+        ],
     ]
 
     optFlags = [
@@ -138,7 +147,12 @@ class Options(usage.Options):
         platform logs where the one line is what shows.
         """
         try:
-            super().parseOptions(options)
+            # The hidden argument of a --workers child; the rest is the
+            # command line a child is started with.
+            self["argv"], self["worker"] = workers.take_worker_argument(
+                sys.argv[1:] if options is None else options
+            )
+            super().parseOptions(self["argv"])
         except usage.UsageError as e:
             sys.stderr.write(f"smeldr-oauth: error: {e}\n")
             raise SystemExit(2)
@@ -207,6 +221,7 @@ class Options(usage.Options):
             self["config"] = self.config(verify_bearer=lambda token: False)
         except ConfigError as e:
             raise usage.UsageError(str(e))
+        workers.check_options(self)
 
     def config(self, **overrides: Any) -> Config:
         """
@@ -231,9 +246,15 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from smeldr_oauth.service.wiring import StandaloneService
 
+    if options["workers"] > 1 and options["worker"] is None:
+        return workers.supervise(options)
     top = MultiService()
     app_service = StandaloneService(options)
     app_service.setServiceParent(top)
+    if options["worker"] is not None:
+        # The parent listens and serves the metrics.
+        workers.serve_as_worker(options, app_service).setServiceParent(top)
+        return top
     for description in options["listen"]:
         listener = strports_service(description, app_service.site)
         listener.setServiceParent(top)
