@@ -290,7 +290,7 @@ class SupervisorPolicyTests(SynchronousTestCase):
         for _ in range(7):
             before = len(self.reactor.spawned)
             waited = 0.0
-            while len(self.reactor.spawned) == before:
+            while len(self.reactor.spawned) == before and waited < 3600:
                 self.reactor.advance(0.5)
                 waited += 0.5
             delays.append(waited)
@@ -459,7 +459,7 @@ class TinyPoolTests(TestCase):
         workers, per worker, and forget a dead worker's gauges.
         """
         supervisor = await self.startPool(["tcp:0:interface=127.0.0.1"], metrics=True)
-        await supervisor.ready()
+        await supervisor.ready().addTimeout(90, reactor)
         a, b = supervisor.pids()
         assert a is not None and b is not None
         self.addCleanup(resume, a)
@@ -492,7 +492,7 @@ class TinyPoolTests(TestCase):
             os.kill(a, signal.SIGKILL)
             # The other worker answers while the first is replaced.
             self.assertEqual(await self.servedBy(supervisor, 3), {str(b)})
-            await supervisor.ready()
+            await supervisor.ready().addTimeout(90, reactor)
         [replacement, same] = supervisor.pids()
         self.assertEqual(same, b)
         self.assertNotIn(replacement, (a, b))
@@ -534,7 +534,7 @@ class TinyPoolTests(TestCase):
         with open(cert, "rb") as f:
             trust = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(f.read()))
         supervisor = await self.startPool([f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"])
-        await supervisor.ready()
+        await supervisor.ready().addTimeout(90, reactor)
         a, b = supervisor.pids()
         assert a is not None and b is not None
         self.addCleanup(resume, a)
@@ -698,7 +698,7 @@ class SmeldrWorkerTests(TestCase):
                 return f.read()
 
         try:
-            await supervisor.ready()
+            await supervisor.ready().addTimeout(90, reactor)
         except RuntimeError:
             self.fail(workerLog())
         # The parent only holds the socket: it does not accept.
@@ -728,3 +728,21 @@ def _render(pool: PoolMetrics) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(pool.registry).decode()
+
+
+class StopSignalsTests(SynchronousTestCase):
+    def test_once(self) -> None:
+        """
+        A worker's SIGTERM and SIGINT handlers run for the first of them;
+        later ones (the parent's SIGTERM after a Ctrl-C that reached the
+        whole group) are ignored rather than stopping a stopped reactor.
+        """
+        received: list[int] = []
+        for number in (signal.SIGTERM, signal.SIGINT):
+            self.addCleanup(signal.signal, number, signal.getsignal(number))
+            signal.signal(number, lambda n, frame: received.append(n))
+        workers._stop_signals_once()
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)
+        self.assertEqual(received, [signal.SIGINT])
