@@ -746,3 +746,34 @@ class StopSignalsTests(SynchronousTestCase):
         signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGINT)
         self.assertEqual(received, [signal.SIGINT])
+
+
+class AcceptTests(TestCase):
+    def test_oneAtATime(self) -> None:
+        """
+        A worker's port accepts one waiting connection each time it is
+        readable, leaving the others to the other workers woken with it.
+        """
+        import socket
+
+        from twisted.internet.protocol import Factory, Protocol
+
+        built: list[Protocol] = []
+
+        class Count(Factory):
+            def buildProtocol(self, addr: Any) -> Protocol:
+                built.append(Protocol())
+                return built[-1]
+
+        port = reactor.listenTCP(0, Count(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        workers.accept_one_at_a_time(port)
+        clients = [socket.create_connection(("127.0.0.1", port.getHost().port)) for _ in range(3)]
+        for client in clients:
+            self.addCleanup(client.close)
+        port.doRead()
+        self.assertEqual(len(built), 1)
+        port.doRead()
+        self.assertEqual(len(built), 2)
+        for protocol in built:
+            protocol.transport.loseConnection()
