@@ -160,6 +160,8 @@ class Cluster:
             "shared_buffers": "32MB",
             "lc_messages": "C",
             "logging_collector": "off",
+            # Deadlock tests wait this long before the server notices.
+            "deadlock_timeout": "100ms",
         }
         if not self.durable:
             settings.update(FAST_SETTINGS)

@@ -363,7 +363,9 @@ class Database:
                     if kind == RETRY and retries < MAX_RETRIES:
                         retries += 1
                         continue
-                    if kind == UNAVAILABLE:
+                    if kind in (UNAVAILABLE, RETRY):
+                        # (A deadlock that keeps coming back is a database
+                        # too busy to answer now.)
                         dead = engine.broken(connection)
                         if dead:
                             self._drop(connection)

@@ -10,7 +10,8 @@ database records what it has applied in one table::
 
 and L{migrate} brings one component up to date inside one write transaction
 (SQLite's C{BEGIN IMMEDIATE}, PostgreSQL's transactional DDL under an
-advisory lock): a crash or a failing statement leaves the component at its
+advisory lock): all the steps a database lacks land together or not at
+all, so a crash or a failing statement leaves the component at its
 previous version, and two processes opening one database at once cannot
 both apply a step (the second waits, then finds it applied).
 

@@ -22,6 +22,7 @@ prefix that says which: C{=} (the payload follows) or C{@} (an id).
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections import deque
@@ -291,7 +292,11 @@ class Listener:
         pgconn.nonblocking = 1
         pgconn.notice_handler = _ignore_notice
         self._pgconn = pgconn
-        self._fd = pgconn.socket
+        # The reactor watches a duplicate of libpq's socket: libpq closes
+        # its own descriptor as soon as it sees the connection end, and a
+        # closed (or, worse, reused) number must never be what the reactor
+        # removes later.  The duplicate is closed after the reactor let go.
+        self._fd = os.dup(pgconn.socket)
         self._state = "connected"
         self._delay = self._min_delay
         reconnected = self._ever_connected
@@ -321,19 +326,18 @@ class Listener:
     def _resubscribed(self, error: Optional[str], reconnected: bool) -> None:
         self._confirmed(error)
         if error is None and reconnected:
-            for subscriptions in list(self._subscriptions.values()):
-                for subscription in list(subscriptions):
-                    if subscription.resync is not None and subscription.running:
-                        _safely(subscription.resync)
+            for subscription in [s for subs in self._subscriptions.values() for s in subs]:
+                if subscription.resync is not None and subscription.running:
+                    _safely(subscription.resync)
 
     def _confirmed(self, error: Optional[str]) -> None:
         if error is not None:
             log.error("LISTEN failed: {error}", error=error)
             return
-        for subscriptions in self._subscriptions.values():
-            for subscription in subscriptions:
-                if not subscription.ready.called:
-                    subscription.ready.callback(None)
+        # A ready callback may subscribe again: iterate over a copy.
+        for subscription in [s for subs in self._subscriptions.values() for s in subs]:
+            if not subscription.ready.called:
+                subscription.ready.callback(None)
 
     def _settled(self) -> None:
         if self._state == "connected" and not self._commands and self._in_flight is None:
@@ -482,7 +486,8 @@ class Listener:
         if self._writing:
             self._writing = False
             self._reactor.removeWriter(self)
-        self._fd = -1
+        fd, self._fd = self._fd, -1
+        os.close(fd)
         self._commands.clear()
         self._in_flight = None
         try:
