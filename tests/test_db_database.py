@@ -266,7 +266,7 @@ class PostgresThreadTests(TestCase):
         )
         sizes = yield db.read(SCHEMA, lambda txn: [tuple(r) for r in txn.execute("SELECT name, size FROM things ORDER BY name")])
         self.assertEqual(sizes, [("a", 3), ("b", 3)])
-        self.assertEqual(db.transaction_stats()["things.lock_both"].retries, 1)
+        self.assertGreaterEqual(db.transaction_stats()["things.lock_both"].retries, 1)
 
     @inlineCallbacks
     def test_outage(self) -> Any:

@@ -19,10 +19,11 @@ and both first make sure the store's L{Schema} is current (L{ensure}).
 
 Errors come out engine-neutral: L{StoreConflict}, L{StoreUnavailable}, or
 the engine's own exception for a bug.  A broken connection is dropped and
-replaced on the next call; a call whose very first statement fails on a
-connection that turns out dead (PostgreSQL restarted since it was last
-used) is tried once more on a fresh one, which is safe because nothing was
-done yet.
+replaced; a call whose connection dies before it commits (most often a
+pooled connection that died while idle, when PostgreSQL restarted) is run
+once more on a fresh connection, which is safe because the server rolled
+the first attempt back.  A connection lost during the commit itself is
+L{StoreUnavailable}: the call may or may not have committed.
 
 Threads: C{threads=0} runs every call at once on the calling thread (the
 reactor's): for SQLite a point read or a small WAL write costs tens of
@@ -68,30 +69,25 @@ class Transaction:
     read by position and by column name on both engines.
 
     @ivar engine: the L{IDatabaseEngine}.
-    @ivar statements: how many statements have completed (a failure before
-        the first one on a dead connection is safe to retry).
     """
 
-    __slots__ = ("_cursor", "_convert", "engine", "statements")
+    __slots__ = ("_cursor", "_convert", "engine")
 
     def __init__(self, cursor: Any, engine: IDatabaseEngine, convert: Optional[Callable[[str], str]]):
         self._cursor = cursor
         self._convert = convert
         self.engine = engine
-        self.statements = 0
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> "Transaction":
         if self._convert is not None:
             sql = self._convert(sql)
         self._cursor.execute(sql, params)
-        self.statements += 1
         return self
 
     def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> "Transaction":
         if self._convert is not None:
             sql = self._convert(sql)
         self._cursor.executemany(sql, params)
-        self.statements += 1
         return self
 
     def fetchone(self) -> Any:
@@ -348,12 +344,14 @@ class Database:
             while True:
                 connection = self._connect()
                 cursor = connection.cursor()
-                txn = Transaction(cursor, engine, self._convert)
+                committing = False
                 try:
+                    txn = Transaction(cursor, engine, self._convert)
                     if write:
                         engine.begin(txn)
                     result = func(txn, *args)
                     if write:
+                        committing = True
                         connection.commit()
                     failed = False
                     return result
@@ -369,9 +367,12 @@ class Database:
                         dead = engine.broken(connection)
                         if dead:
                             self._drop(connection)
-                        if dead and txn.statements == 0 and not fresh_attempt:
-                            # A pooled connection that died while idle (the
-                            # server restarted): nothing was done, try anew.
+                        if dead and not committing and not fresh_attempt:
+                            # The connection died before the commit (most
+                            # often: a pooled connection that died while
+                            # idle, when the server restarted), so the
+                            # server rolled everything back: try once more
+                            # on a fresh one.
                             fresh_attempt = True
                             continue
                         raise StoreUnavailable(f"{self.describe()}: {_first_line(error)}") from error

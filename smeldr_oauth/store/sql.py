@@ -284,20 +284,21 @@ def _create_grant(txn: Transaction, grant: Grant, code: AuthorizationCode) -> No
 
 def _consume_code(txn: Transaction, code_hash: str, now: float) -> CodeRedemption:
     """
-    Spend a code with one conditional C{UPDATE} whose row count says whether
-    this call was the one that spent it.  Statuses, checked in order:
+    Spend a code with one conditional C{UPDATE} that returns the code only
+    to the call that spent it.  Statuses, checked in order:
     C{"unknown"}; C{"replayed"} (spent before: the grant is revoked now,
     whether or not the code has expired since); C{"revoked"} (the grant
     ended before the exchange); C{"expired"}; C{"ok"}.
     """
-    txn.execute(
-        "UPDATE codes SET used_at = ? WHERE code_hash = ? AND used_at IS NULL",
+    row = txn.execute(
+        "UPDATE codes SET used_at = ? WHERE code_hash = ? AND used_at IS NULL RETURNING *",
         (now, code_hash),
-    )
-    spent_now = txn.rowcount == 1
-    row = txn.execute("SELECT * FROM codes WHERE code_hash = ?", (code_hash,)).fetchone()
+    ).fetchone()
+    spent_now = row is not None
     if row is None:
-        return CodeRedemption(status="unknown")
+        row = txn.execute("SELECT * FROM codes WHERE code_hash = ?", (code_hash,)).fetchone()
+        if row is None:
+            return CodeRedemption(status="unknown")
     code = _code(row)
     grant = _get_grant(txn, code.grant_id, lock=True)
     if not spent_now:
@@ -363,12 +364,14 @@ def _redeem_refresh_token(
     generation, let L{rotation.decide} rule, and apply the ruling.
     """
     row = txn.execute(
-        "SELECT grant_id FROM refresh_tokens WHERE token_hash = ?", (token_hash,)
+        "SELECT g.* FROM refresh_tokens t JOIN grants g ON g.grant_id = t.grant_id"
+        " WHERE t.token_hash = ?" + txn.engine.for_update,
+        (token_hash,),
     ).fetchone()
     if row is None:
         return RefreshRedemption(status=rotation.UNKNOWN)
-    grant_id = row[0]
-    grant = _get_grant(txn, grant_id, lock=True)
+    grant = _grant(row)
+    grant_id = grant.grant_id
     # Read after the lock: a concurrent refresh of this grant has committed
     # by now, and its effects are what this one must see.
     row = txn.execute(
@@ -414,14 +417,6 @@ def _apply(
     """
     if decision.revoke_grant and _revoke_grant(txn, grant.grant_id, now):
         grant = attr.evolve(grant, revoked_at=now)
-    if decision.mark_used:
-        txn.execute(
-            "UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL",
-            (now, token.token_hash),
-        )
-        if txn.rowcount != 1:
-            # Impossible with the grant locked; refuse rather than fork the chain.
-            raise RuntimeError("refresh token spent concurrently")
     if decision.revoke_unused_siblings:
         txn.execute(
             "UPDATE refresh_tokens SET revoked_at = ?"
@@ -436,6 +431,14 @@ def _apply(
         )
         txn.execute("UPDATE grants SET last_used_at = ? WHERE grant_id = ?", (now, grant.grant_id))
         grant = attr.evolve(grant, last_used_at=now)
+    if decision.mark_used:
+        txn.execute(
+            "UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL",
+            (now, token.token_hash),
+        )
+        if txn.rowcount != 1:
+            # Impossible with the grant locked; refuse rather than fork the chain.
+            raise RuntimeError("refresh token spent concurrently")
     return grant
 
 
