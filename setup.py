@@ -31,6 +31,9 @@ setup(
         "hyperlink>=21.0",
         "zope.interface>=6.0",
         "prometheus_client>=0.20",
+        # PostgreSQL (--database postgresql://...): in every install, so the
+        # same command that runs on SQLite scales out without a reinstall.
+        "psycopg[binary]>=3.1",
     ],
     entry_points={
         "console_scripts": [

@@ -10,7 +10,7 @@ logs go to stderr.
 
 Console command::
 
-    smeldr-oauth-stdio [--app module:attr] [--site-db PATH]
+    smeldr-oauth-stdio [--app module:attr] [--site-db PATH | --database URL]
 """
 
 from __future__ import annotations
@@ -169,10 +169,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="smeldr-oauth-stdio", description=__doc__.split("\n\n")[0])
     parser.add_argument("--app", default=DEFAULT_APP, help="module:attr of an MCPApp or a factory of one")
     parser.add_argument("--site-db", default=None, help="path of the site content database")
+    parser.add_argument(
+        "--database", default=None, help="PostgreSQL URL of the site content (instead of --site-db)"
+    )
     parser.add_argument("--max-line", type=int, default=1 << 20, help="longest accepted message, in bytes")
     args = parser.parse_args(argv)
-    if args.app == DEFAULT_APP and args.site_db is None:
-        parser.error("--site-db is required for the default site-content app")
+    site_db = args.database or args.site_db
+    if args.app == DEFAULT_APP and site_db is None:
+        parser.error("--site-db or --database is required for the default site-content app")
 
     from twisted.internet import reactor
     from twisted.internet.stdio import StandardIO
@@ -193,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             reactor.stop()  # type: ignore[attr-defined]
 
     def start() -> None:
-        load_app(args.app, args.site_db, reactor).addCallback(serve).addErrback(failed).addBoth(stop)
+        load_app(args.app, site_db, reactor).addCallback(serve).addErrback(failed).addBoth(stop)
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]

@@ -35,8 +35,8 @@ def _positive_int(name: str):  # type: ignore[no-untyped-def]
 
 
 def _db_threads(value: str) -> int:
-    if value not in ("0", "1"):
-        raise usage.UsageError(f"--db-threads must be 0 or 1, got {value!r}")
+    if not value.isdigit() or not 0 <= int(value) <= 64:
+        raise usage.UsageError(f"--db-threads must be a whole number from 0 to 64, got {value!r}")
     return int(value)
 
 
@@ -50,6 +50,13 @@ class Options(usage.Options):
     optParameters = [
         ["issuer", None, None, "Public base URL of this server (https unless loopback). Required."],
         ["resource", None, None, "Public URL of the MCP endpoint [default: <issuer>/mcp]."],
+        [
+            "database",
+            None,
+            None,
+            "PostgreSQL URL (postgresql://user:password@host/dbname) for OAuth data and site "
+            "content, instead of the SQLite files below.",
+        ],
         ["oauth-db", None, "./oauth.db", "SQLite file for clients, grants and tokens."],
         ["site-db", None, "./site.db", "SQLite file for site content and site tokens."],
         ["app", None, None, "Serve your own MCP app (module:attribute) instead of the site tools."],
@@ -72,9 +79,10 @@ class Options(usage.Options):
         [
             "db-threads",
             None,
-            0,
-            "0: run SQLite on the reactor thread (fastest; a slow disk or another process "
-            "holding the write lock stalls the server); 1: on one database thread per file.",
+            None,
+            "SQLite: 0 runs it on the reactor thread (fastest; a slow disk or another process "
+            "holding the write lock stalls the server), 1 on one database thread per file "
+            "[default: 0]. PostgreSQL: the pool's threads (and connections) [default: 4].",
             _db_threads,
         ],
         ["keepalive", None, 15, "Seconds between SSE keepalive comments.", _positive_int("keepalive")],
@@ -193,6 +201,14 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["issuer"]:
             raise usage.UsageError("--issuer is required")
+        from smeldr_oauth.db.postgres import is_postgres_url
+
+        if self["database"] and not is_postgres_url(self["database"]):
+            raise usage.UsageError(
+                "--database must be a postgresql:// URL (SQLite files are --oauth-db and --site-db)"
+            )
+        if not self["database"] and (self["db-threads"] or 0) > 1:
+            raise usage.UsageError("--db-threads must be 0 or 1 with SQLite (one writer per file)")
         if not self["listen"]:
             self["listen"] = ["tcp:8080"]
         self["mcp-app"] = None
