@@ -777,3 +777,162 @@ class AcceptTests(TestCase):
         self.assertEqual(len(built), 2)
         for protocol in built:
             protocol.transport.loseConnection()
+
+
+async def waitFor(condition: Any, what: str, timeout: float = 90.0) -> None:
+    """
+    Poll C{condition} on the reactor until it holds.
+    """
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await deferLater(reactor, 0.1, lambda: None)
+
+
+def startedWorkers(log: str) -> dict[int, int]:
+    """
+    The pid of the latest worker started in each slot, from the parent's log.
+    """
+    return {int(i): int(pid) for i, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", log)}
+
+
+def readyPids(log: str) -> set[int]:
+    return {int(pid) for pid in re.findall(r"worker \d+ ready \(pid (\d+)\)", log)}
+
+
+class TwistWorkersTests(TestCase):
+    """
+    C{twist smeldr-oauth --workers 2 --database postgresql://...}, the
+    whole command, on a private PostgreSQL.
+    """
+
+    timeout = 240
+
+    async def startPool(self, *extra: str) -> tuple[e2e.RunningServer, str, str]:
+        from tests import postgres
+
+        url = postgres.database_url(self)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port, metricsPort = e2e.freePort(), e2e.freePort()
+        issuer = f"http://127.0.0.1:{port}"
+        mark = secrets.token_hex(8)
+        self.addCleanup(killMarked, mark)
+        env = e2e.subprocessEnvironment()
+        env[MARK] = mark
+        argv = [
+            sys.executable, "-m", "twisted", "--log-format=text", "smeldr-oauth",
+            "--issuer", issuer,
+            "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--database", url,
+            "--workers", "2",
+            "--metrics-listen", f"tcp:{metricsPort}:interface=127.0.0.1",
+            *extra,
+        ]
+        server = await e2e.launchServer(self, reactor, argv, port, issuer, directory, env=env)
+        await waitFor(
+            lambda: len(readyPids(server.log())) == 2 or not server.isRunning(),
+            "two workers ready",
+        )
+        self.assertTrue(server.isRunning(), server.annotate("the pool stopped"))
+        return server, f"http://127.0.0.1:{metricsPort}/", mark
+
+    async def healthy(self, server: e2e.RunningServer, times: int = 1) -> None:
+        for _ in range(times):
+            body = await get(reactor, server.issuer + "/healthz")
+            self.assertEqual(json.loads(body), {"status": "ok"}, server.annotate("/healthz"))
+
+    async def scrape(self, url: str) -> str:
+        response = await httpClient(self).get(url)
+        return (await response.content()).decode()
+
+    async def test_pool(self) -> None:
+        """
+        Both workers serve the one port; a worker killed with SIGKILL is
+        replaced while the other answers; the metrics on the parent's
+        listener count both; SIGTERM to C{twist} stops everything.
+        """
+        server, metricsURL, mark = await self.startPool()
+        self.assertEqual(len(marked(mark)), 3, marked(mark))
+        first = startedWorkers(server.log())
+        for pid in first.values():
+            self.addCleanup(resume, pid)
+        for stopped in (0, 1):
+            os.kill(first[stopped], signal.SIGSTOP)
+            await self.healthy(server, 3)
+            os.kill(first[stopped], signal.SIGCONT)
+        text = await self.scrape(metricsURL)
+        self.assertIn('smeldr_worker_http_requests_total{worker="0"} 3.0', text)
+        self.assertIn('smeldr_worker_http_requests_total{worker="1"} 3.0', text)
+        self.assertIn(
+            'smeldr_http_request_duration_seconds_count{method="GET",route="/healthz",status="2xx"} 6.0', text
+        )
+        self.assertIn("smeldr_workers 2.0", text)
+
+        os.kill(first[0], signal.SIGKILL)
+        await self.healthy(server, 2)
+        await waitFor(
+            lambda: startedWorkers(server.log())[0] in readyPids(server.log()) - set(first.values()),
+            "worker 0 replaced",
+        )
+        replacement = startedWorkers(server.log())[0]
+        self.assertIn(f"worker 0 (pid {first[0]}) ended (signal 9 (SIGKILL)); restarting it in 1s", server.log())
+        os.kill(first[1], signal.SIGSTOP)
+        await self.healthy(server)
+        os.kill(first[1], signal.SIGCONT)
+        text = await self.scrape(metricsURL)
+        self.assertIn('smeldr_worker_http_requests_total{worker="0"} 4.0', text)
+        self.assertIn('smeldr_worker_http_requests_total{worker="1"} 5.0', text)
+        self.assertIn("smeldr_worker_restarts_total 1.0", text)
+
+        await server.stop(timeout=30)
+        self.assertEqual(server._collector.status(), -signal.SIGTERM, server.annotate("exit status"))
+        self.assertEqual(await waitUntilGone(mark), {})
+        log = server.log()
+        self.assertIn(f"worker 0 (pid {replacement}) stopped", log)
+        self.assertIn(f"worker 1 (pid {first[1]}) stopped", log)
+        self.assertNotIn("Traceback", log, server.annotate("traceback"))
+        self.assertNotIn("SIGKILL", log.split("stopping 2 workers")[1], server.annotate("killed at stop"))
+
+    async def test_parentKilled(self) -> None:
+        """
+        C{kill -9} of C{twist}: its workers see their lifeline end and
+        stop; none is left holding the port.
+        """
+        server, _, mark = await self.startPool()
+        server._kill()
+        await server._collector.ended
+        self.assertEqual(await waitUntilGone(mark, timeout=60), {}, server.annotate("workers left"))
+        self.assertIn("the parent process is gone; stopping", server.log())
+
+    async def test_cannotStart(self) -> None:
+        """
+        A database the workers cannot reach: C{twist} exits with status 1
+        and one critical line, at once, instead of restarting workers that
+        cannot start.
+        """
+        from tests import postgres
+
+        server = postgres.cluster()
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = e2e.freePort()
+        nowhere = server.url("no_such_database")
+        out, err, code = await e2e.runProgram(
+            reactor,
+            [
+                sys.executable, "-m", "twisted", "--log-format=text", "smeldr-oauth",
+                "--issuer", f"http://127.0.0.1:{port}",
+                "--listen", f"tcp:{port}:interface=127.0.0.1",
+                "--database", nowhere,
+                "--workers", "2",
+            ],
+            timeout=120,
+            path=directory,
+        )
+        log = out + err
+        self.assertEqual(code, 1, log)
+        self.assertEqual(len(re.findall(r"ended before it was ready", log)), 1, log)
+        self.assertNotIn("restarting it in", log)
+        self.assertEqual(len(startedWorkers(log)), 2, log)

@@ -240,13 +240,16 @@ def shared_store_problem(options: Mapping[str, Any]) -> Optional[str]:
     Why the store these options select cannot be shared by several worker
     processes, or C{None} when it can.
 
-    The one place that decides it: every store option that a pool of
-    processes cannot share answers here.  SQLite files (C{--oauth-db},
-    C{--site-db}) cannot: one process owns them (one writer, and each
-    process would keep its own rate limits and MCP sessions).
+    The one place that decides it: every store option answers here.
+    PostgreSQL (C{--database}) can be shared.  SQLite files (C{--oauth-db},
+    C{--site-db}) cannot: one process owns them (one writer at a time, and
+    the state that other processes reach through PostgreSQL, such as
+    revocations pushed with C{NOTIFY}, would only be polled).
     """
+    if options.get("database"):
+        return None
     return (
-        "--workers above 1 needs a store several processes can share; the SQLite files "
+        "--workers above 1 needs --database postgresql://...: the SQLite files "
         "(--oauth-db, --site-db) must be served by one process"
     )
 
@@ -716,7 +719,11 @@ class WorkerListeners(Service):
                 )
 
         def failed(f: Failure) -> None:
-            log.failure("worker {index} could not get ready", f, index=self.spec.index)
+            # The service that failed logs why, in full; this says what it
+            # means for the pool.
+            log.error(
+                "worker {index} cannot serve: {error}", index=self.spec.index, error=f.getErrorMessage()
+            )
 
         self._ready().addCallbacks(ready, failed)
 
