@@ -118,6 +118,17 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("--workers", self.assertExit2("--issuer", "https://a.example", "--workers", "0"))
         self.assertIn("--workers", self.assertExit2("--issuer", "https://a.example", "--workers", "two"))
 
+    def test_unshareableListener(self) -> None:
+        """
+        A UNIX socket's file would be removed by the first worker that
+        stops: refused in one line.
+        """
+        text = self.assertExit2(
+            "--issuer", "https://a.example", "--database", "postgresql://smeldr@db.example/smeldr",
+            "--workers", "2", "--listen", "unix:/tmp/x.sock",
+        )
+        self.assertIn("cannot be shared by --workers", text)
+
     def test_sqliteRefused(self) -> None:
         """
         Several workers on the SQLite files: one line, exit status 2.
@@ -740,7 +751,7 @@ class StopSignalsTests(SynchronousTestCase):
         for number in (signal.SIGTERM, signal.SIGINT):
             self.addCleanup(signal.signal, number, signal.getsignal(number))
             signal.signal(number, lambda n, frame: received.append(n))
-        workers._stop_signals_once()
+        workers.ignore_repeated_stop_signals()
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGINT)

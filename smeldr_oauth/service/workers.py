@@ -177,6 +177,12 @@ def take_worker_argument(argv: Sequence[str]) -> tuple[list[str], Optional[Worke
 
 # --- What a --listen description listens on ----------------------------------------------
 
+#: The listeners --workers shares.  Not C{unix:}: Twisted's UNIX port
+#: removes its socket file when it closes, even an adopted one, so one
+#: worker stopping would take the path away from the others (and
+#: C{systemd:} sockets are adopted, which may be UNIX ones).
+SHAREABLE = frozenset({"tcp", "ssl"})
+
 
 @attr.s(auto_attribs=True, frozen=True)
 class ListenerKind:
@@ -266,10 +272,9 @@ def check_options(options: Mapping[str, Any]) -> None:
     if problem is not None:
         raise usage.UsageError(problem)
     for description in options["listen"]:
-        if listener_kind(description) is None:
-            raise usage.UsageError(
-                f"--listen {description!r} cannot be shared by --workers: use tcp:, tcp6:, ssl: or unix:"
-            )
+        kind = listener_kind(description)
+        if kind is None or kind.kind not in SHAREABLE:
+            raise usage.UsageError(f"--listen {description!r} cannot be shared by --workers: use tcp:, tcp6: or ssl:")
 
 
 # --- The parent ---------------------------------------------------------------------------
@@ -302,16 +307,20 @@ def open_shared_listeners(reactor: Any, descriptions: Sequence[str]) -> list[ILi
     for description in descriptions:
         outcome: list[Any] = []
         serverFromString(reactor, description).listen(_Refuse()).addBoth(outcome.append)
-        if not outcome or isinstance(outcome[0], Failure) or not hasattr(outcome[0], "fileno"):
+        reason: Any = None
+        if not outcome:
+            reason = "it did not listen at once"
+        elif isinstance(outcome[0], Failure):
+            reason = outcome[0].value
+        else:
+            ports.append(outcome[0])
+            if not hasattr(outcome[0], "fileno"):
+                reason = "it is not a socket"
+        if reason is not None:
             for port in ports:
                 port.stopListening()
-            reason = outcome[0].value if outcome and isinstance(outcome[0], Failure) else "not a socket"
-            if not outcome:
-                reason = "it did not listen at once"
             raise error.CannotListenError(None, description, reason)
-        port = outcome[0]
-        port.stopReading()  # type: ignore[attr-defined]
-        ports.append(port)
+        outcome[0].stopReading()
     return ports
 
 
@@ -422,7 +431,7 @@ class Supervisor(Service):
         self.descriptions = list(descriptions)
         self.command = command
         self.env = dict(os.environ if env is None else env)
-        self.on_failure = on_failure if on_failure is not None else reactor.stop
+        self.on_failure = on_failure if on_failure is not None else lambda: stop_reactor(reactor)
         self._listen = listen
         self._stdio = dict({0: 0, 1: 1, 2: 2} if stdio is None else stdio)
         self.listeners: list[IListeningPort] = []
@@ -708,7 +717,7 @@ class WorkerListeners(Service):
             _Lifeline(self._parent_gone), stdin=self.spec.lifeline, stdout=self.spec.status, reactor=self.reactor
         )
         self.reactor.callWhenRunning(self._announce)
-        self.reactor.callWhenRunning(_stop_signals_once)
+        self.reactor.callWhenRunning(ignore_repeated_stop_signals)
 
     def _announce(self) -> None:
         def ready(_: Any) -> None:
@@ -736,7 +745,7 @@ class WorkerListeners(Service):
         )
         # A stop that hangs must not leave an orphan holding the port.
         self.reactor.callLater(self.orphan_deadline, os._exit, 1)
-        self.reactor.stop()
+        stop_reactor(self.reactor)
 
     def stopService(self) -> "Deferred[Any]":
         super().stopService()
@@ -771,14 +780,15 @@ def accept_one_at_a_time(port: Any) -> None:
     port.doRead = doRead
 
 
-def _stop_signals_once() -> None:
+def ignore_repeated_stop_signals() -> None:
     """
     Let SIGTERM and SIGINT reach the reactor's handlers once, then ignore
     them: a worker often gets both its parent's SIGTERM and the signal the
     parent got (Ctrl-C reaches the whole process group, some platforms
     signal every process), and a second C{reactor.stop()} is logged as a
     critical error.  A worker that hangs while stopping is still killed by
-    its parent (L{Supervisor.kill_after}).
+    its parent (L{Supervisor.kill_after}), and the parent's own stop is
+    bounded by that.
     """
     for number in (signal.SIGTERM, signal.SIGINT):
         handler = signal.getsignal(number)
@@ -862,7 +872,17 @@ def exit_with_failure(reactor: Any, status: int = 1) -> None:
     # Registered last, so it runs first among the exit handlers, after the
     # reactor and twist are done.
     atexit.register(leave)
-    reactor.stop()
+    stop_reactor(reactor)
+
+
+def stop_reactor(reactor: Any) -> None:
+    """
+    Stop the reactor unless it is stopping already (a SIGTERM came first).
+    """
+    try:
+        reactor.stop()
+    except error.ReactorNotRunning:
+        pass
 
 
 def supervise(options: Any, reactor: Any = None) -> MultiService:
@@ -896,6 +916,7 @@ def supervise(options: Any, reactor: Any = None) -> MultiService:
         on_failure=lambda: exit_with_failure(reactor),
     )
     supervisor.setServiceParent(top)
+    reactor.callWhenRunning(ignore_repeated_stop_signals)
     if metrics_directory is not None:
         from twisted.application.strports import service as strports_service
         from twisted.web.server import Site
