@@ -84,6 +84,16 @@ class Transaction:
         self._cursor.execute(sql, params)
         return self
 
+    def execute_together(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> "Transaction":
+        """
+        Run statements that do not depend on each other's effects, in as
+        few round trips as the engine allows (see
+        L{IDatabaseEngine.combine}); the last one's rows can be fetched.
+        """
+        for sql, params in self.engine.combine(statements):
+            self.execute(sql, params)
+        return self
+
     def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> "Transaction":
         if self._convert is not None:
             sql = self._convert(sql)

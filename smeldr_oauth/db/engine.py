@@ -14,7 +14,7 @@ L{smeldr_oauth.db.postgres.PostgresEngine} are the two implementations.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from zope.interface import Attribute, Interface
 
@@ -83,6 +83,17 @@ class IDatabaseEngine(Interface):
         Open a write transaction.  Reads run without one: each of their
         statements is atomic on its own, and no store reads across several
         statements outside a write.
+        """
+
+    def combine(  # type: ignore[misc]
+        statements: Sequence[tuple[str, Sequence[Any]]],
+    ) -> list[tuple[str, Sequence[Any]]]:
+        """
+        Statements that do not depend on each other's effects, as few as
+        the engine can run them in (PostgreSQL: one, chaining all but the
+        last as data-modifying C{WITH} clauses, so one round trip; SQLite,
+        where a statement costs no round trip: as they are).  The last
+        statement's rows (its C{RETURNING}) are the result.
         """
 
     def convert(sql: str) -> str:  # type: ignore[misc]

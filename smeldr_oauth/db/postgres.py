@@ -17,7 +17,7 @@ C{LISTEN} connection per database: see L{smeldr_oauth.db.notify}.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
@@ -127,20 +127,22 @@ class Row(tuple):  # type: ignore[type-arg]
         return list(self._columns)
 
 
-_row_classes: dict[tuple[str, ...], type[Row]] = {}
+_row_classes: dict[tuple[bytes, ...], type[Row]] = {}
 
 
 def row_factory(cursor: Any) -> Callable[[Any], Any]:
     """
-    A psycopg row factory making L{Row}s (one class per column list).
+    A psycopg row factory making L{Row}s (one class per column list).  It
+    reads the column names off the result itself: C{cursor.description}
+    would build column objects on every statement.
     """
-    description = cursor.description
-    if description is None:
+    result = cursor.pgresult
+    if result is None or not result.nfields:
         return tuple
-    names = tuple(column.name for column in description)
+    names = tuple(result.fname(index) for index in range(result.nfields))
     cls = _row_classes.get(names)
     if cls is None:
-        columns = {name: index for index, name in enumerate(names)}
+        columns = {name.decode("utf-8"): index for index, name in enumerate(names)}
         cls = _row_classes[names] = type("Row", (Row,), {"__slots__": (), "_columns": columns})
     return cls
 
@@ -205,6 +207,14 @@ class PostgresEngine:
 
     def begin(self, transaction: "Transaction") -> None:
         transaction.execute("BEGIN")
+
+    def combine(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[tuple[str, Sequence[Any]]]:
+        if len(statements) < 2:
+            return list(statements)
+        *first, (last, last_params) = statements
+        clauses = ", ".join(f"_{index} AS ({sql})" for index, (sql, _) in enumerate(first))
+        params = [value for _, values in first for value in values]
+        return [(f"WITH {clauses} {last}", (*params, *last_params))]
 
     def convert(self, sql: str) -> str:
         return question_marks_to_format(sql)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -79,6 +79,9 @@ class SQLiteEngine:
 
     def begin(self, transaction: "Transaction") -> None:
         transaction.execute("BEGIN IMMEDIATE")
+
+    def combine(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[tuple[str, Sequence[Any]]]:
+        return list(statements)
 
     def convert(self, sql: str) -> str:
         return sql

@@ -12,22 +12,18 @@ from typing import Any, Optional
 from twisted.internet.interfaces import IReactorTime
 
 from smeldr_oauth.db import open_database
-from smeldr_oauth.db.errors import StoreConflict, StoreUnavailable
-from smeldr_oauth.oauth.interfaces import CodeRedemption, IOAuthStore, RefreshRedemption
+# Importable from here as before; documented where they live.
+from smeldr_oauth.db.errors import StoreConflict, StoreUnavailable  # noqa: F401
+from smeldr_oauth.oauth.interfaces import CodeRedemption, IOAuthStore, RefreshRedemption  # noqa: F401
 from smeldr_oauth.store.common import start_purging
 from smeldr_oauth.store.memory import MemoryStore
 from smeldr_oauth.store.sql import SQLStore
 from smeldr_oauth.store.sqlite import SQLiteStore
 
 __all__ = [
-    "CodeRedemption",
-    "IOAuthStore",
     "MemoryStore",
-    "RefreshRedemption",
     "SQLStore",
     "SQLiteStore",
-    "StoreConflict",
-    "StoreUnavailable",
     "open_store",
     "start_purging",
 ]

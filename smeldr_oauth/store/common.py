@@ -13,16 +13,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smeldr_oauth.db.errors import StoreConflict
+from smeldr_oauth.db.errors import StoreConflict  # noqa: F401 (its old home)
 from smeldr_oauth.oauth.interfaces import IOAuthStore
-
-__all__ = [
-    "CLIENT_RETENTION",
-    "DEFAULT_PURGE_INTERVAL",
-    "GRANT_RETENTION",
-    "StoreConflict",
-    "start_purging",
-]
 
 log = Logger()
 

@@ -6,11 +6,9 @@ in L{smeldr_oauth.oauth.interfaces} (the OAuth package no longer imports
 the stores); these names stay importable from here.
 """
 
-from smeldr_oauth.oauth.interfaces import (
+from smeldr_oauth.oauth.interfaces import (  # noqa: F401 (kept out of __all__: documented where they live)
     CodeRedemption,
     IChangeWatch,
     IOAuthStore,
     RefreshRedemption,
 )
-
-__all__ = ["CodeRedemption", "IChangeWatch", "IOAuthStore", "RefreshRedemption"]

@@ -172,20 +172,20 @@ def _insert_grant(txn: Transaction, grant: Grant) -> None:
     )
 
 
-def _insert_access(
-    txn: Transaction, access: AccessToken, grant_id: str, scopes: Sequence[str], resource: str
-) -> None:
-    txn.execute(
+def _access_row(
+    access: AccessToken, grant_id: str, scopes: Sequence[str], resource: str
+) -> tuple[str, Sequence[Any]]:
+    return (
         "INSERT INTO access_tokens (token_hash, grant_id, scopes, resource, expires_at)"
         " VALUES (?, ?, ?, ?, ?)",
         (access.token_hash, grant_id, _dump(scopes), resource, access.expires_at),
     )
 
 
-def _insert_refresh(
-    txn: Transaction, refresh: RefreshToken, grant_id: str, scopes: Sequence[str], generation: int
-) -> None:
-    txn.execute(
+def _refresh_row(
+    refresh: RefreshToken, grant_id: str, scopes: Sequence[str], generation: int
+) -> tuple[str, Sequence[Any]]:
+    return (
         "INSERT INTO refresh_tokens (token_hash, grant_id, scopes, generation,"
         " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
         (
@@ -335,19 +335,21 @@ def _exchange_code(
             raise ValueError("the code issues a refresh token but none was given")
     except Exception:
         return redemption, Failure()
-    _insert_access(txn, access, code.grant_id, code.scopes, code.resource)
+    rows = [_access_row(access, code.grant_id, code.scopes, code.resource)]
     if code.issue_refresh:
         assert refresh is not None
-        _insert_refresh(txn, refresh, code.grant_id, code.scopes, 1)
+        rows.append(_refresh_row(refresh, code.grant_id, code.scopes, 1))
+    txn.execute_together(rows)
     return redemption, None
 
 
 def _add_tokens(
     txn: Transaction, grant_id: str, access: AccessToken, refresh: Optional[RefreshToken]
 ) -> None:
-    _insert_access(txn, access, grant_id, access.scopes, access.resource)
+    rows = [_access_row(access, grant_id, access.scopes, access.resource)]
     if refresh is not None:
-        _insert_refresh(txn, refresh, grant_id, refresh.scopes, refresh.generation)
+        rows.append(_refresh_row(refresh, grant_id, refresh.scopes, refresh.generation))
+    txn.execute_together(rows)
 
 
 def _redeem_refresh_token(
@@ -417,28 +419,37 @@ def _apply(
     """
     if decision.revoke_grant and _revoke_grant(txn, grant.grant_id, now):
         grant = attr.evolve(grant, revoked_at=now)
-    if decision.revoke_unused_siblings:
-        txn.execute(
-            "UPDATE refresh_tokens SET revoked_at = ?"
-            " WHERE grant_id = ? AND generation = ? AND token_hash != ?"
-            " AND used_at IS NULL AND revoked_at IS NULL",
-            (now, grant.grant_id, token.generation, token.token_hash),
-        )
+    # The writes of a rotation depend on nothing but the decision: one round
+    # trip on PostgreSQL (see Transaction.execute_together).
+    writes: list[tuple[str, Sequence[Any]]] = []
     if decision.new_generation is not None:
-        _insert_access(txn, new_access, grant.grant_id, decision.access_scopes, grant.resource)
-        _insert_refresh(
-            txn, new_refresh, grant.grant_id, decision.refresh_scopes, decision.new_generation
+        writes.append(_access_row(new_access, grant.grant_id, decision.access_scopes, grant.resource))
+        writes.append(
+            _refresh_row(new_refresh, grant.grant_id, decision.refresh_scopes, decision.new_generation)
         )
-        txn.execute("UPDATE grants SET last_used_at = ? WHERE grant_id = ?", (now, grant.grant_id))
+        writes.append(("UPDATE grants SET last_used_at = ? WHERE grant_id = ?", (now, grant.grant_id)))
         grant = attr.evolve(grant, last_used_at=now)
     if decision.mark_used:
-        txn.execute(
-            "UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL",
-            (now, token.token_hash),
+        # Spend the presented token and, with revoke_unused_siblings (they
+        # always come together), revoke the other unused tokens of its
+        # generation, in one statement.  (The new token is of another
+        # generation.)
+        assert decision.revoke_unused_siblings
+        writes.append(
+            (
+                "UPDATE refresh_tokens SET"
+                " used_at = CASE WHEN token_hash = ? THEN ? ELSE used_at END,"
+                " revoked_at = CASE WHEN token_hash = ? THEN revoked_at ELSE ? END"
+                " WHERE grant_id = ? AND generation = ? AND used_at IS NULL AND revoked_at IS NULL"
+                " RETURNING token_hash",
+                (token.token_hash, now, token.token_hash, now, grant.grant_id, token.generation),
+            )
         )
-        if txn.rowcount != 1:
-            # Impossible with the grant locked; refuse rather than fork the chain.
-            raise RuntimeError("refresh token spent concurrently")
+    if writes:
+        txn.execute_together(writes)
+    if decision.mark_used and token.token_hash not in {row[0] for row in txn.fetchall()}:
+        # Impossible with the grant locked; refuse rather than fork the chain.
+        raise RuntimeError("refresh token spent concurrently")
     return grant
 
 
