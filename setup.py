@@ -34,6 +34,9 @@ setup(
         "jsonschema>=4.18",
         # Bounded LRU and TTL caches that take the injected clock.
         "cachetools>=5.3",
+        # PostgreSQL (--database postgresql://...): in every install, so the
+        # same command that runs on SQLite scales out without a reinstall.
+        "psycopg[binary]>=3.1",
     ],
     entry_points={
         "console_scripts": [

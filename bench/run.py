@@ -114,7 +114,7 @@ class Settings:
         self.observe = args.observe if args.observe is not None else (2.2 if self.smoke else 16.0)
         self.verify_calls = 200 if self.smoke else 5000
         self.only = set(args.only.split(",")) if args.only else None
-        self.server_args = tuple(args.server_arg or ())
+        self.server_args = tuple(args.server_arg or ()) + (("--database", args.database) if args.database else ())
 
     def as_json(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k != "only"} | {"only": sorted(self.only or [])}
@@ -341,6 +341,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         action="append",
         metavar="ARG",
         help="extra argument for the smeldr-oauth server (repeatable), e.g. --server-arg=--db-threads=1",
+    )
+    parser.add_argument(
+        "--database", metavar="URL", help="run the server on this PostgreSQL database [SQLite files]"
     )
     parser.add_argument("--observe", type=float, help="seconds to watch keepalives [16]")
     parser.add_argument(

@@ -245,8 +245,11 @@ def admin_command() -> list[str]:
 
 
 def create_site_token(server: OAuthServer) -> str:
+    where = ["--site-db", server.site_db]
+    if "--database" in server.argv:
+        where = ["--database", server.argv[server.argv.index("--database") + 1]]
     out = subprocess.run(
-        [*admin_command(), "token", "create", "bench", "--site-db", server.site_db],
+        [*admin_command(), "token", "create", "bench", *where],
         capture_output=True,
         text=True,
         check=True,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import sqlite3
 import sys
 
 import attr
@@ -18,6 +19,7 @@ from smeldr_oauth.oauth.model import Grant
 from smeldr_oauth.site import admin
 from smeldr_oauth.site.admin import UsageError, parse, run
 from smeldr_oauth.site.stores import open_site
+from tests import postgres
 from tests.lifetime import bound
 
 try:
@@ -53,6 +55,28 @@ class ParseTests(SynchronousTestCase):
             with self.assertRaises(UsageError) as caught:
                 parse(argv)
             self.assertNotIn("\n", str(caught.exception))
+
+    def test_database(self) -> None:
+        """
+        C{--database} names one PostgreSQL database for both; it cannot be
+        mixed with the SQLite paths, nor be a path itself.
+        """
+        url = "postgresql://u@/db?host=/tmp/x"
+        options = parse(["token", "revoke", "abc", "--database", url])
+        self.assertEqual((options.database, options.site_db, options.oauth_db), (url, "./site.db", "./oauth.db"))
+        for argv in [
+            ["token", "list", "--database", url, "--site-db", "x.db"],
+            ["grants", "list", "--database", url, "--oauth-db", "x.db"],
+            ["token", "list", "--database", "./site.db"],
+            ["migrate", "--from-sqlite", "a.db", "b.db"],
+            ["migrate", "--from-sqlite", "a.db", "--database", url],
+            ["migrate", "--from-sqlite", "a.db", "b.db", "--database", "c.db"],
+        ]:
+            with self.assertRaises(UsageError) as caught:
+                parse(argv)
+            self.assertNotIn("\n", str(caught.exception))
+        options = parse(["migrate", "--from-sqlite", "a.db", "b.db", "--database", url])
+        self.assertEqual((options.from_sqlite, options.database), (["a.db", "b.db"], url))
 
     def test_main_usage_error_exit_2(self) -> None:
         err = io.StringIO()
@@ -339,6 +363,165 @@ class RealOAuthStoreTests(TestCase):
         self.assertEqual((status, err.getvalue()), (0, ""))
         live = yield store.list_grants()
         self.assertEqual([g.grant_id for g in live], ["g2"])
+
+
+class PostgresCommandTests(TestCase):
+    """
+    Every command against one real PostgreSQL database (C{--database}),
+    with the real stores.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.url = postgres.database_url(self)
+
+    @inlineCallbacks
+    def admin(self, *argv):
+        out, err = io.StringIO(), io.StringIO()
+        status = yield run(self.reactor, parse([*argv, "--database", self.url]), out, err)
+        return status, out.getvalue(), err.getvalue()
+
+    @inlineCallbacks
+    def grants(self, token_id):
+        from smeldr_oauth.oauth.model import Client
+        from smeldr_oauth.store import open_store
+        from tests.test_store_memory import make_code
+
+        store = open_store(self.url, self.reactor)
+        self.addCleanup(store.close)
+        yield store.save_client(Client(client_id="c1", client_name="Claude", redirect_uris=()))
+        for gid, tid, client_id in [("g1", token_id, "c1"), ("g2", "other", "c1"), ("g3", "other", "c2")]:
+            yield store.create_grant(
+                grant(gid, client_id=client_id, site_token_id=tid), attr.evolve(make_code(gid, gid), client_id=client_id)
+            )
+        return store
+
+    @inlineCallbacks
+    def test_tokens_and_grants(self):
+        status, out, err = yield self.admin("token", "create", "alice")
+        self.assertEqual(status, 0, err)
+        plaintext = out.strip()
+        status, out, err = yield self.admin("token", "list")
+        self.assertIn("alice", out)
+        self.assertIn("active", out)
+        site = open_site(self.url, self.reactor)
+        self.addCleanup(site.close)
+        (token,) = yield site.tokens.list()
+        store = yield self.grants(token.id)
+        status, out, err = yield self.admin("grants", "list", "--subject", "alice")
+        self.assertEqual((status, len(out.splitlines())), (0, 4), out)
+        status, out, err = yield self.admin("token", "revoke", token.id)
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("Revoked 1 grant(s)", out)
+        approval = yield site.tokens.verify(plaintext)
+        self.assertIsNone(approval)
+        status, out, err = yield self.admin("grants", "revoke", "g2")
+        self.assertEqual((status, err), (0, ""))
+        status, out, err = yield self.admin("grants", "revoke", "g2")
+        self.assertEqual(status, 1)
+        status, out, err = yield self.admin("grants", "revoke-client", "c2")
+        self.assertIn("Revoked 1 grant(s) of client c2", out)
+        live = yield store.list_grants()
+        self.assertEqual(live, [])
+
+    @inlineCallbacks
+    def test_unreachable(self):
+        """
+        A database that cannot be reached: one line, exit status 1.
+        """
+        self.url = "postgresql://u:secret@/db?host=/nonexistent&port=1"
+        status, out, err = yield self.admin("token", "list")
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err.count("\n"), 1)
+        self.assertIn("StoreUnavailable", err)
+        self.assertNotIn("secret", err)
+
+
+class MigrateCommandTests(TestCase):
+    """
+    C{migrate --from-sqlite}: an installation's files, used for real, copied
+    into PostgreSQL without losing a grant: every row is there, and every
+    secret the clients hold goes on working there exactly as it did.
+    """
+
+    @inlineCallbacks
+    def test_migrate(self):
+        from twisted.internet import reactor
+
+        from smeldr_oauth.oauth.secrets import hash_secret
+        from smeldr_oauth.store import open_store
+        from tests.test_db_copy import TABLES
+        from tests.test_store_memory import T0, access, refresh
+        from tests.test_store_postgres import issue_secrets
+
+        base = self.mktemp()
+        os.makedirs(base)
+        oauth_db, site_db = os.path.join(base, "oauth.db"), os.path.join(base, "site.db")
+        # On the reactor thread: issue_secrets expects answers at once.
+        store = open_store(oauth_db, reactor, threads=0)
+        yield store.ready
+        secrets = issue_secrets(self, store, site_db)
+        site = open_site(site_db, reactor)
+        yield site.posts.create("Migrated post", body="sourdough starter", tags=["bread"])
+        yield site.posts.create("Second", status="published")
+        revoked_id, _ = yield site.tokens.create("bob")
+        yield site.tokens.revoke(revoked_id)
+        site.close()
+        store.close()
+        sqlite_counts = {}
+        for path in (oauth_db, site_db):
+            connection = sqlite3.connect(path)
+            for table in TABLES:
+                try:
+                    sqlite_counts[table] = connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                except sqlite3.OperationalError:
+                    continue
+            connection.close()
+
+        url = postgres.database_url(self)
+        out, err = io.StringIO(), io.StringIO()
+        argv = ["migrate", "--from-sqlite", oauth_db, site_db, "--database", url]
+        status = yield run(reactor, parse(argv), out, err)
+        self.assertEqual((status, err.getvalue()), (0, ""))
+        self.assertIn(f"Copied {sum(sqlite_counts.values())} row(s)", out.getvalue())
+
+        store = open_store(url, reactor)
+        self.addCleanup(store.close)
+        site = open_site(url, reactor)
+        self.addCleanup(site.close)
+        pg_counts = yield store.database.read(
+            store._schema,
+            lambda txn: {t: txn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in TABLES},
+        )
+        self.assertEqual(pg_counts, sqlite_counts)
+        site_token, client_secret, code, access1, refresh1, access2, refresh2 = secrets
+        approval = yield site.tokens.verify(site_token)
+        self.assertEqual(approval.subject, "alice")
+        client = yield store.get_client((yield store.list_grants())[0].client_id)
+        self.assertEqual(client.client_secret_hash, hash_secret(client_secret))
+        info = yield store.lookup_access_token(hash_secret(access2), T0 + 10)
+        self.assertEqual(info.subject, "alice")
+        hits = yield site.posts.search("sourdough")
+        self.assertEqual([h.post.slug for h in hits], ["migrated-post"])
+        new = yield site.posts.create("After the move")
+        self.assertGreater(new.id, max(h.post.id for h in hits))
+        # Rotation goes on from where it was, and reuse detection too.
+        result = yield store.redeem_refresh_token(
+            hash_secret(refresh2), T0 + 100, 10.0, None, access("after-a", T0 + 100), refresh("after-r", T0 + 100)
+        )
+        self.assertEqual(result.status, "rotated")
+        result = yield store.redeem_refresh_token(
+            hash_secret(refresh1), T0 + 1000, 10.0, None, access("late-a", T0 + 1000), refresh("late-r", T0 + 1000)
+        )
+        self.assertEqual(result.status, "reused")
+        # Once is enough: a second run is refused and changes nothing.
+        out, err = io.StringIO(), io.StringIO()
+        status = yield run(reactor, parse(argv), out, err)
+        self.assertEqual(status, 1)
+        self.assertIn("already holds data", err.getvalue())
+        self.assertEqual(err.getvalue().count("\n"), 1)
 
 
 class ScriptTests(TestCase):

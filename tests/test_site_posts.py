@@ -1,21 +1,24 @@
 """
 Tests for L{smeldr_oauth.site.posts}: a real SQLite file in the trial temp
-directory, behind the real (threaded) adbapi pool.
+directory behind the real (threaded) adbapi pool; the same tests run on
+PostgreSQL and on the reactor thread from C{tests.test_site_db}.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from smeldr_oauth.site.db import SQLiteDatabase
+from smeldr_oauth.db import open_database
 from smeldr_oauth.site.posts import (
     MAX_SLUG,
+    SCHEMA,
     InvalidCursor,
     InvalidQuery,
     PostNotFound,
@@ -26,6 +29,7 @@ from smeldr_oauth.site.posts import (
     encode_cursor,
     fts_query,
     slugify,
+    ts_query,
     validate_slug,
     validate_tags,
 )
@@ -79,6 +83,11 @@ class PureTests(SynchronousTestCase):
         self.assertRaises(InvalidQuery, fts_query, "AND OR")
         self.assertRaises(InvalidQuery, fts_query, 5)
 
+    def test_ts_query(self) -> None:
+        self.assertEqual(ts_query("hello world"), "hello & world")
+        self.assertEqual(ts_query('title:"x" OR (y* NEAR z'), "title & x & y:* & z")
+        self.assertRaises(InvalidQuery, ts_query, '"" ()*')
+
     @given(st.text(max_size=200))
     def test_fts_query_always_parses(self, query: str) -> None:
         """
@@ -99,13 +108,22 @@ class PureTests(SynchronousTestCase):
 
 
 class PostStoreTests(TestCase):
+    """
+    The post store on a SQLite file, on a database thread; see
+    C{tests.test_site_db} for the other engines and modes.
+    """
+
+    threads = 1
+
+    def location(self) -> str:
+        return self.mktemp() + ".db"
+
     def setUp(self) -> None:
         from twisted.internet import reactor
 
         self.clock = Clock()
         self.clock.advance(1000)
-        self.path = self.mktemp() + ".db"
-        self.db = SQLiteDatabase(self.path, reactor=reactor, clock=self.clock)
+        self.db = open_database(self.location(), reactor, threads=self.threads, clock=self.clock)
         self.addCleanup(self.db.close)
         self.store = PostStore(self.db, clock=self.clock)
 
@@ -205,12 +223,10 @@ class PostStoreTests(TestCase):
         hits = yield self.store.search("unique")
         self.assertEqual(hits, [])
         # Tag rows went with it (foreign key cascade).
-        rows = (
-            sqlite3.connect(self.path)
-            .execute("SELECT COUNT(*) FROM post_tags")
-            .fetchone()
+        count = yield self.db.read(
+            SCHEMA, lambda txn: txn.execute("SELECT COUNT(*) FROM post_tags").fetchone()[0]
         )
-        self.assertEqual(rows[0], 0)
+        self.assertEqual(count, 0)
 
     @inlineCallbacks
     def test_list_pagination_and_filters(self):
@@ -269,6 +285,41 @@ class PostStoreTests(TestCase):
         yield self.assertFailure(self.store.search('"" ()'), InvalidQuery)
 
     @inlineCallbacks
+    def test_search_folds_diacritics(self):
+        """
+        Accents do not matter, in the post or in the query.
+        """
+        yield self.store.create("Crème brûlée", body="Déjà vu in Zürich")
+        yield self.store.create("Plain", body="creme and deja")
+        for query in ("creme", "crème", "brulee", "zurich", "déjà"):
+            hits = yield self.store.search(query)
+            self.assertIn("creme-brulee", [h.post.slug for h in hits], query)
+
+    @inlineCallbacks
+    def test_search_every_word(self):
+        """
+        Short and common words are searchable too (no stop-word list), and
+        every word of the query must match.
+        """
+        yield self.store.create("The end", body="It is what it is.")
+        yield self.store.create("Other", body="Something else entirely.")
+        hits = yield self.store.search("the")
+        self.assertEqual([h.post.slug for h in hits], ["the-end"])
+        hits = yield self.store.search("it is")
+        self.assertEqual([h.post.slug for h in hits], ["the-end"])
+        hits = yield self.store.search("it else")
+        self.assertEqual(hits, [])
+
+    @inlineCallbacks
+    def test_search_limit_and_snippet(self):
+        for n in range(5):
+            yield self.store.create(f"Note {n}", body=f"alpha beta gamma {n} " + "filler " * 40)
+        hits = yield self.store.search("gamma", limit=3)
+        self.assertEqual(len(hits), 3)
+        for hit in hits:
+            self.assertIn("[gamma]", hit.snippet)
+
+    @inlineCallbacks
     def test_slugs(self):
         yield self.store.create("Alpha one")
         yield self.store.create("Alpha two", status="published")
@@ -279,3 +330,34 @@ class PostStoreTests(TestCase):
         self.assertEqual(slugs, ["alpha-two"])
         slugs = yield self.store.slugs("%")
         self.assertEqual(slugs, [])
+        slugs = yield self.store.slugs("ALPHA")
+        self.assertEqual(slugs, ["alpha-one", "alpha-two"])
+
+
+class SearchPropertyTests(SynchronousTestCase):
+    """
+    Whatever a caller types, a search answers with hits or
+    L{InvalidQuery}: never an error from the index.  (On SQLite here; on
+    PostgreSQL from C{tests.test_site_db}.)
+    """
+
+    def location(self) -> str:
+        return self.mktemp() + ".db"
+
+    def setUp(self) -> None:
+        from tests.test_store_sqlite import InlineReactor
+
+        self.db = open_database(self.location(), InlineReactor(), threads=0)
+        self.addCleanup(self.db.close)
+        self.store = PostStore(self.db, clock=Clock())
+        self.successResultOf(self.store.create("Hello world", body="Crème brûlée for_all 42 x*y"))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.differing_executors])
+    @given(st.text(max_size=120))
+    def test_any_query(self, query: str) -> None:
+        outcome: list[Any] = []
+        self.store.search(query).addBoth(outcome.append)
+        [result] = outcome
+        if not isinstance(result, list):
+            result.trap(InvalidQuery)
+            self.assertNotIn("could not be searched", str(result.value))

@@ -1,10 +1,9 @@
 """
-Tests for L{smeldr_oauth.site.tokens}.
+Tests for L{smeldr_oauth.site.tokens}, on a SQLite file; the same tests run
+on PostgreSQL and on the reactor thread from C{tests.test_site_db}.
 """
 
 from __future__ import annotations
-
-import sqlite3
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
@@ -15,17 +14,21 @@ from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.secrets import hash_secret
 from smeldr_oauth.site.posts import ValidationError
 from smeldr_oauth.site.stores import open_site
-from smeldr_oauth.site.tokens import SiteToken, TokenNotFound
+from smeldr_oauth.site.tokens import SCHEMA, SiteToken, TokenNotFound
 
 
 class SiteTokenStoreTests(TestCase):
+    threads = 1
+
+    def location(self) -> str:
+        return self.mktemp()
+
     def setUp(self) -> None:
         from twisted.internet import reactor
 
         self.clock = Clock()
         self.clock.advance(500)
-        self.path = self.mktemp()
-        self.site = open_site(self.path, reactor, clock=self.clock)
+        self.site = open_site(self.location(), reactor, clock=self.clock, threads=self.threads)
         self.addCleanup(self.site.close)
         self.tokens = self.site.tokens
 
@@ -34,9 +37,9 @@ class SiteTokenStoreTests(TestCase):
         token_id, plaintext = yield self.tokens.create("  alice  ")
         self.assertTrue(plaintext.startswith("smeldr_"))
         self.assertEqual(len(plaintext), len("smeldr_") + 43)
-        raw = sqlite3.connect(self.path)
-        self.addCleanup(raw.close)
-        rows = raw.execute("SELECT * FROM site_tokens").fetchall()
+        rows = yield self.site.db.read(
+            SCHEMA, lambda txn: [tuple(row) for row in txn.execute("SELECT * FROM site_tokens")]
+        )
         self.assertEqual(len(rows), 1)
         self.assertNotIn(plaintext, repr(rows))
         self.assertIn(hash_secret(plaintext), rows[0])

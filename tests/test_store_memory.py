@@ -1,7 +1,8 @@
 """
 Tests for L{smeldr_oauth.store.memory}, and the behaviour every
-L{IOAuthStore} must have (L{StoreBehaviourMixin}, also run against
-L{smeldr_oauth.store.sqlite.SQLiteStore} by C{tests.test_store_sqlite}).
+L{IOAuthStore} must have (L{StoreBehaviourMixin}, also run against the SQL
+store on SQLite by C{tests.test_store_sqlite} and on PostgreSQL by
+C{tests.test_store_postgres}).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from smeldr_oauth.oauth.model import (
     RefreshToken,
 )
 from smeldr_oauth.oauth.secrets import hash_secret
+from smeldr_oauth.oauth.interfaces import IOAuthStore
 from smeldr_oauth.store.common import CLIENT_RETENTION, GRANT_RETENTION, StoreConflict, start_purging
-from smeldr_oauth.store.interface import IOAuthStore
 from smeldr_oauth.store.memory import MemoryStore
 
 T0 = 1_700_000_000.0
@@ -83,7 +84,9 @@ def make_grant(
     )
 
 
-def make_code(name: str, grant_id: str = "g1", now: float = T0) -> AuthorizationCode:
+def make_code(
+    name: str, grant_id: str = "g1", now: float = T0, issue_refresh: bool = True
+) -> AuthorizationCode:
     return AuthorizationCode(
         code_hash=h(name),
         grant_id=grant_id,
@@ -93,8 +96,24 @@ def make_code(name: str, grant_id: str = "g1", now: float = T0) -> Authorization
         scopes=SCOPES,
         resource=RESOURCE,
         expires_at=now + CODE_TTL,
-        issue_refresh=True,
+        issue_refresh=issue_refresh,
     )
+
+
+class Refused(Exception):
+    """
+    What a test's C{check} raises to refuse a code exchange.
+    """
+
+
+def accept(code: AuthorizationCode) -> None:
+    """
+    A C{check} that lets every code through.
+    """
+
+
+def refuse(code: AuthorizationCode) -> None:
+    raise Refused(code.client_id)
 
 
 if TYPE_CHECKING:
@@ -193,6 +212,19 @@ class StoreBehaviourMixin(_MixinBase):
         )
         self.assertEqual(self.ok(self.store.get_client("c1")), client)
 
+    def test_nul_in_keys(self) -> None:
+        """
+        Look-ups with a NUL character in a key (bytes a client may send;
+        PostgreSQL text cannot hold them) find nothing rather than fail.
+        """
+        self.grant_with_tokens()
+        self.assertIsNone(self.ok(self.store.get_client("client-1\x00")))
+        self.assertEqual(self.ok(self.store.list_grants(subject="alice\x00")), [])
+        self.assertFalse(self.ok(self.store.revoke_grant("g1\x00", T0 + 2)))
+        self.assertIsNone(self.ok(self.store.revoke_token("\x00", T0 + 2, client_id="\x00")))
+        self.assertEqual(self.ok(self.store.consume_code("\x00", T0 + 2)).status, "unknown")
+        self.assertIsNotNone(self.live("g1-a0"))
+
     # Grants and codes
 
     def test_consume_code_ok(self) -> None:
@@ -256,6 +288,123 @@ class StoreBehaviourMixin(_MixinBase):
             self.store.create_grant(make_grant("g2"), make_code("code", "g2")), StoreConflict
         )
         self.assertEqual([g.grant_id for g in self.ok(self.store.list_grants())], ["g1"])
+
+    # The code exchange in one transaction
+
+    def exchange(self, code: str, name: str, now: float = T0 + 1, check: Any = accept) -> Any:
+        """
+        Exchange code C{code} for access token C{name + "-a"} and refresh
+        token C{name + "-r"} (placeholder grant, scopes and resource).
+        """
+        placeholder = attr.evolve(access(name + "-a", now), scopes=("nothing",), resource="https://x/")
+        return self.store.exchange_code(h(code), now, check, placeholder, refresh(name + "-r", now))
+
+    def test_exchange_code(self) -> None:
+        """
+        A fresh code gives tokens for its grant, with the code's scopes and
+        resource whatever the records said; the first refresh token is
+        generation 1 and rotates.
+        """
+        grant = make_grant()
+        code = make_code("code")
+        self.ok(self.store.create_grant(grant, code))
+        seen: list[AuthorizationCode] = []
+        result = self.ok(self.exchange("code", "t1", check=seen.append))
+        self.assertEqual((result.status, result.code, result.grant), ("ok", code, grant))
+        self.assertEqual(seen, [code])
+        info = self.live("t1-a")
+        self.assertEqual((info.grant_id, info.scopes, info.resource), ("g1", frozenset(SCOPES), RESOURCE))
+        self.assertEqual(self.redeem("t1-r", "r2", T0 + 100).status, "rotated")
+        self.assertEqual(self.live("r2-a", T0 + 100).scopes, frozenset(SCOPES))
+
+    def test_exchange_code_without_refresh(self) -> None:
+        """
+        A code that does not issue a refresh token stores the access token
+        only, whatever the caller passed.
+        """
+        self.ok(self.store.create_grant(make_grant(), make_code("code", issue_refresh=False)))
+        self.assertEqual(self.ok(self.exchange("code", "t1")).status, "ok")
+        self.assertIsNotNone(self.live("t1-a"))
+        self.assertEqual(self.redeem("t1-r", "r2", T0 + 2).status, "unknown")
+        self.ok(self.store.create_grant(make_grant("g2"), make_code("code2", "g2", issue_refresh=False)))
+        d = self.store.exchange_code(h("code2"), T0 + 1, accept, access("t2-a"), None)
+        self.assertEqual(self.ok(d).status, "ok")
+
+    def test_exchange_code_refused(self) -> None:
+        """
+        When C{check} refuses, its exception comes out, no token is stored,
+        and the code is spent all the same: presenting it again is a
+        replay, which revokes the grant.
+        """
+        self.ok(self.store.create_grant(make_grant(), make_code("code")))
+        failure = self.failureResultOf(self.exchange("code", "t1", check=refuse), Refused)
+        self.assertEqual(failure.value.args, ("client-1",))
+        self.assertIsNone(self.live("t1-a"))
+        self.assertEqual(self.redeem("t1-r", "r2", T0 + 2).status, "unknown")
+        result = self.ok(self.exchange("code", "t2", now=T0 + 2))
+        self.assertEqual(result.status, "replayed")
+        self.assertIsNone(self.live("t2-a"))
+        self.assertEqual(self.ok(self.store.list_grants()), [])
+
+    def test_exchange_code_missing_refresh(self) -> None:
+        """
+        A code that issues a refresh token, exchanged without one, is a bug
+        of the caller's: refused like a failed check (the code is spent).
+        """
+        self.ok(self.store.create_grant(make_grant(), make_code("code")))
+        d = self.store.exchange_code(h("code"), T0 + 1, accept, access("t1-a"), None)
+        self.failureResultOf(d, ValueError)
+        self.assertIsNone(self.live("t1-a"))
+        self.assertEqual(self.ok(self.exchange("code", "t2", now=T0 + 2)).status, "replayed")
+
+    def test_exchange_code_replayed(self) -> None:
+        """
+        Exchanging a code twice revokes the grant and the tokens of the
+        first exchange; C{check} is not asked the second time.
+        """
+        self.ok(self.store.create_grant(make_grant(), make_code("code")))
+        self.assertEqual(self.ok(self.exchange("code", "t1")).status, "ok")
+        seen: list[AuthorizationCode] = []
+        result = self.ok(self.exchange("code", "t2", now=T0 + 2, check=seen.append))
+        self.assertEqual(result.status, "replayed")
+        self.assertEqual(result.grant.revoked_at, T0 + 2)
+        self.assertEqual(seen, [])
+        self.assertIsNone(self.live("t1-a"))
+        self.assertIsNone(self.live("t2-a"))
+        self.assertEqual(self.redeem("t1-r", "r2", T0 + 3).status, "revoked")
+
+    def test_exchange_code_not_ok(self) -> None:
+        """
+        Unknown, expired and revoked codes give no token, and C{check} is
+        not asked.
+        """
+        self.ok(self.store.create_grant(make_grant("g1"), make_code("old", "g1")))
+        self.ok(self.store.create_grant(make_grant("g2"), make_code("ended", "g2")))
+        self.ok(self.store.revoke_grant("g2", T0))
+        seen: list[AuthorizationCode] = []
+        for code, name, now, status in (
+            ("nothing", "t0", T0 + 1, "unknown"),
+            ("old", "t1", T0 + CODE_TTL, "expired"),
+            ("ended", "t2", T0 + 1, "revoked"),
+        ):
+            result = self.ok(self.exchange(code, name, now=now, check=seen.append))
+            self.assertEqual(result.status, status)
+            self.assertIsNone(self.live(name + "-a", now))
+        self.assertEqual(seen, [])
+
+    def test_exchange_code_rolls_back(self) -> None:
+        """
+        A failure half-way (the refresh token's hash is already stored)
+        keeps nothing: no access token, and the code is still unspent, so
+        the client's retry succeeds.
+        """
+        self.grant_with_tokens("g0")
+        self.ok(self.store.create_grant(make_grant(), make_code("code")))
+        d = self.store.exchange_code(h("code"), T0 + 1, accept, access("t1-a"), refresh("g0-r0"))
+        self.failureResultOf(d, StoreConflict)
+        self.assertIsNone(self.live("t1-a"))
+        self.assertEqual(self.ok(self.exchange("code", "t2", now=T0 + 2)).status, "ok")
+        self.assertIsNotNone(self.live("t2-a"))
 
     # Access tokens
 
@@ -678,6 +827,15 @@ class StoreBehaviourMixin(_MixinBase):
 
 
 class MemoryStoreTests(StoreBehaviourMixin, SynchronousTestCase):
+    def test_watch_changes(self) -> None:
+        """
+        Nothing to hear from, but the same call as the SQL stores.
+        """
+        watch = self.store.watch_changes(lambda payload: None, Clock(), 1.0)
+        self.assertTrue(watch.running)
+        watch.stop()
+        self.assertFalse(watch.running)
+
     def test_client_retention(self) -> None:
         store = MemoryStore(client_retention=10.0)
         self.ok(store.save_client(Client(client_id="c", client_name=None, redirect_uris=(), created_at=T0)))

@@ -1,5 +1,6 @@
 """
-Tests for L{smeldr_oauth.store.sqlite} and L{smeldr_oauth.store.migrations}.
+Tests for L{smeldr_oauth.store.sqlite} and L{smeldr_oauth.store.sql} on
+SQLite.
 
 Most tests run real SQLite inside a L{SynchronousTestCase}: the store's
 connection pool gets a thread-less thread pool and a reactor whose
@@ -14,16 +15,18 @@ import os
 import sqlite3
 from typing import Any, Callable
 
-import attr
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from smeldr_oauth.oauth.secrets import hash_secret, new_secret
-from smeldr_oauth.store.migrations import MIGRATIONS, migrate, split_script
-from smeldr_oauth.store.sqlite import ReactorThreadPool, _insert_grant, SQLiteStore, thread_pool_for
+from smeldr_oauth.db.database import NoThreads
+from smeldr_oauth.db.errors import SchemaTooNew
+from smeldr_oauth.db.migrations import Migration, Schema
+from smeldr_oauth.store import sql as sql_module
+from smeldr_oauth.store.schema import OAUTH_SCHEMA
+from smeldr_oauth.store.sql import _insert_grant
+from smeldr_oauth.store.sqlite import SQLiteStore
 from tests.test_store_memory import (
     T0,
     StoreBehaviourMixin,
@@ -54,31 +57,11 @@ class InlineReactor(Clock):
         pass
 
 
-class InlineThreadPool:
-    """
-    A thread pool without threads: work runs on the caller's thread.
-
-    The same code as the production L{ReactorThreadPool}, on purpose: the
-    store's pool treats a L{ReactorThreadPool} as C{inline} and then skips the
-    thread-pool path (C{callInThreadWithCallback}, C{callFromThread}) that
-    these tests exist to run, so neither it nor a subclass can stand in here.
-    """
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def callInThreadWithCallback(
-        self, onResult: Callable[[bool, Any], None], f: Callable[..., Any], *args: Any, **kwargs: Any
-    ) -> None:
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            onResult(False, Failure())
-        else:
-            onResult(True, result)
+#: A thread pool without threads: work runs on the caller's thread, but
+#: through the thread-pool path (C{callInThreadWithCallback}, then the
+#: reactor's C{callFromThread}) that C{threads=1} takes, which the
+#: production C{threads=0} mode skips.
+InlineThreadPool = NoThreads
 
 
 def inline_store(testcase: SynchronousTestCase, path: str, **kwargs: Any) -> SQLiteStore:
@@ -103,7 +86,7 @@ class SQLiteStoreBehaviourTests(StoreBehaviourMixin, SynchronousTestCase):
 class NoCallFromThreadReactor(InlineReactor):
     """
     A reactor that fails the test if anything hands a result back through
-    C{callFromThread}: with a L{ReactorThreadPool} nothing should.
+    C{callFromThread}: with C{threads=0} nothing should.
     """
 
     def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -112,17 +95,15 @@ class NoCallFromThreadReactor(InlineReactor):
 
 class ReactorThreadBehaviourTests(StoreBehaviourMixin, SynchronousTestCase):
     """
-    The shared store contract with C{--db-threads 0}: the production
-    L{ReactorThreadPool}, no thread, no C{callFromThread}.
+    The shared store contract with C{--db-threads 0}: no thread, no
+    C{callFromThread}.
     """
 
     def make_store(self) -> SQLiteStore:
-        store = SQLiteStore(
-            self.mktemp() + ".db", NoCallFromThreadReactor(), threadpool=ReactorThreadPool()
-        )
+        store = SQLiteStore(self.mktemp() + ".db", NoCallFromThreadReactor(), threads=0)
         self.addCleanup(store.close)
         self.assertIs(self.successResultOf(store.ready), store)
-        self.assertTrue(store._pool.inline)
+        self.assertTrue(store.database.inline)
         return store
 
     def test_rollback_on_error(self) -> None:
@@ -140,13 +121,6 @@ class ReactorThreadBehaviourTests(StoreBehaviourMixin, SynchronousTestCase):
         self.assertEqual(self.successResultOf(store.list_grants()), [])
 
 
-class ThreadPoolForTests(SynchronousTestCase):
-    def test_modes(self) -> None:
-        self.assertIsInstance(thread_pool_for(0), ReactorThreadPool)
-        self.assertIsNone(thread_pool_for(1))
-        self.assertRaises(ValueError, thread_pool_for, 2)
-
-
 class MemoryDatabaseTests(StoreBehaviourMixin, SynchronousTestCase):
     """
     The shared store contract, on C{":memory:"} (the pool's single
@@ -160,6 +134,16 @@ class MemoryDatabaseTests(StoreBehaviourMixin, SynchronousTestCase):
 def raw(path: str) -> sqlite3.Connection:
     connection = sqlite3.connect(path, isolation_level=None)
     return connection
+
+
+#: The OAuth schema as the first releases created it, with their own
+#: version table: what an existing oauth.db looks like.
+LEGACY_SCRIPT = """
+CREATE TABLE schema_version (lock INTEGER PRIMARY KEY CHECK (lock = 0), version INTEGER NOT NULL);
+INSERT INTO schema_version (lock, version) VALUES (0, 1);
+""" + "".join(statement + ";\n" for statement in OAUTH_SCHEMA.migrations[0].statements).replace(
+    "DOUBLE PRECISION", "REAL"
+)
 
 
 class SQLiteStoreTests(SynchronousTestCase):
@@ -176,9 +160,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         the reactor between them, so that the reactor thread is never held
         for the whole purge.
         """
-        from smeldr_oauth.store import sqlite as module
-
-        self.patch(module, "PURGE_BATCH", 2)
+        self.patch(sql_module, "PURGE_BATCH", 2)
         store = inline_store(self, self.path)
         for n in range(5):
             self.successResultOf(store.create_grant(make_grant(f"g{n}"), make_code(f"c{n}", f"g{n}")))
@@ -186,7 +168,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         # A full batch of codes, then a yield to the reactor: nothing more
         # happens until the reactor turns.
         self.assertNoResult(d)
-        store._clock.advance(0)
+        store._clock.advance(0)  # type: ignore[attr-defined]
         self.assertEqual(self.successResultOf(d), 5)
         self.assertEqual(self.successResultOf(store.purge_expired(T0 + 10_000)), 0)
 
@@ -195,18 +177,17 @@ class SQLiteStoreTests(SynchronousTestCase):
         Idle registered clients are purged in batches too.
         """
         from smeldr_oauth.oauth.model import Client
-        from smeldr_oauth.store import sqlite as module
         from smeldr_oauth.store.common import CLIENT_RETENTION
 
-        self.patch(module, "PURGE_BATCH", 2)
+        self.patch(sql_module, "PURGE_BATCH", 2)
         store = inline_store(self, self.path)
         for n in range(5):
             client = Client(client_id=f"c{n}", client_name=None, redirect_uris=("https://a.example/cb",), created_at=T0)
             self.successResultOf(store.save_client(client))
         d = store.purge_expired(T0 + CLIENT_RETENTION)
         self.assertNoResult(d)
-        store._clock.advance(0)
-        store._clock.advance(0)
+        store._clock.advance(0)  # type: ignore[attr-defined]
+        store._clock.advance(0)  # type: ignore[attr-defined]
         self.assertEqual(self.successResultOf(d), 5)
         self.assertEqual(self.successResultOf(store.count_clients()), 0)
 
@@ -220,7 +201,7 @@ class SQLiteStoreTests(SynchronousTestCase):
             )
 
         self.assertEqual(
-            self.successResultOf(store._pool.runWithConnection(pragmas)), ("wal", 1, 1, 5000)
+            self.successResultOf(store.database.with_connection(pragmas)), ("wal", 1, 1, 5000)
         )
 
     def test_reopen(self) -> None:
@@ -237,8 +218,35 @@ class SQLiteStoreTests(SynchronousTestCase):
         connection = raw(self.path)
         self.addCleanup(connection.close)
         self.assertEqual(
-            connection.execute("SELECT * FROM schema_version").fetchall(), [(0, len(MIGRATIONS))]
+            connection.execute("SELECT component, version FROM schema_migrations").fetchall(),
+            [("oauth", 1)],
         )
+
+    def test_legacy_file_adopted(self) -> None:
+        """
+        A file made by the first releases (its version in
+        C{schema_version}) joins the one migration scheme: its version is
+        recorded as applied, nothing is run again, every row stays, and the
+        old table goes.
+        """
+        connection = raw(self.path)
+        connection.executescript(LEGACY_SCRIPT)
+        connection.close()
+        # A grant written the old way.
+        connection = raw(self.path)
+        _insert_grant(connection.cursor(), make_grant())  # type: ignore[arg-type]
+        connection.close()
+        store = inline_store(self, self.path)
+        self.assertEqual([g.grant_id for g in self.successResultOf(store.list_grants())], ["g1"])
+        store.close()
+        connection = raw(self.path)
+        self.addCleanup(connection.close)
+        self.assertEqual(
+            connection.execute("SELECT component, version FROM schema_migrations").fetchall(),
+            [("oauth", 1)],
+        )
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+        self.assertNotIn("schema_version", tables)
 
     def test_open(self) -> None:
         d = SQLiteStore.open(self.path, InlineReactor(), threadpool=InlineThreadPool())
@@ -246,84 +254,34 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.addCleanup(store.close)
         self.assertEqual(self.successResultOf(store.count_clients()), 0)
 
-    def test_hashes_only(self) -> None:
-        """
-        The file holds the hashes of the secrets, never the secrets.
-        """
-        code, access_token, refresh_token = new_secret(), new_secret(), new_secret()
-        store = inline_store(self, self.path)
-        grant = make_grant()
-        self.successResultOf(
-            store.create_grant(grant, attr.evolve(make_code("x"), code_hash=hash_secret(code)))
-        )
-        self.successResultOf(store.consume_code(hash_secret(code), T0 + 1))
-        self.successResultOf(
-            store.add_tokens(
-                "g1",
-                attr.evolve(access("x"), token_hash=hash_secret(access_token)),
-                attr.evolve(refresh("x"), token_hash=hash_secret(refresh_token)),
-            )
-        )
-        store.close()
-        data = b""
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(self.path + suffix):
-                with open(self.path + suffix, "rb") as f:
-                    data += f.read()
-        for secret in (code, access_token, refresh_token):
-            self.assertNotIn(secret.encode("ascii"), data)
-            self.assertIn(hash_secret(secret).encode("ascii"), data)
-
-    def test_migrations_step_by_step(self) -> None:
-        """
-        A database at version 1 is brought to version 2 by applying only
-        the second migration.
-        """
-        first = "CREATE TABLE a (x INTEGER);\nINSERT INTO a VALUES (1);"
-        second = "CREATE TABLE b (y TEXT DEFAULT 'semi;colon');\nINSERT INTO a VALUES (2);"
-        connection = raw(self.path)
-        self.addCleanup(connection.close)
-        self.assertEqual(migrate(connection, [first]), 1)
-        self.assertEqual(migrate(connection, [first, second]), 2)
-        self.assertEqual(migrate(connection, [first, second]), 2)
-        self.assertEqual(connection.execute("SELECT x FROM a").fetchall(), [(1,), (2,)])
-
-    def test_failed_migration_rolls_back(self) -> None:
-        """
-        A migration that fails half-way leaves no trace; the ones before it
-        stay applied.
-        """
-        first = "CREATE TABLE a (x INTEGER);"
-        broken = "CREATE TABLE b (y INTEGER);\nINSERT INTO nowhere VALUES (1);"
-        connection = raw(self.path)
-        self.addCleanup(connection.close)
-        self.assertRaises(sqlite3.OperationalError, migrate, connection, [first, broken])
-        self.assertFalse(connection.in_transaction)
-        self.assertEqual(connection.execute("SELECT version FROM schema_version").fetchall(), [(1,)])
-        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
-        self.assertIn("a", tables)
-        self.assertNotIn("b", tables)
-
     def test_failed_migration_fails_ready(self) -> None:
-        store = SQLiteStore(
-            self.path,
-            InlineReactor(),
-            threadpool=InlineThreadPool(),
-            migrations=MIGRATIONS + ("INSERT INTO nowhere VALUES (1);",),
+        """
+        A migration that fails leaves the file as it was, fails C{ready}
+        (logged once), and the next call tries again.
+        """
+        broken = Schema(
+            "oauth",
+            OAUTH_SCHEMA.migrations + (Migration(2, ("INSERT INTO nowhere VALUES (1)",)),),
         )
+        store = SQLiteStore(self.path, InlineReactor(), threadpool=InlineThreadPool(), schema=broken)
         self.addCleanup(store.close)
         self.failureResultOf(store.ready, sqlite3.OperationalError)
         self.failureResultOf(store.ready, sqlite3.OperationalError)
         self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        self.failureResultOf(store.count_clients(), sqlite3.OperationalError)
+        connection = raw(self.path)
+        self.addCleanup(connection.close)
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+        self.assertNotIn("grants", tables)
 
     def test_newer_database_refused(self) -> None:
         inline_store(self, self.path).close()
         store = SQLiteStore(
-            self.path, InlineReactor(), threadpool=InlineThreadPool(), migrations=MIGRATIONS[:0]
+            self.path, InlineReactor(), threadpool=InlineThreadPool(), schema=Schema("oauth", ())
         )
         self.addCleanup(store.close)
-        self.failureResultOf(store.ready, RuntimeError)
-        self.flushLoggedErrors(RuntimeError)
+        self.failureResultOf(store.ready, SchemaTooNew)
+        self.flushLoggedErrors(SchemaTooNew)
 
     def test_ready_many_times(self) -> None:
         """
@@ -348,17 +306,16 @@ class SQLiteStoreTests(SynchronousTestCase):
         for d in early + [store.ready]:
             self.assertIs(self.successResultOf(d), store)
 
-    def test_split_script(self) -> None:
-        self.assertEqual(
-            split_script("CREATE TABLE a (x TEXT DEFAULT ';');\n\n-- note\nSELECT 1;\n"),
-            ["CREATE TABLE a (x TEXT DEFAULT ';');", "-- note\nSELECT 1;"],
-        )
-        self.assertRaises(ValueError, split_script, "SELECT 1;\nSELECT (")
-
     def test_close_twice(self) -> None:
         store = inline_store(self, self.path)
         store.close()
         store.close()
+
+    def test_threads(self) -> None:
+        """
+        One writer: SQLite runs on the reactor thread or on one thread.
+        """
+        self.assertRaises(ValueError, SQLiteStore, self.path, InlineReactor(), threads=2)
 
 
 class RealThreadTests(TestCase):
@@ -410,17 +367,43 @@ class ReactorThreadRealReactorTests(TestCase):
     def test_inline_on_reactor_thread(self) -> None:
         import threading
 
-        store = SQLiteStore(self.mktemp() + ".db", global_reactor, threadpool=thread_pool_for(0))
+        store = SQLiteStore(self.mktemp() + ".db", global_reactor, threads=0)
         self.addCleanup(store.close)
         self.assertIs(self.successResultOf(store.ready), store)
         threads: list[int] = []
 
         def where(txn: Any) -> int:
             threads.append(threading.get_ident())
-            txn.execute("SELECT 1")
-            return int(txn.fetchone()[0])
+            return int(txn.execute("SELECT 1").fetchone()[0])
 
         self.assertEqual(self.successResultOf(store._read(where)), 1)
         self.successResultOf(store.create_grant(make_grant(), make_code("code")))
         self.assertEqual(self.successResultOf(store.consume_code(h("code"), T0 + 1)).status, "ok")
         self.assertEqual(threads, [threading.get_ident()])
+
+
+class HashesOnlyTests(SynchronousTestCase):
+    """
+    Secrets at rest, stored through the real paths (the OAuth server's
+    registration, consent, code exchange and refresh; the site token
+    store), read back as the raw bytes of both files.
+    """
+
+    def test_hashes_only(self) -> None:
+        from smeldr_oauth.oauth.secrets import hash_secret
+        from tests.test_store_postgres import issue_secrets
+
+        path = self.mktemp() + ".db"
+        site_path = self.mktemp() + "-site.db"
+        store = inline_store(self, path)
+        secrets = issue_secrets(self, store, site_path)
+        store.close()
+        data = b""
+        for base in (path, site_path):
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(base + suffix):
+                    with open(base + suffix, "rb") as f:
+                        data += f.read()
+        for secret in secrets:
+            self.assertNotIn(secret.encode("ascii"), data)
+            self.assertIn(hash_secret(secret).encode("ascii"), data)

@@ -10,7 +10,7 @@ logs go to stderr.
 
 Console command::
 
-    smeldr-oauth-stdio [--app module:attr] [--site-db PATH]
+    smeldr-oauth-stdio [--app module:attr] [--site-db PATH | --database URL]
 """
 
 from __future__ import annotations
@@ -140,10 +140,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="smeldr-oauth-stdio", description=__doc__.split("\n\n")[0])
     parser.add_argument("--app", default=DEFAULT_APP, help="module:attr of an MCPApp or a factory of one")
     parser.add_argument("--site-db", default=None, help="path of the site content database")
+    parser.add_argument(
+        "--database", default=None, help="PostgreSQL URL of the site content (instead of --site-db)"
+    )
     parser.add_argument("--max-line", type=int, default=1 << 20, help="longest accepted message, in bytes")
     args = parser.parse_args(argv)
-    if args.app == DEFAULT_APP and args.site_db is None:
-        parser.error("--site-db is required for the default site-content app")
+    site_db = args.database or args.site_db
+    if args.app == DEFAULT_APP and site_db is None:
+        parser.error("--site-db or --database is required for the default site-content app")
 
     from twisted.internet import reactor
     from twisted.internet.stdio import StandardIO
@@ -170,9 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             reactor.stop()  # type: ignore[attr-defined]
 
     def start() -> None:
-        # A factory gets what this command has: the site database and the
-        # reactor, when --site-db is given.
-        factory_args = (args.site_db, reactor) if args.site_db is not None else ()
+        # A factory gets what this command has: the site database (a
+        # SQLite path or a PostgreSQL URL) and the reactor, when one is given.
+        factory_args = (site_db, reactor) if site_db is not None else ()
         load_app(args.app, *factory_args).addCallback(serve).addErrback(failed).addBoth(stop)
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]

@@ -11,15 +11,23 @@ dependency.
 
 Metrics are served only on their own listener (C{--metrics-listen}), never
 on the public site.
+
+With C{--workers N} every worker records into prometheus_client's
+multiprocess files (C{PROMETHEUS_MULTIPROC_DIR}, a private directory the
+parent makes) and the parent serves their aggregate (L{PoolMetrics}), so a
+scrape reports the whole server, not one worker at random.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.twisted import MetricsResource
-from twisted.logger import ILogObserver
+from twisted.application.service import IService, Service
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
@@ -48,6 +56,15 @@ KNOWN_ROUTES = frozenset(
 MAX_TOOL_LABELS = 200
 
 
+def multiprocess_directory() -> Optional[str]:
+    """
+    The multiprocess directory this process records into, if any: the
+    same test prometheus_client makes (at import) to choose its value
+    storage.
+    """
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
 def route_label(path: bytes) -> str:
     text = path.split(b"?", 1)[0].decode("ascii", "replace")
     return text if text in KNOWN_ROUTES else "other"
@@ -57,9 +74,13 @@ class Metrics:
     """
     The server's metrics, in a registry of their own (not the process-wide
     default), so several servers in one process (tests) do not collide.
+
+    @ivar multiprocess: This process is a worker of C{--workers}: its
+        values go to the multiprocess files and the parent serves them.
     """
 
     def __init__(self, open_streams: Optional[Callable[[], float]] = None) -> None:
+        self.multiprocess = multiprocess_directory() is not None
         self.registry = CollectorRegistry()
         r = self.registry
         self.grants = Counter("smeldr_grants_approved", "Grants approved on the consent page", registry=r)
@@ -88,10 +109,37 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
-        self.open_streams = Gauge("smeldr_mcp_open_streams", "Open SSE streams", registry=r)
-        if open_streams is not None:
+        # Summed over the live workers; a dead worker's streams are gone.
+        self.open_streams = Gauge(
+            "smeldr_mcp_open_streams", "Open SSE streams", registry=r, multiprocess_mode="livesum"
+        )
+        self._open_streams = open_streams
+        if open_streams is not None and not self.multiprocess:
+            # A function gauge is read at scrape time, which a worker's
+            # parent cannot do: workers call refresh() instead.
             self.open_streams.set_function(open_streams)
         self._tools: set[str] = set()
+        self._worker_requests: Any = None
+
+    def refresh(self) -> None:
+        """
+        Write the function-backed values (open streams) to the multiprocess
+        files; a worker calls this every second.
+        """
+        if self._open_streams is not None:
+            self.open_streams.set(self._open_streams())
+
+    def count_worker(self, index: int) -> None:
+        """
+        Count this process's requests as worker C{index}'s, so the
+        aggregate shows how the kernel spreads connections over workers.
+        """
+        self._worker_requests = Counter(
+            "smeldr_worker_http_requests",
+            "HTTP requests answered, by worker (--workers)",
+            ["worker"],
+            registry=self.registry,
+        ).labels(worker=str(index))
 
     def tool_label(self, name: Any) -> str:
         name = str(name)[:64]
@@ -108,9 +156,70 @@ class Metrics:
             method=method.decode("ascii", "replace")[:8],
             status=f"{status // 100}xx",
         ).observe(seconds)
+        if self._worker_requests is not None:
+            self._worker_requests.inc()
 
     def resource(self) -> IResource:
         return MetricsResource(registry=self.registry)
+
+
+@implementer(ILogObserver)
+class PoolMetrics:
+    """
+    What the parent of C{--workers N} serves on C{--metrics-listen}: the
+    sum of its workers' metrics (read from their multiprocess files at
+    each scrape) and its own.
+
+    Counters and histograms of a worker that died stay in the sum, so
+    totals never go backwards when a worker is replaced; its gauges leave
+    it (L{worker_exited}).
+    """
+
+    def __init__(self, directory: str, running: Callable[[], float]) -> None:
+        self.directory = directory
+        self.registry = CollectorRegistry()
+        MultiProcessCollector(self.registry, path=directory)
+        r = self.registry
+        self.workers = Gauge("smeldr_workers", "Worker processes running (--workers)", registry=r)
+        self.workers.set_function(running)
+        self.restarts = Counter(
+            "smeldr_worker_restarts", "Workers that died and were restarted", registry=r
+        )
+
+    def worker_exited(self, pid: Optional[int], restarting: bool) -> None:
+        if pid is not None:
+            mark_process_dead(pid, self.directory)
+        if restarting:
+            self.restarts.inc()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        """
+        A log observer: the supervisor's C{worker_exited} events.
+        """
+        if event.get("smeldr_event") == "worker_exited":
+            self.worker_exited(event.get("pid"), bool(event.get("restarting")))
+
+    def observe_log(self) -> IService:
+        """
+        A service that feeds this from the global log while it runs.
+        """
+        return _Observing(self)
+
+    def resource(self) -> IResource:
+        return MetricsResource(registry=self.registry)
+
+
+class _Observing(Service):
+    def __init__(self, observer: ILogObserver) -> None:
+        self.observer = observer
+
+    def startService(self) -> None:
+        super().startService()
+        globalLogPublisher.addObserver(self.observer)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        globalLogPublisher.removeObserver(self.observer)
 
 
 @implementer(ILogObserver)

@@ -18,6 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from smeldr_oauth.oauth.config import Config, ConfigError
+from smeldr_oauth.service import workers
 
 
 def _positive_int(name: str, unit: str = "seconds"):  # type: ignore[no-untyped-def]
@@ -34,8 +35,8 @@ def _positive_int(name: str, unit: str = "seconds"):  # type: ignore[no-untyped-
 
 
 def _db_threads(value: str) -> int:
-    if value not in ("0", "1"):
-        raise usage.UsageError(f"--db-threads must be 0 or 1, got {value!r}")
+    if not value.isdigit() or not 0 <= int(value) <= 64:
+        raise usage.UsageError(f"--db-threads must be a whole number from 0 to 64, got {value!r}")
     return int(value)
 
 
@@ -71,6 +72,13 @@ class Options(usage.Options):
     optParameters = [
         ["issuer", None, None, "Public base URL of this server (https unless loopback). Required."],
         ["resource", None, None, "Public URL of the MCP endpoint [default: <issuer>/mcp]."],
+        [
+            "database",
+            None,
+            None,
+            "PostgreSQL URL (postgresql://user:password@host/dbname) for OAuth data and site "
+            "content, instead of the SQLite files below.",
+        ],
         ["oauth-db", None, "./oauth.db", "SQLite file for clients, grants and tokens."],
         ["site-db", None, "./site.db", "SQLite file for site content and site tokens."],
         ["app", None, None, "Serve your own MCP app (module:attribute) instead of the site tools."],
@@ -93,9 +101,10 @@ class Options(usage.Options):
         [
             "db-threads",
             None,
-            0,
-            "0: run SQLite on the reactor thread (fastest; a slow disk or another process "
-            "holding the write lock stalls the server); 1: on one database thread per file.",
+            None,
+            "SQLite: 0 runs it on the reactor thread (fastest; a slow disk or another process "
+            "holding the write lock stalls the server), 1 on one database thread per file "
+            "[default: 0]. PostgreSQL: the pool's threads (and connections) [default: 4].",
             _db_threads,
         ],
         ["keepalive", None, 15, "Seconds between SSE keepalive comments.", _positive_int("keepalive")],
@@ -172,6 +181,14 @@ class Options(usage.Options):
             None,
             "Serve Prometheus metrics on this endpoint (e.g. tcp:9100:interface=127.0.0.1) [default: off].",
         ],
+        [
+            "workers",
+            None,
+            1,
+            "Worker processes sharing the --listen sockets (one per core); above 1 this process "
+            "only supervises them.",
+            workers.worker_count,
+        ],
     ]
 
     optFlags = [
@@ -203,7 +220,12 @@ class Options(usage.Options):
         platform logs where the one line is what shows.
         """
         try:
-            super().parseOptions(options)
+            # The hidden argument of a --workers child; the rest is the
+            # command line a child is started with.
+            self["argv"], self["worker"] = workers.take_worker_argument(
+                sys.argv[1:] if options is None else options
+            )
+            super().parseOptions(self["argv"])
         except usage.UsageError as e:
             sys.stderr.write(f"smeldr-oauth: error: {e}\n")
             raise SystemExit(2)
@@ -244,6 +266,14 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["issuer"]:
             raise usage.UsageError("--issuer is required")
+        from smeldr_oauth.db.postgres import is_postgres_url
+
+        if self["database"] and not is_postgres_url(self["database"]):
+            raise usage.UsageError(
+                "--database must be a postgresql:// URL (SQLite files are --oauth-db and --site-db)"
+            )
+        if not self["database"] and (self["db-threads"] or 0) > 1:
+            raise usage.UsageError("--db-threads must be 0 or 1 with SQLite (one writer per file)")
         if not self["listen"]:
             self["listen"] = ["tcp:8080"]
         self["mcp-app"] = None
@@ -270,6 +300,7 @@ class Options(usage.Options):
             self["config"] = self.config(verify_bearer=lambda token: False)
         except ConfigError as e:
             raise usage.UsageError(str(e))
+        workers.check_options(self)
 
     def config(self, **overrides: Any) -> Config:
         """
@@ -300,9 +331,15 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from smeldr_oauth.service.wiring import StandaloneService
 
+    if options["workers"] > 1 and options["worker"] is None:
+        return workers.supervise(options)
     top = MultiService()
     app_service = StandaloneService(options)
     app_service.setServiceParent(top)
+    if options["worker"] is not None:
+        # The parent listens and serves the metrics.
+        workers.serve_as_worker(options, app_service).setServiceParent(top)
+        return top
     for description in options["listen"]:
         listener = strports_service(description, app_service.site)
         listener.setServiceParent(top)

@@ -15,7 +15,6 @@ from klein import Klein
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from smeldr_oauth.mcp.app import MCPApp
@@ -123,31 +122,18 @@ def mount(
     return Mounted(oauth=oauth, routes=routes, mcp_http=mcp_http)
 
 
-def watch_external_changes(store: Any, oauth: OAuthServer, clock: IReactorTime, interval: float = 1.0) -> LoopingCall:
+def watch_external_changes(store: Any, oauth: OAuthServer, clock: IReactorTime, interval: float = 1.0) -> Any:
     """
-    Poll the store's C{data_version} every C{interval} seconds and, when
-    another process has written to the database (for example
-    C{smeldr-oauth-admin grants revoke}), forget the cached access-token
-    answers, so a revocation made there takes effect here within
-    C{interval} seconds rather than the cache's lifetime.
+    Forget the cached access-token answers whenever another process (a
+    second server, C{smeldr-oauth-admin grants revoke}) may have revoked
+    something, so that its revocation takes effect here at once rather
+    than after the cache's lifetime: pushed on PostgreSQL (C{LISTEN}), or
+    within C{interval} seconds on SQLite (C{PRAGMA data_version}): see the
+    store's C{watch_changes}.
+
+    @return: the watch (C{stop()} it).
     """
-    last: list[Optional[int]] = [None]
-
-    def poll() -> "Deferred[None]":
-        def seen(version: int) -> None:
-            if last[0] is not None and version != last[0]:
-                oauth.forget_cached_tokens()
-            last[0] = version
-
-        def failed(f: Any) -> None:
-            log.failure("could not poll the OAuth database for outside changes", f)
-
-        return store.data_version().addCallbacks(seen, failed)
-
-    loop = LoopingCall(poll)
-    loop.clock = clock
-    loop.start(interval, now=True)
-    return loop
+    return store.watch_changes(lambda change: oauth.forget_cached_tokens(), clock, interval)
 
 
 
@@ -163,15 +149,23 @@ class StandaloneService(Service):
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
+        from smeldr_oauth.db import open_database
         from smeldr_oauth.site.stores import open_site
         from smeldr_oauth.site.tools import build_app, site_scopes
-        from smeldr_oauth.store.sqlite import SQLiteStore, thread_pool_for
+        from smeldr_oauth.store import SQLStore
 
         self.reactor = reactor
         self.options = options
-        db_threads = options.get("db-threads", 0)
-        self.site_stores = open_site(options["site-db"], reactor, threads=db_threads)
-        self.store = SQLiteStore(options["oauth-db"], reactor, threadpool=thread_pool_for(db_threads))
+        db_threads = options.get("db-threads")
+        if options.get("database"):
+            # One PostgreSQL database (one pool) for OAuth data and site content.
+            database = open_database(options["database"], reactor, threads=db_threads)
+            self.site_stores = open_site(database, reactor)
+            self.store = SQLStore(database, reactor)
+        else:
+            threads = 0 if db_threads is None else db_threads
+            self.site_stores = open_site(options["site-db"], reactor, threads=threads)
+            self.store = SQLStore(open_database(options["oauth-db"], reactor, threads=threads), reactor)
         if options["mcp-app"] is not None:
             mcp_app = options["mcp-app"]
             # The scopes a user's app names are the ones the server grants;

@@ -5,7 +5,6 @@ admin CLI.  The MCP tools live in L{smeldr_oauth.site.tools}, imported on
 its own so that the stores do not depend on the MCP layer.
 """
 
-from smeldr_oauth.site.db import SQLiteDatabase
 from smeldr_oauth.site.posts import (
     InvalidCursor,
     InvalidQuery,
@@ -28,7 +27,6 @@ __all__ = [
     "PostNotFound",
     "PostPage",
     "PostStore",
-    "SQLiteDatabase",
     "SearchHit",
     "SiteError",
     "SiteStores",

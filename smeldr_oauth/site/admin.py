@@ -2,18 +2,27 @@
 """
 C{smeldr-oauth-admin}: manage site tokens and the OAuth grants made with them::
 
-    smeldr-oauth-admin token create NAME [--site-db PATH]   # the token alone on stdout
-    smeldr-oauth-admin token list [--site-db PATH]
-    smeldr-oauth-admin token revoke ID [--site-db PATH] [--oauth-db PATH]
-    smeldr-oauth-admin grants list [--oauth-db PATH] [--subject NAME] [--site-token ID]
-    smeldr-oauth-admin grants revoke GRANT_ID [--oauth-db PATH]
-    smeldr-oauth-admin grants revoke-client CLIENT_ID [--oauth-db PATH]
+    smeldr-oauth-admin token create NAME [--site-db PATH | --database URL]   # the token alone on stdout
+    smeldr-oauth-admin token list [--site-db PATH | --database URL]
+    smeldr-oauth-admin token revoke ID [--site-db PATH --oauth-db PATH | --database URL]
+    smeldr-oauth-admin grants list [--oauth-db PATH | --database URL] [--subject NAME] [--site-token ID]
+    smeldr-oauth-admin grants revoke GRANT_ID [--oauth-db PATH | --database URL]
+    smeldr-oauth-admin grants revoke-client CLIENT_ID [--oauth-db PATH | --database URL]
+    smeldr-oauth-admin migrate --from-sqlite OAUTH_DB SITE_DB --database URL
     smeldr-oauth-admin doctor URL [--json] [--site-token-file PATH]  # see smeldr_oauth.doctor
+
+C{--database postgresql://...} names the one PostgreSQL database holding
+both the OAuth data and the site content; without it, the two SQLite files.
 
 Revoking a site token also revokes every grant approved with it: an app
 that was let in with a leaked token must lose its access, not only the
 token its future approvals.  Both databases may be in use by a running
-server at the same time (WAL, busy timeout).
+server at the same time (SQLite: WAL and a busy timeout; PostgreSQL: row
+locks), and a running server hears of the revocations (pushed on
+PostgreSQL, polled on SQLite).
+
+C{migrate} copies existing SQLite files into an empty PostgreSQL database
+in one transaction: see L{smeldr_oauth.db.copy}.
 
 Arguments are parsed before the reactor starts, so a bad command line costs
 one line on stderr and exit status 2; L{run} does the work once it runs.
@@ -30,6 +39,7 @@ from typing import IO, Any, NoReturn
 
 from twisted.internet.defer import Deferred, ensureDeferred
 
+from smeldr_oauth.db.postgres import is_postgres_url
 from smeldr_oauth.site.posts import SiteError
 from smeldr_oauth.site.stores import open_site
 
@@ -58,23 +68,30 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, description="Manage smeldr-oauth site tokens and OAuth grants."
     )
+    database = _Parser(add_help=False)
+    database.add_argument(
+        "--database",
+        default=None,
+        metavar="URL",
+        help="PostgreSQL database of the OAuth data and site content (instead of the SQLite files)",
+    )
     site_db = _Parser(add_help=False)
     site_db.add_argument(
         "--site-db",
-        default=DEFAULT_SITE_DB,
+        default=None,
         metavar="PATH",
-        help="site database (default %(default)s)",
+        help=f"site database (SQLite; default {DEFAULT_SITE_DB})",
     )
     oauth_db = _Parser(add_help=False)
     oauth_db.add_argument(
         "--oauth-db",
-        default=DEFAULT_OAUTH_DB,
+        default=None,
         metavar="PATH",
-        help="OAuth database (default %(default)s)",
+        help=f"OAuth database (SQLite; default {DEFAULT_OAUTH_DB})",
     )
 
     kinds = parser.add_subparsers(
-        dest="kind", metavar="{token,grants,doctor}", parser_class=_Parser
+        dest="kind", metavar="{token,grants,migrate,doctor}", parser_class=_Parser
     )
     kinds.required = True
     from smeldr_oauth.doctor import cli as doctor
@@ -89,17 +106,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     token_cmds.required = True
     create = token_cmds.add_parser(
-        "create", parents=[site_db], help="make a new site token"
+        "create", parents=[site_db, database], help="make a new site token"
     )
     create.add_argument(
         "name", help="who the token is for (the subject of the grants it approves)"
     )
     token_cmds.add_parser(
-        "list", parents=[site_db], help="list site tokens (never their secrets)"
+        "list", parents=[site_db, database], help="list site tokens (never their secrets)"
     )
     revoke = token_cmds.add_parser(
         "revoke",
-        parents=[site_db, oauth_db],
+        parents=[site_db, oauth_db, database],
         help="revoke a site token and every grant approved with it",
     )
     revoke.add_argument("token_id", metavar="ID")
@@ -109,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="command", metavar="{list,revoke,revoke-client}", parser_class=_Parser
     )
     grant_cmds.required = True
-    listing = grant_cmds.add_parser("list", parents=[oauth_db], help="list live grants")
+    listing = grant_cmds.add_parser("list", parents=[oauth_db, database], help="list live grants")
     listing.add_argument(
         "--subject", default=None, help="only grants approved by this token name"
     )
@@ -120,13 +137,28 @@ def _parser() -> argparse.ArgumentParser:
         help="only grants approved with this site token",
     )
     one = grant_cmds.add_parser(
-        "revoke", parents=[oauth_db], help="revoke one grant and its tokens"
+        "revoke", parents=[oauth_db, database], help="revoke one grant and its tokens"
     )
     one.add_argument("grant_id", metavar="GRANT_ID")
     client = grant_cmds.add_parser(
-        "revoke-client", parents=[oauth_db], help="revoke every live grant of a client"
+        "revoke-client", parents=[oauth_db, database], help="revoke every live grant of a client"
     )
     client.add_argument("client_id", metavar="CLIENT_ID")
+
+    migrate = kinds.add_parser(
+        "migrate", help="copy SQLite databases into an empty PostgreSQL database"
+    )
+    migrate.set_defaults(command="sqlite")
+    migrate.add_argument(
+        "--from-sqlite",
+        nargs=2,
+        required=True,
+        metavar=("OAUTH_DB", "SITE_DB"),
+        help="the SQLite files to copy (the server's --oauth-db and --site-db)",
+    )
+    migrate.add_argument(
+        "--database", required=True, metavar="URL", help="the PostgreSQL database to copy into"
+    )
     return parser
 
 
@@ -134,7 +166,19 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     """
     @raise UsageError: a bad command line.
     """
-    return _parser().parse_args(list(argv))
+    options = _parser().parse_args(list(argv))
+    database = getattr(options, "database", None)
+    if database is not None and not is_postgres_url(database):
+        raise UsageError(f"{PROG}: --database must be a postgresql:// URL")
+    for name, default in (("site_db", DEFAULT_SITE_DB), ("oauth_db", DEFAULT_OAUTH_DB)):
+        if not hasattr(options, name):
+            continue
+        if database is not None and getattr(options, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{PROG}: {flag} and --database name different databases; give one")
+        if getattr(options, name) is None:
+            setattr(options, name, default)
+    return options
 
 
 def _when(timestamp: float | None) -> str:
@@ -153,14 +197,15 @@ def _shown(value: object, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _open_oauth_store(path: str, reactor: Any) -> Any:
+def _open_oauth_store(location: str, reactor: Any) -> Any:
     """
-    The OAuth store at C{path}, imported late so that the token commands
-    work even where it is unavailable.
+    The OAuth store at C{location} (a SQLite path or a PostgreSQL URL),
+    imported late so that the token commands work even where it is
+    unavailable.
     """
-    from smeldr_oauth.store.sqlite import SQLiteStore
+    from smeldr_oauth.store import open_store
 
-    return SQLiteStore(path, reactor)
+    return open_store(location, reactor)
 
 
 def _close(store: Any) -> None:
@@ -187,14 +232,30 @@ class _Commands:
     def now(self) -> float:
         return float(self.reactor.seconds())
 
-    def missing(self, path: str, what: str) -> bool:
+    @property
+    def site_location(self) -> str:
+        return str(self.options.database or self.options.site_db)
+
+    @property
+    def oauth_location(self) -> str:
+        return str(self.options.database or self.options.oauth_db)
+
+    def missing(self, what: str) -> bool:
+        """
+        Whether the SQLite file of C{what} (C{"site"} or C{"oauth"}) is
+        missing (a PostgreSQL database is never "missing": it is checked by
+        connecting).
+        """
+        if self.options.database is not None:
+            return False
+        path = getattr(self.options, f"{what}_db")
         if os.path.exists(path):
             return False
-        self.complain(f"no {what} database at {path} (use --{what}-db PATH)")
+        self.complain(f"no {what} database at {path} (use --{what}-db PATH or --database URL)")
         return True
 
     async def token_create(self) -> int:
-        site = open_site(self.options.site_db, self.reactor)
+        site = open_site(self.site_location, self.reactor)
         try:
             token_id, plaintext = await site.tokens.create(self.options.name)
         finally:
@@ -209,9 +270,9 @@ class _Commands:
         return 0
 
     async def token_list(self) -> int:
-        if self.missing(self.options.site_db, "site"):
+        if self.missing("site"):
             return 1
-        site = open_site(self.options.site_db, self.reactor)
+        site = open_site(self.site_location, self.reactor)
         try:
             tokens = await site.tokens.list()
         finally:
@@ -230,9 +291,9 @@ class _Commands:
 
     async def token_revoke(self) -> int:
         token_id = self.options.token_id
-        if self.missing(self.options.site_db, "site"):
+        if self.missing("site"):
             return 1
-        site = open_site(self.options.site_db, self.reactor)
+        site = open_site(self.site_location, self.reactor)
         try:
             changed = await site.tokens.revoke(token_id)
         finally:
@@ -242,13 +303,13 @@ class _Commands:
         )
         # Grants are revoked even if the token already was: re-running the
         # command finishes a revocation whose grant step failed.
-        if not os.path.exists(self.options.oauth_db):
+        if self.options.database is None and not os.path.exists(self.options.oauth_db):
             self.complain(
                 f"warning: no OAuth database at {self.options.oauth_db}, so no grants were revoked;"
                 " if the server uses another file, re-run with --oauth-db PATH"
             )
             return 0
-        store = _open_oauth_store(self.options.oauth_db, self.reactor)
+        store = _open_oauth_store(self.oauth_location, self.reactor)
         try:
             grant_ids = await store.revoke_grants_of_site_token(token_id, self.now())
         finally:
@@ -259,9 +320,9 @@ class _Commands:
         return 0
 
     async def grants_list(self) -> int:
-        if self.missing(self.options.oauth_db, "oauth"):
+        if self.missing("oauth"):
             return 1
-        store = _open_oauth_store(self.options.oauth_db, self.reactor)
+        store = _open_oauth_store(self.oauth_location, self.reactor)
         try:
             grants = await store.list_grants(
                 subject=self.options.subject, site_token_id=self.options.site_token
@@ -285,9 +346,9 @@ class _Commands:
         return 0
 
     async def grants_revoke(self) -> int:
-        if self.missing(self.options.oauth_db, "oauth"):
+        if self.missing("oauth"):
             return 1
-        store = _open_oauth_store(self.options.oauth_db, self.reactor)
+        store = _open_oauth_store(self.oauth_location, self.reactor)
         try:
             ended = await store.revoke_grant(self.options.grant_id, self.now())
         finally:
@@ -299,10 +360,10 @@ class _Commands:
         return 0
 
     async def grants_revoke_client(self) -> int:
-        if self.missing(self.options.oauth_db, "oauth"):
+        if self.missing("oauth"):
             return 1
         client_id = self.options.client_id
-        store = _open_oauth_store(self.options.oauth_db, self.reactor)
+        store = _open_oauth_store(self.oauth_location, self.reactor)
         try:
             grants = await store.list_grants()
             revoked = []
@@ -318,6 +379,31 @@ class _Commands:
             self.say(f"  {grant_id}")
         return 0
 
+    async def migrate_sqlite(self) -> int:
+        from smeldr_oauth.db import open_database
+        from smeldr_oauth.db.copy import SourceMissing, TargetNotEmpty, copy_from_sqlite
+        from smeldr_oauth.site.posts import SCHEMA as POSTS_SCHEMA
+        from smeldr_oauth.site.tokens import SCHEMA as SITE_TOKENS_SCHEMA
+        from smeldr_oauth.store.schema import OAUTH_SCHEMA
+
+        oauth_db, site_db = self.options.from_sqlite
+        target = open_database(self.options.database, self.reactor)
+        try:
+            counts = await copy_from_sqlite(
+                target,
+                [(oauth_db, [OAUTH_SCHEMA]), (site_db, [POSTS_SCHEMA, SITE_TOKENS_SCHEMA])],
+                self.reactor,
+            )
+        except (SourceMissing, TargetNotEmpty) as e:
+            self.complain(str(e))
+            return 1
+        finally:
+            target.close()
+        self.say(f"Copied {sum(counts.values())} row(s) into {target.describe()}:")
+        for table, count in counts.items():
+            self.say(f"  {table:16} {count}")
+        return 0
+
 
 async def _dispatch(commands: _Commands) -> int:
     options = commands.options
@@ -329,9 +415,9 @@ async def _dispatch(commands: _Commands) -> int:
         commands.complain(str(e))
         return 1
     except Exception as e:  # noqa: BLE001 - reported in one line, see below
-        # A database that is locked, corrupt or too new: one line, no
-        # traceback (the message comes from sqlite3/the store, not from
-        # any secret).
+        # A database that is locked, unreachable, corrupt or too new: one
+        # line, no traceback (the message comes from the database layer,
+        # which never puts a password in it).
         commands.complain(f"failed: {type(e).__name__}: {e}")
         return 1
 

@@ -3,9 +3,13 @@
 The posts of the default site: what the MCP tools read and write.
 
 A post has a unique slug (its address: C{smeldr://posts/<slug>}), a title, a
-markdown body, tags, and a status (draft or published).  Full-text search is
-an FTS5 index over title, body and tags, kept in step with the table by
-triggers so that no code path can forget to update it.
+markdown body, tags, and a status (draft or published).  Full-text search
+is kept in step with the table by the database itself, so that no code path
+can forget to update it: on SQLite an FTS5 index maintained by triggers, on
+PostgreSQL a generated C{tsvector} column with a GIN index.  Both stem
+English words (Porter/Snowball), fold Latin diacritics, weight title above
+tags above body, and take the same sanitised queries (L{search_terms}), so
+the tools behave the same on either.
 
 Every input is validated here, not in the MCP layer, so that any caller
 (tools, CLI, tests) gets the same typed errors: L{ValidationError} for bad
@@ -18,23 +22,18 @@ import base64
 import binascii
 import builtins
 import re
-import sqlite3
 import unicodedata
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.defer import fail as _fail
 from twisted.logger import Logger
 
-from smeldr_oauth.site.db import (
-    Migration,
-    Schema,
-    SecondsClock,
-    SQLiteDatabase,
-    wall_clock,
-)
+from smeldr_oauth.db.database import Database, Transaction
+from smeldr_oauth.db.migrations import Migration, Schema
+from smeldr_oauth.site.db import SecondsClock, wall_clock
 
 log = Logger()
 
@@ -146,12 +145,48 @@ class SearchHit:
     rank: float
 
 
+#: Latin letters with diacritics and the plain letters they fold to, as
+#: FTS5's C{remove_diacritics} does: PostgreSQL's own C{unaccent} is an
+#: extension a database owner may not be allowed to install.  Constant on
+#: purpose: the search index is built with it.
+_FOLD_FROM = (
+    "ÀÁÂÃÄÅÇÈÉÊËÌÍÎÏÑÒÓÔÕÖÙÚÛÜÝàáâãäåçèéêëìíîïñòóôõöùúûüýÿĀāĂăĄąĆćĈĉĊċČčĎďĒēĔĕĖėĘęĚěĜĝ"
+    "ĞğĠġĢģĤĥĨĩĪīĬĭĮįİĴĵĶķĹĺĻļĽľŃńŅņŇňŌōŎŏŐőŔŕŖŗŘřŚśŜŝŞşŠšŢţŤťŨũŪūŬŭŮůŰűŲųŴŵŶŷŸŹźŻżŽž"
+    "ſƠơƯưǍǎǏǐǑǒǓǔǕǖǗǘǙǚǛǜǞǟǠǡǦǧǨǩǪǫǬǭǰǴǵǸǹǺǻȀȁȂȃȄȅȆȇȈȉȊȋȌȍȎȏȐȑȒȓȔȕȖȗȘșȚțȞȟȦȧȨȩȪȫȬȭȮȯȰȱȲȳ"
+    "ØøĐđĦħŁłŦŧı"
+)
+_FOLD_TO = (
+    "AAAAAACEEEEIIIINOOOOOUUUUYaaaaaaceeeeiiiinooooouuuuyyAaAaAaCcCcCcCcDdEeEeEeEeEeGg"
+    "GgGgGgHhIiIiIiIiIJjKkLlLlLlNnNnNnOoOoOoRrRrRrSsSsSsSsTtTtUuUuUuUuUuUuWwYyYZzZzZz"
+    "sOoUuAaIiOoUuUuUuUuUuAaAaGgKkOoOojGgNnAaAaAaEeEeIiIiOoOoRrRrUuUuSsTtHhAaEeOoOoOoOoYy"
+    "OoDdHhLlTti"
+)
+
+#: PostgreSQL: the document a post is searched by, weighted title (A),
+#: tags (B), body (C).
+_DOCUMENT = (
+    "setweight(to_tsvector('smeldr_search', smeldr_fold(title)), 'A')"
+    " || setweight(to_tsvector('smeldr_search', smeldr_fold(tags)), 'B')"
+    " || setweight(to_tsvector('smeldr_search', smeldr_fold(body)), 'C')"
+)
+
+_TAGS_TABLE = (
+    """
+    CREATE TABLE post_tags (
+        post_id INTEGER NOT NULL REFERENCES posts (id) ON DELETE CASCADE,
+        tag TEXT NOT NULL,
+        PRIMARY KEY (post_id, tag)
+    )
+    """,
+    "CREATE INDEX post_tags_tag ON post_tags (tag, post_id)",
+)
+
 SCHEMA = Schema(
     "posts",
     (
         Migration(
             1,
-            (
+            sqlite=(
                 """
                 CREATE TABLE posts (
                     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -168,14 +203,7 @@ SCHEMA = Schema(
                 )
                 """,
                 "CREATE INDEX posts_status ON posts (status, id)",
-                """
-                CREATE TABLE post_tags (
-                    post_id INTEGER NOT NULL REFERENCES posts (id) ON DELETE CASCADE,
-                    tag TEXT NOT NULL,
-                    PRIMARY KEY (post_id, tag)
-                )
-                """,
-                "CREATE INDEX post_tags_tag ON post_tags (tag, post_id)",
+                *_TAGS_TABLE,
                 """
                 CREATE VIRTUAL TABLE posts_fts USING fts5(
                     title, body, tags,
@@ -204,8 +232,37 @@ SCHEMA = Schema(
                 END
                 """,
             ),
+            postgresql=(
+                # English stemming without a stop-word list (as FTS5's
+                # porter tokenizer: searching "the" finds posts with "the").
+                "CREATE TEXT SEARCH DICTIONARY smeldr_stem (TEMPLATE = snowball, Language = english)",
+                "CREATE TEXT SEARCH CONFIGURATION smeldr_search (COPY = pg_catalog.english)",
+                "ALTER TEXT SEARCH CONFIGURATION smeldr_search ALTER MAPPING FOR"
+                " asciiword, asciihword, hword_asciipart, word, hword, hword_part WITH smeldr_stem",
+                "CREATE FUNCTION smeldr_fold(text) RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE"
+                f" AS $$ SELECT translate($1, '{_FOLD_FROM}', '{_FOLD_TO}') $$",
+                f"""
+                CREATE TABLE posts (
+                    id INTEGER GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+                    slug TEXT NOT NULL UNIQUE,
+                    title TEXT NOT NULL,
+                    body TEXT NOT NULL DEFAULT '',
+                    status TEXT NOT NULL DEFAULT 'draft'
+                        CHECK (status IN ('draft', 'published')),
+                    tags TEXT NOT NULL DEFAULT '',
+                    created_at DOUBLE PRECISION NOT NULL,
+                    updated_at DOUBLE PRECISION NOT NULL,
+                    published_at DOUBLE PRECISION,
+                    search tsvector GENERATED ALWAYS AS ({_DOCUMENT}) STORED
+                )
+                """,
+                "CREATE INDEX posts_status ON posts (status, id)",
+                "CREATE INDEX posts_search ON posts USING GIN (search)",
+                *_TAGS_TABLE,
+            ),
         ),
     ),
+    tables=("posts", "post_tags"),
 )
 
 
@@ -313,12 +370,12 @@ def validate_limit(value: object, default: int = 20) -> int:
     return value
 
 
-def fts_query(query: object) -> str:
+def search_terms(query: object) -> list[tuple[str, bool]]:
     """
-    Turn free text into a safe FTS5 query: each word becomes a quoted
-    string (a trailing C{*} keeps prefix matching), all of them required.
-    Operators, quotes, column filters and parentheses are dropped, so the
-    result is always valid FTS5 syntax.
+    The words of a free-text query, each with whether it ends in C{*} (a
+    prefix search).  Operators, quotes, column filters and parentheses are
+    dropped, so that what is left is always a valid query for either
+    engine.
 
     @raise InvalidQuery: no searchable word.
     """
@@ -328,16 +385,37 @@ def fts_query(query: object) -> str:
         raise InvalidQuery("query", f"must be at most {MAX_QUERY} characters")
     terms = []
     for word, star in _TERM.findall(query):
-        # "_" is a word character for the regex but a separator for the
-        # unicode61 tokenizer; either way it is safe inside quotes.
         if word.upper() in ("AND", "OR", "NOT", "NEAR"):
             continue
-        terms.append(f'"{word}"{star}')
+        terms.append((word, bool(star)))
         if len(terms) == MAX_QUERY_TERMS:
             break
     if not terms:
         raise InvalidQuery("query", "has no words to search for")
-    return " ".join(terms)
+    return terms
+
+
+def fts_query(query: object) -> str:
+    """
+    Free text as a safe FTS5 query: each word becomes a quoted string (a
+    trailing C{*} keeps prefix matching), all of them required.
+
+    @raise InvalidQuery: no searchable word.
+    """
+    # "_" is a word character for the regex but a separator for the
+    # unicode61 tokenizer; either way it is safe inside quotes.
+    return " ".join(f'"{word}"' + ("*" if prefix else "") for word, prefix in search_terms(query))
+
+
+def ts_query(query: object) -> str:
+    """
+    Free text as a safe PostgreSQL C{to_tsquery} text: the same words, all
+    of them required (C{&}), a trailing C{*} as C{:*}.  Words are letters,
+    digits and underscores only, which C{to_tsquery} never reads as syntax.
+
+    @raise InvalidQuery: no searchable word.
+    """
+    return " & ".join(word + (":*" if prefix else "") for word, prefix in search_terms(query))
 
 
 def encode_cursor(post_id: int) -> str:
@@ -359,7 +437,7 @@ def decode_cursor(cursor: object) -> int:
     return int(number)
 
 
-# Row handling (in the pool's thread).
+# Row handling (in the pool's thread, or on the reactor thread).
 
 _COLUMNS = (
     "posts.id, posts.slug, posts.title, posts.body, posts.status, posts.tags,"
@@ -381,36 +459,118 @@ def _post(row: Any) -> Post:
     )
 
 
-def _get(connection: Any, slug: str) -> Post:
-    row = connection.execute(
-        f"SELECT {_COLUMNS} FROM posts WHERE slug = ?", (slug,)
-    ).fetchone()
+def _get(txn: Transaction, slug: str) -> Post:
+    row = txn.execute(f"SELECT {_COLUMNS} FROM posts WHERE slug = ?", (slug,)).fetchone()
     if row is None:
         raise PostNotFound(slug)
     return _post(row)
 
 
-def _set_tags(connection: Any, post_id: int, tags: Sequence[str]) -> None:
-    connection.execute("DELETE FROM post_tags WHERE post_id = ?", (post_id,))
-    connection.executemany(
-        "INSERT INTO post_tags (post_id, tag) VALUES (?, ?)",
-        [(post_id, t) for t in tags],
-    )
+def _set_tags(txn: Transaction, post_id: int, tags: Sequence[str]) -> None:
+    txn.execute("DELETE FROM post_tags WHERE post_id = ?", (post_id,))
+    if tags:
+        txn.executemany(
+            "INSERT INTO post_tags (post_id, tag) VALUES (?, ?)",
+            [(post_id, t) for t in tags],
+        )
 
 
-def _slug_free(connection: Any, slug: str, except_id: int | None = None) -> bool:
-    row = connection.execute("SELECT id FROM posts WHERE slug = ?", (slug,)).fetchone()
+def _slug_free(txn: Transaction, slug: str, except_id: int | None = None) -> bool:
+    row = txn.execute("SELECT id FROM posts WHERE slug = ?", (slug,)).fetchone()
     return row is None or row["id"] == except_id
+
+
+def _fts5_search(
+    txn: Transaction, query: str, status: str | None, size: int
+) -> list[SearchHit]:
+    """
+    SQLite: BM25 over the FTS5 index (title weighted 10, tags 5, body 1),
+    a snippet of the body around the match.
+    """
+    sql = (
+        f"SELECT {_COLUMNS},"
+        " snippet(posts_fts, 1, '[', ']', '…', 16) AS snippet,"
+        " bm25(posts_fts, 10.0, 1.0, 5.0) AS rank"
+        " FROM posts_fts JOIN posts ON posts.id = posts_fts.rowid"
+        " WHERE posts_fts MATCH ?"
+    )
+    params: list[object] = [fts_query(query)]
+    if status is not None:
+        sql += " AND posts.status = ?"
+        params.append(status)
+    sql += " ORDER BY rank LIMIT ?"
+    params.append(size)
+    rows = txn.execute(sql, params).fetchall()
+    return [SearchHit(post=_post(r), snippet=r["snippet"] or "", rank=r["rank"]) for r in rows]
+
+
+#: C{ts_headline} options giving what FTS5's C{snippet()} gives.
+_HEADLINE = "StartSel=[, StopSel=], MaxWords=16, MinWords=8, MaxFragments=1"
+
+
+def _tsvector_search(
+    txn: Transaction, query: str, status: str | None, size: int
+) -> list[SearchHit]:
+    """
+    PostgreSQL: C{ts_rank} with weights matching the FTS5 ranking's order
+    (title, then tags, then body), negated so that lower is better as with
+    BM25; the headline is made for the page of hits only.
+    """
+    inner = (
+        f"SELECT {_COLUMNS}, q.q,"
+        " -ts_rank('{0.1, 0.1, 0.5, 1.0}', posts.search, q.q) AS rank"
+        " FROM posts, to_tsquery('smeldr_search', smeldr_fold(?)) AS q (q)"
+        " WHERE posts.search @@ q.q"
+    )
+    params: list[object] = [ts_query(query)]
+    if status is not None:
+        inner += " AND posts.status = ?"
+        params.append(status)
+    inner += " ORDER BY rank, posts.id DESC LIMIT ?"
+    params.append(size)
+    sql = (
+        f"SELECT {_COLUMNS.replace('posts.', 'p.')},"
+        " ts_headline('smeldr_search', p.body, p.q, ?) AS snippet, p.rank"
+        f" FROM ({inner}) AS p ORDER BY p.rank, p.id DESC"
+    )
+    rows = txn.execute(sql, [_HEADLINE, *params]).fetchall()
+    return [
+        SearchHit(post=_post(r), snippet=_ellipsis(r["snippet"] or "", r["body"]), rank=r["rank"])
+        for r in rows
+    ]
+
+
+def _ellipsis(headline: str, body: str) -> str:
+    """
+    Mark, as FTS5 does, a headline that does not reach the start or the end
+    of the body.
+    """
+    plain = headline.replace("[", "").replace("]", "").strip()
+    if not plain:
+        return headline
+    if not body.lstrip().startswith(plain[:20]):
+        headline = "…" + headline
+    if not body.rstrip().endswith(plain[-20:]):
+        headline += "…"
+    return headline
+
+
+#: Full-text search, by engine.
+_SEARCH: dict[str, Callable[[Transaction, str, "str | None", int], list[SearchHit]]] = {
+    "sqlite": _fts5_search,
+    "postgresql": _tsvector_search,
+}
 
 
 class PostStore:
     """
-    Posts in a L{SQLiteDatabase}.  Every method returns a L{Deferred}.
+    Posts in a L{Database} (SQLite or PostgreSQL).  Every method returns a
+    L{Deferred}.
     """
 
     schema = SCHEMA
 
-    def __init__(self, db: SQLiteDatabase, clock: SecondsClock | None = None) -> None:
+    def __init__(self, db: Database, clock: SecondsClock | None = None) -> None:
         """
         @param clock: the source of C{created_at}/C{updated_at}/
             C{published_at}; the wall clock if C{None}.
@@ -463,7 +623,7 @@ class PostStore:
         except ValidationError as e:
             return _fail(e)
 
-        def query(connection: Any) -> PostPage:
+        def list_posts(txn: Transaction) -> PostPage:
             where: list[str] = []
             params: list[object] = []
             if status is not None:
@@ -479,14 +639,14 @@ class PostStore:
             if where:
                 sql += " WHERE " + " AND ".join(where)
             sql += " ORDER BY id DESC LIMIT ?"
-            rows = connection.execute(sql, (*params, size + 1)).fetchall()
+            rows = txn.execute(sql, (*params, size + 1)).fetchall()
             posts = tuple(_post(r) for r in rows[:size])
             more = len(rows) > size
             return PostPage(
                 posts=posts, next_cursor=encode_cursor(posts[-1].id) if more else None
             )
 
-        return self._read(query)
+        return self._read(list_posts)
 
     def search(
         self, query: str, status: str | None = None, limit: int | None = None
@@ -499,39 +659,25 @@ class PostStore:
             C{query}.
         """
         try:
-            match = fts_query(query)
+            search_terms(query)
             if status is not None:
                 status = validate_status(status)
             size = validate_limit(limit, default=10)
         except ValidationError as e:
             return _fail(e)
 
-        def run(connection: Any) -> list[SearchHit]:
-            sql = (
-                f"SELECT {_COLUMNS},"
-                " snippet(posts_fts, 1, '[', ']', '…', 16) AS snippet,"
-                " bm25(posts_fts, 10.0, 1.0, 5.0) AS rank"
-                " FROM posts_fts JOIN posts ON posts.id = posts_fts.rowid"
-                " WHERE posts_fts MATCH ?"
-            )
-            params: list[object] = [match]
-            if status is not None:
-                sql += " AND posts.status = ?"
-                params.append(status)
-            sql += " ORDER BY rank LIMIT ?"
-            params.append(size)
+        def search_posts(txn: Transaction) -> list[SearchHit]:
             try:
-                rows = connection.execute(sql, params).fetchall()
-            except sqlite3.OperationalError as e:
-                # Defence in depth: fts_query should make this unreachable.
-                log.warn("search query rejected by FTS5: {error}", error=str(e))  # noqa: G010 - twisted.logger.Logger has warn, not warning
+                return _SEARCH[txn.engine.name](txn, query, status, size)
+            except Exception as e:
+                if txn.engine.classify(e) is not None:
+                    raise
+                # Defence in depth: the sanitised queries should make this
+                # unreachable.
+                log.warn("search query rejected by the index: {error}", error=str(e))  # noqa: G010 - twisted.logger.Logger has warn, not warning
                 raise InvalidQuery("query", "could not be searched; use plain words")
-            return [
-                SearchHit(post=_post(r), snippet=r["snippet"] or "", rank=r["rank"])
-                for r in rows
-            ]
 
-        return self._read(run)
+        return self._read(search_posts)
 
     def slugs(
         self, prefix: str = "", status: str | None = None, limit: int = 100
@@ -541,10 +687,11 @@ class PostStore:
         """
         if not isinstance(prefix, str):
             prefix = ""
-        prefix = prefix[:MAX_SLUG]
+        # Slugs are lowercase, and LIKE is case-blind on SQLite only.
+        prefix = prefix[:MAX_SLUG].lower()
         escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
-        def run(connection: Any) -> list[str]:
+        def slug_list(txn: Transaction) -> list[str]:
             sql = "SELECT slug FROM posts WHERE slug LIKE ? ESCAPE '\\'"
             params: list[object] = [escaped + "%"]
             if status is not None:
@@ -552,9 +699,9 @@ class PostStore:
                 params.append(status)
             sql += " ORDER BY slug LIMIT ?"
             params.append(limit)
-            return [r["slug"] for r in connection.execute(sql, params)]
+            return [r["slug"] for r in txn.execute(sql, params)]
 
-        return self._read(run)
+        return self._read(slug_list)
 
     # Changes
 
@@ -584,21 +731,21 @@ class PostStore:
             return _fail(e)
         now = self._clock.seconds()
 
-        def insert(connection: Any) -> Post:
+        def create_post(txn: Transaction) -> Post:
             chosen = base
-            if not _slug_free(connection, chosen):
+            if not _slug_free(txn, chosen):
                 if explicit:
                     raise SlugTaken(chosen)
                 n = 2
                 while True:
                     suffix = f"-{n}"
                     chosen = base[: MAX_SLUG - len(suffix)].rstrip("-") + suffix
-                    if _slug_free(connection, chosen):
+                    if _slug_free(txn, chosen):
                         break
                     n += 1
-            cursor = connection.execute(
+            row = txn.execute(
                 "INSERT INTO posts (slug, title, body, status, tags, created_at, updated_at, published_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     chosen,
                     title,
@@ -609,11 +756,11 @@ class PostStore:
                     now,
                     now if status == PUBLISHED else None,
                 ),
-            )
-            _set_tags(connection, cursor.lastrowid, tag_tuple)
-            return _get(connection, chosen)
+            ).fetchone()
+            _set_tags(txn, row[0], tag_tuple)
+            return _get(txn, chosen)
 
-        d = self._write(insert)
+        d = self._write(create_post)
         d.addCallback(_logged, "created")
         return d
 
@@ -656,11 +803,9 @@ class PostStore:
             return _fail(e)
         now = self._clock.seconds()
 
-        def apply(connection: Any) -> Post:
-            post = _get(connection, slug)
-            if "slug" in changes and not _slug_free(
-                connection, str(changes["slug"]), post.id
-            ):
+        def update_post(txn: Transaction) -> Post:
+            post = _get(txn, slug)
+            if "slug" in changes and not _slug_free(txn, str(changes["slug"]), post.id):
                 raise SlugTaken(str(changes["slug"]))
             sets = [f"{column} = ?" for column in changes]
             params = list(changes.values())
@@ -669,14 +814,12 @@ class PostStore:
             if changes.get("status") == PUBLISHED:
                 sets.append("published_at = COALESCE(published_at, ?)")
                 params.append(now)
-            connection.execute(
-                f"UPDATE posts SET {', '.join(sets)} WHERE id = ?", (*params, post.id)
-            )
+            txn.execute(f"UPDATE posts SET {', '.join(sets)} WHERE id = ?", (*params, post.id))
             if tag_tuple is not None:
-                _set_tags(connection, post.id, tag_tuple)
-            return _get(connection, str(changes.get("slug", slug)))
+                _set_tags(txn, post.id, tag_tuple)
+            return _get(txn, str(changes.get("slug", slug)))
 
-        d = self._write(apply)
+        d = self._write(update_post)
         d.addCallback(_logged, "updated")
         return d
 
@@ -702,12 +845,12 @@ class PostStore:
         except ValidationError:
             return _fail(PostNotFound(slug if isinstance(slug, str) else repr(slug)))
 
-        def remove(connection: Any) -> Post:
-            post = _get(connection, slug)
-            connection.execute("DELETE FROM posts WHERE id = ?", (post.id,))
+        def delete_post(txn: Transaction) -> Post:
+            post = _get(txn, slug)
+            txn.execute("DELETE FROM posts WHERE id = ?", (post.id,))
             return post
 
-        d = self._write(remove)
+        d = self._write(delete_post)
         d.addCallback(_logged, "deleted")
         return d
 

@@ -26,13 +26,9 @@ from twisted.logger import Logger
 
 from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.secrets import constant_time_equal, hash_secret, new_id
-from smeldr_oauth.site.db import (
-    Migration,
-    Schema,
-    SecondsClock,
-    SQLiteDatabase,
-    wall_clock,
-)
+from smeldr_oauth.db.database import Database, Transaction
+from smeldr_oauth.db.migrations import Migration, Schema
+from smeldr_oauth.site.db import SecondsClock, wall_clock
 from smeldr_oauth.site.posts import _CONTROL, SiteError, ValidationError
 
 log = Logger()
@@ -78,14 +74,15 @@ SCHEMA = Schema(
                     id TEXT PRIMARY KEY,
                     name TEXT NOT NULL,
                     token_hash TEXT NOT NULL UNIQUE,
-                    created_at REAL NOT NULL,
-                    last_used_at REAL,
-                    revoked_at REAL
+                    created_at DOUBLE PRECISION NOT NULL,
+                    last_used_at DOUBLE PRECISION,
+                    revoked_at DOUBLE PRECISION
                 )
                 """,
             ),
         ),
     ),
+    tables=("site_tokens",),
 )
 
 
@@ -122,13 +119,13 @@ def _record(row: Any) -> SiteToken:
 
 class SiteTokenStore:
     """
-    Site tokens in a L{SQLiteDatabase}.  Every method returns a
-    L{Deferred}.
+    Site tokens in a L{Database} (SQLite or PostgreSQL).  Every method
+    returns a L{Deferred}.
     """
 
     schema = SCHEMA
 
-    def __init__(self, db: SQLiteDatabase, clock: SecondsClock | None = None) -> None:
+    def __init__(self, db: Database, clock: SecondsClock | None = None) -> None:
         self._db = db
         self._clock = clock if clock is not None else wall_clock()
 
@@ -147,14 +144,14 @@ class SiteTokenStore:
         plaintext = new_site_token()
         now = self._clock.seconds()
 
-        def insert(connection: Any) -> tuple[str, str]:
-            connection.execute(
+        def create_token(txn: Transaction) -> tuple[str, str]:
+            txn.execute(
                 "INSERT INTO site_tokens (id, name, token_hash, created_at) VALUES (?, ?, ?, ?)",
                 (token_id, name, hash_secret(plaintext), now),
             )
             return token_id, plaintext
 
-        d = self._db.write(SCHEMA, insert)
+        d = self._db.write(SCHEMA, create_token)
 
         def logged(result: tuple[str, str]) -> tuple[str, str]:
             log.info(
@@ -169,28 +166,28 @@ class SiteTokenStore:
         Every token, revoked ones included, oldest first.
         """
 
-        def query(connection: Any) -> list[SiteToken]:
-            rows = connection.execute(
+        def list_tokens(txn: Transaction) -> list[SiteToken]:
+            rows = txn.execute(
                 "SELECT id, name, created_at, last_used_at, revoked_at FROM site_tokens"
                 " ORDER BY created_at, id"
             )
             return [_record(r) for r in rows]
 
-        return self._db.read(SCHEMA, query)
+        return self._db.read(SCHEMA, list_tokens)
 
     def get(self, token_id: str) -> Deferred[SiteToken | None]:
         """
         The token with this id, or C{None}.
         """
 
-        def query(connection: Any) -> SiteToken | None:
-            row = connection.execute(
+        def get_token(txn: Transaction) -> SiteToken | None:
+            row = txn.execute(
                 "SELECT id, name, created_at, last_used_at, revoked_at FROM site_tokens WHERE id = ?",
                 (token_id,),
             ).fetchone()
             return None if row is None else _record(row)
 
-        return self._db.read(SCHEMA, query)
+        return self._db.read(SCHEMA, get_token)
 
     def revoke(self, token_id: str) -> Deferred[bool]:
         """
@@ -205,20 +202,18 @@ class SiteTokenStore:
             return fail(TokenNotFound(repr(token_id)))
         now = self._clock.seconds()
 
-        def apply(connection: Any) -> bool:
-            row = connection.execute(
+        def revoke_token(txn: Transaction) -> bool:
+            row = txn.execute(
                 "SELECT revoked_at FROM site_tokens WHERE id = ?", (token_id,)
             ).fetchone()
             if row is None:
                 raise TokenNotFound(token_id)
             if row["revoked_at"] is not None:
                 return False
-            connection.execute(
-                "UPDATE site_tokens SET revoked_at = ? WHERE id = ?", (now, token_id)
-            )
+            txn.execute("UPDATE site_tokens SET revoked_at = ? WHERE id = ?", (now, token_id))
             return True
 
-        d = self._db.write(SCHEMA, apply)
+        d = self._db.write(SCHEMA, revoke_token)
 
         def logged(changed: bool) -> bool:
             if changed:
@@ -242,8 +237,8 @@ class SiteTokenStore:
         presented = hash_secret(plaintext)
         now = self._clock.seconds()
 
-        def check(connection: Any) -> tuple[Approval | None, str | None]:
-            row = connection.execute(
+        def verify_token(txn: Transaction) -> tuple[Approval | None, str | None]:
+            row = txn.execute(
                 "SELECT id, name, token_hash, revoked_at FROM site_tokens WHERE token_hash = ?",
                 (presented,),
             ).fetchone()
@@ -251,9 +246,7 @@ class SiteTokenStore:
                 return None, None
             if row["revoked_at"] is not None:
                 return None, row["id"]
-            connection.execute(
-                "UPDATE site_tokens SET last_used_at = ? WHERE id = ?", (now, row["id"])
-            )
+            txn.execute("UPDATE site_tokens SET last_used_at = ? WHERE id = ?", (now, row["id"]))
             return Approval(subject=row["name"], site_token_id=row["id"]), row["id"]
 
         def logged(
@@ -274,7 +267,7 @@ class SiteTokenStore:
                 log.info("site token rejected: unknown")
             return approval
 
-        return self._db.write(SCHEMA, check).addCallback(logged)
+        return self._db.write(SCHEMA, verify_token).addCallback(logged)
 
     def verify_bearer(self, token: str) -> Deferred[Approval | None]:
         """

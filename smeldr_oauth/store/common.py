@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_store_memory -*-
 """
-What the store implementations share beyond the interface: their error,
-their security log events and the periodic purge.
+What the store implementations share beyond the interface: retention
+times and the periodic purge.  (L{StoreConflict} lives in
+L{smeldr_oauth.db.errors}, with the database layer's other errors.)
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smeldr_oauth.store.interface import IOAuthStore
+from smeldr_oauth.db.errors import StoreConflict  # noqa: F401 (its old home)
+from smeldr_oauth.oauth.interfaces import IOAuthStore
 
 log = Logger()
 
@@ -30,17 +32,6 @@ CLIENT_RETENTION = 30 * 24 * 3600.0
 #: Once an hour is plenty: expired rows are already inert (every read checks
 #: expiry), purging only bounds the size of the database.
 DEFAULT_PURGE_INTERVAL = 3600.0
-
-
-class StoreConflict(Exception):
-    """
-    A change would break a uniqueness or reference rule (a secret hash or an
-    id already stored, a token for a grant that does not exist).  The whole
-    call was rolled back: nothing changed.
-
-    With 256-bit secrets this never happens by chance; it means a bug, so it
-    is an exception rather than a status.
-    """
 
 
 def start_purging(

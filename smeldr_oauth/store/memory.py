@@ -3,7 +3,7 @@
 L{IOAuthStore} in memory: for tests, and for embedding where losing every
 grant on restart is acceptable.
 
-It keeps the semantics of L{smeldr_oauth.store.sqlite.SQLiteStore} (the same
+It keeps the semantics of L{smeldr_oauth.store.sql.SQLStore} (the same
 behavioural tests run against both, and both defer refresh decisions to
 L{smeldr_oauth.oauth.rotation.decide}).  Atomicity comes from doing all the
 checks of a call before its first change; everything runs on the reactor
@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import attr
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
@@ -30,14 +31,19 @@ from smeldr_oauth.oauth.model import (
     Grant,
     RefreshToken,
 )
+from smeldr_oauth.db.errors import StoreConflict
+from smeldr_oauth.oauth.interfaces import (
+    CodeRedemption,
+    IChangeWatch,
+    IOAuthStore,
+    RefreshRedemption,
+)
 from smeldr_oauth.store.common import (
     CLIENT_RETENTION,
     DEFAULT_PURGE_INTERVAL,
     GRANT_RETENTION,
-    StoreConflict,
     start_purging,
 )
-from smeldr_oauth.store.interface import CodeRedemption, IOAuthStore, RefreshRedemption
 
 T = TypeVar("T")
 
@@ -47,6 +53,19 @@ def _call(f: Callable[[], T]) -> "Deferred[T]":
         return succeed(f())
     except Exception:
         return fail()
+
+
+@implementer(IChangeWatch)
+class _NoChanges:
+    """
+    What L{MemoryStore.watch_changes} returns: no other process shares
+    the dictionaries, so there is nothing to hear.
+    """
+
+    running = True
+
+    def stop(self) -> None:
+        self.running = False
 
 
 @implementer(IOAuthStore)
@@ -96,6 +115,17 @@ class MemoryStore:
         if clock is None:
             raise ValueError("start_purging needs a clock")
         return start_purging(self, clock, interval)
+
+    def watch_changes(
+        self,
+        callback: Callable[[Optional[str]], None],
+        clock: Optional[IReactorTime] = None,
+        interval: float = 1.0,
+    ) -> IChangeWatch:
+        """
+        Nothing to watch: no other process shares this store.
+        """
+        return _NoChanges()
 
     # Helpers
 
@@ -158,33 +188,80 @@ class MemoryStore:
 
     def consume_code(self, code_hash: str, now: float) -> "Deferred[CodeRedemption]":
         """
-        See L{smeldr_oauth.store.sqlite.SQLiteStore.consume_code}.
+        See L{smeldr_oauth.store.sql._consume_code}.
+        """
+        return _call(lambda: self._consume(code_hash, now))
+
+    def exchange_code(
+        self,
+        code_hash: str,
+        now: float,
+        check: Callable[[AuthorizationCode], Any],
+        access: AccessToken,
+        refresh: Optional[RefreshToken],
+    ) -> "Deferred[CodeRedemption]":
+        """
+        See L{IOAuthStore.exchange_code}: every check before the first
+        change but the spend, which stands whatever C{check} says.
         """
 
-        def consume() -> CodeRedemption:
+        def exchange() -> Any:
             code = self._codes.get(code_hash)
-            if code is None:
-                return CodeRedemption(status="unknown")
-            if code_hash in self._code_used:
-                self._revoke_grant(code.grant_id, now)
-                return CodeRedemption(
-                    status="replayed", code=code, grant=self._grants.get(code.grant_id)
+            grant = None if code is None else self._grants.get(code.grant_id)
+            if (
+                code is not None
+                and code_hash not in self._code_used
+                and grant is not None
+                and grant.revoked_at is None
+                and now < code.expires_at
+            ):
+                # Before anything changes: a conflict leaves the code unspent.
+                self._check_new_tokens(code.grant_id, access, refresh if code.issue_refresh else None)
+            redemption = self._consume(code_hash, now)
+            if redemption.status != "ok":
+                return redemption
+            assert redemption.code is not None
+            code = redemption.code
+            try:
+                check(code)
+                if code.issue_refresh and refresh is None:
+                    raise ValueError("the code issues a refresh token but none was given")
+            except Exception:
+                return Failure()
+            self._access[access.token_hash] = attr.evolve(
+                access, grant_id=code.grant_id, scopes=code.scopes, resource=code.resource
+            )
+            if code.issue_refresh:
+                assert refresh is not None
+                self._refresh[refresh.token_hash] = attr.evolve(
+                    refresh, grant_id=code.grant_id, scopes=code.scopes, generation=1, used_at=None
                 )
-            self._code_used[code_hash] = now
-            grant = self._grants.get(code.grant_id)
-            if grant is None or grant.revoked_at is not None:
-                return CodeRedemption(status="revoked", code=code, grant=grant)
-            if now >= code.expires_at:
-                return CodeRedemption(status="expired", code=code, grant=grant)
-            return CodeRedemption(status="ok", code=code, grant=grant)
+            return redemption
 
-        return _call(consume)
+        return _call(exchange)
+
+    def _consume(self, code_hash: str, now: float) -> CodeRedemption:
+        code = self._codes.get(code_hash)
+        if code is None:
+            return CodeRedemption(status="unknown")
+        if code_hash in self._code_used:
+            self._revoke_grant(code.grant_id, now)
+            return CodeRedemption(
+                status="replayed", code=code, grant=self._grants.get(code.grant_id)
+            )
+        self._code_used[code_hash] = now
+        grant = self._grants.get(code.grant_id)
+        if grant is None or grant.revoked_at is not None:
+            return CodeRedemption(status="revoked", code=code, grant=grant)
+        if now >= code.expires_at:
+            return CodeRedemption(status="expired", code=code, grant=grant)
+        return CodeRedemption(status="ok", code=code, grant=grant)
 
     def add_tokens(
         self, grant_id: str, access: AccessToken, refresh: Optional[RefreshToken]
     ) -> "Deferred[None]":
         """
-        See L{smeldr_oauth.store.sqlite.SQLiteStore.add_tokens}.
+        See L{smeldr_oauth.store.sql.SQLStore.add_tokens}.
         """
 
         def add() -> None:
@@ -207,7 +284,7 @@ class MemoryStore:
         new_refresh: RefreshToken,
     ) -> "Deferred[RefreshRedemption]":
         """
-        See L{smeldr_oauth.store.sqlite.SQLiteStore.redeem_refresh_token}.
+        See L{smeldr_oauth.store.sql.SQLStore.redeem_refresh_token}.
         """
 
         def redeem() -> RefreshRedemption:
@@ -295,7 +372,7 @@ class MemoryStore:
         self, token_hash: str, now: float, client_id: Optional[str] = None
     ) -> "Deferred[Optional[str]]":
         """
-        See L{smeldr_oauth.store.sqlite.SQLiteStore.revoke_token}.
+        See L{smeldr_oauth.store.sql._revoke_token}.
         """
         access = self._access.get(token_hash)
         if access is not None:
@@ -346,7 +423,7 @@ class MemoryStore:
 
     def purge_expired(self, now: float) -> "Deferred[int]":
         """
-        See L{smeldr_oauth.store.sqlite.SQLiteStore.purge_expired}.
+        See L{smeldr_oauth.store.sql.SQLStore.purge_expired}.
         """
         cutoff = now - self._grant_retention
         removed = 0

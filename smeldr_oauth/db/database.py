@@ -1,0 +1,545 @@
+# -*- test-case-name: tests.test_db_database -*-
+"""
+One database layer for every store, over L{twisted.enterprise.adbapi}.
+
+A L{Database} pairs an adbapi L{ConnectionPool} (which opens connections
+through the engine, keeps one per thread, owns the threads and closes
+everything at shutdown) with an L{IDatabaseEngine} (what differs between
+SQLite and PostgreSQL).  Stores hand it plain functions of a L{Transaction}:
+
+    - L{Database.write} runs one in a write transaction (SQLite's C{BEGIN
+      IMMEDIATE}, PostgreSQL's C{BEGIN} plus the row locks the function
+      takes), committed when it returns and rolled back when it raises, so
+      every call is all or nothing; a deadlock or serialisation failure runs
+      it again from the start;
+    - L{Database.read} runs one without a transaction (each statement is
+      atomic on its own; no store reads across statements outside a write);
+
+and both first make sure the store's L{Schema} is current (L{ensure}).
+
+Errors come out engine-neutral: L{StoreConflict}, L{StoreUnavailable}, or
+the engine's own exception for a bug.  A broken connection is dropped and
+replaced; a call whose connection dies before it commits (most often a
+pooled connection that died while idle, when PostgreSQL restarted) is run
+once more on a fresh connection, which is safe because the server rolled
+the first attempt back.  A connection lost during the commit itself is
+L{StoreUnavailable}: the call may or may not have committed.
+
+Threads: C{threads=0} runs every call at once on the calling thread (the
+reactor's): for SQLite a point read or a small WAL write costs tens of
+microseconds, less than handing it to a thread and back, and the returned
+L{Deferred} has already fired.  C{threads=N} runs calls on adbapi's pool of
+N threads (SQLite: 1, its one writer), each with its own connection.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
+
+import attr
+from twisted.enterprise import adbapi
+from twisted.internet import threads as _threads
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from smeldr_oauth.db.engine import CONFLICT, RETRY, UNAVAILABLE, IDatabaseEngine, IWatch
+from smeldr_oauth.db.errors import StoreConflict, StoreUnavailable
+from smeldr_oauth.db.migrations import Schema, migrate
+
+log = Logger()
+
+T = TypeVar("T")
+
+#: How often a transaction that met a deadlock or a serialisation failure
+#: is run again before the error is given up on.
+MAX_RETRIES = 5
+
+
+class Transaction:
+    """
+    What a store's function receives: one cursor, C{?} placeholders on
+    every engine, and the engine for the few engine-specific clauses.
+
+    C{execute} returns the transaction itself, so that
+    C{txn.execute(sql, params).fetchone()} reads naturally.  Rows can be
+    read by position and by column name on both engines.
+
+    @ivar engine: the L{IDatabaseEngine}.
+    """
+
+    __slots__ = ("_cursor", "_convert", "engine")
+
+    def __init__(self, cursor: Any, engine: IDatabaseEngine, convert: Optional[Callable[[str], str]]):
+        self._cursor = cursor
+        self._convert = convert
+        self.engine = engine
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> "Transaction":
+        if self._convert is not None:
+            sql = self._convert(sql)
+        self._cursor.execute(sql, params)
+        return self
+
+    def execute_together(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> "Transaction":
+        """
+        Run statements that do not depend on each other's effects, in as
+        few round trips as the engine allows (see
+        L{IDatabaseEngine.combine}); the last one's rows can be fetched.
+        """
+        for sql, params in self.engine.combine(statements):
+            self.execute(sql, params)
+        return self
+
+    def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> "Transaction":
+        if self._convert is not None:
+            sql = self._convert(sql)
+        self._cursor.executemany(sql, params)
+        return self
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return list(self._cursor.fetchall())
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._cursor.fetchall())
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cursor.rowcount)
+
+    def notify(self, channel: str, payload: str) -> None:
+        """
+        Announce C{payload} on C{channel} when this transaction commits: see
+        L{IDatabaseEngine.notify}.
+        """
+        self.engine.notify(self, channel, payload)
+
+
+class NoThreads:
+    """
+    Stands in for an adbapi pool's L{ThreadPool} when calls run on the
+    calling thread (C{threads=0}): the pool then starts no thread.
+    """
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def callInThreadWithCallback(
+        self, onResult: Callable[[bool, Any], None], f: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> None:
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+
+
+class _Pool(adbapi.ConnectionPool):
+    """
+    An adbapi pool whose thread pool may be replaced (by L{NoThreads}, or
+    by a test's thread-less pool) before it starts: with a reactor that
+    is already running, the pool starts inside its own constructor.  Only
+    the public C{start} is extended.
+    """
+
+    def __init__(self, *args: Any, replacement: Any = None, **kwargs: Any) -> None:
+        self._replacement = replacement
+        super().__init__(*args, **kwargs)
+        self._replace()
+
+    def _replace(self) -> None:
+        if self._replacement is not None and not self.running:
+            self.threadpool = self._replacement
+            self._replacement = None
+
+    def start(self) -> None:
+        self._replace()
+        super().start()
+
+
+@attr.s(auto_attribs=True)
+class TransactionStats:
+    """
+    Counters for one transaction name (the store method's name).
+
+    @ivar count: calls finished.
+    @ivar errors: calls that raised.
+    @ivar retries: runs repeated after a deadlock or serialisation failure.
+    @ivar seconds: time spent inside the database, waits for locks included.
+    """
+
+    count: int = 0
+    errors: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+
+
+def _now(f: Callable[..., T], *args: Any) -> "Deferred[T]":
+    try:
+        return succeed(f(*args))
+    except BaseException:
+        return fail(Failure())
+
+
+class Database:
+    """
+    A database (a SQLite file, or a PostgreSQL database) behind an adbapi
+    pool and an engine.
+
+    @ivar engine: the L{IDatabaseEngine}.
+    @ivar pool: the adbapi L{ConnectionPool}; closed by L{close}.
+    @ivar threads: 0 when calls run on the calling thread, else the pool's
+        thread count.
+    @ivar reactor: the reactor the pool reports to (and a notification
+        listener watches sockets with).
+    """
+
+    def __init__(
+        self,
+        engine: IDatabaseEngine,
+        reactor: Any = None,
+        *,
+        threads: int = 1,
+        threadpool: Any = None,
+        clock: Optional[IReactorTime] = None,
+    ) -> None:
+        """
+        @param reactor: runs the pool's threads and its shutdown trigger;
+            the global reactor when C{None} (adbapi's own fallback: leave
+            that to the service-wiring layer).
+        @param threads: 0 runs every call on the calling thread; N runs
+            them on N pool threads (each with its own connection).
+        @param threadpool: a replacement for the pool's thread pool (tests
+            use a thread-less one with a synchronous reactor).
+        @param clock: the time source of C{applied_at} in migrations;
+            C{reactor} when C{None}, else the wall clock.
+        """
+        if threads < 0 or (engine.single_writer and threads > 1):
+            raise ValueError(f"threads must be 0 or 1 for {engine.name}, not {threads!r}")
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.engine = engine
+        self.threads = threads
+        self.reactor = reactor
+        self._clock = clock if clock is not None else reactor
+        args, kwargs = engine.connect_arguments()
+        self.pool = _Pool(
+            engine.dbapi_name,
+            *args,
+            cp_min=1,
+            cp_max=max(threads, 1),
+            cp_openfun=engine.prepare,
+            cp_reactor=reactor,
+            cp_noisy=False,
+            replacement=NoThreads() if threads == 0 else threadpool,
+            **kwargs,
+        )
+        self._convert = None if engine.convert("?") == "?" else _cached(engine.convert)
+        self._stats: dict[str, TransactionStats] = {}
+        self._stats_lock = threading.Lock()
+        self._current: set[str] = set()
+        self._migrating: dict[str, list[Deferred[int]]] = {}
+        self._in_flight = 0
+        self._closed = False
+
+    @property
+    def inline(self) -> bool:
+        """
+        C{True} when calls run on the calling thread (C{threads=0}).
+        """
+        return self.threads == 0
+
+    def describe(self) -> str:
+        """
+        Where the database is, without secrets.
+        """
+        return str(self.engine.describe())
+
+    # Running calls
+
+    def read(self, schema: Schema, func: Callable[..., T], *args: Any, name: Optional[str] = None) -> "Deferred[T]":
+        """
+        Run C{func(transaction, *args)} without a transaction, once
+        C{schema} is current.
+
+        @param name: what L{transaction_stats} counts the call under;
+            C{component.function} by default.
+        """
+        return self._call(schema, False, name or _name(schema, func), func, args)
+
+    def write(self, schema: Schema, func: Callable[..., T], *args: Any, name: Optional[str] = None) -> "Deferred[T]":
+        """
+        Run C{func(transaction, *args)} in one write transaction, once
+        C{schema} is current: committed if it returns, rolled back if it
+        raises.
+        """
+        return self._call(schema, True, name or _name(schema, func), func, args)
+
+    def with_connection(self, func: Callable[..., T], *args: Any) -> "Deferred[T]":
+        """
+        Run C{func(connection, *args)} with a raw DB-API connection (for an
+        engine-specific question such as SQLite's C{PRAGMA data_version}).
+        """
+
+        def run() -> T:
+            return func(self.pool.connect(), *args)
+
+        return self._dispatch(run)
+
+    def _call(
+        self, schema: Schema, write: bool, name: str, func: Callable[..., T], args: tuple[Any, ...]
+    ) -> "Deferred[T]":
+        if schema.component in self._current:
+            return self._dispatch(self._interact, write, name, func, args)
+        return self.ensure(schema).addCallback(
+            lambda _: self._dispatch(self._interact, write, name, func, args)
+        )
+
+    def _dispatch(self, f: Callable[..., T], *args: Any) -> "Deferred[T]":
+        if self.threads == 0:
+            return _now(f, *args)
+        self._in_flight += 1
+        d: Deferred[T] = _threads.deferToThreadPool(self.reactor, self.pool.threadpool, f, *args)
+
+        def done(result: Any) -> Any:
+            self._in_flight -= 1
+            return result
+
+        return d.addBoth(done)
+
+    def _connect(self) -> Any:
+        try:
+            connection = self.pool.connect()
+        except Exception as e:
+            if self.engine.classify(e) == UNAVAILABLE:
+                raise StoreUnavailable(f"cannot connect to {self.describe()}: {_first_line(e)}") from e
+            raise
+        if self.engine.broken(connection):
+            self._drop(connection)
+            return self._connect()
+        return connection
+
+    def _drop(self, connection: Any) -> None:
+        """
+        Forget a dead connection so that the next call on this thread
+        opens a new one.
+        """
+        try:
+            self.pool.disconnect(connection)
+        except Exception:
+            log.failure("could not close a broken database connection")
+
+    def _interact(self, write: bool, name: str, func: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """
+        Run one call on this thread: see the module docstring.
+        """
+        engine = self.engine
+        started = time.perf_counter()
+        retries = 0
+        failed = True
+        fresh_attempt = False
+        try:
+            while True:
+                connection = self._connect()
+                cursor = connection.cursor()
+                committing = False
+                try:
+                    txn = Transaction(cursor, engine, self._convert)
+                    if write:
+                        engine.begin(txn)
+                    result = func(txn, *args)
+                    if write:
+                        committing = True
+                        connection.commit()
+                    failed = False
+                    return result
+                except BaseException as error:
+                    kind = engine.classify(error)
+                    self._rollback(connection)
+                    if kind == RETRY and retries < MAX_RETRIES:
+                        retries += 1
+                        continue
+                    if kind in (UNAVAILABLE, RETRY):
+                        # (A deadlock that keeps coming back is a database
+                        # too busy to answer now.)
+                        dead = engine.broken(connection)
+                        if dead:
+                            self._drop(connection)
+                        if dead and not committing and not fresh_attempt:
+                            # The connection died before the commit (most
+                            # often: a pooled connection that died while
+                            # idle, when the server restarted), so the
+                            # server rolled everything back: try once more
+                            # on a fresh one.
+                            fresh_attempt = True
+                            continue
+                        raise StoreUnavailable(f"{self.describe()}: {_first_line(error)}") from error
+                    if kind == CONFLICT:
+                        # The message names the constraint, never a value.
+                        raise StoreConflict(_first_line(error)) from error
+                    raise
+                finally:
+                    _close_quietly(cursor)
+        finally:
+            self._count(name, started, retries, failed)
+
+    def _rollback(self, connection: Any) -> None:
+        try:
+            connection.rollback()
+        except Exception:
+            # The connection is gone; classify() saw why.
+            if not self.engine.broken(connection):
+                log.failure("rollback failed")
+
+    def _count(self, name: str, started: float, retries: int, failed: bool) -> None:
+        elapsed = time.perf_counter() - started
+        with self._stats_lock:
+            stats = self._stats.get(name)
+            if stats is None:
+                stats = self._stats[name] = TransactionStats()
+            stats.count += 1
+            stats.retries += retries
+            stats.seconds += elapsed
+            if failed:
+                stats.errors += 1
+
+    # Schemas
+
+    def ensure(self, schema: Schema) -> "Deferred[int]":
+        """
+        Bring C{schema} (and the schemas the engine itself needs) up to
+        date, once per database object; calls made meanwhile wait.  A
+        failure (the database is down, or newer than this code) fails those
+        calls, and the next call tries again.
+
+        @return: a L{Deferred} firing with the component's version.
+        """
+        if schema.component in self._current:
+            return succeed(schema.version)
+        waiters = self._migrating.get(schema.component)
+        d: Deferred[int] = Deferred()
+        if waiters is not None:
+            waiters.append(d)
+            return d
+        self._migrating[schema.component] = [d]
+        now = self._clock.seconds()
+
+        def apply(txn: Transaction) -> int:
+            for needed in getattr(self.engine, "schemas", ()):
+                migrate(txn, needed, now)
+            return migrate(txn, schema, now)
+
+        def done(result: Any) -> None:
+            waiting = self._migrating.pop(schema.component)
+            if not isinstance(result, Failure):
+                self._current.add(schema.component)
+                log.info(
+                    "database {database} component {component} at schema version {version}",
+                    database=self.describe(),
+                    component=schema.component,
+                    version=result,
+                )
+            for waiter in waiting:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+
+        self._dispatch(self._interact, True, "migrate", apply, ()).addBoth(done)
+        return d
+
+    # Changes made by other processes
+
+    def watch(
+        self,
+        channel: str,
+        callback: Callable[[Optional[str]], None],
+        clock: Optional[IReactorTime] = None,
+        interval: float = 1.0,
+    ) -> IWatch:
+        """
+        Hear of changes announced on C{channel} by any process: see
+        L{IDatabaseEngine.watch}.
+        """
+        return self.engine.watch(self, channel, callback, clock or self._clock, interval)
+
+    # Figures and shutting down
+
+    def transaction_stats(self) -> dict[str, TransactionStats]:
+        """
+        A copy of the counters per transaction name.
+        """
+        with self._stats_lock:
+            return {name: attr.evolve(stats) for name, stats in self._stats.items()}
+
+    def pool_stats(self) -> dict[str, int]:
+        """
+        C{connections} open, C{threads} configured (0: on the reactor
+        thread), C{in_flight} calls handed to the threads and not yet back.
+        """
+        return {
+            "connections": len(self.pool.connections),
+            "threads": self.threads,
+            "in_flight": self._in_flight,
+        }
+
+    def close(self) -> None:
+        """
+        Close every connection and stop the threads; work already queued
+        finishes first (the pool joins its threads).
+        """
+        if not self._closed:
+            self._closed = True
+            closing = getattr(self.engine, "closing", None)
+            if closing is not None:
+                closing(self)
+            self.pool.close()
+
+
+def _name(schema: Schema, func: Callable[..., Any]) -> str:
+    """
+    The default transaction name: C{component.function}.
+    """
+    return f"{schema.component}.{func.__name__.lstrip('_')}"
+
+
+def _cached(convert: Callable[[str], str]) -> Callable[[str], str]:
+    """
+    C{convert} with its results remembered: the stores' statements are a
+    few dozen constant strings.
+    """
+    seen: dict[str, str] = {}
+
+    def converted(sql: str) -> str:
+        result = seen.get(sql)
+        if result is None:
+            result = seen[sql] = convert(sql)
+        return result
+
+    return converted
+
+
+def _close_quietly(cursor: Any) -> None:
+    try:
+        cursor.close()
+    except Exception:
+        # Closing the cursor of a dead connection can fail; the connection
+        # is dealt with by the caller.
+        pass
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

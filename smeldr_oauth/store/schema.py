@@ -1,0 +1,121 @@
+# -*- test-case-name: tests.test_store_sqlite -*-
+"""
+The OAuth tables, as the C{oauth} component of the one migration scheme
+(L{smeldr_oauth.db.migrations}), the same on SQLite and PostgreSQL.
+
+Scopes and lists are JSON arrays in C{TEXT}; times are POSIX seconds in
+C{DOUBLE PRECISION} (SQLite gives the name REAL affinity, as C{REAL}, which
+the first SQLite files were created with: the two are the same thing
+there); secrets are hex SHA-256 only.
+
+Never edit a migration that has shipped: append a new one.
+"""
+
+from __future__ import annotations
+
+from smeldr_oauth.db.database import Transaction
+from smeldr_oauth.db.migrations import Migration, Schema
+
+
+def _legacy_version(txn: Transaction) -> int:
+    """
+    OAuth databases made before the one migration scheme kept their version
+    in a one-row table C{schema_version}: take it over (and drop the table).
+    """
+    if txn.engine.name != "sqlite":
+        return 0
+    found = txn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if found is None:
+        return 0
+    row = txn.execute("SELECT version FROM schema_version").fetchone()
+    txn.execute("DROP TABLE schema_version")
+    return 0 if row is None else int(row[0])
+
+
+OAUTH_SCHEMA = Schema(
+    "oauth",
+    (
+        Migration(
+            1,
+            (
+                """
+                CREATE TABLE clients (
+                    client_id TEXT PRIMARY KEY,
+                    client_name TEXT,
+                    redirect_uris TEXT NOT NULL,
+                    token_endpoint_auth_method TEXT NOT NULL,
+                    grant_types TEXT NOT NULL,
+                    scope TEXT,
+                    kind TEXT NOT NULL,
+                    client_secret_hash TEXT,
+                    created_at DOUBLE PRECISION NOT NULL,
+                    client_uri TEXT,
+                    logo_uri TEXT
+                )
+                """,
+                """
+                CREATE TABLE grants (
+                    grant_id TEXT PRIMARY KEY,
+                    client_id TEXT NOT NULL,
+                    subject TEXT NOT NULL,
+                    scopes TEXT NOT NULL,
+                    resource TEXT NOT NULL,
+                    created_at DOUBLE PRECISION NOT NULL,
+                    site_token_id TEXT,
+                    client_name TEXT,
+                    last_used_at DOUBLE PRECISION,
+                    revoked_at DOUBLE PRECISION
+                )
+                """,
+                "CREATE INDEX grants_site_token_id ON grants (site_token_id)",
+                "CREATE INDEX grants_subject ON grants (subject)",
+                """
+                CREATE TABLE codes (
+                    code_hash TEXT PRIMARY KEY,
+                    grant_id TEXT NOT NULL REFERENCES grants (grant_id) ON DELETE CASCADE,
+                    client_id TEXT NOT NULL,
+                    redirect_uri TEXT NOT NULL,
+                    code_challenge TEXT NOT NULL,
+                    scopes TEXT NOT NULL,
+                    resource TEXT NOT NULL,
+                    expires_at DOUBLE PRECISION NOT NULL,
+                    issue_refresh INTEGER NOT NULL,
+                    used_at DOUBLE PRECISION
+                )
+                """,
+                "CREATE INDEX codes_grant_id ON codes (grant_id)",
+                "CREATE INDEX codes_expires_at ON codes (expires_at)",
+                """
+                CREATE TABLE access_tokens (
+                    token_hash TEXT PRIMARY KEY,
+                    grant_id TEXT NOT NULL REFERENCES grants (grant_id) ON DELETE CASCADE,
+                    scopes TEXT NOT NULL,
+                    resource TEXT NOT NULL,
+                    expires_at DOUBLE PRECISION NOT NULL,
+                    revoked_at DOUBLE PRECISION
+                )
+                """,
+                "CREATE INDEX access_tokens_grant_id ON access_tokens (grant_id)",
+                "CREATE INDEX access_tokens_expires_at ON access_tokens (expires_at)",
+                """
+                CREATE TABLE refresh_tokens (
+                    token_hash TEXT PRIMARY KEY,
+                    grant_id TEXT NOT NULL REFERENCES grants (grant_id) ON DELETE CASCADE,
+                    scopes TEXT NOT NULL,
+                    generation INTEGER NOT NULL,
+                    created_at DOUBLE PRECISION NOT NULL,
+                    expires_at DOUBLE PRECISION NOT NULL,
+                    used_at DOUBLE PRECISION,
+                    revoked_at DOUBLE PRECISION
+                )
+                """,
+                "CREATE INDEX refresh_tokens_grant_id ON refresh_tokens (grant_id, generation)",
+                "CREATE INDEX refresh_tokens_expires_at ON refresh_tokens (expires_at)",
+            ),
+        ),
+    ),
+    tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
+    legacy=_legacy_version,
+)

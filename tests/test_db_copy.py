@@ -1,0 +1,117 @@
+"""
+Tests for L{smeldr_oauth.db.copy}: SQLite files copied into PostgreSQL in
+one transaction, into empty tables only.  (The command that runs it,
+C{smeldr-oauth-admin migrate}, is tested in C{tests.test_site_admin}.)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from smeldr_oauth.db import StoreConflict, open_database
+from smeldr_oauth.db.copy import SourceMissing, TargetNotEmpty, copy_from_sqlite
+from smeldr_oauth.site.posts import SCHEMA as POSTS_SCHEMA
+from smeldr_oauth.site.stores import open_site
+from smeldr_oauth.site.tokens import SCHEMA as SITE_TOKENS_SCHEMA
+from smeldr_oauth.store import open_store
+from smeldr_oauth.store.schema import OAUTH_SCHEMA
+from tests import postgres
+from tests.test_store_memory import make_code, make_grant
+
+TABLES = ("clients", "grants", "codes", "access_tokens", "refresh_tokens", "posts", "post_tags", "site_tokens")
+
+
+def sources(oauth_db: str, site_db: str) -> list[Any]:
+    return [(oauth_db, [OAUTH_SCHEMA]), (site_db, [POSTS_SCHEMA, SITE_TOKENS_SCHEMA])]
+
+
+def counts(database: Any) -> "Deferred[dict[str, int]]":
+    def count(txn: Any) -> dict[str, int]:
+        return {table: int(txn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]) for table in TABLES}
+
+    return database.read(OAUTH_SCHEMA, count)
+
+
+class CopyTests(TestCase):
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.oauth_db = self.mktemp() + "-oauth.db"
+        self.site_db = self.mktemp() + "-site.db"
+        store = open_store(self.oauth_db, global_reactor)
+        yield store.create_grant(make_grant("g1"), make_code("c1", "g1"))
+        store.close()
+        site = open_site(self.site_db, global_reactor)
+        yield site.posts.create("First", body="hello", tags=["a", "b"])
+        yield site.tokens.create("alice")
+        site.close()
+        self.target = open_database(postgres.database_url(self), global_reactor)
+        self.addCleanup(self.target.close)
+
+    @inlineCallbacks
+    def test_copy(self) -> Any:
+        copied = yield Deferred.fromCoroutine(
+            copy_from_sqlite(self.target, sources(self.oauth_db, self.site_db), global_reactor)
+        )
+        self.assertEqual(
+            copied,
+            {"clients": 0, "grants": 1, "codes": 1, "access_tokens": 0, "refresh_tokens": 0,
+             "posts": 1, "post_tags": 2, "site_tokens": 1},
+        )
+        found = yield counts(self.target)
+        self.assertEqual(found, copied)
+
+    @inlineCallbacks
+    def test_refuses_data(self) -> Any:
+        """
+        A second copy finds the tables full and changes nothing.
+        """
+        yield Deferred.fromCoroutine(
+            copy_from_sqlite(self.target, sources(self.oauth_db, self.site_db), global_reactor)
+        )
+        before = yield counts(self.target)
+        error = yield self.assertFailure(
+            Deferred.fromCoroutine(
+                copy_from_sqlite(self.target, sources(self.oauth_db, self.site_db), global_reactor)
+            ),
+            TargetNotEmpty,
+        )
+        self.assertEqual(error.table, "clients" if before["clients"] else "grants")
+        after = yield counts(self.target)
+        self.assertEqual(after, before)
+
+    @inlineCallbacks
+    def test_all_or_nothing(self) -> Any:
+        """
+        A row the target refuses (a code whose grant is missing, which a
+        SQLite file written without foreign keys can hold) fails the copy,
+        and nothing at all is kept, not even the tables copied before.
+        """
+        connection = sqlite3.connect(self.oauth_db)
+        connection.execute(
+            "INSERT INTO codes (code_hash, grant_id, client_id, redirect_uri, code_challenge,"
+            " scopes, resource, expires_at, issue_refresh) VALUES ('h', 'gone', 'c', 'r', 'x', '[]', 'r', 0, 0)"
+        )
+        connection.commit()
+        connection.close()
+        yield self.assertFailure(
+            Deferred.fromCoroutine(
+                copy_from_sqlite(self.target, sources(self.oauth_db, self.site_db), global_reactor)
+            ),
+            StoreConflict,
+        )
+        found = yield counts(self.target)
+        self.assertEqual(set(found.values()), {0})
+
+    @inlineCallbacks
+    def test_missing_source(self) -> Any:
+        yield self.assertFailure(
+            Deferred.fromCoroutine(
+                copy_from_sqlite(self.target, sources(self.oauth_db, self.mktemp()), global_reactor)
+            ),
+            SourceMissing,
+        )

@@ -1,0 +1,306 @@
+"""
+Tests for L{smeldr_oauth.db.database}: the one database layer, on a real
+SQLite file and on a real PostgreSQL database (L{tests.postgres}).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from typing import Any
+
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from smeldr_oauth.db import Database, Migration, Schema, open_database
+from smeldr_oauth.db.errors import StoreConflict, StoreUnavailable
+from smeldr_oauth.db.postgres import PostgresEngine
+from smeldr_oauth.db.sqlite import SQLiteEngine
+from tests import postgres
+from tests.test_store_sqlite import InlineReactor, InlineThreadPool
+
+SCHEMA = Schema(
+    "things",
+    (
+        Migration(
+            1,
+            (
+                "CREATE TABLE things (name TEXT PRIMARY KEY, size INTEGER NOT NULL)",
+                "CREATE TABLE parts (thing TEXT NOT NULL REFERENCES things (name), part TEXT NOT NULL)",
+            ),
+        ),
+    ),
+)
+
+
+def insert(txn: Any, name: str, size: int) -> None:
+    txn.execute("INSERT INTO things (name, size) VALUES (?, ?)", (name, size))
+
+
+def names(txn: Any) -> list[str]:
+    return [row["name"] for row in txn.execute("SELECT name FROM things ORDER BY name")]
+
+
+class DatabaseMixin:
+    """
+    What every engine does, in a L{SynchronousTestCase} with calls on the
+    calling thread.
+    """
+
+    def location(self) -> str:
+        raise NotImplementedError()
+
+    def setUp(self) -> None:
+        self.db = open_database(self.location(), InlineReactor(), threads=0)
+        self.addCleanup(self.db.close)  # type: ignore[attr-defined]
+
+    def ok(self, d: Any) -> Any:
+        return self.successResultOf(d)  # type: ignore[attr-defined]
+
+    def test_write_then_read(self) -> None:
+        self.ok(self.db.write(SCHEMA, insert, "a", 1))
+        self.assertEqual(self.ok(self.db.read(SCHEMA, names)), ["a"])  # type: ignore[attr-defined]
+
+    def test_rows_by_name_and_position(self) -> None:
+        self.ok(self.db.write(SCHEMA, insert, "a", 1))
+        row = self.ok(self.db.read(SCHEMA, lambda txn: txn.execute("SELECT name, size FROM things").fetchone()))
+        self.assertEqual((row["name"], row["size"], row[0], row[1], tuple(row)), ("a", 1, "a", 1, ("a", 1)))  # type: ignore[attr-defined]
+        name, size = row
+        self.assertEqual((name, size), ("a", 1))  # type: ignore[attr-defined]
+
+    def test_literal_percent(self) -> None:
+        """
+        C{?} is the placeholder on every engine; a C{%} in the SQL is just
+        a character.
+        """
+        self.ok(self.db.write(SCHEMA, insert, "50%", 1))
+        self.ok(self.db.write(SCHEMA, insert, "50x", 2))
+        found = self.ok(
+            self.db.read(
+                SCHEMA,
+                lambda txn: [
+                    row[0]
+                    for row in txn.execute(
+                        "SELECT name FROM things WHERE name LIKE '%\\%' ESCAPE '\\' AND size < ?", (5,)
+                    )
+                ],
+            )
+        )
+        self.assertEqual(found, ["50%"])  # type: ignore[attr-defined]
+
+    def test_write_rolls_back(self) -> None:
+        def half(txn: Any) -> None:
+            insert(txn, "a", 1)
+            raise ValueError("stop")
+
+        self.failureResultOf(self.db.write(SCHEMA, half), ValueError)  # type: ignore[attr-defined]
+        self.assertEqual(self.ok(self.db.read(SCHEMA, names)), [])  # type: ignore[attr-defined]
+
+    def test_conflict(self) -> None:
+        """
+        A broken uniqueness or reference rule is L{StoreConflict}, the
+        whole call rolled back, and the message names no value.
+        """
+        self.ok(self.db.write(SCHEMA, insert, "a", 1))
+
+        def twice(txn: Any) -> None:
+            insert(txn, "b", 2)
+            insert(txn, "a", 3)
+
+        failure = self.failureResultOf(self.db.write(SCHEMA, twice), StoreConflict)  # type: ignore[attr-defined]
+        self.assertNotIn("'a'", str(failure.value))  # type: ignore[attr-defined]
+        self.assertEqual(self.ok(self.db.read(SCHEMA, names)), ["a"])  # type: ignore[attr-defined]
+
+        def orphan(txn: Any) -> None:
+            txn.execute("INSERT INTO parts (thing, part) VALUES (?, ?)", ("nothing", "x"))
+
+        self.failureResultOf(self.db.write(SCHEMA, orphan), StoreConflict)  # type: ignore[attr-defined]
+
+    def test_bug_is_not_hidden(self) -> None:
+        """
+        A statement that cannot run (a bug) fails with the engine's own
+        error, not one of the database layer's.
+        """
+        failure = self.failureResultOf(  # type: ignore[attr-defined]
+            self.db.read(SCHEMA, lambda txn: txn.execute("SELECT nothing FROM things").fetchall())
+        )
+        self.assertNotIsInstance(failure.value, (StoreConflict, StoreUnavailable))  # type: ignore[attr-defined]
+
+    def test_stats(self) -> None:
+        """
+        Calls are counted by transaction name, C{component.function} unless
+        named.
+        """
+        self.ok(self.db.write(SCHEMA, insert, "a", 1))
+        self.ok(self.db.write(SCHEMA, insert, "b", 1, name="custom"))
+        self.failureResultOf(self.db.write(SCHEMA, insert, "a", 1), StoreConflict)  # type: ignore[attr-defined]
+        stats = self.db.transaction_stats()
+        self.assertEqual((stats["things.insert"].count, stats["things.insert"].errors), (2, 1))  # type: ignore[attr-defined]
+        self.assertEqual(stats["custom"].count, 1)  # type: ignore[attr-defined]
+        self.assertEqual(stats["migrate"].count, 1)  # type: ignore[attr-defined]
+        self.assertGreater(stats["things.insert"].seconds, 0)  # type: ignore[attr-defined]
+        self.assertEqual(self.db.pool_stats(), {"connections": 1, "threads": 0, "in_flight": 0})  # type: ignore[attr-defined]
+
+    def test_ensure_once(self) -> None:
+        self.assertEqual(self.ok(self.db.ensure(SCHEMA)), 1)  # type: ignore[attr-defined]
+        self.assertEqual(self.ok(self.db.ensure(SCHEMA)), 1)  # type: ignore[attr-defined]
+        self.ok(self.db.read(SCHEMA, names))
+        self.assertEqual(self.db.transaction_stats()["migrate"].count, 1)  # type: ignore[attr-defined]
+
+    def test_failed_migration_retried(self) -> None:
+        """
+        A schema that cannot be applied fails the calls that need it, and
+        the next call tries again.
+        """
+        broken = Schema("broken", (Migration(1, ("CREATE TABLE broken (", )),))
+        self.assertIsNotNone(self.failureResultOf(self.db.read(broken, names)))  # type: ignore[attr-defined]
+        self.assertIsNotNone(self.failureResultOf(self.db.read(broken, names)))  # type: ignore[attr-defined]
+        self.assertEqual(self.db.transaction_stats()["migrate"].errors, 2)  # type: ignore[attr-defined]
+
+
+class SQLiteDatabaseTests(DatabaseMixin, SynchronousTestCase):
+    def location(self) -> str:
+        return self.mktemp() + ".db"
+
+    def test_locked(self) -> None:
+        """
+        Another process holding the write lock beyond the busy timeout:
+        L{StoreUnavailable}, nothing written.
+        """
+        path = self.mktemp() + ".db"
+        db = Database(SQLiteEngine(path, busy_timeout=0.05), InlineReactor(), threads=0)
+        self.addCleanup(db.close)
+        self.ok(db.ensure(SCHEMA))
+        other = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        failure = self.failureResultOf(db.write(SCHEMA, insert, "a", 1), StoreUnavailable)
+        self.assertIn("locked", str(failure.value))
+        self.assertEqual(failure.value.retry_after, 1)
+        other.execute("ROLLBACK")
+        self.ok(db.write(SCHEMA, insert, "a", 1))
+
+    def test_thread_pool_path(self) -> None:
+        """
+        With a thread pool, calls made before the schema is current wait
+        for it, and run in the order they were made.
+        """
+        threadpool = InlineThreadPool()
+        queued: list[Any] = []
+        threadpool.callInThreadWithCallback = lambda *args, **kw: queued.append((args, kw))  # type: ignore[method-assign]
+        db = Database(SQLiteEngine(self.mktemp() + ".db"), InlineReactor(), threads=1, threadpool=threadpool)
+        self.addCleanup(db.close)
+        first = db.write(SCHEMA, insert, "a", 1)
+        second = db.read(SCHEMA, names)
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        while queued:
+            (args, kw) = queued.pop(0)
+            InlineThreadPool().callInThreadWithCallback(*args, **kw)
+        self.ok(first)
+        self.assertEqual(self.ok(second), ["a"])
+
+    def test_one_writer(self) -> None:
+        self.assertRaises(ValueError, Database, SQLiteEngine(":memory:"), InlineReactor(), threads=2)
+
+
+class PostgresDatabaseTests(DatabaseMixin, SynchronousTestCase):
+    def location(self) -> str:
+        return postgres.database_url(self)
+
+    def test_unreachable(self) -> None:
+        """
+        No server: L{StoreUnavailable}, saying where, never the password.
+        """
+        url = "postgresql://someone:hunter2@/nothing?host=/nonexistent-socket-dir&port=1"
+        db = open_database(url, InlineReactor(), threads=0)
+        self.addCleanup(db.close)
+        failure = self.failureResultOf(db.read(SCHEMA, names), StoreUnavailable)
+        self.assertIn("postgresql database nothing on /nonexistent-socket-dir:1", str(failure.value))
+        self.assertNotIn("hunter2", str(failure.value))
+
+    def test_connection_lost_half_way(self) -> None:
+        """
+        A connection that breaks in the middle of a write: the write is
+        L{StoreUnavailable}, nothing of it is kept, and the next call gets a
+        fresh connection.
+        """
+        self.ok(self.db.write(SCHEMA, insert, "a", 1))
+
+        def broken(txn: Any) -> None:
+            insert(txn, "b", 2)
+            txn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+        self.failureResultOf(self.db.write(SCHEMA, broken), StoreUnavailable)
+        self.assertEqual(self.ok(self.db.read(SCHEMA, names)), ["a"])
+
+
+class PostgresThreadTests(TestCase):
+    """
+    PostgreSQL on real threads: deadlocks are run again, and a server
+    restart costs the calls made while it is down, nothing else.
+    """
+
+    @inlineCallbacks
+    def test_deadlock_retried(self) -> Any:
+        """
+        Two transactions locking two rows in opposite orders: the server
+        kills one, which runs again and succeeds; both calls succeed.
+        """
+        db = Database(PostgresEngine(postgres.database_url(self)), global_reactor, threads=2)
+        self.addCleanup(db.close)
+        yield db.write(SCHEMA, insert, "a", 1)
+        yield db.write(SCHEMA, insert, "b", 1)
+        locked = {"a": threading.Event(), "b": threading.Event()}
+
+        def lock_both(txn: Any, first: str, second: str) -> None:
+            txn.execute("UPDATE things SET size = size + 1 WHERE name = ?", (first,))
+            locked[first].set()
+            locked[second].wait(10)
+            txn.execute("UPDATE things SET size = size + 1 WHERE name = ?", (second,))
+
+        yield DeferredList(
+            [db.write(SCHEMA, lock_both, "a", "b"), db.write(SCHEMA, lock_both, "b", "a")],
+            fireOnOneErrback=True,
+        )
+        sizes = yield db.read(SCHEMA, lambda txn: [tuple(r) for r in txn.execute("SELECT name, size FROM things ORDER BY name")])
+        self.assertEqual(sizes, [("a", 3), ("b", 3)])
+        self.assertGreaterEqual(db.transaction_stats()["things.lock_both"].retries, 1)
+
+    @inlineCallbacks
+    def test_outage(self) -> Any:
+        """
+        While the server is down, calls fail with L{StoreUnavailable}; once
+        it is back they work again, on new connections, by themselves.
+        """
+        cluster = postgres.cluster()
+        db = Database(PostgresEngine(postgres.database_url(self)), global_reactor, threads=2)
+        self.addCleanup(db.close)
+        yield db.write(SCHEMA, insert, "a", 1)
+        self.addCleanup(cluster.start)
+        cluster.stop()
+        yield self.assertFailure(db.read(SCHEMA, names), StoreUnavailable)
+        yield self.assertFailure(db.write(SCHEMA, insert, "b", 2), StoreUnavailable)
+        cluster.start()
+        found = yield db.read(SCHEMA, names)
+        self.assertEqual(found, ["a"])
+        yield db.write(SCHEMA, insert, "b", 2)
+        # The pooled connections that died with the server were replaced
+        # without failing a call.
+        cluster.restart()
+        found = yield db.read(SCHEMA, names)
+        self.assertEqual(found, ["a", "b"])
+
+    @inlineCallbacks
+    def test_calls_on_threads(self) -> Any:
+        db = open_database(postgres.database_url(self), global_reactor)
+        self.addCleanup(db.close)
+        self.assertEqual(db.threads, 4)
+        yield DeferredList(
+            [db.write(SCHEMA, insert, f"n{n}", n) for n in range(20)], fireOnOneErrback=True
+        )
+        found = yield db.read(SCHEMA, names)
+        self.assertEqual(len(found), 20)
+        self.assertEqual(db.pool_stats()["in_flight"], 0)
+        self.assertLessEqual(db.pool_stats()["connections"], 4)

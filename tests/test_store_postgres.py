@@ -1,0 +1,504 @@
+"""
+Tests for L{smeldr_oauth.store.sql} on PostgreSQL, against the real server
+of L{tests.postgres} (each test in a fresh database), and what both SQL
+engines share: secrets at rest through the real paths, races between
+connections and between processes, a crash in the middle of a code
+exchange.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Optional
+
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from smeldr_oauth.db.database import Database
+from smeldr_oauth.db.postgres import PostgresEngine
+from smeldr_oauth.oauth.config import Config
+from smeldr_oauth.oauth.model import Approval
+from smeldr_oauth.oauth.secrets import hash_secret
+from smeldr_oauth.oauth.server import OAuthServer
+from smeldr_oauth.site.stores import open_site
+from smeldr_oauth.store import open_store
+from smeldr_oauth.store.sql import SQLStore
+from tests import postgres
+from tests.test_store_memory import (
+    GRACE,
+    T0,
+    StoreBehaviourMixin,
+    accept,
+    access,
+    h,
+    make_code,
+    make_grant,
+    refresh,
+)
+from tests.test_store_sqlite import InlineReactor, InlineThreadPool, NoCallFromThreadReactor
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pg_store(testcase: SynchronousTestCase, url: Optional[str] = None, **kwargs: Any) -> SQLStore:
+    """
+    A migrated SQL store on a fresh PostgreSQL database whose Deferreds
+    fire synchronously (its calls run on the calling thread).
+    """
+    url = url or postgres.database_url(testcase)
+    store = open_store(url, NoCallFromThreadReactor(), threads=0, **kwargs)
+    testcase.addCleanup(store.close)
+    testcase.assertIs(testcase.successResultOf(store.ready), store)
+    return store
+
+
+class PostgresStoreBehaviourTests(StoreBehaviourMixin, SynchronousTestCase):
+    """
+    The shared store contract, unchanged, on PostgreSQL (calls on the
+    calling thread).
+    """
+
+    def make_store(self) -> SQLStore:
+        return pg_store(self)
+
+
+class PostgresThreadPoolBehaviourTests(StoreBehaviourMixin, SynchronousTestCase):
+    """
+    The shared store contract on PostgreSQL through the thread-pool path
+    (C{threads=1}, a thread-less pool standing in).
+    """
+
+    def make_store(self) -> SQLStore:
+        database = Database(
+            PostgresEngine(postgres.database_url(self)),
+            InlineReactor(),
+            threads=1,
+            threadpool=InlineThreadPool(),
+        )
+        store = SQLStore(database)
+        self.addCleanup(store.close)
+        self.assertIs(self.successResultOf(store.ready), store)
+        return store
+
+
+def issue_secrets(testcase: SynchronousTestCase, store: Any, site_location: str) -> list[str]:
+    """
+    Every kind of secret, made and stored through the real paths: a site
+    token (the site token store), a confidential client's secret
+    (registration), an authorization code (consent), an access and a
+    refresh token (code exchange) and their successors (refresh).
+
+    @return: the plaintexts.
+    """
+    clock = Clock()
+    clock.advance(T0)
+    site = open_site(site_location, InlineReactor(), clock=clock, threads=0)
+    testcase.addCleanup(site.close)
+    _, site_token = testcase.successResultOf(site.tokens.create("alice"))
+    config = Config(issuer="https://as.example", verify_bearer=site.tokens.verify_bearer)
+    server = OAuthServer(config, store, clock)
+
+    def drive(coroutine: Any) -> Any:
+        return testcase.successResultOf(Deferred.fromCoroutine(coroutine))
+
+    registered = drive(
+        server.register(
+            {
+                "redirect_uris": ["https://client.example/cb"],
+                "token_endpoint_auth_method": "client_secret_post",
+                "grant_types": ["authorization_code", "refresh_token"],
+            }
+        )
+    )
+    client_id, client_secret = registered["client_id"], registered["client_secret"]
+    from smeldr_oauth.oauth import pkce
+
+    verifier = "v" * 50
+    request = drive(
+        server.validate_authorization_request(
+            {
+                "response_type": ["code"],
+                "client_id": [client_id],
+                "redirect_uri": ["https://client.example/cb"],
+                "code_challenge": [pkce.s256(verifier)],
+                "code_challenge_method": ["S256"],
+                "scope": ["offline_access"],
+                "resource": ["https://as.example/mcp"],
+            }
+        )
+    )
+    approval = testcase.successResultOf(site.tokens.verify_bearer(site_token))
+    testcase.assertEqual(approval, Approval(subject="alice", site_token_id=approval.site_token_id))
+    location = drive(server.approve(request, approval))
+    from urllib.parse import parse_qs, urlsplit
+
+    code = parse_qs(urlsplit(location).query)["code"][0]
+    secrets = {"client_secret": client_secret, "client_id": client_id}
+    first = drive(
+        server.token(
+            {
+                "grant_type": ["authorization_code"],
+                "code": [code],
+                "redirect_uri": ["https://client.example/cb"],
+                "code_verifier": [verifier],
+                **{k: [v] for k, v in secrets.items()},
+            }
+        )
+    )
+    second = drive(
+        server.token(
+            {
+                "grant_type": ["refresh_token"],
+                "refresh_token": [first["refresh_token"]],
+                **{k: [v] for k, v in secrets.items()},
+            }
+        )
+    )
+    return [
+        site_token,
+        client_secret,
+        code,
+        first["access_token"],
+        first["refresh_token"],
+        second["access_token"],
+        second["refresh_token"],
+    ]
+
+
+def dump(url: str) -> str:
+    """
+    Every row of every table of a PostgreSQL database, as text.
+    """
+    import psycopg
+
+    with psycopg.connect(url) as connection:
+        tables = [
+            row[0]
+            for row in connection.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            )
+        ]
+        return "\n".join(
+            str(row[0])
+            for table in tables
+            for row in connection.execute(f'SELECT t::text FROM "{table}" t')
+        )
+
+
+class PostgresStoreTests(SynchronousTestCase):
+    """
+    What is particular to PostgreSQL: bytes at rest, schema records.
+    """
+
+    def test_hashes_only(self) -> None:
+        """
+        The database holds the hashes of the secrets, never the secrets,
+        after storing them through the real paths.
+        """
+        url = postgres.database_url(self)
+        store = pg_store(self, url)
+        secrets = issue_secrets(self, store, url)
+        store.close()
+        rows = dump(url)
+        for secret in secrets:
+            self.assertNotIn(secret, rows)
+            self.assertIn(hash_secret(secret), rows)
+
+    def test_schema_recorded(self) -> None:
+        import psycopg
+
+        url = postgres.database_url(self)
+        pg_store(self, url)
+        pg_store(self, url)
+        with psycopg.connect(url) as connection:
+            rows = connection.execute(
+                "SELECT component, version FROM schema_migrations ORDER BY component"
+            ).fetchall()
+        self.assertEqual(rows, [("notifications", 1), ("oauth", 1)])
+
+
+# Races: real threads and real processes against one database.
+
+
+def _statuses(results: list[Any]) -> list[str]:
+    return sorted(result.status for _, result in results)
+
+
+class RaceTests(TestCase):
+    """
+    Many connections (one store each, on real threads) racing for the same
+    code and the same refresh token: exactly one winner, and the outcomes
+    exactly those of the same requests made one after another.
+    """
+
+    RACERS = 8
+
+    def location(self) -> str:
+        return postgres.database_url(self)
+
+    @inlineCallbacks
+    def stores(self) -> Any:
+        location = self.location()
+        stores = []
+        for _ in range(self.RACERS):
+            store = open_store(location, global_reactor, threads=1)
+            self.addCleanup(store.close)
+            yield store.ready
+            stores.append(store)
+        return stores
+
+    @inlineCallbacks
+    def test_consume_code(self) -> Any:
+        stores = yield self.stores()
+        yield stores[0].create_grant(make_grant(), make_code("code"))
+        results = yield DeferredList(
+            [store.consume_code(h("code"), T0 + 1) for store in stores], fireOnOneErrback=True
+        )
+        self.assertEqual(_statuses(results), ["ok"] + ["replayed"] * (self.RACERS - 1))
+        grants = yield stores[0].list_grants()
+        self.assertEqual(grants, [])
+
+    @inlineCallbacks
+    def test_exchange_code(self) -> Any:
+        """
+        Of concurrent exchanges one stores tokens, every other is a replay,
+        and the replays revoked the winner's tokens.
+        """
+        stores = yield self.stores()
+        yield stores[0].create_grant(make_grant(), make_code("code"))
+        results = yield DeferredList(
+            [
+                store.exchange_code(h("code"), T0 + 1, accept, access(f"a{n}"), refresh(f"r{n}"))
+                for n, store in enumerate(stores)
+            ],
+            fireOnOneErrback=True,
+        )
+        self.assertEqual(_statuses(results), ["ok"] + ["replayed"] * (self.RACERS - 1))
+        for n in range(self.RACERS):
+            info = yield stores[0].lookup_access_token(h(f"a{n}"), T0 + 2)
+            self.assertIsNone(info)
+
+    @inlineCallbacks
+    def race_refresh(self, grace: float) -> Any:
+        stores = yield self.stores()
+        yield stores[0].create_grant(make_grant(), make_code("code"))
+        yield stores[0].add_tokens("g1", access("a0"), refresh("r0"))
+        results = yield DeferredList(
+            [
+                store.redeem_refresh_token(
+                    h("r0"), T0 + 100, grace, None, access(f"x{n}", T0 + 100), refresh(f"y{n}", T0 + 100)
+                )
+                for n, store in enumerate(stores)
+            ],
+            fireOnOneErrback=True,
+        )
+        return stores, _statuses(results)
+
+    @inlineCallbacks
+    def test_refresh_with_grace(self) -> Any:
+        """
+        As alone: the first rotates, the next replays inside the grace
+        window get siblings up to the cap, the rest are refused without
+        ending the grant.
+        """
+        stores, statuses = yield self.race_refresh(GRACE)
+        self.assertEqual(statuses, ["grace"] * 3 + ["grace_exhausted"] * (self.RACERS - 4) + ["rotated"])
+        grants = yield stores[0].list_grants()
+        self.assertEqual(len(grants), 1)
+
+    @inlineCallbacks
+    def test_refresh_without_grace(self) -> Any:
+        """
+        As alone: one rotation, one reuse that ends the grant, and every
+        later attempt finds the grant ended.
+        """
+        stores, statuses = yield self.race_refresh(0)
+        self.assertEqual(statuses, ["reused"] + ["revoked"] * (self.RACERS - 2) + ["rotated"])
+        grants = yield stores[0].list_grants()
+        self.assertEqual(grants, [])
+
+
+class SQLiteRaceTests(RaceTests):
+    """
+    The same races on one SQLite file (one connection per store).
+    """
+
+    def location(self) -> str:
+        return self.mktemp() + ".db"
+
+
+#: What the child processes below share: a synchronous stand-in reactor
+#: (the store runs on the calling thread) and a way to read a fired
+#: Deferred.
+CHILD_PRELUDE = """
+import json, os, sys
+from twisted.internet.task import Clock
+from smeldr_oauth.store import open_store
+from tests.test_store_memory import T0, access, h, refresh
+
+class Reactor(Clock):
+    def callFromThread(self, f, *a, **k): f(*a, **k)
+    def callWhenRunning(self, f, *a, **k): f(*a, **k)
+    def addSystemEventTrigger(self, *a, **k): return object()
+    def removeSystemEventTrigger(self, i): pass
+
+def result(d):
+    box = []
+    d.addBoth(box.append)
+    if hasattr(box[0], "raiseException"):
+        box[0].raiseException()
+    return box[0]
+"""
+
+#: What each racing process runs: open the store, say "ready", wait for
+#: "go", make its one call, print the status as JSON.
+RACER = CHILD_PRELUDE + """
+location, kind, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = open_store(location, Reactor(), threads=0)
+result(store.ready)
+result(store.count_clients())
+print("ready", flush=True)
+sys.stdin.readline()
+if kind == "code":
+    d = store.consume_code(h("code"), T0 + 1)
+else:
+    d = store.redeem_refresh_token(
+        h("r0"), T0 + 100, 10.0, None, access(f"x{n}", T0 + 100), refresh(f"y{n}", T0 + 100)
+    )
+print(json.dumps(result(d).status), flush=True)
+store.close()
+"""
+
+
+class _Racer(ProcessProtocol):
+    """
+    A child process: its output, and Deferreds for its "ready" line and
+    its exit code.
+    """
+
+    def __init__(self) -> None:
+        self.ready: Deferred[None] = Deferred()
+        self.output = b""
+        self.errors = b""
+        self.ended: Deferred[Any] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if not self.ready.called and b"ready\n" in self.output:
+            self.ready.callback(None)
+
+    def errReceived(self, data: bytes) -> None:
+        self.errors += data
+
+    def processEnded(self, reason: Any) -> None:
+        if not self.ready.called:
+            self.ready.errback(RuntimeError(self.errors.decode("utf-8", "replace")))
+        self.ended.callback(reason.value.exitCode)
+
+
+class ProcessRaceTests(TestCase):
+    """
+    Several OS processes racing for one code and one refresh token on
+    PostgreSQL (and on one SQLite file): exactly one winner, outcomes as
+    alone.
+    """
+
+    PROCESSES = 5
+
+    def location(self) -> str:
+        return postgres.database_url(self)
+
+    @inlineCallbacks
+    def race(self, location: str, kind: str) -> Any:
+        env = dict(os.environ, PYTHONPATH=CHECKOUT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        racers = []
+        for n in range(self.PROCESSES):
+            protocol = _Racer()
+            transport = global_reactor.spawnProcess(
+                protocol, sys.executable, [sys.executable, "-c", RACER, location, kind, str(n)], env=env
+            )
+            racers.append((protocol, transport))
+        yield DeferredList([p.ready for p, _ in racers], fireOnOneErrback=True)
+        for _, transport in racers:
+            transport.write(b"go\n")
+        codes = yield DeferredList([p.ended for p, _ in racers])
+        self.assertEqual([code for _, code in codes], [0] * self.PROCESSES, [p.errors for p, _ in racers])
+        return sorted(json.loads(p.output.split(b"ready\n", 1)[1]) for p, _ in racers)
+
+    @inlineCallbacks
+    def test_code_processes(self) -> Any:
+        location = self.location()
+        store = open_store(location, global_reactor, threads=1)
+        self.addCleanup(store.close)
+        yield store.ready
+        yield store.create_grant(make_grant("g1"), make_code("code", "g1"))
+        statuses = yield self.race(location, "code")
+        self.assertEqual(statuses, ["ok"] + ["replayed"] * (self.PROCESSES - 1))
+        grants = yield store.list_grants()
+        self.assertEqual(grants, [])
+
+    @inlineCallbacks
+    def test_refresh_processes(self) -> Any:
+        location = self.location()
+        store = open_store(location, global_reactor, threads=1)
+        self.addCleanup(store.close)
+        yield store.ready
+        yield store.create_grant(make_grant("g1"), make_code("code", "g1"))
+        yield store.add_tokens("g1", access("a0"), refresh("r0"))
+        statuses = yield self.race(location, "refresh")
+        self.assertEqual(statuses, ["grace"] * 3 + ["grace_exhausted"] * (self.PROCESSES - 4) + ["rotated"])
+
+
+class SQLiteProcessRaceTests(ProcessRaceTests):
+    def location(self) -> str:
+        return self.mktemp() + ".db"
+
+
+#: A process that dies in the middle of a code exchange: after the code is
+#: spent, before the tokens are stored.
+CRASHER = CHILD_PRELUDE + """
+def die(code):
+    sys.stdout.flush()
+    os._exit(17)
+
+store = open_store(sys.argv[1], Reactor(), threads=0)
+store.exchange_code(h("code"), T0 + 1, die, access("t1-a"), refresh("t1-r"))
+"""
+
+
+class CrashTests(TestCase):
+    """
+    A process killed half-way through a code exchange leaves nothing half
+    done: the code is unspent and no token is stored.
+    """
+
+    def location(self) -> str:
+        return postgres.database_url(self)
+
+    @inlineCallbacks
+    def test_crash_in_exchange(self) -> Any:
+        location = self.location()
+        store = open_store(location, global_reactor, threads=1)
+        self.addCleanup(store.close)
+        yield store.ready
+        yield store.create_grant(make_grant(), make_code("code"))
+        env = dict(os.environ, PYTHONPATH=CHECKOUT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        protocol = _Racer()
+        protocol.ready.addErrback(lambda _: None)
+        global_reactor.spawnProcess(protocol, sys.executable, [sys.executable, "-c", CRASHER, location], env=env)
+        code = yield protocol.ended
+        self.assertEqual(code, 17, protocol.errors)
+        info = yield store.lookup_access_token(h("t1-a"), T0 + 2)
+        self.assertIsNone(info)
+        result = yield store.exchange_code(h("code"), T0 + 2, accept, access("t2-a"), refresh("t2-r"))
+        self.assertEqual(result.status, "ok")
+
+
+class SQLiteCrashTests(CrashTests):
+    def location(self) -> str:
+        return self.mktemp() + ".db"
