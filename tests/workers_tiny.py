@@ -29,7 +29,7 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.web.resource import Resource
 
 from smeldr_oauth.service.metrics import Metrics
-from smeldr_oauth.service.web import SmeldrSite
+from smeldr_oauth.web.site import SmeldrSite
 from smeldr_oauth.service.workers import Supervisor, serve_as_worker, take_worker_argument
 
 
