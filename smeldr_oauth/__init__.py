@@ -18,7 +18,7 @@ from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.model import AccessInfo, Approval
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.service.wiring import mount
-from smeldr_oauth.store.interface import IOAuthStore  # noqa: F401 (public, kept out of __all__ so pydoctor documents it where it lives)
+from smeldr_oauth.oauth.interfaces import IOAuthStore  # noqa: F401 (public, kept out of __all__ so pydoctor documents it where it lives)
 from smeldr_oauth.store.memory import MemoryStore
 from smeldr_oauth.store.sqlite import SQLiteStore
 

@@ -699,6 +699,35 @@ class CodeGrantTests(ServerTestCase):
         with self.unchanged():
             self.oauth_fails(self.server.token(self.exchange_params("nope")), "invalid_grant")
 
+    def test_exchange_is_one_store_call(self) -> None:
+        """
+        The code is spent and the tokens stored by one atomic store call
+        (L{IOAuthStore.exchange_code}): the server never spends a code with
+        C{consume_code} and stores tokens with C{add_tokens} afterwards,
+        where a crash between the two would spend the code for nothing.
+        """
+
+        def forbidden(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("the code exchange must be one store call")
+
+        code = self.code_for()
+        self.store.consume_code = forbidden  # type: ignore[method-assign]
+        self.store.add_tokens = forbidden  # type: ignore[method-assign]
+        body = self.drive(self.server.token(self.exchange_params(code)))
+        self.assertIsNotNone(self.access_info(body["access_token"]))
+        self.assertIn("refresh_token", body)
+
+    def test_refused_exchange_stores_no_token(self) -> None:
+        """
+        A refused exchange (wrong verifier) spends the code and stores no
+        token: the store holds exactly what it held, but for the spent code.
+        """
+        code = self.code_for()
+        before = self.successResultOf(self.store.list_grants())
+        self.oauth_fails(self.server.token(self.exchange_params(code, code_verifier="w" * 43)), "invalid_grant")
+        self.assertEqual([g.grant_id for g in self.successResultOf(self.store.list_grants())], [g.grant_id for g in before])
+        self.assertEqual((snapshot(self.store)["_access"], snapshot(self.store)["_refresh"]), ({}, {}))
+
     def test_replay_revokes_tokens(self) -> None:
         """
         A replayed code fails and ends everything issued from it.

@@ -91,7 +91,7 @@ class ParseTests(SynchronousTestCase):
 @attr.s(auto_attribs=True)
 class FakeOAuthStore:
     """
-    The part of L{smeldr_oauth.store.interface.IOAuthStore} the CLI uses.
+    The part of L{smeldr_oauth.oauth.interfaces.IOAuthStore} the CLI uses.
     """
 
     grants: list[Grant] = attr.ib(factory=list)

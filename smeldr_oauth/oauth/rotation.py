@@ -52,7 +52,7 @@ class RotationDecision:
     What a store must do for one refresh request.
 
     @ivar status: one of the statuses of
-        L{smeldr_oauth.store.interface.RefreshRedemption}.
+        L{smeldr_oauth.oauth.interfaces.RefreshRedemption}.
     @ivar revoke_grant: end the grant and all its tokens (on reuse).
     @ivar mark_used: spend the presented token (on rotation).
     @ivar revoke_unused_siblings: revoke the other unused tokens of the

@@ -42,7 +42,7 @@ from smeldr_oauth.oauth.scopes import check_resource, parse_scopes
 from smeldr_oauth.oauth.text import loggable
 from smeldr_oauth.oauth.tokens import Tokens
 from smeldr_oauth.oauth.verifier import AccessVerifier
-from smeldr_oauth.store.interface import IOAuthStore
+from smeldr_oauth.oauth.interfaces import IOAuthStore
 
 __all__ = ["AUTHORIZE_PARAMS", "AuthorizationRequest", "OAuthServer", "loggable"]
 

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from smeldr_oauth.oauth import errors, pkce, rotation
 from smeldr_oauth.oauth.clients import ClientResolver, presented_client
 from smeldr_oauth.oauth.config import Config
-from smeldr_oauth.oauth.model import AccessToken, IssuedTokens, RefreshToken
+from smeldr_oauth.oauth.model import AccessToken, AuthorizationCode, IssuedTokens, RefreshToken
 from smeldr_oauth.oauth.params import MAX_PARAM, TOKEN_PARAMS, Params, reject_repeated, single
 from smeldr_oauth.oauth.ratelimit import Limits, spend
 from smeldr_oauth.oauth.revocation import GrantEvents
@@ -27,7 +27,7 @@ from smeldr_oauth.oauth.urls import canonical_resource
 
 log = Logger()
 
-#: The statuses of L{smeldr_oauth.store.interface.CodeRedemption}.
+#: The statuses of L{smeldr_oauth.oauth.interfaces.CodeRedemption}.
 CODE_OK = "ok"
 CODE_REPLAYED = "replayed"
 
@@ -169,9 +169,26 @@ class Tokens:
         if not pkce.valid_verifier(verifier or ""):
             raise errors.invalid_grant("code_verifier is malformed")
         now = self._clock.seconds()
-        # From here the code is spent whatever happens: a code presented
-        # with the wrong verifier, client or redirect_uri never works again.
-        result = await self.store.consume_code(hash_secret(code or ""), now)
+
+        def check(record: AuthorizationCode) -> None:
+            # Pure, run by the store inside the exchange's transaction:
+            # the code is spent whatever it decides, so a code presented
+            # with the wrong verifier, client or redirect_uri never works
+            # again, and tokens exist only if it returns.
+            if record.client_id != client.client_id:
+                raise errors.invalid_grant("authorization code was issued to another client")
+            if redirect_uri is not None and redirect_uri != record.redirect_uri:
+                raise errors.invalid_grant("redirect_uri does not match the authorization request")
+            if resource_values and canonical_resource(resource_values[0]) != record.resource:
+                raise errors.invalid_target("resource does not match the authorization request")
+            if not pkce.verify(verifier or "", record.code_challenge):
+                raise errors.invalid_grant("code_verifier does not match the code_challenge")
+
+        # The store fills in the grant, scopes and resource from the code.
+        access, refresh, access_record, refresh_record = self._new_tokens(
+            "", (), self.config.resource or "", True, generation=1
+        )
+        result = await self.store.exchange_code(hash_secret(code or ""), now, check, access_record, refresh_record)
         if result.status == CODE_REPLAYED:
             # The store has revoked the grant.
             assert result.code is not None
@@ -187,19 +204,7 @@ class Tokens:
             raise errors.invalid_grant("authorization code is invalid or expired")
         record = result.code
         assert record is not None
-        if record.client_id != client.client_id:
-            raise errors.invalid_grant("authorization code was issued to another client")
-        if redirect_uri is not None and redirect_uri != record.redirect_uri:
-            raise errors.invalid_grant("redirect_uri does not match the authorization request")
-        if resource_values and canonical_resource(resource_values[0]) != record.resource:
-            raise errors.invalid_target("resource does not match the authorization request")
-        if not pkce.verify(verifier or "", record.code_challenge):
-            raise errors.invalid_grant("code_verifier does not match the code_challenge")
-        access, refresh, access_record, refresh_record = self._new_tokens(
-            record.grant_id, record.scopes, record.resource, record.issue_refresh, generation=1
-        )
-        await self.store.add_tokens(record.grant_id, access_record, refresh_record)
-        return self._issued(access, record.scopes, refresh)
+        return self._issued(access, record.scopes, refresh if record.issue_refresh else None)
 
     async def _refresh_grant(
         self, params: Params, basic: Optional[tuple[str, str]], presented: Optional[tuple[str, Optional[str]]] = None

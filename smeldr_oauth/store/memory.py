@@ -49,10 +49,17 @@ T = TypeVar("T")
 
 
 def _call(f: Callable[[], T]) -> "Deferred[T]":
+    """
+    C{f()} as an already fired L{Deferred}: its value, or its exception (or
+    the L{Failure} it returns) as the Deferred's failure.
+    """
     try:
-        return succeed(f())
+        result = f()
     except Exception:
         return fail()
+    if isinstance(result, Failure):
+        return fail(result)
+    return succeed(result)
 
 
 @implementer(IChangeWatch)
