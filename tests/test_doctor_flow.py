@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 
 from smeldr_oauth.doctor.fetch import Fetcher
 from smeldr_oauth.doctor.flow import REDIRECT_URI, Credentials, Flow, FlowError, consent_form
-from smeldr_oauth.oauth.pages import consent_page
+from smeldr_oauth.web.authorize import consent_page
 
 ISSUER = "https://example.com"
 MCP = ISSUER + "/mcp"
@@ -55,8 +55,7 @@ class ConsentFormTests(SynchronousTestCase):
             redirect_uri=REDIRECT_URI,
             scopes=[("read", "Read")],
             fields=[("client_id", "c1"), ("state", "s&t"), ("resource", MCP)],
-            nonce="n",
-        ).decode()
+        ).render("n").decode()
         form = consent_form(page, ISSUER + "/oauth/authorize?x=1")
         assert form is not None
         self.assertEqual(form.action, ISSUER + "/oauth/authorize")

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from tests.e2e import (
     CHECKOUT,
@@ -41,6 +41,7 @@ from tests.e2e import (
     serveClientMetadata,
     startServer,
 )
+from tests.prerequisites import require
 
 NODE_DIRECTORY = os.path.join(CHECKOUT, "tests", "node")
 DRIVER = os.path.join(NODE_DIRECTORY, "ts_sdk_client.mjs")
@@ -52,32 +53,21 @@ CLIENT = "@modelcontextprotocol/sdk (TypeScript)"
 CALLBACK_PORT = 33419
 CALLBACK = f"http://127.0.0.1:{CALLBACK_PORT}/callback"
 
-#: The server issues refresh tokens only for C{offline_access} unless told
-#: otherwise; the TypeScript SDK never asks for C{offline_access} (it sends
-#: the resource metadata's scopes), so the refresh cases need this option.
-REFRESH_FOR_CLIENTS = "--refresh-for-refresh-grant-clients"
-
 
 def requireNodeClient(package: str) -> str:
     """
     The C{node} executable, if it and C{package} (a C{package.json} under
     C{tests/node/node_modules}) are installed.
 
-    @raise SkipTest: Locally, when either is missing.
-    @raise AssertionError: In CI (C{CI} set), when either is missing: there
-        the setup script must have installed them, so a skip would hide a
-        broken setup.
+    @raise AssertionError: Either is missing, under the README's test
+        command (L{tests.prerequisites}).
+    @raise SkipTest: Either is missing, in a bare trial run.
     """
     node = shutil.which("node")
-    missing = None
     if node is None:
-        missing = "node is not on PATH"
+        require("node is not on PATH", "apt-get install nodejs npm (Node >= 20), then bash scripts/setup-node-clients.sh")
     elif not os.path.exists(package):
-        missing = f"{os.path.relpath(package, CHECKOUT)} is missing: run scripts/setup-node-clients.sh"
-    if missing is not None:
-        if os.environ.get("CI"):
-            raise AssertionError(f"CI prerequisite missing: {missing}")
-        raise SkipTest(missing)
+        require(f"{os.path.relpath(package, CHECKOUT)} is missing", "bash scripts/setup-node-clients.sh")
     assert node is not None
     return node
 
@@ -159,13 +149,25 @@ class TypeScriptSDKTests(TestCase):
         self.assertFalse(result.get("isError", False), f"{result}{why}")
         self.assertIn("content", result, why)
 
-    def assertFirstContact(self, report: dict[str, Any], server: RunningServer) -> None:
+    def assertFirstContact(
+        self, report: dict[str, Any], server: RunningServer, refreshToken: bool = True
+    ) -> None:
         """
         What any successful first connection shows: the 401 that names the
         resource metadata, one consent, one code exchange, a public client,
         the tool listed and working, and no server error.
+
+        @param refreshToken: Whether the code exchange gave a refresh token.
+            By default the server issues one to a client registered for the
+            C{refresh_token} grant, as the SDK's client is, though it never
+            asks for C{offline_access}; only C{--offline-access-only} keeps
+            it to clients that ask.
         """
         why = self.explain(report)
+        if refreshToken:
+            self.assertIsNotNone(report["tokens"][0]["refresh"], "no refresh token was issued" + why)
+        else:
+            self.assertIsNone(report["tokens"][0]["refresh"], why)
         self.assertTrue(report.get("protocol_version"), why)
         self.assertIn("list_posts", report["tools"], why)
         self.assertToolWorked(report["tool_result"], why)
@@ -264,12 +266,11 @@ class TypeScriptSDKTests(TestCase):
         await self.matrix("sse", "cimd", "connect", body)
 
     async def refreshCase(self, transport: str) -> None:
-        server, siteToken = await self.serve("--access-token-ttl", "2", REFRESH_FOR_CLIENTS)
+        server, siteToken = await self.serve("--access-token-ttl", "2")
         report = await self.drive(server, siteToken, "--transport", transport, "--refresh")
         self.assertFirstContact(report, server)
         why = self.explain(report)
         self.assertEqual(report["tokens"][0]["expires_in"], 2, why)
-        self.assertIsNotNone(report["tokens"][0]["refresh"], why)
         self.assertEqual(report["refresh_method"], "waited", why)
         # The expired token was refused with 401 and refreshed, and nobody
         # was asked again.  The 401 comes on whichever use of the expired
@@ -324,7 +325,7 @@ class TypeScriptSDKTests(TestCase):
 
     async def revokeAccessTokenCase(self, transport: str, identity: str) -> None:
         arguments = ["--transport", transport, "--revoke", "access"]
-        serverArguments = [REFRESH_FOR_CLIENTS]
+        serverArguments: list[str] = []
         if identity == "cimd":
             host = await serveClientMetadata(self, reactor, [CALLBACK])
             serverArguments += ["--cimd-ca-file", host.caFile]
@@ -378,7 +379,7 @@ class TypeScriptSDKTests(TestCase):
         await self.matrix("streamable-http", "cimd", "revoke-recover", body)
 
     async def revokeGrantCase(self, transport: str) -> None:
-        server, siteToken = await self.serve(REFRESH_FOR_CLIENTS)
+        server, siteToken = await self.serve()
         report = await self.drive(server, siteToken, "--transport", transport, "--revoke", "grant")
         self.assertFirstContact(report, server)
         why = self.explain(report)
@@ -420,29 +421,26 @@ class TypeScriptSDKTests(TestCase):
 
         await self.matrix("sse", "dcr", "revoke-reauthorize", body)
 
-    async def test_revokeWithDefaultsReauthorizes(self) -> None:
+    async def test_revokeWithOfflineAccessOnlyReauthorizes(self) -> None:
         """
-        With the server's defaults the SDK may hold no refresh token (it
-        never asks for C{offline_access}); a revoked access token then sends
-        it straight back to the consent page, and the call goes through on
-        the same session. If it does hold one, it refreshes instead.
+        With C{--offline-access-only} the SDK gets no refresh token (it never
+        asks for C{offline_access}); a revoked access token then sends it
+        straight back to the consent page, and the call goes through on the
+        same session. (By default it holds one and refreshes instead: see
+        L{test_revokeAccessTokenThenRefreshStreamableHTTP}.)
         """
 
         async def body() -> None:
-            server, siteToken = await self.serve()
+            server, siteToken = await self.serve("--offline-access-only")
             report = await self.drive(server, siteToken, "--transport", "streamable", "--revoke", "access")
-            self.assertFirstContact(report, server)
+            self.assertFirstContact(report, server, refreshToken=False)
             why = self.explain(report)
             self.assertEqual(report["revoke"]["probe_status"], 401, why)
-            if report["tokens"][0]["refresh"] is None:
-                self.assertEqual(report["authorizations"], 2, why)
-                self.assertEqual(report["refresh_grants"], 0, why)
-            else:
-                self.assertEqual(report["authorizations"], 1, why)
-                self.assertEqual(report["refresh_grants"], 1, why)
+            self.assertEqual(report["authorizations"], 2, why)
+            self.assertEqual(report["refresh_grants"], 0, why)
             self.assertToolWorked(report["after_revoke_result"], why)
 
-        await self.matrix("streamable-http", "dcr", "revoke-recover-defaults", body)
+        await self.matrix("streamable-http", "dcr", "revoke-reauthorize-offline-access-only", body)
 
     async def test_denyReachesTheApplication(self) -> None:
         """
