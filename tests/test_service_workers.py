@@ -503,6 +503,9 @@ class TinyPoolTests(TestCase):
             os.kill(a, signal.SIGKILL)
             # The other worker answers while the first is replaced.
             self.assertEqual(await self.servedBy(supervisor, 3), {str(b)})
+            # ready() fires at once while the supervisor has not yet seen
+            # the death (SIGCHLD comes when it comes): wait until it has.
+            await waitFor(lambda: supervisor.pids()[0] != a, "the supervisor to see the killed worker")
             await supervisor.ready().addTimeout(90, reactor)
         [replacement, same] = supervisor.pids()
         self.assertEqual(same, b)
