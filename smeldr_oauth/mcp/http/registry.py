@@ -89,13 +89,13 @@ class LiveSession:
         the short idle timeout applies.
     """
 
-    __slots__ = ("record", "protocol", "stream", "exchanges", "idle", "used", "last_active", "_registry")
+    __slots__ = ("record", "protocol", "_stream", "exchanges", "idle", "used", "last_active", "_registry")
 
     def __init__(self, registry: "SessionRegistry", record: SessionRecord) -> None:
         self._registry = registry
         self.record = record
         self.protocol: ServerSession = None  # type: ignore[assignment]  # set by the registry
-        self.stream: Optional[SSEStream] = None
+        self._stream: Optional[SSEStream] = None
         self.exchanges: Optional[set[Any]] = None
         self.idle: Optional[IDelayedCall] = None
         self.used = record.used
@@ -104,6 +104,18 @@ class LiveSession:
     @property
     def session_id(self) -> str:
         return self.record.session_id
+
+    @property
+    def stream(self) -> Optional[SSEStream]:
+        """The session's own stream, if this process holds it."""
+        return self._stream
+
+    @stream.setter
+    def stream(self, stream: Optional[SSEStream]) -> None:
+        had, self._stream = self._stream is not None, stream
+        if had != (stream is not None):
+            # With a shared backend, the other processes learn who holds it.
+            self._registry.delivery.stream_held(self.record.session_id, stream is not None)
 
     @property
     def kind(self) -> str:
@@ -421,9 +433,12 @@ class SessionRegistry:
         def check(record: Optional[SessionRecord]) -> None:
             if self._live.get(live.session_id) is not live or not live.is_idle:
                 return
-            if record is not None and record.last_active > live.last_active:
-                # Used through another process meanwhile: only this
-                # process's copy goes.
+            if record is not None and (
+                record.last_active > live.last_active
+                or record.stream_process not in (None, self.delivery.process_id)
+            ):
+                # Used through another process meanwhile, or its stream is
+                # open there: only this process's copy goes.
                 self.release(live)
                 return
             log.info("MCP session idle; ended")
