@@ -160,6 +160,13 @@ class ISessionDelivery(Interface):
     def end(session_id: str) -> None:  # type: ignore[misc]
         """End the live parts of C{session_id} wherever they are."""
 
+    def settled(session_id: str) -> "Deferred[None]":  # type: ignore[misc]
+        """
+        @return: a L{Deferred} firing once what was handed over for
+            C{session_id} so far has reached the other processes (at once
+            in one process).
+        """
+
     def refresh(session_id: str, record: SessionRecord) -> None:  # type: ignore[misc]
         """
         C{record} (a state change: C{initialize}, C{logging/setLevel},

@@ -173,6 +173,9 @@ class LocalDelivery:
         for sink in self._each(session_id):
             sink.end()
 
+    def settled(self, session_id: str) -> "Deferred[None]":
+        return succeed(None)
+
     def refresh(self, session_id: str, record: SessionRecord) -> None:
         for sink in self._each(session_id):
             sink.refresh(record)

@@ -158,8 +158,8 @@ class _Serial:
         previous.addCallback(go)
         return outcome
 
-    def wait(self) -> "Deferred[None]":
-        """Fires once every call made so far has finished."""
+    def wait(self, key: Optional[str] = None) -> "Deferred[None]":
+        """Fires once every call made so far (for C{key}, or all) has finished."""
 
         def when(tail: "Deferred[None]") -> "Deferred[None]":
             d: Deferred[None] = Deferred()
@@ -171,7 +171,8 @@ class _Serial:
             tail.addBoth(fire)
             return d
 
-        return gatherResults([when(t) for t in self._tails.values()]).addCallback(lambda _: None)
+        tails = list(self._tails.values()) if key is None else [t for k, t in self._tails.items() if k == key]
+        return gatherResults([when(t) for t in tails]).addCallback(lambda _: None)
 
 
 def _logged(message: str) -> Callable[[Failure], None]:
@@ -661,9 +662,12 @@ class PostgresDelivery:
         )
         return d.addCallback(registered).addCallback(ready)
 
-    def settled(self) -> "Deferred[None]":
-        """Fires once every claim and message so far has been written."""
-        return self._serial.wait()
+    def settled(self, session_id: Optional[str] = None) -> "Deferred[None]":
+        """
+        Fires once every claim and message so far (of C{session_id}, or of
+        every session) has been written.
+        """
+        return self._serial.wait(session_id)
 
     def stop(self) -> "Deferred[None]":
         """
