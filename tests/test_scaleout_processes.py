@@ -23,7 +23,6 @@ from tests.e2e import RunningServer, checkDriver, createSiteToken, runDriverRepo
 from tests.haproxy import RunningProxy, reserveFrontend, startHAProxy
 from tests.test_e2e_python_sdk import DRIVER, _requireSDK
 from tests.test_mcp_http import RawClient
-from tests.test_mcp_http_registry import sse_messages
 
 
 class ThreeProcesses(TestCase):
