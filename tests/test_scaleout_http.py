@@ -105,6 +105,7 @@ class PostgresTwoProcessTests(registry.TwoProcessTests):
         self.other_app.notify_list_changed("tools")
         await stream.wait_for(b"tools/list_changed")
         [message] = [m for m in sse_messages(stream.data) if m.get("method") == "notifications/tools/list_changed"]
+        await self.settled()
         self.assertGreaterEqual(self.states[1].delivery.routed_out, 1)
         self.assertGreaterEqual(self.states[2].delivery.routed_in, 1)
 
@@ -160,3 +161,25 @@ class PostgresTwoProcessTests(registry.TwoProcessTests):
         self.assertEqual(code, 202)
         await client.wait_for(b"from c")
         self.assertEqual([m["id"] for m in sse_messages(client.data)], [0, 5])
+
+    async def test_change_made_where_the_session_is_not(self) -> None:
+        """
+        The application on C (which holds no copy of the session) changes
+        its tool list: the stream on B hears it once; A, which holds a
+        copy without the stream, stays quiet.
+        """
+        await self.third()
+        session_id = await self.initialize()
+        stream = await self.open_get_on(session_id, self.port_b)
+        await stream.wait_for(b": stream open")
+        await self.settled()
+        self.assertEqual(self.third_mcp.session_count, 0)
+        self.third_app.notify_list_changed("tools")
+        await stream.wait_for(b"tools/list_changed")
+        # Changes from one process arrive in order: once the next one is
+        # here, any copy of the first would be too.
+        self.third_app.notify_list_changed("prompts")
+        await stream.wait_for(b"prompts/list_changed")
+        methods = [m.get("method") for m in sse_messages(stream.data)]
+        self.assertEqual(methods, ["notifications/tools/list_changed", "notifications/prompts/list_changed"])
+        self.assertEqual(self.states[2].delivery.changes_out, 2)

@@ -243,6 +243,9 @@ class SessionRegistry:
         self._live: dict[str, LiveSession] = {}
         # One bound method for every session (idle sessions are many).
         self._on_change = self._protocol_changed
+        relay = delivery.share_changes(self._changed_elsewhere)
+        if relay is not None:
+            app.change_observers.append(relay)
 
     def __len__(self) -> int:
         return len(self._live)
@@ -404,6 +407,19 @@ class SessionRegistry:
         timeout = self.idle_timeout if live.used else self.new_session_timeout
         live.idle = self.clock.callLater(timeout, self._expire, live)
         self.store.touch(live.session_id, now, now + timeout)
+
+    def _changed_elsewhere(self, change: str, value: str, skip: frozenset[str]) -> None:
+        """
+        Another process changed what the application serves: the sessions
+        whose stream is here and which that process did not tell hear it.
+        """
+        for live in list(self._live.values()):
+            if live.session_id in skip or live.stream is None or live.stream.closed:
+                continue
+            if change == "resource":
+                live.protocol.resource_updated(value)
+            elif change == "list" and value in ("tools", "resources", "prompts"):
+                live.protocol.list_changed(value)
 
     def _protocol_changed(self, protocol: ServerSession) -> None:
         live = self._live.get(protocol.session_id or "")

@@ -71,6 +71,8 @@ PURGE_BATCH = 500
 _ADMIT_LOCK = 0x736D5F61646D6974
 #: Channel prefix: one channel per process.
 CHANNEL_PREFIX = "smeldr_mcp_"
+#: The channel every process listens on for the application's changes.
+CHANGES = "smeldr_mcp_changes"
 
 SESSIONS_SCHEMA = Schema(
     "mcp_sessions",
@@ -633,6 +635,10 @@ class PostgresDelivery:
         self.processes_reaped = 0
         self.legacy_sessions_reaped = 0
         self.on_heartbeat: Optional[Callable[[], Any]] = None
+        self._here: Optional[Callable[[str, str, frozenset[str]], None]] = None
+        self._changes: Any = None
+        self.changes_out = 0
+        self.changes_in = 0
 
     # -- the process --------------------------------------------------------------
 
@@ -644,9 +650,10 @@ class PostgresDelivery:
         """
         listener = self._db.engine.listener(self._db)  # type: ignore[attr-defined]
         self._subscription = listener.listen(self.channel, self._received, resync=self._resync)
+        self._changes = listener.listen(CHANGES, self._changed)
 
         def registered(_: Any) -> "Deferred[None]":
-            return self._subscription.ready
+            return gatherResults([self._subscription.ready, self._changes.ready]).addCallback(lambda _: None)
 
         def ready(_: Any) -> None:
             gate, self._gate = self._gate, None
@@ -676,8 +683,9 @@ class PostgresDelivery:
         """
         if self._beating is not None and self._beating.running:
             self._beating.stop()
-        if self._subscription is not None:
-            self._subscription.stop()
+        for subscription in (self._subscription, self._changes):
+            if subscription is not None:
+                subscription.stop()
         if self._gate is not None:
             # Never started: nothing of ours is in the database.
             return succeed(None)
@@ -841,6 +849,43 @@ class PostgresDelivery:
             self._local.refresh(session_id, SessionRecord.from_json(values))
         elif kind == "a":
             self._local.route_reply(session_id, Response(message["id"], message.get("result"), message.get("error")))
+
+    # -- the application's changes ------------------------------------------------
+
+    def share_changes(
+        self, here: Callable[[str, str, frozenset[str]], None]
+    ) -> Optional[Callable[[str, str], None]]:
+        self._here = here
+        return self._relay
+
+    def _relay(self, change: str, value: str) -> None:
+        # The sessions with live copies here were told by them.
+        message = json.dumps(
+            {"p": self.process_id, "c": change, "v": value, "skip": sorted(self._local._sinks)},
+            separators=(",", ":"),
+        )
+
+        def send() -> "Deferred[None]":
+            return self._db.write(
+                SESSIONS_SCHEMA, publish, CHANGES, message, name="mcp_sessions.change"
+            ).addCallbacks(sent, _logged("MCP change could not be relayed to the other processes"))
+
+        def sent(_: Any) -> None:
+            self.changes_out += 1
+
+        self._later(CHANGES, send)
+
+    def _changed(self, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+            origin, change, value, skip = message["p"], message["c"], message["v"], frozenset(message["skip"])
+        except (ValueError, KeyError, TypeError):
+            log.warn("MCP change from another process not understood")
+            return
+        if origin == self.process_id or self._here is None:
+            return
+        self.changes_in += 1
+        self._here(change, value, skip)
 
     def _resync(self) -> None:
         # Notifications sent while the listening connection was down are
