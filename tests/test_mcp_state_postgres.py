@@ -115,6 +115,7 @@ class TwoProcessDeliveryTests(PostgresBase):
     async def test_deliver_end_refresh_reach_the_other_process(self) -> None:
         on_a = Inbox()
         self.a.attach("s", on_a)
+        self.a.stream_held("s", True)
         self.b.attach("s", RecordingSink())
         await self.settle()
         self.b.deliver("s", '{"x":1}', 7)
@@ -134,6 +135,7 @@ class TwoProcessDeliveryTests(PostgresBase):
     async def test_large_message_through_the_payload_table(self) -> None:
         on_a = Inbox()
         self.a.attach("s", on_a)
+        self.a.stream_held("s", True)
         self.b.attach("s", RecordingSink())
         await self.settle()
         big = '"' + "x" * 20000 + '"'
@@ -143,11 +145,24 @@ class TwoProcessDeliveryTests(PostgresBase):
         self.assertEqual([d for d, _ in on_a.sent], [big, "small"])
 
     async def test_not_held_there_not_sent(self) -> None:
+        """
+        Nothing goes to a process without the session; a message for the
+        stream goes only to the process holding it, while an end reaches
+        every copy.
+        """
         self.a.attach("s", Inbox())
         await self.settle()
         self.a.deliver("s", "x")
         await self.settle()
         self.assertEqual(self.a.routed_out, 0)
+        on_b = Inbox()
+        self.b.attach("s", on_b)
+        await self.settle()
+        self.a.deliver("s", "for the stream")
+        self.a.end("s")
+        await on_b.until(1)
+        await self.settle()
+        self.assertEqual((on_b.sent, on_b.ended, self.a.routed_out), ([], 1, 1))
 
     async def test_reply_reaches_the_waiting_process(self) -> None:
         got: list[Response] = []

@@ -91,6 +91,45 @@ class PythonSDKBehindBalancerTests(ThreeProcesses):
         self.assertGreater(self.taken_up(), 0, self.explain("no process took a session up"))
 
 
+class TypeScriptSDKBehindBalancerTests(ThreeProcesses):
+    """The TypeScript SDK's whole flow through the balancer, both transports."""
+
+    def setUp(self) -> Any:
+        from tests.test_e2e_typescript_sdk import SDK_PACKAGE, requireNodeClient
+
+        self.node = requireNodeClient(SDK_PACKAGE)
+        return super().setUp()
+
+    async def drive(self, transport: str) -> dict[str, Any]:
+        from tests.test_e2e_typescript_sdk import CALLBACK_PORT, DRIVER as TS_DRIVER, NODE_DIRECTORY
+
+        arguments = ("--transport", transport)
+        report, out, err, code = await runDriverReport(
+            reactor,
+            [
+                self.node, TS_DRIVER, "--url", self.proxy.url + "/mcp", "--site-token", self.token,
+                "--callback-port", str(CALLBACK_PORT), "--tool", "list_posts", "--args", "{}",
+                "--timeout", "40", *arguments,
+            ],
+            timeout=60,
+            path=NODE_DIRECTORY,
+        )
+        try:
+            return checkDriver(self, self.servers[0], arguments, report, out, err, code)
+        except self.failureException as e:
+            self.fail(self.explain(str(e)))
+
+    async def test_streamable(self) -> None:
+        report = await self.drive("streamable")
+        self.assertFalse(report["tool_result"].get("isError", False), report["tool_result"])
+        self.assertGreater(self.taken_up(), 0, self.explain("no process took a session up"))
+
+    async def test_legacy_sse(self) -> None:
+        report = await self.drive("sse")
+        self.assertFalse(report["tool_result"].get("isError", False), report["tool_result"])
+        self.assertGreater(self.taken_up(), 0, self.explain("no process took a session up"))
+
+
 class ProcessDeathTests(ThreeProcesses):
     """
     C{kill -9} of the process holding a Streamable HTTP session's stream,

@@ -516,17 +516,19 @@ class PostgresEventLog:
 # -- delivery between processes -----------------------------------------------------
 
 
-def _route(txn: "Transaction", session_id: str, me: str, message: str) -> int:
-    """NOTIFY every other process holding C{session_id}; how many."""
+def _route(txn: "Transaction", session_id: str, me: str, message: str, stream_only: bool) -> int:
+    """
+    NOTIFY the other processes holding C{session_id} (only the one holding
+    its stream when C{stream_only}); how many.
+    """
+    where = "session_id = ? AND process_id <> ?" + (" AND stream" if stream_only else "")
     if len(message.encode("utf-8")) < NOTIFY_LIMIT:
         rows = txn.execute(
-            "SELECT pg_notify(? || process_id, ?) FROM mcp_session_holders WHERE session_id = ? AND process_id <> ?",
+            f"SELECT pg_notify(? || process_id, ?) FROM mcp_session_holders WHERE {where}",
             (CHANNEL_PREFIX, "=" + message, session_id, me),
         ).fetchall()
         return len(rows)
-    holders = txn.execute(
-        "SELECT process_id FROM mcp_session_holders WHERE session_id = ? AND process_id <> ?", (session_id, me)
-    ).fetchall()
+    holders = txn.execute(f"SELECT process_id FROM mcp_session_holders WHERE {where}", (session_id, me)).fetchall()
     for (process_id,) in holders:
         publish(txn, CHANNEL_PREFIX + process_id, message)
     return len(holders)
@@ -784,10 +786,13 @@ class PostgresDelivery:
 
     def _send(self, session_id: str, kind: str, **body: Any) -> None:
         message = json.dumps({"k": kind, "s": session_id, "t": time.time(), **body}, separators=(",", ":"))
+        # A message for the stream matters only where the stream is; the
+        # other copies drop it.
+        stream_only = kind == "d"
 
         def route() -> "Deferred[None]":
             return self._db.read(
-                SESSIONS_SCHEMA, _route, session_id, self.process_id, message, name="mcp_sessions.route"
+                SESSIONS_SCHEMA, _route, session_id, self.process_id, message, stream_only, name="mcp_sessions.route"
             ).addCallbacks(sent, _logged("MCP message could not be routed to another process"))
 
         def sent(count: int) -> None:
