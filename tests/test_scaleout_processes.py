@@ -50,84 +50,66 @@ class ThreeProcesses(TestCase):
         return sum(s.log().count("MCP session taken up from its record") for s in self.servers)
 
 
-class PythonSDKBehindBalancerTests(ThreeProcesses):
+class SDKBehindBalancer:
     """
-    The SDK's whole flow (discovery, registration, consent, code exchange,
+    An SDK's whole flow (discovery, registration, consent, code exchange,
     initialize, list, call) through the balancer: its requests land on the
     three processes in turn, so its session is served by all of them.
     """
 
-    def setUp(self) -> Any:
-        _requireSDK()
-        return super().setUp()
+    #: The driver's command line before its options, its working directory
+    #: and the options that give it sessions.
+    command: list[str] = []
+    directory: Optional[str] = None
+    options: tuple[str, ...] = ()
 
     async def drive(self, transport: str) -> dict[str, Any]:
-        # With sessions (the SDK's default may be the stateless exchange).
-        arguments = ("--transport", transport, "--mode", "legacy")
+        arguments = ("--transport", transport, *self.options)
         report, out, err, code = await runDriverReport(
             reactor,
             [
-                sys.executable, DRIVER, "--url", self.proxy.url + "/mcp", "--site-token", self.token,
+                *self.command, "--url", self.proxy.url + "/mcp", "--site-token", self.token,
                 "--tool", "list_posts", "--args", "{}", "--timeout", "40", *arguments,
             ],
             timeout=60,
+            path=self.directory,
         )
         try:
             return checkDriver(self, self.servers[0], arguments, report, out, err, code)
         except self.failureException as e:
             self.fail(self.explain(str(e)))
 
-    async def test_streamable(self) -> None:
-        report = await self.drive("streamable")
-        self.assertIn("list_posts", report["tools"])
+    async def check(self, transport: str) -> None:
+        report = await self.drive(transport)
         self.assertFalse(report["tool_result"].get("isError", False), report["tool_result"])
         self.assertEqual([e for e in report["http"] if e.get("status", 0) >= 500], [])
         self.assertGreater(self.taken_up(), 0, self.explain("no process took a session up"))
 
+    async def test_streamable(self) -> None:
+        await self.check("streamable")
+
     async def test_legacy_sse(self) -> None:
-        report = await self.drive("sse")
-        self.assertIn("list_posts", report["tools"])
-        self.assertFalse(report["tool_result"].get("isError", False), report["tool_result"])
-        self.assertGreater(self.taken_up(), 0, self.explain("no process took a session up"))
+        await self.check("sse")
 
 
-class TypeScriptSDKBehindBalancerTests(ThreeProcesses):
-    """The TypeScript SDK's whole flow through the balancer, both transports."""
+class PythonSDKBehindBalancerTests(SDKBehindBalancer, ThreeProcesses):
+    # With sessions (the SDK's default may be the stateless exchange).
+    options = ("--mode", "legacy")
 
     def setUp(self) -> Any:
-        from tests.test_e2e_typescript_sdk import SDK_PACKAGE, requireNodeClient
+        _requireSDK()
+        self.command = [sys.executable, DRIVER]
+        return ThreeProcesses.setUp(self)
 
-        self.node = requireNodeClient(SDK_PACKAGE)
-        return super().setUp()
 
-    async def drive(self, transport: str) -> dict[str, Any]:
-        from tests.test_e2e_typescript_sdk import CALLBACK_PORT, DRIVER as TS_DRIVER, NODE_DIRECTORY
+class TypeScriptSDKBehindBalancerTests(SDKBehindBalancer, ThreeProcesses):
+    def setUp(self) -> Any:
+        from tests.test_e2e_typescript_sdk import CALLBACK_PORT, NODE_DIRECTORY, SDK_PACKAGE, requireNodeClient
+        from tests.test_e2e_typescript_sdk import DRIVER as TS_DRIVER
 
-        arguments = ("--transport", transport)
-        report, out, err, code = await runDriverReport(
-            reactor,
-            [
-                self.node, TS_DRIVER, "--url", self.proxy.url + "/mcp", "--site-token", self.token,
-                "--callback-port", str(CALLBACK_PORT), "--tool", "list_posts", "--args", "{}",
-                "--timeout", "40", *arguments,
-            ],
-            timeout=60,
-            path=NODE_DIRECTORY,
-        )
-        try:
-            return checkDriver(self, self.servers[0], arguments, report, out, err, code)
-        except self.failureException as e:
-            self.fail(self.explain(str(e)))
-
-    async def test_streamable(self) -> None:
-        report = await self.drive("streamable")
-        self.assertFalse(report["tool_result"].get("isError", False), report["tool_result"])
-        self.assertGreater(self.taken_up(), 0, self.explain("no process took a session up"))
-
-    async def test_legacy_sse(self) -> None:
-        report = await self.drive("sse")
-        self.assertFalse(report["tool_result"].get("isError", False), report["tool_result"])
-        self.assertGreater(self.taken_up(), 0, self.explain("no process took a session up"))
+        self.command = [requireNodeClient(SDK_PACKAGE), TS_DRIVER, "--callback-port", str(CALLBACK_PORT)]
+        self.directory = NODE_DIRECTORY
+        return ThreeProcesses.setUp(self)
 
 
 class ProcessDeathTests(ThreeProcesses):
