@@ -208,6 +208,9 @@ class TwoProcessDeliveryTests(PostgresBase):
         for session_id in ("legacy", "stream"):
             self.b.attach(session_id, Inbox())
             self.b.stream_held(session_id, True)
+        # A holds a copy of the legacy session (it served a POST).
+        copy = Inbox()
+        self.a.attach("legacy", copy)
         await self.settle()
         await self.a._beat()
         self.assertEqual(self.a.processes_reaped, 0)
@@ -215,6 +218,7 @@ class TwoProcessDeliveryTests(PostgresBase):
         await self.a._beat()
         self.assertEqual((self.a.processes_reaped, self.a.legacy_sessions_reaped), (1, 1))
         self.assertIsNone(await store.get("legacy"))
+        self.assertEqual(copy.ended, 1)
         self.assertIsNone((await store.get("stream")).stream_process)
         # B was only stalled: its next beat registers it again, with its claims.
         await self.b._beat()

@@ -564,23 +564,23 @@ def _let_go(txn: "Transaction", session_id: str, me: str) -> None:
     txn.execute("DELETE FROM mcp_session_holders WHERE session_id = ? AND process_id = ?", (session_id, me))
 
 
-def _heartbeat(txn: "Transaction", me: str, lease: float) -> tuple[bool, list[str], int]:
+def _heartbeat(txn: "Transaction", me: str, lease: float) -> tuple[bool, list[str], list[str]]:
     """
     Renew this process's lease; reap the processes whose lease ran out.
 
     @return: whether this process's row was still there, the dead
-        process ids, and how many legacy sessions died with them.
+        process ids, and the legacy sessions that died with them.
     """
     alive = txn.execute("UPDATE mcp_processes SET heartbeat_at = now() WHERE process_id = ?", (me,)).rowcount > 0
     expired = "heartbeat_at < now() - make_interval(secs => ?)"
     legacy = txn.execute(
         "DELETE FROM mcp_sessions WHERE kind = 'legacy' AND session_id IN (SELECT h.session_id"
         " FROM mcp_session_holders h JOIN mcp_processes p USING (process_id)"
-        f" WHERE h.stream AND p.{expired})",
+        f" WHERE h.stream AND p.{expired}) RETURNING session_id",
         (lease,),
-    ).rowcount
+    ).fetchall()
     dead = txn.execute(f"DELETE FROM mcp_processes WHERE {expired} RETURNING process_id", (lease,)).fetchall()
-    return alive, [row[0] for row in dead], int(legacy)
+    return alive, [row[0] for row in dead], [row[0] for row in legacy]
 
 
 def _leave(txn: "Transaction", me: str) -> None:
@@ -696,16 +696,19 @@ class PostgresDelivery:
         )
 
     def _beat(self) -> "Deferred[None]":
-        def beaten(outcome: tuple[bool, list[str], int]) -> Any:
+        def beaten(outcome: tuple[bool, list[str], list[str]]) -> Any:
             alive, dead, legacy = outcome
             if dead:
                 self.processes_reaped += len(dead)
-                self.legacy_sessions_reaped += legacy
+                self.legacy_sessions_reaped += len(legacy)
                 log.warn(
                     "MCP processes {dead} missed their lease: their streams are free, {legacy} legacy sessions ended",
                     dead=", ".join(dead),
-                    legacy=legacy,
+                    legacy=len(legacy),
                 )
+            for session_id in legacy:
+                # Their stream died with its process: the copies elsewhere go.
+                self.end(session_id)
             if not alive:
                 log.warn("MCP process {id} lost its lease (stalled?): registering again", id=self.process_id)
                 held = {s: s in self._streams for s in self._local_sessions()}
