@@ -247,6 +247,7 @@ class PurgeTests(PostgresBase):
         self.clock.advance(100)
         await state._purge()
         self.assertEqual(state.purged, 1)
+        self.assertEqual(state.figures()["purged"], 1)
         self.assertIsNone(await state.store.get("old"))
         self.assertIsNotNone(await state.store.get("held"))
         self.assertEqual(await state.events.replay("old", 0), [])

@@ -108,6 +108,9 @@ class PostgresTwoProcessTests(registry.TwoProcessTests):
         await self.settled()
         self.assertGreaterEqual(self.states[1].delivery.routed_out, 1)
         self.assertGreaterEqual(self.states[2].delivery.routed_in, 1)
+        figures = self.states[2].figures()
+        self.assertGreaterEqual(figures["routed_in"], 1)
+        self.assertGreater(figures["route_latency_p99"], 0)
 
     async def test_resume_on_a_third_process(self) -> None:
         """
