@@ -152,7 +152,7 @@ class ProcessDeathTests(ThreeProcesses):
             + (b"\r\nLast-Event-ID: " + last_event_id.encode() if last_event_id else b"")
             + b"\r\n\r\n"
         )
-        await client.wait_for(b": stream open", timeout=10)
+        await client.wait_for(b": stream open", timeout=20)
         return client
 
     def call(self, id: int, name: str, **arguments: Any) -> dict[str, Any]:
@@ -173,7 +173,7 @@ class ProcessDeathTests(ThreeProcesses):
         # changed, and the stream on the victim hears it.
         code, _, body = await self.post(self.call(1, "create_post", title="One", body="first", status="published"), session_id)
         self.assertEqual(code, 200, self.explain(repr(body)))
-        await stream.wait_for(b"resources/list_changed", timeout=10)
+        await stream.wait_for(b"resources/list_changed", timeout=20)
         [first_id] = [line.split(b" ")[1] for line in stream.data.split(b"\n") if line.startswith(b"id: ")]
 
         victim._process.signalProcess("KILL")
@@ -188,14 +188,14 @@ class ProcessDeathTests(ThreeProcesses):
         # It reopens its stream elsewhere with Last-Event-ID and gets what
         # it missed, not what it had.
         again = await self.stream(survivors[0].port, session_id, last_event_id=first_id.decode())
-        await again.wait_for(b"resources/list_changed", timeout=10)
+        await again.wait_for(b"resources/list_changed", timeout=20)
         self.assertNotIn(b"id: " + first_id + b"\n", again.data)
         [second_id] = [line.split(b" ")[1] for line in again.data.split(b"\n") if line.startswith(b"id: ")]
         # Both events are in the shared log, the first one written by the
         # dead process: the third process replays them.
         again.transport.loseConnection()
         third = await self.stream(survivors[1].port, session_id, last_event_id="0")
-        await third.wait_for(b"id: " + second_id + b"\n", timeout=10)
+        await third.wait_for(b"id: " + second_id + b"\n", timeout=20)
         replayed = [line.split(b" ")[1] for line in third.data.split(b"\n") if line.startswith(b"id: ")]
         self.assertEqual(replayed, [first_id, second_id])
         code, _, body = await self.post(self.call(3, "list_posts"), session_id)
