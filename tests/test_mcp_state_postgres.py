@@ -251,3 +251,25 @@ class PurgeTests(PostgresBase):
         self.assertIsNone(await state.store.get("old"))
         self.assertIsNotNone(await state.store.get("held"))
         self.assertEqual(await state.events.replay("old", 0), [])
+
+
+class ConcurrentAdmissionTests(PostgresBase):
+    async def test_caps_hold_across_processes(self) -> None:
+        """
+        Two processes (two pools) admitting sessions of one grant at once,
+        none of them idle: exactly the cap is admitted, the rest refused.
+        """
+        from twisted.internet.defer import DeferredList
+
+        stores = [PostgresSessionStore(self.db, self.clock), PostgresSessionStore(self.database(), self.clock)]
+        limits = SessionLimits(per_grant=5)
+        attempts = [
+            stores[n % 2].admit(record(f"s{n}"), limits, lambda r: False) for n in range(16)
+        ]
+        results = await DeferredList(attempts, consumeErrors=True)
+        admitted = [ok for ok, _ in results if ok]
+        refused = [value for ok, value in results if not ok]
+        self.assertEqual((len(admitted), len(refused)), (5, 11))
+        for failure in refused:
+            failure.trap(SessionLimitReached)
+        self.assertEqual(await stores[1].count(), 5)
