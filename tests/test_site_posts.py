@@ -25,14 +25,9 @@ from smeldr_oauth.site.posts import (
     PostStore,
     SlugTaken,
     ValidationError,
-    decode_cursor,
-    encode_cursor,
-    fts_query,
-    slugify,
-    ts_query,
-    validate_slug,
-    validate_tags,
 )
+from smeldr_oauth.site.posts.search import fts_query, ts_query
+from smeldr_oauth.site.posts.validation import decode_cursor, encode_cursor, slugify, validate_slug, validate_tags
 
 
 class PureTests(SynchronousTestCase):

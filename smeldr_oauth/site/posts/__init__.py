@@ -20,18 +20,15 @@ One module per concern:
     and each engine's ranked search;
   - L{store<smeldr_oauth.site.posts.store>}: L{PostStore}, the
     transactions.
+
+Here: what the rest of the site uses (the records, the errors, the store
+and its schema); the field rules from their own modules.
 """
 
 from smeldr_oauth.site.posts.model import (
     DRAFT,
-    MAX_BODY,
     MAX_LIMIT,
-    MAX_QUERY,
-    MAX_QUERY_TERMS,
     MAX_SLUG,
-    MAX_TAG,
-    MAX_TAGS,
-    MAX_TITLE,
     PUBLISHED,
     STATUSES,
     InvalidCursor,
@@ -45,35 +42,18 @@ from smeldr_oauth.site.posts.model import (
     ValidationError,
 )
 from smeldr_oauth.site.posts.schema import SCHEMA
-from smeldr_oauth.site.posts.search import fts_query, search_terms, ts_query
 from smeldr_oauth.site.posts.store import PostStore
-from smeldr_oauth.site.posts.validation import (
-    _CONTROL,
-    decode_cursor,
-    encode_cursor,
-    slugify,
-    validate_body,
-    validate_limit,
-    validate_slug,
-    validate_status,
-    validate_tag,
-    validate_tags,
-    validate_title,
-)
+from smeldr_oauth.site.posts.validation import _CONTROL
 
 __all__ = [
     "DRAFT",
-    "MAX_BODY",
     "MAX_LIMIT",
-    "MAX_QUERY",
-    "MAX_QUERY_TERMS",
     "MAX_SLUG",
-    "MAX_TAG",
-    "MAX_TAGS",
-    "MAX_TITLE",
     "PUBLISHED",
     "SCHEMA",
     "STATUSES",
+    # site/tokens.py checks token names with the same rule.
+    "_CONTROL",
     "InvalidCursor",
     "InvalidQuery",
     "Post",
@@ -84,19 +64,4 @@ __all__ = [
     "SiteError",
     "SlugTaken",
     "ValidationError",
-    # site/tokens.py checks token names with the same rule.
-    "_CONTROL",
-    "decode_cursor",
-    "encode_cursor",
-    "fts_query",
-    "search_terms",
-    "slugify",
-    "ts_query",
-    "validate_body",
-    "validate_limit",
-    "validate_slug",
-    "validate_status",
-    "validate_tag",
-    "validate_tags",
-    "validate_title",
 ]
