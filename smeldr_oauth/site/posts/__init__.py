@@ -43,7 +43,7 @@ from smeldr_oauth.site.posts.model import (
 )
 from smeldr_oauth.site.posts.schema import SCHEMA
 from smeldr_oauth.site.posts.store import PostStore
-from smeldr_oauth.site.posts.validation import _CONTROL
+from smeldr_oauth.site.posts.validation import one_line
 
 __all__ = [
     "DRAFT",
@@ -52,8 +52,6 @@ __all__ = [
     "PUBLISHED",
     "SCHEMA",
     "STATUSES",
-    # site/tokens.py checks token names with the same rule.
-    "_CONTROL",
     "InvalidCursor",
     "InvalidQuery",
     "Post",
@@ -64,4 +62,6 @@ __all__ = [
     "SiteError",
     "SlugTaken",
     "ValidationError",
+    # site/tokens.py checks token names with the same rule.
+    "one_line",
 ]

@@ -141,21 +141,18 @@ SCHEMA = Schema(
 
 # Row handling (in the pool's thread, or on the reactor thread).
 
-COLUMNS = (
-    "posts.id, posts.slug, posts.title, posts.body, posts.status, posts.tags,"
-    " posts.created_at, posts.updated_at, posts.published_at"
-)
+#: The columns a L{Post} is read from, in its fields' order.
+_FIELDS = ("id", "slug", "title", "body", "status", "tags", "created_at", "updated_at", "published_at")
+
+#: The select list of L{_FIELDS}.
+COLUMNS = ", ".join(f"posts.{name}" for name in _FIELDS)
 
 
 def post_from_row(row: Any) -> Post:
-    return Post(
-        id=row["id"],
-        slug=row["slug"],
-        title=row["title"],
-        body=row["body"],
-        status=row["status"],
-        tags=tuple(row["tags"].split()),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        published_at=row["published_at"],
-    )
+    """
+    The post in a row of L{COLUMNS}: the fields by name, the space-separated
+    tags as a tuple.
+    """
+    fields = {name: row[name] for name in _FIELDS}
+    fields["tags"] = tuple(fields["tags"].split())
+    return Post(**fields)

@@ -62,17 +62,25 @@ def slugify(title: str) -> str:
     return slug or "post"
 
 
-def validate_title(value: object) -> str:
+def one_line(value: object, field: str, maximum: int, tab: bool = True) -> str:
+    """
+    A non-empty line of text (a title, a name), trimmed: at most C{maximum}
+    characters, no line break, no control character (a tab only if C{tab}).
+    """
     if not isinstance(value, str):
-        raise ValidationError("title", "must be a string")
+        raise ValidationError(field, "must be a string")
     value = value.strip()
     if not value:
-        raise ValidationError("title", "must not be empty")
-    if len(value) > MAX_TITLE:
-        raise ValidationError("title", f"must be at most {MAX_TITLE} characters")
-    if "\n" in value or "\r" in value or _CONTROL.search(value):
-        raise ValidationError("title", "must be one line without control characters")
+        raise ValidationError(field, "must not be empty")
+    if len(value) > maximum:
+        raise ValidationError(field, f"must be at most {maximum} characters")
+    if "\n" in value or "\r" in value or (not tab and "\t" in value) or _CONTROL.search(value):
+        raise ValidationError(field, "must be one line without control characters")
     return value
+
+
+def validate_title(value: object) -> str:
+    return one_line(value, "title", MAX_TITLE)
 
 
 def validate_body(value: object) -> str:
