@@ -18,9 +18,9 @@ from typing import Optional
 import attr
 from twisted.trial.unittest import SynchronousTestCase
 
-import smeldr_oauth
-
-ROOT = os.path.dirname(os.path.abspath(smeldr_oauth.__file__))
+#: The checkout: the source is read, not imported.
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.join(CHECKOUT, "smeldr_oauth")
 PACKAGE = "smeldr_oauth"
 
 _OAUTH = "smeldr_oauth.oauth"
@@ -110,7 +110,7 @@ class Import:
     target: str
 
     def __str__(self) -> str:
-        return f"{os.path.relpath(self.path, os.path.dirname(ROOT))}:{self.line} imports {self.target}"
+        return f"{os.path.relpath(self.path, CHECKOUT)}:{self.line} imports {self.target}"
 
 
 def modules(root: str = ROOT, package: str = PACKAGE) -> Iterator[tuple[str, str, bool]]:
@@ -271,6 +271,23 @@ class LayeringTests(SynchronousTestCase):
                          "smeldr_oauth.oauth.cimd.resolver", "smeldr_oauth.site.posts.store"):
             self.assertIn(expected, names)
         self.assertGreater(len(all_imports()), 500)
+
+
+class DocumentedTests(SynchronousTestCase):
+    def test_everyLayerDocumented(self) -> None:
+        """
+        C{docs/architecture.md} has a row for every package layer, and no
+        row for one that is gone.
+        """
+        path = os.path.join(CHECKOUT, "docs", "architecture.md")
+        with open(path, encoding="utf-8") as f:
+            rows = {line.split("`")[1] for line in f if line.startswith("| `")}
+        packages = {
+            layer[len(PACKAGE) + 1 :].replace(".", "/") + "/"
+            for layer in LAYERS
+            if layer != PACKAGE and os.path.isdir(os.path.join(ROOT, *layer.split(".")[1:]))
+        }
+        self.assertEqual(rows, packages)
 
 
 class RulesTests(SynchronousTestCase):
