@@ -138,3 +138,40 @@ class ParentDeathSignalTests(TestCase):
         env["PYTHONPATH"] = CHECKOUT
         out, err, status = await runProgram(reactor, [sys.executable, "-c", code], env=env)
         self.assertEqual((out, status), ("", -signal.SIGTERM), err)
+
+
+class BoundExecutableTests(TestCase):
+    """
+    L{lifeline.bound_executable}: a script that runs a program bound to
+    whoever starts the script (selenium starts chromedriver so).
+    """
+
+    async def test_runsTheProgram(self) -> None:
+        """
+        The script runs the program with the arguments it was given (the
+        launcher C{exec}s it: same streams, same exit status), and only its
+        owner may run it.
+        """
+        directory = self.mktemp()
+        os.mkdir(directory)
+        script = lifeline.bound_executable(directory, sys.executable)
+        self.assertEqual(os.path.basename(script), "bound-" + os.path.basename(sys.executable))
+        self.assertEqual(os.stat(script).st_mode & 0o777, 0o700)
+        out, err, status = await runProgram(reactor, [script, "-c", "import sys; print(sys.argv[1:]); sys.exit(3)", "a b"])
+        self.assertEqual((out, status), ("['a b']\n", 3), err)
+
+    async def test_diesWithItsStarter(self) -> None:
+        """
+        What the script runs dies with the process that ran the script.
+        """
+        directory = self.mktemp()
+        os.mkdir(directory)
+        script = lifeline.bound_executable(directory, "sleep")
+        parent = (
+            "import subprocess, sys\n"
+            f"child = subprocess.Popen([{script!r}, '600'])\n"
+            "print(child.pid, flush=True)\n"
+            "sys.stdin.read()\n"
+        )
+        left = await orphaned(self, parent)
+        self.assertEqual(left, {})
