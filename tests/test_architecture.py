@@ -27,6 +27,7 @@ _OAUTH = "smeldr_oauth.oauth"
 _DB = "smeldr_oauth.db"
 _MCP = "smeldr_oauth.mcp"
 _MCP_HTTP = "smeldr_oauth.mcp.http"
+_MCP_STATE_PG = "smeldr_oauth.mcp.state.postgres"
 _STORE = "smeldr_oauth.store"
 _WEB = "smeldr_oauth.web"
 _DOCTOR = "smeldr_oauth.doctor"
@@ -51,6 +52,9 @@ LAYERS: dict[str, Optional[frozenset[str]]] = {
     # The OAuth store implementations (memory, SQL): oauth's IOAuthStore
     # over db.
     _STORE: frozenset({_OAUTH, _DB}),
+    # The session-state seams shared by processes: mcp's interfaces over
+    # db (tables, LISTEN/NOTIFY routing between processes).
+    _MCP_STATE_PG: frozenset({_MCP, _OAUTH, _DB}),
     # The HTTP edge of the authorization server (Klein).
     _WEB: frozenset({_OAUTH}),
     # The MCP transports over HTTP, on the web edge's helpers.
@@ -85,7 +89,7 @@ SERVER_HTTP = (
 )
 
 #: The layers that never import L{SERVER_HTTP}.
-NO_SERVER_HTTP = (_OAUTH, _MCP, _DB, _STORE, _SITE)
+NO_SERVER_HTTP = (_OAUTH, _MCP, _MCP_STATE_PG, _DB, _STORE, _SITE)
 
 #: Who may import the global reactor (everyone else is given one): the
 #: wiring, and entry points that are a process's C{main}.
@@ -112,6 +116,7 @@ OVERSIZE = {
     "smeldr_oauth.gateway.link": "one upstream instance (gateway2)",
     "smeldr_oauth.db.database": "the database layer (perf)",
     "smeldr_oauth.db.notify": "LISTEN/NOTIFY (perf)",
+    "smeldr_oauth.mcp.http.registry": "the session registry and its cross-process copies (scale)",
 }
 
 
