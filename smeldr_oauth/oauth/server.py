@@ -31,7 +31,7 @@ from zope.interface import implementer
 from smeldr_oauth.oauth import errors, metadata
 from smeldr_oauth.oauth.authorization import Authorization, AuthorizationRequest, check_prompt
 from smeldr_oauth.oauth.clients import ClientResolver
-from smeldr_oauth.oauth.config import Config
+from smeldr_oauth.oauth.config import Config, ProtectedResource
 from smeldr_oauth.oauth.interfaces import IAccessVerifier, IGrantEvents
 from smeldr_oauth.oauth.model import AccessInfo, Approval, Client
 from smeldr_oauth.oauth.params import AUTHORIZE_PARAMS, Params
@@ -84,8 +84,8 @@ class OAuthServer:
     def authorization_server_metadata(self) -> dict[str, Any]:
         return metadata.authorization_server_metadata(self.config, self.cimd_enabled)
 
-    def protected_resource_metadata(self) -> dict[str, Any]:
-        return metadata.protected_resource_metadata(self.config)
+    def protected_resource_metadata(self, resource: Optional[ProtectedResource] = None) -> dict[str, Any]:
+        return metadata.protected_resource_metadata(self.config, resource)
 
     # -- clients ----------------------------------------------------------
 
