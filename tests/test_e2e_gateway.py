@@ -1,0 +1,123 @@
+"""
+End to end through the OAuth gateway: a real C{twist smeldr-oauth
+--upstream ...} process in front of upstream MCP servers nobody here
+wrote (the pinned C{@modelcontextprotocol/server-everything} over stdio,
+the official Python SDK's server over Streamable HTTP), reached by the
+official Python SDK client (C{tests/clients/python_sdk_client.py}) after
+the whole OAuth flow with our consent page, on both transports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from tests.e2e import RunningServer, checkDriver, createSiteToken, runDriverReport, startServer
+from tests.gateway_real import UpstreamProcess, everything
+from tests.test_e2e_python_sdk import DRIVER, _requireSDK
+
+
+class GatewayPythonSDKTests(TestCase):
+    """The SDK client, our OAuth, the gateway, a real upstream."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        _requireSDK()
+
+    async def drive(self, server: RunningServer, siteToken: str, url: str, *arguments: str) -> dict[str, Any]:
+        argv = [
+            sys.executable,
+            DRIVER,
+            "--url",
+            url,
+            "--site-token",
+            siteToken,
+            "--timeout",
+            "40",
+            *arguments,
+        ]
+        report, out, err, code = await runDriverReport(reactor, argv, timeout=60)
+        return checkDriver(self, server, arguments, report, out, err, code)
+
+    def text(self, result: dict[str, Any]) -> str:
+        self.assertFalse(result.get("isError", False), result)
+        return "".join(c.get("text", "") for c in result["content"])
+
+    async def test_singleStdioUpstream(self) -> None:
+        """
+        One stdio upstream is served at C{/mcp}: its tools are listed and
+        called (the site's own tools are not served), over Streamable HTTP
+        and the legacy HTTP+SSE transport.
+        """
+        command = " ".join(everything("stdio"))
+        server = await startServer(self, reactor, ["--upstream", "stdio:" + command])
+        siteToken = await createSiteToken(reactor, server)
+        for transport in ("streamable", "sse"):
+            report = await self.drive(
+                server,
+                siteToken,
+                server.mcpURL,
+                "--transport",
+                transport,
+                "--tool",
+                "echo",
+                "--args",
+                json.dumps({"message": "through the gateway"}),
+            )
+            self.assertIn("echo", report["tools"])
+            self.assertNotIn("list_posts", report["tools"])
+            self.assertIn("through the gateway", self.text(report["tool_result"]))
+            self.assertEqual(report["authorizations"], 1)
+
+    async def test_twoUpstreamsTokenNotForwarded(self) -> None:
+        """
+        Two upstreams, each at C{/mcp/NAME} with its own metadata: the SDK
+        client authorizes for the HTTP one and calls a tool that reports
+        the headers it received: the caller's token never reaches the
+        upstream, and the identity headers configured do.
+        """
+        upstream = await UpstreamProcess.sdk(self)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        toml = os.path.join(directory, "upstreams.toml")
+        with open(toml, "w") as f:
+            f.write(
+                f"""
+[upstreams.ev]
+command = {json.dumps(" ".join(everything("stdio")))}
+
+[upstreams.sdk]
+url = "{upstream.url}/mcp"
+identity_headers = {{ subject = "X-Smeldr-Subject", scopes = "X-Smeldr-Scopes" }}
+[upstreams.sdk.scopes]
+required = ["sdk"]
+tools = {{ "whoami" = ["sdk:who"] }}
+"""
+            )
+        server = await startServer(self, reactor, ["--upstream-config", toml])
+        siteToken = await createSiteToken(reactor, server)
+        report = await self.drive(
+            server, siteToken, server.issuer + "/mcp/sdk", "--tool", "whoami", "--args", "{}"
+        )
+        self.assertIn("whoami", report["tools"])
+        seen = json.loads(self.text(report["tool_result"]))
+        self.assertIsNone(seen["authorization"], seen)
+        self.assertTrue(seen["x-smeldr-subject"], seen)
+        self.assertTrue({"sdk", "sdk:who"} <= set(seen["x-smeldr-scopes"].split()), seen)
+        # The other upstream still works, with a token of its own.
+        report = await self.drive(
+            server,
+            siteToken,
+            server.issuer + "/mcp/ev",
+            "--tool",
+            "echo",
+            "--args",
+            json.dumps({"message": "hello ev"}),
+        )
+        self.assertIn("hello ev", self.text(report["tool_result"]))
