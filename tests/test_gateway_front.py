@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from html import unescape
 from typing import Any, Optional
 from urllib.parse import urlencode
 
-import treq
 from klein import Klein
 from treq.client import HTTPClient
 from twisted.internet import reactor
@@ -35,11 +32,10 @@ from smeldr_oauth.service.wiring import mount
 from smeldr_oauth.store.sqlite import SQLiteStore
 from smeldr_oauth.web.site import SmeldrSite
 from tests.gateway_fakes import LoopbackChannel, build_upstream_app
+from tests.oauth_socket import REDIRECT, VERIFIER, OAuthSocketMixin
 from tests.test_oauth_server import query_of
 
 SITE_TOKEN = "gateway-front-site-token-0123456789"
-VERIFIER = "gateway-front-verifier-" + "x" * 40
-FORM = {"Content-Type": ["application/x-www-form-urlencoded"]}
 JSON = {"Content-Type": ["application/json"], "Accept": ["application/json, text/event-stream"]}
 
 TOML = """
@@ -139,7 +135,7 @@ class OptionTests(SynchronousTestCase):
         self.assertIn("--resource", self.refused("--upstream", "a=stdio:/bin/true", "--upstream", "b=stdio:/bin/true", "--resource", "https://gw.example/x"))
 
 
-class FrontOverSocketTests(TestCase):
+class FrontOverSocketTests(OAuthSocketMixin, TestCase):
     """Two upstreams behind our OAuth, over a real socket."""
 
     timeout = 30
@@ -171,54 +167,6 @@ class FrontOverSocketTests(TestCase):
         self.addCleanup(self.mounted.shutdown)
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.http = HTTPClient(Agent(reactor, pool=pool))
-
-    async def call(self, method: str, url: str, **kwargs: Any) -> tuple[Any, bytes]:
-        response = await self.http.request(method, url, allow_redirects=False, **kwargs)
-        return response, await treq.content(response)
-
-    async def token(self, resource: str, scope: str) -> str:
-        """Register, consent (the page is returned too), exchange: a token for C{resource}."""
-        redirect = "http://127.0.0.1:6276/callback"
-        _, body = await self.call(
-            "POST",
-            self.issuer + "/oauth/register",
-            data=json.dumps({"redirect_uris": [redirect], "client_name": "Front"}).encode(),
-            headers={"Content-Type": ["application/json"]},
-        )
-        client_id = json.loads(body)["client_id"]
-        query = {
-            "response_type": "code",
-            "client_id": client_id,
-            "redirect_uri": redirect,
-            "state": "s",
-            "code_challenge": pkce.s256(VERIFIER),
-            "code_challenge_method": "S256",
-            "scope": scope,
-            "resource": resource,
-        }
-        response, body = await self.call("GET", self.issuer + "/oauth/authorize?" + urlencode(query))
-        self.assertEqual(response.code, 200, body)
-        self.page = page = body.decode()
-        action = unescape(re.search(r'<form method="post" action="([^"]+)"', page).group(1))  # type: ignore[union-attr]
-        fields = [
-            (unescape(k), unescape(v))
-            for k, v in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)" ?/?>', page)
-        ]
-        fields += [("decision", "approve"), ("site_token", SITE_TOKEN)]
-        response, body = await self.call("POST", action, data=urlencode(fields).encode(), headers=FORM)
-        self.assertEqual(response.code, 303, body)
-        code = query_of(response.headers.getRawHeaders("location")[0])["code"][0]
-        exchange = {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": redirect,
-            "client_id": client_id,
-            "code_verifier": VERIFIER,
-            "resource": resource,
-        }
-        response, body = await self.call("POST", self.issuer + "/oauth/token", data=urlencode(exchange).encode(), headers=FORM)
-        self.assertEqual(response.code, 200, body)
-        return json.loads(body)["access_token"]
 
     async def mcp(self, path: str, token: str, message: dict[str, Any], session: Optional[str] = None) -> tuple[Any, bytes]:
         headers = dict(JSON, Authorization=["Bearer " + token])
@@ -257,7 +205,7 @@ class FrontOverSocketTests(TestCase):
         step-up before anything reaches the upstream.
         """
         notes = self.issuer + "/mcp/notes"
-        token = await self.token(notes, "notes")
+        token = (await self.token(notes, "notes", SITE_TOKEN))["access_token"]
         self.assertIn(notes, self.page)
         self.assertIn("Use notes", self.page)
         self.assertNotIn("write_*", self.page)
@@ -283,20 +231,13 @@ class FrontOverSocketTests(TestCase):
         """Asking, for one upstream, a scope only another maps is C{invalid_scope}."""
         query = {
             "response_type": "code",
-            "client_id": "x",
-            "redirect_uri": "http://127.0.0.1:6276/callback",
+            "client_id": await self.register(),
+            "redirect_uri": REDIRECT,
             "code_challenge": pkce.s256(VERIFIER),
             "code_challenge_method": "S256",
             "scope": "notes",
             "resource": self.issuer + "/mcp/other",
         }
-        _, body = await self.call(
-            "POST",
-            self.issuer + "/oauth/register",
-            data=json.dumps({"redirect_uris": [query["redirect_uri"]]}).encode(),
-            headers={"Content-Type": ["application/json"]},
-        )
-        query["client_id"] = json.loads(body)["client_id"]
         response, _ = await self.call("GET", self.issuer + "/oauth/authorize?" + urlencode(query))
         self.assertEqual(response.code, 303)
         location = query_of(response.headers.getRawHeaders("location")[0])

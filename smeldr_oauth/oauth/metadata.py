@@ -33,6 +33,9 @@ def authorization_server_metadata(config: Config, cimd: bool) -> dict[str, Any]:
         "code_challenge_methods_supported": ["S256"],
         "token_endpoint_auth_methods_supported": AUTH_METHODS,
         "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
+        # RFC 7662: for resource servers only (their own credentials).
+        "introspection_endpoint": c.endpoint("/oauth/introspect"),
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "scopes_supported": list(c.all_scopes),
         "client_id_metadata_document_supported": cimd,
         "authorization_response_iss_parameter_supported": True,

@@ -158,6 +158,7 @@ class OAuthRoutes:
                 json_route(prefix + "/token", {"POST": self.token}),
                 json_route(prefix + "/register", {"POST": self.register}),
                 json_route(prefix + "/revoke", {"POST": self.revoke}),
+                json_route(prefix + "/introspect", {"POST": self.introspect}),
             ]
         return routes
 
@@ -179,6 +180,13 @@ class OAuthRoutes:
         basic = basic_credentials(request)
         await self.server.revoke(params, basic)
         return json_response(request, {})
+
+    async def introspect(self, request: IRequest) -> bytes:
+        """RFC 7662: for resource servers, with their own credentials."""
+        params = oauth_form(request)
+        basic = basic_credentials(request)
+        body = await self.server.introspect(params, basic, address=client_address(request))
+        return json_response(request, body)
 
     async def register(self, request: IRequest) -> bytes:
         if not self.config.dynamic_registration:
