@@ -10,12 +10,14 @@ import base64
 import io
 import json
 import os
+import sys
 from typing import Any, Optional
 from urllib.parse import urlencode
 
 from klein import Klein
 from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -31,7 +33,20 @@ from smeldr_oauth.web.authorize import AuthorizeRoutes
 from smeldr_oauth.web.oauth import OAuthRoutes
 from smeldr_oauth.web.routes import mount_routes
 from smeldr_oauth.web.site import SmeldrSite
+from tests.e2e import (
+    CHECKOUT,
+    adminCommand,
+    checkDriver,
+    createSiteToken,
+    freePort,
+    runDriverReport,
+    runProgram,
+    startServer,
+    subprocessEnvironment,
+)
+from tests.gateway_real import UpstreamProcess, until
 from tests.oauth_socket import FORM, OAuthSocketMixin
+from tests.test_e2e_python_sdk import DRIVER, _requireSDK
 
 SITE_TOKEN = "introspection-site-token-0123456789"
 
@@ -226,3 +241,52 @@ class AdminCommandTests(TestCase):
         options = admin.parse(["resource-server", "create", "bad", "--resource", "ftp://x", "--oauth-db", path])
         self.assertEqual(await admin.run(reactor, options, out, err), 1)
         self.assertIn("absolute http(s) URL", err.getvalue())
+
+
+class SDKVerifierExampleTests(TestCase):
+    """
+    C{examples/introspection_server.py}: an MCP server built with the
+    official Python SDK validates our tokens by introspection.  The SDK
+    client finds our OAuth server from its metadata, goes through our
+    consent page, calls its tool; its token revoked, the example answers
+    401 at once, and the client authorizes again.
+    """
+
+    timeout = 120
+
+    async def test_sdk_client_through_example(self) -> None:
+        _requireSDK()
+        port = freePort()
+        resource = f"http://127.0.0.1:{port}/mcp"
+        server = await startServer(self, reactor, ["--resource", resource])
+        out, err, code = await runProgram(
+            reactor, [*adminCommand(), "resource-server", "create", "example", "--resource", resource, "--oauth-db", server.oauthDB]
+        )
+        self.assertEqual(code, 0, err)
+        credentials = dict(line.split(":", 1) for line in out.splitlines() if line.startswith("client_"))
+        env = subprocessEnvironment()
+        env.update(
+            SMELDR_ISSUER=server.issuer,
+            SMELDR_CLIENT_ID=credentials["client_id"].strip(),
+            SMELDR_CLIENT_SECRET=credentials["client_secret"].strip(),
+        )
+        example = UpstreamProcess(
+            [sys.executable, os.path.join(CHECKOUT, "examples", "introspection_server.py"), "--port", str(port)], env
+        )
+        self.addCleanup(lambda: Deferred.fromCoroutine(example.stop()))
+        await until(lambda: b"PORT " in b"".join(example.collector.out) or not example.alive(), 60, "the example's port")
+        self.assertTrue(example.alive(), example.collector.output())
+        siteToken = await createSiteToken(reactor, server)
+        arguments = ("--tool", "whoami", "--args", "{}", "--revoke")
+        report, out, err, code = await runDriverReport(
+            reactor,
+            [sys.executable, DRIVER, "--url", resource, "--site-token", siteToken, "--timeout", "40", *arguments],
+            timeout=60,
+        )
+        report = checkDriver(self, server, arguments, report, out, err, code)
+        first = "".join(c.get("text", "") for c in report["tool_result"]["content"])
+        self.assertIn("e2e via ", first)
+        self.assertEqual(report["revoke"]["probe_status"], 401)
+        self.assertEqual(report["authorizations"], 2)
+        again = "".join(c.get("text", "") for c in report["after_revoke_result"]["content"])
+        self.assertIn("e2e via ", again)
