@@ -17,8 +17,10 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from tests.e2e import RunningServer, checkDriver, createSiteToken, runDriverReport, startServer
-from tests.gateway_real import UpstreamProcess, everything
+from treq.client import HTTPClient
+
+from tests.e2e import RunningServer, checkDriver, createSiteToken, freePort, runDriverReport, startServer
+from tests.gateway_real import UpstreamProcess, agent, everything
 from tests.test_e2e_python_sdk import DRIVER, _requireSDK
 
 
@@ -56,7 +58,12 @@ class GatewayPythonSDKTests(TestCase):
         and the legacy HTTP+SSE transport.
         """
         command = " ".join(everything("stdio"))
-        server = await startServer(self, reactor, ["--upstream", "stdio:" + command])
+        metricsPort = freePort()
+        server = await startServer(
+            self,
+            reactor,
+            ["--upstream", "stdio:" + command, "--metrics-listen", f"tcp:{metricsPort}:interface=127.0.0.1"],
+        )
         siteToken = await createSiteToken(reactor, server)
         for transport in ("streamable", "sse"):
             report = await self.drive(
@@ -74,6 +81,14 @@ class GatewayPythonSDKTests(TestCase):
             self.assertNotIn("list_posts", report["tools"])
             self.assertIn("through the gateway", self.text(report["tool_result"]))
             self.assertEqual(report["authorizations"], 1)
+        # /healthz shows the upstream's instance, Prometheus its counters.
+        http = HTTPClient(agent(self))
+        health = json.loads(await (await http.get(server.issuer + "/healthz")).content())
+        upstream = health["upstreams"]["default"]
+        self.assertEqual((health["status"], upstream["kind"], upstream["live"]), ("ok", "stdio", 1))
+        self.assertGreaterEqual(upstream["metrics"]["by_method"]["tools/call"], 2)
+        metrics = (await (await http.get(f"http://127.0.0.1:{metricsPort}/metrics")).content()).decode()
+        self.assertIn('smeldr_gateway_calls_total{method="tools/call",upstream="default"} 2.0', metrics)
 
     async def test_twoUpstreamsTokenNotForwarded(self) -> None:
         """

@@ -242,3 +242,33 @@ class FrontOverSocketTests(OAuthSocketMixin, TestCase):
         self.assertEqual(response.code, 303)
         location = query_of(response.headers.getRawHeaders("location")[0])
         self.assertEqual(location["error"], ["invalid_scope"])
+
+    async def test_health_and_metrics(self) -> None:
+        """
+        C{/healthz} shows each upstream's instances and counters; the
+        Prometheus collector exports the same counters per upstream.
+        """
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from smeldr_oauth.gateway.metrics import PrometheusCollector
+
+        token = (await self.token(self.issuer + "/mcp/notes", "notes", SITE_TOKEN))["access_token"]
+        session = await self.initialize("/mcp/notes", token)
+        await self.mcp(
+            "/mcp/notes", token, {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}}, session
+        )
+        response, body = await self.call("GET", self.issuer + "/healthz")
+        self.assertEqual(response.code, 200, body)
+        health = json.loads(body)
+        self.assertEqual(health["status"], "ok")
+        notes = health["upstreams"]["notes"]
+        self.assertEqual((notes["live"], notes["metrics"]["by_method"]["tools/call"]), (1, 1))
+        self.assertEqual(health["upstreams"]["other"]["live"], 0)
+        self.assertNotIn("alice", body.decode())
+        registry = CollectorRegistry()
+        gateways = [g for _, g in self.mounted.fronts]
+        registry.register(PrometheusCollector(lambda: [g.metrics for g in gateways]))
+        text = generate_latest(registry).decode()
+        self.assertIn('smeldr_gateway_calls_total{method="tools/call",upstream="notes"} 1.0', text)
+        self.assertIn('smeldr_gateway_live_instances{upstream="notes"} 1.0', text)
+        self.assertIn('smeldr_gateway_request_duration_seconds_count{upstream="notes"}', text)

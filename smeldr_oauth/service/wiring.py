@@ -116,7 +116,13 @@ def mount(
 
     config = oauth.config
     routes = OAuthRoutes(oauth).routes() + AuthorizeRoutes(oauth).routes()
-    routes += GrantsPage(oauth, reactor).routes() + Health(oauth.store).routes()
+    describe = None
+    if upstreams:
+
+        def describe() -> dict[str, Any]:
+            return {u.config.name or "default": g.describe() for u, g in upstreams}
+
+    routes += GrantsPage(oauth, reactor).routes() + Health(oauth.store, upstreams=describe).routes()
     if whole_site:
         routes += Landing(config, docs_url).routes()
     mount_routes(app, routes)
@@ -265,6 +271,11 @@ class StandaloneService(Service):
         serving = mounted.mcp_http is not None or bool(mounted.fronts)
         self.metrics = Metrics(open_streams=(lambda: float(mounted.stream_count)) if serving else None)
         self._metrics_observer = MetricsObserver(self.metrics)
+        if self.gateways:
+            from smeldr_oauth.gateway.metrics import PrometheusCollector
+
+            gateways = self.gateways
+            self.metrics.registry.register(PrometheusCollector(lambda: [g.metrics for g in gateways]))
         self.site = SmeldrSite(
             self.app.resource(),
             max_body=options["max-body"],
