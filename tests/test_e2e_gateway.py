@@ -19,8 +19,9 @@ from twisted.trial.unittest import TestCase
 
 from treq.client import HTTPClient
 
-from tests.e2e import RunningServer, checkDriver, createSiteToken, freePort, runDriverReport, startServer
+from tests.e2e import CHECKOUT, RunningServer, checkDriver, createSiteToken, freePort, runDriverReport, startServer
 from tests.gateway_real import UpstreamProcess, agent, everything
+from tests import test_conformance
 from tests.test_e2e_python_sdk import DRIVER, _requireSDK
 
 
@@ -241,3 +242,23 @@ command = {json.dumps(" ".join(everything("stdio")))}
         self.assertEqual(len(progress["progress"]), 3, report["then"])
         self.assertEqual(memo["result"]["contents"][0]["text"], "the first memo")
         self.assertTrue(cancel["cancelled"])
+
+
+class GatewayConformanceTests(test_conformance.ServerConformanceTests):
+    """
+    The MCP conformance suite's server scenarios against the gateway: the
+    same fixture app, served over stdio (C{smeldr-oauth-stdio}) as an
+    upstream behind C{twist smeldr-oauth --upstream-config}, with the same
+    pass list as against our own server.
+    """
+
+    def serverArguments(self) -> list[str]:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        toml = os.path.join(directory, "upstreams.toml")
+        command = f"{sys.executable} -m smeldr_oauth.mcp.stdio --app {self.appSpec}"
+        with open(toml, "w") as f:
+            # python -m puts its working directory (the checkout, where the
+            # fixture app lives) on sys.path.
+            f.write(f"[upstreams.conformance]\ncommand = {json.dumps(command)}\ncwd = {json.dumps(CHECKOUT)}\n")
+        return ["--upstream-config", toml]

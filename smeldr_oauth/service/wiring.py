@@ -293,6 +293,9 @@ class StandaloneService(Service):
 
         if self._http_agent is None:
             self._http_pool = HTTPConnectionPool(self.reactor, persistent=True)
+            # Calls to one upstream run side by side (each upstream session
+            # on its own connections); the default keeps only 2 per host.
+            self._http_pool.maxPersistentPerHost = 64
             self._http_agent = Agent(self.reactor, pool=self._http_pool)
         return Gateway(upstream, clock=self.reactor, reactor=self.reactor, http_agent=self._http_agent)
 
