@@ -262,3 +262,48 @@ class GatewayConformanceTests(test_conformance.ServerConformanceTests):
             # fixture app lives) on sys.path.
             f.write(f"[upstreams.conformance]\ncommand = {json.dumps(command)}\ncwd = {json.dumps(CHECKOUT)}\n")
         return ["--upstream-config", toml]
+
+
+class GatewayTypeScriptSDKTests(TestCase):
+    """
+    The official TypeScript SDK client (C{tests/node/ts_sdk_client.mjs})
+    through the gateway to server-everything over stdio, on both
+    transports, after the whole OAuth flow with our consent page.
+    """
+
+    timeout = 120
+
+    async def test_bothTransports(self) -> None:
+        from tests.test_e2e_typescript_sdk import CALLBACK_PORT, DRIVER as TS_DRIVER, NODE_DIRECTORY, SDK_PACKAGE, requireNodeClient
+
+        node = requireNodeClient(SDK_PACKAGE)
+        server = await startServer(self, reactor, ["--upstream", "stdio:" + " ".join(everything("stdio"))])
+        siteToken = await createSiteToken(reactor, server)
+        for transport in ("streamable", "sse"):
+            arguments = ("--transport", transport)
+            report, out, err, code = await runDriverReport(
+                reactor,
+                [
+                    node,
+                    TS_DRIVER,
+                    "--url",
+                    server.mcpURL,
+                    "--site-token",
+                    siteToken,
+                    "--callback-port",
+                    str(CALLBACK_PORT),
+                    "--tool",
+                    "echo",
+                    "--args",
+                    json.dumps({"message": "from typescript"}),
+                    "--timeout",
+                    "40",
+                    *arguments,
+                ],
+                timeout=60,
+                path=NODE_DIRECTORY,
+            )
+            report = checkDriver(self, server, arguments, report, out, err, code)
+            self.assertIn("echo", report["tools"])
+            result = report["tool_result"]
+            self.assertIn("from typescript", json.dumps(result), result)
