@@ -21,7 +21,7 @@ from treq.client import HTTPClient
 
 from tests.e2e import CHECKOUT, RunningServer, checkDriver, createSiteToken, freePort, runDriverReport, startServer
 from tests.gateway_real import UpstreamProcess, agent, everything
-from tests import test_conformance
+from tests import test_conformance, test_e2e_mcp_remote
 from tests.test_e2e_python_sdk import DRIVER, _requireSDK
 
 
@@ -307,3 +307,44 @@ class GatewayTypeScriptSDKTests(TestCase):
             self.assertIn("echo", report["tools"])
             result = report["tool_result"]
             self.assertIn("from typescript", json.dumps(result), result)
+
+
+_remote = test_e2e_mcp_remote.MCPRemoteTests.__dict__
+
+
+class GatewayMCPRemoteTests(TestCase):
+    """
+    mcp-remote (the stdio bridge desktop hosts run) through the gateway:
+    its sign-in with our consent page, then a host's first requests,
+    relayed to server-everything over stdio.
+    """
+
+    timeout = 90
+    setUp = _remote["setUp"]
+    browserScript = _remote["browserScript"]
+    start = _remote["start"]
+    stop = _remote["stop"]
+    _signal = _remote["_signal"]
+    explain = _remote["explain"]
+    readText = _remote["readText"]
+
+    async def test_signInAndCall(self) -> None:
+        server = await startServer(self, reactor, ["--upstream", "stdio:" + " ".join(everything("stdio"))])
+        siteToken = await createSiteToken(reactor, server)
+        peer, browserLog, _ = self.start(server, siteToken, freePort())
+        results: dict[str, Any] = {}
+        try:
+            results["initialize"] = await peer.request(
+                "initialize",
+                {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "host", "version": "0"}},
+            )
+            peer.notify("notifications/initialized")
+            results["tools/list"] = await peer.request("tools/list", {})
+            results["tools/call"] = await peer.request(
+                "tools/call", {"name": "echo", "arguments": {"message": "via mcp-remote"}}
+            )
+        except (TimeoutError, RuntimeError) as e:
+            self.fail(self.explain(server, peer, browserLog, f"{e!r}; so far: {results}"))
+        why = self.explain(server, peer, browserLog, json.dumps(results)[:2000])
+        self.assertIn("echo", [t["name"] for t in results["tools/list"]["result"]["tools"]], why)
+        self.assertIn("via mcp-remote", json.dumps(results["tools/call"]["result"]), why)
