@@ -272,3 +272,19 @@ class FrontOverSocketTests(OAuthSocketMixin, TestCase):
         self.assertIn('smeldr_gateway_calls_total{method="tools/call",upstream="notes"} 1.0', text)
         self.assertIn('smeldr_gateway_live_instances{upstream="notes"} 1.0', text)
         self.assertIn('smeldr_gateway_request_duration_seconds_count{upstream="notes"}', text)
+
+    async def test_revoked_grant_ends_gateway_sessions(self) -> None:
+        """
+        Revoking a grant ends the gateway sessions it opened at once: the
+        next request on the session is a 401 (the token is dead) and the
+        session is gone from the front.
+        """
+        token = (await self.token(self.issuer + "/mcp/notes", "notes", SITE_TOKEN))["access_token"]
+        await self.initialize("/mcp/notes", token)
+        front = self.mounted.fronts[0][0]
+        self.assertEqual(front.session_count, 1)
+        [grant] = await self.store.list_grants()
+        self.assertTrue(await self.oauth.revoke_grant(grant.grant_id))
+        self.assertEqual(front.session_count, 0)
+        response, _ = await self.mcp("/mcp/notes", token, {"jsonrpc": "2.0", "id": 9, "method": "ping"})
+        self.assertEqual(response.code, 401)
