@@ -125,6 +125,15 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual([u.isolation for u in options["gateway"].upstreams], ["shared", "shared"])
         self.assertIn("notes:write", options["config"].scopes)
 
+    def test_credential(self) -> None:
+        """The gateway's own credential for HTTP upstreams, from a variable: never on the command line."""
+        self.patch(os, "environ", {**os.environ, "GW_UPSTREAM_KEY": "Bearer s3cret"})
+        options = self.parse("--upstream", "http://127.0.0.1:9/mcp", "--upstream-credential-env", "GW_UPSTREAM_KEY")
+        credential = options["gateway"].upstreams[0].credential
+        self.assertEqual((credential.header, credential.value), ("Authorization", "Bearer s3cret"))
+        self.assertNotIn("s3cret", repr(options["gateway"]))
+        self.assertIn("GW_NOT_SET is not set", self.refused("--upstream", "http://127.0.0.1:9/mcp", "--upstream-credential-env", "GW_NOT_SET"))
+
     def test_mistakes(self) -> None:
         """Each mistake is one usage line, exit status 2."""
         self.assertIn("--app and --upstream", self.refused("--upstream", "stdio:/bin/true", "--app", "x:y"))

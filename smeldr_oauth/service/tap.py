@@ -196,6 +196,12 @@ class Options(usage.Options):
             "(sent as Authorization; the caller's token never is).",
         ],
         [
+            "upstream-credential-env",
+            None,
+            None,
+            "The same, from this environment variable.",
+        ],
+        [
             "metrics-listen",
             None,
             None,
@@ -295,7 +301,7 @@ class Options(usage.Options):
         self["gateway"] = None
         self["upstreams"] = ()
         if not self["upstream"] and not self["upstream-config"]:
-            for name in ("upstream-isolation", "upstream-credential-file"):
+            for name in ("upstream-isolation", "upstream-credential-file", "upstream-credential-env"):
                 if self[name]:
                     raise usage.UsageError(f"--{name} needs --upstream or --upstream-config")
             return
@@ -317,6 +323,7 @@ class Options(usage.Options):
                 text,
                 isolation=self["upstream-isolation"],
                 credential_file=self["upstream-credential-file"],
+                credential_env=self["upstream-credential-env"],
             )
         except gateway_config.ConfigError as e:
             raise usage.UsageError("upstreams: " + "; ".join(e.problems))
