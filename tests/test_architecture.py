@@ -62,7 +62,8 @@ LAYERS: dict[str, Optional[frozenset[str]]] = {
     # The deployment checker: an outside client, with oauth's URL rules.
     _DOCTOR: frozenset({_OAUTH}),
     # The gateway to upstream MCP servers: an MCP client and server.
-    _GATEWAY: frozenset({_MCP}),
+    # Its front maps each upstream to a protected resource (oauth's rules).
+    _GATEWAY: frozenset({_MCP, _OAUTH}),
     # The default site's content: posts, tokens, the MCP tools.
     _SITE: frozenset({_DB, _MCP, _OAUTH}),
     # The admin command: opens the stores and runs the doctor.
@@ -116,6 +117,7 @@ OVERSIZE = {
     "smeldr_oauth.gateway.link": "one upstream instance (gateway2)",
     "smeldr_oauth.db.database": "the database layer (perf)",
     "smeldr_oauth.db.notify": "LISTEN/NOTIFY (perf)",
+    "smeldr_oauth.site.admin": "the admin command's parser and subcommands (flows, gateway2)",
     "smeldr_oauth.mcp.http.registry": "the session registry and its cross-process copies (scale)",
 }
 

@@ -526,6 +526,10 @@ class ServerConformanceTests(_MatrixRow, TestCase):
     #: The fixture app, as C{--app} takes it.
     appSpec = "tests.conformance_app:app"
 
+    def serverArguments(self) -> list[str]:
+        """How the server under test serves the fixture app."""
+        return ["--app", self.appSpec]
+
     async def test_activeScenarios(self) -> None:
         """
         Every active scenario passes, or is an expected failure with a
@@ -536,7 +540,7 @@ class ServerConformanceTests(_MatrixRow, TestCase):
         self.recordOutcome("MCP conformance suite (server scenarios)", SUITE[1], "streamable-http")
         # The fixture app lives in the checkout, not in the installed package.
         self.patch(e2e, "subprocessEnvironment", environmentWithCheckout)
-        server = await startServer(self, reactor, ["--app", self.appSpec])
+        server = await startServer(self, reactor, self.serverArguments())
         siteToken = await createSiteToken(reactor, server, "conformance")
         http = httpClient(self)
         token = await obtainAccessToken(http, server, siteToken)

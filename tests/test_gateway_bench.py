@@ -36,3 +36,20 @@ class GatewayBenchSmokeTests(SynchronousTestCase):
         self.assertGreater(report["direct"]["upstream_rss_kib"], 1024)
         self.assertGreater(report["gateway"]["bytes_per_idle_session"], 0)
         self.assertIn("overhead_p50_ms", report)
+
+    def test_front_reports_numbers(self) -> None:
+        """C{bench/gateway_front.py}: the whole front over HTTP, direct and through."""
+        everything()
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.gateway_front", "--calls", "20", "--connections", "2", "--seconds", "0.5", "--json"],
+            cwd=CHECKOUT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+        report = json.loads(out)
+        for side in ("direct", "gateway"):
+            self.assertGreater(report[side]["p50_ms"], 0)
+            self.assertGreater(report[side]["calls_per_second"], 0)
+        self.assertGreater(report["throughput_ratio"], 0)

@@ -2,10 +2,10 @@
 """
 Counters for one upstream, as a plain object.
 
-The service layer exports them (Prometheus counters, a gauge, a histogram
-with the same bucket bounds) and C{/healthz} shows L{UpstreamMetrics.snapshot};
-nothing here depends on a metrics library, so the gateway runs and is
-tested without one.
+L{PrometheusCollector} exports them (counters, a gauge, a histogram with
+the same bucket bounds) at scrape time, and C{/healthz} shows
+L{UpstreamMetrics.snapshot}; counting needs no metrics library (the
+collector imports C{prometheus_client} only when a registry asks).
 """
 
 from __future__ import annotations
@@ -92,3 +92,54 @@ class UpstreamMetrics:
                 ],
             },
         }
+
+
+class PrometheusCollector:
+    """
+    A C{prometheus_client} collector of every upstream's counters, read at
+    scrape time (the counters stay plain attributes on the hot path).
+
+    Names are C{smeldr_gateway_*}, labelled by C{upstream}.  With
+    C{--workers}, each worker holds its own upstreams and the parent
+    serves only the multiprocess values: these are not among them.
+    """
+
+    def __init__(self, upstreams: "Callable[[], list[UpstreamMetrics]]") -> None:
+        self.upstreams = upstreams
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        counters = {
+            name: CounterMetricFamily(f"smeldr_gateway_{name}", text, labels=["upstream"])
+            for name, text in (
+                ("errors", "Forwarded requests that ended in an error (the upstream's, a timeout, a crash)"),
+                ("timeouts", "Forwarded requests that timed out"),
+                ("refused", "Requests refused before the upstream (instance limit, too many in flight)"),
+                ("started", "Upstream instances started"),
+                ("crashes", "Upstream instances that ended without being asked to"),
+                ("restarts", "Upstream instances started again after a crash"),
+                ("dropped_notifications", "Upstream notifications dropped by the flow policy"),
+            )
+        }
+        calls = CounterMetricFamily("smeldr_gateway_calls", "Requests forwarded upstream", labels=["upstream", "method"])
+        live = GaugeMetricFamily("smeldr_gateway_live_instances", "Upstream instances running", labels=["upstream"])
+        latency = HistogramMetricFamily(
+            "smeldr_gateway_request_duration_seconds", "Forwarded request latency", labels=["upstream"]
+        )
+        for m in self.upstreams():
+            name = m.upstream or "default"
+            for key, family in counters.items():
+                family.add_metric([name], getattr(m, key))
+            for method, count in sorted(m.by_method.items()):
+                calls.add_metric([name, method], count)
+            live.add_metric([name], m.live())
+            cumulative, buckets = 0, []
+            for bound, count in zip(LATENCY_BOUNDS, m.latency_buckets):
+                cumulative += count
+                buckets.append(("+Inf" if math.isinf(bound) else repr(bound), cumulative))
+            latency.add_metric([name], buckets, m.latency_sum)
+        yield calls
+        yield from counters.values()
+        yield live
+        yield latency

@@ -50,14 +50,12 @@ from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.context import LOG_LEVELS
 from smeldr_oauth.mcp.jsonrpc import InsufficientScope, JSONRPCError, Message, Notification, Request, Response
 from smeldr_oauth.mcp.calls import Outlet, Principal
+from smeldr_oauth.mcp.state.interfaces import ISessionDelivery
 from smeldr_oauth.mcp.versions import (
-    CLIENT_CAPABILITIES_KEY,
     LATEST_SESSION_VERSION,
-    LOG_LEVEL_KEY,
     MODERN_VERSIONS,
-    PROTOCOL_VERSION_KEY,
-    REMOVED_IN_MODERN,
     SESSION_VERSIONS,
+    check_envelope,
     is_modern_request,
 )
 
@@ -123,14 +121,22 @@ class Gateway:
         default_outlet: Optional[Outlet] = None,
         request_timeout: float = 300.0,
         modern_only: bool = False,
+        delivery: Optional[ISessionDelivery] = None,
+        on_change: Optional[Callable[["GatewaySession"], None]] = None,
     ) -> "GatewaySession":
-        """A downstream session: the same arguments as C{ServerSession}'s."""
+        """
+        A downstream session: the same arguments as C{ServerSession}'s, so
+        that this method is the MCP front's session factory (see
+        L{smeldr_oauth.mcp.http.registry.SessionFactory}).
+        """
         return GatewaySession(
             self,
             session_id=session_id,
             default_outlet=default_outlet,
             request_timeout=request_timeout,
             modern_only=modern_only,
+            delivery=delivery,
+            on_change=on_change,
         )
 
     def link_for(self, session: "GatewaySession", principal: Principal) -> Link:
@@ -182,6 +188,10 @@ def _connector(
     return lambda owner: HTTPChannel(http_agent, clock, config, owner)
 
 
+def _resubscribe_failed(failure: Failure, uri: str) -> None:
+    log.info("Gateway: a resumed subscription to {uri} failed", uri=uri[:200])
+
+
 class _Call(CallContext):
     """A downstream request being served: its routing context plus what the session needs."""
 
@@ -200,6 +210,9 @@ class GatewaySession:
     @ivar log_level: the level the client chose (C{None}: it did not, and
         gets what the upstream sends).
     @ivar subscriptions: the resource URIs this session subscribed to.
+    @ivar on_change: called with the session after each change of the state
+        a session record keeps (the handshake, the log level,
+        subscriptions), as L{smeldr_oauth.mcp.session.ServerSession} does.
     """
 
     def __init__(
@@ -210,7 +223,14 @@ class GatewaySession:
         default_outlet: Optional[Outlet] = None,
         request_timeout: float = 300.0,
         modern_only: bool = False,
+        delivery: Optional[ISessionDelivery] = None,
+        on_change: Optional[Callable[["GatewaySession"], None]] = None,
     ) -> None:
+        """
+        @param delivery: routes the client's answers to server-to-client
+            requests (they may reach another process holding the same
+            session); C{None}: they come back to this object.
+        """
         self.gateway = gateway
         self.clock = gateway.clock
         self.number = next(gateway._session_numbers)
@@ -230,6 +250,9 @@ class GatewaySession:
         self._in_flight: dict[Any, tuple[Deferred, _Call]] = {}
         self._pending: dict[str, Deferred] = {}
         self._next_id = 0
+        self._delivery = delivery if session_id is not None else None
+        self.on_change = on_change
+        self._resubscribe = False
 
     # -- IMCPSession -------------------------------------------------------------
 
@@ -308,10 +331,38 @@ class GatewaySession:
             inner.cancel()
         self._in_flight.clear()
         pending, self._pending = self._pending, {}
-        for d in pending.values():
+        for request_id, d in pending.items():
+            self._forget_reply(request_id)
             d.errback(JSONRPCError(jsonrpc.REQUEST_CANCELLED, "Session ended"))
         if self.link is not None:
             self.link.detach(self)
+
+    def resume(
+        self,
+        *,
+        protocol_version: Optional[str],
+        client_capabilities: dict[str, Any],
+        client_info: dict[str, Any],
+        log_level: Optional[str],
+        subscriptions: frozenset[str],
+    ) -> None:
+        """
+        Take up a session initialized elsewhere (another process) from its
+        record.  Its subscriptions are made again on the upstream instance
+        this process gives it, at its first request.
+        """
+        self.log_level = log_level
+        self.subscriptions = set(subscriptions)
+        self._resubscribe = bool(subscriptions)
+        if protocol_version is not None:
+            self.protocol_version = protocol_version
+            self.client_capabilities = dict(client_capabilities)
+            self.client_info = dict(client_info)
+            self.state = "ready"
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
 
     # -- IDownstream (what the link calls) ----------------------------------------
 
@@ -360,22 +411,38 @@ class GatewaySession:
         def clear(result: Any) -> Any:
             if timer is not None and timer.active():
                 timer.cancel()
+            self._forget_reply(request_id)
             return result
 
         timer = self.clock.callLater(self.request_timeout, expire)
+        if self._delivery is not None:
+            self._delivery.expect_reply(self.session_id, request_id, self._resolve)  # type: ignore[arg-type]
         target.send(jsonrpc.request(request_id, method, params))
         return d.addBoth(clear)
 
     # -- internals -----------------------------------------------------------------
 
     def _answered(self, message: Response) -> None:
+        if self._delivery is not None:
+            # The request may have been sent by this session's live parts
+            # in another process.
+            self._delivery.route_reply(self.session_id, message)  # type: ignore[arg-type]
+        else:
+            self._resolve(message)
+
+    def _resolve(self, message: Response) -> bool:
         d = self._pending.pop(message.id, None) if isinstance(message.id, str) else None
         if d is None:
-            return
+            return False
         if message.error is not None:
             d.errback(errors.from_upstream(message.error))
         else:
             d.callback(message.result)
+        return True
+
+    def _forget_reply(self, request_id: str) -> None:
+        if self._delivery is not None:
+            self._delivery.forget_reply(self.session_id, request_id)  # type: ignore[arg-type]
 
     def _notified(self, message: Notification, principal: Principal) -> None:
         method = message.method
@@ -411,30 +478,19 @@ class GatewaySession:
             raise jsonrpc.invalid_request("Session not initialized: send initialize first")
         return _Call(self, outlet, principal, self.protocol_version or LATEST_SESSION_VERSION, False, "session")
 
-    def prepare(self, message: Request, principal: Principal) -> None:
+    def prepare(self, message: Request, principal: Principal, outlet: Optional[Outlet] = None) -> None:
         """
-        Validate a stateless (2026-07-28) request before dispatch, as the
-        front does for native sessions.
+        Validate a request before dispatch (for a stateless 2026-07-28
+        request: the revision's validation ladder), as the front does for
+        native sessions.
 
-        @raise JSONRPCError: the revision's validation ladder.
+        @raise JSONRPCError: it cannot be served.
         """
-        self._prepare(message, principal, None)
+        self._prepare(message, principal, outlet)
 
     def _prepare_modern(self, message: Request, principal: Principal, outlet: Optional[Outlet]) -> _Call:
-        meta = message.params.get("_meta")
-        if not isinstance(meta, dict) or PROTOCOL_VERSION_KEY not in meta or CLIENT_CAPABILITIES_KEY not in meta:
-            raise jsonrpc.invalid_params("params._meta must carry the protocol version and client capabilities")
-        version = meta[PROTOCOL_VERSION_KEY]
-        if version not in MODERN_VERSIONS:
-            raise jsonrpc.unsupported_version(version, MODERN_VERSIONS)
-        if not isinstance(meta[CLIENT_CAPABILITIES_KEY], dict):
-            raise jsonrpc.invalid_params("client capabilities must be an object")
-        level = meta.get(LOG_LEVEL_KEY)
-        if level is not None and level not in LOG_LEVELS:
-            raise jsonrpc.invalid_params("unknown log level")
-        if message.method in REMOVED_IN_MODERN:
-            raise jsonrpc.method_not_found(message.method)
-        return _Call(self, outlet, principal, version, True, level)
+        envelope = check_envelope(message)
+        return _Call(self, outlet, principal, envelope.version, True, envelope.log_level)
 
     def _dispatch(self, message: Request, call: _Call) -> Deferred:
         method, params = message.method, message.params
@@ -458,6 +514,10 @@ class GatewaySession:
             self.link = self.gateway.link_for(self, call.principal)
             if not self.modern_only:
                 self.link.attach(self)
+            if self._resubscribe:
+                self._resubscribe = False
+                for uri in sorted(self.subscriptions):
+                    self.link.subscribe(self, uri, call.principal).addErrback(_resubscribe_failed, uri)
         return self.link
 
     def _initialize(self, params: dict[str, Any], call: _Call) -> Deferred:
@@ -488,6 +548,7 @@ class GatewaySession:
             }
             if info.instructions:
                 result["instructions"] = info.instructions
+            self._changed()
             log.info(
                 "Gateway session {session_id} initialized at {version} for {subject} (upstream {upstream} at {upstream_version})",
                 session_id=(self.session_id or "-")[:8],
@@ -515,6 +576,7 @@ class GatewaySession:
         if level not in LOG_LEVELS:
             raise jsonrpc.invalid_params("level must be one of " + ", ".join(LOG_LEVELS))
         self.log_level = level
+        self._changed()
         return self._attach(call).set_level().addCallback(lambda _: {})
 
     def _subscription(self, method: str, params: dict[str, Any], call: _Call) -> Deferred:
@@ -523,13 +585,17 @@ class GatewaySession:
             raise jsonrpc.invalid_params("uri must be a string")
         link = self._attach(call)
         if method == "resources/unsubscribe":
-            self.subscriptions.discard(uri)
+            if uri in self.subscriptions:
+                self.subscriptions.discard(uri)
+                self._changed()
             return link.unsubscribe(self, uri, call.principal).addCallback(lambda _: {})
         if uri not in self.subscriptions and len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
             raise JSONRPCError(jsonrpc.INVALID_REQUEST, "Too many subscriptions on this session")
 
         def joined(result: Any) -> dict[str, Any]:
-            self.subscriptions.add(uri)
+            if uri not in self.subscriptions:
+                self.subscriptions.add(uri)
+                self._changed()
             return {}
 
         return link.subscribe(self, uri, call.principal).addCallback(joined)

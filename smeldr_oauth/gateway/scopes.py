@@ -141,6 +141,35 @@ class ScopeMap:
             rows.extend({"kind": kind, "pattern": r.pattern, "scopes": list(r.scopes)} for r in rules)
         return rows
 
+    def describe(self, upstream: str) -> dict[str, str]:
+        """
+        What each scope opens, in words for the consent page: C{"Call the
+        tools read_*, get_*; read the resources file:///srv/*"}.  Patterns
+        are quoted as configured (first match wins, so a pattern listed
+        after a broader one may open less than it says).
+
+        @param upstream: the upstream's name, for the C{required} scopes.
+        """
+        words: dict[str, list[str]] = {}
+        for scope in self.required:
+            words.setdefault(scope, []).append(f"Use {upstream or 'the server'}")
+        for kind, verb, rules in (
+            ("tools", "call the tools", self.tools),
+            ("resources", "read the resources", self.resources),
+            ("prompts", "use the prompts", self.prompts),
+        ):
+            by_scope: dict[str, list[str]] = {}
+            for rule in rules:
+                for scope in rule.scopes:
+                    by_scope.setdefault(scope, []).append(f"any of the {kind}" if rule.pattern == "*" else rule.pattern)
+            for scope, patterns in by_scope.items():
+                if any(p.startswith("any of") for p in patterns):
+                    text = f"{verb.split(' the ')[0]} any of the {kind}"
+                else:
+                    text = f"{verb} " + ", ".join(patterns)
+                words.setdefault(scope, []).append(text)
+        return {scope: "; ".join(parts)[:1].upper() + "; ".join(parts)[1:] for scope, parts in words.items()}
+
     def shape_list(self, method: str, result: Any, held: frozenset[str]) -> Any:
         """
         Apply the list policy to an upstream's C{*/list} result: mark each

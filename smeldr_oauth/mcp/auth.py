@@ -27,6 +27,7 @@ from smeldr_oauth.mcp.calls import Principal
 from smeldr_oauth.mcp.session import ServerSession
 from smeldr_oauth.oauth.interfaces import IAccessVerifier
 from smeldr_oauth.oauth.model import AccessInfo
+from smeldr_oauth.oauth.urls import canonical_resource
 
 log = Logger()
 
@@ -124,10 +125,18 @@ def bearer_token(authorization: Optional[list[bytes]], challenger: Challenger) -
 
 
 def verify(
-    verifier: IAccessVerifier, token: str, challenger: Challenger, clock: IReactorTime
+    verifier: IAccessVerifier,
+    token: str,
+    challenger: Challenger,
+    clock: IReactorTime,
+    audience: Optional[str] = None,
 ) -> Deferred:
     """
     Ask the verifier about C{token}.
+
+    @param audience: the canonical URL of the resource asking (RFC 8707):
+        a token issued for another resource of the same authorization
+        server (another upstream of the gateway, say) is refused here.
 
     @return: a L{Deferred} firing with the L{AccessInfo}, or failing with
         L{AuthFailure}.  A verifier that fails (its store is down) becomes
@@ -141,6 +150,13 @@ def verify(
             raise challenger.invalid_token()
         if info.expires_at and info.expires_at <= clock.seconds():
             raise challenger.invalid_token("The access token expired")
+        if audience is not None and info.resource != audience and canonical_resource(info.resource) != audience:
+            log.info(
+                "Bearer token for another resource refused: {subject} via {client_id}",
+                subject=info.subject,
+                client_id=info.client_id,
+            )
+            raise challenger.invalid_token("The access token was issued for another resource")
         return info
 
     def broken(failure: Failure) -> None:
@@ -179,11 +195,15 @@ class Credential:
 class BearerAuth:
     """
     The protection of one resource: its verifier, its challenges, its clock.
+
+    @ivar audience: the resource's canonical URL; tokens issued for another
+        resource are refused (C{None}: the verifier alone decides).
     """
 
     verifier: IAccessVerifier
     challenger: Challenger
     clock: IReactorTime
+    audience: Optional[str] = None
 
     def authenticate(self, request: Any) -> "Deferred[Credential]":
         """
@@ -195,7 +215,7 @@ class BearerAuth:
 
     def verify(self, token: str) -> "Deferred[AccessInfo]":
         """See L{verify}."""
-        return verify(self.verifier, token, self.challenger, self.clock)
+        return verify(self.verifier, token, self.challenger, self.clock, self.audience)
 
     def require_scopes(self, protocol: ServerSession, messages: Sequence[Message], principal: Principal) -> None:
         """

@@ -40,21 +40,11 @@ from twisted.python.failure import Failure
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.calls import Call, CallbackOutlet, Outlet, Principal
-from smeldr_oauth.mcp.context import LOG_LEVELS
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message, Notification, Request, Response
 from smeldr_oauth.mcp.methods import METHODS, needed_scopes
 from smeldr_oauth.mcp.results import modern_envelope
 from smeldr_oauth.mcp.state.interfaces import ISessionDelivery
-from smeldr_oauth.mcp.versions import (
-    BATCH_VERSIONS,
-    CLIENT_CAPABILITIES_KEY,
-    LATEST_SESSION_VERSION,
-    LOG_LEVEL_KEY,
-    MODERN_VERSIONS,
-    PROTOCOL_VERSION_KEY,
-    REMOVED_IN_MODERN,
-    is_modern_request,
-)
+from smeldr_oauth.mcp.versions import BATCH_VERSIONS, LATEST_SESSION_VERSION, check_envelope, is_modern_request
 
 log = Logger()
 
@@ -437,34 +427,16 @@ class ServerSession:
     def _prepare_modern(
         self, message: Request, principal: Principal, outlet: Optional[Outlet], meta: Any, progress: Any
     ) -> Call:
-        # The validation ladder of the 2026-07-28 revision, first failure wins.
-        if not isinstance(meta, dict):
-            raise jsonrpc.invalid_params("params._meta must carry the protocol version and client capabilities")
-        missing = [k for k in (PROTOCOL_VERSION_KEY, CLIENT_CAPABILITIES_KEY) if k not in meta]
-        if missing:
-            raise jsonrpc.invalid_params("params._meta is missing " + ", ".join(missing))
-        version = meta[PROTOCOL_VERSION_KEY]
-        if not isinstance(version, str):
-            raise jsonrpc.invalid_params("protocol version must be a string")
-        if version not in MODERN_VERSIONS:
-            raise jsonrpc.unsupported_version(version, MODERN_VERSIONS)
-        capabilities = meta[CLIENT_CAPABILITIES_KEY]
-        if not isinstance(capabilities, dict):
-            raise jsonrpc.invalid_params("client capabilities must be an object")
-        level = meta.get(LOG_LEVEL_KEY)
-        if level is not None and level not in LOG_LEVELS:
-            raise jsonrpc.invalid_params("unknown log level")
-        if message.method in REMOVED_IN_MODERN:
-            raise jsonrpc.method_not_found(message.method)
+        envelope = check_envelope(message)
         return Call(
             request_id=message.id,
             principal=principal,
             outlet=outlet,
-            version=version,
+            version=envelope.version,
             modern=True,
-            client_capabilities=capabilities,
+            client_capabilities=envelope.capabilities,
             # No level in _meta: the client wants no log notifications.
-            log_level=level,
+            log_level=envelope.log_level,
             progress_token=progress,
         )
 

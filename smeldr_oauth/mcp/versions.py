@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Optional
+from typing import Any, Optional
+
+import attr
 
 from smeldr_oauth.mcp import jsonrpc
+from smeldr_oauth.mcp.context import LOG_LEVELS
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message, Notification, Request
 
 SESSION_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
@@ -52,6 +55,51 @@ def is_modern_request(message: Message) -> bool:
         return False
     meta = message.params.get("_meta")
     return isinstance(meta, dict) and PROTOCOL_VERSION_KEY in meta
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Envelope:
+    """
+    What a 2026-07-28 request says about its sender in C{params._meta}.
+
+    @ivar log_level: the level of log notifications it wants (C{None}:
+        none at all).
+    """
+
+    version: str
+    capabilities: dict[str, Any]
+    log_level: Optional[str]
+
+
+def check_envelope(message: Request) -> Envelope:
+    """
+    The validation ladder of the 2026-07-28 revision, first failure wins:
+    one place for the native session and the gateway's.
+
+    @raise JSONRPCError: invalid params (no C{_meta}, a missing key, a
+        value of the wrong type, an unknown log level), an unsupported
+        version, or "method not found" for a method the revision removed.
+    """
+    meta = message.params.get("_meta")
+    if not isinstance(meta, dict):
+        raise jsonrpc.invalid_params("params._meta must carry the protocol version and client capabilities")
+    missing = [k for k in (PROTOCOL_VERSION_KEY, CLIENT_CAPABILITIES_KEY) if k not in meta]
+    if missing:
+        raise jsonrpc.invalid_params("params._meta is missing " + ", ".join(missing))
+    version = meta[PROTOCOL_VERSION_KEY]
+    if not isinstance(version, str):
+        raise jsonrpc.invalid_params("protocol version must be a string")
+    if version not in MODERN_VERSIONS:
+        raise jsonrpc.unsupported_version(version, MODERN_VERSIONS)
+    capabilities = meta[CLIENT_CAPABILITIES_KEY]
+    if not isinstance(capabilities, dict):
+        raise jsonrpc.invalid_params("client capabilities must be an object")
+    level = meta.get(LOG_LEVEL_KEY)
+    if level is not None and level not in LOG_LEVELS:
+        raise jsonrpc.invalid_params("unknown log level")
+    if message.method in REMOVED_IN_MODERN:
+        raise jsonrpc.method_not_found(message.method)
+    return Envelope(version, capabilities, level)
 
 
 def _decode_header_value(value: Optional[str]) -> Optional[str]:

@@ -184,8 +184,8 @@ class Authorization:
                 raise errors.invalid_request("code_challenge_method must be S256")
             if not pkce.valid_challenge(challenge):
                 raise errors.invalid_request("code_challenge is not a valid S256 challenge")
-            scopes = parse_scopes(self.config, single(params, "scope"), client)
             resource = check_resource(self.config, params.get("resource", []))
+            scopes = parse_scopes(self.config, single(params, "scope"), client, resource)
             check_prompt(single(params, "prompt"))
         except errors.OAuthError as e:
             raise self._back(redirect_uri, state, e)

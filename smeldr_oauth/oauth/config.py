@@ -5,7 +5,7 @@ The authorization server's configuration: one frozen record, validated once.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attr
 
@@ -23,6 +23,47 @@ class ConfigError(ValueError):
     """
     A configuration value is unusable; the message says which and why.
     """
+
+
+def _resources(values: Iterable["ProtectedResource"]) -> tuple["ProtectedResource", ...]:
+    return tuple(values)
+
+
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
+@attr.s(frozen=True, kw_only=True)
+class ProtectedResource:
+    """
+    One resource the server issues tokens for: its RFC 8707 resource
+    indicator (the token's audience) and what a token for it may carry.
+
+    A server with one resource (the usual case) needs none of these: the
+    L{Config} makes one from C{resource} and every scope.  The OAuth
+    gateway makes one per upstream, so a token for C{/mcp/a} is refused at
+    C{/mcp/b} and each upstream's consent names only its own scopes.
+
+    @ivar url: the resource's canonical URL (the public MCP URL).
+    @ivar scopes: the scopes a token for it may carry (C{offline_access}
+        aside), in the order shown; also the defaults when a request
+        names none.
+    @ivar name: shown in its protected-resource metadata
+        (C{resource_name}) and on the consent page; default the service
+        name.
+    @ivar scope_words: what each scope lets a client do I{here}, on the
+        consent page (falling back to L{Config.scopes}).
+    """
+
+    url: str = attr.ib()
+    scopes: tuple[str, ...] = attr.ib(converter=_strings, default=())
+    name: Optional[str] = attr.ib(default=None)
+    scope_words: Mapping[str, str] = attr.ib(factory=dict, hash=False)
+
+    @url.validator
+    def _canonical(self, attribute: Any, value: str) -> None:
+        if canonical_resource(value) != value:
+            raise ConfigError(f"a protected resource URL must be canonical, got {value!r}")
 
 
 def _issuer(value: str) -> str:
@@ -86,6 +127,12 @@ class Config:
         remembers; the least recently seen is forgotten first.  Every limit
         is a token bucket: bursts up to the number, refilled at the number
         per minute.
+    @ivar resources: every resource tokens are issued for (RFC 8707), when
+        there are several (the OAuth gateway's upstreams); default one,
+        C{resource}, with every scope.  C{resource} (the one a request
+        that names none gets) defaults to the first.
+    @ivar introspections_per_minute: token introspection requests per
+        resource server per minute (RFC 7662).
     """
 
     issuer: str = attr.ib(converter=_issuer)
@@ -110,10 +157,14 @@ class Config:
     token_requests_per_minute_per_client: int = attr.ib(default=600)
     rate_limit_keys: int = attr.ib(default=10000)
     service_name: str = attr.ib(default="smeldr")
+    resources: tuple[ProtectedResource, ...] = attr.ib(converter=_resources, default=())
+    introspections_per_minute: int = attr.ib(default=12000)
+    _by_url: Mapping[str, ProtectedResource] = attr.ib(init=False, factory=dict, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.resource is None:
-            object.__setattr__(self, "resource", self.issuer + "/mcp")
+            first = self.resources[0].url if self.resources else self.issuer + "/mcp"
+            object.__setattr__(self, "resource", first)
         canon = canonical_resource(self.resource or "")
         if canon is None:
             raise ConfigError(f"resource must be an absolute http(s) URL, got {self.resource!r}")
@@ -128,6 +179,7 @@ class Config:
             "token_requests_per_minute_per_address",
             "token_requests_per_minute_per_client",
             "rate_limit_keys",
+            "introspections_per_minute",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
@@ -143,6 +195,24 @@ class Config:
         unknown = set(self.default_scopes or ()) - set(self.all_scopes)
         if unknown:
             raise ConfigError(f"default scopes not in scopes: {sorted(unknown)}")
+        if not self.resources:
+            assert self.resource is not None
+            only = ProtectedResource(url=self.resource, scopes=[s for s in self.scopes if s != OFFLINE_ACCESS])
+            object.__setattr__(self, "resources", (only,))
+        by_url = {r.url: r for r in self.resources}
+        if len(by_url) != len(self.resources):
+            raise ConfigError("each protected resource needs its own URL")
+        if self.resource not in by_url:
+            raise ConfigError(f"resource {self.resource} is not one of the protected resources")
+        for protected in self.resources:
+            unknown = set(protected.scopes) - set(self.scopes)
+            if unknown:
+                raise ConfigError(f"scopes of {protected.url} not in scopes: {sorted(unknown)}")
+        object.__setattr__(self, "_by_url", by_url)
+
+    def protected_resource(self, url: Optional[str]) -> Optional[ProtectedResource]:
+        """The protected resource at C{url} (canonical), or C{None}."""
+        return self._by_url.get(url) if url is not None else None
 
     @property
     def all_scopes(self) -> tuple[str, ...]:

@@ -7,9 +7,9 @@ so the HTTP layer serialises them once.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from smeldr_oauth.oauth.config import OFFLINE_ACCESS, Config
+from smeldr_oauth.oauth.config import OFFLINE_ACCESS, Config, ProtectedResource
 
 AUTH_METHODS = ["none", "client_secret_basic", "client_secret_post"]
 
@@ -33,6 +33,9 @@ def authorization_server_metadata(config: Config, cimd: bool) -> dict[str, Any]:
         "code_challenge_methods_supported": ["S256"],
         "token_endpoint_auth_methods_supported": AUTH_METHODS,
         "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
+        # RFC 7662: for resource servers only (their own credentials).
+        "introspection_endpoint": c.endpoint("/oauth/introspect"),
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "scopes_supported": list(c.all_scopes),
         "client_id_metadata_document_supported": cimd,
         "authorization_response_iss_parameter_supported": True,
@@ -43,16 +46,19 @@ def authorization_server_metadata(config: Config, cimd: bool) -> dict[str, Any]:
     return body
 
 
-def protected_resource_metadata(config: Config) -> dict[str, Any]:
+def protected_resource_metadata(config: Config, resource: Optional[ProtectedResource] = None) -> dict[str, Any]:
     """
-    RFC 9728 metadata for the MCP resource.  C{offline_access} is an
-    authorization-server concern, so it is not listed here.
+    RFC 9728 metadata for one protected resource (default: the default
+    one).  C{offline_access} is an authorization-server concern, so it is
+    not listed here.
     """
     c = config
+    protected = resource or c.protected_resource(c.resource)
+    assert protected is not None
     return {
-        "resource": c.resource,
+        "resource": protected.url,
         "authorization_servers": [c.issuer],
-        "scopes_supported": [s for s in c.all_scopes if s != OFFLINE_ACCESS],
+        "scopes_supported": [s for s in protected.scopes if s != OFFLINE_ACCESS],
         "bearer_methods_supported": ["header"],
-        "resource_name": c.service_name,
+        "resource_name": protected.name or c.service_name,
     }

@@ -31,12 +31,13 @@ from zope.interface import implementer
 from smeldr_oauth.oauth import errors, metadata
 from smeldr_oauth.oauth.authorization import Authorization, AuthorizationRequest, check_prompt
 from smeldr_oauth.oauth.clients import ClientResolver
-from smeldr_oauth.oauth.config import Config
+from smeldr_oauth.oauth.config import Config, ProtectedResource
 from smeldr_oauth.oauth.interfaces import IAccessVerifier, IGrantEvents
 from smeldr_oauth.oauth.model import AccessInfo, Approval, Client
 from smeldr_oauth.oauth.params import AUTHORIZE_PARAMS, Params
-from smeldr_oauth.oauth.ratelimit import Limits
+from smeldr_oauth.oauth.ratelimit import Limits, RateLimiter
 from smeldr_oauth.oauth.registration import Registration
+from smeldr_oauth.oauth.introspection import Introspection
 from smeldr_oauth.oauth.revocation import GrantEvents, Revocation
 from smeldr_oauth.oauth.scopes import check_resource, parse_scopes
 from smeldr_oauth.oauth.text import loggable
@@ -78,14 +79,21 @@ class OAuthServer:
         self.tokens = Tokens(config, store, clock, self.clients, self.events, self.limits)
         self.revocation = Revocation(store, clock, self.clients, self.events)
         self.registration = Registration(config, store, clock, self.limits.registration)
+        self.introspection = Introspection(
+            config,
+            store,
+            clock,
+            self.clients,
+            RateLimiter(clock, config.introspections_per_minute, max_keys=config.rate_limit_keys),
+        )
 
     # -- metadata ---------------------------------------------------------
 
     def authorization_server_metadata(self) -> dict[str, Any]:
         return metadata.authorization_server_metadata(self.config, self.cimd_enabled)
 
-    def protected_resource_metadata(self) -> dict[str, Any]:
-        return metadata.protected_resource_metadata(self.config)
+    def protected_resource_metadata(self, resource: Optional[ProtectedResource] = None) -> dict[str, Any]:
+        return metadata.protected_resource_metadata(self.config, resource)
 
     # -- clients ----------------------------------------------------------
 
@@ -144,6 +152,12 @@ class OAuthServer:
         self, params: Mapping[str, list[str]], basic: Optional[tuple[str, str]] = None
     ) -> "Coroutine[Any, Any, None]":
         return self.revocation.revoke(params, basic)
+
+    def introspect(
+        self, params: Params, basic: Optional[tuple[str, str]] = None, address: Optional[str] = None
+    ) -> "Coroutine[Any, Any, dict[str, Any]]":
+        """RFC 7662: see L{smeldr_oauth.oauth.introspection}."""
+        return self.introspection.introspect(params, basic, address)
 
     def revoke_grant(self, grant_id: str) -> "Coroutine[Any, Any, bool]":
         return self.revocation.revoke_grant(grant_id)

@@ -57,7 +57,9 @@ class AccessVerifier:
 
     def verify_access_token(self, token: str) -> "Deferred[Optional[AccessInfo]]":
         """
-        L{IAccessVerifier}: a live token issued for our resource.  A use
+        L{IAccessVerifier}: a live token issued for one of our resources
+        (each protected resource checks its own audience: see
+        L{smeldr_oauth.mcp.auth.BearerAuth}).  A use
         also marks the grant as used (at most once a minute per grant) for
         the connected-apps page.
         """
@@ -82,7 +84,8 @@ class AccessVerifier:
         def found(info: Optional[AccessInfo]) -> "Optional[AccessInfo] | Deferred[Optional[AccessInfo]]":
             if info is None:
                 return None
-            if canonical_resource(info.resource) != self.config.resource:
+            if self.config.protected_resource(canonical_resource(info.resource)) is None:
+                # Issued for a resource this server no longer protects.
                 return None
             if revocations != self._revocations:
                 # A revocation happened while we looked, so this answer may

@@ -176,6 +176,32 @@ class Options(usage.Options):
         ["cimd-ca-file", None, None, "TESTING ONLY: PEM CA to trust for client metadata fetches."],
         ["service-name", None, "smeldr", "Name shown on the consent page."],
         [
+            "upstream-config",
+            None,
+            None,
+            "A TOML file of upstream MCP servers to serve behind our OAuth (see docs/gateway.md).",
+        ],
+        [
+            "upstream-isolation",
+            None,
+            None,
+            "Default isolation of the upstreams: user (one instance per user), session or shared "
+            "[default: user].",
+        ],
+        [
+            "upstream-credential-file",
+            None,
+            None,
+            "A file holding the gateway's own credential for the HTTP upstreams given with --upstream "
+            "(sent as Authorization; the caller's token never is).",
+        ],
+        [
+            "upstream-credential-env",
+            None,
+            None,
+            "The same, from this environment variable.",
+        ],
+        [
             "metrics-listen",
             None,
             None,
@@ -212,6 +238,7 @@ class Options(usage.Options):
         self["listen"] = []
         self["allowed-origin"] = []
         self["trust-forwarded-from"] = []
+        self["upstream"] = []
 
     def parseOptions(self, options: Optional[list[str]] = None) -> None:
         """
@@ -257,6 +284,56 @@ class Options(usage.Options):
             raise usage.UsageError(f"--trust-forwarded-from {network!r}: {e}")
         self["trust-forwarded-from"].append(network)
 
+    def opt_upstream(self, spec: str) -> None:
+        """
+        Serve an existing MCP server behind our OAuth (repeatable):
+        [NAME=]stdio:COMMAND ARGS... or [NAME=]https://host/mcp.  One is
+        served at /mcp; several each at /mcp/NAME.  The site's own tools
+        are then not served.
+        """
+        self["upstream"].append(spec)
+
+    def _load_upstreams(self) -> None:
+        """
+        C{--upstream*}: the gateway's configuration and where each upstream
+        is served, checked now so that a mistake is a usage error.
+        """
+        self["gateway"] = None
+        self["upstreams"] = ()
+        if not self["upstream"] and not self["upstream-config"]:
+            for name in ("upstream-isolation", "upstream-credential-file", "upstream-credential-env"):
+                if self[name]:
+                    raise usage.UsageError(f"--{name} needs --upstream or --upstream-config")
+            return
+        from smeldr_oauth.gateway import config as gateway_config
+        from smeldr_oauth.gateway.front import plan
+
+        if self["app"]:
+            raise usage.UsageError("--app and --upstream exclude each other: serve your app as an upstream")
+        text = None
+        if self["upstream-config"]:
+            try:
+                with open(self["upstream-config"], encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise usage.UsageError(f"--upstream-config: cannot read {self['upstream-config']!r}: {e}")
+        try:
+            self["gateway"] = gateway_config.load(
+                self["upstream"],
+                text,
+                isolation=self["upstream-isolation"],
+                credential_file=self["upstream-credential-file"],
+                credential_env=self["upstream-credential-env"],
+            )
+        except gateway_config.ConfigError as e:
+            raise usage.UsageError("upstreams: " + "; ".join(e.problems))
+        if not self["gateway"].upstreams:
+            raise usage.UsageError("--upstream-config names no upstream")
+        try:
+            self["upstreams"] = plan(self["gateway"], self["issuer"], self["resource"])
+        except ValueError as e:
+            raise usage.UsageError(str(e))
+
     def opt_allowed_origin(self, origin: str) -> None:
         """
         A browser Origin allowed to call /mcp (repeatable) [default: the issuer's origin].
@@ -276,6 +353,7 @@ class Options(usage.Options):
             raise usage.UsageError("--db-threads must be 0 or 1 with SQLite (one writer per file)")
         if not self["listen"]:
             self["listen"] = ["tcp:8080"]
+        self._load_upstreams()
         self["mcp-app"] = None
         if self["app"]:
             self["mcp-app"] = _load_app(self["app"])
@@ -324,6 +402,10 @@ class Options(usage.Options):
             token_requests_per_minute_per_client=self["token-limit-per-client"],
             rate_limit_keys=self["rate-limit-keys"],
         )
+        if self.get("upstreams"):
+            from smeldr_oauth.gateway.front import authorization_settings
+
+            kw.update(authorization_settings(self["upstreams"]))
         kw.update(overrides)
         return Config(**kw)
 

@@ -8,12 +8,12 @@ This is the only layer that may fall back to the global reactor.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import attr
 from klein import Klein
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -43,11 +43,37 @@ class Mounted:
     oauth: OAuthServer
     routes: list[Route]
     mcp_http: Optional[MCPHTTP]
+    #: The MCP endpoint of each upstream (the OAuth gateway), and its gateway.
+    fronts: list[tuple[MCPHTTP, Any]] = attr.ib(factory=list)
 
-    def shutdown(self) -> "Deferred[None]":
-        if self.mcp_http is None:
+    @property
+    def stream_count(self) -> int:
+        """Open SSE streams of every MCP endpoint."""
+        endpoints = ([self.mcp_http] if self.mcp_http is not None else []) + [f for f, _ in self.fronts]
+        return sum(e.stream_count for e in endpoints)
+
+    def shutdown(self) -> "Deferred[Any]":
+        """End every stream and session, then stop the upstreams' instances."""
+        waits: list[Deferred[Any]] = [self.mcp_http.shutdown()] if self.mcp_http is not None else []
+        for front, gateway in self.fronts:
+            front.shutdown()
+            waits.append(gateway.stop())
+        if not waits:
             return succeed(None)
-        return self.mcp_http.shutdown()
+        return DeferredList(waits, consumeErrors=True)
+
+
+def resource_metadata_url(resource: str) -> str:
+    """
+    RFC 9728 section 3.1: the well-known path goes between the resource's
+    origin and its path.
+    """
+    from hyperlink import URL
+
+    url = URL.from_text(resource)
+    origin = url.replace(path=(), query=(), fragment="").to_text().rstrip("/")
+    suffix = "/".join(p for p in url.path if p)
+    return origin + "/.well-known/oauth-protected-resource" + ("/" + suffix if suffix else "")
 
 
 def mount(
@@ -66,6 +92,7 @@ def mount(
     whole_site: bool = False,
     docs_url: Optional[str] = None,
     sessions: Optional[Any] = None,
+    upstreams: Sequence[tuple[Any, Any]] = (),
 ) -> Mounted:
     """
     Mount every endpoint of C{oauth} (metadata, authorize, token, revoke,
@@ -83,38 +110,49 @@ def mount(
         alone: an object with C{store}, C{delivery} and C{events} (a
         started L{smeldr_oauth.mcp.state.postgres.PostgresSessionState},
         so that every process on one PostgreSQL database serves every
-        session).
+        session).  The gateway's endpoints keep theirs in this process:
+        a gateway session is bound to its upstream's connection here.
+    @param upstreams: the OAuth gateway: pairs of a
+        L{smeldr_oauth.gateway.front.MountedUpstream} (where, which
+        resource) and its L{smeldr_oauth.gateway.Gateway}; each gets an MCP
+        endpoint (both transports) whose sessions are the gateway's, whose
+        tokens must have been issued for its resource, and whose
+        C{insufficient_scope} challenges name its scopes.
     """
     from hyperlink import URL
 
     config = oauth.config
     routes = OAuthRoutes(oauth).routes() + AuthorizeRoutes(oauth).routes()
-    routes += GrantsPage(oauth, reactor).routes() + Health(oauth.store).routes()
+    describe = None
+    if upstreams:
+
+        def describe() -> dict[str, Any]:
+            return {u.config.name or "default": g.describe() for u, g in upstreams}
+
+    routes += GrantsPage(oauth, reactor).routes() + Health(oauth.store, upstreams=describe).routes()
     if whole_site:
         routes += Landing(config, docs_url).routes()
     mount_routes(app, routes)
+    common: dict[str, Any] = dict(
+        allowed_origins=allowed_origins,
+        keepalive_interval=keepalive_interval,
+        max_body=max_body,
+        max_sessions_per_grant=max_sessions_per_grant,
+        max_sessions_per_subject=max_sessions_per_subject,
+        max_sessions=max_sessions,
+    )
     mcp_http = None
     if mcp_app is not None:
         resource = config.resource or ""
         path = mcp_path or ("/" + "/".join(p for p in URL.from_text(resource).path if p)) or "/mcp"
-        # RFC 9728 section 3.1: the well-known path goes between the
-        # resource's origin and its path.
-        origin = URL.from_text(resource).replace(path=(), query=(), fragment="").to_text().rstrip("/")
-        suffix = "/".join(p for p in URL.from_text(resource).path if p)
-        metadata_url = origin + "/.well-known/oauth-protected-resource" + ("/" + suffix if suffix else "")
         mcp_http = MCPHTTP(
             reactor,
             mcp_app,
             oauth,
             resource_url=resource,
-            resource_metadata_url=metadata_url,
+            resource_metadata_url=resource_metadata_url(resource),
             challenge_scope=" ".join(s for s in config.all_scopes if s != OFFLINE_ACCESS),
-            allowed_origins=allowed_origins,
-            keepalive_interval=keepalive_interval,
-            max_body=max_body,
-            max_sessions_per_grant=max_sessions_per_grant,
-            max_sessions_per_subject=max_sessions_per_subject,
-            max_sessions=max_sessions,
+            **common,
             **(
                 {"store": sessions.store, "delivery": sessions.delivery, "events": sessions.events}
                 if sessions is not None
@@ -123,14 +161,30 @@ def mount(
         )
         mcp_http.register(app, path)
         oauth.add_revocation_observer(mcp_http.close_grant)
+    fronts = []
+    for upstream, gateway in upstreams:
+        front = MCPHTTP(
+            reactor,
+            None,
+            oauth,
+            resource_url=upstream.resource.url,
+            resource_metadata_url=resource_metadata_url(upstream.resource.url),
+            challenge_scope=upstream.challenge_scope,
+            session_factory=gateway.session,
+            **common,
+        )
+        front.register(app, upstream.path)
+        oauth.add_revocation_observer(front.close_grant)
+        fronts.append((front, gateway))
     if whole_site:
         # Every unknown path and method gets the project's own answer,
         # never Werkzeug's page: JSON under the API paths (the issuer's and
         # the MCP endpoint's included), the site's page elsewhere.
         prefix = issuer_path(config.issuer)
         extra = [prefix + "/oauth/"] + ([mcp_http.path] if mcp_http is not None else [])
+        extra += [front.path for front, _ in fronts]
         install_error_handlers(app, site_wide=True, api_prefixes=API_PREFIXES + tuple(extra))
-    return Mounted(oauth=oauth, routes=routes, mcp_http=mcp_http)
+    return Mounted(oauth=oauth, routes=routes, mcp_http=mcp_http, fronts=fronts)
 
 
 def watch_external_changes(store: Any, oauth: OAuthServer, clock: IReactorTime, interval: float = 1.0) -> Any:
@@ -167,6 +221,8 @@ class StandaloneService(Service):
 
         self.reactor = reactor
         self.options = options
+        self._http_agent: Any = None
+        self._http_pool: Any = None
         db_threads = options.get("db-threads")
         self.sessions: Any = None
         if options.get("database"):
@@ -182,7 +238,15 @@ class StandaloneService(Service):
             threads = 0 if db_threads is None else db_threads
             self.site_stores = open_site(options["site-db"], reactor, threads=threads)
             self.store = SQLStore(open_database(options["oauth-db"], reactor, threads=threads), reactor)
-        if options["mcp-app"] is not None:
+        upstreams = options.get("upstreams") or ()
+        self.gateways = [self._gateway(u.config) for u in upstreams]
+        mcp_app: Optional[MCPApp]
+        scopes: Optional[dict[str, str]] = None
+        if upstreams:
+            # The gateway serves the upstreams' tools, not the site's (see
+            # docs/gateway.md); their scopes come from the options.
+            mcp_app = None
+        elif options["mcp-app"] is not None:
             mcp_app = options["mcp-app"]
             # The scopes a user's app names are the ones the server grants;
             # without this a tool needing "admin" could never be called.
@@ -197,7 +261,10 @@ class StandaloneService(Service):
             cimd = CIMDResolver(
                 reactor, allow_insecure=bool(options["dev"]), trust_root=options["cimd-ca"]
             )
-        config = options.config(verify_bearer=self.site_stores.tokens.verify_bearer, scopes=scopes)
+        overrides: dict[str, Any] = {"verify_bearer": self.site_stores.tokens.verify_bearer}
+        if scopes is not None:
+            overrides["scopes"] = scopes
+        config = options.config(**overrides)
         self.oauth = OAuthServer(config, self.store, reactor, cimd, limits=Limits.from_config(config, reactor))
         self.app = Klein()
         self.mounted = mount(
@@ -214,12 +281,19 @@ class StandaloneService(Service):
             whole_site=True,
             docs_url=options.get("docs-url"),
             sessions=self.sessions,
+            upstreams=list(zip(upstreams, self.gateways)),
         )
         from smeldr_oauth.service.metrics import Metrics, MetricsObserver
 
-        mcp_http = self.mounted.mcp_http
-        self.metrics = Metrics(open_streams=(lambda: float(mcp_http.stream_count)) if mcp_http else None)
+        mounted = self.mounted
+        serving = mounted.mcp_http is not None or bool(mounted.fronts)
+        self.metrics = Metrics(open_streams=(lambda: float(mounted.stream_count)) if serving else None)
         self._metrics_observer = MetricsObserver(self.metrics)
+        if self.gateways:
+            from smeldr_oauth.gateway.metrics import PrometheusCollector
+
+            gateways = self.gateways
+            self.metrics.registry.register(PrometheusCollector(lambda: [g.metrics for g in gateways]))
         self.site = SmeldrSite(
             self.app.resource(),
             max_body=options["max-body"],
@@ -228,6 +302,20 @@ class StandaloneService(Service):
         )
         self._purging: Any = None
         self._watching: Any = None
+
+    def _gateway(self, upstream: Any) -> Any:
+        """One upstream's L{Gateway}: stdio processes on the reactor, HTTP over a shared pool."""
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        from smeldr_oauth.gateway import Gateway
+
+        if self._http_agent is None:
+            self._http_pool = HTTPConnectionPool(self.reactor, persistent=True)
+            # Calls to one upstream run side by side (each upstream session
+            # on its own connections); the default keeps only 2 per host.
+            self._http_pool.maxPersistentPerHost = 64
+            self._http_agent = Agent(self.reactor, pool=self._http_pool)
+        return Gateway(upstream, clock=self.reactor, reactor=self.reactor, http_agent=self._http_agent)
 
     def startService(self) -> None:
         super().startService()
@@ -278,5 +366,7 @@ class StandaloneService(Service):
         def close(_: Any) -> None:
             self.store.close()
             self.site_stores.close()
+            if self._http_pool is not None:
+                self._http_pool.closeCachedConnections()
 
         return self.mounted.shutdown().addBoth(leave).addBoth(close)

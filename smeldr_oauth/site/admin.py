@@ -8,6 +8,7 @@ C{smeldr-oauth-admin}: manage site tokens and the OAuth grants made with them::
     smeldr-oauth-admin grants list [--oauth-db PATH | --database URL] [--subject NAME] [--site-token ID]
     smeldr-oauth-admin grants revoke GRANT_ID [--oauth-db PATH | --database URL]
     smeldr-oauth-admin grants revoke-client CLIENT_ID [--oauth-db PATH | --database URL]
+    smeldr-oauth-admin resource-server create NAME [--resource URL] [--oauth-db PATH | --database URL]
     smeldr-oauth-admin migrate --from-sqlite OAUTH_DB SITE_DB --database URL
     smeldr-oauth-admin doctor URL [--json] [--site-token-file PATH]  # see smeldr_oauth.doctor
 
@@ -91,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     kinds = parser.add_subparsers(
-        dest="kind", metavar="{token,grants,migrate,doctor}", parser_class=_Parser
+        dest="kind", metavar="{token,grants,resource-server,migrate,doctor}", parser_class=_Parser
     )
     kinds.required = True
     from smeldr_oauth.doctor import cli as doctor
@@ -144,6 +145,24 @@ def _parser() -> argparse.ArgumentParser:
         "revoke-client", parents=[oauth_db, database], help="revoke every live grant of a client"
     )
     client.add_argument("client_id", metavar="CLIENT_ID")
+
+    servers = kinds.add_parser(
+        "resource-server", help="resource servers that may introspect tokens (RFC 7662)"
+    )
+    server_cmds = servers.add_subparsers(dest="command", metavar="{create}", parser_class=_Parser)
+    server_cmds.required = True
+    server = server_cmds.add_parser(
+        "create",
+        parents=[oauth_db, database],
+        help="make a resource server's credentials (the secret is shown once)",
+    )
+    server.add_argument("name", help="what it is (shown in logs)")
+    server.add_argument(
+        "--resource",
+        default=None,
+        metavar="URL",
+        help="the MCP URL it serves: it learns nothing of tokens issued for another [default: any]",
+    )
 
     migrate = kinds.add_parser(
         "migrate", help="copy SQLite databases into an empty PostgreSQL database"
@@ -379,6 +398,26 @@ class _Commands:
             self.say(f"  {grant_id}")
         return 0
 
+    async def resource_server_create(self) -> int:
+        from smeldr_oauth.oauth.introspection import new_resource_server
+
+        if self.missing("oauth"):
+            return 1
+        try:
+            client, secret = new_resource_server(self.options.name, self.options.resource, self.now())
+        except ValueError as e:
+            self.complain(str(e))
+            return 1
+        store = _open_oauth_store(self.oauth_location, self.reactor)
+        try:
+            await store.save_client(client)
+        finally:
+            _close(store)
+        self.say(f"Resource server {_shown(client.client_name)} created; its secret is shown only now.")
+        self.say(f"client_id:     {client.client_id}")
+        self.say(f"client_secret: {secret}")
+        return 0
+
     async def migrate_sqlite(self) -> int:
         from smeldr_oauth.db import open_database
         from smeldr_oauth.db.copy import SourceMissing, TargetNotEmpty, copy_from_sqlite
@@ -407,7 +446,7 @@ class _Commands:
 
 async def _dispatch(commands: _Commands) -> int:
     options = commands.options
-    name = f"{options.kind}_{options.command.replace('-', '_')}"
+    name = f"{options.kind}_{options.command}".replace("-", "_")
     try:
         result: int = await getattr(commands, name)()
         return result

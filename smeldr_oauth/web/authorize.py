@@ -74,11 +74,15 @@ def consent_page(
     scopes: list[tuple[str, str]],
     fields: list[tuple[str, str]],
     error: Optional[str] = None,
+    resource: Optional[tuple[str, str]] = None,
 ) -> pages.Page:
     """
     The consent form: who is asking (name and where its identity comes
-    from), where the answer goes, what it may do, and a place to paste a
-    site token.
+    from), where the answer goes, what it may do (and where, when the
+    server protects several resources), and a place to paste a site token.
+
+    @param resource: the name and URL of the resource being authorized,
+        when it must be told apart from others.
     """
     name = client_name or "An application"
     redirect = parse(redirect_uri)
@@ -101,6 +105,8 @@ def consent_page(
                 role="note",
             )
         )
+    if resource is not None:
+        body.append(tags.p("It asks for access to ", tags.strong(resource[0]), " (", tags.code(resource[1]), ")."))
     body.append(tags.p("It will be able to:"))
     body.append(
         tags.ul(class_="scopes")(
@@ -174,6 +180,13 @@ class AuthorizeRoutes:
         self, request: IRequest, authz: AuthorizationRequest, error: Optional[str], status: int
     ) -> bytes:
         client = authz.client
+        protected = self.config.protected_resource(authz.resource)
+        words = dict(self.config.scopes)
+        shown: Optional[tuple[str, str]] = None
+        if protected is not None:
+            words.update(protected.scope_words)
+            if len(self.config.resources) > 1 or protected.name:
+                shown = (protected.name or self.config.service_name, protected.url)
         page = consent_page(
             action=self.config.endpoint("/oauth/authorize"),
             site_name=self.config.service_name,
@@ -181,9 +194,10 @@ class AuthorizeRoutes:
             client_id=client.client_id,
             client_is_url=client.kind == "cimd" or is_cimd_client_id(client.client_id, allow_insecure=True),
             redirect_uri=authz.redirect_uri,
-            scopes=pages.scope_words(authz.scopes, self.config.scopes),
+            scopes=pages.scope_words(authz.scopes, words),
             fields=authz.form_fields(),
             error=error,
+            resource=shown,
         )
         return pages.respond(request, status, page, form_targets=form_origin(authz.redirect_uri))
 

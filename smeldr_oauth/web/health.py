@@ -5,7 +5,8 @@ C{GET /healthz} for platform health checks, and C{/favicon.ico}.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -22,14 +23,21 @@ _UNAVAILABLE = b'{"status":"unavailable"}'
 class Health:
     """
     200 when the OAuth store answers a query, 503 when it does not.  It
-    says nothing else.
+    says nothing else, but for the OAuth gateway's upstreams.
 
     @param store: anything with C{count_clients()} (an C{IOAuthStore}).
+    @param upstreams: the state of each upstream of the OAuth gateway
+        (instances, counters; no subjects, no secrets), shown under
+        C{"upstreams"}.  An upstream that is down does not make the server
+        unhealthy: the server still answers, and the upstream restarts.
     """
 
-    def __init__(self, store: Any, path: str = "/healthz") -> None:
+    def __init__(
+        self, store: Any, path: str = "/healthz", upstreams: Optional[Callable[[], dict[str, Any]]] = None
+    ) -> None:
         self.store = store
         self.path = path
+        self.upstreams = upstreams
 
     def routes(self) -> list[Route]:
         return [
@@ -49,6 +57,8 @@ class Health:
             log.failure("health check: the OAuth store did not answer")
             request.setResponseCode(503)
             return _UNAVAILABLE
+        if self.upstreams is not None:
+            return json.dumps({"status": "ok", "upstreams": self.upstreams()}, sort_keys=True).encode()
         return _OK
 
 

@@ -101,6 +101,11 @@ def oauth_form(request: IRequest) -> dict[str, list[str]]:
         raise oauth_errors.invalid_request(e.description)
 
 
+def resource_path(resource: str) -> str:
+    """The path of a resource URL without its slashes at either end: C{mcp/a}."""
+    return "/".join(p for p in URL.from_text(resource).path if p)
+
+
 def issuer_path(issuer: str) -> str:
     """
     The path of C{issuer} without a trailing slash: C{""} for a bare origin.
@@ -121,6 +126,12 @@ class OAuthRoutes:
         self.hsts = (HSTS,) if self.config.issuer.startswith("https://") else ()
         self.as_metadata = StaticJSON(server.authorization_server_metadata())
         self.pr_metadata = StaticJSON(server.protected_resource_metadata())
+        # RFC 9728 section 3.1: each resource's document at the well-known
+        # URL with the resource's path inserted (the root one names the
+        # default resource).
+        self.pr_documents = {
+            resource_path(r.url): StaticJSON(server.protected_resource_metadata(r)) for r in self.config.resources
+        }
 
     def metadata_paths(self) -> list[str]:
         """
@@ -138,14 +149,16 @@ class OAuthRoutes:
             json_route(path, {"GET": self.no_oidc})
             for path in dict.fromkeys([OIDC_DISCOVERY + self.prefix, OIDC_DISCOVERY])
         ]
-        resource_path = "/".join(p for p in URL.from_text(self.config.resource or "").path if p)
-        for path in dict.fromkeys([PR_METADATA, PR_METADATA + "/" + resource_path if resource_path else PR_METADATA]):
-            routes.append(json_route(path, {"GET": self.pr_metadata}))
+        routes.append(json_route(PR_METADATA, {"GET": self.pr_metadata}))
+        for path, document in self.pr_documents.items():
+            if path:
+                routes.append(json_route(PR_METADATA + "/" + path, {"GET": document}))
         for prefix in dict.fromkeys([self.prefix + "/oauth", ""]):
             routes += [
                 json_route(prefix + "/token", {"POST": self.token}),
                 json_route(prefix + "/register", {"POST": self.register}),
                 json_route(prefix + "/revoke", {"POST": self.revoke}),
+                json_route(prefix + "/introspect", {"POST": self.introspect}),
             ]
         return routes
 
@@ -167,6 +180,13 @@ class OAuthRoutes:
         basic = basic_credentials(request)
         await self.server.revoke(params, basic)
         return json_response(request, {})
+
+    async def introspect(self, request: IRequest) -> bytes:
+        """RFC 7662: for resource servers, with their own credentials."""
+        params = oauth_form(request)
+        basic = basic_credentials(request)
+        body = await self.server.introspect(params, basic, address=client_address(request))
+        return json_response(request, body)
 
     async def register(self, request: IRequest) -> bytes:
         if not self.config.dynamic_registration:

@@ -159,6 +159,59 @@ def toolResult(result: Any) -> dict[str, Any]:
     return result.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+async def answerSampling(context: Any, params: Any) -> Any:
+    """C{--then}: a model that always says the same thing."""
+    from mcp.types import CreateMessageResult, TextContent
+
+    return CreateMessageResult(
+        role="assistant", content=TextContent(type="text", text="forty-two"), model="driver"
+    )
+
+
+async def answerElicitation(context: Any, params: Any) -> Any:
+    """C{--then}: a person who always says their name is Ada."""
+    from mcp.types import ElicitResult
+
+    return ElicitResult(action="accept", content={"name": "Ada"})
+
+
+async def followUp(client: Any, actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    C{--then}: each action in turn, each reported as a dict:
+    C{{"call": TOOL, "args": {...}}} (with the progress it reported),
+    C{{"read": URI}}, C{{"prompt": NAME, "args": {...}}}, and
+    C{{"cancel": TOOL, "args": {...}, "after": SECONDS}} (the SDK cancels
+    the call, sending C{notifications/cancelled}).
+    """
+    results: list[dict[str, Any]] = []
+    for action in actions:
+        if "call" in action:
+            progress: list[float] = []
+
+            async def onProgress(
+                value: float, total: float | None, message: str | None, seen: list[float] = progress
+            ) -> None:
+                seen.append(value)
+
+            result = await client.call_tool(
+                action["call"], action.get("args", {}), progress_callback=onProgress
+            )
+            results.append({"result": toolResult(result), "progress": progress})
+        elif "read" in action:
+            read = await client.read_resource(action["read"])
+            results.append({"result": read.model_dump(mode="json", exclude_none=True)})
+        elif "prompt" in action:
+            prompt = await client.get_prompt(action["prompt"], action.get("args", {}))
+            results.append({"result": prompt.model_dump(mode="json", exclude_none=True)})
+        elif "cancel" in action:
+            with anyio.move_on_after(action.get("after", 1.0)) as scope:
+                await client.call_tool(action["cancel"], action.get("args", {}))
+            results.append({"cancelled": scope.cancelled_caught})
+        else:
+            raise DriverError(f"unknown --then action {action!r}")
+    return results
+
+
 async def revoke(
     revocationEndpoint: str | None,
     mcpURL: str,
@@ -268,8 +321,13 @@ async def run(
 
     arguments = json.loads(options.args)
     try:
+        callbacks: dict[str, Any] = {}
+        if options.then:
+            callbacks = dict(
+                sampling_callback=answerSampling, elicitation_callback=answerElicitation
+            )
         async with Client(
-            transport, mode=options.mode, read_timeout_seconds=15.0
+            transport, mode=options.mode, read_timeout_seconds=15.0, **callbacks
         ) as client:
             report["protocol_version"] = client.protocol_version
             info = client.server_info
@@ -303,6 +361,9 @@ async def run(
                 report["refreshed"] = storage.tokens is not before and (
                     storage.tokens.access_token != before.access_token
                 )
+
+            if options.then:
+                report["then"] = await followUp(client, json.loads(options.then))
 
             if options.revoke:
                 oauthMetadata = provider.context.oauth_metadata
@@ -380,6 +441,12 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
         "--revoke",
         action="store_true",
         help="then revoke the access token and call again",
+    )
+    parser.add_argument(
+        "--then",
+        default=None,
+        help="a JSON list of further actions after the first call (see followUp); "
+        "also answers sampling and elicitation",
     )
     parser.add_argument(
         "--max-wait",

@@ -24,6 +24,13 @@ recently active idle session makes room, else 429) and server-wide (503),
 so one token cannot fill the server-wide cap and lock everyone else out;
 a session nobody used after C{initialize} lives only
 C{new_session_timeout} seconds.
+
+The protocol object of a session comes from a L{SessionFactory}: by
+default L{native_sessions} (a L{ServerSession} over an L{MCPApp}); the
+OAuth gateway passes one that makes
+L{smeldr_oauth.gateway.proxy.GatewaySession}s instead.  Both provide
+L{smeldr_oauth.gateway.interfaces.IMCPSession}, which is all the
+transports use.
 """
 
 from __future__ import annotations
@@ -50,6 +57,20 @@ from smeldr_oauth.mcp.streams import SSEStream
 from smeldr_oauth.oauth.model import AccessInfo
 
 log = Logger()
+
+
+#: Makes the protocol object of one session (keyword arguments: those of
+#: L{ServerSession} but the app and the clock); see L{native_sessions}.
+SessionFactory = Callable[..., Any]
+
+
+def native_sessions(app: MCPApp, clock: IReactorTime) -> SessionFactory:
+    """The default L{SessionFactory}: L{ServerSession}s serving C{app}'s tools."""
+
+    def make(**kwargs: Any) -> ServerSession:
+        return ServerSession(app, clock, **kwargs)
+
+    return make
 
 
 def _at_once(d: Deferred, then: Callable[..., Any], *args: Any) -> Any:
@@ -252,11 +273,13 @@ class SessionRegistry:
         open stream for this long is ended.
     @param new_session_timeout: the idle timeout of a session that saw
         nothing after C{initialize}.
+    @param session_factory: makes each session's protocol object (default
+        L{native_sessions} of C{app}).
     """
 
     def __init__(
         self,
-        app: MCPApp,
+        app: Optional[MCPApp],
         clock: IReactorTime,
         *,
         store: ISessionStore,
@@ -266,9 +289,14 @@ class SessionRegistry:
         idle_timeout: float = 3600.0,
         new_session_timeout: float = 60.0,
         request_timeout: float = 300.0,
+        session_factory: Optional[SessionFactory] = None,
     ) -> None:
         self.app = app
         self.clock = clock
+        if session_factory is None:
+            assert app is not None, "an MCPApp or a session factory is needed"
+            session_factory = native_sessions(app, clock)
+        self.make_session = session_factory
         self.store = store
         self.delivery = delivery
         self.events = events
@@ -280,7 +308,7 @@ class SessionRegistry:
         # One bound method for every session (idle sessions are many).
         self._on_change = self._protocol_changed
         relay = delivery.share_changes(self._changed_elsewhere)
-        if relay is not None:
+        if relay is not None and app is not None:
             app.change_observers.append(relay)
 
     def __len__(self) -> int:
@@ -402,9 +430,7 @@ class SessionRegistry:
 
     def _bring_up(self, record: SessionRecord) -> LiveSession:
         live = LiveSession(self, record)
-        live.protocol = ServerSession(
-            self.app,
-            self.clock,
+        live.protocol = self.make_session(
             session_id=record.session_id,
             default_outlet=DeliveryOutlet(self, record),
             request_timeout=self.request_timeout,
@@ -415,6 +441,10 @@ class SessionRegistry:
         self.delivery.attach(record.session_id, live)
         self._arm(live)
         return live
+
+    def stateless(self) -> Any:
+        """A throwaway protocol object for one 2026-07-28 stateless request."""
+        return self.make_session(modern_only=True, request_timeout=self.request_timeout)
 
     def _is_idle(self, record: SessionRecord) -> bool:
         live = self._live.get(record.session_id)

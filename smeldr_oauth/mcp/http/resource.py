@@ -37,13 +37,14 @@ from smeldr_oauth.mcp.http import wire
 from smeldr_oauth.mcp.http.cors import ALLOWED_HEADERS, OriginPolicy
 from smeldr_oauth.mcp.http.errors import refused
 from smeldr_oauth.mcp.http.legacy import LegacySSE
-from smeldr_oauth.mcp.http.registry import SessionRegistry
+from smeldr_oauth.mcp.http.registry import SessionFactory, SessionRegistry
 from smeldr_oauth.mcp.http.streamable import StreamableHTTP
 from smeldr_oauth.mcp.http.streamauth import StreamGuard
 from smeldr_oauth.mcp.state.interfaces import IEventLog, ISessionDelivery, ISessionStore
 from smeldr_oauth.mcp.state.memory import LocalDelivery, MemoryEventLog, MemorySessionStore
 from smeldr_oauth.mcp.state.records import SessionLimits
 from smeldr_oauth.mcp.streams import StreamOptions
+from smeldr_oauth.oauth.urls import canonical_resource
 from smeldr_oauth.web.errors import JSONRPC
 from smeldr_oauth.web.routes import CORS, Route, mount_routes
 
@@ -90,12 +91,18 @@ class MCPHTTP:
         session (L{ISessionDelivery}); default: this process.
     @param events: the resumption log (L{IEventLog}); default: memory,
         C{resume_buffer} events per session.
+    @param session_factory: makes each session's protocol object instead
+        of a L{ServerSession} over C{mcp_app} (the OAuth gateway's
+        sessions: see L{smeldr_oauth.mcp.http.registry.SessionFactory});
+        C{mcp_app} may then be C{None}.
+    @param audience: the resource a token must have been issued for
+        (RFC 8707); default C{resource_url}.
     """
 
     def __init__(
         self,
         reactor: IReactorTime,
-        mcp_app: MCPApp,
+        mcp_app: Optional[MCPApp],
         verifier: Any,
         *,
         resource_url: str,
@@ -116,12 +123,19 @@ class MCPHTTP:
         store: Optional[ISessionStore] = None,
         delivery: Optional[ISessionDelivery] = None,
         events: Optional[IEventLog] = None,
+        session_factory: Optional[SessionFactory] = None,
+        audience: Optional[str] = None,
     ) -> None:
         self.clock = reactor
         self.app = mcp_app
         self.resource_url = resource_url
         self.max_body = max_body
-        self.auth = BearerAuth(verifier, Challenger(resource_metadata_url, challenge_scope), reactor)
+        self.auth = BearerAuth(
+            verifier,
+            Challenger(resource_metadata_url, challenge_scope),
+            reactor,
+            audience=canonical_resource(audience or resource_url),
+        )
         self.origins = OriginPolicy(resource_url, allowed_origins)
         self.guard = StreamGuard(
             StreamOptions.shared(reactor, keepalive_interval, max_queue), self.auth, stream_recheck_interval
@@ -136,6 +150,7 @@ class MCPHTTP:
             idle_timeout=session_idle_timeout,
             new_session_timeout=new_session_timeout,
             request_timeout=request_timeout,
+            session_factory=session_factory,
         )
         self.streamable = StreamableHTTP(
             mcp_app,

@@ -70,7 +70,7 @@ class StreamableHTTP:
 
     def __init__(
         self,
-        app: MCPApp,
+        app: Optional[MCPApp],
         clock: IReactorTime,
         *,
         sessions: SessionRegistry,
@@ -148,7 +148,7 @@ class StreamableHTTP:
             name: wire.header(post.request, name.encode())
             for name in ("mcp-protocol-version", "mcp-method", "mcp-name")
         }
-        protocol = ServerSession(self.app, self.clock, modern_only=True, request_timeout=self.request_timeout)
+        protocol = self.sessions.stateless()
         try:
             protocol.prepare(message, post.credential.principal, None)
             check_modern_headers(message, headers)

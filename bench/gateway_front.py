@@ -1,0 +1,261 @@
+"""
+The whole gateway over HTTP, against the same HTTP upstream called directly.
+
+An upstream MCP server built with the official Python SDK
+(C{tests/upstreams/sdk_server.py}, JSON answers) runs in its own process;
+the front (C{MCPHTTP} with the gateway's sessions, bearer check included,
+no access log) runs in another, and a bare asyncio HTTP client
+(L{bench.loadgen.Connection}) calls the C{echo} tool over Streamable HTTP:
+
+  - one connection, one call at a time: p50 and p99 direct and through
+    the gateway, and the overhead;
+  - C{--connections} connections (each its own MCP session) for
+    C{--seconds}: calls per second direct and through the gateway, and
+    the ratio.
+
+Usage: python -m bench.gateway_front [--calls N] [--connections N] [--seconds S] [--json]
+
+One run, one box: the numbers compare within the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+from bench.loadgen import Connection, build, connect
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SDK_SERVER = os.path.join(CHECKOUT, "tests", "upstreams", "sdk_server.py")
+TOKEN = "bench-gateway-front-token"
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 0,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}},
+}
+
+
+def serve(upstream: str) -> None:
+    """The front, in this process: prints C{PORT n} once it listens."""
+    from klein import Klein
+    from twisted.internet import reactor
+    from twisted.internet.defer import succeed
+    from twisted.web.client import Agent, HTTPConnectionPool
+    from zope.interface import implementer
+
+    from smeldr_oauth.gateway.config import load
+    from smeldr_oauth.gateway.proxy import Gateway
+    from smeldr_oauth.mcp.http import MCPHTTP
+    from smeldr_oauth.oauth.interfaces import IAccessVerifier
+    from smeldr_oauth.oauth.model import AccessInfo
+    from smeldr_oauth.web.site import SmeldrSite
+
+    @implementer(IAccessVerifier)
+    class OneToken:
+        def __init__(self, resource: str) -> None:
+            self.info = AccessInfo(
+                subject="bench", client_id="bench", scopes=frozenset(), resource=resource, grant_id="g", expires_at=1e12
+            )
+
+        def verify_access_token(self, token: str) -> Any:
+            return succeed(self.info if token == TOKEN else None)
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 128
+    # One upstream session per downstream session, as the direct side
+    # has: the comparison is of the gateway, not of sharing.
+    toml = f'[upstreams.bench]\nurl = "{upstream}"\nisolation = "session"\nlimits = {{ max_instances = 256 }}\n'
+    config = load((), toml).upstreams[0]
+    gateway = Gateway(config, clock=reactor, reactor=reactor, http_agent=Agent(reactor, pool=pool))
+    app = Klein()
+    port = reactor.listenTCP(0, SmeldrSite(app.resource()), interface="127.0.0.1")  # type: ignore[attr-defined]
+    resource = f"http://127.0.0.1:{port.getHost().port}/mcp"
+    front = MCPHTTP(
+        reactor,
+        None,
+        OneToken(resource),
+        resource_url=resource,
+        resource_metadata_url=resource + "/metadata",
+        challenge_scope="",
+        session_factory=gateway.session,
+        max_sessions_per_grant=1000,
+        max_sessions_per_subject=1000,
+    )
+    front.register(app, "/mcp")
+    print(f"PORT {port.getHost().port}", flush=True)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+def _spawn(argv: list[str]) -> tuple[subprocess.Popen, int]:
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=CHECKOUT, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("PORT "):
+        process.kill()
+        raise SystemExit(f"{argv[1]} did not start: {line!r}")
+    return process, int(line.split()[1])
+
+
+def _headers(session: Optional[str]) -> dict[str, str]:
+    headers = {
+        "Authorization": f"Bearer {TOKEN}",
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+    }
+    if session is not None:
+        headers.update({"Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-11-25"})
+    return headers
+
+
+class Session:
+    """One connection with one MCP session on it."""
+
+    def __init__(self, conn: Connection, port: int, session: str) -> None:
+        self.conn, self.host, self.headers, self.ids = conn, f"127.0.0.1:{port}", _headers(session), 0
+
+    @classmethod
+    async def open(cls, port: int) -> "Session":
+        conn = await connect("127.0.0.1", port)
+        host = f"127.0.0.1:{port}"
+        response = await conn.request(build("POST", "/mcp", host, _headers(None), json.dumps(INIT).encode()))
+        if response.status != 200:
+            raise SystemExit(f"initialize answered {response.status}: {response.body[:200]!r}")
+        self = cls(conn, port, response.headers[b"mcp-session-id"].decode())
+        note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
+        await conn.request(build("POST", "/mcp", host, self.headers, note))
+        return self
+
+    async def echo(self) -> None:
+        self.ids += 1
+        arguments = {"text": "x", "message": "x"}
+        body = {"jsonrpc": "2.0", "id": self.ids, "method": "tools/call", "params": {"name": "echo", "arguments": arguments}}
+        response = await self.conn.request(build("POST", "/mcp", self.host, self.headers, json.dumps(body).encode()))
+        if response.status != 200 or b'"result"' not in response.body:
+            raise SystemExit(f"tools/call answered {response.status}: {response.body[:200]!r}")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def measure(port: int, calls: int, connections: int, seconds: float) -> dict[str, Any]:
+    one = await Session.open(port)
+    for _ in range(max(10, calls // 10)):
+        await one.echo()
+    latencies = []
+    for _ in range(calls):
+        began = time.perf_counter()
+        await one.echo()
+        latencies.append(time.perf_counter() - began)
+    one.conn.close()
+    sessions = [await Session.open(port) for _ in range(connections)]
+    done = 0
+    deadline = time.monotonic() + seconds
+
+    async def loop(session: Session) -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            await session.echo()
+            done += 1
+
+    began = time.monotonic()
+    await asyncio.gather(*(loop(s) for s in sessions))
+    elapsed = time.monotonic() - began
+    for s in sessions:
+        s.conn.close()
+    return {"p50_ms": _percentile(latencies, 0.5), "p99_ms": _percentile(latencies, 0.99), "calls_per_second": done / elapsed}
+
+
+def _everything() -> tuple[subprocess.Popen, int]:
+    """server-everything over Streamable HTTP on a free port (it takes PORT from the environment)."""
+    import shutil
+    import socket
+
+    from bench.gateway import EVERYTHING
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    node = shutil.which("node")
+    if node is None or not os.path.exists(EVERYTHING):
+        raise SystemExit("needs node and server-everything: bash scripts/setup-upstreams.sh")
+    process = subprocess.Popen(
+        [node, EVERYTHING, "streamableHttp"],
+        env={**os.environ, "PORT": str(port)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return process, port
+        time.sleep(0.05)
+    process.kill()
+    raise SystemExit("server-everything did not listen")
+
+
+def run(calls: int, connections: int, seconds: float, upstream_kind: str = "everything") -> dict[str, Any]:
+    if upstream_kind == "sdk":
+        upstream, upstream_port = _spawn([sys.executable, SDK_SERVER, "--json-response"])
+    else:
+        upstream, upstream_port = _everything()
+    front = None
+    try:
+        front, front_port = _spawn(
+            [sys.executable, "-m", "bench.gateway_front", "--serve", f"http://127.0.0.1:{upstream_port}/mcp"]
+        )
+        direct = asyncio.run(measure(upstream_port, calls, connections, seconds))
+        gateway = asyncio.run(measure(front_port, calls, connections, seconds))
+    finally:
+        for process in (front, upstream):
+            if process is not None:
+                process.kill()
+                process.wait()
+    return {
+        "upstream": (
+            "Python SDK server (JSON answers)" if upstream_kind == "sdk" else "server-everything (Node)"
+        )
+        + " over Streamable HTTP, tools/call echo",
+        "connections": connections,
+        "direct": direct,
+        "gateway": gateway,
+        "overhead_p50_ms": gateway["p50_ms"] - direct["p50_ms"],
+        "throughput_ratio": gateway["calls_per_second"] / direct["calls_per_second"],
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gateway_front", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--upstream", choices=["everything", "sdk"], default="everything")
+    parser.add_argument("--serve", metavar="UPSTREAM_URL", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.serve)
+        return 0
+    result = run(args.calls, args.connections, args.seconds, args.upstream)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    d, g = result["direct"], result["gateway"]
+    print(f"{result['upstream']}")
+    print(f"  1 connection   direct p50 {d['p50_ms']:.3f} ms p99 {d['p99_ms']:.3f} ms")
+    print(f"                 gateway p50 {g['p50_ms']:.3f} ms p99 {g['p99_ms']:.3f} ms  overhead p50 {result['overhead_p50_ms']:.3f} ms")
+    print(f"  {result['connections']} connections direct {d['calls_per_second']:.0f} calls/s, gateway {g['calls_per_second']:.0f} calls/s  (ratio {result['throughput_ratio']:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
