@@ -15,6 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 
 from smeldr_oauth.mcp.state.memory import LocalDelivery, MemoryEventLog, MemorySessionStore
+from tests.gateway_real import until
 from tests.test_mcp_http import HTTPTestBase, LegacySSETests, SessionCapTests, StreamableHTTPTests, build_app
 
 
@@ -88,6 +89,12 @@ class TwoProcessTests(HTTPTestBase):
         self.assertEqual(code, 200)
         record = await self.store.get(session_id)
         self.assertEqual((record.log_level, record.protocol_version, record.used), ("error", "2025-06-18", True))
+        # A's copy follows through the delivery: at once in one process, a
+        # NOTIFY later between processes on PostgreSQL.
+        await until(
+            lambda: [live.protocol.log_level for live in self.mcp.sessions.live_sessions()] == ["error"],
+            what="A's copy of the session to take up the new level",
+        )
         code, response_headers, body = await self.request("POST", body=self.call("chatty", id=3), headers=headers)
         self.assertEqual(response_headers.getRawHeaders("content-type"), ["application/json"])
         self.assertEqual(json.loads(body)["result"]["content"][0]["text"], "said")
