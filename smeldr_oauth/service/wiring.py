@@ -211,6 +211,10 @@ class StandaloneService(Service):
         )
         self._purging: Any = None
         self._watching: Any = None
+        from smeldr_oauth.flows.recorder import FlowRecorder
+        from smeldr_oauth.flows.store import FlowStore
+
+        self.flows = FlowRecorder(FlowStore(self.store.database, reactor), reactor)
 
     def startService(self) -> None:
         super().startService()
@@ -218,6 +222,12 @@ class StandaloneService(Service):
             from twisted.logger import globalLogPublisher
 
             globalLogPublisher.addObserver(self._metrics_observer)
+        from twisted.logger import globalLogPublisher as flows_publisher
+
+        # The flow timeline (smeldr_oauth.flows): steps buffered here,
+        # written in batches.
+        flows_publisher.addObserver(self.flows)
+        self.flows.start()
         if self.options["dev"]:
             log.warn(
                 "DEVELOPMENT MODE (--dev): http:// and loopback client_id URLs are accepted. "
@@ -246,6 +256,8 @@ class StandaloneService(Service):
         from twisted.logger import globalLogPublisher
 
         globalLogPublisher.removeObserver(self._metrics_observer)
+        globalLogPublisher.removeObserver(self.flows)
+        flushed = self.flows.stop()
         for loop in (self._purging, self._watching):
             if loop is not None and loop.running:
                 loop.stop()
@@ -254,4 +266,4 @@ class StandaloneService(Service):
             self.store.close()
             self.site_stores.close()
 
-        return self.mounted.shutdown().addBoth(close)
+        return self.mounted.shutdown().addBoth(lambda _: flushed).addBoth(close)

@@ -91,12 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     kinds = parser.add_subparsers(
-        dest="kind", metavar="{token,grants,migrate,doctor}", parser_class=_Parser
+        dest="kind", metavar="{token,grants,migrate,doctor,flows}", parser_class=_Parser
     )
     kinds.required = True
     from smeldr_oauth.doctor import cli as doctor
 
     doctor.add_parser(kinds)
+    from smeldr_oauth.flows import cli as flows
+
+    flows.add_parser(kinds, [oauth_db, database])
 
     token = kinds.add_parser(
         "token", help="site tokens (what you paste into the consent page)"
@@ -378,6 +381,13 @@ class _Commands:
         for grant_id in revoked:
             self.say(f"  {grant_id}")
         return 0
+
+    async def flows_show(self) -> int:
+        if self.missing("oauth"):
+            return 1
+        from smeldr_oauth.flows import cli as flows
+
+        return await flows.show(self.reactor, self.options, self.oauth_location, self.out)
 
     async def migrate_sqlite(self) -> int:
         from smeldr_oauth.db import open_database
