@@ -12,7 +12,7 @@ from typing import IO, Any
 
 from smeldr_oauth.db import open_database
 from smeldr_oauth.flows import render
-from smeldr_oauth.flows.patterns import Context, recognise
+from smeldr_oauth.flows.patterns import NEVER_USED_AFTER, Context, recognise
 from smeldr_oauth.flows.store import FlowStore
 
 
@@ -29,6 +29,13 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> argpars
     flows.add_argument("--resource", metavar="URL", default=None, help="the server's resource, to name mismatches")
     flows.add_argument(
         "--access-ttl", metavar="SECONDS", type=float, default=3600.0, help="access token lifetime (default 3600)"
+    )
+    flows.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        type=float,
+        default=NEVER_USED_AFTER,
+        help=f"a token unused this long after its issue is 'never used' (default {NEVER_USED_AFTER:g})",
     )
     flows.add_argument("--json", action="store_true", help="print one JSON document")
     flows.set_defaults(command="show")
@@ -51,7 +58,9 @@ async def show(reactor: Any, options: argparse.Namespace, location: str, out: IO
             groups = [(options.client or options.grant, steps)]
     finally:
         store.close()
-    context = Context(now=float(reactor.seconds()), resource=options.resource, access_ttl=options.access_ttl)
+    context = Context(
+        now=float(reactor.seconds()), resource=options.resource, access_ttl=options.access_ttl, grace=options.grace
+    )
     findings = [f for _, group in groups for f in recognise(group, context)]
     if options.json:
         out.write(json.dumps(render.document(steps, findings), indent=2) + "\n")

@@ -50,11 +50,13 @@ class Context:
     @ivar now: the time the timeline is read.
     @ivar resource: the resource this server's tokens are for.
     @ivar access_ttl: seconds an access token lives.
+    @ivar grace: seconds after a token is issued before "never used".
     """
 
     now: float
     resource: Optional[str] = None
     access_ttl: float = 3600.0
+    grace: float = NEVER_USED_AFTER
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -109,7 +111,7 @@ def never_used(steps: Sequence[Step], context: Context) -> list[Finding]:
     """
     found = []
     for grant_id, issue in _issued(steps).items():
-        if context.now - issue.at < NEVER_USED_AFTER or _revoked(steps, grant_id, issue.at):
+        if context.now - issue.at < context.grace or _revoked(steps, grant_id, issue.at):
             continue
         if any(s.kind in model.MCP_USE and s.grant_id == grant_id for s in steps):
             continue

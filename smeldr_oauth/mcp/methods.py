@@ -256,6 +256,7 @@ def tools_call(session: "ServerSession", params: dict[str, Any], call: "Call") -
             smeldr_event="mcp_call",
             client_id=call.principal.client_id if call.principal is not None else None,
             grant_id=call.principal.grant_id if call.principal is not None else None,
+            version=call.version,
         )
         return result
 

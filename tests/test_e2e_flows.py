@@ -1,0 +1,159 @@
+"""
+The flow timeline end to end: a real C{twist smeldr-oauth} process, real
+clients (the official MCP Python SDK client; the doctor's OAuth flow as a
+client that stops after the token exchange), and the timeline read back
+with the real C{smeldr-oauth-admin flows}.  The raw rows are then scanned
+for every secret the flows handled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from smeldr_oauth.doctor.fetch import Fetcher, http_client
+from smeldr_oauth.doctor.flow import Flow
+from smeldr_oauth.flows import model, patterns
+from tests.e2e import RunningServer, adminCommand, checkDriver, createSiteToken, runDriverReport, runProgram, startServer
+from tests.test_e2e_python_sdk import DRIVER, _requireSDK
+
+#: A secret's shape: 256 bits in URL-safe base64 (43 characters) or more.
+SECRET_SHAPE = re.compile(r"[A-Za-z0-9_-]{40,}")
+
+
+def raw_rows(path: str) -> str:
+    """Every stored step, every column, as one text."""
+    with sqlite3.connect(path) as db:
+        return "\n".join(repr(row) for row in db.execute("SELECT * FROM flow_steps"))
+
+
+class FlowTimelineTests(TestCase):
+    timeout = 90
+
+    async def flows(self, server: RunningServer, *arguments: str) -> str:
+        out, err, code = await runProgram(
+            reactor, [*adminCommand(), "flows", "--oauth-db", server.oauthDB, *arguments]
+        )
+        self.assertEqual(code, 0, err)
+        return out
+
+    def assertNoSecrets(self, server: RunningServer, secrets: list[str], ids: set[str]) -> None:
+        rows = raw_rows(server.oauthDB)
+        self.assertTrue(rows)
+        for secret in secrets:
+            self.assertNotIn(secret, rows)
+        # Nor anything shaped like one (a code, a verifier), ids apart.
+        self.assertEqual([s for s in SECRET_SHAPE.findall(rows) if s not in ids], [])
+
+    async def test_python_sdk_client_makes_a_complete_timeline(self) -> None:
+        """
+        Discovery to refresh, as the official Python SDK client takes the
+        steps; no pattern is found in it.
+        """
+        _requireSDK()
+        server = await startServer(self, reactor, [])
+        site_token = await createSiteToken(reactor, server)
+        arguments = ("--transport", "streamable", "--refresh")
+        report, out, err, code = await runDriverReport(
+            reactor,
+            [sys.executable, DRIVER, "--url", server.mcpURL, "--site-token", site_token,
+             "--tool", "list_posts", "--args", "{}", "--timeout", "20", *arguments],
+            timeout=30,
+        )
+        checkDriver(self, server, arguments, report, out, err, code)
+        await server.stop()  # the recorder writes what waits on the way out
+        document = json.loads(await self.flows(server, "--json", "--resource", server.mcpURL))
+        clients = {s["client_id"] for s in document["steps"] if s["kind"] == model.CODE_EXCHANGED}
+        self.assertEqual(len(clients), 1, document)
+        [client_id] = clients
+        timeline = json.loads(
+            await self.flows(server, "--json", "--client", client_id, "--resource", server.mcpURL)
+        )
+        kinds = [s["kind"] for s in timeline["steps"]]
+        for kind in (
+            model.MCP_REFUSED,  # the first request, without a token
+            model.DISCOVERY,
+            model.REGISTERED,
+            model.AUTHORIZE,
+            model.APPROVED,
+            model.CODE_EXCHANGED,
+            model.MCP_CALL,
+            model.REFRESHED,
+        ):
+            self.assertIn(kind, kinds, timeline)
+        self.assertLess(kinds.index(model.DISCOVERY), kinds.index(model.REGISTERED))
+        self.assertLess(kinds.index(model.CODE_EXCHANGED), kinds.index(model.MCP_CALL))
+        refused = next(s for s in timeline["steps"] if s["kind"] == model.MCP_REFUSED)
+        self.assertEqual((refused["outcome"], refused["detail"]["challenge"]), ("401", "yes"))
+        # The SDK speaks the stateless protocol (no initialize): each
+        # call carries its protocol version.
+        call = next(s for s in timeline["steps"] if s["kind"] == model.MCP_CALL)
+        self.assertTrue(call["detail"]["version"], call)
+        self.assertEqual(timeline["findings"], [])
+        ids = {client_id} | {s["grant_id"] for s in timeline["steps"] if s["grant_id"]}
+        self.assertNoSecrets(server, [site_token], ids)
+
+    async def doctor_flow(self, server: RunningServer, site_token: str) -> Any:
+        """
+        A client that stops after the token exchange: the doctor's flow,
+        over the real socket.
+        """
+        fetcher = Fetcher(reactor, http_client(reactor, None, 10), 10)
+        fetched = await fetcher.request("GET", server.issuer + "/.well-known/oauth-authorization-server")
+        metadata = json.loads(fetched.body)
+        flow = Flow(fetcher, server.mcpURL, server.mcpURL, metadata)
+        return fetcher, await flow.run(site_token)
+
+    async def test_client_stopping_after_the_token_exchange(self) -> None:
+        """
+        The "never used" pattern, with the missing step marked in the table.
+        """
+        server = await startServer(self, reactor, [])
+        site_token = await createSiteToken(reactor, server)
+        _, credentials = await self.doctor_flow(server, site_token)
+        await server.stop()
+        table = await self.flows(server, "--client", credentials.client_id, "--grace", "0")
+        self.assertIn("code exchanged", table)
+        self.assertRegex(table, r"✗ token issued \d\d:\d\d:\d\d; no MCP request with this grant's token since")
+        self.assertIn(f"see docs/troubleshooting.md#{patterns.NEVER_USED}", table)
+        secrets = [site_token, credentials.access_token, credentials.refresh_token or "-"]
+        self.assertNoSecrets(server, secrets, set(SECRET_SHAPE.findall(table)))
+
+    async def test_token_used_then_expired_without_refresh(self) -> None:
+        """
+        The "no refresh" pattern: the client initializes an MCP session with
+        its token, and never refreshes; read with the expiry forced
+        (C{--access-ttl 0}: the token counts as expired at once).
+        """
+        server = await startServer(self, reactor, [])
+        site_token = await createSiteToken(reactor, server)
+        fetcher, credentials = await self.doctor_flow(server, site_token)
+        body = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+        }
+        answer = await fetcher.request(
+            "POST",
+            server.mcpURL,
+            {
+                "Authorization": f"Bearer {credentials.access_token}",
+                "Content-Type": "application/json",
+                "Accept": "application/json, text/event-stream",
+            },
+            json.dumps(body).encode(),
+        )
+        self.assertEqual(answer.status, 200)
+        await server.stop()
+        table = await self.flows(server, "--client", credentials.client_id, "--access-ttl", "0")
+        self.assertIn("MCP initialize", table)
+        self.assertRegex(table, r"✗ access token expired \d\d:\d\d:\d\d; no refresh attempted since")
+        self.assertIn(f"see docs/troubleshooting.md#{patterns.NO_REFRESH}", table)
+        self.assertNotIn(patterns.NEVER_USED, table)
