@@ -22,12 +22,14 @@ class FakeStore:
 
     def __init__(self) -> None:
         self.batches: list[list[Any]] = []
+        self.trims: list[Any] = []
         self.pending: list[Deferred[None]] = []
         self.hold = False
         self.broken = False
 
-    def record(self, steps: list[Any]) -> "Deferred[None]":
+    def record(self, steps: list[Any], trim: Any = True) -> "Deferred[None]":
         self.batches.append(steps)
+        self.trims.append(trim)
         if self.broken:
             return fail(RuntimeError("database is down"))
         if self.hold:
@@ -124,3 +126,18 @@ class RecorderTests(SynchronousTestCase):
         Logger(observer=publisher).info("x", smeldr_event="grant_approved", client_id="c", grant_id="g")
         clock.advance(1)
         self.assertEqual(store.batches[0][0].kind, "approved")
+
+    def test_per_client_limits_every_few_writes(self) -> None:
+        """
+        The per-client and per-grant limits (a statement per client and
+        grant) are enforced every C{trim_every} writes, for everyone
+        written since, and on the way out.
+        """
+        recorder, store, clock = self.recorder(trim_every=2)
+        recorder(event())
+        clock.advance(1)
+        recorder(dict(event(), client_id="d", grant_id="h"))
+        clock.advance(1)
+        recorder(event())
+        self.successResultOf(recorder.stop())
+        self.assertEqual(store.trims, [False, ({"c", "d"}, {"g", "h"}), ({"c"}, {"g"})])

@@ -56,12 +56,7 @@ def _text(event: Mapping[str, Any], name: str) -> Optional[str]:
 
 
 def _detail(event: Mapping[str, Any]) -> dict[str, str]:
-    detail = {}
-    for name in DETAIL_FIELDS:
-        value = _text(event, name)
-        if value is not None:
-            detail[name] = value
-    return detail
+    return {name: clip(event[name]) for name in DETAIL_FIELDS if event.get(name) not in (None, "")}
 
 
 def _http_kind(event: Mapping[str, Any]) -> Optional[str]:

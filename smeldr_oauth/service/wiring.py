@@ -214,7 +214,11 @@ class StandaloneService(Service):
         from smeldr_oauth.flows.recorder import FlowRecorder
         from smeldr_oauth.flows.store import FlowStore
 
-        self.flows = FlowRecorder(FlowStore(self.store.database, reactor), reactor)
+        self.flows: Optional[FlowRecorder] = (
+            None
+            if options.get("no-flow-timeline")
+            else FlowRecorder(FlowStore(self.store.database, reactor), reactor)
+        )
 
     def startService(self) -> None:
         super().startService()
@@ -226,8 +230,9 @@ class StandaloneService(Service):
 
         # The flow timeline (smeldr_oauth.flows): steps buffered here,
         # written in batches.
-        flows_publisher.addObserver(self.flows)
-        self.flows.start()
+        if self.flows is not None:
+            flows_publisher.addObserver(self.flows)
+            self.flows.start()
         if self.options["dev"]:
             log.warn(
                 "DEVELOPMENT MODE (--dev): http:// and loopback client_id URLs are accepted. "
@@ -256,8 +261,10 @@ class StandaloneService(Service):
         from twisted.logger import globalLogPublisher
 
         globalLogPublisher.removeObserver(self._metrics_observer)
-        globalLogPublisher.removeObserver(self.flows)
-        flushed = self.flows.stop()
+        flushed: Any = None
+        if self.flows is not None:
+            globalLogPublisher.removeObserver(self.flows)
+            flushed = self.flows.stop()
         for loop in (self._purging, self._watching):
             if loop is not None and loop.running:
                 loop.stop()
