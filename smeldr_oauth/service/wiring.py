@@ -122,6 +122,24 @@ def mount(
     return Mounted(oauth=oauth, routes=routes, mcp_http=mcp_http)
 
 
+def mount_flows(
+    app: Klein, oauth: OAuthServer, reactor: Any, database: Any, tokens: Any, docs_url: Optional[str] = None
+) -> Any:
+    """
+    The flow timeline (L{smeldr_oauth.flows}): its store in C{database}
+    (the OAuth store's), the operator's page on C{app} (open to C{tokens}'
+    admin tokens), and the recorder that feeds it, returned for the caller
+    to start, observe the log with, and stop.
+    """
+    from smeldr_oauth.flows.recorder import FlowRecorder
+    from smeldr_oauth.flows.store import FlowStore
+    from smeldr_oauth.web.flows import FlowsPage
+
+    store = FlowStore(database, reactor)
+    mount_routes(app, FlowsPage(oauth, reactor, store, tokens.is_admin, docs_url).routes())
+    return FlowRecorder(store, reactor)
+
+
 def watch_external_changes(store: Any, oauth: OAuthServer, clock: IReactorTime, interval: float = 1.0) -> Any:
     """
     Forget the cached access-token answers whenever another process (a
@@ -212,13 +230,13 @@ class StandaloneService(Service):
         self._purging: Any = None
         self._watching: Any = None
         from smeldr_oauth.flows.recorder import FlowRecorder
-        from smeldr_oauth.flows.store import FlowStore
 
-        self.flows: Optional[FlowRecorder] = (
-            None
-            if options.get("no-flow-timeline")
-            else FlowRecorder(FlowStore(self.store.database, reactor), reactor)
-        )
+        # The flow timeline: the operator's page and the recorder.
+        self.flows: Optional[FlowRecorder] = None
+        if not options.get("no-flow-timeline"):
+            self.flows = mount_flows(
+                self.app, self.oauth, reactor, self.store.database, self.site_stores.tokens, options.get("docs-url")
+            )
 
     def startService(self) -> None:
         super().startService()
