@@ -67,6 +67,41 @@ class FlowTimelineTests(TestCase):
             timeout=30,
         )
         checkDriver(self, server, arguments, report, out, err, code)
+        timeline = await self.assertCompleteTimeline(server, site_token, refreshed=True)
+        # The SDK speaks the stateless protocol (no initialize): each
+        # call carries its protocol version.
+        call = next(s for s in timeline["steps"] if s["kind"] == model.MCP_CALL)
+        self.assertTrue(call["detail"]["version"], call)
+
+    async def test_typescript_sdk_client_makes_a_complete_timeline(self) -> None:
+        """
+        The official TypeScript SDK client's steps, initialize included.
+        """
+        from tests.test_e2e_typescript_sdk import CALLBACK_PORT, NODE_DIRECTORY, SDK_PACKAGE, requireNodeClient
+        from tests.test_e2e_typescript_sdk import DRIVER as TS_DRIVER
+
+        node = requireNodeClient(SDK_PACKAGE)
+        server = await startServer(self, reactor, [])
+        site_token = await createSiteToken(reactor, server)
+        arguments: tuple[str, ...] = ()
+        report, out, err, code = await runDriverReport(
+            reactor,
+            [node, TS_DRIVER, "--url", server.mcpURL, "--site-token", site_token,
+             "--callback-port", str(CALLBACK_PORT), "--tool", "list_posts", "--args", "{}", "--timeout", "20"],
+            timeout=30,
+            path=NODE_DIRECTORY,
+        )
+        checkDriver(self, server, arguments, report, out, err, code)
+        timeline = await self.assertCompleteTimeline(server, site_token, refreshed=False)
+        initialize = next(s for s in timeline["steps"] if s["kind"] == model.MCP_INITIALIZE)
+        self.assertTrue(initialize["detail"]["version"], initialize)
+
+    async def assertCompleteTimeline(self, server: RunningServer, site_token: str, refreshed: bool) -> Any:
+        """
+        Stop C{server}, read its one client's timeline with the admin
+        command, check every step of a successful first connection is
+        there in order with no pattern found, and scan the raw rows.
+        """
         await server.stop()  # the recorder writes what waits on the way out
         document = json.loads(await self.flows(server, "--json", "--resource", server.mcpURL))
         clients = {s["client_id"] for s in document["steps"] if s["kind"] == model.CODE_EXCHANGED}
@@ -84,20 +119,16 @@ class FlowTimelineTests(TestCase):
             model.APPROVED,
             model.CODE_EXCHANGED,
             model.MCP_CALL,
-            model.REFRESHED,
-        ):
+        ) + ((model.REFRESHED,) if refreshed else ()):
             self.assertIn(kind, kinds, timeline)
         self.assertLess(kinds.index(model.DISCOVERY), kinds.index(model.REGISTERED))
         self.assertLess(kinds.index(model.CODE_EXCHANGED), kinds.index(model.MCP_CALL))
         refused = next(s for s in timeline["steps"] if s["kind"] == model.MCP_REFUSED)
         self.assertEqual((refused["outcome"], refused["detail"]["challenge"]), ("401", "yes"))
-        # The SDK speaks the stateless protocol (no initialize): each
-        # call carries its protocol version.
-        call = next(s for s in timeline["steps"] if s["kind"] == model.MCP_CALL)
-        self.assertTrue(call["detail"]["version"], call)
         self.assertEqual(timeline["findings"], [])
         ids = {client_id} | {s["grant_id"] for s in timeline["steps"] if s["grant_id"]}
         self.assertNoSecrets(server, [site_token], ids)
+        return timeline
 
     async def doctor_flow(self, server: RunningServer, site_token: str) -> Any:
         """
