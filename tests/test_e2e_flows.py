@@ -19,8 +19,13 @@ from twisted.trial.unittest import TestCase
 
 from smeldr_oauth.doctor.fetch import Fetcher, http_client
 from smeldr_oauth.doctor.flow import Flow
+import treq
+from twisted.web.client import ResponseFailed
+from twisted.internet.defer import Deferred, gatherResults
+
 from smeldr_oauth.flows import model, patterns
 from tests.e2e import RunningServer, adminCommand, checkDriver, createSiteToken, runDriverReport, runProgram, startServer
+from tests.haproxy import reserveFrontend, startHAProxy
 from tests.test_e2e_python_sdk import DRIVER, _requireSDK
 
 #: A secret's shape: 256 bits in URL-safe base64 (43 characters) or more.
@@ -188,3 +193,53 @@ class FlowTimelineTests(TestCase):
         self.assertRegex(table, r"✗ access token expired \d\d:\d\d:\d\d; no refresh attempted since")
         self.assertIn(f"see docs/troubleshooting.md#{patterns.NO_REFRESH}", table)
         self.assertNotIn(patterns.NEVER_USED, table)
+
+    async def test_streams_cut_by_a_proxy_timeout(self) -> None:
+        """
+        Behind HAProxy with C{timeout server} of 2.5 seconds (under the
+        server's 15-second keepalive interval), every event stream of a
+        client ends after 2.5 seconds: the "stream cut after N seconds"
+        pattern, with N.
+        """
+        frontend = reserveFrontend(self)
+        issuer = frontend.url("http")
+        server = await startServer(self, reactor, ["--issuer", issuer, "--trust-forwarded-from", "127.0.0.1"])
+        proxy = await startHAProxy(self, reactor, [server.port], frontend=frontend, timeoutServer=2.5)
+        site_token = await createSiteToken(reactor, server)
+        fetcher = Fetcher(reactor, http_client(reactor, None, 10), 10)
+        fetched = await fetcher.request("GET", issuer + "/.well-known/oauth-authorization-server")
+        mcp = issuer + "/mcp"
+        credentials = await Flow(fetcher, mcp, mcp, json.loads(fetched.body)).run(site_token)
+        bearer = f"Bearer {credentials.access_token}"
+
+        async def stream() -> None:
+            body = {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+            }
+            headers = {"Authorization": bearer, "Accept": "application/json, text/event-stream"}
+            answer = await treq.post(
+                mcp, json.dumps(body).encode(), headers=dict(headers, **{"Content-Type": "application/json"}), persistent=False
+            )
+            await answer.text()
+            self.assertEqual(answer.code, 200, proxy.annotate("initialize"))
+            session = answer.headers.getRawHeaders("mcp-session-id")[0]
+            opened = await treq.get(
+                mcp,
+                headers={"Authorization": bearer, "Accept": "text/event-stream", "Mcp-Session-Id": session,
+                         "MCP-Protocol-Version": "2025-06-18"},
+                unbuffered=True,
+                persistent=False,
+            )
+            self.assertEqual(opened.code, 200, proxy.annotate("stream"))
+            # Fires when the proxy cuts the stream (mid-chunk: a failure).
+            await treq.collect(opened, lambda data: None).addErrback(lambda f: f.trap(ResponseFailed))
+
+        await gatherResults([Deferred.fromCoroutine(stream()), Deferred.fromCoroutine(stream())])
+        await server.stop()
+        table = await self.flows(server, "--client", credentials.client_id)
+        self.assertEqual(table.count("stream closed"), 2, table)
+        self.assertRegex(table, r"✗ 2 event streams closed after about [23] seconds each")
+        self.assertIn(f"see docs/troubleshooting.md#{patterns.STREAM_CUT}", table)

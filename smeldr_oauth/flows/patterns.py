@@ -35,7 +35,7 @@ NEVER_USED_AFTER = 60.0
 #: taken to be cut by one timeout.
 STREAM_SLACK = 1.5
 #: Shorter streams are ordinary reconnects, not a proxy's timeout.
-MIN_STREAM_CUT = 5.0
+MIN_STREAM_CUT = 2.0
 
 PROTECTED_RESOURCE = "/.well-known/oauth-protected-resource"
 AUTHORIZATION_SERVER = "/.well-known/oauth-authorization-server"
