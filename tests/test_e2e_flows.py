@@ -243,3 +243,35 @@ class FlowTimelineTests(TestCase):
         self.assertEqual(table.count("stream closed"), 2, table)
         self.assertRegex(table, r"✗ 2 event streams closed after about [23] seconds each")
         self.assertIn(f"see docs/troubleshooting.md#{patterns.STREAM_CUT}", table)
+
+    async def test_challenge_dropped_by_a_proxy(self) -> None:
+        """
+        HAProxy removing C{WWW-Authenticate} from the answers: a client
+        that keeps calling C{/mcp} without a token never learns where the
+        resource metadata is, and the timeline (by the client's address:
+        no token, no client id) names it, with the header noted as sent.
+        """
+        frontend = reserveFrontend(self)
+        issuer = frontend.url("http")
+        server = await startServer(self, reactor, ["--issuer", issuer, "--trust-forwarded-from", "127.0.0.1"])
+        proxy = await startHAProxy(
+            self, reactor, [server.port], frontend=frontend, extraBackend=["    http-response del-header WWW-Authenticate"]
+        )
+        for _ in range(3):
+            answer = await treq.post(
+                issuer + "/mcp",
+                b"{}",
+                headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream"},
+                persistent=False,
+            )
+            await answer.text()
+            self.assertEqual(answer.code, 401, proxy.annotate("unauthenticated POST"))
+            self.assertIsNone(answer.headers.getRawHeaders("www-authenticate"), proxy.annotate("header kept"))
+        await server.stop()
+        table = await self.flows(server)
+        self.assertIn(
+            "✗ 3 requests answered 401 (each with WWW-Authenticate when it left this server);"
+            " the protected resource metadata was never fetched after",
+            table,
+        )
+        self.assertIn(f"see docs/troubleshooting.md#{patterns.CHALLENGE_LOST}", table)
