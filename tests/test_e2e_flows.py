@@ -275,3 +275,42 @@ class FlowTimelineTests(TestCase):
             table,
         )
         self.assertIn(f"see docs/troubleshooting.md#{patterns.CHALLENGE_LOST}", table)
+
+
+class MCPRemoteTimelineTests(TestCase):
+    """
+    mcp-remote over the legacy HTTP+SSE transport makes a complete
+    timeline.  Its harness is L{tests.test_e2e_mcp_remote}'s, borrowed
+    method by method (subclassing would run that module's tests again).
+    """
+
+    timeout = 90
+
+    flows = FlowTimelineTests.flows
+    assertNoSecrets = FlowTimelineTests.assertNoSecrets
+    assertCompleteTimeline = FlowTimelineTests.assertCompleteTimeline
+
+    async def test_mcp_remote_over_legacy_sse(self) -> None:
+        from tests.e2e import freePort
+
+        server = await startServer(self, reactor, [])
+        site_token = await createSiteToken(reactor, server)
+        peer, browserLog, _ = self.start(server, site_token, freePort(), "--transport", "sse-only")
+        await self.session(server, peer, browserLog)
+        await self.stop(peer, peer.transport)
+        timeline = await self.assertCompleteTimeline(server, site_token, refreshed=False)
+        kinds = [s["kind"] for s in timeline["steps"]]
+        self.assertIn(model.MCP_INITIALIZE, kinds, timeline)
+        paths = {s["detail"].get("path") for s in timeline["steps"] if s["kind"] == model.DISCOVERY}
+        self.assertIn("/.well-known/oauth-protected-resource/mcp", paths, timeline)
+
+
+def _borrowHarness() -> None:
+    from tests.test_e2e_mcp_remote import MCPRemoteTests
+
+    for name, value in vars(MCPRemoteTests).items():
+        if not name.startswith(("test", "__")) and name not in vars(MCPRemoteTimelineTests):
+            setattr(MCPRemoteTimelineTests, name, value)
+
+
+_borrowHarness()
