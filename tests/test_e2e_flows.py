@@ -100,6 +100,8 @@ class FlowTimelineTests(TestCase):
         timeline = await self.assertCompleteTimeline(server, site_token, refreshed=False)
         initialize = next(s for s in timeline["steps"] if s["kind"] == model.MCP_INITIALIZE)
         self.assertTrue(initialize["detail"]["version"], initialize)
+        session = next(s for s in timeline["steps"] if s["kind"] == model.MCP_SESSION)
+        self.assertEqual(session["detail"]["transport"], "streamable", timeline)
 
     async def assertCompleteTimeline(self, server: RunningServer, site_token: str, refreshed: bool) -> Any:
         """
@@ -301,6 +303,8 @@ class MCPRemoteTimelineTests(TestCase):
         timeline = await self.assertCompleteTimeline(server, site_token, refreshed=False)
         kinds = [s["kind"] for s in timeline["steps"]]
         self.assertIn(model.MCP_INITIALIZE, kinds, timeline)
+        session = next(s for s in timeline["steps"] if s["kind"] == model.MCP_SESSION)
+        self.assertEqual(session["detail"]["transport"], "legacy", timeline)
         paths = {s["detail"].get("path") for s in timeline["steps"] if s["kind"] == model.DISCOVERY}
         self.assertIn("/.well-known/oauth-protected-resource/mcp", paths, timeline)
 

@@ -33,6 +33,7 @@ EVENTS = frozenset(
         "refresh_reuse",
         "refresh_wrong_client",
         "refresh_superseded",
+        "mcp_session",
         "mcp_initialize",
         "mcp_call",
         "stream_closed",
@@ -105,6 +106,8 @@ def step_from_event(event: Mapping[str, Any]) -> Optional[Step]:
         kind, outcome = model.TOKEN_REFUSED, clip(event.get("reason", "refused"))
     elif name in ("code_replay", "refresh_reuse", "refresh_wrong_client", "refresh_superseded"):
         kind, outcome = model.TOKEN_REFUSED, name
+    elif name == "mcp_session":
+        kind = model.MCP_SESSION
     elif name == "mcp_initialize":
         kind = model.MCP_INITIALIZE
     elif name == "mcp_call":

@@ -26,6 +26,7 @@ PASTE_REFUSED = "paste_refused"
 CODE_EXCHANGED = "code_exchanged"
 REFRESHED = "refreshed"
 TOKEN_REFUSED = "token_refused"
+MCP_SESSION = "mcp_session"
 MCP_INITIALIZE = "mcp_initialize"
 MCP_CALL = "mcp_call"
 MCP_REFUSED = "mcp_refused"
@@ -42,6 +43,7 @@ LABELS = {
     CODE_EXCHANGED: "code exchanged",
     REFRESHED: "refresh",
     TOKEN_REFUSED: "token refused",
+    MCP_SESSION: "MCP session",
     MCP_INITIALIZE: "MCP initialize",
     MCP_CALL: "MCP tool call",
     MCP_REFUSED: "MCP refused",
@@ -50,7 +52,7 @@ LABELS = {
 }
 
 #: Steps that show a client used a token at the resource.
-MCP_USE = frozenset({MCP_INITIALIZE, MCP_CALL, STREAM_CLOSED})
+MCP_USE = frozenset({MCP_SESSION, MCP_INITIALIZE, MCP_CALL, STREAM_CLOSED})
 
 
 def clip(value: object) -> str:
