@@ -141,3 +141,38 @@ class RecorderTests(SynchronousTestCase):
         recorder(event())
         self.successResultOf(recorder.stop())
         self.assertEqual(store.trims, [False, ({"c", "d"}, {"g", "h"}), ({"c"}, {"g"})])
+
+
+class JunkFloodTests(SynchronousTestCase):
+    def test_flood_of_junk_clients_stays_bounded(self) -> None:
+        """
+        Thousands of registrations, invented client_id values at the
+        authorization endpoint and bogus tokens from as many addresses, fed
+        through the recorder into a real store: the buffer never holds more
+        than its capacity, the table never more than its total.
+        """
+        from smeldr_oauth.flows.store import FlowStore, Retention
+
+        clock = Clock()
+        clock.advance(T0)
+        store = FlowStore.in_memory(clock, Retention(total=500))
+        self.addCleanup(store.close)
+        recorder = FlowRecorder(store, clock, batch=200, capacity=1000)
+        recorder.start()
+        self.addCleanup(recorder.stop)
+        for n in range(6000):
+            kind = n % 3
+            if kind == 0:
+                event = {"smeldr_event": "client_registered", "client_id": f"junk-{n}", "address": f"10.0.{n // 250}.{n % 250}"}
+            elif kind == 1:
+                event = {"smeldr_event": "http_step", "path": "/oauth/authorize", "status": 400, "client_id": f"https://junk{n}.example/c"}
+            else:
+                event = {"smeldr_event": "http_step", "path": "/mcp", "status": 401, "challenge": "yes", "address": f"10.1.{n // 250}.{n % 250}"}
+            recorder(dict(event, log_time=T0 + n / 1000))
+            self.assertLessEqual(recorder.waiting, 1000)
+            if n % 100 == 0:
+                clock.advance(0)
+        clock.advance(1)
+        self.assertEqual(recorder.waiting, 0)
+        self.assertLessEqual(self.successResultOf(store.count()), 500)
+        self.assertLessEqual(len(self.successResultOf(store.clients(10_000))), 500)
