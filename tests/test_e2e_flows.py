@@ -318,3 +318,65 @@ def _borrowHarness() -> None:
 
 
 _borrowHarness()
+
+
+class PostgresWorkersTimelineTests(TestCase):
+    """
+    C{--workers 2} on PostgreSQL: each worker records its own steps and
+    writes them to the one database; the admin command reads one timeline.
+    """
+
+    timeout = 120
+
+    async def test_two_workers_one_timeline(self) -> None:
+        import os
+        import secrets as _secrets
+
+        from tests import e2e, postgres
+        from tests.test_service_workers import MARK, killMarked, readyPids, waitFor
+
+        url = postgres.database_url(self)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = e2e.freePort()
+        issuer = f"http://127.0.0.1:{port}"
+        mark = _secrets.token_hex(8)
+        self.addCleanup(killMarked, mark)
+        env = e2e.subprocessEnvironment()
+        env[MARK] = mark
+        argv = [
+            sys.executable, "-m", "twisted", "--log-format=text", "smeldr-oauth",
+            "--issuer", issuer, "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--database", url, "--workers", "2", "--dev",
+        ]
+        server = await e2e.launchServer(self, reactor, argv, port, issuer, directory, env=env)
+        self.addCleanup(killMarked, mark)
+        await waitFor(lambda: len(readyPids(server.log())) == 2 or not server.isRunning(), "two workers ready")
+        out, err, code = await runProgram(reactor, [*adminCommand(), "token", "create", "e2e", "--database", url])
+        self.assertEqual(code, 0, err)
+        site_token = out.strip().split()[-1]
+        fetcher = Fetcher(reactor, http_client(reactor, None, 10), 10)
+        fetched = await fetcher.request("GET", issuer + "/.well-known/oauth-authorization-server")
+        credentials = await Flow(fetcher, server.mcpURL, server.mcpURL, json.loads(fetched.body)).run(site_token)
+        for _ in range(6):
+            answer = await treq.post(
+                server.mcpURL,
+                json.dumps(
+                    {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                     "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+                ).encode(),
+                headers={"Authorization": f"Bearer {credentials.access_token}", "Content-Type": "application/json",
+                         "Accept": "application/json, text/event-stream"},
+                persistent=False,
+            )
+            await answer.text()
+            self.assertEqual(answer.code, 200, server.annotate("initialize"))
+        await server.stop()
+        out, err, code = await runProgram(
+            reactor, [*adminCommand(), "flows", "--database", url, "--client", str(credentials.client_id), "--json"]
+        )
+        self.assertEqual(code, 0, err)
+        kinds = [s["kind"] for s in json.loads(out)["steps"]]
+        self.assertEqual(kinds.count(model.MCP_INITIALIZE), 6, kinds)
+        for kind in (model.REGISTERED, model.AUTHORIZE, model.APPROVED, model.CODE_EXCHANGED):
+            self.assertIn(kind, kinds)
