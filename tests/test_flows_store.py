@@ -41,6 +41,14 @@ class FlowStoreMixin:
     def record(self, store: FlowStore, steps: list[Step]) -> None:
         self.successResultOf(store.record(steps))  # type: ignore[attr-defined]
 
+    def test_interface(self) -> None:
+        from zope.interface.verify import verifyObject
+
+        from smeldr_oauth.flows.store import IFlowStore
+
+        store, _ = self.store()
+        self.assertTrue(verifyObject(IFlowStore, store))  # type: ignore[attr-defined]
+
     def test_round_trip(self) -> None:
         """Steps come back oldest first, with their details."""
         store, _ = self.store()

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from smeldr_oauth.flows.events import EVENTS, step_from_event
 from smeldr_oauth.flows.model import Step
+from smeldr_oauth.flows.store import IFlowStore
 
 log = Logger()
 
@@ -36,7 +37,7 @@ log = Logger()
 @implementer(ILogObserver)
 class FlowRecorder:
     """
-    @param store: a L{smeldr_oauth.flows.store.FlowStore}.
+    @param store: where the steps go.
     @param clock: schedules the flushes.
     @param interval: seconds between two flushes.
     @param batch: this many waiting steps start a flush at once.
@@ -45,7 +46,7 @@ class FlowRecorder:
 
     def __init__(
         self,
-        store: Any,
+        store: IFlowStore,
         clock: Any,
         interval: float = 1.0,
         batch: int = 500,

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import attr
 from twisted.internet.defer import Deferred
+from zope.interface import Interface, implementer
 
 from smeldr_oauth.db import Database, Migration, Schema, Transaction, open_database
 from smeldr_oauth.flows.model import Step
@@ -187,6 +188,28 @@ def _count(txn: Transaction) -> int:
     return int(txn.execute("SELECT COUNT(*) FROM flow_steps").fetchone()[0])
 
 
+class IFlowStore(Interface):
+    """
+    Where the timeline lives: what the recorder writes to, and the admin
+    command and the operator's page read from.
+    """
+
+    def record(steps: Sequence[Step], trim: Any = True) -> "Deferred[None]":
+        """Add steps and enforce the retention limits, all or nothing."""
+
+    def timeline(
+        client_id: Optional[str] = None, grant_id: Optional[str] = None, last: int = 50
+    ) -> "Deferred[list[Step]]":
+        """The newest steps of a grant, a client, or everyone, oldest first."""
+
+    def clients(last: int = 50) -> "Deferred[list[ClientSummary]]":
+        """The clients seen most recently."""
+
+    def count() -> "Deferred[int]":
+        """How many steps are kept."""
+
+
+@implementer(IFlowStore)
 class FlowStore:
     """
     The flow steps of one database.  Every method returns a L{Deferred}.

@@ -25,6 +25,7 @@ from twisted.web.template import Tag, tags
 from smeldr_oauth.flows import render
 from smeldr_oauth.flows.model import LABELS, MAX_FIELD, Step
 from smeldr_oauth.flows.patterns import Context, Finding, recognise
+from smeldr_oauth.flows.store import IFlowStore
 from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.web import pages
@@ -124,7 +125,7 @@ class FlowsPage(GrantsPage):
     """
     The operator's page of one L{OAuthServer}.
 
-    @param flows: the L{smeldr_oauth.flows.store.FlowStore}.
+    @param flows: the timeline.
     @param is_admin: whether a site token id is a live admin token
         (L{smeldr_oauth.site.tokens.SiteTokenStore.is_admin}).
     @param docs_url: where the documentation is published, for the
@@ -135,7 +136,7 @@ class FlowsPage(GrantsPage):
         self,
         server: OAuthServer,
         clock: IReactorTime,
-        flows: Any,
+        flows: IFlowStore,
         is_admin: Callable[[Optional[str]], "Deferred[bool]"],
         docs_url: Optional[str] = None,
     ) -> None:
