@@ -380,3 +380,56 @@ class PostgresWorkersTimelineTests(TestCase):
         self.assertEqual(kinds.count(model.MCP_INITIALIZE), 6, kinds)
         for kind in (model.REGISTERED, model.AUTHORIZE, model.APPROVED, model.CODE_EXCHANGED):
             self.assertIn(kind, kinds)
+
+
+class ResourceMismatchTimelineTests(TestCase):
+    timeout = 60
+
+    async def test_resource_of_another_scheme(self) -> None:
+        """
+        A client asking for the resource with https where the server is
+        http (the mirror of metadata served on http behind TLS
+        termination): the authorization step records the value asked for,
+        and the admin command names the mismatch with both values.
+        """
+        from urllib.parse import urlencode
+
+        from smeldr_oauth.oauth.pkce import s256
+
+        server = await startServer(self, reactor, [])
+        registered = await treq.post(
+            server.issuer + "/oauth/register",
+            json.dumps(
+                {"client_name": "slash", "redirect_uris": ["http://127.0.0.1/cb"], "token_endpoint_auth_method": "none"}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+            persistent=False,
+        )
+        client_id = json.loads(await registered.text())["client_id"]
+        query = urlencode(
+            {
+                "response_type": "code",
+                "client_id": client_id,
+                "redirect_uri": "http://127.0.0.1/cb",
+                "code_challenge": s256("v" * 43),
+                "code_challenge_method": "S256",
+                "state": "s",
+                "resource": server.mcpURL.replace("http:", "https:"),
+            }
+        )
+        answer = await treq.get(server.issuer + "/oauth/authorize?" + query, allow_redirects=False, persistent=False)
+        await answer.text()
+        self.assertIn(answer.code, (302, 303, 400), server.annotate(f"authorize answered {answer.code}"))
+        await server.stop()
+        out, err, code = await runProgram(
+            reactor,
+            [*adminCommand(), "flows", "--oauth-db", server.oauthDB, "--client", client_id, "--resource", server.mcpURL],
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn("invalid_target", out)
+        self.assertIn(
+            f"✗ client asked for resource {server.mcpURL.replace('http:', 'https:')!r};"
+            f" this server's resource is {server.mcpURL!r}",
+            out,
+        )
+        self.assertIn(f"see docs/troubleshooting.md#{patterns.RESOURCE_MISMATCH}", out)

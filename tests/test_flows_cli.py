@@ -30,7 +30,7 @@ def steps(now: float) -> list[Step]:
         Step(at=now - 590, kind=model.APPROVED, client_id="c1", grant_id="g1"),
         Step(at=now - 589, kind=model.CODE_EXCHANGED, client_id="c1", grant_id="g1"),
         Step(at=now - 100, kind=model.REGISTERED, client_id="c2", address="10.0.0.2"),
-        Step(at=now - 99, kind=model.AUTHORIZE, client_id="c2", address="10.0.0.2", outcome="400", detail={"resource": "https://x/mcp/"}),
+        Step(at=now - 99, kind=model.AUTHORIZE, client_id="c2", address="10.0.0.2", outcome="400", detail={"resource": "https://y/mcp"}),
     ]
 
 
@@ -74,7 +74,7 @@ class FlowsCommandMixin:
         names = {f["name"] for f in document["findings"]}
         self.assertEqual(names, {patterns.NEVER_USED, patterns.RESOURCE_MISMATCH})  # type: ignore[attr-defined]
         mismatch = next(f for f in document["findings"] if f["name"] == patterns.RESOURCE_MISMATCH)
-        self.assertIn("'https://x/mcp/'", mismatch["message"])  # type: ignore[attr-defined]
+        self.assertIn("'https://y/mcp'", mismatch["message"])  # type: ignore[attr-defined]
 
     async def test_grant(self) -> None:
         await self.fill()

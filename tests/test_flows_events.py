@@ -36,6 +36,11 @@ class StepFromEventTests(SynchronousTestCase):
         self.assertEqual(kind("/.well-known/openid-configuration", 404), (model.DISCOVERY, "404"))
         self.assertEqual(kind("/oauth/authorize", 200), (model.AUTHORIZE, "ok"))
         self.assertEqual(kind("/mcp", 401), (model.MCP_REFUSED, "401"))
+        step = step_from_event(
+            {"smeldr_event": "http_step", "path": "/oauth/authorize", "status": 302, "error": "invalid_target"}
+        )
+        assert step is not None
+        self.assertEqual((step.kind, step.outcome), (model.AUTHORIZE, "invalid_target"))
 
     def test_only_allowed_fields_are_kept(self) -> None:
         """

@@ -15,12 +15,16 @@ from twisted.web.test.requesthelper import DummyRequest
 from smeldr_oauth.flows.http import request_finished
 
 
-def finished(path: bytes, code: int, method: bytes = b"GET", args: Any = None, challenge: bool = False) -> list[dict[str, Any]]:
+def finished(
+    path: bytes, code: int, method: bytes = b"GET", args: Any = None, challenge: bool = False, location: bytes = b""
+) -> list[dict[str, Any]]:
     request = DummyRequest(path.lstrip(b"/").split(b"/"))
     request.path = path
     request.method = method
     request.code = code
     request.args = args or {}
+    if location:
+        request.responseHeaders.setRawHeaders(b"location", [location])
     if challenge:
         request.responseHeaders.setRawHeaders(b"www-authenticate", [b'Bearer resource_metadata="x"'])
     with capturedLogs() as events:
@@ -46,6 +50,11 @@ class RequestFinishedTests(SynchronousTestCase):
         )
         self.assertEqual((event["client_id"], event["resource"]), ("c1", "https://x/mcp"))
         self.assertNotIn("secret-ish", repr(event))
+
+    def test_authorization_error_redirect(self) -> None:
+        request_args = {b"client_id": [b"c1"], b"resource": [b"https://x/mcp/"]}
+        [event] = finished(b"/oauth/authorize", 302, args=request_args, location=b"https://app/cb?error=invalid_target&state=s")
+        self.assertEqual(event["error"], "invalid_target")
 
     def test_refusals_say_whether_the_challenge_was_sent(self) -> None:
         [with_header] = finished(b"/mcp", 401, b"POST", challenge=True)

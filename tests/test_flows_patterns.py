@@ -64,11 +64,18 @@ class PatternTests(SynchronousTestCase):
         self.assertEqual(self.names(healthy()[:8], Context(now=T0 + 200, resource=RESOURCE, access_ttl=300)), [])
 
     def test_resource_mismatch_names_both_values(self) -> None:
-        steps = [Step(at=T0, kind=model.AUTHORIZE, client_id="c", outcome="400", detail={"resource": RESOURCE + "/"})]
+        other = RESOURCE.replace("https:", "http:")
+        steps = [Step(at=T0, kind=model.AUTHORIZE, client_id="c", outcome="invalid_target", detail={"resource": other})]
         [finding] = recognise(steps, CONTEXT)
         self.assertEqual(finding.name, patterns.RESOURCE_MISMATCH)
-        self.assertIn(repr(RESOURCE + "/"), finding.message)
+        self.assertIn(repr(other), finding.message)
         self.assertIn(repr(RESOURCE), finding.message)
+
+    def test_resource_differing_as_the_server_accepts_is_no_mismatch(self) -> None:
+        """A trailing slash, an upper-case host: the server takes them."""
+        for asked in (RESOURCE + "/", RESOURCE.replace("mcp.example", "MCP.example")):
+            steps = [Step(at=T0, kind=model.AUTHORIZE, client_id="c", detail={"resource": asked})]
+            self.assertEqual(self.names(steps), [], asked)
 
     def test_resource_mismatch_at_the_token_endpoint(self) -> None:
         steps = [Step(at=T0, kind=model.TOKEN_REFUSED, client_id="c", outcome="invalid_target")]

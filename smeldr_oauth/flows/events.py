@@ -89,9 +89,11 @@ def step_from_event(event: Mapping[str, Any]) -> Optional[Step]:
         kind = _http_kind(event)
         if kind is None:
             return None
-        status = event.get("status")
-        if status not in (200, 302, 303):
-            outcome = clip(event.get("error") or status)
+        status, error = event.get("status"), event.get("error")
+        if error:
+            outcome = clip(error)
+        elif status not in (200, 302, 303):
+            outcome = clip(status)
     elif name == "client_registered":
         kind = model.REGISTERED
     elif name == "cimd_refused":

@@ -17,6 +17,7 @@ comparison and one prefix test, and publishes nothing.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from twisted.logger import Logger
 
@@ -28,6 +29,18 @@ log = Logger()
 def _arg(request: Any, name: bytes) -> str:
     values = (request.args or {}).get(name) or []
     return loggable(values[0].decode("utf-8", "replace")) if len(values) == 1 else ""
+
+
+def _redirect_error(request: Any) -> str:
+    """
+    The C{error} of an authorization error redirect (RFC 6749 section
+    4.1.2.1), or C{""}.
+    """
+    location = request.responseHeaders.getRawHeaders(b"location")
+    if not location:
+        return ""
+    query = parse_qs(urlsplit(location[0].decode("ascii", "replace")).query)
+    return loggable(query["error"][0]) if len(query.get("error", [])) == 1 else ""
 
 
 def request_finished(request: Any) -> None:
@@ -47,6 +60,7 @@ def request_finished(request: Any) -> None:
         method=request.method.decode("ascii", "replace"),
         path=loggable(path.decode("utf-8", "replace")),
         status=code,
+        error=_redirect_error(request) if code in (302, 303) else "",
         address=loggable(address),
         client_id=_arg(request, b"client_id"),
         resource=_arg(request, b"resource"),

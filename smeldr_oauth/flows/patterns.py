@@ -18,6 +18,7 @@ import attr
 
 from smeldr_oauth.flows import model
 from smeldr_oauth.flows.model import Step
+from smeldr_oauth.oauth.urls import canonical_resource
 
 #: Where the findings' sections live.
 DOCS = "docs/troubleshooting.md"
@@ -151,14 +152,21 @@ def no_refresh(steps: Sequence[Step], context: Context) -> list[Finding]:
 
 def resource_mismatch(steps: Sequence[Step], context: Context) -> list[Finding]:
     """
-    The client asked for a C{resource} that is not ours (most often the
-    same URL with or without a trailing slash, or http for https).
+    The client asked for a C{resource} that is not ours (http for https,
+    another host name or path).  Compared as the server compares them
+    (L{canonical_resource}: a trailing slash or a default port is no
+    mismatch, the server accepts those).
     """
     if not context.resource:
         return []
+    ours = canonical_resource(context.resource)
     for step in reversed(steps):
         asked = step.detail.get("resource")
-        if step.kind in (model.AUTHORIZE, model.TOKEN_REFUSED) and asked and asked != context.resource:
+        if (
+            step.kind in (model.AUTHORIZE, model.TOKEN_REFUSED)
+            and asked
+            and canonical_resource(asked) != ours
+        ):
             return [
                 Finding(
                     RESOURCE_MISMATCH,
