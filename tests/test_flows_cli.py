@@ -59,7 +59,7 @@ class FlowsCommandMixin:
         lines = out.splitlines()
         self.assertIn("step", lines[0])  # type: ignore[attr-defined]
         self.assertEqual(  # type: ignore[attr-defined]
-            [line.split()[2] for line in lines[1:5]], ["discovery", "registration", "authorization", "approved"]
+            [line.split()[2] for line in lines[1:5]], ["discovery", "registration", "authorization", "decision"]
         )
         self.assertRegex(out, r"✗ token issued \d\d:\d\d:\d\d; no MCP request with this grant's token since \(grant g1\)")  # type: ignore[attr-defined]
         self.assertIn(f"see docs/troubleshooting.md#{patterns.NEVER_USED}", out)  # type: ignore[attr-defined]

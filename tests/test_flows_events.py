@@ -27,6 +27,13 @@ class StepFromEventTests(SynchronousTestCase):
         assert step is not None
         self.assertEqual((step.kind, step.client_id, step.grant_id, step.at), (model.REFRESHED, "c", "g", T0))
 
+    def test_decisions(self) -> None:
+        approved = step_from_event({"smeldr_event": "grant_approved", "client_id": "c", "grant_id": "g"})
+        denied = step_from_event({"smeldr_event": "grant_denied", "client_id": "c"})
+        assert approved is not None and denied is not None
+        self.assertEqual((approved.kind, approved.outcome), (model.APPROVED, "approved"))
+        self.assertEqual((denied.kind, denied.outcome), (model.APPROVED, "denied"))
+
     def test_http_kinds(self) -> None:
         def kind(path: str, status: int) -> object:
             step = step_from_event({"log_time": T0, "smeldr_event": "http_step", "path": path, "status": status})

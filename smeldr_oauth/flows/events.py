@@ -26,6 +26,7 @@ EVENTS = frozenset(
         "client_registered",
         "cimd_refused",
         "grant_approved",
+        "grant_denied",
         "paste_refused",
         "token_issued",
         "token_refused",
@@ -99,7 +100,9 @@ def step_from_event(event: Mapping[str, Any]) -> Optional[Step]:
     elif name == "cimd_refused":
         kind, outcome = model.REGISTERED, "metadata document refused"
     elif name == "grant_approved":
-        kind = model.APPROVED
+        kind, outcome = model.APPROVED, "approved"
+    elif name == "grant_denied":
+        kind, outcome = model.APPROVED, "denied"
     elif name == "paste_refused":
         kind, outcome = model.PASTE_REFUSED, "refused"
     elif name == "token_issued":

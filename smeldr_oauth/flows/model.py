@@ -38,7 +38,7 @@ LABELS = {
     DISCOVERY: "discovery",
     REGISTERED: "registration",
     AUTHORIZE: "authorization page",
-    APPROVED: "approved",
+    APPROVED: "decision",
     PASTE_REFUSED: "paste refused",
     CODE_EXCHANGED: "code exchanged",
     REFRESHED: "refresh",
