@@ -48,6 +48,25 @@ class FlowTimelineTests(TestCase):
         self.assertEqual(code, 0, err)
         return out
 
+    async def waitForSteps(self, server: RunningServer, kind: str, count: int, timeout: float = 10.0) -> None:
+        """
+        Poll the server's SQLite file (the recorder writes every second)
+        until it holds C{count} steps of C{kind}.
+        """
+        from twisted.internet.task import deferLater
+
+        deadline = reactor.seconds() + timeout
+        while True:
+            with sqlite3.connect(server.oauthDB) as db:
+                try:
+                    found = db.execute("SELECT COUNT(*) FROM flow_steps WHERE kind = ?", (kind,)).fetchone()[0]
+                except sqlite3.OperationalError:
+                    found = 0  # not created yet
+            if found >= count:
+                return
+            self.assertLess(reactor.seconds(), deadline, server.annotate(f"{found} {kind} steps, not {count}"))
+            await deferLater(reactor, 0.1, lambda: None)
+
     def assertNoSecrets(self, server: RunningServer, secrets: list[str], ids: set[str]) -> None:
         rows = raw_rows(server.oauthDB)
         self.assertTrue(rows)
@@ -240,6 +259,9 @@ class FlowTimelineTests(TestCase):
             await treq.collect(opened, lambda data: None).addErrback(lambda f: f.trap(ResponseFailed))
 
         await gatherResults([Deferred.fromCoroutine(stream()), Deferred.fromCoroutine(stream())])
+        # The proxy closed the client's side; the server learns of its own
+        # side a moment later: wait (on the reactor) until it has written both.
+        await self.waitForSteps(server, model.STREAM_CLOSED, 2)
         await server.stop()
         table = await self.flows(server, "--client", credentials.client_id)
         self.assertEqual(table.count("stream closed"), 2, table)

@@ -279,10 +279,6 @@ class StandaloneService(Service):
         from twisted.logger import globalLogPublisher
 
         globalLogPublisher.removeObserver(self._metrics_observer)
-        flushed: Any = None
-        if self.flows is not None:
-            globalLogPublisher.removeObserver(self.flows)
-            flushed = self.flows.stop()
         for loop in (self._purging, self._watching):
             if loop is not None and loop.running:
                 loop.stop()
@@ -291,4 +287,13 @@ class StandaloneService(Service):
             self.store.close()
             self.site_stores.close()
 
-        return self.mounted.shutdown().addBoth(lambda _: flushed).addBoth(close)
+        def flush_flows(_: Any) -> Any:
+            # After the shutdown, so that the streams it closes are in the
+            # timeline too; then what waits is written, before the stores
+            # close.
+            if self.flows is None:
+                return None
+            globalLogPublisher.removeObserver(self.flows)
+            return self.flows.stop()
+
+        return self.mounted.shutdown().addBoth(flush_flows).addBoth(close)
