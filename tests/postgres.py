@@ -23,7 +23,6 @@ URL and stops when you press Enter or Ctrl-C.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import glob
 import itertools
 import os
@@ -37,6 +36,7 @@ import threading
 from typing import IO, Any, Optional
 from urllib.parse import quote
 
+from smeldr_oauth.service import lifeline
 from tests.prerequisites import require
 
 INSTALL = "bash scripts/setup-postgres.sh"
@@ -44,7 +44,6 @@ INSTALL = "bash scripts/setup-postgres.sh"
 USER = "postgres"
 PORT = 5432
 _READY = "database system is ready to accept connections"
-_PR_SET_PDEATHSIG = 1
 _PREFIX = "smeldr-pg-"
 _OWNER = "owner.pid"
 
@@ -75,16 +74,6 @@ def find_bindir() -> Optional[str]:
         if all(os.access(os.path.join(directory, tool), os.X_OK) for tool in ("initdb", "postgres")):
             return directory
     return None
-
-
-def _die_with_parent() -> None:
-    """
-    In the child, before exec: receive SIGINT (PostgreSQL's fast shutdown)
-    when the test process dies, however it dies.  Runs after Popen has
-    switched user, which would otherwise clear the setting.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
 
 
 class Cluster:
@@ -174,7 +163,9 @@ class Cluster:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
+            # SIGINT (PostgreSQL's fast shutdown) when the test process
+            # dies, however it dies.
+            preexec_fn=lifeline.preexec(sig=signal.SIGINT),
             **self._user,
         )
         ready = threading.Event()

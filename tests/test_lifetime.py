@@ -10,7 +10,7 @@ import secrets
 import shutil
 import signal
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -176,11 +176,6 @@ class BoundTests(TestCase):
         L{lifetime.bound} with L{subprocess.Popen} (what C{bench/} uses): a
         parent killed with SIGKILL takes its child along.
         """
-        mark = secrets.token_hex(8)
-        self.addCleanup(killMarked, mark)
-        env = subprocessEnvironment()
-        env[MARK] = mark
-        env["PYTHONPATH"] = CHECKOUT
         parent = (
             "import subprocess, sys\n"
             "from tests.lifetime import bound\n"
@@ -188,14 +183,35 @@ class BoundTests(TestCase):
             "print(child.pid, flush=True)\n"
             "sys.stdin.read()\n"
         )
-        watcher = _PidReader()
-        process = lifetime.spawnBound(reactor, watcher, [sys.executable, "-c", parent], env=env)
-        child = await watcher.pid
-        self.assertIn(child, marked(mark))
-        os.kill(process.pid, signal.SIGKILL)
-        await watcher.ended
-        left = await waitUntilGone(mark)
+        left = await orphaned(self, parent, lifetime.spawnBound)
         self.assertEqual(left, {})
+
+
+async def orphaned(case: TestCase, parent: str, spawn: Any = None) -> dict[int, str]:
+    """
+    Run C{parent} (Python code that starts a child, prints its pid, then
+    reads its standard input), kill it with SIGKILL once the child is
+    running, and give back what is left of the run.
+
+    @param spawn: Starts the parent, called as L{lifetime.spawnBound}
+        [default: C{reactor.spawnProcess}].
+    """
+    mark = secrets.token_hex(8)
+    case.addCleanup(killMarked, mark)
+    env = subprocessEnvironment()
+    env[MARK] = mark
+    env["PYTHONPATH"] = CHECKOUT
+    watcher = _PidReader()
+    argv = [sys.executable, "-c", parent]
+    if spawn is None:
+        process = reactor.spawnProcess(watcher, argv[0], argv, env=env)
+    else:
+        process = spawn(reactor, watcher, argv, env=env)
+    child = await watcher.pid
+    case.assertIn(child, marked(mark))
+    os.kill(process.pid, signal.SIGKILL)
+    await watcher.ended
+    return await waitUntilGone(mark)
 
 
 class _PidReader(ProcessProtocol):

@@ -24,10 +24,11 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ConnectionRefusedError, ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.error import CannotListenError, ConnectionRefusedError, ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
@@ -60,7 +61,7 @@ class WorkerSpecTests(SynchronousTestCase):
     def test_malformed(self) -> None:
         for value in ("", "{}", "[]", '{"index":0,"listen":[-1],"lifeline":5,"status":6}',
                       '{"index":0,"listen":["3"],"lifeline":5,"status":6}'):
-            with self.assertRaises(workers.usage.UsageError):
+            with self.assertRaises(usage.UsageError):
                 workers.take_worker_argument([f"{workers.WORKER_OPTION}={value}"])
 
 
@@ -383,7 +384,7 @@ class SupervisorPolicyTests(SynchronousTestCase):
         """
 
         def refuse(r: Any, d: Any) -> Any:
-            raise workers.error.CannotListenError("127.0.0.1", 1, "in use")
+            raise CannotListenError("127.0.0.1", 1, "in use")
 
         supervisor = Supervisor(self.reactor, 1, ["tcp:1"], lambda spec: ["x"], listen=refuse, on_failure=lambda: None)
         with capturedLogs() as events:

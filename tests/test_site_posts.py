@@ -25,13 +25,16 @@ from smeldr_oauth.site.posts import (
     PostStore,
     SlugTaken,
     ValidationError,
+)
+from smeldr_oauth.site.posts.search import fts_query, ts_query
+from smeldr_oauth.site.posts.validation import (
     decode_cursor,
     encode_cursor,
-    fts_query,
+    one_line,
     slugify,
-    ts_query,
     validate_slug,
     validate_tags,
+    validate_title,
 )
 
 
@@ -75,6 +78,21 @@ class PureTests(SynchronousTestCase):
         self.assertRaises(ValidationError, validate_tags, ["two words"])
         self.assertRaises(ValidationError, validate_tags, [1])
         self.assertRaises(ValidationError, validate_tags, [f"t{i}" for i in range(21)])
+
+    def test_one_line(self) -> None:
+        """
+        One rule for a title and a site token's name: trimmed, not empty,
+        bounded, one line without control characters; a tab only where
+        allowed (titles).
+        """
+        self.assertEqual(one_line("  Hello\tthere ", "title", 20), "Hello\tthere")
+        self.assertEqual(one_line("x" * 20, "title", 20), "x" * 20)
+        for bad in ("", "   ", "x" * 21, "a\nb", "a\rb", "a\x00b", "a\x7fb", 3, None):
+            with self.assertRaises(ValidationError) as caught:
+                one_line(bad, "title", 20)
+            self.assertEqual(caught.exception.field, "title")
+        self.assertRaises(ValidationError, one_line, "a\tb", "name", 20, tab=False)
+        self.assertEqual(validate_title(" A title "), "A title")
 
     def test_fts_query(self) -> None:
         self.assertEqual(fts_query("hello world"), '"hello" "world"')

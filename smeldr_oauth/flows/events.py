@@ -64,7 +64,7 @@ def _detail(event: Mapping[str, Any]) -> dict[str, str]:
 def _http_kind(event: Mapping[str, Any]) -> Optional[str]:
     """
     The kind of an C{http_step} event (the site's hook,
-    L{smeldr_oauth.flows.http}): a discovery request, the authorization
+    L{smeldr_oauth.web.flow_events}): a discovery request, the authorization
     page, or a 401/403 elsewhere.
     """
     path = str(event.get("path", ""))

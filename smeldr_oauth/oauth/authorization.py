@@ -95,26 +95,19 @@ def check_prompt(prompt: Optional[str]) -> None:
         raise errors.login_required("approval needs the user to paste a site token")
 
 
+@attr.s(auto_attribs=True, eq=False)
 class Authorization:
     """
     The authorization endpoint's protocol.
 
-    @param paste_limiter: refused site-token pastes per client address.
+    @ivar paste_limiter: refused site-token pastes per client address.
     """
 
-    def __init__(
-        self,
-        config: Config,
-        store: Any,
-        clock: IReactorTime,
-        clients: ClientResolver,
-        paste_limiter: RateLimiter,
-    ) -> None:
-        self.config = config
-        self.store = store
-        self._clock = clock
-        self.clients = clients
-        self.paste_limiter = paste_limiter
+    config: Config
+    store: Any
+    _clock: IReactorTime
+    clients: ClientResolver
+    paste_limiter: RateLimiter
 
     async def validate(self, params: Params, address: Optional[str] = None) -> AuthorizationRequest:
         """

@@ -29,7 +29,7 @@ from smeldr_oauth.oauth.secrets import constant_time_equal, hash_secret, new_id
 from smeldr_oauth.db.database import Database, Transaction
 from smeldr_oauth.db.migrations import Migration, Schema
 from smeldr_oauth.site.db import SecondsClock, wall_clock
-from smeldr_oauth.site.posts import _CONTROL, SiteError, ValidationError
+from smeldr_oauth.site.posts import SiteError, ValidationError, one_line
 
 log = Logger()
 
@@ -83,7 +83,7 @@ SCHEMA = Schema(
             ),
         ),
         # An admin token also opens the operator's pages (the flow
-        # timeline, smeldr_oauth.web.flows); any token approves apps.
+        # timeline, smeldr_oauth.flows.page); any token approves apps.
         Migration(2, ("ALTER TABLE site_tokens ADD COLUMN admin INTEGER NOT NULL DEFAULT 0",)),
     ),
     tables=("site_tokens",),
@@ -91,16 +91,7 @@ SCHEMA = Schema(
 
 
 def validate_name(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValidationError("name", "must be a string")
-    value = value.strip()
-    if not value:
-        raise ValidationError("name", "must not be empty")
-    if len(value) > MAX_NAME:
-        raise ValidationError("name", f"must be at most {MAX_NAME} characters")
-    if "\n" in value or "\r" in value or "\t" in value or _CONTROL.search(value):
-        raise ValidationError("name", "must be one line without control characters")
-    return value
+    return one_line(value, "name", MAX_NAME, tab=False)
 
 
 def new_site_token() -> str:

@@ -218,7 +218,7 @@ class GrantsPage:
     ) -> bytes:
         """
         A signed-in form, its CSRF token checked: sign out, or disconnect
-        an app.  (The operator's page, L{smeldr_oauth.web.flows}, has its
+        an app.  (The operator's page, L{smeldr_oauth.flows.page}, has its
         own actions.)
         """
         if action == ["signout"]:

@@ -28,7 +28,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from smeldr_oauth.flows.http import request_finished
+from smeldr_oauth.web.flow_events import request_finished
 from smeldr_oauth.web import errors
 
 DEFAULT_MAX_BODY = 1 << 20

@@ -33,7 +33,7 @@ import secrets
 from typing import Any, Callable, Optional
 
 import attr
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -89,21 +89,51 @@ class LiveSession:
         the short idle timeout applies.
     """
 
-    __slots__ = ("record", "protocol", "stream", "exchanges", "idle", "used", "last_active", "_registry")
+    __slots__ = (
+        "record",
+        "protocol",
+        "_stream",
+        "exchanges",
+        "idle",
+        "used",
+        "last_active",
+        "saving",
+        "held",
+        "sent_upto",
+        "_registry",
+    )
 
     def __init__(self, registry: "SessionRegistry", record: SessionRecord) -> None:
         self._registry = registry
         self.record = record
         self.protocol: ServerSession = None  # type: ignore[assignment]  # set by the registry
-        self.stream: Optional[SSEStream] = None
+        self._stream: Optional[SSEStream] = None
         self.exchanges: Optional[set[Any]] = None
         self.idle: Optional[IDelayedCall] = None
         self.used = record.used
         self.last_active = record.last_active
+        # The last state change being saved and announced, until it is.
+        self.saving: Optional[Deferred] = None
+        # While a reopened stream replays the log: the events arriving
+        # meanwhile.  Then the highest event id the stream has.
+        self.held: Optional[list[tuple[int, str]]] = None
+        self.sent_upto = 0
 
     @property
     def session_id(self) -> str:
         return self.record.session_id
+
+    @property
+    def stream(self) -> Optional[SSEStream]:
+        """The session's own stream, if this process holds it."""
+        return self._stream
+
+    @stream.setter
+    def stream(self, stream: Optional[SSEStream]) -> None:
+        had, self._stream = self._stream is not None, stream
+        if had != (stream is not None):
+            # With a shared backend, the other processes learn who holds it.
+            self._registry.delivery.stream_held(self.record.session_id, stream is not None)
 
     @property
     def kind(self) -> str:
@@ -144,12 +174,32 @@ class LiveSession:
         stream = self.stream
         if stream is None or stream.closed:
             return
+        if event_id is not None:
+            if self.held is not None:
+                self.held.append((event_id, data))
+                return
+            if event_id <= self.sent_upto:
+                # Replayed already, or a late copy routed from another
+                # process: a stream's events only go forward.
+                return
+            self.sent_upto = event_id
         stream.send(data, event="message", event_id=None if event_id is None else str(event_id))
         if event_id is not None:
             self._registry.events.delivered(self.record.session_id, event_id)
 
     def end(self) -> None:
         self._registry.release(self)
+
+    def replaying(self) -> None:
+        """A new stream: events wait until L{replayed}."""
+        self.held = []
+        self.sent_upto = 0
+
+    def replayed(self, missed: list[tuple[int, str]]) -> None:
+        """Send the events the client missed, then those that waited."""
+        held, self.held = self.held or [], None
+        for event_id, data in sorted(dict(missed + held).items()):
+            self.send(data, event_id)
 
     def refresh(self, record: SessionRecord) -> None:
         if record is not self.record:  # else this copy made the change
@@ -229,6 +279,9 @@ class SessionRegistry:
         self._live: dict[str, LiveSession] = {}
         # One bound method for every session (idle sessions are many).
         self._on_change = self._protocol_changed
+        relay = delivery.share_changes(self._changed_elsewhere)
+        if relay is not None:
+            app.change_observers.append(relay)
 
     def __len__(self) -> int:
         return len(self._live)
@@ -398,6 +451,19 @@ class SessionRegistry:
         live.idle = self.clock.callLater(timeout, self._expire, live)
         self.store.touch(live.session_id, now, now + timeout)
 
+    def _changed_elsewhere(self, change: str, value: str, skip: frozenset[str]) -> None:
+        """
+        Another process changed what the application serves: the sessions
+        whose stream is here and which that process did not tell hear it.
+        """
+        for live in list(self._live.values()):
+            if live.session_id in skip or live.stream is None or live.stream.closed:
+                continue
+            if change == "resource":
+                live.protocol.resource_updated(value)
+            elif change == "list" and value in ("tools", "resources", "prompts"):
+                live.protocol.list_changed(value)
+
     def _protocol_changed(self, protocol: ServerSession) -> None:
         live = self._live.get(protocol.session_id or "")
         if live is not None and live.protocol is protocol:
@@ -416,8 +482,46 @@ class SessionRegistry:
             log_level=protocol.log_level,
             subscriptions=protocol.subscriptions,
         )
-        self.store.save(live.record).addErrback(_logged("MCP session state could not be saved"))
+        saved = self.store.save(live.record)
         self.delivery.refresh(live.session_id, live.record)
+        both = gatherResults([saved, self.delivery.settled(live.session_id)], consumeErrors=True)
+        if both.called:
+            # The in-process seams: saved already.
+            both.addErrback(_logged("MCP session state could not be saved"))
+            return
+        live.saving = both
+
+        def done(result: Any) -> None:
+            if live.saving is both:
+                live.saving = None
+            if isinstance(result, Failure):
+                log.failure("MCP session state could not be saved", result)
+
+        both.addBoth(done)
+
+    def when_saved(self, live: LiveSession, result: Any) -> Any:
+        """
+        C{result} (an answer, or a L{Deferred} of one), held until the
+        state changes it made are saved and announced: the client's next
+        request may land on another process, which must find them.
+        """
+
+        def hold(body: Any) -> Any:
+            saving = live.saving
+            if saving is None:
+                return body
+            waiter: Deferred = Deferred()
+
+            def fire(outcome: Any) -> Any:
+                waiter.callback(body)
+                return outcome
+
+            saving.addBoth(fire)
+            return waiter
+
+        if isinstance(result, Deferred):
+            return result.addCallback(hold)
+        return hold(result)
 
     def _expire(self, live: LiveSession) -> None:
         live.idle = None
@@ -428,9 +532,12 @@ class SessionRegistry:
         def check(record: Optional[SessionRecord]) -> None:
             if self._live.get(live.session_id) is not live or not live.is_idle:
                 return
-            if record is not None and record.last_active > live.last_active:
-                # Used through another process meanwhile: only this
-                # process's copy goes.
+            if record is not None and (
+                record.last_active > live.last_active
+                or record.stream_process not in (None, self.delivery.process_id)
+            ):
+                # Used through another process meanwhile, or its stream is
+                # open there: only this process's copy goes.
                 self.release(live)
                 return
             log.info("MCP session idle; ended")
@@ -440,12 +547,25 @@ class SessionRegistry:
 
     # -- ending -------------------------------------------------------------------
 
-    def end(self, live: LiveSession) -> None:
-        """End a session for good, wherever its live parts are."""
-        self.store.remove(live.session_id).addErrback(_logged("MCP session record could not be removed"))
-        self._ended(live.session_id)
+    def end(self, live: LiveSession) -> "Deferred[None]":
+        """
+        End a session for good, wherever its live parts are: here at once,
+        elsewhere once its record is gone (so that no process takes it up
+        again meanwhile).
+
+        @return: a L{Deferred} firing when the record is gone.
+        """
+        session_id = live.session_id
+
+        def removed(_: object) -> None:
+            self._ended(session_id)
+
+        d: Deferred[None] = self.store.remove(session_id).addErrback(
+            _logged("MCP session record could not be removed")
+        ).addCallback(removed)
         # Not attached (any more): the delivery cannot reach it.
         self.release(live)
+        return d
 
     def _ended(self, session_id: str) -> None:
         """The record is gone: forget the events, end the live parts."""

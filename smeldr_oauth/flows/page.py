@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_web_flows -*-
+# -*- test-case-name: tests.test_flows_page -*-
 """
 The operator's page at C{/oauth/flows}: the flow timeline
 (L{smeldr_oauth.flows}) of the clients the server saw, each with the

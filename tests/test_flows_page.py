@@ -1,5 +1,5 @@
 """
-Tests for L{smeldr_oauth.web.flows}: the operator's page, open to admin
+Tests for L{smeldr_oauth.flows.page}: the operator's page, open to admin
 site tokens only.
 """
 
@@ -22,7 +22,7 @@ from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.store.memory import MemoryStore
-from smeldr_oauth.web.flows import FlowsPage
+from smeldr_oauth.flows.page import FlowsPage
 from smeldr_oauth.web.routes import mount_routes
 
 URL = "http://127.0.0.1:8080/oauth/flows"

@@ -1,7 +1,8 @@
-# -*- test-case-name: tests.test_flows_http -*-
+# -*- test-case-name: tests.test_web_flow_events -*-
 """
-The site's one hook into the timeline: after a response, publish an
-C{http_step} event for the requests that no protocol layer reports and
+The site's one hook into the flow timeline (L{smeldr_oauth.flows}, which
+reads it from the log like every other step): after a response, publish
+an C{http_step} event for the requests that no protocol layer reports and
 an operator needs to see.
 
   - discovery (any C{/.well-known/} path): which URL the client tried,

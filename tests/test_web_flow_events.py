@@ -1,5 +1,5 @@
 """
-L{smeldr_oauth.flows.http}: the site's hook publishes an C{http_step} for
+L{smeldr_oauth.web.flow_events}: the site's hook publishes an C{http_step} for
 discovery, the authorization page and 401/403 answers, and nothing for
 every other request.
 """
@@ -12,7 +12,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from smeldr_oauth.flows.http import request_finished
+from smeldr_oauth.web.flow_events import request_finished
 
 
 def finished(
