@@ -35,6 +35,7 @@ _GATEWAY = "smeldr_oauth.gateway"
 _SITE = "smeldr_oauth.site"
 _SITE_ADMIN = "smeldr_oauth.site.admin"
 _SERVICE = "smeldr_oauth.service"
+_FLOWS = "smeldr_oauth.flows"
 
 #: Every layer (a package, or a module with a rule of its own) and the
 #: layers it may import, bottom up.  A module belongs to the longest name
@@ -66,8 +67,12 @@ LAYERS: dict[str, Optional[frozenset[str]]] = {
     _GATEWAY: frozenset({_MCP, _OAUTH}),
     # The default site's content: posts, tokens, the MCP tools.
     _SITE: frozenset({_DB, _MCP, _OAUTH}),
-    # The admin command: opens the stores and runs the doctor.
-    _SITE_ADMIN: frozenset({_SITE, _DB, _MCP, _OAUTH, _STORE, _DOCTOR}),
+    # The flow timeline: steps from the log events, in db; the operator's
+    # page on the web edge's sign-in (issue 14).
+    _FLOWS: frozenset({_OAUTH, _DB, _WEB}),
+    # The admin command: opens the stores, runs the doctor, reads the
+    # flow timeline.
+    _SITE_ADMIN: frozenset({_SITE, _DB, _MCP, _OAUTH, _STORE, _DOCTOR, _FLOWS}),
     # The wiring (twist plugin, workers, metrics): ties everything together.
     _SERVICE: None,
     # The package itself: the Python API re-exports from the layers.

@@ -50,7 +50,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.e2e import RunningServer, createSiteToken, startServer
+from tests.e2e import RunningServer, adminCommand, createSiteToken, runProgram, startServer
 from tests.lifetime import boundExecutable
 from tests.prerequisites import require
 
@@ -890,3 +890,63 @@ class BrowserPagesTests(TestCase):
             401,
             self.fail_("the access token still works after Disconnect"),
         )
+
+    async def test_operatorFlowTimeline(self) -> None:
+        """
+        The operator's page (C{/oauth/flows}): an ordinary site token is
+        refused; an admin one lists the client that just connected, and its
+        timeline shows the steps from the authorization page to the MCP
+        initialize, with nothing secret in the page.
+        """
+        await self.start()
+        query, verifier = await self.approve()
+        tokens = await self.exchange(query["code"][0], verifier)
+        self.assertEqual(await self.mcpStatus(tokens["access_token"]), 200)
+        out, err, code = await runProgram(
+            reactor,
+            [*adminCommand(), "token", "create", "operator", "--admin", "--site-db", self.server.siteDB],
+        )
+        self.assertEqual(code, 0, err)
+        adminToken = out.strip().split()[-1]
+
+        def signIn() -> dict[str, Any]:
+            b = self.browser
+            b.get(self.server.issuer + "/oauth/flows")
+            b.one("#site_token").send_keys(self.siteToken)
+            b.submit(b.button("Show timelines"))
+            refused = [e.text for e in b.all("[role=alert]")]
+            b.one("#site_token").send_keys(adminToken)
+            b.submit(b.button("Show timelines"))
+
+            def listed(driver: Any) -> bool:
+                # The server writes its steps once a second: reload until
+                # the client's are in.
+                if any(self.clientID in row.text for row in b.all("table.clients tbody tr")):
+                    return True
+                driver.refresh()
+                return False
+
+            WebDriverWait(b.driver, 15, poll_frequency=0.2).until(listed)
+            clients = [row.text for row in b.all("table.clients tbody tr")]
+            link = [a for a in b.all("table.clients a") if a.text == self.clientID][0]
+            old = b.one("h1")
+            link.click()
+            WebDriverWait(b.driver, 10, poll_frequency=0.05).until(staleness_of(old))
+            return {
+                "refused": refused,
+                "clients": clients,
+                "steps": [row.text for row in b.all("table.timeline tbody tr")],
+                "source": b.driver.page_source,
+            }
+
+        page = await self.thread(signIn)
+        self.assertEqual(page["refused"], ["That site token is not an admin token."], page)
+        self.assertEqual(len(page["clients"]), 1, page)
+        steps = "\n".join(page["steps"])
+        for label in ("registration", "authorization page", "approved", "code exchanged", "MCP initialize"):
+            self.assertIn(label, steps, page)
+        for secret in (self.siteToken, adminToken, tokens["access_token"], tokens["refresh_token"], query["code"][0]):
+            self.assertNotIn(secret, page["source"])
+        await self.assertNoCSPViolations()
+        problems = await self.thread(self.browser.screenshots, self.screenshotDirectory(), "flows")
+        self.assertEqual(problems, [])

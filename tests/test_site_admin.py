@@ -194,6 +194,14 @@ class CommandTests(TestCase):
         self.assertEqual(approval.subject, "alice")
 
     @inlineCallbacks
+    def test_token_create_admin(self):
+        status, _, err = yield self.admin("token", "create", "operator", "--admin")
+        self.assertEqual(status, 0)
+        self.assertIn("(admin)", err)
+        status, out, _ = yield self.admin("token", "list")
+        self.assertRegex(out, r"\badmin\b.*operator")
+
+    @inlineCallbacks
     def test_token_create_bad_name(self):
         status, out, err = yield self.admin("token", "create", " ")
         self.assertEqual((status, out), (1, ""))

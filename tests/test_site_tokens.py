@@ -106,3 +106,50 @@ class SiteTokenStoreTests(TestCase):
         self.assertEqual(record.revoked_at, 501)
         self.assertFalse(record.active)
         yield self.assertFailure(self.tokens.revoke("nope"), TokenNotFound)
+
+
+class AdminFlagTests(TestCase):
+    """
+    The admin flag (migration 2): set at creation, read by the operator's
+    pages, off for tokens made before it existed.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.path = self.mktemp()
+
+    def open(self):  # type: ignore[no-untyped-def]
+        site = open_site(self.path, self.reactor, clock=Clock(), threads=0)
+        self.addCleanup(site.close)
+        return site
+
+    @inlineCallbacks
+    def test_admin_tokens(self):
+        tokens = self.open().tokens
+        plain_id, _ = yield tokens.create("alice")
+        admin_id, _ = yield tokens.create("operator", admin=True)
+        self.assertEqual((yield tokens.is_admin(admin_id)), True)
+        self.assertEqual((yield tokens.is_admin(plain_id)), False)
+        self.assertEqual((yield tokens.is_admin("nope")), False)
+        self.assertEqual((yield tokens.is_admin(None)), False)
+        self.assertEqual(sorted((t.name, t.admin) for t in (yield tokens.list())), [("alice", False), ("operator", True)])
+        yield tokens.revoke(admin_id)
+        self.assertEqual((yield tokens.is_admin(admin_id)), False)
+
+    @inlineCallbacks
+    def test_tokens_from_before_the_flag_are_not_admin(self):
+        import sqlite3
+
+        from smeldr_oauth.db.migrations import MIGRATIONS_TABLE
+
+        with sqlite3.connect(self.path) as db:
+            db.execute(MIGRATIONS_TABLE)
+            for statement in SCHEMA.migrations[0].statements:
+                db.execute(statement)
+            db.execute("INSERT INTO schema_migrations VALUES ('site_tokens', 1, 0)")
+            db.execute("INSERT INTO site_tokens (id, name, token_hash, created_at) VALUES ('old', 'bob', 'h', 1)")
+        tokens = self.open().tokens
+        self.assertEqual([(t.id, t.admin) for t in (yield tokens.list())], [("old", False)])
+        self.assertEqual((yield tokens.is_admin("old")), False)

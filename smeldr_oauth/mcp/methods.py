@@ -138,6 +138,7 @@ def initialize(session: "ServerSession", params: dict[str, Any], call: "Call") -
         session_id=(session.session_id or "-")[:8],
         version=version,
         subject=call.principal.subject,
+        client_id=call.principal.client_id, grant_id=call.principal.grant_id, smeldr_event="mcp_initialize",
     )
     result: dict[str, Any] = {
         "protocolVersion": version,
@@ -253,6 +254,9 @@ def tools_call(session: "ServerSession", params: dict[str, Any], call: "Call") -
             subject=call.principal.subject if call.principal is not None else None,
             outcome=outcome,
             smeldr_event="mcp_call",
+            client_id=call.principal.client_id if call.principal is not None else None,
+            grant_id=call.principal.grant_id if call.principal is not None else None,
+            version=call.version,
         )
         return result
 

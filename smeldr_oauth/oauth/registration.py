@@ -135,6 +135,8 @@ class Registration:
             client_id=client.client_id,
             name=loggable(name),
             method=method,
+            address=loggable(address) if address else None,
+            smeldr_event="client_registered",
         )
         body: dict[str, Any] = {
             "client_id": client.client_id,

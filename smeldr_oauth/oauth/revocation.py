@@ -91,10 +91,12 @@ class Revocation:
         grant_id = await self.store.revoke_token(token_hash, self._clock.seconds(), client_id=requester)
         self.events.token_revoked(token_hash)
         if grant_id is not None:
+            log.info("grant {grant_id} revoked by its client", grant_id=grant_id, smeldr_event="token_revoked")
             self.events.grant_revoked(grant_id)
 
     async def revoke_grant(self, grant_id: str) -> bool:
         ended = await self.store.revoke_grant(grant_id, self._clock.seconds())
         if ended:
+            log.info("grant {grant_id} revoked", grant_id=grant_id, smeldr_event="token_revoked")
             self.events.grant_revoked(grant_id)
         return bool(ended)

@@ -220,6 +220,7 @@ class Options(usage.Options):
     optFlags = [
         ["no-registration", None, "Turn dynamic client registration (RFC 7591) off."],
         ["no-cimd", None, "Turn Client ID Metadata Documents off."],
+        ["no-flow-timeline", None, "Do not record the flow timeline (smeldr-oauth-admin flows)."],
         ["dev", None, "DEVELOPMENT ONLY: allow http:// and loopback client_id URLs."],
         [
             "refresh-for-refresh-grant-clients",

@@ -187,6 +187,24 @@ def mount(
     return Mounted(oauth=oauth, routes=routes, mcp_http=mcp_http, fronts=fronts)
 
 
+def mount_flows(
+    app: Klein, oauth: OAuthServer, reactor: Any, database: Any, tokens: Any, docs_url: Optional[str] = None
+) -> Any:
+    """
+    The flow timeline (L{smeldr_oauth.flows}): its store in C{database}
+    (the OAuth store's), the operator's page on C{app} (open to C{tokens}'
+    admin tokens), and the recorder that feeds it, returned for the caller
+    to start, observe the log with, and stop.
+    """
+    from smeldr_oauth.flows.recorder import FlowRecorder
+    from smeldr_oauth.flows.store import FlowStore
+    from smeldr_oauth.flows.page import FlowsPage
+
+    store = FlowStore(database, reactor)
+    mount_routes(app, FlowsPage(oauth, reactor, store, tokens.is_admin, docs_url).routes())
+    return FlowRecorder(store, reactor)
+
+
 def watch_external_changes(store: Any, oauth: OAuthServer, clock: IReactorTime, interval: float = 1.0) -> Any:
     """
     Forget the cached access-token answers whenever another process (a
@@ -302,6 +320,14 @@ class StandaloneService(Service):
         )
         self._purging: Any = None
         self._watching: Any = None
+        from smeldr_oauth.flows.recorder import FlowRecorder
+
+        # The flow timeline: the operator's page and the recorder.
+        self.flows: Optional[FlowRecorder] = None
+        if not options.get("no-flow-timeline"):
+            self.flows = mount_flows(
+                self.app, self.oauth, reactor, self.store.database, self.site_stores.tokens, options.get("docs-url")
+            )
 
     def _gateway(self, upstream: Any) -> Any:
         """One upstream's L{Gateway}: stdio processes on the reactor, HTTP over a shared pool."""
@@ -323,6 +349,13 @@ class StandaloneService(Service):
             from twisted.logger import globalLogPublisher
 
             globalLogPublisher.addObserver(self._metrics_observer)
+        from twisted.logger import globalLogPublisher as flows_publisher
+
+        # The flow timeline (smeldr_oauth.flows): steps buffered here,
+        # written in batches.
+        if self.flows is not None:
+            flows_publisher.addObserver(self.flows)
+            self.flows.start()
         if self.options["dev"]:
             log.warn(
                 "DEVELOPMENT MODE (--dev): http:// and loopback client_id URLs are accepted. "
@@ -369,4 +402,13 @@ class StandaloneService(Service):
             if self._http_pool is not None:
                 self._http_pool.closeCachedConnections()
 
-        return self.mounted.shutdown().addBoth(leave).addBoth(close)
+        def flush_flows(_: Any) -> Any:
+            # After the shutdown, so that the streams it closes are in the
+            # timeline too; then what waits is written, before the stores
+            # close.
+            if self.flows is None:
+                return None
+            globalLogPublisher.removeObserver(self.flows)
+            return self.flows.stop()
+
+        return self.mounted.shutdown().addBoth(flush_flows).addBoth(leave).addBoth(close)

@@ -92,12 +92,15 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     kinds = parser.add_subparsers(
-        dest="kind", metavar="{token,grants,resource-server,migrate,doctor}", parser_class=_Parser
+        dest="kind", metavar="{token,grants,resource-server,migrate,doctor,flows}", parser_class=_Parser
     )
     kinds.required = True
     from smeldr_oauth.doctor import cli as doctor
 
     doctor.add_parser(kinds)
+    from smeldr_oauth.flows import cli as flows
+
+    flows.add_parser(kinds, [oauth_db, database])
 
     token = kinds.add_parser(
         "token", help="site tokens (what you paste into the consent page)"
@@ -111,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     create.add_argument(
         "name", help="who the token is for (the subject of the grants it approves)"
+    )
+    create.add_argument(
+        "--admin",
+        action="store_true",
+        help="the token also opens the operator's pages (the flow timeline at /oauth/flows)",
     )
     token_cmds.add_parser(
         "list", parents=[site_db, database], help="list site tokens (never their secrets)"
@@ -276,13 +284,14 @@ class _Commands:
     async def token_create(self) -> int:
         site = open_site(self.site_location, self.reactor)
         try:
-            token_id, plaintext = await site.tokens.create(self.options.name)
+            token_id, plaintext = await site.tokens.create(self.options.name, admin=self.options.admin)
         finally:
             site.close()
         # The token alone on stdout (so TOKEN=$(... token create NAME) works);
         # the words for the human on stderr, which stays on the terminal.
         self.err.write(
-            f"Site token {token_id} created for {self.options.name.strip()!r}.\n"
+            f"Site token {token_id} created for {self.options.name.strip()!r}"
+            f"{' (admin)' if self.options.admin else ''}.\n"
             "This token will not be shown again: copy it now and keep it somewhere safe.\n"
         )
         self.say(plaintext)
@@ -301,7 +310,7 @@ class _Commands:
             return 0
         self.say(f"{'ID':32}  {'STATUS':7}  {'CREATED':20}  {'LAST USED':20}  NAME")
         for t in tokens:
-            status = "active" if t.active else "revoked"
+            status = ("admin" if t.admin else "active") if t.active else "revoked"
             self.say(
                 f"{t.id:32}  {status:7}  {_when(t.created_at):20}"
                 f"  {_when(t.last_used_at):20}  {_shown(t.name, 100)}"
@@ -417,6 +426,13 @@ class _Commands:
         self.say(f"client_id:     {client.client_id}")
         self.say(f"client_secret: {secret}")
         return 0
+
+    async def flows_show(self) -> int:
+        if self.missing("oauth"):
+            return 1
+        from smeldr_oauth.flows import cli as flows
+
+        return await flows.show(self.reactor, self.options, self.oauth_location, self.out)
 
     async def migrate_sqlite(self) -> int:
         from smeldr_oauth.db import open_database

@@ -57,6 +57,7 @@ class SiteToken:
     created_at: float
     last_used_at: float | None = None
     revoked_at: float | None = None
+    admin: bool = False
 
     @property
     def active(self) -> bool:
@@ -81,6 +82,9 @@ SCHEMA = Schema(
                 """,
             ),
         ),
+        # An admin token also opens the operator's pages (the flow
+        # timeline, smeldr_oauth.flows.page); any token approves apps.
+        Migration(2, ("ALTER TABLE site_tokens ADD COLUMN admin INTEGER NOT NULL DEFAULT 0",)),
     ),
     tables=("site_tokens",),
 )
@@ -105,6 +109,7 @@ def _record(row: Any) -> SiteToken:
         created_at=row["created_at"],
         last_used_at=row["last_used_at"],
         revoked_at=row["revoked_at"],
+        admin=bool(row["admin"]),
     )
 
 
@@ -120,9 +125,11 @@ class SiteTokenStore:
         self._db = db
         self._clock = clock if clock is not None else wall_clock()
 
-    def create(self, name: str) -> Deferred[tuple[str, str]]:
+    def create(self, name: str, admin: bool = False) -> Deferred[tuple[str, str]]:
         """
         Make a token called C{name}.
+
+        @param admin: the token also opens the operator's pages.
 
         @return: C{(token_id, plaintext)}.  The plaintext is not kept: this
             is the only time anyone sees it.
@@ -137,8 +144,8 @@ class SiteTokenStore:
 
         def create_token(txn: Transaction) -> tuple[str, str]:
             txn.execute(
-                "INSERT INTO site_tokens (id, name, token_hash, created_at) VALUES (?, ?, ?, ?)",
-                (token_id, name, hash_secret(plaintext), now),
+                "INSERT INTO site_tokens (id, name, token_hash, created_at, admin) VALUES (?, ?, ?, ?, ?)",
+                (token_id, name, hash_secret(plaintext), now, 1 if admin else 0),
             )
             return token_id, plaintext
 
@@ -146,7 +153,10 @@ class SiteTokenStore:
 
         def logged(result: tuple[str, str]) -> tuple[str, str]:
             log.info(
-                "site token {token_id} created for {name}", token_id=token_id, name=name
+                "site token {token_id} created for {name}{admin}",
+                token_id=token_id,
+                name=name,
+                admin=" (admin)" if admin else "",
             )
             return result
 
@@ -159,7 +169,7 @@ class SiteTokenStore:
 
         def list_tokens(txn: Transaction) -> list[SiteToken]:
             rows = txn.execute(
-                "SELECT id, name, created_at, last_used_at, revoked_at FROM site_tokens"
+                "SELECT id, name, created_at, last_used_at, revoked_at, admin FROM site_tokens"
                 " ORDER BY created_at, id"
             )
             return [_record(r) for r in rows]
@@ -173,7 +183,7 @@ class SiteTokenStore:
 
         def get_token(txn: Transaction) -> SiteToken | None:
             row = txn.execute(
-                "SELECT id, name, created_at, last_used_at, revoked_at FROM site_tokens WHERE id = ?",
+                "SELECT id, name, created_at, last_used_at, revoked_at, admin FROM site_tokens WHERE id = ?",
                 (token_id,),
             ).fetchone()
             return None if row is None else _record(row)
@@ -259,6 +269,22 @@ class SiteTokenStore:
             return approval
 
         return self._db.write(SCHEMA, verify_token).addCallback(logged)
+
+    def is_admin(self, token_id: str | None) -> Deferred[bool]:
+        """
+        Whether C{token_id} is a live admin token (the operator's pages
+        ask this after the paste was verified).
+        """
+        if token_id is None:
+            return succeed(False)
+
+        def admin_token(txn: Transaction) -> bool:
+            row = txn.execute(
+                "SELECT admin, revoked_at FROM site_tokens WHERE id = ?", (token_id,)
+            ).fetchone()
+            return row is not None and bool(row["admin"]) and row["revoked_at"] is None
+
+        return self._db.read(SCHEMA, admin_token)
 
     def verify_bearer(self, token: str) -> Deferred[Approval | None]:
         """

@@ -161,7 +161,7 @@ class AuthorizeRoutes:
         authz = await self.server.validate_authorization_request(form, address)
         decisions = form.get("decision", [])
         if decisions == ["deny"]:
-            log.info("user denied client {client_id}", client_id=loggable(authz.client.client_id))
+            log.info("user denied client {client_id}", client_id=loggable(authz.client.client_id), smeldr_event="grant_denied")
             return see_other(request, self.server.deny(authz))
         if decisions != ["approve"]:
             return self._consent(request, authz, "Choose Approve or Deny.", 400)

@@ -65,21 +65,25 @@ def _hidden(**fields: str) -> list[Tag]:
     return [tags.input(type="hidden", name=key, value=value) for key, value in fields.items()]
 
 
-def signin_page(action: str, error: Optional[str] = None) -> pages.Page:
-    body: list[Any] = [
-        tags.h1("Connected apps"),
-        tags.p("Paste a site token to see the applications connected with it."),
-    ]
+def signin_page(
+    action: str,
+    error: Optional[str] = None,
+    *,
+    title: str = "Connected apps",
+    intro: str = "Paste a site token to see the applications connected with it.",
+    button: str = "Show connected apps",
+) -> pages.Page:
+    body: list[Any] = [tags.h1(title), tags.p(intro)]
     if error:
         body.append(tags.p(error, class_="error", role="alert", id="signin-error"))
     body.append(
         tags.form(method="post", action=action)(
             _hidden(action="signin"),
             pages.site_token_field("signin-error" if error else None),
-            tags.div(class_="actions")(tags.button("Show connected apps", type="submit", class_="primary")),
+            tags.div(class_="actions")(tags.button(button, type="submit", class_="primary")),
         )
     )
-    return pages.Page("Connected apps", body)
+    return pages.Page(title, body)
 
 
 def grants_page(
@@ -135,6 +139,7 @@ class GrantsPage:
         secure = server.config.issuer.startswith("https://")
         self.cookie_name = b"__Host-smeldr_grants" if secure else b"smeldr_grants"
         self.secure = secure
+        self.route_name = "smeldr_grants"
 
     def routes(self) -> list[Route]:
         return [
@@ -143,7 +148,7 @@ class GrantsPage:
                 methods={"GET": self.get, "POST": self.post},
                 dialect=errors.PAGE,
                 headers=(HSTS,) if self.secure else (),
-                name="smeldr_grants",
+                name=self.route_name,
             )
         ]
 
@@ -206,6 +211,16 @@ class GrantsPage:
                 smeldr_event="csrf_refused",
             )
             return self._signin(request, "That form has expired. Sign in again.", 403)
+        return await self._act(request, key, session, action, form)
+
+    async def _act(
+        self, request: IRequest, key: str, session: PageSession, action: list[str], form: dict[str, list[str]]
+    ) -> bytes:
+        """
+        A signed-in form, its CSRF token checked: sign out, or disconnect
+        an app.  (The operator's page, L{smeldr_oauth.flows.page}, has its
+        own actions.)
+        """
         if action == ["signout"]:
             self.sessions.pop(key, None)
             self._set_cookie(request, "", 0)
@@ -226,6 +241,13 @@ class GrantsPage:
             return await self._show(request, session, "Disconnected.")
         return await self._show(request, session, "Unknown action.", 400)
 
+    async def _admit(self, approval: Approval) -> Optional[str]:
+        """
+        Why a verified site token may not open this page (C{None}: it may).
+        Every token opens the connected-apps page.
+        """
+        return None
+
     async def _do_signin(self, request: IRequest, form: dict[str, list[str]]) -> bytes:
         pasted = form.get("site_token", [""])
         try:
@@ -235,6 +257,9 @@ class GrantsPage:
             return self._signin(request, "Too many failed attempts. Wait a minute and try again.", 429)
         except oauth_errors.PasteRefused:
             return self._signin(request, "That site token was not accepted.", 403)
+        refusal = await self._admit(approval)
+        if refusal is not None:
+            return self._signin(request, refusal, 403)
         key = new_secret()
         session = PageSession(approval=approval, csrf=new_secret())
         self.sessions[key] = session

@@ -45,6 +45,11 @@ button{flex:1 1 8rem;padding:.65rem 1rem;font:inherit;font-weight:600;border-rad
 button.primary{background:var(--accent);border-color:var(--accent);color:#fff}
 .error{color:#b42318;font-weight:600}
 code{word-break:break-all}
+.scroll{overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;font-size:.85rem}
+th,td{text-align:left;vertical-align:top;padding:.3rem .5rem;border-top:1px solid var(--border)}
+td.wrap,h2,li.finding{overflow-wrap:anywhere}
+td.wrap{min-width:12rem}
 """
 
 assert not any(c in STYLE for c in "<>&"), "the style sheet must survive the flattener's escaping"

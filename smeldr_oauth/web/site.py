@@ -28,6 +28,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from smeldr_oauth.web.flow_events import request_finished
 from smeldr_oauth.web import errors
 
 DEFAULT_MAX_BODY = 1 << 20
@@ -148,6 +149,7 @@ class SmeldrRequest(Request):
     def finish(self) -> None:
         metrics = getattr(getattr(getattr(self, "channel", None), "site", None), "metrics", None)
         super().finish()
+        request_finished(self)
         if metrics is None or not self._started:
             return
         content_type = self.responseHeaders.getRawHeaders(b"content-type", [b""])[0]

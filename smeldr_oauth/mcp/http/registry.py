@@ -410,6 +410,13 @@ class SessionRegistry:
                 )
                 self._ended(victim.session_id)
             live = self._bring_up(record)
+            log.debug(
+                "MCP session opened ({transport})",
+                transport=kind,
+                client_id=info.client_id,
+                grant_id=info.grant_id,
+                smeldr_event="mcp_session",
+            )
             return live
 
         def refused(failure: Failure) -> LiveSession:

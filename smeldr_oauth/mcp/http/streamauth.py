@@ -41,6 +41,7 @@ class _StreamAuth:
     expires_at: float
     token: str = attr.ib(repr=False)
     on_close: Optional[Callable[[SSEStream], None]] = None
+    opened: float = 0.0
 
 
 class StreamGuard:
@@ -80,6 +81,7 @@ class StreamGuard:
         auth = _StreamAuth(
             stream, info.subject, info.client_id, info.grant_id, credential.expires_at, credential.token, on_close
         )
+        auth.opened = self._clock.seconds()
         self._streams[stream] = auth
         self._schedule(auth)
         return stream
@@ -114,6 +116,13 @@ class StreamGuard:
     def _closed(self, stream: SSEStream) -> None:
         auth = self._streams.pop(stream, None)
         if auth is not None:
+            log.debug(
+                "MCP stream closed after {seconds} seconds ({client_id})",
+                seconds=f"{self._clock.seconds() - auth.opened:.1f}",
+                client_id=auth.client_id,
+                grant_id=auth.grant_id,
+                smeldr_event="stream_closed",
+            )
             self._checks.cancel(auth)
             if auth.on_close is not None:
                 auth.on_close(stream)

@@ -1,0 +1,178 @@
+"""
+L{smeldr_oauth.flows.recorder}: steps buffered on the logging call,
+written in batches on later reactor turns, bounded when the store is slow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from smeldr_oauth.flows.recorder import FlowRecorder
+
+T0 = 1_800_000_000.0
+
+
+class FakeStore:
+    """Records batches; answers at once, or when the test says."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+        self.trims: list[Any] = []
+        self.pending: list[Deferred[None]] = []
+        self.hold = False
+        self.broken = False
+
+    def record(self, steps: list[Any], trim: Any = True) -> "Deferred[None]":
+        self.batches.append(steps)
+        self.trims.append(trim)
+        if self.broken:
+            return fail(RuntimeError("database is down"))
+        if self.hold:
+            d: Deferred[None] = Deferred()
+            self.pending.append(d)
+            return d
+        return succeed(None)
+
+
+def event(n: int = 0) -> dict[str, Any]:
+    return {"log_time": T0 + n, "smeldr_event": "mcp_call", "client_id": "c", "grant_id": "g", "tool": f"t{n}"}
+
+
+class RecorderTests(SynchronousTestCase):
+    def recorder(self, **kw: Any) -> tuple[FlowRecorder, FakeStore, Clock]:
+        store, clock = FakeStore(), Clock()
+        recorder = FlowRecorder(store, clock, **kw)
+        recorder.start()
+        self.addCleanup(recorder.stop)
+        return recorder, store, clock
+
+    def test_nothing_written_on_the_logging_call(self) -> None:
+        recorder, store, clock = self.recorder()
+        recorder(event())
+        self.assertEqual(store.batches, [])
+        self.assertEqual(recorder.waiting, 1)
+        clock.advance(1)
+        self.assertEqual([len(b) for b in store.batches], [1])
+        self.assertEqual(store.batches[0][0].detail["tool"], "t0")
+
+    def test_one_write_per_interval(self) -> None:
+        recorder, store, clock = self.recorder()
+        for n in range(20):
+            recorder(event(n))
+        clock.advance(1)
+        clock.advance(1)
+        self.assertEqual([len(b) for b in store.batches], [20])
+
+    def test_other_events_ignored(self) -> None:
+        recorder, store, clock = self.recorder()
+        recorder({"log_time": T0, "log_format": "hello"})
+        recorder({"log_time": T0, "smeldr_event": "rate_limited"})
+        self.assertEqual(recorder.waiting, 0)
+
+    def test_full_batch_written_on_the_next_turn(self) -> None:
+        recorder, store, clock = self.recorder(batch=5)
+        for n in range(5):
+            recorder(event(n))
+        self.assertEqual(store.batches, [])
+        clock.advance(0)
+        self.assertEqual([len(b) for b in store.batches], [5])
+
+    def test_slow_store_bounds_the_buffer(self) -> None:
+        """
+        While a write is under way, new steps wait; past the capacity the
+        oldest are dropped and counted: memory stays bounded.
+        """
+        recorder, store, clock = self.recorder(batch=1000, capacity=10)
+        store.hold = True
+        recorder(event())
+        clock.advance(1)
+        self.assertEqual(len(store.pending), 1)
+        for n in range(1, 26):
+            recorder(event(n))
+        clock.advance(1)
+        self.assertEqual(len(store.batches), 1)  # the next write waits
+        self.assertEqual((recorder.waiting, recorder.dropped), (10, 15))
+        store.hold = False
+        store.pending[0].callback(None)
+        clock.advance(1)
+        self.assertEqual([s.detail["tool"] for s in store.batches[1]], [f"t{n}" for n in range(16, 26)])
+
+    def test_store_failure_is_logged_once_and_never_raised(self) -> None:
+        recorder, store, clock = self.recorder()
+        store.broken = True
+        recorder(event())
+        clock.advance(1)
+        recorder(event(1))
+        clock.advance(1)
+        self.assertEqual(len(store.batches), 2)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(recorder.waiting, 0)
+
+    def test_stop_writes_what_waits(self) -> None:
+        recorder, store, clock = self.recorder()
+        recorder(event())
+        self.successResultOf(recorder.stop())
+        self.assertEqual([len(b) for b in store.batches], [1])
+
+    def test_as_a_log_observer(self) -> None:
+        """Fed by a publisher, from a real Logger's event."""
+        recorder, store, clock = self.recorder()
+        publisher = LogPublisher(recorder)
+        Logger(observer=publisher).info("x", smeldr_event="grant_approved", client_id="c", grant_id="g")
+        clock.advance(1)
+        self.assertEqual(store.batches[0][0].kind, "approved")
+
+    def test_per_client_limits_every_few_writes(self) -> None:
+        """
+        The per-client and per-grant limits (a statement per client and
+        grant) are enforced every C{trim_every} writes, for everyone
+        written since, and on the way out.
+        """
+        recorder, store, clock = self.recorder(trim_every=2)
+        recorder(event())
+        clock.advance(1)
+        recorder(dict(event(), client_id="d", grant_id="h"))
+        clock.advance(1)
+        recorder(event())
+        self.successResultOf(recorder.stop())
+        self.assertEqual(store.trims, [False, ({"c", "d"}, {"g", "h"}), ({"c"}, {"g"})])
+
+
+class JunkFloodTests(SynchronousTestCase):
+    def test_flood_of_junk_clients_stays_bounded(self) -> None:
+        """
+        Thousands of registrations, invented client_id values at the
+        authorization endpoint and bogus tokens from as many addresses, fed
+        through the recorder into a real store: the buffer never holds more
+        than its capacity, the table never more than its total.
+        """
+        from smeldr_oauth.flows.store import FlowStore, Retention
+
+        clock = Clock()
+        clock.advance(T0)
+        store = FlowStore.in_memory(clock, Retention(total=500))
+        self.addCleanup(store.close)
+        recorder = FlowRecorder(store, clock, batch=200, capacity=1000)
+        recorder.start()
+        self.addCleanup(recorder.stop)
+        for n in range(6000):
+            kind = n % 3
+            if kind == 0:
+                event = {"smeldr_event": "client_registered", "client_id": f"junk-{n}", "address": f"10.0.{n // 250}.{n % 250}"}
+            elif kind == 1:
+                event = {"smeldr_event": "http_step", "path": "/oauth/authorize", "status": 400, "client_id": f"https://junk{n}.example/c"}
+            else:
+                event = {"smeldr_event": "http_step", "path": "/mcp", "status": 401, "challenge": "yes", "address": f"10.1.{n // 250}.{n % 250}"}
+            recorder(dict(event, log_time=T0 + n / 1000))
+            self.assertLessEqual(recorder.waiting, 1000)
+            if n % 100 == 0:
+                clock.advance(0)
+        clock.advance(1)
+        self.assertEqual(recorder.waiting, 0)
+        self.assertLessEqual(self.successResultOf(store.count()), 500)
+        self.assertLessEqual(len(self.successResultOf(store.clients(10_000))), 500)
