@@ -44,14 +44,21 @@ class Raw(Protocol):
         self.done.callback(self.received)
 
 
+async def exchange(case: TestCase, site: SmeldrSite, request: bytes) -> bytes:
+    """
+    Send C{request} to C{site} over a real socket and return all it answers.
+    """
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
+    case.addCleanup(port.stopListening)
+    protocol = Raw(request)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    await endpoint.connect(Factory.forProtocol(lambda: protocol))
+    return await protocol.done
+
+
 class SiteOverSocketTests(TestCase):
     async def exchange(self, site: SmeldrSite, request: bytes) -> bytes:
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
-        self.addCleanup(port.stopListening)
-        protocol = Raw(request)
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        await endpoint.connect(Factory.forProtocol(lambda: protocol))
-        return await protocol.done
+        return await exchange(self, site, request)
 
     async def test_body_cap_by_length(self) -> None:
         site = SmeldrSite(Echo(), max_body=10)
@@ -187,3 +194,128 @@ class TrustedProxiesTests(SynchronousTestCase):
         self.assertIsNone(proxies.client_of("10.0.0.2", []))
         self.assertIsNone(proxies.client_of("10.0.0.2", [b"10.0.0.3"]))
         self.assertFalse(TrustedProxies())
+
+
+def mounted_app(issuer: str) -> tuple[Any, Any]:
+    """
+    The standalone server's app (L{mount} with C{whole_site}) on a memory
+    store, and what was mounted.
+    """
+    from twisted.internet.task import Clock
+
+    from smeldr_oauth.mcp import MCPApp
+    from smeldr_oauth.oauth.config import Config
+    from smeldr_oauth.oauth.server import OAuthServer
+    from smeldr_oauth.service.wiring import mount
+    from smeldr_oauth.store.memory import MemoryStore
+
+    clock = Clock()
+    oauth = OAuthServer(Config(issuer=issuer, verify_bearer=lambda t: False), MemoryStore(clock), clock)
+    tools = MCPApp(name="t", version="1")
+
+    @tools.tool()
+    def echo(text: str) -> str:
+        return text
+
+    app = Klein()
+    return app, mount(app, oauth, tools, reactor=clock, whole_site=True)
+
+
+def normalised(answer: bytes) -> tuple[list[bytes], bytes]:
+    """
+    An answer's status line and headers, in order, without C{Date} and the
+    framing (Klein streams its body chunked where a twisted.web resource
+    gives a C{Content-Length}), and its body, de-chunked.
+    """
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    chunked = b"transfer-encoding: chunked" in head.lower()
+    lines = [
+        line
+        for line in lines
+        if not line.lower().startswith((b"date:", b"content-length:", b"transfer-encoding:"))
+    ]
+    if chunked:
+        data = b""
+        while body:
+            size, _, rest = body.partition(b"\r\n")
+            n = int(size, 16)
+            data, body = data + rest[:n], rest[n + 2 :]
+        body = data
+    return lines, body
+
+
+class StaticAnswersTests(TestCase):
+    """
+    L{SmeldrSite.static} with L{static_answers}: the metadata documents are
+    answered without Klein, byte for byte as Klein's routes answer them.
+    """
+
+    async def exchange(self, site: SmeldrSite, request: bytes) -> bytes:
+        return await exchange(self, site, request)
+
+    def sites(self) -> tuple[SmeldrSite, SmeldrSite, dict[bytes, Any]]:
+        from smeldr_oauth.web.routes import static_answers
+
+        app, mounted = mounted_app("https://as.example/auth")
+        self.addCleanup(mounted.shutdown)
+        static = static_answers(mounted.routes)
+        return SmeldrSite(app.resource()), SmeldrSite(app.resource(), static=static), static
+
+    def test_which(self) -> None:
+        """
+        Both metadata documents at both of their paths, nothing else.
+        """
+        _, _, static = self.sites()
+        self.assertEqual(
+            sorted(static),
+            [
+                b"/.well-known/oauth-authorization-server",
+                b"/.well-known/oauth-authorization-server/auth",
+                b"/.well-known/oauth-protected-resource",
+                b"/.well-known/oauth-protected-resource/auth/mcp",
+            ],
+        )
+
+    async def test_same_answer(self) -> None:
+        """
+        C{GET} (with or without a query), C{HEAD} and C{OPTIONS} on each
+        static path answer exactly as the Klein routes do, headers in the
+        same order, the same body (framed with a C{Content-Length} rather
+        than chunked).
+        """
+        routed, fast, static = self.sites()
+        for path in static:
+            for method, suffix in ((b"GET", b""), (b"GET", b"?x=1"), (b"HEAD", b""), (b"OPTIONS", b"")):
+                request = (
+                    method + b" " + path + suffix + b" HTTP/1.1\r\nHost: as.example\r\nConnection: close\r\n\r\n"
+                )
+                expected = normalised(await self.exchange(routed, request))
+                self.assertEqual(normalised(await self.exchange(fast, request)), expected)
+                self.assertIn(b" 204 " if method == b"OPTIONS" else b" 200 ", expected[0][0])
+                if method == b"GET":
+                    self.assertTrue(expected[1].startswith(b'{"'), expected[1])
+
+    async def test_bypasses_routing(self) -> None:
+        """
+        The static C{GET} never reaches the site's resource tree (Klein);
+        other methods do.
+        """
+        _, _, static = self.sites()
+        seen: list[bytes] = []
+
+        class Tree(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                seen.append(request.method)
+                return b""
+
+        site = SmeldrSite(Tree(), static=static)
+        for method in (b"GET", b"POST"):
+            await self.exchange(
+                site,
+                method + b" /.well-known/oauth-authorization-server HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+        self.assertEqual(seen, [b"POST"])

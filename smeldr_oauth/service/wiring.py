@@ -28,7 +28,8 @@ from smeldr_oauth.web.grants import GrantsPage
 from smeldr_oauth.web.health import Health
 from smeldr_oauth.web.landing import Landing
 from smeldr_oauth.web.oauth import OAuthRoutes, issuer_path
-from smeldr_oauth.web.routes import Route, mount_routes
+from smeldr_oauth.web.accesslog import for_twist
+from smeldr_oauth.web.routes import Route, mount_routes, static_answers
 from smeldr_oauth.web.site import SmeldrSite, TrustedProxies
 
 log = Logger()
@@ -208,6 +209,10 @@ class StandaloneService(Service):
             max_body=options["max-body"],
             metrics=self.metrics if options["metrics-listen"] else None,
             trusted_proxies=TrustedProxies(options.get("trust-forwarded-from", ())),
+            # The metadata documents without Klein's routing, and the access
+            # log in batches: docs/performance.md says why.
+            static=static_answers(self.mounted.routes),
+            access_log=for_twist(options, reactor),
         )
         self._purging: Any = None
         self._watching: Any = None
@@ -243,6 +248,8 @@ class StandaloneService(Service):
 
     def stopService(self) -> "Deferred[Any]":
         super().stopService()
+        if self.site.access_log is not None:
+            self.site.access_log.flush()
         from twisted.logger import globalLogPublisher
 
         globalLogPublisher.removeObserver(self._metrics_observer)

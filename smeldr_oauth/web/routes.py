@@ -20,9 +20,11 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import attr
 from klein import Klein
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
 
 from smeldr_oauth.web import errors
 from smeldr_oauth.web.errors import Dialect
+from smeldr_oauth.web.responses import StaticJSON
 
 Handler = Callable[[IRequest], Any]
 
@@ -142,3 +144,47 @@ def mount_routes(app: Klein, routes: Iterable[Route]) -> None:
     for route in routes:
         name = route.name or f"smeldr:{route.path}"
         app.route(route.path, branch=False, endpoint=name)(_dispatcher(route))
+
+
+class StaticAnswer(Resource):
+    """
+    The C{GET} answer of a route whose document is known at start-up,
+    as a plain twisted.web leaf: the route's fixed headers, the
+    document's headers and its bytes, all computed once.
+    """
+
+    isLeaf = True
+
+    def __init__(self, headers: tuple[tuple[bytes, bytes], ...], body: bytes) -> None:
+        super().__init__()
+        self.headers = headers
+        self.body = body
+
+    def render_GET(self, request: IRequest) -> bytes:
+        for key, value in self.headers:
+            request.setHeader(key, value)
+        return self.body
+
+
+def static_answers(routes: Iterable[Route]) -> dict[bytes, IResource]:
+    """
+    Path -> L{StaticAnswer} for each route whose C{GET} answer is a
+    L{StaticJSON} and depends on nothing in the request (no C{before}
+    check), for L{smeldr_oauth.web.site.SmeldrSite.static}.
+
+    Why: a metadata document is the same bytes for everyone, yet through
+    Klein each C{GET} paid for Werkzeug's URL matching, Klein's request
+    glue and a Deferred chain, about as much again as twisted.web itself
+    (C{docs/performance.md}).  Answered from the site by exact path, it
+    costs what a bare twisted.web resource costs.  The answer is the same
+    as the route's: the same header pairs are set in the same order
+    (L{_dispatcher} then L{StaticJSON}), which a test compares.
+    """
+    found: dict[bytes, IResource] = {}
+    for route in routes:
+        handler = route.methods.get("GET")
+        if not isinstance(handler, StaticJSON) or route.before is not None:
+            continue
+        fixed = route.headers + (route.cors.headers() if route.cors is not None else ())
+        found[route.path.encode("utf-8")] = StaticAnswer(fixed + handler.headers, handler.body)
+    return found
