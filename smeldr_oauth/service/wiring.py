@@ -25,7 +25,7 @@ from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.web.authorize import AuthorizeRoutes
 from smeldr_oauth.web.errors import API_PREFIXES, install_error_handlers
 from smeldr_oauth.web.grants import GrantsPage
-from smeldr_oauth.web.health import Health
+from smeldr_oauth.web.health import Health, HealthCheck
 from smeldr_oauth.web.landing import Landing
 from smeldr_oauth.web.oauth import OAuthRoutes, issuer_path
 from smeldr_oauth.web.accesslog import for_twist
@@ -204,14 +204,17 @@ class StandaloneService(Service):
         mcp_http = self.mounted.mcp_http
         self.metrics = Metrics(open_streams=(lambda: float(mcp_http.stream_count)) if mcp_http else None)
         self._metrics_observer = MetricsObserver(self.metrics)
+        self.health = HealthCheck(self.store, reactor)
+        static = static_answers(self.mounted.routes)
+        static[b"/healthz"] = self.health.resource()
         self.site = SmeldrSite(
             self.app.resource(),
             max_body=options["max-body"],
             metrics=self.metrics if options["metrics-listen"] else None,
             trusted_proxies=TrustedProxies(options.get("trust-forwarded-from", ())),
-            # The metadata documents without Klein's routing, and the access
+            # The metadata documents and /healthz without Klein's routing, and the access
             # log in batches: docs/performance.md says why.
-            static=static_answers(self.mounted.routes),
+            static=static,
             access_log=for_twist(options, reactor),
         )
         self._purging: Any = None
@@ -234,6 +237,7 @@ class StandaloneService(Service):
         def ready(_: Any) -> None:
             self._purging = self.store.start_purging(self.reactor)
             self._watching = watch_external_changes(self.store, self.oauth, self.reactor)
+            self.health.start()
 
         def failed(f: Any) -> None:
             log.failure("the OAuth database could not be opened", f)
@@ -253,6 +257,7 @@ class StandaloneService(Service):
         from twisted.logger import globalLogPublisher
 
         globalLogPublisher.removeObserver(self._metrics_observer)
+        self.health.stop()
         for loop in (self._purging, self._watching):
             if loop is not None and loop.running:
                 loop.stop()
