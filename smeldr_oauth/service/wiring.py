@@ -13,7 +13,7 @@ from typing import Any, Optional
 import attr
 from klein import Klein
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -139,6 +139,28 @@ def watch_external_changes(store: Any, oauth: OAuthServer, clock: IReactorTime, 
 
 
 
+def start_checkpoints(database: Any, reactor: Any) -> Any:
+    """
+    On a SQLite file, WAL checkpoints on a timer in a thread rather than
+    inside a commit (L{smeldr_oauth.db.sqlite.Checkpointer}); C{None} on
+    PostgreSQL and in-memory SQLite.
+    """
+    from twisted.internet.threads import deferToThreadPool
+
+    from smeldr_oauth.db.sqlite import Checkpointer
+
+    if database.engine.name != "sqlite" or database.engine.path == ":memory:":
+        return None
+    if hasattr(reactor, "getThreadPool"):
+        pool = reactor.getThreadPool()
+        checkpoints = Checkpointer(database, reactor, lambda f: deferToThreadPool(reactor, pool, f))
+    else:
+        # A test's clock: no threads, so the checkpoints run inline.
+        checkpoints = Checkpointer(database, reactor, maybeDeferred)
+    checkpoints.start().addErrback(lambda f: log.failure("could not start WAL checkpoints", f))
+    return checkpoints
+
+
 class StandaloneService(Service):
     """
     Everything C{twist smeldr-oauth} runs, but the listeners: the stores,
@@ -219,6 +241,7 @@ class StandaloneService(Service):
         )
         self._purging: Any = None
         self._watching: Any = None
+        self._checkpoints: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -238,6 +261,7 @@ class StandaloneService(Service):
             self._purging = self.store.start_purging(self.reactor)
             self._watching = watch_external_changes(self.store, self.oauth, self.reactor)
             self.health.start()
+            self._checkpoints = start_checkpoints(self.store.database, self.reactor)
 
         def failed(f: Any) -> None:
             log.failure("the OAuth database could not be opened", f)
@@ -262,8 +286,13 @@ class StandaloneService(Service):
             if loop is not None and loop.running:
                 loop.stop()
 
+        def checkpointed(_: Any) -> Any:
+            if self._checkpoints is None:
+                return None
+            return self._checkpoints.stop()
+
         def close(_: Any) -> None:
             self.store.close()
             self.site_stores.close()
 
-        return self.mounted.shutdown().addBoth(close)
+        return self.mounted.shutdown().addBoth(checkpointed).addBoth(close)
