@@ -6,7 +6,7 @@ forwarded headers, over real sockets.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from klein import Klein
 from twisted.internet import reactor
@@ -319,3 +319,76 @@ class StaticAnswersTests(TestCase):
                 b"Content-Length: 0\r\nConnection: close\r\n\r\n",
             )
         self.assertEqual(seen, [b"POST"])
+
+
+class DirectRoutesTests(TestCase):
+    """
+    L{SmeldrSite.direct} with L{direct_answers}: the token, revocation and
+    registration endpoints answered without Klein, as Klein's routes
+    answer them, errors included.
+    """
+
+    def sites(self) -> tuple[SmeldrSite, SmeldrSite, dict[bytes, Any]]:
+        from smeldr_oauth.web.routes import direct_answers
+
+        app, mounted = mounted_app("https://as.example/auth")
+        self.addCleanup(mounted.shutdown)
+        direct = direct_answers(mounted.routes)
+        return SmeldrSite(app.resource()), SmeldrSite(app.resource(), direct=direct), direct
+
+    def test_which(self) -> None:
+        _, _, direct = self.sites()
+        self.assertEqual(
+            sorted(direct),
+            sorted(
+                (prefix + name).encode()
+                for prefix in ("/auth/oauth", "")
+                for name in ("/token", "/register", "/revoke")
+            ),
+        )
+
+    async def test_same_answers(self) -> None:
+        routed, fast, _ = self.sites()
+        form = b"application/x-www-form-urlencoded"
+        cases: list[tuple[bytes, bytes, Optional[bytes], bytes]] = [
+            # method and path, extra headers, content type, body
+            (b"POST /auth/oauth/token", b"", form, b""),
+            (b"POST /token", b"", b"application/json", b"{}"),
+            (b"POST /auth/oauth/token", b"Authorization: Basic !!\r\n", form, b""),
+            (b"POST /auth/oauth/token", b"", form, b"grant_type=refresh_token&refresh_token=nope&client_id=nobody"),
+            (b"POST /auth/oauth/token", b"", form, b"grant_type=password&grant_type=x&client_id="),
+            (b"OPTIONS /auth/oauth/token", b"Origin: https://app.example\r\n", None, b""),
+            (b"GET /auth/oauth/token", b"", None, b""),
+            (b"HEAD /auth/oauth/revoke", b"", None, b""),
+            (b"POST /auth/oauth/revoke", b"", form, b"token=x&client_id=no"),
+            (b"POST /register", b"", b"application/json", b"[1]"),
+            (b"POST /register", b"", b"application/json", b'{"redirect_uris":"x"}'),
+        ]
+        for line, extra, content_type, body in cases:
+            request = line + b" HTTP/1.1\r\nHost: as.example\r\nConnection: close\r\n" + extra
+            if content_type is not None:
+                request += b"Content-Type: %s\r\nContent-Length: %d\r\n" % (content_type, len(body))
+            request += b"\r\n" + body
+            case = line + b" " + body
+            expected = normalised(await self.exchange(routed, request))
+            self.assertEqual(normalised(await self.exchange(fast, request)), expected, case)
+            self.assertNotIn(b" 500 ", expected[0][0], case)
+
+    async def test_success(self) -> None:
+        """
+        A registration through each: the same status and headers.
+        """
+        routed, fast, _ = self.sites()
+        body = b'{"redirect_uris":["https://app.example/cb"],"token_endpoint_auth_method":"none"}'
+        request = (
+            b"POST /auth/oauth/register HTTP/1.1\r\nHost: as.example\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (len(body),)
+        ) + body
+        expected = normalised(await self.exchange(routed, request))
+        answer = normalised(await self.exchange(fast, request))
+        self.assertIn(b" 201 ", expected[0][0])
+        self.assertEqual(answer[0], expected[0])
+        self.assertNotEqual(answer[1], expected[1])
+
+    async def exchange(self, site: SmeldrSite, request: bytes) -> bytes:
+        return await exchange(self, site, request)

@@ -29,7 +29,7 @@ from smeldr_oauth.web.health import Health, HealthCheck
 from smeldr_oauth.web.landing import Landing
 from smeldr_oauth.web.oauth import OAuthRoutes, issuer_path
 from smeldr_oauth.web.accesslog import for_twist
-from smeldr_oauth.web.routes import Route, mount_routes, static_answers
+from smeldr_oauth.web.routes import Route, direct_answers, mount_routes, static_answers
 from smeldr_oauth.web.site import SmeldrSite, TrustedProxies
 
 log = Logger()
@@ -234,9 +234,11 @@ class StandaloneService(Service):
             max_body=options["max-body"],
             metrics=self.metrics if options["metrics-listen"] else None,
             trusted_proxies=TrustedProxies(options.get("trust-forwarded-from", ())),
-            # The metadata documents and /healthz without Klein's routing, and the access
+            # The metadata documents, /healthz and the token, revocation and
+            # registration endpoints without Klein's routing, and the access
             # log in batches: docs/performance.md says why.
             static=static,
+            direct=direct_answers(self.mounted.routes),
             access_log=for_twist(options, reactor),
         )
         self._purging: Any = None

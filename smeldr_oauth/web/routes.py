@@ -15,12 +15,16 @@ What every route then gets for free, the same way everywhere:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attr
 from klein import Klein
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
 
 from smeldr_oauth.web import errors
 from smeldr_oauth.web.errors import Dialect
@@ -188,3 +192,77 @@ def static_answers(routes: Iterable[Route]) -> dict[bytes, IResource]:
         fixed = route.headers + (route.cors.headers() if route.cors is not None else ())
         found[route.path.encode("utf-8")] = StaticAnswer(fixed + handler.headers, handler.body)
     return found
+
+
+class DirectRoute(Resource):
+    """
+    A route answered by a plain twisted.web leaf: the same dispatcher
+    (L{_dispatcher}: fixed headers, C{before}, handler per method,
+    preflight, 405) and the same error path
+    (L{errors.render_failure}) as through Klein, without Werkzeug's URL
+    matching and Klein's request glue (a tenth of a refresh's CPU in the
+    profile).  For L{smeldr_oauth.web.site.SmeldrSite.direct}.
+
+    A handler's result that is already there (SQLite on the reactor
+    thread: a whole token request usually is) is returned from C{render},
+    so twisted.web frames it with a C{Content-Length}; a later one is
+    written when it comes, and cancelled if the client goes away first,
+    as Klein does.
+    """
+
+    isLeaf = True
+
+    def __init__(self, route: Route) -> None:
+        super().__init__()
+        self.route = route
+        self._dispatch = _dispatcher(route)
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            result = self._dispatch(request)
+        except Exception:
+            return errors.render_failure(request, Failure())
+        if isinstance(result, bytes):
+            return result
+        d: Deferred[Any] = ensureDeferred(result) if inspect.iscoroutine(result) else result
+        answer: list[Any] = []
+        d.addErrback(lambda f: errors.render_failure(request, f)).addBoth(answer.append)
+        if answer:
+            return self._body(answer[0])
+        finished = request.notifyFinish()  # type: ignore[attr-defined]
+        finished.addErrback(lambda _: d.cancel())
+
+        def write(body: Any) -> None:
+            if finished.called:
+                return
+            request.write(self._body(body))
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            request.processingFailed(failure)  # type: ignore[attr-defined]
+
+        d.addCallback(lambda _: write(answer[0])).addErrback(failed)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _body(body: Any) -> bytes:
+        if isinstance(body, Failure):
+            body.raiseException()
+        if not isinstance(body, bytes):
+            raise TypeError(f"a direct route answered {type(body).__name__}, not bytes")
+        return body
+
+
+def direct_answers(routes: Iterable[Route], *, dialects: Iterable[Dialect] = (errors.JSON,)) -> dict[bytes, IResource]:
+    """
+    Path -> L{DirectRoute} for every route of C{dialects} without a C{GET}
+    handler (a C{GET} may open a stream or render a page through Klein),
+    for L{smeldr_oauth.web.site.SmeldrSite.direct}: the token, revocation
+    and registration endpoints.
+    """
+    kinds = tuple(dialects)
+    return {
+        route.path.encode("utf-8"): DirectRoute(route)
+        for route in routes
+        if route.dialect in kinds and "GET" not in route.methods
+    }

@@ -218,6 +218,8 @@ class SmeldrSite(Site):
         L{smeldr_oauth.web.routes.static_answers}: the same bytes and
         headers the routes would answer).  Other methods, and C{HEAD}, go
         to the tree as usual.
+    @param direct: exact path -> the resource answering every method there
+        (L{smeldr_oauth.web.routes.direct_answers}), ahead of the tree.
     """
 
     requestFactory = SmeldrRequest
@@ -230,6 +232,7 @@ class SmeldrSite(Site):
         trusted_proxies: Optional[TrustedProxies] = None,
         access_log: Optional[BufferedAccessLog] = None,
         static: Optional[Mapping[bytes, IResource]] = None,
+        direct: Optional[Mapping[bytes, IResource]] = None,
         **kw: Any,
     ) -> None:
         # Every endpoint parses its own body (the token endpoint must not
@@ -243,14 +246,16 @@ class SmeldrSite(Site):
         self.trusted_proxies = trusted_proxies
         self.access_log = access_log
         self.static: dict[bytes, IResource] = dict(static or {})
+        self.direct: dict[bytes, IResource] = dict(direct or {})
 
     def getResourceFor(self, request: Any) -> IResource:
-        if request.method == b"GET":
-            found = self.static.get(request.path)
-            if found is not None:
-                request.site = self
-                request.sitepath = []
-                return found
+        found = self.static.get(request.path) if request.method == b"GET" else None
+        if found is None:
+            found = self.direct.get(request.path)
+        if found is not None:
+            request.site = self
+            request.sitepath = []
+            return found
         return super().getResourceFor(request)  # type: ignore[no-any-return]
 
     def log(self, request: Any) -> None:
