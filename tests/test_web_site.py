@@ -337,15 +337,19 @@ class DirectRoutesTests(TestCase):
         return SmeldrSite(app.resource()), SmeldrSite(app.resource(), direct=direct), direct
 
     def test_which(self) -> None:
+        """
+        Every JSON and JSON-RPC route; those with a C{GET} (metadata, a
+        stream) leave it and C{HEAD} to Klein.
+        """
         _, _, direct = self.sites()
-        self.assertEqual(
-            sorted(direct),
-            sorted(
-                (prefix + name).encode()
-                for prefix in ("/auth/oauth", "")
-                for name in ("/token", "/register", "/revoke")
-            ),
-        )
+        for prefix in ("/auth/oauth", ""):
+            for name in ("/token", "/register", "/revoke"):
+                self.assertEqual(direct[(prefix + name).encode()].skip, frozenset())
+        self.assertEqual(direct[b"/auth/mcp/message"].skip, frozenset())
+        self.assertEqual(direct[b"/auth/mcp"].skip, frozenset([b"GET", b"HEAD"]))
+        self.assertEqual(direct[b"/.well-known/oauth-authorization-server"].skip, frozenset([b"GET", b"HEAD"]))
+        self.assertNotIn(b"/auth/oauth/authorize", direct)
+        self.assertNotIn(b"/healthz", [path for path, route in direct.items() if not route.skip])
 
     async def test_same_answers(self) -> None:
         routed, fast, _ = self.sites()
@@ -392,3 +396,90 @@ class DirectRoutesTests(TestCase):
 
     async def exchange(self, site: SmeldrSite, request: bytes) -> bytes:
         return await exchange(self, site, request)
+
+
+class DirectMCPTests(TestCase):
+    """
+    The MCP endpoint's C{POST}s and C{DELETE} through L{DirectRoute}: the
+    same answers as through Klein, session by session.
+    """
+
+    def setUp(self) -> None:
+        import attr
+
+        self.sessions: dict[SmeldrSite, bytes] = {}
+
+        from smeldr_oauth.oauth.secrets import hash_secret
+        from smeldr_oauth.web.routes import direct_answers
+        from tests.test_store_memory import access, make_code, make_grant
+
+        app, mounted = mounted_app("https://as.example/auth")
+        self.addCleanup(mounted.shutdown)
+        store = mounted.oauth.store
+        # The memory store's clock stands at 0.
+        grant = attr.evolve(make_grant("g1"), resource="https://as.example/auth/mcp", created_at=0.0)
+        self.successResultOf(store.create_grant(grant, make_code("c1", "g1", now=0.0)))
+        record = attr.evolve(
+            access("x", now=0.0, scopes=tuple(mounted.oauth.config.all_scopes)),
+            token_hash=hash_secret("the-token"),
+            grant_id="g1",
+            resource="https://as.example/auth/mcp",
+        )
+        self.successResultOf(store.add_tokens("g1", record, None))
+        self.routed = SmeldrSite(app.resource())
+        self.fast = SmeldrSite(app.resource(), direct=direct_answers(mounted.routes))
+
+    def request(self, method: bytes, path: bytes, body: bytes = b"", headers: bytes = b"") -> bytes:
+        head = method + b" " + path + b" HTTP/1.1\r\nHost: as.example\r\nConnection: close\r\n" + headers
+        if method in (b"POST", b"DELETE"):
+            head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % (len(body),)
+        return head + b"\r\n" + body
+
+    async def both(self, request: Any, headers: bytes = b"") -> tuple[Any, Any]:
+        """
+        C{request(headers_for_site)} through each site, normalised, without
+        the session ids (they differ) but with their presence.
+        """
+        answers = []
+        for site in (self.routed, self.fast):
+            raw = await exchange(self, site, request(self.sessions.get(site, b"")))
+            lines, body = normalised(raw)
+            for line in lines:
+                if line.lower().startswith(b"mcp-session-id:"):
+                    self.sessions[site] = b"Mcp-Session-Id: " + line.split(b":", 1)[1].strip() + b"\r\n"
+            answers.append(([line for line in lines if not line.lower().startswith(b"mcp-session-id:")], body))
+        return answers[0], answers[1]
+
+    async def test_same_answers(self) -> None:
+        bearer = b"Authorization: Bearer the-token\r\nAccept: application/json, text/event-stream\r\n"
+        initialize = (
+            b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18",'
+            b'"capabilities":{},"clientInfo":{"name":"t","version":"1"}}}'
+        )
+        steps = [
+            lambda s: self.request(b"POST", b"/auth/mcp", initialize, b"Accept: application/json\r\n"),
+            lambda s: self.request(b"POST", b"/auth/mcp", initialize, bearer + b"Origin: https://evil.example\r\n"),
+            lambda s: self.request(b"OPTIONS", b"/auth/mcp", b"", b"Origin: https://as.example\r\n"),
+            lambda s: self.request(b"PUT", b"/auth/mcp", b"", bearer),
+            lambda s: self.request(b"POST", b"/auth/mcp", b"{", bearer),
+            lambda s: self.request(b"POST", b"/auth/mcp", initialize, bearer),
+            lambda s: self.request(
+                b"POST", b"/auth/mcp", b'{"jsonrpc":"2.0","method":"notifications/initialized"}', bearer + s
+            ),
+            lambda s: self.request(
+                b"POST",
+                b"/auth/mcp",
+                b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hi"}}}',
+                bearer + s + b"MCP-Protocol-Version: 2025-06-18\r\n",
+            ),
+            lambda s: self.request(b"POST", b"/auth/mcp/message?sessionId=nope", b"{}", bearer),
+            lambda s: self.request(b"DELETE", b"/auth/mcp", b"", bearer + s),
+        ]
+        statuses = []
+        for step in steps:
+            routed, fast = await self.both(step)
+            self.assertEqual(fast, routed)
+            statuses.append(routed[0][0].split(b" ")[1])
+            if len(statuses) == 8:
+                self.assertIn(b'"text":"hi"', routed[1].replace(b": ", b":"))
+        self.assertEqual(statuses, [b"401", b"403", b"204", b"405", b"400", b"200", b"202", b"200", b"400", b"204"])

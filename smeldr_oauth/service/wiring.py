@@ -111,7 +111,9 @@ def mount(
             max_sessions_per_subject=max_sessions_per_subject,
             max_sessions=max_sessions,
         )
-        mcp_http.register(app, path)
+        mcp_routes = mcp_http.routes(path)
+        mount_routes(app, mcp_routes)
+        routes += mcp_routes
         oauth.add_revocation_observer(mcp_http.close_grant)
     if whole_site:
         # Every unknown path and method gets the project's own answer,

@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attr
 from klein import Klein
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
@@ -31,6 +32,8 @@ from smeldr_oauth.web.errors import Dialect
 from smeldr_oauth.web.responses import StaticJSON
 
 Handler = Callable[[IRequest], Any]
+
+log = Logger()
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -203,18 +206,25 @@ class DirectRoute(Resource):
     matching and Klein's request glue (a tenth of a refresh's CPU in the
     profile).  For L{smeldr_oauth.web.site.SmeldrSite.direct}.
 
-    A handler's result that is already there (SQLite on the reactor
-    thread: a whole token request usually is) is returned from C{render},
-    so twisted.web frames it with a C{Content-Length}; a later one is
-    written when it comes, and cancelled if the client goes away first,
-    as Klein does.
+    A handler's result is treated as Klein treats it: bytes (or text) are
+    the body, C{None} ends a response the handler wrote itself (a stream),
+    a failure goes through the error path unless the request is already
+    over; the handler's Deferred is cancelled when the client goes away.
+    One difference: bytes that are already there when the handler returns
+    (SQLite on the reactor thread: a whole token request usually is) are
+    returned from C{render}, so twisted.web frames them with a
+    C{Content-Length} rather than chunks.
+
+    @ivar skip: methods left to the site's resource tree (Klein): a C{GET}
+        that opens a stream is Klein's; a direct route takes the others.
     """
 
     isLeaf = True
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, skip: Iterable[bytes] = ()) -> None:
         super().__init__()
         self.route = route
+        self.skip = frozenset(skip)
         self._dispatch = _dispatcher(route)
 
     def render(self, request: IRequest) -> Any:
@@ -224,45 +234,60 @@ class DirectRoute(Resource):
             return errors.render_failure(request, Failure())
         if isinstance(result, bytes):
             return result
-        d: Deferred[Any] = ensureDeferred(result) if inspect.iscoroutine(result) else result
+        if inspect.iscoroutine(result):
+            d: Deferred[Any] = ensureDeferred(result)
+        elif isinstance(result, Deferred):
+            d = result
+        else:
+            d = succeed(result)
+        over: list[Any] = []
+        request.notifyFinish().addBoth(over.append)  # type: ignore[attr-defined]
+        request.notifyFinish().addErrback(lambda _: d.cancel())  # type: ignore[attr-defined]
         answer: list[Any] = []
-        d.addErrback(lambda f: errors.render_failure(request, f)).addBoth(answer.append)
-        if answer:
-            return self._body(answer[0])
-        finished = request.notifyFinish()  # type: ignore[attr-defined]
-        finished.addErrback(lambda _: d.cancel())
-
-        def write(body: Any) -> None:
-            if finished.called:
-                return
-            request.write(self._body(body))
-            request.finish()
-
-        def failed(failure: Failure) -> None:
-            request.processingFailed(failure)  # type: ignore[attr-defined]
-
-        d.addCallback(lambda _: write(answer[0])).addErrback(failed)
+        d.addErrback(_failed, request, over).addBoth(answer.append)
+        if answer and isinstance(answer[0], bytes) and not over and not getattr(request, "startedWriting", False):
+            return answer[0]
+        d.addCallback(lambda _: _deliver(request, answer[0], over))
         return NOT_DONE_YET
 
-    @staticmethod
-    def _body(body: Any) -> bytes:
-        if isinstance(body, Failure):
-            body.raiseException()
-        if not isinstance(body, bytes):
-            raise TypeError(f"a direct route answered {type(body).__name__}, not bytes")
-        return body
+
+def _failed(failure: Failure, request: IRequest, over: list[Any]) -> Optional[bytes]:
+    if over:
+        # The answer is gone (or the client is): nobody to tell.
+        if not failure.check(CancelledError):
+            log.failure("{path} failed after its answer ended", failure, path=request.path)
+        return None
+    return errors.render_failure(request, failure)
 
 
-def direct_answers(routes: Iterable[Route], *, dialects: Iterable[Dialect] = (errors.JSON,)) -> dict[bytes, IResource]:
+def _deliver(request: IRequest, body: Any, over: list[Any]) -> None:
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    if isinstance(body, Failure) or not (body is None or isinstance(body, bytes)):
+        failure = body if isinstance(body, Failure) else Failure(TypeError(f"a route answered {type(body).__name__}"))
+        if not over:
+            request.processingFailed(failure)  # type: ignore[attr-defined]
+        else:
+            log.failure("could not answer {path}", failure, path=request.path)
+        return
+    if over:
+        return
+    if body:
+        request.write(body)
+    request.finish()
+
+
+def direct_answers(routes: Iterable[Route], *, dialects: Iterable[Dialect] = (errors.JSON, errors.JSONRPC)) -> dict[bytes, "DirectRoute"]:
     """
-    Path -> L{DirectRoute} for every route of C{dialects} without a C{GET}
-    handler (a C{GET} may open a stream or render a page through Klein),
-    for L{smeldr_oauth.web.site.SmeldrSite.direct}: the token, revocation
-    and registration endpoints.
+    Path -> L{DirectRoute} for every route of C{dialects}, for
+    L{smeldr_oauth.web.site.SmeldrSite.direct}: the token, revocation and
+    registration endpoints and the MCP endpoint's C{POST}s and C{DELETE}.
+    A C{GET} stays with Klein: there it is a metadata document (served
+    from L{static_answers} anyway), a page, or a stream.
     """
     kinds = tuple(dialects)
     return {
-        route.path.encode("utf-8"): DirectRoute(route)
+        route.path.encode("utf-8"): DirectRoute(route, skip=(b"GET", b"HEAD") if "GET" in route.methods else ())
         for route in routes
-        if route.dialect in kinds and "GET" not in route.methods
+        if route.dialect in kinds
     }

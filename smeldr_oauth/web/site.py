@@ -218,8 +218,9 @@ class SmeldrSite(Site):
         L{smeldr_oauth.web.routes.static_answers}: the same bytes and
         headers the routes would answer).  Other methods, and C{HEAD}, go
         to the tree as usual.
-    @param direct: exact path -> the resource answering every method there
-        (L{smeldr_oauth.web.routes.direct_answers}), ahead of the tree.
+    @param direct: exact path -> the resource answering there
+        (L{smeldr_oauth.web.routes.direct_answers}), ahead of the tree,
+        for every method but those in its C{skip}.
     """
 
     requestFactory = SmeldrRequest
@@ -252,6 +253,8 @@ class SmeldrSite(Site):
         found = self.static.get(request.path) if request.method == b"GET" else None
         if found is None:
             found = self.direct.get(request.path)
+            if found is not None and request.method in getattr(found, "skip", ()):
+                found = None
         if found is not None:
             request.site = self
             request.sitepath = []
