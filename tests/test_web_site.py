@@ -338,16 +338,16 @@ class DirectRoutesTests(TestCase):
 
     def test_which(self) -> None:
         """
-        Every JSON and JSON-RPC route; those with a C{GET} (metadata, a
-        stream) leave it and C{HEAD} to Klein.
+        Every JSON and JSON-RPC route; those whose C{GET} handler answers
+        C{HEAD} leave C{HEAD} to Klein.
         """
         _, _, direct = self.sites()
         for prefix in ("/auth/oauth", ""):
             for name in ("/token", "/register", "/revoke"):
                 self.assertEqual(direct[(prefix + name).encode()].skip, frozenset())
         self.assertEqual(direct[b"/auth/mcp/message"].skip, frozenset())
-        self.assertEqual(direct[b"/auth/mcp"].skip, frozenset([b"GET", b"HEAD"]))
-        self.assertEqual(direct[b"/.well-known/oauth-authorization-server"].skip, frozenset([b"GET", b"HEAD"]))
+        self.assertEqual(direct[b"/auth/mcp"].skip, frozenset())
+        self.assertEqual(direct[b"/.well-known/oauth-authorization-server"].skip, frozenset([b"HEAD"]))
         self.assertNotIn(b"/auth/oauth/authorize", direct)
         self.assertNotIn(b"/healthz", [path for path, route in direct.items() if not route.skip])
 
@@ -398,10 +398,11 @@ class DirectRoutesTests(TestCase):
         return await exchange(self, site, request)
 
 
-class DirectMCPTests(TestCase):
+class MCPSites:
     """
-    The MCP endpoint's C{POST}s and C{DELETE} through L{DirectRoute}: the
-    same answers as through Klein, session by session.
+    The standalone app with a token for its MCP endpoint, served by a site
+    that routes through Klein (C{routed}) and one with L{DirectRoute}s
+    (C{fast}).
     """
 
     def setUp(self) -> None:
@@ -414,20 +415,28 @@ class DirectMCPTests(TestCase):
         from tests.test_store_memory import access, make_code, make_grant
 
         app, mounted = mounted_app("https://as.example/auth")
-        self.addCleanup(mounted.shutdown)
+        self.addCleanup(mounted.shutdown)  # type: ignore[attr-defined]
         store = mounted.oauth.store
         # The memory store's clock stands at 0.
         grant = attr.evolve(make_grant("g1"), resource="https://as.example/auth/mcp", created_at=0.0)
-        self.successResultOf(store.create_grant(grant, make_code("c1", "g1", now=0.0)))
+        self.successResultOf(store.create_grant(grant, make_code("c1", "g1", now=0.0)))  # type: ignore[attr-defined]
         record = attr.evolve(
             access("x", now=0.0, scopes=tuple(mounted.oauth.config.all_scopes)),
             token_hash=hash_secret("the-token"),
             grant_id="g1",
             resource="https://as.example/auth/mcp",
         )
-        self.successResultOf(store.add_tokens("g1", record, None))
+        self.successResultOf(store.add_tokens("g1", record, None))  # type: ignore[attr-defined]
         self.routed = SmeldrSite(app.resource())
         self.fast = SmeldrSite(app.resource(), direct=direct_answers(mounted.routes))
+        self.mcp_http = mounted.mcp_http
+
+
+class DirectMCPTests(MCPSites, TestCase):
+    """
+    The MCP endpoint's C{POST}s and C{DELETE} through L{DirectRoute}: the
+    same answers as through Klein, session by session.
+    """
 
     def request(self, method: bytes, path: bytes, body: bytes = b"", headers: bytes = b"") -> bytes:
         head = method + b" " + path + b" HTTP/1.1\r\nHost: as.example\r\nConnection: close\r\n" + headers
@@ -483,3 +492,56 @@ class DirectMCPTests(TestCase):
             if len(statuses) == 8:
                 self.assertIn(b'"text":"hi"', routed[1].replace(b": ", b":"))
         self.assertEqual(statuses, [b"401", b"403", b"204", b"405", b"400", b"200", b"202", b"200", b"400", b"204"])
+
+
+class FirstEvent(Protocol):
+    """Sends a request, keeps what comes until the first SSE event, then hangs up."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        head, sep, body = self.received.partition(b"\r\n\r\n")
+        if sep and b"\n\n" in body and not self.done.called:
+            self.done.callback(self.received)
+            self.transport.loseConnection()
+
+
+class DirectStreamTests(MCPSites, TestCase):
+    """
+    A legacy SSE stream opened through L{DirectRoute}: the same headers and
+    first event as through Klein, and when the client hangs up the stream
+    is cancelled and forgotten.
+    """
+
+    async def open(self, site: SmeldrSite) -> bytes:
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+        protocol = FirstEvent(
+            b"GET /auth/mcp HTTP/1.1\r\nHost: as.example\r\nAuthorization: Bearer the-token\r\n"
+            b"Accept: text/event-stream\r\n\r\n"
+        )
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        await endpoint.connect(Factory.forProtocol(lambda: protocol))
+        return await protocol.done
+
+    async def test_stream(self) -> None:
+        from twisted.internet.task import deferLater
+
+        answers = []
+        for site in (self.routed, self.fast):
+            raw = await self.open(site)
+            head, _, body = raw.partition(b"\r\n\r\n")
+            lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"date:")]
+            answers.append((lines, body.split(b"session_id=")[0]))
+            while self.mcp_http.stream_count:
+                await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(answers[1], answers[0])
+        self.assertIn(b" 200 ", answers[0][0][0])
+        self.assertIn(b"event: endpoint", answers[0][1])

@@ -215,8 +215,7 @@ class DirectRoute(Resource):
     returned from C{render}, so twisted.web frames them with a
     C{Content-Length} rather than chunks.
 
-    @ivar skip: methods left to the site's resource tree (Klein): a C{GET}
-        that opens a stream is Klein's; a direct route takes the others.
+    @ivar skip: methods left to the site's resource tree (Klein).
     """
 
     isLeaf = True
@@ -281,13 +280,14 @@ def direct_answers(routes: Iterable[Route], *, dialects: Iterable[Dialect] = (er
     """
     Path -> L{DirectRoute} for every route of C{dialects}, for
     L{smeldr_oauth.web.site.SmeldrSite.direct}: the token, revocation and
-    registration endpoints and the MCP endpoint's C{POST}s and C{DELETE}.
-    A C{GET} stays with Klein: there it is a metadata document (served
-    from L{static_answers} anyway), a page, or a stream.
+    registration endpoints and the MCP endpoints, streams included (an
+    idle stream then holds no Werkzeug URL adapter and no Klein closures).
+    A C{HEAD} answered by a C{GET} handler stays with Klein, which sends
+    no body for it (twisted.web would log a warning).
     """
     kinds = tuple(dialects)
     return {
-        route.path.encode("utf-8"): DirectRoute(route, skip=(b"GET", b"HEAD") if "GET" in route.methods else ())
+        route.path.encode("utf-8"): DirectRoute(route, skip=(b"HEAD",) if "GET" in route.methods and route.head else ())
         for route in routes
         if route.dialect in kinds
     }
