@@ -29,8 +29,14 @@ class Echo(Resource):
 
 
 class Raw(Protocol):
-    def __init__(self, request: bytes) -> None:
+    """
+    Sends C{request} and collects the answer until the server closes, or,
+    with C{until}, until C{until(received)} says so (then it hangs up).
+    """
+
+    def __init__(self, request: bytes, until: Any = None) -> None:
         self.request = request
+        self.until = until
         self.received = b""
         self.done: Deferred[bytes] = Deferred()
 
@@ -39,9 +45,13 @@ class Raw(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
+        if self.until is not None and not self.done.called and self.until(self.received):
+            self.done.callback(self.received)
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
-        self.done.callback(self.received)
+        if not self.done.called:
+            self.done.callback(self.received)
 
 
 async def exchange(case: TestCase, site: SmeldrSite, request: bytes) -> bytes:
@@ -494,23 +504,10 @@ class DirectMCPTests(MCPSites, TestCase):
         self.assertEqual(statuses, [b"401", b"403", b"204", b"405", b"400", b"200", b"202", b"200", b"400", b"204"])
 
 
-class FirstEvent(Protocol):
-    """Sends a request, keeps what comes until the first SSE event, then hangs up."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.received = b""
-        self.done: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        head, sep, body = self.received.partition(b"\r\n\r\n")
-        if sep and b"\n\n" in body and not self.done.called:
-            self.done.callback(self.received)
-            self.transport.loseConnection()
+def first_event(received: bytes) -> bool:
+    """Has an SSE answer's first event come?"""
+    _, sep, body = received.partition(b"\r\n\r\n")
+    return bool(sep) and b"\n\n" in body
 
 
 class DirectStreamTests(MCPSites, TestCase):
@@ -523,9 +520,10 @@ class DirectStreamTests(MCPSites, TestCase):
     async def open(self, site: SmeldrSite) -> bytes:
         port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
         self.addCleanup(port.stopListening)
-        protocol = FirstEvent(
+        protocol = Raw(
             b"GET /auth/mcp HTTP/1.1\r\nHost: as.example\r\nAuthorization: Bearer the-token\r\n"
-            b"Accept: text/event-stream\r\n\r\n"
+            b"Accept: text/event-stream\r\n\r\n",
+            until=first_event,
         )
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
         await endpoint.connect(Factory.forProtocol(lambda: protocol))
