@@ -67,6 +67,19 @@ class BufferedAccessLogTests(SynchronousTestCase):
         self.assertEqual([line.split("] ")[1] for line in self.out.getvalue().splitlines()], ["a", "b"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_default_next_turn(self) -> None:
+        """
+        By default the lines of one reactor turn are written together at
+        the next turn (before twisted.web sends the responses).
+        """
+        log = BufferedAccessLog(self.out, self.clock)
+        log.line("a")
+        log.line("b")
+        self.assertEqual(self.out.writes, [])
+        self.clock.advance(0)
+        self.assertEqual(len(self.out.writes), 1)
+        self.assertEqual(self.out.getvalue().count("\n"), 2)
+
     def test_flush_cancels_the_timer(self) -> None:
         self.log.line("a")
         self.log.flush()

@@ -12,10 +12,11 @@ routing (see C{docs/performance.md}).
 L{BufferedAccessLog} writes the same lines, in the same shape as C{twist
 --log-format=text} writes them (C{<time> [twisted.python.log#info]
 <line>}), but formats the timestamp once a second and writes the lines in
-batches: on a short timer (a quarter of a second by default), when a batch
-reaches C{PIPE_BUF} bytes, and when the site stops.  No line is dropped;
-a process killed with C{SIGKILL} may lose the last quarter second of lines
-(a crash report is in the event log, which is still written at once).
+batches: at the reactor's next turn by default (every request finished in
+one turn of the reactor shares one write, and the line is written before
+the response leaves: twisted.web sends it when the socket next polls
+writable, after the reactor's timed calls), when a batch reaches
+C{PIPE_BUF} bytes, and when the site stops.  No line is dropped.
 
 Each C{write} is at most C{PIPE_BUF} bytes (4096) and ends at a line, so
 worker processes sharing one pipe never interleave inside a line.
@@ -47,10 +48,11 @@ class BufferedAccessLog:
 
     @param out: the text file to write to (C{twist}'s log file).
     @param clock: for the timestamps and the flush timer.
-    @param interval: the longest a line waits before it is written.
+    @param interval: the longest a line waits before it is written; 0 (the
+        default) writes at the reactor's next turn.
     """
 
-    def __init__(self, out: IO[str], clock: IReactorTime, interval: float = 0.25) -> None:
+    def __init__(self, out: IO[str], clock: IReactorTime, interval: float = 0.0) -> None:
         self._out = out
         self._clock = clock
         self._interval = interval
