@@ -45,6 +45,8 @@ BASELINE_ROWS = (
     "floor",
     "bare",
     "as_metadata",
+    "pr_metadata",
+    "healthz",
     "refresh_rotation",
     "full_flow",
     "tools_call_streamable",
@@ -158,19 +160,23 @@ def _store(frame: Frame) -> bool:
     return (
         "twisted/enterprise/" in path
         or "smeldr_oauth/store/" in path
+        or "smeldr_oauth/db/" in path
         or path.endswith("smeldr_oauth/site/db.py")
         or "sqlite3/" in path
     )
 
 
-COMMIT = "SQLite COMMIT (adbapi's conn.commit())"
+COMMIT = "SQLite COMMIT (the connection's commit())"
+#: Python frames whose only work is a DB-API C{commit()}: a sample with one
+#: of them innermost is inside the database's COMMIT (the database layer's
+#: own commit, L{smeldr_oauth.db.database._commit}).
+COMMIT_FRAMES = {("_commit", "smeldr_oauth/db/database.py")}
 
 
 def categorise(frames: list[Frame], leaf_line: int = 0, commit_line: int = -1) -> str:
-    if (
-        frames
-        and frames[-1] == ("_runInteraction", "twisted/enterprise/adbapi.py")
-        and leaf_line == commit_line
+    if frames and (
+        frames[-1] in COMMIT_FRAMES
+        or (frames[-1] == ("_runInteraction", "twisted/enterprise/adbapi.py") and leaf_line == commit_line)
     ):
         return COMMIT
     for name, matches in ANYWHERE:
@@ -391,7 +397,7 @@ def write_baseline(
     from bench.run import machine
 
     m = machine()
-    head = f"""# Baseline profiles (before the optimisation round)
+    head = f"""# Baseline profiles (the starting point of an optimisation round)
 
 Written by `python -m bench --profile baseline` on {m["date"]} ({m["nproc"]} cores, {m["cpu"]},
 Python {m["python"]}, Twisted {m["twisted"]}, Klein {m["klein"]}; load average {m["loadavg_start"]}; the box
@@ -401,8 +407,8 @@ is shared with other engineers' test runs). Each row: the Python generator at {c
 The `ROW.collapsed.gz` files beside this one are the raw stacks (`gunzip -k`, then speedscope opens them).
 
 How to read it: "where the time goes" puts each busy sample in one category, so they add up to 100%.
-SQLite's COMMIT (samples inside adbapi's `conn.commit()`) is counted first; then the access log, logging
-events, SQLite statements with the store code around them (adbapi, `smeldr_oauth/store/`), JSON, hyperlink and Werkzeug routing claim a sample wherever they appear in its stack; the rest
+SQLite's COMMIT (samples inside the connection's `commit()`) is counted first; then the access log, logging
+events, SQLite statements with the store code around them (adbapi, `smeldr_oauth/db/`, `smeldr_oauth/store/`), JSON, hyperlink and Werkzeug routing claim a sample wherever they appear in its stack; the rest
 goes to the innermost of Klein, Deferred glue, twisted.web, the reactor and TCP, smeldr-oauth's code
 and "other". "self %" is time in the function itself, "total %" time in it and what it calls (the reactor
 loop and the request's dispatch chain, in nearly every sample, are left out of the "total" list).

@@ -25,6 +25,7 @@ PACKAGE = "smeldr_oauth"
 
 _OAUTH = "smeldr_oauth.oauth"
 _DB = "smeldr_oauth.db"
+_DB_ERRORS = "smeldr_oauth.db.errors"
 _MCP = "smeldr_oauth.mcp"
 _MCP_HTTP = "smeldr_oauth.mcp.http"
 _MCP_STATE_PG = "smeldr_oauth.mcp.state.postgres"
@@ -46,33 +47,36 @@ LAYERS: dict[str, Optional[frozenset[str]]] = {
     # the services, the interfaces its store implements.
     _OAUTH: frozenset(),
     # The database layer (adbapi, an engine per database, migrations).
-    _DB: frozenset(),
+    _DB: frozenset({_DB_ERRORS}),
+    # The database's typed errors (unavailable, conflict): the vocabulary
+    # with which the edges answer 503 with Retry-After, so theirs to name.
+    _DB_ERRORS: frozenset(),
     # The MCP protocol core and its session-state seams: transport-free.
     # It reads the resource server's verdicts (oauth's IAccessVerifier).
-    _MCP: frozenset({_OAUTH}),
+    _MCP: frozenset({_OAUTH, _DB_ERRORS}),
     # The OAuth store implementations (memory, SQL): oauth's IOAuthStore
     # over db.
-    _STORE: frozenset({_OAUTH, _DB}),
+    _STORE: frozenset({_OAUTH, _DB, _DB_ERRORS}),
     # The session-state seams shared by processes: mcp's interfaces over
     # db (tables, LISTEN/NOTIFY routing between processes).
-    _MCP_STATE_PG: frozenset({_MCP, _OAUTH, _DB}),
+    _MCP_STATE_PG: frozenset({_MCP, _OAUTH, _DB, _DB_ERRORS}),
     # The HTTP edge of the authorization server (Klein).
-    _WEB: frozenset({_OAUTH}),
+    _WEB: frozenset({_OAUTH, _DB_ERRORS}),
     # The MCP transports over HTTP, on the web edge's helpers.
-    _MCP_HTTP: frozenset({_MCP, _OAUTH, _WEB}),
+    _MCP_HTTP: frozenset({_MCP, _OAUTH, _WEB, _DB_ERRORS}),
     # The deployment checker: an outside client, with oauth's URL rules.
     _DOCTOR: frozenset({_OAUTH}),
     # The gateway to upstream MCP servers: an MCP client and server.
     # Its front maps each upstream to a protected resource (oauth's rules).
     _GATEWAY: frozenset({_MCP, _OAUTH}),
     # The default site's content: posts, tokens, the MCP tools.
-    _SITE: frozenset({_DB, _MCP, _OAUTH}),
+    _SITE: frozenset({_DB, _MCP, _OAUTH, _DB_ERRORS}),
     # The flow timeline: steps from the log events, in db; the operator's
     # page on the web edge's sign-in (issue 14).
-    _FLOWS: frozenset({_OAUTH, _DB, _WEB}),
+    _FLOWS: frozenset({_OAUTH, _DB, _WEB, _DB_ERRORS}),
     # The admin command: opens the stores, runs the doctor, reads the
     # flow timeline.
-    _SITE_ADMIN: frozenset({_SITE, _DB, _MCP, _OAUTH, _STORE, _DOCTOR, _FLOWS}),
+    _SITE_ADMIN: frozenset({_SITE, _DB, _MCP, _OAUTH, _STORE, _DOCTOR, _FLOWS, _DB_ERRORS}),
     # The wiring (twist plugin, workers, metrics): ties everything together.
     _SERVICE: None,
     # The package itself: the Python API re-exports from the layers.

@@ -229,6 +229,19 @@ class ProfileSummaryTests(SynchronousTestCase):
         # The reactor loop is in every sample: not a top "total" entry.
         self.assertNotIn(("run", "twisted/internet/base.py"), {f for f, _, _ in summary["top_total"]})
 
+    def test_the_database_layers_commit(self) -> None:
+        """A sample inside smeldr_oauth.db.database._commit is COMMIT, wherever it was called from."""
+        lines = [
+            "run (twisted/internet/base.py:10);_interact (smeldr_oauth/db/database.py:360);"
+            "_commit (smeldr_oauth/db/database.py:530) 4",
+            "run (twisted/internet/base.py:10);_interact (smeldr_oauth/db/database.py:358) 1",
+        ]
+        summary = profiling.summarise(profiling.parse_collapsed(lines), commit_line=445)
+        self.assertEqual(
+            {name: round(share * 5 / 100) for name, share in summary["categories"]},
+            {profiling.COMMIT: 4, "SQLite statements and the store": 1},
+        )
+
     def test_the_commit_line_is_found(self) -> None:
         """The line of adbapi's _runInteraction that calls conn.commit()."""
         import linecache

@@ -304,3 +304,82 @@ class PostgresThreadTests(TestCase):
         self.assertEqual(len(found), 20)
         self.assertEqual(db.pool_stats()["in_flight"], 0)
         self.assertLessEqual(db.pool_stats()["connections"], 4)
+
+
+class CheckpointerTests(SynchronousTestCase):
+    """
+    L{Checkpointer}: the database connection's automatic checkpoints off,
+    WAL checkpoints on a timer instead (inline here), every write still
+    there.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.defer import maybeDeferred
+
+        from smeldr_oauth.db.sqlite import Checkpointer
+
+        self.path = self.mktemp() + ".db"
+        self.clock = InlineReactor()
+        self.db = Database(SQLiteEngine(self.path), self.clock, threads=0)
+        self.addCleanup(self.db.close)
+        self.successResultOf(self.db.ensure(SCHEMA))
+        self.checkpoints = Checkpointer(self.db, self.clock, maybeDeferred, interval=1.0)
+
+    def autocheckpoint(self) -> int:
+        return int(self.successResultOf(
+            self.db.with_connection(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+        ))
+
+    def test_off_the_commit_path(self) -> None:
+        """
+        Once started, commits leave the WAL alone however long it grows;
+        the next tick copies every frame back; stopping checkpoints once
+        more and restores SQLite's default.
+        """
+        self.assertEqual(self.autocheckpoint(), 1000)
+        self.successResultOf(self.checkpoints.start())
+        self.assertEqual(self.autocheckpoint(), 0)
+        for i in range(1500):
+            self.successResultOf(self.db.write(SCHEMA, insert, f"n{i:04d}", i))
+        self.assertIsNone(self.checkpoints.last)
+        self.clock.advance(1.0)
+        assert self.checkpoints.last is not None
+        busy, frames, copied = self.checkpoints.last
+        # Past 1,000 pages: SQLite's own checkpoint would have run inside a
+        # commit and restarted the WAL.
+        self.assertGreater(frames, 1000)
+        self.assertEqual((busy, copied), (0, frames))
+        self.successResultOf(self.db.write(SCHEMA, insert, "last", 1))
+        self.successResultOf(self.checkpoints.stop())
+        self.assertEqual(self.autocheckpoint(), 1000)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        other = sqlite3.connect(self.path)
+        self.addCleanup(other.close)
+        self.assertEqual(other.execute("SELECT COUNT(*) FROM things").fetchone()[0], 1501)
+
+    def test_skips_while_running(self) -> None:
+        """
+        A tick while the previous checkpoint still runs starts no other.
+        """
+        from twisted.internet.defer import Deferred
+
+        from smeldr_oauth.db.sqlite import Checkpointer
+
+        calls: list[Deferred[Any]] = []
+
+        def run(f: Any) -> Deferred[Any]:
+            calls.append(Deferred())
+            return calls[-1]
+
+        checkpoints = Checkpointer(self.db, self.clock, run, interval=1.0)
+        self.successResultOf(checkpoints.start())
+        self.clock.advance(1.0)
+        self.clock.advance(1.0)
+        self.assertEqual(len(calls), 1)
+        calls[0].callback(None)
+        self.clock.advance(1.0)
+        self.assertEqual(len(calls), 2)
+        calls[1].callback(None)
+        d = checkpoints.stop()
+        calls[2].callback(None)
+        self.successResultOf(d)

@@ -614,3 +614,24 @@ class ModernTests(SynchronousTestCase):
             with self.assertRaises(jsonrpc.JSONRPCError) as caught:
                 check_modern_headers(request, bad)
             self.assertEqual(caught.exception.code, jsonrpc.HEADER_MISMATCH)
+
+
+class CallEventTests(SynchronousTestCase):
+    """
+    The C{mcp_call} event of each C{tools/call}: debug when the call went
+    well (the file log leaves it out at the default level; the metrics
+    still count it), info when it did not.
+    """
+
+    def test_levels(self) -> None:
+        from twisted.logger import LogLevel, capturedLogs
+
+        h = Harness()
+        h.init()
+        with capturedLogs() as events:
+            h.call("tools/call", {"name": "echo", "arguments": {"text": "x"}})
+            h.call("tools/call", {"name": "failing"})
+        calls = [e for e in events if e.get("smeldr_event") == "mcp_call"]
+        self.assertEqual(
+            [(e["outcome"], e["log_level"]) for e in calls], [("ok", LogLevel.debug), ("tool_error", LogLevel.info)]
+        )

@@ -328,3 +328,76 @@ class SiteWideTests(RoutesTestCase):
         errors.install_error_handlers(self.app, site_wide=True, api_prefixes=["/auth/oauth/"])
         self.assertJSONError(self.request("GET", "/auth/oauth/x"), 404, "not_found")
         self.assertPage(self.request("GET", "/auth/x"), 404)
+
+
+class DirectRouteTests(SynchronousTestCase):
+    """
+    L{DirectRoute}: a route's answers without Klein, when the handler's
+    result comes later, fails later, or is no longer wanted.
+    """
+
+    def render(self, handler: Any, method: bytes = b"POST") -> tuple[Any, Any]:
+        from twisted.web.server import NOT_DONE_YET
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from smeldr_oauth.web.routes import DirectRoute
+
+        resource = DirectRoute(Route(path="/x", methods={"POST": handler}, cors=CORS(allow_headers="A")))
+        request = DummyRequest([b"x"])
+        request.method = method
+        result = resource.render(request)
+        if result is not NOT_DONE_YET:
+            request.write(result)
+            request.finish()
+        return request, result
+
+    def test_at_once(self) -> None:
+        request, result = self.render(lambda r: b"now")
+        self.assertEqual((result, request.finished), (b"now", 1))
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"access-control-allow-origin"), [b"*"])
+
+    def test_later(self) -> None:
+        d: Deferred[bytes] = Deferred()
+        request, _ = self.render(lambda r: d)
+        self.assertEqual(request.finished, 0)
+        d.callback(b"later")
+        self.assertEqual((request.written, request.finished), ([b"later"], 1))
+
+    def test_later_error(self) -> None:
+        d: Deferred[bytes] = Deferred()
+        request, _ = self.render(lambda r: d)
+        d.errback(oauth_errors.invalid_grant("no"))
+        self.assertEqual((request.responseCode, request.finished), (400, 1))
+        self.assertEqual(json.loads(b"".join(request.written))["error"], "invalid_grant")
+
+    def test_raises(self) -> None:
+        def handler(request: Any) -> bytes:
+            raise oauth_errors.invalid_request("bad")
+
+        request, _ = self.render(handler)
+        self.assertEqual(request.responseCode, 400)
+        request, _ = self.render(handler, b"PUT")
+        self.assertEqual((request.responseCode, request.responseHeaders.getRawHeaders(b"allow")), (405, [b"OPTIONS, POST"]))
+
+    def test_coroutine(self) -> None:
+        async def handler(request: Any) -> bytes:
+            return b"done"
+
+        request, result = self.render(handler)
+        self.assertEqual(result, b"done")
+
+    def test_client_gone(self) -> None:
+        """
+        The client went away: the handler's Deferred is cancelled, nothing
+        is written.
+        """
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        cancelled: list[Any] = []
+        d: Deferred[bytes] = Deferred(cancelled.append)
+        request, _ = self.render(lambda r: d)
+        with capturedLogs():
+            request.processingFailed(Failure(ConnectionDone()))
+        self.assertEqual(len(cancelled), 1)
+        self.assertEqual((request.written, request.finished), ([], 0))

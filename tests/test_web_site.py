@@ -6,7 +6,7 @@ forwarded headers, over real sockets.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from klein import Klein
 from twisted.internet import reactor
@@ -29,8 +29,14 @@ class Echo(Resource):
 
 
 class Raw(Protocol):
-    def __init__(self, request: bytes) -> None:
+    """
+    Sends C{request} and collects the answer until the server closes, or,
+    with C{until}, until C{until(received)} says so (then it hangs up).
+    """
+
+    def __init__(self, request: bytes, until: Any = None) -> None:
         self.request = request
+        self.until = until
         self.received = b""
         self.done: Deferred[bytes] = Deferred()
 
@@ -39,19 +45,30 @@ class Raw(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
+        if self.until is not None and not self.done.called and self.until(self.received):
+            self.done.callback(self.received)
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
-        self.done.callback(self.received)
+        if not self.done.called:
+            self.done.callback(self.received)
+
+
+async def exchange(case: TestCase, site: SmeldrSite, request: bytes) -> bytes:
+    """
+    Send C{request} to C{site} over a real socket and return all it answers.
+    """
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
+    case.addCleanup(port.stopListening)
+    protocol = Raw(request)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    await endpoint.connect(Factory.forProtocol(lambda: protocol))
+    return await protocol.done
 
 
 class SiteOverSocketTests(TestCase):
     async def exchange(self, site: SmeldrSite, request: bytes) -> bytes:
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
-        self.addCleanup(port.stopListening)
-        protocol = Raw(request)
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        await endpoint.connect(Factory.forProtocol(lambda: protocol))
-        return await protocol.done
+        return await exchange(self, site, request)
 
     async def test_body_cap_by_length(self) -> None:
         site = SmeldrSite(Echo(), max_body=10)
@@ -187,3 +204,342 @@ class TrustedProxiesTests(SynchronousTestCase):
         self.assertIsNone(proxies.client_of("10.0.0.2", []))
         self.assertIsNone(proxies.client_of("10.0.0.2", [b"10.0.0.3"]))
         self.assertFalse(TrustedProxies())
+
+
+def mounted_app(issuer: str) -> tuple[Any, Any]:
+    """
+    The standalone server's app (L{mount} with C{whole_site}) on a memory
+    store, and what was mounted.
+    """
+    from twisted.internet.task import Clock
+
+    from smeldr_oauth.mcp import MCPApp
+    from smeldr_oauth.oauth.config import Config
+    from smeldr_oauth.oauth.server import OAuthServer
+    from smeldr_oauth.service.wiring import mount
+    from smeldr_oauth.store.memory import MemoryStore
+
+    clock = Clock()
+    oauth = OAuthServer(Config(issuer=issuer, verify_bearer=lambda t: False), MemoryStore(clock), clock)
+    tools = MCPApp(name="t", version="1")
+
+    @tools.tool()
+    def echo(text: str) -> str:
+        return text
+
+    app = Klein()
+    return app, mount(app, oauth, tools, reactor=clock, whole_site=True)
+
+
+def normalised(answer: bytes) -> tuple[list[bytes], bytes]:
+    """
+    An answer's status line and headers, in order, without C{Date} and the
+    framing (Klein streams its body chunked where a twisted.web resource
+    gives a C{Content-Length}), and its body, de-chunked.
+    """
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    chunked = b"transfer-encoding: chunked" in head.lower()
+    lines = [
+        line
+        for line in lines
+        if not line.lower().startswith((b"date:", b"content-length:", b"transfer-encoding:"))
+    ]
+    if chunked:
+        data = b""
+        while body:
+            size, _, rest = body.partition(b"\r\n")
+            n = int(size, 16)
+            data, body = data + rest[:n], rest[n + 2 :]
+        body = data
+    return lines, body
+
+
+class StaticAnswersTests(TestCase):
+    """
+    L{SmeldrSite.static} with L{static_answers}: the metadata documents are
+    answered without Klein, byte for byte as Klein's routes answer them.
+    """
+
+    async def exchange(self, site: SmeldrSite, request: bytes) -> bytes:
+        return await exchange(self, site, request)
+
+    def sites(self) -> tuple[SmeldrSite, SmeldrSite, dict[bytes, Any]]:
+        from smeldr_oauth.web.routes import static_answers
+
+        app, mounted = mounted_app("https://as.example/auth")
+        self.addCleanup(mounted.shutdown)
+        static = static_answers(mounted.routes)
+        return SmeldrSite(app.resource()), SmeldrSite(app.resource(), static=static), static
+
+    def test_which(self) -> None:
+        """
+        Both metadata documents at both of their paths, nothing else.
+        """
+        _, _, static = self.sites()
+        self.assertEqual(
+            sorted(static),
+            [
+                b"/.well-known/oauth-authorization-server",
+                b"/.well-known/oauth-authorization-server/auth",
+                b"/.well-known/oauth-protected-resource",
+                b"/.well-known/oauth-protected-resource/auth/mcp",
+            ],
+        )
+
+    async def test_same_answer(self) -> None:
+        """
+        C{GET} (with or without a query), C{HEAD} and C{OPTIONS} on each
+        static path answer exactly as the Klein routes do, headers in the
+        same order, the same body (framed with a C{Content-Length} rather
+        than chunked).
+        """
+        routed, fast, static = self.sites()
+        for path in static:
+            for method, suffix in ((b"GET", b""), (b"GET", b"?x=1"), (b"HEAD", b""), (b"OPTIONS", b"")):
+                request = (
+                    method + b" " + path + suffix + b" HTTP/1.1\r\nHost: as.example\r\nConnection: close\r\n\r\n"
+                )
+                expected = normalised(await self.exchange(routed, request))
+                self.assertEqual(normalised(await self.exchange(fast, request)), expected)
+                self.assertIn(b" 204 " if method == b"OPTIONS" else b" 200 ", expected[0][0])
+                if method == b"GET":
+                    self.assertTrue(expected[1].startswith(b'{"'), expected[1])
+
+    async def test_bypasses_routing(self) -> None:
+        """
+        The static C{GET} never reaches the site's resource tree (Klein);
+        other methods do.
+        """
+        _, _, static = self.sites()
+        seen: list[bytes] = []
+
+        class Tree(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                seen.append(request.method)
+                return b""
+
+        site = SmeldrSite(Tree(), static=static)
+        for method in (b"GET", b"POST"):
+            await self.exchange(
+                site,
+                method + b" /.well-known/oauth-authorization-server HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+        self.assertEqual(seen, [b"POST"])
+
+
+class DirectRoutesTests(TestCase):
+    """
+    L{SmeldrSite.direct} with L{direct_answers}: the token, revocation and
+    registration endpoints answered without Klein, as Klein's routes
+    answer them, errors included.
+    """
+
+    def sites(self) -> tuple[SmeldrSite, SmeldrSite, dict[bytes, Any]]:
+        from smeldr_oauth.web.routes import direct_answers
+
+        app, mounted = mounted_app("https://as.example/auth")
+        self.addCleanup(mounted.shutdown)
+        direct = direct_answers(mounted.routes)
+        return SmeldrSite(app.resource()), SmeldrSite(app.resource(), direct=direct), direct
+
+    def test_which(self) -> None:
+        """
+        Every JSON and JSON-RPC route; those whose C{GET} handler answers
+        C{HEAD} leave C{HEAD} to Klein.
+        """
+        _, _, direct = self.sites()
+        for prefix in ("/auth/oauth", ""):
+            for name in ("/token", "/register", "/revoke"):
+                self.assertEqual(direct[(prefix + name).encode()].skip, frozenset())
+        self.assertEqual(direct[b"/auth/mcp/message"].skip, frozenset())
+        self.assertEqual(direct[b"/auth/mcp"].skip, frozenset())
+        self.assertEqual(direct[b"/.well-known/oauth-authorization-server"].skip, frozenset([b"HEAD"]))
+        self.assertNotIn(b"/auth/oauth/authorize", direct)
+        self.assertNotIn(b"/healthz", [path for path, route in direct.items() if not route.skip])
+
+    async def test_same_answers(self) -> None:
+        routed, fast, _ = self.sites()
+        form = b"application/x-www-form-urlencoded"
+        cases: list[tuple[bytes, bytes, Optional[bytes], bytes]] = [
+            # method and path, extra headers, content type, body
+            (b"POST /auth/oauth/token", b"", form, b""),
+            (b"POST /token", b"", b"application/json", b"{}"),
+            (b"POST /auth/oauth/token", b"Authorization: Basic !!\r\n", form, b""),
+            (b"POST /auth/oauth/token", b"", form, b"grant_type=refresh_token&refresh_token=nope&client_id=nobody"),
+            (b"POST /auth/oauth/token", b"", form, b"grant_type=password&grant_type=x&client_id="),
+            (b"OPTIONS /auth/oauth/token", b"Origin: https://app.example\r\n", None, b""),
+            (b"GET /auth/oauth/token", b"", None, b""),
+            (b"HEAD /auth/oauth/revoke", b"", None, b""),
+            (b"POST /auth/oauth/revoke", b"", form, b"token=x&client_id=no"),
+            (b"POST /register", b"", b"application/json", b"[1]"),
+            (b"POST /register", b"", b"application/json", b'{"redirect_uris":"x"}'),
+        ]
+        for line, extra, content_type, body in cases:
+            request = line + b" HTTP/1.1\r\nHost: as.example\r\nConnection: close\r\n" + extra
+            if content_type is not None:
+                request += b"Content-Type: %s\r\nContent-Length: %d\r\n" % (content_type, len(body))
+            request += b"\r\n" + body
+            case = line + b" " + body
+            expected = normalised(await self.exchange(routed, request))
+            self.assertEqual(normalised(await self.exchange(fast, request)), expected, case)
+            self.assertNotIn(b" 500 ", expected[0][0], case)
+
+    async def test_success(self) -> None:
+        """
+        A registration through each: the same status and headers.
+        """
+        routed, fast, _ = self.sites()
+        body = b'{"redirect_uris":["https://app.example/cb"],"token_endpoint_auth_method":"none"}'
+        request = (
+            b"POST /auth/oauth/register HTTP/1.1\r\nHost: as.example\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (len(body),)
+        ) + body
+        expected = normalised(await self.exchange(routed, request))
+        answer = normalised(await self.exchange(fast, request))
+        self.assertIn(b" 201 ", expected[0][0])
+        self.assertEqual(answer[0], expected[0])
+        self.assertNotEqual(answer[1], expected[1])
+
+    async def exchange(self, site: SmeldrSite, request: bytes) -> bytes:
+        return await exchange(self, site, request)
+
+
+class MCPSites:
+    """
+    The standalone app with a token for its MCP endpoint, served by a site
+    that routes through Klein (C{routed}) and one with L{DirectRoute}s
+    (C{fast}).
+    """
+
+    def setUp(self) -> None:
+        import attr
+
+        self.sessions: dict[SmeldrSite, bytes] = {}
+
+        from smeldr_oauth.oauth.secrets import hash_secret
+        from smeldr_oauth.web.routes import direct_answers
+        from tests.test_store_memory import access, make_code, make_grant
+
+        app, mounted = mounted_app("https://as.example/auth")
+        self.addCleanup(mounted.shutdown)  # type: ignore[attr-defined]
+        store = mounted.oauth.store
+        # The memory store's clock stands at 0.
+        grant = attr.evolve(make_grant("g1"), resource="https://as.example/auth/mcp", created_at=0.0)
+        self.successResultOf(store.create_grant(grant, make_code("c1", "g1", now=0.0)))  # type: ignore[attr-defined]
+        record = attr.evolve(
+            access("x", now=0.0, scopes=tuple(mounted.oauth.config.all_scopes)),
+            token_hash=hash_secret("the-token"),
+            grant_id="g1",
+            resource="https://as.example/auth/mcp",
+        )
+        self.successResultOf(store.add_tokens("g1", record, None))  # type: ignore[attr-defined]
+        self.routed = SmeldrSite(app.resource())
+        self.fast = SmeldrSite(app.resource(), direct=direct_answers(mounted.routes))
+        self.mcp_http = mounted.mcp_http
+
+
+class DirectMCPTests(MCPSites, TestCase):
+    """
+    The MCP endpoint's C{POST}s and C{DELETE} through L{DirectRoute}: the
+    same answers as through Klein, session by session.
+    """
+
+    def request(self, method: bytes, path: bytes, body: bytes = b"", headers: bytes = b"") -> bytes:
+        head = method + b" " + path + b" HTTP/1.1\r\nHost: as.example\r\nConnection: close\r\n" + headers
+        if method in (b"POST", b"DELETE"):
+            head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % (len(body),)
+        return head + b"\r\n" + body
+
+    async def both(self, request: Any, headers: bytes = b"") -> tuple[Any, Any]:
+        """
+        C{request(headers_for_site)} through each site, normalised, without
+        the session ids (they differ) but with their presence.
+        """
+        answers = []
+        for site in (self.routed, self.fast):
+            raw = await exchange(self, site, request(self.sessions.get(site, b"")))
+            lines, body = normalised(raw)
+            for line in lines:
+                if line.lower().startswith(b"mcp-session-id:"):
+                    self.sessions[site] = b"Mcp-Session-Id: " + line.split(b":", 1)[1].strip() + b"\r\n"
+            answers.append(([line for line in lines if not line.lower().startswith(b"mcp-session-id:")], body))
+        return answers[0], answers[1]
+
+    async def test_same_answers(self) -> None:
+        bearer = b"Authorization: Bearer the-token\r\nAccept: application/json, text/event-stream\r\n"
+        initialize = (
+            b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18",'
+            b'"capabilities":{},"clientInfo":{"name":"t","version":"1"}}}'
+        )
+        steps = [
+            lambda s: self.request(b"POST", b"/auth/mcp", initialize, b"Accept: application/json\r\n"),
+            lambda s: self.request(b"POST", b"/auth/mcp", initialize, bearer + b"Origin: https://evil.example\r\n"),
+            lambda s: self.request(b"OPTIONS", b"/auth/mcp", b"", b"Origin: https://as.example\r\n"),
+            lambda s: self.request(b"PUT", b"/auth/mcp", b"", bearer),
+            lambda s: self.request(b"POST", b"/auth/mcp", b"{", bearer),
+            lambda s: self.request(b"POST", b"/auth/mcp", initialize, bearer),
+            lambda s: self.request(
+                b"POST", b"/auth/mcp", b'{"jsonrpc":"2.0","method":"notifications/initialized"}', bearer + s
+            ),
+            lambda s: self.request(
+                b"POST",
+                b"/auth/mcp",
+                b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hi"}}}',
+                bearer + s + b"MCP-Protocol-Version: 2025-06-18\r\n",
+            ),
+            lambda s: self.request(b"POST", b"/auth/mcp/message?sessionId=nope", b"{}", bearer),
+            lambda s: self.request(b"DELETE", b"/auth/mcp", b"", bearer + s),
+        ]
+        statuses = []
+        for step in steps:
+            routed, fast = await self.both(step)
+            self.assertEqual(fast, routed)
+            statuses.append(routed[0][0].split(b" ")[1])
+            if len(statuses) == 8:
+                self.assertIn(b'"text":"hi"', routed[1].replace(b": ", b":"))
+        self.assertEqual(statuses, [b"401", b"403", b"204", b"405", b"400", b"200", b"202", b"200", b"400", b"204"])
+
+
+def first_event(received: bytes) -> bool:
+    """Has an SSE answer's first event come?"""
+    _, sep, body = received.partition(b"\r\n\r\n")
+    return bool(sep) and b"\n\n" in body
+
+
+class DirectStreamTests(MCPSites, TestCase):
+    """
+    A legacy SSE stream opened through L{DirectRoute}: the same headers and
+    first event as through Klein, and when the client hangs up the stream
+    is cancelled and forgotten.
+    """
+
+    async def open(self, site: SmeldrSite) -> bytes:
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+        protocol = Raw(
+            b"GET /auth/mcp HTTP/1.1\r\nHost: as.example\r\nAuthorization: Bearer the-token\r\n"
+            b"Accept: text/event-stream\r\n\r\n",
+            until=first_event,
+        )
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        await endpoint.connect(Factory.forProtocol(lambda: protocol))
+        return await protocol.done
+
+    async def test_stream(self) -> None:
+        from twisted.internet.task import deferLater
+
+        answers = []
+        for site in (self.routed, self.fast):
+            raw = await self.open(site)
+            head, _, body = raw.partition(b"\r\n\r\n")
+            lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"date:")]
+            answers.append((lines, body.split(b"session_id=")[0]))
+            while self.mcp_http.stream_count:
+                await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(answers[1], answers[0])
+        self.assertIn(b" 200 ", answers[0][0][0])
+        self.assertIn(b"event: endpoint", answers[0][1])

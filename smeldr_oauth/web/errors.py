@@ -315,6 +315,22 @@ def install_error_handlers(
         state.api_prefixes = tuple(dict.fromkeys(state.api_prefixes + tuple(api_prefixes)))
 
 
+def render_failure(request: IRequest, failure: Failure) -> bytes:
+    """
+    The answer Klein's error chain gives when a route of ours (its dialect
+    set on C{request}) raised C{failure}, for a route answered without
+    Klein (L{smeldr_oauth.web.routes.DirectRoute}).
+    """
+    path = _ErrorPath()
+    if failure.check(oauth_errors.AuthorizeRedirectError):
+        return path.authorize_redirect(request, failure)
+    if failure.check(oauth_errors.UntrustedRedirect):
+        return path.untrusted_redirect(request, failure)
+    answer = path.other(request, failure)
+    assert isinstance(answer, bytes), "render_failure needs a routed request"
+    return answer
+
+
 class _ErrorPath:
     """
     The handlers of one app, and what they need to know about it.

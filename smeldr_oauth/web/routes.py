@@ -15,16 +15,25 @@ What every route then gets for free, the same way everywhere:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attr
 from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
 
 from smeldr_oauth.web import errors
 from smeldr_oauth.web.errors import Dialect
+from smeldr_oauth.web.responses import StaticJSON
 
 Handler = Callable[[IRequest], Any]
+
+log = Logger()
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -142,3 +151,143 @@ def mount_routes(app: Klein, routes: Iterable[Route]) -> None:
     for route in routes:
         name = route.name or f"smeldr:{route.path}"
         app.route(route.path, branch=False, endpoint=name)(_dispatcher(route))
+
+
+class StaticAnswer(Resource):
+    """
+    The C{GET} answer of a route whose document is known at start-up,
+    as a plain twisted.web leaf: the route's fixed headers, the
+    document's headers and its bytes, all computed once.
+    """
+
+    isLeaf = True
+
+    def __init__(self, headers: tuple[tuple[bytes, bytes], ...], body: bytes) -> None:
+        super().__init__()
+        self.headers = headers
+        self.body = body
+
+    def render_GET(self, request: IRequest) -> bytes:
+        for key, value in self.headers:
+            request.setHeader(key, value)
+        return self.body
+
+
+def static_answers(routes: Iterable[Route]) -> dict[bytes, IResource]:
+    """
+    Path -> L{StaticAnswer} for each route whose C{GET} answer is a
+    L{StaticJSON} and depends on nothing in the request (no C{before}
+    check), for L{smeldr_oauth.web.site.SmeldrSite.static}.
+
+    Why: a metadata document is the same bytes for everyone, yet through
+    Klein each C{GET} paid for Werkzeug's URL matching, Klein's request
+    glue and a Deferred chain, about as much again as twisted.web itself
+    (C{docs/performance.md}).  Answered from the site by exact path, it
+    costs what a bare twisted.web resource costs.  The answer is the same
+    as the route's: the same header pairs are set in the same order
+    (L{_dispatcher} then L{StaticJSON}), which a test compares.
+    """
+    found: dict[bytes, IResource] = {}
+    for route in routes:
+        handler = route.methods.get("GET")
+        if not isinstance(handler, StaticJSON) or route.before is not None:
+            continue
+        fixed = route.headers + (route.cors.headers() if route.cors is not None else ())
+        found[route.path.encode("utf-8")] = StaticAnswer(fixed + handler.headers, handler.body)
+    return found
+
+
+class DirectRoute(Resource):
+    """
+    A route answered by a plain twisted.web leaf: the same dispatcher
+    (L{_dispatcher}: fixed headers, C{before}, handler per method,
+    preflight, 405) and the same error path
+    (L{errors.render_failure}) as through Klein, without Werkzeug's URL
+    matching and Klein's request glue (a tenth of a refresh's CPU in the
+    profile).  For L{smeldr_oauth.web.site.SmeldrSite.direct}.
+
+    A handler's result is treated as Klein treats it: bytes (or text) are
+    the body, C{None} ends a response the handler wrote itself (a stream),
+    a failure goes through the error path unless the request is already
+    over; the handler's Deferred is cancelled when the client goes away.
+    One difference: bytes that are already there when the handler returns
+    (SQLite on the reactor thread: a whole token request usually is) are
+    returned from C{render}, so twisted.web frames them with a
+    C{Content-Length} rather than chunks.
+
+    @ivar skip: methods left to the site's resource tree (Klein).
+    """
+
+    isLeaf = True
+
+    def __init__(self, route: Route, skip: Iterable[bytes] = ()) -> None:
+        super().__init__()
+        self.route = route
+        self.skip = frozenset(skip)
+        self._dispatch = _dispatcher(route)
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            result = self._dispatch(request)
+        except Exception:
+            return errors.render_failure(request, Failure())
+        if isinstance(result, bytes):
+            return result
+        if inspect.iscoroutine(result):
+            d: Deferred[Any] = ensureDeferred(result)
+        elif isinstance(result, Deferred):
+            d = result
+        else:
+            d = succeed(result)
+        over: list[Any] = []
+        request.notifyFinish().addBoth(over.append)  # type: ignore[attr-defined]
+        request.notifyFinish().addErrback(lambda _: d.cancel())  # type: ignore[attr-defined]
+        answer: list[Any] = []
+        d.addErrback(_failed, request, over).addBoth(answer.append)
+        if answer and isinstance(answer[0], bytes) and not over and not getattr(request, "startedWriting", False):
+            return answer[0]
+        d.addCallback(lambda _: _deliver(request, answer[0], over))
+        return NOT_DONE_YET
+
+
+def _failed(failure: Failure, request: IRequest, over: list[Any]) -> Optional[bytes]:
+    if over:
+        # The answer is gone (or the client is): nobody to tell.
+        if not failure.check(CancelledError):
+            log.failure("{path} failed after its answer ended", failure, path=request.path)
+        return None
+    return errors.render_failure(request, failure)
+
+
+def _deliver(request: IRequest, body: Any, over: list[Any]) -> None:
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    if isinstance(body, Failure) or not (body is None or isinstance(body, bytes)):
+        failure = body if isinstance(body, Failure) else Failure(TypeError(f"a route answered {type(body).__name__}"))
+        if not over:
+            request.processingFailed(failure)  # type: ignore[attr-defined]
+        else:
+            log.failure("could not answer {path}", failure, path=request.path)
+        return
+    if over:
+        return
+    if body:
+        request.write(body)
+    request.finish()
+
+
+def direct_answers(routes: Iterable[Route], *, dialects: Iterable[Dialect] = (errors.JSON, errors.JSONRPC)) -> dict[bytes, "DirectRoute"]:
+    """
+    Path -> L{DirectRoute} for every route of C{dialects}, for
+    L{smeldr_oauth.web.site.SmeldrSite.direct}: the token, revocation and
+    registration endpoints and the MCP endpoints, streams included (an
+    idle stream then holds no Werkzeug URL adapter and no Klein closures).
+    A C{HEAD} answered by a C{GET} handler stays with Klein, which sends
+    no body for it (twisted.web would log a warning).
+    """
+    kinds = tuple(dialects)
+    return {
+        route.path.encode("utf-8"): DirectRoute(route, skip=(b"HEAD",) if "GET" in route.methods and route.head else ())
+        for route in routes
+        if route.dialect in kinds
+    }

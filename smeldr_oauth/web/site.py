@@ -14,6 +14,13 @@ what has to happen before any routing:
   - the client address, from C{X-Forwarded-For} only when the peer is a
     proxy the operator trusts (L{TrustedProxies});
   - the request's duration, for the metrics.
+
+And two things that make the hottest answers cheap (see
+C{docs/performance.md}): the documents known at start-up (the metadata)
+are answered by a plain twisted.web resource found by exact path, without
+Klein's routing (L{SmeldrSite.static}, filled by the service from the
+routes: L{smeldr_oauth.web.routes.static_answers}); and the access log can
+go through a buffered writer (L{smeldr_oauth.web.accesslog}).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import functools
 import ipaddress
 import re
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.web.resource import IResource
@@ -30,6 +37,7 @@ from twisted.web.server import Request, Site
 
 from smeldr_oauth.web.flow_events import request_finished
 from smeldr_oauth.web import errors
+from smeldr_oauth.web.accesslog import BufferedAccessLog
 
 DEFAULT_MAX_BODY = 1 << 20
 
@@ -205,6 +213,16 @@ class SmeldrSite(Site):
     @param metrics: a L{smeldr_oauth.service.metrics.Metrics} to time
         requests with, or C{None}.
     @param trusted_proxies: whose C{X-Forwarded-For} to believe.
+    @param access_log: a faster writer for the access log (see
+        L{smeldr_oauth.web.accesslog}), or C{None} for twisted.web's own.
+    @param static: exact path -> the resource answering C{GET} there, ahead
+        of the site's resource tree (see
+        L{smeldr_oauth.web.routes.static_answers}: the same bytes and
+        headers the routes would answer).  Other methods, and C{HEAD}, go
+        to the tree as usual.
+    @param direct: exact path -> the resource answering there
+        (L{smeldr_oauth.web.routes.direct_answers}), ahead of the tree,
+        for every method but those in its C{skip}.
     """
 
     requestFactory = SmeldrRequest
@@ -215,6 +233,9 @@ class SmeldrSite(Site):
         max_body: int = DEFAULT_MAX_BODY,
         metrics: Any = None,
         trusted_proxies: Optional[TrustedProxies] = None,
+        access_log: Optional[BufferedAccessLog] = None,
+        static: Optional[Mapping[bytes, IResource]] = None,
+        direct: Optional[Mapping[bytes, IResource]] = None,
         **kw: Any,
     ) -> None:
         # Every endpoint parses its own body (the token endpoint must not
@@ -226,3 +247,29 @@ class SmeldrSite(Site):
         self.max_body = max_body
         self.metrics = metrics
         self.trusted_proxies = trusted_proxies
+        self.access_log = access_log
+        self.static: dict[bytes, IResource] = dict(static or {})
+        self.direct: dict[bytes, IResource] = dict(direct or {})
+
+    def getResourceFor(self, request: Any) -> IResource:
+        found = self.static.get(request.path) if request.method == b"GET" else None
+        if found is None:
+            found = self.direct.get(request.path)
+            if found is not None and request.method in getattr(found, "skip", ()):
+                found = None
+        if found is not None:
+            request.site = self
+            request.sitepath = []
+            return found
+        return super().getResourceFor(request)  # type: ignore[no-any-return]
+
+    def log(self, request: Any) -> None:
+        if self.access_log is None:
+            super().log(request)
+        elif self._logDateTime is not None:
+            self.access_log.line(self._logFormatter(self._logDateTime, request))
+
+    def stopFactory(self) -> None:
+        super().stopFactory()
+        if self.access_log is not None:
+            self.access_log.flush()
