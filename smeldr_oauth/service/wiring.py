@@ -157,11 +157,17 @@ class StandaloneService(Service):
         self.reactor = reactor
         self.options = options
         db_threads = options.get("db-threads")
+        # Where the rate limits' buckets live: in memory for one process
+        # (SQLite), in the shared database when any process may answer.
+        self.rate_limits: Any = None
         if options.get("database"):
+            from smeldr_oauth.store.ratelimits import SQLRateLimitStore
+
             # One PostgreSQL database (one pool) for OAuth data and site content.
             database = open_database(options["database"], reactor, threads=db_threads)
             self.site_stores = open_site(database, reactor)
             self.store = SQLStore(database, reactor)
+            self.rate_limits = SQLRateLimitStore(database, reactor)
         else:
             threads = 0 if db_threads is None else db_threads
             self.site_stores = open_site(options["site-db"], reactor, threads=threads)
@@ -182,7 +188,8 @@ class StandaloneService(Service):
                 reactor, allow_insecure=bool(options["dev"]), trust_root=options["cimd-ca"]
             )
         config = options.config(verify_bearer=self.site_stores.tokens.verify_bearer, scopes=scopes)
-        self.oauth = OAuthServer(config, self.store, reactor, cimd, limits=Limits.from_config(config, reactor))
+        limits = Limits.from_config(config, reactor, store=self.rate_limits)
+        self.oauth = OAuthServer(config, self.store, reactor, cimd, limits=limits)
         self.app = Klein()
         self.mounted = mount(
             self.app,
@@ -210,6 +217,7 @@ class StandaloneService(Service):
             trusted_proxies=TrustedProxies(options.get("trust-forwarded-from", ())),
         )
         self._purging: Any = None
+        self._purging_limits: Any = None
         self._watching: Any = None
 
     def startService(self) -> None:
@@ -229,6 +237,8 @@ class StandaloneService(Service):
         def ready(_: Any) -> None:
             self._purging = self.store.start_purging(self.reactor)
             self._watching = watch_external_changes(self.store, self.oauth, self.reactor)
+            if self.rate_limits is not None:
+                self._purging_limits = self.rate_limits.start_purging(self.reactor)
 
         def failed(f: Any) -> None:
             log.failure("the OAuth database could not be opened", f)
@@ -246,7 +256,7 @@ class StandaloneService(Service):
         from twisted.logger import globalLogPublisher
 
         globalLogPublisher.removeObserver(self._metrics_observer)
-        for loop in (self._purging, self._watching):
+        for loop in (self._purging, self._watching, self._purging_limits):
             if loop is not None and loop.running:
                 loop.stop()
 
