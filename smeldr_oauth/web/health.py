@@ -10,19 +10,27 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from smeldr_oauth.db.errors import StoreUnavailable
 from smeldr_oauth.web import errors
 from smeldr_oauth.web.routes import Route
 
 log = Logger()
 
 _OK = b'{"status":"ok"}'
-_UNAVAILABLE = b'{"status":"unavailable"}'
+#: The database could not be reached (PostgreSQL down or restarting, a
+#: SQLite file locked beyond the busy timeout): a balancer takes this
+#: process out of rotation until it answers again.
+_UNREACHABLE = b'{"status":"unavailable","reason":"database unreachable"}'
+#: The database answered with an error (a bug, a broken schema): logged.
+_FAILED = b'{"status":"unavailable","reason":"database error"}'
 
 
 class Health:
     """
-    200 when the OAuth store answers a query, 503 when it does not.  It
-    says nothing else.
+    200 when the OAuth store answers a query, 503 (with C{Retry-After})
+    when it does not, with a C{reason}: C{database unreachable} or
+    C{database error}.  It says nothing else: no address, no URL, no
+    error text (those go to the log).
 
     @param store: anything with C{count_clients()} (an C{IOAuthStore}).
     """
@@ -45,10 +53,16 @@ class Health:
     async def health(self, request: IRequest) -> bytes:
         try:
             await self.store.count_clients()
+        except StoreUnavailable as e:
+            log.warn("health check: the database is unreachable: {error}", error=str(e))
+            request.setResponseCode(503)
+            request.setHeader("Retry-After", str(e.retry_after))
+            return _UNREACHABLE
         except Exception:
             log.failure("health check: the OAuth store did not answer")
             request.setResponseCode(503)
-            return _UNAVAILABLE
+            request.setHeader("Retry-After", "1")
+            return _FAILED
         return _OK
 
 

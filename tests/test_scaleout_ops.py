@@ -1,0 +1,179 @@
+"""
+Several servers on one PostgreSQL database, over real sockets: the rate
+limits hold across them, and a database outage (the real server stopped,
+then started again) answers 503 with C{Retry-After} in each endpoint's own
+dialect, leaves nothing half-written, and is recovered from without a
+restart of the servers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from smeldr_oauth.service.wiring import StandaloneService
+from tests import postgres
+from tests import test_service_database
+from tests.test_db_notify import Inbox
+from tests.test_service_database import parse
+
+REDIRECT = "http://127.0.0.1:33418/callback"
+
+
+class Servers(TestCase):
+    """
+    Starts L{StandaloneService}s (each with its own pool, as separate
+    processes have) on one fresh PostgreSQL database.
+    """
+
+    @inlineCallbacks
+    def start(self, *argv: str) -> Any:
+        """
+        One more server: its base URL (the service is C{self.services[-1]}).
+        """
+        if not hasattr(self, "services"):
+            self.url = postgres.database_url(self)
+            self.services: list[StandaloneService] = []
+            self.http = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        options = parse("--issuer", "http://127.0.0.1:1", "--database", self.url, "--dev", *argv)
+        service = StandaloneService(options, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(service.site)
+        self.addCleanup(port.stopListening)
+        self.services.append(service)
+        return f"http://127.0.0.1:{port.getHost().port}"
+
+    @inlineCallbacks
+    def register(self, base: str) -> Any:
+        response = yield self.http.post(
+            base + "/oauth/register",
+            json={"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none", "client_name": "test"},
+        )
+        body = yield response.content()
+        return response, body
+
+
+class SharedLimitTests(Servers):
+    """
+    Two servers on one database allow what one would.
+    """
+
+    @inlineCallbacks
+    def test_registration_limit(self) -> Any:
+        a = yield self.start("--registration-limit", "4")
+        b = yield self.start("--registration-limit", "4")
+        codes = []
+        for base in (a, b, a, b):
+            response, _ = yield self.register(base)
+            codes.append(response.code)
+        self.assertEqual(codes, [201] * 4)
+        for base in (a, b):
+            response, body = yield self.register(base)
+            self.assertEqual(response.code, 429, body)
+            self.assertEqual(response.headers.getRawHeaders("retry-after"), ["15"])
+
+
+class OutageTests(Servers):
+    """
+    PostgreSQL stopped under a running server, then started again.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.base = yield self.start()
+        self.service = self.services[0]
+        cluster = postgres.cluster()
+        # Whatever happens, the next tests find the server running.
+        self.addCleanup(cluster.start)
+        self.cluster = cluster
+
+    @inlineCallbacks
+    def post(self, path: str, form: dict[str, str]) -> Any:
+        return (yield test_service_database.ServiceOnPostgresTests.post(self, path, form))  # type: ignore[arg-type]
+
+    @inlineCallbacks
+    def unavailable(self, response: Any, content_type: str) -> Any:
+        body = yield response.content()
+        self.assertEqual(response.code, 503, body)
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["1"], body)
+        self.assertTrue(response.headers.getRawHeaders("content-type")[0].startswith(content_type), body)
+        self.assertNotIn(b"Traceback", body)
+        self.assertNotIn(self.url.encode(), body)
+        return body
+
+    @inlineCallbacks
+    def test_outage(self) -> Any:
+        """
+        During the outage every endpoint answers 503 with C{Retry-After}:
+        JSON on the OAuth API, the error page on pages, a JSON-RPC error
+        on C{/mcp}; C{/healthz} says why.  The token obtained before still
+        works afterwards, the failed requests left nothing behind, and new
+        flows work again without restarting the server.
+        """
+        token, client_id = yield test_service_database.ServiceOnPostgresTests.tokens(self)  # type: ignore[arg-type]
+        clients = yield self.service.store.count_clients()
+        forgotten = Inbox()
+        oauth = self.service.oauth
+        original = oauth.forget_cached_tokens
+
+        def forget() -> None:
+            original()
+            forgotten()
+
+        oauth.forget_cached_tokens = forget  # type: ignore[method-assign]
+        self.cluster.stop()
+
+        body = yield self.unavailable((yield self.http.get(self.base + "/healthz")), "application/json")
+        self.assertEqual(json.loads(body), {"status": "unavailable", "reason": "database unreachable"})
+        response, _ = yield self.register(self.base)
+        body = yield self.unavailable(response, "application/json")
+        self.assertEqual(json.loads(body)["error"], "temporarily_unavailable")
+        response, _ = yield self.post(
+            "/oauth/token", dict(grant_type="refresh_token", refresh_token="x" * 43, client_id=client_id)
+        )
+        yield self.unavailable(response, "application/json")
+        # A client this process has not cached must be looked up.
+        response = yield self.http.get(
+            self.base + "/oauth/authorize",
+            params={"response_type": "code", "client_id": "0" * 32, "redirect_uri": REDIRECT},
+            allow_redirects=False,
+        )
+        yield self.unavailable(response, "text/html")
+        # A token never seen by this process must be looked up: 503, not 401.
+        response = yield self.http.post(
+            self.base + "/mcp",
+            json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+            headers={"Authorization": ["Bearer " + "y" * 43], "Accept": ["application/json, text/event-stream"]},
+        )
+        body = yield self.unavailable(response, "application/json")
+        self.assertIn("error", json.loads(body))
+
+        self.cluster.start()
+        # Revocations pushed while the listener was away are lost: on
+        # reconnecting it has the token cache emptied.
+        yield forgotten.until(1)
+        response = yield self.http.get(self.base + "/healthz")
+        self.assertEqual((response.code, (yield response.json())), (200, {"status": "ok"}))
+        self.assertEqual((yield self.service.store.count_clients()), clients)
+        self.assertEqual((yield test_service_database.ServiceOnPostgresTests.mcp(self, token)), 200)  # type: ignore[arg-type]
+        yield test_service_database.ServiceOnPostgresTests.tokens(self)  # type: ignore[arg-type]
+        # And pushes arrive again: a revocation by another process.
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "from smeldr_oauth.site.admin import main; main()", "grants", "revoke-client", client_id,
+             "--database", self.url],
+            env=test_service_database.child_env(),
+        )
+        self.assertEqual(code, 0, err)
+        yield forgotten.until(2)
+        self.assertEqual((yield test_service_database.ServiceOnPostgresTests.mcp(self, token)), 401)  # type: ignore[arg-type]
