@@ -83,6 +83,31 @@ class SharedLimitTests(Servers):
             self.assertEqual(response.headers.getRawHeaders("retry-after"), ["15"])
 
 
+class MetricsTests(Servers):
+    """
+    The database figures of a server on PostgreSQL, scraped over a real
+    socket.
+    """
+
+    @inlineCallbacks
+    def test_database_figures(self) -> Any:
+        from twisted.web.server import Site
+
+        base = yield self.start()
+        service = self.services[0]
+        response, _ = yield self.register(base)
+        self.assertEqual(response.code, 201)
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(service.metrics.resource()))
+        self.addCleanup(port.stopListening)
+        yield service.store.database.engine.listener(service.store.database).when_connected()
+        response = yield self.http.get(f"http://127.0.0.1:{port.getHost().port}/")
+        text = (yield response.content()).decode()
+        self.assertIn('smeldr_db_listener_connected{database="main"} 1.0', text)
+        self.assertIn('smeldr_db_transactions_total{database="main",name="rate_limits.take"} 1.0', text)
+        self.assertIn('smeldr_db_calls_waiting{database="main"} 0.0', text)
+        self.assertRegex(text, r'smeldr_db_connections\{database="main"\} [1-9]')
+
+
 class OutageTests(Servers):
     """
     PostgreSQL stopped under a running server, then started again.

@@ -48,3 +48,37 @@ class MetricsObserverTests(SynchronousTestCase):
         self.assertEqual(route_label(b"/oauth/token"), "/oauth/token")
         self.assertEqual(route_label(b"/mcp?session_id=abc"), "/mcp")
         self.assertEqual(route_label(b"/random/scan/path"), "other")
+
+
+class DatabaseFiguresTests(SynchronousTestCase):
+    """
+    The database layer's pool and transaction counters, on a real SQLite
+    file, as metrics; counters advance by what changed since the last
+    refresh.
+    """
+
+    def test_pool_and_transactions(self) -> None:
+        from smeldr_oauth.db import open_database
+        from smeldr_oauth.store.ratelimits import SQLRateLimitStore
+        from tests.test_store_sqlite import InlineReactor
+
+        database = open_database(self.mktemp() + ".db", InlineReactor(), threads=0)
+        self.addCleanup(database.close)
+        store = SQLRateLimitStore(database)
+        metrics = Metrics()
+        metrics.watch_databases({"oauth": database})
+        for _ in range(3):
+            self.successResultOf(store.take("test", "k", 3.0, 1.0, 1e9))
+        metrics.refresh()
+        metrics.refresh()
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn('smeldr_db_transactions_total{database="oauth",name="rate_limits.take"} 3.0', text)
+        self.assertIn('smeldr_db_connections{database="oauth"} 1.0', text)
+        self.assertIn('smeldr_db_calls_waiting{database="oauth"} 0.0', text)
+        self.assertIn('smeldr_db_transaction_seconds_total{database="oauth",name="rate_limits.take"}', text)
+        # No listener on SQLite: no value rather than a misleading 0.
+        self.assertNotIn('smeldr_db_listener_connected{', text)
+        self.successResultOf(store.take("test", "k", 3.0, 1.0, 1e9))
+        metrics.refresh()
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn('smeldr_db_transactions_total{database="oauth",name="rate_limits.take"} 4.0', text)

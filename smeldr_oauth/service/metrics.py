@@ -21,14 +21,14 @@ scrape reports the whole server, not one worker at random.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.twisted import MetricsResource
 from twisted.application.service import IService, Service
 from twisted.logger import ILogObserver, globalLogPublisher
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
 #: Paths that get their own latency label; anything else is "other", so a
@@ -120,14 +120,27 @@ class Metrics:
             self.open_streams.set_function(open_streams)
         self._tools: set[str] = set()
         self._worker_requests: Any = None
+        self._databases: Optional[DatabaseFigures] = None
+
+    def watch_databases(self, databases: Mapping[str, Any]) -> None:
+        """
+        Report the pools and transactions of C{databases} (label
+        C{database}: C{main} on PostgreSQL, C{oauth} and C{site} on
+        SQLite): see L{DatabaseFigures}.
+        """
+        self._databases = DatabaseFigures(self.registry, databases)
 
     def refresh(self) -> None:
         """
-        Write the function-backed values (open streams) to the multiprocess
-        files; a worker calls this every second.
+        Bring the values read from elsewhere (open streams, the database
+        pools and their transaction counters) up to date: before each
+        scrape in one process (L{resource}), and every second in a worker
+        of C{--workers}, whose values go to the multiprocess files.
         """
-        if self._open_streams is not None:
+        if self._open_streams is not None and self.multiprocess:
             self.open_streams.set(self._open_streams())
+        if self._databases is not None:
+            self._databases.refresh()
 
     def count_worker(self, index: int) -> None:
         """
@@ -160,7 +173,108 @@ class Metrics:
             self._worker_requests.inc()
 
     def resource(self) -> IResource:
-        return MetricsResource(registry=self.registry)
+        return _Refreshed(self)
+
+
+class _Refreshed(Resource):
+    """
+    The metrics page of one process: values read from elsewhere are
+    brought up to date first.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+        self._page = MetricsResource(registry=metrics.registry)
+
+    def render(self, request: Any) -> Any:
+        self._metrics.refresh()
+        return self._page.render(request)
+
+
+class DatabaseFigures:
+    """
+    What the database layer counts (L{smeldr_oauth.db.Database.pool_stats}
+    and C{transaction_stats}), as metrics:
+
+      - C{smeldr_db_connections}: connections open in the pool;
+      - C{smeldr_db_calls_in_flight}: calls handed to the pool's threads
+        and not back yet (running, or waiting for a thread);
+      - C{smeldr_db_calls_waiting}: of those, the ones waiting for a
+        thread (more than C{--db-threads} at once: a pool too small, or a
+        slow database);
+      - C{smeldr_db_transactions_total}, C{..._errors_total},
+        C{..._retries_total} (deadlocks, serialisation failures) and
+        C{smeldr_db_transaction_seconds_total} (time inside the database,
+        lock waits included), per transaction C{name} (a store method: a
+        bounded set);
+      - C{smeldr_db_listener_connected}: 1 while the PostgreSQL
+        notification listener is connected (revocation pushes arrive).
+
+    Gauges add up over live workers; the counters are advanced by what
+    changed since the last refresh, so they also add up.
+    """
+
+    def __init__(self, registry: CollectorRegistry, databases: Mapping[str, Any]) -> None:
+        self._databases = dict(databases)
+        labels = ["database"]
+        named = ["database", "name"]
+        self.connections = Gauge(
+            "smeldr_db_connections", "Database connections open in the pool", labels,
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.in_flight = Gauge(
+            "smeldr_db_calls_in_flight", "Database calls running or waiting for a pool thread", labels,
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.waiting = Gauge(
+            "smeldr_db_calls_waiting", "Database calls waiting for a pool thread", labels,
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.listener = Gauge(
+            "smeldr_db_listener_connected", "1 while the notification listener is connected", labels,
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.transactions = Counter(
+            "smeldr_db_transactions", "Database calls finished, by transaction name", named, registry=registry
+        )
+        self.errors = Counter(
+            "smeldr_db_transaction_errors", "Database calls that failed, by transaction name", named,
+            registry=registry,
+        )
+        self.retries = Counter(
+            "smeldr_db_transaction_retries",
+            "Database calls run again after a deadlock or serialisation failure, by transaction name",
+            named, registry=registry,
+        )
+        self.seconds = Counter(
+            "smeldr_db_transaction_seconds",
+            "Seconds spent inside the database (lock waits included), by transaction name",
+            named, registry=registry,
+        )
+        self._seen: dict[tuple[str, str], tuple[int, int, int, float]] = {}
+
+    def refresh(self) -> None:
+        for label, database in self._databases.items():
+            pool = database.pool_stats()
+            self.connections.labels(database=label).set(pool["connections"])
+            self.in_flight.labels(database=label).set(pool["in_flight"])
+            self.waiting.labels(database=label).set(max(0, pool["in_flight"] - pool["threads"]))
+            listening = getattr(database.engine, "listener_connected", None)
+            connected = listening() if listening is not None else None
+            if connected is not None:
+                self.listener.labels(database=label).set(1 if connected else 0)
+            for name, stats in database.transaction_stats().items():
+                now = (stats.count, stats.errors, stats.retries, stats.seconds)
+                before = self._seen.get((label, name), (0, 0, 0, 0.0))
+                self._seen[(label, name)] = now
+                for counter, new, old in zip(
+                    (self.transactions, self.errors, self.retries, self.seconds), now, before
+                ):
+                    if new > old:
+                        counter.labels(database=label, name=name).inc(new - old)
 
 
 @implementer(ILogObserver)

@@ -209,6 +209,10 @@ class StandaloneService(Service):
 
         mcp_http = self.mounted.mcp_http
         self.metrics = Metrics(open_streams=(lambda: float(mcp_http.stream_count)) if mcp_http else None)
+        if options.get("database"):
+            self.metrics.watch_databases({"main": self.store.database})
+        else:
+            self.metrics.watch_databases({"oauth": self.store.database, "site": self.site_stores.db})
         self._metrics_observer = MetricsObserver(self.metrics)
         self.site = SmeldrSite(
             self.app.resource(),
