@@ -65,6 +65,7 @@ def mount(
     max_sessions: int = 10000,
     whole_site: bool = False,
     docs_url: Optional[str] = None,
+    sessions: Optional[Any] = None,
 ) -> Mounted:
     """
     Mount every endpoint of C{oauth} (metadata, authorize, token, revoke,
@@ -78,6 +79,11 @@ def mount(
         and method with the project's own 404 and 405.  Off when mounting
         into someone else's app, whose C{/} and errors stay theirs.
     @param docs_url: a documentation link for the landing page.
+    @param sessions: where MCP sessions live, when not in this process
+        alone: an object with C{store}, C{delivery} and C{events} (a
+        started L{smeldr_oauth.mcp.state.postgres.PostgresSessionState},
+        so that every process on one PostgreSQL database serves every
+        session).
     """
     from hyperlink import URL
 
@@ -109,6 +115,11 @@ def mount(
             max_sessions_per_grant=max_sessions_per_grant,
             max_sessions_per_subject=max_sessions_per_subject,
             max_sessions=max_sessions,
+            **(
+                {"store": sessions.store, "delivery": sessions.delivery, "events": sessions.events}
+                if sessions is not None
+                else {}
+            ),
         )
         mcp_http.register(app, path)
         oauth.add_revocation_observer(mcp_http.close_grant)
@@ -160,14 +171,19 @@ class StandaloneService(Service):
         # Where the rate limits' buckets live: in memory for one process
         # (SQLite), in the shared database when any process may answer.
         self.rate_limits: Any = None
+        self.sessions: Any = None
         if options.get("database"):
+            from smeldr_oauth.mcp.state.postgres import PostgresSessionState
             from smeldr_oauth.store.ratelimits import SQLRateLimitStore
 
-            # One PostgreSQL database (one pool) for OAuth data and site content.
+            # One PostgreSQL database (one pool) for OAuth data, site
+            # content, rate limits and MCP sessions, which every process
+            # then serves.
             database = open_database(options["database"], reactor, threads=db_threads)
             self.site_stores = open_site(database, reactor)
             self.store = SQLStore(database, reactor)
             self.rate_limits = SQLRateLimitStore(database, reactor)
+            self.sessions = PostgresSessionState(database, reactor)
         else:
             threads = 0 if db_threads is None else db_threads
             self.site_stores = open_site(options["site-db"], reactor, threads=threads)
@@ -204,6 +220,7 @@ class StandaloneService(Service):
             max_sessions=options["max-sessions"],
             whole_site=True,
             docs_url=options.get("docs-url"),
+            sessions=self.sessions,
         )
         from smeldr_oauth.service.metrics import Metrics, MetricsObserver
 
@@ -249,6 +266,9 @@ class StandaloneService(Service):
             self.reactor.stop()
 
         self.store.ready.addCallbacks(ready, failed)
+        if self.sessions is not None:
+            # Until registered, what must reach another process waits.
+            self.sessions.start().addErrback(failed)
         log.info(
             "smeldr-oauth serving issuer {issuer}, resource {resource}",
             issuer=self.oauth.config.issuer,
@@ -264,8 +284,13 @@ class StandaloneService(Service):
             if loop is not None and loop.running:
                 loop.stop()
 
+        def leave(_: Any) -> Any:
+            if self.sessions is not None:
+                return self.sessions.stop().addErrback(lambda f: log.failure("MCP sessions not left cleanly", f))
+            return None
+
         def close(_: Any) -> None:
             self.store.close()
             self.site_stores.close()
 
-        return self.mounted.shutdown().addBoth(close)
+        return self.mounted.shutdown().addBoth(leave).addBoth(close)

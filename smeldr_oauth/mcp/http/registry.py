@@ -33,7 +33,7 @@ import secrets
 from typing import Any, Callable, Optional
 
 import attr
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -89,21 +89,35 @@ class LiveSession:
         the short idle timeout applies.
     """
 
-    __slots__ = ("record", "protocol", "stream", "exchanges", "idle", "used", "last_active", "_registry")
+    __slots__ = ("record", "protocol", "_stream", "exchanges", "idle", "used", "last_active", "saving", "_registry")
 
     def __init__(self, registry: "SessionRegistry", record: SessionRecord) -> None:
         self._registry = registry
         self.record = record
         self.protocol: ServerSession = None  # type: ignore[assignment]  # set by the registry
-        self.stream: Optional[SSEStream] = None
+        self._stream: Optional[SSEStream] = None
         self.exchanges: Optional[set[Any]] = None
         self.idle: Optional[IDelayedCall] = None
         self.used = record.used
         self.last_active = record.last_active
+        # The last state change being saved and announced, until it is.
+        self.saving: Optional[Deferred] = None
 
     @property
     def session_id(self) -> str:
         return self.record.session_id
+
+    @property
+    def stream(self) -> Optional[SSEStream]:
+        """The session's own stream, if this process holds it."""
+        return self._stream
+
+    @stream.setter
+    def stream(self, stream: Optional[SSEStream]) -> None:
+        had, self._stream = self._stream is not None, stream
+        if had != (stream is not None):
+            # With a shared backend, the other processes learn who holds it.
+            self._registry.delivery.stream_held(self.record.session_id, stream is not None)
 
     @property
     def kind(self) -> str:
@@ -409,8 +423,46 @@ class SessionRegistry:
             log_level=protocol.log_level,
             subscriptions=protocol.subscriptions,
         )
-        self.store.save(live.record).addErrback(_logged("MCP session state could not be saved"))
+        saved = self.store.save(live.record)
         self.delivery.refresh(live.session_id, live.record)
+        both = gatherResults([saved, self.delivery.settled(live.session_id)], consumeErrors=True)
+        if both.called:
+            # The in-process seams: saved already.
+            both.addErrback(_logged("MCP session state could not be saved"))
+            return
+        live.saving = both
+
+        def done(result: Any) -> None:
+            if live.saving is both:
+                live.saving = None
+            if isinstance(result, Failure):
+                log.failure("MCP session state could not be saved", result)
+
+        both.addBoth(done)
+
+    def when_saved(self, live: LiveSession, result: Any) -> Any:
+        """
+        C{result} (an answer, or a L{Deferred} of one), held until the
+        state changes it made are saved and announced: the client's next
+        request may land on another process, which must find them.
+        """
+
+        def hold(body: Any) -> Any:
+            saving = live.saving
+            if saving is None:
+                return body
+            waiter: Deferred = Deferred()
+
+            def fire(outcome: Any) -> Any:
+                waiter.callback(body)
+                return outcome
+
+            saving.addBoth(fire)
+            return waiter
+
+        if isinstance(result, Deferred):
+            return result.addCallback(hold)
+        return hold(result)
 
     def _expire(self, live: LiveSession) -> None:
         live.idle = None
@@ -421,9 +473,12 @@ class SessionRegistry:
         def check(record: Optional[SessionRecord]) -> None:
             if self._live.get(live.session_id) is not live or not live.is_idle:
                 return
-            if record is not None and record.last_active > live.last_active:
-                # Used through another process meanwhile: only this
-                # process's copy goes.
+            if record is not None and (
+                record.last_active > live.last_active
+                or record.stream_process not in (None, self.delivery.process_id)
+            ):
+                # Used through another process meanwhile, or its stream is
+                # open there: only this process's copy goes.
                 self.release(live)
                 return
             log.info("MCP session idle; ended")

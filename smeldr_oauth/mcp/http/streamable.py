@@ -105,7 +105,7 @@ class StreamableHTTP:
         self.guard.follow(session.stream, post.credential)
         if post.is_batch and not protocol.allows_batch:
             raise bad_request("Batches are not allowed at this protocol version")
-        return self._exchange(post, session, protocol)
+        return self.sessions.when_saved(session, self._exchange(post, session, protocol))
 
     def _initialize(self, session: LiveSession, post: "_Post") -> Any:
         def check_initialized(result: Any) -> Any:
@@ -120,7 +120,9 @@ class StreamableHTTP:
             self.sessions.end(session)
             raise
         # initialize is a request: the answer is always an exchange's.
-        return answer.addBoth(check_initialized)
+        # The client's next request may land on another process: the
+        # answer waits until the new session's state is in its record.
+        return self.sessions.when_saved(session, answer.addBoth(check_initialized))
 
     def _stateless(self, post: "_Post") -> Any:
         if post.is_batch:

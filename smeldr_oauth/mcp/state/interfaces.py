@@ -130,11 +130,24 @@ class ISessionDelivery(Interface):
     backend, a notification to the process holding the stream.
     """
 
+    process_id = Attribute(
+        "This process's name among those sharing the sessions (a string),"
+        " or None when one process holds everything."
+    )
+
     def attach(session_id: str, sink: "ISessionSink") -> None:  # type: ignore[misc]
         """C{sink} (an L{ISessionSink}) holds live parts of C{session_id} here."""
 
     def detach(session_id: str, sink: "ISessionSink") -> None:  # type: ignore[misc]
         """C{sink} no longer does (it ended, or this process let go)."""
+
+    def stream_held(session_id: str, held: bool) -> None:  # type: ignore[misc]
+        """
+        A sink here opened (C{held}) or lost the session's own stream: the
+        stream's holder is the one process a session's caps count as busy
+        and whose death ends a legacy session.  Opening it moves the claim
+        here from any other process.
+        """
 
     def deliver(session_id: str, data: str, event_id: Optional[int] = None) -> None:  # type: ignore[misc]
         """
@@ -146,6 +159,13 @@ class ISessionDelivery(Interface):
 
     def end(session_id: str) -> None:  # type: ignore[misc]
         """End the live parts of C{session_id} wherever they are."""
+
+    def settled(session_id: str) -> "Deferred[None]":  # type: ignore[misc]
+        """
+        @return: a L{Deferred} firing once what was handed over for
+            C{session_id} so far has reached the other processes (at once
+            in one process).
+        """
 
     def refresh(session_id: str, record: SessionRecord) -> None:  # type: ignore[misc]
         """

@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from smeldr_oauth.mcp.jsonrpc import Response
 from smeldr_oauth.mcp.state.interfaces import IEventLog, ISessionDelivery, ISessionSink, ISessionStore
-from smeldr_oauth.mcp.state.records import SessionLimitReached, SessionLimits, SessionRecord
+from smeldr_oauth.mcp.state.records import SessionLimitReached, SessionLimits, SessionRecord, make_room
 
 
 class _Entry:
@@ -50,24 +50,22 @@ class MemorySessionStore:
     def admit(
         self, record: SessionRecord, limits: SessionLimits, is_idle: Callable[[SessionRecord], bool]
     ) -> "Deferred[list[SessionRecord]]":
-        victims: dict[str, _Entry] = {}
-        for scope, bucket, cap in (
-            ("grant", self._by_grant.get(record.grant_key), limits.per_grant),
-            ("subject", self._by_subject.get(record.subject), limits.per_subject),
-        ):
-            while bucket and len(bucket) - sum(1 for s in bucket if s in victims) >= cap:
-                idle = [
-                    self._entries[s] for s in bucket if s not in victims and is_idle(self._entries[s].record)
-                ]
-                if not idle:
-                    return fail(SessionLimitReached(scope, len(bucket)))
-                victim = min(idle, key=lambda entry: entry.last_active)
-                victims[victim.record.session_id] = victim
-        if len(self._entries) - len(victims) >= limits.total:
-            return fail(SessionLimitReached("server", len(self._entries)))
-        removed = [entry.current() for entry in victims.values()]
-        for session_id in victims:
-            self._pop(session_id)
+        def current(bucket: Optional[dict[str, None]]) -> list[SessionRecord]:
+            return [self._entries[s].current() for s in bucket or ()]
+
+        try:
+            removed = make_room(
+                record,
+                limits,
+                current(self._by_grant.get(record.grant_key)),
+                current(self._by_subject.get(record.subject)),
+                len(self._entries),
+                is_idle,
+            )
+        except SessionLimitReached:
+            return fail()
+        for victim in removed:
+            self._pop(victim.session_id)
         self._entries[record.session_id] = _Entry(record)
         self._by_grant.setdefault(record.grant_key, {})[record.session_id] = None
         self._by_subject.setdefault(record.subject, {})[record.session_id] = None
@@ -134,6 +132,9 @@ class LocalDelivery:
     processes); the common case stores the sink itself, not a list.
     """
 
+    #: Everything runs in this one process.
+    process_id = None
+
     def __init__(self) -> None:
         self._sinks: dict[str, Any] = {}
         self._replies: dict[tuple[str, str], Callable[[Response], None]] = {}
@@ -149,6 +150,14 @@ class LocalDelivery:
         if sink not in found:
             self._sinks[session_id] = sink if not found else found + (sink,)
 
+    def holds(self, session_id: str) -> bool:
+        """Whether a sink of C{session_id} is attached here."""
+        return session_id in self._sinks
+
+    def stream_held(self, session_id: str, held: bool) -> None:
+        # One process: the sink that holds the stream is the only one.
+        pass
+
     def detach(self, session_id: str, sink: ISessionSink) -> None:
         rest = tuple(s for s in self._each(session_id) if s is not sink)
         if not rest:
@@ -163,6 +172,9 @@ class LocalDelivery:
     def end(self, session_id: str) -> None:
         for sink in self._each(session_id):
             sink.end()
+
+    def settled(self, session_id: str) -> "Deferred[None]":
+        return succeed(None)
 
     def refresh(self, session_id: str, record: SessionRecord) -> None:
         for sink in self._each(session_id):

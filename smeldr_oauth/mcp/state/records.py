@@ -10,7 +10,7 @@ backend can store them as rows and send them between processes.
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, Optional
+from typing import Any, Callable, Hashable, Iterable, Optional
 
 import attr
 
@@ -47,6 +47,10 @@ class SessionRecord:
     @ivar protocol_version: negotiated by C{initialize}; C{None} before.
     @ivar log_level: set by C{logging/setLevel} (C{info} until then).
     @ivar subscriptions: resource URIs subscribed to.
+    @ivar stream_process: as read from a shared store, the process holding
+        the session's own stream (L{ISessionDelivery.process_id}), or
+        C{None}.  Derived from the delivery's claims, never saved; not part
+        of the record's equality.
     """
 
     session_id: str = attr.ib(repr=False)
@@ -63,6 +67,7 @@ class SessionRecord:
     client_info: dict[str, Any] = attr.ib(factory=dict, repr=False)
     log_level: Optional[str] = "info"
     subscriptions: frozenset[str] = attr.ib(default=frozenset(), converter=_frozen)
+    stream_process: Optional[str] = attr.ib(default=None, eq=False)
 
     @property
     def grant_key(self) -> Hashable:
@@ -76,6 +81,17 @@ class SessionRecord:
 
     def owned_by(self, subject: str, client_id: Optional[str]) -> bool:
         return subject == self.subject and client_id == self.client_id
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON values (sent between processes)."""
+        values = attr.asdict(self, recurse=False)
+        values["subscriptions"] = sorted(self.subscriptions)
+        return values
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> "SessionRecord":
+        """The inverse of L{to_json}."""
+        return cls(**values)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -111,3 +127,39 @@ class SessionLimitReached(Exception):
         super().__init__(f"session limit reached ({scope}: {count})")
         self.scope = scope
         self.count = count
+
+
+def make_room(
+    record: SessionRecord,
+    limits: SessionLimits,
+    grant_bucket: Iterable[SessionRecord],
+    subject_bucket: Iterable[SessionRecord],
+    total: int,
+    is_idle: Callable[[SessionRecord], bool],
+) -> list[SessionRecord]:
+    """
+    The one rule of the session caps, for every L{ISessionStore}: which
+    sessions make room for C{record}.
+
+    @param grant_bucket: the current records of C{record}'s grant bucket.
+    @param subject_bucket: those of its subject.
+    @param total: how many sessions the server holds.
+    @param is_idle: says which sessions may be ended.
+    @return: the records to remove (least recently active idle ones first).
+    @raise SessionLimitReached: no room can be made; nothing is to be
+        removed.
+    """
+    victims: dict[str, SessionRecord] = {}
+    for scope, bucket, cap in (
+        ("grant", list(grant_bucket), limits.per_grant),
+        ("subject", list(subject_bucket), limits.per_subject),
+    ):
+        while bucket and len(bucket) - sum(1 for r in bucket if r.session_id in victims) >= cap:
+            idle = [r for r in bucket if r.session_id not in victims and is_idle(r)]
+            if not idle:
+                raise SessionLimitReached(scope, len(bucket))
+            victim = min(idle, key=lambda r: r.last_active)
+            victims[victim.session_id] = victim
+    if total - len(victims) >= limits.total:
+        raise SessionLimitReached("server", total)
+    return list(victims.values())

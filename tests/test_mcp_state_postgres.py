@@ -1,0 +1,233 @@
+"""
+Tests for L{smeldr_oauth.mcp.state.postgres}: the contract mixins of
+L{tests.test_mcp_state}, unchanged, against the real PostgreSQL server of
+L{tests.postgres}; then what only a shared backend does: two processes
+(two databases objects, each with its own pool and listening connection)
+routing messages, replies and stream claims, and leases running out.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from smeldr_oauth.db import open_database
+from smeldr_oauth.mcp.jsonrpc import Response
+from smeldr_oauth.mcp.state import LEGACY, SessionLimitReached, SessionLimits
+from smeldr_oauth.mcp.state.postgres import (
+    SESSIONS_SCHEMA,
+    PostgresDelivery,
+    PostgresEventLog,
+    PostgresSessionState,
+    PostgresSessionStore,
+)
+from tests import postgres
+from tests.test_mcp_state import DeliveryContract, EventLogContract, RecordingSink, SessionStoreContract, all_idle, record
+
+
+class PostgresBase(TestCase):
+    def setUp(self) -> None:
+        self.url = postgres.database_url(self)
+        self.db = self.database()
+        self.clock = Clock()
+        self.starting: list[Deferred[None]] = []
+
+    def database(self) -> Any:
+        db = open_database(self.url, reactor, threads=2)
+        self.addCleanup(db.close)
+        return db
+
+    def process(self, db: Any = None, **kw: Any) -> PostgresDelivery:
+        """A started delivery (standing for one process)."""
+        delivery = PostgresDelivery(db or self.db, self.clock, **kw)
+        self.starting.append(delivery.start())
+        self.addCleanup(delivery.stop)
+        return delivery
+
+
+class PostgresSessionStoreTests(SessionStoreContract, PostgresBase):
+    def make_store(self) -> PostgresSessionStore:
+        return PostgresSessionStore(self.db, self.clock)
+
+
+class PostgresEventLogTests(EventLogContract, PostgresBase):
+    def make_log(self, limit: int) -> PostgresEventLog:
+        return PostgresEventLog(self.db, self.clock, limit)
+
+
+class PostgresDeliveryTests(DeliveryContract, PostgresBase):
+    def make_delivery(self) -> PostgresDelivery:
+        return self.process()
+
+
+class Inbox(RecordingSink):
+    """A sink whose next message can be waited for (no polling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiting: list[tuple[int, Deferred[None]]] = []
+
+    def _check(self) -> None:
+        count = len(self.sent) + self.ended + len(self.refreshed)
+        ready = [d for want, d in self._waiting if count >= want]
+        self._waiting = [(want, d) for want, d in self._waiting if count < want]
+        for d in ready:
+            d.callback(None)
+
+    def until(self, count: int) -> "Deferred[None]":
+        d: Deferred[None] = Deferred()
+        self._waiting.append((count, d))
+        self._check()
+        return d
+
+    def send(self, data: str, event_id: Optional[int]) -> None:
+        super().send(data, event_id)
+        self._check()
+
+    def end(self) -> None:
+        super().end()
+        self._check()
+
+    def refresh(self, r: Any) -> None:
+        super().refresh(r)
+        self._check()
+
+
+class TwoProcessDeliveryTests(PostgresBase):
+    """Process A and process B, each with its own pool and listener."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        super().setUp()
+        self.a = self.process()
+        self.b = self.process(self.database())
+        for started in self.starting:
+            await started
+
+    async def settle(self) -> None:
+        """Wait until the claims and messages made so far are written."""
+        for delivery in (self.a, self.b):
+            await delivery.settled()
+
+    async def test_deliver_end_refresh_reach_the_other_process(self) -> None:
+        on_a = Inbox()
+        self.a.attach("s", on_a)
+        self.b.attach("s", RecordingSink())
+        await self.settle()
+        self.b.deliver("s", '{"x":1}', 7)
+        await on_a.until(1)
+        self.assertEqual(on_a.sent, [('{"x":1}', 7)])
+        changed = record("s", log_level="error", subscriptions={"u://1"})
+        self.b.refresh("s", changed)
+        await on_a.until(2)
+        self.assertEqual(on_a.refreshed, [changed])
+        self.b.end("s")
+        await on_a.until(3)
+        self.assertEqual(on_a.ended, 1)
+        await self.settle()
+        self.assertEqual((self.b.routed_out, self.a.routed_in), (3, 3))
+        self.assertEqual(len(self.a.latencies), 3)
+
+    async def test_large_message_through_the_payload_table(self) -> None:
+        on_a = Inbox()
+        self.a.attach("s", on_a)
+        self.b.attach("s", RecordingSink())
+        await self.settle()
+        big = '"' + "x" * 20000 + '"'
+        self.b.deliver("s", big, None)
+        self.b.deliver("s", "small", None)
+        await on_a.until(2)
+        self.assertEqual([d for d, _ in on_a.sent], [big, "small"])
+
+    async def test_not_held_there_not_sent(self) -> None:
+        self.a.attach("s", Inbox())
+        await self.settle()
+        self.a.deliver("s", "x")
+        await self.settle()
+        self.assertEqual(self.a.routed_out, 0)
+
+    async def test_reply_reaches_the_waiting_process(self) -> None:
+        got: list[Response] = []
+        self.a.attach("s", Inbox())
+        self.b.attach("s", Inbox())
+        await self.settle()
+        done: Deferred[None] = Deferred()
+        self.a.expect_reply("s", "srv-1", lambda r: (got.append(r), done.callback(None)))
+        self.assertFalse(self.b.route_reply("s", Response("srv-1", {"ok": 1})))
+        await done
+        self.assertEqual(got, [Response("srv-1", {"ok": 1})])
+
+    async def test_stream_claim_moves_and_caps_see_it(self) -> None:
+        store = PostgresSessionStore(self.db, self.clock)
+        await store.admit(record("s"), SessionLimits(), all_idle)
+        self.a.attach("s", Inbox())
+        self.a.stream_held("s", True)
+        await self.settle()
+        self.assertEqual((await store.get("s")).stream_process, self.a.process_id)
+        # A stream held anywhere makes the session busy for the caps.
+        with self.assertRaises(SessionLimitReached):
+            await store.admit(record("t"), SessionLimits(per_grant=1), all_idle)
+        self.b.attach("s", Inbox())
+        self.b.stream_held("s", True)
+        await self.settle()
+        self.assertEqual((await store.get("s")).stream_process, self.b.process_id)
+        self.assertEqual(self.b.streams_taken_over, 1)
+        self.b.stream_held("s", False)
+        await self.settle()
+        self.assertIsNone((await store.get("s")).stream_process)
+        victims = await store.admit(record("t"), SessionLimits(per_grant=1), all_idle)
+        self.assertEqual([v.session_id for v in victims], ["s"])
+
+    async def test_dead_process_is_reaped(self) -> None:
+        """
+        B stops beating (killed): once its lease ran out, A's heartbeat
+        removes its claims and ends the legacy sessions whose stream it
+        held; Streamable HTTP records stay.
+        """
+        store = PostgresSessionStore(self.db, self.clock)
+        await store.admit(record("legacy", kind=LEGACY), SessionLimits(), all_idle)
+        await store.admit(record("stream"), SessionLimits(), all_idle)
+        for session_id in ("legacy", "stream"):
+            self.b.attach(session_id, Inbox())
+            self.b.stream_held(session_id, True)
+        await self.settle()
+        await self.a._beat()
+        self.assertEqual(self.a.processes_reaped, 0)
+        await self.db.write(SESSIONS_SCHEMA, _age, self.b.process_id)
+        await self.a._beat()
+        self.assertEqual((self.a.processes_reaped, self.a.legacy_sessions_reaped), (1, 1))
+        self.assertIsNone(await store.get("legacy"))
+        self.assertIsNone((await store.get("stream")).stream_process)
+        # B was only stalled: its next beat registers it again, with its claims.
+        await self.b._beat()
+        await self.settle()
+        self.assertEqual((await store.get("stream")).stream_process, self.b.process_id)
+
+
+def _age(txn: Any, process_id: str) -> None:
+    txn.execute(
+        "UPDATE mcp_processes SET heartbeat_at = now() - interval '1 hour' WHERE process_id = ?", (process_id,)
+    )
+
+
+class PurgeTests(PostgresBase):
+    async def test_expired_unheld_records_and_their_events_go(self) -> None:
+        state = PostgresSessionState(self.db, self.clock)
+        await state.delivery.start()
+        self.addCleanup(state.stop)
+        limits = SessionLimits()
+        await state.store.admit(record("old", expires_at=50.0), limits, all_idle)
+        await state.store.admit(record("held", expires_at=50.0), limits, all_idle)
+        await state.store.admit(record("new", expires_at=500.0), limits, all_idle)
+        await state.events.append("old", "x")
+        state.delivery.attach("held", Inbox())
+        await state.delivery.settled()
+        self.clock.advance(100)
+        await state._purge()
+        self.assertEqual(state.purged, 1)
+        self.assertIsNone(await state.store.get("old"))
+        self.assertIsNotNone(await state.store.get("held"))
+        self.assertEqual(await state.events.replay("old", 0), [])
