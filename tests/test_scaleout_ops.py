@@ -106,6 +106,9 @@ class MetricsTests(Servers):
         self.assertIn('smeldr_db_transactions_total{database="main",name="rate_limits.take"} 1.0', text)
         self.assertIn('smeldr_db_calls_waiting{database="main"} 0.0', text)
         self.assertRegex(text, r'smeldr_db_connections\{database="main"\} [1-9]')
+        # The shared MCP sessions' routing figures are exported too.
+        self.assertIn("smeldr_mcp_routed_out_total 0.0", text)
+        self.assertIn("smeldr_mcp_route_latency_seconds_count 0.0", text)
 
 
 class OutageTests(Servers):

@@ -82,3 +82,39 @@ class DatabaseFiguresTests(SynchronousTestCase):
         metrics.refresh()
         text = generate_latest(metrics.registry).decode()
         self.assertIn('smeldr_db_transactions_total{database="oauth",name="rate_limits.take"} 4.0', text)
+
+
+class RoutingFiguresTests(SynchronousTestCase):
+    """
+    The figures the PostgreSQL session delivery keeps (plain totals and a
+    bounded deque of latencies) become counters and a histogram that count
+    each message once.
+    """
+
+    def test_routing(self) -> None:
+        from collections import deque
+        from types import SimpleNamespace
+
+        delivery = SimpleNamespace(
+            routed_out=2, routed_in=3, latencies=deque([0.001, 0.002, 0.2], maxlen=4),
+            streams_taken_over=1, processes_reaped=0, legacy_sessions_reaped=0,
+        )
+        sessions = SimpleNamespace(delivery=delivery, purged=5)
+        metrics = Metrics()
+        metrics.watch_sessions(sessions)
+        metrics.refresh()
+        metrics.refresh()
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn("smeldr_mcp_routed_out_total 2.0", text)
+        self.assertIn("smeldr_mcp_routed_in_total 3.0", text)
+        self.assertIn("smeldr_mcp_streams_taken_over_total 1.0", text)
+        self.assertIn("smeldr_mcp_sessions_purged_total 5.0", text)
+        self.assertIn("smeldr_mcp_route_latency_seconds_count 3.0", text)
+        self.assertIn('smeldr_mcp_route_latency_seconds_bucket{le="0.0025"} 2.0', text)
+        # Three more received; the deque keeps only the last four.
+        delivery.routed_in = 6
+        delivery.latencies.extend([0.003, 0.004, 0.5])
+        metrics.refresh()
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn("smeldr_mcp_route_latency_seconds_count 6.0", text)
+        self.assertIn('smeldr_mcp_route_latency_seconds_bucket{le="0.005"} 4.0', text)

@@ -121,6 +121,7 @@ class Metrics:
         self._tools: set[str] = set()
         self._worker_requests: Any = None
         self._databases: Optional[DatabaseFigures] = None
+        self._routing: Optional[RoutingFigures] = None
 
     def watch_databases(self, databases: Mapping[str, Any]) -> None:
         """
@@ -129,6 +130,14 @@ class Metrics:
         SQLite): see L{DatabaseFigures}.
         """
         self._databases = DatabaseFigures(self.registry, databases)
+
+    def watch_sessions(self, sessions: Any) -> None:
+        """
+        Report how MCP sessions shared between processes are routed
+        (L{smeldr_oauth.mcp.state.postgres.PostgresSessionState}): see
+        L{RoutingFigures}.
+        """
+        self._routing = RoutingFigures(self.registry, sessions)
 
     def refresh(self) -> None:
         """
@@ -141,6 +150,8 @@ class Metrics:
             self.open_streams.set(self._open_streams())
         if self._databases is not None:
             self._databases.refresh()
+        if self._routing is not None:
+            self._routing.refresh()
 
     def count_worker(self, index: int) -> None:
         """
@@ -194,7 +205,23 @@ class _Refreshed(Resource):
         return self._page.render(request)
 
 
-class DatabaseFigures:
+class _Advancing:
+    """
+    Counters that follow totals kept elsewhere: each refresh adds what the
+    totals grew by since the last one.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[Any, float] = {}
+
+    def advance(self, counter: Any, key: Any, total: float) -> None:
+        grown = total - self._seen.get(key, 0)
+        self._seen[key] = total
+        if grown > 0:
+            counter.inc(grown)
+
+
+class DatabaseFigures(_Advancing):
     """
     What the database layer counts (L{smeldr_oauth.db.Database.pool_stats}
     and C{transaction_stats}), as metrics:
@@ -218,6 +245,7 @@ class DatabaseFigures:
     """
 
     def __init__(self, registry: CollectorRegistry, databases: Mapping[str, Any]) -> None:
+        super().__init__()
         self._databases = dict(databases)
         labels = ["database"]
         named = ["database", "name"]
@@ -254,7 +282,6 @@ class DatabaseFigures:
             "Seconds spent inside the database (lock waits included), by transaction name",
             named, registry=registry,
         )
-        self._seen: dict[tuple[str, str], tuple[int, int, int, float]] = {}
 
     def refresh(self) -> None:
         for label, database in self._databases.items():
@@ -267,14 +294,74 @@ class DatabaseFigures:
             if connected is not None:
                 self.listener.labels(database=label).set(1 if connected else 0)
             for name, stats in database.transaction_stats().items():
-                now = (stats.count, stats.errors, stats.retries, stats.seconds)
-                before = self._seen.get((label, name), (0, 0, 0, 0.0))
-                self._seen[(label, name)] = now
-                for counter, new, old in zip(
-                    (self.transactions, self.errors, self.retries, self.seconds), now, before
+                for counter, total in (
+                    (self.transactions, stats.count),
+                    (self.errors, stats.errors),
+                    (self.retries, stats.retries),
+                    (self.seconds, stats.seconds),
                 ):
-                    if new > old:
-                        counter.labels(database=label, name=name).inc(new - old)
+                    self.advance(counter.labels(database=label, name=name), (counter, label, name), total)
+
+
+class RoutingFigures(_Advancing):
+    """
+    The figures of MCP sessions shared through PostgreSQL (kept by
+    L{smeldr_oauth.mcp.state.postgres.PostgresDelivery} and
+    C{PostgresSessionState}), as metrics:
+
+      - C{smeldr_mcp_routed_out_total} / C{smeldr_mcp_routed_in_total}:
+        messages for a session sent to / received from other processes;
+      - C{smeldr_mcp_route_latency_seconds}: their one-way delay
+        (C{NOTIFY} to delivery), a histogram;
+      - C{smeldr_mcp_streams_taken_over_total}: session streams moved here
+        from another (dead or left) process;
+      - C{smeldr_mcp_processes_reaped_total},
+        C{smeldr_mcp_legacy_sessions_reaped_total}: dead processes whose
+        lease this one ended, and the legacy sessions that died with them;
+      - C{smeldr_mcp_sessions_purged_total}: expired session records
+        removed.
+    """
+
+    def __init__(self, registry: CollectorRegistry, sessions: Any) -> None:
+        super().__init__()
+        self._sessions = sessions
+        self._latencies_seen = 0
+
+        def counter(name: str, text: str) -> Counter:
+            return Counter(name, text, registry=registry)
+
+        self.routed_out = counter("smeldr_mcp_routed_out", "MCP session messages sent to other processes")
+        self.routed_in = counter("smeldr_mcp_routed_in", "MCP session messages received from other processes")
+        self.taken_over = counter(
+            "smeldr_mcp_streams_taken_over", "MCP session streams taken over from another process"
+        )
+        self.reaped = counter("smeldr_mcp_processes_reaped", "Dead processes whose session lease this one ended")
+        self.legacy_reaped = counter(
+            "smeldr_mcp_legacy_sessions_reaped", "Legacy MCP sessions ended with their dead process"
+        )
+        self.purged = counter("smeldr_mcp_sessions_purged", "Expired MCP session records removed")
+        self.latency = Histogram(
+            "smeldr_mcp_route_latency_seconds",
+            "One-way delay of MCP session messages between processes (NOTIFY to delivery)",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=registry,
+        )
+
+    def refresh(self) -> None:
+        delivery = self._sessions.delivery
+        self.advance(self.routed_out, "out", delivery.routed_out)
+        self.advance(self.routed_in, "in", delivery.routed_in)
+        self.advance(self.taken_over, "taken", delivery.streams_taken_over)
+        self.advance(self.reaped, "reaped", delivery.processes_reaped)
+        self.advance(self.legacy_reaped, "legacy", delivery.legacy_sessions_reaped)
+        self.advance(self.purged, "purged", self._sessions.purged)
+        # Every message received appends its delay to a bounded deque:
+        # the new ones are its last (routed_in grew by) entries.
+        latencies = list(delivery.latencies)
+        new = min(delivery.routed_in - self._latencies_seen, len(latencies))
+        self._latencies_seen = delivery.routed_in
+        for seconds in latencies[len(latencies) - new:] if new > 0 else ():
+            self.latency.observe(seconds)
 
 
 @implementer(ILogObserver)

@@ -228,6 +228,7 @@ class StandaloneService(Service):
         self.metrics = Metrics(open_streams=(lambda: float(mcp_http.stream_count)) if mcp_http else None)
         if options.get("database"):
             self.metrics.watch_databases({"main": self.store.database})
+            self.metrics.watch_sessions(self.sessions)
         else:
             self.metrics.watch_databases({"oauth": self.store.database, "site": self.site_stores.db})
         self._metrics_observer = MetricsObserver(self.metrics)
