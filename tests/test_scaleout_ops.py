@@ -9,24 +9,31 @@ restart of the servers.
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from typing import Any
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from smeldr_oauth.service.wiring import StandaloneService
-from tests import postgres
+from tests import e2e, postgres
+from tests.haproxy import READY_PATH as HAPROXY_READY
+from tests.haproxy import requireHAProxy, reserveFrontend, spawnProxy, waitForProxy
+from tests.nginx import READY_PATH as NGINX_READY
+from tests.nginx import requireNginx
 from tests import test_service_database
 from tests.test_db_notify import Inbox
 from tests.test_service_database import parse
 
 REDIRECT = "http://127.0.0.1:33418/callback"
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Servers(TestCase):
@@ -48,10 +55,15 @@ class Servers(TestCase):
         service = StandaloneService(options, reactor)
         service.startService()
         self.addCleanup(service.stopService)
+        yield service.ready
         port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(service.site)
         self.addCleanup(port.stopListening)
         self.services.append(service)
         return f"http://127.0.0.1:{port.getHost().port}"
+
+    @inlineCallbacks
+    def post(self, path: str, form: dict[str, str]) -> Any:
+        return (yield test_service_database.ServiceOnPostgresTests.post(self, path, form))  # type: ignore[arg-type]
 
     @inlineCallbacks
     def register(self, base: str) -> Any:
@@ -111,6 +123,128 @@ class MetricsTests(Servers):
         self.assertIn("smeldr_mcp_route_latency_seconds_count 0.0", text)
 
 
+def documented(language: str) -> str:
+    """
+    The C{language} example of docs/deployment.md (the first fenced block
+    tagged with it).
+    """
+    with open(os.path.join(CHECKOUT, "docs", "deployment.md")) as f:
+        text = f.read()
+    return text.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def _serve_on(text: str, ports: list[int]) -> str:
+    """
+    The example's C{server} lines (HAProxy) or upstream servers (nginx)
+    pointed at C{ports}, one each; the example's other servers dropped.
+    """
+    lines, left = [], list(ports)
+    for line in text.splitlines():
+        match = re.match(r"(\s*server\s+(?:\w+\s+)?)\d+\.\d+\.\d+\.\d+:\d+(.*)", line)
+        if match:
+            if not left:
+                continue
+            line = f"{match.group(1)}127.0.0.1:{left.pop(0)}{match.group(2)}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+class _Enough(Exception):
+    pass
+
+
+class DocumentedBalancerTests(Servers):
+    """
+    The HAProxy and nginx examples of docs/deployment.md, as written but
+    for their addresses and TLS, in front of two servers on one database:
+    a flow's requests spread over both, and an event stream gets its
+    keepalives through the balancer (nothing buffered, nothing cut).
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def check(self, proxy: Any) -> Any:
+        self.base = proxy.url
+        self.service = self.services[0]
+        token, _ = yield test_service_database.ServiceOnPostgresTests.tokens(self)  # type: ignore[arg-type]
+        received: list[bytes] = []
+
+        def chunk(data: bytes) -> None:
+            received.append(data)
+            if b"".join(received).count(b": keepalive") >= 2:
+                raise _Enough()
+
+        response = yield self.http.get(
+            proxy.url + "/mcp",
+            headers={"Authorization": [f"Bearer {token}"], "Accept": ["text/event-stream"]},
+            unbuffered=True,
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type")[0].split(";")[0], "text/event-stream")
+        collected = treq.collect(response, chunk)
+        collected.addTimeout(20, reactor)
+        yield self.assertFailure(collected, _Enough)
+        # Round-robin without stickiness: both processes took requests.
+        for service in self.services:
+            self.assertIn("rate_limits.take", service.store.database.transaction_stats())
+
+    @inlineCallbacks
+    def start_servers(self) -> Any:
+        ports = []
+        for _ in range(2):
+            base = yield self.start("--keepalive", "1")
+            ports.append(int(base.rsplit(":", 1)[1]))
+        return ports
+
+    @inlineCallbacks
+    def test_haproxy(self) -> Any:
+        frontend = reserveFrontend(self)
+        ports = yield self.start_servers()
+        config = _serve_on(documented("haproxy"), ports)
+        config = re.sub(r"\n\s*bind .*", f"\n    bind fd@3\n    monitor-uri {HAPROXY_READY}", config)
+        config = config.replace("set-header X-Forwarded-Proto https", "set-header X-Forwarded-Proto http")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "haproxy.cfg")
+        with open(path, "w") as f:
+            f.write("global\n    log stderr format raw local0 info\n" + config.replace("defaults\n", "defaults\n    log global\n", 1))
+        proxy = spawnProxy(
+            self, reactor, "haproxy", [requireHAProxy(), "-db", "-f", path], path, frontend.url("http"),
+            frontend.port, None, inherit=frontend.socket,
+        )
+        frontend.close()
+        yield Deferred.fromCoroutine(waitForProxy(reactor, proxy, HAPROXY_READY))
+        yield self.check(proxy)
+
+    @inlineCallbacks
+    def test_nginx(self) -> Any:
+        port = e2e.freePort()
+        issuer = f"http://127.0.0.1:{port}"
+        ports = yield self.start_servers()
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        config = _serve_on(documented("nginx"), ports)
+        config = re.sub(r"listen 443 ssl;", f"listen 127.0.0.1:{port};", config)
+        config = re.sub(r"\n\s*ssl_certificate.*", "", config)
+        config = config.replace(
+            "    location / {", f'    location = {NGINX_READY} {{ return 200 "ready"; }}\n    location / {{', 1
+        )
+        temp = "".join(f"    {kind}_temp_path {directory}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        path = os.path.join(directory, "nginx.conf")
+        with open(path, "w") as f:
+            f.write(
+                f"daemon off;\nmaster_process off;\nworker_processes 1;\npid {directory}/nginx.pid;\n"
+                "error_log stderr notice;\nevents { worker_connections 256; }\n"
+                f"http {{\n    access_log /dev/stderr;\n{temp}{config}}}\n"
+            )
+        proxy = spawnProxy(
+            self, reactor, "nginx", [requireNginx(), "-c", path, "-p", directory], path, issuer, port, None
+        )
+        yield Deferred.fromCoroutine(waitForProxy(reactor, proxy, NGINX_READY))
+        yield self.check(proxy)
+
+
 class OutageTests(Servers):
     """
     PostgreSQL stopped under a running server, then started again.
@@ -125,9 +259,6 @@ class OutageTests(Servers):
         self.addCleanup(cluster.start)
         self.cluster = cluster
 
-    @inlineCallbacks
-    def post(self, path: str, form: dict[str, str]) -> Any:
-        return (yield test_service_database.ServiceOnPostgresTests.post(self, path, form))  # type: ignore[arg-type]
 
     @inlineCallbacks
     def unavailable(self, response: Any, content_type: str) -> Any:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import attr
 from klein import Klein
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -153,6 +153,10 @@ class StandaloneService(Service):
     """
     Everything C{twist smeldr-oauth} runs, but the listeners: the stores,
     the authorization server, the MCP app and the HTTP site.
+
+    @ivar ready: once started, a L{Deferred} that fires when the database
+        is open and its watchers run (and, on PostgreSQL, this process is
+        registered for MCP session routing).
     """
 
     def __init__(self, options: Any, reactor: Any = None) -> None:
@@ -267,9 +271,12 @@ class StandaloneService(Service):
             self.reactor.stop()
 
         self.store.ready.addCallbacks(ready, failed)
+        starting = [self.store.ready]
         if self.sessions is not None:
             # Until registered, what must reach another process waits.
-            self.sessions.start().addErrback(failed)
+            starting.append(self.sessions.start().addErrback(failed))
+        # (For whoever starts the service and must know it is all up.)
+        self.ready: Deferred[None] = gatherResults(starting).addCallback(lambda _: None)
         log.info(
             "smeldr-oauth serving issuer {issuer}, resource {resource}",
             issuer=self.oauth.config.issuer,
