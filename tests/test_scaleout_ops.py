@@ -23,6 +23,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from smeldr_oauth.service.wiring import StandaloneService
+from smeldr_oauth.store.schema import OAUTH_SCHEMA
 from tests import e2e, postgres
 from tests.haproxy import READY_PATH as HAPROXY_READY
 from tests.haproxy import requireHAProxy, reserveFrontend, spawnProxy, waitForProxy
@@ -64,6 +65,35 @@ class Servers(TestCase):
     @inlineCallbacks
     def post(self, path: str, form: dict[str, str]) -> Any:
         return (yield test_service_database.ServiceOnPostgresTests.post(self, path, form))  # type: ignore[arg-type]
+
+    def forgets(self, service: StandaloneService) -> Inbox:
+        """
+        An inbox that hears each time C{service} empties its token cache
+        (a revocation pushed by another process, or a listener's resync).
+        """
+        forgotten = Inbox()
+        oauth = service.oauth
+        original = oauth.forget_cached_tokens
+
+        def forget() -> None:
+            original()
+            forgotten()
+
+        oauth.forget_cached_tokens = forget  # type: ignore[method-assign]
+        return forgotten
+
+    @inlineCallbacks
+    def admin(self, *argv: str) -> Any:
+        """
+        Run C{smeldr-oauth-admin argv --database URL}, a process of its own.
+        """
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "from smeldr_oauth.site.admin import main; main()", *argv, "--database", self.url],
+            env=test_service_database.child_env(),
+        )
+        self.assertEqual(code, 0, err)
+        return out.decode()
 
     @inlineCallbacks
     def register(self, base: str) -> Any:
@@ -245,6 +275,77 @@ class DocumentedBalancerTests(Servers):
         yield self.check(proxy)
 
 
+def _grant_of(txn: Any, client_id: str) -> tuple[str, str]:
+    return tuple(txn.execute("SELECT grant_id, site_token_id FROM grants WHERE client_id = ?", (client_id,)).fetchone())  # type: ignore[return-value]
+
+
+class RevocationPushTests(Servers):
+    """
+    Each kind of revocation made by another real process (the admin
+    command, or another server) reaches this server's token cache as it
+    commits: the token it had verified and cached is refused at once, told
+    by the database (C{LISTEN}/C{NOTIFY}), not by the cache's expiry.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.base = yield self.start()
+        self.service = self.services[0]
+        self.token, self.client_id = yield test_service_database.ServiceOnPostgresTests.tokens(self)  # type: ignore[arg-type]
+        # Verified once: cached from now on.
+        self.assertEqual((yield self.mcp()), 200)
+        self.grant_id, self.site_token_id = yield self.service.store.database.read(
+            OAUTH_SCHEMA, _grant_of, self.client_id
+        )
+        self.forgotten = self.forgets(self.service)
+
+    def mcp(self) -> Any:
+        return test_service_database.ServiceOnPostgresTests.mcp(self, self.token)  # type: ignore[arg-type]
+
+    @inlineCallbacks
+    def refused(self) -> Any:
+        yield self.forgotten.until(1).addTimeout(10, reactor)
+        self.assertEqual((yield self.mcp()), 401)
+
+    @inlineCallbacks
+    def test_grant(self) -> Any:
+        yield self.admin("grants", "revoke", self.grant_id)
+        yield self.refused()
+
+    @inlineCallbacks
+    def test_client(self) -> Any:
+        yield self.admin("grants", "revoke-client", self.client_id)
+        yield self.refused()
+
+    @inlineCallbacks
+    def test_site_token(self) -> Any:
+        yield self.admin("token", "revoke", self.site_token_id)
+        yield self.refused()
+
+    @inlineCallbacks
+    def test_token(self) -> Any:
+        """
+        An access token revoked (RFC 7009) at another server process.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = e2e.freePort()
+        argv = [
+            sys.executable, "-m", "twisted", "--log-format=text", "smeldr-oauth",
+            "--issuer", "http://127.0.0.1:1", "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--database", self.url, "--dev",
+        ]
+        other = yield Deferred.fromCoroutine(
+            e2e.launchServer(self, reactor, argv, port, "http://127.0.0.1:1", directory)
+        )
+        response = yield self.http.post(
+            f"http://127.0.0.1:{other.port}/oauth/revoke",
+            data={"token": self.token, "token_type_hint": "access_token", "client_id": self.client_id},
+        )
+        self.assertEqual(response.code, 200, other.annotate("revoke"))
+        yield self.refused()
+
+
 class OutageTests(Servers):
     """
     PostgreSQL stopped under a running server, then started again.
@@ -281,15 +382,7 @@ class OutageTests(Servers):
         """
         token, client_id = yield test_service_database.ServiceOnPostgresTests.tokens(self)  # type: ignore[arg-type]
         clients = yield self.service.store.count_clients()
-        forgotten = Inbox()
-        oauth = self.service.oauth
-        original = oauth.forget_cached_tokens
-
-        def forget() -> None:
-            original()
-            forgotten()
-
-        oauth.forget_cached_tokens = forget  # type: ignore[method-assign]
+        forgotten = self.forgets(self.service)
         self.cluster.stop()
 
         body = yield self.unavailable((yield self.http.get(self.base + "/healthz")), "application/json")
@@ -327,12 +420,6 @@ class OutageTests(Servers):
         self.assertEqual((yield test_service_database.ServiceOnPostgresTests.mcp(self, token)), 200)  # type: ignore[arg-type]
         yield test_service_database.ServiceOnPostgresTests.tokens(self)  # type: ignore[arg-type]
         # And pushes arrive again: a revocation by another process.
-        out, err, code = yield getProcessOutputAndValue(
-            sys.executable,
-            ["-c", "from smeldr_oauth.site.admin import main; main()", "grants", "revoke-client", client_id,
-             "--database", self.url],
-            env=test_service_database.child_env(),
-        )
-        self.assertEqual(code, 0, err)
+        yield self.admin("grants", "revoke-client", client_id)
         yield forgotten.until(2)
         self.assertEqual((yield test_service_database.ServiceOnPostgresTests.mcp(self, token)), 401)  # type: ignore[arg-type]
