@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 from typing import Any, Optional
 from urllib.parse import parse_qs, urlsplit
 
@@ -32,8 +31,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from bench.loadgen import MODERN_VERSION, TOOL, pkce_pair, tools_call_body
 from smeldr_oauth.db import open_database
-from tests import e2e, integrity, postgres
-from tests.haproxy import reserveFrontend, startHAProxy
+from tests import integrity, postgres
+from tests.balanced import startBalanced
 from tests.test_store_sqlite import InlineReactor
 
 REDIRECT = "http://127.0.0.1:33418/callback"
@@ -90,34 +89,11 @@ class BalancedFaultTests(TestCase):
     timeout = 600
 
     async def start(self) -> None:
-        self.url = postgres.database_url(self)
-        frontend = reserveFrontend(self)
-        self.issuer = frontend.url("http")
-        directory = os.path.abspath(self.mktemp())
-        self.servers = []
-        for n in range(3):
-            port = e2e.freePort()
-            where = os.path.join(directory, f"s{n}")
-            os.makedirs(where)
-            argv = [
-                sys.executable, "-m", "twisted", "--log-format=text", "smeldr-oauth",
-                "--issuer", self.issuer,
-                "--listen", f"tcp:{port}:interface=127.0.0.1",
-                "--database", self.url,
-                "--dev",
-                "--refresh-grace", "1",
-                *NO_LIMITS,
-            ]
-            self.servers.append(await e2e.launchServer(self, reactor, argv, port, self.issuer, where))
-        self.proxy = await startHAProxy(
-            self, reactor, [s.port for s in self.servers], frontend=frontend, healthCheck="/healthz",
-            checkInterval=0.2,
+        balanced = await startBalanced(
+            self, reactor, ("--refresh-grace", "1", *NO_LIMITS), healthCheck="/healthz", checkInterval=0.2
         )
-        out, err, code = await e2e.runProgram(
-            reactor, [*e2e.adminCommand(), "token", "create", "alice", "--database", self.url]
-        )
-        self.assertEqual(code, 0, err)
-        self.site_token = out.split()[-1]
+        self.url, self.issuer, self.servers, self.proxy = balanced.url, balanced.issuer, balanced.servers, balanced.proxy
+        self.site_token = await balanced.siteToken(reactor, "alice")
         pool = HTTPConnectionPool(reactor)
         pool.maxPersistentPerHost = CONCURRENCY
         self.addCleanup(pool.closeCachedConnections)
