@@ -378,15 +378,17 @@ def adminCommand() -> list[str]:
 
 
 async def createSiteToken(
-    reactor: Any, server: RunningServer, name: str = "e2e"
+    reactor: Any, server: RunningServer, name: str = "e2e", database: str | None = None
 ) -> str:
     """
     Make a site token with the admin CLI, as an operator would, and return
     it (the last word it prints).
 
+    @param database: the server's PostgreSQL URL, if it runs on one.
     @raise ServerFailed: The CLI failed or printed no token.
     """
-    command = [*adminCommand(), "token", "create", name, "--site-db", server.siteDB]
+    where = ["--database", database] if database else ["--site-db", server.siteDB]
+    command = [*adminCommand(), "token", "create", name, *where]
     out, err, code = await runProgram(reactor, command)
     lines = [line.strip() for line in out.splitlines() if line.strip()]
     if code != 0 or not lines:

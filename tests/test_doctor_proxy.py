@@ -50,6 +50,7 @@ from tests.haproxy import (
     startHAProxy,
 )
 from tests.nginx import startNginx
+from tests import postgres
 
 reactor: Any = _globalReactor
 
@@ -99,8 +100,8 @@ class DoctorTestsMixin:
             arguments += ["--oauth-db", sharing.oauthDB, "--site-db", sharing.siteDB]
         return await startServer(self, reactor, arguments)  # type: ignore[arg-type]
 
-    async def siteTokenFile(self, server: RunningServer) -> tuple[str, str]:
-        token = await createSiteToken(reactor, server, "doctor")
+    async def siteTokenFile(self, server: RunningServer, database: str | None = None) -> tuple[str, str]:
+        token = await createSiteToken(reactor, server, "doctor", database)
         path = os.path.join(server.directory, "site-token")
         with open(path, "w") as f:
             f.write(token + "\n")
@@ -217,18 +218,22 @@ class DoctorBehindHAProxyTests(DoctorTestsMixin, TestCase):
     def setUp(self) -> None:
         requireHAProxy()
 
-    async def behind(self, *, servers: int = 1, tls: bool = True, **proxyOptions: Any) -> tuple[RunningProxy, list[RunningServer], str]:
+    async def behind(
+        self, *, servers: int = 1, tls: bool = True, database: str | None = None, **proxyOptions: Any
+    ) -> tuple[RunningProxy, list[RunningServer], str]:
         """
-        C{servers} processes (on the first one's SQLite files) behind HAProxy,
-        their issuer the proxy's public URL; and a site token file.
+        C{servers} processes (on the first one's SQLite files, or on the
+        PostgreSQL C{database}) behind HAProxy, their issuer the proxy's
+        public URL; and a site token file.
         """
         frontend = reserveFrontend(self)
         ca = makeTestCA(self) if tls else None
         issuer = frontend.url("https" if tls else "http")
-        first = await self.server(issuer=issuer)
+        extra = ("--database", database) if database else ()
+        first = await self.server(*extra, issuer=issuer)
         running = [first]
         for _ in range(servers - 1):
-            running.append(await self.server(issuer=issuer, sharing=first))
+            running.append(await self.server(*extra, issuer=issuer, sharing=None if database else first))
         proxy = await startHAProxy(
             self,
             reactor,
@@ -238,7 +243,7 @@ class DoctorBehindHAProxyTests(DoctorTestsMixin, TestCase):
             caFile=ca.caFile if ca else None,
             **proxyOptions,
         )
-        _, path = await self.siteTokenFile(first)
+        _, path = await self.siteTokenFile(first, database)
         return proxy, running, path
 
     def caArguments(self, proxy: RunningProxy) -> list[str]:
@@ -357,9 +362,9 @@ class DoctorBehindHAProxyTests(DoctorTestsMixin, TestCase):
     async def test_sessionsNotShared(self) -> None:
         """
         Two processes behind round-robin that do not share MCP sessions
-        (today's server on SQLite): requests on one session land on the
-        other process and get 404, which the session check names.  (Issue
-        9's PostgreSQL deployment turns this into a pass.)
+        (each on SQLite, which keeps sessions in the process): requests on
+        one session land on the other process and get 404, which the
+        session check names.
         """
         proxy, servers, path = await self.behind(servers=2)
         run = await self.doctor(proxy.url + "/mcp", "--site-token-file", path, *self.caArguments(proxy), proxy=proxy)
@@ -367,6 +372,16 @@ class DoctorBehindHAProxyTests(DoctorTestsMixin, TestCase):
         self.assertIn("session not found", run.checks["session"]["summary"])
         self.assertIn("sticky", run.checks["session"]["fix"])
         self.assertEqual(run.status("flow"), "ok", run.explain())
+
+    async def test_sessionsShared(self) -> None:
+        """
+        Two processes on one PostgreSQL database behind round-robin share
+        the MCP sessions: every check passes, the session check included.
+        """
+        proxy, servers, path = await self.behind(servers=2, database=postgres.database_url(self))
+        run = await self.doctor(proxy.url + "/mcp", "--site-token-file", path, *self.caArguments(proxy), proxy=proxy)
+        self.assertEqual(run.status("session"), "ok", proxy.annotate(servers[1].annotate(servers[0].annotate(run.explain()))))
+        self.assertEqual((run.failed(), run.code), ([], 0), proxy.annotate(run.explain()))
 
 
 class DoctorBehindNginxTests(DoctorTestsMixin, TestCase):

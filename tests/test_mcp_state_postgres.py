@@ -115,6 +115,7 @@ class TwoProcessDeliveryTests(PostgresBase):
     async def test_deliver_end_refresh_reach_the_other_process(self) -> None:
         on_a = Inbox()
         self.a.attach("s", on_a)
+        self.a.stream_held("s", True)
         self.b.attach("s", RecordingSink())
         await self.settle()
         self.b.deliver("s", '{"x":1}', 7)
@@ -134,6 +135,7 @@ class TwoProcessDeliveryTests(PostgresBase):
     async def test_large_message_through_the_payload_table(self) -> None:
         on_a = Inbox()
         self.a.attach("s", on_a)
+        self.a.stream_held("s", True)
         self.b.attach("s", RecordingSink())
         await self.settle()
         big = '"' + "x" * 20000 + '"'
@@ -143,11 +145,24 @@ class TwoProcessDeliveryTests(PostgresBase):
         self.assertEqual([d for d, _ in on_a.sent], [big, "small"])
 
     async def test_not_held_there_not_sent(self) -> None:
+        """
+        Nothing goes to a process without the session; a message for the
+        stream goes only to the process holding it, while an end reaches
+        every copy.
+        """
         self.a.attach("s", Inbox())
         await self.settle()
         self.a.deliver("s", "x")
         await self.settle()
         self.assertEqual(self.a.routed_out, 0)
+        on_b = Inbox()
+        self.b.attach("s", on_b)
+        await self.settle()
+        self.a.deliver("s", "for the stream")
+        self.a.end("s")
+        await on_b.until(1)
+        await self.settle()
+        self.assertEqual((on_b.sent, on_b.ended, self.a.routed_out), ([], 1, 1))
 
     async def test_reply_reaches_the_waiting_process(self) -> None:
         got: list[Response] = []
@@ -193,6 +208,9 @@ class TwoProcessDeliveryTests(PostgresBase):
         for session_id in ("legacy", "stream"):
             self.b.attach(session_id, Inbox())
             self.b.stream_held(session_id, True)
+        # A holds a copy of the legacy session (it served a POST).
+        copy = Inbox()
+        self.a.attach("legacy", copy)
         await self.settle()
         await self.a._beat()
         self.assertEqual(self.a.processes_reaped, 0)
@@ -200,6 +218,7 @@ class TwoProcessDeliveryTests(PostgresBase):
         await self.a._beat()
         self.assertEqual((self.a.processes_reaped, self.a.legacy_sessions_reaped), (1, 1))
         self.assertIsNone(await store.get("legacy"))
+        self.assertEqual(copy.ended, 1)
         self.assertIsNone((await store.get("stream")).stream_process)
         # B was only stalled: its next beat registers it again, with its claims.
         await self.b._beat()
@@ -228,6 +247,29 @@ class PurgeTests(PostgresBase):
         self.clock.advance(100)
         await state._purge()
         self.assertEqual(state.purged, 1)
+        self.assertEqual(state.figures()["purged"], 1)
         self.assertIsNone(await state.store.get("old"))
         self.assertIsNotNone(await state.store.get("held"))
         self.assertEqual(await state.events.replay("old", 0), [])
+
+
+class ConcurrentAdmissionTests(PostgresBase):
+    async def test_caps_hold_across_processes(self) -> None:
+        """
+        Two processes (two pools) admitting sessions of one grant at once,
+        none of them idle: exactly the cap is admitted, the rest refused.
+        """
+        from twisted.internet.defer import DeferredList
+
+        stores = [PostgresSessionStore(self.db, self.clock), PostgresSessionStore(self.database(), self.clock)]
+        limits = SessionLimits(per_grant=5)
+        attempts = [
+            stores[n % 2].admit(record(f"s{n}"), limits, lambda r: False) for n in range(16)
+        ]
+        results = await DeferredList(attempts, consumeErrors=True)
+        admitted = [ok for ok, _ in results if ok]
+        refused = [value for ok, value in results if not ok]
+        self.assertEqual((len(admitted), len(refused)), (5, 11))
+        for failure in refused:
+            failure.trap(SessionLimitReached)
+        self.assertEqual(await stores[1].count(), 5)

@@ -96,17 +96,21 @@ class PostgresTwoProcessTests(registry.TwoProcessTests):
         await self.third()
         session_id = await self.initialize()
         stream = await self.open_get_on(session_id, self.port_c)
-        await stream.wait_for(b": stream open")
+        await stream.wait_for(b": stream open", timeout=15)
         await self.settled()
         record = await self.store.get(session_id)
         self.assertEqual(record.stream_process, self.states[2].delivery.process_id)
         code, _, body = await self.on_b("POST", body=self.call("echo", text="via b"), headers={"Mcp-Session-Id": session_id})
         self.assertEqual(code, 200, body)
         self.other_app.notify_list_changed("tools")
-        await stream.wait_for(b"tools/list_changed")
+        await stream.wait_for(b"tools/list_changed", timeout=15)
         [message] = [m for m in sse_messages(stream.data) if m.get("method") == "notifications/tools/list_changed"]
+        await self.settled()
         self.assertGreaterEqual(self.states[1].delivery.routed_out, 1)
         self.assertGreaterEqual(self.states[2].delivery.routed_in, 1)
+        figures = self.states[2].figures()
+        self.assertGreaterEqual(figures["routed_in"], 1)
+        self.assertGreater(figures["route_latency_p99"], 0)
 
     async def test_resume_on_a_third_process(self) -> None:
         """
@@ -116,15 +120,15 @@ class PostgresTwoProcessTests(registry.TwoProcessTests):
         await self.third()
         session_id = await self.initialize()
         on_b = await self.open_get_on(session_id, self.port_b)
-        await on_b.wait_for(b": stream open")
+        await on_b.wait_for(b": stream open", timeout=15)
         await self.settled()
         self.app.notify_list_changed("tools")
-        await on_b.wait_for(b"id: 1\n")
+        await on_b.wait_for(b"id: 1\n", timeout=15)
         self.app.notify_list_changed("prompts")
-        await on_b.wait_for(b"id: 2\n")
+        await on_b.wait_for(b"id: 2\n", timeout=15)
         on_b.transport.loseConnection()
         again = await self.open_get_on(session_id, self.port_c, last_event_id="1")
-        await again.wait_for(b"prompts/list_changed")
+        await again.wait_for(b"prompts/list_changed", timeout=15)
         self.assertNotIn(b"tools/list_changed", again.data)
 
     async def test_sampling_across_three_processes(self) -> None:
@@ -135,10 +139,10 @@ class PostgresTwoProcessTests(registry.TwoProcessTests):
         await self.third()
         session_id = await self.initialize(capabilities={"elicitation": {}})
         stream = await self.open_get_on(session_id, self.port_b)
-        await stream.wait_for(b": stream open")
+        await stream.wait_for(b": stream open", timeout=15)
         await self.settled()
         pending = ensureDeferred(self.request("POST", body=self.call("ask", id=9), headers={"Mcp-Session-Id": session_id}))
-        await stream.wait_for(b"elicitation/create")
+        await stream.wait_for(b"elicitation/create", timeout=15)
         [ask] = [m for m in sse_messages(stream.data) if m.get("method") == "elicitation/create"]
         reply = {"jsonrpc": "2.0", "id": ask["id"], "result": {"action": "accept", "content": {"name": "carol"}}}
         code, _, _ = await self.on_c("POST", body=reply, headers={"Mcp-Session-Id": session_id})
@@ -155,8 +159,30 @@ class PostgresTwoProcessTests(registry.TwoProcessTests):
         init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2024-11-05", "capabilities": {}}}
         code, _, _ = await self.on_b("POST", path=endpoint, body=init)
         self.assertEqual(code, 202)
-        await client.wait_for(b'"protocolVersion":"2024-11-05"')
+        await client.wait_for(b'"protocolVersion":"2024-11-05"', timeout=15)
         code, _, _ = await self.on_c("POST", path=endpoint, body=self.call("echo", id=5, text="from c"))
         self.assertEqual(code, 202)
-        await client.wait_for(b"from c")
+        await client.wait_for(b"from c", timeout=15)
         self.assertEqual([m["id"] for m in sse_messages(client.data)], [0, 5])
+
+    async def test_change_made_where_the_session_is_not(self) -> None:
+        """
+        The application on C (which holds no copy of the session) changes
+        its tool list: the stream on B hears it once; A, which holds a
+        copy without the stream, stays quiet.
+        """
+        await self.third()
+        session_id = await self.initialize()
+        stream = await self.open_get_on(session_id, self.port_b)
+        await stream.wait_for(b": stream open", timeout=15)
+        await self.settled()
+        self.assertEqual(self.third_mcp.session_count, 0)
+        self.third_app.notify_list_changed("tools")
+        await stream.wait_for(b"tools/list_changed", timeout=15)
+        # Changes from one process arrive in order: once the next one is
+        # here, any copy of the first would be too.
+        self.third_app.notify_list_changed("prompts")
+        await stream.wait_for(b"prompts/list_changed", timeout=15)
+        methods = [m.get("method") for m in sse_messages(stream.data)]
+        self.assertEqual(methods, ["notifications/tools/list_changed", "notifications/prompts/list_changed"])
+        self.assertEqual(self.states[2].delivery.changes_out, 2)

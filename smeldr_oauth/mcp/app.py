@@ -207,6 +207,10 @@ class MCPApp:
         self.prompts: dict[str, Prompt] = {}
         self.completions: dict[tuple[str, str], Completion] = {}
         self._sessions: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        # Told of every change notified here, as C{(change, value)}:
+        # C{("resource", uri)} or C{("list", kind)} (the processes sharing
+        # sessions relay them to each other).
+        self.change_observers: list[Callable[[str, str], None]] = []
 
     # -- registration ------------------------------------------------------
 
@@ -333,6 +337,8 @@ class MCPApp:
         """Tell every session subscribed to C{uri} that it changed."""
         for session in list(self._sessions):
             session.resource_updated(uri)
+        for observer in self.change_observers:
+            observer("resource", uri)
 
     def notify_list_changed(self, kind: str) -> None:
         """Tell every session that the list of C{kind} changed."""
@@ -340,6 +346,8 @@ class MCPApp:
             raise ValueError(f"unknown list kind {kind!r}")
         for session in list(self._sessions):
             session.list_changed(kind)
+        for observer in self.change_observers:
+            observer("list", kind)
 
     # -- queries used by the session -----------------------------------------
 

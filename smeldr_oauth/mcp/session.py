@@ -29,6 +29,7 @@ rebuild the session in another process.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
@@ -133,7 +134,10 @@ class ServerSession:
         self._delivery = delivery if session_id is not None else None
         self._in_flight: dict[Any, tuple[Deferred, Call]] = {}
         self._pending: dict[str, tuple[Deferred, IDelayedCall]] = {}
-        self._next_id = 0
+        # Copies of one session in several processes each ask the client
+        # things: their request ids start at random points so that a reply
+        # names one request only.
+        self._next_id = secrets.randbelow(1 << 40) if delivery is not None else 0
 
     # -- transport-facing API ------------------------------------------------
 

@@ -75,8 +75,14 @@ class LegacySSE:
         outlet = protocol.default_outlet
         delivery = self.sessions.delivery
         session_id = session.session_id
+        sessions = self.sessions
         for message in messages:
-            protocol.handle(message, principal, outlet).addCallback(_reply, delivery, session_id)
+            # An answer that changed the session's state (initialize) goes
+            # out once the change is saved: the client's next POST may land
+            # on another process.
+            protocol.handle(message, principal, outlet).addCallback(
+                lambda response: sessions.when_saved(session, response)
+            ).addCallback(_reply, delivery, session_id)
         request.setResponseCode(202)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"Accepted"

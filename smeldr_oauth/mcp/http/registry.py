@@ -89,7 +89,19 @@ class LiveSession:
         the short idle timeout applies.
     """
 
-    __slots__ = ("record", "protocol", "_stream", "exchanges", "idle", "used", "last_active", "saving", "_registry")
+    __slots__ = (
+        "record",
+        "protocol",
+        "_stream",
+        "exchanges",
+        "idle",
+        "used",
+        "last_active",
+        "saving",
+        "held",
+        "sent_upto",
+        "_registry",
+    )
 
     def __init__(self, registry: "SessionRegistry", record: SessionRecord) -> None:
         self._registry = registry
@@ -102,6 +114,10 @@ class LiveSession:
         self.last_active = record.last_active
         # The last state change being saved and announced, until it is.
         self.saving: Optional[Deferred] = None
+        # While a reopened stream replays the log: the events arriving
+        # meanwhile.  Then the highest event id the stream has.
+        self.held: Optional[list[tuple[int, str]]] = None
+        self.sent_upto = 0
 
     @property
     def session_id(self) -> str:
@@ -158,12 +174,32 @@ class LiveSession:
         stream = self.stream
         if stream is None or stream.closed:
             return
+        if event_id is not None:
+            if self.held is not None:
+                self.held.append((event_id, data))
+                return
+            if event_id <= self.sent_upto:
+                # Replayed already, or a late copy routed from another
+                # process: a stream's events only go forward.
+                return
+            self.sent_upto = event_id
         stream.send(data, event="message", event_id=None if event_id is None else str(event_id))
         if event_id is not None:
             self._registry.events.delivered(self.record.session_id, event_id)
 
     def end(self) -> None:
         self._registry.release(self)
+
+    def replaying(self) -> None:
+        """A new stream: events wait until L{replayed}."""
+        self.held = []
+        self.sent_upto = 0
+
+    def replayed(self, missed: list[tuple[int, str]]) -> None:
+        """Send the events the client missed, then those that waited."""
+        held, self.held = self.held or [], None
+        for event_id, data in sorted(dict(missed + held).items()):
+            self.send(data, event_id)
 
     def refresh(self, record: SessionRecord) -> None:
         if record is not self.record:  # else this copy made the change
@@ -243,6 +279,9 @@ class SessionRegistry:
         self._live: dict[str, LiveSession] = {}
         # One bound method for every session (idle sessions are many).
         self._on_change = self._protocol_changed
+        relay = delivery.share_changes(self._changed_elsewhere)
+        if relay is not None:
+            app.change_observers.append(relay)
 
     def __len__(self) -> int:
         return len(self._live)
@@ -405,6 +444,19 @@ class SessionRegistry:
         live.idle = self.clock.callLater(timeout, self._expire, live)
         self.store.touch(live.session_id, now, now + timeout)
 
+    def _changed_elsewhere(self, change: str, value: str, skip: frozenset[str]) -> None:
+        """
+        Another process changed what the application serves: the sessions
+        whose stream is here and which that process did not tell hear it.
+        """
+        for live in list(self._live.values()):
+            if live.session_id in skip or live.stream is None or live.stream.closed:
+                continue
+            if change == "resource":
+                live.protocol.resource_updated(value)
+            elif change == "list" and value in ("tools", "resources", "prompts"):
+                live.protocol.list_changed(value)
+
     def _protocol_changed(self, protocol: ServerSession) -> None:
         live = self._live.get(protocol.session_id or "")
         if live is not None and live.protocol is protocol:
@@ -488,12 +540,25 @@ class SessionRegistry:
 
     # -- ending -------------------------------------------------------------------
 
-    def end(self, live: LiveSession) -> None:
-        """End a session for good, wherever its live parts are."""
-        self.store.remove(live.session_id).addErrback(_logged("MCP session record could not be removed"))
-        self._ended(live.session_id)
+    def end(self, live: LiveSession) -> "Deferred[None]":
+        """
+        End a session for good, wherever its live parts are: here at once,
+        elsewhere once its record is gone (so that no process takes it up
+        again meanwhile).
+
+        @return: a L{Deferred} firing when the record is gone.
+        """
+        session_id = live.session_id
+
+        def removed(_: object) -> None:
+            self._ended(session_id)
+
+        d: Deferred[None] = self.store.remove(session_id).addErrback(
+            _logged("MCP session record could not be removed")
+        ).addCallback(removed)
         # Not attached (any more): the delivery cannot reach it.
         self.release(live)
+        return d
 
     def _ended(self, session_id: str) -> None:
         """The record is gone: forget the events, end the live parts."""

@@ -22,6 +22,8 @@ from typing import Any, Optional
 import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
@@ -47,6 +49,14 @@ class _Post:
     messages: list[Message]
     json_ok: bool
     sse_ok: bool
+
+
+log = Logger()
+
+
+def _not_replayed(failure: Failure) -> list[tuple[int, str]]:
+    log.failure("MCP events could not be replayed", failure)
+    return []
 
 
 def _accepted(request: Any) -> bytes:
@@ -207,15 +217,10 @@ class StreamableHTTP:
                 after = int(last_event)
             except ValueError:
                 pass
-        events = self.sessions.events
-
-        def replay(missed: list[tuple[int, str]]) -> None:
-            for event_id, data in missed:
-                if not stream.closed:
-                    stream.send(data, event="message", event_id=str(event_id))
-                    events.delivered(session.session_id, event_id)
-
-        events.replay(session.session_id, after).addCallback(replay)
+        # Events arriving while the log is read wait, so that the stream
+        # gets them in order, once.
+        session.replaying()
+        self.sessions.events.replay(session.session_id, after).addErrback(_not_replayed).addCallback(session.replayed)
         self.sessions.touch(session, used=True)
         return done
 
@@ -227,7 +232,7 @@ class StreamableHTTP:
             raise bad_request("Missing Mcp-Session-Id")
         return self.sessions.use(session_id, credential.info, STREAMABLE, self._end, request)
 
-    def _end(self, session: LiveSession, request: Any) -> bytes:
-        self.sessions.end(session)
+    def _end(self, session: LiveSession, request: Any) -> Any:
         request.setResponseCode(204)
-        return b""
+        # Answered once no process can take the session up again.
+        return self.sessions.end(session).addCallback(lambda _: b"")

@@ -149,6 +149,20 @@ class ISessionDelivery(Interface):
         here from any other process.
         """
 
+    def share_changes(  # type: ignore[misc]
+        here: Callable[[str, str, frozenset[str]], None],
+    ) -> Optional[Callable[[str, str], None]]:
+        """
+        Relay the application's changes (C{("resource", uri)} updated,
+        C{("list", kind)} changed) between the processes sharing sessions.
+
+        @param here: called with C{(change, value, skip)} for each change
+            made by another process; C{skip} holds the sessions that
+            process has live copies of (those told the client already).
+        @return: what to call with each change made here; C{None} in one
+            process (nothing to relay).
+        """
+
     def deliver(session_id: str, data: str, event_id: Optional[int] = None) -> None:  # type: ignore[misc]
         """
         Hand one JSON-RPC message to every sink of C{session_id}, wherever

@@ -176,6 +176,11 @@ class LocalDelivery:
     def settled(self, session_id: str) -> "Deferred[None]":
         return succeed(None)
 
+    def share_changes(
+        self, here: Callable[[str, str, frozenset[str]], None]
+    ) -> Optional[Callable[[str, str], None]]:
+        return None
+
     def refresh(self, session_id: str, record: SessionRecord) -> None:
         for sink in self._each(session_id):
             sink.refresh(record)

@@ -1,0 +1,170 @@
+"""
+Cross-process delivery: how long an answer takes from a legacy
+C{POST /mcp/message} on process B to the session's stream held by process
+A, both C{twist smeldr-oauth --database postgresql://…} processes on one
+database, against the same path within one process (the POST to A) in the
+same run.
+
+    python -m bench.crossprocess [--database URL] [--seconds 3] [--sessions 1 50]
+
+Without C{--database} a throwaway PostgreSQL cluster is started (as
+C{python -m tests.postgres} does).  Each row: C{sessions} legacy streams
+open on A, each with one client sending C{ping} after C{ping} (the next
+when the previous answer arrived on the stream), for C{--seconds}.
+Prints one JSON line per row, and the ratio of the cross-process p50/p99
+to the same-process ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Optional
+
+import treq
+from twisted.internet import defer, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.web.client import HTTPConnectionPool
+
+from bench.servers import create_site_token, obtain_tokens, register_client, start_smeldr
+
+
+class Stream(Protocol):
+    """A legacy SSE stream: the endpoint, and a waiter per answer id."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.endpoint: defer.Deferred[str] = defer.Deferred()
+        self.waiting: dict[Any, defer.Deferred[float]] = {}
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n\n" in self.buffer:
+            event, self.buffer = self.buffer.split(b"\n\n", 1)
+            for line in event.split(b"\n"):
+                if line.startswith(b"data: /") and not self.endpoint.called:
+                    self.endpoint.callback(line[6:].decode())
+                elif line.startswith(b"data: {"):
+                    message = json.loads(line[6:])
+                    waiter = self.waiting.pop(message.get("id"), None)
+                    if waiter is not None:
+                        waiter.callback(time.perf_counter())
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def open_session(reactor: Any, holder: int, token: str, host: str) -> tuple[Stream, str]:
+    stream = Stream()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", holder), stream)
+    stream.transport.write(  # type: ignore[attr-defined]
+        f"GET /mcp HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    endpoint = await stream.endpoint
+    return stream, endpoint
+
+
+async def post(pool: Any, port: int, path: str, token: str, message: dict[str, Any]) -> None:
+    response = await treq.post(
+        f"http://127.0.0.1:{port}{path}",
+        json.dumps(message).encode(),
+        headers={"Authorization": [f"Bearer {token}"], "Content-Type": ["application/json"]},
+        pool=pool,
+    )
+    await response.content()
+    if response.code != 202:
+        raise RuntimeError(f"POST {path} answered {response.code}")
+
+
+async def row(reactor: Any, a: Any, b: Any, token: str, sessions: int, seconds: float, sender: Any) -> dict[str, Any]:
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = sessions + 4
+    host = a.issuer.split("//")[1]
+    opened = [await open_session(reactor, a.port, token, host) for _ in range(sessions)]
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2024-11-05", "capabilities": {}}}
+    for stream, endpoint in opened:
+        answered = stream.waiting[0] = defer.Deferred()
+        await post(pool, sender.port, endpoint, token, init)
+        await answered
+        await post(pool, sender.port, endpoint, token, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def client(stream: Stream, endpoint: str) -> None:
+        n = 0
+        while time.perf_counter() < deadline:
+            n += 1
+            arrived = stream.waiting[n] = defer.Deferred()
+            started = time.perf_counter()
+            sent = defer.ensureDeferred(post(pool, sender.port, endpoint, token, {"jsonrpc": "2.0", "id": n, "method": "ping"}))
+            latencies.append(await arrived - started)
+            await sent
+
+    await defer.gatherResults([defer.ensureDeferred(client(s, e)) for s, e in opened])
+    for stream, _ in opened:
+        stream.transport.loseConnection()  # type: ignore[attr-defined]
+    await pool.closeCachedConnections()
+    return {
+        "sessions": sessions,
+        "path": "B -> A" if sender is b else "A -> A",
+        "messages": len(latencies),
+        "per_s": round(len(latencies) / seconds),
+        "p50_ms": round(percentile(latencies, 0.5) * 1000, 3),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
+    }
+
+
+async def run(reactor: Any, args: argparse.Namespace) -> None:
+    cluster: Optional[Any] = None
+    url = args.database
+    if url is None:
+        from tests.postgres import Cluster, find_bindir
+
+        bindir = find_bindir()
+        if bindir is None:
+            raise SystemExit("PostgreSQL is not installed; run: bash scripts/setup-postgres.sh")
+        cluster = Cluster(bindir)
+        cluster.start()
+        _, url = cluster.create_database()
+    a = start_smeldr(("--database", url))
+    b = start_smeldr(("--database", url, "--issuer", a.issuer))
+    try:
+        token = obtain_tokens(a, register_client(a), create_site_token(a), 1)[0]["access_token"]
+        for sessions in args.sessions:
+            local = await row(reactor, a, b, token, sessions, args.seconds, a)
+            remote = await row(reactor, a, b, token, sessions, args.seconds, b)
+            for figures in (local, remote):
+                print(json.dumps(figures), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "sessions": sessions,
+                        "p50_vs_same_process": round(remote["p50_ms"] / local["p50_ms"], 2),
+                        "p99_vs_same_process": round(remote["p99_ms"] / local["p99_ms"], 2),
+                    }
+                ),
+                flush=True,
+            )
+    finally:
+        b.stop()
+        a.stop()
+        if cluster is not None:
+            cluster.destroy()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--database", metavar="URL")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 50])
+    args = parser.parse_args(argv)
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor, args)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,115 @@
+# -*- test-case-name: tests.test_mcp_state_postgres -*-
+"""
+The C{Last-Event-ID} log in PostgreSQL (L{PostgresEventLog}).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from zope.interface import implementer
+
+from smeldr_oauth.mcp.state.interfaces import IEventLog
+from smeldr_oauth.mcp.state.postgres.schema import SESSIONS_SCHEMA, TOUCH_INTERVAL, Serial, logged
+
+if TYPE_CHECKING:
+    from smeldr_oauth.db.database import Database, Transaction
+
+# -- the resumption log -------------------------------------------------------------
+
+
+def _append(txn: "Transaction", session_id: str, data: str, limit: int) -> int:
+    row = txn.execute(
+        "WITH head AS (INSERT INTO mcp_event_heads (session_id, last_id) VALUES (?, 1)"
+        "  ON CONFLICT (session_id) DO UPDATE SET last_id = mcp_event_heads.last_id + 1 RETURNING last_id),"
+        " added AS (INSERT INTO mcp_events (session_id, event_id, data)"
+        "  SELECT ?, last_id, ? FROM head RETURNING event_id),"
+        " trimmed AS (DELETE FROM mcp_events WHERE session_id = ?"
+        "  AND event_id <= (SELECT event_id FROM added) - ?)"
+        " SELECT event_id FROM added",
+        (session_id, session_id, data, session_id, limit),
+    ).fetchone()
+    return int(row[0])
+
+
+def _replay(txn: "Transaction", session_id: str, after: Optional[int], seen: int) -> list[tuple[int, str]]:
+    if after is None:
+        row = txn.execute("SELECT delivered FROM mcp_event_heads WHERE session_id = ?", (session_id,)).fetchone()
+        after = max(seen, int(row[0]) if row is not None else 0)
+    rows = txn.execute(
+        "SELECT event_id, data FROM mcp_events WHERE session_id = ? AND event_id > ? ORDER BY event_id",
+        (session_id, after),
+    )
+    return [(int(r[0]), r[1]) for r in rows]
+
+
+def _mark_delivered(txn: "Transaction", marks: dict[str, int]) -> None:
+    values = ", ".join("(?, ?::bigint)" for _ in marks)
+    params = [value for item in marks.items() for value in item]
+    txn.execute(
+        "UPDATE mcp_event_heads AS h SET delivered = GREATEST(h.delivered, v.id)"
+        f" FROM (VALUES {values}) AS v(session, id) WHERE h.session_id = v.session",
+        params,
+    )
+
+
+def _forget(txn: "Transaction", session_id: str) -> None:
+    txn.execute("DELETE FROM mcp_event_heads WHERE session_id = ?", (session_id,))
+
+
+@implementer(IEventLog)
+class PostgresEventLog:
+    """
+    Each session's last C{limit} events in PostgreSQL.
+
+    Appends of one session run one after another, so ids and Deferreds
+    come in the order the appends were made.  What reached a stream
+    (L{delivered}) is written at most once per C{interval}: a client that
+    reconnects elsewhere I{without} C{Last-Event-ID} may see up to that
+    much again (clients send the header; it is exact).
+    """
+
+    def __init__(self, database: "Database", clock: IReactorTime, limit: int = 256, *, interval: float = TOUCH_INTERVAL) -> None:
+        self._db = database
+        self._clock = clock
+        self.limit = limit
+        self.interval = interval
+        self._serial = Serial()
+        self._delivered: dict[str, int] = {}
+        self._dirty: dict[str, int] = {}
+        self._flushing: Optional[IDelayedCall] = None
+
+    def append(self, session_id: str, data: str) -> "Deferred[int]":
+        return self._serial.run(
+            session_id, self._db.write, SESSIONS_SCHEMA, _append, session_id, data, self.limit, name="mcp_events.append"
+        )
+
+    def replay(self, session_id: str, after: Optional[int] = None) -> "Deferred[list[tuple[int, str]]]":
+        seen = self._delivered.get(session_id, 0)
+        return self._serial.run(
+            session_id, self._db.read, SESSIONS_SCHEMA, _replay, session_id, after, seen, name="mcp_events.replay"
+        )
+
+    def delivered(self, session_id: str, event_id: int) -> None:
+        if event_id <= self._delivered.get(session_id, 0):
+            return
+        self._delivered[session_id] = self._dirty[session_id] = event_id
+        if self._flushing is None:
+            self._flushing = self._clock.callLater(self.interval, self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = None
+        marks, self._dirty = self._dirty, {}
+        if marks:
+            self._db.write(SESSIONS_SCHEMA, _mark_delivered, marks, name="mcp_events.delivered").addErrback(
+                logged("MCP event delivery marks could not be written")
+            )
+
+    def forget(self, session_id: str) -> None:
+        self._delivered.pop(session_id, None)
+        self._dirty.pop(session_id, None)
+        self._serial.run(
+            session_id, self._db.write, SESSIONS_SCHEMA, _forget, session_id, name="mcp_events.forget"
+        ).addErrback(logged("MCP events of an ended session could not be removed"))

@@ -1,0 +1,40 @@
+"""
+A short run of C{python -m bench.crossprocess} so that the cross-process
+delivery benchmark cannot rot: real processes on the real PostgreSQL of
+L{tests.postgres}, numbers printed.  Nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from tests import postgres
+from tests.e2e import runProgram
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class CrossProcessBenchTests(TestCase):
+    timeout = 120
+
+    async def test_rows(self) -> None:
+        url = postgres.database_url(self)
+        out, err, code = await runProgram(
+            reactor,
+            [sys.executable, "-m", "bench.crossprocess", "--database", url, "--seconds", "0.3", "--sessions", "1", "3"],
+            timeout=100,
+            path=CHECKOUT,
+        )
+        self.assertEqual(code, 0, err)
+        rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        figures = [r for r in rows if "path" in r]
+        self.assertEqual([(r["sessions"], r["path"]) for r in figures], [(1, "A -> A"), (1, "B -> A"), (3, "A -> A"), (3, "B -> A")])
+        for r in figures:
+            self.assertGreater(r["messages"], 0, r)
+            self.assertGreater(r["p99_ms"], 0, r)
+        self.assertEqual([r["sessions"] for r in rows if "p99_vs_same_process" in r], [1, 3])
