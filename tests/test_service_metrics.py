@@ -97,7 +97,7 @@ class RoutingFiguresTests(SynchronousTestCase):
 
         delivery = SimpleNamespace(
             routed_out=2, routed_in=3, latencies=deque([0.001, 0.002, 0.2], maxlen=4),
-            streams_taken_over=1, processes_reaped=0, legacy_sessions_reaped=0,
+            streams_taken_over=1, processes_reaped=0, legacy_sessions_reaped=0, changes_out=4, changes_in=0,
         )
         sessions = SimpleNamespace(delivery=delivery, purged=5)
         metrics = Metrics()
@@ -108,6 +108,7 @@ class RoutingFiguresTests(SynchronousTestCase):
         self.assertIn("smeldr_mcp_routed_out_total 2.0", text)
         self.assertIn("smeldr_mcp_routed_in_total 3.0", text)
         self.assertIn("smeldr_mcp_streams_taken_over_total 1.0", text)
+        self.assertIn("smeldr_mcp_changes_out_total 4.0", text)
         self.assertIn("smeldr_mcp_sessions_purged_total 5.0", text)
         self.assertIn("smeldr_mcp_route_latency_seconds_count 3.0", text)
         self.assertIn('smeldr_mcp_route_latency_seconds_bucket{le="0.0025"} 2.0', text)

@@ -313,6 +313,8 @@ class RoutingFigures(_Advancing):
         messages for a session sent to / received from other processes;
       - C{smeldr_mcp_route_latency_seconds}: their one-way delay
         (C{NOTIFY} to delivery), a histogram;
+      - C{smeldr_mcp_changes_out_total} / C{smeldr_mcp_changes_in_total}:
+        session state changes (log level, subscriptions) relayed;
       - C{smeldr_mcp_streams_taken_over_total}: session streams moved here
         from another (dead or left) process;
       - C{smeldr_mcp_processes_reaped_total},
@@ -332,6 +334,12 @@ class RoutingFigures(_Advancing):
 
         self.routed_out = counter("smeldr_mcp_routed_out", "MCP session messages sent to other processes")
         self.routed_in = counter("smeldr_mcp_routed_in", "MCP session messages received from other processes")
+        self.changes_out = counter(
+            "smeldr_mcp_changes_out", "MCP session state changes relayed to other processes"
+        )
+        self.changes_in = counter(
+            "smeldr_mcp_changes_in", "MCP session state changes received from other processes"
+        )
         self.taken_over = counter(
             "smeldr_mcp_streams_taken_over", "MCP session streams taken over from another process"
         )
@@ -351,6 +359,8 @@ class RoutingFigures(_Advancing):
         delivery = self._sessions.delivery
         self.advance(self.routed_out, "out", delivery.routed_out)
         self.advance(self.routed_in, "in", delivery.routed_in)
+        self.advance(self.changes_out, "changes_out", delivery.changes_out)
+        self.advance(self.changes_in, "changes_in", delivery.changes_in)
         self.advance(self.taken_over, "taken", delivery.streams_taken_over)
         self.advance(self.reaped, "reaped", delivery.processes_reaped)
         self.advance(self.legacy_reaped, "legacy", delivery.legacy_sessions_reaped)
