@@ -48,3 +48,74 @@ class MetricsObserverTests(SynchronousTestCase):
         self.assertEqual(route_label(b"/oauth/token"), "/oauth/token")
         self.assertEqual(route_label(b"/mcp?session_id=abc"), "/mcp")
         self.assertEqual(route_label(b"/random/scan/path"), "other")
+
+
+class DatabaseFiguresTests(SynchronousTestCase):
+    """
+    The database layer's pool and transaction counters, on a real SQLite
+    file, as metrics; counters advance by what changed since the last
+    refresh.
+    """
+
+    def test_pool_and_transactions(self) -> None:
+        from smeldr_oauth.db import open_database
+        from smeldr_oauth.store.ratelimits import SQLRateLimitStore
+        from tests.test_store_sqlite import InlineReactor
+
+        database = open_database(self.mktemp() + ".db", InlineReactor(), threads=0)
+        self.addCleanup(database.close)
+        store = SQLRateLimitStore(database)
+        metrics = Metrics()
+        metrics.watch_databases({"oauth": database})
+        for _ in range(3):
+            self.successResultOf(store.take("test", "k", 3.0, 1.0, 1e9))
+        metrics.refresh()
+        metrics.refresh()
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn('smeldr_db_transactions_total{database="oauth",name="rate_limits.take"} 3.0', text)
+        self.assertIn('smeldr_db_connections{database="oauth"} 1.0', text)
+        self.assertIn('smeldr_db_calls_waiting{database="oauth"} 0.0', text)
+        self.assertIn('smeldr_db_transaction_seconds_total{database="oauth",name="rate_limits.take"}', text)
+        # No listener on SQLite: no value rather than a misleading 0.
+        self.assertNotIn('smeldr_db_listener_connected{', text)
+        self.successResultOf(store.take("test", "k", 3.0, 1.0, 1e9))
+        metrics.refresh()
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn('smeldr_db_transactions_total{database="oauth",name="rate_limits.take"} 4.0', text)
+
+
+class RoutingFiguresTests(SynchronousTestCase):
+    """
+    The figures the PostgreSQL session delivery keeps (plain totals and a
+    bounded deque of latencies) become counters and a histogram that count
+    each message once.
+    """
+
+    def test_routing(self) -> None:
+        from collections import deque
+        from types import SimpleNamespace
+
+        delivery = SimpleNamespace(
+            routed_out=2, routed_in=3, latencies=deque([0.001, 0.002, 0.2], maxlen=4),
+            streams_taken_over=1, processes_reaped=0, legacy_sessions_reaped=0, changes_out=4, changes_in=0,
+        )
+        sessions = SimpleNamespace(delivery=delivery, purged=5)
+        metrics = Metrics()
+        metrics.watch_sessions(sessions)
+        metrics.refresh()
+        metrics.refresh()
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn("smeldr_mcp_routed_out_total 2.0", text)
+        self.assertIn("smeldr_mcp_routed_in_total 3.0", text)
+        self.assertIn("smeldr_mcp_streams_taken_over_total 1.0", text)
+        self.assertIn("smeldr_mcp_changes_out_total 4.0", text)
+        self.assertIn("smeldr_mcp_sessions_purged_total 5.0", text)
+        self.assertIn("smeldr_mcp_route_latency_seconds_count 3.0", text)
+        self.assertIn('smeldr_mcp_route_latency_seconds_bucket{le="0.0025"} 2.0', text)
+        # Three more received; the deque keeps only the last four.
+        delivery.routed_in = 6
+        delivery.latencies.extend([0.003, 0.004, 0.5])
+        metrics.refresh()
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn("smeldr_mcp_route_latency_seconds_count 6.0", text)
+        self.assertIn('smeldr_mcp_route_latency_seconds_bucket{le="0.005"} 4.0', text)

@@ -260,6 +260,13 @@ class PostgresEngine:
             self._listener.start()
         return self._listener
 
+    def listener_connected(self) -> Optional[bool]:
+        """
+        Whether the C{LISTEN} connection is up (for the metrics); C{None}
+        when nothing listens.
+        """
+        return None if self._listener is None else self._listener.connected
+
     def closing(self, database: "Database") -> None:
         if self._listener is not None:
             self._listener.stop()

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from smeldr_oauth.db.errors import StoreUnavailable
 from smeldr_oauth.mcp.jsonrpc import Message
 from smeldr_oauth.mcp.calls import Principal
 from smeldr_oauth.mcp.session import ServerSession
@@ -42,11 +43,14 @@ class AuthFailure(Exception):
     C{WWW-Authenticate} value C{challenge}.
     """
 
-    def __init__(self, status: int, challenge: str, error: Optional[str] = None) -> None:
+    def __init__(
+        self, status: int, challenge: str, error: Optional[str] = None, retry_after: Optional[int] = None
+    ) -> None:
         super().__init__(error or "unauthorized")
         self.status = status
         self.challenge = challenge
         self.error = error
+        self.retry_after = retry_after
 
 
 def _quote(value: str) -> str:
@@ -162,8 +166,13 @@ def verify(
     def broken(failure: Failure) -> None:
         if failure.check(AuthFailure):
             failure.raiseException()
+        if failure.check(StoreUnavailable):
+            # The database is down or restarting: expected, and said once
+            # per request without a traceback; the client retries.
+            log.warn("Access token verifier: {error}", error=str(failure.value))
+            raise AuthFailure(503, "", "temporarily_unavailable", retry_after=failure.value.retry_after)
         log.failure("Access token verifier failed", failure)
-        raise AuthFailure(503, "", "temporarily_unavailable")
+        raise AuthFailure(503, "", "temporarily_unavailable", retry_after=1)
 
     return d.addCallback(checked).addErrback(broken)
 

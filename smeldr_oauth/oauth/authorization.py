@@ -20,7 +20,7 @@ from smeldr_oauth.oauth.clients import ClientResolver
 from smeldr_oauth.oauth.config import OFFLINE_ACCESS, Config
 from smeldr_oauth.oauth.model import Approval, AuthorizationCode, Client, Grant
 from smeldr_oauth.oauth.params import AUTHORIZE_PARAMS, MAX_STATE, Params, reject_repeated, single
-from smeldr_oauth.oauth.ratelimit import RateLimiter, spend
+from smeldr_oauth.oauth.ratelimit import IRateLimiter, spend
 from smeldr_oauth.oauth.scopes import check_resource, parse_scopes
 from smeldr_oauth.oauth.secrets import hash_secret, new_id, new_secret
 from smeldr_oauth.oauth.text import loggable
@@ -107,7 +107,7 @@ class Authorization:
     store: Any
     _clock: IReactorTime
     clients: ClientResolver
-    paste_limiter: RateLimiter
+    paste_limiter: IRateLimiter
 
     async def validate(self, params: Params, address: Optional[str] = None) -> AuthorizationRequest:
         """
@@ -241,7 +241,7 @@ class Authorization:
         """
         limiter = self.paste_limiter
         endpoint = "authorize" if request is not None else "grants"
-        spend(limiter, address, endpoint, "site token paste")
+        await spend(limiter, address, endpoint, "site token paste")
         approval = await self.verify_paste(pasted)
         if approval is None:
             if request is not None:

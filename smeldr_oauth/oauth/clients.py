@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from cachetools import TTLCache
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -18,7 +18,7 @@ from smeldr_oauth.oauth import errors
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.model import Client
 from smeldr_oauth.oauth.params import MAX_PARAM, Params, single
-from smeldr_oauth.oauth.ratelimit import RateLimiter, spend
+from smeldr_oauth.oauth.ratelimit import IRateLimiter, spend
 from smeldr_oauth.oauth.secrets import constant_time_equal, hash_secret
 from smeldr_oauth.oauth.text import loggable
 
@@ -46,7 +46,7 @@ class ClientResolver:
         store: Any,
         clock: IReactorTime,
         cimd: Any,
-        cimd_limiter: RateLimiter,
+        cimd_limiter: IRateLimiter,
         cache_size: int = CLIENT_CACHE_SIZE,
         cache_ttl: float = CLIENT_CACHE_TTL,
     ) -> None:
@@ -104,19 +104,19 @@ class ClientResolver:
         return client
 
     def _resolve_document(self, client_id: str, address: Optional[str]) -> "Deferred[Optional[Client]]":
+        if address is None:
+            return self._fetch_document(client_id, None)
+        spent = spend(self.cimd_limiter, address, "cimd", "client metadata document fetch")
+        return spent.addCallback(lambda _: self._fetch_document(client_id, address))
+
+    def _fetch_document(self, client_id: str, address: Optional[str]) -> "Deferred[Optional[Client]]":
         from smeldr_oauth.oauth.cimd import CIMDError
 
-        limiter = self.cimd_limiter
-        if address is not None:
-            try:
-                spend(limiter, address, "cimd", "client metadata document fetch")
-            except errors.RateLimited as e:
-                return fail(e)
         d = maybeDeferred(self.cimd.resolve, client_id)
         if address is not None and d.called:
             # Answered at once: from the resolver's cache, or refused
             # before any fetch.  Only fetches count.
-            limiter.refund(address)
+            self.cimd_limiter.refund(address)
 
         def failed(f: Any) -> None:
             if f.check(CIMDError):

@@ -4,20 +4,37 @@ Token-bucket rate limiters keyed by client address (or client id), on an
 injected clock so tests drive them with L{twisted.internet.task.Clock},
 and L{Limits}: the set of them the authorization server spends, built once
 (from the configuration) and handed in.
+
+Two implementations of L{IRateLimiter}:
+
+  - L{RateLimiter}, in this process's memory: the limiter of a single
+    process (SQLite);
+  - L{SharedRateLimiter}, whose buckets live in an L{IRateLimitStore} (a
+    table in the PostgreSQL database every process shares,
+    L{smeldr_oauth.store.ratelimits}), so that N processes allow what one
+    would, not N times as much.  One statement per check; refusals are
+    decided locally once the shared bucket has said no (see its
+    docstring, and docs/postgresql.md for what it costs).
+
+Both answer through a L{Deferred}: the memory one's has already fired.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 import math
 
-from typing import Optional
+from typing import Any, Optional
 
 import attr
 from cachetools import LRUCache
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
 
 from smeldr_oauth.oauth.errors import RateLimited
 from smeldr_oauth.oauth.text import loggable
@@ -49,6 +66,61 @@ def bucket_key(address: str) -> str:
     return str(ip)
 
 
+class IRateLimiter(Interface):
+    """
+    Allows a number of events per key (a client address, a client id) per
+    window, however many processes answer the requests.
+    """
+
+    def take(key: str) -> "Deferred[Optional[int]]":  # type: ignore[misc]
+        """
+        Spend one event for C{key}.
+
+        @return: a L{Deferred} firing with C{None} when the event was
+            spent, or with the whole seconds (at least 1) until one will be
+            available when none was left (then nothing was spent).  It
+            fails with L{smeldr_oauth.db.errors.StoreUnavailable} when a
+            shared limiter cannot reach its store.
+        """
+
+    def refund(key: str) -> None:  # type: ignore[misc]
+        """
+        Give back one event spent by a successful L{take} (never beyond the
+        bucket's capacity).  Best effort: nothing to wait for.
+        """
+
+
+class IRateLimitStore(Interface):
+    """
+    Token buckets that several processes spend from, each change one
+    atomic statement.  A bucket is named by its limiter's C{name} and a
+    C{key}; it holds up to C{capacity} events and refills at C{rate}
+    events per second; C{now} is the caller's clock (machines sharing a
+    store keep their clocks in step, as they must for token expiry).
+    """
+
+    def take(  # type: ignore[misc]
+        name: str, key: str, capacity: float, rate: float, now: float
+    ) -> "Deferred[tuple[bool, float]]":
+        """
+        Spend one event if the bucket holds one.
+
+        @return: whether it was spent, and the events left after.
+        """
+
+    def refund(name: str, key: str, capacity: float, rate: float, now: float) -> "Deferred[None]":  # type: ignore[misc]
+        """
+        Put one event back (up to the capacity).
+        """
+
+    def purge_expired(now: float) -> "Deferred[int]":  # type: ignore[misc]
+        """
+        Delete buckets that have refilled completely (a missing bucket is
+        a full one), in batches; the number deleted.
+        """
+
+
+@implementer(IRateLimiter)
 class RateLimiter:
     """
     Allow C{count} events per C{window} seconds per key, in bursts of up to
@@ -119,8 +191,111 @@ class RateLimiter:
         missing = 1.0 - self._level(self._fold(key))
         return max(1, math.ceil(missing / self._rate))
 
+    def take(self, key: str) -> "Deferred[Optional[int]]":
+        """
+        L{IRateLimiter.take}: L{hit}, answered at once.
+        """
+        if self.hit(key):
+            return succeed(None)
+        return succeed(self.retry_after(key))
 
-def spend(limiter: RateLimiter, key: str, endpoint: str, what: str) -> None:
+
+def store_key(key: str) -> str:
+    """
+    What a shared store keeps for a (folded) key: its SHA-256, so the
+    table holds no client address and a client-chosen id of any length
+    becomes 64 characters.
+    """
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@implementer(IRateLimiter)
+class SharedRateLimiter:
+    """
+    A token bucket per key, kept in an L{IRateLimitStore} that every
+    process shares: C{count} events per C{window} seconds per key, in
+    bursts of up to C{count}, whichever process answers.
+
+    Each allowed event costs one statement (the store's atomic C{take}).
+    What stays local, deciding without the store:
+
+      - a refusal, once the store has refused a key: until the bucket can
+        have refilled one event, this process refuses the key itself (the
+        bucket only fills at its rate; other processes' spending can only
+        make it emptier), so a flood costs the database one statement per
+        refill, not one per request;
+      - a local pre-check: a bucket in memory counts the events this
+        process let through; when that alone is empty the shared one must
+        be too (it counts them as well as everyone else's), so this
+        process refuses without asking.
+
+    When the store cannot be reached, L{take} fails with its error
+    (L{smeldr_oauth.db.errors.StoreUnavailable}: a 503 with
+    C{Retry-After}): failing closed, since what the request was going to
+    do needs the same database anyway.
+
+    @ivar name: the limiter's name in the store (C{paste}, C{token_address}).
+    """
+
+    def __init__(
+        self,
+        store: IRateLimitStore,
+        name: str,
+        clock: IReactorTime,
+        count: int,
+        max_keys: int = 10000,
+        window: float = 60.0,
+        addresses: bool = True,
+    ) -> None:
+        self.name = name
+        self._store = store
+        self._clock = clock
+        self._fold = bucket_key if addresses else str
+        self._capacity = float(max(count, 1))
+        self._rate = self._capacity / window
+        self._local = RateLimiter(clock, count, max_keys=max_keys, window=window, addresses=False)
+        self._refused_until: LRUCache[str, float] = LRUCache(max_keys)
+
+    def take(self, key: str) -> "Deferred[Optional[int]]":
+        key = self._fold(key)
+        now = self._clock.seconds()
+        try:
+            until = self._refused_until[key]
+        except KeyError:
+            pass
+        else:
+            if now < until:
+                return succeed(max(1, math.ceil(until - now)))
+            del self._refused_until[key]
+        if not self._local.hit(key):
+            return succeed(self._local.retry_after(key))
+
+        def decided(result: tuple[bool, float]) -> Optional[int]:
+            spent, left = result
+            if spent:
+                return None
+            self._local.refund(key)
+            wait = max(0.0, 1.0 - left) / self._rate
+            self._refused_until[key] = now + wait
+            return max(1, math.ceil(wait))
+
+        def failed(failure: Failure) -> Failure:
+            self._local.refund(key)
+            return failure
+
+        return self._store.take(self.name, store_key(key), self._capacity, self._rate, now).addCallbacks(
+            decided, failed
+        )
+
+    def refund(self, key: str) -> None:
+        key = self._fold(key)
+        self._local.refund(key)
+        self._refused_until.pop(key, None)
+        d = self._store.refund(self.name, store_key(key), self._capacity, self._rate, self._clock.seconds())
+        d.addErrback(lambda f: log.failure("could not give back a rate-limited event", f))
+
+
+def spend(limiter: IRateLimiter, key: str, endpoint: str, what: str) -> "Deferred[None]":
     """
     Spend one event of C{limiter} for C{key}, or refuse: the refusal is a
     security event (C{smeldr_event} C{rate_limited}, which the metrics
@@ -128,24 +303,33 @@ def spend(limiter: RateLimiter, key: str, endpoint: str, what: str) -> None:
 
     @param endpoint: where the limit applies (a log field and metric label).
     @param what: what was refused, for the log line.
-    @raise RateLimited: nothing was left for C{key}.
+    @return: a L{Deferred} that fires when the event is spent, or fails
+        with L{RateLimited} when nothing was left for C{key} (or with the
+        store's error).
     """
-    if limiter.hit(key):
-        return
-    log.warn(
-        "refused {what} from {address}: rate limited",
-        what=what,
-        address=loggable(key),
-        endpoint=endpoint,
-        smeldr_event="rate_limited",
-    )
-    raise RateLimited(limiter.retry_after(key))
+
+    def decided(retry_after: Optional[int]) -> None:
+        if retry_after is None:
+            return
+        log.warn(
+            "refused {what} from {address}: rate limited",
+            what=what,
+            address=loggable(key),
+            endpoint=endpoint,
+            smeldr_event="rate_limited",
+        )
+        raise RateLimited(retry_after)
+
+    return limiter.take(key).addCallback(decided)
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
 class Limits:
     """
     The rate limits of one authorization server, each a L{RateLimiter}.
+
+    Each is an L{IRateLimiter}: in memory (one process), or shared through
+    an L{IRateLimitStore} (L{from_config}'s C{store}).
 
     @ivar paste: refused site-token pastes per client address (consent and
         connected-apps pages together).
@@ -156,26 +340,32 @@ class Limits:
     @ivar token_per_client: token requests per client id.
     """
 
-    paste: RateLimiter
-    registration: RateLimiter
-    cimd_fetch: RateLimiter
-    token_per_address: RateLimiter
-    token_per_client: RateLimiter
+    paste: IRateLimiter
+    registration: IRateLimiter
+    cimd_fetch: IRateLimiter
+    token_per_address: IRateLimiter
+    token_per_client: IRateLimiter
 
     @classmethod
-    def from_config(cls, config: object, clock: IReactorTime) -> "Limits":
+    def from_config(cls, config: object, clock: IReactorTime, store: Optional[IRateLimitStore] = None) -> "Limits":
         """
         The limits a L{smeldr_oauth.oauth.config.Config} describes.
+
+        @param store: where the buckets live when several processes answer
+            (L{SharedRateLimiter}); C{None}: in this process's memory.
         """
         keys = getattr(config, "rate_limit_keys", 10000)
 
-        def limiter(name: str, addresses: bool = True) -> RateLimiter:
-            return RateLimiter(clock, getattr(config, name), max_keys=keys, addresses=addresses)
+        def limiter(name: str, setting: str, addresses: bool = True) -> Any:
+            count = getattr(config, setting)
+            if store is None:
+                return RateLimiter(clock, count, max_keys=keys, addresses=addresses)
+            return SharedRateLimiter(store, name, clock, count, max_keys=keys, addresses=addresses)
 
         return cls(
-            paste=limiter("paste_failures_per_minute"),
-            registration=limiter("registrations_per_minute"),
-            cimd_fetch=limiter("cimd_fetches_per_minute"),
-            token_per_address=limiter("token_requests_per_minute_per_address"),
-            token_per_client=limiter("token_requests_per_minute_per_client", addresses=False),
+            paste=limiter("paste", "paste_failures_per_minute"),
+            registration=limiter("registration", "registrations_per_minute"),
+            cimd_fetch=limiter("cimd_fetch", "cimd_fetches_per_minute"),
+            token_per_address=limiter("token_address", "token_requests_per_minute_per_address"),
+            token_per_client=limiter("token_client", "token_requests_per_minute_per_client", addresses=False),
         )

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from smeldr_oauth.oauth import errors
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.model import Client
-from smeldr_oauth.oauth.ratelimit import RateLimiter, spend
+from smeldr_oauth.oauth.ratelimit import IRateLimiter, spend
 from smeldr_oauth.oauth.scopes import parse_scopes
 from smeldr_oauth.oauth.secrets import hash_secret, new_id, new_secret
 from smeldr_oauth.oauth.text import MAX_CLIENT_NAME, clean_client_name, loggable
@@ -42,7 +42,7 @@ class Registration:
     @param limiter: registrations per client address.
     """
 
-    def __init__(self, config: Config, store: Any, clock: IReactorTime, limiter: RateLimiter) -> None:
+    def __init__(self, config: Config, store: Any, clock: IReactorTime, limiter: IRateLimiter) -> None:
         self.config = config
         self.store = store
         self._clock = clock
@@ -60,7 +60,7 @@ class Registration:
             when the cap on registered clients is reached.
         """
         if address is not None:
-            spend(self.limiter, address, "register", "registration")
+            await spend(self.limiter, address, "register", "registration")
         if not isinstance(metadata, dict):
             raise errors.invalid_client_metadata("the body must be a JSON object")
         uris = metadata.get("redirect_uris")

@@ -64,7 +64,7 @@ class Tokens:
         self.events = events
         self.limits = limits
 
-    def _check_rate(
+    async def _check_rate(
         self, params: Params, basic: Optional[tuple[str, str]], address: Optional[str]
     ) -> Optional[tuple[str, Optional[str]]]:
         """
@@ -79,14 +79,14 @@ class Tokens:
         @raise errors.RateLimited: either is used up.
         """
         if address is not None:
-            spend(self.limits.token_per_address, address, "token", "token request")
+            await spend(self.limits.token_per_address, address, "token", "token request")
         try:
             presented: Optional[tuple[str, Optional[str]]] = presented_client(params, basic)
         except errors.OAuthError:
             return None
         assert presented is not None
         if presented[0]:
-            spend(self.limits.token_per_client, presented[0][:MAX_PARAM], "token", "token request")
+            await spend(self.limits.token_per_client, presented[0][:MAX_PARAM], "token", "token request")
         return presented
 
     async def token(
@@ -103,7 +103,7 @@ class Tokens:
             not counted).
         @raise errors.RateLimited: a rate limit refused the request.
         """
-        presented = self._check_rate(params, basic, address)
+        presented = await self._check_rate(params, basic, address)
         grant_type: Optional[str] = None
         try:
             reject_repeated(params, TOKEN_PARAMS)

@@ -21,14 +21,14 @@ scrape reports the whole server, not one worker at random.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.twisted import MetricsResource
 from twisted.application.service import IService, Service
 from twisted.logger import ILogObserver, globalLogPublisher
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
 #: Paths that get their own latency label; anything else is "other", so a
@@ -120,14 +120,38 @@ class Metrics:
             self.open_streams.set_function(open_streams)
         self._tools: set[str] = set()
         self._worker_requests: Any = None
+        self._databases: Optional[DatabaseFigures] = None
+        self._routing: Optional[RoutingFigures] = None
+
+    def watch_databases(self, databases: Mapping[str, Any]) -> None:
+        """
+        Report the pools and transactions of C{databases} (label
+        C{database}: C{main} on PostgreSQL, C{oauth} and C{site} on
+        SQLite): see L{DatabaseFigures}.
+        """
+        self._databases = DatabaseFigures(self.registry, databases)
+
+    def watch_sessions(self, sessions: Any) -> None:
+        """
+        Report how MCP sessions shared between processes are routed
+        (L{smeldr_oauth.mcp.state.postgres.PostgresSessionState}): see
+        L{RoutingFigures}.
+        """
+        self._routing = RoutingFigures(self.registry, sessions)
 
     def refresh(self) -> None:
         """
-        Write the function-backed values (open streams) to the multiprocess
-        files; a worker calls this every second.
+        Bring the values read from elsewhere (open streams, the database
+        pools and their transaction counters) up to date: before each
+        scrape in one process (L{resource}), and every second in a worker
+        of C{--workers}, whose values go to the multiprocess files.
         """
-        if self._open_streams is not None:
+        if self._open_streams is not None and self.multiprocess:
             self.open_streams.set(self._open_streams())
+        if self._databases is not None:
+            self._databases.refresh()
+        if self._routing is not None:
+            self._routing.refresh()
 
     def count_worker(self, index: int) -> None:
         """
@@ -160,7 +184,194 @@ class Metrics:
             self._worker_requests.inc()
 
     def resource(self) -> IResource:
-        return MetricsResource(registry=self.registry)
+        return _Refreshed(self)
+
+
+class _Refreshed(Resource):
+    """
+    The metrics page of one process: values read from elsewhere are
+    brought up to date first.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+        self._page = MetricsResource(registry=metrics.registry)
+
+    def render(self, request: Any) -> Any:
+        self._metrics.refresh()
+        return self._page.render(request)
+
+
+class _Advancing:
+    """
+    Counters that follow totals kept elsewhere: each refresh adds what the
+    totals grew by since the last one.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[Any, float] = {}
+
+    def advance(self, counter: Any, key: Any, total: float) -> None:
+        grown = total - self._seen.get(key, 0)
+        self._seen[key] = total
+        if grown > 0:
+            counter.inc(grown)
+
+
+class DatabaseFigures(_Advancing):
+    """
+    What the database layer counts (L{smeldr_oauth.db.Database.pool_stats}
+    and C{transaction_stats}), as metrics:
+
+      - C{smeldr_db_connections}: connections open in the pool;
+      - C{smeldr_db_calls_in_flight}: calls handed to the pool's threads
+        and not back yet (running, or waiting for a thread);
+      - C{smeldr_db_calls_waiting}: of those, the ones waiting for a
+        thread (more than C{--db-threads} at once: a pool too small, or a
+        slow database);
+      - C{smeldr_db_transactions_total}, C{..._errors_total},
+        C{..._retries_total} (deadlocks, serialisation failures) and
+        C{smeldr_db_transaction_seconds_total} (time inside the database,
+        lock waits included), per transaction C{name} (a store method: a
+        bounded set);
+      - C{smeldr_db_listener_connected}: 1 while the PostgreSQL
+        notification listener is connected (revocation pushes arrive).
+
+    Gauges add up over live workers; the counters are advanced by what
+    changed since the last refresh, so they also add up.
+    """
+
+    def __init__(self, registry: CollectorRegistry, databases: Mapping[str, Any]) -> None:
+        super().__init__()
+        self._databases = dict(databases)
+        labels = ["database"]
+        named = ["database", "name"]
+        self.connections = Gauge(
+            "smeldr_db_connections", "Database connections open in the pool", labels,
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.in_flight = Gauge(
+            "smeldr_db_calls_in_flight", "Database calls running or waiting for a pool thread", labels,
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.waiting = Gauge(
+            "smeldr_db_calls_waiting", "Database calls waiting for a pool thread", labels,
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.listener = Gauge(
+            "smeldr_db_listener_connected", "1 while the notification listener is connected", labels,
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.transactions = Counter(
+            "smeldr_db_transactions", "Database calls finished, by transaction name", named, registry=registry
+        )
+        self.errors = Counter(
+            "smeldr_db_transaction_errors", "Database calls that failed, by transaction name", named,
+            registry=registry,
+        )
+        self.retries = Counter(
+            "smeldr_db_transaction_retries",
+            "Database calls run again after a deadlock or serialisation failure, by transaction name",
+            named, registry=registry,
+        )
+        self.seconds = Counter(
+            "smeldr_db_transaction_seconds",
+            "Seconds spent inside the database (lock waits included), by transaction name",
+            named, registry=registry,
+        )
+
+    def refresh(self) -> None:
+        for label, database in self._databases.items():
+            pool = database.pool_stats()
+            self.connections.labels(database=label).set(pool["connections"])
+            self.in_flight.labels(database=label).set(pool["in_flight"])
+            self.waiting.labels(database=label).set(max(0, pool["in_flight"] - pool["threads"]))
+            listening = getattr(database.engine, "listener_connected", None)
+            connected = listening() if listening is not None else None
+            if connected is not None:
+                self.listener.labels(database=label).set(1 if connected else 0)
+            for name, stats in database.transaction_stats().items():
+                for counter, total in (
+                    (self.transactions, stats.count),
+                    (self.errors, stats.errors),
+                    (self.retries, stats.retries),
+                    (self.seconds, stats.seconds),
+                ):
+                    self.advance(counter.labels(database=label, name=name), (counter, label, name), total)
+
+
+class RoutingFigures(_Advancing):
+    """
+    The figures of MCP sessions shared through PostgreSQL (kept by
+    L{smeldr_oauth.mcp.state.postgres.PostgresDelivery} and
+    C{PostgresSessionState}), as metrics:
+
+      - C{smeldr_mcp_routed_out_total} / C{smeldr_mcp_routed_in_total}:
+        messages for a session sent to / received from other processes;
+      - C{smeldr_mcp_route_latency_seconds}: their one-way delay
+        (C{NOTIFY} to delivery), a histogram;
+      - C{smeldr_mcp_changes_out_total} / C{smeldr_mcp_changes_in_total}:
+        session state changes (log level, subscriptions) relayed;
+      - C{smeldr_mcp_streams_taken_over_total}: session streams moved here
+        from another (dead or left) process;
+      - C{smeldr_mcp_processes_reaped_total},
+        C{smeldr_mcp_legacy_sessions_reaped_total}: dead processes whose
+        lease this one ended, and the legacy sessions that died with them;
+      - C{smeldr_mcp_sessions_purged_total}: expired session records
+        removed.
+    """
+
+    def __init__(self, registry: CollectorRegistry, sessions: Any) -> None:
+        super().__init__()
+        self._sessions = sessions
+        self._latencies_seen = 0
+
+        def counter(name: str, text: str) -> Counter:
+            return Counter(name, text, registry=registry)
+
+        self.routed_out = counter("smeldr_mcp_routed_out", "MCP session messages sent to other processes")
+        self.routed_in = counter("smeldr_mcp_routed_in", "MCP session messages received from other processes")
+        self.changes_out = counter(
+            "smeldr_mcp_changes_out", "MCP session state changes relayed to other processes"
+        )
+        self.changes_in = counter(
+            "smeldr_mcp_changes_in", "MCP session state changes received from other processes"
+        )
+        self.taken_over = counter(
+            "smeldr_mcp_streams_taken_over", "MCP session streams taken over from another process"
+        )
+        self.reaped = counter("smeldr_mcp_processes_reaped", "Dead processes whose session lease this one ended")
+        self.legacy_reaped = counter(
+            "smeldr_mcp_legacy_sessions_reaped", "Legacy MCP sessions ended with their dead process"
+        )
+        self.purged = counter("smeldr_mcp_sessions_purged", "Expired MCP session records removed")
+        self.latency = Histogram(
+            "smeldr_mcp_route_latency_seconds",
+            "One-way delay of MCP session messages between processes (NOTIFY to delivery)",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=registry,
+        )
+
+    def refresh(self) -> None:
+        delivery = self._sessions.delivery
+        self.advance(self.routed_out, "out", delivery.routed_out)
+        self.advance(self.routed_in, "in", delivery.routed_in)
+        self.advance(self.changes_out, "changes_out", delivery.changes_out)
+        self.advance(self.changes_in, "changes_in", delivery.changes_in)
+        self.advance(self.taken_over, "taken", delivery.streams_taken_over)
+        self.advance(self.reaped, "reaped", delivery.processes_reaped)
+        self.advance(self.legacy_reaped, "legacy", delivery.legacy_sessions_reaped)
+        self.advance(self.purged, "purged", self._sessions.purged)
+        # Every message received appends its delay to a bounded deque:
+        # the new ones are its last (routed_in grew by) entries.
+        latencies = list(delivery.latencies)
+        new = min(delivery.routed_in - self._latencies_seen, len(latencies))
+        self._latencies_seen = delivery.routed_in
+        for seconds in latencies[len(latencies) - new:] if new > 0 else ():
+            self.latency.observe(seconds)
 
 
 @implementer(ILogObserver)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import attr
 from klein import Klein
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -254,6 +254,10 @@ class StandaloneService(Service):
     """
     Everything C{twist smeldr-oauth} runs, but the listeners: the stores,
     the authorization server, the MCP app and the HTTP site.
+
+    @ivar ready: once started, a L{Deferred} that fires when the database
+        is open and its watchers run (and, on PostgreSQL, this process is
+        registered for MCP session routing).
     """
 
     def __init__(self, options: Any, reactor: Any = None) -> None:
@@ -271,15 +275,21 @@ class StandaloneService(Service):
         self._http_agent: Any = None
         self._http_pool: Any = None
         db_threads = options.get("db-threads")
+        # Where the rate limits' buckets live: in memory for one process
+        # (SQLite), in the shared database when any process may answer.
+        self.rate_limits: Any = None
         self.sessions: Any = None
         if options.get("database"):
             from smeldr_oauth.mcp.state.postgres import PostgresSessionState
+            from smeldr_oauth.store.ratelimits import SQLRateLimitStore
 
             # One PostgreSQL database (one pool) for OAuth data, site
-            # content and MCP sessions, which every process then serves.
+            # content, rate limits and MCP sessions, which every process
+            # then serves.
             database = open_database(options["database"], reactor, threads=db_threads)
             self.site_stores = open_site(database, reactor)
             self.store = SQLStore(database, reactor)
+            self.rate_limits = SQLRateLimitStore(database, reactor)
             self.sessions = PostgresSessionState(database, reactor)
         else:
             threads = 0 if db_threads is None else db_threads
@@ -312,7 +322,8 @@ class StandaloneService(Service):
         if scopes is not None:
             overrides["scopes"] = scopes
         config = options.config(**overrides)
-        self.oauth = OAuthServer(config, self.store, reactor, cimd, limits=Limits.from_config(config, reactor))
+        limits = Limits.from_config(config, reactor, store=self.rate_limits)
+        self.oauth = OAuthServer(config, self.store, reactor, cimd, limits=limits)
         self.app = Klein()
         self.mounted = mount(
             self.app,
@@ -335,6 +346,11 @@ class StandaloneService(Service):
         mounted = self.mounted
         serving = mounted.mcp_http is not None or bool(mounted.fronts)
         self.metrics = Metrics(open_streams=(lambda: float(mounted.stream_count)) if serving else None)
+        if options.get("database"):
+            self.metrics.watch_databases({"main": self.store.database})
+            self.metrics.watch_sessions(self.sessions)
+        else:
+            self.metrics.watch_databases({"oauth": self.store.database, "site": self.site_stores.db})
         self._metrics_observer = MetricsObserver(self.metrics)
         if self.gateways:
             from smeldr_oauth.gateway.metrics import PrometheusCollector
@@ -357,6 +373,7 @@ class StandaloneService(Service):
             access_log=for_twist(options, reactor),
         )
         self._purging: Any = None
+        self._purging_limits: Any = None
         self._watching: Any = None
         self._checkpoints: Any = None
         from smeldr_oauth.flows.recorder import FlowRecorder
@@ -408,15 +425,20 @@ class StandaloneService(Service):
             self._watching = watch_external_changes(self.store, self.oauth, self.reactor)
             self.health.start()
             self._checkpoints = start_checkpoints(self.store.database, self.reactor)
+            if self.rate_limits is not None:
+                self._purging_limits = self.rate_limits.start_purging(self.reactor)
 
         def failed(f: Any) -> None:
             log.failure("the OAuth database could not be opened", f)
             self.reactor.stop()
 
         self.store.ready.addCallbacks(ready, failed)
+        starting = [self.store.ready]
         if self.sessions is not None:
             # Until registered, what must reach another process waits.
-            self.sessions.start().addErrback(failed)
+            starting.append(self.sessions.start().addErrback(failed))
+        # (For whoever starts the service and must know it is all up.)
+        self.ready: Deferred[None] = gatherResults(starting).addCallback(lambda _: None)
         log.info(
             "smeldr-oauth serving issuer {issuer}, resource {resource}",
             issuer=self.oauth.config.issuer,
@@ -431,7 +453,7 @@ class StandaloneService(Service):
 
         globalLogPublisher.removeObserver(self._metrics_observer)
         self.health.stop()
-        for loop in (self._purging, self._watching):
+        for loop in (self._purging, self._watching, self._purging_limits):
             if loop is not None and loop.running:
                 loop.stop()
 

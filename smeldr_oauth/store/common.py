@@ -7,6 +7,8 @@ L{smeldr_oauth.db.errors}, with the database layer's other errors.)
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -14,7 +16,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smeldr_oauth.db.errors import StoreConflict  # noqa: F401 (its old home)
-from smeldr_oauth.oauth.interfaces import IOAuthStore
 
 log = Logger()
 
@@ -35,7 +36,10 @@ DEFAULT_PURGE_INTERVAL = 3600.0
 
 
 def start_purging(
-    store: IOAuthStore, clock: IReactorTime, interval: float = DEFAULT_PURGE_INTERVAL
+    store: Any,
+    clock: IReactorTime,
+    interval: float = DEFAULT_PURGE_INTERVAL,
+    what: str = "expired OAuth rows",
 ) -> LoopingCall:
     """
     Call C{store.purge_expired(clock.seconds())} now and every C{interval}
@@ -44,6 +48,10 @@ def start_purging(
     A failing purge is logged and the loop goes on: a transient database
     error must not end clean-up for the life of the process (a L{LoopingCall}
     whose call fails stops for good).
+
+    @param store: an L{smeldr_oauth.oauth.interfaces.IOAuthStore}, or any
+        store with C{purge_expired}.
+    @param what: what is purged, for the log lines.
     """
 
     def purge() -> "Deferred[None]":
@@ -51,10 +59,10 @@ def start_purging(
 
         def purged(count: int) -> None:
             if count:
-                log.info("Purged {count} expired OAuth rows", count=count)
+                log.info("Purged {count} {what}", count=count, what=what)
 
         def failed(failure: Failure) -> None:
-            log.failure("Purging expired OAuth rows failed", failure)
+            log.failure("Purging {what} failed", failure, what=what)
 
         return d.addCallbacks(purged, failed)
 

@@ -23,6 +23,9 @@ Status by exception (what a newcomer looks for):
   - L{smeldr_oauth.oauth.errors.AuthorizeRedirectError}: 303 to the
     client's (checked) redirect URI with C{error}, C{state} and C{iss}.
   - L{smeldr_oauth.oauth.errors.RateLimited}: 429 with C{Retry-After}.
+  - L{smeldr_oauth.db.errors.StoreUnavailable} (the database cannot be
+    reached: PostgreSQL restarting, a SQLite file locked too long): 503
+    with C{Retry-After}, logged as one warning line; nothing was written.
   - werkzeug's C{NotFound} / C{MethodNotAllowed} / C{RequestRedirect}
     (routing found nothing): 404 / 405 / 308, in our format.
   - anything else: 500, logged once with its traceback (a bug).
@@ -46,6 +49,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
+from smeldr_oauth.db.errors import StoreUnavailable
 from smeldr_oauth.oauth import errors as oauth_errors
 from smeldr_oauth.oauth.text import loggable
 
@@ -157,8 +161,9 @@ def internal_error() -> HTTPError:
     return HTTPError(500, "server_error", "the server could not handle the request")
 
 
-def unavailable(description: str = "the service is unavailable; try again later") -> HTTPError:
-    return HTTPError(503, "temporarily_unavailable", description)
+def unavailable(description: str = "the service is unavailable; try again later", retry_after: Optional[int] = None) -> HTTPError:
+    headers = () if retry_after is None else (("Retry-After", str(retry_after)),)
+    return HTTPError(503, "temporarily_unavailable", description, headers=headers)
 
 
 # --- Formats -----------------------------------------------------------------
@@ -278,6 +283,8 @@ def as_http_error(error: BaseException) -> Optional[HTTPError]:
         return HTTPError(error.status, error.error, error.description, body=error.as_json())
     if isinstance(error, oauth_errors.RateLimited):
         return too_many_requests(error.retry_after)
+    if isinstance(error, StoreUnavailable):
+        return unavailable("the database is unavailable; try again later", retry_after=error.retry_after)
     if isinstance(error, RequestRedirect):
         return HTTPError(308, "redirect", "moved", headers=(("Location", error.new_url),))
     if isinstance(error, MethodNotAllowed):
@@ -387,6 +394,13 @@ class _ErrorPath:
                     path=loggable(request.path.decode("latin-1")),
                 )
             error = internal_error()
+        elif isinstance(failure.value, StoreUnavailable):
+            log.warn(
+                "{method} {path}: 503, {error}",
+                method=loggable(request.method.decode("latin-1")),
+                path=loggable(request.path.decode("latin-1")),
+                error=str(failure.value),
+            )
         elif isinstance(failure.value, oauth_errors.OAuthError) and error.status == 401 and _authorization_sent(request):
             error.headers += (("WWW-Authenticate", 'Basic realm="oauth"'),)
         return dialect.render(request, error)

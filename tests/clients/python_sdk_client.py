@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -62,6 +63,10 @@ from consent import (
     nextOnOrigin,
     redirectQuery,
 )
+
+#: Seconds to wait after a revocation before calling again (set by the
+#: balanced suite: see tests/test_e2e_balanced.py); none by default.
+REVOKE_SETTLE = "SMELDR_REVOKE_SETTLE_SECONDS"
 
 
 class Trace(consent.Trace):
@@ -375,6 +380,10 @@ async def run(
                     storage,
                     trace,
                 )
+                # Behind a balancer the revocation reaches the other
+                # processes within the server's bound (one second), pushed:
+                # a probe before then may land on one not told yet.
+                await anyio.sleep(float(os.environ.get(REVOKE_SETTLE, "0")))
                 again = await client.call_tool(options.tool, arguments)
                 report["after_revoke_result"] = toolResult(again)
     finally:

@@ -93,7 +93,8 @@ def from_auth_failure(failure: AuthFailure) -> HTTPError:
     503 when the verifier could not answer.
     """
     if failure.status == 503:
-        return rpc_error(503, jsonrpc.INTERNAL_ERROR, "Authorization temporarily unavailable")
+        headers = (("Retry-After", str(failure.retry_after)),) if failure.retry_after is not None else ()
+        return rpc_error(503, jsonrpc.INTERNAL_ERROR, "Authorization temporarily unavailable", headers=headers)
     body = {"error": failure.error or "unauthorized", "error_description": "Authorization required"}
     if failure.status == 403:
         body["error_description"] = "The access token lacks a required scope"

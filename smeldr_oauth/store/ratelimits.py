@@ -1,0 +1,189 @@
+# -*- test-case-name: tests.test_store_ratelimits -*-
+"""
+L{IRateLimitStore} in SQL: the token buckets of
+L{smeldr_oauth.oauth.ratelimit.SharedRateLimiter}, in the database every
+process shares, so that N processes allow what one would.
+
+One row per bucket (limiter name, hashed key).  Spending is one
+statement, an C{INSERT ... ON CONFLICT DO UPDATE} that refills the bucket
+for the time passed, takes an event if there is one, and says which it
+did (C{RETURNING}): atomic on the row, with no read-then-write between
+processes, whatever the isolation level.  A missing row is a full bucket,
+so rows that have refilled completely are deleted in batches
+(L{SQLRateLimitStore.purge_expired}) and the table stays the size of the
+set of keys seen within one window.
+
+Written once for both engines (C{CASE} rather than C{LEAST}/C{GREATEST}
+or C{MIN}/C{MAX}, which only one of them has as scalar functions); the
+server uses it on PostgreSQL, where several processes share a database.
+Times are the callers' clocks, as POSIX seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from zope.interface import implementer
+
+from smeldr_oauth.db.database import Database, Transaction
+from smeldr_oauth.db.migrations import Migration, Schema
+from smeldr_oauth.oauth.ratelimit import IRateLimitStore
+from smeldr_oauth.store.common import start_purging
+
+#: Buckets deleted per purge transaction.
+PURGE_BATCH = 1000
+#: Seconds between purges: a bucket is deletable one window (a minute)
+#: after its last use, so a table of keys seen in the last few minutes.
+PURGE_INTERVAL = 300.0
+
+RATE_LIMITS_SCHEMA = Schema(
+    "rate_limits",
+    (
+        Migration(
+            1,
+            (
+                """
+                CREATE TABLE rate_limits (
+                    name TEXT NOT NULL,
+                    key TEXT NOT NULL,
+                    tokens DOUBLE PRECISION NOT NULL,
+                    stamp DOUBLE PRECISION NOT NULL,
+                    capacity DOUBLE PRECISION NOT NULL,
+                    rate DOUBLE PRECISION NOT NULL,
+                    full_at DOUBLE PRECISION NOT NULL,
+                    taken INTEGER NOT NULL,
+                    PRIMARY KEY (name, key)
+                )
+                """,
+                "CREATE INDEX rate_limits_full_at ON rate_limits (full_at)",
+            ),
+        ),
+    ),
+)
+
+
+def _level(row: str, now: str) -> str:
+    """
+    The SQL expression of a bucket's level at C{now}: refilled at its rate
+    since its stamp (never for time before the stamp: clocks of different
+    machines differ a little), up to its capacity.
+    """
+    elapsed = f"(CASE WHEN {now} > {row}.stamp THEN {now} - {row}.stamp ELSE 0 END)"
+    refilled = f"({row}.tokens + {elapsed} * {row}.rate)"
+    return f"(CASE WHEN {refilled} >= {row}.capacity THEN {row}.capacity ELSE {refilled} END)"
+
+
+def _later(row: str, now: str) -> str:
+    return f"(CASE WHEN {now} > {row}.stamp THEN {now} ELSE {row}.stamp END)"
+
+
+_LEVEL = _level("b", "excluded.stamp")
+_SPENT = f"(CASE WHEN {_LEVEL} >= 1 THEN 1 ELSE 0 END)"
+
+#: Take one event: a new bucket is a full one less one; an existing one is
+#: refilled, then spent from if it holds an event.  C{taken} says which.
+_TAKE = (
+    "INSERT INTO rate_limits AS b (name, key, tokens, stamp, capacity, rate, full_at, taken)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, 1)"
+    " ON CONFLICT (name, key) DO UPDATE SET"
+    f" taken = {_SPENT},"
+    f" tokens = {_LEVEL} - {_SPENT},"
+    f" full_at = {_later('b', 'excluded.stamp')}"
+    f" + (excluded.capacity - ({_LEVEL} - {_SPENT})) / excluded.rate,"
+    f" stamp = {_later('b', 'excluded.stamp')},"
+    " capacity = excluded.capacity,"
+    " rate = excluded.rate"
+    " RETURNING taken, tokens"
+)
+
+_REFUND_LEVEL = _level("rate_limits", "?")
+_REFUNDED = (
+    f"(CASE WHEN {_REFUND_LEVEL} + 1 >= rate_limits.capacity"
+    f" THEN rate_limits.capacity ELSE {_REFUND_LEVEL} + 1 END)"
+)
+
+#: Give one event back (nothing to do for a missing, hence full, bucket).
+_REFUND = (
+    f"UPDATE rate_limits SET tokens = {_REFUNDED},"
+    f" full_at = {_later('rate_limits', '?')} + (rate_limits.capacity - {_REFUNDED}) / rate_limits.rate,"
+    f" stamp = {_later('rate_limits', '?')}"
+    " WHERE name = ? AND key = ?"
+)
+
+
+def _take(txn: Transaction, name: str, key: str, capacity: float, rate: float, now: float) -> tuple[bool, float]:
+    row = txn.execute(
+        _TAKE, (name, key, capacity - 1.0, now, capacity, rate, now + 1.0 / rate)
+    ).fetchone()
+    return bool(row[0]), float(row[1])
+
+
+def _refund(txn: Transaction, name: str, key: str, now: float) -> None:
+    # _REFUNDED (with its level, twice) appears in tokens and in full_at;
+    # then the two stamps: the parameters in statement order.
+    level_params = (now, now, now, now)
+    txn.execute(
+        _REFUND,
+        (*level_params, *level_params, now, now, *level_params, *level_params, now, now, name, key),
+    )
+
+
+def _purge(txn: Transaction, now: float, limit: int) -> int:
+    txn.execute(
+        "DELETE FROM rate_limits WHERE (name, key) IN"
+        " (SELECT name, key FROM rate_limits WHERE full_at <= ? LIMIT ?)",
+        (now, limit),
+    )
+    return txn.rowcount
+
+
+@implementer(IRateLimitStore)
+class SQLRateLimitStore:
+    """
+    Token buckets in a L{Database} (its C{rate_limits} table).
+
+    @ivar database: shared with the other stores: it is not closed here.
+    """
+
+    def __init__(self, database: Database, clock: Optional[IReactorTime] = None) -> None:
+        """
+        @param clock: the default clock of L{start_purging}; the database's
+            reactor when C{None}.
+        """
+        self.database = database
+        self._clock: IReactorTime = clock if clock is not None else database.reactor
+
+    # take and refund are one statement each, atomic on its own in the
+    # connections' autocommit mode: run outside an explicit transaction
+    # (Database.read), one round trip instead of BEGIN, statement, COMMIT.
+    # Should a connection die after the server ran the statement, the call
+    # is run again on a fresh one: an event spent twice, never one lost.
+
+    def take(self, name: str, key: str, capacity: float, rate: float, now: float) -> "Deferred[tuple[bool, float]]":
+        return self.database.read(
+            RATE_LIMITS_SCHEMA, _take, name, key, capacity, rate, now, name="rate_limits.take"
+        )
+
+    def refund(self, name: str, key: str, capacity: float, rate: float, now: float) -> "Deferred[None]":
+        return self.database.read(RATE_LIMITS_SCHEMA, _refund, name, key, now, name="rate_limits.refund")
+
+    def purge_expired(self, now: float) -> "Deferred[int]":
+        return Deferred.fromCoroutine(self._purge_all(now))
+
+    async def _purge_all(self, now: float) -> int:
+        removed = 0
+        while True:
+            count = await self.database.write(RATE_LIMITS_SCHEMA, _purge, now, PURGE_BATCH)
+            removed += count
+            if count < PURGE_BATCH:
+                return removed
+
+    def start_purging(self, clock: Optional[IReactorTime] = None, interval: float = PURGE_INTERVAL) -> LoopingCall:
+        """
+        Delete full buckets now and every C{interval} seconds: see
+        L{smeldr_oauth.store.common.start_purging}.
+        """
+        return start_purging(self, clock if clock is not None else self._clock, interval, what="full rate-limit buckets")

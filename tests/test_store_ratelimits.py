@@ -1,0 +1,359 @@
+"""
+Tests for L{smeldr_oauth.store.ratelimits} (token buckets in SQL, on a real
+SQLite file and a real PostgreSQL database) and for
+L{smeldr_oauth.oauth.ratelimit.SharedRateLimiter} on it: several limiters
+(several processes' pools, and real processes) on one database allow what
+one would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from smeldr_oauth.db import open_database
+from smeldr_oauth.db.errors import StoreUnavailable
+from smeldr_oauth.oauth.errors import RateLimited
+from smeldr_oauth.oauth.ratelimit import (
+    IRateLimiter,
+    IRateLimitStore,
+    Limits,
+    RateLimiter,
+    SharedRateLimiter,
+    spend,
+    store_key,
+)
+from smeldr_oauth.store.ratelimits import RATE_LIMITS_SCHEMA, SQLRateLimitStore
+from tests import postgres
+from tests.test_store_postgres import CHECKOUT, _Racer
+from tests.test_store_sqlite import InlineReactor
+
+T0 = 1_700_000_000.0
+
+
+class StoreMixin:
+    """
+    The store's contract, on one engine, with calls on the calling thread.
+    """
+
+    def location(self) -> str:
+        raise NotImplementedError()
+
+    def setUp(self) -> None:
+        self.database = open_database(self.location(), InlineReactor(), threads=0)
+        self.addCleanup(self.database.close)  # type: ignore[attr-defined]
+        self.store = SQLRateLimitStore(self.database)
+
+    def ok(self, d: Any) -> Any:
+        return self.successResultOf(d)  # type: ignore[attr-defined]
+
+    def take(self, key: str = "k", now: float = T0, capacity: float = 3.0, rate: float = 0.05) -> tuple[bool, float]:
+        return self.ok(self.store.take("test", key, capacity, rate, now))  # type: ignore[no-any-return]
+
+    def rows(self) -> int:
+        return int(self.ok(self.database.read(RATE_LIMITS_SCHEMA, _count)))
+
+    def test_interface(self) -> None:
+        self.assertTrue(verifyObject(IRateLimitStore, self.store))  # type: ignore[attr-defined]
+
+    def test_take_until_empty(self) -> None:
+        """
+        A new bucket starts full; each take spends one and says how many
+        are left; an empty bucket spends nothing.
+        """
+        self.assertEqual([self.take() for _ in range(4)], [(True, 2.0), (True, 1.0), (True, 0.0), (False, 0.0)])
+        self.assertEqual(self.take("other"), (True, 2.0))
+
+    def test_refill(self) -> None:
+        """
+        Buckets refill at their rate (one every 20 s here), up to their
+        capacity, never for time before their last use.
+        """
+        for _ in range(3):
+            self.take()
+        self.assertEqual(self.take(now=T0 + 10), (False, 0.5))
+        self.assertEqual(self.take(now=T0 + 20), (True, 0.0))
+        # A clock behind the bucket's (another machine's) refills nothing.
+        self.assertEqual(self.take(now=T0 + 5), (False, 0.0))
+        self.assertEqual(self.take(now=T0 + 3600), (True, 2.0))
+
+    def test_refund(self) -> None:
+        for _ in range(3):
+            self.take()
+        self.ok(self.store.refund("test", "k", 3.0, 0.05, T0))
+        self.assertEqual(self.take(), (True, 0.0))
+        for _ in range(5):
+            self.ok(self.store.refund("test", "k", 3.0, 0.05, T0))
+        self.assertEqual(self.take(), (True, 2.0))
+        # Nothing to give back to a bucket that does not exist (it is full).
+        self.ok(self.store.refund("test", "never", 3.0, 0.05, T0))
+        self.assertEqual(self.take("never"), (True, 2.0))
+
+    def test_names_apart(self) -> None:
+        for _ in range(3):
+            self.take()
+        self.assertEqual(self.ok(self.store.take("another", "k", 3.0, 0.05, T0)), (True, 2.0))
+
+    def test_purge(self) -> None:
+        """
+        A bucket is deleted once it has refilled completely (a missing
+        bucket is a full one), and not before.
+        """
+        self.take("a")
+        for _ in range(3):
+            self.take("b")
+        self.assertEqual(self.rows(), 2)
+        self.assertEqual(self.ok(self.store.purge_expired(T0 + 19)), 0)
+        self.assertEqual(self.ok(self.store.purge_expired(T0 + 20)), 1)
+        self.assertEqual(self.rows(), 1)
+        self.assertEqual(self.ok(self.store.purge_expired(T0 + 60)), 1)
+        self.assertEqual(self.rows(), 0)
+
+    def test_purging_loop(self) -> None:
+        clock = Clock()
+        clock.advance(T0)
+        self.take()
+        loop = self.store.start_purging(clock, interval=300)
+        self.addCleanup(loop.stop)  # type: ignore[attr-defined]
+        self.assertEqual(self.rows(), 1)
+        clock.advance(300)
+        self.assertEqual(self.rows(), 0)
+
+
+def _count(txn: Any) -> int:
+    return int(txn.execute("SELECT COUNT(*) FROM rate_limits").fetchone()[0])
+
+
+class SQLiteStoreTests(StoreMixin, SynchronousTestCase):
+    def location(self) -> str:
+        return self.mktemp() + ".db"
+
+
+class PostgresStoreTests(StoreMixin, SynchronousTestCase):
+    def location(self) -> str:
+        return postgres.database_url(self)
+
+    def test_keys_not_kept(self) -> None:
+        """
+        Addresses and client ids are kept only as hashes.
+        """
+        clock = Clock()
+        limiter = SharedRateLimiter(self.store, "paste", clock, 3)
+        self.ok(limiter.take("192.0.2.7"))
+        keys = self.ok(self.database.read(RATE_LIMITS_SCHEMA, lambda txn: [r[0] for r in txn.execute("SELECT key FROM rate_limits")]))
+        self.assertEqual(keys, [store_key("192.0.2.7")])
+        self.assertNotIn("192.0.2", keys[0])
+
+
+class SharedLimiterTests(SynchronousTestCase):
+    """
+    L{SharedRateLimiter}: the bucket is the store's; a refusal and the
+    local pre-check decide without it.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        database = open_database(self.mktemp() + ".db", InlineReactor(), threads=0)
+        self.addCleanup(database.close)
+        self.store = CountingStore(SQLRateLimitStore(database))
+        self.a = SharedRateLimiter(self.store, "paste", self.clock, 3)
+        self.b = SharedRateLimiter(self.store, "paste", self.clock, 3)
+
+    def take(self, limiter: SharedRateLimiter, key: str = "192.0.2.1") -> Any:
+        return self.successResultOf(limiter.take(key))
+
+    def test_interface(self) -> None:
+        self.assertTrue(verifyObject(IRateLimiter, self.a))
+        self.assertTrue(verifyObject(IRateLimiter, RateLimiter(self.clock, 1)))
+
+    def test_shared(self) -> None:
+        """
+        Two limiters (two processes) on one store allow the capacity
+        between them, not each.
+        """
+        self.assertEqual([self.take(self.a), self.take(self.b), self.take(self.a)], [None, None, None])
+        self.assertEqual(self.take(self.b), 20)
+        self.assertEqual(self.take(self.a), 20)
+
+    def test_refusal_decided_locally(self) -> None:
+        """
+        Once the store has refused a key, the limiter refuses it without
+        asking until the bucket can have refilled one event.
+        """
+        for _ in range(3):
+            self.take(self.a)
+        self.assertEqual(self.take(self.a), 20)
+        asked = self.store.takes
+        self.clock.advance(15)
+        self.assertEqual([self.take(self.a) for _ in range(10)], [5] * 10)
+        self.assertEqual(self.store.takes, asked)
+        self.clock.advance(5)
+        self.assertIsNone(self.take(self.a))
+        self.assertEqual(self.store.takes, asked + 1)
+
+    def test_local_precheck(self) -> None:
+        """
+        When this process alone has used the whole capacity, it refuses
+        without asking the store (which cannot have more left).
+        """
+        for _ in range(3):
+            self.take(self.a)
+        asked = self.store.takes
+        self.assertEqual(self.take(self.a), 20)
+        self.assertEqual(self.store.takes, asked)
+
+    def test_refund(self) -> None:
+        for _ in range(3):
+            self.take(self.a)
+        self.assertEqual(self.take(self.b), 20)
+        self.a.refund("192.0.2.1")
+        # The refund reaches the shared bucket; b's remembered refusal is
+        # its own business and runs out on its own.
+        self.assertIsNone(self.take(self.a))
+        self.assertEqual(self.take(self.a), 20)
+
+    def test_ipv6_per_64(self) -> None:
+        for n in range(3):
+            self.assertIsNone(self.take(self.a, f"2001:db8::{n + 1}"))
+        self.assertEqual(self.take(self.b, "2001:db8::ffff"), 20)
+
+    def test_unavailable(self) -> None:
+        """
+        A store that cannot be reached fails the take (closed, not open),
+        and the local pre-check does not count it.
+        """
+        self.store.broken = True
+        for _ in range(5):
+            self.failureResultOf(self.a.take("192.0.2.1"), StoreUnavailable)
+        self.store.broken = False
+        self.assertEqual([self.take(self.a) for _ in range(4)], [None, None, None, 20])
+
+    def test_spend(self) -> None:
+        """
+        L{spend} refuses with L{RateLimited} and its C{Retry-After}.
+        """
+        for _ in range(3):
+            self.successResultOf(spend(self.a, "192.0.2.1", "grants", "paste"))
+        failure = self.failureResultOf(spend(self.b, "192.0.2.1", "grants", "paste"), RateLimited)
+        self.assertEqual(failure.value.retry_after, 20)
+
+    def test_from_config(self) -> None:
+        from smeldr_oauth.oauth.config import Config
+
+        config = Config(issuer="https://example.com", verify_bearer=lambda t: False, registrations_per_minute=2)
+        shared = Limits.from_config(config, self.clock, store=self.store)
+        local = Limits.from_config(config, self.clock)
+        self.assertIsInstance(shared.registration, SharedRateLimiter)
+        self.assertIsInstance(local.registration, RateLimiter)
+        names = {getattr(shared, f).name for f in ("paste", "registration", "cimd_fetch", "token_per_address", "token_per_client")}
+        self.assertEqual(len(names), 5)
+        for _ in range(2):
+            self.successResultOf(shared.registration.take("192.0.2.9"))
+        self.assertEqual(self.successResultOf(shared.registration.take("192.0.2.9")), 30)
+
+
+class CountingStore:
+    """
+    A store wrapper that counts takes and can pretend to be unreachable.
+    """
+
+    def __init__(self, store: SQLRateLimitStore) -> None:
+        self.store = store
+        self.takes = 0
+        self.broken = False
+
+    def take(self, *args: Any) -> Any:
+        self.takes += 1
+        if self.broken:
+            from twisted.internet.defer import fail
+
+            return fail(StoreUnavailable("down"))
+        return self.store.take(*args)
+
+    def refund(self, *args: Any) -> Any:
+        return self.store.refund(*args)
+
+    def purge_expired(self, now: float) -> Any:
+        return self.store.purge_expired(now)
+
+
+#: A process that takes from one shared bucket as fast as it can, on the
+#: go line, and prints how many it was allowed.
+TAKER = """
+import json, sys
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred, DeferredList
+from smeldr_oauth.db import open_database
+from smeldr_oauth.oauth.ratelimit import SharedRateLimiter
+from smeldr_oauth.store.ratelimits import SQLRateLimitStore
+
+database = open_database(sys.argv[1], reactor, threads=4)
+limiter = SharedRateLimiter(SQLRateLimitStore(database), "registration", reactor, int(sys.argv[2]), window=3600)
+
+async def main():
+    await limiter.take("warm-up-" + sys.argv[3])
+    print("ready", flush=True)
+    await ensureDeferred(wait())
+    results = await DeferredList([limiter.take("192.0.2.1") for _ in range(int(sys.argv[2]))])
+    print(json.dumps(sum(1 for ok, r in results if ok and r is None)), flush=True)
+
+def wait():
+    from twisted.internet.defer import Deferred
+    d = Deferred()
+    reactor.addReader(Stdin(d))
+    return d
+
+class Stdin:
+    def __init__(self, d): self.d = d
+    def fileno(self): return 0
+    def doRead(self):
+        reactor.removeReader(self)
+        self.d.callback(None)
+    def logPrefix(self): return "stdin"
+    def connectionLost(self, reason): pass
+
+def run():
+    d = ensureDeferred(main())
+    d.addBoth(lambda r: (database.close(), reactor.stop(), r)[-1])
+
+reactor.callWhenRunning(run)
+reactor.run()
+"""
+
+
+class ProcessesTests(TestCase):
+    """
+    Real processes, each with its own pool, spending from one bucket at
+    once: together they are allowed the capacity, exactly.
+    """
+
+    PROCESSES = 3
+    CAPACITY = 20
+
+    @inlineCallbacks
+    def test_processes_share_the_limit(self) -> Any:
+        url = postgres.database_url(self)
+        env = dict(os.environ, PYTHONPATH=CHECKOUT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        takers = []
+        for n in range(self.PROCESSES):
+            protocol = _Racer()
+            transport = global_reactor.spawnProcess(
+                protocol, sys.executable, [sys.executable, "-c", TAKER, url, str(self.CAPACITY), str(n)], env=env
+            )
+            takers.append((protocol, transport))
+        yield DeferredList([p.ready for p, _ in takers], fireOnOneErrback=True)
+        for _, transport in takers:
+            transport.write(b"go\n")
+        codes = yield DeferredList([p.ended for p, _ in takers])
+        self.assertEqual([code for _, code in codes], [0] * self.PROCESSES, [p.errors for p, _ in takers])
+        allowed = [json.loads(p.output.split(b"ready\n", 1)[1]) for p, _ in takers]
+        self.assertEqual(sum(allowed), self.CAPACITY, allowed)
