@@ -361,8 +361,6 @@ class OutageTests(Servers):
         self.addCleanup(cluster.start)
         self.cluster = cluster
 
-
-    @inlineCallbacks
     @inlineCallbacks
     def health(self, code: int, timeout: float = 10.0) -> Any:
         """
@@ -379,6 +377,7 @@ class OutageTests(Servers):
             yield response.content()
             yield deferLater(reactor, 0.1, lambda: None)  # type: ignore[arg-type]
 
+    @inlineCallbacks
     def unavailable(self, response: Any, content_type: str) -> Any:
         body = yield response.content()
         self.assertEqual(response.code, 503, body)

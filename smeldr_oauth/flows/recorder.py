@@ -27,6 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from zope.interface import implementer
 
+from smeldr_oauth.db.errors import StoreUnavailable
 from smeldr_oauth.flows.events import EVENTS, step_from_event
 from smeldr_oauth.flows.model import Step
 from smeldr_oauth.flows.store import IFlowStore
@@ -138,7 +139,12 @@ class FlowRecorder:
 
         def failed(f: Any) -> None:
             if not self._failing:
-                log.failure("could not record {count} flow steps", f, count=len(steps))
+                if f.check(StoreUnavailable):
+                    # An outage is the operator's to see once, not a bug:
+                    # one line, as every endpoint writes it.
+                    log.warn("could not record {count} flow steps: {error}", count=len(steps), error=str(f.value))
+                else:
+                    log.failure("could not record {count} flow steps", f, count=len(steps))
             self._failing = True
 
         def done(_: object) -> None:

@@ -257,6 +257,10 @@ async def revoke(
                 f"POST {urlsplit(endpoint).path} (revoke access token) answered "
                 f"{response.status_code}, expected 200 (RFC 7009 2.2); body: {response.text[:300]!r}"
             )
+        # Behind a balancer the revocation reaches the other processes
+        # within the server's bound (one second), pushed: a probe before
+        # then may land on one not told yet.
+        await anyio.sleep(float(os.environ.get(REVOKE_SETTLE, "0")))
         probe = await http.post(
             mcpURL,
             json={"jsonrpc": "2.0", "id": "probe", "method": "ping"},
@@ -380,10 +384,6 @@ async def run(
                     storage,
                     trace,
                 )
-                # Behind a balancer the revocation reaches the other
-                # processes within the server's bound (one second), pushed:
-                # a probe before then may land on one not told yet.
-                await anyio.sleep(float(os.environ.get(REVOKE_SETTLE, "0")))
                 again = await client.call_tool(options.tool, arguments)
                 report["after_revoke_result"] = toolResult(again)
     finally:

@@ -276,6 +276,10 @@ async function revoke(which, mcpUrl, provider, trace) {
   if (response.status !== 200) {
     throw new Error(`POST /oauth/revoke (${which}) answered ${response.status}, expected 200 (RFC 7009 2.2); body: ${text.slice(0, 300)}`);
   }
+  // Behind a balancer the revocation reaches the other processes within the
+  // server's bound (one second), pushed: a probe before then may land on one
+  // not told yet (the balanced suite sets this; none by default).
+  await sleep(Number(process.env.SMELDR_REVOKE_SETTLE_SECONDS || '0') * 1000);
   const probe = await trace.fetch(mcpUrl, {
     method: 'POST',
     headers: {
@@ -350,10 +354,6 @@ async function run(options, trace, report) {
 
     if (options.revoke) {
       report.revoke = await revoke(options.revoke, options.url, provider, trace);
-      // Behind a balancer the revocation reaches the other processes within
-      // the server's bound (one second), pushed: a probe before then may land
-      // on one not told yet (the balanced suite sets this; none by default).
-      await sleep(Number(process.env.SMELDR_REVOKE_SETTLE_SECONDS || '0') * 1000);
       report.after_revoke_result = await callTool(session, provider, options.tool, args, report, makeTransport);
     }
   } finally {
