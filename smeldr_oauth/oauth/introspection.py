@@ -38,7 +38,7 @@ from smeldr_oauth.oauth.clients import ClientResolver, presented_client
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.model import Client
 from smeldr_oauth.oauth.params import MAX_PARAM, Params, reject_repeated, single
-from smeldr_oauth.oauth.ratelimit import RateLimiter, spend
+from smeldr_oauth.oauth.ratelimit import IRateLimiter, spend
 from smeldr_oauth.oauth.secrets import hash_secret, new_id, new_secret
 from smeldr_oauth.oauth.text import loggable
 from smeldr_oauth.oauth.urls import canonical_resource
@@ -93,7 +93,7 @@ class Introspection:
     """
 
     def __init__(
-        self, config: Config, store: Any, clock: IReactorTime, clients: ClientResolver, limiter: RateLimiter
+        self, config: Config, store: Any, clock: IReactorTime, clients: ClientResolver, limiter: IRateLimiter
     ) -> None:
         self.config = config
         self.store = store
@@ -113,7 +113,7 @@ class Introspection:
         @raise errors.RateLimited: too many requests from C{address}.
         """
         if address is not None:
-            spend(self.limiter, address, "introspect", "introspection request")
+            await spend(self.limiter, address, "introspect", "introspection request")
         reject_repeated(params, INTROSPECT_PARAMS)
         client_id, secret = presented_client(params, basic)
         if secret is None:

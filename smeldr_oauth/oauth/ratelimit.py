@@ -338,6 +338,8 @@ class Limits:
         client metadata document, per client address.
     @ivar token_per_address: token requests per client address.
     @ivar token_per_client: token requests per client id.
+    @ivar introspection: introspection requests (RFC 7662) per client
+        address.
     """
 
     paste: IRateLimiter
@@ -345,6 +347,7 @@ class Limits:
     cimd_fetch: IRateLimiter
     token_per_address: IRateLimiter
     token_per_client: IRateLimiter
+    introspection: IRateLimiter
 
     @classmethod
     def from_config(cls, config: object, clock: IReactorTime, store: Optional[IRateLimitStore] = None) -> "Limits":
@@ -368,4 +371,5 @@ class Limits:
             cimd_fetch=limiter("cimd_fetch", "cimd_fetches_per_minute"),
             token_per_address=limiter("token_address", "token_requests_per_minute_per_address"),
             token_per_client=limiter("token_client", "token_requests_per_minute_per_client", addresses=False),
+            introspection=limiter("introspection", "introspections_per_minute"),
         )

@@ -35,7 +35,7 @@ from smeldr_oauth.oauth.config import Config, ProtectedResource
 from smeldr_oauth.oauth.interfaces import IAccessVerifier, IGrantEvents
 from smeldr_oauth.oauth.model import AccessInfo, Approval, Client
 from smeldr_oauth.oauth.params import AUTHORIZE_PARAMS, Params
-from smeldr_oauth.oauth.ratelimit import Limits, RateLimiter
+from smeldr_oauth.oauth.ratelimit import Limits
 from smeldr_oauth.oauth.registration import Registration
 from smeldr_oauth.oauth.introspection import Introspection
 from smeldr_oauth.oauth.revocation import GrantEvents, Revocation
@@ -79,13 +79,7 @@ class OAuthServer:
         self.tokens = Tokens(config, store, clock, self.clients, self.events, self.limits)
         self.revocation = Revocation(store, clock, self.clients, self.events)
         self.registration = Registration(config, store, clock, self.limits.registration)
-        self.introspection = Introspection(
-            config,
-            store,
-            clock,
-            self.clients,
-            RateLimiter(clock, config.introspections_per_minute, max_keys=config.rate_limit_keys),
-        )
+        self.introspection = Introspection(config, store, clock, self.clients, self.limits.introspection)
 
     # -- metadata ---------------------------------------------------------
 
