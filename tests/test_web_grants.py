@@ -10,9 +10,11 @@ from urllib.parse import urlencode
 
 from klein import Klein
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent
+from treq.client import HTTPClient
 
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.web.grants import SESSION_TTL, GrantsPage
@@ -186,6 +188,45 @@ class GrantsPageTests(SynchronousTestCase):
         self.assertEqual(response.code, 200)
 
 
+class RevokedSiteTokenTests(GrantsPageTests):
+    """
+    With the site's tokens known (C{site_token_live}), a page session ends
+    with its token.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.live = {"t-alice", "t-bob"}
+        self.page.site_token_live = lambda token_id: succeed(token_id in self.live)
+
+    def test_session_ends_with_its_token(self) -> None:
+        cookie, csrf, _ = self.signin()
+        self.live.discard("t-alice")
+        response, text = self.request("GET", cookie=cookie)
+        self.assertEqual(response.code, 403)
+        self.assertIn("That site token was revoked", text)
+        self.assertNotIn("Claude for alice", text)
+        self.assertIn("Max-Age=0", response.headers.getRawHeaders("set-cookie")[0])
+        # Nor can its forms act, and the session is gone for good.
+        self.live.add("t-alice")
+        response, _ = self.request("POST", {"action": "revoke", "grant_id": "g-alice", "csrf": csrf}, cookie)
+        self.assertEqual(response.code, 403)
+        self.assertEqual(self.revoked, [])
+
+    def test_form_refused_after_revocation(self) -> None:
+        cookie, csrf, _ = self.signin()
+        self.live.discard("t-alice")
+        response, text = self.request("POST", {"action": "revoke", "grant_id": "g-alice", "csrf": csrf}, cookie)
+        self.assertEqual(response.code, 403)
+        self.assertIn("That site token was revoked", text)
+
+    def test_revoked_token_cannot_sign_in(self) -> None:
+        self.live.discard("t-bob")
+        response, text = self.request("POST", {"action": "signin", "site_token": "bob-token"})
+        self.assertEqual(response.code, 403)
+        self.assertIsNone(response.headers.getRawHeaders("set-cookie"))
+
+
 class GrantsPageLimitTests(SynchronousTestCase):
     """
     The connected-apps sign-in shares the paste limiter, spends before the
@@ -239,3 +280,38 @@ class GrantsPageLimitTests(SynchronousTestCase):
             self.assertEqual(
                 response.headers.getRawHeaders("strict-transport-security"), ["max-age=31536000"]
             )
+
+
+class RevokedSiteTokenOverSocketTests(TestCase):
+    """
+    C{twist smeldr-oauth} over a real socket: revoking a site token with
+    the admin command ends the connected-apps session it opened.
+    """
+
+    timeout = 60
+
+    async def test_revokedTokenEndsTheSession(self) -> None:
+        from twisted.internet import reactor
+
+        from tests import e2e
+
+        server = await e2e.startServer(self, reactor)
+        token = await e2e.createSiteToken(reactor, server, name="revoked-later")
+        http = HTTPClient(Agent(reactor))
+        url = server.issuer + "/oauth/grants"
+        response = await http.post(url, data={"action": "signin", "site_token": token})
+        self.assertEqual(response.code, 200, server.annotate("sign-in refused"))
+        cookie = response.headers.getRawHeaders("set-cookie")[0].split(";")[0]
+        await response.content()
+        response = await http.get(url, headers={"Cookie": cookie})
+        self.assertIn("Connected apps", await response.text())
+        out, err, code = await e2e.runProgram(reactor, [*e2e.adminCommand(), "token", "list", "--site-db", server.siteDB])
+        [token_id] = [line.split()[0] for line in out.splitlines() if line.rstrip().endswith("revoked-later")]
+        out, err, code = await e2e.runProgram(
+            reactor,
+            [*e2e.adminCommand(), "token", "revoke", token_id, "--site-db", server.siteDB, "--oauth-db", server.oauthDB],
+        )
+        self.assertEqual(code, 0, err)
+        response = await http.get(url, headers={"Cookie": cookie})
+        self.assertEqual(response.code, 403)
+        self.assertIn("That site token was revoked", await response.text())

@@ -96,6 +96,7 @@ def mount(
     docs_url: Optional[str] = None,
     sessions: Optional[Any] = None,
     upstreams: Sequence[tuple[Any, Any]] = (),
+    site_tokens: Optional[Any] = None,
 ) -> Mounted:
     """
     Mount every endpoint of C{oauth} (metadata, authorize, token, revoke,
@@ -121,6 +122,9 @@ def mount(
         endpoint (both transports) whose sessions are the gateway's, whose
         tokens must have been issued for its resource, and whose
         C{insufficient_scope} challenges name its scopes.
+    @param site_tokens: the site's tokens
+        (L{smeldr_oauth.site.tokens.SiteTokenStore}), when they are ours:
+        a connected-apps session then ends when its token is revoked.
     """
     from hyperlink import URL
 
@@ -132,7 +136,8 @@ def mount(
         def describe() -> dict[str, Any]:
             return {u.config.name or "default": g.describe() for u, g in upstreams}
 
-    routes += GrantsPage(oauth, reactor).routes() + Health(oauth.store, upstreams=describe).routes()
+    live = site_tokens.is_live if site_tokens is not None else None
+    routes += GrantsPage(oauth, reactor, live).routes() + Health(oauth.store, upstreams=describe).routes()
     if whole_site:
         routes += Landing(config, docs_url).routes()
     mount_routes(app, routes)
@@ -340,6 +345,7 @@ class StandaloneService(Service):
             docs_url=options.get("docs-url"),
             sessions=self.sessions,
             upstreams=list(zip(upstreams, self.gateways)),
+            site_tokens=self.site_stores.tokens,
         )
         from smeldr_oauth.service.metrics import Metrics, MetricsObserver
 

@@ -286,6 +286,13 @@ class SiteTokenStore:
 
         return self._db.read(SCHEMA, admin_token)
 
+    def is_live(self, token_id: str) -> Deferred[bool]:
+        """
+        Whether C{token_id} names a token not revoked (the connected-apps
+        page asks this at each request of a session it opened).
+        """
+        return self.get(token_id).addCallback(lambda token: token is not None and token.active)
+
     def verify_bearer(self, token: str) -> Deferred[Approval | None]:
         """
         L{verify} under the name the OAuth configuration expects: pass

@@ -17,11 +17,12 @@ grant that is not the person's).
 from __future__ import annotations
 
 import time as _time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 import attr
 from cachetools import TTLCache
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -129,11 +130,23 @@ def grants_page(
 class GrantsPage:
     """
     The connected-apps page of one L{OAuthServer}.
+
+    @param site_token_live: whether a site token id still names a live
+        (unrevoked) token.  Given, a page session ends with its token: a
+        revoked token's session is refused at its next request, not at the
+        end of its fifteen minutes.  Without it (a site whose site tokens
+        are not ours) a session lives its time.
     """
 
-    def __init__(self, server: OAuthServer, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        server: OAuthServer,
+        clock: IReactorTime,
+        site_token_live: Optional[Callable[[str], "Deferred[bool]"]] = None,
+    ) -> None:
         self.server = server
         self.clock = clock
+        self.site_token_live = site_token_live
         self.path = issuer_path(server.config.issuer) + "/oauth/grants"
         self.sessions: TTLCache[str, PageSession] = TTLCache(MAX_SESSIONS, SESSION_TTL, timer=clock.seconds)
         secure = server.config.issuer.startswith("https://")
@@ -185,10 +198,26 @@ class GrantsPage:
     def _signin(self, request: IRequest, error: Optional[str] = None, status: int = 200) -> bytes:
         return pages.respond(request, status, signin_page(self.action, error))
 
+    async def _still_admitted(self, request: IRequest, key: str, session: PageSession) -> Optional[bytes]:
+        """
+        The sign-in page when the session's token may no longer open this
+        page (revoked since, or no longer what L{_admit} asks): the session
+        ends.  C{None}: go on.
+        """
+        refusal = await self._admit(session.approval)
+        if refusal is None:
+            return None
+        self.sessions.pop(key, None)
+        self._set_cookie(request, "", 0)
+        return self._signin(request, refusal, 403)
+
     async def get(self, request: IRequest) -> bytes:
         found = self._session(request)
         if found is None:
             return self._signin(request)
+        ended = await self._still_admitted(request, *found)
+        if ended is not None:
+            return ended
         return await self._show(request, found[1])
 
     async def post(self, request: IRequest) -> bytes:
@@ -211,6 +240,9 @@ class GrantsPage:
                 smeldr_event="csrf_refused",
             )
             return self._signin(request, "That form has expired. Sign in again.", 403)
+        ended = await self._still_admitted(request, key, session)
+        if ended is not None:
+            return ended
         return await self._act(request, key, session, action, form)
 
     async def _act(
@@ -243,10 +275,14 @@ class GrantsPage:
 
     async def _admit(self, approval: Approval) -> Optional[str]:
         """
-        Why a verified site token may not open this page (C{None}: it may).
-        Every token opens the connected-apps page.
+        Why a verified site token may not open this page (C{None}: it may):
+        asked at sign-in and again at every request of its session.  Every
+        live token opens the connected-apps page.
         """
-        return None
+        token_id = approval.site_token_id
+        if token_id is None or self.site_token_live is None or await self.site_token_live(token_id):
+            return None
+        return "That site token was revoked. Paste a live one."
 
     async def _do_signin(self, request: IRequest, form: dict[str, list[str]]) -> bytes:
         pasted = form.get("site_token", [""])
