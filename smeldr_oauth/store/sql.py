@@ -795,7 +795,7 @@ class SQLStore:
         registered clients.  Spent refresh tokens stay until they expire:
         they are what reuse detection reads.
 
-        The work is done in transactions of at most L{PURGE_BATCH} rows,
+        The work is done in transactions of at most L{smeldr_oauth.store.sql.PURGE_BATCH} rows,
         with a turn of the reactor between them, so that a large backlog
         never holds the database (or, with C{--db-threads 0}, the reactor)
         for long.
