@@ -47,10 +47,10 @@ def serve(upstream: str) -> None:
     from klein import Klein
     from twisted.internet import reactor
     from twisted.internet.defer import succeed
-    from twisted.web.client import Agent, HTTPConnectionPool
     from zope.interface import implementer
 
     from smeldr_oauth.gateway.config import load
+    from smeldr_oauth.gateway.http import upstream_agent, upstream_pool
     from smeldr_oauth.gateway.proxy import Gateway
     from smeldr_oauth.mcp.http import MCPHTTP
     from smeldr_oauth.oauth.interfaces import IAccessVerifier
@@ -67,13 +67,11 @@ def serve(upstream: str) -> None:
         def verify_access_token(self, token: str) -> Any:
             return succeed(self.info if token == TOKEN else None)
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 128
     # One upstream session per downstream session, as the direct side
     # has: the comparison is of the gateway, not of sharing.
     toml = f'[upstreams.bench]\nurl = "{upstream}"\nisolation = "session"\nlimits = {{ max_instances = 256 }}\n'
     config = load((), toml).upstreams[0]
-    gateway = Gateway(config, clock=reactor, reactor=reactor, http_agent=Agent(reactor, pool=pool))
+    gateway = Gateway(config, clock=reactor, reactor=reactor, http_agent=upstream_agent(reactor, upstream_pool(reactor)))
     app = Klein()
     port = reactor.listenTCP(0, SmeldrSite(app.resource()), interface="127.0.0.1")  # type: ignore[attr-defined]
     resource = f"http://127.0.0.1:{port.getHost().port}/mcp"

@@ -393,16 +393,12 @@ class StandaloneService(Service):
 
     def _gateway(self, upstream: Any) -> Any:
         """One upstream's L{Gateway}: stdio processes on the reactor, HTTP over a shared pool."""
-        from twisted.web.client import Agent, HTTPConnectionPool
-
         from smeldr_oauth.gateway import Gateway
+        from smeldr_oauth.gateway.http import upstream_agent, upstream_pool
 
         if self._http_agent is None:
-            self._http_pool = HTTPConnectionPool(self.reactor, persistent=True)
-            # Calls to one upstream run side by side (each upstream session
-            # on its own connections); the default keeps only 2 per host.
-            self._http_pool.maxPersistentPerHost = 64
-            self._http_agent = Agent(self.reactor, pool=self._http_pool)
+            self._http_pool = upstream_pool(self.reactor)
+            self._http_agent = upstream_agent(self.reactor, self._http_pool)
         return Gateway(upstream, clock=self.reactor, reactor=self.reactor, http_agent=self._http_agent)
 
     def startService(self) -> None:
