@@ -255,11 +255,11 @@ class FrontOverSocketTests(OAuthSocketMixin, TestCase):
     async def test_health_and_metrics(self) -> None:
         """
         C{/healthz} shows each upstream's instances and counters; the
-        Prometheus collector exports the same counters per upstream.
+        Prometheus figures export the same counters per upstream.
         """
         from prometheus_client import CollectorRegistry, generate_latest
 
-        from smeldr_oauth.gateway.metrics import PrometheusCollector
+        from smeldr_oauth.gateway.metrics import PrometheusFigures
 
         token = (await self.token(self.issuer + "/mcp/notes", "notes", SITE_TOKEN))["access_token"]
         session = await self.initialize("/mcp/notes", token)
@@ -276,7 +276,8 @@ class FrontOverSocketTests(OAuthSocketMixin, TestCase):
         self.assertNotIn("alice", body.decode())
         registry = CollectorRegistry()
         gateways = [g for _, g in self.mounted.fronts]
-        registry.register(PrometheusCollector(lambda: [g.metrics for g in gateways]))
+        figures = PrometheusFigures(registry, lambda: [g.metrics for g in gateways])
+        figures.refresh()
         text = generate_latest(registry).decode()
         self.assertIn('smeldr_gateway_calls_total{method="tools/call",upstream="notes"} 1.0', text)
         self.assertIn('smeldr_gateway_live_instances{upstream="notes"} 1.0', text)

@@ -2,10 +2,11 @@
 """
 Counters for one upstream, as a plain object.
 
-L{PrometheusCollector} exports them (counters, a gauge, a histogram with
-the same bucket bounds) at scrape time, and C{/healthz} shows
-L{UpstreamMetrics.snapshot}; counting needs no metrics library (the
-collector imports C{prometheus_client} only when a registry asks).
+L{PrometheusFigures} turns them into C{prometheus_client} metrics
+(counters, a gauge, a histogram with the same bucket bounds), and
+C{/healthz} shows L{UpstreamMetrics.snapshot}; counting needs no metrics
+library (the figures import C{prometheus_client} only when the service
+asks for them).
 """
 
 from __future__ import annotations
@@ -58,9 +59,14 @@ class UpstreamMetrics:
     latency_sum: float = 0.0
     latency_count: int = 0
     live: Callable[[], int] = lambda: 0
+    #: Called with each forwarded request's seconds (L{PrometheusFigures}'
+    #: histogram: a latency cannot be derived later from the buckets).
+    latency_observers: list[Callable[[float], None]] = attr.ib(factory=list)
 
     def observe(self, method: str, seconds: float, ok: bool) -> None:
         """One forwarded request finished after C{seconds}."""
+        for observer in self.latency_observers:
+            observer(seconds)
         self.calls += 1
         self.by_method[method] = self.by_method.get(method, 0) + 1
         if not ok:
@@ -94,52 +100,76 @@ class UpstreamMetrics:
         }
 
 
-class PrometheusCollector:
-    """
-    A C{prometheus_client} collector of every upstream's counters, read at
-    scrape time (the counters stay plain attributes on the hot path).
+#: The counters exported, with their help text (C{smeldr_gateway_NAME_total}).
+_COUNTERS = (
+    ("errors", "Forwarded requests that ended in an error (the upstream's, a timeout, a crash)"),
+    ("timeouts", "Forwarded requests that timed out"),
+    ("refused", "Requests refused before the upstream (instance limit, too many in flight)"),
+    ("started", "Upstream instances started"),
+    ("crashes", "Upstream instances that ended without being asked to"),
+    ("restarts", "Upstream instances started again after a crash"),
+    ("dropped_notifications", "Upstream notifications dropped by the flow policy"),
+)
 
-    Names are C{smeldr_gateway_*}, labelled by C{upstream}.  With
-    C{--workers}, each worker holds its own upstreams and the parent
-    serves only the multiprocess values: these are not among them.
+
+class PrometheusFigures:
+    """
+    Every upstream's counters as C{prometheus_client} metrics in a
+    registry, brought up to date by L{refresh}: counters advance by what
+    the plain counters grew since the last refresh, the live-instances
+    gauge is set, and the latency histogram observes each request as it
+    finishes (through L{UpstreamMetrics.latency_observers}).
+
+    Real metric objects rather than a scrape-time collector, so that they
+    follow the service's metrics design: in one process C{refresh} runs
+    before each scrape; in a worker of C{--workers} it runs every second
+    and the values go to the worker's multiprocess files, which the parent
+    adds up (counters and the histogram summed over every worker that
+    ever ran, the gauge over the live ones).  A scrape then gives the
+    service's figures, not one worker's.
+
+    Names are C{smeldr_gateway_*}, labelled by C{upstream} (a single
+    unnamed upstream is C{default}) and, for calls, C{method}.
     """
 
-    def __init__(self, upstreams: "Callable[[], list[UpstreamMetrics]]") -> None:
+    def __init__(self, registry: Any, upstreams: Callable[[], list[UpstreamMetrics]]) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
         self.upstreams = upstreams
-
-    def collect(self) -> Any:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
-        counters = {
-            name: CounterMetricFamily(f"smeldr_gateway_{name}", text, labels=["upstream"])
-            for name, text in (
-                ("errors", "Forwarded requests that ended in an error (the upstream's, a timeout, a crash)"),
-                ("timeouts", "Forwarded requests that timed out"),
-                ("refused", "Requests refused before the upstream (instance limit, too many in flight)"),
-                ("started", "Upstream instances started"),
-                ("crashes", "Upstream instances that ended without being asked to"),
-                ("restarts", "Upstream instances started again after a crash"),
-                ("dropped_notifications", "Upstream notifications dropped by the flow policy"),
-            )
+        self._seen: dict[tuple[str, ...], int] = {}
+        self._hooked: set[UpstreamMetrics] = set()
+        self.counters = {
+            name: Counter(f"smeldr_gateway_{name}", text, ["upstream"], registry=registry) for name, text in _COUNTERS
         }
-        calls = CounterMetricFamily("smeldr_gateway_calls", "Requests forwarded upstream", labels=["upstream", "method"])
-        live = GaugeMetricFamily("smeldr_gateway_live_instances", "Upstream instances running", labels=["upstream"])
-        latency = HistogramMetricFamily(
-            "smeldr_gateway_request_duration_seconds", "Forwarded request latency", labels=["upstream"]
+        self.calls = Counter("smeldr_gateway_calls", "Requests forwarded upstream", ["upstream", "method"], registry=registry)
+        self.live = Gauge(
+            "smeldr_gateway_live_instances", "Upstream instances running", ["upstream"],
+            registry=registry, multiprocess_mode="livesum",
         )
+        self.latency = Histogram(
+            "smeldr_gateway_request_duration_seconds", "Forwarded request latency", ["upstream"],
+            buckets=LATENCY_BOUNDS, registry=registry,
+        )
+        self._hook()
+
+    def _hook(self) -> None:
+        for m in self.upstreams():
+            if m not in self._hooked:
+                self._hooked.add(m)
+                m.latency_observers.append(self.latency.labels(upstream=m.upstream or "default").observe)
+
+    def _advance(self, counter: Any, key: tuple[str, ...], total: int) -> None:
+        grown = total - self._seen.get(key, 0)
+        self._seen[key] = total
+        if grown > 0:
+            counter.inc(grown)
+
+    def refresh(self) -> None:
+        self._hook()
         for m in self.upstreams():
             name = m.upstream or "default"
-            for key, family in counters.items():
-                family.add_metric([name], getattr(m, key))
-            for method, count in sorted(m.by_method.items()):
-                calls.add_metric([name, method], count)
-            live.add_metric([name], m.live())
-            cumulative, buckets = 0, []
-            for bound, count in zip(LATENCY_BOUNDS, m.latency_buckets):
-                cumulative += count
-                buckets.append(("+Inf" if math.isinf(bound) else repr(bound), cumulative))
-            latency.add_metric([name], buckets, m.latency_sum)
-        yield calls
-        yield from counters.values()
-        yield live
-        yield latency
+            for key, counter in self.counters.items():
+                self._advance(counter.labels(upstream=name), (key, name), getattr(m, key))
+            for method, count in list(m.by_method.items()):
+                self._advance(self.calls.labels(upstream=name, method=method), ("calls", name, method), count)
+            self.live.labels(upstream=name).set(m.live())

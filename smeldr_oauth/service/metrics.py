@@ -122,6 +122,7 @@ class Metrics:
         self._worker_requests: Any = None
         self._databases: Optional[DatabaseFigures] = None
         self._routing: Optional[RoutingFigures] = None
+        self._watched: list[Any] = []
 
     def watch_databases(self, databases: Mapping[str, Any]) -> None:
         """
@@ -139,6 +140,14 @@ class Metrics:
         """
         self._routing = RoutingFigures(self.registry, sessions)
 
+    def watch(self, figures: Any) -> None:
+        """
+        Refresh C{figures} (an object with a C{refresh()} that brings its
+        metrics in this registry up to date, such as the gateway's
+        L{smeldr_oauth.gateway.metrics.PrometheusFigures}) with the rest.
+        """
+        self._watched.append(figures)
+
     def refresh(self) -> None:
         """
         Bring the values read from elsewhere (open streams, the database
@@ -152,6 +161,8 @@ class Metrics:
             self._databases.refresh()
         if self._routing is not None:
             self._routing.refresh()
+        for figures in self._watched:
+            figures.refresh()
 
     def count_worker(self, index: int) -> None:
         """

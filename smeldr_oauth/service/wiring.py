@@ -359,10 +359,10 @@ class StandaloneService(Service):
             self.metrics.watch_databases({"oauth": self.store.database, "site": self.site_stores.db})
         self._metrics_observer = MetricsObserver(self.metrics)
         if self.gateways:
-            from smeldr_oauth.gateway.metrics import PrometheusCollector
+            from smeldr_oauth.gateway.metrics import PrometheusFigures
 
             gateways = self.gateways
-            self.metrics.registry.register(PrometheusCollector(lambda: [g.metrics for g in gateways]))
+            self.metrics.watch(PrometheusFigures(self.metrics.registry, lambda: [g.metrics for g in gateways]))
         self.health = HealthCheck(self.store, reactor, upstreams=mounted.describe_upstreams)
         static = static_answers(self.mounted.routes)
         static[b"/healthz"] = self.health.resource()
