@@ -11,9 +11,11 @@ no access log) runs in another, and a bare asyncio HTTP client
     the gateway, and the overhead;
   - C{--connections} connections (each its own MCP session) for
     C{--seconds}: calls per second direct and through the gateway, and
-    the ratio.
+    the ratio;
+  - the front's resident memory per idle session (C{--idle-sessions}
+    initialized, never called; each has its own upstream session here).
 
-Usage: python -m bench.gateway_front [--calls N] [--connections N] [--seconds S] [--json]
+Usage: python -m bench.gateway_front [--calls N] [--connections N] [--seconds S] [--idle-sessions N] [--json]
 
 One run, one box: the numbers compare within the run.
 """
@@ -139,6 +141,29 @@ class Session:
             raise SystemExit(f"tools/call answered {response.status}: {response.body[:200]!r}")
 
 
+async def idle_sessions(port: int, pid: int, count: int) -> float:
+    """
+    Bytes of the front's resident memory per idle session: C{count}
+    sessions initialized (no call) on one connection, the process's RSS
+    before and after.
+    """
+    from bench.gateway import rss_kib
+
+    conn = await connect("127.0.0.1", port)
+    host = f"127.0.0.1:{port}"
+    note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
+    before = rss_kib(pid)
+    for _ in range(count):
+        response = await conn.request(build("POST", "/mcp", host, _headers(None), json.dumps(INIT).encode()))
+        if response.status != 200:
+            raise SystemExit(f"initialize answered {response.status}: {response.body[:200]!r}")
+        headers = _headers(response.headers[b"mcp-session-id"].decode())
+        await conn.request(build("POST", "/mcp", host, headers, note))
+    after = rss_kib(pid)
+    conn.close()
+    return (after - before) * 1024 / count
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
@@ -201,7 +226,9 @@ def _everything() -> tuple[subprocess.Popen, int]:
     raise SystemExit("server-everything did not listen")
 
 
-def run(calls: int, connections: int, seconds: float, upstream_kind: str = "everything") -> dict[str, Any]:
+def run(
+    calls: int, connections: int, seconds: float, upstream_kind: str = "everything", idle: int = 0
+) -> dict[str, Any]:
     if upstream_kind == "sdk":
         upstream, upstream_port = _spawn([sys.executable, SDK_SERVER, "--json-response"])
     else:
@@ -213,6 +240,8 @@ def run(calls: int, connections: int, seconds: float, upstream_kind: str = "ever
         )
         direct = asyncio.run(measure(upstream_port, calls, connections, seconds))
         gateway = asyncio.run(measure(front_port, calls, connections, seconds))
+        if idle:
+            gateway["bytes_per_idle_session"] = round(asyncio.run(idle_sessions(front_port, front.pid, idle)))
     finally:
         for process in (front, upstream):
             if process is not None:
@@ -238,12 +267,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--upstream", choices=["everything", "sdk"], default="everything")
+    parser.add_argument(
+        "--idle-sessions", type=int, default=200, metavar="N",
+        help="then open N idle sessions and report the front's memory per session (0: skip)",
+    )
     parser.add_argument("--serve", metavar="UPSTREAM_URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         serve(args.serve)
         return 0
-    result = run(args.calls, args.connections, args.seconds, args.upstream)
+    result = run(args.calls, args.connections, args.seconds, args.upstream, args.idle_sessions)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -252,6 +285,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"  1 connection   direct p50 {d['p50_ms']:.3f} ms p99 {d['p99_ms']:.3f} ms")
     print(f"                 gateway p50 {g['p50_ms']:.3f} ms p99 {g['p99_ms']:.3f} ms  overhead p50 {result['overhead_p50_ms']:.3f} ms")
     print(f"  {result['connections']} connections direct {d['calls_per_second']:.0f} calls/s, gateway {g['calls_per_second']:.0f} calls/s  (ratio {result['throughput_ratio']:.2f})")
+    if "bytes_per_idle_session" in g:
+        print(f"  idle session in the front (its own upstream session each): {g['bytes_per_idle_session'] / 1024:.1f} KiB RSS")
     return 0
 
 

@@ -41,7 +41,10 @@ class GatewayBenchSmokeTests(SynchronousTestCase):
         """C{bench/gateway_front.py}: the whole front over HTTP, direct and through."""
         everything()
         out = subprocess.run(
-            [sys.executable, "-m", "bench.gateway_front", "--calls", "20", "--connections", "2", "--seconds", "0.5", "--json"],
+            [
+                sys.executable, "-m", "bench.gateway_front",
+                "--calls", "20", "--connections", "2", "--seconds", "0.5", "--idle-sessions", "20", "--json",
+            ],
             cwd=CHECKOUT,
             capture_output=True,
             text=True,
@@ -53,3 +56,4 @@ class GatewayBenchSmokeTests(SynchronousTestCase):
             self.assertGreater(report[side]["p50_ms"], 0)
             self.assertGreater(report[side]["calls_per_second"], 0)
         self.assertGreater(report["throughput_ratio"], 0)
+        self.assertIn("bytes_per_idle_session", report["gateway"])
