@@ -441,7 +441,7 @@ class MetricsTests(SynchronousTestCase):
         self.assertNotIn("alice", str(state))
 
     def test_call_events(self) -> None:
-        from twisted.logger import capturedLogs
+        from twisted.logger import LogLevel, capturedLogs
 
         h = Harness()
         session, _ = h.session()
@@ -449,6 +449,14 @@ class MetricsTests(SynchronousTestCase):
             self.successResultOf(h.call_tool(session, ALICE, "echo", {"text": "x"}))
         (event,) = [e for e in events if e.get("smeldr_event") == "gateway_call"]
         self.assertEqual((event["tool"], event["outcome"], event["subject"]), ("echo", "ok", "alice"))
+        # A call that went well is routine (debug, as native tools); any
+        # other outcome is worth a line at info.
+        self.assertEqual(event["log_level"], LogLevel.debug)
+        with capturedLogs() as events:
+            self.successResultOf(h.call_tool(session, ALICE, "no-such-tool", {}))
+        (event,) = [e for e in events if e.get("smeldr_event") == "gateway_call"]
+        self.assertNotEqual(event["outcome"], "ok")
+        self.assertEqual(event["log_level"], LogLevel.info)
 
 
 class OutletTests(SynchronousTestCase):
