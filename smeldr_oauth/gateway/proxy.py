@@ -101,7 +101,8 @@ class Gateway:
         @param clock: all timing (timeouts, idle stop, backoff, rate limits).
         @param reactor: an C{IReactorProcess} to spawn stdio upstreams.
         @param http_agent: an C{IAgent} for HTTP upstreams (each upstream session
-            gets its own treq client, with its own cookie jar, over it).
+            sends its requests through it, with its own cookie jar;
+            L{smeldr_oauth.gateway.http.upstream_agent} makes the usual one).
         @param connector: makes channels (tests); replaces the two above.
         @param environ: the environment stdio upstreams inherit from
             (default C{os.environ}).
