@@ -135,6 +135,12 @@ class Context:
     def oauth_location(self) -> str:
         return str(self.options.database or self.options.oauth_db)
 
+    def revoked(self, grant_ids: list[str], whose: str) -> None:
+        """Say which grants a command revoked, one id a line."""
+        self.say(f"Revoked {len(grant_ids)} grant(s) {whose}.")
+        for grant_id in grant_ids:
+            self.say(f"  {grant_id}")
+
     def oauth_store(self) -> Any:
         """
         The OAuth store the options name (L{open_oauth_store}, looked up

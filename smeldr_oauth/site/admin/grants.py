@@ -91,9 +91,7 @@ async def revoke_client(ctx: Context) -> int:
                 revoked.append(grant.grant_id)
     finally:
         close(store)
-    ctx.say(f"Revoked {len(revoked)} grant(s) of client {client_id}.")
-    for grant_id in revoked:
-        ctx.say(f"  {grant_id}")
+    ctx.revoked(revoked, f"of client {client_id}")
     return 0
 
 

@@ -94,7 +94,5 @@ async def revoke(ctx: Context) -> int:
         grant_ids = await store.revoke_grants_of_site_token(token_id, ctx.now())
     finally:
         close(store)
-    ctx.say(f"Revoked {len(grant_ids)} grant(s) approved with it.")
-    for grant_id in grant_ids:
-        ctx.say(f"  {grant_id}")
+    ctx.revoked(grant_ids, "approved with it")
     return 0
