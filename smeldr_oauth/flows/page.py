@@ -157,6 +157,12 @@ class FlowsPage(GrantsPage):
         return Context(now=self.clock.seconds(), resource=config.resource, access_ttl=config.access_token_ttl)
 
     async def _admit(self, approval: Approval) -> Optional[str]:
+        """
+        Only a live admin token opens this page: asked once per request
+        (at sign-in, and by L{GrantsPage} before every view or action of a
+        session, which then ends if the token was revoked or is no longer
+        an admin's).
+        """
         if await self.is_admin(approval.site_token_id):
             return None
         return "That site token is not an admin token."
@@ -174,9 +180,6 @@ class FlowsPage(GrantsPage):
     async def _show(
         self, request: IRequest, session: PageSession, notice: Optional[str] = None, status: int = 200
     ) -> bytes:
-        if not await self.is_admin(session.approval.site_token_id):
-            # Revoked (or no longer admin) since the sign-in.
-            return self._signin(request, "That site token is no longer an admin token.", 403)
         asked = (request.args or {}).get(b"client", []) if request.method == b"GET" else []
         context = self._context()
         if len(asked) == 1:
