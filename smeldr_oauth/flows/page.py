@@ -29,7 +29,7 @@ from smeldr_oauth.flows.store import IFlowStore
 from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.web import pages
-from smeldr_oauth.web.grants import GrantsPage, PageSession, _hidden, signin_page
+from smeldr_oauth.web.grants import GrantsPage, PageSession, signin_page, signout_form
 from smeldr_oauth.web.oauth import issuer_path
 
 TITLE = "Connection timelines"
@@ -75,7 +75,7 @@ def clients_page(
                 )
             )
         )
-    body.append(_signout(action, csrf))
+    body.append(signout_form(action, csrf))
     return pages.Page(TITLE, body)
 
 
@@ -110,15 +110,8 @@ def timeline_page(
                 )
             )
         )
-    body.append(_signout(action, csrf))
+    body.append(signout_form(action, csrf))
     return pages.Page(TITLE, body)
-
-
-def _signout(action: str, csrf: str) -> Tag:
-    return tags.form(method="post", action=action)(
-        _hidden(action="signout", csrf=csrf),
-        tags.div(class_="actions")(tags.button("Sign out", type="submit")),
-    )
 
 
 class FlowsPage(GrantsPage):
