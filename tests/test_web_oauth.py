@@ -718,6 +718,20 @@ class TokenEndpointTests(HTTPTestCase):
             self.assertEqual(response.header("www-authenticate"), 'Basic realm="oauth"')
         self.assertEqual(self.exchange(code).status, 200)
 
+    def test_body_type_before_credentials(self) -> None:
+        """
+        At every endpoint a client authenticates at, a body of the wrong
+        type is answered as such (400 C{invalid_request}) even when the
+        Authorization header is malformed too: the form is read first
+        (L{smeldr_oauth.web.oauth.client_request}).
+        """
+        for path in ("/oauth/token", "/oauth/revoke", "/oauth/introspect"):
+            with self.unchanged():
+                response = self.request(
+                    "POST", path, b"token=a", {"Content-Type": "text/plain", "Authorization": "Basic !!!"}
+                )
+            self.assertOAuthError(response, "invalid_request", 400)
+
 
 class ConfidentialClientTests(HTTPTestCase):
     def setUp(self) -> None:
