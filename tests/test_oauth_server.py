@@ -110,6 +110,26 @@ def query_of(location: str) -> dict[str, list[str]]:
     return parse_qs(urlsplit(location).query, keep_blank_values=True)
 
 
+def authorize_fields(client_id: str, /, **overrides: Optional[str]) -> dict[str, str]:
+    """
+    A valid authorization request of C{client_id} (PKCE, state, scopes,
+    resource), with C{overrides}; an override of C{None} leaves the field
+    out.  The service tests and the HTTP tests start from this one.
+    """
+    params: dict[str, Optional[str]] = {
+        "response_type": "code",
+        "client_id": client_id,
+        "redirect_uri": "https://client.example/cb",
+        "state": "xyz",
+        "code_challenge": CHALLENGE,
+        "code_challenge_method": "S256",
+        "scope": "read offline_access",
+        "resource": RESOURCE,
+    }
+    params.update(overrides)
+    return {k: v for k, v in params.items() if v is not None}
+
+
 class ServerTestCase(SynchronousTestCase):
     """
     A server on a memory store, a clock, a fake CIMD resolver, and one
@@ -182,18 +202,7 @@ class ServerTestCase(SynchronousTestCase):
     # Building requests
 
     def authorize_params(self, **overrides: Optional[str]) -> dict[str, list[str]]:
-        params: dict[str, Optional[str]] = {
-            "response_type": "code",
-            "client_id": self.client_id,
-            "redirect_uri": "https://client.example/cb",
-            "state": "xyz",
-            "code_challenge": CHALLENGE,
-            "code_challenge_method": "S256",
-            "scope": "read offline_access",
-            "resource": RESOURCE,
-        }
-        params.update(overrides)
-        return {k: [v] for k, v in params.items() if v is not None}
+        return {k: [v] for k, v in authorize_fields(self.client_id, **overrides).items()}
 
     def validate(self, params: dict[str, list[str]]) -> AuthorizationRequest:
         return self.drive(self.server.validate_authorization_request(params))

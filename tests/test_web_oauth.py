@@ -33,6 +33,7 @@ from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.store.memory import MemoryStore
 from tests.test_oauth_server import (
+    authorize_fields,
     CHALLENGE,
     SlowResolver,
     CIMD_CLIENT,
@@ -139,18 +140,7 @@ class HTTPTestCase(SynchronousTestCase):
         return self.request("POST", "/oauth/register", body, JSON if headers is None else headers)
 
     def authorize_params(self, **overrides: Optional[str]) -> dict[str, str]:
-        params: dict[str, Optional[str]] = {
-            "response_type": "code",
-            "client_id": self.client_id,
-            "redirect_uri": "https://client.example/cb",
-            "state": "xyz",
-            "code_challenge": CHALLENGE,
-            "code_challenge_method": "S256",
-            "scope": "read offline_access",
-            "resource": RESOURCE,
-        }
-        params.update(overrides)
-        return {k: v for k, v in params.items() if v is not None}
+        return authorize_fields(self.client_id, **overrides)
 
     def consent(self, path: str = "/oauth/authorize", **overrides: Optional[str]) -> Response:
         return self.request("GET", path, query=self.authorize_params(**overrides))
