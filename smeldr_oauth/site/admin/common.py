@@ -48,29 +48,21 @@ class DatabaseOptions:
     oauth_db: argparse.ArgumentParser
 
 
+def _option(flag: str, metavar: str, help: str) -> argparse.ArgumentParser:
+    """A parent parser with the one option C{flag}, default C{None}."""
+    parent = Parser(add_help=False)
+    parent.add_argument(flag, default=None, metavar=metavar, help=help)
+    return parent
+
+
 def database_options() -> DatabaseOptions:
-    database = Parser(add_help=False)
-    database.add_argument(
-        "--database",
-        default=None,
-        metavar="URL",
-        help="PostgreSQL database of the OAuth data and site content (instead of the SQLite files)",
+    return DatabaseOptions(
+        database=_option(
+            "--database", "URL", "PostgreSQL database of the OAuth data and site content (instead of the SQLite files)"
+        ),
+        site_db=_option("--site-db", "PATH", f"site database (SQLite; default {DEFAULT_SITE_DB})"),
+        oauth_db=_option("--oauth-db", "PATH", f"OAuth database (SQLite; default {DEFAULT_OAUTH_DB})"),
     )
-    site_db = Parser(add_help=False)
-    site_db.add_argument(
-        "--site-db",
-        default=None,
-        metavar="PATH",
-        help=f"site database (SQLite; default {DEFAULT_SITE_DB})",
-    )
-    oauth_db = Parser(add_help=False)
-    oauth_db.add_argument(
-        "--oauth-db",
-        default=None,
-        metavar="PATH",
-        help=f"OAuth database (SQLite; default {DEFAULT_OAUTH_DB})",
-    )
-    return DatabaseOptions(database=database, site_db=site_db, oauth_db=oauth_db)
 
 
 def when(timestamp: float | None) -> str:
