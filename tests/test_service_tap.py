@@ -30,6 +30,21 @@ def parse(*argv: str) -> tap.Options:
     return options
 
 
+def local_options(test: TestCase, *argv: str) -> tap.Options:
+    """
+    Options for a server at C{http://127.0.0.1:1} whose two SQLite files
+    are in a new directory of C{test}'s, and C{argv}.
+    """
+    tmp = test.mktemp()
+    os.makedirs(tmp)
+    return parse(
+        "--issuer", "http://127.0.0.1:1",
+        "--oauth-db", os.path.join(tmp, "oauth.db"),
+        "--site-db", os.path.join(tmp, "site.db"),
+        *argv,
+    )
+
+
 class OptionsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.stderr = io.StringIO()
@@ -148,13 +163,7 @@ class ServiceOverSocketTests(TestCase):
 
     @inlineCallbacks
     def serve(self, endpoint: str, scheme: str, agent: Any = None) -> Any:
-        tmp = self.mktemp()
-        os.makedirs(tmp)
-        options = parse(
-            "--issuer", "http://127.0.0.1:1",
-            "--oauth-db", os.path.join(tmp, "oauth.db"),
-            "--site-db", os.path.join(tmp, "site.db"),
-        )
+        options = local_options(self)
         service = StandaloneService(options, reactor)
         service.startService()
         self.addCleanup(service.stopService)
@@ -217,14 +226,7 @@ class MetricsOverSocketTests(TestCase):
         from twisted.web.client import Agent, HTTPConnectionPool
         from twisted.web.server import Site
 
-        tmp = self.mktemp()
-        os.makedirs(tmp)
-        options = parse(
-            "--issuer", "http://127.0.0.1:1",
-            "--oauth-db", os.path.join(tmp, "oauth.db"),
-            "--site-db", os.path.join(tmp, "site.db"),
-            "--metrics-listen", "tcp:0:interface=127.0.0.1",
-        )
+        options = local_options(self, "--metrics-listen", "tcp:0:interface=127.0.0.1")
         service = StandaloneService(options, reactor)
         service.startService()
         self.addCleanup(service.stopService)
@@ -271,14 +273,7 @@ class CustomAppScopesTests(TestCase):
         C{--app}: the scopes the app's tools name are the server's scopes,
         so a token can carry them.
         """
-        tmp = self.mktemp()
-        os.makedirs(tmp)
-        options = parse(
-            "--issuer", "http://127.0.0.1:1",
-            "--oauth-db", os.path.join(tmp, "oauth.db"),
-            "--site-db", os.path.join(tmp, "site.db"),
-            "--app", "tests.test_service_tap:admin_app",
-        )
+        options = local_options(self, "--app", "tests.test_service_tap:admin_app")
         service = StandaloneService(options, reactor)
         self.addCleanup(lambda: (service.store.close(), service.site_stores.close()))
         self.assertEqual(service.oauth.config.all_scopes, ("admin", "offline_access"))
