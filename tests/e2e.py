@@ -16,9 +16,7 @@ message, and at cleanup it is written to C{server.log} beside the databases
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
-import ipaddress
 import json
 import os
 import socket
@@ -27,10 +25,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attr
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import error, ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint
@@ -42,6 +36,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from tests import certificates
 from tests.lifetime import spawnBound
 
 #: The checkout, where the client programs under C{tests/clients} live.
@@ -421,35 +416,9 @@ def _selfSignedCertificate(directory: str) -> tuple[str, bytes]:
     @return: The file its certificate was written to (what the server must
         trust) and its certificate and key together, as PEM.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.DNSName("localhost"),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    certificatePEM = certificate.public_bytes(serialization.Encoding.PEM)
-    keyPEM = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    key, certificate = certificates.self_signed()
+    certificatePEM = certificates.cert_pem(certificate)
+    keyPEM = certificates.key_pem(key)
     certFile = os.path.join(directory, "cimd-ca.pem")
     with open(certFile, "wb") as f:
         f.write(certificatePEM)

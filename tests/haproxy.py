@@ -37,7 +37,6 @@ command) or skips, naming C{bash scripts/setup-haproxy.sh}.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import os
 import shutil
 import signal
@@ -48,10 +47,6 @@ from typing import Any, Optional, Union
 
 import attr
 import treq
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.ssl import Certificate
@@ -59,6 +54,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
+from tests import certificates
 from tests.e2e import ServerFailed, _OutputCollector, subprocessEnvironment
 from tests.prerequisites import require
 
@@ -142,16 +138,6 @@ class TestCA:
     notAfter: datetime.datetime
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 def makeTestCA(
     testCase: TestCase,
     hosts: Sequence[str] = ("127.0.0.1", "localhost"),
@@ -167,60 +153,16 @@ def makeTestCA(
     """
     directory = os.path.abspath(testCase.mktemp())
     os.makedirs(directory)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    caKey = _key()
-    caName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "smeldr test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(caName)
-        .issuer_name(caName)
-        .public_key(caKey.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + caValidFor)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(caKey.public_key()), critical=False)
-        .sign(caKey, hashes.SHA256())
-    )
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    serverKey = _key()
-    notAfter = now + validFor
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(caName)
-        .public_key(serverKey.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(min(now - datetime.timedelta(minutes=5), notAfter - datetime.timedelta(days=1)))
-        .not_valid_after(notAfter)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(caKey.public_key()), critical=False
-        )
-        .sign(caKey, hashes.SHA256())
-    )
-    caPEM = ca.public_bytes(serialization.Encoding.PEM)
+    caKey, ca = certificates.make_ca(caValidFor)
+    notAfter = datetime.datetime.now(datetime.timezone.utc) + validFor
+    serverKey, server = certificates.make_server(caKey, ca, hosts, notAfter)
+    caPEM = certificates.cert_pem(ca)
     caFile = os.path.join(directory, "ca.pem")
     with open(caFile, "wb") as f:
         f.write(caPEM)
     serverPEM = os.path.join(directory, "server.pem")
     with open(serverPEM, "wb") as f:
-        f.write(server.public_bytes(serialization.Encoding.PEM) + _pem(serverKey) + caPEM)
+        f.write(certificates.cert_pem(server) + certificates.key_pem(serverKey) + caPEM)
     return TestCA(caFile=caFile, serverPEM=serverPEM, notAfter=notAfter)
 
 

@@ -126,7 +126,6 @@ OVERSIZE = {
     "smeldr_oauth.gateway.link": "one upstream instance (gateway2)",
     "smeldr_oauth.db.database": "the database layer (perf)",
     "smeldr_oauth.db.notify": "LISTEN/NOTIFY (perf)",
-    "smeldr_oauth.site.admin": "the admin command's parser and subcommands (flows, gateway2)",
     "smeldr_oauth.mcp.http.registry": "the session registry and its cross-process copies (scale)",
 }
 

@@ -43,6 +43,7 @@ class FlowsPageTests(SynchronousTestCase):
         config = Config(issuer="http://127.0.0.1:8080", verify_bearer=verify)
         self.server = OAuthServer(config, MemoryStore(self.clock), self.clock)
         self.admins = {"t-admin"}
+        self.admin_checks = 0
         self.flows = FlowStore.in_memory(self.clock)
         self.addCleanup(self.flows.close)
         now = self.clock.seconds()
@@ -59,6 +60,7 @@ class FlowsPageTests(SynchronousTestCase):
         self.treq = StubTreq(app.resource())
 
     def is_admin(self, token_id: Optional[str]) -> "Deferred[bool]":
+        self.admin_checks += 1
         return succeed(token_id in self.admins)
 
     def request(self, method: str, body: Optional[dict[str, str]] = None, cookie: str = "", query: str = "") -> tuple[Any, str]:
@@ -111,12 +113,25 @@ class FlowsPageTests(SynchronousTestCase):
         self.assertIn(f"docs/troubleshooting.md#{patterns.NEVER_USED}", text)
 
     def test_admin_flag_checked_on_every_view(self) -> None:
-        """An admin token revoked after the sign-in closes the page."""
+        """
+        An admin token revoked after the sign-in closes the page, and ends
+        the session; the flag is asked once per request, not once per
+        layer.
+        """
         cookie, _ = self.session()
+        self.admin_checks = 0
+        response, text = self.request("GET", cookie=cookie)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.admin_checks, 1)
         self.admins.clear()
         response, text = self.request("GET", cookie=cookie)
         self.assertEqual(response.code, 403)
+        self.assertEqual(self.admin_checks, 2)
         self.assertNotIn("&lt;c1&gt;", text)
+        self.assertIn("Max-Age=0", response.headers.getRawHeaders("set-cookie")[0])
+        self.admins.add("t-admin")
+        response, text = self.request("GET", cookie=cookie)
+        self.assertIn("Paste an admin site token", text)
 
     def test_no_revoke_action_here(self) -> None:
         cookie, csrf = self.session()

@@ -7,17 +7,13 @@ cap, no redirects, single flight, caching) and, over real sockets on
 
 from __future__ import annotations
 
-import datetime
 import gzip
-import ipaddress
 import json
 from typing import Any
 
 import attr
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
@@ -54,6 +50,8 @@ from smeldr_oauth.oauth.cimd import (
 )
 from smeldr_oauth.oauth.model import Client
 from smeldr_oauth.oauth.netguard import AddressPolicy, ForbiddenAddress, make_vetted_agent
+
+from tests import certificates
 
 from .test_oauth_netguard import FakeResolver
 
@@ -1412,73 +1410,9 @@ class StaleIfErrorTests(SynchronousTestCase):
 # --- Real sockets -------------------------------------------------------
 
 
-def make_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "smeldr test CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def make_server_cert(
-    ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, names: list[str]
-) -> PrivateCertificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    sans: list[x509.GeneralName] = []
-    for n in names:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
-        except ValueError:
-            sans.append(x509.DNSName(n))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return PrivateCertificate.loadPEM(pem)
+def make_server_cert(ca_key: certificates.Key, ca: x509.Certificate, names: list[str]) -> PrivateCertificate:
+    key, cert = certificates.make_server(ca_key, ca, names)
+    return PrivateCertificate.loadPEM(certificates.cert_pem(cert) + certificates.key_pem(key))
 
 
 class DocumentResource(Resource):
@@ -1544,7 +1478,7 @@ class RealSocketTests(TestCase):
     HOST = "cimd.example"
 
     def setUp(self) -> None:
-        ca_key, ca = make_ca()
+        ca_key, ca = certificates.make_ca()
         self.trust_root = trustRootFromCertificates(
             [Certificate.loadPEM(ca.public_bytes(serialization.Encoding.PEM))]
         )

@@ -9,22 +9,15 @@ HTTP server and fetched by the real L{CIMDResolver}.
 from __future__ import annotations
 
 import json
-import os
-import re
-from html import unescape
 from typing import Any, Optional
 from urllib.parse import urlencode
 
-import treq
-from klein import Klein
-from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import Data
@@ -37,8 +30,7 @@ from smeldr_oauth.web.oauth import OAuthRoutes
 from smeldr_oauth.web.routes import mount_routes
 from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
-from smeldr_oauth.web.site import SmeldrSite
-from smeldr_oauth.store.sqlite import SQLiteStore
+from tests.oauth_socket import OAuthSocketMixin, approval_form
 from tests.test_oauth_server import query_of
 
 SITE_TOKEN = "socket-site-token-0123456789abcdef"
@@ -52,27 +44,17 @@ def verify_bearer(pasted: str) -> Optional[Approval]:
     return None
 
 
-class FlowOverSocketTests(TestCase):
+class FlowOverSocketTests(OAuthSocketMixin, TestCase):
     async def start(self, cimd: bool, path: str = "", **overrides: Any) -> None:
         """
         Listen, then build the server: its issuer needs the port.
 
         @param path: the issuer's path (RFC 8414 section 3.1).
         """
-        self.app = Klein()
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
-            SmeldrSite(self.app.resource())
-        )
-        self.addCleanup(port.stopListening)
-        self.origin = f"http://127.0.0.1:{port.getHost().port}"
-        self.issuer = self.origin + path
+        self.app = await self.serve(path)
         # Where RFC 8414 section 3.1 puts the metadata of an issuer with a path.
         self.metadata_url = self.origin + "/.well-known/oauth-authorization-server" + path
-        directory = self.mktemp()
-        os.makedirs(directory)
-        self.store = SQLiteStore(os.path.join(directory, "oauth.db"), reactor)
-        self.addCleanup(self.store.close)
-        await self.store.ready
+        self.store = await self.open_store()
         resolver = CIMDResolver(reactor, allow_insecure=True) if cimd else None
         kw: dict[str, Any] = dict(
             issuer=self.issuer, verify_bearer=verify_bearer, allow_insecure_client_ids=cimd
@@ -81,8 +63,6 @@ class FlowOverSocketTests(TestCase):
         config = Config(**kw)
         self.server = OAuthServer(config, self.store, reactor, resolver)
         mount_routes(self.app, OAuthRoutes(self.server).routes() + AuthorizeRoutes(self.server).routes())
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.http = HTTPClient(Agent(reactor, pool=pool))
 
     async def serve_document(self) -> str:
         """
@@ -104,11 +84,6 @@ class FlowOverSocketTests(TestCase):
         root.putChild(b"oauth", oauth)
         oauth.putChild(b"client.json", Data(json.dumps(document).encode(), "application/json"))
         return client_id
-
-    async def call(self, method: str, url: str, **kwargs: Any) -> tuple[Any, bytes]:
-        response = await self.http.request(method, url, allow_redirects=False, **kwargs)
-        body = await treq.content(response)
-        return response, body
 
     async def flow(self, client_id: str, redirect_uri: str) -> list[str]:
         """
@@ -139,13 +114,8 @@ class FlowOverSocketTests(TestCase):
         self.assertEqual(response.code, 200, body)
         self.assertEqual(response.headers.getRawHeaders("x-frame-options"), ["DENY"])
         page = body.decode("utf-8")
-        action = unescape(re.search(r'<form method="post" action="([^"]+)"', page).group(1))  # type: ignore[union-attr]
-        fields = [
-            (unescape(k), unescape(v))
-            for k, v in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)" ?/?>', page)
-        ]
-        fields += [("decision", "approve"), ("site_token", SITE_TOKEN)]
-        response, body = await self.call("POST", action, data=urlencode(fields).encode(), headers=FORM)
+        action, form = approval_form(page, SITE_TOKEN)
+        response, body = await self.call("POST", action, data=form, headers=FORM)
         self.assertEqual(response.code, 303, body)
         [location] = response.headers.getRawHeaders("location")
         self.assertTrue(location.startswith(redirect_uri + "?"), location)
@@ -266,14 +236,13 @@ class FlowOverSocketTests(TestCase):
         return Deferred.fromCoroutine(self.cimd())
 
 
-class FindingsOverSocketTests(TestCase):
+class FindingsOverSocketTests(OAuthSocketMixin, TestCase):
     """
     The security review's reproductions, against the production site and
     SQLite store over real sockets.
     """
 
     start = FlowOverSocketTests.start
-    call = FlowOverSocketTests.call
 
     REDIRECT = "http://127.0.0.1:6276/oauth/callback"
 

@@ -14,13 +14,9 @@ import sys
 from typing import Any, Optional
 from urllib.parse import urlencode
 
-from klein import Klein
-from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from smeldr_oauth.oauth.config import Config, ProtectedResource
 from smeldr_oauth.oauth.introspection import RESOURCE_SERVER, new_resource_server
@@ -32,7 +28,6 @@ from smeldr_oauth.store.sqlite import SQLiteStore
 from smeldr_oauth.web.authorize import AuthorizeRoutes
 from smeldr_oauth.web.oauth import OAuthRoutes
 from smeldr_oauth.web.routes import mount_routes
-from smeldr_oauth.web.site import SmeldrSite
 from tests.e2e import (
     CHECKOUT,
     adminCommand,
@@ -59,15 +54,8 @@ class IntrospectionTests(OAuthSocketMixin, TestCase):
     timeout = 30
 
     async def setUp(self) -> None:  # type: ignore[override]
-        self.app = Klein()
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(SmeldrSite(self.app.resource()))
-        self.addCleanup(port.stopListening)
-        self.issuer = f"http://127.0.0.1:{port.getHost().port}"
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
-        self.store = SQLiteStore(os.path.join(self.directory, "oauth.db"), reactor)
-        self.addCleanup(self.store.close)
-        await self.store.ready
+        self.app = await self.serve()
+        self.store = await self.open_store()
         self.a, self.b = self.issuer + "/mcp/a", self.issuer + "/mcp/b"
         config = Config(
             issuer=self.issuer,
@@ -78,7 +66,6 @@ class IntrospectionTests(OAuthSocketMixin, TestCase):
         )
         self.oauth = OAuthServer(config, self.store, reactor, None)
         mount_routes(self.app, OAuthRoutes(self.oauth).routes() + AuthorizeRoutes(self.oauth).routes())
-        self.http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
         self.server, self.secret = await self.resource_server("mcp-a", self.a)
 
     async def resource_server(self, name: str, resource: Optional[str]) -> tuple[str, str]:

@@ -52,7 +52,7 @@ class RateLimiterTests(SynchronousTestCase):
 
     def test_hit_until_empty(self) -> None:
         self.assertEqual([self.limiter.hit("a") for _ in range(4)], [True, True, True, False])
-        self.assertFalse(self.limiter.allowed("a"))
+        self.assertEqual(self.limiter.retry_after("a"), 20)
         self.assertTrue(self.limiter.hit("b"))
 
     def test_refills(self) -> None:

@@ -110,7 +110,62 @@ def query_of(location: str) -> dict[str, list[str]]:
     return parse_qs(urlsplit(location).query, keep_blank_values=True)
 
 
-class ServerTestCase(SynchronousTestCase):
+def authorize_fields(client_id: str, /, **overrides: Optional[str]) -> dict[str, str]:
+    """
+    A valid authorization request of C{client_id} (PKCE, state, scopes,
+    resource), with C{overrides}; an override of C{None} leaves the field
+    out.  The service tests and the HTTP tests start from this one.
+    """
+    params: dict[str, Optional[str]] = {
+        "response_type": "code",
+        "client_id": client_id,
+        "redirect_uri": "https://client.example/cb",
+        "state": "xyz",
+        "code_challenge": CHALLENGE,
+        "code_challenge_method": "S256",
+        "scope": "read offline_access",
+        "resource": RESOURCE,
+    }
+    params.update(overrides)
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def exchange_fields(client_id: str, code: str, /, **overrides: Optional[str]) -> dict[str, str]:
+    """
+    A valid code exchange for a code of L{authorize_fields}, with
+    C{overrides} (C{None} leaves a field out).
+    """
+    params: dict[str, Optional[str]] = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": "https://client.example/cb",
+        "client_id": client_id,
+        "code_verifier": VERIFIER,
+        "resource": RESOURCE,
+    }
+    params.update(overrides)
+    return {k: v for k, v in params.items() if v is not None}
+
+
+class StoreUnchanged(SynchronousTestCase):
+    """
+    L{unchanged}, for tests of a C{self.store} that a refused request
+    must leave as it was.
+    """
+
+    store: MemoryStore
+
+    @contextmanager
+    def unchanged(self) -> Iterator[None]:
+        """
+        Check that the block leaves the store exactly as it found it.
+        """
+        before = snapshot(self.store)
+        yield
+        self.assertEqual(snapshot(self.store), before)
+
+
+class ServerTestCase(StoreUnchanged):
     """
     A server on a memory store, a clock, a fake CIMD resolver, and one
     registered public client.
@@ -170,30 +225,10 @@ class ServerTestCase(SynchronousTestCase):
             self.assertEqual(e.status, status)
         return e
 
-    @contextmanager
-    def unchanged(self) -> Iterator[None]:
-        """
-        Check that the block leaves the store exactly as it found it.
-        """
-        before = snapshot(self.store)
-        yield
-        self.assertEqual(snapshot(self.store), before)
-
     # Building requests
 
     def authorize_params(self, **overrides: Optional[str]) -> dict[str, list[str]]:
-        params: dict[str, Optional[str]] = {
-            "response_type": "code",
-            "client_id": self.client_id,
-            "redirect_uri": "https://client.example/cb",
-            "state": "xyz",
-            "code_challenge": CHALLENGE,
-            "code_challenge_method": "S256",
-            "scope": "read offline_access",
-            "resource": RESOURCE,
-        }
-        params.update(overrides)
-        return {k: [v] for k, v in params.items() if v is not None}
+        return {k: [v] for k, v in authorize_fields(self.client_id, **overrides).items()}
 
     def validate(self, params: dict[str, list[str]]) -> AuthorizationRequest:
         return self.drive(self.server.validate_authorization_request(params))
@@ -214,16 +249,7 @@ class ServerTestCase(SynchronousTestCase):
         return query_of(location)["code"][0]
 
     def exchange_params(self, code: str, /, **overrides: Optional[str]) -> dict[str, list[str]]:
-        params: dict[str, Optional[str]] = {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": "https://client.example/cb",
-            "client_id": self.client_id,
-            "code_verifier": VERIFIER,
-            "resource": RESOURCE,
-        }
-        params.update(overrides)
-        return {k: [v] for k, v in params.items() if v is not None}
+        return {k: [v] for k, v in exchange_fields(self.client_id, code, **overrides).items()}
 
     def tokens(self, **overrides: Optional[str]) -> dict[str, Any]:
         code = self.code_for(**overrides)

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.service import tap
 from smeldr_oauth.service.wiring import StandaloneService
-from tests import e2e
+from tests import certificates, e2e
 from tests.test_conformance import httpClient
 
 
@@ -28,6 +28,21 @@ def parse(*argv: str) -> tap.Options:
     options = tap.Options()
     options.parseOptions(list(argv))
     return options
+
+
+def local_options(test: TestCase, *argv: str) -> tap.Options:
+    """
+    Options for a server at C{http://127.0.0.1:1} whose two SQLite files
+    are in a new directory of C{test}'s, and C{argv}.
+    """
+    tmp = test.mktemp()
+    os.makedirs(tmp)
+    return parse(
+        "--issuer", "http://127.0.0.1:1",
+        "--oauth-db", os.path.join(tmp, "oauth.db"),
+        "--site-db", os.path.join(tmp, "site.db"),
+        *argv,
+    )
 
 
 class OptionsTests(SynchronousTestCase):
@@ -130,35 +145,13 @@ def self_signed(tmp: str) -> tuple[str, str]:
     """
     A throwaway key and certificate for 127.0.0.1, as PEM files.
     """
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
+    key, cert = certificates.self_signed(("127.0.0.1",))
     key_path = os.path.join(tmp, "key.pem")
     cert_path = os.path.join(tmp, "cert.pem")
     with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        f.write(certificates.key_pem(key))
     with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
+        f.write(certificates.cert_pem(cert))
     return key_path, cert_path
 
 
@@ -170,13 +163,7 @@ class ServiceOverSocketTests(TestCase):
 
     @inlineCallbacks
     def serve(self, endpoint: str, scheme: str, agent: Any = None) -> Any:
-        tmp = self.mktemp()
-        os.makedirs(tmp)
-        options = parse(
-            "--issuer", "http://127.0.0.1:1",
-            "--oauth-db", os.path.join(tmp, "oauth.db"),
-            "--site-db", os.path.join(tmp, "site.db"),
-        )
+        options = local_options(self)
         service = StandaloneService(options, reactor)
         service.startService()
         self.addCleanup(service.stopService)
@@ -239,14 +226,7 @@ class MetricsOverSocketTests(TestCase):
         from twisted.web.client import Agent, HTTPConnectionPool
         from twisted.web.server import Site
 
-        tmp = self.mktemp()
-        os.makedirs(tmp)
-        options = parse(
-            "--issuer", "http://127.0.0.1:1",
-            "--oauth-db", os.path.join(tmp, "oauth.db"),
-            "--site-db", os.path.join(tmp, "site.db"),
-            "--metrics-listen", "tcp:0:interface=127.0.0.1",
-        )
+        options = local_options(self, "--metrics-listen", "tcp:0:interface=127.0.0.1")
         service = StandaloneService(options, reactor)
         service.startService()
         self.addCleanup(service.stopService)
@@ -293,14 +273,7 @@ class CustomAppScopesTests(TestCase):
         C{--app}: the scopes the app's tools name are the server's scopes,
         so a token can carry them.
         """
-        tmp = self.mktemp()
-        os.makedirs(tmp)
-        options = parse(
-            "--issuer", "http://127.0.0.1:1",
-            "--oauth-db", os.path.join(tmp, "oauth.db"),
-            "--site-db", os.path.join(tmp, "site.db"),
-            "--app", "tests.test_service_tap:admin_app",
-        )
+        options = local_options(self, "--app", "tests.test_service_tap:admin_app")
         service = StandaloneService(options, reactor)
         self.addCleanup(lambda: (service.store.close(), service.site_stores.close()))
         self.assertEqual(service.oauth.config.all_scopes, ("admin", "offline_access"))

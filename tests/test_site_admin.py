@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.oauth.model import Grant
 from smeldr_oauth.site import admin
+from smeldr_oauth.site.admin import common
 from smeldr_oauth.site.admin import UsageError, parse, run
 from smeldr_oauth.site.stores import open_site
 from tests import postgres
@@ -160,7 +161,7 @@ class CommandTests(TestCase):
             self.opened.append(path)
             return self.fake
 
-        self.patch(admin, "_open_oauth_store", open_fake)
+        self.patch(common, "open_oauth_store", open_fake)
 
     @inlineCallbacks
     def admin(self, *argv):

@@ -9,13 +9,12 @@ that the store is exactly as it was before.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import base64
 import json
 import re
 from html import unescape
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 from urllib.parse import quote, urlencode
 
 from klein import Klein
@@ -23,7 +22,6 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import SynchronousTestCase
 
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.web.authorize import AuthorizeRoutes
@@ -33,6 +31,9 @@ from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.store.memory import MemoryStore
 from tests.test_oauth_server import (
+    StoreUnchanged,
+    exchange_fields,
+    authorize_fields,
     CHALLENGE,
     SlowResolver,
     CIMD_CLIENT,
@@ -85,7 +86,7 @@ class Response:
         return self.body.decode("utf-8")
 
 
-class HTTPTestCase(SynchronousTestCase):
+class HTTPTestCase(StoreUnchanged):
     config_overrides: dict[str, Any] = {}
 
     def setUp(self) -> None:
@@ -139,18 +140,7 @@ class HTTPTestCase(SynchronousTestCase):
         return self.request("POST", "/oauth/register", body, JSON if headers is None else headers)
 
     def authorize_params(self, **overrides: Optional[str]) -> dict[str, str]:
-        params: dict[str, Optional[str]] = {
-            "response_type": "code",
-            "client_id": self.client_id,
-            "redirect_uri": "https://client.example/cb",
-            "state": "xyz",
-            "code_challenge": CHALLENGE,
-            "code_challenge_method": "S256",
-            "scope": "read offline_access",
-            "resource": RESOURCE,
-        }
-        params.update(overrides)
-        return {k: v for k, v in params.items() if v is not None}
+        return authorize_fields(self.client_id, **overrides)
 
     def consent(self, path: str = "/oauth/authorize", **overrides: Optional[str]) -> Response:
         return self.request("GET", path, query=self.authorize_params(**overrides))
@@ -173,16 +163,7 @@ class HTTPTestCase(SynchronousTestCase):
         return query_of(response.header("location") or "")["code"][0]
 
     def exchange(self, code: str, path: str = "/oauth/token", **overrides: Optional[str]) -> Response:
-        fields: dict[str, Optional[str]] = {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": "https://client.example/cb",
-            "client_id": self.client_id,
-            "code_verifier": VERIFIER,
-            "resource": RESOURCE,
-        }
-        fields.update(overrides)
-        return self.post(path, {k: v for k, v in fields.items() if v is not None})
+        return self.post(path, exchange_fields(self.client_id, code, **overrides))
 
     def tokens(self) -> dict[str, Any]:
         response = self.exchange(self.code())
@@ -190,15 +171,6 @@ class HTTPTestCase(SynchronousTestCase):
         return response.json
 
     # Checks
-
-    @contextmanager
-    def unchanged(self) -> Iterator[None]:
-        """
-        Check that the block leaves the store exactly as it found it.
-        """
-        before = snapshot(self.store)
-        yield
-        self.assertEqual(snapshot(self.store), before)
 
     def assertOAuthError(self, response: Response, error: str, status: int = 400) -> None:
         self.assertEqual(
@@ -717,6 +689,20 @@ class TokenEndpointTests(HTTPTestCase):
             self.assertOAuthError(response, "invalid_client", 401)
             self.assertEqual(response.header("www-authenticate"), 'Basic realm="oauth"')
         self.assertEqual(self.exchange(code).status, 200)
+
+    def test_body_type_before_credentials(self) -> None:
+        """
+        At every endpoint a client authenticates at, a body of the wrong
+        type is answered as such (400 C{invalid_request}) even when the
+        Authorization header is malformed too: the form is read first
+        (L{smeldr_oauth.web.oauth.client_request}).
+        """
+        for path in ("/oauth/token", "/oauth/revoke", "/oauth/introspect"):
+            with self.unchanged():
+                response = self.request(
+                    "POST", path, b"token=a", {"Content-Type": "text/plain", "Authorization": "Basic !!!"}
+                )
+            self.assertOAuthError(response, "invalid_request", 400)
 
 
 class ConfidentialClientTests(HTTPTestCase):

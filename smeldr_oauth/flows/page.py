@@ -29,7 +29,7 @@ from smeldr_oauth.flows.store import IFlowStore
 from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.web import pages
-from smeldr_oauth.web.grants import GrantsPage, PageSession, _hidden, signin_page
+from smeldr_oauth.web.grants import GrantsPage, PageSession, signin_page, signout_form
 from smeldr_oauth.web.oauth import issuer_path
 
 TITLE = "Connection timelines"
@@ -75,7 +75,7 @@ def clients_page(
                 )
             )
         )
-    body.append(_signout(action, csrf))
+    body.append(signout_form(action, csrf))
     return pages.Page(TITLE, body)
 
 
@@ -110,15 +110,8 @@ def timeline_page(
                 )
             )
         )
-    body.append(_signout(action, csrf))
+    body.append(signout_form(action, csrf))
     return pages.Page(TITLE, body)
-
-
-def _signout(action: str, csrf: str) -> Tag:
-    return tags.form(method="post", action=action)(
-        _hidden(action="signout", csrf=csrf),
-        tags.div(class_="actions")(tags.button("Sign out", type="submit")),
-    )
 
 
 class FlowsPage(GrantsPage):
@@ -157,6 +150,12 @@ class FlowsPage(GrantsPage):
         return Context(now=self.clock.seconds(), resource=config.resource, access_ttl=config.access_token_ttl)
 
     async def _admit(self, approval: Approval) -> Optional[str]:
+        """
+        Only a live admin token opens this page: asked once per request
+        (at sign-in, and by L{GrantsPage} before every view or action of a
+        session, which then ends if the token was revoked or is no longer
+        an admin's).
+        """
         if await self.is_admin(approval.site_token_id):
             return None
         return "That site token is not an admin token."
@@ -174,9 +173,6 @@ class FlowsPage(GrantsPage):
     async def _show(
         self, request: IRequest, session: PageSession, notice: Optional[str] = None, status: int = 200
     ) -> bytes:
-        if not await self.is_admin(session.approval.site_token_id):
-            # Revoked (or no longer admin) since the sign-in.
-            return self._signin(request, "That site token is no longer an admin token.", 403)
         asked = (request.args or {}).get(b"client", []) if request.method == b"GET" else []
         context = self._context()
         if len(asked) == 1:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import attr
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -84,22 +85,20 @@ def new_resource_server(name: str, resource: Optional[str], now: float) -> tuple
     return client, secret
 
 
+@attr.s(auto_attribs=True, eq=False)
 class Introspection:
     """
     The introspection endpoint's logic: plain values in, the JSON body out.
 
-    @param limiter: introspection requests per client address (spent
+    @ivar limiter: introspection requests per client address (spent
         before authentication, so guessing secrets is slow too).
     """
 
-    def __init__(
-        self, config: Config, store: Any, clock: IReactorTime, clients: ClientResolver, limiter: IRateLimiter
-    ) -> None:
-        self.config = config
-        self.store = store
-        self.clock = clock
-        self.clients = clients
-        self.limiter = limiter
+    config: Config
+    store: Any
+    clock: IReactorTime
+    clients: ClientResolver
+    limiter: IRateLimiter
 
     async def introspect(
         self, params: Params, basic: Optional[tuple[str, str]], address: Optional[str] = None

@@ -132,8 +132,9 @@ class RateLimiter:
 
     To limit something that waits (a site-token check), spend first with
     L{hit} and give the event back with L{refund} if it turns out not to
-    count: checking with L{allowed}, waiting, then spending lets any number
-    of parallel requests through the check before the first one spends.
+    count.  (There is deliberately no "is there room?" query: checking,
+    waiting, then spending lets any number of parallel requests through
+    the check before the first one spends.)
     """
 
     def __init__(
@@ -154,12 +155,6 @@ class RateLimiter:
         except KeyError:
             return self._capacity
         return min(self._capacity, tokens + (now - stamp) * self._rate)
-
-    def allowed(self, key: str) -> bool:
-        """
-        Is there room for one more event for C{key}?  (Does not spend it.)
-        """
-        return self._level(self._fold(key)) >= 1.0
 
     def hit(self, key: str) -> bool:
         """

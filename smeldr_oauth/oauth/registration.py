@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import attr
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -33,20 +35,20 @@ DEFAULT_GRANT_TYPES = ["authorization_code"]
 MAX_REDIRECT_URIS = 20
 
 
+@attr.s(auto_attribs=True, eq=False)
 class Registration:
     """
     Registers clients: public (C{token_endpoint_auth_method: none}) unless
     they ask for a shared-secret method, in which case they get a secret,
     shown once.
 
-    @param limiter: registrations per client address.
+    @ivar limiter: registrations per client address.
     """
 
-    def __init__(self, config: Config, store: Any, clock: IReactorTime, limiter: IRateLimiter) -> None:
-        self.config = config
-        self.store = store
-        self._clock = clock
-        self.limiter = limiter
+    config: Config
+    store: Any
+    _clock: IReactorTime
+    limiter: IRateLimiter
 
     async def register(self, metadata: Any, address: Optional[str] = None) -> dict[str, Any]:
         """

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import attr
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -49,18 +51,16 @@ class GrantEvents:
                 log.failure("revocation observer failed")
 
 
+@attr.s(auto_attribs=True, eq=False)
 class Revocation:
     """
     RFC 7009 revocation, and revoking grants by id.
     """
 
-    def __init__(
-        self, store: Any, clock: IReactorTime, clients: ClientResolver, events: GrantEvents
-    ) -> None:
-        self.store = store
-        self._clock = clock
-        self.clients = clients
-        self.events = events
+    store: Any
+    _clock: IReactorTime
+    clients: ClientResolver
+    events: GrantEvents
 
     async def revoke(self, params: Params, basic: Optional[tuple[str, str]] = None) -> None:
         """

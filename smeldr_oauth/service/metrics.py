@@ -258,40 +258,28 @@ class DatabaseFigures(_Advancing):
     def __init__(self, registry: CollectorRegistry, databases: Mapping[str, Any]) -> None:
         super().__init__()
         self._databases = dict(databases)
-        labels = ["database"]
-        named = ["database", "name"]
-        self.connections = Gauge(
-            "smeldr_db_connections", "Database connections open in the pool", labels,
-            registry=registry, multiprocess_mode="livesum",
-        )
-        self.in_flight = Gauge(
-            "smeldr_db_calls_in_flight", "Database calls running or waiting for a pool thread", labels,
-            registry=registry, multiprocess_mode="livesum",
-        )
-        self.waiting = Gauge(
-            "smeldr_db_calls_waiting", "Database calls waiting for a pool thread", labels,
-            registry=registry, multiprocess_mode="livesum",
-        )
-        self.listener = Gauge(
-            "smeldr_db_listener_connected", "1 while the notification listener is connected", labels,
-            registry=registry, multiprocess_mode="livesum",
-        )
-        self.transactions = Counter(
-            "smeldr_db_transactions", "Database calls finished, by transaction name", named, registry=registry
-        )
-        self.errors = Counter(
-            "smeldr_db_transaction_errors", "Database calls that failed, by transaction name", named,
-            registry=registry,
-        )
-        self.retries = Counter(
+
+        def gauge(name: str, documentation: str) -> Gauge:
+            # Each worker reports its own pools: the deployment's value is
+            # the sum over the live workers.
+            return Gauge(name, documentation, ["database"], registry=registry, multiprocess_mode="livesum")
+
+        def counter(name: str, documentation: str) -> Counter:
+            return Counter(name, documentation, ["database", "name"], registry=registry)
+
+        self.connections = gauge("smeldr_db_connections", "Database connections open in the pool")
+        self.in_flight = gauge("smeldr_db_calls_in_flight", "Database calls running or waiting for a pool thread")
+        self.waiting = gauge("smeldr_db_calls_waiting", "Database calls waiting for a pool thread")
+        self.listener = gauge("smeldr_db_listener_connected", "1 while the notification listener is connected")
+        self.transactions = counter("smeldr_db_transactions", "Database calls finished, by transaction name")
+        self.errors = counter("smeldr_db_transaction_errors", "Database calls that failed, by transaction name")
+        self.retries = counter(
             "smeldr_db_transaction_retries",
             "Database calls run again after a deadlock or serialisation failure, by transaction name",
-            named, registry=registry,
         )
-        self.seconds = Counter(
+        self.seconds = counter(
             "smeldr_db_transaction_seconds",
             "Seconds spent inside the database (lock waits included), by transaction name",
-            named, registry=registry,
         )
 
     def refresh(self) -> None:

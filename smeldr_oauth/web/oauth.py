@@ -101,6 +101,18 @@ def oauth_form(request: IRequest) -> dict[str, list[str]]:
         raise oauth_errors.invalid_request(e.description)
 
 
+def client_request(request: IRequest) -> tuple[dict[str, list[str]], Optional[tuple[str, str]]]:
+    """
+    What a client sends to the endpoints it may authenticate at (token,
+    revocation, introspection): the form (L{oauth_form}) and its
+    C{client_secret_basic} credentials (L{basic_credentials}), in that
+    order, so that a body of the wrong type is answered as such whatever
+    the Authorization header holds.
+    """
+    params = oauth_form(request)
+    return params, basic_credentials(request)
+
+
 def resource_path(resource: str) -> str:
     """The path of a resource URL without its slashes at either end: C{mcp/a}."""
     return "/".join(p for p in URL.from_text(resource).path if p)
@@ -170,21 +182,18 @@ class OAuthRoutes:
         raise errors.not_found("this server is not an OpenID provider")
 
     async def token(self, request: IRequest) -> bytes:
-        params = oauth_form(request)
-        basic = basic_credentials(request)
+        params, basic = client_request(request)
         body = await self.server.token(params, basic, address=client_address(request))
         return json_response(request, body)
 
     async def revoke(self, request: IRequest) -> bytes:
-        params = oauth_form(request)
-        basic = basic_credentials(request)
+        params, basic = client_request(request)
         await self.server.revoke(params, basic)
         return json_response(request, {})
 
     async def introspect(self, request: IRequest) -> bytes:
         """RFC 7662: for resource servers, with their own credentials."""
-        params = oauth_form(request)
-        basic = basic_credentials(request)
+        params, basic = client_request(request)
         body = await self.server.introspect(params, basic, address=client_address(request))
         return json_response(request, body)
 

@@ -93,6 +93,14 @@ class Route:
     name: Optional[str] = None
     head: bool = True
 
+    def fixed_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """
+        The header pairs every answer of the route carries, in the order
+        they are set: its own, then its CORS policy's (the same through
+        Klein, L{DirectRoute} and L{StaticAnswer}).
+        """
+        return self.headers + (self.cors.headers() if self.cors is not None else ())
+
     def allowed(self) -> list[str]:
         """
         Every method the route answers, sorted.
@@ -108,7 +116,7 @@ class Route:
 def _dispatcher(route: Route) -> Handler:
     allowed = route.allowed()
     allow = ", ".join(allowed).encode("ascii")
-    fixed = route.headers + (route.cors.headers() if route.cors is not None else ())
+    fixed = route.fixed_headers()
     handlers = {m.encode("ascii"): h for m, h in route.methods.items()}
     if b"GET" in handlers and route.head:
         handlers.setdefault(b"HEAD", handlers[b"GET"])
@@ -192,8 +200,7 @@ def static_answers(routes: Iterable[Route]) -> dict[bytes, IResource]:
         handler = route.methods.get("GET")
         if not isinstance(handler, StaticJSON) or route.before is not None:
             continue
-        fixed = route.headers + (route.cors.headers() if route.cors is not None else ())
-        found[route.path.encode("utf-8")] = StaticAnswer(fixed + handler.headers, handler.body)
+        found[route.path.encode("utf-8")] = StaticAnswer(route.fixed_headers() + handler.headers, handler.body)
     return found
 
 
