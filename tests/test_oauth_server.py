@@ -577,6 +577,22 @@ class PasteTests(ServerTestCase):
         for pasted in ("wrong", "", "empty-subject", "x" * 5000):
             self.assertIsNone(self.verify(pasted), pasted)
 
+    def test_accepted_events(self) -> None:
+        """
+        A paste accepted on the connected-apps page is an info event naming
+        the token; on the consent form it is not (C{grant_approved} that
+        follows names it).
+        """
+        with capturedLogs() as events:
+            self.drive(self.server.check_paste(SITE_TOKEN, "192.0.2.1"))
+        [accepted] = [e for e in events if e["log_level"].name == "info"]
+        self.assertEqual((accepted["site_token_id"], accepted["subject"]), ("st-1", "alice"))
+        self.assertIn("connected-apps page", formatEvent(accepted))
+        request = self.validate(self.authorize_params())
+        with capturedLogs() as events:
+            self.drive(self.server.check_paste(SITE_TOKEN, "192.0.2.1", request))
+        self.assertEqual([e for e in events if e["log_level"].name == "info"], [])
+
     def test_exceptions_refuse_without_logging_the_token(self) -> None:
         """
         A C{verify_bearer} that raises (even quoting the token) refuses, and
@@ -599,7 +615,11 @@ class CodeGrantTests(ServerTestCase):
         redirects with code, state and iss.
         """
         request = self.validate(self.authorize_params())
-        location = self.drive(self.server.approve(request, Approval(subject="alice", site_token_id="st-1")))
+        with capturedLogs() as events:
+            location = self.drive(self.server.approve(request, Approval(subject="alice", site_token_id="st-1")))
+        # The one info event of a consent: who approved, with which token.
+        [approved] = [e for e in events if e.get("smeldr_event") == "grant_approved"]
+        self.assertEqual((approved["subject"], approved["site_token_id"]), ("alice", "st-1"))
         self.assertTrue(location.startswith("https://client.example/cb?code="))
         q = query_of(location)
         self.assertEqual((q["state"], q["iss"]), (["xyz"], [ISSUER]))
@@ -1189,6 +1209,11 @@ class SlowLookupStore(MemoryStore):
         super().__init__(clock)
         self.pending: list[tuple[Deferred[Any], Deferred[Any]]] = []
         self.lookups = 0
+        self.touches = 0
+
+    def touch_grant(self, grant_id: str, now: float) -> "Deferred[None]":
+        self.touches += 1
+        return super().touch_grant(grant_id, now)
 
     def lookup_access_token(self, token_hash: str, now: float) -> "Deferred[Optional[AccessInfo]]":
         self.lookups += 1
@@ -1248,21 +1273,30 @@ class AccessCacheTests(ServerTestCase):
     def test_use_touches_grant_once_a_minute(self) -> None:
         """
         Using a token records the grant's last use for the connected-apps
-        page, at most once a minute per grant.
+        page, at most once a minute per grant.  The code exchange is a use
+        recorded in its own transaction, so the new token's first use
+        within the minute writes nothing.
         """
-        info = self.lookup(self.body["access_token"])
-        assert info is not None
+        exchanged = self.clock.seconds()
         [grant] = self.successResultOf(self.store.list_grants())
-        self.assertEqual(grant.last_used_at, self.clock.seconds())
-        first = self.clock.seconds()
+        self.assertEqual(grant.last_used_at, exchanged)
         self.clock.advance(30)
-        self.lookup(self.body["access_token"])
+        self.assertIsNotNone(self.lookup(self.body["access_token"]))
         [grant] = self.successResultOf(self.store.list_grants())
-        self.assertEqual(grant.last_used_at, first)
+        self.assertEqual((grant.last_used_at, self.store.touches), (exchanged, 0))
         self.clock.advance(31)
         self.lookup(self.body["access_token"])
         [grant] = self.successResultOf(self.store.list_grants())
-        self.assertEqual(grant.last_used_at, self.clock.seconds())
+        self.assertEqual((grant.last_used_at, self.store.touches), (self.clock.seconds(), 1))
+        used = self.clock.seconds()
+        self.clock.advance(30)
+        self.lookup(self.body["access_token"])
+        [grant] = self.successResultOf(self.store.list_grants())
+        self.assertEqual((grant.last_used_at, self.store.touches), (used, 1))
+        self.clock.advance(31)
+        self.lookup(self.body["access_token"])
+        [grant] = self.successResultOf(self.store.list_grants())
+        self.assertEqual((grant.last_used_at, self.store.touches), (self.clock.seconds(), 2))
 
     def test_grant_revocation_clears_cache(self) -> None:
         info = self.lookup(self.body["access_token"])

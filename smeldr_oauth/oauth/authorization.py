@@ -259,6 +259,13 @@ class Authorization:
                 )
             raise errors.PasteRefused()
         limiter.refund(address)
+        if request is None:
+            # The consent form's acceptance is recorded by grant_approved.
+            log.info(
+                "site token {site_token_id} accepted on the connected-apps page for {subject}",
+                site_token_id=approval.site_token_id,
+                subject=loggable(approval.subject),
+            )
         return approval
 
     async def approve(self, request: AuthorizationRequest, approval: Approval) -> str:
@@ -297,6 +304,7 @@ class Authorization:
             "grant {grant_id} approved by {subject} for client {client_id} scopes {scopes}",
             smeldr_event="grant_approved",
             grant_id=grant.grant_id,
+            site_token_id=approval.site_token_id,
             subject=loggable(approval.subject),
             client_id=loggable(request.client.client_id),
             scopes=" ".join(request.scopes),

@@ -27,7 +27,8 @@ log = Logger()
 @implementer(IGrantEvents)
 class GrantEvents:
     """
-    Tells the verifier, and every observer, that a token or a grant ended.
+    Tells the verifier, and every observer, that a token or a grant ended;
+    and the verifier that a grant's use was just recorded.
     """
 
     def __init__(self, verifier: AccessVerifier) -> None:
@@ -39,6 +40,12 @@ class GrantEvents:
 
     def token_revoked(self, token_hash: str) -> None:
         self.verifier.token_revoked(token_hash)
+
+    def grant_used(self, grant_id: str) -> None:
+        """
+        The store recorded the grant's use (see L{AccessVerifier.grant_used}).
+        """
+        self.verifier.grant_used(grant_id)
 
     def grant_revoked(self, grant_id: str) -> None:
         self.verifier.grant_revoked(grant_id)

@@ -200,6 +200,9 @@ class Tokens:
             raise errors.invalid_grant("authorization code is invalid or expired")
         record = result.code
         assert record is not None
+        # The exchange set the grant's last_used_at: the new token's first
+        # use need not.
+        self.events.grant_used(record.grant_id)
         self._logged("authorization_code", record.client_id, record.grant_id)
         return self._issued(access, record.scopes, refresh if record.issue_refresh else None)
 
