@@ -17,6 +17,7 @@ from zope.interface import implementer
 from smeldr_oauth.oauth import errors
 from smeldr_oauth.oauth.clients import ClientResolver
 from smeldr_oauth.oauth.interfaces import IGrantEvents
+from smeldr_oauth.oauth.model import AccessInfo
 from smeldr_oauth.oauth.params import MAX_PARAM, REVOKE_PARAMS, Params, reject_repeated, single
 from smeldr_oauth.oauth.secrets import hash_secret
 from smeldr_oauth.oauth.verifier import AccessVerifier
@@ -40,6 +41,18 @@ class GrantEvents:
 
     def token_revoked(self, token_hash: str) -> None:
         self.verifier.token_revoked(token_hash)
+
+    def revocation_mark(self) -> int:
+        """
+        See L{AccessVerifier.revocation_mark}.
+        """
+        return self.verifier.revocation_mark()
+
+    def access_issued(self, token_hash: str, info: AccessInfo, mark: int) -> None:
+        """
+        A token was issued (see L{AccessVerifier.access_issued}).
+        """
+        self.verifier.access_issued(token_hash, info, mark)
 
     def grant_used(self, grant_id: str) -> None:
         """
