@@ -580,15 +580,15 @@ class PasteTests(ServerTestCase):
 
     def test_accepted_events(self) -> None:
         """
-        A paste accepted on the connected-apps page is an info event naming
-        the token; on the consent form it is not (C{grant_approved} that
-        follows names it).
+        A paste accepted to sign in to a page (connected apps, the flow
+        timeline) is an info event naming the token; on the consent form it
+        is not (C{grant_approved} that follows names it).
         """
         with capturedLogs() as events:
             self.drive(self.server.check_paste(SITE_TOKEN, "192.0.2.1"))
         [accepted] = [e for e in events if e["log_level"].name == "info"]
         self.assertEqual((accepted["site_token_id"], accepted["subject"]), ("st-1", "alice"))
-        self.assertIn("connected-apps page", formatEvent(accepted))
+        self.assertIn("to sign in to a page", formatEvent(accepted))
         request = self.validate(self.authorize_params())
         with capturedLogs() as events:
             self.drive(self.server.check_paste(SITE_TOKEN, "192.0.2.1", request))

@@ -15,6 +15,7 @@ from smeldr_oauth.oauth.urls import (
     parse,
     redirect_uri_matches,
     valid_redirect_uri,
+    _canonical_resource,
     _hyperlink_with_query,
     with_query,
 )
@@ -57,6 +58,19 @@ class CanonicalResourceTests(SynchronousTestCase):
     @given(st.text(max_size=200))
     def test_never_raises(self, value: str) -> None:
         canonical_resource(value)
+
+    @given(st.one_of(st.text(max_size=60), st.sampled_from(["https://A.example:443/mcp/", "http://[::1]:8/x?q"])))
+    def test_remembered_answer_is_the_answer(self, value: str) -> None:
+        """
+        Asked again, the same answer as computed afresh.
+        """
+        first = canonical_resource(value)
+        self.assertEqual(canonical_resource(value), first)
+        self.assertEqual(_canonical_resource.__wrapped__(value), first)
+
+    def test_not_text(self) -> None:
+        for value in (None, 7, b"https://a.example/mcp", ["https://a.example/mcp"]):
+            self.assertIsNone(canonical_resource(value), value)  # type: ignore[arg-type]
 
 
 class RedirectMatchTests(SynchronousTestCase):

@@ -260,9 +260,10 @@ class Authorization:
             raise errors.PasteRefused()
         limiter.refund(address)
         if request is None:
-            # The consent form's acceptance is recorded by grant_approved.
+            # A page's sign-in (connected apps, the flow timeline); the
+            # consent form's acceptance is recorded by grant_approved.
             log.info(
-                "site token {site_token_id} accepted on the connected-apps page for {subject}",
+                "site token {site_token_id} accepted for {subject} to sign in to a page",
                 site_token_id=approval.site_token_id,
                 subject=loggable(approval.subject),
             )

@@ -170,7 +170,18 @@ def canonical_resource(value: str) -> Optional[str]:
     them; a resource is identified by origin and path alone here, which is
     safe because this server only ever issues tokens for its own
     configured resource.
+
+    The answers are remembered (a bounded LRU, as L{parse}'s): a flow asks
+    for the same resource's on the consent, the exchange, the token's
+    first use and every look-up.
     """
+    if not isinstance(value, str):
+        return None
+    return _canonical_resource(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical_resource(value: str) -> Optional[str]:
     url = parse(value)
     if url is None or url.scheme.lower() not in ("http", "https"):
         return None

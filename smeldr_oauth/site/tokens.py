@@ -235,7 +235,7 @@ class SiteTokenStore:
         happens when the recorded use is older.
 
         Acceptance is a debug event: the consent form's C{grant_approved}
-        and the connected-apps page's sign-in record it at info, with the
+        and a page's sign-in (connected apps, flow timeline) record it at info, with the
         token's id (L{smeldr_oauth.oauth.authorization}).
         """
         if (
