@@ -27,6 +27,7 @@ from smeldr_oauth.oauth.cimd import CIMDError
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.interfaces import IAccessVerifier, IGrantEvents
 from smeldr_oauth.oauth.model import AccessInfo, Approval, Client
+from smeldr_oauth.oauth.secrets import hash_secret
 from smeldr_oauth.oauth.server import AUTHORIZE_PARAMS, AuthorizationRequest, OAuthServer
 from smeldr_oauth.store.memory import MemoryStore
 
@@ -603,6 +604,22 @@ class PasteTests(ServerTestCase):
         for pasted in ("wrong", "", "empty-subject", "x" * 5000):
             self.assertIsNone(self.verify(pasted), pasted)
 
+    def test_accepted_events(self) -> None:
+        """
+        A paste accepted to sign in to a page (connected apps, the flow
+        timeline) is an info event naming the token; on the consent form it
+        is not (C{grant_approved} that follows names it).
+        """
+        with capturedLogs() as events:
+            self.drive(self.server.check_paste(SITE_TOKEN, "192.0.2.1"))
+        [accepted] = [e for e in events if e["log_level"].name == "info"]
+        self.assertEqual((accepted["site_token_id"], accepted["subject"]), ("st-1", "alice"))
+        self.assertIn("to sign in to a page", formatEvent(accepted))
+        request = self.validate(self.authorize_params())
+        with capturedLogs() as events:
+            self.drive(self.server.check_paste(SITE_TOKEN, "192.0.2.1", request))
+        self.assertEqual([e for e in events if e["log_level"].name == "info"], [])
+
     def test_exceptions_refuse_without_logging_the_token(self) -> None:
         """
         A C{verify_bearer} that raises (even quoting the token) refuses, and
@@ -625,7 +642,11 @@ class CodeGrantTests(ServerTestCase):
         redirects with code, state and iss.
         """
         request = self.validate(self.authorize_params())
-        location = self.drive(self.server.approve(request, Approval(subject="alice", site_token_id="st-1")))
+        with capturedLogs() as events:
+            location = self.drive(self.server.approve(request, Approval(subject="alice", site_token_id="st-1")))
+        # The one info event of a consent: who approved, with which token.
+        [approved] = [e for e in events if e.get("smeldr_event") == "grant_approved"]
+        self.assertEqual((approved["subject"], approved["site_token_id"]), ("alice", "st-1"))
         self.assertTrue(location.startswith("https://client.example/cb?code="))
         q = query_of(location)
         self.assertEqual((q["state"], q["iss"]), (["xyz"], [ISSUER]))
@@ -1215,6 +1236,26 @@ class SlowLookupStore(MemoryStore):
         super().__init__(clock)
         self.pending: list[tuple[Deferred[Any], Deferred[Any]]] = []
         self.lookups = 0
+        self.touches = 0
+        self.hold_exchanges = False
+        self.held: list[tuple[Deferred[Any], Deferred[Any]]] = []
+
+    def exchange_code(self, *args: Any) -> "Deferred[Any]":
+        answer = super().exchange_code(*args)
+        if not self.hold_exchanges:
+            return answer
+        d: Deferred[Any] = Deferred()
+        self.held.append((d, answer))
+        return d
+
+    def release_exchanges(self) -> None:
+        held, self.held = self.held, []
+        for d, answer in held:
+            answer.chainDeferred(d)
+
+    def touch_grant(self, grant_id: str, now: float) -> "Deferred[None]":
+        self.touches += 1
+        return super().touch_grant(grant_id, now)
 
     def lookup_access_token(self, token_hash: str, now: float) -> "Deferred[Optional[AccessInfo]]":
         self.lookups += 1
@@ -1228,7 +1269,11 @@ class SlowLookupStore(MemoryStore):
             answer.chainDeferred(d)
 
 
-class AccessCacheTests(ServerTestCase):
+class SlowStoreTestCase(ServerTestCase):
+    """
+    A server on a L{SlowLookupStore}, with a registered client.
+    """
+
     def setUp(self) -> None:
         super().setUp()
         self.store = SlowLookupStore(self.clock)
@@ -1236,7 +1281,15 @@ class AccessCacheTests(ServerTestCase):
         self.client_id = self.drive(self.server.register({"redirect_uris": ["https://client.example/cb"]}))[
             "client_id"
         ]
+
+
+class AccessCacheTests(SlowStoreTestCase):
+    def setUp(self) -> None:
+        super().setUp()
         self.body = self.tokens()
+        # These tests are about look-ups: start from an empty cache (the
+        # exchange put its token there; ExchangeRemembersTests).
+        self.server.forget_cached_tokens()
 
     def lookup(self, token: str) -> Optional[AccessInfo]:
         d = self.server.verify_access_token(token)
@@ -1274,21 +1327,30 @@ class AccessCacheTests(ServerTestCase):
     def test_use_touches_grant_once_a_minute(self) -> None:
         """
         Using a token records the grant's last use for the connected-apps
-        page, at most once a minute per grant.
+        page, at most once a minute per grant.  The code exchange is a use
+        recorded in its own transaction, so the new token's first use
+        within the minute writes nothing.
         """
-        info = self.lookup(self.body["access_token"])
-        assert info is not None
+        exchanged = self.clock.seconds()
         [grant] = self.successResultOf(self.store.list_grants())
-        self.assertEqual(grant.last_used_at, self.clock.seconds())
-        first = self.clock.seconds()
+        self.assertEqual(grant.last_used_at, exchanged)
         self.clock.advance(30)
-        self.lookup(self.body["access_token"])
+        self.assertIsNotNone(self.lookup(self.body["access_token"]))
         [grant] = self.successResultOf(self.store.list_grants())
-        self.assertEqual(grant.last_used_at, first)
+        self.assertEqual((grant.last_used_at, self.store.touches), (exchanged, 0))
         self.clock.advance(31)
         self.lookup(self.body["access_token"])
         [grant] = self.successResultOf(self.store.list_grants())
-        self.assertEqual(grant.last_used_at, self.clock.seconds())
+        self.assertEqual((grant.last_used_at, self.store.touches), (self.clock.seconds(), 1))
+        used = self.clock.seconds()
+        self.clock.advance(30)
+        self.lookup(self.body["access_token"])
+        [grant] = self.successResultOf(self.store.list_grants())
+        self.assertEqual((grant.last_used_at, self.store.touches), (used, 1))
+        self.clock.advance(31)
+        self.lookup(self.body["access_token"])
+        [grant] = self.successResultOf(self.store.list_grants())
+        self.assertEqual((grant.last_used_at, self.store.touches), (self.clock.seconds(), 2))
 
     def test_grant_revocation_clears_cache(self) -> None:
         info = self.lookup(self.body["access_token"])
@@ -1316,6 +1378,82 @@ class AccessCacheTests(ServerTestCase):
             self.assertIsNotNone(self.lookup(token))
         self.assertEqual(len(self.server.verifier._cache), 2)
 
+
+
+class ExchangeRemembersTests(SlowStoreTestCase):
+    """
+    A code exchange puts its access token in the verifier's cache as a
+    look-up would have found it, unless a revocation happened meanwhile.
+    """
+
+    def stored(self, token: str) -> Optional[AccessInfo]:
+        d = self.store.lookup_access_token(hash_secret(token), self.clock.seconds())
+        self.store.release()
+        return self.successResultOf(d)
+
+    def test_first_use_from_cache(self) -> None:
+        body = self.tokens()
+        info = self.access_info(body["access_token"])
+        self.assertEqual(self.store.lookups, 0)
+        self.assertIsNotNone(info)
+        self.assertEqual(info, self.stored(body["access_token"]))
+
+    def test_revocation_during_exchange_not_remembered(self) -> None:
+        """
+        The grant revoked while the exchange's answer was on its way: the
+        token is not remembered, and its first use asks the store (which
+        refuses it).
+        """
+        code = self.code_for()
+        self.store.hold_exchanges = True
+        d = Deferred.fromCoroutine(self.server.token(self.exchange_params(code)))
+        [grant] = self.successResultOf(self.store.list_grants())
+        self.drive(self.server.revoke_grant(grant.grant_id))
+        self.store.release_exchanges()
+        body = self.successResultOf(d)
+        looked = self.server.verify_access_token(body["access_token"])
+        self.store.release()
+        self.assertIsNone(self.successResultOf(looked))
+        self.assertEqual(self.store.lookups, 1)
+
+    def test_any_revocation_during_exchange(self) -> None:
+        """
+        Any revocation (of another grant, or every cached token forgotten
+        for another process's) between the exchange's start and its
+        answer: not remembered, but the token is live.
+        """
+        other = self.tokens()
+        for revoke in (
+            lambda: self.drive(self.server.revoke({"token": [other["access_token"]]})),
+            self.server.forget_cached_tokens,
+        ):
+            code = self.code_for()
+            self.store.hold_exchanges = True
+            d = Deferred.fromCoroutine(self.server.token(self.exchange_params(code)))
+            revoke()
+            self.store.release_exchanges()
+            self.store.hold_exchanges = False
+            body = self.successResultOf(d)
+            before = self.store.lookups
+            looked = self.server.verify_access_token(body["access_token"])
+            self.store.release()
+            self.assertIsNotNone(self.successResultOf(looked))
+            self.assertEqual(self.store.lookups, before + 1)
+
+    def test_unprotected_resource_not_remembered(self) -> None:
+        info = AccessInfo(
+            subject="alice",
+            client_id="c",
+            scopes=frozenset({"read"}),
+            resource="https://elsewhere.example/mcp",
+            grant_id="g",
+            expires_at=self.clock.seconds() + 60,
+        )
+        verifier = self.server.verifier
+        verifier.access_issued("h1", info, verifier.revocation_mark())
+        self.assertNotIn("h1", verifier._cache)
+        verifier.access_issued("h2", attr.evolve(info, resource=RESOURCE), verifier.revocation_mark())
+        self.assertIn("h2", verifier._cache)
 
 class ConfigTests(SynchronousTestCase):
     def test_issuer(self) -> None:

@@ -2,7 +2,7 @@
 Tests for L{smeldr_oauth.oauth.urls}.
 """
 
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from smeldr_oauth.oauth.urls import (
@@ -15,6 +15,8 @@ from smeldr_oauth.oauth.urls import (
     parse,
     redirect_uri_matches,
     valid_redirect_uri,
+    _canonical_resource,
+    _hyperlink_with_query,
     with_query,
 )
 
@@ -56,6 +58,19 @@ class CanonicalResourceTests(SynchronousTestCase):
     @given(st.text(max_size=200))
     def test_never_raises(self, value: str) -> None:
         canonical_resource(value)
+
+    @given(st.one_of(st.text(max_size=60), st.sampled_from(["https://A.example:443/mcp/", "http://[::1]:8/x?q"])))
+    def test_remembered_answer_is_the_answer(self, value: str) -> None:
+        """
+        Asked again, the same answer as computed afresh.
+        """
+        first = canonical_resource(value)
+        self.assertEqual(canonical_resource(value), first)
+        self.assertEqual(_canonical_resource.__wrapped__(value), first)
+
+    def test_not_text(self) -> None:
+        for value in (None, 7, b"https://a.example/mcp", ["https://a.example/mcp"]):
+            self.assertIsNone(canonical_resource(value), value)  # type: ignore[arg-type]
 
 
 class RedirectMatchTests(SynchronousTestCase):
@@ -100,6 +115,67 @@ class RedirectMatchTests(SynchronousTestCase):
             with_query("https://a.example/cb?x=1", [("code", "c d"), ("state", "s&t")]),
             "https://a.example/cb?x=1&code=c%20d&state=s%26t",
         )
+
+    def test_with_query_shapes(self) -> None:
+        """
+        Bases with no query, an empty one, a trailing C{&}, a fragment, no
+        path; no parameters; empty names and values.
+        """
+        cases = [
+            ("https://a.example/cb", [("code", "c")], "https://a.example/cb?code=c"),
+            ("https://a.example/cb?", [("code", "c")], "https://a.example/cb?code=c"),
+            ("https://a.example/cb?x", [("code", "c")], "https://a.example/cb?x&code=c"),
+            ("https://a.example/cb?x=1&", [("code", "c")], "https://a.example/cb?x=1&&code=c"),
+            ("https://a.example", [("code", "c")], "https://a.example/?code=c"),
+            ("https://a.example/cb#f", [("code", "c")], "https://a.example/cb?code=c#f"),
+            ("http://127.0.0.1:8080/cb", [("", ""), ("state", "")], "http://127.0.0.1:8080/cb?=&state="),
+            ("https://a.example/cb?x=1", [], "https://a.example/cb?x=1"),
+            ("cursor://anysphere.cursor-retrieval/oauth/cb", [("iss", "https://as.example/auth")],
+             "cursor://anysphere.cursor-retrieval/oauth/cb?iss=https%3A%2F%2Fas.example%2Fauth"),
+        ]
+        for base, params, expected in cases:
+            self.assertEqual(with_query(base, params), expected, base)
+            self.assertEqual(_hyperlink_with_query(base, params), expected, base)
+
+    @settings(max_examples=300)
+    @given(
+        st.one_of(
+            st.sampled_from(
+                [
+                    "https://claude.ai/api/mcp/auth_callback",
+                    "https://chatgpt.com/connector_platform_oauth_redirect",
+                    "http://localhost:6274/oauth/callback/debug",
+                    "http://127.0.0.1:33418/callback?x=1&y",
+                    "https://a.example/cb?q=%2F%20+x",
+                    "https://A.EXAMPLE:443/p%61th/",
+                    "https://user@a.example/cb",
+                ]
+            ),
+            st.builds(
+                "{}://{}{}{}{}".format,
+                st.sampled_from(["https", "http", "cursor", "com.example.app"]),
+                st.sampled_from(["a.example", "127.0.0.1:3000", "[::1]:8080", "xn--bcher-kva.example", "b\u00fccher.example"]),
+                st.text(alphabet="/abc%20-._~!$'()*+,;=:@\u00e9", max_size=12),
+                st.one_of(st.just(""), st.text(alphabet="?&=abc%2B+ /\u00e9", max_size=12).map(lambda q: "?" + q)),
+                st.one_of(st.just(""), st.text(alphabet="#abc", max_size=4).map(lambda f: "#" + f)),
+            ),
+        ),
+        st.lists(st.tuples(st.text(max_size=10), st.text(max_size=30)), max_size=4),
+    )
+    def test_with_query_as_hyperlink(self, base: str, params: list[tuple[str, str]]) -> None:
+        """
+        The string-built answer is hyperlink's, byte for byte, or both
+        refuse the base alike.
+        """
+        try:
+            expected: object = _hyperlink_with_query(base, params)
+        except Exception as e:
+            expected = type(e)
+        try:
+            answer: object = with_query(base, params)
+        except Exception as e:
+            answer = type(e)
+        self.assertEqual(answer, expected, (base, params))
 
 
 BAD_PORTS = [

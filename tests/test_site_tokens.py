@@ -70,6 +70,41 @@ class SiteTokenStoreTests(TestCase):
         self.assertEqual(record.last_used_at, 510)
 
     @inlineCallbacks
+    def test_verify_records_use_once_a_minute(self):
+        """
+        C{last_used_at} is written at most once a minute per token: a
+        paste checked within the minute is a read only (no write
+        transaction), and acceptance is a debug event.
+        """
+        token_id, plaintext = yield self.tokens.create("alice")
+        real_write = self.tokens._db.write
+        writes = []
+
+        def counted(*args, **kw):
+            writes.append(args[1].__name__)
+            return real_write(*args, **kw)
+
+        self.patch(self.tokens._db, "write", counted)
+        self.clock.advance(10)
+        with capturedLogs() as events:
+            approval = yield self.tokens.verify(plaintext)
+        self.assertEqual(approval.site_token_id, token_id)
+        self.assertEqual([e["log_level"].name for e in events if "accepted" in e.get("log_format", "")], ["debug"])
+        self.assertEqual(writes, ["touch"])
+        for step, recorded in ((30, 510), (29, 510), (1, 570), (59, 570), (1, 630)):
+            self.clock.advance(step)
+            approval = yield self.tokens.verify(plaintext)
+            self.assertEqual(approval.site_token_id, token_id)
+            (record,) = yield self.tokens.list()
+            self.assertEqual(record.last_used_at, recorded, step)
+        self.assertEqual(writes, ["touch"] * 3)
+        # A clock that went back is no reason to skip the record.
+        self.clock.advance(-100)
+        yield self.tokens.verify(plaintext)
+        (record,) = yield self.tokens.list()
+        self.assertEqual(record.last_used_at, 530)
+
+    @inlineCallbacks
     def test_verify_rejects(self):
         _, plaintext = yield self.tokens.create("alice")
         for bad in [

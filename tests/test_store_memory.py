@@ -310,7 +310,10 @@ class StoreBehaviourMixin(_MixinBase):
         self.ok(self.store.create_grant(grant, code))
         seen: list[AuthorizationCode] = []
         result = self.ok(self.exchange("code", "t1", check=seen.append))
-        self.assertEqual((result.status, result.code, result.grant), ("ok", code, grant))
+        # The exchange is the grant's first use.
+        used = attr.evolve(grant, last_used_at=T0 + 1)
+        self.assertEqual((result.status, result.code, result.grant), ("ok", code, used))
+        self.assertEqual(self.ok(self.store.list_grants()), [used])
         self.assertEqual(seen, [code])
         info = self.live("t1-a")
         self.assertEqual((info.grant_id, info.scopes, info.resource), ("g1", frozenset(SCOPES), RESOURCE))
@@ -340,6 +343,8 @@ class StoreBehaviourMixin(_MixinBase):
         failure = self.failureResultOf(self.exchange("code", "t1", check=refuse), Refused)
         self.assertEqual(failure.value.args, ("client-1",))
         self.assertIsNone(self.live("t1-a"))
+        # Refused: not a use of the grant.
+        self.assertEqual([g.last_used_at for g in self.ok(self.store.list_grants())], [None])
         self.assertEqual(self.redeem("t1-r", "r2", T0 + 2).status, "unknown")
         result = self.ok(self.exchange("code", "t2", now=T0 + 2))
         self.assertEqual(result.status, "replayed")
@@ -403,6 +408,7 @@ class StoreBehaviourMixin(_MixinBase):
         d = self.store.exchange_code(h("code"), T0 + 1, accept, access("t1-a"), refresh("g0-r0"))
         self.failureResultOf(d, StoreConflict)
         self.assertIsNone(self.live("t1-a"))
+        self.assertEqual([g.last_used_at for g in self.ok(self.store.list_grants(subject="alice"))], [None, None])
         self.assertEqual(self.ok(self.exchange("code", "t2", now=T0 + 2)).status, "ok")
         self.assertIsNotNone(self.live("t2-a"))
 

@@ -42,6 +42,7 @@ from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.service.metrics import Metrics
 from smeldr_oauth.service.wiring import mount
 from smeldr_oauth.store.memory import MemoryStore
+from smeldr_oauth.web.routes import direct_answers
 from smeldr_oauth.web.site import SmeldrSite
 
 ISSUER = "http://127.0.0.1:8080"
@@ -149,7 +150,7 @@ class FuzzSite:
     raw bytes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, direct: bool = False) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         self.store = MemoryStore(self.clock)
@@ -171,7 +172,12 @@ class FuzzSite:
 
         app = Klein()
         self.mounted = mount(app, self.oauth, tools, reactor=self.clock, whole_site=True, keepalive_interval=0)
-        self.site = SmeldrSite(app.resource(), max_body=4096, metrics=Metrics())
+        self.site = SmeldrSite(
+            app.resource(),
+            max_body=4096,
+            metrics=Metrics(),
+            direct=direct_answers(self.mounted.routes) if direct else None,
+        )
         self.site.displayTracebacks = False
         self.client_id, self.token = self.authorize()
 
@@ -306,8 +312,10 @@ class FuzzTests(SynchronousTestCase):
     No bytes make a 5xx or a traceback.
     """
 
+    direct = False
+
     def setUp(self) -> None:
-        self.fuzz = FuzzSite()
+        self.fuzz = FuzzSite(direct=self.direct)
         self.addCleanup(lambda: self.fuzz.mounted.shutdown())
 
     def check(self, raw: bytes) -> None:
@@ -476,3 +484,11 @@ class FuzzTests(SynchronousTestCase):
         self.assertIn(b'"error":"invalid_request"', answer)
 
 
+class DirectFuzzTests(FuzzTests):
+    """
+    The same, with the routes the standalone server answers without Klein
+    (the token, revocation, registration, authorization and MCP endpoints)
+    answered so.
+    """
+
+    direct = True

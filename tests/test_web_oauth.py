@@ -22,11 +22,12 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
+from twisted.web.resource import Resource
 
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.web.authorize import AuthorizeRoutes
 from smeldr_oauth.web.oauth import OAuthRoutes
-from smeldr_oauth.web.routes import mount_routes
+from smeldr_oauth.web.routes import direct_answers, mount_routes
 from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.store.memory import MemoryStore
@@ -86,8 +87,33 @@ class Response:
         return self.body.decode("utf-8")
 
 
+class DirectFirst(Resource):
+    """
+    What L{smeldr_oauth.web.site.SmeldrSite.getResourceFor} does with its
+    C{direct} routes, as a root resource for L{StubTreq} (which makes its
+    own C{Site}): an exact path found there is answered by its
+    L{DirectRoute}, anything else by Klein.
+    """
+
+    def __init__(self, direct: dict[bytes, Any], klein: Any) -> None:
+        super().__init__()
+        self.direct = direct
+        self.klein = klein
+
+    def getChildWithDefault(self, name: bytes, request: Any) -> Any:
+        found = self.direct.get(request.path)
+        if found is not None and request.method not in found.skip:
+            return found
+        # Klein reads the whole path: give back the segment just taken.
+        request.postpath.insert(0, request.prepath.pop())
+        return self.klein
+
+
 class HTTPTestCase(StoreUnchanged):
     config_overrides: dict[str, Any] = {}
+    #: answer through L{DirectRoute}s where the site would (the consent
+    #: page and form, the token, revocation and registration endpoints).
+    direct = False
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -99,8 +125,12 @@ class HTTPTestCase(StoreUnchanged):
         self.config = Config(**kw)
         self.server = OAuthServer(self.config, self.store, self.clock, self.resolver)
         self.app = Klein()
-        mount_routes(self.app, OAuthRoutes(self.server).routes() + AuthorizeRoutes(self.server).routes())
-        self.treq = StubTreq(self.app.resource())
+        routes = OAuthRoutes(self.server).routes() + AuthorizeRoutes(self.server).routes()
+        mount_routes(self.app, routes)
+        root = self.app.resource()
+        if self.direct:
+            root = DirectFirst(direct_answers(routes), root)
+        self.treq = StubTreq(root)
         if self.config.dynamic_registration:
             self.client_id = self.register(
                 {"redirect_uris": ["https://client.example/cb"], "client_name": "Registered"}
@@ -1094,3 +1124,39 @@ class CIMDFetchLimitHTTPTests(HTTPTestCase):
         # 2 fetches a minute: the next is allowed in 30 seconds.
         self.assertEqual(response.header("retry-after"), "30")
         self.assertIn("Too many", response.text)
+
+
+# The consent page and form, answered as the site answers them: without
+# Klein (DirectRoute), every test above again.
+
+
+class DirectConsentPageTests(ConsentPageTests):
+    direct = True
+
+
+class DirectDecisionTests(DecisionTests):
+    direct = True
+
+
+class DirectTokenEndpointTests(TokenEndpointTests):
+    direct = True
+
+
+class DirectLogTests(LogTests):
+    direct = True
+
+
+class DirectHSTSTests(HSTSTests):
+    direct = True
+
+
+class DirectNoHSTSOverHTTPTests(NoHSTSOverHTTPTests):
+    direct = True
+
+
+class DirectPasteRaceTests(PasteRaceTests):
+    direct = True
+
+
+class DirectCIMDFetchLimitHTTPTests(CIMDFetchLimitHTTPTests):
+    direct = True

@@ -6,6 +6,8 @@ forwarded headers, over real sockets.
 
 from __future__ import annotations
 
+import re
+
 from typing import Any, Optional
 
 from klein import Klein
@@ -231,6 +233,16 @@ def mounted_app(issuer: str) -> tuple[Any, Any]:
     return app, mount(app, oauth, tools, reactor=clock, whole_site=True)
 
 
+def unnonced(answer: tuple[list[bytes], bytes]) -> tuple[list[bytes], bytes]:
+    """
+    A L{normalised} answer without its page's style nonce (new on every
+    page).
+    """
+    lines, body = answer
+    nonce = re.compile(rb"nonce-?[=\"']*[A-Za-z0-9_-]{16,}")
+    return [nonce.sub(b"nonce", line) for line in lines], nonce.sub(b"nonce", body)
+
+
 def normalised(answer: bytes) -> tuple[list[bytes], bytes]:
     """
     An answer's status line and headers, in order, without C{Date} and the
@@ -358,7 +370,10 @@ class DirectRoutesTests(TestCase):
         self.assertEqual(direct[b"/auth/mcp/message"].skip, frozenset())
         self.assertEqual(direct[b"/auth/mcp"].skip, frozenset())
         self.assertEqual(direct[b"/.well-known/oauth-authorization-server"].skip, frozenset([b"HEAD"]))
-        self.assertNotIn(b"/auth/oauth/authorize", direct)
+        # The authorization endpoint too (Route.direct), but its HEAD.
+        self.assertEqual(direct[b"/auth/oauth/authorize"].skip, frozenset([b"HEAD"]))
+        self.assertEqual(direct[b"/authorize"].skip, frozenset([b"HEAD"]))
+        self.assertNotIn(b"/connected-apps", direct)
         self.assertNotIn(b"/healthz", [path for path, route in direct.items() if not route.skip])
 
     async def test_same_answers(self) -> None:
@@ -386,6 +401,39 @@ class DirectRoutesTests(TestCase):
             case = line + b" " + body
             expected = normalised(await self.exchange(routed, request))
             self.assertEqual(normalised(await self.exchange(fast, request)), expected, case)
+            self.assertNotIn(b" 500 ", expected[0][0], case)
+
+    async def test_same_pages(self) -> None:
+        """
+        The authorization endpoint's pages and redirects, as Klein answers
+        them (but the nonce, new on every page).
+        """
+        routed, fast, _ = self.sites()
+        form = b"application/x-www-form-urlencoded"
+        consent = (
+            b"response_type=code&client_id=nobody&redirect_uri=https%3A%2F%2Fapp.example%2Fcb"
+            b"&code_challenge=x&code_challenge_method=S256&decision=approve&site_token=t"
+        )
+        cases: list[tuple[bytes, Optional[bytes], bytes]] = [
+            (b"GET /auth/oauth/authorize", None, b""),
+            (b"GET /auth/oauth/authorize?client_id=nobody", None, b""),
+            (b"GET /authorize?client_id=a&client_id=b", None, b""),
+            (b"HEAD /auth/oauth/authorize", None, b""),
+            (b"POST /auth/oauth/authorize", form, b""),
+            (b"POST /auth/oauth/authorize", form, consent),
+            (b"POST /authorize", b"application/json", b"{}"),
+            (b"POST /auth/oauth/authorize", form, b"client_id=%ff%fe"),
+            (b"PUT /auth/oauth/authorize", form, b""),
+            (b"OPTIONS /auth/oauth/authorize", None, b""),
+        ]
+        for line, content_type, body in cases:
+            request = line + b" HTTP/1.1\r\nHost: as.example\r\nConnection: close\r\n"
+            if content_type is not None:
+                request += b"Content-Type: %s\r\nContent-Length: %d\r\n" % (content_type, len(body))
+            request += b"\r\n" + body
+            case = line + b" " + body
+            expected = unnonced(normalised(await self.exchange(routed, request)))
+            self.assertEqual(unnonced(normalised(await self.exchange(fast, request))), expected, case)
             self.assertNotIn(b" 500 ", expected[0][0], case)
 
     async def test_success(self) -> None:

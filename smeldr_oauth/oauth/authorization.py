@@ -259,6 +259,14 @@ class Authorization:
                 )
             raise errors.PasteRefused()
         limiter.refund(address)
+        if request is None:
+            # A page's sign-in (connected apps, the flow timeline); the
+            # consent form's acceptance is recorded by grant_approved.
+            log.info(
+                "site token {site_token_id} accepted for {subject} to sign in to a page",
+                site_token_id=approval.site_token_id,
+                subject=loggable(approval.subject),
+            )
         return approval
 
     async def approve(self, request: AuthorizationRequest, approval: Approval) -> str:
@@ -297,6 +305,7 @@ class Authorization:
             "grant {grant_id} approved by {subject} for client {client_id} scopes {scopes}",
             smeldr_event="grant_approved",
             grant_id=grant.grant_id,
+            site_token_id=approval.site_token_id,
             subject=loggable(approval.subject),
             client_id=loggable(request.client.client_id),
             scopes=" ".join(request.scopes),

@@ -159,7 +159,8 @@ class IOAuthStore(Interface):
         L{consume_code} does and, when it was fresh (C{"ok"}) and
         C{check(code)} returns without raising, store C{access} (and
         C{refresh}, only if the code says C{issue_refresh}) for the code's
-        grant.  The records carry placeholders: the store gives them the
+        grant, and set the grant's C{last_used_at} to C{now} (the
+        redemption's C{grant} shows it).  The records carry placeholders: the store gives them the
         code's C{grant_id}, C{scopes} and C{resource} (the refresh token
         generation 1); hashes and expiry times are the caller's.
 

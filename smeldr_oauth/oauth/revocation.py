@@ -19,6 +19,7 @@ from zope.interface import implementer
 from smeldr_oauth.oauth import errors
 from smeldr_oauth.oauth.clients import ClientResolver
 from smeldr_oauth.oauth.interfaces import IGrantEvents
+from smeldr_oauth.oauth.model import AccessInfo
 from smeldr_oauth.oauth.params import MAX_PARAM, REVOKE_PARAMS, Params, reject_repeated, single
 from smeldr_oauth.oauth.secrets import hash_secret
 from smeldr_oauth.oauth.verifier import AccessVerifier
@@ -29,7 +30,8 @@ log = Logger()
 @implementer(IGrantEvents)
 class GrantEvents:
     """
-    Tells the verifier, and every observer, that a token or a grant ended.
+    Tells the verifier, and every observer, that a token or a grant ended;
+    and the verifier that a grant's use was just recorded.
     """
 
     def __init__(self, verifier: AccessVerifier) -> None:
@@ -41,6 +43,24 @@ class GrantEvents:
 
     def token_revoked(self, token_hash: str) -> None:
         self.verifier.token_revoked(token_hash)
+
+    def revocation_mark(self) -> int:
+        """
+        See L{AccessVerifier.revocation_mark}.
+        """
+        return self.verifier.revocation_mark()
+
+    def access_issued(self, token_hash: str, info: AccessInfo, mark: int) -> None:
+        """
+        A token was issued (see L{AccessVerifier.access_issued}).
+        """
+        self.verifier.access_issued(token_hash, info, mark)
+
+    def grant_used(self, grant_id: str) -> None:
+        """
+        The store recorded the grant's use (see L{AccessVerifier.grant_used}).
+        """
+        self.verifier.grant_used(grant_id)
 
     def grant_revoked(self, grant_id: str) -> None:
         self.verifier.grant_revoked(grant_id)

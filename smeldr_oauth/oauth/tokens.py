@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from smeldr_oauth.oauth import errors, pkce, rotation
 from smeldr_oauth.oauth.clients import ClientResolver, presented_client
 from smeldr_oauth.oauth.config import Config
-from smeldr_oauth.oauth.model import AccessToken, AuthorizationCode, IssuedTokens, RefreshToken
+from smeldr_oauth.oauth.model import AccessInfo, AccessToken, AuthorizationCode, IssuedTokens, RefreshToken
 from smeldr_oauth.oauth.params import MAX_PARAM, TOKEN_PARAMS, Params, reject_repeated, single
 from smeldr_oauth.oauth.ratelimit import Limits, spend
 from smeldr_oauth.oauth.revocation import GrantEvents
@@ -184,6 +184,7 @@ class Tokens:
         access, refresh, access_record, refresh_record = self._new_tokens(
             "", (), self.config.resource or "", True, generation=1
         )
+        mark = self.events.revocation_mark()
         result = await self.store.exchange_code(hash_secret(code or ""), now, check, access_record, refresh_record)
         if result.status == CODE_REPLAYED:
             # The store has revoked the grant.
@@ -200,6 +201,19 @@ class Tokens:
             raise errors.invalid_grant("authorization code is invalid or expired")
         record = result.code
         assert record is not None
+        # The exchange set the grant's last_used_at, and the new token is
+        # known: its first use need neither write nor look it up.
+        self.events.grant_used(record.grant_id)
+        if result.grant is not None:
+            info = AccessInfo(
+                subject=result.grant.subject,
+                client_id=record.client_id,
+                scopes=frozenset(record.scopes),
+                resource=record.resource,
+                grant_id=record.grant_id,
+                expires_at=access_record.expires_at,
+            )
+            self.events.access_issued(access_record.token_hash, info, mark)
         self._logged("authorization_code", record.client_id, record.grant_id)
         return self._issued(access, record.scopes, refresh if record.issue_refresh else None)
 

@@ -123,6 +123,38 @@ class AccessVerifier:
         self._cache.clear()
         self._revocations += 1
 
+    def revocation_mark(self) -> int:
+        """
+        A mark to hand to L{access_issued}: taken before the store call
+        that issues a token, it tells whether a revocation happened since.
+        """
+        return self._revocations
+
+    def access_issued(self, token_hash: str, info: AccessInfo, mark: int) -> None:
+        """
+        Remember a token the store has just issued (a code exchange) as a
+        look-up would have found it, so its first use (the first
+        C{tools/call} of every new connection) asks the store nothing.
+
+        Not remembered when a revocation happened since C{mark} (the
+        exchange's answer could predate it, as in L{_lookup}), nor when its
+        resource is no longer protected (a look-up would refuse it).
+        """
+        if mark != self._revocations:
+            return
+        if self.config.protected_resource(canonical_resource(info.resource)) is None:
+            return
+        self._cache[token_hash] = info
+
+    def grant_used(self, grant_id: str) -> None:
+        """
+        The store has just recorded C{grant_id}'s use (a code exchange sets
+        C{last_used_at}): its tokens' next uses need not record it again
+        for L{TOUCH_INTERVAL}.  Saves a write transaction on the first use
+        of every new grant's token.
+        """
+        self._touched[grant_id] = None
+
     def _touch(self, grant_id: str, now: float) -> None:
         """
         Record a grant's use, at most once per L{TOUCH_INTERVAL} per grant,

@@ -37,6 +37,9 @@ PREFIX = "smeldr_"
 MAX_NAME = 100
 # "smeldr_" + 43 characters; anything much longer is not ours.
 MAX_TOKEN = 128
+#: Seconds between two records of the same token's use (C{last_used_at}):
+#: a paste checked within a minute of the last recorded one is a read only.
+TOUCH_INTERVAL = 60.0
 
 
 class TokenNotFound(SiteError):
@@ -226,7 +229,14 @@ class SiteTokenStore:
     def verify(self, plaintext: str) -> Deferred[Approval | None]:
         """
         Who a pasted token stands for, or C{None} if it is not a live site
-        token.  A successful check records C{last_used_at}.
+        token.  A successful check records C{last_used_at}, at most once
+        per L{TOUCH_INTERVAL}: the check itself is a read, and the write (a
+        transaction and a commit, half of a paste's cost on SQLite) only
+        happens when the recorded use is older.
+
+        Acceptance is a debug event: the consent form's C{grant_approved}
+        and a page's sign-in (connected apps, flow timeline) record it at info, with the
+        token's id (L{smeldr_oauth.oauth.authorization}).
         """
         if (
             not isinstance(plaintext, str)
@@ -238,24 +248,35 @@ class SiteTokenStore:
         presented = hash_secret(plaintext)
         now = self._clock.seconds()
 
-        def verify_token(txn: Transaction) -> tuple[Approval | None, str | None]:
+        def verify_token(txn: Transaction) -> tuple[Approval | None, str | None, bool]:
             row = txn.execute(
-                "SELECT id, name, token_hash, revoked_at FROM site_tokens WHERE token_hash = ?",
+                "SELECT id, name, token_hash, revoked_at, last_used_at FROM site_tokens WHERE token_hash = ?",
                 (presented,),
             ).fetchone()
             if row is None or not constant_time_equal(row["token_hash"], presented):
-                return None, None
+                return None, None, False
             if row["revoked_at"] is not None:
-                return None, row["id"]
-            txn.execute("UPDATE site_tokens SET last_used_at = ? WHERE id = ?", (now, row["id"]))
-            return Approval(subject=row["name"], site_token_id=row["id"]), row["id"]
+                return None, row["id"], False
+            used = row["last_used_at"]
+            stale = used is None or not (0 <= now - used < TOUCH_INTERVAL)
+            return Approval(subject=row["name"], site_token_id=row["id"]), row["id"], stale
+
+        def touch(txn: Transaction, token_id: str) -> None:
+            txn.execute("UPDATE site_tokens SET last_used_at = ? WHERE id = ?", (now, token_id))
+
+        def recorded(result: tuple[Approval | None, str | None, bool]) -> Any:
+            approval, token_id, stale = result
+            if approval is None or not stale:
+                return result
+            assert token_id is not None
+            return self._db.write(SCHEMA, touch, token_id).addCallback(lambda _: result)
 
         def logged(
-            result: tuple[Approval | None, str | None],
+            result: tuple[Approval | None, str | None, bool],
         ) -> Approval | None:
-            approval, token_id = result
+            approval, token_id, _ = result
             if approval is not None:
-                log.info(
+                log.debug(
                     "site token {token_id} accepted for {subject}",
                     token_id=token_id,
                     subject=approval.subject,
@@ -268,7 +289,7 @@ class SiteTokenStore:
                 log.info("site token rejected: unknown")
             return approval
 
-        return self._db.write(SCHEMA, verify_token).addCallback(logged)
+        return self._db.read(SCHEMA, verify_token).addCallback(recorded).addCallback(logged)
 
     def is_admin(self, token_id: str | None) -> Deferred[bool]:
         """

@@ -243,7 +243,8 @@ class MemoryStore:
                 self._refresh[refresh.token_hash] = attr.evolve(
                     refresh, grant_id=code.grant_id, scopes=code.scopes, generation=1, used_at=None
                 )
-            return redemption
+            grant = self._grants[code.grant_id] = attr.evolve(self._grants[code.grant_id], last_used_at=now)
+            return attr.evolve(redemption, grant=grant)
 
         return _call(exchange)
 

@@ -320,9 +320,9 @@ def _exchange_code(
     refresh: Optional[RefreshToken],
 ) -> tuple[CodeRedemption, Optional[Failure]]:
     """
-    L{_consume_code}, then the checks, then the tokens: see
-    L{IOAuthStore.exchange_code}.  A refusal by C{check} is returned (not
-    raised) so that the spend commits.
+    L{_consume_code}, then the checks, then the tokens and the grant's
+    C{last_used_at}: see L{IOAuthStore.exchange_code}.  A refusal by
+    C{check} is returned (not raised) so that the spend commits.
     """
     redemption = _consume_code(txn, code_hash, now)
     if redemption.status != "ok":
@@ -339,8 +339,12 @@ def _exchange_code(
     if code.issue_refresh:
         assert refresh is not None
         rows.append(_refresh_row(refresh, code.grant_id, code.scopes, 1))
+    # The grant's use, recorded here rather than by a transaction of its
+    # own when the new token is first used (AccessVerifier.grant_used).
+    rows.append(("UPDATE grants SET last_used_at = ? WHERE grant_id = ?", (now, code.grant_id)))
     txn.execute_together(rows)
-    return redemption, None
+    grant = redemption.grant
+    return attr.evolve(redemption, grant=None if grant is None else attr.evolve(grant, last_used_at=now)), None
 
 
 def _add_tokens(

@@ -143,7 +143,11 @@ class AuthorizeRoutes:
     def routes(self) -> list[Route]:
         methods = {"GET": self.get, "POST": self.post}
         return [
-            Route(path=path, methods=methods, dialect=errors.PAGE, headers=self.hsts, name=f"oauth:{path}")
+            # direct: without Klein's routing (docs/performance.md), as the
+            # token endpoint that follows it in every flow.
+            Route(
+                path=path, methods=methods, dialect=errors.PAGE, headers=self.hsts, name=f"oauth:{path}", direct=True
+            )
             for path in dict.fromkeys([self.prefix + "/oauth/authorize", "/authorize"])
         ]
 

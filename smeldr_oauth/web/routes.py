@@ -82,6 +82,8 @@ class Route:
     @ivar name: the Klein endpoint name (unique per app); default the path.
     @ivar head: answer C{HEAD} with the C{GET} handler (off for a C{GET}
         that opens a stream).
+    @ivar direct: answer it without Klein (L{direct_answers}) whatever its
+        dialect; JSON and JSON-RPC routes always are.
     """
 
     path: str
@@ -92,6 +94,7 @@ class Route:
     before: Optional[Callable[[IRequest], None]] = None
     name: Optional[str] = None
     head: bool = True
+    direct: bool = False
 
     def fixed_headers(self) -> tuple[tuple[bytes, bytes], ...]:
         """
@@ -285,10 +288,12 @@ def _deliver(request: IRequest, body: Any, over: list[Any]) -> None:
 
 def direct_answers(routes: Iterable[Route], *, dialects: Iterable[Dialect] = (errors.JSON, errors.JSONRPC)) -> dict[bytes, "DirectRoute"]:
     """
-    Path -> L{DirectRoute} for every route of C{dialects}, for
-    L{smeldr_oauth.web.site.SmeldrSite.direct}: the token, revocation and
-    registration endpoints and the MCP endpoints, streams included (an
-    idle stream then holds no Werkzeug URL adapter and no Klein closures).
+    Path -> L{DirectRoute} for every route of C{dialects} and every route
+    marked L{Route.direct}, for L{smeldr_oauth.web.site.SmeldrSite.direct}:
+    the token, revocation and registration endpoints and the MCP endpoints,
+    streams included (an idle stream then holds no Werkzeug URL adapter and
+    no Klein closures), and the authorization endpoint (the consent page
+    and the consent form's C{POST}, a third of a full flow).
     A C{HEAD} answered by a C{GET} handler stays with Klein, which sends
     no body for it (twisted.web would log a warning).
     """
@@ -296,5 +301,5 @@ def direct_answers(routes: Iterable[Route], *, dialects: Iterable[Dialect] = (er
     return {
         route.path.encode("utf-8"): DirectRoute(route, skip=(b"HEAD",) if "GET" in route.methods and route.head else ())
         for route in routes
-        if route.dialect in kinds
+        if route.dialect in kinds or route.direct
     }
