@@ -127,18 +127,6 @@ def _code(row: Any) -> AuthorizationCode:
     )
 
 
-def _refresh(row: Any) -> RefreshToken:
-    return RefreshToken(
-        token_hash=row["token_hash"],
-        grant_id=row["grant_id"],
-        scopes=_load(row["scopes"]),
-        generation=row["generation"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        used_at=row["used_at"],
-    )
-
-
 def _get_grant(txn: Transaction, grant_id: str, lock: bool = False) -> Optional[Grant]:
     """
     The grant, or C{None}; with C{lock}, its row stays locked until the
@@ -352,6 +340,20 @@ def _add_tokens(
     txn.execute_together(rows)
 
 
+#: Everything a refresh decides on, in one statement: the grant, the
+#: presented token, and the grant's live generation with its size.
+_REFRESH_FACTS = (
+    "SELECT g.*, t.token_hash, t.scopes AS token_scopes, t.generation,"
+    " t.created_at AS token_created_at, t.expires_at, t.used_at, t.revoked_at AS token_revoked_at,"
+    " live.generation AS live_generation, live.siblings AS live_siblings"
+    " FROM refresh_tokens t JOIN grants g ON g.grant_id = t.grant_id,"
+    " (SELECT generation, COUNT(*) AS siblings FROM refresh_tokens"
+    "  WHERE grant_id = (SELECT grant_id FROM refresh_tokens WHERE token_hash = ?)"
+    "  GROUP BY generation ORDER BY generation DESC LIMIT 1) live"
+    " WHERE t.token_hash = ?"
+)
+
+
 def _redeem_refresh_token(
     txn: Transaction,
     token_hash: str,
@@ -362,42 +364,45 @@ def _redeem_refresh_token(
     new_refresh: RefreshToken,
 ) -> RefreshRedemption:
     """
-    Lock the token's grant, then load the token and the grant's live
-    generation, let L{rotation.decide} rule, and apply the ruling.
+    Lock the token's grant, then load the token, its grant and the grant's
+    live generation, let L{rotation.decide} rule, and apply the ruling.
+
+    SQLite's C{BEGIN IMMEDIATE} already holds the whole file, so there the
+    facts are one statement.  PostgreSQL first locks the grant's row: the
+    facts are read after the lock, when a concurrent refresh of this grant
+    has committed (at C{READ COMMITTED} each statement sees what was
+    committed before it began), and its effects are what this one must see.
     """
-    row = txn.execute(
-        "SELECT g.* FROM refresh_tokens t JOIN grants g ON g.grant_id = t.grant_id"
-        " WHERE t.token_hash = ?" + txn.engine.for_update,
-        (token_hash,),
-    ).fetchone()
+    if not txn.engine.single_writer:
+        txn.execute(
+            "SELECT 1 FROM refresh_tokens t JOIN grants g ON g.grant_id = t.grant_id"
+            " WHERE t.token_hash = ?" + txn.engine.for_update,
+            (token_hash,),
+        )
+    row = txn.execute(_REFRESH_FACTS, (token_hash, token_hash)).fetchone()
     if row is None:
         return RefreshRedemption(status=rotation.UNKNOWN)
     grant = _grant(row)
-    grant_id = grant.grant_id
-    # Read after the lock: a concurrent refresh of this grant has committed
-    # by now, and its effects are what this one must see.
-    row = txn.execute(
-        "SELECT t.*, live.generation AS live_generation, live.siblings AS live_siblings"
-        " FROM refresh_tokens t,"
-        " (SELECT generation, COUNT(*) AS siblings FROM refresh_tokens WHERE grant_id = ?"
-        "  GROUP BY generation ORDER BY generation DESC LIMIT 1) live"
-        " WHERE t.token_hash = ?",
-        (grant_id, token_hash),
-    ).fetchone()
-    token = None if row is None else _refresh(row)
+    token = RefreshToken(
+        token_hash=row["token_hash"],
+        grant_id=grant.grant_id,
+        scopes=_load(row["token_scopes"]),
+        generation=row["generation"],
+        created_at=row["token_created_at"],
+        expires_at=row["expires_at"],
+        used_at=row["used_at"],
+    )
     decision = rotation.decide(
         token=token,
-        token_revoked=row is not None and row["revoked_at"] is not None,
-        token_revoked_at=None if row is None else row["revoked_at"],
+        token_revoked=row["token_revoked_at"] is not None,
+        token_revoked_at=row["token_revoked_at"],
         grant=grant,
-        live_generation=0 if row is None else row["live_generation"],
-        live_siblings=0 if row is None else row["live_siblings"],
+        live_generation=row["live_generation"],
+        live_siblings=row["live_siblings"],
         now=now,
         grace=grace,
         requested_scopes=requested_scopes,
     )
-    if token is None or grant is None:
-        return RefreshRedemption(status=decision.status)
     return RefreshRedemption(
         status=decision.status,
         grant=_apply(txn, decision, token, grant, now, new_access, new_refresh),
