@@ -762,8 +762,18 @@ class SQLStore:
         generation; both keep the caller's hashes and expiry times.  A
         successful refresh also sets the grant's C{last_used_at}.
         """
-        return self._write(
-            _redeem_refresh_token, token_hash, now, grace, requested_scopes, new_access, new_refresh
+        # Concurrent refreshes may share one transaction (group commit,
+        # when the database has it on), each outcome as it would be alone.
+        return self.database.write(
+            self._schema,
+            _redeem_refresh_token,
+            token_hash,
+            now,
+            grace,
+            requested_scopes,
+            new_access,
+            new_refresh,
+            group=True,
         )
 
     def lookup_access_token(self, token_hash: str, now: float) -> "Deferred[Optional[AccessInfo]]":
