@@ -25,6 +25,7 @@ store.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Callable, Optional, Sequence, TypeVar, Union, cast
 
@@ -74,10 +75,23 @@ CHANGES_CHANNEL = "smeldr_oauth_changes"
 PURGE_BATCH = 1000
 
 
-def _dump(values: Sequence[str]) -> str:
+# Scope lists repeat: a server sees a handful of distinct ones, and each
+# refresh encodes two and decodes two (a JSON round trip costs about 2 us).
+# Tuples and the text are immutable, so remembering them is safe.
+
+
+@functools.lru_cache(maxsize=256)
+def _dump_tuple(values: tuple[str, ...]) -> str:
     return json.dumps(list(values))
 
 
+def _dump(values: Sequence[str]) -> str:
+    if isinstance(values, tuple):
+        return _dump_tuple(values)
+    return json.dumps(list(values))
+
+
+@functools.lru_cache(maxsize=256)
 def _load(text: str) -> tuple[str, ...]:
     return tuple(json.loads(text))
 
