@@ -286,6 +286,19 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(self.begins, 1)
         self.assertEqual(self.db.transaction_stats()["things.insert"].count, 3)
 
+    def test_close_runs_the_batch(self) -> None:
+        """
+        Closing the database runs and commits the grouped writes still
+        waiting for the end of the turn; the turn's end then has nothing
+        to do.
+        """
+        d = self.db.write(SCHEMA, insert, "a", 1, group=True)
+        self.db.close()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.committed(), ["a"])
+        self.reactor.advance(0)
+        self.assertEqual(self.begins, 1)
+
     def test_not_without_group(self) -> None:
         """
         A write not asked to be grouped runs at once, alone; and without

@@ -535,9 +535,11 @@ class Database:
     def close(self) -> None:
         """
         Close every connection and stop the threads; work already queued
-        finishes first (the pool joins its threads).
+        finishes first (the pool joins its threads; grouped writes waiting
+        for the end of the reactor turn are run and committed now).
         """
         if not self._closed:
+            self._commit_batch()
             self._closed = True
             closing = getattr(self.engine, "closing", None)
             if closing is not None:
