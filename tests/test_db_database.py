@@ -205,6 +205,233 @@ class SQLiteDatabaseTests(DatabaseMixin, SynchronousTestCase):
         self.assertRaises(ValueError, Database, SQLiteEngine(":memory:"), InlineReactor(), threads=2)
 
 
+def fail_unavailable(txn: Any) -> None:
+    """
+    A call whose error SQLite may answer by ending the whole transaction.
+    """
+    insert(txn, "unavailable", 0)
+    raise sqlite3.OperationalError("disk I/O error")
+
+
+def bug(txn: Any) -> None:
+    insert(txn, "bug", 0)
+    raise ZeroDivisionError("a bug")
+
+
+#: A process that queues two grouped writes and dies (SIGKILL) inside the
+#: second, after the first has run in the batch's transaction.
+KILLED_IN_BATCH = """
+import os, signal, sys
+from tests.test_db_database import SCHEMA, insert
+from tests.test_store_sqlite import InlineReactor
+from smeldr_oauth.db import open_database
+
+def die(txn):
+    insert(txn, "second", 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+reactor = InlineReactor()
+db = open_database(sys.argv[1], reactor, threads=0, group_commit=True)
+db.ensure(SCHEMA)
+answered = []
+db.write(SCHEMA, insert, "first", 1, group=True).addBoth(answered.append)
+db.write(SCHEMA, die, group=True).addBoth(answered.append)
+reactor.advance(0)
+print("survived", answered)
+"""
+
+
+class GroupCommitTests(SynchronousTestCase):
+    """
+    Group commit (L{Database} C{group_commit}, SQLite on the calling
+    thread): grouped writes of one reactor turn share one transaction,
+    each outcome exactly as alone.
+    """
+
+    def setUp(self) -> None:
+        self.path = self.mktemp() + ".db"
+        self.reactor = InlineReactor()
+        self.db = open_database(self.path, self.reactor, threads=0, group_commit=True)
+        self.addCleanup(self.db.close)
+        self.successResultOf(self.db.ensure(SCHEMA))
+        self.begins = 0
+        begin = self.db.engine.begin
+
+        def counted(txn: Any) -> None:
+            self.begins += 1
+            begin(txn)
+
+        self.patch(self.db.engine, "begin", counted)
+
+    def committed(self) -> list[str]:
+        other = sqlite3.connect(self.path)
+        try:
+            return [row[0] for row in other.execute("SELECT name FROM things ORDER BY name")]
+        finally:
+            other.close()
+
+    def test_one_transaction_after_the_turn(self) -> None:
+        """
+        Grouped writes wait for the end of the reactor turn, then run in
+        one transaction; no result is given before its commit.
+        """
+        calls = [self.db.write(SCHEMA, insert, name, 1, group=True) for name in ("a", "b", "c")]
+        for d in calls:
+            self.assertNoResult(d)
+        self.assertEqual(self.committed(), [])
+        self.reactor.advance(0)
+        for d in calls:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.committed(), ["a", "b", "c"])
+        self.assertEqual(self.begins, 1)
+        self.assertEqual(self.db.transaction_stats()["things.insert"].count, 3)
+
+    def test_close_runs_the_batch(self) -> None:
+        """
+        Closing the database runs and commits the grouped writes still
+        waiting for the end of the turn; the turn's end then has nothing
+        to do.
+        """
+        d = self.db.write(SCHEMA, insert, "a", 1, group=True)
+        self.db.close()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.committed(), ["a"])
+        self.reactor.advance(0)
+        self.assertEqual(self.begins, 1)
+
+    def test_not_without_group(self) -> None:
+        """
+        A write not asked to be grouped runs at once, alone; and without
+        C{group_commit} (or with threads, or on PostgreSQL) nothing is
+        grouped.
+        """
+        self.successResultOf(self.db.write(SCHEMA, insert, "a", 1))
+        self.assertEqual(self.committed(), ["a"])
+        plain = open_database(self.mktemp() + ".db", InlineReactor(), threads=0)
+        self.addCleanup(plain.close)
+        self.assertFalse(plain.group_commit)
+        self.successResultOf(plain.write(SCHEMA, insert, "a", 1, group=True))
+        threaded = open_database(self.mktemp() + ".db", InlineReactor(), threads=1, group_commit=True)
+        self.addCleanup(threaded.close)
+        self.assertFalse(threaded.group_commit)
+
+    def test_sees_earlier_calls(self) -> None:
+        """
+        Each call sees what the calls before it in the batch did, as it
+        would had they committed first: a duplicate fails as a conflict.
+        """
+        first = self.db.write(SCHEMA, insert, "a", 1, group=True)
+        second = self.db.write(SCHEMA, insert, "a", 2, group=True)
+        seen = self.db.write(SCHEMA, names, group=True)
+        self.reactor.advance(0)
+        self.successResultOf(first)
+        self.failureResultOf(second, StoreConflict)
+        self.assertEqual(self.successResultOf(seen), ["a"])
+        self.assertEqual(self.begins, 1)
+
+    def test_one_failing(self) -> None:
+        """
+        A call that fails (a conflict half-way, a bug) is rolled back alone,
+        with the error it would have had alone; the others are committed.
+        """
+
+        def half(txn: Any) -> None:
+            insert(txn, "half", 1)
+            insert(txn, "a", 2)
+
+        calls = [
+            self.db.write(SCHEMA, insert, "a", 1, group=True),
+            self.db.write(SCHEMA, half, group=True),
+            self.db.write(SCHEMA, bug, group=True),
+            self.db.write(SCHEMA, insert, "b", 1, group=True),
+        ]
+        self.reactor.advance(0)
+        self.successResultOf(calls[0])
+        conflict = self.failureResultOf(calls[1], StoreConflict)
+        alone = self.failureResultOf(self.db.write(SCHEMA, insert, "a", 3), StoreConflict)
+        self.assertEqual(str(conflict.value), str(alone.value))
+        self.failureResultOf(calls[2], ZeroDivisionError)
+        self.successResultOf(calls[3])
+        self.assertEqual(self.committed(), ["a", "b"])
+        self.assertEqual(self.begins, 2)
+        stats = self.db.transaction_stats()
+        self.assertEqual((stats["things.half"].errors, stats["things.bug"].errors), (1, 1))
+
+    def test_transaction_ending_error(self) -> None:
+        """
+        An error after which SQLite may have ended the whole transaction
+        abandons the batch: every call runs again alone, with the outcome
+        it has alone, and nothing runs twice.
+        """
+        calls = [
+            self.db.write(SCHEMA, insert, "a", 1, group=True),
+            self.db.write(SCHEMA, fail_unavailable, group=True),
+            self.db.write(SCHEMA, insert, "b", 1, group=True),
+        ]
+        self.reactor.advance(0)
+        self.successResultOf(calls[0])
+        self.failureResultOf(calls[1], StoreUnavailable)
+        self.successResultOf(calls[2])
+        self.assertEqual(self.committed(), ["a", "b"])
+        # The batch, then each of the three alone.
+        self.assertEqual(self.begins, 4)
+        self.assertEqual(self.db.transaction_stats()["things.insert"].count, 2)
+
+    def test_commit_fails(self) -> None:
+        """
+        A failing C{COMMIT} gives no call a result from the batch: all of
+        them run again alone.
+        """
+        commits: list[bool] = []
+        import smeldr_oauth.db.database as module
+
+        real = module._commit
+
+        def failing_once(connection: Any) -> None:
+            if not commits:
+                commits.append(False)
+                raise sqlite3.OperationalError("disk I/O error")
+            commits.append(True)
+            real(connection)
+
+        self.patch(module, "_commit", failing_once)
+        calls = [self.db.write(SCHEMA, insert, name, 1, group=True) for name in ("a", "b")]
+        self.reactor.advance(0)
+        for d in calls:
+            self.successResultOf(d)
+        self.assertEqual(commits, [False, True, True])
+        self.assertEqual(self.committed(), ["a", "b"])
+
+    def test_killed_in_the_middle(self) -> None:
+        """
+        A process killed half-way through a batch leaves the file as it was
+        before the batch, and answered nothing.
+        """
+        import os
+        import signal
+        import subprocess
+        import sys
+
+        path = os.path.abspath(self.mktemp() + ".db")
+        before = open_database(path, InlineReactor(), threads=0)
+        self.successResultOf(before.write(SCHEMA, insert, "before", 0))
+        before.close()
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        done = subprocess.run(
+            [sys.executable, "-c", KILLED_IN_BATCH, path],
+            cwd=checkout,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+        self.assertNotIn("survived", done.stdout)
+        other = sqlite3.connect(path)
+        self.addCleanup(other.close)
+        self.assertEqual([row[0] for row in other.execute("SELECT name FROM things")], ["before"])
+        self.assertEqual(other.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+
+
 class PostgresDatabaseTests(DatabaseMixin, SynchronousTestCase):
     def location(self) -> str:
         return postgres.database_url(self)

@@ -141,6 +141,23 @@ class PostgresStoreTests(StoreMixin, SynchronousTestCase):
     def location(self) -> str:
         return postgres.database_url(self)
 
+    def test_unlogged(self) -> None:
+        """
+        The buckets are an C{UNLOGGED} table: spending one writes no WAL
+        record that a commit must wait to flush (a hot bucket's row lock
+        would otherwise be held for a flush per request).
+        """
+        self.take()
+        persistence = self.ok(
+            self.database.read(
+                RATE_LIMITS_SCHEMA,
+                lambda txn: txn.execute(
+                    "SELECT relpersistence FROM pg_class WHERE relname = 'rate_limits'"
+                ).fetchone()[0],
+            )
+        )
+        self.assertEqual(persistence, "u")
+
     def test_keys_not_kept(self) -> None:
         """
         Addresses and client ids are kept only as hashes.

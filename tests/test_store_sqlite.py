@@ -18,10 +18,12 @@ from typing import Any, Callable
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from smeldr_oauth.db import open_database
 from smeldr_oauth.db.database import NoThreads
-from smeldr_oauth.db.errors import SchemaTooNew
+from smeldr_oauth.db.errors import SchemaTooNew, StoreConflict
 from smeldr_oauth.db.migrations import Migration, Schema
 from smeldr_oauth.store import sql as sql_module
 from smeldr_oauth.store.schema import OAUTH_SCHEMA
@@ -144,6 +146,92 @@ INSERT INTO schema_version (lock, version) VALUES (0, 1);
 """ + "".join(statement + ";\n" for statement in OAUTH_SCHEMA.migrations[0].statements).replace(
     "DOUBLE PRECISION", "REAL"
 )
+
+
+def _refresh_scenario(store: Any, finish: Callable[[], None]) -> tuple[list[Any], list[Any]]:
+    """
+    Set up two grants, then make seven refreshes at once: a rotation, a
+    replay of the token it just spent (grace), a rotation of the new
+    token, an unknown token, one whose new access token's hash is already
+    stored (a conflict: it fails), the same token again (rotated: the
+    failure left nothing behind), and the first token once more after its
+    successor rotated (reuse: the grant is revoked).  Then C{finish()};
+    the outcomes, and every row of the tokens and grants tables.
+    """
+    from smeldr_oauth.store.sql import SQLStore
+
+    assert isinstance(store, SQLStore)
+    for grant in ("g1", "g2"):
+        store.create_grant(make_grant(grant), make_code(f"{grant}-code", grant_id=grant))
+        store.add_tokens(grant, access(f"{grant}-a0"), refresh(f"{grant}-r0"))
+
+    def redeem(presented: str, new: str, new_access: str, now: float) -> Any:
+        return store.redeem_refresh_token(
+            h(presented), now, 10.0, None, access(new_access, now), refresh(new, now)
+        )
+
+    calls = [
+        redeem("g1-r0", "r1", "a1", T0 + 100),
+        redeem("g1-r0", "r1b", "a1b", T0 + 101),
+        redeem("r1", "r2", "a2", T0 + 102),
+        redeem("unknown", "x", "ax", T0 + 103),
+        redeem("g2-r0", "s1", "a1", T0 + 104),
+        redeem("g2-r0", "s1", "s1-a", T0 + 105),
+        redeem("g1-r0", "r9", "a9", T0 + 106),
+    ]
+    finish()
+    outcomes: list[Any] = []
+    for d in calls:
+        box: list[Any] = []
+        d.addBoth(box.append)
+        if isinstance(box[0], Failure):
+            outcomes.append(box[0].type)
+        else:
+            outcomes.append((box[0].status, box[0].grant))
+
+    def dump(txn: Any) -> list[Any]:
+        return [
+            tuple(row)
+            for table in ("grants", "access_tokens", "refresh_tokens")
+            for row in txn.execute(f"SELECT * FROM {table} ORDER BY 1")
+        ]
+
+    rows: list[Any] = []
+    store.database.read(OAUTH_SCHEMA, dump).addCallback(rows.extend)
+    return outcomes, rows
+
+
+class GroupCommitTests(SynchronousTestCase):
+    """
+    Refreshes made in one reactor turn share one transaction (group
+    commit), each outcome exactly what it is alone.
+    """
+
+    def test_as_alone(self) -> None:
+        alone = sql_module.SQLStore(open_database(self.mktemp() + ".db", InlineReactor(), threads=0))
+        self.addCleanup(alone.close)
+        expected = _refresh_scenario(alone, lambda: None)
+
+        reactor = InlineReactor()
+        database = open_database(self.mktemp() + ".db", reactor, threads=0, group_commit=True)
+        grouped = sql_module.SQLStore(database)
+        self.addCleanup(grouped.close)
+        begins: list[None] = []
+        begin = database.engine.begin
+        self.patch(database.engine, "begin", lambda txn: (begins.append(None), begin(txn)))
+
+        def finish() -> None:
+            before = len(begins)
+            reactor.advance(0)
+            # The seven refreshes in one transaction.
+            self.assertEqual(len(begins), before + 1)
+
+        got = _refresh_scenario(grouped, finish)
+        self.assertEqual(
+            [o if isinstance(o, type) else o[0] for o in expected[0]],
+            ["rotated", "grace", "rotated", "unknown", StoreConflict, "rotated", "reused"],
+        )
+        self.assertEqual(got, expected)
 
 
 class SQLiteStoreTests(SynchronousTestCase):

@@ -48,6 +48,7 @@ def open_database(
     threads: Optional[int] = None,
     threadpool: Any = None,
     clock: Optional[IReactorTime] = None,
+    group_commit: bool = False,
 ) -> Database:
     """
     A L{Database} for a C{--database} value: a C{postgresql://} URL, or the
@@ -56,6 +57,7 @@ def open_database(
     @param threads: 0 runs calls on the calling (reactor) thread; N on N
         pool threads (SQLite: at most 1).  Default: L{POSTGRES_THREADS} or
         L{SQLITE_THREADS}.
+    @param group_commit: see L{Database}.
     """
     engine: Any
     if is_postgres_url(location):
@@ -68,4 +70,5 @@ def open_database(
         threads=default if threads is None else threads,
         threadpool=threadpool,
         clock=clock,
+        group_commit=group_commit,
     )

@@ -30,6 +30,10 @@ reactor's): for SQLite a point read or a small WAL write costs tens of
 microseconds, less than handing it to a thread and back, and the returned
 L{Deferred} has already fired.  C{threads=N} runs calls on adbapi's pool of
 N threads (SQLite: 1, its one writer), each with its own connection.
+
+Group commit (C{group_commit=True}, SQLite on the calling thread only):
+writes asked for with C{group=True} wait for the end of the reactor turn
+and then share one transaction, one C{SAVEPOINT} each: see L{_Batch}.
 """
 
 from __future__ import annotations
@@ -212,6 +216,7 @@ class Database:
         threads: int = 1,
         threadpool: Any = None,
         clock: Optional[IReactorTime] = None,
+        group_commit: bool = False,
     ) -> None:
         """
         @param reactor: runs the pool's threads and its shutdown trigger;
@@ -223,6 +228,10 @@ class Database:
             use a thread-less one with a synchronous reactor).
         @param clock: the time source of C{applied_at} in migrations;
             C{reactor} when C{None}, else the wall clock.
+        @param group_commit: let C{write(..., group=True)} calls made in
+            one reactor turn share a transaction (see L{_Batch}); only
+            for a single-writer engine (SQLite) with C{threads=0}, ignored
+            otherwise.
         """
         if threads < 0 or (engine.single_writer and threads > 1):
             raise ValueError(f"threads must be 0 or 1 for {engine.name}, not {threads!r}")
@@ -253,6 +262,8 @@ class Database:
         self._migrating: dict[str, list[Deferred[int]]] = {}
         self._in_flight = 0
         self._closed = False
+        self.group_commit = group_commit and threads == 0 and engine.single_writer
+        self._batch: Optional[_Batch] = None
 
     @property
     def inline(self) -> bool:
@@ -279,13 +290,36 @@ class Database:
         """
         return self._call(schema, False, name or _name(schema, func), func, args)
 
-    def write(self, schema: Schema, func: Callable[..., T], *args: Any, name: Optional[str] = None) -> "Deferred[T]":
+    def write(
+        self,
+        schema: Schema,
+        func: Callable[..., T],
+        *args: Any,
+        name: Optional[str] = None,
+        group: bool = False,
+    ) -> "Deferred[T]":
         """
         Run C{func(transaction, *args)} in one write transaction, once
         C{schema} is current: committed if it returns, rolled back if it
         raises.
+
+        @param group: with L{group_commit}, the call may share a
+            transaction with the other grouped writes of this reactor turn,
+            its outcome exactly what it would be alone (L{_Batch}); the
+            result comes after the commit, at the end of the turn.
         """
-        return self._call(schema, True, name or _name(schema, func), func, args)
+        name = name or _name(schema, func)
+        if group and self.group_commit and schema.component in self._current:
+            if self._batch is None:
+                self._batch = _Batch(self)
+                self.reactor.callLater(0, self._commit_batch)
+            return self._batch.add(name, func, args)
+        return self._call(schema, True, name, func, args)
+
+    def _commit_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            batch.run()
 
     def with_connection(self, func: Callable[..., T], *args: Any) -> "Deferred[T]":
         """
@@ -403,8 +437,11 @@ class Database:
             if not self.engine.broken(connection):
                 log.failure("rollback failed")
 
-    def _count(self, name: str, started: float, retries: int, failed: bool) -> None:
-        elapsed = time.perf_counter() - started
+    def _count(
+        self, name: str, started: float, retries: int, failed: bool, elapsed: Optional[float] = None
+    ) -> None:
+        if elapsed is None:
+            elapsed = time.perf_counter() - started
         with self._stats_lock:
             stats = self._stats.get(name)
             if stats is None:
@@ -498,14 +535,124 @@ class Database:
     def close(self) -> None:
         """
         Close every connection and stop the threads; work already queued
-        finishes first (the pool joins its threads).
+        finishes first (the pool joins its threads; grouped writes waiting
+        for the end of the reactor turn are run and committed now).
         """
         if not self._closed:
+            self._commit_batch()
             self._closed = True
             closing = getattr(self.engine, "closing", None)
             if closing is not None:
                 closing(self)
             self.pool.close()
+
+
+class _Batch:
+    """
+    Grouped writes of one reactor turn (L{Database.write} with C{group}),
+    run in one transaction with one C{COMMIT}: on a busy server many
+    refreshes arrive in one turn, and each paid for its own C{BEGIN
+    IMMEDIATE}, C{COMMIT} and WAL frames for pages its neighbours wrote
+    too.
+
+    Each call's outcome is exactly what it would be alone:
+
+      - the calls run one after another in the order they were made, each
+        inside its own C{SAVEPOINT}, so each sees what the calls before it
+        did, as it would had they committed first;
+      - a call that raises is rolled back to its savepoint, alone, and
+        fails as it would alone (L{StoreConflict} for a constraint, the
+        error itself for a bug); the others go on;
+      - an error that may have ended the transaction itself (SQLite rolls
+        the whole transaction back on some I/O, busy or full-disk errors:
+        L{StoreUnavailable} kinds), or a failing C{BEGIN} or C{COMMIT},
+        abandons the batch: it is rolled back and every call is run again
+        alone, one transaction each, as without grouping (nothing of the
+        batch was committed, so nothing runs twice);
+      - no call's result is given out before the C{COMMIT} that makes it
+        durable returns, so an answer never tells of a write that a crash
+        could still undo.
+    """
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._calls: list[tuple[str, Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+    def add(self, name: str, func: Callable[..., T], args: tuple[Any, ...]) -> "Deferred[T]":
+        d: Deferred[T] = Deferred()
+        self._calls.append((name, func, args, d))
+        return d
+
+    def run(self) -> None:
+        calls = self._calls
+        if len(calls) == 1:
+            outcomes: Optional[list[Any]] = None
+        else:
+            outcomes = self._together()
+        if outcomes is None:
+            outcomes = [self._alone(name, func, args) for name, func, args, _ in calls]
+        for (_, _, _, d), outcome in zip(calls, outcomes):
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+
+    def _alone(self, name: str, func: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        try:
+            return self._database._interact(True, name, func, args)
+        except BaseException:
+            return Failure()
+
+    def _together(self) -> Optional[list[Any]]:
+        """
+        Run every call in one transaction; their outcomes, or C{None} when
+        the batch had to be abandoned (then nothing of it is committed).
+        """
+        database = self._database
+        try:
+            connection = database._connect()
+        except BaseException:
+            return None
+        cursor = connection.cursor()
+        try:
+            outcomes = self._in_transaction(connection, Transaction(cursor, database.engine, database._convert))
+        except BaseException:
+            # BEGIN, a savepoint or COMMIT failed, or a call's error may
+            # have ended the transaction: nothing of the batch stands.
+            database._rollback(connection)
+            return None
+        finally:
+            _close_quietly(cursor)
+        for (name, _, _, _), (started, elapsed, outcome) in zip(self._calls, outcomes):
+            database._count(name, started, 0, isinstance(outcome, Failure), elapsed)
+        return [outcome for _, _, outcome in outcomes]
+
+    def _in_transaction(self, connection: Any, txn: Transaction) -> list[tuple[float, float, Any]]:
+        engine = txn.engine
+        engine.begin(txn)
+        outcomes: list[tuple[float, float, Any]] = []
+        for _, func, args, _ in self._calls:
+            started = time.perf_counter()
+            txn.execute("SAVEPOINT grouped")
+            outcome: Any
+            try:
+                outcome = func(txn, *args)
+            except BaseException as error:
+                kind = engine.classify(error)
+                if kind not in (None, CONFLICT) or not connection.in_transaction:
+                    raise
+                if kind == CONFLICT:
+                    # As alone: the constraint's name, never a value.
+                    conflict = StoreConflict(_first_line(error))
+                    conflict.__cause__ = error
+                    outcome = Failure(conflict)
+                else:
+                    outcome = Failure()
+                txn.execute("ROLLBACK TO grouped")
+            txn.execute("RELEASE grouped")
+            outcomes.append((started, time.perf_counter() - started, outcome))
+        _commit(connection)
+        return outcomes
 
 
 def _name(schema: Schema, func: Callable[..., Any]) -> str:

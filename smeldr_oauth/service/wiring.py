@@ -299,7 +299,10 @@ class StandaloneService(Service):
         else:
             threads = 0 if db_threads is None else db_threads
             self.site_stores = open_site(options["site-db"], reactor, threads=threads)
-            self.store = SQLStore(open_database(options["oauth-db"], reactor, threads=threads), reactor)
+            # Refreshes of one reactor turn share a transaction (SQLite on
+            # the reactor thread only; see Database's group_commit).
+            oauth_db = open_database(options["oauth-db"], reactor, threads=threads, group_commit=True)
+            self.store = SQLStore(oauth_db, reactor)
         upstreams = options.get("upstreams") or ()
         self.gateways = [self._gateway(u.config) for u in upstreams]
         mcp_app: Optional[MCPApp]
