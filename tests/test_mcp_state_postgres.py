@@ -132,6 +132,53 @@ class TwoProcessDeliveryTests(PostgresBase):
         self.assertEqual((self.b.routed_out, self.a.routed_in), (3, 3))
         self.assertEqual(len(self.a.latencies), 3)
 
+    async def test_routed_on_the_listening_connection(self) -> None:
+        """
+        A message that fits a notification is routed by one statement on
+        the sender's listening connection, not through its pool; if that
+        connection goes before the answer, and while it is down, through
+        the pool, in order.
+        """
+        on_a = Inbox()
+        self.a.attach("s", on_a)
+        self.a.stream_held("s", True)
+        self.b.attach("s", RecordingSink())
+        await self.settle()
+        self.b.deliver("s", "one")
+        await on_a.until(1)
+        self.assertNotIn("mcp_sessions.route", self.b._db.transaction_stats())
+
+        def pooled() -> int:
+            stats = self.b._db.transaction_stats().get("mcp_sessions.route")
+            return 0 if stats is None else stats.count
+
+        listener = self.b._listener
+        # Sent on the listening connection, which goes before the answer:
+        # the pool sends it again (the server may have run it: at least once).
+        self.b.deliver("s", "two")
+        listener._lost(ConnectionError("test: gone"))
+        await on_a.until(2)
+        await self.b.settled()
+        self.assertEqual(pooled(), 1)
+        # Down: through the pool from the start.
+        if listener.connected:
+            # It came back already (a slow pool on a loaded machine).
+            listener._lost(ConnectionError("test: gone again"))
+        self.b.deliver("s", "three")
+        await self.b.settled()
+        self.assertEqual(pooled(), 2)
+        await listener.when_connected()
+        self.b.deliver("s", "four")
+        await self.b.settled()
+        self.assertEqual(pooled(), 2)
+        count = len(on_a.sent)
+        while [d for d, _ in on_a.sent][-1:] != ["four"]:
+            count += 1
+            await on_a.until(count)
+        received = [d for d, _ in on_a.sent]
+        self.assertEqual(sorted(set(received)), ["four", "one", "three", "two"])
+        self.assertEqual([d for i, d in enumerate(received) if d not in received[:i]], ["one", "two", "three", "four"])
+
     async def test_large_message_through_the_payload_table(self) -> None:
         on_a = Inbox()
         self.a.attach("s", on_a)

@@ -40,10 +40,21 @@ if TYPE_CHECKING:
 # -- delivery between processes -----------------------------------------------------
 
 
+#: L{_route}'s statement for an inline payload, in PostgreSQL's own
+#: parameters, for the listening connection (L{Listener.execute}); C{$1}
+#: the channel prefix, C{$2} the payload, C{$3} the session, C{$4} this
+#: process.
+_ROUTE_INLINE = (
+    "SELECT pg_notify($1 || process_id, $2) FROM mcp_session_holders WHERE session_id = $3 AND process_id <> $4"
+)
+
+
 def _route(txn: "Transaction", session_id: str, me: str, message: str, stream_only: bool) -> int:
     """
     NOTIFY the other processes holding C{session_id} (only the one holding
-    its stream when C{stream_only}); how many.
+    its stream when C{stream_only}); how many.  Through the pool: used for
+    payloads over the NOTIFY limit, and while the listening connection is
+    down (else L{PostgresDelivery._send} sends L{_ROUTE_INLINE} on it).
     """
     where = "session_id = ? AND process_id <> ?" + (" AND stream" if stream_only else "")
     if len(message.encode("utf-8")) < NOTIFY_LIMIT:
@@ -153,6 +164,7 @@ class PostgresDelivery:
         self._serial = Serial()
         self._gate: Optional[Deferred[None]] = Deferred()
         self._subscription: Any = None
+        self._listener: Any = None
         self._beating: Optional[LoopingCall] = None
         self.routed_out = 0
         self.routed_in = 0
@@ -174,7 +186,7 @@ class PostgresDelivery:
         before wait for it.  Then beat the heart every C{heartbeat}
         seconds.
         """
-        listener = self._db.engine.listener(self._db)  # type: ignore[attr-defined]
+        listener = self._listener = self._db.engine.listener(self._db)  # type: ignore[attr-defined]
         self._subscription = listener.listen(self.channel, self._received, resync=self._resync)
         self._changes = listener.listen(CHANGES, self._changed)
 
@@ -317,10 +329,27 @@ class PostgresDelivery:
         # other copies drop it.
         stream_only = kind == "d"
 
-        def route() -> "Deferred[None]":
+        def pooled(_: Any = None) -> "Deferred[int]":
             return self._db.read(
                 SESSIONS_SCHEMA, _route, session_id, self.process_id, message, stream_only, name="mcp_sessions.route"
-            ).addCallbacks(sent, logged("MCP message could not be routed to another process"))
+            )
+
+        def route() -> "Deferred[None]":
+            listener = self._listener
+            if listener is None or not listener.connected or len(message.encode("utf-8")) >= NOTIFY_LIMIT:
+                d = pooled()
+            else:
+                # One autocommit statement on the listening connection, from
+                # the reactor thread: no pool thread hand-off, no psycopg
+                # cursor, no BEGIN/COMMIT.  If that connection goes before
+                # the answer, the pool sends it (possibly twice: a JSON-RPC
+                # client drops an answer it already has; a lost one would
+                # hang it).
+                d = listener.execute(
+                    _ROUTE_INLINE + (" AND stream" if stream_only else ""),
+                    (CHANNEL_PREFIX, "=" + message, session_id, self.process_id),
+                ).addErrback(lambda failure: pooled() if failure.check(ConnectionError) else failure)
+            return d.addCallbacks(sent, logged("MCP message could not be routed to another process"))
 
         def sent(count: int) -> None:
             self.routed_out += count
