@@ -160,16 +160,18 @@ class ListenerTests(TestCase):
         L{Listener.execute} runs a statement on the listening connection
         itself, in autocommit: a C{pg_notify} goes out at once, to this
         very connection too, in order with the statements before it; it
-        answers with the number of rows.
+        answers with the rows, as text.
         """
         inbox, _ = yield self.subscribe()
         self.assertFalse(self.listener._writing)
         rows = yield self.listener.execute(
             "SELECT pg_notify('things', v) FROM unnest(ARRAY[$1, $2]) AS v", ["=one", "=two"]
         )
-        self.assertEqual(rows, 2)
+        self.assertEqual(rows, [("",), ("",)])
         rows = yield self.listener.execute("SELECT pg_notify($1, $2) WHERE false", ["things", "=never"])
-        self.assertEqual(rows, 0)
+        self.assertEqual(rows, [])
+        rows = yield self.listener.execute("SELECT $1::int + 1, NULL", ["41"])
+        self.assertEqual(rows, [("42", None)])
         yield self.listener.notify("things", "three")
         items = yield inbox.until(3)
         self.assertEqual(items, ["one", "two", "three"])
@@ -188,7 +190,7 @@ class ListenerTests(TestCase):
         failure = yield self.assertFailure(self.listener.execute("SELECT nonsense", []), RuntimeError)
         self.assertIn("nonsense", str(failure))
         rows = yield self.listener.execute("SELECT 1", [])
-        self.assertEqual(rows, 1)
+        self.assertEqual(rows, [("1",)])
         lost = self.listener.execute("SELECT pg_sleep(10)", [])
         self.listener.stop()
         self.failureResultOf(lost, ConnectionError)

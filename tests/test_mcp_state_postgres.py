@@ -179,6 +179,40 @@ class TwoProcessDeliveryTests(PostgresBase):
         self.assertEqual(sorted(set(received)), ["four", "one", "three", "two"])
         self.assertEqual([d for i, d in enumerate(received) if d not in received[:i]], ["one", "two", "three", "four"])
 
+    async def test_logged_and_routed_in_one_statement(self) -> None:
+        """
+        A Streamable HTTP message is logged and routed to the stream's
+        holder by one statement on the sender's listening connection: it
+        reaches A with its event id, is in the shared log, and B's pool ran
+        neither the append nor the routing; while that connection is down,
+        both go through the pool.
+        """
+        on_a, on_b = Inbox(), Inbox()
+        self.a.attach("s", on_a)
+        self.a.stream_held("s", True)
+        self.b.attach("s", on_b)
+        await self.settle()
+        events = PostgresEventLog(self.b._db, self.clock, 2)
+        first = await self.b.deliver_logged("s", '{"n":1}', events)
+        second = await self.b.deliver_logged("s", '{"n":2}', events)
+        await on_a.until(2)
+        self.assertEqual(on_a.sent, [('{"n":1}', first), ('{"n":2}', second)])
+        self.assertEqual(on_b.sent, on_a.sent)
+        self.assertEqual(second, first + 1)
+        self.assertEqual(self.b.routed_out, 2)
+        stats = self.b._db.transaction_stats()
+        self.assertNotIn("mcp_events.append", stats)
+        self.assertNotIn("mcp_sessions.route", stats)
+        # Bounded as before.
+        third = await self.b.deliver_logged("s", '{"n":3}', events)
+        self.assertEqual(await events.replay("s", 0), [(second, '{"n":2}'), (third, '{"n":3}')])
+        await on_a.until(3)
+        self.b._listener._lost(ConnectionError("test: gone"))
+        fourth = await self.b.deliver_logged("s", '{"n":4}', events)
+        await on_a.until(4)
+        self.assertEqual(on_a.sent[-1], ('{"n":4}', fourth))
+        self.assertEqual(self.b._db.transaction_stats()["mcp_events.append"].count, 1)
+
     async def test_large_message_through_the_payload_table(self) -> None:
         on_a = Inbox()
         self.a.attach("s", on_a)

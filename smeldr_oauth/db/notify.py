@@ -157,7 +157,7 @@ class _Command:
     One statement on the listening connection, and who waits for it.
 
     @ivar done: called with the server's error message (C{None} when it
-        succeeded) and the number of rows the statement returned.
+        succeeded) and the rows the statement returned (text values).
     @ivar lost: called instead when the connection goes before the
         answer (C{None}: nobody needs to know; C{LISTEN}s are sent again
         on reconnection).
@@ -169,14 +169,14 @@ class _Command:
         self,
         statement: bytes,
         params: Optional[Sequence[bytes]],
-        done: Optional[Callable[[Optional[str], int], None]],
+        done: Optional[Callable[[Optional[str], list[tuple[Optional[str], ...]]], None]],
         lost: Optional[Callable[[], None]] = None,
     ) -> None:
         self.statement = statement
         self.params = params
         self.done = done
         self.lost = lost
-        self.rows = 0
+        self.rows: list[tuple[Optional[str], ...]] = []
         self.error: Optional[str] = None
 
 
@@ -277,7 +277,7 @@ class Listener:
             NOTIFICATIONS_SCHEMA, publish, check_channel(channel), payload, name="notify"
         )
 
-    def execute(self, statement: str, params: Sequence[str]) -> "Deferred[int]":
+    def execute(self, statement: str, params: Sequence[str]) -> "Deferred[list[tuple[Optional[str], ...]]]":
         """
         Run one statement (PostgreSQL's C{$1}-style parameters, text
         values) on the listening connection, in autocommit, from the
@@ -288,19 +288,19 @@ class Listener:
         ends, and the caller saves the pool's thread hand-off and the
         C{BEGIN}/C{COMMIT} round trips.
 
-        @return: fires with the number of rows the statement returned;
-            fails with L{ConnectionError} when the connection is not up
+        @return: fires with the rows the statement returned (each value
+            as text, C{None} for NULL); fails with L{ConnectionError} when the connection is not up
             (call L{connected} first, or fall back to the pool) or goes
             before the answer (the statement may or may not have run), and
             with L{RuntimeError} carrying the server's message when the
             statement failed.
         """
-        d: Deferred[int] = Deferred()
+        d: Deferred[list[tuple[Optional[str], ...]]] = Deferred()
         if self._state != "connected":
             d.errback(ConnectionError("not listening for database notifications"))
             return d
 
-        def done(error: Optional[str], rows: int) -> None:
+        def done(error: Optional[str], rows: list[tuple[Optional[str], ...]]) -> None:
             if error is None:
                 d.callback(rows)
             else:
@@ -397,7 +397,7 @@ class Listener:
                 if subscription.resync is not None and subscription.running:
                     _safely(subscription.resync)
 
-    def _confirmed(self, error: Optional[str], rows: int = 0) -> None:
+    def _confirmed(self, error: Optional[str], rows: Any = None) -> None:
         if error is not None:
             log.error("LISTEN failed: {error}", error=error)
             return
@@ -414,7 +414,7 @@ class Listener:
 
     # Commands (LISTEN/UNLISTEN), one at a time
 
-    def _send(self, statement: bytes, done: Optional[Callable[[Optional[str], int], None]]) -> None:
+    def _send(self, statement: bytes, done: Optional[Callable[[Optional[str], Any], None]]) -> None:
         self._commands.append(_Command(statement, None, done))
         self._pump()
 
@@ -506,7 +506,9 @@ class Listener:
             if result.status == pq.ExecStatus.FATAL_ERROR:
                 command.error = (result.error_message or b"").decode("utf-8", "replace").strip()
             elif result.status == pq.ExecStatus.TUPLES_OK:
-                command.rows += result.ntuples
+                command.rows += [
+                    tuple(_text(result.get_value(i, j)) for j in range(result.nfields)) for i in range(result.ntuples)
+                ]
 
     # Delivering
 
@@ -579,6 +581,10 @@ class Listener:
             return
         text = str(getattr(reason, "value", reason)).strip()
         self._failed(Failure(ConnectionError(text.splitlines()[0] if text else "connection lost")))
+
+
+def _text(value: Optional[bytes]) -> Optional[str]:
+    return None if value is None else value.decode("utf-8")
 
 
 def _ignore_notice(result: Any) -> None:

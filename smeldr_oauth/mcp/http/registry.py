@@ -259,10 +259,9 @@ class DeliveryOutlet(Outlet):
         if self._events is None:
             self._delivery.deliver(self._session_id, data)
             return
-        session_id, delivery = self._session_id, self._delivery
-        self._events.append(session_id, data).addCallback(
-            lambda event_id: delivery.deliver(session_id, data, event_id)
-        ).addErrback(_logged("MCP message could not be logged for resumption"))
+        self._delivery.deliver_logged(self._session_id, data, self._events).addErrback(
+            _logged("MCP message could not be logged for resumption")
+        )
 
 
 class SessionRegistry:

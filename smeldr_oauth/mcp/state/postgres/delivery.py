@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smeldr_oauth.db.notify import NOTIFICATIONS_SCHEMA, NOTIFY_LIMIT, publish
 from smeldr_oauth.mcp.jsonrpc import Response
-from smeldr_oauth.mcp.state.interfaces import ISessionDelivery, ISessionSink
-from smeldr_oauth.mcp.state.memory import LocalDelivery
+from smeldr_oauth.mcp.state.interfaces import IEventLog, ISessionDelivery, ISessionSink
+from smeldr_oauth.mcp.state.memory import LocalDelivery, append_then_deliver
+from smeldr_oauth.mcp.state.postgres.events import PostgresEventLog
 from smeldr_oauth.mcp.state.postgres.schema import (
     CHANGES,
     CHANNEL_PREFIX,
@@ -348,7 +350,7 @@ class PostgresDelivery:
                 d = listener.execute(
                     _ROUTE_INLINE + (" AND stream" if stream_only else ""),
                     (CHANNEL_PREFIX, "=" + message, session_id, self.process_id),
-                ).addErrback(lambda failure: pooled() if failure.check(ConnectionError) else failure)
+                ).addCallbacks(len, lambda failure: pooled() if failure.check(ConnectionError) else failure)
             return d.addCallbacks(sent, logged("MCP message could not be routed to another process"))
 
         def sent(count: int) -> None:
@@ -359,6 +361,43 @@ class PostgresDelivery:
     def deliver(self, session_id: str, data: str, event_id: Optional[int] = None) -> None:
         self._local.deliver(session_id, data, event_id)
         self._send(session_id, "d", d=data, e=event_id)
+
+    def deliver_logged(self, session_id: str, data: str, events: IEventLog) -> "Deferred[int]":
+        """
+        On this process's own database, with the listening connection up:
+        the event is logged and routed to the stream's holder by one
+        statement on that connection (L{PostgresEventLog.append_routed}),
+        then delivered here.  Otherwise (another log, a payload over the
+        NOTIFY limit, the connection down or lost mid-way) appended through
+        the pool, then delivered and routed as L{deliver} does; a statement
+        lost mid-way may have run, and the message is then logged twice.
+        """
+        listener = self._listener
+        head = json.dumps({"k": "d", "s": session_id, "t": time.time(), "d": data}, separators=(",", ":"))
+        head = "=" + head[:-1] + ',"e":'
+        if (
+            not isinstance(events, PostgresEventLog)
+            or events._db is not self._db
+            or self._gate is not None
+            or listener is None
+            or not listener.connected
+            or len(head.encode("utf-8")) + 24 >= NOTIFY_LIMIT
+        ):
+            return append_then_deliver(self, session_id, data, events)
+
+        def routed(outcome: tuple[int, int]) -> int:
+            event_id, count = outcome
+            self.routed_out += count
+            self._local.deliver(session_id, data, event_id)
+            return event_id
+
+        def failed(failure: Failure) -> "Deferred[int]":
+            failure.trap(ConnectionError)
+            return append_then_deliver(self, session_id, data, events)
+
+        return events.append_routed(
+            session_id, data, listener, CHANNEL_PREFIX, head, self.process_id
+        ).addCallbacks(routed, failed)
 
     def end(self, session_id: str) -> None:
         self._local.end(session_id)
