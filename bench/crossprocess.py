@@ -27,6 +27,16 @@ to compare.  C{--profile DIR} records C{py-spy} on A and B during each
 cross-process row (C{DIR/xp-SESSIONS-A.txt}, C{-B.txt}, raw collapsed
 stacks).  Prints one JSON line per row, and the ratio of the
 cross-process p50/p99 to the same-process ones.
+
+C{--seam N} measures the routing seam alone instead, in this process: two
+L{PostgresDelivery} (A holding a Streamable HTTP session's stream, B a
+copy) on the database, B sending N messages one at a time through the
+event log to A, three ways: the log and the route each through the pool
+(C{pooled}), the log through the pool and the route on the listening
+connection (C{route-only}), and both in one statement
+(C{deliver_logged}); each mode twice, alternated.  Prints one JSON line
+per mode: p50/p99 to arrival, and this process's CPU per message (A and B
+together, their database threads included).
 """
 
 from __future__ import annotations
@@ -260,6 +270,79 @@ async def row(
     return figures
 
 
+class _Arrivals:
+    """A sink on A that fires a Deferred at each message's arrival."""
+
+    def __init__(self) -> None:
+        self.waiting: Optional[defer.Deferred[float]] = None
+
+    def send(self, data: str, event_id: Optional[int]) -> None:
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            waiting.callback(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def refresh(self, record: Any) -> None:
+        pass
+
+
+async def seam(reactor: Any, url: str, messages: int) -> None:
+    from smeldr_oauth.db import open_database
+    from smeldr_oauth.mcp.state.memory import append_then_deliver
+    from smeldr_oauth.mcp.state.postgres import PostgresDelivery, PostgresEventLog
+
+    databases = [open_database(url, reactor, threads=4) for _ in range(2)]
+    a, b = (PostgresDelivery(db, reactor) for db in databases)
+    try:
+        await a.start()
+        await b.start()
+        arrivals, session_id = _Arrivals(), f"seam-{time.time()}"
+        a.attach(session_id, arrivals)
+        a.stream_held(session_id, True)
+        b.attach(session_id, _Arrivals())
+        await a.settled()
+        await b.settled()
+        events = PostgresEventLog(databases[1], reactor)
+        listener = b._listener
+        for _ in range(2):
+            for mode in ("pooled", "route-only", "deliver_logged"):
+                latencies = []
+                cpu = time.process_time()
+                for i in range(messages):
+                    arrived = arrivals.waiting = defer.Deferred()
+                    data = json.dumps({"i": i})
+                    started = time.perf_counter()
+                    if mode == "deliver_logged":
+                        sent = b.deliver_logged(session_id, data, events)
+                    else:
+                        # Without the listening connection, B routes through the pool.
+                        b._listener = None if mode == "pooled" else listener
+                        sent = append_then_deliver(b, session_id, data, events)
+                        b._listener = listener
+                    latencies.append(await arrived - started)
+                    await sent
+                used = time.process_time() - cpu
+                print(
+                    json.dumps(
+                        {
+                            "seam": mode,
+                            "messages": messages,
+                            "p50_ms": round(percentile(latencies, 0.5) * 1000, 3),
+                            "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
+                            "cpu_us_per_msg": round(used / messages * 1e6),
+                        }
+                    ),
+                    flush=True,
+                )
+    finally:
+        await b.stop()
+        await a.stop()
+        for db in databases:
+            db.close()
+
+
 async def run(reactor: Any, args: argparse.Namespace) -> None:
     cluster: Optional[Any] = None
     url = args.database
@@ -272,6 +355,13 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         cluster = Cluster(bindir)
         cluster.start()
         _, url = cluster.create_database()
+    if args.seam:
+        try:
+            await seam(reactor, url, args.seam)
+        finally:
+            if cluster is not None:
+                cluster.destroy()
+        return
     a = start_smeldr(("--database", url))
     b = start_smeldr(("--database", url, "--issuer", a.issuer))
     try:
@@ -306,6 +396,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 50])
     parser.add_argument("--rate", type=float, help="open loop: messages a second per session [closed loop]")
     parser.add_argument("--profile", metavar="DIR", help="py-spy A and B during the cross-process rows")
+    parser.add_argument("--seam", type=int, metavar="N", help="the routing seam alone: N messages per mode")
     args = parser.parse_args(argv)
     task.react(lambda reactor: defer.ensureDeferred(run(reactor, args)))
 

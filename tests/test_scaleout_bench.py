@@ -61,3 +61,19 @@ class CrossProcessBenchTests(TestCase):
             self.assertEqual(r["messages"], 10, r)
             self.assertIn("a_us_per_msg", r)
             self.assertIn("b_us_per_msg", r)
+
+    async def test_seam(self) -> None:
+        """C{--seam N}: the three ways a logged message reaches A, twice each."""
+        url = postgres.database_url(self)
+        out, err, code = await runProgram(
+            reactor,
+            [sys.executable, "-m", "bench.crossprocess", "--database", url, "--seam", "5"],
+            timeout=100,
+            path=CHECKOUT,
+        )
+        self.assertEqual(code, 0, err)
+        rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        self.assertEqual([r["seam"] for r in rows], ["pooled", "route-only", "deliver_logged"] * 2)
+        for r in rows:
+            self.assertEqual(r["messages"], 5)
+            self.assertGreater(r["p99_ms"], 0, r)
