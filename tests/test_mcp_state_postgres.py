@@ -146,6 +146,8 @@ class TwoProcessDeliveryTests(PostgresBase):
         await self.settle()
         self.b.deliver("s", "one")
         await on_a.until(1)
+        # Its answer too, so that nothing is in flight when the connection goes.
+        await self.b.settled()
         self.assertNotIn("mcp_sessions.route", self.b._db.transaction_stats())
 
         def pooled() -> int:
@@ -179,13 +181,13 @@ class TwoProcessDeliveryTests(PostgresBase):
         self.assertEqual(sorted(set(received)), ["four", "one", "three", "two"])
         self.assertEqual([d for i, d in enumerate(received) if d not in received[:i]], ["one", "two", "three", "four"])
 
-    async def test_logged_and_routed_in_one_statement(self) -> None:
+    async def test_logged_on_the_listening_connection(self) -> None:
         """
-        A Streamable HTTP message is logged and routed to the stream's
-        holder by one statement on the sender's listening connection: it
-        reaches A with its event id, is in the shared log, and B's pool ran
-        neither the append nor the routing; while that connection is down,
-        both go through the pool.
+        A Streamable HTTP message is logged by one statement on the
+        sender's listening connection, then routed to the stream's holder
+        by another: it reaches A with its event id, is in the shared log,
+        and B's pool ran neither the append nor the routing; while that
+        connection is down, both go through the pool.
         """
         on_a, on_b = Inbox(), Inbox()
         self.a.attach("s", on_a)
@@ -199,6 +201,7 @@ class TwoProcessDeliveryTests(PostgresBase):
         self.assertEqual(on_a.sent, [('{"n":1}', first), ('{"n":2}', second)])
         self.assertEqual(on_b.sent, on_a.sent)
         self.assertEqual(second, first + 1)
+        await self.b.settled()
         self.assertEqual(self.b.routed_out, 2)
         stats = self.b._db.transaction_stats()
         self.assertNotIn("mcp_events.append", stats)
@@ -207,6 +210,8 @@ class TwoProcessDeliveryTests(PostgresBase):
         third = await self.b.deliver_logged("s", '{"n":3}', events)
         self.assertEqual(await events.replay("s", 0), [(second, '{"n":2}'), (third, '{"n":3}')])
         await on_a.until(3)
+        # Nothing in flight when the connection goes (else it is sent again).
+        await self.b.settled()
         self.b._listener._lost(ConnectionError("test: gone"))
         fourth = await self.b.deliver_logged("s", '{"n":4}', events)
         await on_a.until(4)

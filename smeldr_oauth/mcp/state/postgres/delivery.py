@@ -365,39 +365,39 @@ class PostgresDelivery:
     def deliver_logged(self, session_id: str, data: str, events: IEventLog) -> "Deferred[int]":
         """
         On this process's own database, with the listening connection up:
-        the event is logged and routed to the stream's holder by one
-        statement on that connection (L{PostgresEventLog.append_routed}),
-        then delivered here.  Otherwise (another log, a payload over the
-        NOTIFY limit, the connection down or lost mid-way) appended through
-        the pool, then delivered and routed as L{deliver} does; a statement
-        lost mid-way may have run, and the message is then logged twice.
+        the event is logged by one autocommit statement on that connection
+        (L{PostgresEventLog.append_direct}), then delivered and routed as
+        L{deliver} does (the route, another statement on that connection).
+        Otherwise, or if the connection goes mid-way, logged through the
+        pool (the statement may have run: the message is then logged
+        twice).
+
+        Logging and routing stay two statements, the route after the
+        append committed: a process taking the stream over claims it, then
+        reads the log; an event whose route looked for the holder before
+        that claim was committed must be in what it reads.  One statement
+        doing both would choose the holders from a snapshot taken before
+        its own commit, and an event could fall between the claim and the
+        read.
         """
         listener = self._listener
-        head = json.dumps({"k": "d", "s": session_id, "t": time.time(), "d": data}, separators=(",", ":"))
-        head = "=" + head[:-1] + ',"e":'
         if (
             not isinstance(events, PostgresEventLog)
             or events._db is not self._db
-            or self._gate is not None
             or listener is None
             or not listener.connected
-            or len(head.encode("utf-8")) + 24 >= NOTIFY_LIMIT
         ):
             return append_then_deliver(self, session_id, data, events)
 
-        def routed(outcome: tuple[int, int]) -> int:
-            event_id, count = outcome
-            self.routed_out += count
-            self._local.deliver(session_id, data, event_id)
+        def appended(event_id: int) -> int:
+            self.deliver(session_id, data, event_id)
             return event_id
 
         def failed(failure: Failure) -> "Deferred[int]":
             failure.trap(ConnectionError)
             return append_then_deliver(self, session_id, data, events)
 
-        return events.append_routed(
-            session_id, data, listener, CHANNEL_PREFIX, head, self.process_id
-        ).addCallbacks(routed, failed)
+        return events.append_direct(session_id, data, listener).addCallbacks(appended, failed)
 
     def end(self, session_id: str) -> None:
         self._local.end(session_id)

@@ -34,25 +34,17 @@ def _append(txn: "Transaction", session_id: str, data: str, limit: int) -> int:
     return int(row[0])
 
 
-#: L{_append} and the routing of the new event in one statement, in
-#: PostgreSQL's own parameters, for the listening connection
-#: (L{PostgresEventLog.append_routed}): C{$1} the session, C{$2} the data,
-#: C{$3} the limit, C{$4} the channel prefix, C{$5} the notification's
-#: payload up to the event id (the statement adds the id and the closing
-#: brace), C{$6} this process.  The notification goes to the process
-#: holding the session's stream, if another one does; the statement is its
-#: own transaction, so the event is logged and announced together or not
-#: at all.
-_APPEND_AND_ROUTE = (
+#: L{_append} in PostgreSQL's own parameters, for the listening connection
+#: (L{PostgresEventLog.append_direct}): C{$1} the session, C{$2} the data,
+#: C{$3} the limit.  One statement, its own transaction.
+_APPEND_DIRECT = (
     "WITH head AS (INSERT INTO mcp_event_heads (session_id, last_id) VALUES ($1, 1)"
     "  ON CONFLICT (session_id) DO UPDATE SET last_id = mcp_event_heads.last_id + 1 RETURNING last_id),"
     " added AS (INSERT INTO mcp_events (session_id, event_id, data)"
     "  SELECT $1, last_id, $2 FROM head RETURNING event_id),"
     " trimmed AS (DELETE FROM mcp_events WHERE session_id = $1"
-    "  AND event_id <= (SELECT event_id FROM added) - $3::int),"
-    " sent AS (SELECT pg_notify($4 || h.process_id, $5 || a.event_id || '}')"
-    "  FROM mcp_session_holders h, added a WHERE h.session_id = $1 AND h.process_id <> $6 AND h.stream)"
-    " SELECT event_id, (SELECT count(*) FROM sent) FROM added"
+    "  AND event_id <= (SELECT event_id FROM added) - $3::int)"
+    " SELECT event_id FROM added"
 )
 
 
@@ -108,25 +100,21 @@ class PostgresEventLog:
             session_id, self._db.write, SESSIONS_SCHEMA, _append, session_id, data, self.limit, name="mcp_events.append"
         )
 
-    def append_routed(
-        self, session_id: str, data: str, listener: Any, channel_prefix: str, payload_head: str, me: str
-    ) -> "Deferred[tuple[int, int]]":
+    def append_direct(self, session_id: str, data: str, listener: Any) -> "Deferred[int]":
         """
-        L{append}, and the notification of the new event to the process
-        holding the session's stream, in one statement on C{listener} (the
-        listening connection, from the reactor thread), in order with this
-        session's other appends.
+        L{append} as one autocommit statement on C{listener} (the listening
+        connection, from the reactor thread: no database thread, no
+        C{BEGIN}/C{COMMIT}), in order with this session's other appends.
 
-        @return: fires with the event id and how many processes were
-            notified; fails with L{ConnectionError} when the listening
-            connection is down or went before the answer (the statement
-            may have run).
+        @return: fires with the event id; fails with L{ConnectionError}
+            when the listening connection is down or went before the
+            answer (the statement may have run).
         """
 
-        def run() -> "Deferred[tuple[int, int]]":
-            return listener.execute(
-                _APPEND_AND_ROUTE, (session_id, data, str(self.limit), channel_prefix, payload_head, me)
-            ).addCallback(lambda rows: (int(rows[0][0]), int(rows[0][1])))
+        def run() -> "Deferred[int]":
+            return listener.execute(_APPEND_DIRECT, (session_id, data, str(self.limit))).addCallback(
+                lambda rows: int(rows[0][0])
+            )
 
         return self._serial.run(session_id, run)
 
