@@ -318,6 +318,34 @@ def _age(txn: Any, process_id: str) -> None:
     )
 
 
+class ReplayAfterClaimTests(PostgresBase):
+    async def test_replay_waits_for_the_claim(self) -> None:
+        """
+        The log is read only once this process's claims on the session are
+        written: an event committed before the claim is in what is read,
+        one committed after it is routed here.  L{PostgresSessionState}
+        wires the two.
+        """
+        events = PostgresEventLog(self.db, self.clock)
+        await events.append("s", "one")
+        gate: Deferred[None] = Deferred()
+        asked: list[str] = []
+
+        def claims(session_id: str) -> "Deferred[None]":
+            asked.append(session_id)
+            return gate
+
+        events.claims_settled = claims
+        replayed = events.replay("s", 0)
+        self.assertEqual(asked, ["s"])
+        self.assertNotIn("mcp_events.replay", self.db.transaction_stats())
+        self.assertFalse(replayed.called)
+        gate.callback(None)
+        self.assertEqual([data for _, data in await replayed], ["one"])
+        state = PostgresSessionState(self.db, self.clock)
+        self.assertEqual(state.events.claims_settled, state.delivery.settled)
+
+
 class PurgeTests(PostgresBase):
     async def test_expired_unheld_records_and_their_events_go(self) -> None:
         state = PostgresSessionState(self.db, self.clock)

@@ -5,7 +5,7 @@ The C{Last-Event-ID} log in PostgreSQL (L{PostgresEventLog}).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -94,6 +94,9 @@ class PostgresEventLog:
         self._delivered: dict[str, int] = {}
         self._dirty: dict[str, int] = {}
         self._flushing: Optional[IDelayedCall] = None
+        #: Fires once this process's claims on a session so far are written
+        #: (L{PostgresDelivery.settled}, wired by L{PostgresSessionState}).
+        self.claims_settled: Optional[Callable[[str], "Deferred[None]"]] = None
 
     def append(self, session_id: str, data: str) -> "Deferred[int]":
         return self._serial.run(
@@ -119,10 +122,22 @@ class PostgresEventLog:
         return self._serial.run(session_id, run)
 
     def replay(self, session_id: str, after: Optional[int] = None) -> "Deferred[list[tuple[int, str]]]":
+        """
+        The log is read once this process's claim on the session's stream
+        is written (L{claims_settled}): an event logged before the claim
+        is in what is read, one logged after it is routed here (its route
+        looks for the holder after the event is committed).  Read at once,
+        a concurrent event could be in neither.
+        """
         seen = self._delivered.get(session_id, 0)
-        return self._serial.run(
-            session_id, self._db.read, SESSIONS_SCHEMA, _replay, session_id, after, seen, name="mcp_events.replay"
-        )
+
+        def read() -> "Deferred[list[tuple[int, str]]]":
+            return self._db.read(SESSIONS_SCHEMA, _replay, session_id, after, seen, name="mcp_events.replay")
+
+        claims = self.claims_settled
+        if claims is None:
+            return self._serial.run(session_id, read)
+        return claims(session_id).addCallback(lambda _: self._serial.run(session_id, read))
 
     def delivered(self, session_id: str, event_id: int) -> None:
         if event_id <= self._delivered.get(session_id, 0):
