@@ -33,8 +33,8 @@ L{PostgresDelivery} (A holding a Streamable HTTP session's stream, B a
 copy) on the database, B sending N messages one at a time through the
 event log to A, three ways: the log and the route each through the pool
 (C{pooled}), the log through the pool and the route on the listening
-connection (C{route-only}), and both in one statement
-(C{deliver_logged}); each mode twice, alternated.  Prints one JSON line
+connection (C{route-only}), and both on the listening connection, one
+statement each (C{deliver_logged}); each mode twice, alternated.  Prints one JSON line
 per mode: p50/p99 to arrival, and this process's CPU per message (A and B
 together, their database threads included).
 """
