@@ -589,11 +589,29 @@ def _cpu_seconds() -> float:
 
 
 def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of process C{pid} (from /proc)."""
+    """
+    User + system CPU seconds of process C{pid} and its live children
+    (from /proc): a C{--workers N} server's CPU is in its workers.
+    """
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    children: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    own = (int(fields[11]) + int(fields[12])) / ticks
+    return own + sum(_live_cpu(child) for child in children)
+
+
+def _live_cpu(pid: int) -> float:
+    try:
+        return process_cpu(pid)
+    except OSError:
+        return 0.0
 
 
 async def _worker_main(

@@ -155,6 +155,47 @@ class ListenerTests(TestCase):
         self.assertEqual((things.items, also.items, other.items), (["one"], ["one"], ["three"]))
 
     @inlineCallbacks
+    def test_execute(self) -> Any:
+        """
+        L{Listener.execute} runs a statement on the listening connection
+        itself, in autocommit: a C{pg_notify} goes out at once, to this
+        very connection too, in order with the statements before it; it
+        answers with the rows, as text.
+        """
+        inbox, _ = yield self.subscribe()
+        self.assertFalse(self.listener._writing)
+        rows = yield self.listener.execute(
+            "SELECT pg_notify('things', v) FROM unnest(ARRAY[$1, $2]) AS v", ["=one", "=two"]
+        )
+        self.assertEqual(rows, [("",), ("",)])
+        rows = yield self.listener.execute("SELECT pg_notify($1, $2) WHERE false", ["things", "=never"])
+        self.assertEqual(rows, [])
+        rows = yield self.listener.execute("SELECT $1::int + 1, NULL", ["41"])
+        self.assertEqual(rows, [("42", None)])
+        yield self.listener.notify("things", "three")
+        items = yield inbox.until(3)
+        self.assertEqual(items, ["one", "two", "three"])
+
+    @inlineCallbacks
+    def test_execute_errors(self) -> Any:
+        """
+        A statement the server refuses fails with its message, and the
+        connection goes on; before the connection is up, and when it goes
+        before the answer, the caller hears L{ConnectionError}.
+        """
+        idle = Listener(self.db, self.db.engine.conninfo())
+        self.addCleanup(idle.stop)
+        self.failureResultOf(idle.execute("SELECT 1", []), ConnectionError)
+        inbox, _ = yield self.subscribe()
+        failure = yield self.assertFailure(self.listener.execute("SELECT nonsense", []), RuntimeError)
+        self.assertIn("nonsense", str(failure))
+        rows = yield self.listener.execute("SELECT 1", [])
+        self.assertEqual(rows, [("1",)])
+        lost = self.listener.execute("SELECT pg_sleep(10)", [])
+        self.listener.stop()
+        self.failureResultOf(lost, ConnectionError)
+
+    @inlineCallbacks
     def test_server_restart(self) -> Any:
         """
         The server restarts: the listener reconnects by itself, listens

@@ -13,10 +13,14 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
 
+from smeldr_oauth.mcp.http.registry import SessionRegistry
+from smeldr_oauth.mcp.state import LEGACY, STREAMABLE, SessionLimits
 from smeldr_oauth.mcp.state.memory import LocalDelivery, MemoryEventLog, MemorySessionStore
 from tests.gateway_real import until
-from tests.test_mcp_http import HTTPTestBase, LegacySSETests, SessionCapTests, StreamableHTTPTests, build_app
+from tests.test_mcp_http import HTTPTestBase, LegacySSETests, SessionCapTests, StreamableHTTPTests, access, build_app
 
 
 def sse_messages(data: bytes) -> list[dict[str, Any]]:
@@ -204,3 +208,48 @@ class LaterStoreTwoProcessTests(TwoProcessTests):
     # The shared seams of TwoProcessTests, answering later.
     def shared(self) -> dict[str, Any]:
         return {"store": _Later(MemorySessionStore()), "delivery": LocalDelivery(), "events": _Later(MemoryEventLog(16))}
+
+
+class _GatedDelivery(LocalDelivery):
+    """Claims that reach the shared store when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: Deferred[None] = Deferred()
+        self.streams: list[tuple[str, bool]] = []
+
+    def stream_held(self, session_id: str, held: bool) -> None:
+        self.streams.append((session_id, held))
+
+    def settled(self, session_id: Any = None) -> "Deferred[None]":
+        d: Deferred[None] = Deferred()
+        self.gate.addCallback(lambda _: d.callback(None))
+        return d
+
+
+class LegacyClaimTests(SynchronousTestCase):
+    def test_endpoint_after_the_stream_claim(self) -> None:
+        """
+        A new legacy session claims its stream here before anything else,
+        and C{then} (which announces the message endpoint) waits for that
+        claim to be in the shared store; a Streamable HTTP session does not
+        wait.
+        """
+        delivery = _GatedDelivery()
+        sessions = SessionRegistry(
+            build_app(),
+            Clock(),
+            store=MemorySessionStore(),
+            delivery=delivery,
+            events=MemoryEventLog(16),
+            limits=SessionLimits(),
+        )
+        opened: list[Any] = []
+        sessions.create(LEGACY, access(), opened.append)
+        [(session_id, held)] = delivery.streams
+        self.assertTrue(held)
+        self.assertEqual(opened, [])
+        delivery.gate.callback(None)
+        self.assertEqual([live.session_id for live in opened], [session_id])
+        sessions.create(STREAMABLE, access(), opened.append)
+        self.assertEqual(len(opened), 2)

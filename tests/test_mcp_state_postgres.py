@@ -132,6 +132,92 @@ class TwoProcessDeliveryTests(PostgresBase):
         self.assertEqual((self.b.routed_out, self.a.routed_in), (3, 3))
         self.assertEqual(len(self.a.latencies), 3)
 
+    async def test_routed_on_the_listening_connection(self) -> None:
+        """
+        A message that fits a notification is routed by one statement on
+        the sender's listening connection, not through its pool; if that
+        connection goes before the answer, and while it is down, through
+        the pool, in order.
+        """
+        on_a = Inbox()
+        self.a.attach("s", on_a)
+        self.a.stream_held("s", True)
+        self.b.attach("s", RecordingSink())
+        await self.settle()
+        self.b.deliver("s", "one")
+        await on_a.until(1)
+        # Its answer too, so that nothing is in flight when the connection goes.
+        await self.b.settled()
+        self.assertNotIn("mcp_sessions.route", self.b._db.transaction_stats())
+
+        def pooled() -> int:
+            stats = self.b._db.transaction_stats().get("mcp_sessions.route")
+            return 0 if stats is None else stats.count
+
+        listener = self.b._listener
+        # Sent on the listening connection, which goes before the answer:
+        # the pool sends it again (the server may have run it: at least once).
+        self.b.deliver("s", "two")
+        listener._lost(ConnectionError("test: gone"))
+        await on_a.until(2)
+        await self.b.settled()
+        self.assertEqual(pooled(), 1)
+        # Down: through the pool from the start.
+        if listener.connected:
+            # It came back already (a slow pool on a loaded machine).
+            listener._lost(ConnectionError("test: gone again"))
+        self.b.deliver("s", "three")
+        await self.b.settled()
+        self.assertEqual(pooled(), 2)
+        await listener.when_connected()
+        self.b.deliver("s", "four")
+        await self.b.settled()
+        self.assertEqual(pooled(), 2)
+        count = len(on_a.sent)
+        while [d for d, _ in on_a.sent][-1:] != ["four"]:
+            count += 1
+            await on_a.until(count)
+        received = [d for d, _ in on_a.sent]
+        self.assertEqual(sorted(set(received)), ["four", "one", "three", "two"])
+        self.assertEqual([d for i, d in enumerate(received) if d not in received[:i]], ["one", "two", "three", "four"])
+
+    async def test_logged_on_the_listening_connection(self) -> None:
+        """
+        A Streamable HTTP message is logged by one statement on the
+        sender's listening connection, then routed to the stream's holder
+        by another: it reaches A with its event id, is in the shared log,
+        and B's pool ran neither the append nor the routing; while that
+        connection is down, both go through the pool.
+        """
+        on_a, on_b = Inbox(), Inbox()
+        self.a.attach("s", on_a)
+        self.a.stream_held("s", True)
+        self.b.attach("s", on_b)
+        await self.settle()
+        events = PostgresEventLog(self.b._db, self.clock, 2)
+        first = await self.b.deliver_logged("s", '{"n":1}', events)
+        second = await self.b.deliver_logged("s", '{"n":2}', events)
+        await on_a.until(2)
+        self.assertEqual(on_a.sent, [('{"n":1}', first), ('{"n":2}', second)])
+        self.assertEqual(on_b.sent, on_a.sent)
+        self.assertEqual(second, first + 1)
+        await self.b.settled()
+        self.assertEqual(self.b.routed_out, 2)
+        stats = self.b._db.transaction_stats()
+        self.assertNotIn("mcp_events.append", stats)
+        self.assertNotIn("mcp_sessions.route", stats)
+        # Bounded as before.
+        third = await self.b.deliver_logged("s", '{"n":3}', events)
+        self.assertEqual(await events.replay("s", 0), [(second, '{"n":2}'), (third, '{"n":3}')])
+        await on_a.until(3)
+        # Nothing in flight when the connection goes (else it is sent again).
+        await self.b.settled()
+        self.b._listener._lost(ConnectionError("test: gone"))
+        fourth = await self.b.deliver_logged("s", '{"n":4}', events)
+        await on_a.until(4)
+        self.assertEqual(on_a.sent[-1], ('{"n":4}', fourth))
+        self.assertEqual(self.b._db.transaction_stats()["mcp_events.append"].count, 1)
+
     async def test_large_message_through_the_payload_table(self) -> None:
         on_a = Inbox()
         self.a.attach("s", on_a)
@@ -230,6 +316,34 @@ def _age(txn: Any, process_id: str) -> None:
     txn.execute(
         "UPDATE mcp_processes SET heartbeat_at = now() - interval '1 hour' WHERE process_id = ?", (process_id,)
     )
+
+
+class ReplayAfterClaimTests(PostgresBase):
+    async def test_replay_waits_for_the_claim(self) -> None:
+        """
+        The log is read only once this process's claims on the session are
+        written: an event committed before the claim is in what is read,
+        one committed after it is routed here.  L{PostgresSessionState}
+        wires the two.
+        """
+        events = PostgresEventLog(self.db, self.clock)
+        await events.append("s", "one")
+        gate: Deferred[None] = Deferred()
+        asked: list[str] = []
+
+        def claims(session_id: str) -> "Deferred[None]":
+            asked.append(session_id)
+            return gate
+
+        events.claims_settled = claims
+        replayed = events.replay("s", 0)
+        self.assertEqual(asked, ["s"])
+        self.assertNotIn("mcp_events.replay", self.db.transaction_stats())
+        self.assertFalse(replayed.called)
+        gate.callback(None)
+        self.assertEqual([data for _, data in await replayed], ["one"])
+        state = PostgresSessionState(self.db, self.clock)
+        self.assertEqual(state.events.claims_settled, state.delivery.settled)
 
 
 class PurgeTests(PostgresBase):

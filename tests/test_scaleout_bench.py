@@ -38,3 +38,42 @@ class CrossProcessBenchTests(TestCase):
             self.assertGreater(r["messages"], 0, r)
             self.assertGreater(r["p99_ms"], 0, r)
         self.assertEqual([r["sessions"] for r in rows if "p99_vs_same_process" in r], [1, 3])
+        self.assertEqual({r["load"] for r in figures}, {"closed"})
+
+    async def test_openLoop(self) -> None:
+        """
+        C{--rate}: each session sends on a fixed schedule; the row says so,
+        and reports the CPU of both servers per message.
+        """
+        url = postgres.database_url(self)
+        out, err, code = await runProgram(
+            reactor,
+            [sys.executable, "-m", "bench.crossprocess", "--database", url, "--seconds", "0.5", "--sessions", "2", "--rate", "10"],
+            timeout=100,
+            path=CHECKOUT,
+        )
+        self.assertEqual(code, 0, err)
+        figures = [r for r in (json.loads(line) for line in out.splitlines() if line.startswith("{")) if "path" in r]
+        self.assertEqual([r["path"] for r in figures], ["A -> A", "B -> A"])
+        for r in figures:
+            self.assertEqual(r["load"], "10/s per session")
+            # Two sessions, ten a second each, for half a second.
+            self.assertEqual(r["messages"], 10, r)
+            self.assertIn("a_us_per_msg", r)
+            self.assertIn("b_us_per_msg", r)
+
+    async def test_seam(self) -> None:
+        """C{--seam N}: the three ways a logged message reaches A, twice each."""
+        url = postgres.database_url(self)
+        out, err, code = await runProgram(
+            reactor,
+            [sys.executable, "-m", "bench.crossprocess", "--database", url, "--seam", "5"],
+            timeout=100,
+            path=CHECKOUT,
+        )
+        self.assertEqual(code, 0, err)
+        rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        self.assertEqual([r["seam"] for r in rows], ["pooled", "route-only", "deliver_logged"] * 2)
+        for r in rows:
+            self.assertEqual(r["messages"], 5)
+            self.assertGreater(r["p99_ms"], 0, r)

@@ -165,6 +165,19 @@ class PostgresTwoProcessTests(registry.TwoProcessTests):
         await client.wait_for(b"from c", timeout=15)
         self.assertEqual([m["id"] for m in sse_messages(client.data)], [0, 5])
 
+    async def test_legacy_post_elsewhere_at_once(self) -> None:
+        """
+        A client that POSTs to B the moment it learns the endpoint (nothing
+        settled first) gets its answer on the stream held by A: the
+        endpoint is announced after the stream's claim is in the database
+        (L{tests.test_mcp_http_registry.LegacyClaimTests} shows the order).
+        """
+        client, endpoint = await self.open_legacy()
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2024-11-05", "capabilities": {}}}
+        code, _, _ = await self.on_b("POST", path=endpoint, body=init)
+        self.assertEqual(code, 202)
+        await client.wait_for(b'"protocolVersion":"2024-11-05"', timeout=15)
+
     async def test_change_made_where_the_session_is_not(self) -> None:
         """
         The application on C (which holds no copy of the session) changes

@@ -13,7 +13,11 @@ it may have missed notifications meanwhile (its C{resync} callback).
 
 Sending goes through the database's ordinary pool, inside a transaction
 (L{publish}): a notification is delivered when, and only if, the
-transaction that made the change commits.  PostgreSQL refuses payloads of
+transaction that made the change commits.  A notification that is not part
+of a change (a message routed to another process) can instead be one
+autocommit statement on the listening connection itself
+(L{Listener.execute}): sent from the reactor thread, with no thread
+hand-off, no pooled connection and no C{BEGIN}/C{COMMIT}.  PostgreSQL refuses payloads of
 8000 bytes or more; a larger one is stored in C{notification_payloads}
 and the notification carries its id (the listener fetches it, keeping the
 order of its channel).  On the wire every payload carries a one-character
@@ -26,7 +30,7 @@ import os
 import random
 import re
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
@@ -148,6 +152,34 @@ def _quote(channel: str) -> str:
     return '"' + check_channel(channel) + '"'
 
 
+class _Command:
+    """
+    One statement on the listening connection, and who waits for it.
+
+    @ivar done: called with the server's error message (C{None} when it
+        succeeded) and the rows the statement returned (text values).
+    @ivar lost: called instead when the connection goes before the
+        answer (C{None}: nobody needs to know; C{LISTEN}s are sent again
+        on reconnection).
+    """
+
+    __slots__ = ("statement", "params", "done", "lost", "rows", "error")
+
+    def __init__(
+        self,
+        statement: bytes,
+        params: Optional[Sequence[bytes]],
+        done: Optional[Callable[[Optional[str], list[tuple[Optional[str], ...]]], None]],
+        lost: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.statement = statement
+        self.params = params
+        self.done = done
+        self.lost = lost
+        self.rows: list[tuple[Optional[str], ...]] = []
+        self.error: Optional[str] = None
+
+
 @implementer(IReadDescriptor, IWriteDescriptor)
 class Listener:
     """
@@ -182,9 +214,8 @@ class Listener:
         self._fd = -1
         self._state = "idle"
         self._ever_connected = False
-        self._commands: deque[tuple[bytes, Optional[Callable[[Optional[str]], None]]]] = deque()
-        self._in_flight: Optional[tuple[bytes, Optional[Callable[[Optional[str]], None]]]] = None
-        self._in_flight_error: Optional[str] = None
+        self._commands: deque[_Command] = deque()
+        self._in_flight: Optional[_Command] = None
         self._writing = False
         self._retry: Any = None
         self._tails: dict[str, Deferred[Any]] = {}
@@ -246,6 +277,42 @@ class Listener:
             NOTIFICATIONS_SCHEMA, publish, check_channel(channel), payload, name="notify"
         )
 
+    def execute(self, statement: str, params: Sequence[str]) -> "Deferred[list[tuple[Optional[str], ...]]]":
+        """
+        Run one statement (PostgreSQL's C{$1}-style parameters, text
+        values) on the listening connection, in autocommit, from the
+        reactor thread; statements run one at a time, in the order given.
+
+        For a statement whose only effect is a C{pg_notify}: it is its own
+        transaction, so the notification goes out as soon as the statement
+        ends, and the caller saves the pool's thread hand-off and the
+        C{BEGIN}/C{COMMIT} round trips.
+
+        @return: fires with the rows the statement returned (each value
+            as text, C{None} for NULL); fails with L{ConnectionError} when the connection is not up
+            (call L{connected} first, or fall back to the pool) or goes
+            before the answer (the statement may or may not have run), and
+            with L{RuntimeError} carrying the server's message when the
+            statement failed.
+        """
+        d: Deferred[list[tuple[Optional[str], ...]]] = Deferred()
+        if self._state != "connected":
+            d.errback(ConnectionError("not listening for database notifications"))
+            return d
+
+        def done(error: Optional[str], rows: list[tuple[Optional[str], ...]]) -> None:
+            if error is None:
+                d.callback(rows)
+            else:
+                d.errback(RuntimeError(error))
+
+        def lost() -> None:
+            d.errback(ConnectionError("the listening connection was lost"))
+
+        self._commands.append(_Command(statement.encode("utf-8"), [p.encode("utf-8") for p in params], done, lost))
+        self._pump()
+        return d
+
     def when_connected(self) -> "Deferred[None]":
         """
         Fires once connected with every current channel listened to.
@@ -306,7 +373,7 @@ class Listener:
         channels = sorted(self._subscriptions)
         if channels:
             statement = "; ".join(f"LISTEN {_quote(c)}" for c in channels).encode()
-            self._send(statement, lambda error: self._resubscribed(error, reconnected))
+            self._send(statement, lambda error, rows: self._resubscribed(error, reconnected))
         else:
             self._settled()
 
@@ -330,7 +397,7 @@ class Listener:
                 if subscription.resync is not None and subscription.running:
                     _safely(subscription.resync)
 
-    def _confirmed(self, error: Optional[str]) -> None:
+    def _confirmed(self, error: Optional[str], rows: Any = None) -> None:
         if error is not None:
             log.error("LISTEN failed: {error}", error=error)
             return
@@ -347,17 +414,19 @@ class Listener:
 
     # Commands (LISTEN/UNLISTEN), one at a time
 
-    def _send(self, statement: bytes, done: Optional[Callable[[Optional[str]], None]]) -> None:
-        self._commands.append((statement, done))
+    def _send(self, statement: bytes, done: Optional[Callable[[Optional[str], Any], None]]) -> None:
+        self._commands.append(_Command(statement, None, done))
         self._pump()
 
     def _pump(self) -> None:
         if self._in_flight is not None or not self._commands or self._pgconn is None:
             return
-        self._in_flight = self._commands.popleft()
-        self._in_flight_error = None
+        command = self._in_flight = self._commands.popleft()
         try:
-            self._pgconn.send_query(self._in_flight[0])
+            if command.params is None:
+                self._pgconn.send_query(command.statement)
+            else:
+                self._pgconn.send_query_params(command.statement, command.params)
         except Exception as e:
             self._lost(e)
             return
@@ -423,17 +492,23 @@ class Listener:
         pgconn = self._pgconn
         while self._in_flight is not None and not pgconn.is_busy():
             result = pgconn.get_result()
+            command = self._in_flight
             if result is None:
-                _, done = self._in_flight
-                error = self._in_flight_error
                 self._in_flight = None
-                if done is not None:
-                    done(error)
+                if command.done is not None:
+                    _safely(command.done, command.error, command.rows)
                 self._pump()
                 self._settled()
+                # A callback may have lost the connection (stop()).
+                if self._pgconn is not pgconn:
+                    return
                 continue
             if result.status == pq.ExecStatus.FATAL_ERROR:
-                self._in_flight_error = (result.error_message or b"").decode("utf-8", "replace").strip()
+                command.error = (result.error_message or b"").decode("utf-8", "replace").strip()
+            elif result.status == pq.ExecStatus.TUPLES_OK:
+                command.rows += [
+                    tuple(_text(result.get_value(i, j)) for j in range(result.nfields)) for i in range(result.ntuples)
+                ]
 
     # Delivering
 
@@ -488,6 +563,7 @@ class Listener:
             self._reactor.removeWriter(self)
         fd, self._fd = self._fd, -1
         os.close(fd)
+        pending = ([self._in_flight] if self._in_flight is not None else []) + list(self._commands)
         self._commands.clear()
         self._in_flight = None
         try:
@@ -495,6 +571,9 @@ class Listener:
         except Exception:
             # Finishing a connection the server already closed.
             pass
+        for command in pending:
+            if command.lost is not None:
+                _safely(command.lost)
 
     def _lost(self, reason: Any) -> None:
         self._close()
@@ -502,6 +581,10 @@ class Listener:
             return
         text = str(getattr(reason, "value", reason)).strip()
         self._failed(Failure(ConnectionError(text.splitlines()[0] if text else "connection lost")))
+
+
+def _text(value: Optional[bytes]) -> Optional[str]:
+    return None if value is None else value.decode("utf-8")
 
 
 def _ignore_notice(result: Any) -> None:

@@ -259,10 +259,9 @@ class DeliveryOutlet(Outlet):
         if self._events is None:
             self._delivery.deliver(self._session_id, data)
             return
-        session_id, delivery = self._session_id, self._delivery
-        self._events.append(session_id, data).addCallback(
-            lambda event_id: delivery.deliver(session_id, data, event_id)
-        ).addErrback(_logged("MCP message could not be logged for resumption"))
+        self._delivery.deliver_logged(self._session_id, data, self._events).addErrback(
+            _logged("MCP message could not be logged for resumption")
+        )
 
 
 class SessionRegistry:
@@ -383,10 +382,25 @@ class SessionRegistry:
         in-process store does), so that a stream's Deferred is not left
         chained behind the store's for as long as the stream is open.
 
+        A legacy session is born with its stream here (the C{GET} that
+        opens the stream creates it), and C{then} (which announces the
+        message endpoint) runs once that claim is in the shared store: a
+        client that POSTs to another process the moment it learns the
+        endpoint must find where to send the answer.  (A claim still on its
+        way when the answer was routed lost the answer: the legacy rows of
+        the two-worker bench hung on it.)
+
         @raise HTTPError: (or a L{Deferred} failing with it) 429, every
             session of the caller is busy; 503, the server-wide cap.
         """
-        return _at_once(self._admit(kind, info), then, *args)
+        admitted = self._admit(kind, info)
+        if kind == LEGACY:
+            admitted = admitted.addCallback(self._stream_claimed)
+        return _at_once(admitted, then, *args)
+
+    def _stream_claimed(self, live: LiveSession) -> "Deferred[LiveSession]":
+        self.delivery.stream_held(live.session_id, True)
+        return self.delivery.settled(live.session_id).addCallback(lambda _: live)
 
     def _admit(self, kind: str, info: AccessInfo) -> "Deferred[LiveSession]":
         now = self.clock.seconds()

@@ -171,6 +171,14 @@ class ISessionDelivery(Interface):
         L{IEventLog} for the next C{GET}).
         """
 
+    def deliver_logged(session_id: str, data: str, events: "IEventLog") -> "Deferred[int]":  # type: ignore[misc]
+        """
+        Append C{data} to C{events} (a Streamable HTTP message, kept for
+        resumption), then L{deliver} it with the new event's id, as
+        C{events.append} followed by L{deliver} would; fires with the id.
+        A backend on the log's own database may do both in one statement.
+        """
+
     def end(session_id: str) -> None:  # type: ignore[misc]
         """End the live parts of C{session_id} wherever they are."""
 

@@ -122,6 +122,16 @@ class MemorySessionStore:
         return True
 
 
+def append_then_deliver(delivery: ISessionDelivery, session_id: str, data: str, events: IEventLog) -> "Deferred[int]":
+    """L{ISessionDelivery.deliver_logged} in two steps: append, then deliver with the id."""
+
+    def appended(event_id: int) -> int:
+        delivery.deliver(session_id, data, event_id)
+        return event_id
+
+    return events.append(session_id, data).addCallback(appended)
+
+
 @implementer(ISessionDelivery)
 class LocalDelivery:
     """
@@ -168,6 +178,9 @@ class LocalDelivery:
     def deliver(self, session_id: str, data: str, event_id: Optional[int] = None) -> None:
         for sink in self._each(session_id):
             sink.send(data, event_id)
+
+    def deliver_logged(self, session_id: str, data: str, events: IEventLog) -> "Deferred[int]":
+        return append_then_deliver(self, session_id, data, events)
 
     def end(self, session_id: str) -> None:
         for sink in self._each(session_id):

@@ -89,6 +89,7 @@ class PostgresSessionState:
         self.events = PostgresEventLog(database, clock, resume_buffer, interval=touch_interval)
         self.delivery = PostgresDelivery(database, clock, process_id=process_id, heartbeat=heartbeat, lease=lease)
         self.delivery.on_heartbeat = self._purge
+        self.events.claims_settled = self.delivery.settled
         self.purged = 0
 
     def figures(self) -> dict[str, float]:

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smeldr_oauth.db.notify import NOTIFICATIONS_SCHEMA, NOTIFY_LIMIT, publish
 from smeldr_oauth.mcp.jsonrpc import Response
-from smeldr_oauth.mcp.state.interfaces import ISessionDelivery, ISessionSink
-from smeldr_oauth.mcp.state.memory import LocalDelivery
+from smeldr_oauth.mcp.state.interfaces import IEventLog, ISessionDelivery, ISessionSink
+from smeldr_oauth.mcp.state.memory import LocalDelivery, append_then_deliver
+from smeldr_oauth.mcp.state.postgres.events import PostgresEventLog
 from smeldr_oauth.mcp.state.postgres.schema import (
     CHANGES,
     CHANNEL_PREFIX,
@@ -40,10 +42,21 @@ if TYPE_CHECKING:
 # -- delivery between processes -----------------------------------------------------
 
 
+#: L{_route}'s statement for an inline payload, in PostgreSQL's own
+#: parameters, for the listening connection (L{Listener.execute}); C{$1}
+#: the channel prefix, C{$2} the payload, C{$3} the session, C{$4} this
+#: process.
+_ROUTE_INLINE = (
+    "SELECT pg_notify($1 || process_id, $2) FROM mcp_session_holders WHERE session_id = $3 AND process_id <> $4"
+)
+
+
 def _route(txn: "Transaction", session_id: str, me: str, message: str, stream_only: bool) -> int:
     """
     NOTIFY the other processes holding C{session_id} (only the one holding
-    its stream when C{stream_only}); how many.
+    its stream when C{stream_only}); how many.  Through the pool: used for
+    payloads over the NOTIFY limit, and while the listening connection is
+    down (else L{PostgresDelivery._send} sends L{_ROUTE_INLINE} on it).
     """
     where = "session_id = ? AND process_id <> ?" + (" AND stream" if stream_only else "")
     if len(message.encode("utf-8")) < NOTIFY_LIMIT:
@@ -153,6 +166,7 @@ class PostgresDelivery:
         self._serial = Serial()
         self._gate: Optional[Deferred[None]] = Deferred()
         self._subscription: Any = None
+        self._listener: Any = None
         self._beating: Optional[LoopingCall] = None
         self.routed_out = 0
         self.routed_in = 0
@@ -174,7 +188,7 @@ class PostgresDelivery:
         before wait for it.  Then beat the heart every C{heartbeat}
         seconds.
         """
-        listener = self._db.engine.listener(self._db)  # type: ignore[attr-defined]
+        listener = self._listener = self._db.engine.listener(self._db)  # type: ignore[attr-defined]
         self._subscription = listener.listen(self.channel, self._received, resync=self._resync)
         self._changes = listener.listen(CHANGES, self._changed)
 
@@ -317,10 +331,27 @@ class PostgresDelivery:
         # other copies drop it.
         stream_only = kind == "d"
 
-        def route() -> "Deferred[None]":
+        def pooled(_: Any = None) -> "Deferred[int]":
             return self._db.read(
                 SESSIONS_SCHEMA, _route, session_id, self.process_id, message, stream_only, name="mcp_sessions.route"
-            ).addCallbacks(sent, logged("MCP message could not be routed to another process"))
+            )
+
+        def route() -> "Deferred[None]":
+            listener = self._listener
+            if listener is None or not listener.connected or len(message.encode("utf-8")) >= NOTIFY_LIMIT:
+                d = pooled()
+            else:
+                # One autocommit statement on the listening connection, from
+                # the reactor thread: no pool thread hand-off, no psycopg
+                # cursor, no BEGIN/COMMIT.  If that connection goes before
+                # the answer, the pool sends it (possibly twice: a JSON-RPC
+                # client drops an answer it already has; a lost one would
+                # hang it).
+                d = listener.execute(
+                    _ROUTE_INLINE + (" AND stream" if stream_only else ""),
+                    (CHANNEL_PREFIX, "=" + message, session_id, self.process_id),
+                ).addCallbacks(len, lambda failure: pooled() if failure.check(ConnectionError) else failure)
+            return d.addCallbacks(sent, logged("MCP message could not be routed to another process"))
 
         def sent(count: int) -> None:
             self.routed_out += count
@@ -330,6 +361,43 @@ class PostgresDelivery:
     def deliver(self, session_id: str, data: str, event_id: Optional[int] = None) -> None:
         self._local.deliver(session_id, data, event_id)
         self._send(session_id, "d", d=data, e=event_id)
+
+    def deliver_logged(self, session_id: str, data: str, events: IEventLog) -> "Deferred[int]":
+        """
+        On this process's own database, with the listening connection up:
+        the event is logged by one autocommit statement on that connection
+        (L{PostgresEventLog.append_direct}), then delivered and routed as
+        L{deliver} does (the route, another statement on that connection).
+        Otherwise, or if the connection goes mid-way, logged through the
+        pool (the statement may have run: the message is then logged
+        twice).
+
+        Logging and routing stay two statements, the route after the
+        append committed: a process taking the stream over claims it, then
+        reads the log; an event whose route looked for the holder before
+        that claim was committed must be in what it reads.  One statement
+        doing both would choose the holders from a snapshot taken before
+        its own commit, and an event could fall between the claim and the
+        read.
+        """
+        listener = self._listener
+        if (
+            not isinstance(events, PostgresEventLog)
+            or events._db is not self._db
+            or listener is None
+            or not listener.connected
+        ):
+            return append_then_deliver(self, session_id, data, events)
+
+        def appended(event_id: int) -> int:
+            self.deliver(session_id, data, event_id)
+            return event_id
+
+        def failed(failure: Failure) -> "Deferred[int]":
+            failure.trap(ConnectionError)
+            return append_then_deliver(self, session_id, data, events)
+
+        return events.append_direct(session_id, data, listener).addCallbacks(appended, failed)
 
     def end(self, session_id: str) -> None:
         self._local.end(session_id)

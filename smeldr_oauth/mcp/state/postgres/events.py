@@ -5,7 +5,7 @@ The C{Last-Event-ID} log in PostgreSQL (L{PostgresEventLog}).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -32,6 +32,20 @@ def _append(txn: "Transaction", session_id: str, data: str, limit: int) -> int:
         (session_id, session_id, data, session_id, limit),
     ).fetchone()
     return int(row[0])
+
+
+#: L{_append} in PostgreSQL's own parameters, for the listening connection
+#: (L{PostgresEventLog.append_direct}): C{$1} the session, C{$2} the data,
+#: C{$3} the limit.  One statement, its own transaction.
+_APPEND_DIRECT = (
+    "WITH head AS (INSERT INTO mcp_event_heads (session_id, last_id) VALUES ($1, 1)"
+    "  ON CONFLICT (session_id) DO UPDATE SET last_id = mcp_event_heads.last_id + 1 RETURNING last_id),"
+    " added AS (INSERT INTO mcp_events (session_id, event_id, data)"
+    "  SELECT $1, last_id, $2 FROM head RETURNING event_id),"
+    " trimmed AS (DELETE FROM mcp_events WHERE session_id = $1"
+    "  AND event_id <= (SELECT event_id FROM added) - $3::int)"
+    " SELECT event_id FROM added"
+)
 
 
 def _replay(txn: "Transaction", session_id: str, after: Optional[int], seen: int) -> list[tuple[int, str]]:
@@ -80,17 +94,50 @@ class PostgresEventLog:
         self._delivered: dict[str, int] = {}
         self._dirty: dict[str, int] = {}
         self._flushing: Optional[IDelayedCall] = None
+        #: Fires once this process's claims on a session so far are written
+        #: (L{PostgresDelivery.settled}, wired by L{PostgresSessionState}).
+        self.claims_settled: Optional[Callable[[str], "Deferred[None]"]] = None
 
     def append(self, session_id: str, data: str) -> "Deferred[int]":
         return self._serial.run(
             session_id, self._db.write, SESSIONS_SCHEMA, _append, session_id, data, self.limit, name="mcp_events.append"
         )
 
+    def append_direct(self, session_id: str, data: str, listener: Any) -> "Deferred[int]":
+        """
+        L{append} as one autocommit statement on C{listener} (the listening
+        connection, from the reactor thread: no database thread, no
+        C{BEGIN}/C{COMMIT}), in order with this session's other appends.
+
+        @return: fires with the event id; fails with L{ConnectionError}
+            when the listening connection is down or went before the
+            answer (the statement may have run).
+        """
+
+        def run() -> "Deferred[int]":
+            return listener.execute(_APPEND_DIRECT, (session_id, data, str(self.limit))).addCallback(
+                lambda rows: int(rows[0][0])
+            )
+
+        return self._serial.run(session_id, run)
+
     def replay(self, session_id: str, after: Optional[int] = None) -> "Deferred[list[tuple[int, str]]]":
+        """
+        The log is read once this process's claim on the session's stream
+        is written (L{claims_settled}): an event logged before the claim
+        is in what is read, one logged after it is routed here (its route
+        looks for the holder after the event is committed).  Read at once,
+        a concurrent event could be in neither.
+        """
         seen = self._delivered.get(session_id, 0)
-        return self._serial.run(
-            session_id, self._db.read, SESSIONS_SCHEMA, _replay, session_id, after, seen, name="mcp_events.replay"
-        )
+
+        def read() -> "Deferred[list[tuple[int, str]]]":
+            return self._db.read(SESSIONS_SCHEMA, _replay, session_id, after, seen, name="mcp_events.replay")
+
+        claims = self.claims_settled
+        if claims is None:
+            return self._serial.run(session_id, read)
+        return claims(session_id).addCallback(lambda _: self._serial.run(session_id, read))
 
     def delivered(self, session_id: str, event_id: int) -> None:
         if event_id <= self._delivered.get(session_id, 0):
