@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from tests import test_e2e_mcp_remote as mcp_remote
 from tests import test_e2e_python_sdk as python_sdk
@@ -104,3 +105,12 @@ class MCPRemoteBalancedTests(WholeTestSpread, mcp_remote.MCPRemoteTests):
     """
     mcp-remote's sign-in and proxying, both transports, DCR and CIMD.
     """
+
+    async def revoke(self, server: Any, accessToken: str) -> None:
+        """
+        Revoke as the single-server test does, then wait what the drivers
+        wait (L{REVOKE_SETTLE_SECONDS}) before mcp-remote's next call probes
+        the token on whichever process the balancer picks.
+        """
+        await super().revoke(server, accessToken)
+        await deferLater(reactor, float(REVOKE_SETTLE_SECONDS), lambda: None)
