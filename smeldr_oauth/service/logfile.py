@@ -148,9 +148,39 @@ class BufferedTextObserver:
         return self._stamp
 
     def __call__(self, event: LogEvent) -> None:
-        text = formatEventAsClassicLogText(event, formatTime=self._time)
+        text = self._fast(event)
+        if text is None:
+            text = formatEventAsClassicLogText(event, formatTime=self._time)
         if text:
             self._writer.write(text)
+
+    def _fast(self, event: LogEvent) -> Optional[str]:
+        """
+        The line of a plain event (a text format of C{{name}} fields, no
+        failure), as L{formatEventAsClassicLogText} writes it, or C{None}
+        for every other event (and whatever fails here): twisted's own
+        path then writes it.  Twisted's path wraps each field in a
+        call-aware mapping, and evaluates C{typing} constructs per event;
+        C{str.format_map} gives the same text for these in about a third of
+        the time (a test compares the two).
+        """
+        fmt = event.get("log_format")
+        if type(fmt) is not str or "log_failure" in event or "log_flattened" in event:
+            return None
+        try:
+            text = fmt.format_map(event)
+            system = event.get("log_system")
+            if system is None:
+                level = event.get("log_level")
+                system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+            elif type(system) is not str:
+                return None
+        except Exception:
+            return None
+        if not text:
+            return None
+        line = f"{self._time(event.get('log_time'))} [{system}] {text}"
+        return line.replace("\n", "\n\t") + "\n"
 
 
 def for_twist(options: Any, reactor: IReactorTime) -> Optional[BatchedWriter]:
