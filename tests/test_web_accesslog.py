@@ -18,7 +18,8 @@ from twisted.logger import LogLevel, formatTime, jsonFileLogObserver, textFileLo
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
-from smeldr_oauth.web.accesslog import PIPE_BUF, BufferedAccessLog, for_twist
+from smeldr_oauth.web.logfile import PIPE_BUF, BatchedWriter
+from smeldr_oauth.web.accesslog import BufferedAccessLog, for_twist
 from smeldr_oauth.web.site import SmeldrSite
 from tests.test_web_site import Raw
 
@@ -40,7 +41,7 @@ class BufferedAccessLogTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_700_000_000.5)
         self.out = Out()
-        self.log = BufferedAccessLog(self.out, self.clock, interval=0.25)
+        self.log = BufferedAccessLog(BatchedWriter(self.out, self.clock, interval=0.25), self.clock)
 
     def test_shape(self) -> None:
         """
@@ -72,7 +73,7 @@ class BufferedAccessLogTests(SynchronousTestCase):
         By default the lines of one reactor turn are written together at
         the next turn (before twisted.web sends the responses).
         """
-        log = BufferedAccessLog(self.out, self.clock)
+        log = BufferedAccessLog(BatchedWriter(self.out, self.clock), self.clock)
         log.line("a")
         log.line("b")
         self.assertEqual(self.out.writes, [])
@@ -161,7 +162,7 @@ class SiteTests(TestCase):
         what is still queued.
         """
         out = Out()
-        access = BufferedAccessLog(out, reactor, interval=60)
+        access = BufferedAccessLog(BatchedWriter(out, reactor, interval=60), reactor)
         site = SmeldrSite(Hello(), access_log=access)
         port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
         for n in range(3):
@@ -175,4 +176,4 @@ class SiteTests(TestCase):
         self.assertEqual(len(lines), 3)
         for n, line in enumerate(lines):
             self.assertIn(f'"GET /hello/{n} HTTP/1.1" 200 2', line)
-            self.assertIn("[twisted.python.log#info] \"127.0.0.1\"", line)
+            self.assertIn('[twisted.python.log#info] "127.0.0.1"', line)
