@@ -118,8 +118,16 @@ class RawClient(Protocol):
         if needle in self.data:
             return succeed(self.data)
         d: Deferred = Deferred()
-        self._waiters.append((needle, d))
-        timer = reactor.callLater(timeout, lambda: d.called or d.errback(AssertionError(f"timeout waiting for {needle!r}; got {self.data!r}")))  # type: ignore[attr-defined]
+        waiter = (needle, d)
+        self._waiters.append(waiter)
+
+        def expire() -> None:
+            # No longer waited for: a later connectionLost must not answer
+            # the same Deferred again.
+            self._waiters.remove(waiter)
+            d.errback(AssertionError(f"timeout waiting for {needle!r}; got {self.data!r}"))
+
+        timer = reactor.callLater(timeout, expire)  # type: ignore[attr-defined]
 
         def stop(result: Any) -> Any:
             if timer.active():

@@ -645,6 +645,9 @@ class ParentProcessTests(TestCase):
         process, watcher, pool, mark = await self.startPool()
         process.signalProcess("KILL")
         self.assertEqual(await waitUntilGone(mark, timeout=60), {})
+        # The workers held the parent's pipes: the reactor sees them close
+        # (and the parent reaped) a moment after the last one is gone.
+        await watcher.ended
 
 
 class TwistTests(TestCase):
