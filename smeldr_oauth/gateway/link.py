@@ -143,6 +143,14 @@ class Link:
         c = self.client
         return self.state == "ready" and c is not None and not c.in_flight and not c.serving and not self.subscriptions
 
+    @property
+    def forgettable(self) -> bool:
+        """
+        No instance, no session, no subscription and no restart or idle
+        check scheduled: nothing would be lost if the pool dropped this link.
+        """
+        return self.state == "idle" and not self.sessions and not self.subscriptions and self._timer is None
+
     # -- what sessions call ------------------------------------------------------
 
     def attach(self, session: IDownstream) -> None:
