@@ -40,6 +40,7 @@ from zope.interface import implementer
 from smeldr_oauth.db.database import Database, Transaction
 from smeldr_oauth.db.engine import IWatch
 from smeldr_oauth.db.migrations import Schema
+from smeldr_oauth.db.rows import from_row, where
 from smeldr_oauth.oauth import rotation
 from smeldr_oauth.oauth.interfaces import (
     CodeRedemption,
@@ -97,48 +98,15 @@ def _load(text: str) -> tuple[str, ...]:
 
 
 def _client(row: Any) -> Client:
-    return Client(
-        client_id=row["client_id"],
-        client_name=row["client_name"],
-        redirect_uris=_load(row["redirect_uris"]),
-        token_endpoint_auth_method=row["token_endpoint_auth_method"],
-        grant_types=_load(row["grant_types"]),
-        scope=row["scope"],
-        kind=row["kind"],
-        client_secret_hash=row["client_secret_hash"],
-        created_at=row["created_at"],
-        client_uri=row["client_uri"],
-        logo_uri=row["logo_uri"],
-    )
+    return from_row(Client, row, redirect_uris=_load(row["redirect_uris"]), grant_types=_load(row["grant_types"]))
 
 
 def _grant(row: Any) -> Grant:
-    return Grant(
-        grant_id=row["grant_id"],
-        client_id=row["client_id"],
-        subject=row["subject"],
-        scopes=_load(row["scopes"]),
-        resource=row["resource"],
-        created_at=row["created_at"],
-        site_token_id=row["site_token_id"],
-        client_name=row["client_name"],
-        last_used_at=row["last_used_at"],
-        revoked_at=row["revoked_at"],
-    )
+    return from_row(Grant, row, scopes=_load(row["scopes"]))
 
 
 def _code(row: Any) -> AuthorizationCode:
-    return AuthorizationCode(
-        code_hash=row["code_hash"],
-        grant_id=row["grant_id"],
-        client_id=row["client_id"],
-        redirect_uri=row["redirect_uri"],
-        code_challenge=row["code_challenge"],
-        scopes=_load(row["scopes"]),
-        resource=row["resource"],
-        expires_at=row["expires_at"],
-        issue_refresh=bool(row["issue_refresh"]),
-    )
+    return from_row(AuthorizationCode, row, scopes=_load(row["scopes"]), issue_refresh=bool(row["issue_refresh"]))
 
 
 def _get_grant(txn: Transaction, grant_id: str, lock: bool = False) -> Optional[Grant]:
@@ -541,18 +509,8 @@ def _revoke_grants_of_site_token(txn: Transaction, site_token_id: str, now: floa
 def _list_grants(
     txn: Transaction, subject: Optional[str], site_token_id: Optional[str]
 ) -> list[Grant]:
-    where = ["revoked_at IS NULL"]
-    params: list[str] = []
-    if subject is not None:
-        where.append("subject = ?")
-        params.append(subject)
-    if site_token_id is not None:
-        where.append("site_token_id = ?")
-        params.append(site_token_id)
-    rows = txn.execute(
-        "SELECT * FROM grants WHERE " + " AND ".join(where) + " ORDER BY created_at, grant_id",
-        params,
-    ).fetchall()
+    clause, params = where("revoked_at IS NULL", ("subject = ?", subject), ("site_token_id = ?", site_token_id))
+    rows = txn.execute(f"SELECT * FROM grants{clause} ORDER BY created_at, grant_id", params).fetchall()
     return [_grant(row) for row in rows]
 
 
