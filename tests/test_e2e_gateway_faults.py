@@ -27,7 +27,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
-from smeldr_oauth.gateway import config as gateway_config
+from smeldr_oauth.gateway import configfile as gateway_config
 from smeldr_oauth.gateway import errors
 from smeldr_oauth.gateway.front import authorization_settings, plan
 from smeldr_oauth.gateway.proxy import Gateway

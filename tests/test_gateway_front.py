@@ -20,7 +20,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from smeldr_oauth.gateway import config as gateway_config
+from smeldr_oauth.gateway import configfile as gateway_config
 from smeldr_oauth.gateway.front import BASE_SCOPE, authorization_settings, plan
 from smeldr_oauth.gateway.proxy import Gateway
 from smeldr_oauth.oauth import pkce
