@@ -33,6 +33,11 @@ doubling up to C{restart_backoff_max}); during it calls fail at once with
 C{reason: restarting} rather than wait.  An instance holding resource
 subscriptions is restarted eagerly when its backoff ends, and its
 subscriptions and log level are set again.
+
+Why one module over 500 lines: the lifecycle above (start, crash, backoff,
+idle stop) and the routing share one instance's state and must change
+together: a restart re-sends the subscriptions and the level the routing
+keeps.
 """
 
 from __future__ import annotations

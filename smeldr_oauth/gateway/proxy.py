@@ -27,6 +27,12 @@ scopes it cannot check.
 The caller's access token never reaches this layer, let alone the
 upstream: an HTTP upstream sees the gateway's own credential and, if
 configured, identity headers.
+
+Why one module over 500 lines: L{GatewaySession} is one downstream
+conversation's method table (handshake, forwarding with the scope check,
+level and subscriptions, server-to-client requests and their answers), and
+L{Gateway} is only its factory and isolation policy; the methods share the
+session's in-flight and pending tables, so cutting them would export those.
 """
 
 from __future__ import annotations
