@@ -51,7 +51,7 @@ def serve(upstream: str) -> None:
     from twisted.internet.defer import succeed
     from zope.interface import implementer
 
-    from smeldr_oauth.gateway.config import load
+    from smeldr_oauth.gateway.configfile import load
     from smeldr_oauth.gateway.http import upstream_agent, upstream_pool
     from smeldr_oauth.gateway.proxy import Gateway
     from smeldr_oauth.mcp.http import MCPHTTP

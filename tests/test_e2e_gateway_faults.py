@@ -10,7 +10,6 @@ and the cancellation reaches it); it floods a client that stopped reading
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
 from typing import Any, Optional
@@ -27,7 +26,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
-from smeldr_oauth.gateway import config as gateway_config
+from smeldr_oauth.gateway import configfile as gateway_config
 from smeldr_oauth.gateway import errors
 from smeldr_oauth.gateway.front import authorization_settings, plan
 from smeldr_oauth.gateway.proxy import Gateway
@@ -39,7 +38,6 @@ from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.service.wiring import mount
-from smeldr_oauth.store.sqlite import SQLiteStore
 from smeldr_oauth.web.site import SmeldrSite
 from tests.gateway_real import MISBEHAVING, until
 from tests.oauth_socket import OAuthSocketMixin
@@ -66,15 +64,8 @@ class FaultsThroughTheFrontTests(OAuthSocketMixin, TestCase):
     timeout = 60
 
     async def setUp(self) -> None:  # type: ignore[override]
-        app = Klein()
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(SmeldrSite(app.resource()))
-        self.addCleanup(port.stopListening)
-        self.issuer = f"http://127.0.0.1:{port.getHost().port}"
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        store = SQLiteStore(os.path.join(directory, "oauth.db"), reactor)
-        self.addCleanup(store.close)
-        await store.ready
+        app = await self.serve()
+        store = await self.open_store()
         toml = f"""
 [upstreams.bad]
 command = {json.dumps(sys.executable + " " + MISBEHAVING)}
@@ -87,7 +78,6 @@ limits = {{ request_timeout = 1, stop_grace = 1, restart_backoff = 1 }}
         self.gateway = Gateway(mounted[0].config, clock=reactor, reactor=reactor)
         self.mounted = mount(app, oauth, None, reactor=reactor, upstreams=[(mounted[0], self.gateway)])
         self.addCleanup(self.mounted.shutdown)
-        self.http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
         self.bearer = (await self.token(self.issuer + "/mcp", "mcp", SITE_TOKEN))["access_token"]
         response, body = await self.post(
             {

@@ -1,5 +1,6 @@
 """
-Tests for L{smeldr_oauth.gateway.config}: C{--upstream} options and the TOML
+Tests for L{smeldr_oauth.gateway.configfile} (and the records of
+L{smeldr_oauth.gateway.config}): C{--upstream} options and the TOML
 file, with one error line per mistake.
 """
 
@@ -12,16 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smeldr_oauth.gateway.config import (
-    DEFAULT_ENV_INHERIT,
-    ConfigError,
-    Credential,
-    GatewayConfig,
-    UpstreamConfig,
-    load,
-    load_file,
-    parse_option,
-)
+from smeldr_oauth.gateway.config import DEFAULT_ENV_INHERIT, Credential, GatewayConfig, UpstreamConfig
+from smeldr_oauth.gateway.configfile import ConfigError, load, load_file, parse_option
 from smeldr_oauth.gateway.scopes import ScopeRule
 
 

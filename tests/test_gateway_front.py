@@ -12,15 +12,11 @@ import os
 from typing import Any, Optional
 from urllib.parse import urlencode
 
-from klein import Klein
-from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 
-from smeldr_oauth.gateway import config as gateway_config
+from smeldr_oauth.gateway import configfile as gateway_config
 from smeldr_oauth.gateway.front import BASE_SCOPE, authorization_settings, plan
 from smeldr_oauth.gateway.proxy import Gateway
 from smeldr_oauth.oauth import pkce
@@ -29,8 +25,6 @@ from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.service import tap
 from smeldr_oauth.service.wiring import mount
-from smeldr_oauth.store.sqlite import SQLiteStore
-from smeldr_oauth.web.site import SmeldrSite
 from tests.gateway_fakes import LoopbackChannel, build_upstream_app
 from tests.oauth_socket import REDIRECT, VERIFIER, OAuthSocketMixin
 from tests.test_oauth_server import query_of
@@ -150,15 +144,8 @@ class FrontOverSocketTests(OAuthSocketMixin, TestCase):
     timeout = 30
 
     async def setUp(self) -> None:  # type: ignore[override]
-        self.app = Klein()
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(SmeldrSite(self.app.resource()))
-        self.addCleanup(port.stopListening)
-        self.issuer = f"http://127.0.0.1:{port.getHost().port}"
-        directory = self.mktemp()
-        os.makedirs(directory)
-        self.store = SQLiteStore(os.path.join(directory, "oauth.db"), reactor)
-        self.addCleanup(self.store.close)
-        await self.store.ready
+        self.app = await self.serve()
+        self.store = await self.open_store()
         mounted = plan(gateway_config.load((), TOML, which=which), self.issuer)
         config = Config(issuer=self.issuer, verify_bearer=verify_bearer, **authorization_settings(mounted))
         self.oauth = OAuthServer(config, self.store, reactor, None)
@@ -174,8 +161,6 @@ class FrontOverSocketTests(OAuthSocketMixin, TestCase):
         gateways = [(m, Gateway(m.config, clock=reactor, connector=connect)) for m in mounted]
         self.mounted = mount(self.app, self.oauth, None, reactor=reactor, whole_site=True, upstreams=gateways)
         self.addCleanup(self.mounted.shutdown)
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.http = HTTPClient(Agent(reactor, pool=pool))
 
     async def mcp(self, path: str, token: str, message: dict[str, Any], session: Optional[str] = None) -> tuple[Any, bytes]:
         headers = dict(JSON, Authorization=["Bearer " + token])

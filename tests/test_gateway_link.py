@@ -137,6 +137,21 @@ class LimitTests(SynchronousTestCase):
         h.clock.advance(10)
         self.assertEqual(h.gateway.pool.links, {})
 
+    def test_link_with_sessions_is_kept(self) -> None:
+        """
+        An instance that crashed leaves its link idle; while a session is
+        still attached the pool keeps that link (the session calls through
+        it again), and drops it when the last session ends.
+        """
+        h = Harness()
+        a1, _ = h.session(ALICE)
+        a2, _ = h.session(ALICE)
+        h.channels[0].crash()
+        a1.close()
+        self.assertEqual(list(h.gateway.pool.links.values()), [a2.link])
+        a2.close()
+        self.assertEqual(h.gateway.pool.links, {})
+
     def test_stop(self) -> None:
         h = Harness()
         h.session(ALICE)

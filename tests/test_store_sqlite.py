@@ -27,7 +27,7 @@ from smeldr_oauth.db.errors import SchemaTooNew, StoreConflict
 from smeldr_oauth.db.migrations import Migration, Schema
 from smeldr_oauth.store import sql as sql_module
 from smeldr_oauth.store.schema import OAUTH_SCHEMA
-from smeldr_oauth.store.sql import _insert_grant
+from smeldr_oauth.store.transactions import _insert_grant
 from smeldr_oauth.store.sqlite import SQLiteStore
 from tests.test_store_memory import (
     T0,

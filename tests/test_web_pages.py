@@ -46,6 +46,18 @@ class PageTests(SynchronousTestCase):
         with self.assertRaises(RuntimeError):
             pages.flatten_now(tags.p(Deferred()))
 
+    def test_hidden_fields(self) -> None:
+        """
+        One hidden input per pair, in order, a repeated name repeated and
+        every value escaped.
+        """
+        html = pages.flatten_now(tags.div(pages.hidden_fields([("resource", "a"), ("resource", '"b<')]))).decode()
+        self.assertEqual(
+            html,
+            '<div><input type="hidden" name="resource" value="a" />'
+            '<input type="hidden" name="resource" value="&quot;b&lt;" /></div>',
+        )
+
     def test_site_token_field(self) -> None:
         html = pages.flatten_now(tags.div(pages.site_token_field("e1"))).decode()
         self.assertIn('<label for="site_token">', html)

@@ -34,6 +34,12 @@ N threads (SQLite: 1, its one writer), each with its own connection.
 Group commit (C{group_commit=True}, SQLite on the calling thread only):
 writes asked for with C{group=True} wait for the end of the reactor turn
 and then share one transaction, one C{SAVEPOINT} each: see L{_Batch}.
+
+Why one module over 500 lines: L{Database} (pool, retries, error
+translation, the schema gate) and L{_Batch} (group commit) run the same
+connection, savepoint and commit steps, and a batch that fails falls back
+to L{Database}'s own one-call path; the small L{Transaction} wrapper is
+what both hand to the stores.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Interface, implementer
 
 from smeldr_oauth.db import Database, Migration, Schema, Transaction, open_database
+from smeldr_oauth.db.rows import from_row
 from smeldr_oauth.flows.model import Step
 
 _INDEXES = (
@@ -98,15 +99,7 @@ def _step(row: Any) -> Step:
         detail = json.loads(row["detail"])
     except ValueError:
         detail = {}
-    return Step(
-        at=float(row["at"]),
-        kind=row["kind"],
-        client_id=row["client_id"],
-        grant_id=row["grant_id"],
-        address=row["address"],
-        outcome=row["outcome"],
-        detail=detail if isinstance(detail, dict) else {},
-    )
+    return from_row(Step, row, at=float(row["at"]), detail=detail if isinstance(detail, dict) else {})
 
 
 def _keep_newest(txn: Transaction, column: str, value: str, keep: int) -> None:

@@ -5,8 +5,9 @@ authorization in front of them.
 
 One concern per module:
 
-  - L{config <smeldr_oauth.gateway.config>}: C{--upstream} options and the
-    TOML file, validated into records;
+  - L{config <smeldr_oauth.gateway.config>}: the configuration's records;
+    L{configfile <smeldr_oauth.gateway.configfile>}: C{--upstream} options
+    and the TOML file, validated into them;
   - L{scopes <smeldr_oauth.gateway.scopes>}: glob patterns mapping tools,
     resources and prompts to OAuth scopes;
   - L{client <smeldr_oauth.gateway.client>}: the MCP I{client} side of one

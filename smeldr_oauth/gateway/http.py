@@ -26,6 +26,13 @@ Security: requests carry the gateway's own credential header (from the
 configuration) and optional identity headers, never the caller's token;
 redirects are not followed; every body and event is size-capped; each
 channel has its own cookie jar, so cookies never cross isolation keys.
+
+Why one module over 500 lines: the channel is one state machine (its
+session id, negotiated version, cookie jar, endpoint and resumption state)
+that both transports drive, and the fallback is decided half-way through
+the Streamable handshake; its helpers (capped body reader, cookie jar,
+endpoint bound) are private to it.  Cut apart, each half would need the
+other's state.
 """
 
 from __future__ import annotations

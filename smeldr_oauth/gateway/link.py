@@ -33,6 +33,11 @@ doubling up to C{restart_backoff_max}); during it calls fail at once with
 C{reason: restarting} rather than wait.  An instance holding resource
 subscriptions is restarted eagerly when its backoff ends, and its
 subscriptions and log level are set again.
+
+Why one module over 500 lines: the lifecycle above (start, crash, backoff,
+idle stop) and the routing share one instance's state and must change
+together: a restart re-sends the subscriptions and the level the routing
+keeps.
 """
 
 from __future__ import annotations
@@ -142,6 +147,14 @@ class Link:
         """Ready and doing nothing anyone would miss (sessions reattach lazily)."""
         c = self.client
         return self.state == "ready" and c is not None and not c.in_flight and not c.serving and not self.subscriptions
+
+    @property
+    def forgettable(self) -> bool:
+        """
+        No instance, no session, no subscription and no restart or idle
+        check scheduled: nothing would be lost if the pool dropped this link.
+        """
+        return self.state == "idle" and not self.sessions and not self.subscriptions and self._timer is None
 
     # -- what sessions call ------------------------------------------------------
 

@@ -87,7 +87,7 @@ class Pool:
 
     def forget(self, link: Link) -> None:
         """Drop a link that has no instance, no session and nothing scheduled."""
-        if link.state == "idle" and not link.sessions and not link.subscriptions and link._timer is None:
+        if link.forgettable:
             if self.links.get(link.key) is link:
                 del self.links[link.key]
 

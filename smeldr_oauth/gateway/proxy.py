@@ -27,6 +27,12 @@ scopes it cannot check.
 The caller's access token never reaches this layer, let alone the
 upstream: an HTTP upstream sees the gateway's own credential and, if
 configured, identity headers.
+
+Why one module over 500 lines: L{GatewaySession} is one downstream
+conversation's method table (handshake, forwarding with the scope check,
+level and subscriptions, server-to-client requests and their answers), and
+L{Gateway} is only its factory and isolation policy; the methods share the
+session's in-flight and pending tables, so cutting them would export those.
 """
 
 from __future__ import annotations
@@ -115,30 +121,14 @@ class Gateway:
         self.pool = Pool(config, clock, connector, self.metrics)
         self._session_numbers = itertools.count(1)
 
-    def session(
-        self,
-        *,
-        session_id: Optional[str] = None,
-        default_outlet: Optional[Outlet] = None,
-        request_timeout: float = 300.0,
-        modern_only: bool = False,
-        delivery: Optional[ISessionDelivery] = None,
-        on_change: Optional[Callable[["GatewaySession"], None]] = None,
-    ) -> "GatewaySession":
+    def session(self, **keywords: Any) -> "GatewaySession":
         """
-        A downstream session: the same arguments as C{ServerSession}'s, so
+        A downstream session, numbered in this gateway's order: the
+        keywords are L{GatewaySession}'s, which are C{ServerSession}'s, so
         that this method is the MCP front's session factory (see
         L{smeldr_oauth.mcp.http.registry.SessionFactory}).
         """
-        return GatewaySession(
-            self,
-            session_id=session_id,
-            default_outlet=default_outlet,
-            request_timeout=request_timeout,
-            modern_only=modern_only,
-            delivery=delivery,
-            on_change=on_change,
-        )
+        return GatewaySession(self, next(self._session_numbers), **keywords)
 
     def link_for(self, session: "GatewaySession", principal: Principal) -> Link:
         """The link (instance) a session's traffic goes to, by isolation."""
@@ -219,6 +209,7 @@ class GatewaySession:
     def __init__(
         self,
         gateway: Gateway,
+        number: int,
         *,
         session_id: Optional[str] = None,
         default_outlet: Optional[Outlet] = None,
@@ -228,13 +219,15 @@ class GatewaySession:
         on_change: Optional[Callable[["GatewaySession"], None]] = None,
     ) -> None:
         """
+        @param number: this session's number in its gateway (the key of
+            its own instance under per-session isolation).
         @param delivery: routes the client's answers to server-to-client
             requests (they may reach another process holding the same
             session); C{None}: they come back to this object.
         """
         self.gateway = gateway
         self.clock = gateway.clock
-        self.number = next(gateway._session_numbers)
+        self.number = number
         self.session_id = session_id
         self.default_outlet = default_outlet
         self.request_timeout = request_timeout

@@ -8,7 +8,7 @@ branch in L{Tokens.token}.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from smeldr_oauth.oauth import errors, pkce, rotation
 from smeldr_oauth.oauth.clients import ClientResolver, presented_client
 from smeldr_oauth.oauth.config import Config
-from smeldr_oauth.oauth.model import AccessInfo, AccessToken, AuthorizationCode, IssuedTokens, RefreshToken
+from smeldr_oauth.oauth.model import AccessInfo, AccessToken, AuthorizationCode, Grant, IssuedTokens, RefreshToken
 from smeldr_oauth.oauth.params import MAX_PARAM, TOKEN_PARAMS, Params, reject_repeated, single
 from smeldr_oauth.oauth.ratelimit import Limits, spend
 from smeldr_oauth.oauth.revocation import GrantEvents
@@ -189,14 +189,7 @@ class Tokens:
         if result.status == CODE_REPLAYED:
             # The store has revoked the grant.
             assert result.code is not None
-            log.warn(
-                "replayed authorization code refused: grant {grant_id} revoked",
-                grant_id=result.code.grant_id,
-                client_id=loggable(result.code.client_id),
-                smeldr_event="code_replay",
-            )
-            self.events.grant_revoked(result.code.grant_id)
-            raise errors.invalid_grant("authorization code already used")
+            raise self._spent_again("replayed", "authorization code", "code_replay", result.code)
         if result.status != CODE_OK:
             raise errors.invalid_grant("authorization code is invalid or expired")
         record = result.code
@@ -242,14 +235,7 @@ class Tokens:
         if status == rotation.REUSED:
             # The store has revoked the grant.
             assert result.grant is not None
-            log.warn(
-                "reused refresh token refused: grant {grant_id} revoked",
-                grant_id=result.grant.grant_id,
-                client_id=loggable(result.grant.client_id),
-                smeldr_event="refresh_reuse",
-            )
-            self.events.grant_revoked(result.grant.grant_id)
-            raise errors.invalid_grant("refresh token already used")
+            raise self._spent_again("reused", "refresh token", "refresh_reuse", result.grant)
         if status == rotation.SUPERSEDED:
             # A parallel refresh's loser: its sibling was rotated moments
             # ago.  Refused, but the grant lives on (rotation.decide).
@@ -280,6 +266,32 @@ class Tokens:
             raise errors.invalid_grant("refresh token was issued to another client")
         self._logged("refresh_token", grant.client_id, grant.grant_id)
         return self._issued(access, requested if requested is not None else grant.scopes, refresh)
+
+    def _spent_again(
+        self, how: str, credential: str, event: str, spent: Union[AuthorizationCode, Grant]
+    ) -> errors.OAuthError:
+        """
+        The answer to a single-use credential presented a second time (a
+        replayed code, a reused refresh token; RFC 9700 section 4.14.2 and
+        OAuth 2.1 section 4.1.3): the store has already revoked the grant
+        in the same transaction; this says so in the log, tells the caches
+        the grant is gone, and returns the C{invalid_grant} to raise.
+
+        @param how: C{"replayed"} or C{"reused"}, for the log line.
+        @param credential: what was presented, for the log and the error.
+        @param event: the C{smeldr_event} of the log line.
+        @param spent: the code or grant the store found spent.
+        """
+        log.warn(
+            "{how} {credential} refused: grant {grant_id} revoked",
+            how=how,
+            credential=credential,
+            grant_id=spent.grant_id,
+            client_id=loggable(spent.client_id),
+            smeldr_event=event,
+        )
+        self.events.grant_revoked(spent.grant_id)
+        return errors.invalid_grant(f"{credential} already used")
 
     def _logged(self, grant_type: str, client_id: str, grant_id: str) -> None:
         # Debug level: a token issue is routine (one per refresh), and

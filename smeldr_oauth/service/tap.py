@@ -306,7 +306,7 @@ class Options(usage.Options):
                 if self[name]:
                     raise usage.UsageError(f"--{name} needs --upstream or --upstream-config")
             return
-        from smeldr_oauth.gateway import config as gateway_config
+        from smeldr_oauth.gateway import configfile as gateway_config
         from smeldr_oauth.gateway.front import plan
 
         if self["app"]:

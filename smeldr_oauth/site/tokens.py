@@ -28,6 +28,7 @@ from smeldr_oauth.oauth.model import Approval
 from smeldr_oauth.oauth.secrets import constant_time_equal, hash_secret, new_id
 from smeldr_oauth.db.database import Database, Transaction
 from smeldr_oauth.db.migrations import Migration, Schema
+from smeldr_oauth.db.rows import from_row
 from smeldr_oauth.site.db import SecondsClock, wall_clock
 from smeldr_oauth.site.posts import SiteError, ValidationError, one_line
 
@@ -106,14 +107,7 @@ def new_site_token() -> str:
 
 
 def _record(row: Any) -> SiteToken:
-    return SiteToken(
-        id=row["id"],
-        name=row["name"],
-        created_at=row["created_at"],
-        last_used_at=row["last_used_at"],
-        revoked_at=row["revoked_at"],
-        admin=bool(row["admin"]),
-    )
+    return from_row(SiteToken, row, admin=bool(row["admin"]))
 
 
 class SiteTokenStore:

@@ -195,7 +195,7 @@ class MemoryStore:
 
     def consume_code(self, code_hash: str, now: float) -> "Deferred[CodeRedemption]":
         """
-        See L{smeldr_oauth.store.sql._consume_code}.
+        See L{smeldr_oauth.store.transactions.consume_code}.
         """
         return _call(lambda: self._consume(code_hash, now))
 
@@ -380,7 +380,7 @@ class MemoryStore:
         self, token_hash: str, now: float, client_id: Optional[str] = None
     ) -> "Deferred[Optional[str]]":
         """
-        See L{smeldr_oauth.store.sql._revoke_token}.
+        See L{smeldr_oauth.store.transactions.revoke_token}.
         """
         access = self._access.get(token_hash)
         if access is not None:

@@ -117,7 +117,7 @@ def consent_page(
         body.append(tags.p(error, class_="error", role="alert", id="paste-error"))
     body.append(
         tags.form(method="post", action=action)(
-            [tags.input(type="hidden", name=key, value=value) for key, value in fields],
+            pages.hidden_fields(fields),
             pages.site_token_field("paste-error" if error else None),
             tags.p("Paste a site token to approve. Deny needs no token.", class_="muted"),
             tags.div(class_="actions")(

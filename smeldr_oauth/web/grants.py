@@ -62,15 +62,10 @@ def _client_host(client_id: str) -> str:
     return "registered application"
 
 
-def hidden_fields(**fields: str) -> list[Tag]:
-    """The hidden inputs of a form: its action, CSRF token, the grant."""
-    return [tags.input(type="hidden", name=key, value=value) for key, value in fields.items()]
-
-
 def signout_form(action: str, csrf: str) -> Tag:
     """The sign-out button of a signed-in page (this one, and the flows page)."""
     return tags.form(method="post", action=action)(
-        hidden_fields(action="signout", csrf=csrf),
+        pages.hidden_fields([("action", "signout"), ("csrf", csrf)]),
         tags.div(class_="actions")(tags.button("Sign out", type="submit")),
     )
 
@@ -88,7 +83,7 @@ def signin_page(
         body.append(tags.p(error, class_="error", role="alert", id="signin-error"))
     body.append(
         tags.form(method="post", action=action)(
-            hidden_fields(action="signin"),
+            pages.hidden_fields([("action", "signin")]),
             pages.site_token_field("signin-error" if error else None),
             tags.div(class_="actions")(tags.button(button, type="submit", class_="primary")),
         )
@@ -121,7 +116,7 @@ def grants_page(
                         class_="muted",
                     ),
                     tags.form(method="post", action=action)(
-                        hidden_fields(action="revoke", grant_id=grant.grant_id, csrf=csrf),
+                        pages.hidden_fields([("action", "revoke"), ("grant_id", grant.grant_id), ("csrf", csrf)]),
                         tags.button("Disconnect", type="submit", **{"aria-describedby": label_id}),
                     ),
                 )

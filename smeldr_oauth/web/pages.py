@@ -178,6 +178,15 @@ def scope_words(scopes: Iterable[str], words: Mapping[str, str]) -> list[tuple[s
     return out
 
 
+def hidden_fields(fields: Iterable[tuple[str, str]]) -> list[Tag]:
+    """
+    The hidden inputs that carry a form's state back (the consent form's
+    authorization request, the connected-apps forms' action and CSRF
+    token); pairs, so a repeated name (C{resource}) stays repeated.
+    """
+    return [tags.input(type="hidden", name=key, value=value) for key, value in fields]
+
+
 def site_token_field(error_id: Optional[str] = None) -> list[Tag]:
     """
     The labelled password field a site token is pasted into (the consent

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from smeldr_oauth.db.migrations import Migration, Schema
+from smeldr_oauth.db.rows import from_row
 from smeldr_oauth.site.posts.model import Post
 
 #: Latin letters with diacritics and the plain letters they fold to, as
@@ -153,6 +154,4 @@ def post_from_row(row: Any) -> Post:
     The post in a row of L{COLUMNS}: the fields by name, the space-separated
     tags as a tuple.
     """
-    fields = {name: row[name] for name in _FIELDS}
-    fields["tags"] = tuple(fields["tags"].split())
-    return Post(**fields)
+    return from_row(Post, row, tags=tuple(row["tags"].split()))

@@ -15,6 +15,7 @@ from twisted.internet.defer import fail as _fail
 from twisted.logger import Logger
 
 from smeldr_oauth.db.database import Database, Transaction
+from smeldr_oauth.db.rows import where
 from smeldr_oauth.site.db import SecondsClock, wall_clock
 from smeldr_oauth.site.posts.model import (
     DRAFT,
@@ -129,22 +130,12 @@ class PostStore:
             return _fail(e)
 
         def list_posts(txn: Transaction) -> PostPage:
-            where: list[str] = []
-            params: list[object] = []
-            if status is not None:
-                where.append("status = ?")
-                params.append(status)
-            if tag is not None:
-                where.append("id IN (SELECT post_id FROM post_tags WHERE tag = ?)")
-                params.append(tag)
-            if before is not None:
-                where.append("id < ?")
-                params.append(before)
-            sql = f"SELECT {COLUMNS} FROM posts"
-            if where:
-                sql += " WHERE " + " AND ".join(where)
-            sql += " ORDER BY id DESC LIMIT ?"
-            rows = txn.execute(sql, (*params, size + 1)).fetchall()
+            clause, params = where(
+                ("status = ?", status),
+                ("id IN (SELECT post_id FROM post_tags WHERE tag = ?)", tag),
+                ("id < ?", before),
+            )
+            rows = txn.execute(f"SELECT {COLUMNS} FROM posts{clause} ORDER BY id DESC LIMIT ?", (*params, size + 1)).fetchall()
             posts = tuple(post_from_row(r) for r in rows[:size])
             more = len(rows) > size
             return PostPage(

@@ -1,0 +1,490 @@
+# -*- test-case-name: tests.test_store_sqlite,tests.test_store_postgres -*-
+"""
+What each call of L{smeldr_oauth.store.sql.SQLStore} runs: plain functions
+of a L{Transaction}, the SQL of the authorization server's store, written
+once for SQLite and PostgreSQL, with the rows mapped to the records of
+L{smeldr_oauth.oauth.model}.
+
+Every call is one transaction (L{Database.write}) or one statement
+(L{Database.read}), so every call is all-or-nothing.  The read-decide-write
+calls are safe under concurrency from many processes on both engines:
+
+  - spending a code is a conditional C{UPDATE ... WHERE used_at IS NULL}
+    whose row count says whether this call spent it: of two concurrent
+    exchanges exactly one sees it fresh;
+  - a refresh locks its grant's row (C{SELECT ... FOR UPDATE} on
+    PostgreSQL; SQLite's C{BEGIN IMMEDIATE} already holds the whole file)
+    before it reads the token, its generation and siblings, so concurrent
+    refreshes of one grant are decided one after another by the pure
+    L{rotation.decide}, each exactly as it would be alone.
+
+Revocations are announced on L{CHANGES_CHANNEL} inside the transaction that
+makes them, so that other processes hear of them only once committed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Callable, Optional, Sequence
+
+import attr
+from twisted.python.failure import Failure
+
+from smeldr_oauth.db.database import Transaction
+from smeldr_oauth.db.rows import from_row, where
+from smeldr_oauth.oauth import rotation
+from smeldr_oauth.oauth.interfaces import CodeRedemption, RefreshRedemption
+from smeldr_oauth.oauth.model import (
+    AccessInfo,
+    AccessToken,
+    AuthorizationCode,
+    Client,
+    Grant,
+    RefreshToken,
+)
+
+#: Where revocations are announced (PostgreSQL C{NOTIFY}); the payload
+#: says what ended (C{"grant <id>"}, C{"access_token <hash>"}).
+CHANGES_CHANNEL = "smeldr_oauth_changes"
+
+# Scope lists repeat: a server sees a handful of distinct ones, and each
+# refresh encodes two and decodes two (a JSON round trip costs about 2 us).
+# Tuples and the text are immutable, so remembering them is safe.
+
+
+@functools.lru_cache(maxsize=256)
+def _dump_tuple(values: tuple[str, ...]) -> str:
+    return json.dumps(list(values))
+
+
+def _dump(values: Sequence[str]) -> str:
+    if isinstance(values, tuple):
+        return _dump_tuple(values)
+    return json.dumps(list(values))
+
+
+@functools.lru_cache(maxsize=256)
+def _load(text: str) -> tuple[str, ...]:
+    return tuple(json.loads(text))
+
+
+def _client(row: Any) -> Client:
+    return from_row(Client, row, redirect_uris=_load(row["redirect_uris"]), grant_types=_load(row["grant_types"]))
+
+
+def _grant(row: Any) -> Grant:
+    return from_row(Grant, row, scopes=_load(row["scopes"]))
+
+
+def _code(row: Any) -> AuthorizationCode:
+    return from_row(AuthorizationCode, row, scopes=_load(row["scopes"]), issue_refresh=bool(row["issue_refresh"]))
+
+
+def _get_grant(txn: Transaction, grant_id: str, lock: bool = False) -> Optional[Grant]:
+    """
+    The grant, or C{None}; with C{lock}, its row stays locked until the
+    transaction ends (PostgreSQL), so that every read-decide-write on one
+    grant runs one after another.
+    """
+    sql = "SELECT * FROM grants WHERE grant_id = ?"
+    if lock:
+        sql += txn.engine.for_update
+    row = txn.execute(sql, (grant_id,)).fetchone()
+    return None if row is None else _grant(row)
+
+
+def _insert_grant(txn: Transaction, grant: Grant) -> None:
+    txn.execute(
+        "INSERT INTO grants (grant_id, client_id, subject, scopes, resource,"
+        " created_at, site_token_id, client_name, last_used_at, revoked_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            grant.grant_id,
+            grant.client_id,
+            grant.subject,
+            _dump(grant.scopes),
+            grant.resource,
+            grant.created_at,
+            grant.site_token_id,
+            grant.client_name,
+            grant.last_used_at,
+            grant.revoked_at,
+        ),
+    )
+
+
+def _access_row(
+    access: AccessToken, grant_id: str, scopes: Sequence[str], resource: str
+) -> tuple[str, Sequence[Any]]:
+    return (
+        "INSERT INTO access_tokens (token_hash, grant_id, scopes, resource, expires_at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (access.token_hash, grant_id, _dump(scopes), resource, access.expires_at),
+    )
+
+
+def _refresh_row(
+    refresh: RefreshToken, grant_id: str, scopes: Sequence[str], generation: int
+) -> tuple[str, Sequence[Any]]:
+    return (
+        "INSERT INTO refresh_tokens (token_hash, grant_id, scopes, generation,"
+        " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            refresh.token_hash,
+            grant_id,
+            _dump(scopes),
+            generation,
+            refresh.created_at,
+            refresh.expires_at,
+        ),
+    )
+
+
+def revoke_grant(txn: Transaction, grant_id: str, now: float) -> bool:
+    """
+    End a grant and mark every token of it revoked; C{True} if it was live
+    (and then other processes are told).
+    """
+    txn.execute(
+        "UPDATE grants SET revoked_at = ? WHERE grant_id = ? AND revoked_at IS NULL",
+        (now, grant_id),
+    )
+    ended = txn.rowcount == 1
+    for table in ("access_tokens", "refresh_tokens"):
+        txn.execute(
+            f"UPDATE {table} SET revoked_at = ? WHERE grant_id = ? AND revoked_at IS NULL",
+            (now, grant_id),
+        )
+    if ended:
+        txn.notify(CHANGES_CHANNEL, f"grant {grant_id}")
+    return ended
+
+
+def _revoked(grant: Optional[Grant], ended: bool, now: float) -> Optional[Grant]:
+    """
+    C{grant} as it is after L{revoke_grant} returned C{ended}.
+    """
+    return attr.evolve(grant, revoked_at=now) if ended and grant is not None else grant
+
+
+# Transactions (each runs in one database transaction; see SQLStore).
+
+
+def save_client(txn: Transaction, client: Client) -> None:
+    txn.execute(
+        "INSERT INTO clients (client_id, client_name, redirect_uris,"
+        " token_endpoint_auth_method, grant_types, scope, kind,"
+        " client_secret_hash, created_at, client_uri, logo_uri)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            client.client_id,
+            client.client_name,
+            _dump(client.redirect_uris),
+            client.token_endpoint_auth_method,
+            _dump(client.grant_types),
+            client.scope,
+            client.kind,
+            client.client_secret_hash,
+            client.created_at,
+            client.client_uri,
+            client.logo_uri,
+        ),
+    )
+
+
+def get_client(txn: Transaction, client_id: str) -> Optional[Client]:
+    row = txn.execute("SELECT * FROM clients WHERE client_id = ?", (client_id,)).fetchone()
+    return None if row is None else _client(row)
+
+
+def count_clients(txn: Transaction) -> int:
+    return int(txn.execute("SELECT COUNT(*) FROM clients").fetchone()[0])
+
+
+def create_grant(txn: Transaction, grant: Grant, code: AuthorizationCode) -> None:
+    if code.grant_id != grant.grant_id:
+        raise ValueError("the code does not belong to the grant")
+    _insert_grant(txn, grant)
+    txn.execute(
+        "INSERT INTO codes (code_hash, grant_id, client_id, redirect_uri,"
+        " code_challenge, scopes, resource, expires_at, issue_refresh)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            code.code_hash,
+            grant.grant_id,
+            code.client_id,
+            code.redirect_uri,
+            code.code_challenge,
+            _dump(code.scopes),
+            code.resource,
+            code.expires_at,
+            int(code.issue_refresh),
+        ),
+    )
+
+
+def consume_code(txn: Transaction, code_hash: str, now: float) -> CodeRedemption:
+    """
+    Spend a code with one conditional C{UPDATE} that returns the code only
+    to the call that spent it.  Statuses, checked in order:
+    C{"unknown"}; C{"replayed"} (spent before: the grant is revoked now,
+    whether or not the code has expired since); C{"revoked"} (the grant
+    ended before the exchange); C{"expired"}; C{"ok"}.
+    """
+    row = txn.execute(
+        "UPDATE codes SET used_at = ? WHERE code_hash = ? AND used_at IS NULL RETURNING *",
+        (now, code_hash),
+    ).fetchone()
+    spent_now = row is not None
+    if row is None:
+        row = txn.execute("SELECT * FROM codes WHERE code_hash = ?", (code_hash,)).fetchone()
+        if row is None:
+            return CodeRedemption(status="unknown")
+    code = _code(row)
+    grant = _get_grant(txn, code.grant_id, lock=True)
+    if not spent_now:
+        ended = revoke_grant(txn, code.grant_id, now)
+        return CodeRedemption(status="replayed", code=code, grant=_revoked(grant, ended, now))
+    if grant is None or grant.revoked_at is not None:
+        return CodeRedemption(status="revoked", code=code, grant=grant)
+    if now >= code.expires_at:
+        return CodeRedemption(status="expired", code=code, grant=grant)
+    return CodeRedemption(status="ok", code=code, grant=grant)
+
+
+def exchange_code(
+    txn: Transaction,
+    code_hash: str,
+    now: float,
+    check: Callable[[AuthorizationCode], Any],
+    access: AccessToken,
+    refresh: Optional[RefreshToken],
+) -> tuple[CodeRedemption, Optional[Failure]]:
+    """
+    L{consume_code}, then the checks, then the tokens and the grant's
+    C{last_used_at}: see L{IOAuthStore.exchange_code}.  A refusal by
+    C{check} is returned (not raised) so that the spend commits.
+    """
+    redemption = consume_code(txn, code_hash, now)
+    if redemption.status != "ok":
+        return redemption, None
+    code = redemption.code
+    assert code is not None
+    try:
+        check(code)
+        if code.issue_refresh and refresh is None:
+            raise ValueError("the code issues a refresh token but none was given")
+    except Exception:
+        return redemption, Failure()
+    rows = [_access_row(access, code.grant_id, code.scopes, code.resource)]
+    if code.issue_refresh:
+        assert refresh is not None
+        rows.append(_refresh_row(refresh, code.grant_id, code.scopes, 1))
+    # The grant's use, recorded here rather than by a transaction of its
+    # own when the new token is first used (AccessVerifier.grant_used).
+    rows.append(("UPDATE grants SET last_used_at = ? WHERE grant_id = ?", (now, code.grant_id)))
+    txn.execute_together(rows)
+    grant = redemption.grant
+    return attr.evolve(redemption, grant=None if grant is None else attr.evolve(grant, last_used_at=now)), None
+
+
+def add_tokens(
+    txn: Transaction, grant_id: str, access: AccessToken, refresh: Optional[RefreshToken]
+) -> None:
+    rows = [_access_row(access, grant_id, access.scopes, access.resource)]
+    if refresh is not None:
+        rows.append(_refresh_row(refresh, grant_id, refresh.scopes, refresh.generation))
+    txn.execute_together(rows)
+
+
+#: Everything a refresh decides on, in one statement: the grant, the
+#: presented token, and the grant's live generation with its size.
+_REFRESH_FACTS = (
+    "SELECT g.*, t.token_hash, t.scopes AS token_scopes, t.generation,"
+    " t.created_at AS token_created_at, t.expires_at, t.used_at, t.revoked_at AS token_revoked_at,"
+    " live.generation AS live_generation, live.siblings AS live_siblings"
+    " FROM refresh_tokens t JOIN grants g ON g.grant_id = t.grant_id,"
+    " (SELECT generation, COUNT(*) AS siblings FROM refresh_tokens"
+    "  WHERE grant_id = (SELECT grant_id FROM refresh_tokens WHERE token_hash = ?)"
+    "  GROUP BY generation ORDER BY generation DESC LIMIT 1) live"
+    " WHERE t.token_hash = ?"
+)
+
+
+def redeem_refresh_token(
+    txn: Transaction,
+    token_hash: str,
+    now: float,
+    grace: float,
+    requested_scopes: Optional[tuple[str, ...]],
+    new_access: AccessToken,
+    new_refresh: RefreshToken,
+) -> RefreshRedemption:
+    """
+    Lock the token's grant, then load the token, its grant and the grant's
+    live generation, let L{rotation.decide} rule, and apply the ruling.
+
+    SQLite's C{BEGIN IMMEDIATE} already holds the whole file, so there the
+    facts are one statement.  PostgreSQL first locks the grant's row: the
+    facts are read after the lock, when a concurrent refresh of this grant
+    has committed (at C{READ COMMITTED} each statement sees what was
+    committed before it began), and its effects are what this one must see.
+    """
+    if not txn.engine.single_writer:
+        txn.execute(
+            "SELECT 1 FROM refresh_tokens t JOIN grants g ON g.grant_id = t.grant_id"
+            " WHERE t.token_hash = ?" + txn.engine.for_update,
+            (token_hash,),
+        )
+    row = txn.execute(_REFRESH_FACTS, (token_hash, token_hash)).fetchone()
+    if row is None:
+        return RefreshRedemption(status=rotation.UNKNOWN)
+    grant = _grant(row)
+    token = RefreshToken(
+        token_hash=row["token_hash"],
+        grant_id=grant.grant_id,
+        scopes=_load(row["token_scopes"]),
+        generation=row["generation"],
+        created_at=row["token_created_at"],
+        expires_at=row["expires_at"],
+        used_at=row["used_at"],
+    )
+    decision = rotation.decide(
+        token=token,
+        token_revoked=row["token_revoked_at"] is not None,
+        token_revoked_at=row["token_revoked_at"],
+        grant=grant,
+        live_generation=row["live_generation"],
+        live_siblings=row["live_siblings"],
+        now=now,
+        grace=grace,
+        requested_scopes=requested_scopes,
+    )
+    return RefreshRedemption(
+        status=decision.status,
+        grant=_apply(txn, decision, token, grant, now, new_access, new_refresh),
+    )
+
+
+def _apply(
+    txn: Transaction,
+    decision: rotation.RotationDecision,
+    token: RefreshToken,
+    grant: Grant,
+    now: float,
+    new_access: AccessToken,
+    new_refresh: RefreshToken,
+) -> Grant:
+    """
+    Carry out a L{rotation.RotationDecision} inside the current transaction;
+    returns the grant as it now is.
+    """
+    if decision.revoke_grant and revoke_grant(txn, grant.grant_id, now):
+        grant = attr.evolve(grant, revoked_at=now)
+    # The writes of a rotation depend on nothing but the decision: one round
+    # trip on PostgreSQL (see Transaction.execute_together).
+    writes: list[tuple[str, Sequence[Any]]] = []
+    if decision.new_generation is not None:
+        writes.append(_access_row(new_access, grant.grant_id, decision.access_scopes, grant.resource))
+        writes.append(
+            _refresh_row(new_refresh, grant.grant_id, decision.refresh_scopes, decision.new_generation)
+        )
+        writes.append(("UPDATE grants SET last_used_at = ? WHERE grant_id = ?", (now, grant.grant_id)))
+        grant = attr.evolve(grant, last_used_at=now)
+    if decision.mark_used:
+        # Spend the presented token and, with revoke_unused_siblings (they
+        # always come together), revoke the other unused tokens of its
+        # generation, in one statement.  (The new token is of another
+        # generation.)
+        assert decision.revoke_unused_siblings
+        writes.append(
+            (
+                "UPDATE refresh_tokens SET"
+                " used_at = CASE WHEN token_hash = ? THEN ? ELSE used_at END,"
+                " revoked_at = CASE WHEN token_hash = ? THEN revoked_at ELSE ? END"
+                " WHERE grant_id = ? AND generation = ? AND used_at IS NULL AND revoked_at IS NULL"
+                " RETURNING token_hash",
+                (token.token_hash, now, token.token_hash, now, grant.grant_id, token.generation),
+            )
+        )
+    if writes:
+        txn.execute_together(writes)
+    if decision.mark_used and token.token_hash not in {row[0] for row in txn.fetchall()}:
+        # Impossible with the grant locked; refuse rather than fork the chain.
+        raise RuntimeError("refresh token spent concurrently")
+    return grant
+
+
+def lookup_access_token(txn: Transaction, token_hash: str, now: float) -> Optional[AccessInfo]:
+    row = txn.execute(
+        "SELECT a.scopes, a.resource, a.grant_id, a.expires_at, g.subject, g.client_id"
+        " FROM access_tokens a JOIN grants g ON g.grant_id = a.grant_id"
+        " WHERE a.token_hash = ? AND a.revoked_at IS NULL"
+        " AND g.revoked_at IS NULL AND a.expires_at > ?",
+        (token_hash, now),
+    ).fetchone()
+    if row is None:
+        return None
+    return AccessInfo(
+        subject=row["subject"],
+        client_id=row["client_id"],
+        scopes=frozenset(_load(row["scopes"])),
+        resource=row["resource"],
+        grant_id=row["grant_id"],
+        expires_at=row["expires_at"],
+    )
+
+
+def revoke_token(
+    txn: Transaction, token_hash: str, now: float, client_id: Optional[str]
+) -> Optional[str]:
+    """
+    Revoke an access token (just it) or a refresh token (its whole grant);
+    with C{client_id}, only if the token's grant belongs to that client.
+    """
+
+    def owned(grant_id: str) -> bool:
+        if client_id is None:
+            return True
+        row = txn.execute("SELECT client_id FROM grants WHERE grant_id = ?", (grant_id,)).fetchone()
+        return row is not None and row["client_id"] == client_id
+
+    row = txn.execute("SELECT grant_id FROM access_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+    if row is not None:
+        if owned(row["grant_id"]):
+            txn.execute(
+                "UPDATE access_tokens SET revoked_at = ? WHERE token_hash = ? AND revoked_at IS NULL",
+                (now, token_hash),
+            )
+            if txn.rowcount:
+                txn.notify(CHANGES_CHANNEL, f"access_token {token_hash}")
+        return None
+    row = txn.execute("SELECT grant_id FROM refresh_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+    if row is not None and owned(row["grant_id"]) and revoke_grant(txn, row["grant_id"], now):
+        return str(row["grant_id"])
+    return None
+
+
+def revoke_grants_of_site_token(txn: Transaction, site_token_id: str, now: float) -> list[str]:
+    rows = txn.execute(
+        "SELECT grant_id FROM grants WHERE site_token_id = ? AND revoked_at IS NULL"
+        " ORDER BY created_at, grant_id",
+        (site_token_id,),
+    ).fetchall()
+    ended = [str(row["grant_id"]) for row in rows]
+    for grant_id in ended:
+        revoke_grant(txn, grant_id, now)
+    return ended
+
+
+def list_grants(
+    txn: Transaction, subject: Optional[str], site_token_id: Optional[str]
+) -> list[Grant]:
+    clause, params = where("revoked_at IS NULL", ("subject = ?", subject), ("site_token_id = ?", site_token_id))
+    rows = txn.execute(f"SELECT * FROM grants{clause} ORDER BY created_at, grant_id", params).fetchall()
+    return [_grant(row) for row in rows]
+
+
+def touch_grant(txn: Transaction, grant_id: str, now: float) -> None:
+    txn.execute("UPDATE grants SET last_used_at = ? WHERE grant_id = ?", (now, grant_id))
