@@ -29,6 +29,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+from twisted.web.server import Request
 from zope.interface import implementer
 
 log = Logger()
@@ -51,6 +53,45 @@ def format_event(data: str, event: Optional[str] = None, event_id: Optional[str]
 
 def _one_line(value: str) -> str:
     return value.replace("\r", " ").replace("\n", " ")
+
+
+#: Request headers still read once a stream is open: the access log's
+#: line, written when the stream ends (twisted.web's combined format, the
+#: client address behind a trusted proxy).
+_KEPT_REQUEST_HEADERS = (b"referer", b"user-agent", b"x-forwarded-for")
+
+#: Response headers still read once they are sent: the site's metrics
+#: leave SSE responses out by their content type.
+_KEPT_RESPONSE_HEADERS = (b"content-type",)
+
+
+def _shed(request: object) -> None:
+    """
+    Let go of what an open stream's request no longer needs: the headers
+    it was routed and authorized by (each a list in a dict, ten or more of
+    them: about 1.5 KiB and twenty objects the garbage collector walks, per
+    idle stream), the response headers already sent, and the empty body.
+    Only a twisted.web request is touched (a test's fake keeps its own).
+    """
+    if not isinstance(request, Request) or not request.startedWriting:
+        return
+    request.requestHeaders = _only(request.requestHeaders, _KEPT_REQUEST_HEADERS)
+    request.responseHeaders = _only(request.responseHeaders, _KEPT_RESPONSE_HEADERS)
+    content = request.content
+    if content is not None:
+        # The handler has read the body (a POST answered as a stream) or
+        # there was none; twisted.web closes a present one at the end.
+        request.content = None  # type: ignore[assignment]
+        content.close()
+
+
+def _only(headers: Headers, names: tuple[bytes, ...]) -> Headers:
+    kept = Headers()
+    for name in names:
+        values = headers.getRawHeaders(name)
+        if values is not None:
+            kept.setRawHeaders(name, values)
+    return kept
 
 
 class KeepaliveTimer:
@@ -298,6 +339,7 @@ class SSEStream:
             request.setHeader(name, value)  # type: ignore[attr-defined]
         request.registerProducer(self, True)  # type: ignore[attr-defined]
         request.write(first)  # type: ignore[attr-defined]
+        _shed(request)
         if self._keepalive_timer is not None:
             self._slot = self._keepalive_timer.add(self)
         elif self._keepalive_interval:
