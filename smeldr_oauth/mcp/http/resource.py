@@ -44,22 +44,13 @@ from smeldr_oauth.mcp.http.streamauth import StreamGuard
 from smeldr_oauth.mcp.state.interfaces import IEventLog, ISessionDelivery, ISessionStore
 from smeldr_oauth.mcp.state.memory import LocalDelivery, MemoryEventLog, MemorySessionStore
 from smeldr_oauth.mcp.state.records import SessionLimits
+from smeldr_oauth.mcp.session import outcome_now
 from smeldr_oauth.mcp.streams import StreamOptions
 from smeldr_oauth.oauth.urls import canonical_resource
 from smeldr_oauth.web.errors import JSONRPC
 from smeldr_oauth.web.routes import CORS, Route, mount_routes
 
 log = Logger()
-
-
-def _kept(result: Any, box: list[Any]) -> Any:
-    box.append(result)
-    return result
-
-
-def _handled(failure: Failure) -> None:
-    """The failure was taken out of its L{Deferred} and answered."""
-    return None
 
 
 class MCPHTTP:
@@ -263,14 +254,12 @@ class MCPHTTP:
         stream would hold for as long as it is open.
         """
         d = maybeDeferred(self.auth.authenticate, request)
-        known: list[Any] = []
-        d.addBoth(_kept, known)
+        known = outcome_now(d)
         if not known:
             # Still looking (a store look-up): wait for it.
             return d.addCallback(then, *args).addErrback(refused)
         outcome = known[0]
         if isinstance(outcome, Failure):
-            d.addErrback(_handled)
             if outcome.check(AuthFailure):
                 raise from_auth_failure(outcome.value)  # type: ignore[arg-type]
             outcome.raiseException()
