@@ -180,12 +180,12 @@ class StandaloneServiceTests(SynchronousTestCase):
         self.assertEqual(self.settled, [None])
         self.clock.advance(60)
         self.assertEqual(self.settled, [None])
-        self.assertIn(self.service.gc_pauses._callback, gc.callbacks)
+        self.assertIn(self.service.collector.pauses._callback, gc.callbacks)
         gc.collect()
-        self.assertGreater(self.service.gc_pauses.count[2], 0)
+        self.assertGreater(self.service.collector.pauses.count[2], 0)
         self.assertIn(b"smeldr_gc_pause_longest_seconds", generate_latest(self.service.metrics.registry))
         self.stop()
-        self.assertNotIn(self.service.gc_pauses._callback, gc.callbacks)
+        self.assertNotIn(self.service.collector.pauses._callback, gc.callbacks)
 
     def test_nothingLeftScheduled(self) -> None:
         """

@@ -109,3 +109,35 @@ def settle() -> None:
     _, middle, oldest = gc.get_threshold()
     gc.set_threshold(YOUNG_THRESHOLD, middle, oldest)
     log.info("Start-up objects frozen out of garbage collection: {frozen}", frozen=gc.get_freeze_count())
+
+
+class CollectorWatch:
+    """
+    What the standalone server does with the collector: time every
+    collection from the start (L{pauses}, also its metrics), and
+    L{settle} on the first turn after L{ready} unless told not to.
+    """
+
+    def __init__(self, clock: Any, freeze: bool = True) -> None:
+        self.pauses = CollectionPauses()
+        self._clock = clock
+        self._freeze = freeze
+        self._settling: Any = None
+
+    def start(self) -> None:
+        self.pauses.install()
+
+    def ready(self) -> None:
+        """Start-up is over (the database is open)."""
+        if self._freeze:
+            self._settling = self._clock.callLater(0, self._settle)
+
+    def _settle(self) -> None:
+        self._settling = None
+        settle()
+
+    def stop(self) -> None:
+        self.pauses.uninstall()
+        if self._settling is not None and self._settling.active():
+            self._settling.cancel()
+        self._settling = None

@@ -363,11 +363,10 @@ class StandaloneService(Service):
 
             gateways = self.gateways
             self.metrics.registry.register(PrometheusCollector(lambda: [g.metrics for g in gateways]))
-        from smeldr_oauth.service.collector import CollectionPauses
+        from smeldr_oauth.service.collector import CollectorWatch
 
-        # Garbage-collection pauses, timed for the metrics page.
-        self.gc_pauses = CollectionPauses()
-        self.metrics.registry.register(self.gc_pauses)
+        self.collector = CollectorWatch(reactor, freeze=not options.get("no-gc-freeze"))
+        self.metrics.registry.register(self.collector.pauses)
         self.health = HealthCheck(self.store, reactor, upstreams=mounted.describe_upstreams)
         static = static_answers(self.mounted.routes)
         static[b"/healthz"] = self.health.resource()
@@ -387,7 +386,6 @@ class StandaloneService(Service):
         self._purging_limits: Any = None
         self._watching: Any = None
         self._checkpoints: Any = None
-        self._settling: Any = None
         from smeldr_oauth.flows.recorder import FlowRecorder
 
         # The flow timeline: the operator's page and the recorder.
@@ -413,7 +411,7 @@ class StandaloneService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.gc_pauses.install()
+        self.collector.start()
         if self.options["metrics-listen"]:
             from twisted.logger import globalLogPublisher
 
@@ -440,9 +438,7 @@ class StandaloneService(Service):
             self._checkpoints = start_checkpoints(self.store.database, self.reactor)
             if self.rate_limits is not None:
                 self._purging_limits = self.rate_limits.start_purging(self.reactor)
-            if not self.options.get("no-gc-freeze"):
-                # On the next turn, once everything started here is up.
-                self._settling = self.reactor.callLater(0, self._settle)
+            self.collector.ready()
 
         def failed(f: Any) -> None:
             log.failure("the OAuth database could not be opened", f)
@@ -461,18 +457,9 @@ class StandaloneService(Service):
             resource=self.oauth.config.resource,
         )
 
-    def _settle(self) -> None:
-        from smeldr_oauth.service import collector
-
-        self._settling = None
-        collector.settle()
-
     def stopService(self) -> "Deferred[Any]":
         super().stopService()
-        self.gc_pauses.uninstall()
-        if self._settling is not None and self._settling.active():
-            self._settling.cancel()
-        self._settling = None
+        self.collector.stop()
         if self.site.access_log is not None:
             self.site.access_log.flush()
         from twisted.logger import globalLogPublisher
