@@ -95,18 +95,6 @@ def _is_twisted_web(request: object) -> bool:
     )
 
 
-def _consumer_of(request: object) -> Any:
-    """
-    Whom a stream registers with as its response's producer: a twisted.web
-    request's channel, which is what pauses and resumes it.
-    C{Request.registerProducer} would also record it on the request (two
-    attributes it had not had, which grew its attribute table: 1.6 KiB per
-    open stream by tracemalloc), read only to complain of a producer left
-    registered; L{SSEStream.close} unregisters it from the channel.
-    """
-    return request.channel if _is_twisted_web(request) else request  # type: ignore[attr-defined]
-
-
 def _only(headers: Headers, names: tuple[bytes, ...]) -> Headers:
     kept = Headers()
     for name in names:
@@ -309,7 +297,6 @@ class SSEStream:
         "_keepalive",
         "closed",
         "done",
-        "_consumer",
     )
 
     def __init__(
@@ -334,7 +321,6 @@ class SSEStream:
         self._slot = -1
         self._max_queue = max_queue
         self._on_close = on_close
-        self._consumer: Any = request
         # Created when the client first stops reading.
         self._queue: Optional[deque[bytes]] = None
         self._paused = False
@@ -361,8 +347,7 @@ class SSEStream:
         request.setHeader(b"X-Accel-Buffering", b"no")  # type: ignore[attr-defined]
         for name, value in (headers or {}).items():
             request.setHeader(name, value)  # type: ignore[attr-defined]
-        self._consumer = _consumer_of(request)
-        self._consumer.registerProducer(self, True)
+        request.registerProducer(self, True)  # type: ignore[attr-defined]
         request.write(first)  # type: ignore[attr-defined]
         _shed(request)
         if self._keepalive_timer is not None:
@@ -399,7 +384,7 @@ class SSEStream:
             return
         self._cleanup()
         try:
-            self._consumer.unregisterProducer()
+            self._request.unregisterProducer()  # type: ignore[attr-defined]
         except Exception:
             pass
         if not self.done.called:
