@@ -167,6 +167,12 @@ def streams_table(run: dict[str, Any]) -> str:
         f"{fmt(loaded['max_ms'], 2)} ms holding {run['steps'][-1]['streams']:,} streams "
         f"({loaded['requests']} requests, {loaded['errors']} errors)."
     )
+    if run.get("gc_longest_full_ms") is not None:
+        rows[-1] += (
+            f" Garbage collection (the server's own timing): longest full collection "
+            f"{fmt(run['gc_longest_full_ms'], 0)} ms ({run['gc_full_collections']} full collections since start), "
+            f"longest young one {fmt(run.get('gc_longest_young_ms'), 1)} ms."
+        )
     limited = run.get("fd_limited")
     if limited:
         rows.append(

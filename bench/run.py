@@ -220,8 +220,12 @@ def run_streams(settings: Settings, report: dict[str, Any]) -> None:
     # raised to the largest count measured.
     most = str(max(counts) + 10)
     for transport in settings.transports:
+        # The metrics page tells the longest garbage-collection pause.
+        metrics_port = servers.free_port()
         smeldr = servers.start_smeldr(
             (
+                "--metrics-listen",
+                f"tcp:{metrics_port}:interface=127.0.0.1",
                 "--keepalive",
                 str(int(keepalive)),
                 "--max-sessions-per-grant",
@@ -247,6 +251,7 @@ def run_streams(settings: Settings, report: dict[str, Any]) -> None:
                 settings.observe,
                 settle=0.3 if settings.smoke else 2.0,
                 spread_for=asked,
+                metrics_port=metrics_port,
             )
         finally:
             smeldr.stop()
@@ -266,7 +271,9 @@ def run_streams(settings: Settings, report: dict[str, Any]) -> None:
             f"  keepalives every {keepalive:g}s: late p50 {_fmt(result['keepalive_late_p50_ms'], 1)} ms, "
             f"p99 {_fmt(result['keepalive_late_p99_ms'], 1)} ms, max {_fmt(result['keepalive_late_max_ms'], 1)} ms; "
             f"{result['streams_missing_keepalives']} streams missed one; server CPU {result['server_cpu_idle']:.2f}; "
-            f"GET /healthz p50 {_fmt(loaded['p50_ms'], 2)} p99 {_fmt(loaded['p99_ms'], 2)} ms",
+            f"GET /healthz p50 {_fmt(loaded['p50_ms'], 2)} p99 {_fmt(loaded['p99_ms'], 2)} ms; "
+            f"longest full GC pause {_fmt(result.get('gc_longest_full_ms'), 0)} ms "
+            f"({result.get('gc_full_collections')} full collections)",
             flush=True,
         )
 

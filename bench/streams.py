@@ -262,6 +262,7 @@ def measure(
     settle: float = 1.0,
     processes: Optional[int] = None,
     spread_for: int = 0,
+    metrics_port: Optional[int] = None,
 ) -> dict[str, Any]:
     """
     Open C{transport} streams up to each of C{counts} in turn, reading the
@@ -273,6 +274,8 @@ def measure(
     @param spread_for: lay the generator processes and source addresses out
         for this many streams (the count asked for, when the descriptor
         limit caps C{counts}).
+    @param metrics_port: the server's C{--metrics-listen} port: the longest
+        garbage-collection pauses are read there at the end.
     """
     target = server.target()
     largest = max(max(counts), spread_for)
@@ -328,6 +331,7 @@ def measure(
         cpu = (process_cpu(server.pid) - cpu0) / watched
     finally:
         generators.close()
+    collector = gc_figures(metrics_port) if metrics_port else {}
     lateness = [x for r in replies for x in r["lateness"]]
     p50, p99 = percentile(lateness, 0.5), percentile(lateness, 0.99)
     return {
@@ -350,6 +354,38 @@ def measure(
         "server_cpu_idle": cpu,
         "probe_idle": idle_probe,
         "probe_loaded": loaded_probe,
+        **collector,
+    }
+
+
+def gc_figures(port: int) -> dict[str, Any]:
+    """
+    The server's garbage-collection figures from its metrics page
+    (L{smeldr_oauth.service.collector}): the longest full (generation 2)
+    and young pause since it started, in ms, and the full collections.
+    """
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/metrics")
+        page = connection.getresponse().read().decode("utf-8", "replace")
+    except OSError:
+        return {}
+    finally:
+        connection.close()
+    values: dict[str, float] = {}
+    for line in page.splitlines():
+        if line.startswith("smeldr_gc_"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    if not values:
+        return {}
+    return {
+        "gc_longest_full_ms": values.get('smeldr_gc_pause_longest_seconds{generation="2"}', 0.0) * 1000,
+        "gc_longest_young_ms": max(
+            values.get(f'smeldr_gc_pause_longest_seconds{{generation="{g}"}}', 0.0) for g in (0, 1)
+        )
+        * 1000,
+        "gc_full_collections": int(values.get('smeldr_gc_collections_total{generation="2"}', 0)),
     }
 
 

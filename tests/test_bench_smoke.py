@@ -121,6 +121,10 @@ class BenchSmokeTests(SynchronousTestCase):
             # The plain request answered while the streams were held.
             self.assertGreater(run["probe_loaded"]["requests"], 0)
             self.assertEqual(run["probe_loaded"]["errors"], 0)
+            # The server's own garbage-collection timing, from its metrics
+            # page: at least the collection before the freeze at start-up.
+            self.assertGreaterEqual(run["gc_full_collections"], 1)
+            self.assertGreater(run["gc_longest_full_ms"], 0)
 
     def test_targets_judged_and_table_printed(self) -> None:
         targets = self.report["targets"]

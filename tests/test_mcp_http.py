@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
@@ -974,3 +974,36 @@ class CacheControlTests(HTTPTestBase):
         )
         self.assertEqual(headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
         self.assertEqual(headers.getRawHeaders("cache-control"), ["no-store, no-transform"])
+
+
+class SessionIdQueryTests(SynchronousTestCase):
+    """
+    The legacy POST's C{session_id}, read from the query by hand, is what
+    hyperlink's C{URL.get} read before (as sent, not decoded).
+    """
+
+    def test_same_as_hyperlink(self) -> None:
+        import hyperlink
+
+        from smeldr_oauth.mcp.http.legacy import _session_ids
+
+        for uri in (
+            "/mcp/message?session_id=abc-DEF_1",
+            "/mcp/message?session_id=a&session_id=b",
+            "/mcp/message?x=1&session_id=s&y=2",
+            "/mcp/message?x=1",
+            "/mcp/message",
+            "/mcp/message?session_id=",
+            "/mcp/message?session_id=a%20b",
+            "/mcp/message?session_id=a+b",
+            "/mcp/message?session_id=a=b",
+            "/mcp/message?session_id=s#frag",
+        ):
+            self.assertEqual(_session_ids(uri.encode("ascii")), hyperlink.URL.from_text(uri).get("session_id"), uri)
+
+    def test_no_usable_value(self) -> None:
+        from smeldr_oauth.mcp.http.legacy import _session_ids
+
+        # No "=": hyperlink said [None]; either way not one usable id (400).
+        self.assertEqual(_session_ids(b"/mcp/message?session_id"), [""])
+        self.assertEqual(_session_ids(b"/mcp/message?session_id=\xff"), [])

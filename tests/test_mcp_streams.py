@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.test.requesthelper import DummyRequest
+from twisted.web.http import combinedLogFormatter
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from smeldr_oauth.mcp.streams import Deadlines, KeepaliveTimer, SSEStream, format_event
 
@@ -271,3 +273,61 @@ class DeadlinesTests(SynchronousTestCase):
 
     def test_bad_granularity(self) -> None:
         self.assertRaises(ValueError, Deadlines, self.clock, print, 0)
+
+
+class SheddingTests(SynchronousTestCase):
+    """
+    An open stream's twisted.web request keeps only what is read after its
+    headers went out: what the access log writes when the stream ends.
+    """
+
+    def _request(self) -> tuple[Request, DummyChannel]:
+        channel = DummyChannel()
+        request = Request(channel)
+        request.method, request.uri, request.path, request.clientproto = b"GET", b"/mcp", b"/mcp", b"HTTP/1.1"
+        for name, value in (
+            (b"authorization", b"Bearer secret-token"),
+            (b"accept", b"text/event-stream"),
+            (b"host", b"example.com"),
+            (b"user-agent", b"claude-user"),
+            (b"referer", b"https://claude.ai/"),
+            (b"x-forwarded-for", b"203.0.113.9"),
+        ):
+            request.requestHeaders.setRawHeaders(name, [value])
+        request.gotLength(0)
+        return request, channel
+
+    def test_headers_shed_once_sent(self) -> None:
+        request, channel = self._request()
+        stream = SSEStream(request, Clock(), keepalive_interval=None)
+        stream.start(headers={b"Mcp-Session-Id": b"abc"})
+        sent = channel.transport.written.getvalue()
+        self.assertIn(b"Mcp-Session-Id: abc", sent)
+        self.assertIn(b"Cache-Control: no-store", sent)
+        self.assertEqual(
+            sorted(name for name, _ in request.requestHeaders.getAllRawHeaders()),
+            [b"Referer", b"User-Agent", b"X-Forwarded-For"],
+        )
+        self.assertEqual(
+            list(request.responseHeaders.getAllRawHeaders()), [(b"Content-Type", [b"text/event-stream; charset=utf-8"])]
+        )
+        self.assertIsNone(request.content)
+        self.assertEqual(channel.transport.producers, [(stream, True)])
+        stream.send("still", event="message")
+        # What the route does with `done`: the response ends.
+        stream.done.addCallback(lambda _: request.finish())
+        stream.close()
+        self.assertIsNone(request.producer)
+        self.assertTrue(request.finished)
+        line = combinedLogFormatter("now", request)
+        self.assertIn('"GET /mcp HTTP/1.1" 200', line)
+        self.assertTrue(line.endswith('"https://claude.ai/" "claude-user"'), line)
+
+    def test_not_before_the_headers_are_sent(self) -> None:
+        """A request that has not started its answer is left as it is."""
+        from smeldr_oauth.mcp.streams import _shed
+
+        request, _ = self._request()
+        _shed(request)
+        self.assertEqual(request.requestHeaders.getRawHeaders(b"authorization"), [b"Bearer secret-token"])
+        self.assertIsNotNone(request.content)

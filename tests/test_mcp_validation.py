@@ -10,6 +10,9 @@ import socket
 from typing import Any, Literal, Optional, TypedDict
 
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -17,7 +20,7 @@ from smeldr_oauth.mcp import MCPApp
 from smeldr_oauth.mcp.jsonrpc import parse_frame
 from smeldr_oauth.mcp.schema import schema_for
 from smeldr_oauth.mcp.session import CallbackOutlet, Principal, ServerSession
-from smeldr_oauth.mcp.validation import ArgumentValidator, InvalidSchema
+from smeldr_oauth.mcp.validation import ArgumentValidator, InvalidSchema, _compile
 
 
 class Point(TypedDict):
@@ -181,3 +184,142 @@ class SessionTests(SynchronousTestCase):
 
 
 
+
+
+# -- the compiled fast path ------------------------------------------------------
+
+_names = st.sampled_from(["a", "b", "limit", "tag", "ß"])
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.sampled_from([0.0, 1.0, -1.5, 2.5, 1e300, float("nan"), float("inf")]),
+    st.sampled_from(["", "a", "draft", "published", "ab1", "ÄÖ", "x" * 5]),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_names, inner, max_size=3)),
+    max_leaves=8,
+)
+_type_names = st.sampled_from(["object", "array", "string", "boolean", "null", "integer", "number"])
+_bounds = st.one_of(
+    st.fixed_dictionaries({"type": _type_names}),
+    st.fixed_dictionaries({"type": st.lists(_type_names, min_size=1, max_size=3, unique=True)}),
+    st.fixed_dictionaries({"enum": st.lists(st.one_of(st.none(), st.sampled_from(["a", "draft", ""])), min_size=1)}),
+    st.fixed_dictionaries({k: st.integers(-2, 3) for k in ("minimum", "maximum")}),
+    st.fixed_dictionaries({k: st.sampled_from([0, 1.5, -1]) for k in ("exclusiveMinimum", "exclusiveMaximum")}),
+    st.fixed_dictionaries({k: st.integers(0, 3) for k in ("minLength", "maxLength", "minItems", "maxItems")}),
+    st.fixed_dictionaries({"pattern": st.sampled_from(["^a", "[0-9]", "^$"]), "description": st.just("d")}),
+    st.just({"default": None, "title": "t", "format": "uri"}),
+    st.booleans(),
+)
+_schemas = st.recursive(
+    _bounds,
+    lambda inner: st.one_of(
+        st.fixed_dictionaries(
+            {"properties": st.dictionaries(_names, inner, max_size=3)},
+            optional={
+                "type": st.just("object"),
+                "required": st.lists(_names, unique=True, max_size=2),
+                "additionalProperties": st.booleans(),
+            },
+        ),
+        st.fixed_dictionaries({"anyOf": st.lists(inner, min_size=1, max_size=3)}),
+        st.fixed_dictionaries({"items": inner}, optional={"type": st.just("array")}),
+    ),
+    max_leaves=6,
+)
+
+
+class CompiledTests(SynchronousTestCase):
+    """
+    The compiled predicate (L{validation._compile}) answers exactly as
+    jsonschema does wherever it exists, so that it may answer "valid"
+    alone; the schemas it does not cover get none.
+    """
+
+    @settings(max_examples=400, deadline=None)
+    @given(_schemas, st.lists(_values, min_size=1, max_size=6))
+    def test_same_answer_as_jsonschema(self, schema: Any, values: list[Any]) -> None:
+        fast = _compile(schema)
+        self.assertIsNotNone(fast, schema)
+        validator = Draft202012Validator(schema)
+        for value in values:
+            self.assertEqual(fast(value), validator.is_valid(value), (schema, value))  # type: ignore[misc]
+
+    def test_every_leaf_on_every_value(self) -> None:
+        """
+        Each keyword the compiler knows, alone and inside C{properties},
+        C{items}, C{anyOf} and C{required}/C{additionalProperties}, on each
+        kind of value: the same answer as jsonschema.
+        """
+        leaves: list[Any] = [True, False, {}, {"description": "d", "default": 1, "format": "email"}]
+        leaves += [{"type": name} for name in ("object", "array", "string", "boolean", "null", "integer", "number")]
+        leaves += [{"type": ["string", "null"]}, {"type": ["integer", "boolean"]}, {"type": ["number", "array"]}]
+        leaves += [{"enum": ["a", "draft"]}, {"enum": ["a", None]}, {"enum": [None]}, {"enum": [""]}]
+        for keyword in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            leaves += [{keyword: bound} for bound in (0, 1, -1.5, 2.5)]
+        for keyword in ("minLength", "maxLength", "minItems", "maxItems"):
+            leaves += [{keyword: bound} for bound in (0, 1, 2)]
+        leaves += [{"pattern": p} for p in ("^a", "[0-9]", "^$", "é")]
+        values: list[Any] = [None, True, False, 0, 1, -1, 2, 3, 0.0, 1.0, 1.5, -1.5, 2.5, 3.0, 1e300]
+        values += [float("nan"), float("inf"), -float("inf"), "", "a", "ab", "abc", "a1", "draft", "é", "None"]
+        values += [[], [1], [1, "a"], [None, None, True], {}, {"a": 1}, {"a": "x", "b": None}, {"b": []}]
+        schemas: list[Any] = []
+        for leaf in leaves:
+            schemas += [
+                leaf,
+                {"type": "object", "properties": {"a": leaf}},
+                {"properties": {"a": leaf, "b": {"type": "null"}}, "required": ["a"], "additionalProperties": False},
+                {"items": leaf},
+                {"anyOf": [leaf, {"type": "null"}]},
+                {"anyOf": [{"type": "string"}, leaf]},
+            ]
+        wrapped = values + [{"a": v} for v in values] + [[v] for v in values] + [{"a": v, "c": 1} for v in values[:4]]
+        for schema in schemas:
+            fast = _compile(schema)
+            self.assertIsNotNone(fast, schema)
+            validator = Draft202012Validator(schema)
+            for value in wrapped:
+                self.assertEqual(fast(value), validator.is_valid(value), (schema, value))  # type: ignore[misc]
+
+    def test_site_tools_are_compiled(self) -> None:
+        """Every schema generated from a signature has the fast path."""
+
+        schema = {
+            "type": "object",
+            "properties": {
+                "status": schema_for(Optional[Literal["draft", "published"]]),
+                "tags": schema_for(Optional[list[str]]),
+                "n": {"type": "integer", "default": 1},
+            },
+            "additionalProperties": False,
+            "required": ["n"],
+        }
+        self.assertIsNotNone(_compile(schema))
+        validator = ArgumentValidator(schema)
+        self.assertIsNone(validator.problem({"n": 1.0, "status": None, "tags": ["a"]}))
+        self.assertEqual(validator.problem({"n": True}), "n: expected integer")
+        self.assertEqual(validator.problem({"n": 1, "status": "x"}), "status: must be one of ['draft', 'published']")
+        self.assertEqual(validator.problem({"n": 1, "x": 1}), "arguments: unexpected argument 'x'")
+        self.assertEqual(validator.problem({}), "arguments: missing required argument 'n'")
+
+    def test_other_keywords_are_left_to_jsonschema(self) -> None:
+        for schema in (
+            {"oneOf": [{"type": "integer"}]},
+            {"properties": {"a": {"$ref": "#/$defs/x"}}, "$defs": {"x": {}}},
+            {"const": 1},
+            {"enum": [1, 2]},
+            {"multipleOf": 2},
+            {"patternProperties": {"^x": {}}, "additionalProperties": False},
+            {"additionalProperties": {"type": "string"}},
+            {"type": "object", "unknownKeyword": 1},
+        ):
+            self.assertIsNone(_compile(schema), schema)
+
+    def test_refusals_still_named_by_jsonschema(self) -> None:
+        """A value the fast path refuses gets jsonschema's message."""
+        self.assertEqual(
+            problem({"type": "object", "properties": {"s": {"type": "string", "maxLength": 2}}}, {"s": "abc"}),
+            "s: longer than 2 characters",
+        )

@@ -7,11 +7,13 @@ right: the watcher of outside changes and the periodic purge.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from typing import Any
 
 import attr
+from prometheus_client import generate_latest
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -20,7 +22,7 @@ from twisted.web.http_headers import Headers
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.secrets import hash_secret
 from smeldr_oauth.oauth.server import OAuthServer
-from smeldr_oauth.service import tap
+from smeldr_oauth.service import collector, tap
 from smeldr_oauth.service.wiring import StandaloneService, watch_external_changes
 from smeldr_oauth.store.common import DEFAULT_PURGE_INTERVAL
 from tests import e2e
@@ -93,6 +95,9 @@ class StandaloneServiceTests(SynchronousTestCase):
         )
         self.clock = InlineReactor()
         self.clock.advance(T0)
+        # The trial process's own objects are not frozen.
+        self.settled: list[None] = []
+        self.patch(collector, "settle", lambda: self.settled.append(None))
         self.service = StandaloneService(options, self.clock)
         self.service.startService()
         self.addCleanup(self.stop)
@@ -163,6 +168,24 @@ class StandaloneServiceTests(SynchronousTestCase):
         )
         self.clock.advance(1.0)
         self.assertIsNone(self.successResultOf(oauth.verify_access_token(token)))
+
+    def test_collectorSettledOnceStarted(self) -> None:
+        """
+        On the turn after the database opened, the start-up objects are
+        frozen out of the garbage collector (L{collector.settle}), once;
+        collection pauses are timed from the start, for the metrics page.
+        """
+        self.assertEqual(self.settled, [])
+        self.clock.advance(0)
+        self.assertEqual(self.settled, [None])
+        self.clock.advance(60)
+        self.assertEqual(self.settled, [None])
+        self.assertIn(self.service.collector.pauses._callback, gc.callbacks)
+        gc.collect()
+        self.assertGreater(self.service.collector.pauses.count[2], 0)
+        self.assertIn(b"smeldr_gc_pause_longest_seconds", generate_latest(self.service.metrics.registry))
+        self.stop()
+        self.assertNotIn(self.service.collector.pauses._callback, gc.callbacks)
 
     def test_nothingLeftScheduled(self) -> None:
         """

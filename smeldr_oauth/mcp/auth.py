@@ -146,35 +146,43 @@ def verify(
         L{AuthFailure}.  A verifier that fails (its store is down) becomes
         a 503-style L{AuthFailure}, never a 500 with a traceback.
     """
-    d = maybeDeferred(verifier.verify_access_token, token)
+    # Plain functions with their arguments, not closures: this runs for
+    # every MCP request.
+    return (
+        maybeDeferred(verifier.verify_access_token, token)
+        .addCallback(_checked, challenger, clock, audience)
+        .addErrback(_broken)
+    )
 
-    def checked(info: Optional[AccessInfo]) -> AccessInfo:
-        if info is None:
-            log.info("Bearer token refused")
-            raise challenger.invalid_token()
-        if info.expires_at and info.expires_at <= clock.seconds():
-            raise challenger.invalid_token("The access token expired")
-        if audience is not None and info.resource != audience and canonical_resource(info.resource) != audience:
-            log.info(
-                "Bearer token for another resource refused: {subject} via {client_id}",
-                subject=info.subject,
-                client_id=info.client_id,
-            )
-            raise challenger.invalid_token("The access token was issued for another resource")
-        return info
 
-    def broken(failure: Failure) -> None:
-        if failure.check(AuthFailure):
-            failure.raiseException()
-        if failure.check(StoreUnavailable):
-            # The database is down or restarting: expected, and said once
-            # per request without a traceback; the client retries.
-            log.warn("Access token verifier: {error}", error=str(failure.value))
-            raise AuthFailure(503, "", "temporarily_unavailable", retry_after=failure.value.retry_after)
-        log.failure("Access token verifier failed", failure)
-        raise AuthFailure(503, "", "temporarily_unavailable", retry_after=1)
+def _checked(
+    info: Optional[AccessInfo], challenger: Challenger, clock: IReactorTime, audience: Optional[str]
+) -> AccessInfo:
+    if info is None:
+        log.info("Bearer token refused")
+        raise challenger.invalid_token()
+    if info.expires_at and info.expires_at <= clock.seconds():
+        raise challenger.invalid_token("The access token expired")
+    if audience is not None and info.resource != audience and canonical_resource(info.resource) != audience:
+        log.info(
+            "Bearer token for another resource refused: {subject} via {client_id}",
+            subject=info.subject,
+            client_id=info.client_id,
+        )
+        raise challenger.invalid_token("The access token was issued for another resource")
+    return info
 
-    return d.addCallback(checked).addErrback(broken)
+
+def _broken(failure: Failure) -> None:
+    if failure.check(AuthFailure):
+        failure.raiseException()
+    if failure.check(StoreUnavailable):
+        # The database is down or restarting: expected, and said once
+        # per request without a traceback; the client retries.
+        log.warn("Access token verifier: {error}", error=str(failure.value))
+        raise AuthFailure(503, "", "temporarily_unavailable", retry_after=failure.value.retry_after)
+    log.failure("Access token verifier failed", failure)
+    raise AuthFailure(503, "", "temporarily_unavailable", retry_after=1)
 
 
 @attr.s(frozen=True, auto_attribs=True, slots=True)

@@ -62,9 +62,13 @@ def tool_result(tool: "Tool", value: object, version: str) -> dict[str, JSONValu
     elif isinstance(value, bytes):
         content = [{"type": "text", "text": value.decode("utf-8", "replace")}]
     else:
-        jsonable = to_jsonable(value)
-        content = [{"type": "text", "text": _dump(jsonable)}]
+        # One encoding for the text; decoded again only for structured
+        # content (the same values to_jsonable gives: strings for what
+        # JSON has no type for).
+        text = _dump(value)
+        content = [{"type": "text", "text": text}]
         if tool.structured:
+            jsonable = json.loads(text)
             structured = jsonable if isinstance(jsonable, dict) else {"result": jsonable}
     result: dict[str, JSONValue] = {"content": content, "isError": False}
     if structured is not None and version >= "2025-06-18":

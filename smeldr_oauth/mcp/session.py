@@ -51,6 +51,31 @@ log = Logger()
 __all__ = ["ServerSession", "Call", "CallbackOutlet", "Outlet", "Principal"]
 
 
+def outcome_now(d: Deferred) -> list[Any]:
+    """
+    C{[result]} when C{d} has already fired (a failure is then taken out
+    of it: the caller answers it), else C{[]} (C{d} is left as it was).
+
+    Most MCP work is done by the time its L{Deferred} comes back (the
+    token from the verifier's cache, SQLite on the reactor thread): the
+    caller goes on at once instead of chaining another Deferred to it.
+    """
+    box: list[Any] = []
+    d.addBoth(_kept, box)
+    if box and isinstance(box[0], Failure):
+        d.addErrback(_handled)
+    return box
+
+
+def _kept(result: object, box: list[object]) -> object:
+    box.append(result)
+    return result
+
+
+def _handled(failure: Failure) -> None:
+    return None
+
+
 class ServerSession:
     """
     One MCP conversation.  For the session era, one instance lives as
@@ -185,28 +210,34 @@ class ServerSession:
         if message.id in self._in_flight:
             return succeed(jsonrpc.error_response(message.id, jsonrpc.invalid_request("Request id already in use")))
         inner = self._dispatch(message, call)
+        settled = outcome_now(inner)
+        if settled:
+            # Answered at once (most calls): no second Deferred, nothing
+            # in flight to track.
+            return succeed(self._response(message, call, settled[0]))
         self._in_flight[message.id] = (inner, call)
         outer: Deferred = Deferred()
 
         def finished(result: object) -> None:
             self._in_flight.pop(message.id, None)
-            if isinstance(result, Failure):
-                if call.cancelled and result.check(CancelledError):
-                    outer.callback(None)
-                    return
-                if result.check(JSONRPCError):
-                    outer.callback(jsonrpc.error_response(message.id, result.value))
-                    return
-                log.failure("MCP method {method} failed", result, method=message.method)
-                outer.callback(jsonrpc.error_response(message.id, jsonrpc.internal_error()))
-                return
-            if call.modern:
-                server_info = {"name": self.app.name, "version": self.app.version}
-                result = modern_envelope(message.method, result, server_info)  # type: ignore[arg-type]
-            outer.callback(jsonrpc.result_response(message.id, result))
+            outer.callback(self._response(message, call, result))
 
         inner.addBoth(finished)
         return outer
+
+    def _response(self, message: Request, call: Call, result: object) -> Optional[dict[str, Any]]:
+        """The response to C{message}, whose method ended with C{result}."""
+        if isinstance(result, Failure):
+            if call.cancelled and result.check(CancelledError):
+                return None
+            if result.check(JSONRPCError):
+                return jsonrpc.error_response(message.id, result.value)  # type: ignore[arg-type]
+            log.failure("MCP method {method} failed", result, method=message.method)
+            return jsonrpc.error_response(message.id, jsonrpc.internal_error())
+        if call.modern:
+            server_info = {"name": self.app.name, "version": self.app.version}
+            result = modern_envelope(message.method, result, server_info)  # type: ignore[arg-type]
+        return jsonrpc.result_response(message.id, result)
 
     def close(self) -> None:
         """

@@ -22,13 +22,14 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from typing import Callable, Hashable, Optional
+from typing import Any, Callable, Hashable, Optional
 
 import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 log = Logger()
@@ -51,6 +52,56 @@ def format_event(data: str, event: Optional[str] = None, event_id: Optional[str]
 
 def _one_line(value: str) -> str:
     return value.replace("\r", " ").replace("\n", " ")
+
+
+#: Request headers still read once a stream is open: the access log's
+#: line, written when the stream ends (twisted.web's combined format, the
+#: client address behind a trusted proxy).
+_KEPT_REQUEST_HEADERS = (b"referer", b"user-agent", b"x-forwarded-for")
+
+#: Response headers still read once they are sent: the site's metrics
+#: leave SSE responses out by their content type.
+_KEPT_RESPONSE_HEADERS = (b"content-type",)
+
+
+def _shed(request: object) -> None:
+    """
+    Let go of what an open stream's request no longer needs: the headers
+    it was routed and authorized by (each a list in a dict, ten or more of
+    them: about 1.5 KiB and twenty objects the garbage collector walks, per
+    idle stream), the response headers already sent, and the empty body.
+    Only a twisted.web request is touched (a test's fake keeps its own).
+    """
+    if not _is_twisted_web(request) or not getattr(request, "startedWriting", False):
+        return
+    web: Any = request
+    web.requestHeaders = _only(web.requestHeaders, _KEPT_REQUEST_HEADERS)
+    web.responseHeaders = _only(web.responseHeaders, _KEPT_RESPONSE_HEADERS)
+    content = getattr(web, "content", None)
+    if content is not None:
+        # The handler has read the body (a POST answered as a stream) or
+        # there was none; twisted.web closes a present one at the end.
+        web.content = None
+        content.close()
+
+
+def _is_twisted_web(request: object) -> bool:
+    """A twisted.web request on its channel (not a test's fake), asked by what it has."""
+    return (
+        isinstance(getattr(request, "requestHeaders", None), Headers)
+        and isinstance(getattr(request, "responseHeaders", None), Headers)
+        and hasattr(getattr(request, "channel", None), "registerProducer")
+        and hasattr(request, "startedWriting")
+    )
+
+
+def _only(headers: Headers, names: tuple[bytes, ...]) -> Headers:
+    kept = Headers()
+    for name in names:
+        values = headers.getRawHeaders(name)
+        if values is not None:
+            kept.setRawHeaders(name, values)
+    return kept
 
 
 class KeepaliveTimer:
@@ -298,6 +349,7 @@ class SSEStream:
             request.setHeader(name, value)  # type: ignore[attr-defined]
         request.registerProducer(self, True)  # type: ignore[attr-defined]
         request.write(first)  # type: ignore[attr-defined]
+        _shed(request)
         if self._keepalive_timer is not None:
             self._slot = self._keepalive_timer.add(self)
         elif self._keepalive_interval:

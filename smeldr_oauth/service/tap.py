@@ -221,6 +221,12 @@ class Options(usage.Options):
         ["no-registration", None, "Turn dynamic client registration (RFC 7591) off."],
         ["no-cimd", None, "Turn Client ID Metadata Documents off."],
         ["no-flow-timeline", None, "Do not record the flow timeline (smeldr-oauth-admin flows)."],
+        [
+            "no-gc-freeze",
+            None,
+            "Leave CPython's garbage collector as it is (by default the objects alive after start-up are "
+            "frozen out of it and its youngest generation's threshold is raised: docs/performance.md).",
+        ],
         ["dev", None, "DEVELOPMENT ONLY: allow http:// and loopback client_id URLs."],
         [
             "refresh-for-refresh-grant-clients",

@@ -22,6 +22,7 @@ from smeldr_oauth.mcp.http import MCPHTTP
 from smeldr_oauth.oauth.config import OFFLINE_ACCESS
 from smeldr_oauth.oauth.ratelimit import Limits
 from smeldr_oauth.oauth.server import OAuthServer
+from smeldr_oauth.service.collector import CollectorWatch
 from smeldr_oauth.web.authorize import AuthorizeRoutes
 from smeldr_oauth.web.errors import API_PREFIXES, install_error_handlers
 from smeldr_oauth.web.grants import GrantsPage
@@ -366,6 +367,8 @@ class StandaloneService(Service):
 
             gateways = self.gateways
             self.metrics.watch(PrometheusFigures(self.metrics.registry, lambda: [g.metrics for g in gateways]))
+        self.collector = CollectorWatch(reactor, freeze=not options.get("no-gc-freeze"))
+        self.metrics.registry.register(self.collector.pauses)
         self.health = HealthCheck(self.store, reactor, upstreams=mounted.describe_upstreams)
         static = static_answers(self.mounted.routes)
         static[b"/healthz"] = self.health.resource()
@@ -406,6 +409,7 @@ class StandaloneService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.collector.start()
         if self.options["metrics-listen"]:
             from twisted.logger import globalLogPublisher
 
@@ -432,6 +436,7 @@ class StandaloneService(Service):
             self._checkpoints = start_checkpoints(self.store.database, self.reactor)
             if self.rate_limits is not None:
                 self._purging_limits = self.rate_limits.start_purging(self.reactor)
+            self.collector.ready()
 
         def failed(f: Any) -> None:
             log.failure("the OAuth database could not be opened", f)
@@ -452,6 +457,7 @@ class StandaloneService(Service):
 
     def stopService(self) -> "Deferred[Any]":
         super().stopService()
+        self.collector.stop()
         if self.site.access_log is not None:
             self.site.access_log.flush()
         from twisted.logger import globalLogPublisher

@@ -250,14 +250,26 @@ class DirectRoute(Resource):
         else:
             d = succeed(result)
         over: list[Any] = []
-        request.notifyFinish().addBoth(over.append)  # type: ignore[attr-defined]
-        request.notifyFinish().addErrback(lambda _: d.cancel())  # type: ignore[attr-defined]
+        # One notification, plain functions: an open stream holds these for
+        # as long as it is open.
+        request.notifyFinish().addBoth(_ended, over, d)  # type: ignore[attr-defined]
         answer: list[Any] = []
         d.addErrback(_failed, request, over).addBoth(answer.append)
         if answer and isinstance(answer[0], bytes) and not over and not getattr(request, "startedWriting", False):
             return answer[0]
-        d.addCallback(lambda _: _deliver(request, answer[0], over))
+        d.addCallback(_deliver_answer, request, answer, over)
         return NOT_DONE_YET
+
+
+def _ended(result: Any, over: list[Any], d: Deferred[Any]) -> None:
+    """The response ended (or the client left: then the handler is cancelled)."""
+    over.append(result)
+    if isinstance(result, Failure):
+        d.cancel()
+
+
+def _deliver_answer(_: Any, request: IRequest, answer: list[Any], over: list[Any]) -> None:
+    _deliver(request, answer[0], over)
 
 
 def _failed(failure: Failure, request: IRequest, over: list[Any]) -> Optional[bytes]:

@@ -86,11 +86,14 @@ class Exchange:
         self.remaining = len(requests)
         if self.session is not None:
             self.session.add_exchange(self)
-        options = self._guard.options
-        if self.sse_ok and options.keepalive_interval:
-            self._timer = options.clock.callLater(options.keepalive_interval, self.commit_to_stream)
         for message in requests:
             self.protocol.handle(message, principal, self.outlet).addCallback(self._answered)
+        options = self._guard.options
+        if self.mode == "pending" and self.sse_ok and options.keepalive_interval:
+            # Still running: past the keepalive interval the answer becomes
+            # a stream.  (A call answered at once, as most are, needs no
+            # timer made and cancelled.)
+            self._timer = options.clock.callLater(options.keepalive_interval, self.commit_to_stream)
         return self.result
 
     def related(self, message: dict[str, Any]) -> None:

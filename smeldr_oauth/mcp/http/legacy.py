@@ -56,10 +56,7 @@ class LegacySSE:
         """C{POST /mcp/message?session_id=...}: 202, the answer goes on the stream."""
         # Only the query string names the session (request.args would also
         # hold form fields).
-        try:
-            ids = hyperlink.URL.from_text(request.uri.decode("ascii")).get("session_id")
-        except (UnicodeDecodeError, ValueError):
-            ids = []
+        ids = _session_ids(request.uri)
         if len(ids) != 1 or not ids[0]:
             raise bad_request("session_id must be given once in the query")
         return self.sessions.use(ids[0], credential.info, LEGACY, self._message, request, credential)
@@ -86,6 +83,26 @@ class LegacySSE:
         request.setResponseCode(202)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"Accepted"
+
+
+def _session_ids(uri: bytes) -> list[str]:
+    """
+    The C{session_id} values of the query, as they were sent (not
+    decoded, as hyperlink's C{URL.get} gave them; a session id is
+    URL-safe as issued).  Split by hand: parsing the whole URL with
+    hyperlink was a twentieth of a legacy POST's CPU.
+    """
+    _, _, query = uri.partition(b"?")
+    query = query.partition(b"#")[0]
+    ids = []
+    for field in query.split(b"&"):
+        name, _, value = field.partition(b"=")
+        if name == b"session_id":
+            try:
+                ids.append(value.decode("ascii"))
+            except UnicodeDecodeError:
+                return []
+    return ids
 
 
 def _reply(response: Optional[dict[str, Any]], delivery: Any, session_id: str) -> None:

@@ -484,16 +484,31 @@ class SessionRegistry:
             self._save(live)
         self._arm(live)
 
+    def _timeout(self, live: LiveSession) -> float:
+        return self.idle_timeout if live.used else self.new_session_timeout
+
     def _arm(self, live: LiveSession) -> None:
+        """
+        Push the session's idle deadline to C{timeout} from now.
+
+        The timer is not moved on every request (a cancel and a new
+        delayed call, the reactor's heap reordered, each time): one that
+        is due no later than the new deadline is left to fire, and
+        L{_expire} sets it again for what remains.  Only a deadline that
+        came nearer (the short timeout of a new session) replaces it.
+        """
         now = live.last_active = self.clock.seconds()
         if live.kind != STREAMABLE:
             self.store.touch(live.session_id, now, math.inf)
             return
-        if live.idle is not None and live.idle.active():
-            live.idle.cancel()
-        timeout = self.idle_timeout if live.used else self.new_session_timeout
-        live.idle = self.clock.callLater(timeout, self._expire, live)
-        self.store.touch(live.session_id, now, now + timeout)
+        timeout = self._timeout(live)
+        deadline = now + timeout
+        idle = live.idle
+        if idle is None or not idle.active() or idle.getTime() > deadline:
+            if idle is not None and idle.active():
+                idle.cancel()
+            live.idle = self.clock.callLater(timeout, self._expire, live)
+        self.store.touch(live.session_id, now, deadline)
 
     def _changed_elsewhere(self, change: str, value: str, skip: frozenset[str]) -> None:
         """
@@ -569,6 +584,11 @@ class SessionRegistry:
 
     def _expire(self, live: LiveSession) -> None:
         live.idle = None
+        remaining = live.last_active + self._timeout(live) - self.clock.seconds()
+        if remaining > 0:
+            # Used since the timer was set (see _arm): not due yet.
+            live.idle = self.clock.callLater(remaining, self._expire, live)
+            return
         if not live.is_idle:
             self._arm(live)
             return

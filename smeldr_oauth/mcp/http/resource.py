@@ -30,12 +30,13 @@ from typing import Any, Callable, Optional
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp.app import MCPApp
-from smeldr_oauth.mcp.auth import BearerAuth, Challenger, Credential
+from smeldr_oauth.mcp.auth import AuthFailure, BearerAuth, Challenger, Credential
 from smeldr_oauth.mcp.http import wire
 from smeldr_oauth.mcp.http.cors import ALLOWED_HEADERS, OriginPolicy
-from smeldr_oauth.mcp.http.errors import refused
+from smeldr_oauth.mcp.http.errors import from_auth_failure, refused
 from smeldr_oauth.mcp.http.legacy import LegacySSE
 from smeldr_oauth.mcp.http.registry import SessionFactory, SessionRegistry
 from smeldr_oauth.mcp.http.streamable import StreamableHTTP
@@ -43,6 +44,7 @@ from smeldr_oauth.mcp.http.streamauth import StreamGuard
 from smeldr_oauth.mcp.state.interfaces import IEventLog, ISessionDelivery, ISessionStore
 from smeldr_oauth.mcp.state.memory import LocalDelivery, MemoryEventLog, MemorySessionStore
 from smeldr_oauth.mcp.state.records import SessionLimits
+from smeldr_oauth.mcp.session import outcome_now
 from smeldr_oauth.mcp.streams import StreamOptions
 from smeldr_oauth.oauth.urls import canonical_resource
 from smeldr_oauth.web.errors import JSONRPC
@@ -241,9 +243,33 @@ class MCPHTTP:
 
     # -- routing ---------------------------------------------------------------
 
-    def _authenticated(self, request: Any, then: Callable[..., Any], *args: Any) -> Deferred:
-        """C{then(credential, *args)} once the bearer token is verified."""
-        return maybeDeferred(self.auth.authenticate, request).addCallback(then, *args).addErrback(refused)
+    def _authenticated(self, request: Any, then: Callable[..., Any], *args: Any) -> Any:
+        """
+        C{then(credential, *args)} once the bearer token is verified.
+
+        A token found in the verifier's cache is known at once: then
+        C{then} runs now and its own answer is returned (the stream's
+        C{done}, the exchange's result), with L{refused} as its errback,
+        instead of a second L{Deferred} chained to it, which an idle
+        stream would hold for as long as it is open.
+        """
+        d = maybeDeferred(self.auth.authenticate, request)
+        known = outcome_now(d)
+        if not known:
+            # Still looking (a store look-up): wait for it.
+            return d.addCallback(then, *args).addErrback(refused)
+        outcome = known[0]
+        if isinstance(outcome, Failure):
+            if outcome.check(AuthFailure):
+                raise from_auth_failure(outcome.value)  # type: ignore[arg-type]
+            outcome.raiseException()
+        try:
+            result = then(outcome, *args)
+        except AuthFailure as e:
+            raise from_auth_failure(e)
+        if isinstance(result, Deferred):
+            result.addErrback(refused)
+        return result
 
     def _post(self, request: Any) -> Deferred:
         return self._authenticated(request, self.streamable.post, request)
