@@ -198,4 +198,7 @@ class PostgresTwoProcessTests(registry.TwoProcessTests):
         await stream.wait_for(b"prompts/list_changed", timeout=15)
         methods = [m.get("method") for m in sse_messages(stream.data)]
         self.assertEqual(methods, ["notifications/tools/list_changed", "notifications/prompts/list_changed"])
+        # C counts a change once its write has come back, which may be
+        # after the NOTIFY reached B.
+        await self.settled()
         self.assertEqual(self.states[2].delivery.changes_out, 2)

@@ -167,9 +167,16 @@ class BoundExecutableTests(TestCase):
         directory = self.mktemp()
         os.mkdir(directory)
         script = lifeline.bound_executable(directory, "sleep")
+        # The parent says it started the child once the child is bound
+        # (the launcher has become sleep): a starter killed before the
+        # script's shell read $PPID leaves nothing to bind to (see
+        # bound_executable), and under load the test's SIGKILL could come
+        # that early.
         parent = (
-            "import subprocess, sys\n"
+            "import os, subprocess, sys\n"
             f"child = subprocess.Popen([{script!r}, '600'])\n"
+            "while open(f'/proc/{child.pid}/comm').read().strip() != 'sleep':\n"
+            "    os.sched_yield()\n"
             "print(child.pid, flush=True)\n"
             "sys.stdin.read()\n"
         )

@@ -220,6 +220,12 @@ def bound_executable(directory: str, executable: str) -> str:
     program starts and that can only be named by a path (selenium starts
     chromedriver, chromedriver starts Chromium).
 
+    The binding is made when the script's shell reads its parent's pid: a
+    starter that dies before that (between its C{fork} and the shell's
+    first line) leaves the program bound to whoever adopted it.  The
+    starters this is for (selenium, chromedriver) wait for their program
+    to answer before anything could kill them.
+
     @return: The script's path; give it where C{executable} was given.
     """
     path = os.path.join(directory, "bound-" + os.path.basename(executable))
