@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -56,6 +55,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.web.client import HTTPConnectionPool
 
+from bench.profiling import py_spy_record
 from bench.servers import create_site_token, obtain_tokens, register_client, start_smeldr
 
 
@@ -140,23 +140,8 @@ def postgres_pids(cluster: Any) -> list[int]:
 
 
 def start_profile(pid: int, seconds: float, output: str) -> subprocess.Popen[bytes]:
-    py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     return subprocess.Popen(
-        [
-            py_spy,
-            "record",
-            "--pid",
-            str(pid),
-            "--duration",
-            str(max(1, round(seconds))),
-            "--rate",
-            "250",
-            "--nonblocking",
-            "--format",
-            "raw",
-            "--output",
-            output,
-        ],
+        py_spy_record(pid, seconds, output, 250, "--nonblocking"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -251,29 +251,38 @@ def render(name: str, summary: dict[str, Any], load: Optional[dict[str, Any]], s
     return "\n".join(lines) + "\n"
 
 
+def py_spy_record(pid: int, seconds: float, output: str, rate: int = SAMPLE_RATE, *extra: str) -> list[str]:
+    """
+    The C{py-spy record} command line for C{pid} over C{seconds}, raw
+    collapsed stacks into C{output}: the one place the bench finds py-spy.
+    """
+    py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(py_spy):
+        raise RuntimeError("py-spy not found: pip install -r requirements-test.txt")
+    return [
+        py_spy,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, round(seconds))),
+        "--rate",
+        str(rate),
+        *extra,
+        "--format",
+        "raw",
+        "--output",
+        output,
+    ]
+
+
 def record(pid: int, seconds: float, output: str) -> None:
     """
     C{py-spy record} on C{pid} for C{seconds}, raw collapsed stacks by line
     (the tables aggregate by function; the COMMIT category needs the line).
     """
-    py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-    if not os.path.exists(py_spy):
-        raise RuntimeError("py-spy not found: pip install -r requirements-test.txt")
     subprocess.run(
-        [
-            py_spy,
-            "record",
-            "--pid",
-            str(pid),
-            "--duration",
-            str(max(1, round(seconds))),
-            "--rate",
-            str(SAMPLE_RATE),
-            "--format",
-            "raw",
-            "--output",
-            output,
-        ],
+        py_spy_record(pid, seconds, output),
         check=True,
         capture_output=True,
         timeout=seconds + 60,
