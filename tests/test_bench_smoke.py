@@ -97,6 +97,12 @@ class BenchSmokeTests(SynchronousTestCase):
                 r["cpu_vs_floor"], r["server_us_per_op"] / floor["server_us_per_op"], places=6, msg=r["name"]
             )
             self.assertAlmostEqual(r["p99_vs_floor"], r["p99_ms"] / floor["p99_ms"], places=6, msg=r["name"])
+            self.assertAlmostEqual(
+                r["spread_vs_floor"],
+                (r["p99_ms"] / r["p50_ms"]) / (floor["p99_ms"] / floor["p50_ms"]),
+                places=6,
+                msg=r["name"],
+            )
 
     def test_token_validation_measured_both_ways(self) -> None:
         verify = self.report["verify"]
