@@ -55,7 +55,7 @@ from smeldr_oauth.gateway.pool import Pool
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.context import LOG_LEVELS
 from smeldr_oauth.mcp.jsonrpc import InsufficientScope, JSONRPCError, Message, Notification, Request, Response
-from smeldr_oauth.mcp.calls import Outlet, Principal
+from smeldr_oauth.mcp.calls import Outlet, Principal, log_scope_refusal
 from smeldr_oauth.mcp.conversation import ConversationState, SessionOptions
 from smeldr_oauth.mcp.versions import (
     LATEST_SESSION_VERSION,
@@ -246,12 +246,7 @@ class GatewaySession(ConversationState):
             call = self._prepare(message, principal, outlet)
             missing = self.missing_scopes(message, principal)
             if missing:
-                log.info(
-                    "Gateway call refused: {subject} via {client_id} lacks scopes {scopes}",
-                    subject=principal.subject,
-                    client_id=principal.client_id,
-                    scopes=" ".join(missing),
-                )
+                log_scope_refusal("Gateway call", principal, missing)
                 raise InsufficientScope(missing)
         except JSONRPCError as error:
             return succeed(jsonrpc.error_response(message.id, error))
