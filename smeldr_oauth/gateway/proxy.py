@@ -125,14 +125,14 @@ class Gateway:
         self.pool = Pool(config, clock, connector, self.metrics)
         self._session_numbers = itertools.count(1)
 
-    def session(self, **keywords: Any) -> "GatewaySession":
+    def session(self, **options: Unpack[SessionOptions]) -> "GatewaySession":
         """
         A downstream session, numbered in this gateway's order: the
-        keywords are L{GatewaySession}'s, which are C{ServerSession}'s, so
-        that this method is the MCP front's session factory (see
+        options are every session's (L{SessionOptions}), so that this
+        method is the MCP front's session factory (see
         L{smeldr_oauth.mcp.http.registry.SessionFactory}).
         """
-        return GatewaySession(self, next(self._session_numbers), **keywords)
+        return GatewaySession(self, next(self._session_numbers), **options)
 
     def link_for(self, session: "GatewaySession", principal: Principal) -> Link:
         """The link (instance) a session's traffic goes to, by isolation."""
