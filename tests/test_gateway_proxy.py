@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -359,7 +360,12 @@ class ScopeTests(SynchronousTestCase):
         write = jsonrpc.parse_message({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "write_note", "arguments": {"name": "n"}}})
         self.assertEqual(session.missing_scopes(write, ALICE), ("mcp", "notes:write"))
         self.assertIsNone(session.missing_scopes(write, ALICE_WRITER))
-        refused = self.successResultOf(session.handle(write, ALICE))
+        with capturedLogs() as events:
+            refused = self.successResultOf(session.handle(write, ALICE))
+        self.assertIn(
+            "Gateway call refused: alice via client-a lacks scopes mcp notes:write",
+            [formatEvent(e) for e in events],
+        )
         self.assertEqual(refused["error"], {"code": jsonrpc.INSUFFICIENT_SCOPE, "message": "Insufficient scope", "data": {"error": "insufficient_scope", "scope": "mcp notes:write"}})
         self.assertNotIn("write_note", str(h.channels[0].sent))
         self.assertEqual(text(self.successResultOf(session.handle(write, ALICE_WRITER))), "wrote n")

@@ -578,8 +578,16 @@ class LegacySSETests(HTTPTestBase):
         await self.request("POST", path=endpoint, body=init)
         await client.wait_for(b'"protocolVersion"')
         write = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "write", "arguments": {"text": "x"}}}
-        code, headers, body = await self.request("POST", path=endpoint, body=write)
+        from twisted.logger import capturedLogs, formatEvent
+
+        with capturedLogs() as events:
+            code, headers, body = await self.request("POST", path=endpoint, body=write)
         self.assertEqual(code, 403, body)
+        # A refusal for scope is a security event.
+        self.assertTrue(
+            any(formatEvent(e).startswith("MCP request refused: alice via ") for e in events),
+            [formatEvent(e) for e in events],
+        )
         self.assertEqual(
             headers.getRawHeaders("www-authenticate"),
             [

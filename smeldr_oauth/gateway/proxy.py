@@ -38,7 +38,7 @@ session's in-flight and pending tables, so cutting them would export those.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -55,8 +55,8 @@ from smeldr_oauth.gateway.pool import Pool
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.context import LOG_LEVELS
 from smeldr_oauth.mcp.jsonrpc import InsufficientScope, JSONRPCError, Message, Notification, Request, Response
-from smeldr_oauth.mcp.calls import Outlet, Principal
-from smeldr_oauth.mcp.state.interfaces import ISessionDelivery
+from smeldr_oauth.mcp.calls import Outlet, Principal, log_scope_refusal
+from smeldr_oauth.mcp.conversation import ConversationState, SessionOptions
 from smeldr_oauth.mcp.versions import (
     LATEST_SESSION_VERSION,
     MODERN_VERSIONS,
@@ -64,6 +64,10 @@ from smeldr_oauth.mcp.versions import (
     check_envelope,
     is_modern_request,
 )
+
+if TYPE_CHECKING:
+    # typing has Unpack from Python 3.11; only the type checker needs it.
+    from typing_extensions import Unpack
 
 log = Logger()
 
@@ -121,14 +125,14 @@ class Gateway:
         self.pool = Pool(config, clock, connector, self.metrics)
         self._session_numbers = itertools.count(1)
 
-    def session(self, **keywords: Any) -> "GatewaySession":
+    def session(self, **options: Unpack[SessionOptions]) -> "GatewaySession":
         """
         A downstream session, numbered in this gateway's order: the
-        keywords are L{GatewaySession}'s, which are C{ServerSession}'s, so
-        that this method is the MCP front's session factory (see
+        options are every session's (L{SessionOptions}), so that this
+        method is the MCP front's session factory (see
         L{smeldr_oauth.mcp.http.registry.SessionFactory}).
         """
-        return GatewaySession(self, next(self._session_numbers), **keywords)
+        return GatewaySession(self, next(self._session_numbers), **options)
 
     def link_for(self, session: "GatewaySession", principal: Principal) -> Link:
         """The link (instance) a session's traffic goes to, by isolation."""
@@ -194,69 +198,32 @@ class _Call(CallContext):
 
 
 @implementer(IMCPSession, IDownstream)
-class GatewaySession:
+class GatewaySession(ConversationState):
     """
-    One downstream MCP conversation relayed to an upstream.
-
-    @ivar log_level: the level the client chose (C{None}: it did not, and
-        gets what the upstream sends).
-    @ivar subscriptions: the resource URIs this session subscribed to.
-    @ivar on_change: called with the session after each change of the state
-        a session record keeps (the handshake, the log level,
-        subscriptions), as L{smeldr_oauth.mcp.session.ServerSession} does.
+    One downstream MCP conversation relayed to an upstream.  Its
+    client-facing state (and C{on_change}, C{resume}) is
+    L{ConversationState}'s, as for the native
+    L{smeldr_oauth.mcp.session.ServerSession}; the log level is C{None}
+    until the client chooses one (it gets what the upstream sends).
     """
 
-    def __init__(
-        self,
-        gateway: Gateway,
-        number: int,
-        *,
-        session_id: Optional[str] = None,
-        default_outlet: Optional[Outlet] = None,
-        request_timeout: float = 300.0,
-        modern_only: bool = False,
-        delivery: Optional[ISessionDelivery] = None,
-        on_change: Optional[Callable[["GatewaySession"], None]] = None,
-    ) -> None:
+    _in_flight: dict[Any, tuple[Deferred, _Call]]
+    _pending: dict[str, Deferred]
+
+    def __init__(self, gateway: Gateway, number: int, **options: Unpack[SessionOptions]) -> None:
         """
         @param number: this session's number in its gateway (the key of
             its own instance under per-session isolation).
-        @param delivery: routes the client's answers to server-to-client
-            requests (they may reach another process holding the same
-            session); C{None}: they come back to this object.
         """
+        super().__init__(gateway.clock, **options)
         self.gateway = gateway
-        self.clock = gateway.clock
         self.number = number
-        self.session_id = session_id
-        self.default_outlet = default_outlet
-        self.request_timeout = request_timeout
-        self.modern_only = modern_only
-        self.state = "new"
-        self.protocol_version: Optional[str] = None
-        self.client_capabilities: dict[str, Any] = {}
-        self.client_info: dict[str, Any] = {}
-        self.log_level: Optional[str] = None
-        self.subscriptions: set[str] = set()
         self.link: Optional[Link] = None
         #: The subject whose instance this session uses (set on first use).
         self.subject: Optional[str] = None
-        self._in_flight: dict[Any, tuple[Deferred, _Call]] = {}
-        self._pending: dict[str, Deferred] = {}
-        self._next_id = 0
-        self._delivery = delivery if session_id is not None else None
-        self.on_change = on_change
         self._resubscribe = False
 
     # -- IMCPSession -------------------------------------------------------------
-
-    @property
-    def initialized(self) -> bool:
-        return self.state in ("initialized", "ready")
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._in_flight)
 
     @property
     def allows_batch(self) -> bool:
@@ -279,12 +246,7 @@ class GatewaySession:
             call = self._prepare(message, principal, outlet)
             missing = self.missing_scopes(message, principal)
             if missing:
-                log.info(
-                    "Gateway call refused: {subject} via {client_id} lacks scopes {scopes}",
-                    subject=principal.subject,
-                    client_id=principal.client_id,
-                    scopes=" ".join(missing),
-                )
+                log_scope_refusal("Gateway call", principal, missing)
                 raise InsufficientScope(missing)
         except JSONRPCError as error:
             return succeed(jsonrpc.error_response(message.id, error))
@@ -331,32 +293,14 @@ class GatewaySession:
         if self.link is not None:
             self.link.detach(self)
 
-    def resume(
-        self,
-        *,
-        protocol_version: Optional[str],
-        client_capabilities: dict[str, Any],
-        client_info: dict[str, Any],
-        log_level: Optional[str],
-        subscriptions: frozenset[str],
-    ) -> None:
+    def resume(self, **record: Any) -> None:
         """
-        Take up a session initialized elsewhere (another process) from its
-        record.  Its subscriptions are made again on the upstream instance
-        this process gives it, at its first request.
+        See L{ConversationState.resume}.  The subscriptions are made again
+        on the upstream instance this process gives the session, at its
+        first request.
         """
-        self.log_level = log_level
-        self.subscriptions = set(subscriptions)
-        self._resubscribe = bool(subscriptions)
-        if protocol_version is not None:
-            self.protocol_version = protocol_version
-            self.client_capabilities = dict(client_capabilities)
-            self.client_info = dict(client_info)
-            self.state = "ready"
-
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change(self)
+        super().resume(**record)
+        self._resubscribe = bool(self.subscriptions)
 
     # -- IDownstream (what the link calls) ----------------------------------------
 
@@ -441,8 +385,7 @@ class GatewaySession:
     def _notified(self, message: Notification, principal: Principal) -> None:
         method = message.method
         if method == "notifications/initialized":
-            if self.state == "initialized":
-                self.state = "ready"
+            self.client_initialized()
         elif method == "notifications/cancelled":
             request_id = message.params.get("requestId")
             entry = self._in_flight.get(request_id) if isinstance(request_id, (str, int)) else None
@@ -531,10 +474,7 @@ class GatewaySession:
         def answer(info: Any) -> dict[str, Any]:
             if self.state == "closed":
                 raise JSONRPCError(jsonrpc.REQUEST_CANCELLED, "Session ended")
-            self.state = "initialized"
-            self.protocol_version = version
-            self.client_capabilities = capabilities
-            self.client_info = client_info
+            self.initialized_as(version, capabilities, client_info)
             result: dict[str, Any] = {
                 "protocolVersion": version,
                 "capabilities": shape.capabilities(info.capabilities, modern=False),
@@ -542,7 +482,6 @@ class GatewaySession:
             }
             if info.instructions:
                 result["instructions"] = info.instructions
-            self._changed()
             log.info(
                 "Gateway session {session_id} initialized at {version} for {subject} (upstream {upstream} at {upstream_version})",
                 session_id=(self.session_id or "-")[:8],
@@ -569,8 +508,7 @@ class GatewaySession:
         level = params.get("level")
         if level not in LOG_LEVELS:
             raise jsonrpc.invalid_params("level must be one of " + ", ".join(LOG_LEVELS))
-        self.log_level = level
-        self._changed()
+        self.set_log_level(level)
         return self._attach(call).set_level().addCallback(lambda _: {})
 
     def _subscription(self, method: str, params: dict[str, Any], call: _Call) -> Deferred:
@@ -580,16 +518,14 @@ class GatewaySession:
         link = self._attach(call)
         if method == "resources/unsubscribe":
             if uri in self.subscriptions:
-                self.subscriptions.discard(uri)
-                self._changed()
+                self.unsubscribe(uri)
             return link.unsubscribe(self, uri, call.principal).addCallback(lambda _: {})
         if uri not in self.subscriptions and len(self.subscriptions) >= MAX_SUBSCRIPTIONS:
             raise JSONRPCError(jsonrpc.INVALID_REQUEST, "Too many subscriptions on this session")
 
         def joined(result: Any) -> dict[str, Any]:
             if uri not in self.subscriptions:
-                self.subscriptions.add(uri)
-                self._changed()
+                self.subscribe(uri)
             return {}
 
         return link.subscribe(self, uri, call.principal).addCallback(joined)

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from smeldr_oauth.db.errors import StoreUnavailable
 from smeldr_oauth.mcp.jsonrpc import Message
-from smeldr_oauth.mcp.calls import Principal
+from smeldr_oauth.mcp.calls import Principal, log_scope_refusal
 from smeldr_oauth.mcp.session import ServerSession
 from smeldr_oauth.oauth.interfaces import IAccessVerifier
 from smeldr_oauth.oauth.model import AccessInfo
@@ -245,10 +245,5 @@ class BearerAuth:
         for message in messages:
             needed = protocol.missing_scopes(message, principal)
             if needed:
-                log.info(
-                    "MCP request refused for insufficient scope: {subject} via {client_id} needs {scopes}",
-                    subject=principal.subject,
-                    client_id=principal.client_id,
-                    scopes=" ".join(needed),
-                )
+                log_scope_refusal("MCP request", principal, needed)
                 raise self.challenger.insufficient_scope(needed)

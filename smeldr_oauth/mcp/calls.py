@@ -9,11 +9,14 @@ Transports make principals and outlets; the session makes calls.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import attr
+from twisted.logger import Logger
 
 from smeldr_oauth.mcp.context import Context
+
+log = Logger()
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -72,3 +75,20 @@ class Call:
     progress_token: Any
     context: Optional[Context] = None
     cancelled: bool = False
+
+
+def log_scope_refusal(what: str, principal: Principal, needed: Sequence[str]) -> None:
+    """
+    Record that C{principal}'s token lacks a scope among C{needed}: a
+    security decision, logged in one format wherever it is made (the HTTP
+    front's 403, a gateway session's JSON-RPC error).
+
+    @param what: what was refused (C{"MCP request"}, C{"Gateway call"}).
+    """
+    log.info(
+        "{what} refused: {subject} via {client_id} lacks scopes {scopes}",
+        what=what,
+        subject=principal.subject,
+        client_id=principal.client_id,
+        scopes=" ".join(needed),
+    )

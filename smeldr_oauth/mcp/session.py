@@ -22,15 +22,14 @@ Two eras are served:
     subscriptions are gone.
 
 A session's state (version, capabilities, log level, subscriptions) can be
-read back (L{ServerSession.on_change} hears every change) and restored
-(L{ServerSession.resume}), so that a session record kept elsewhere can
+read back (C{on_change} hears every change) and restored (C{resume}):
+both are L{smeldr_oauth.mcp.conversation.ConversationState}'s, so that a session record kept elsewhere can
 rebuild the session in another process.
 """
 
 from __future__ import annotations
 
-import secrets
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -40,11 +39,15 @@ from twisted.python.failure import Failure
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.calls import Call, CallbackOutlet, Outlet, Principal
+from smeldr_oauth.mcp.conversation import ConversationState, SessionOptions
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message, Notification, Request, Response
 from smeldr_oauth.mcp.methods import METHODS, needed_scopes
 from smeldr_oauth.mcp.results import modern_envelope
-from smeldr_oauth.mcp.state.interfaces import ISessionDelivery
 from smeldr_oauth.mcp.versions import BATCH_VERSIONS, LATEST_SESSION_VERSION, check_envelope, is_modern_request
+
+if TYPE_CHECKING:
+    # typing has Unpack from Python 3.11; only the type checker needs it.
+    from typing_extensions import Unpack
 
 log = Logger()
 
@@ -76,83 +79,30 @@ def _handled(failure: Failure) -> None:
     return None
 
 
-class ServerSession:
+class ServerSession(ConversationState):
     """
     One MCP conversation.  For the session era, one instance lives as
     long as the C{Mcp-Session-Id}, SSE stream or stdio process; for the
-    stateless era a throwaway instance serves each request.
+    stateless era a throwaway instance serves each request.  Its state
+    (and C{on_change}, C{resume}) is L{ConversationState}'s; the log level
+    is C{info} until the client says otherwise.
 
-    @ivar log_level: the lowest level sent as C{notifications/message};
-        C{info} until the client says otherwise.
     @ivar default_outlet: where messages unrelated to any request go
         (list-changed and resource-updated notifications).
-    @ivar on_change: called with the session after each change of the
-        state a session record keeps (C{initialize}, C{logging/setLevel},
-        subscriptions).
     """
 
-    # A legacy SSE session idles behind its stream by the thousand: slots
-    # keep each one a few hundred bytes smaller.
-    __slots__ = (
-        "app",
-        "clock",
-        "session_id",
-        "default_outlet",
-        "request_timeout",
-        "modern_only",
-        "state",
-        "protocol_version",
-        "client_capabilities",
-        "client_info",
-        "log_level",
-        "subscriptions",
-        "on_change",
-        "_delivery",
-        "_in_flight",
-        "_pending",
-        "_next_id",
-        "__weakref__",
-    )
+    # The state's slots are ConversationState's: a legacy SSE session
+    # idles behind its stream by the thousand.
+    __slots__ = ("app", "__weakref__")
 
-    def __init__(
-        self,
-        app: MCPApp,
-        clock: IReactorTime,
-        *,
-        session_id: Optional[str] = None,
-        default_outlet: Optional[Outlet] = None,
-        request_timeout: float = 300.0,
-        modern_only: bool = False,
-        delivery: Optional[ISessionDelivery] = None,
-        on_change: Optional[Callable[["ServerSession"], None]] = None,
-    ) -> None:
-        """
-        @param delivery: routes the client's replies to server-to-client
-            requests (they may reach another process); C{None} (stdio, the
-            stateless exchange): replies come back to this object.
-        """
+    _in_flight: dict[Any, tuple[Deferred, Call]]
+    _pending: dict[str, tuple[Deferred, IDelayedCall]]
+
+    initial_log_level = "info"
+
+    def __init__(self, app: MCPApp, clock: IReactorTime, **options: Unpack[SessionOptions]) -> None:
+        super().__init__(clock, **options)
         self.app = app
-        self.clock = clock
-        self.session_id = session_id
-        self.default_outlet = default_outlet
-        self.request_timeout = request_timeout
-        self.modern_only = modern_only
-        self.state = "new"
-        self.protocol_version: Optional[str] = None
-        self.client_capabilities: dict[str, Any] = {}
-        self.client_info: dict[str, Any] = {}
-        self.log_level: Optional[str] = "info"
-        # Replaced, never mutated: the empty frozenset is shared by every
-        # session, and most sessions never subscribe.
-        self.subscriptions: frozenset[str] = frozenset()
-        self.on_change = on_change
-        self._delivery = delivery if session_id is not None else None
-        self._in_flight: dict[Any, tuple[Deferred, Call]] = {}
-        self._pending: dict[str, tuple[Deferred, IDelayedCall]] = {}
-        # Copies of one session in several processes each ask the client
-        # things: their request ids start at random points so that a reply
-        # names one request only.
-        self._next_id = secrets.randbelow(1 << 40) if delivery is not None else 0
 
     # -- transport-facing API ------------------------------------------------
 
@@ -160,18 +110,6 @@ class ServerSession:
     def allows_batch(self) -> bool:
         """JSON-RPC batches were part of MCP only in 2025-03-26."""
         return self.protocol_version in BATCH_VERSIONS
-
-    @property
-    def initialized(self) -> bool:
-        return self.state in ("initialized", "ready")
-
-    @property
-    def busy(self) -> bool:
-        """
-        Whether a request is still running (a transport must not end the
-        session to make room for another one while it does).
-        """
-        return bool(self._in_flight)
 
     def missing_scopes(self, message: Message, principal: Principal) -> Optional[tuple[str, ...]]:
         """
@@ -259,54 +197,8 @@ class ServerSession:
             self._stop_waiting(request_id, timeout)
             d.errback(JSONRPCError(jsonrpc.REQUEST_CANCELLED, "Session ended"))
 
-    def resume(
-        self,
-        *,
-        protocol_version: Optional[str],
-        client_capabilities: dict[str, Any],
-        client_info: dict[str, Any],
-        log_level: Optional[str],
-        subscriptions: frozenset[str],
-    ) -> None:
-        """
-        Take up a session that was initialized elsewhere (another process,
-        or before this object existed) from its recorded state.  A session
-        recorded before its C{initialize} finished stays new.
-        """
-        self.log_level = log_level
-        self.subscriptions = frozenset(subscriptions)
-        if protocol_version is not None:
-            self.protocol_version = protocol_version
-            self.client_capabilities = dict(client_capabilities)
-            self.client_info = dict(client_info)
-            self.state = "ready"
-            self.app.attach(self)
-
-    # -- state changes, made by the methods ----------------------------------
-
-    def initialized_as(self, version: str, capabilities: dict[str, Any], client_info: dict[str, Any]) -> None:
-        self.protocol_version = version
-        self.client_capabilities = capabilities
-        self.client_info = client_info
-        self.state = "initialized"
+    def _joined(self) -> None:
         self.app.attach(self)
-        self._changed()
-
-    def set_log_level(self, level: str) -> None:
-        self.log_level = level
-        self._changed()
-
-    def subscribe(self, uri: str) -> None:
-        self.subscriptions = self.subscriptions | {uri}
-        self._changed()
-
-    def unsubscribe(self, uri: str) -> None:
-        self.subscriptions = self.subscriptions - {uri}
-        self._changed()
-
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change(self)
 
     # -- used by Context and MCPApp ------------------------------------------
 
@@ -413,8 +305,7 @@ class ServerSession:
 
     def _handle_notification(self, message: Notification) -> None:
         if message.method == "notifications/initialized":
-            if self.state == "initialized":
-                self.state = "ready"
+            self.client_initialized()
         elif message.method == "notifications/cancelled":
             request_id = message.params.get("requestId")
             if isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
