@@ -368,6 +368,8 @@ class CompactedOverAChannelTests(SynchronousTestCase):
         site = Site(Leaf())
         site.log = lambda request: self.lines.append(combinedLogFormatter("now", request))  # type: ignore[method-assign]
         self.channel = site.buildProtocol(None)
+        # The channel's idle timeout runs on the test's clock, not the reactor.
+        self.channel.callLater = clock.callLater  # type: ignore[union-attr]
         self.transport = StringTransport()
         self.channel.makeConnection(self.transport)
         self.streams = streams
