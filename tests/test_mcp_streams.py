@@ -331,3 +331,86 @@ class SheddingTests(SynchronousTestCase):
         _shed(request)
         self.assertEqual(request.requestHeaders.getRawHeaders(b"authorization"), [b"Bearer secret-token"])
         self.assertIsNotNone(request.content)
+
+
+class CompactedOverAChannelTests(SynchronousTestCase):
+    """
+    A stream's request and channel get small attribute tables once its
+    headers are sent (L{smeldr_oauth.mcp.streams._compact}), over a real
+    twisted.web channel: the stream still writes, ends with its access-log
+    line, and the connection then serves its next request.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.testing import StringTransport
+        from twisted.web.resource import Resource
+        from twisted.web.server import NOT_DONE_YET, Site
+
+        streams: list[SSEStream] = []
+        clock = Clock()
+
+        class Leaf(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Request) -> object:
+                if request.path == b"/plain":
+                    return b"plain"
+                stream = SSEStream(request, clock, keepalive_interval=None)
+                streams.append(stream)
+                # What the route does: finish on `done`, cancel it when
+                # the client leaves.
+                stream.done.addCallback(lambda _: request.finish())
+                request.notifyFinish().addErrback(lambda _: stream.done.cancel())
+                stream.start()
+                return NOT_DONE_YET
+
+        self.lines: list[str] = []
+        site = Site(Leaf())
+        site.log = lambda request: self.lines.append(combinedLogFormatter("now", request))  # type: ignore[method-assign]
+        self.channel = site.buildProtocol(None)
+        # The channel's idle timeout runs on the test's clock, not the reactor.
+        self.channel.callLater = clock.callLater  # type: ignore[union-attr]
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+        self.streams = streams
+
+    def test_compacted(self) -> None:
+        from smeldr_oauth.mcp.streams import _DONE_WITH
+
+        self.channel.dataReceived(
+            b"GET /mcp?x=1 HTTP/1.1\r\nHost: example.com\r\nUser-Agent: claude-user\r\nCookie: a=b\r\n\r\n"
+        )
+        [stream] = self.streams
+        request = stream._request
+        kept = vars(request)
+        self.assertEqual([name for name, value in kept.items() if getattr(type(request), name, object()) is value], [])
+        # Small tables (464 bytes up to 21 names, 1,584 from 43 on).
+        self.assertLessEqual(len(kept), 21)
+        self.assertLessEqual(len(vars(request.channel)), 21)  # type: ignore[attr-defined]
+        self.assertEqual(sorted(_DONE_WITH & set(vars(request))), [])
+        self.transport.clear()
+        stream.send("still", event="message")
+        self.assertIn(b"event: message\ndata: still\n\n", self.transport.value())
+        stream.close()
+        self.assertTrue(self.transport.value().endswith(b"0\r\n\r\n"))
+        self.assertEqual(len(self.lines), 1)
+        self.assertIn('"GET /mcp?x=1 HTTP/1.1" 200', self.lines[0])
+        self.assertTrue(self.lines[0].endswith('"-" "claude-user"'), self.lines[0])
+        # The same connection answers its next request.
+        self.transport.clear()
+        self.channel.dataReceived(b"GET /plain HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 OK"), self.transport.value())
+        self.assertTrue(self.transport.value().endswith(b"plain"))
+        self.assertEqual(len(self.lines), 2)
+
+    def test_client_gone(self) -> None:
+        """A client that leaves ends the stream as before."""
+        from twisted.python.failure import Failure
+        from twisted.internet.error import ConnectionDone
+
+        self.channel.dataReceived(b"GET /mcp HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        [stream] = self.streams
+        stream.done.addErrback(lambda _: None)
+        self.assertFalse(stream.closed)
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(stream.closed)

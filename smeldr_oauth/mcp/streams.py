@@ -64,13 +64,35 @@ _KEPT_REQUEST_HEADERS = (b"referer", b"user-agent", b"x-forwarded-for")
 _KEPT_RESPONSE_HEADERS = (b"content-type",)
 
 
+#: A streaming request's attributes that nothing reads once its headers
+#: are sent: the parsed query and cookies, the cookies it answered with,
+#: where routing stood, the form-parsing switch, and the body limit
+#: (the body is read).  What the end of the response and the access log
+#: read (the channel, method, URI, protocol, path, client address, code,
+#: length sent, notifications, producer) stays.
+_DONE_WITH = frozenset(
+    {
+        "args",
+        "received_cookies",
+        "cookies",
+        "prepath",
+        "postpath",
+        "sitepath",
+        "_parsePOSTFormSubmission",
+        "max_body",
+    }
+)
+
+
 def _shed(request: object) -> None:
     """
     Let go of what an open stream's request no longer needs: the headers
     it was routed and authorized by (each a list in a dict, ten or more of
     them: about 1.5 KiB and twenty objects the garbage collector walks, per
-    idle stream), the response headers already sent, and the empty body.
-    Only a twisted.web request is touched (a test's fake keeps its own).
+    idle stream), the response headers already sent, the empty body; then
+    repack the attribute tables of the request and its channel
+    (L{_compact}).  Only a twisted.web request is touched (a test's fake
+    keeps its own).
     """
     if not _is_twisted_web(request) or not getattr(request, "startedWriting", False):
         return
@@ -83,6 +105,37 @@ def _shed(request: object) -> None:
         # there was none; twisted.web closes a present one at the end.
         web.content = None
         content.close()
+    _compact(web, _DONE_WITH)
+    _compact(web.channel)
+
+
+_MISSING = object()
+
+
+def _compact(obj: object, done_with: frozenset[str] = frozenset()) -> None:
+    """
+    Give C{obj} a new attribute dictionary holding only what it still
+    needs: not the names in C{done_with}, nor the attributes that are the
+    very object their class already has (twisted.web resets parser state
+    to its class defaults, which the class still answers).
+
+    Why: CPython shares one key table among a class's instances up to 30
+    names; twisted.web's requests and channels set more than that over
+    all the requests a server sees, so the attribute a stream sets last
+    (the producer, at C{registerProducer}) turns each one's dictionary
+    into one of its own, sized for 42 entries: 1.5 KiB each, per idle
+    stream, twice.  Repacked without what is done with, each holds about
+    20 and takes 464 bytes (tracemalloc, C{docs/performance.md}).
+    """
+    cls = type(obj)
+    attributes = getattr(obj, "__dict__", None)
+    if attributes is None:
+        return
+    obj.__dict__ = {
+        name: value
+        for name, value in attributes.items()
+        if name not in done_with and getattr(cls, name, _MISSING) is not value
+    }
 
 
 def _is_twisted_web(request: object) -> bool:

@@ -253,6 +253,11 @@ class DirectRoute(Resource):
         # One notification, plain functions: an open stream holds these for
         # as long as it is open.
         request.notifyFinish().addBoth(_ended, over, d)  # type: ignore[attr-defined]
+        if not d.called:
+            # Answered later (a stream, a call still running): one
+            # callback, which an idle stream holds for as long as it is open.
+            d.addBoth(_settle, request, over)
+            return NOT_DONE_YET
         answer: list[Any] = []
         d.addErrback(_failed, request, over).addBoth(answer.append)
         if answer and isinstance(answer[0], bytes) and not over and not getattr(request, "startedWriting", False):
@@ -270,6 +275,11 @@ def _ended(result: Any, over: list[Any], d: Deferred[Any]) -> None:
 
 def _deliver_answer(_: Any, request: IRequest, answer: list[Any], over: list[Any]) -> None:
     _deliver(request, answer[0], over)
+
+
+def _settle(result: Any, request: IRequest, over: list[Any]) -> None:
+    """A later answer: what L{_failed} then L{_deliver_answer} do, in one callback."""
+    _deliver(request, _failed(result, request, over) if isinstance(result, Failure) else result, over)
 
 
 def _failed(failure: Failure, request: IRequest, over: list[Any]) -> Optional[bytes]:

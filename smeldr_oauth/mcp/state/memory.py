@@ -50,15 +50,21 @@ class MemorySessionStore:
     def admit(
         self, record: SessionRecord, limits: SessionLimits, is_idle: Callable[[SessionRecord], bool]
     ) -> "Deferred[list[SessionRecord]]":
-        def current(bucket: Optional[dict[str, None]]) -> list[SessionRecord]:
-            return [self._entries[s].current() for s in bucket or ()]
+        def current(bucket: Optional[dict[str, None]], cap: int) -> list[SessionRecord]:
+            # Below its cap a bucket makes no room whatever it holds, so
+            # its records are not built: one caller holding thousands of
+            # streams (a benchmark, a busy service account) would pay
+            # for all of them at every new session.
+            if bucket is None or len(bucket) < cap:
+                return []
+            return [self._entries[s].current() for s in bucket]
 
         try:
             removed = make_room(
                 record,
                 limits,
-                current(self._by_grant.get(record.grant_key)),
-                current(self._by_subject.get(record.subject)),
+                current(self._by_grant.get(record.grant_key), limits.per_grant),
+                current(self._by_subject.get(record.subject), limits.per_subject),
                 len(self._entries),
                 is_idle,
             )
