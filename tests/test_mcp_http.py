@@ -349,6 +349,22 @@ class StreamableHTTPTests(HTTPTestBase):
         self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
         self.assertEqual(json.loads(body)["result"]["content"], [{"type": "text", "text": "hi"}])
 
+    async def test_sse_only_client_gets_sse(self) -> None:
+        """
+        A client that accepts only C{text/event-stream} gets its answer as
+        an SSE event even when the call is answered at once.
+        """
+        session_id = await self.initialize()
+        code, headers, body = await self.request(
+            "POST",
+            body={"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}},
+            headers={"Mcp-Session-Id": session_id, "Accept": "text/event-stream"},
+        )
+        self.assertEqual(code, 200)
+        self.assertEqual(headers.getRawHeaders("content-type"), ["text/event-stream; charset=utf-8"])
+        events = [json.loads(line[6:]) for line in body.decode().splitlines() if line.startswith("data: ")]
+        self.assertEqual([(e["id"], e["result"]["content"]) for e in events], [(1, [{"type": "text", "text": "hi"}])])
+
     async def test_session_bound_to_subject_and_client(self) -> None:
         session_id = await self.initialize()
         ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}

@@ -189,11 +189,11 @@ class StreamableHTTP:
             credential=post.credential,
             headers=headers,
         )
-        d = exchange.run(requests, principal)
         if not post.json_ok:
-            # The client takes only SSE: commit to a stream at once.
+            # The client takes only SSE: commit to a stream before anything
+            # runs, so that even an answer ready at once goes on it.
             exchange.commit_to_stream()
-        return d
+        return exchange.run(requests, principal)
 
     # -- GET -----------------------------------------------------------------------
 
