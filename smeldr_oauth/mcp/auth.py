@@ -223,14 +223,6 @@ class BearerAuth:
     clock: IReactorTime
     audience: Optional[str] = None
 
-    def authenticate(self, request: Any) -> "Deferred[Credential]":
-        """
-        @return: a L{Deferred} firing with the request's L{Credential}, or
-            failing with L{AuthFailure}.
-        """
-        token = bearer_token(request.requestHeaders.getRawHeaders(b"authorization"), self.challenger)
-        return self.verify(token).addCallback(Credential, token)
-
     def credential(self, request: Any) -> "Credential | Deferred[Credential]":
         """
         L{authenticate}, but the L{Credential} itself when the verifier
@@ -254,6 +246,14 @@ class BearerAuth:
         if isinstance(info, Failure):
             _broken(info)  # raises the AuthFailure it makes of it
         return Credential(_checked(info, self.challenger, self.clock, self.audience), token)
+
+    def authenticate(self, request: Any) -> "Deferred[Credential]":
+        """
+        @return: a L{Deferred} firing with the request's L{Credential}, or
+            failing with L{AuthFailure}.
+        """
+        token = bearer_token(request.requestHeaders.getRawHeaders(b"authorization"), self.challenger)
+        return self.verify(token).addCallback(Credential, token)
 
     def verify(self, token: str) -> "Deferred[AccessInfo]":
         """See L{verify}."""
