@@ -337,17 +337,29 @@ class AuthTests(HTTPTestBase):
 
 
 class StreamableHTTPTests(HTTPTestBase):
+    _ECHO = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}}
+
     async def test_initialize_and_call(self) -> None:
         session_id = await self.initialize()
         self.assertGreaterEqual(len(session_id), 22)
         code, headers, body = await self.request(
-            "POST",
-            body={"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}},
-            headers={"Mcp-Session-Id": session_id, "MCP-Protocol-Version": "2025-06-18"},
+            "POST", body=self._ECHO, headers={"Mcp-Session-Id": session_id, "MCP-Protocol-Version": "2025-06-18"}
         )
         self.assertEqual(code, 200)
         self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
         self.assertEqual(json.loads(body)["result"]["content"], [{"type": "text", "text": "hi"}])
+
+    async def test_sse_only_client_gets_sse(self) -> None:
+        """
+        A client that accepts only C{text/event-stream} gets its answer as
+        an SSE event even when the call is answered at once.
+        """
+        session_id = await self.initialize()
+        sse_only = {"Mcp-Session-Id": session_id, "Accept": "text/event-stream"}
+        code, headers, body = await self.request("POST", body=self._ECHO, headers=sse_only)
+        self.assertEqual((code, headers.getRawHeaders("content-type")), (200, ["text/event-stream; charset=utf-8"]))
+        events = [json.loads(line[6:]) for line in body.decode().splitlines() if line.startswith("data: ")]
+        self.assertEqual([(e["id"], e["result"]["content"]) for e in events], [(1, [{"type": "text", "text": "hi"}])])
 
     async def test_session_bound_to_subject_and_client(self) -> None:
         session_id = await self.initialize()

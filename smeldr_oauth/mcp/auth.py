@@ -17,14 +17,14 @@ import re
 from typing import Any, Optional, Sequence
 
 import attr
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smeldr_oauth.db.errors import StoreUnavailable
 from smeldr_oauth.mcp.jsonrpc import Message
-from smeldr_oauth.mcp.calls import Principal, log_scope_refusal
+from smeldr_oauth.mcp.calls import Principal, log_scope_refusal, outcome_now
 from smeldr_oauth.mcp.session import ServerSession
 from smeldr_oauth.oauth.interfaces import IAccessVerifier
 from smeldr_oauth.oauth.model import AccessInfo
@@ -148,11 +148,12 @@ def verify(
     """
     # Plain functions with their arguments, not closures: this runs for
     # every MCP request.
-    return (
-        maybeDeferred(verifier.verify_access_token, token)
-        .addCallback(_checked, challenger, clock, audience)
-        .addErrback(_broken)
-    )
+    return _judged(maybeDeferred(verifier.verify_access_token, token), challenger, clock, audience)
+
+
+def _judged(d: Deferred, challenger: Challenger, clock: IReactorTime, audience: Optional[str]) -> Deferred:
+    """The verifier's answer C{d}, checked (L{_checked}) and its failures made refusals (L{_broken})."""
+    return d.addCallback(_checked, challenger, clock, audience).addErrback(_broken)
 
 
 def _checked(
@@ -221,6 +222,30 @@ class BearerAuth:
     challenger: Challenger
     clock: IReactorTime
     audience: Optional[str] = None
+
+    def credential(self, request: Any) -> "Credential | Deferred[Credential]":
+        """
+        L{authenticate}, but the L{Credential} itself when the verifier
+        answers at once (a token in its cache, as on every request after
+        a session's first): the same checks in the same order, without
+        the four L{Deferred} steps around an answer already known.
+
+        @raise AuthFailure: the token is refused (or, returned in the
+            L{Deferred}, when the verifier had to look it up).
+        """
+        token = bearer_token(request.requestHeaders.getRawHeaders(b"authorization"), self.challenger)
+        verifier = self.verifier
+        try:
+            d = verifier.verify_access_token(token)
+        except Exception:
+            d = fail()
+        known = outcome_now(d)
+        if not known:
+            return _judged(d, self.challenger, self.clock, self.audience).addCallback(Credential, token)
+        info = known[0]
+        if isinstance(info, Failure):
+            _broken(info)  # raises the AuthFailure it makes of it
+        return Credential(_checked(info, self.challenger, self.clock, self.audience), token)
 
     def authenticate(self, request: Any) -> "Deferred[Credential]":
         """

@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import attr
 from twisted.logger import Logger
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp.context import Context
 
@@ -92,3 +94,28 @@ def log_scope_refusal(what: str, principal: Principal, needed: Sequence[str]) ->
         client_id=principal.client_id,
         scopes=" ".join(needed),
     )
+
+
+def outcome_now(d: Deferred) -> list[Any]:
+    """
+    C{[result]} when C{d} has already fired (a failure is then taken out
+    of it: the caller answers it), else C{[]} (C{d} is left as it was).
+
+    Most MCP work is done by the time its L{Deferred} comes back (the
+    token from the verifier's cache, SQLite on the reactor thread): the
+    caller goes on at once instead of chaining another Deferred to it.
+    """
+    box: list[Any] = []
+    d.addBoth(_kept, box)
+    if box and isinstance(box[0], Failure):
+        d.addErrback(_handled)
+    return box
+
+
+def _kept(result: object, box: list[object]) -> object:
+    box.append(result)
+    return result
+
+
+def _handled(failure: Failure) -> None:
+    return None

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp, invoke
+from smeldr_oauth.mcp.calls import outcome_now
 from smeldr_oauth.mcp.context import LOG_LEVELS, Context, ToolError
 from smeldr_oauth.mcp.jsonrpc import InsufficientScope, JSONRPCError, Message, Request
 from smeldr_oauth.mcp.results import error_result, prompt_result, resource_contents, tool_result
@@ -214,7 +215,7 @@ def _named(registry: dict[str, _T], kind: str, params: dict[str, Any], call: "Ca
     return found
 
 
-def tools_call(session: "ServerSession", params: dict[str, Any], call: "Call") -> Deferred:
+def tools_call(session: "ServerSession", params: dict[str, Any], call: "Call") -> Any:
     tool = _named(session.app.tools, "tool", params, call)
     arguments = params.get("arguments")
     if arguments is None:
@@ -230,41 +231,61 @@ def tools_call(session: "ServerSession", params: dict[str, Any], call: "Call") -
         raise jsonrpc.invalid_params(f"Invalid arguments: {problem}")
     ctx = context_for(session, call)
     d = invoke(tool.func, tool.signature, ctx, arguments)
+    settled = outcome_now(d)
+    if settled:
+        # The tool has answered already (SQLite on the reactor thread):
+        # the result itself, with no callbacks chained to a fired Deferred.
+        return _tool_called(settled[0], tool, call)
+    return d.addBoth(_tool_called, tool, call)
 
-    def done(value: object) -> dict[str, Any]:
-        return tool_result(tool, value, call.version)
 
-    def failed(failure: Failure) -> dict[str, Any]:
-        if failure.check(CancelledError) and call.cancelled:
-            failure.raiseException()
-        if failure.check(ToolError):
-            return error_result(str(failure.value) or "Tool error")
-        if failure.check(InsufficientScope):
-            failure.raiseException()
-        if failure.check(JSONRPCError):
-            return error_result(failure.value.message)
-        log.failure("Tool {tool} failed", failure, tool=tool.name)
-        return error_result("Tool execution failed")
+def _tool_called(result: object, tool: Any, call: "Call") -> dict[str, Any]:
+    """
+    The C{CallToolResult} of a tool that ended with C{result} (a value or
+    a L{Failure}), counted; raises what the caller must answer as a
+    JSON-RPC error (a cancellation, a step-up).
+    """
+    try:
+        answer = _tool_answer(result, tool, call)
+    except BaseException:
+        _count_call(tool, call, "error")
+        raise
+    _count_call(tool, call, "tool_error" if answer.get("isError") else "ok")
+    return answer
 
-    def counted(result: Any) -> Any:
-        outcome = "error" if isinstance(result, Failure) else ("tool_error" if result.get("isError") else "ok")
-        # A call that went well is routine: a debug event (still published,
-        # so the metrics count it), as token issues are; formatting an info
-        # line for each was a seventh of a tools/call's CPU.  Calls that
-        # failed stay at info.
-        (log.debug if outcome == "ok" else log.info)(
-            "tool {tool} called by {subject}: {outcome}",
-            tool=tool.name,
-            subject=call.principal.subject if call.principal is not None else None,
-            outcome=outcome,
-            smeldr_event="mcp_call",
-            client_id=call.principal.client_id if call.principal is not None else None,
-            grant_id=call.principal.grant_id if call.principal is not None else None,
-            version=call.version,
-        )
-        return result
 
-    return d.addCallbacks(done, failed).addBoth(counted)
+def _tool_answer(result: object, tool: Any, call: "Call") -> dict[str, Any]:
+    if not isinstance(result, Failure):
+        return tool_result(tool, result, call.version)
+    failure = result
+    if failure.check(CancelledError) and call.cancelled:
+        failure.raiseException()
+    if failure.check(ToolError):
+        return error_result(str(failure.value) or "Tool error")
+    if failure.check(InsufficientScope):
+        failure.raiseException()
+    if failure.check(JSONRPCError):
+        return error_result(failure.value.message)  # type: ignore[union-attr]
+    log.failure("Tool {tool} failed", failure, tool=tool.name)
+    return error_result("Tool execution failed")
+
+
+def _count_call(tool: Any, call: "Call", outcome: str) -> None:
+    # A call that went well is routine: a debug event (still published,
+    # so the metrics count it), as token issues are; formatting an info
+    # line for each was a seventh of a tools/call's CPU.  Calls that
+    # failed stay at info.
+    principal = call.principal
+    (log.debug if outcome == "ok" else log.info)(
+        "tool {tool} called by {subject}: {outcome}",
+        tool=tool.name,
+        subject=principal.subject if principal is not None else None,
+        outcome=outcome,
+        smeldr_event="mcp_call",
+        client_id=principal.client_id if principal is not None else None,
+        grant_id=principal.grant_id if principal is not None else None,
+        version=call.version,
+    )
 
 
 def resources_list(session: "ServerSession", params: dict[str, Any], call: "Call") -> Deferred:

@@ -34,8 +34,12 @@ def to_jsonable(value: object) -> JSONValue:
     return json.loads(json.dumps(value, default=str))
 
 
+#: Built once: C{json.dumps} with options makes a new encoder per call.
+_TEXT_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
+
+
 def _dump(value: object) -> str:
-    return json.dumps(value, default=str, ensure_ascii=False)
+    return _TEXT_ENCODER.encode(value)
 
 
 def content_json(item: object, version: str) -> dict[str, JSONValue]:

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
-from smeldr_oauth.mcp.calls import Call, CallbackOutlet, Outlet, Principal
+from smeldr_oauth.mcp.calls import Call, CallbackOutlet, Outlet, Principal, outcome_now
 from smeldr_oauth.mcp.conversation import ConversationState, SessionOptions
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message, Notification, Request, Response
 from smeldr_oauth.mcp.methods import METHODS, needed_scopes
@@ -51,32 +51,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-__all__ = ["ServerSession", "Call", "CallbackOutlet", "Outlet", "Principal"]
-
-
-def outcome_now(d: Deferred) -> list[Any]:
-    """
-    C{[result]} when C{d} has already fired (a failure is then taken out
-    of it: the caller answers it), else C{[]} (C{d} is left as it was).
-
-    Most MCP work is done by the time its L{Deferred} comes back (the
-    token from the verifier's cache, SQLite on the reactor thread): the
-    caller goes on at once instead of chaining another Deferred to it.
-    """
-    box: list[Any] = []
-    d.addBoth(_kept, box)
-    if box and isinstance(box[0], Failure):
-        d.addErrback(_handled)
-    return box
-
-
-def _kept(result: object, box: list[object]) -> object:
-    box.append(result)
-    return result
-
-
-def _handled(failure: Failure) -> None:
-    return None
+__all__ = ["ServerSession", "Call", "CallbackOutlet", "Outlet", "Principal", "outcome_now"]
 
 
 class ServerSession(ConversationState):
@@ -147,11 +122,18 @@ class ServerSession(ConversationState):
             return succeed(jsonrpc.error_response(message.id, error))
         if message.id in self._in_flight:
             return succeed(jsonrpc.error_response(message.id, jsonrpc.invalid_request("Request id already in use")))
-        inner = self._dispatch(message, call)
+        try:
+            inner = self._dispatch(message, call)
+        except BaseException:
+            return succeed(self._response(message, call, Failure()))
+        if not isinstance(inner, Deferred):
+            # A method that answered with its value (most calls, SQLite on
+            # the reactor thread): no Deferred made and unwrapped again.
+            return succeed(self._response(message, call, inner))
         settled = outcome_now(inner)
         if settled:
-            # Answered at once (most calls): no second Deferred, nothing
-            # in flight to track.
+            # Answered at once: no second Deferred, nothing in flight to
+            # track.
             return succeed(self._response(message, call, settled[0]))
         self._in_flight[message.id] = (inner, call)
         outer: Deferred = Deferred()
@@ -362,8 +344,17 @@ class ServerSession(ConversationState):
             progress_token=progress,
         )
 
-    def _dispatch(self, message: Request, call: Call) -> Deferred:
+    def _dispatch(self, message: Request, call: Call) -> Any:
+        """
+        The method's answer: its value, or a L{Deferred} of it.
+
+        @raise JSONRPCError: (or anything the method raised.)
+        """
         handler = METHODS.get(message.method)
         if handler is None or (not call.modern and message.method == "server/discover"):
-            return fail(jsonrpc.method_not_found(message.method))
-        return maybeDeferred(handler, self, message.params, call)
+            raise jsonrpc.method_not_found(message.method)
+        result = handler(self, message.params, call)
+        if isinstance(result, (Deferred, dict)) or result is None:
+            return result
+        # What maybeDeferred made of anything else (a coroutine, a Failure).
+        return maybeDeferred(lambda: result)

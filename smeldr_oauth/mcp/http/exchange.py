@@ -80,9 +80,16 @@ class Exchange:
         self.result: Deferred = Deferred(self._cancelled)
         self.outlet = _PostOutlet(self)
         self._timer: Optional[IDelayedCall] = None
+        #: the JSON body, once answered without a stream.
+        self.body: Optional[bytes] = None
 
-    def run(self, requests: Sequence[Message], principal: Principal) -> Deferred:
-        """Dispatch C{requests}; return L{result}."""
+    def run(self, requests: Sequence[Message], principal: Principal) -> "bytes | Deferred[Any]":
+        """
+        Dispatch C{requests}; return the JSON body when every answer is
+        already there (most calls: the route then writes it with a
+        C{Content-Length}, no L{Deferred} chained to it on the way),
+        else L{result}.
+        """
         self.remaining = len(requests)
         if self.session is not None:
             self.session.add_exchange(self)
@@ -94,6 +101,8 @@ class Exchange:
             # a stream.  (A call answered at once, as most are, needs no
             # timer made and cancelled.)
             self._timer = options.clock.callLater(options.keepalive_interval, self.commit_to_stream)
+        if self.body is not None:
+            return self.body
         return self.result
 
     def related(self, message: dict[str, Any]) -> None:
@@ -150,7 +159,7 @@ class Exchange:
         if not self.responses:
             # Every request was cancelled: nothing to say.
             request.setResponseCode(202)
-            self.result.callback(b"")
+            self._answer(b"")
             return
         status = 200
         if not self.is_batch:
@@ -159,7 +168,11 @@ class Exchange:
                 request.setHeader(name.encode(), value.encode())
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json")
-        self.result.callback(jsonrpc.encode(self.responses if self.is_batch else self.responses[0]))
+        self._answer(jsonrpc.encode(self.responses if self.is_batch else self.responses[0]))
+
+    def _answer(self, body: bytes) -> None:
+        self.body = body
+        self.result.callback(body)
 
     def _stop_timer(self) -> None:
         if self._timer is not None and self._timer.active():

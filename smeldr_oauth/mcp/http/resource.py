@@ -27,10 +27,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.auth import AuthFailure, BearerAuth, Challenger, Credential
@@ -44,7 +43,6 @@ from smeldr_oauth.mcp.http.streamauth import StreamGuard
 from smeldr_oauth.mcp.state.interfaces import IEventLog, ISessionDelivery, ISessionStore
 from smeldr_oauth.mcp.state.memory import LocalDelivery, MemoryEventLog, MemorySessionStore
 from smeldr_oauth.mcp.state.records import SessionLimits
-from smeldr_oauth.mcp.session import outcome_now
 from smeldr_oauth.mcp.streams import StreamOptions
 from smeldr_oauth.oauth.urls import canonical_resource
 from smeldr_oauth.web.errors import JSONRPC
@@ -253,16 +251,13 @@ class MCPHTTP:
         instead of a second L{Deferred} chained to it, which an idle
         stream would hold for as long as it is open.
         """
-        d = maybeDeferred(self.auth.authenticate, request)
-        known = outcome_now(d)
-        if not known:
+        try:
+            outcome = self.auth.credential(request)
+        except AuthFailure as e:
+            raise from_auth_failure(e)
+        if isinstance(outcome, Deferred):
             # Still looking (a store look-up): wait for it.
-            return d.addCallback(then, *args).addErrback(refused)
-        outcome = known[0]
-        if isinstance(outcome, Failure):
-            if outcome.check(AuthFailure):
-                raise from_auth_failure(outcome.value)  # type: ignore[arg-type]
-            outcome.raiseException()
+            return outcome.addCallback(then, *args).addErrback(refused)
         try:
             result = then(outcome, *args)
         except AuthFailure as e:

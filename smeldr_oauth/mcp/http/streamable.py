@@ -125,14 +125,19 @@ class StreamableHTTP:
             return result
 
         try:
-            answer: Deferred = self._exchange(post, session, session.protocol, {"Mcp-Session-Id": session.session_id})
+            answer = self._exchange(post, session, session.protocol, {"Mcp-Session-Id": session.session_id})
         except BaseException:
             self.sessions.end(session)
             raise
-        # initialize is a request: the answer is always an exchange's.
-        # The client's next request may land on another process: the
-        # answer waits until the new session's state is in its record.
-        return self.sessions.when_saved(session, answer.addBoth(check_initialized))
+        # initialize is a request: the answer is always an exchange's
+        # (its body, or a Deferred of it).  The client's next request may
+        # land on another process: the answer waits until the new
+        # session's state is in its record.
+        if isinstance(answer, Deferred):
+            answer.addBoth(check_initialized)
+        else:
+            check_initialized(answer)
+        return self.sessions.when_saved(session, answer)
 
     def _stateless(self, post: "_Post") -> Any:
         if post.is_batch:
@@ -184,11 +189,11 @@ class StreamableHTTP:
             credential=post.credential,
             headers=headers,
         )
-        d = exchange.run(requests, principal)
         if not post.json_ok:
-            # The client takes only SSE: commit to a stream at once.
+            # The client takes only SSE: commit to a stream before anything
+            # runs, so that even an answer ready at once goes on it.
             exchange.commit_to_stream()
-        return d
+        return exchange.run(requests, principal)
 
     # -- GET -----------------------------------------------------------------------
 
