@@ -363,6 +363,29 @@ class DirectRouteTests(SynchronousTestCase):
         d.callback(b"later")
         self.assertEqual((request.written, request.finished), ([b"later"], 1))
 
+    def test_later_framed_by_length(self) -> None:
+        """
+        A body that comes later (a refresh, after its group commit) is
+        sent whole, with a C{Content-Length}, as one returned at once is:
+        not as a chunk and the closing chunk.
+        """
+        from twisted.web.server import NOT_DONE_YET, Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from smeldr_oauth.web.routes import DirectRoute
+
+        d: Deferred[bytes] = Deferred()
+        resource = DirectRoute(Route(path="/x", methods={"POST": lambda r: d}))
+        channel = DummyChannel()
+        request = Request(channel)
+        request.method, request.clientproto, request.uri, request.path = b"POST", b"HTTP/1.1", b"/x", b"/x"
+        self.assertIs(resource.render(request), NOT_DONE_YET)
+        d.callback(b"later")
+        head, _, body = channel.transport.written.getvalue().partition(b"\r\n\r\n")
+        self.assertEqual(body, b"later")
+        self.assertIn(b"\r\nContent-Length: 5", head)
+        self.assertNotIn(b"Transfer-Encoding", head)
+
     def test_later_error(self) -> None:
         d: Deferred[bytes] = Deferred()
         request, _ = self.render(lambda r: d)
