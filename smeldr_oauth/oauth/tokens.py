@@ -21,7 +21,7 @@ from smeldr_oauth.oauth.params import MAX_PARAM, TOKEN_PARAMS, Params, reject_re
 from smeldr_oauth.oauth.ratelimit import Limits, spend
 from smeldr_oauth.oauth.revocation import GrantEvents
 from smeldr_oauth.oauth.scopes import check_resource, parse_scopes
-from smeldr_oauth.oauth.secrets import hash_secret, new_secret
+from smeldr_oauth.oauth.secrets import hash_secret, new_secret, new_secrets
 from smeldr_oauth.oauth.text import loggable
 from smeldr_oauth.oauth.urls import canonical_resource
 
@@ -127,8 +127,12 @@ class Tokens:
 
     def _new_tokens(self, grant_id: str, scopes: tuple[str, ...], resource: str, refresh: bool, generation: int) -> tuple[str, Optional[str], AccessToken, Optional[RefreshToken]]:
         now = self._clock.seconds()
-        access = new_secret()
-        refresh_token = new_secret() if refresh else None
+        access: str
+        refresh_token: Optional[str]
+        if refresh:
+            access, refresh_token = new_secrets(2)
+        else:
+            access, refresh_token = new_secret(), None
         access_record = AccessToken(
             token_hash=hash_secret(access),
             grant_id=grant_id,
