@@ -90,6 +90,16 @@ class RouteTests(RoutesTestCase):
         self.assertEqual((head.status, head.body), (200, b""))
         self.assertEqual(self.calls, ["GET", "POST", "GET"])
 
+    def test_compact_json(self) -> None:
+        """
+        A JSON answer is compact (no space after a separator), with
+        anything outside ASCII escaped, and uncacheable.
+        """
+        self.app.route("/doc")(lambda request: json_response(request, {"a": [1, None], "b": "\u00e9"}))
+        answer = self.request("GET", "/doc")
+        self.assertEqual(answer.body, b'{"a":[1,null],"b":"\\u00e9"}')
+        self.assertEqual(answer.header("cache-control"), "no-store")
+
     def test_cors_on_every_answer(self) -> None:
         self.assertEqual(self.request("GET", "/api").header("access-control-allow-origin"), "*")
         self.assertEqual(self.request("PUT", "/api").header("access-control-allow-origin"), "*")
