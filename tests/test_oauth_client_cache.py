@@ -103,3 +103,18 @@ class ClientCacheTests(SynchronousTestCase):
         del self.store._clients["c1"]
         self.assertIsNone(self.resolve("c1"))
         self.assertEqual(self.store.lookups, 2)
+
+    def test_known(self) -> None:
+        """
+        C{known} answers from the cache alone: a client once resolved,
+        until its entry expires; never an unknown one.
+        """
+        clients = self.server.clients
+        self.successResultOf(self.store.save_client(make_client("c1")))
+        self.assertIsNone(clients.known("c1"))
+        self.resolve("c1")
+        self.assertEqual(clients.known("c1"), make_client("c1"))
+        self.assertIsNone(clients.known("nobody"))
+        self.clock.advance(CLIENT_CACHE_TTL)
+        self.assertIsNone(clients.known("c1"))
+        self.assertEqual(self.store.lookups, 1)

@@ -114,3 +114,58 @@ class RateLimiterTests(SynchronousTestCase):
         self.assertEqual([limiter.hit("a") for _ in range(3)], [True, True, False])
         self.clock.advance(5)
         self.assertEqual([limiter.hit("a") for _ in range(2)], [True, False])
+
+
+class SpendNowTests(SynchronousTestCase):
+    """
+    L{spend_now}: L{spend} decided at once for a limiter in memory, and
+    handed on as a L{Deferred} for any other.
+    """
+
+    def test_in_memory(self) -> None:
+        """
+        An in-memory limiter spends at once (nothing to await), then
+        refuses at once: L{RateLimited} with the retry time, logged as a
+        security event.
+        """
+        from twisted.logger import capturedLogs
+
+        from smeldr_oauth.oauth.errors import RateLimited
+        from smeldr_oauth.oauth.ratelimit import spend_now
+
+        limiter = RateLimiter(Clock(), 1, window=60.0)
+        self.assertIsNone(spend_now(limiter, "10.0.0.1", "token", "token request"))
+        with capturedLogs() as events:
+            refused = self.assertRaises(RateLimited, spend_now, limiter, "10.0.0.1", "token", "token request")
+        self.assertEqual(refused.retry_after, 60)
+        self.assertEqual([e.get("smeldr_event") for e in events], ["rate_limited"])
+        self.assertEqual(events[0]["endpoint"], "token")
+        # Another key has its own bucket.
+        self.assertIsNone(spend_now(limiter, "10.0.0.2", "token", "token request"))
+
+    def test_answers_later(self) -> None:
+        """
+        Any other limiter (a shared one) answers through L{spend}'s
+        L{Deferred}, refusals included.
+        """
+        from twisted.internet.defer import Deferred
+
+        from smeldr_oauth.oauth.errors import RateLimited
+        from smeldr_oauth.oauth.ratelimit import spend_now
+
+        answers: list[Deferred[object]] = []
+
+        class Later:
+            def take(self, key: str) -> Deferred[object]:
+                answers.append(Deferred())
+                return answers[-1]
+
+        d = spend_now(Later(), "k", "token", "token request")  # type: ignore[arg-type]
+        assert d is not None
+        self.assertNoResult(d)
+        answers[0].callback(None)
+        self.assertIsNone(self.successResultOf(d))
+        d = spend_now(Later(), "k", "token", "token request")  # type: ignore[arg-type]
+        assert d is not None
+        answers[1].callback(7)
+        self.assertEqual(self.failureResultOf(d, RateLimited).value.retry_after, 7)

@@ -90,6 +90,16 @@ class RouteTests(RoutesTestCase):
         self.assertEqual((head.status, head.body), (200, b""))
         self.assertEqual(self.calls, ["GET", "POST", "GET"])
 
+    def test_compact_json(self) -> None:
+        """
+        A JSON answer is compact (no space after a separator), with
+        anything outside ASCII escaped, and uncacheable.
+        """
+        self.app.route("/doc")(lambda request: json_response(request, {"a": [1, None], "b": "\u00e9"}))
+        answer = self.request("GET", "/doc")
+        self.assertEqual(answer.body, b'{"a":[1,null],"b":"\\u00e9"}')
+        self.assertEqual(answer.header("cache-control"), "no-store")
+
     def test_cors_on_every_answer(self) -> None:
         self.assertEqual(self.request("GET", "/api").header("access-control-allow-origin"), "*")
         self.assertEqual(self.request("PUT", "/api").header("access-control-allow-origin"), "*")
@@ -362,6 +372,29 @@ class DirectRouteTests(SynchronousTestCase):
         self.assertEqual(request.finished, 0)
         d.callback(b"later")
         self.assertEqual((request.written, request.finished), ([b"later"], 1))
+
+    def test_later_framed_by_length(self) -> None:
+        """
+        A body that comes later (a refresh, after its group commit) is
+        sent whole, with a C{Content-Length}, as one returned at once is:
+        not as a chunk and the closing chunk.
+        """
+        from twisted.web.server import NOT_DONE_YET, Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from smeldr_oauth.web.routes import DirectRoute
+
+        d: Deferred[bytes] = Deferred()
+        resource = DirectRoute(Route(path="/x", methods={"POST": lambda r: d}))
+        channel = DummyChannel()
+        request = Request(channel)
+        request.method, request.clientproto, request.uri, request.path = b"POST", b"HTTP/1.1", b"/x", b"/x"
+        self.assertIs(resource.render(request), NOT_DONE_YET)
+        d.callback(b"later")
+        head, _, body = channel.transport.written.getvalue().partition(b"\r\n\r\n")
+        self.assertEqual(body, b"later")
+        self.assertIn(b"\r\nContent-Length: 5", head)
+        self.assertNotIn(b"Transfer-Encoding", head)
 
     def test_later_error(self) -> None:
         d: Deferred[bytes] = Deferred()

@@ -98,6 +98,17 @@ class ClientResolver:
             return self._resolve_document(client_id, address)
         return self.store.get_client(client_id).addCallback(self._remember)
 
+    def known(self, client_id: str) -> Optional[Client]:
+        """
+        The registered client L{resolve} would answer from its cache, at
+        once, or C{None} (then ask L{resolve}): the token endpoint's client
+        without a L{Deferred} to make and await.
+        """
+        try:
+            return self._known[client_id]
+        except KeyError:
+            return None
+
     def _remember(self, client: Optional[Client]) -> Optional[Client]:
         if client is not None:
             self._known[client.client_id] = client
@@ -157,7 +168,9 @@ class ClientResolver:
             raise errors.invalid_client("client_id is required")
         if len(client_id) > MAX_PARAM:
             raise errors.invalid_client("unknown client")
-        client = await self.resolve(client_id)
+        client = self.known(client_id)
+        if client is None:
+            client = await self.resolve(client_id)
         if client is None:
             raise errors.invalid_client("unknown client")
         if client.client_secret_hash is not None:

@@ -77,6 +77,9 @@ def reject_repeated(params: Params, names: Iterable[str]) -> None:
     and 3.2: parameters MUST NOT be included more than once).  Parameters
     we do not know are ignored, as RFC 6749 section 3.1 requires.
     """
+    if all(len(values) == 1 for values in params.values()):
+        # The usual request: nothing repeated at all.
+        return
     for name in names:
         if len(params.get(name, [])) > 1:
             raise errors.invalid_request(f"parameter {name} is repeated")

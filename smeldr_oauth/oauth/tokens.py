@@ -18,10 +18,10 @@ from smeldr_oauth.oauth.clients import ClientResolver, presented_client
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.model import AccessInfo, AccessToken, AuthorizationCode, Grant, IssuedTokens, RefreshToken
 from smeldr_oauth.oauth.params import MAX_PARAM, TOKEN_PARAMS, Params, reject_repeated, single
-from smeldr_oauth.oauth.ratelimit import Limits, spend
+from smeldr_oauth.oauth.ratelimit import Limits, spend_now
 from smeldr_oauth.oauth.revocation import GrantEvents
 from smeldr_oauth.oauth.scopes import check_resource, parse_scopes
-from smeldr_oauth.oauth.secrets import hash_secret, new_secret
+from smeldr_oauth.oauth.secrets import hash_secret, new_secret, new_secrets
 from smeldr_oauth.oauth.text import loggable
 from smeldr_oauth.oauth.urls import canonical_resource
 
@@ -78,15 +78,21 @@ class Tokens:
             (so authentication need not read them again).
         @raise errors.RateLimited: either is used up.
         """
+        # In one process (SQLite) both limiters answer at once: nothing to
+        # await (spend_now).
         if address is not None:
-            await spend(self.limits.token_per_address, address, "token", "token request")
+            later = spend_now(self.limits.token_per_address, address, "token", "token request")
+            if later is not None:
+                await later
         try:
             presented: Optional[tuple[str, Optional[str]]] = presented_client(params, basic)
         except errors.OAuthError:
             return None
         assert presented is not None
         if presented[0]:
-            await spend(self.limits.token_per_client, presented[0][:MAX_PARAM], "token", "token request")
+            later = spend_now(self.limits.token_per_client, presented[0][:MAX_PARAM], "token", "token request")
+            if later is not None:
+                await later
         return presented
 
     async def token(
@@ -127,8 +133,12 @@ class Tokens:
 
     def _new_tokens(self, grant_id: str, scopes: tuple[str, ...], resource: str, refresh: bool, generation: int) -> tuple[str, Optional[str], AccessToken, Optional[RefreshToken]]:
         now = self._clock.seconds()
-        access = new_secret()
-        refresh_token = new_secret() if refresh else None
+        access: str
+        refresh_token: Optional[str]
+        if refresh:
+            access, refresh_token = new_secrets(2)
+        else:
+            access, refresh_token = new_secret(), None
         access_record = AccessToken(
             token_hash=hash_secret(access),
             grant_id=grant_id,

@@ -304,6 +304,11 @@ def _deliver(request: IRequest, body: Any, over: list[Any]) -> None:
     if over:
         return
     if body:
+        if not getattr(request, "startedWriting", True):
+            # The whole body is here, as when render returns it: framed
+            # by its length, not as one chunk plus the closing one (a
+            # refresh answers here, after its group commit).
+            request.setHeader(b"content-length", b"%d" % (len(body),))
         request.write(body)
     request.finish()
 
