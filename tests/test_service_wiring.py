@@ -151,7 +151,10 @@ class StandaloneServiceTests(SynchronousTestCase):
         """
         oauth = self.service.oauth
         self.assertGreater(oauth.config.access_cache_ttl, 1.0)
-        self.successResultOf(self.service.store.create_grant(make_grant("g1", created_at=self.now()), make_code("c1", "g1")))
+        consented = self.service.store.create_grant(make_grant("g1", created_at=self.now()), make_code("c1", "g1"))
+        # A consent shares the group commit: answered at the end of the turn.
+        self.clock.advance(0)
+        self.successResultOf(consented)
         token = "the-access-token"
         record = attr.evolve(
             access("ignored", now=self.now()),

@@ -148,9 +148,12 @@ INSERT INTO schema_version (lock, version) VALUES (0, 1);
 )
 
 
-def _refresh_scenario(store: Any, finish: Callable[[], None]) -> tuple[list[Any], list[Any]]:
+def _refresh_scenario(
+    store: Any, finish: Callable[[], None], settle: Callable[[], None] = lambda: None
+) -> tuple[list[Any], list[Any]]:
     """
-    Set up two grants, then make seven refreshes at once: a rotation, a
+    Set up two grants (then C{settle()}: a grouped consent commits at the
+    end of its turn), then make seven refreshes at once: a rotation, a
     replay of the token it just spent (grace), a rotation of the new
     token, an unknown token, one whose new access token's hash is already
     stored (a conflict: it fails), the same token again (rotated: the
@@ -163,6 +166,8 @@ def _refresh_scenario(store: Any, finish: Callable[[], None]) -> tuple[list[Any]
     assert isinstance(store, SQLStore)
     for grant in ("g1", "g2"):
         store.create_grant(make_grant(grant), make_code(f"{grant}-code", grant_id=grant))
+    settle()
+    for grant in ("g1", "g2"):
         store.add_tokens(grant, access(f"{grant}-a0"), refresh(f"{grant}-r0"))
 
     def redeem(presented: str, new: str, new_access: str, now: float) -> Any:
@@ -201,6 +206,72 @@ def _refresh_scenario(store: Any, finish: Callable[[], None]) -> tuple[list[Any]
     return outcomes, rows
 
 
+def _flow_scenario(
+    store: Any, finish: Callable[[], None], settle: Callable[[], None] = lambda: None
+) -> tuple[list[Any], list[Any]]:
+    """
+    Consent to four grants (then C{settle()}), then make, at once, two
+    more consents and eight code exchanges: a fresh code, the same code
+    again (a replay: its grant is revoked), an unknown code, a code whose
+    check refuses it (spent all the same), one whose access token's hash
+    is already stored (a conflict: nothing of it kept), the same code
+    again (exchanged: the failure left it unspent), an expired code; a new
+    grant, the same grant again (a conflict), and the new grant's code.
+    Then C{finish()}; the outcomes, and every row of the grants, codes and
+    tokens tables.
+    """
+    from smeldr_oauth.store.sql import SQLStore
+
+    assert isinstance(store, SQLStore)
+    for grant in ("g1", "g2", "g3", "g4"):
+        store.create_grant(make_grant(grant), make_code(f"{grant}-code", grant_id=grant))
+    settle()
+
+    def accept(code: Any) -> None:
+        pass
+
+    def refuse(code: Any) -> None:
+        raise ValueError("PKCE verifier does not match")
+
+    def exchange(code: str, token: str, now: float = T0 + 1, check: Callable[[Any], None] = accept) -> Any:
+        return store.exchange_code(h(code), now, check, access(token, now), refresh(f"{token}-r", now))
+
+    calls = [
+        exchange("g1-code", "a1"),
+        exchange("g1-code", "a1b"),
+        exchange("unknown", "ax"),
+        exchange("g2-code", "a2", check=refuse),
+        exchange("g3-code", "a1"),
+        exchange("g3-code", "a3"),
+        exchange("g4-code", "a4", now=T0 + 3600),
+        store.create_grant(make_grant("g5"), make_code("g5-code", grant_id="g5")),
+        store.create_grant(make_grant("g5"), make_code("g5-other", grant_id="g5")),
+        exchange("g5-code", "a5"),
+    ]
+    finish()
+    outcomes: list[Any] = []
+    for d in calls:
+        box: list[Any] = []
+        d.addBoth(box.append)
+        if isinstance(box[0], Failure):
+            outcomes.append(box[0].type)
+        elif box[0] is None:
+            outcomes.append(None)
+        else:
+            outcomes.append((box[0].status, box[0].grant))
+
+    def dump(txn: Any) -> list[Any]:
+        return [
+            tuple(row)
+            for table in ("grants", "codes", "access_tokens", "refresh_tokens")
+            for row in txn.execute(f"SELECT * FROM {table} ORDER BY 1")
+        ]
+
+    rows: list[Any] = []
+    store.database.read(OAUTH_SCHEMA, dump).addCallback(rows.extend)
+    return outcomes, rows
+
+
 class GroupCommitTests(SynchronousTestCase):
     """
     Refreshes made in one reactor turn share one transaction (group
@@ -226,10 +297,58 @@ class GroupCommitTests(SynchronousTestCase):
             # The seven refreshes in one transaction.
             self.assertEqual(len(begins), before + 1)
 
-        got = _refresh_scenario(grouped, finish)
+        got = _refresh_scenario(grouped, finish, lambda: reactor.advance(0))
         self.assertEqual(
             [o if isinstance(o, type) else o[0] for o in expected[0]],
             ["rotated", "grace", "rotated", "unknown", StoreConflict, "rotated", "reused"],
+        )
+        self.assertEqual(got, expected)
+
+    def test_consents_and_exchanges_as_alone(self) -> None:
+        """
+        Consents and code exchanges made in one reactor turn share one
+        transaction too, each outcome (a replay's revocation, a refused
+        check's spend, a conflict's rollback) exactly what it is alone.
+        """
+        alone = sql_module.SQLStore(open_database(self.mktemp() + ".db", InlineReactor(), threads=0))
+        self.addCleanup(alone.close)
+        expected = _flow_scenario(alone, lambda: None)
+
+        reactor = InlineReactor()
+        database = open_database(self.mktemp() + ".db", reactor, threads=0, group_commit=True)
+        grouped = sql_module.SQLStore(database)
+        self.addCleanup(grouped.close)
+        begins: list[None] = []
+        begin = database.engine.begin
+        self.patch(database.engine, "begin", lambda txn: (begins.append(None), begin(txn)))
+
+        def settle() -> None:
+            # The four consents: nothing committed (nothing answered)
+            # before the turn ends, then one transaction.
+            self.assertEqual(begins, [])
+            reactor.advance(0)
+            self.assertEqual(len(begins), 1)
+
+        def finish() -> None:
+            reactor.advance(0)
+            # The ten calls in one transaction.
+            self.assertEqual(len(begins), 2)
+
+        got = _flow_scenario(grouped, finish, settle)
+        self.assertEqual(
+            [o if isinstance(o, type) or o is None else o[0] for o in expected[0]],
+            [
+                "ok",
+                "replayed",
+                "unknown",
+                ValueError,
+                StoreConflict,
+                "ok",
+                "expired",
+                None,
+                StoreConflict,
+                "ok",
+            ],
         )
         self.assertEqual(got, expected)
 

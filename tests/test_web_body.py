@@ -7,14 +7,15 @@ from __future__ import annotations
 
 from io import BytesIO
 from typing import Any, Optional
+from urllib.parse import parse_qs
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from smeldr_oauth.web import errors
-from smeldr_oauth.web.body import FORM, JSON, read_body, read_form, read_json, read_query
+from smeldr_oauth.web.body import FORM, JSON, MAX_FIELDS, read_body, read_form, read_json, read_query
 
 
 def posted(body: bytes, content_type: Optional[bytes] = None, uri: bytes = b"/") -> Any:
@@ -64,6 +65,32 @@ class FormatTests(SynchronousTestCase):
     def test_form_too_many_fields(self) -> None:
         with self.assertRaises(errors.HTTPError):
             read_form(posted(b"&".join(b"a=1" for _ in range(101)), FORM.encode()))
+
+    @given(
+        st.one_of(
+            st.binary(max_size=200),
+            st.lists(st.sampled_from([b"a", b"b", b"=", b"&", b"+", b"%", b"%2", b"%C3", b"%A9", b"%ff", b"\xc3\xa9", b"%26", b"%3D"]), max_size=30).map(b"".join),
+            st.integers(MAX_FIELDS - 2, MAX_FIELDS + 1).map(lambda n: b"&".join(b"a=1" for _ in range(n))),
+        )
+    )
+    @example(b"a+b=c+d&e=%20&&f&g=h=i&%C3%A9=%2B")
+    def test_form_as_parse_qs(self, body: bytes) -> None:
+        """
+        The form parser answers what C{parse_qs} (blank values kept, at
+        most C{MAX_FIELDS} fields, strict UTF-8) answers, and refuses what
+        it refuses.
+        """
+        try:
+            expected: Any = parse_qs(
+                body.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_FIELDS, errors="strict"
+            )
+        except (UnicodeDecodeError, ValueError):
+            expected = 400
+        try:
+            got: Any = read_form(posted(body, FORM.encode()))
+        except errors.HTTPError as e:
+            got = e.status
+        self.assertEqual(got, expected)
 
     def test_query(self) -> None:
         self.assertEqual(read_query(posted(b"", uri=b"/x?a=%C3%A9&b")), {"a": ["\u00e9"], "b": [""]})

@@ -288,10 +288,23 @@ def with_query(base: str, params: list[tuple[str, str]]) -> str:
     # not fit (a fragment: never a registered redirect URI) takes
     # hyperlink's way; a test compares both on arbitrary input.
     prefix = _query_prefix(base)
-    added = "&".join(quote(name, safe="") + "=" + quote(value, safe="") for name, value in params)
+    added = "&".join(_quoted(name) + "=" + _quoted(value) for name, value in params)
     if prefix is None:
         return _hyperlink_with_query(base, params)
     return prefix + added
+
+
+#: Text that percent-encoding leaves as it is (RFC 3986's unreserved
+#: characters): the parameter names, and a code (base64url).
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+def _quoted(text: str) -> str:
+    """
+    C{quote(text, safe="")}, without its encoding and byte loop when
+    C{text} has nothing to encode (a third of C{with_query}'s time).
+    """
+    return text if _UNRESERVED.fullmatch(text) else quote(text, safe="")
 
 
 def _hyperlink_with_query(base: str, params: list[tuple[str, str]]) -> str:

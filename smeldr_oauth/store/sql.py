@@ -232,7 +232,9 @@ class SQLStore:
         return self._read(transactions.count_clients)
 
     def create_grant(self, grant: Grant, code: AuthorizationCode) -> "Deferred[None]":
-        return self._write(transactions.create_grant, grant, code)
+        # Consents of one reactor turn may share a transaction (group
+        # commit), as refreshes do: each insert's outcome as alone.
+        return self.database.write(self._schema, transactions.create_grant, grant, code, group=True)
 
     def consume_code(self, code_hash: str, now: float) -> "Deferred[CodeRedemption]":
         """
@@ -256,7 +258,12 @@ class SQLStore:
             redemption, refused = result
             return redemption if refused is None else refused
 
-        return self._write(transactions.exchange_code, code_hash, now, check, access, refresh).addCallback(outcome)
+        # Exchanges of one reactor turn may share a transaction (group
+        # commit): the spend, the checks and the tokens of each in its own
+        # savepoint, each outcome (a replay's revocation too) as alone.
+        return self.database.write(
+            self._schema, transactions.exchange_code, code_hash, now, check, access, refresh, group=True
+        ).addCallback(outcome)
 
     def add_tokens(
         self, grant_id: str, access: AccessToken, refresh: Optional[RefreshToken]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, Iterable, Union
-from urllib.parse import parse_qs
+from urllib.parse import unquote
 
 from twisted.web.iweb import IRequest
 
@@ -56,14 +56,33 @@ def read_body(request: IRequest, media_type: Union[str, Iterable[str], None], li
 
 
 def _parse_pairs(data: bytes, what: str) -> dict[str, list[str]]:
+    """
+    What C{urllib.parse.parse_qs} answers with blank values kept, at most
+    L{MAX_FIELDS} fields and strict UTF-8 (a test compares the two on
+    arbitrary bytes), without its general machinery: a consent and a code
+    exchange each parse a form, and C{parse_qs} was 1-2% of a flow.
+    """
     try:
-        return parse_qs(
-            data.decode("utf-8"),
-            keep_blank_values=True,
-            strict_parsing=False,
-            max_num_fields=MAX_FIELDS,
-            errors="strict",
-        )
+        text = data.decode("utf-8")
+        if not text:
+            return {}
+        if text.count("&") >= MAX_FIELDS:
+            raise ValueError("too many fields")
+        pairs: dict[str, list[str]] = {}
+        for field in text.split("&"):
+            if not field:
+                continue
+            name, _, value = field.partition("=")
+            if "%" in name or "+" in name:
+                name = unquote(name.replace("+", " "), errors="strict")
+            if "%" in value or "+" in value:
+                value = unquote(value.replace("+", " "), errors="strict")
+            values = pairs.get(name)
+            if values is None:
+                pairs[name] = [value]
+            else:
+                values.append(value)
+        return pairs
     except (UnicodeDecodeError, ValueError):
         raise errors.bad_request(f"the {what} is not valid")
 
