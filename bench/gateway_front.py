@@ -12,8 +12,22 @@ no access log) runs in another, and a bare asyncio HTTP client
   - C{--connections} connections (each its own MCP session) for
     C{--seconds}: calls per second direct and through the gateway, and
     the ratio;
+  - the CPU each process spent per call in that phase (from C{/proc}):
+    the upstream alone (direct), the front and the upstream (through the
+    gateway), and the load generator; and the CPU ratio, the upstream's
+    CPU per direct call over the front's plus the upstream's per relayed
+    call;
   - the front's resident memory per idle session (C{--idle-sessions}
     initialized, never called; each has its own upstream session here).
+
+Why the CPU ratio: the front, the upstream and this generator share the
+machine's cores (two on the shared box).  When they are busy, the
+throughput ratio is roughly the share of the cores each setup gets (and on
+a box loaded by others, the scheduler's fair share per process: a setup
+with one more process gets more of the box), not what the gateway costs.
+CPU per call does not depend on who else runs; the CPU ratio is the
+throughput ratio the two setups would have on cores of their own that the
+generator does not share.
 
 Usage: python -m bench.gateway_front [--calls N] [--connections N] [--seconds S] [--idle-sessions N] [--json]
 
@@ -164,12 +178,26 @@ async def idle_sessions(port: int, pid: int, count: int) -> float:
     return (after - before) * 1024 / count
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds a process has used (Linux C{/proc})."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-async def measure(port: int, calls: int, connections: int, seconds: float) -> dict[str, Any]:
+async def measure(
+    port: int, calls: int, connections: int, seconds: float, processes: dict[str, int]
+) -> dict[str, Any]:
+    """
+    p50/p99 at one connection, then calls per second at C{connections},
+    and in that phase the CPU milliseconds per call of each of
+    C{processes} (name to pid) and of this generator.
+    """
     one = await Session.open(port)
     for _ in range(max(10, calls // 10)):
         await one.echo()
@@ -189,12 +217,21 @@ async def measure(port: int, calls: int, connections: int, seconds: float) -> di
             await session.echo()
             done += 1
 
+    cpu_before = {name: cpu_seconds(pid) for name, pid in processes.items()}
+    generator_before = time.process_time()
     began = time.monotonic()
     await asyncio.gather(*(loop(s) for s in sessions))
     elapsed = time.monotonic() - began
+    cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in processes.items()}
+    cpu["generator"] = time.process_time() - generator_before
     for s in sessions:
         s.conn.close()
-    return {"p50_ms": _percentile(latencies, 0.5), "p99_ms": _percentile(latencies, 0.99), "calls_per_second": done / elapsed}
+    return {
+        "p50_ms": _percentile(latencies, 0.5),
+        "p99_ms": _percentile(latencies, 0.99),
+        "calls_per_second": done / elapsed,
+        "cpu_ms_per_call": {name: used * 1000 / max(done, 1) for name, used in cpu.items()},
+    }
 
 
 def _everything() -> tuple[subprocess.Popen, int]:
@@ -238,8 +275,10 @@ def run(
         front, front_port = _spawn(
             [sys.executable, "-m", "bench.gateway_front", "--serve", f"http://127.0.0.1:{upstream_port}/mcp"]
         )
-        direct = asyncio.run(measure(upstream_port, calls, connections, seconds))
-        gateway = asyncio.run(measure(front_port, calls, connections, seconds))
+        direct = asyncio.run(measure(upstream_port, calls, connections, seconds, {"upstream": upstream.pid}))
+        gateway = asyncio.run(
+            measure(front_port, calls, connections, seconds, {"front": front.pid, "upstream": upstream.pid})
+        )
         if idle:
             gateway["bytes_per_idle_session"] = round(asyncio.run(idle_sessions(front_port, front.pid, idle)))
     finally:
@@ -257,6 +296,9 @@ def run(
         "gateway": gateway,
         "overhead_p50_ms": gateway["p50_ms"] - direct["p50_ms"],
         "throughput_ratio": gateway["calls_per_second"] / direct["calls_per_second"],
+        "cpu_ratio": direct["cpu_ms_per_call"]["upstream"]
+        / max(gateway["cpu_ms_per_call"]["front"] + gateway["cpu_ms_per_call"]["upstream"], 1e-9),
+        "load_average": os.getloadavg()[0],
     }
 
 
@@ -285,6 +327,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"  1 connection   direct p50 {d['p50_ms']:.3f} ms p99 {d['p99_ms']:.3f} ms")
     print(f"                 gateway p50 {g['p50_ms']:.3f} ms p99 {g['p99_ms']:.3f} ms  overhead p50 {result['overhead_p50_ms']:.3f} ms")
     print(f"  {result['connections']} connections direct {d['calls_per_second']:.0f} calls/s, gateway {g['calls_per_second']:.0f} calls/s  (ratio {result['throughput_ratio']:.2f})")
+    dc, gc = d["cpu_ms_per_call"], g["cpu_ms_per_call"]
+    print(
+        f"  CPU per call   direct: upstream {dc['upstream']:.2f} ms; gateway: front {gc['front']:.2f} + upstream"
+        f" {gc['upstream']:.2f} = {gc['front'] + gc['upstream']:.2f} ms  (CPU ratio {result['cpu_ratio']:.2f});"
+        f" generator {dc['generator']:.2f} / {gc['generator']:.2f} ms; load {result['load_average']:.1f}"
+    )
     if "bytes_per_idle_session" in g:
         print(f"  idle session in the front (its own upstream session each): {g['bytes_per_idle_session'] / 1024:.1f} KiB RSS")
     return 0
