@@ -11,7 +11,8 @@ no access log) runs in another, and a bare asyncio HTTP client
     the gateway, and the overhead;
   - C{--connections} connections (each its own MCP session) for
     C{--seconds}: calls per second direct and through the gateway, and
-    the ratio;
+    the ratio (the two sides take C{--rounds} turns each, alternating, so
+    that the box's load changing meanwhile falls on both);
   - the CPU each process spent per call in that phase (from C{/proc}):
     the upstream alone (direct), the front and the upstream (through the
     gateway), and the load generator; and the CPU ratio, the upstream's
@@ -29,7 +30,7 @@ CPU per call does not depend on who else runs; the CPU ratio is the
 throughput ratio the two setups would have on cores of their own that the
 generator does not share.
 
-Usage: python -m bench.gateway_front [--calls N] [--connections N] [--seconds S] [--idle-sessions N] [--json]
+Usage: python -m bench.gateway_front [--calls N] [--connections N] [--seconds S] [--rounds N] [--idle-sessions N] [--json]
 
 One run, one box: the numbers compare within the run.
 """
@@ -190,48 +191,78 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
+class Side:
+    """
+    One side of the comparison (direct or through the gateway): its port,
+    the processes whose CPU it spends, and what was measured on it.
+    """
+
+    def __init__(self, port: int, processes: dict[str, int]) -> None:
+        self.port = port
+        self.processes = processes
+        self.latencies: list[float] = []
+        self.done = 0
+        self.elapsed = 0.0
+        self.cpu = {name: 0.0 for name in [*processes, "generator"]}
+
+    async def latency(self, calls: int) -> None:
+        """C{calls} calls one at a time on one connection (after a warm-up)."""
+        one = await Session.open(self.port)
+        for _ in range(max(5, calls // 10)):
+            await one.echo()
+        for _ in range(calls):
+            began = time.perf_counter()
+            await one.echo()
+            self.latencies.append(time.perf_counter() - began)
+        one.conn.close()
+
+    async def throughput(self, sessions: list[Session], seconds: float) -> None:
+        """Every session calls for C{seconds}; count the calls and the CPU they took."""
+        deadline = time.monotonic() + seconds
+
+        async def loop(session: Session) -> None:
+            while time.monotonic() < deadline:
+                await session.echo()
+                self.done += 1
+
+        cpu_before = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
+        generator_before = time.process_time()
+        began = time.monotonic()
+        await asyncio.gather(*(loop(s) for s in sessions))
+        self.elapsed += time.monotonic() - began
+        self.cpu["generator"] += time.process_time() - generator_before
+        for name, pid in self.processes.items():
+            self.cpu[name] += cpu_seconds(pid) - cpu_before[name]
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "p50_ms": _percentile(self.latencies, 0.5),
+            "p99_ms": _percentile(self.latencies, 0.99),
+            "calls_per_second": self.done / self.elapsed,
+            "cpu_ms_per_call": {name: used * 1000 / max(self.done, 1) for name, used in self.cpu.items()},
+        }
+
+
 async def measure(
-    port: int, calls: int, connections: int, seconds: float, processes: dict[str, int]
-) -> dict[str, Any]:
+    direct: Side, gateway: Side, calls: int, connections: int, seconds: float, rounds: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """
-    p50/p99 at one connection, then calls per second at C{connections},
-    and in that phase the CPU milliseconds per call of each of
-    C{processes} (name to pid) and of this generator.
+    p50/p99 at one connection, then calls per second at C{connections}
+    (each its own session) and the CPU milliseconds per call of each
+    process, for both sides.  The sides take turns, C{rounds} times each,
+    so that a change in the box's load in the meantime falls on both.
     """
-    one = await Session.open(port)
-    for _ in range(max(10, calls // 10)):
-        await one.echo()
-    latencies = []
-    for _ in range(calls):
-        began = time.perf_counter()
-        await one.echo()
-        latencies.append(time.perf_counter() - began)
-    one.conn.close()
-    sessions = [await Session.open(port) for _ in range(connections)]
-    done = 0
-    deadline = time.monotonic() + seconds
-
-    async def loop(session: Session) -> None:
-        nonlocal done
-        while time.monotonic() < deadline:
-            await session.echo()
-            done += 1
-
-    cpu_before = {name: cpu_seconds(pid) for name, pid in processes.items()}
-    generator_before = time.process_time()
-    began = time.monotonic()
-    await asyncio.gather(*(loop(s) for s in sessions))
-    elapsed = time.monotonic() - began
-    cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in processes.items()}
-    cpu["generator"] = time.process_time() - generator_before
-    for s in sessions:
-        s.conn.close()
-    return {
-        "p50_ms": _percentile(latencies, 0.5),
-        "p99_ms": _percentile(latencies, 0.99),
-        "calls_per_second": done / elapsed,
-        "cpu_ms_per_call": {name: used * 1000 / max(done, 1) for name, used in cpu.items()},
-    }
+    for _ in range(rounds):
+        for side in (direct, gateway):
+            await side.latency(max(1, calls // rounds))
+    sessions = {side.port: [await Session.open(side.port) for _ in range(connections)] for side in (direct, gateway)}
+    for _ in range(rounds):
+        for side in (direct, gateway):
+            await side.throughput(sessions[side.port], seconds / rounds)
+    for opened in sessions.values():
+        for session in opened:
+            session.conn.close()
+    return direct.report(), gateway.report()
 
 
 def _everything() -> tuple[subprocess.Popen, int]:
@@ -264,7 +295,7 @@ def _everything() -> tuple[subprocess.Popen, int]:
 
 
 def run(
-    calls: int, connections: int, seconds: float, upstream_kind: str = "everything", idle: int = 0
+    calls: int, connections: int, seconds: float, upstream_kind: str = "everything", idle: int = 0, rounds: int = 3
 ) -> dict[str, Any]:
     if upstream_kind == "sdk":
         upstream, upstream_port = _spawn([sys.executable, SDK_SERVER, "--json-response"])
@@ -275,9 +306,15 @@ def run(
         front, front_port = _spawn(
             [sys.executable, "-m", "bench.gateway_front", "--serve", f"http://127.0.0.1:{upstream_port}/mcp"]
         )
-        direct = asyncio.run(measure(upstream_port, calls, connections, seconds, {"upstream": upstream.pid}))
-        gateway = asyncio.run(
-            measure(front_port, calls, connections, seconds, {"front": front.pid, "upstream": upstream.pid})
+        direct, gateway = asyncio.run(
+            measure(
+                Side(upstream_port, {"upstream": upstream.pid}),
+                Side(front_port, {"front": front.pid, "upstream": upstream.pid}),
+                calls,
+                connections,
+                seconds,
+                rounds,
+            )
         )
         if idle:
             gateway["bytes_per_idle_session"] = round(asyncio.run(idle_sessions(front_port, front.pid, idle)))
@@ -292,6 +329,7 @@ def run(
         )
         + " over Streamable HTTP, tools/call echo",
         "connections": connections,
+        "rounds": rounds,
         "direct": direct,
         "gateway": gateway,
         "overhead_p50_ms": gateway["p50_ms"] - direct["p50_ms"],
@@ -307,6 +345,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="turns each side takes, alternating (the seconds and calls are split)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--upstream", choices=["everything", "sdk"], default="everything")
     parser.add_argument(
@@ -318,7 +359,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.serve:
         serve(args.serve)
         return 0
-    result = run(args.calls, args.connections, args.seconds, args.upstream, args.idle_sessions)
+    result = run(args.calls, args.connections, args.seconds, args.upstream, args.idle_sessions, max(1, args.rounds))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
