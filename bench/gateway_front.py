@@ -1,10 +1,12 @@
 """
 The whole gateway over HTTP, against the same HTTP upstream called directly.
 
-An upstream MCP server built with the official Python SDK
-(C{tests/upstreams/sdk_server.py}, JSON answers) runs in its own process;
+An upstream MCP server (the official C{server-everything} over Streamable
+HTTP, or with C{--upstream sdk} one built with the official Python SDK,
+C{tests/upstreams/sdk_server.py}, JSON answers) runs in its own process;
 the front (C{MCPHTTP} with the gateway's sessions, bearer check included,
-no access log) runs in another, and a bare asyncio HTTP client
+no access log, the garbage collector settled as the server settles it)
+runs in another, and a bare asyncio HTTP client
 (L{bench.loadgen.Connection}) calls the C{echo} tool over Streamable HTTP:
 
   - one connection, one call at a time: p50 and p99 direct and through
@@ -72,6 +74,7 @@ def serve(upstream: str) -> None:
     from smeldr_oauth.mcp.http import MCPHTTP
     from smeldr_oauth.oauth.interfaces import IAccessVerifier
     from smeldr_oauth.oauth.model import AccessInfo
+    from smeldr_oauth.service.collector import settle
     from smeldr_oauth.web.site import SmeldrSite
 
     @implementer(IAccessVerifier)
@@ -104,6 +107,11 @@ def serve(upstream: str) -> None:
         max_sessions_per_subject=1000,
     )
     front.register(app, "/mcp")
+    # As the server does once it is up (smeldr_oauth.service.collector):
+    # start-up objects frozen out of the collector, a higher young-generation
+    # threshold.  Without it this front paid about 0.25 ms of garbage
+    # collection per call that the server does not (0.1 ms with it).
+    reactor.callWhenRunning(settle)  # type: ignore[attr-defined]
     print(f"PORT {port.getHost().port}", flush=True)
     reactor.run()  # type: ignore[attr-defined]
 
