@@ -1,21 +1,38 @@
 """
 The whole gateway over HTTP, against the same HTTP upstream called directly.
 
-An upstream MCP server built with the official Python SDK
-(C{tests/upstreams/sdk_server.py}, JSON answers) runs in its own process;
+An upstream MCP server (the official C{server-everything} over Streamable
+HTTP, or with C{--upstream sdk} one built with the official Python SDK,
+C{tests/upstreams/sdk_server.py}, JSON answers) runs in its own process;
 the front (C{MCPHTTP} with the gateway's sessions, bearer check included,
-no access log) runs in another, and a bare asyncio HTTP client
+no access log, the garbage collector settled as the server settles it)
+runs in another, and a bare asyncio HTTP client
 (L{bench.loadgen.Connection}) calls the C{echo} tool over Streamable HTTP:
 
   - one connection, one call at a time: p50 and p99 direct and through
     the gateway, and the overhead;
   - C{--connections} connections (each its own MCP session) for
     C{--seconds}: calls per second direct and through the gateway, and
-    the ratio;
+    the ratio (the two sides take C{--rounds} turns each, alternating, so
+    that the box's load changing meanwhile falls on both);
+  - the CPU each process spent per call in that phase (from C{/proc}):
+    the upstream alone (direct), the front and the upstream (through the
+    gateway), and the load generator; and the CPU ratio, the upstream's
+    CPU per direct call over the front's plus the upstream's per relayed
+    call;
   - the front's resident memory per idle session (C{--idle-sessions}
     initialized, never called; each has its own upstream session here).
 
-Usage: python -m bench.gateway_front [--calls N] [--connections N] [--seconds S] [--idle-sessions N] [--json]
+Why the CPU ratio: the front, the upstream and this generator share the
+machine's cores (two on the shared box).  When they are busy, the
+throughput ratio is roughly the share of the cores each setup gets (and on
+a box loaded by others, the scheduler's fair share per process: a setup
+with one more process gets more of the box), not what the gateway costs.
+CPU per call does not depend on who else runs; the CPU ratio is the
+throughput ratio the two setups would have on cores of their own that the
+generator does not share.
+
+Usage: python -m bench.gateway_front [--calls N] [--connections N] [--seconds S] [--rounds N] [--idle-sessions N] [--json]
 
 One run, one box: the numbers compare within the run.
 """
@@ -57,6 +74,7 @@ def serve(upstream: str) -> None:
     from smeldr_oauth.mcp.http import MCPHTTP
     from smeldr_oauth.oauth.interfaces import IAccessVerifier
     from smeldr_oauth.oauth.model import AccessInfo
+    from smeldr_oauth.service.collector import settle
     from smeldr_oauth.web.site import SmeldrSite
 
     @implementer(IAccessVerifier)
@@ -89,6 +107,11 @@ def serve(upstream: str) -> None:
         max_sessions_per_subject=1000,
     )
     front.register(app, "/mcp")
+    # As the server does once it is up (smeldr_oauth.service.collector):
+    # start-up objects frozen out of the collector, a higher young-generation
+    # threshold.  Without it this front paid about 0.25 ms of garbage
+    # collection per call that the server does not (0.1 ms with it).
+    reactor.callWhenRunning(settle)  # type: ignore[attr-defined]
     print(f"PORT {port.getHost().port}", flush=True)
     reactor.run()  # type: ignore[attr-defined]
 
@@ -164,37 +187,90 @@ async def idle_sessions(port: int, pid: int, count: int) -> float:
     return (after - before) * 1024 / count
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds a process has used (Linux C{/proc})."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-async def measure(port: int, calls: int, connections: int, seconds: float) -> dict[str, Any]:
-    one = await Session.open(port)
-    for _ in range(max(10, calls // 10)):
-        await one.echo()
-    latencies = []
-    for _ in range(calls):
-        began = time.perf_counter()
-        await one.echo()
-        latencies.append(time.perf_counter() - began)
-    one.conn.close()
-    sessions = [await Session.open(port) for _ in range(connections)]
-    done = 0
-    deadline = time.monotonic() + seconds
+class Side:
+    """
+    One side of the comparison (direct or through the gateway): its port,
+    the processes whose CPU it spends, and what was measured on it.
+    """
 
-    async def loop(session: Session) -> None:
-        nonlocal done
-        while time.monotonic() < deadline:
-            await session.echo()
-            done += 1
+    def __init__(self, port: int, processes: dict[str, int]) -> None:
+        self.port = port
+        self.processes = processes
+        self.latencies: list[float] = []
+        self.done = 0
+        self.elapsed = 0.0
+        self.cpu = {name: 0.0 for name in [*processes, "generator"]}
 
-    began = time.monotonic()
-    await asyncio.gather(*(loop(s) for s in sessions))
-    elapsed = time.monotonic() - began
-    for s in sessions:
-        s.conn.close()
-    return {"p50_ms": _percentile(latencies, 0.5), "p99_ms": _percentile(latencies, 0.99), "calls_per_second": done / elapsed}
+    async def latency(self, calls: int) -> None:
+        """C{calls} calls one at a time on one connection (after a warm-up)."""
+        one = await Session.open(self.port)
+        for _ in range(max(5, calls // 10)):
+            await one.echo()
+        for _ in range(calls):
+            began = time.perf_counter()
+            await one.echo()
+            self.latencies.append(time.perf_counter() - began)
+        one.conn.close()
+
+    async def throughput(self, sessions: list[Session], seconds: float) -> None:
+        """Every session calls for C{seconds}; count the calls and the CPU they took."""
+        deadline = time.monotonic() + seconds
+
+        async def loop(session: Session) -> None:
+            while time.monotonic() < deadline:
+                await session.echo()
+                self.done += 1
+
+        cpu_before = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
+        generator_before = time.process_time()
+        began = time.monotonic()
+        await asyncio.gather(*(loop(s) for s in sessions))
+        self.elapsed += time.monotonic() - began
+        self.cpu["generator"] += time.process_time() - generator_before
+        for name, pid in self.processes.items():
+            self.cpu[name] += cpu_seconds(pid) - cpu_before[name]
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "p50_ms": _percentile(self.latencies, 0.5),
+            "p99_ms": _percentile(self.latencies, 0.99),
+            "calls_per_second": self.done / self.elapsed,
+            "cpu_ms_per_call": {name: used * 1000 / max(self.done, 1) for name, used in self.cpu.items()},
+        }
+
+
+async def measure(
+    direct: Side, gateway: Side, calls: int, connections: int, seconds: float, rounds: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    p50/p99 at one connection, then calls per second at C{connections}
+    (each its own session) and the CPU milliseconds per call of each
+    process, for both sides.  The sides take turns, C{rounds} times each,
+    so that a change in the box's load in the meantime falls on both.
+    """
+    for _ in range(rounds):
+        for side in (direct, gateway):
+            await side.latency(max(1, calls // rounds))
+    sessions = {side.port: [await Session.open(side.port) for _ in range(connections)] for side in (direct, gateway)}
+    for _ in range(rounds):
+        for side in (direct, gateway):
+            await side.throughput(sessions[side.port], seconds / rounds)
+    for opened in sessions.values():
+        for session in opened:
+            session.conn.close()
+    return direct.report(), gateway.report()
 
 
 def _everything() -> tuple[subprocess.Popen, int]:
@@ -227,7 +303,7 @@ def _everything() -> tuple[subprocess.Popen, int]:
 
 
 def run(
-    calls: int, connections: int, seconds: float, upstream_kind: str = "everything", idle: int = 0
+    calls: int, connections: int, seconds: float, upstream_kind: str = "everything", idle: int = 0, rounds: int = 3
 ) -> dict[str, Any]:
     if upstream_kind == "sdk":
         upstream, upstream_port = _spawn([sys.executable, SDK_SERVER, "--json-response"])
@@ -238,8 +314,16 @@ def run(
         front, front_port = _spawn(
             [sys.executable, "-m", "bench.gateway_front", "--serve", f"http://127.0.0.1:{upstream_port}/mcp"]
         )
-        direct = asyncio.run(measure(upstream_port, calls, connections, seconds))
-        gateway = asyncio.run(measure(front_port, calls, connections, seconds))
+        direct, gateway = asyncio.run(
+            measure(
+                Side(upstream_port, {"upstream": upstream.pid}),
+                Side(front_port, {"front": front.pid, "upstream": upstream.pid}),
+                calls,
+                connections,
+                seconds,
+                rounds,
+            )
+        )
         if idle:
             gateway["bytes_per_idle_session"] = round(asyncio.run(idle_sessions(front_port, front.pid, idle)))
     finally:
@@ -253,10 +337,14 @@ def run(
         )
         + " over Streamable HTTP, tools/call echo",
         "connections": connections,
+        "rounds": rounds,
         "direct": direct,
         "gateway": gateway,
         "overhead_p50_ms": gateway["p50_ms"] - direct["p50_ms"],
         "throughput_ratio": gateway["calls_per_second"] / direct["calls_per_second"],
+        "cpu_ratio": direct["cpu_ms_per_call"]["upstream"]
+        / max(gateway["cpu_ms_per_call"]["front"] + gateway["cpu_ms_per_call"]["upstream"], 1e-9),
+        "load_average": os.getloadavg()[0],
     }
 
 
@@ -265,6 +353,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="turns each side takes, alternating (the seconds and calls are split)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--upstream", choices=["everything", "sdk"], default="everything")
     parser.add_argument(
@@ -276,7 +367,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.serve:
         serve(args.serve)
         return 0
-    result = run(args.calls, args.connections, args.seconds, args.upstream, args.idle_sessions)
+    result = run(args.calls, args.connections, args.seconds, args.upstream, args.idle_sessions, max(1, args.rounds))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -285,6 +376,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"  1 connection   direct p50 {d['p50_ms']:.3f} ms p99 {d['p99_ms']:.3f} ms")
     print(f"                 gateway p50 {g['p50_ms']:.3f} ms p99 {g['p99_ms']:.3f} ms  overhead p50 {result['overhead_p50_ms']:.3f} ms")
     print(f"  {result['connections']} connections direct {d['calls_per_second']:.0f} calls/s, gateway {g['calls_per_second']:.0f} calls/s  (ratio {result['throughput_ratio']:.2f})")
+    dc, gc = d["cpu_ms_per_call"], g["cpu_ms_per_call"]
+    print(
+        f"  CPU per call   direct: upstream {dc['upstream']:.2f} ms; gateway: front {gc['front']:.2f} + upstream"
+        f" {gc['upstream']:.2f} = {gc['front'] + gc['upstream']:.2f} ms  (CPU ratio {result['cpu_ratio']:.2f});"
+        f" generator {dc['generator']:.2f} / {gc['generator']:.2f} ms; load {result['load_average']:.1f}"
+    )
     if "bytes_per_idle_session" in g:
         print(f"  idle session in the front (its own upstream session each): {g['bytes_per_idle_session'] / 1024:.1f} KiB RSS")
     return 0

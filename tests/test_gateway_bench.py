@@ -57,3 +57,8 @@ class GatewayBenchSmokeTests(SynchronousTestCase):
             self.assertGreater(report[side]["calls_per_second"], 0)
         self.assertGreater(report["throughput_ratio"], 0)
         self.assertIn("bytes_per_idle_session", report["gateway"])
+        # CPU per call of each process in the throughput phase, and the ratio from them.
+        self.assertEqual(set(report["direct"]["cpu_ms_per_call"]), {"upstream", "generator"})
+        self.assertEqual(set(report["gateway"]["cpu_ms_per_call"]), {"front", "upstream", "generator"})
+        self.assertGreater(report["gateway"]["cpu_ms_per_call"]["front"], 0)
+        self.assertGreater(report["cpu_ratio"], 0)

@@ -6,6 +6,7 @@ what the upstream sends unasked.  On a L{Clock}, with in-process upstreams.
 
 from __future__ import annotations
 
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from smeldr_oauth.gateway import errors
@@ -184,6 +185,32 @@ class CrashTests(SynchronousTestCase):
         self.assertEqual(len(h.channels), 2)
         metrics = h.gateway.metrics
         self.assertEqual((metrics.crashes, metrics.restarts, metrics.started), (1, 1, 2))
+
+    def test_instance_events(self) -> None:
+        """
+        An instance's life is logged as events that name the upstream and
+        the process, each with its C{smeldr_event}.
+        """
+        h = Harness()
+        with capturedLogs() as events:
+            a, _ = h.session(ALICE)
+            h.channels[0].crash("its process was killed by signal 9")
+            self.successResultOf(h.call_tool(a, ALICE, "echo", {"text": "again"}))
+            self.successResultOf(h.gateway.stop())
+        lifecycle = [e for e in events if str(e.get("smeldr_event", "")).startswith("gateway_instance_")]
+        self.assertEqual(
+            [(e["smeldr_event"], e["log_level"].name, formatEvent(e)) for e in lifecycle],
+            [
+                ("gateway_instance_started", "info", "Upstream loop instance [None] ready at 2025-11-25"),
+                (
+                    "gateway_instance_crashed",
+                    "warn",
+                    "Upstream loop instance [None] ended: its process was killed by signal 9",
+                ),
+                ("gateway_instance_started", "info", "Upstream loop instance [None] ready at 2025-11-25"),
+                ("gateway_instance_stopped", "info", "Upstream loop instance [None] stopped: gateway shutting down"),
+            ],
+        )
 
     def test_backoff_after_quick_crashes(self) -> None:
         h = Harness(limits=Limits(restart_backoff=2, restart_backoff_max=5))

@@ -248,8 +248,12 @@ class FaultTests(RealUpstreamTestCase):
         gateway = self.misbehaving(max_message_bytes=65536)
         client = Downstream(gateway)
         await client.initialize()
-        answer = await client.tool("big", {"size": 200_000})
+        with capturedLogs() as events:
+            answer = await client.tool("big", {"size": 200_000})
         self.assertEqual(answer["error"]["data"], {"upstream": "up", "reason": "protocol"})
+        [event] = [e for e in events if e.get("smeldr_event") == "gateway_protocol_error"]
+        self.assertEqual((event["upstream"], event["limit"]), ("up", 65536))
+        self.assertIsInstance(event["pid"], int)
         self.assertIn("larger than 65536 bytes", answer["error"]["message"])
         self.assertEqual(text(await client.tool("big", {"size": 1000}))[:3], "xxx")
 

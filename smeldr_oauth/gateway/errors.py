@@ -7,11 +7,17 @@ L{from_upstream}); these are the ones that mean "the gateway could not get an
 answer": the upstream is not running, not answering, or refused more work.
 Their messages and data are safe to show a client: they never carry a
 command line, an environment value, a credential or the upstream's stderr.
+
+The log events about an instance (started, stopped, crashed, broke the
+protocol) are built here too, by L{instance_event}: the same rule, what
+the gateway says about an upstream, in one place.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
+
+from twisted.logger import Logger, LogLevel
 
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError
@@ -34,6 +40,22 @@ REASONS = frozenset(
         "http",  # an HTTP upstream answered with an error status or failed
     }
 )
+
+
+def instance_event(
+    logger: Logger, level: LogLevel, text: str, *, upstream: str, pid: Optional[int], event: str, **fields: Any
+) -> None:
+    """
+    Log an event about one upstream instance.  Every such event names its
+    upstream and its process (C{pid}; C{None} for an HTTP session), so the
+    lines of one instance can be followed, and carries its C{smeldr_event};
+    like the errors, never a credential, an environment value or a
+    command's arguments.
+
+    @param text: what happened, after C{"Upstream {upstream} instance
+        [{pid}] "}; C{{field}} formats name C{fields}.
+    """
+    logger.emit(level, "Upstream {upstream} instance [{pid}] " + text, upstream=upstream, pid=pid, smeldr_event=event, **fields)
 
 
 def unavailable(upstream: str, reason: str, detail: str) -> JSONRPCError:

@@ -60,7 +60,7 @@ from zope.interface import implementer
 from smeldr_oauth.gateway import errors
 from smeldr_oauth.gateway.config import UpstreamConfig
 from smeldr_oauth.gateway.interfaces import IChannelReceiver, IUpstreamChannel
-from smeldr_oauth.gateway.sse import SSEDecoder, SSETooLarge
+from smeldr_oauth.gateway.sse import Event, SSEDecoder, SSETooLarge
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Response
 
@@ -249,6 +249,15 @@ def _read(response: Any, chunk: Callable[[bytes], None], limit: Optional[int]) -
     return body, body.done
 
 
+def _drain(response: Any) -> Deferred:
+    """
+    Read and drop a body the channel does not use (an error page, a 202's
+    nothing), so the connection can go back to the pool; capped, so an
+    upstream cannot make the gateway read without end.
+    """
+    return _read(response, lambda _: None, _ERROR_BODY_MAX)[1]
+
+
 def _media_type(response: Any) -> str:
     values = response.headers.getRawHeaders(b"content-type") or [b""]
     return values[0].split(b";")[0].strip().lower().decode("latin-1")
@@ -353,7 +362,7 @@ class HTTPChannel:
         if self.mode == "streamable" and self.session_id is not None:
             # Tell the upstream the session is over; 405 (not supported) is fine.
             d = self._request("DELETE", self.url, self._headers(None))
-            d.addCallback(lambda response: _read(response, lambda _: None, _ERROR_BODY_MAX)[1])
+            d.addCallback(_drain)
             return d.addErrback(lambda _: None)
         return succeed(None)
 
@@ -452,16 +461,16 @@ class HTTPChannel:
                         upstream=self.config.name,
                         status=status,
                     )
-                    _read(response, lambda _: None, _ERROR_BODY_MAX)
+                    _drain(response)
                     self.mode = "legacy"
                     return self._open_legacy().addCallback(lambda _: self._post_legacy(message, identity))
                 self._take_session_id(response)
             if status == 404 and self.session_id is not None and not initialize:
-                _read(response, lambda _: None, _ERROR_BODY_MAX)
+                _drain(response)
                 self._lost("exited", "the upstream ended its HTTP session")
                 raise errors.unavailable(self.config.name, "exited", "the upstream ended its HTTP session")
             if request_id is None:
-                _read(response, lambda _: None, _ERROR_BODY_MAX)
+                _drain(response)
                 if status >= 300:
                     raise self._fail(f"it answered HTTP {status}")
                 return None
@@ -473,7 +482,7 @@ class HTTPChannel:
                 return self._post_stream(response, request_id, state)
             if media == "application/json":
                 return self._json_body(response, request_id, state)
-            _read(response, lambda _: None, _ERROR_BODY_MAX)
+            _drain(response)
             raise self._fail(f"it answered with {media or 'no content type'} instead of JSON or an event stream")
 
         def opened(outcome: Any) -> None:
@@ -573,7 +582,7 @@ class HTTPChannel:
 
         def opened(response: Any) -> Any:
             if response.code != 200 or _media_type(response) != "text/event-stream":
-                _read(response, lambda _: None, _ERROR_BODY_MAX)
+                _drain(response)
                 raise self._fail(f"resuming its stream failed (HTTP {response.code})")
             return self._post_stream(response, request_id, state, resumes)
 
@@ -598,28 +607,24 @@ class HTTPChannel:
         def opened(response: Any) -> Any:
             self._stream_request = None
             if response.code == 405:
-                _read(response, lambda _: None, _ERROR_BODY_MAX)
+                _drain(response)
                 log.debug("Upstream {upstream} offers no GET stream", upstream=self.config.name)
                 return None
             if response.code == 404 and self.session_id is not None:
-                _read(response, lambda _: None, _ERROR_BODY_MAX)
+                _drain(response)
                 self._lost("exited", "the upstream ended its HTTP session")
                 return None
             if response.code != 200 or _media_type(response) != "text/event-stream":
-                _read(response, lambda _: None, _ERROR_BODY_MAX)
+                _drain(response)
                 raise self._fail(f"its GET stream answered HTTP {response.code}")
-            decoder = SSEDecoder(self._limit)
+            def received(decoder: SSEDecoder, event: Event) -> None:
+                if decoder.last_event_id is not None:
+                    self._last_event_id = decoder.last_event_id
+                if event.event == "message" and event.data.strip():
+                    self._reconnect_delay = _RECONNECT_MIN
+                    self._deliver(event.data.encode("utf-8"), None)
 
-            def chunk(data: bytes) -> None:
-                for event in decoder.feed(data):
-                    if decoder.last_event_id is not None:
-                        self._last_event_id = decoder.last_event_id
-                    if event.event == "message" and event.data.strip():
-                        self._reconnect_delay = _RECONNECT_MIN
-                        self._deliver(event.data.encode("utf-8"), None)
-
-            body, done = _read(response, chunk, None)
-            self._stream = body
+            decoder, done = self._listen(response, received)
 
             def ended(_: Any) -> None:
                 self._stream = None
@@ -641,6 +646,24 @@ class HTTPChannel:
             self._schedule_stream()
 
         d.addCallback(opened).addErrback(failed)
+
+    def _listen(self, response: Any, on_event: Callable[[SSEDecoder, Event], None]) -> tuple[SSEDecoder, Deferred]:
+        """
+        Make C{response} the channel's own event stream (the GET stream, or
+        the legacy transport's): each event to C{on_event} with the decoder
+        (its last event id and retry); C{close} drops it.
+
+        @return: the decoder, and a L{Deferred} that fires when the stream
+            ends.
+        """
+        decoder = SSEDecoder(self._limit)
+
+        def chunk(data: bytes) -> None:
+            for event in decoder.feed(data):
+                on_event(decoder, event)
+
+        self._stream, done = _read(response, chunk, None)
+        return decoder, done
 
     def _schedule_stream(self) -> None:
         if self.closed:
@@ -672,19 +695,15 @@ class HTTPChannel:
         def opened(response: Any) -> Any:
             self._stream_request = None
             if response.code != 200 or _media_type(response) != "text/event-stream":
-                _read(response, lambda _: None, _ERROR_BODY_MAX)
+                _drain(response)
                 raise self._fail(f"it speaks neither Streamable HTTP nor HTTP+SSE (GET answered {response.code})")
-            decoder = SSEDecoder(self._limit)
+            def received(decoder: SSEDecoder, event: Event) -> None:
+                if event.event == "endpoint" and self.endpoint is None:
+                    self._take_endpoint(event.data.strip(), ready)
+                elif event.event == "message" and event.data.strip() and self.endpoint is not None:
+                    self._deliver(event.data.encode("utf-8"), None)
 
-            def chunk(data: bytes) -> None:
-                for event in decoder.feed(data):
-                    if event.event == "endpoint" and self.endpoint is None:
-                        self._take_endpoint(event.data.strip(), ready)
-                    elif event.event == "message" and event.data.strip() and self.endpoint is not None:
-                        self._deliver(event.data.encode("utf-8"), None)
-
-            body, done = _read(response, chunk, None)
-            self._stream = body
+            _, done = self._listen(response, received)
 
             def ended(outcome: Any) -> None:
                 self._stream = None
@@ -728,7 +747,7 @@ class HTTPChannel:
         request = self._post_message(self.endpoint, message, identity)
 
         def accepted(response: Any) -> Deferred:
-            _, done = _read(response, lambda _: None, _ERROR_BODY_MAX)
+            done = _drain(response)
             error: Optional[JSONRPCError] = None
             if response.code == 404:
                 error = errors.unavailable(self.config.name, "exited", "the upstream ended its HTTP+SSE session")

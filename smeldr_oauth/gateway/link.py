@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import attr
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -297,17 +297,14 @@ class Link:
 
         self.client.request(method, params, identity=self.owner).addErrback(failed)
 
+    def _event(self, level: LogLevel, text: str, event: str, **fields: Any) -> None:
+        errors.instance_event(log, level, text, upstream=self.config.name, pid=self.pid, event=event, **fields)
+
     def stop(self, why: str) -> Deferred:
         """Stop the instance (idle, evicted, shutdown, session ended)."""
         if self.state not in ("ready", "starting") or self.client is None:
             return succeed(None)
-        log.info(
-            "Upstream {upstream} instance [{pid}] stopped: {why}",
-            upstream=self.config.name,
-            pid=self.pid,
-            why=why,
-            smeldr_event="gateway_instance_stopped",
-        )
+        self._event(LogLevel.info, "stopped: {why}", "gateway_instance_stopped", why=why)
         self.state = "stopping"
         client = self.client
         return client.close()
@@ -339,13 +336,7 @@ class Link:
         self.gate = NotificationGate(
             self.clock, limits.notification_rate, limits.notification_burst, self._route, on_drop=self._dropped
         )
-        log.info(
-            "Upstream {upstream} instance [{pid}] ready at {version}",
-            upstream=self.config.name,
-            pid=self.pid,
-            version=info.protocol_version,
-            smeldr_event="gateway_instance_started",
-        )
+        self._event(LogLevel.info, "ready at {version}", "gateway_instance_started", version=info.protocol_version)
         self._schedule_idle()
         if self.level is not None:
             self._background("logging/setLevel", {"level": self.level})
@@ -404,13 +395,7 @@ class Link:
             return
         if not stopped:
             self.pool.metrics.crashes += 1
-            log.warn(
-                "Upstream {upstream} instance [{pid}] ended: {detail}",
-                upstream=self.config.name,
-                pid=self.pid,
-                detail=detail,
-                smeldr_event="gateway_instance_crashed",
-            )
+            self._event(LogLevel.warn, "ended: {detail}", "gateway_instance_crashed", detail=detail)
         self._ended(crashed=not stopped)
         if stopped:
             self.pool.forget(self)

@@ -79,14 +79,7 @@ class UpstreamMetrics:
         """Everything, as JSON-ready data (for C{/healthz} and tests)."""
         return {
             "upstream": self.upstream,
-            "calls": self.calls,
-            "errors": self.errors,
-            "timeouts": self.timeouts,
-            "refused": self.refused,
-            "started": self.started,
-            "crashes": self.crashes,
-            "restarts": self.restarts,
-            "dropped_notifications": self.dropped_notifications,
+            **{name: getattr(self, name) for name in COUNTER_NAMES},
             "live": self.live(),
             "by_method": dict(self.by_method),
             "latency": {
@@ -100,7 +93,8 @@ class UpstreamMetrics:
         }
 
 
-#: The counters exported, with their help text (C{smeldr_gateway_NAME_total}).
+#: The counters exported by upstream alone, with their help text
+#: (C{smeldr_gateway_NAME_total}); C{calls} is exported by method too.
 _COUNTERS = (
     ("errors", "Forwarded requests that ended in an error (the upstream's, a timeout, a crash)"),
     ("timeouts", "Forwarded requests that timed out"),
@@ -110,6 +104,10 @@ _COUNTERS = (
     ("restarts", "Upstream instances started again after a crash"),
     ("dropped_notifications", "Upstream notifications dropped by the flow policy"),
 )
+
+#: Every plain counter of L{UpstreamMetrics}, in the order C{snapshot} lists
+#: them: the one list both the snapshot and the Prometheus figures follow.
+COUNTER_NAMES = ("calls",) + tuple(name for name, _ in _COUNTERS)
 
 
 class PrometheusFigures:

@@ -26,7 +26,7 @@ from twisted.internet import error as twisted_error
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -217,12 +217,14 @@ class StdioChannel(ProcessProtocol):
     def _too_large(self, limit: int) -> None:
         self._violation = f"it sent a message larger than {limit} bytes"
         self._buffer = b""
-        log.warn(
-            "Upstream {upstream} [{pid}] sent a message over {limit} bytes; stopping it",
+        errors.instance_event(
+            log,
+            LogLevel.warn,
+            "sent a message over {limit} bytes; stopping it",
             upstream=self.config.name,
             pid=self.pid,
+            event="gateway_protocol_error",
             limit=limit,
-            smeldr_event="gateway_protocol_error",
         )
         self._signal("KILL")
 
