@@ -325,7 +325,7 @@ class SheddingTests(SynchronousTestCase):
 
     def test_not_before_the_headers_are_sent(self) -> None:
         """A request that has not started its answer is left as it is."""
-        from smeldr_oauth.mcp.streams import _shed
+        from smeldr_oauth.mcp.shedding import shed as _shed
 
         request, _ = self._request()
         _shed(request)
@@ -336,7 +336,7 @@ class SheddingTests(SynchronousTestCase):
 class CompactedOverAChannelTests(SynchronousTestCase):
     """
     A stream's request and channel get small attribute tables once its
-    headers are sent (L{smeldr_oauth.mcp.streams._compact}), over a real
+    headers are sent (L{smeldr_oauth.mcp.shedding._compact}), over a real
     twisted.web channel: the stream still writes, ends with its access-log
     line, and the connection then serves its next request.
     """
@@ -375,7 +375,7 @@ class CompactedOverAChannelTests(SynchronousTestCase):
         self.streams = streams
 
     def test_compacted(self) -> None:
-        from smeldr_oauth.mcp.streams import _DONE_WITH
+        from smeldr_oauth.mcp.shedding import _DONE_WITH
 
         self.channel.dataReceived(
             b"GET /mcp?x=1 HTTP/1.1\r\nHost: example.com\r\nUser-Agent: claude-user\r\nCookie: a=b\r\n\r\n"
