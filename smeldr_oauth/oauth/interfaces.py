@@ -74,6 +74,19 @@ class CodeRedemption:
     code: Optional[AuthorizationCode] = None
     grant: Optional[Grant] = None
 
+    @classmethod
+    def first_spend(cls, code: AuthorizationCode, grant: Optional[Grant], now: float) -> "CodeRedemption":
+        """
+        The outcome of the exchange that spent C{code} (every store decides
+        it here, so they agree on the order): C{"revoked"} when its grant is
+        gone or ended, then C{"expired"}, else C{"ok"}.
+        """
+        if grant is None or grant.revoked_at is not None:
+            return cls(status="revoked", code=code, grant=grant)
+        if now >= code.expires_at:
+            return cls(status="expired", code=code, grant=grant)
+        return cls(status="ok", code=code, grant=grant)
+
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
 class RefreshRedemption:

@@ -258,12 +258,7 @@ class MemoryStore:
                 status="replayed", code=code, grant=self._grants.get(code.grant_id)
             )
         self._code_used[code_hash] = now
-        grant = self._grants.get(code.grant_id)
-        if grant is None or grant.revoked_at is not None:
-            return CodeRedemption(status="revoked", code=code, grant=grant)
-        if now >= code.expires_at:
-            return CodeRedemption(status="expired", code=code, grant=grant)
-        return CodeRedemption(status="ok", code=code, grant=grant)
+        return CodeRedemption.first_spend(code, self._grants.get(code.grant_id), now)
 
     def add_tokens(
         self, grant_id: str, access: AccessToken, refresh: Optional[RefreshToken]

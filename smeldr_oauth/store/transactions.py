@@ -246,11 +246,7 @@ def consume_code(txn: Transaction, code_hash: str, now: float) -> CodeRedemption
     if not spent_now:
         ended = revoke_grant(txn, code.grant_id, now)
         return CodeRedemption(status="replayed", code=code, grant=_revoked(grant, ended, now))
-    if grant is None or grant.revoked_at is not None:
-        return CodeRedemption(status="revoked", code=code, grant=grant)
-    if now >= code.expires_at:
-        return CodeRedemption(status="expired", code=code, grant=grant)
-    return CodeRedemption(status="ok", code=code, grant=grant)
+    return CodeRedemption.first_spend(code, grant, now)
 
 
 def exchange_code(
