@@ -18,7 +18,7 @@ from smeldr_oauth.oauth.clients import ClientResolver, presented_client
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.model import AccessInfo, AccessToken, AuthorizationCode, Grant, IssuedTokens, RefreshToken
 from smeldr_oauth.oauth.params import MAX_PARAM, TOKEN_PARAMS, Params, reject_repeated, single
-from smeldr_oauth.oauth.ratelimit import Limits, spend
+from smeldr_oauth.oauth.ratelimit import Limits, spend, spend_both
 from smeldr_oauth.oauth.revocation import GrantEvents
 from smeldr_oauth.oauth.scopes import check_resource, parse_scopes
 from smeldr_oauth.oauth.secrets import hash_secret, new_secret
@@ -78,15 +78,20 @@ class Tokens:
             (so authentication need not read them again).
         @raise errors.RateLimited: either is used up.
         """
-        if address is not None:
-            await spend(self.limits.token_per_address, address, "token", "token request")
         try:
             presented: Optional[tuple[str, Optional[str]]] = presented_client(params, basic)
         except errors.OAuthError:
-            return None
-        assert presented is not None
-        if presented[0]:
-            await spend(self.limits.token_per_client, presented[0][:MAX_PARAM], "token", "token request")
+            presented = None
+        client_id = presented[0][:MAX_PARAM] if presented is not None and presented[0] else None
+        if address is not None and client_id is not None:
+            # Both buckets in one statement of a shared store (spend_both).
+            await spend_both(
+                self.limits.token_per_address, address, self.limits.token_per_client, client_id, "token", "token request"
+            )
+        elif address is not None:
+            await spend(self.limits.token_per_address, address, "token", "token request")
+        elif client_id is not None:
+            await spend(self.limits.token_per_client, client_id, "token", "token request")
         return presented
 
     async def token(
