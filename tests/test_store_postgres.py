@@ -219,7 +219,7 @@ class PostgresStoreTests(SynchronousTestCase):
             rows = connection.execute(
                 "SELECT component, version FROM schema_migrations ORDER BY component"
             ).fetchall()
-        self.assertEqual(rows, [("notifications", 1), ("oauth", 1)])
+        self.assertEqual(rows, [("notifications", 1), ("oauth", 1), ("oauth", 2)])
 
 
 # Races: real threads and real processes against one database.

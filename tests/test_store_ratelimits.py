@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -29,6 +30,7 @@ from smeldr_oauth.oauth.ratelimit import (
     RateLimiter,
     SharedRateLimiter,
     spend,
+    spend_both,
     store_key,
 )
 from smeldr_oauth.store.ratelimits import RATE_LIMITS_SCHEMA, SQLRateLimitStore
@@ -96,6 +98,21 @@ class StoreMixin:
         # Nothing to give back to a bucket that does not exist (it is full).
         self.ok(self.store.refund("test", "never", 3.0, 0.05, T0))
         self.assertEqual(self.take("never"), (True, 2.0))
+
+    def test_take_both(self) -> None:
+        """
+        Two buckets in one call: the second is taken only when the first
+        was spent, each as L{take} would.
+        """
+        first, second = ("test", "a", 2.0, 0.05), ("other", "b", 3.0, 0.05)
+        both = lambda now=T0: self.ok(self.store.take_both(first, second, now))  # noqa: E731
+        self.assertEqual(both(), ((True, 1.0), (True, 2.0)))
+        self.assertEqual(both(), ((True, 0.0), (True, 1.0)))
+        self.assertEqual(both(), ((False, 0.0), None))
+        self.assertEqual(self.ok(self.store.take("other", "b", 3.0, 0.05, T0)), (True, 0.0))
+        self.assertEqual(both(T0 + 20), ((True, 0.0), (True, 0.0)))
+        self.assertEqual(both(T0 + 40), ((True, 0.0), (True, 0.0)))
+        self.assertEqual(both(T0 + 50), ((False, 0.5), None))
 
     def test_names_apart(self) -> None:
         for _ in range(3):
@@ -168,6 +185,92 @@ class PostgresStoreTests(StoreMixin, SynchronousTestCase):
         keys = self.ok(self.database.read(RATE_LIMITS_SCHEMA, lambda txn: [r[0] for r in txn.execute("SELECT key FROM rate_limits")]))
         self.assertEqual(keys, [store_key("192.0.2.7")])
         self.assertNotIn("192.0.2", keys[0])
+
+
+class SpendBothTests(SynchronousTestCase):
+    """
+    L{spend_both}: two shared limiters on one store, in one call of its
+    C{take_both} when both must ask it, with the outcomes of L{spend} on
+    each in turn.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        database = open_database(self.mktemp() + ".db", InlineReactor(), threads=0)
+        self.addCleanup(database.close)
+        self.store = SQLRateLimitStore(database)
+        self.calls: list[str] = []
+        for method in ("take", "take_both"):
+            self.patch(self.store, method, self.counted(method, getattr(self.store, method)))
+        self.address = SharedRateLimiter(self.store, "token_address", self.clock, 4)
+        self.client = SharedRateLimiter(self.store, "token_client", self.clock, 3, addresses=False)
+
+    def counted(self, name: str, f: Any) -> Any:
+        def call(*args: Any) -> Any:
+            self.calls.append(name)
+            return f(*args)
+
+        return call
+
+    def spend(self) -> Any:
+        d = spend_both(self.address, "192.0.2.1", self.client, "client", "token", "token request")
+        failure = self.failureResultOf(d, RateLimited) if d.called and not isinstance(d.result, type(None)) else None
+        if failure is None:
+            self.successResultOf(d)
+            return None
+        return failure.value.retry_after
+
+    def left(self, name: str, key: str) -> tuple[bool, float]:
+        return self.successResultOf(SQLRateLimitStore.take(self.store, name, store_key(key), 100.0, 0.05, T0))  # type: ignore[no-any-return]
+
+    def test_outcomes(self) -> None:
+        self.assertEqual([self.spend(), self.spend()], [None, None])
+        self.assertEqual(self.calls, ["take_both"] * 2)
+        # Another process spends what is left of the client's bucket.
+        other = SharedRateLimiter(self.store, "token_client", self.clock, 3, addresses=False)
+        self.successResultOf(other.take("client"))
+        del self.calls[:]
+        with capturedLogs() as events:
+            # Refused by the store for the client, the address's spent.
+            self.assertEqual(self.spend(), 20)
+            self.assertEqual(self.calls, ["take_both"])
+            # The client now refused here: the address's asked alone.
+            self.assertEqual(self.spend(), 20)
+            self.assertEqual(self.calls[1:], ["take"])
+            # This process spent the address's bucket: refused without a
+            # statement.
+            self.assertEqual(self.spend(), 15)
+            self.assertEqual(self.calls[2:], [])
+        self.assertEqual(
+            [(e["smeldr_event"], e["address"]) for e in events if e.get("smeldr_event")],
+            [("rate_limited", "client"), ("rate_limited", "client"), ("rate_limited", "192.0.2.1")],
+        )
+        self.assertEqual(self.left("token_address", "192.0.2.1"), (False, 0.0))
+        self.assertEqual(self.left("token_client", "client"), (False, 0.0))
+
+    def test_address_refused_first(self) -> None:
+        """
+        When the address's bucket is empty in the store, the client's is
+        not spent.
+        """
+        other = SharedRateLimiter(self.store, "token_address", self.clock, 4)
+        for _ in range(4):
+            self.successResultOf(other.take("192.0.2.1"))
+        self.assertEqual(self.spend(), 15)
+        self.assertEqual(self.calls[-1], "take_both")
+        self.assertEqual([self.successResultOf(self.client.take("client")) for _ in range(4)], [None] * 3 + [20])
+
+    def test_in_memory(self) -> None:
+        """
+        Limiters in memory are spent in turn, at once: nothing to await
+        when both were spent, L{RateLimited} raised when one was not.
+        """
+        address = RateLimiter(self.clock, 1)
+        client = RateLimiter(self.clock, 5, addresses=False)
+        self.assertIsNone(spend_both(address, "192.0.2.1", client, "c", "token", "token request"))
+        self.assertRaises(RateLimited, spend_both, address, "192.0.2.1", client, "c", "token", "token request")
+        self.assertEqual([client.hit("c") for _ in range(5)], [True] * 4 + [False])
 
 
 class SharedLimiterTests(SynchronousTestCase):

@@ -27,7 +27,7 @@ import hashlib
 import ipaddress
 import math
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import attr
 from cachetools import LRUCache
@@ -260,6 +260,74 @@ class SharedRateLimiter:
         self._refused_until: LRUCache[str, float] = LRUCache(max_keys)
 
     def take(self, key: str) -> "Deferred[Optional[int]]":
+        asked = self._ask(key)
+        if asked.__class__ is int:
+            return succeed(asked)  # type: ignore[arg-type]
+        key, now = asked  # type: ignore[misc]
+        return self._store.take(self.name, store_key(key), self._capacity, self._rate, now).addCallbacks(
+            self._decided, self._failed, callbackArgs=(key, now), errbackArgs=(key,)
+        )
+
+    def take_with(self, key: str, then: "SharedRateLimiter", then_key: str) -> "Deferred[tuple[int, int]]":
+        """
+        L{take} C{key} and, if that was spent, C{then.take(then_key)}: what
+        the two calls in turn would do, but in one statement when both
+        must ask the store and it can take two buckets at once
+        (C{take_both}; C{then} shares this limiter's store).
+
+        @return: fires with C{(-1, 0)} when both were spent, else with
+            which was refused (0: this one, 1: C{then}) and its
+            C{Retry-After}.
+        """
+        asked = self._ask(key)
+        if asked.__class__ is int:
+            return succeed((0, asked))  # type: ignore[arg-type]
+        key, now = asked  # type: ignore[misc]
+        take_both = getattr(self._store, "take_both", None)
+        then_asked = then._ask(then_key) if take_both is not None and then._store is self._store else None
+        if then_asked is None or then_asked.__class__ is int:
+            # This bucket alone (then refused without asking, or cannot
+            # be asked together), then the other, as in sequence.
+            def second(retry_after: Optional[int]) -> Any:
+                if retry_after is not None:
+                    return (0, retry_after)
+                if then_asked is not None:
+                    return (1, then_asked)
+                return then.take(then_key).addCallback(lambda later: (-1, 0) if later is None else (1, later))
+
+            return self._store.take(self.name, store_key(key), self._capacity, self._rate, now).addCallbacks(
+                self._decided, self._failed, callbackArgs=(key, now), errbackArgs=(key,)
+            ).addCallback(second)
+        then_key = then_asked[0]  # type: ignore[index]
+
+        def decided(results: tuple[tuple[bool, float], Optional[tuple[bool, float]]]) -> tuple[int, int]:
+            first, later = results
+            retry_after = self._decided(first, key, now)
+            if retry_after is not None:
+                then._local.refund(then_key)
+                return (0, retry_after)
+            assert later is not None
+            retry_after = then._decided(later, then_key, now)
+            return (-1, 0) if retry_after is None else (1, retry_after)
+
+        def failed(failure: Failure) -> Failure:
+            then._failed(failure, then_key)
+            return self._failed(failure, key)
+
+        assert take_both is not None
+        d: Deferred[tuple[tuple[bool, float], Optional[tuple[bool, float]]]] = take_both(
+            (self.name, store_key(key), self._capacity, self._rate),
+            (then.name, store_key(then_key), then._capacity, then._rate),
+            now,
+        )
+        return d.addCallbacks(decided, failed)
+
+    def _ask(self, key: str) -> "Union[int, tuple[str, float]]":
+        """
+        Decide C{key} here if this process can (the whole seconds to wait),
+        else spend the local pre-check's event and say what to ask the
+        store (the folded key and the time).
+        """
         key = self._fold(key)
         now = self._clock.seconds()
         try:
@@ -268,27 +336,24 @@ class SharedRateLimiter:
             pass
         else:
             if now < until:
-                return succeed(max(1, math.ceil(until - now)))
+                return max(1, math.ceil(until - now))
             del self._refused_until[key]
         if not self._local.hit(key):
-            return succeed(self._local.retry_after(key))
+            return self._local.retry_after(key)
+        return key, now
 
-        def decided(result: tuple[bool, float]) -> Optional[int]:
-            spent, left = result
-            if spent:
-                return None
-            self._local.refund(key)
-            wait = max(0.0, 1.0 - left) / self._rate
-            self._refused_until[key] = now + wait
-            return max(1, math.ceil(wait))
+    def _decided(self, result: tuple[bool, float], key: str, now: float) -> Optional[int]:
+        spent, left = result
+        if spent:
+            return None
+        self._local.refund(key)
+        wait = max(0.0, 1.0 - left) / self._rate
+        self._refused_until[key] = now + wait
+        return max(1, math.ceil(wait))
 
-        def failed(failure: Failure) -> Failure:
-            self._local.refund(key)
-            return failure
-
-        return self._store.take(self.name, store_key(key), self._capacity, self._rate, now).addCallbacks(
-            decided, failed
-        )
+    def _failed(self, failure: Failure, key: str) -> Failure:
+        self._local.refund(key)
+        return failure
 
     def refund(self, key: str) -> None:
         key = self._fold(key)
@@ -296,6 +361,16 @@ class SharedRateLimiter:
         self._refused_until.pop(key, None)
         d = self._store.refund(self.name, store_key(key), self._capacity, self._rate, self._clock.seconds())
         d.addErrback(lambda f: log.failure("could not give back a rate-limited event", f))
+
+
+def _refused(key: str, endpoint: str, what: str) -> None:
+    log.warn(
+        "refused {what} from {address}: rate limited",
+        what=what,
+        address=loggable(key),
+        endpoint=endpoint,
+        smeldr_event="rate_limited",
+    )
 
 
 def spend(limiter: IRateLimiter, key: str, endpoint: str, what: str) -> "Deferred[None]":
@@ -335,14 +410,33 @@ def _decided(retry_after: Optional[int], key: str, endpoint: str, what: str) -> 
     """
     if retry_after is None:
         return
-    log.warn(
-        "refused {what} from {address}: rate limited",
-        what=what,
-        address=loggable(key),
-        endpoint=endpoint,
-        smeldr_event="rate_limited",
-    )
+    _refused(key, endpoint, what)
     raise RateLimited(retry_after)
+
+
+def spend_both(
+    first: IRateLimiter, first_key: str, then: IRateLimiter, then_key: str, endpoint: str, what: str
+) -> "Optional[Deferred[None]]":
+    """
+    L{spend} C{first_key} of C{first}, then, if it was spent, C{then_key}
+    of C{then}: in one statement of their store when both are shared
+    limiters on one store (L{SharedRateLimiter.take_with}); decided at
+    once when both are in this process's memory, as L{spend_now} (then
+    C{None}, or L{RateLimited} raised).
+    """
+    if isinstance(first, SharedRateLimiter) and isinstance(then, SharedRateLimiter):
+
+        def decided(outcome: tuple[int, int]) -> None:
+            refused, retry_after = outcome
+            if refused >= 0:
+                _refused((first_key, then_key)[refused], endpoint, what)
+                raise RateLimited(retry_after)
+
+        return first.take_with(first_key, then, then_key).addCallback(decided)
+    later = spend_now(first, first_key, endpoint, what)
+    if later is None:
+        return spend_now(then, then_key, endpoint, what)
+    return later.addCallback(lambda _: spend(then, then_key, endpoint, what))
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)

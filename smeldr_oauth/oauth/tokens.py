@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -18,7 +19,7 @@ from smeldr_oauth.oauth.clients import ClientResolver, presented_client
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.model import AccessInfo, AccessToken, AuthorizationCode, Grant, IssuedTokens, RefreshToken
 from smeldr_oauth.oauth.params import MAX_PARAM, TOKEN_PARAMS, Params, reject_repeated, single
-from smeldr_oauth.oauth.ratelimit import Limits, spend_now
+from smeldr_oauth.oauth.ratelimit import Limits, spend_both, spend_now
 from smeldr_oauth.oauth.revocation import GrantEvents
 from smeldr_oauth.oauth.scopes import check_resource, parse_scopes
 from smeldr_oauth.oauth.secrets import hash_secret, new_secret, new_secrets
@@ -78,21 +79,25 @@ class Tokens:
             (so authentication need not read them again).
         @raise errors.RateLimited: either is used up.
         """
-        # In one process (SQLite) both limiters answer at once: nothing to
-        # await (spend_now).
-        if address is not None:
-            later = spend_now(self.limits.token_per_address, address, "token", "token request")
-            if later is not None:
-                await later
         try:
             presented: Optional[tuple[str, Optional[str]]] = presented_client(params, basic)
         except errors.OAuthError:
-            return None
-        assert presented is not None
-        if presented[0]:
-            later = spend_now(self.limits.token_per_client, presented[0][:MAX_PARAM], "token", "token request")
-            if later is not None:
-                await later
+            presented = None
+        client_id = presented[0][:MAX_PARAM] if presented is not None and presented[0] else None
+        # Both buckets in one statement of a shared store (spend_both); in
+        # one process (SQLite) the limiters answer at once, with nothing to
+        # await (spend_now).
+        later: Optional[Deferred[None]] = None
+        if address is not None and client_id is not None:
+            later = spend_both(
+                self.limits.token_per_address, address, self.limits.token_per_client, client_id, "token", "token request"
+            )
+        elif address is not None:
+            later = spend_now(self.limits.token_per_address, address, "token", "token request")
+        elif client_id is not None:
+            later = spend_now(self.limits.token_per_client, client_id, "token", "token request")
+        if later is not None:
+            await later
         return presented
 
     async def token(

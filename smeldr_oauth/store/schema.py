@@ -34,6 +34,36 @@ def _legacy_version(txn: Transaction) -> int:
     return 0 if row is None else int(row[0])
 
 
+_REFRESH_FACTS_FUNCTION = """
+CREATE FUNCTION smeldr_refresh_facts(presented TEXT)
+RETURNS TABLE (
+    grant_id TEXT, client_id TEXT, subject TEXT, scopes TEXT, resource TEXT,
+    created_at DOUBLE PRECISION, site_token_id TEXT, client_name TEXT,
+    last_used_at DOUBLE PRECISION, revoked_at DOUBLE PRECISION,
+    token_hash TEXT, token_scopes TEXT, generation INTEGER,
+    token_created_at DOUBLE PRECISION, expires_at DOUBLE PRECISION,
+    used_at DOUBLE PRECISION, token_revoked_at DOUBLE PRECISION,
+    live_generation INTEGER, live_siblings BIGINT
+)
+LANGUAGE plpgsql VOLATILE AS $body$
+#variable_conflict use_column
+BEGIN
+    PERFORM 1 FROM refresh_tokens t JOIN grants g ON g.grant_id = t.grant_id
+        WHERE t.token_hash = presented FOR UPDATE;
+    RETURN QUERY
+    SELECT g.grant_id, g.client_id, g.subject, g.scopes, g.resource, g.created_at,
+           g.site_token_id, g.client_name, g.last_used_at, g.revoked_at,
+           t.token_hash, t.scopes, t.generation, t.created_at, t.expires_at, t.used_at,
+           t.revoked_at, live.generation, live.siblings
+    FROM refresh_tokens t JOIN grants g ON g.grant_id = t.grant_id,
+         (SELECT r.generation, COUNT(*) AS siblings FROM refresh_tokens r
+          WHERE r.grant_id = (SELECT p.grant_id FROM refresh_tokens p WHERE p.token_hash = presented)
+          GROUP BY r.generation ORDER BY r.generation DESC LIMIT 1) live
+    WHERE t.token_hash = presented;
+END
+$body$
+"""
+
 OAUTH_SCHEMA = Schema(
     "oauth",
     (
@@ -115,6 +145,14 @@ OAUTH_SCHEMA = Schema(
                 "CREATE INDEX refresh_tokens_expires_at ON refresh_tokens (expires_at)",
             ),
         ),
+        # PostgreSQL: a refresh's lock and facts in one round trip (see
+        # smeldr_oauth.store.transactions.redeem_refresh_token).  A VOLATILE
+        # PL/pgSQL function takes a new snapshot for each statement at READ
+        # COMMITTED, so the facts are read after the lock is granted, as the
+        # two statements sent one after the other read them.  The facts are
+        # transactions._REFRESH_FACTS with the grant's columns named: a change
+        # to either is a new migration replacing the function.
+        Migration(2, sqlite=(), postgresql=(_REFRESH_FACTS_FUNCTION,)),
     ),
     tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
     legacy=_legacy_version,

@@ -326,14 +326,15 @@ def redeem_refresh_token(
     facts are read after the lock, when a concurrent refresh of this grant
     has committed (at C{READ COMMITTED} each statement sees what was
     committed before it began), and its effects are what this one must see.
+    Both statements run in one call of a PL/pgSQL function (one round
+    trip), whose statements each take a snapshot of their own.
     """
-    if not txn.engine.single_writer:
-        txn.execute(
-            "SELECT 1 FROM refresh_tokens t JOIN grants g ON g.grant_id = t.grant_id"
-            " WHERE t.token_hash = ?" + txn.engine.for_update,
-            (token_hash,),
-        )
-    row = txn.execute(_REFRESH_FACTS, (token_hash, token_hash)).fetchone()
+    if txn.engine.single_writer:
+        row = txn.execute(_REFRESH_FACTS, (token_hash, token_hash)).fetchone()
+    else:
+        # PostgreSQL: the lock, then these facts, in one round trip (the
+        # function smeldr_oauth.store.schema's migration 2 creates).
+        row = txn.execute("SELECT * FROM smeldr_refresh_facts(?)", (token_hash,)).fetchone()
     if row is None:
         return RefreshRedemption(status=rotation.UNKNOWN)
     grant = _grant(row)
