@@ -246,8 +246,13 @@ class FlowStore:
             clients, grants = trim
         else:
             clients, grants = (), ()
+        # Grouped: on SQLite on the reactor thread (group commit), the
+        # batch shares the transaction and the COMMIT of the refreshes,
+        # consents and code exchanges of its reactor turn, in a savepoint of
+        # its own, rather than paying for a BEGIN and a COMMIT (1.6-2.5% of
+        # a refresh's CPU in round four's profile).
         return self.database.write(
-            SCHEMA, _record, steps, self.retention, self._clock.seconds(), clients, grants
+            SCHEMA, _record, steps, self.retention, self._clock.seconds(), clients, grants, group=True
         )
 
     def timeline(
