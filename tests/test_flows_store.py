@@ -5,6 +5,7 @@ PostgreSQL, with its retention limits.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -157,3 +158,49 @@ class PostgresFlowStoreTests(FlowStoreMixin, SynchronousTestCase):
     def open(self, clock: Clock, retention: Retention) -> FlowStore:
         url = postgres.database_url(self)
         return FlowStore(open_database(url, NoCallFromThreadReactor(), threads=0), clock, retention)
+
+
+class GroupedFlowStoreTests(SynchronousTestCase):
+    """
+    On SQLite on the reactor thread with group commit (the server's OAuth
+    database), a batch of steps shares the transaction of the other
+    grouped writes of its reactor turn.
+    """
+
+    def test_shares_the_turns_transaction(self) -> None:
+        from tests.test_store_sqlite import InlineReactor
+
+        reactor = InlineReactor()
+        reactor.advance(T0)
+        database = open_database(self.mktemp() + ".db", reactor, threads=0, group_commit=True)
+        store = FlowStore(database, reactor)
+        self.addCleanup(store.close)
+        self.successResultOf(database.ensure(store.schema))
+        begins = []
+        begin = database.engine.begin
+        self.patch(database.engine, "begin", lambda txn: (begins.append(1), begin(txn)))
+        first = store.record([step(T0, client_id="c1", detail={"tool": "a", "version": "1"})])
+        second = store.record([step(T0, client_id="c2", detail={"version": "1", "tool": "b"})])
+        self.assertNoResult(first)
+        reactor.advance(0)
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(len(begins), 1)
+        steps = self.successResultOf(store.timeline())
+        self.assertEqual([dict(s.detail) for s in steps], [{"tool": "a", "version": "1"}, {"tool": "b", "version": "1"}])
+
+
+class DetailJSONTests(SynchronousTestCase):
+    """
+    The details' JSON, remembered by their fields, is the JSON of each.
+    """
+
+    def test_each_its_own(self) -> None:
+        from smeldr_oauth.flows import store as store_module
+
+        self.patch(store_module, "_MAX_DETAILS", 2)
+        self.patch(store_module, "_DETAILS", {})
+        details = [{"tool": "a"}, {"tool": "b"}, {"tool": "b", "version": "1"}, {"version": "1", "tool": "b"}, {"tool": "a"}, {}]
+        for detail in details * 2:
+            self.assertEqual(store_module._detail_json(detail), json.dumps(detail, sort_keys=True))
+        self.assertLessEqual(len(store_module._DETAILS), 2)

@@ -9,6 +9,7 @@ from prometheus_client import generate_latest
 from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from smeldr_oauth.service import metrics as metrics_module
 from smeldr_oauth.service.metrics import MAX_TOOL_LABELS, Metrics, MetricsObserver, route_label
 
 
@@ -43,6 +44,24 @@ class MetricsObserverTests(SynchronousTestCase):
             self.log.info("x", smeldr_event="mcp_call", tool=f"tool{n}", outcome="ok")
         self.assertIn('tool="other"', self.text())
         self.assertEqual(len(self.metrics._tools), MAX_TOOL_LABELS)
+
+    def test_counters_kept_by_labels(self) -> None:
+        """
+        The counters kept for each label combination count each
+        combination apart, and past the bound the others still count.
+        """
+        self.patch(metrics_module, "MAX_CHILDREN", 3)
+        for tool, outcome in [("a", "ok"), ("a", "ok"), ("a", "tool_error"), ("b", "ok"), ("c", "ok"), ("c", "ok")]:
+            self.log.info("x", smeldr_event="mcp_call", tool=tool, outcome=outcome)
+        for grant_type in ["refresh_token", "authorization_code", "refresh_token"]:
+            self.log.info("x", smeldr_event="token_issued", grant_type=grant_type)
+        text = self.text()
+        self.assertIn('smeldr_mcp_tool_calls_total{outcome="ok",tool="a"} 2.0', text)
+        self.assertIn('smeldr_mcp_tool_calls_total{outcome="tool_error",tool="a"} 1.0', text)
+        self.assertIn('smeldr_mcp_tool_calls_total{outcome="ok",tool="b"} 1.0', text)
+        self.assertIn('smeldr_mcp_tool_calls_total{outcome="ok",tool="c"} 2.0', text)
+        self.assertIn('smeldr_tokens_issued_total{grant_type="refresh_token"} 2.0', text)
+        self.assertIn('smeldr_tokens_issued_total{grant_type="authorization_code"} 1.0', text)
 
     def test_routes_bounded(self) -> None:
         self.assertEqual(route_label(b"/oauth/token"), "/oauth/token")

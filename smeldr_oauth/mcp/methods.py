@@ -18,7 +18,7 @@ import binascii
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp import jsonrpc
@@ -28,6 +28,7 @@ from smeldr_oauth.mcp.context import LOG_LEVELS, Context, ToolError
 from smeldr_oauth.mcp.jsonrpc import InsufficientScope, JSONRPCError, Message, Request
 from smeldr_oauth.mcp.results import error_result, prompt_result, resource_contents, tool_result
 from smeldr_oauth.mcp.versions import LATEST_SESSION_VERSION, MODERN_VERSIONS, SESSION_VERSIONS
+from smeldr_oauth.oauth.routine import routine
 
 if TYPE_CHECKING:
     from smeldr_oauth.mcp.calls import Call
@@ -271,12 +272,15 @@ def _tool_answer(result: object, tool: Any, call: "Call") -> dict[str, Any]:
 
 
 def _count_call(tool: Any, call: "Call", outcome: str) -> None:
-    # A call that went well is routine: a debug event (still published,
-    # so the metrics count it), as token issues are; formatting an info
-    # line for each was a seventh of a tools/call's CPU.  Calls that
-    # failed stay at info.
+    # A call that went well is routine: a debug event, as token issues
+    # are (formatting an info line for each was a seventh of a
+    # tools/call's CPU), handed to the metrics and the timeline directly
+    # and through the log only when someone keeps debug events here
+    # (smeldr_oauth.oauth.routine).  Calls that failed stay at info.
     principal = call.principal
-    (log.debug if outcome == "ok" else log.info)(
+    routine.emit(
+        log,
+        LogLevel.debug if outcome == "ok" else LogLevel.info,
         "tool {tool} called by {subject}: {outcome}",
         tool=tool.name,
         subject=principal.subject if principal is not None else None,

@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from smeldr_oauth.oauth import errors, pkce, rotation
 from smeldr_oauth.oauth.clients import ClientResolver, presented_client
@@ -21,6 +21,7 @@ from smeldr_oauth.oauth.model import AccessInfo, AccessToken, AuthorizationCode,
 from smeldr_oauth.oauth.params import MAX_PARAM, TOKEN_PARAMS, Params, reject_repeated, single
 from smeldr_oauth.oauth.ratelimit import Limits, spend_both, spend_now
 from smeldr_oauth.oauth.revocation import GrantEvents
+from smeldr_oauth.oauth.routine import routine
 from smeldr_oauth.oauth.scopes import check_resource, parse_scopes
 from smeldr_oauth.oauth.secrets import hash_secret, new_secret, new_secrets
 from smeldr_oauth.oauth.text import loggable
@@ -311,10 +312,13 @@ class Tokens:
     def _logged(self, grant_type: str, client_id: str, grant_id: str) -> None:
         # Debug level: a token issue is routine (one per refresh), and
         # formatting an info line for each was a fifth of a refresh's CPU.
-        # The event is still published, so the metrics and the flow
-        # timeline see it; grants, refusals, replays and reuse stay at info
-        # or warn.
-        log.debug(
+        # The event still reaches the metrics and the flow timeline, handed
+        # to them directly unless someone keeps debug events here
+        # (smeldr_oauth.oauth.routine); grants, refusals, replays and reuse
+        # stay at info or warn.
+        routine.emit(
+            log,
+            LogLevel.debug,
             "token issued by grant type {grant_type}",
             grant_type=grant_type,
             client_id=client_id,

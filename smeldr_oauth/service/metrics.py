@@ -432,14 +432,34 @@ class _Observing(Service):
         globalLogPublisher.removeObserver(self.observer)
 
 
+#: Most label combinations whose counter L{MetricsObserver} keeps at hand.
+MAX_CHILDREN = 1024
+
+
 @implementer(ILogObserver)
 class MetricsObserver:
     """
     Count the log events that carry C{smeldr_event}.
+
+    The counters of the per-request events (a token issued, a tool call)
+    are kept by their labels: C{labels()} checks and locks on every call,
+    a third of counting a call.  The labels are bounded already (grant
+    types, outcomes, L{Metrics.tool_label}); past L{MAX_CHILDREN}
+    combinations the counter is looked up each time.
     """
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (metric,) + values
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*values)
+            if len(self._children) < MAX_CHILDREN:
+                self._children[key] = child
+        return child
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("smeldr_event")
@@ -449,15 +469,14 @@ class MetricsObserver:
         if kind == "grant_approved":
             m.grants.inc()
         elif kind == "token_issued":
-            m.tokens_issued.labels(grant_type=str(event.get("grant_type", "unknown"))[:32]).inc()
+            self._child(m.tokens_issued, str(event.get("grant_type", "unknown"))[:32]).inc()
         elif kind == "token_refused":
             m.token_refusals.labels(reason=str(event.get("reason", "unknown"))[:32]).inc()
         elif kind == "rate_limited":
             m.rate_limited.labels(endpoint=str(event.get("endpoint", "unknown"))[:32]).inc()
         elif kind == "mcp_call":
-            m.mcp_calls.labels(
-                tool=m.tool_label(event.get("tool", "unknown")),
-                outcome=str(event.get("outcome", "unknown"))[:16],
+            self._child(
+                m.mcp_calls, m.tool_label(event.get("tool", "unknown")), str(event.get("outcome", "unknown"))[:16]
             ).inc()
         if kind in SECURITY_EVENTS:
             m.security_events.labels(event=kind).inc()

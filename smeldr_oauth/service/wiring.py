@@ -410,16 +410,15 @@ class StandaloneService(Service):
     def startService(self) -> None:
         super().startService()
         self.collector.start()
+        from smeldr_oauth.oauth.routine import routine
+
+        # The metrics and the flow timeline (smeldr_oauth.flows, steps
+        # buffered there, written in batches) observe the log, and take
+        # the routine events of the hot paths directly.
         if self.options["metrics-listen"]:
-            from twisted.logger import globalLogPublisher
-
-            globalLogPublisher.addObserver(self._metrics_observer)
-        from twisted.logger import globalLogPublisher as flows_publisher
-
-        # The flow timeline (smeldr_oauth.flows): steps buffered here,
-        # written in batches.
+            routine.observe(self._metrics_observer)
         if self.flows is not None:
-            flows_publisher.addObserver(self.flows)
+            routine.observe(self.flows)
             self.flows.start()
         if self.options["dev"]:
             log.warn(
@@ -460,9 +459,9 @@ class StandaloneService(Service):
         self.collector.stop()
         if self.site.access_log is not None:
             self.site.access_log.flush()
-        from twisted.logger import globalLogPublisher
+        from smeldr_oauth.oauth.routine import routine
 
-        globalLogPublisher.removeObserver(self._metrics_observer)
+        routine.unobserve(self._metrics_observer)
         self.health.stop()
         for loop in (self._purging, self._watching, self._purging_limits):
             if loop is not None and loop.running:
@@ -490,7 +489,7 @@ class StandaloneService(Service):
             # close.
             if self.flows is None:
                 return None
-            globalLogPublisher.removeObserver(self.flows)
+            routine.unobserve(self.flows)
             return self.flows.stop()
 
         return self.mounted.shutdown().addBoth(flush_flows).addBoth(leave).addBoth(checkpointed).addBoth(close)
