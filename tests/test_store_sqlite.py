@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
@@ -278,18 +278,29 @@ class GroupCommitTests(SynchronousTestCase):
     commit), each outcome exactly what it is alone.
     """
 
-    def test_as_alone(self) -> None:
-        alone = sql_module.SQLStore(open_database(self.mktemp() + ".db", InlineReactor(), threads=0))
-        self.addCleanup(alone.close)
-        expected = _refresh_scenario(alone, lambda: None)
+    def store(self, reactor: Optional[InlineReactor] = None, **options: Any) -> "sql_module.SQLStore":
+        """A store on a new SQLite file, closed at the test's end."""
+        database = open_database(self.mktemp() + ".db", reactor or InlineReactor(), threads=0, **options)
+        store = sql_module.SQLStore(database)
+        self.addCleanup(store.close)
+        return store
 
+    def grouped(self) -> "tuple[InlineReactor, sql_module.SQLStore, list[None]]":
+        """
+        A store with group commit, its reactor (a turn ends at
+        C{advance(0)}), and a list that grows by one at each transaction
+        begun.
+        """
         reactor = InlineReactor()
-        database = open_database(self.mktemp() + ".db", reactor, threads=0, group_commit=True)
-        grouped = sql_module.SQLStore(database)
-        self.addCleanup(grouped.close)
+        store = self.store(reactor, group_commit=True)
         begins: list[None] = []
-        begin = database.engine.begin
-        self.patch(database.engine, "begin", lambda txn: (begins.append(None), begin(txn)))
+        begin = store.database.engine.begin
+        self.patch(store.database.engine, "begin", lambda txn: (begins.append(None), begin(txn)))
+        return reactor, store, begins
+
+    def test_as_alone(self) -> None:
+        expected = _refresh_scenario(self.store(), lambda: None)
+        reactor, grouped, begins = self.grouped()
 
         def finish() -> None:
             before = len(begins)
@@ -310,17 +321,8 @@ class GroupCommitTests(SynchronousTestCase):
         transaction too, each outcome (a replay's revocation, a refused
         check's spend, a conflict's rollback) exactly what it is alone.
         """
-        alone = sql_module.SQLStore(open_database(self.mktemp() + ".db", InlineReactor(), threads=0))
-        self.addCleanup(alone.close)
-        expected = _flow_scenario(alone, lambda: None)
-
-        reactor = InlineReactor()
-        database = open_database(self.mktemp() + ".db", reactor, threads=0, group_commit=True)
-        grouped = sql_module.SQLStore(database)
-        self.addCleanup(grouped.close)
-        begins: list[None] = []
-        begin = database.engine.begin
-        self.patch(database.engine, "begin", lambda txn: (begins.append(None), begin(txn)))
+        expected = _flow_scenario(self.store(), lambda: None)
+        reactor, grouped, begins = self.grouped()
 
         def settle() -> None:
             # The four consents: nothing committed (nothing answered)
