@@ -16,7 +16,7 @@ import sqlite3
 from typing import Any, Callable, Optional
 
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -148,6 +148,17 @@ INSERT INTO schema_version (lock, version) VALUES (0, 1);
 )
 
 
+def _outcome(d: "Deferred[Any]") -> Any:
+    """A fired store call's outcome as the group-commit tests compare it."""
+    box: list[Any] = []
+    d.addBoth(box.append)
+    if isinstance(box[0], Failure):
+        return box[0].type
+    if box[0] is None:
+        return None
+    return (box[0].status, box[0].grant)
+
+
 def _refresh_scenario(
     store: Any, finish: Callable[[], None], settle: Callable[[], None] = lambda: None
 ) -> tuple[list[Any], list[Any]]:
@@ -185,14 +196,7 @@ def _refresh_scenario(
         redeem("g1-r0", "r9", "a9", T0 + 106),
     ]
     finish()
-    outcomes: list[Any] = []
-    for d in calls:
-        box: list[Any] = []
-        d.addBoth(box.append)
-        if isinstance(box[0], Failure):
-            outcomes.append(box[0].type)
-        else:
-            outcomes.append((box[0].status, box[0].grant))
+    outcomes = [_outcome(d) for d in calls]
 
     def dump(txn: Any) -> list[Any]:
         return [
@@ -249,16 +253,7 @@ def _flow_scenario(
         exchange("g5-code", "a5"),
     ]
     finish()
-    outcomes: list[Any] = []
-    for d in calls:
-        box: list[Any] = []
-        d.addBoth(box.append)
-        if isinstance(box[0], Failure):
-            outcomes.append(box[0].type)
-        elif box[0] is None:
-            outcomes.append(None)
-        else:
-            outcomes.append((box[0].status, box[0].grant))
+    outcomes = [_outcome(d) for d in calls]
 
     def dump(txn: Any) -> list[Any]:
         return [
