@@ -161,7 +161,7 @@ class IntrospectionTests(OAuthSocketMixin, TestCase):
         token = issued["access_token"]
         code, answer = await self.introspect(token, auth=None)
         self.assertEqual((code, answer["error"]), (401, "invalid_client"))
-        code, answer = await self.introspect(token, auth=(self.server, self.secret[:-1] + "A"))
+        code, answer = await self.introspect(token, auth=(self.server, self.secret[:-1] + ("B" if self.secret.endswith("A") else "A")))
         self.assertEqual((code, answer["error"]), (401, "invalid_client"))
         _, body = await self.call(
             "POST",
