@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
@@ -45,11 +45,13 @@ def verify_bearer(pasted: str) -> Optional[Approval]:
 
 
 class FlowOverSocketTests(OAuthSocketMixin, TestCase):
-    async def start(self, cimd: bool, path: str = "", **overrides: Any) -> None:
+    async def start(self, cimd: bool, path: str = "", clock: Any = reactor, **overrides: Any) -> None:
         """
         Listen, then build the server: its issuer needs the port.
 
         @param path: the issuer's path (RFC 8414 section 3.1).
+        @param clock: the OAuth server's clock (HTTP is always served by
+            the real reactor).
         """
         self.app = await self.serve(path)
         # Where RFC 8414 section 3.1 puts the metadata of an issuer with a path.
@@ -61,7 +63,7 @@ class FlowOverSocketTests(OAuthSocketMixin, TestCase):
         )
         kw.update(overrides)
         config = Config(**kw)
-        self.server = OAuthServer(config, self.store, reactor, resolver)
+        self.server = OAuthServer(config, self.store, clock, resolver)
         mount_routes(self.app, OAuthRoutes(self.server).routes() + AuthorizeRoutes(self.server).routes())
 
     async def serve_document(self) -> str:
@@ -296,13 +298,16 @@ class FindingsOverSocketTests(OAuthSocketMixin, TestCase):
     def test_parallel_wrong_pastes(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self.parallel_pastes())
 
-    async def parallel_refresh(self) -> None:
-        await self.start(cimd=False)
+    async def connected(self) -> tuple[str, dict[str, Any]]:
+        """
+        Register a client, consent, exchange the code: the client id and
+        the token response.
+        """
         client_id = await self.register_client()
         response = await self.paste(client_id, SITE_TOKEN)
         self.assertEqual(response.code, 303)
         code = query_of(response.headers.getRawHeaders("location")[0])["code"][0]
-        status, first = await self.token_request(
+        status, tokens = await self.token_request(
             {
                 "grant_type": "authorization_code",
                 "code": code,
@@ -311,7 +316,12 @@ class FindingsOverSocketTests(OAuthSocketMixin, TestCase):
                 "code_verifier": VERIFIER,
             }
         )
-        self.assertEqual(status, 200, first)
+        self.assertEqual(status, 200, tokens)
+        return client_id, tokens
+
+    async def parallel_refresh(self) -> None:
+        await self.start(cimd=False)
+        client_id, first = await self.connected()
         refresh = {"grant_type": "refresh_token", "client_id": client_id}
         a, b = await gatherResults(
             [
@@ -343,3 +353,26 @@ class FindingsOverSocketTests(OAuthSocketMixin, TestCase):
 
     def test_parallel_refresh_then_loser(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self.parallel_refresh())
+
+    async def refreshes_record_use(self) -> None:
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        await self.start(cimd=False, clock=clock)
+        client_id, tokens = await self.connected()
+        exchanged = clock.seconds()
+        for advance, recorded in ((30, exchanged), (29, exchanged), (1, exchanged + 60), (59, exchanged + 60)):
+            clock.advance(advance)
+            status, tokens = await self.token_request(
+                {"grant_type": "refresh_token", "client_id": client_id, "refresh_token": tokens["refresh_token"]}
+            )
+            self.assertEqual(status, 200, tokens)
+            [grant] = await self.store.list_grants()
+            self.assertEqual(grant.last_used_at, recorded, clock.seconds() - exchanged)
+
+    def test_refreshes_record_use_once_a_minute(self) -> Deferred[None]:
+        """
+        Refreshes over HTTP record the grant's use (what the connected-apps
+        page shows as "last used") at most once a minute: the code exchange
+        at 0 s, then refreshes at 30, 59, 60 and 119 s.
+        """
+        return Deferred.fromCoroutine(self.refreshes_record_use())

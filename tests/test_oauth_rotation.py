@@ -13,9 +13,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from smeldr_oauth.oauth.model import Grant, RefreshToken
 from smeldr_oauth.oauth.rotation import (
     MAX_SIBLINGS,
+    USE_RESOLUTION,
     RotationDecision,
     decide,
     narrow_scopes,
+    use_recorded,
 )
 
 NOW = 1_000_000.0
@@ -84,9 +86,41 @@ class DecideTests(SynchronousTestCase):
                 new_generation=4,
                 access_scopes=SCOPES,
                 refresh_scopes=SCOPES,
+                record_use=True,
             ),
         )
         self.assertTrue(run().issues_tokens)
+
+    def test_use_recorded_once_a_minute(self) -> None:
+        """
+        A rotation or a grace sibling records the grant's use unless its
+        last recorded use is less than L{USE_RESOLUTION} seconds old; a
+        recorded use in the future (a clock stepped back) is recorded again.
+        """
+        for used, record in (
+            (None, True),
+            (NOW, False),
+            (NOW - USE_RESOLUTION + 1, False),
+            (NOW - USE_RESOLUTION, True),
+            (NOW - 3600, True),
+            (NOW + 1, True),
+        ):
+            grant = attr.evolve(GRANT, last_used_at=used)
+            self.assertEqual(use_recorded(grant, NOW), not record, used)
+            self.assertEqual(run(grant=grant).record_use, record, used)
+            self.assertEqual(run(grant=grant, token=spent(1)).record_use, record, used)
+
+    def test_no_use_recorded_without_tokens(self) -> None:
+        """
+        A refresh that issues nothing records no use.
+        """
+        for decision in (
+            run(token=spent(1000)),
+            run(requested_scopes=("admin",)),
+            run(token=attr.evolve(TOKEN, expires_at=NOW)),
+        ):
+            self.assertFalse(decision.issues_tokens)
+            self.assertFalse(decision.record_use, decision)
 
     def test_rotated_narrowed(self) -> None:
         """
@@ -127,7 +161,11 @@ class DecideTests(SynchronousTestCase):
             self.assertEqual(
                 run(token=spent(ago)),
                 RotationDecision(
-                    status="grace", new_generation=3, access_scopes=SCOPES, refresh_scopes=SCOPES
+                    status="grace",
+                    new_generation=3,
+                    access_scopes=SCOPES,
+                    refresh_scopes=SCOPES,
+                    record_use=True,
                 ),
             )
 

@@ -26,6 +26,7 @@ from smeldr_oauth.oauth.model import (
 )
 from smeldr_oauth.oauth.secrets import hash_secret
 from smeldr_oauth.oauth.interfaces import IOAuthStore
+from smeldr_oauth.oauth.rotation import USE_RESOLUTION
 from smeldr_oauth.store.common import CLIENT_RETENTION, GRANT_RETENTION, StoreConflict, start_purging
 from smeldr_oauth.store.memory import MemoryStore
 
@@ -467,6 +468,24 @@ class StoreBehaviourMixin(_MixinBase):
         info = self.live("r1-a", T0 + 100)
         self.assertEqual((info.grant_id, info.scopes, info.subject), ("g1", frozenset(SCOPES), "alice"))
         self.assertEqual(self.redeem("r1", "r2", T0 + 200).status, "rotated")
+
+    def test_refresh_records_use_once_a_minute(self) -> None:
+        """
+        A refresh records the grant's use (C{last_used_at}) unless the last
+        recorded one is less than L{USE_RESOLUTION} seconds old: the grant
+        the redemption returns and the stored one agree.
+        """
+        self.grant_with_tokens()
+        steps = [
+            ("g1-r0", "r1", T0 + 100, T0 + 100),
+            ("r1", "r2", T0 + 100 + USE_RESOLUTION - 1, T0 + 100),
+            ("r2", "r3", T0 + 100 + USE_RESOLUTION, T0 + 100 + USE_RESOLUTION),
+        ]
+        for token, new, now, recorded in steps:
+            result = self.redeem(token, new, now)
+            self.assertEqual((result.status, result.grant.last_used_at), ("rotated", recorded), now)
+            [grant] = self.ok(self.store.list_grants())
+            self.assertEqual(grant.last_used_at, recorded, now)
 
     def test_refresh_narrowed_scopes(self) -> None:
         """

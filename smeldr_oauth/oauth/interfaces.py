@@ -210,7 +210,11 @@ class IOAuthStore(Interface):
         C{generation}; the store fills in the real ones (and gives the new
         access token the grant's C{resource}: a refresh cannot move a token
         to another audience).  C{requested_scopes} of C{None} or C{()} means
-        the grant's scopes; duplicates are dropped.
+        the grant's scopes; duplicates are dropped.  A refresh that issues
+        tokens sets the grant's C{last_used_at} to C{now} unless the one
+        recorded is less than L{smeldr_oauth.oauth.rotation.USE_RESOLUTION}
+        seconds old (the decision's C{record_use}); the redemption's C{grant}
+        shows what is stored.
         """
 
     def lookup_access_token(token_hash: str, now: float) -> "Deferred[Optional[AccessInfo]]":  # type: ignore[misc]

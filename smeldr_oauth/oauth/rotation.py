@@ -35,6 +35,15 @@ from smeldr_oauth.oauth.model import Grant, RefreshToken
 #: siblings handed out during its predecessor's grace window.
 MAX_SIBLINGS = 4
 
+#: Seconds within which a grant's use (C{last_used_at}) is not recorded
+#: again by a refresh: the same minute's resolution the access-token
+#: verifier records a use with (L{smeldr_oauth.oauth.verifier.TOUCH_INTERVAL}).
+#: Its readers are the connected-apps page and C{list_grants} (a time shown
+#: to the minute) and the purge, which only removes a grant with no token
+#: left and no use for days; a refresh that skips the write saves an
+#: C{UPDATE} of the grant's row and its page in the commit.
+USE_RESOLUTION = 60.0
+
 UNKNOWN = "unknown"
 REVOKED = "revoked"
 REUSED = "reused"
@@ -65,6 +74,9 @@ class RotationDecision:
     @ivar refresh_scopes: the scopes of the new refresh token: always the
         grant's, so that narrowing one access token does not narrow the
         grant for good.
+    @ivar record_use: set the grant's C{last_used_at} to now (tokens are
+        issued and the grant's last recorded use is not within
+        L{USE_RESOLUTION} seconds before now).
     """
 
     status: str
@@ -74,6 +86,7 @@ class RotationDecision:
     new_generation: Optional[int] = None
     access_scopes: tuple[str, ...] = ()
     refresh_scopes: tuple[str, ...] = ()
+    record_use: bool = False
 
     @property
     def issues_tokens(self) -> bool:
@@ -81,6 +94,16 @@ class RotationDecision:
         Whether the store must insert a new access and refresh token.
         """
         return self.new_generation is not None
+
+
+def use_recorded(grant: Grant, now: float) -> bool:
+    """
+    Whether C{grant}'s last recorded use is recent enough (within
+    L{USE_RESOLUTION} seconds before C{now}) to stand for a use at C{now}.
+    A time in the future (a clock stepped back) does not count.
+    """
+    used = grant.last_used_at
+    return used is not None and 0 <= now - used < USE_RESOLUTION
 
 
 def narrow_scopes(
@@ -200,6 +223,7 @@ def decide(
             new_generation=live_generation,
             access_scopes=access_scopes,
             refresh_scopes=grant.scopes,
+            record_use=not use_recorded(grant, now),
         )
     return RotationDecision(
         status=ROTATED,
@@ -208,4 +232,5 @@ def decide(
         new_generation=token.generation + 1,
         access_scopes=access_scopes,
         refresh_scopes=grant.scopes,
+        record_use=not use_recorded(grant, now),
     )

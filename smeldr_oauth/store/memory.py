@@ -344,6 +344,7 @@ class MemoryStore:
                     generation=decision.new_generation,
                     used_at=None,
                 )
+            if decision.record_use:
                 self._grants[grant_id] = attr.evolve(self._grants[grant_id], last_used_at=now)
             return RefreshRedemption(status=decision.status, grant=self._grants[grant_id])
 

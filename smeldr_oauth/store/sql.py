@@ -290,7 +290,9 @@ class SQLStore:
         scopes and the grant's resource (a refresh cannot change the
         audience); the new refresh token the grant's scopes and the decided
         generation; both keep the caller's hashes and expiry times.  A
-        successful refresh also sets the grant's C{last_used_at}.
+        successful refresh also sets the grant's C{last_used_at}, at most
+        once a minute (L{smeldr_oauth.oauth.rotation.USE_RESOLUTION}): see
+        L{IOAuthStore.redeem_refresh_token}.
         """
         # Concurrent refreshes may share one transaction (group commit,
         # when the database has it on), each outcome as it would be alone.

@@ -387,6 +387,7 @@ def _apply(
         writes.append(
             _refresh_row(new_refresh, grant.grant_id, decision.refresh_scopes, decision.new_generation)
         )
+    if decision.record_use:
         writes.append(("UPDATE grants SET last_used_at = ? WHERE grant_id = ?", (now, grant.grant_id)))
         grant = attr.evolve(grant, last_used_at=now)
     if decision.mark_used:
