@@ -335,6 +335,23 @@ class AuthTests(HTTPTestBase):
         self.assertNotIn(b"db down", body)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    async def test_verifier_answering_plainly(self) -> None:
+        """
+        A verifier that answers with the value itself rather than a
+        L{Deferred} (as C{verify} has always accepted) is served over a
+        real socket: the token it knows works, one it refuses is a 401.
+        """
+        tokens = self.verifier.tokens
+
+        class Plain:
+            def verify_access_token(self, token: str) -> Any:
+                return tokens.get(token)
+
+        self.mcp.auth.verifier = Plain()
+        await self.initialize()
+        code, _, _ = await self.request("POST", body={"jsonrpc": "2.0", "id": 1, "method": "ping"}, token="nobody")
+        self.assertEqual(code, 401)
+
 
 class StreamableHTTPTests(HTTPTestBase):
     _ECHO = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}}
