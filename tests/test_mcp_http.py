@@ -366,6 +366,23 @@ class StreamableHTTPTests(HTTPTestBase):
         self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
         self.assertEqual(json.loads(body)["result"]["content"], [{"type": "text", "text": "hi"}])
 
+    async def test_lone_surrogate_answered(self) -> None:
+        """
+        A call whose answer holds a lone surrogate (the client sent
+        C{"\\ud800"}; the tool echoes it) is answered, over a real
+        socket, as JSON and as SSE: the encoding error left the request
+        without an answer for good.
+        """
+        session_id = await self.initialize()
+        call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "a\ud800"}}}
+        for accept, decode in (
+            ("application/json", json.loads),
+            ("text/event-stream", lambda body: json.loads(body.split(b"data: ", 1)[1].split(b"\n", 1)[0])),
+        ):
+            code, _, body = await self.request("POST", body=call, headers={"Mcp-Session-Id": session_id, "Accept": accept})
+            self.assertEqual(code, 200, accept)
+            self.assertEqual(decode(body)["result"]["content"], [{"type": "text", "text": "a\ud800"}], accept)
+
     async def test_sse_only_client_gets_sse(self) -> None:
         """
         A client that accepts only C{text/event-stream} gets its answer as
