@@ -383,6 +383,34 @@ class StreamableHTTPTests(HTTPTestBase):
             self.assertEqual(code, 200, accept)
             self.assertEqual(decode(body)["result"]["content"], [{"type": "text", "text": "a\ud800"}], accept)
 
+    async def test_answer_that_cannot_be_sent(self) -> None:
+        """
+        When an answer cannot be encoded (a bug), the request still ends:
+        a 500 as JSON, a closed stream as SSE, the error logged; before,
+        the exchange's callback failed unseen and the request hung.
+        """
+        from smeldr_oauth.mcp import jsonrpc
+
+        encode = jsonrpc.encode
+
+        def broken(message: Any) -> bytes:
+            if "boom" in json.dumps(message):
+                raise RuntimeError("cannot encode")
+            return encode(message)
+
+        session_id = await self.initialize()
+        self.patch(jsonrpc, "encode", broken)
+        call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "boom"}}}
+        code, _, body = await self.request("POST", body=call, headers={"Mcp-Session-Id": session_id})
+        self.assertEqual(code, 500)
+        self.assertNotIn(b"boom", body)
+        code, _, body = await self.request(
+            "POST", body=call, headers={"Mcp-Session-Id": session_id, "Accept": "text/event-stream"}
+        )
+        self.assertEqual(code, 200)
+        self.assertNotIn(b"boom", body)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
     async def test_sse_only_client_gets_sse(self) -> None:
         """
         A client that accepts only C{text/event-stream} gets its answer as
