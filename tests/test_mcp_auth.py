@@ -113,6 +113,10 @@ class CredentialTests(SynchronousTestCase):
             "store down": lambda: fail(StoreUnavailable("down")),
             "verifier broken": lambda: fail(ZeroDivisionError()),
             "verifier raises": lambda: 1 / 0,
+            # A verifier that answers with a plain value, not a Deferred
+            # (verify() has always taken that, through maybeDeferred).
+            "plain answer": lambda: good,
+            "plain refusal": lambda: None,
         }
         for name, answer in answers.items():
             clock = Clock()

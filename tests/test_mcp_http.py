@@ -335,6 +335,23 @@ class AuthTests(HTTPTestBase):
         self.assertNotIn(b"db down", body)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    async def test_verifier_answering_plainly(self) -> None:
+        """
+        A verifier that answers with the value itself rather than a
+        L{Deferred} (as C{verify} has always accepted) is served over a
+        real socket: the token it knows works, one it refuses is a 401.
+        """
+        tokens = self.verifier.tokens
+
+        class Plain:
+            def verify_access_token(self, token: str) -> Any:
+                return tokens.get(token)
+
+        self.mcp.auth.verifier = Plain()
+        await self.initialize()
+        code, _, _ = await self.request("POST", body={"jsonrpc": "2.0", "id": 1, "method": "ping"}, token="nobody")
+        self.assertEqual(code, 401)
+
 
 class StreamableHTTPTests(HTTPTestBase):
     _ECHO = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}}
@@ -348,6 +365,51 @@ class StreamableHTTPTests(HTTPTestBase):
         self.assertEqual(code, 200)
         self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
         self.assertEqual(json.loads(body)["result"]["content"], [{"type": "text", "text": "hi"}])
+
+    async def test_lone_surrogate_answered(self) -> None:
+        """
+        A call whose answer holds a lone surrogate (the client sent
+        C{"\\ud800"}; the tool echoes it) is answered, over a real
+        socket, as JSON and as SSE: the encoding error left the request
+        without an answer for good.
+        """
+        session_id = await self.initialize()
+        call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "a\ud800"}}}
+        for accept, decode in (
+            ("application/json", json.loads),
+            ("text/event-stream", lambda body: json.loads(body.split(b"data: ", 1)[1].split(b"\n", 1)[0])),
+        ):
+            code, _, body = await self.request("POST", body=call, headers={"Mcp-Session-Id": session_id, "Accept": accept})
+            self.assertEqual(code, 200, accept)
+            self.assertEqual(decode(body)["result"]["content"], [{"type": "text", "text": "a\ud800"}], accept)
+
+    async def test_answer_that_cannot_be_sent(self) -> None:
+        """
+        When an answer cannot be encoded (a bug), the request still ends:
+        a 500 as JSON, a closed stream as SSE, the error logged; before,
+        the exchange's callback failed unseen and the request hung.
+        """
+        from smeldr_oauth.mcp import jsonrpc
+
+        encode = jsonrpc.encode
+
+        def broken(message: Any) -> bytes:
+            if "boom" in json.dumps(message):
+                raise RuntimeError("cannot encode")
+            return encode(message)
+
+        session_id = await self.initialize()
+        self.patch(jsonrpc, "encode", broken)
+        call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "boom"}}}
+        code, _, body = await self.request("POST", body=call, headers={"Mcp-Session-Id": session_id})
+        self.assertEqual(code, 500)
+        self.assertNotIn(b"boom", body)
+        code, _, body = await self.request(
+            "POST", body=call, headers={"Mcp-Session-Id": session_id, "Accept": "text/event-stream"}
+        )
+        self.assertEqual(code, 200)
+        self.assertNotIn(b"boom", body)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
     async def test_sse_only_client_gets_sse(self) -> None:
         """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from smeldr_oauth.mcp import jsonrpc
@@ -32,6 +34,19 @@ class ParseTests(SynchronousTestCase):
     def test_long_method_name_truncated_in_error(self) -> None:
         error = jsonrpc.method_not_found("x" * 10000)
         self.assertEqual(len(error.data["method"]), 200)
+
+    def test_encode_lone_surrogate(self) -> None:
+        """
+        A lone surrogate (a client's C{"\\ud800"}, echoed by a tool) has
+        no UTF-8: it is sent escaped, as valid JSON that reads back the
+        same, never an exception (which left the request unanswered).
+        """
+        message = {"jsonrpc": "2.0", "id": 1, "result": {"text": "a\ud800b", "ok": "\u00e9"}}
+        data = jsonrpc.encode(message)
+        self.assertEqual(json.loads(data.decode("utf-8")), message)
+        self.assertNotIn(b"\n", data)
+        # Text that has UTF-8 is sent as UTF-8, not escaped.
+        self.assertEqual(jsonrpc.encode({"t": "\u00e9"}), '{"t":"\u00e9"}'.encode("utf-8"))
 
     def test_encode_is_one_line(self) -> None:
         self.assertEqual(jsonrpc.encode({"a": "b\nc"}), b'{"a":"b\\nc"}')

@@ -141,3 +141,107 @@ class RoutineEventsTests(SynchronousTestCase):
         self.emit()
         self.assertEqual(len(self.direct), 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class TwistedInternalsTests(SynchronousTestCase):
+    """
+    What L{smeldr_oauth.oauth.routine} reads of Twisted's private
+    attributes, pinned: if a Twisted release changes them, these fail
+    (and routine events fall back to the log, as the next tests show).
+    """
+
+    def test_filter(self) -> None:
+        from twisted.logger._filter import PredicateResult, shouldLogEvent
+        from twisted.logger._observer import bitbucketLogObserver
+
+        predicate = LogLevelFilterPredicate(LogLevel.info)
+        observer = FilteringLogObserver(lambda e: None, [predicate])
+        self.assertIs(observer._shouldLogEvent.func, shouldLogEvent)  # type: ignore[attr-defined]
+        self.assertEqual(observer._shouldLogEvent.args, ([predicate],))  # type: ignore[attr-defined]
+        self.assertIs(observer._negativeObserver, bitbucketLogObserver)
+        # A level filter says no below its level, else maybe; the filter
+        # drops an event when any predicate says no.
+        debug = {"log_level": LogLevel.debug, "log_namespace": "smeldr_oauth.oauth.tokens"}
+        self.assertIs(predicate(debug), PredicateResult.no)
+        self.assertIs(predicate(dict(debug, log_level=LogLevel.info)), PredicateResult.maybe)
+        self.assertFalse(shouldLogEvent([LogLevelFilterPredicate(LogLevel.debug), predicate], debug))
+
+    def test_publisher(self) -> None:
+        publisher = LogPublisher()
+        observer = FilteringLogObserver(lambda e: None, [])
+        publisher.addObserver(observer)
+        self.assertEqual(list(publisher._observers), [observer])
+
+
+class FallbackTests(SynchronousTestCase):
+    """
+    When an observer or the publisher is not what this module can read,
+    the routine event goes through the log: no observer loses it.
+    """
+
+    def setUp(self) -> None:
+        self.direct: list[dict[str, Any]] = []
+
+    def emit(self, events: RoutineEvents, publisher: Any) -> None:
+        logger = Logger(namespace="smeldr_oauth.oauth.tokens", observer=publisher)
+        events.emit(logger, LogLevel.debug, "issued", smeldr_event="token_issued")
+
+    def test_negative_observer(self) -> None:
+        """
+        A level filter that hands what it drops to another observer may
+        keep the event (there).
+        """
+        publisher = LogPublisher()
+        events = RoutineEvents(publisher)
+        dropped: list[dict[str, Any]] = []
+        publisher.addObserver(
+            FilteringLogObserver(lambda e: None, [LogLevelFilterPredicate(LogLevel.info)], negativeObserver=dropped.append)
+        )
+        events.observe(self.direct.append)
+        self.emit(events, publisher)
+        self.assertEqual(len(dropped), 1)
+        self.assertEqual(len(self.direct), 1)
+
+    def test_filter_internals_changed(self) -> None:
+        """
+        Without the Twisted function this module recognises, a level
+        filter is not known to drop anything.
+        """
+        publisher = LogPublisher()
+        events = RoutineEvents(publisher)
+        written: list[dict[str, Any]] = []
+        publisher.addObserver(FilteringLogObserver(written.append, [LogLevelFilterPredicate(LogLevel.info)]))
+        events.observe(self.direct.append)
+        self.patch(routine_module, "_should_log_event", None)
+        self.assertFalse(events.quiet("smeldr_oauth.oauth.tokens"))
+        self.emit(events, publisher)
+        self.assertEqual(len(self.direct), 1)
+
+    def test_publisher_unreadable(self) -> None:
+        """
+        A publisher whose observers cannot be read: every routine event
+        goes through it.
+        """
+
+        class Publisher(LogPublisher):
+            _observers = property(lambda self: 1 / 0)  # type: ignore[assignment]
+
+            def __init__(self) -> None:
+                self.seen: list[Any] = []
+
+            def addObserver(self, observer: Any) -> None:
+                self.seen.append(observer)
+
+            def removeObserver(self, observer: Any) -> None:
+                self.seen.remove(observer)
+
+            def __call__(self, event: Any) -> None:
+                for observer in self.seen:
+                    observer(event)
+
+        publisher = Publisher()
+        events = RoutineEvents(publisher)
+        events.observe(self.direct.append)
+        self.emit(events, publisher)
+        self.assertEqual(len(self.direct), 1)
+        self.assertFalse(events.quiet("smeldr_oauth.oauth.tokens"))

@@ -221,6 +221,30 @@ class PostgresStoreTests(SynchronousTestCase):
             ).fetchall()
         self.assertEqual(rows, [("notifications", 1), ("oauth", 1), ("oauth", 2)])
 
+    def test_refresh_facts_function(self) -> None:
+        """
+        The PL/pgSQL function a refresh reads its facts with (migration 2)
+        answers what L{transactions._REFRESH_FACTS} does, column for
+        column: the two are written twice, and a column added to one alone
+        (a new grant column, say) must fail here, not in production.
+        """
+        import psycopg
+        from psycopg.rows import dict_row
+
+        from smeldr_oauth.store.transactions import _REFRESH_FACTS
+
+        url = postgres.database_url(self)
+        store = pg_store(self, url)
+        issue_secrets(self, store, url)
+        store.close()
+        with psycopg.connect(url, row_factory=dict_row) as connection:
+            hashes = [r["token_hash"] for r in connection.execute("SELECT token_hash FROM refresh_tokens").fetchall()]
+            self.assertTrue(hashes)
+            for token_hash in hashes + ["unknown"]:
+                plain = connection.execute(_REFRESH_FACTS.replace("?", "%s"), (token_hash, token_hash)).fetchall()
+                function = connection.execute("SELECT * FROM smeldr_refresh_facts(%s)", (token_hash,)).fetchall()
+                self.assertEqual(function, plain)
+
 
 # Races: real threads and real processes against one database.
 

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.defer import DeferredList, fail, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -260,6 +260,22 @@ class SpendBothTests(SynchronousTestCase):
         self.assertEqual(self.spend(), 15)
         self.assertEqual(self.calls[-1], "take_both")
         self.assertEqual([self.successResultOf(self.client.take("client")) for _ in range(4)], [None] * 3 + [20])
+
+    def test_store_failure_refunds_both(self) -> None:
+        """
+        When the store cannot answer, neither limiter's local pre-check
+        keeps the event it spent: the failures, however many, leave both
+        to the store's judgement once it is back.
+        """
+        take_both = self.store.take_both
+        self.patch(self.store, "take_both", lambda *args: fail(StoreUnavailable("down")))
+        for _ in range(5):
+            self.failureResultOf(
+                spend_both(self.address, "192.0.2.1", self.client, "client", "token", "token request"),
+                StoreUnavailable,
+            )
+        self.patch(self.store, "take_both", take_both)
+        self.assertEqual([self.spend() for _ in range(3)], [None] * 3)
 
     def test_in_memory(self) -> None:
         """

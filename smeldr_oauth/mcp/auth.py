@@ -17,7 +17,7 @@ import re
 from typing import Any, Optional, Sequence
 
 import attr
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -234,11 +234,9 @@ class BearerAuth:
             L{Deferred}, when the verifier had to look it up).
         """
         token = bearer_token(request.requestHeaders.getRawHeaders(b"authorization"), self.challenger)
-        verifier = self.verifier
-        try:
-            d = verifier.verify_access_token(token)
-        except Exception:
-            d = fail()
+        # maybeDeferred, as verify(): a verifier may raise, or answer with
+        # the value itself rather than a Deferred.
+        d = maybeDeferred(self.verifier.verify_access_token, token)
         known = outcome_now(d)
         if not known:
             return _judged(d, self.challenger, self.clock, self.audience).addCallback(Credential, token)

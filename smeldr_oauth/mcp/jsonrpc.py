@@ -231,6 +231,8 @@ def _reject_constant(name: str) -> None:
 # call, which was a third of their cost for a tools/call's frames.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+#: For the rare message that has no UTF-8 (see L{encode}).
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def result_response(msg_id: RequestId, result: JSONValue) -> dict[str, JSONValue]:
@@ -255,5 +257,16 @@ def request(msg_id: RequestId, method: str, params: Optional[dict[str, JSONValue
 
 
 def encode(message: JSONValue) -> bytes:
-    """Compact UTF-8 JSON, one line (stdio frames must not contain newlines)."""
-    return _ENCODER.encode(message).encode("utf-8")
+    """
+    Compact UTF-8 JSON, one line (stdio frames must not contain newlines).
+
+    A lone surrogate (JSON lets a client send C{"\\ud800"}, and a tool may
+    echo it back) has no UTF-8: such a message is sent with every
+    non-ASCII character escaped, which is the same JSON, rather than an
+    error that would leave the request without an answer.
+    """
+    text = _ENCODER.encode(message)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _ASCII_ENCODER.encode(message).encode("ascii")

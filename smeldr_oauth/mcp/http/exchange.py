@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.auth import Challenger, Credential
@@ -27,6 +29,9 @@ from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message
 from smeldr_oauth.mcp.calls import Outlet, Principal
 from smeldr_oauth.mcp.session import ServerSession
 from smeldr_oauth.mcp.streams import SSEStream
+
+
+log = Logger()
 
 
 class _PostOutlet(Outlet):
@@ -94,7 +99,7 @@ class Exchange:
         if self.session is not None:
             self.session.add_exchange(self)
         for message in requests:
-            self.protocol.handle(message, principal, self.outlet).addCallback(self._answered)
+            self.protocol.handle(message, principal, self.outlet).addCallback(self._answered).addErrback(self._broken)
         options = self._guard.options
         if self.mode == "pending" and self.sse_ok and options.keepalive_interval:
             # Still running: past the keepalive interval the answer becomes
@@ -169,6 +174,23 @@ class Exchange:
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json")
         self._answer(jsonrpc.encode(self.responses if self.is_batch else self.responses[0]))
+
+    def _broken(self, failure: Failure) -> None:
+        """
+        Answering failed (a bug, an answer that cannot be sent): end the
+        exchange as an error rather than leave the request open for good,
+        its failure logged once (by the route's 500 when there is one).
+        """
+        self.mode = "done"
+        self._stop_timer()
+        if self.session is not None:
+            self.session.discard_exchange(self)
+        if self.stream is None and not self.result.called:
+            self.result.errback(failure)
+            return
+        log.failure("MCP exchange could not be answered", failure)
+        if self.stream is not None:
+            self.stream.close()
 
     def _answer(self, body: bytes) -> None:
         self.body = body
