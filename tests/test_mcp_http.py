@@ -677,6 +677,33 @@ class LegacySSETests(HTTPTestBase):
         # The refused call never reached the stream.
         self.assertEqual(client.data.count(b'"id":3'), 1)
 
+    async def test_answer_that_cannot_be_sent(self) -> None:
+        """
+        When the answer to a legacy POST cannot be encoded (a bug), the
+        stream still gets an internal error for the request and the failure
+        is logged at once; before, the request waited for good.
+        """
+        from smeldr_oauth.mcp import jsonrpc
+
+        encode = jsonrpc.encode
+
+        def broken(message: Any) -> bytes:
+            if "boom" in json.dumps(message):
+                raise RuntimeError("cannot encode")
+            return encode(message)
+
+        client, endpoint = await self.open_legacy()
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2024-11-05", "capabilities": {}}}
+        await self.request("POST", path=endpoint, body=init)
+        await client.wait_for(b'"protocolVersion"')
+        self.patch(jsonrpc, "encode", broken)
+        call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "boom"}}}
+        code, _, _ = await self.request("POST", path=endpoint, body=call)
+        self.assertEqual(code, 202)
+        await client.wait_for(b'"id":7,"error":{"code":-32603')
+        self.assertNotIn(b"boom", client.data)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     async def test_post_needs_owner_token(self) -> None:
         client, endpoint = await self.open_legacy()
         ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.mcp import Context, MCPApp
+from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import AppLoadError, load_app
 from smeldr_oauth.mcp.stdio import StdioMCP, main
 
@@ -87,6 +88,30 @@ class StdioTests(SynchronousTestCase):
         self.init()
         self.protocol.dataReceived(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"whoami"}}\r\n')
         self.assertEqual(self.lines()[0]["result"]["content"][0]["text"], "local ['write']")
+
+    def test_answer_that_cannot_be_sent(self) -> None:
+        """
+        When an answer cannot be encoded (a bug), the caller still gets an
+        internal error for its request, alone or in a batch, and the
+        failure is logged at once; before, the callback failed unseen.
+        """
+        encode = jsonrpc.encode
+
+        def broken(message: Any) -> bytes:
+            if "local [" in json.dumps(message):
+                raise RuntimeError("cannot encode")
+            return encode(message)
+
+        self.init("2025-03-26")
+        self.patch(jsonrpc, "encode", broken)
+        self.protocol.dataReceived(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"whoami"}}\n')
+        self.assertEqual(self.lines(), [{"jsonrpc": "2.0", "id": 1, "error": {"code": -32603, "message": "Internal error"}}])
+        self.protocol.dataReceived(
+            b'[{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"whoami"}},{"jsonrpc":"2.0","id":3,"method":"ping"}]\n'
+        )
+        [answer] = self.lines()
+        self.assertEqual((answer["id"], answer["error"]["code"]), (3, -32603))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
     def test_split_and_joined_lines(self) -> None:
         self.init()

@@ -243,6 +243,17 @@ def error_response(msg_id: Optional[RequestId], error: JSONRPCError) -> dict[str
     return {"jsonrpc": "2.0", "id": msg_id, "error": error.as_json()}
 
 
+def lost_answer(message: Message) -> Optional[dict[str, JSONValue]]:
+    """
+    What to send when the answer to C{message} could not be made or sent
+    (a bug): an internal error for a request, so its caller does not wait
+    for good; nothing for anything else, which expects no answer.
+    """
+    if isinstance(message, Request):
+        return error_response(message.id, internal_error())
+    return None
+
+
 def notification(method: str, params: Optional[dict[str, JSONValue]] = None) -> dict[str, JSONValue]:
     message: dict[str, JSONValue] = {"jsonrpc": "2.0", "method": method}
     if params is not None:

@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smeldr_oauth.mcp import jsonrpc
@@ -103,8 +104,11 @@ class StdioMCP(LineReceiver):
             )
             return
         if not is_batch:
+            message = messages[0]
             self._track(
-                self.session.handle(messages[0], self.principal, self.session.default_outlet).addCallback(self._reply)
+                self.session.handle(message, self.principal, self.session.default_outlet)
+                .addCallback(self._reply)
+                .addErrback(self._lost, message)
             )
             return
         responses: list[Any] = []
@@ -118,11 +122,28 @@ class StdioMCP(LineReceiver):
                 self._send(responses)
 
         for message in messages:
-            self._track(self.session.handle(message, self.principal, self.session.default_outlet).addCallback(collected))
+            self._track(
+                self.session.handle(message, self.principal, self.session.default_outlet)
+                .addCallback(collected)
+                .addErrback(self._lost, message)
+            )
 
     def _reply(self, response: Optional[dict]) -> None:
         if response is not None:
             self._send(response)
+
+    def _lost(self, failure: Failure, message: jsonrpc.Message) -> None:
+        """
+        An answer could not be made or written (a bug): log it now, not
+        when the Deferred is collected, and tell a waiting caller.
+        """
+        log.failure("MCP answer could not be sent on stdio", failure)
+        error = jsonrpc.lost_answer(message)
+        if error is not None:
+            try:
+                self._send(error)
+            except Exception:
+                log.failure("MCP error answer could not be sent on stdio")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # The rest of the oversized line is discarded by LineReceiver; say

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import hyperlink
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.auth import BearerAuth, Credential
@@ -79,7 +80,7 @@ class LegacySSE:
             # on another process.
             protocol.handle(message, principal, outlet).addCallback(
                 lambda response: sessions.when_saved(session, response)
-            ).addCallback(_reply, delivery, session_id)
+            ).addCallback(_reply, delivery, session_id).addErrback(_lost, message, delivery, session_id)
         request.setResponseCode(202)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"Accepted"
@@ -110,3 +111,17 @@ def _reply(response: Optional[dict[str, Any]], delivery: Any, session_id: str) -
     if response is not None:
         delivery.deliver(session_id, jsonrpc.encode(response).decode("utf-8"))
 
+
+def _lost(failure: Failure, message: jsonrpc.Message, delivery: Any, session_id: str) -> None:
+    """
+    The answer to a legacy POST could not be made, saved or delivered (a
+    bug, the database gone): log it now rather than when the Deferred is
+    collected, and tell a waiting caller on its stream.
+    """
+    log.failure("MCP answer could not be sent on the legacy stream", failure)
+    error = jsonrpc.lost_answer(message)
+    if error is not None:
+        try:
+            _reply(error, delivery, session_id)
+        except Exception:
+            log.failure("MCP error answer could not be sent on the legacy stream")
