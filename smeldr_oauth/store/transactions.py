@@ -32,7 +32,7 @@ import attr
 from twisted.python.failure import Failure
 
 from smeldr_oauth.db.database import Transaction
-from smeldr_oauth.db.rows import from_row, where
+from smeldr_oauth.db.rows import from_row, to_row, where
 from smeldr_oauth.oauth import model, rotation
 from smeldr_oauth.oauth.interfaces import CodeRedemption, RefreshRedemption
 
@@ -87,49 +87,20 @@ def _get_grant(txn: Transaction, grant_id: str, lock: bool = False) -> Optional[
 
 
 def _insert_grant(txn: Transaction, grant: model.Grant) -> None:
-    txn.execute(
-        "INSERT INTO grants (grant_id, client_id, subject, scopes, resource,"
-        " created_at, site_token_id, client_name, last_used_at, revoked_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            grant.grant_id,
-            grant.client_id,
-            grant.subject,
-            _dump(grant.scopes),
-            grant.resource,
-            grant.created_at,
-            grant.site_token_id,
-            grant.client_name,
-            grant.last_used_at,
-            grant.revoked_at,
-        ),
-    )
+    txn.execute(*to_row("grants", grant, scopes=_dump(grant.scopes)))
 
 
 def _access_row(
     access: model.AccessToken, grant_id: str, scopes: Sequence[str], resource: str
 ) -> tuple[str, Sequence[Any]]:
-    return (
-        "INSERT INTO access_tokens (token_hash, grant_id, scopes, resource, expires_at)"
-        " VALUES (?, ?, ?, ?, ?)",
-        (access.token_hash, grant_id, _dump(scopes), resource, access.expires_at),
-    )
+    return to_row("access_tokens", access, grant_id=grant_id, scopes=_dump(scopes), resource=resource)
 
 
 def _refresh_row(
     refresh: model.RefreshToken, grant_id: str, scopes: Sequence[str], generation: int
 ) -> tuple[str, Sequence[Any]]:
-    return (
-        "INSERT INTO refresh_tokens (token_hash, grant_id, scopes, generation,"
-        " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-        (
-            refresh.token_hash,
-            grant_id,
-            _dump(scopes),
-            generation,
-            refresh.created_at,
-            refresh.expires_at,
-        ),
+    return to_row(
+        "refresh_tokens", refresh, grant_id=grant_id, scopes=_dump(scopes), generation=generation, used_at=None
     )
 
 
@@ -165,23 +136,7 @@ def _revoked(grant: Optional[model.Grant], ended: bool, now: float) -> Optional[
 
 def save_client(txn: Transaction, client: model.Client) -> None:
     txn.execute(
-        "INSERT INTO clients (client_id, client_name, redirect_uris,"
-        " token_endpoint_auth_method, grant_types, scope, kind,"
-        " client_secret_hash, created_at, client_uri, logo_uri)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            client.client_id,
-            client.client_name,
-            _dump(client.redirect_uris),
-            client.token_endpoint_auth_method,
-            _dump(client.grant_types),
-            client.scope,
-            client.kind,
-            client.client_secret_hash,
-            client.created_at,
-            client.client_uri,
-            client.logo_uri,
-        ),
+        *to_row("clients", client, redirect_uris=_dump(client.redirect_uris), grant_types=_dump(client.grant_types))
     )
 
 
@@ -198,22 +153,7 @@ def create_grant(txn: Transaction, grant: model.Grant, code: model.Authorization
     if code.grant_id != grant.grant_id:
         raise ValueError("the code does not belong to the grant")
     _insert_grant(txn, grant)
-    txn.execute(
-        "INSERT INTO codes (code_hash, grant_id, client_id, redirect_uri,"
-        " code_challenge, scopes, resource, expires_at, issue_refresh)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            code.code_hash,
-            grant.grant_id,
-            code.client_id,
-            code.redirect_uri,
-            code.code_challenge,
-            _dump(code.scopes),
-            code.resource,
-            code.expires_at,
-            int(code.issue_refresh),
-        ),
-    )
+    txn.execute(*to_row("codes", code, scopes=_dump(code.scopes), issue_refresh=int(code.issue_refresh)))
 
 
 def consume_code(txn: Transaction, code_hash: str, now: float) -> CodeRedemption:
