@@ -457,6 +457,22 @@ class StoreBehaviourMixin(_MixinBase):
         self.ok(self.store.add_tokens("g1", access("a"), None))
         self.assertIsNotNone(self.live("a"))
 
+    def test_new_refresh_token_is_unspent(self) -> None:
+        """
+        A refresh token is stored unspent whatever its record's C{used_at}
+        says, by C{add_tokens} as by a rotation.
+        """
+        self.ok(self.store.create_grant(make_grant(), make_code("code")))
+        spent = attr.evolve(refresh("r0"), used_at=T0)
+        self.ok(self.store.add_tokens("g1", access("a"), spent))
+        self.assertEqual(self.redeem("r0", "r1", T0 + 100).status, "rotated")
+        now = T0 + 200
+        result = self.store.redeem_refresh_token(
+            h("r1"), now, GRACE, None, access("r2-a", now), attr.evolve(refresh("r2", now), used_at=now)
+        )
+        self.assertEqual(self.ok(result).status, "rotated")
+        self.assertEqual(self.redeem("r2", "r3", now + 100).status, "rotated")
+
     # Refresh
 
     def test_refresh_rotated(self) -> None:

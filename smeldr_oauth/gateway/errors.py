@@ -92,14 +92,7 @@ def from_upstream(error: Any) -> JSONRPCError:
     The upstream's own error object, checked for shape and cut to a sane
     size, to pass on to the downstream caller.
     """
-    if not isinstance(error, dict):
-        return JSONRPCError(jsonrpc.INTERNAL_ERROR, "Upstream error")
-    code, message = error.get("code"), error.get("message")
-    if not isinstance(code, int) or isinstance(code, bool):
-        code = jsonrpc.INTERNAL_ERROR
-    if not isinstance(message, str):
-        message = "Upstream error"
-    return JSONRPCError(code, message[:500], error.get("data"))
+    return jsonrpc.peer_error(error, "Upstream error")
 
 
 def missing_capability(capability: str) -> JSONRPCError:

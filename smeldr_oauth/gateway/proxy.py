@@ -28,11 +28,12 @@ The caller's access token never reaches this layer, let alone the
 upstream: an HTTP upstream sees the gateway's own credential and, if
 configured, identity headers.
 
-Why one module over 500 lines: L{GatewaySession} is one downstream
-conversation's method table (handshake, forwarding with the scope check,
-level and subscriptions, server-to-client requests and their answers), and
-L{Gateway} is only its factory and isolation policy; the methods share the
-session's in-flight and pending tables, so cutting them would export those.
+What every session does alike (sorting messages, tracking, cancelling
+and closing requests, asking the client and waiting for its answer) is
+L{smeldr_oauth.mcp.conversation.ConversationState}'s; L{GatewaySession}
+is one downstream conversation's method table (handshake, forwarding with
+the scope check, level and subscriptions), and L{Gateway} its factory and
+isolation policy.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -54,7 +55,7 @@ from smeldr_oauth.gateway.metrics import UpstreamMetrics
 from smeldr_oauth.gateway.pool import Pool
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.context import LOG_LEVELS
-from smeldr_oauth.mcp.jsonrpc import InsufficientScope, JSONRPCError, Message, Notification, Request, Response
+from smeldr_oauth.mcp.jsonrpc import InsufficientScope, JSONRPCError, Message, Notification, Request
 from smeldr_oauth.mcp.calls import Outlet, Principal, log_scope_refusal
 from smeldr_oauth.mcp.conversation import ConversationState, SessionOptions
 from smeldr_oauth.mcp.versions import (
@@ -208,7 +209,10 @@ class GatewaySession(ConversationState):
     """
 
     _in_flight: dict[Any, tuple[Deferred, _Call]]
-    _pending: dict[str, Deferred]
+
+    request_prefix = "gw"
+    cancel_on_timeout = True
+    failure_format = "Gateway {method} failed"
 
     def __init__(self, gateway: Gateway, number: int, **options: Unpack[SessionOptions]) -> None:
         """
@@ -232,65 +236,30 @@ class GatewaySession(ConversationState):
     def missing_scopes(self, message: Message, principal: Principal) -> Optional[tuple[str, ...]]:
         return self.gateway.missing_scopes(message, principal)
 
-    def handle(self, message: Message, principal: Principal, outlet: Optional[Outlet] = None) -> Deferred:
-        if isinstance(message, jsonrpc.Invalid):
-            return succeed(jsonrpc.error_response(message.id, message.error))
-        if isinstance(message, Response):
-            self._answered(message)
-            return succeed(None)
-        if isinstance(message, Notification):
-            self._notified(message, principal)
-            return succeed(None)
-        assert isinstance(message, Request)
-        try:
-            call = self._prepare(message, principal, outlet)
-            missing = self.missing_scopes(message, principal)
-            if missing:
-                log_scope_refusal("Gateway call", principal, missing)
-                raise InsufficientScope(missing)
-        except JSONRPCError as error:
-            return succeed(jsonrpc.error_response(message.id, error))
-        if message.id in self._in_flight:
-            return succeed(jsonrpc.error_response(message.id, jsonrpc.invalid_request("Request id already in use")))
+    def _admit(self, message: Request, principal: Principal, outlet: Optional[Outlet]) -> _Call:
+        call = self._prepare(message, principal, outlet)
+        missing = self.missing_scopes(message, principal)
+        if missing:
+            log_scope_refusal("Gateway call", principal, missing)
+            raise InsufficientScope(missing)
+        return call
+
+    def _run(self, message: Request, call: _Call) -> Deferred:
         try:
             inner = self._dispatch(message, call)
-        except JSONRPCError as error:
-            return succeed(jsonrpc.error_response(message.id, error))
         except Exception:
-            log.failure("Gateway {method} failed", method=message.method)
-            return succeed(jsonrpc.error_response(message.id, jsonrpc.internal_error()))
-        self._in_flight[message.id] = (inner, call)
-        answer: Deferred = Deferred()
+            return succeed(self._failed(message, call, Failure()))
 
-        def finished(result: Any) -> None:
-            self._in_flight.pop(message.id, None)
+        def respond(result: object) -> Optional[dict[str, Any]]:
             call.done = True
-            if not isinstance(result, Failure):
-                answer.callback(jsonrpc.result_response(message.id, result))
-            elif call.cancelled and result.check(CancelledError):
-                answer.callback(None)  # a cancelled request gets no answer
-            elif result.check(JSONRPCError):
-                answer.callback(jsonrpc.error_response(message.id, result.value))
-            else:
-                log.failure("Gateway {method} failed", result, method=message.method)
-                answer.callback(jsonrpc.error_response(message.id, jsonrpc.internal_error()))
+            if isinstance(result, Failure):
+                return self._failed(message, call, result)
+            return jsonrpc.result_response(message.id, result)
 
-        inner.addBoth(finished)
-        return answer
+        return self._serve(message, inner, call, respond)
 
     def close(self) -> None:
-        if self.state == "closed":
-            return
-        self.state = "closed"
-        for inner, call in list(self._in_flight.values()):
-            call.cancelled = True
-            inner.cancel()
-        self._in_flight.clear()
-        pending, self._pending = self._pending, {}
-        for request_id, d in pending.items():
-            self._forget_reply(request_id)
-            d.errback(JSONRPCError(jsonrpc.REQUEST_CANCELLED, "Session ended"))
-        if self.link is not None:
+        if self._end() and self.link is not None:
             self.link.detach(self)
 
     def resume(self, **record: Any) -> None:
@@ -325,78 +294,15 @@ class GatewaySession(ConversationState):
         return True
 
     def client_request(self, method: str, params: dict[str, Any], outlet: Optional[Outlet]) -> Deferred:
-        if self.state == "closed":
-            return fail(JSONRPCError(jsonrpc.REQUEST_CANCELLED, "Session ended"))
-        target = outlet if outlet is not None and outlet.can_request else self.default_outlet
-        if target is None or not target.can_request:
-            return fail(JSONRPCError(jsonrpc.INVALID_REQUEST, "No channel to the client for requests"))
-        self._next_id += 1
-        request_id = f"gw-{self._next_id}"
-        timer: Optional[IDelayedCall] = None
-
-        def cancel(_: Deferred) -> None:
-            if self._pending.pop(request_id, None) is not None and self.state != "closed":
-                target.send(jsonrpc.notification("notifications/cancelled", {"requestId": request_id}))
-
-        d: Deferred = Deferred(cancel)
-        self._pending[request_id] = d
-
-        def expire() -> None:
-            if self._pending.pop(request_id, None) is d:
-                target.send(jsonrpc.notification("notifications/cancelled", {"requestId": request_id, "reason": "timeout"}))
-                d.errback(JSONRPCError(jsonrpc.REQUEST_TIMEOUT, "The client did not answer in time"))
-
-        def clear(result: Any) -> Any:
-            if timer is not None and timer.active():
-                timer.cancel()
-            self._forget_reply(request_id)
-            return result
-
-        timer = self.clock.callLater(self.request_timeout, expire)
-        if self._delivery is not None:
-            self._delivery.expect_reply(self.session_id, request_id, self._resolve)  # type: ignore[arg-type]
-        target.send(jsonrpc.request(request_id, method, params))
-        return d.addBoth(clear)
+        return self._ask_client(outlet, method, params)
 
     # -- internals -----------------------------------------------------------------
 
-    def _answered(self, message: Response) -> None:
-        if self._delivery is not None:
-            # The request may have been sent by this session's live parts
-            # in another process.
-            self._delivery.route_reply(self.session_id, message)  # type: ignore[arg-type]
-        else:
-            self._resolve(message)
-
-    def _resolve(self, message: Response) -> bool:
-        d = self._pending.pop(message.id, None) if isinstance(message.id, str) else None
-        if d is None:
-            return False
-        if message.error is not None:
-            d.errback(errors.from_upstream(message.error))
-        else:
-            d.callback(message.result)
-        return True
-
-    def _forget_reply(self, request_id: str) -> None:
-        if self._delivery is not None:
-            self._delivery.forget_reply(self.session_id, request_id)  # type: ignore[arg-type]
-
-    def _notified(self, message: Notification, principal: Principal) -> None:
-        method = message.method
-        if method == "notifications/initialized":
-            self.client_initialized()
-        elif method == "notifications/cancelled":
-            request_id = message.params.get("requestId")
-            entry = self._in_flight.get(request_id) if isinstance(request_id, (str, int)) else None
-            if entry is not None:
-                inner, call = entry
-                call.cancelled = True
-                inner.cancel()
-        elif method in ("notifications/roots/list_changed", "notifications/progress"):
+    def _heard(self, message: Notification, principal: Principal) -> None:
+        if message.method in ("notifications/roots/list_changed", "notifications/progress"):
             # Progress here is the client's, for a request the upstream made.
             if self.link is not None:
-                self.link.notify(method, message.params, principal)
+                self.link.notify(message.method, message.params, principal)
 
     def _prepare(self, message: Request, principal: Principal, outlet: Optional[Outlet]) -> _Call:
         if self.state == "closed":

@@ -104,6 +104,25 @@ def internal_error() -> JSONRPCError:
     return JSONRPCError(INTERNAL_ERROR, "Internal error")
 
 
+def peer_error(error: object, fallback: str) -> JSONRPCError:
+    """
+    The error object a peer answered one of our requests with, checked for
+    shape and cut to a sane size, as an exception to pass on: a client's
+    answer to a server-to-client request, an upstream's answer to the
+    gateway.
+
+    @param fallback: the message when the peer gave none.
+    """
+    if not isinstance(error, dict):
+        return JSONRPCError(INTERNAL_ERROR, fallback)
+    code, message = error.get("code"), error.get("message")
+    if not isinstance(code, int) or isinstance(code, bool):
+        code = INTERNAL_ERROR
+    if not isinstance(message, str):
+        message = fallback
+    return JSONRPCError(code, message[:500], error.get("data"))
+
+
 def unsupported_version(requested: object, supported: tuple[str, ...]) -> JSONRPCError:
     return JSONRPCError(
         UNSUPPORTED_PROTOCOL_VERSION,

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional
 
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -40,7 +40,7 @@ from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.calls import Call, CallbackOutlet, Outlet, Principal, outcome_now
 from smeldr_oauth.mcp.conversation import ConversationState, SessionOptions
-from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message, Notification, Request, Response
+from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message, Request
 from smeldr_oauth.mcp.methods import METHODS, needed_scopes
 from smeldr_oauth.mcp.results import modern_envelope
 from smeldr_oauth.mcp.versions import BATCH_VERSIONS, LATEST_SESSION_VERSION, check_envelope, is_modern_request
@@ -71,9 +71,9 @@ class ServerSession(ConversationState):
     __slots__ = ("app", "__weakref__")
 
     _in_flight: dict[Any, tuple[Deferred, Call]]
-    _pending: dict[str, tuple[Deferred, IDelayedCall]]
 
     initial_log_level = "info"
+    request_prefix = "srv"
 
     def __init__(self, app: MCPApp, clock: IReactorTime, **options: Unpack[SessionOptions]) -> None:
         super().__init__(clock, **options)
@@ -97,31 +97,10 @@ class ServerSession(ConversationState):
             return needed
         return None
 
-    def handle(self, message: Message, principal: Principal, outlet: Optional[Outlet] = None) -> Deferred:
-        """
-        Process one message.
+    def _admit(self, message: Request, principal: Principal, outlet: Optional[Outlet]) -> Call:
+        return self.prepare(message, principal, outlet)
 
-        @return: a L{Deferred} firing with the response dictionary to send,
-            or C{None} when there is none (notifications, responses to our
-            own requests, cancelled requests).  It never fails.
-        """
-        if isinstance(message, jsonrpc.Invalid):
-            return succeed(jsonrpc.error_response(message.id, message.error))
-        if isinstance(message, Response):
-            self._handle_response(message)
-            return succeed(None)
-        if isinstance(message, Notification):
-            self._handle_notification(message)
-            return succeed(None)
-        assert isinstance(message, Request)
-        if self.state == "closed":
-            return succeed(jsonrpc.error_response(message.id, JSONRPCError(jsonrpc.INVALID_REQUEST, "Session ended")))
-        try:
-            call = self.prepare(message, principal, outlet)
-        except JSONRPCError as error:
-            return succeed(jsonrpc.error_response(message.id, error))
-        if message.id in self._in_flight:
-            return succeed(jsonrpc.error_response(message.id, jsonrpc.invalid_request("Request id already in use")))
+    def _run(self, message: Request, call: Call) -> Deferred:
         try:
             inner = self._dispatch(message, call)
         except BaseException:
@@ -130,30 +109,17 @@ class ServerSession(ConversationState):
             # A method that answered with its value (most calls, SQLite on
             # the reactor thread): no Deferred made and unwrapped again.
             return succeed(self._response(message, call, inner))
-        settled = outcome_now(inner)
-        if settled:
+        now = outcome_now(inner)
+        if now:
             # Answered at once: no second Deferred, nothing in flight to
             # track.
-            return succeed(self._response(message, call, settled[0]))
-        self._in_flight[message.id] = (inner, call)
-        outer: Deferred = Deferred()
-
-        def finished(result: object) -> None:
-            self._in_flight.pop(message.id, None)
-            outer.callback(self._response(message, call, result))
-
-        inner.addBoth(finished)
-        return outer
+            return succeed(self._response(message, call, now[0]))
+        return self._serve(message, inner, call, lambda result: self._response(message, call, result))
 
     def _response(self, message: Request, call: Call, result: object) -> Optional[dict[str, Any]]:
         """The response to C{message}, whose method ended with C{result}."""
         if isinstance(result, Failure):
-            if call.cancelled and result.check(CancelledError):
-                return None
-            if result.check(JSONRPCError):
-                return jsonrpc.error_response(message.id, result.value)  # type: ignore[arg-type]
-            log.failure("MCP method {method} failed", result, method=message.method)
-            return jsonrpc.error_response(message.id, jsonrpc.internal_error())
+            return self._failed(message, call, result)
         if call.modern:
             server_info = {"name": self.app.name, "version": self.app.version}
             result = modern_envelope(message.method, result, server_info)  # type: ignore[arg-type]
@@ -164,23 +130,17 @@ class ServerSession(ConversationState):
         End the session: cancel what is running, fail what waits for the
         client, stop hearing application notifications.
         """
-        if self.state == "closed":
-            return
-        self.state = "closed"
-        self.app.detach(self)
-        for inner, call in list(self._in_flight.values()):
-            call.cancelled = True
-            if call.context is not None:
-                call.context.cancelled = True
-            inner.cancel()
-        self._in_flight.clear()
-        pending, self._pending = self._pending, {}
-        for request_id, (d, timeout) in pending.items():
-            self._stop_waiting(request_id, timeout)
-            d.errback(JSONRPCError(jsonrpc.REQUEST_CANCELLED, "Session ended"))
+        if self._end():
+            self.app.detach(self)
 
     def _joined(self) -> None:
         self.app.attach(self)
+
+    def _cancel(self, inner: Deferred, call: Call) -> None:
+        # The method's context says so too: a tool may poll it.
+        if call.context is not None:
+            call.context.cancelled = True
+        super()._cancel(inner, call)
 
     # -- used by Context and MCPApp ------------------------------------------
 
@@ -193,49 +153,32 @@ class ServerSession(ConversationState):
         self, outlet: Optional[Outlet], method: str, params: dict[str, Any], capability: str
     ) -> Deferred:
         """
-        Send a request to the client and wait for its answer, which comes
-        back through L{handle} as a L{Response} (on this process or, through
-        the delivery, on another).
+        Send a request to the client and wait for its answer (see
+        L{ConversationState._ask_client}), once the session can make it.
 
         @param capability: the client capability the request needs
             (C{sampling}, C{elicitation}, C{roots}).
         """
-        if self.state == "closed":
-            return fail(JSONRPCError(jsonrpc.REQUEST_CANCELLED, "Session ended"))
+        # A closed session says so first (the base's answer).
+        refusal = None if self.state == "closed" else self._refusal(method, capability)
+        if refusal is not None:
+            return fail(refusal)
+        return self._ask_client(outlet, method, params)
+
+    def _refusal(self, method: str, capability: str) -> Optional[JSONRPCError]:
+        """Why the client cannot be asked C{method} on this session, if it cannot."""
         if self.state == "new" or self.modern_only:
-            return fail(
-                JSONRPCError(
-                    jsonrpc.MISSING_CLIENT_CAPABILITY,
-                    f"{method} needs a session (not available in the stateless exchange)",
-                )
+            return JSONRPCError(
+                jsonrpc.MISSING_CLIENT_CAPABILITY,
+                f"{method} needs a session (not available in the stateless exchange)",
             )
         if capability not in self.client_capabilities:
-            return fail(
-                JSONRPCError(
-                    jsonrpc.MISSING_CLIENT_CAPABILITY,
-                    f"The client did not declare the {capability!r} capability",
-                    {"requiredCapabilities": [capability]},
-                )
+            return JSONRPCError(
+                jsonrpc.MISSING_CLIENT_CAPABILITY,
+                f"The client did not declare the {capability!r} capability",
+                {"requiredCapabilities": [capability]},
             )
-        target = outlet if outlet is not None and outlet.can_request else self.default_outlet
-        if target is None or not target.can_request:
-            return fail(JSONRPCError(jsonrpc.INVALID_REQUEST, "No channel to the client for requests"))
-        self._next_id += 1
-        request_id = f"srv-{self._next_id}"
-
-        def cancel(_: Deferred) -> None:
-            entry = self._pending.pop(request_id, None)
-            if entry is not None:
-                self._stop_waiting(request_id, entry[1])
-            self.notify(target, "notifications/cancelled", {"requestId": request_id})
-
-        d: Deferred = Deferred(cancel)
-        timeout = self.clock.callLater(self.request_timeout, self._time_out, request_id)
-        self._pending[request_id] = (d, timeout)
-        if self._delivery is not None:
-            self._delivery.expect_reply(self.session_id, request_id, self._resolve)  # type: ignore[arg-type]
-        target.send(jsonrpc.request(request_id, method, params))
-        return d
+        return None
 
     def resource_updated(self, uri: str) -> None:
         if uri in self.subscriptions:
@@ -246,60 +189,6 @@ class ServerSession(ConversationState):
             self.notify(None, f"notifications/{kind}/list_changed", {})
 
     # -- internals -------------------------------------------------------------
-
-    def _stop_waiting(self, request_id: str, timeout: IDelayedCall) -> None:
-        if timeout.active():
-            timeout.cancel()
-        if self._delivery is not None:
-            self._delivery.forget_reply(self.session_id, request_id)  # type: ignore[arg-type]
-
-    def _time_out(self, request_id: str) -> None:
-        entry = self._pending.pop(request_id, None)
-        if entry is not None:
-            self._stop_waiting(request_id, entry[1])
-            entry[0].errback(JSONRPCError(jsonrpc.REQUEST_TIMEOUT, "The client did not answer in time"))
-
-    def _handle_response(self, message: Response) -> None:
-        if self._delivery is not None:
-            # The request may have been sent by this session's live parts
-            # in another process.
-            found = self._delivery.route_reply(self.session_id, message)  # type: ignore[arg-type]
-        else:
-            found = self._resolve(message)
-        if not found:
-            log.debug("Response to unknown request {id!r} ignored", id=str(message.id)[:64])
-
-    def _resolve(self, message: Response) -> bool:
-        entry = self._pending.pop(str(message.id), None) if isinstance(message.id, str) else None
-        if entry is None:
-            return False
-        d, timeout = entry
-        self._stop_waiting(str(message.id), timeout)
-        if message.error is not None:
-            error = message.error
-            raw_code, raw_text = error.get("code"), error.get("message")
-            code = raw_code if isinstance(raw_code, int) else jsonrpc.INTERNAL_ERROR
-            text = raw_text if isinstance(raw_text, str) else "Client error"
-            d.errback(JSONRPCError(code, text[:500], error.get("data")))
-        else:
-            d.callback(message.result)
-        return True
-
-    def _handle_notification(self, message: Notification) -> None:
-        if message.method == "notifications/initialized":
-            self.client_initialized()
-        elif message.method == "notifications/cancelled":
-            request_id = message.params.get("requestId")
-            if isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
-                entry = self._in_flight.get(request_id)
-                if entry is not None:
-                    inner, call = entry
-                    call.cancelled = True
-                    if call.context is not None:
-                        call.context.cancelled = True
-                    inner.cancel()
-        # notifications/roots/list_changed, progress from the client and
-        # unknown notifications need no action; JSON-RPC says never answer.
 
     def prepare(self, message: Request, principal: Principal, outlet: Optional[Outlet]) -> Call:
         """

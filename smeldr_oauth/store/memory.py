@@ -22,15 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
-from smeldr_oauth.oauth import rotation
-from smeldr_oauth.oauth.model import (
-    AccessInfo,
-    AccessToken,
-    AuthorizationCode,
-    Client,
-    Grant,
-    RefreshToken,
-)
+from smeldr_oauth.oauth import model, rotation
 from smeldr_oauth.db.errors import StoreConflict
 from smeldr_oauth.oauth.interfaces import (
     CodeRedemption,
@@ -97,13 +89,13 @@ class MemoryStore:
         self._clock = clock
         self._grant_retention = grant_retention
         self._client_retention = client_retention
-        self._clients: dict[str, Client] = {}
-        self._grants: dict[str, Grant] = {}
-        self._codes: dict[str, AuthorizationCode] = {}
+        self._clients: dict[str, model.Client] = {}
+        self._grants: dict[str, model.Grant] = {}
+        self._codes: dict[str, model.AuthorizationCode] = {}
         self._code_used: dict[str, float] = {}
-        self._access: dict[str, AccessToken] = {}
+        self._access: dict[str, model.AccessToken] = {}
         self._access_revoked: dict[str, float] = {}
-        self._refresh: dict[str, RefreshToken] = {}
+        self._refresh: dict[str, model.RefreshToken] = {}
         self._refresh_revoked: dict[str, float] = {}
 
     def close(self) -> None:
@@ -153,7 +145,7 @@ class MemoryStore:
         return ended
 
     def _check_new_tokens(
-        self, grant_id: str, access: AccessToken, refresh: Optional[RefreshToken]
+        self, grant_id: str, access: model.AccessToken, refresh: Optional[model.RefreshToken]
     ) -> None:
         if grant_id not in self._grants:
             raise StoreConflict("no such grant")
@@ -164,7 +156,7 @@ class MemoryStore:
 
     # Clients
 
-    def save_client(self, client: Client) -> "Deferred[None]":
+    def save_client(self, client: model.Client) -> "Deferred[None]":
         def save() -> None:
             if client.client_id in self._clients:
                 raise StoreConflict("client id already stored")
@@ -172,7 +164,7 @@ class MemoryStore:
 
         return _call(save)
 
-    def get_client(self, client_id: str) -> "Deferred[Optional[Client]]":
+    def get_client(self, client_id: str) -> "Deferred[Optional[model.Client]]":
         return succeed(self._clients.get(client_id))
 
     def count_clients(self) -> "Deferred[int]":
@@ -180,7 +172,7 @@ class MemoryStore:
 
     # Grants and codes
 
-    def create_grant(self, grant: Grant, code: AuthorizationCode) -> "Deferred[None]":
+    def create_grant(self, grant: model.Grant, code: model.AuthorizationCode) -> "Deferred[None]":
         def create() -> None:
             if code.grant_id != grant.grant_id:
                 raise ValueError("the code does not belong to the grant")
@@ -203,9 +195,9 @@ class MemoryStore:
         self,
         code_hash: str,
         now: float,
-        check: Callable[[AuthorizationCode], Any],
-        access: AccessToken,
-        refresh: Optional[RefreshToken],
+        check: Callable[[model.AuthorizationCode], Any],
+        access: model.AccessToken,
+        refresh: Optional[model.RefreshToken],
     ) -> "Deferred[CodeRedemption]":
         """
         See L{IOAuthStore.exchange_code}: every check before the first
@@ -261,7 +253,7 @@ class MemoryStore:
         return CodeRedemption.first_spend(code, self._grants.get(code.grant_id), now)
 
     def add_tokens(
-        self, grant_id: str, access: AccessToken, refresh: Optional[RefreshToken]
+        self, grant_id: str, access: model.AccessToken, refresh: Optional[model.RefreshToken]
     ) -> "Deferred[None]":
         """
         See L{smeldr_oauth.store.sql.SQLStore.add_tokens}.
@@ -283,8 +275,8 @@ class MemoryStore:
         now: float,
         grace: float,
         requested_scopes: Optional[tuple[str, ...]],
-        new_access: AccessToken,
-        new_refresh: RefreshToken,
+        new_access: model.AccessToken,
+        new_refresh: model.RefreshToken,
     ) -> "Deferred[RefreshRedemption]":
         """
         See L{smeldr_oauth.store.sql.SQLStore.redeem_refresh_token}.
@@ -350,7 +342,7 @@ class MemoryStore:
 
         return _call(redeem)
 
-    def lookup_access_token(self, token_hash: str, now: float) -> "Deferred[Optional[AccessInfo]]":
+    def lookup_access_token(self, token_hash: str, now: float) -> "Deferred[Optional[model.AccessInfo]]":
         token = self._access.get(token_hash)
         if token is None or token_hash in self._access_revoked or now >= token.expires_at:
             return succeed(None)
@@ -358,7 +350,7 @@ class MemoryStore:
         if grant is None or grant.revoked_at is not None:
             return succeed(None)
         return succeed(
-            AccessInfo(
+            model.AccessInfo(
                 subject=grant.subject,
                 client_id=grant.client_id,
                 scopes=frozenset(token.scopes),
@@ -403,12 +395,12 @@ class MemoryStore:
             self._revoke_grant(grant_id, now)
         return succeed(ended)
 
-    def _sorted_grants(self) -> list[Grant]:
+    def _sorted_grants(self) -> list[model.Grant]:
         return sorted(self._grants.values(), key=lambda g: (g.created_at, g.grant_id))
 
     def list_grants(
         self, subject: Optional[str] = None, site_token_id: Optional[str] = None
-    ) -> "Deferred[list[Grant]]":
+    ) -> "Deferred[list[model.Grant]]":
         return succeed(
             [
                 grant

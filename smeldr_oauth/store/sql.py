@@ -36,14 +36,7 @@ from smeldr_oauth.oauth.interfaces import (
     IOAuthStore,
     RefreshRedemption,
 )
-from smeldr_oauth.oauth.model import (
-    AccessInfo,
-    AccessToken,
-    AuthorizationCode,
-    Client,
-    Grant,
-    RefreshToken,
-)
+from smeldr_oauth.oauth import model
 from smeldr_oauth.store import transactions
 from smeldr_oauth.store.common import (
     CLIENT_RETENTION,
@@ -222,16 +215,16 @@ class SQLStore:
     def _read(self, func: Callable[..., T], *args: Any) -> "Deferred[T]":
         return self.database.read(self._schema, func, *args)
 
-    def save_client(self, client: Client) -> "Deferred[None]":
+    def save_client(self, client: model.Client) -> "Deferred[None]":
         return self._write(transactions.save_client, client)
 
-    def get_client(self, client_id: str) -> "Deferred[Optional[Client]]":
+    def get_client(self, client_id: str) -> "Deferred[Optional[model.Client]]":
         return self._read(transactions.get_client, client_id)
 
     def count_clients(self) -> "Deferred[int]":
         return self._read(transactions.count_clients)
 
-    def create_grant(self, grant: Grant, code: AuthorizationCode) -> "Deferred[None]":
+    def create_grant(self, grant: model.Grant, code: model.AuthorizationCode) -> "Deferred[None]":
         # Consents of one reactor turn may share a transaction (group
         # commit), as refreshes do: each insert's outcome as alone.
         return self.database.write(self._schema, transactions.create_grant, grant, code, group=True)
@@ -246,9 +239,9 @@ class SQLStore:
         self,
         code_hash: str,
         now: float,
-        check: Callable[[AuthorizationCode], Any],
-        access: AccessToken,
-        refresh: Optional[RefreshToken],
+        check: Callable[[model.AuthorizationCode], Any],
+        access: model.AccessToken,
+        refresh: Optional[model.RefreshToken],
     ) -> "Deferred[CodeRedemption]":
         """
         See L{IOAuthStore.exchange_code}.
@@ -266,7 +259,7 @@ class SQLStore:
         ).addCallback(outcome)
 
     def add_tokens(
-        self, grant_id: str, access: AccessToken, refresh: Optional[RefreshToken]
+        self, grant_id: str, access: model.AccessToken, refresh: Optional[model.RefreshToken]
     ) -> "Deferred[None]":
         """
         Store the tokens of a code exchange under C{grant_id} (the records'
@@ -281,8 +274,8 @@ class SQLStore:
         now: float,
         grace: float,
         requested_scopes: Optional[tuple[str, ...]],
-        new_access: AccessToken,
-        new_refresh: RefreshToken,
+        new_access: model.AccessToken,
+        new_refresh: model.RefreshToken,
     ) -> "Deferred[RefreshRedemption]":
         """
         Decide and apply one refresh in one transaction: see
@@ -308,7 +301,7 @@ class SQLStore:
             group=True,
         )
 
-    def lookup_access_token(self, token_hash: str, now: float) -> "Deferred[Optional[AccessInfo]]":
+    def lookup_access_token(self, token_hash: str, now: float) -> "Deferred[Optional[model.AccessInfo]]":
         return self._read(transactions.lookup_access_token, token_hash, now)
 
     def revoke_token(
@@ -327,7 +320,7 @@ class SQLStore:
 
     def list_grants(
         self, subject: Optional[str] = None, site_token_id: Optional[str] = None
-    ) -> "Deferred[list[Grant]]":
+    ) -> "Deferred[list[model.Grant]]":
         return self._read(transactions.list_grants, subject, site_token_id)
 
     def touch_grant(self, grant_id: str, now: float) -> "Deferred[None]":

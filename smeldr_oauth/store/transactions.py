@@ -32,17 +32,9 @@ import attr
 from twisted.python.failure import Failure
 
 from smeldr_oauth.db.database import Transaction
-from smeldr_oauth.db.rows import from_row, where
-from smeldr_oauth.oauth import rotation
+from smeldr_oauth.db.rows import from_row, to_row, where
+from smeldr_oauth.oauth import model, rotation
 from smeldr_oauth.oauth.interfaces import CodeRedemption, RefreshRedemption
-from smeldr_oauth.oauth.model import (
-    AccessInfo,
-    AccessToken,
-    AuthorizationCode,
-    Client,
-    Grant,
-    RefreshToken,
-)
 
 #: Where revocations are announced (PostgreSQL C{NOTIFY}); the payload
 #: says what ended (C{"grant <id>"}, C{"access_token <hash>"}).
@@ -69,19 +61,19 @@ def _load(text: str) -> tuple[str, ...]:
     return tuple(json.loads(text))
 
 
-def _client(row: Any) -> Client:
-    return from_row(Client, row, redirect_uris=_load(row["redirect_uris"]), grant_types=_load(row["grant_types"]))
+def _client(row: Any) -> model.Client:
+    return from_row(model.Client, row, redirect_uris=_load(row["redirect_uris"]), grant_types=_load(row["grant_types"]))
 
 
-def _grant(row: Any) -> Grant:
-    return from_row(Grant, row, scopes=_load(row["scopes"]))
+def _grant(row: Any) -> model.Grant:
+    return from_row(model.Grant, row, scopes=_load(row["scopes"]))
 
 
-def _code(row: Any) -> AuthorizationCode:
-    return from_row(AuthorizationCode, row, scopes=_load(row["scopes"]), issue_refresh=bool(row["issue_refresh"]))
+def _code(row: Any) -> model.AuthorizationCode:
+    return from_row(model.AuthorizationCode, row, scopes=_load(row["scopes"]), issue_refresh=bool(row["issue_refresh"]))
 
 
-def _get_grant(txn: Transaction, grant_id: str, lock: bool = False) -> Optional[Grant]:
+def _get_grant(txn: Transaction, grant_id: str, lock: bool = False) -> Optional[model.Grant]:
     """
     The grant, or C{None}; with C{lock}, its row stays locked until the
     transaction ends (PostgreSQL), so that every read-decide-write on one
@@ -94,50 +86,21 @@ def _get_grant(txn: Transaction, grant_id: str, lock: bool = False) -> Optional[
     return None if row is None else _grant(row)
 
 
-def _insert_grant(txn: Transaction, grant: Grant) -> None:
-    txn.execute(
-        "INSERT INTO grants (grant_id, client_id, subject, scopes, resource,"
-        " created_at, site_token_id, client_name, last_used_at, revoked_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            grant.grant_id,
-            grant.client_id,
-            grant.subject,
-            _dump(grant.scopes),
-            grant.resource,
-            grant.created_at,
-            grant.site_token_id,
-            grant.client_name,
-            grant.last_used_at,
-            grant.revoked_at,
-        ),
-    )
+def _insert_grant(txn: Transaction, grant: model.Grant) -> None:
+    txn.execute(*to_row("grants", grant, scopes=_dump(grant.scopes)))
 
 
 def _access_row(
-    access: AccessToken, grant_id: str, scopes: Sequence[str], resource: str
+    access: model.AccessToken, grant_id: str, scopes: Sequence[str], resource: str
 ) -> tuple[str, Sequence[Any]]:
-    return (
-        "INSERT INTO access_tokens (token_hash, grant_id, scopes, resource, expires_at)"
-        " VALUES (?, ?, ?, ?, ?)",
-        (access.token_hash, grant_id, _dump(scopes), resource, access.expires_at),
-    )
+    return to_row("access_tokens", access, grant_id=grant_id, scopes=_dump(scopes), resource=resource)
 
 
 def _refresh_row(
-    refresh: RefreshToken, grant_id: str, scopes: Sequence[str], generation: int
+    refresh: model.RefreshToken, grant_id: str, scopes: Sequence[str], generation: int
 ) -> tuple[str, Sequence[Any]]:
-    return (
-        "INSERT INTO refresh_tokens (token_hash, grant_id, scopes, generation,"
-        " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-        (
-            refresh.token_hash,
-            grant_id,
-            _dump(scopes),
-            generation,
-            refresh.created_at,
-            refresh.expires_at,
-        ),
+    return to_row(
+        "refresh_tokens", refresh, grant_id=grant_id, scopes=_dump(scopes), generation=generation, used_at=None
     )
 
 
@@ -161,7 +124,7 @@ def revoke_grant(txn: Transaction, grant_id: str, now: float) -> bool:
     return ended
 
 
-def _revoked(grant: Optional[Grant], ended: bool, now: float) -> Optional[Grant]:
+def _revoked(grant: Optional[model.Grant], ended: bool, now: float) -> Optional[model.Grant]:
     """
     C{grant} as it is after L{revoke_grant} returned C{ended}.
     """
@@ -171,29 +134,13 @@ def _revoked(grant: Optional[Grant], ended: bool, now: float) -> Optional[Grant]
 # Transactions (each runs in one database transaction; see SQLStore).
 
 
-def save_client(txn: Transaction, client: Client) -> None:
+def save_client(txn: Transaction, client: model.Client) -> None:
     txn.execute(
-        "INSERT INTO clients (client_id, client_name, redirect_uris,"
-        " token_endpoint_auth_method, grant_types, scope, kind,"
-        " client_secret_hash, created_at, client_uri, logo_uri)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            client.client_id,
-            client.client_name,
-            _dump(client.redirect_uris),
-            client.token_endpoint_auth_method,
-            _dump(client.grant_types),
-            client.scope,
-            client.kind,
-            client.client_secret_hash,
-            client.created_at,
-            client.client_uri,
-            client.logo_uri,
-        ),
+        *to_row("clients", client, redirect_uris=_dump(client.redirect_uris), grant_types=_dump(client.grant_types))
     )
 
 
-def get_client(txn: Transaction, client_id: str) -> Optional[Client]:
+def get_client(txn: Transaction, client_id: str) -> Optional[model.Client]:
     row = txn.execute("SELECT * FROM clients WHERE client_id = ?", (client_id,)).fetchone()
     return None if row is None else _client(row)
 
@@ -202,26 +149,11 @@ def count_clients(txn: Transaction) -> int:
     return int(txn.execute("SELECT COUNT(*) FROM clients").fetchone()[0])
 
 
-def create_grant(txn: Transaction, grant: Grant, code: AuthorizationCode) -> None:
+def create_grant(txn: Transaction, grant: model.Grant, code: model.AuthorizationCode) -> None:
     if code.grant_id != grant.grant_id:
         raise ValueError("the code does not belong to the grant")
     _insert_grant(txn, grant)
-    txn.execute(
-        "INSERT INTO codes (code_hash, grant_id, client_id, redirect_uri,"
-        " code_challenge, scopes, resource, expires_at, issue_refresh)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            code.code_hash,
-            grant.grant_id,
-            code.client_id,
-            code.redirect_uri,
-            code.code_challenge,
-            _dump(code.scopes),
-            code.resource,
-            code.expires_at,
-            int(code.issue_refresh),
-        ),
-    )
+    txn.execute(*to_row("codes", code, scopes=_dump(code.scopes), issue_refresh=int(code.issue_refresh)))
 
 
 def consume_code(txn: Transaction, code_hash: str, now: float) -> CodeRedemption:
@@ -253,9 +185,9 @@ def exchange_code(
     txn: Transaction,
     code_hash: str,
     now: float,
-    check: Callable[[AuthorizationCode], Any],
-    access: AccessToken,
-    refresh: Optional[RefreshToken],
+    check: Callable[[model.AuthorizationCode], Any],
+    access: model.AccessToken,
+    refresh: Optional[model.RefreshToken],
 ) -> tuple[CodeRedemption, Optional[Failure]]:
     """
     L{consume_code}, then the checks, then the tokens and the grant's
@@ -286,7 +218,7 @@ def exchange_code(
 
 
 def add_tokens(
-    txn: Transaction, grant_id: str, access: AccessToken, refresh: Optional[RefreshToken]
+    txn: Transaction, grant_id: str, access: model.AccessToken, refresh: Optional[model.RefreshToken]
 ) -> None:
     rows = [_access_row(access, grant_id, access.scopes, access.resource)]
     if refresh is not None:
@@ -314,8 +246,8 @@ def redeem_refresh_token(
     now: float,
     grace: float,
     requested_scopes: Optional[tuple[str, ...]],
-    new_access: AccessToken,
-    new_refresh: RefreshToken,
+    new_access: model.AccessToken,
+    new_refresh: model.RefreshToken,
 ) -> RefreshRedemption:
     """
     Lock the token's grant, then load the token, its grant and the grant's
@@ -338,7 +270,7 @@ def redeem_refresh_token(
     if row is None:
         return RefreshRedemption(status=rotation.UNKNOWN)
     grant = _grant(row)
-    token = RefreshToken(
+    token = model.RefreshToken(
         token_hash=row["token_hash"],
         grant_id=grant.grant_id,
         scopes=_load(row["token_scopes"]),
@@ -367,12 +299,12 @@ def redeem_refresh_token(
 def _apply(
     txn: Transaction,
     decision: rotation.RotationDecision,
-    token: RefreshToken,
-    grant: Grant,
+    token: model.RefreshToken,
+    grant: model.Grant,
     now: float,
-    new_access: AccessToken,
-    new_refresh: RefreshToken,
-) -> Grant:
+    new_access: model.AccessToken,
+    new_refresh: model.RefreshToken,
+) -> model.Grant:
     """
     Carry out a L{rotation.RotationDecision} inside the current transaction;
     returns the grant as it now is.
@@ -414,7 +346,7 @@ def _apply(
     return grant
 
 
-def lookup_access_token(txn: Transaction, token_hash: str, now: float) -> Optional[AccessInfo]:
+def lookup_access_token(txn: Transaction, token_hash: str, now: float) -> Optional[model.AccessInfo]:
     row = txn.execute(
         "SELECT a.scopes, a.resource, a.grant_id, a.expires_at, g.subject, g.client_id"
         " FROM access_tokens a JOIN grants g ON g.grant_id = a.grant_id"
@@ -424,7 +356,7 @@ def lookup_access_token(txn: Transaction, token_hash: str, now: float) -> Option
     ).fetchone()
     if row is None:
         return None
-    return AccessInfo(
+    return model.AccessInfo(
         subject=row["subject"],
         client_id=row["client_id"],
         scopes=frozenset(_load(row["scopes"])),
@@ -478,7 +410,7 @@ def revoke_grants_of_site_token(txn: Transaction, site_token_id: str, now: float
 
 def list_grants(
     txn: Transaction, subject: Optional[str], site_token_id: Optional[str]
-) -> list[Grant]:
+) -> list[model.Grant]:
     clause, params = where("revoked_at IS NULL", ("subject = ?", subject), ("site_token_id = ?", site_token_id))
     rows = txn.execute(f"SELECT * FROM grants{clause} ORDER BY created_at, grant_id", params).fetchall()
     return [_grant(row) for row in rows]
