@@ -24,7 +24,7 @@ from smeldr_oauth.mcp.http.errors import answer_status
 from smeldr_oauth.mcp.http.registry import LiveSession
 from smeldr_oauth.mcp.http.streamauth import StreamGuard
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message
-from smeldr_oauth.mcp.calls import Outlet, Principal
+from smeldr_oauth.mcp.calls import Outlet, Principal, outcome_now
 from smeldr_oauth.mcp.session import ServerSession
 from smeldr_oauth.mcp.streams import SSEStream
 
@@ -94,7 +94,15 @@ class Exchange:
         if self.session is not None:
             self.session.add_exchange(self)
         for message in requests:
-            self.protocol.handle(message, principal, self.outlet).addCallback(self._answered)
+            handled = self.protocol.handle(message, principal, self.outlet)
+            # Most calls are answered by the time handle() returns (it
+            # never fails): take the answer now rather than through a
+            # callback on a Deferred that has already fired.
+            known = outcome_now(handled)
+            if known:
+                self._answered(known[0])
+            else:
+                handled.addCallback(self._answered)
         options = self._guard.options
         if self.mode == "pending" and self.sse_ok and options.keepalive_interval:
             # Still running: past the keepalive interval the answer becomes
