@@ -640,6 +640,31 @@ class LegacySSETests(HTTPTestBase):
         self.assertEqual(code, 202)
         await client.wait_for(b'"text":"zz"')
 
+    async def test_answer_that_comes_later(self) -> None:
+        """
+        A call still running when its POST is answered (202) sends its
+        answer to the stream once it ends (most answers are there at once
+        and go out before the 202; this one cannot).
+        """
+        release: Deferred = Deferred()
+
+        @self.app.tool()
+        def later() -> Deferred:
+            return release
+
+        client, endpoint = await self.open_legacy()
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2024-11-05", "capabilities": {}}}
+        code, _, _ = await self.request("POST", path=endpoint, body=init)
+        self.assertEqual(code, 202)
+        await client.wait_for(b'"protocolVersion":"2024-11-05"')
+        call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "later", "arguments": {}}}
+        code, _, body = await self.request("POST", path=endpoint, body=call)
+        self.assertEqual((code, body), (202, b"Accepted"))
+        self.assertNotIn(b'"id":7', client.data)
+        release.callback("at last")
+        data = await client.wait_for(b'"text":"at last"')
+        self.assertIn(b'"id":7', data)
+
     async def test_insufficient_scope_is_a_403_step_up(self) -> None:
         """
         On the legacy transport too, a call the token lacks a scope for is

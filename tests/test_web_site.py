@@ -17,9 +17,11 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http import Request
 from twisted.web.resource import Resource
+from twisted.web.test.requesthelper import DummyChannel
 
-from smeldr_oauth.web.site import SmeldrSite, TrustedProxies
+from smeldr_oauth.web.site import SmeldrSite, TrustedProxies, routable_host, routable_host_header
 
 
 class Echo(Resource):
@@ -591,3 +593,22 @@ class DirectStreamTests(MCPSites, TestCase):
         self.assertEqual(answers[1], answers[0])
         self.assertIn(b" 200 ", answers[0][0][0])
         self.assertIn(b"event: endpoint", answers[0][1])
+
+
+class HostHeaderTests(SynchronousTestCase):
+    """
+    L{routable_host_header} answers from the raw C{Host} value what
+    L{routable_host} answers from the request's C{getRequestHostname}
+    (which it replaces on the hot path).
+    """
+
+    def test_as_twisted_reads_it(self) -> None:
+        values = [
+            b"x", b"x:80", b"as.example:8443", b"[::1]:8080", b"[::1]", b"a..b", b"a..b:80",
+            b"[a..b]:1", b"", b":80", b"x:", b"\xff\xfe", b"ex ample", b"a" * 64 + b".example",
+        ]
+        for value in values:
+            request = Request(DummyChannel())
+            request.requestHeaders.setRawHeaders(b"host", [value])
+            expected = routable_host(request.getRequestHostname())
+            self.assertEqual(routable_host_header(value), expected, value)

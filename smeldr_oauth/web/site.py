@@ -65,6 +65,27 @@ def routable_host(host: bytes) -> bool:
     return True
 
 
+#: How twisted.web reads C{Host} (L{Request.getRequestHostname}): the host
+#: without brackets or port.
+_HOST_HEADER = re.compile(rb"^\[?(?P<host>.*?)\]?(:\d+)?$")
+
+
+@functools.lru_cache(maxsize=256)
+def routable_host_header(value: bytes) -> Optional[bool]:
+    """
+    L{routable_host} of the host a single C{Host} header C{value} names,
+    read as L{Request.getRequestHostname} reads it; C{None} when that
+    would fall back to the socket's address (no match).  Keyed by the raw
+    header: the request's C{getRequestHostname} (a header look-up and a
+    regular expression, 1.4% of a C{tools/call}) is not needed for the
+    usual request.
+    """
+    match = _HOST_HEADER.match(value)
+    if match is None:
+        return None
+    return routable_host(match.group("host"))
+
+
 class SmeldrRequest(Request):
     """
     A request that stops storing its body past C{site.max_body} bytes and
@@ -130,7 +151,7 @@ class SmeldrRequest(Request):
         if _METHOD.fullmatch(self.method) is None:
             return "the method is not an HTTP token"
         host = self.requestHeaders.getRawHeaders(b"host")
-        if host is not None and (len(host) > 1 or not routable_host(self.getRequestHostname())):
+        if host is not None and (len(host) > 1 or not self._routable(host[0])):
             return "the Host header is not a single valid host name"
         path = self.path
         if not path.isascii() or b"%" in path:
@@ -141,6 +162,12 @@ class SmeldrRequest(Request):
             except UnicodeDecodeError:
                 return "the path is not UTF-8"
         return None
+
+    def _routable(self, value: bytes) -> bool:
+        known = routable_host_header(value)
+        if known is None:
+            return routable_host(self.getRequestHostname())
+        return known
 
     def _refuse(self, error: errors.HTTPError, close: bool = False) -> None:
         """

@@ -26,7 +26,7 @@ from smeldr_oauth.mcp.http.errors import answer_status
 from smeldr_oauth.mcp.http.registry import LiveSession
 from smeldr_oauth.mcp.http.streamauth import StreamGuard
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message
-from smeldr_oauth.mcp.calls import Outlet, Principal
+from smeldr_oauth.mcp.calls import Outlet, Principal, outcome_now
 from smeldr_oauth.mcp.session import ServerSession
 from smeldr_oauth.mcp.streams import SSEStream
 
@@ -99,7 +99,18 @@ class Exchange:
         if self.session is not None:
             self.session.add_exchange(self)
         for message in requests:
-            self.protocol.handle(message, principal, self.outlet).addCallback(self._answered).addErrback(self._broken)
+            handled = self.protocol.handle(message, principal, self.outlet)
+            # Most calls are answered by the time handle() returns (it
+            # never fails): take the answer now rather than through a
+            # callback on a Deferred that has already fired.
+            known = outcome_now(handled)
+            if not known:
+                handled.addCallback(self._answered).addErrback(self._broken)
+                continue
+            try:
+                self._answered(known[0])
+            except Exception:
+                self._broken(Failure())
         options = self._guard.options
         if self.mode == "pending" and self.sse_ok and options.keepalive_interval:
             # Still running: past the keepalive interval the answer becomes

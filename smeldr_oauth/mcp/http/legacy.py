@@ -13,11 +13,13 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import hyperlink
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.auth import BearerAuth, Credential
+from smeldr_oauth.mcp.calls import outcome_now
 from smeldr_oauth.mcp.http import wire
 from smeldr_oauth.mcp.http.errors import bad_request
 from smeldr_oauth.mcp.http.registry import LiveSession, SessionRegistry
@@ -75,12 +77,15 @@ class LegacySSE:
         session_id = session.session_id
         sessions = self.sessions
         for message in messages:
-            # An answer that changed the session's state (initialize) goes
-            # out once the change is saved: the client's next POST may land
-            # on another process.
-            protocol.handle(message, principal, outlet).addCallback(
-                lambda response: sessions.when_saved(session, response)
-            ).addCallback(_reply, delivery, session_id).addErrback(_lost, message, delivery, session_id)
+            handled = protocol.handle(message, principal, outlet)
+            # Most answers are there by the time handle() returns (it never
+            # fails): sent now, not through two callbacks on a Deferred that
+            # has already fired.
+            known = outcome_now(handled)
+            if known:
+                _answer(known[0], message, sessions, session, delivery, session_id)
+            else:
+                handled.addCallback(_answer, message, sessions, session, delivery, session_id)
         request.setResponseCode(202)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"Accepted"
@@ -104,6 +109,30 @@ def _session_ids(uri: bytes) -> list[str]:
             except UnicodeDecodeError:
                 return []
     return ids
+
+
+def _answer(
+    response: Optional[dict[str, Any]],
+    message: jsonrpc.Message,
+    sessions: Any,
+    session: LiveSession,
+    delivery: Any,
+    session_id: str,
+) -> None:
+    """
+    Send C{response} to the session's stream.  An answer that changed the
+    session's state (initialize) goes out once the change is saved: the
+    client's next POST may land on another process.  Never raises: a
+    failure on the way is L{_lost}'s.
+    """
+    try:
+        answer = sessions.when_saved(session, response)
+        if isinstance(answer, Deferred):
+            answer.addCallback(_reply, delivery, session_id).addErrback(_lost, message, delivery, session_id)
+            return
+        _reply(answer, delivery, session_id)
+    except Exception:
+        _lost(Failure(), message, delivery, session_id)
 
 
 def _reply(response: Optional[dict[str, Any]], delivery: Any, session_id: str) -> None:

@@ -111,7 +111,9 @@ class StreamableHTTP:
     def _post_in_session(self, session: LiveSession, post: "_Post") -> Any:
         wire.check_version(post.request)
         protocol = session.protocol
-        self.sessions.touch(session, used=any(isinstance(m, Request) for m in post.messages))
+        # Only the first request of a session changes what touch() does
+        # with "used": later ones skip the scan of the messages.
+        self.sessions.touch(session, used=not session.used and any(isinstance(m, Request) for m in post.messages))
         self.guard.follow(session.stream, post.credential)
         if post.is_batch and not protocol.allows_batch:
             raise bad_request("Batches are not allowed at this protocol version")
