@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.context import Context
 
 log = Logger()
@@ -94,6 +95,23 @@ def log_scope_refusal(what: str, principal: Principal, needed: Sequence[str]) ->
         client_id=principal.client_id,
         scopes=" ".join(needed),
     )
+
+
+def answer_lost(failure: Failure, message: jsonrpc.Message, send: Callable[[Any], None], where: str) -> None:
+    """
+    The answer to C{message} could not be made, saved or sent (a bug, the
+    database gone): log it now rather than when its L{Deferred} is
+    collected, and send a waiting caller an internal error through C{send},
+    so that its request does not wait for good.  Used by the transports
+    whose answers go out apart from the request (stdio, the legacy stream).
+    """
+    log.failure("MCP answer could not be sent on {where}", failure, where=where)
+    error = jsonrpc.lost_answer(message)
+    if error is not None:
+        try:
+            send(error)
+        except Exception:
+            log.failure("MCP error answer could not be sent on {where}", where=where)
 
 
 def outcome_now(d: Deferred) -> list[Any]:

@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import AppLoadError, MCPApp, load_app
-from smeldr_oauth.mcp.calls import CallbackOutlet, Principal
+from smeldr_oauth.mcp.calls import CallbackOutlet, Principal, answer_lost
 from smeldr_oauth.mcp.session import ServerSession
 
 log = Logger()
@@ -133,17 +133,7 @@ class StdioMCP(LineReceiver):
             self._send(response)
 
     def _lost(self, failure: Failure, message: jsonrpc.Message) -> None:
-        """
-        An answer could not be made or written (a bug): log it now, not
-        when the Deferred is collected, and tell a waiting caller.
-        """
-        log.failure("MCP answer could not be sent on stdio", failure)
-        error = jsonrpc.lost_answer(message)
-        if error is not None:
-            try:
-                self._send(error)
-            except Exception:
-                log.failure("MCP error answer could not be sent on stdio")
+        answer_lost(failure, message, self._send, "stdio")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # The rest of the oversized line is discarded by LineReceiver; say

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.auth import BearerAuth, Credential
-from smeldr_oauth.mcp.calls import outcome_now
+from smeldr_oauth.mcp.calls import answer_lost, outcome_now
 from smeldr_oauth.mcp.http import wire
 from smeldr_oauth.mcp.http.errors import bad_request
 from smeldr_oauth.mcp.http.registry import LiveSession, SessionRegistry
@@ -142,15 +142,5 @@ def _reply(response: Optional[dict[str, Any]], delivery: Any, session_id: str) -
 
 
 def _lost(failure: Failure, message: jsonrpc.Message, delivery: Any, session_id: str) -> None:
-    """
-    The answer to a legacy POST could not be made, saved or delivered (a
-    bug, the database gone): log it now rather than when the Deferred is
-    collected, and tell a waiting caller on its stream.
-    """
-    log.failure("MCP answer could not be sent on the legacy stream", failure)
-    error = jsonrpc.lost_answer(message)
-    if error is not None:
-        try:
-            _reply(error, delivery, session_id)
-        except Exception:
-            log.failure("MCP error answer could not be sent on the legacy stream")
+    """The answer to a legacy POST could not be made, saved or delivered: see L{answer_lost}."""
+    answer_lost(failure, message, lambda error: _reply(error, delivery, session_id), "the legacy stream")
