@@ -70,6 +70,40 @@ class SiteTokenStoreTests(TestCase):
         self.assertEqual(record.last_used_at, 510)
 
     @inlineCallbacks
+    def test_accepted_event_only_for_a_listener(self):
+        """
+        The debug event of an accepted paste is built only when an observer
+        may keep it (L{smeldr_oauth.oauth.routine.RoutineEvents.quiet}): at
+        the default level nobody does, and the consent form's
+        C{grant_approved} records the acceptance anyway.  A refusal is
+        logged either way.
+        """
+        from smeldr_oauth.site import tokens as module
+
+        class Quiet:
+            def __init__(self, answer):
+                self.answer = answer
+                self.asked = []
+
+            def quiet(self, namespace):
+                self.asked.append(namespace)
+                return self.answer
+
+        token_id, plaintext = yield self.tokens.create("alice")
+        for answer, expected in ((True, []), (False, ["debug"])):
+            quiet = Quiet(answer)
+            self.patch(module, "routine", quiet)
+            with capturedLogs() as events:
+                approval = yield self.tokens.verify(plaintext)
+                refused = yield self.tokens.verify(plaintext + "x")
+            self.assertEqual(approval, Approval(subject="alice", site_token_id=token_id))
+            self.assertIsNone(refused)
+            accepted = [e["log_level"].name for e in events if "accepted" in e.get("log_format", "")]
+            self.assertEqual(accepted, expected)
+            self.assertEqual(quiet.asked, [module.log.namespace])
+            self.assertEqual(len([e for e in events if "rejected" in e.get("log_format", "")]), 1)
+
+    @inlineCallbacks
     def test_verify_records_use_once_a_minute(self):
         """
         C{last_used_at} is written at most once a minute per token: a

@@ -20,7 +20,7 @@ from smeldr_oauth.oauth.clients import ClientResolver
 from smeldr_oauth.oauth.config import OFFLINE_ACCESS, Config
 from smeldr_oauth.oauth.model import Approval, AuthorizationCode, Client, Grant
 from smeldr_oauth.oauth.params import AUTHORIZE_PARAMS, MAX_STATE, Params, reject_repeated, single
-from smeldr_oauth.oauth.ratelimit import IRateLimiter, spend
+from smeldr_oauth.oauth.ratelimit import IRateLimiter, spend_now
 from smeldr_oauth.oauth.scopes import check_resource, parse_scopes
 from smeldr_oauth.oauth.secrets import hash_secret, new_id, new_secret
 from smeldr_oauth.oauth.text import loggable
@@ -210,10 +210,12 @@ class Authorization:
             return None
         try:
             result = self.config.verify_bearer(pasted)
-            if inspect.isawaitable(result) and not isinstance(result, Deferred):
-                result = await ensureDeferred(result)  # type: ignore[arg-type]
-            elif isinstance(result, Deferred):
+            # The site's own check answers a Deferred: asked about first,
+            # before inspect.isawaitable (an ABC check).
+            if isinstance(result, Deferred):
                 result = await result
+            elif inspect.isawaitable(result):
+                result = await ensureDeferred(result)  # type: ignore[arg-type]
         except Exception as e:
             # Not log.failure: the exception's text or traceback could
             # quote the pasted token.  Its type is enough to start looking.
@@ -241,7 +243,11 @@ class Authorization:
         """
         limiter = self.paste_limiter
         endpoint = "authorize" if request is not None else "grants"
-        await spend(limiter, address, endpoint, "site token paste")
+        # Decided at once for a limiter in memory: no Deferred to make and
+        # await (spend_now), as the token endpoint does.
+        later = spend_now(limiter, address, endpoint, "site token paste")
+        if later is not None:
+            await later
         approval = await self.verify_paste(pasted)
         if approval is None:
             if request is not None:

@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from smeldr_oauth.oauth.model import Approval
+from smeldr_oauth.oauth.routine import routine
 from smeldr_oauth.oauth.secrets import constant_time_equal, hash_secret, new_id
 from smeldr_oauth.db.database import Database, Transaction
 from smeldr_oauth.db.migrations import Migration, Schema
@@ -258,23 +259,30 @@ class SiteTokenStore:
         def touch(txn: Transaction, token_id: str) -> None:
             txn.execute("UPDATE site_tokens SET last_used_at = ? WHERE id = ?", (now, token_id))
 
-        def recorded(result: tuple[Approval | None, str | None, bool]) -> Any:
+        def decided(result: tuple[Approval | None, str | None, bool]) -> Any:
+            # One callback for the usual answer (a live token whose use was
+            # recorded less than a minute ago): the read's Deferred has
+            # fired on SQLite, and each callback added to it is run there
+            # and then (docs/performance.md, round six).
             approval, token_id, stale = result
-            if approval is None or not stale:
-                return result
-            assert token_id is not None
-            return self._db.write(SCHEMA, touch, token_id).addCallback(lambda _: result)
+            if approval is not None and stale:
+                assert token_id is not None
+                return self._db.write(SCHEMA, touch, token_id).addCallback(lambda _: logged(result))
+            return logged(result)
 
         def logged(
             result: tuple[Approval | None, str | None, bool],
         ) -> Approval | None:
             approval, token_id, _ = result
             if approval is not None:
-                log.debug(
-                    "site token {token_id} accepted for {subject}",
-                    token_id=token_id,
-                    subject=approval.subject,
-                )
+                # A debug event nobody keeps at the default level: built
+                # only when an observer might (routine.quiet).
+                if not routine.quiet(log.namespace):
+                    log.debug(
+                        "site token {token_id} accepted for {subject}",
+                        token_id=token_id,
+                        subject=approval.subject,
+                    )
             elif token_id is not None:
                 log.warn(  # noqa: G010 - twisted.logger.Logger has warn, not warning
                     "site token {token_id} rejected: revoked", token_id=token_id
@@ -283,7 +291,7 @@ class SiteTokenStore:
                 log.info("site token rejected: unknown")
             return approval
 
-        return self._db.read(SCHEMA, verify_token).addCallback(recorded).addCallback(logged)
+        return self._db.read(SCHEMA, verify_token).addCallback(decided)
 
     def is_admin(self, token_id: str | None) -> Deferred[bool]:
         """
