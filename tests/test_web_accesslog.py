@@ -16,11 +16,16 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatTime, jsonFileLogObserver, textFileLogObserver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http import combinedLogFormatter
 from twisted.web.resource import Resource
+from twisted.web.test.requesthelper import DummyChannel
+from hypothesis import given, settings, strategies as st
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
 from smeldr_oauth.web.logfile import PIPE_BUF, BatchedWriter
-from smeldr_oauth.web.accesslog import BufferedAccessLog, for_twist
-from smeldr_oauth.web.site import SmeldrSite
+from smeldr_oauth.web import accesslog
+from smeldr_oauth.web.accesslog import BufferedAccessLog, combined, for_twist
+from smeldr_oauth.web.site import SmeldrRequest, SmeldrSite, TrustedProxies
 from tests.test_web_site import Raw
 
 
@@ -177,3 +182,98 @@ class SiteTests(TestCase):
         for n, line in enumerate(lines):
             self.assertIn(f'"GET /hello/{n} HTTP/1.1" 200 2', line)
             self.assertIn('[twisted.python.log#info] "127.0.0.1"', line)
+
+
+def _request(
+    peer: Any = None,
+    method: bytes = b"POST",
+    uri: bytes = b"/oauth/token",
+    referer: Any = None,
+    agent: Any = None,
+    code: int = 200,
+    length: int = 312,
+    forwarded: Any = None,
+) -> SmeldrRequest:
+    """A finished request as the access log sees it."""
+    channel = DummyChannel()
+    if peer is not None:
+        channel.transport.getPeer = lambda: peer  # type: ignore[method-assign]
+    if forwarded is not None:
+        channel.site = SmeldrSite(Resource(), trusted_proxies=TrustedProxies(["10.0.0.0/8"]))
+    request = SmeldrRequest(channel)
+    if peer is not None:
+        request.client = peer
+    request.method = method
+    request.uri = uri
+    request.clientproto = b"HTTP/1.1"
+    request.code = code
+    request.sentLength = length
+    if referer is not None:
+        request.requestHeaders.setRawHeaders(b"referer", [referer])
+    if agent is not None:
+        request.requestHeaders.setRawHeaders(b"user-agent", [agent])
+    if forwarded is not None:
+        request.requestHeaders.setRawHeaders(b"x-forwarded-for", [forwarded])
+    return request
+
+
+class CombinedTests(SynchronousTestCase):
+    """
+    L{combined} writes exactly twisted.web's combined-format line, however
+    often a field repeats.
+    """
+
+    def assertSameLine(self, request: SmeldrRequest) -> None:
+        expected = combinedLogFormatter("[04/Dec/2026:15:30:00 +0000]", request)
+        # Twice: the second time from what the first remembered.
+        self.assertEqual(combined("[04/Dec/2026:15:30:00 +0000]", request), expected)
+        self.assertEqual(combined("[04/Dec/2026:15:30:00 +0000]", request), expected)
+
+    def test_site_default(self) -> None:
+        """Every site writes its access log with L{combined}."""
+        self.assertIs(SmeldrSite(Resource())._logFormatter, combined)
+
+    def test_addresses(self) -> None:
+        self.assertTrue(combined("[t]", _request(IPv4Address("TCP", "203.0.113.9", 1234))).startswith('"203.0.113.9" - - [t]'))
+        self.assertTrue(combined("[t]", _request(UNIXAddress(b"/tmp/socket"))).startswith('"-" - - [t]'))
+        forwarded = _request(IPv4Address("TCP", "10.0.0.1", 1), forwarded=b"198.51.100.7")
+        self.assertTrue(combined("[t]", forwarded).startswith('"198.51.100.7" - - [t]'))
+        self.assertSameLine(_request(IPv4Address("TCP", "203.0.113.9", 1234)))
+        self.assertSameLine(_request(IPv6Address("TCP", "2001:db8::1", 1234)))
+        self.assertSameLine(_request(UNIXAddress(b"/tmp/socket")))
+        self.assertSameLine(_request(IPv4Address("TCP", "10.0.0.1", 1), forwarded=b"198.51.100.7"))
+
+    def test_empty_answer(self) -> None:
+        self.assertSameLine(_request(code=304, length=0))
+
+    def test_quotes_and_bytes(self) -> None:
+        self.assertSameLine(
+            _request(referer=b'https://x/"a\\b\'c', agent=b"caf\xc3\xa9 \x00\x7f\"quoted\"", uri=b"/p?q=%22'")
+        )
+
+    def test_long_values_not_kept(self) -> None:
+        """
+        A value longer than the cache keeps is escaped right but not
+        remembered; the cache never holds more than its bound.
+        """
+        accesslog._ESCAPED.clear()
+        long_uri = b"/oauth/authorize?state=" + b"s" * 1000
+        self.assertSameLine(_request(uri=long_uri))
+        self.assertNotIn(long_uri, accesslog._ESCAPED)
+        # The short fields of that line are remembered.
+        self.assertEqual(accesslog._ESCAPED[b"POST"], "POST")
+        for i in range(accesslog._MAX_ESCAPED * 2):
+            self.assertSameLine(_request(uri=b"/p/%d" % (i,)))
+        self.assertLessEqual(len(accesslog._ESCAPED), accesslog._MAX_ESCAPED)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        method=st.binary(min_size=1, max_size=12),
+        uri=st.binary(max_size=300),
+        referer=st.none() | st.binary(max_size=40),
+        agent=st.none() | st.binary(max_size=40),
+        code=st.integers(100, 599),
+        length=st.integers(0, 10**6),
+    )
+    def test_any_request(self, method: bytes, uri: bytes, referer: Any, agent: Any, code: int, length: int) -> None:
+        self.assertSameLine(_request(method=method, uri=uri, referer=referer, agent=agent, code=code, length=length))

@@ -97,6 +97,44 @@ class SiteOverSocketTests(TestCase):
         )
         self.assertTrue(answer.endswith(b"127.0.0.1 10"), answer)
 
+    async def test_local_address_asked_once(self) -> None:
+        """
+        Each request knows the connection's local address
+        (C{request.getHost()}), but the socket is asked for it once per
+        connection, not once per request.
+        """
+        from twisted.internet import tcp
+
+        asked: list[object] = []
+        ask = tcp.Server.getHost
+
+        def counted(transport: Any) -> Any:
+            asked.append(transport)
+            return ask(transport)
+
+        self.patch(tcp.Server, "getHost", counted)
+        seen: list[Any] = []
+
+        class Host(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                seen.append(request.getHost())
+                return b"ok"
+
+        site = SmeldrSite(Host())
+        answer = await self.exchange(
+            site,
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        self.assertEqual(answer.count(b"200 OK"), 3)
+        self.assertEqual(len(seen), 3)
+        self.assertEqual({(a.type, a.host) for a in seen}, {("TCP", "127.0.0.1")})
+        self.assertEqual(len(set(seen)), 1)
+        self.assertEqual(len(asked), 1)
+
     async def test_forwarded_ignored_by_default(self) -> None:
         site = SmeldrSite(Echo())
         answer = await self.exchange(

@@ -29,6 +29,7 @@ import functools
 import ipaddress
 import re
 import time
+import weakref
 from typing import Any, Iterable, Mapping, Optional
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -37,7 +38,7 @@ from twisted.web.server import Request, Site
 
 from smeldr_oauth.web.flow_events import request_finished
 from smeldr_oauth.web import errors
-from smeldr_oauth.web.accesslog import BufferedAccessLog
+from smeldr_oauth.web.accesslog import BufferedAccessLog, combined
 
 DEFAULT_MAX_BODY = 1 << 20
 
@@ -232,6 +233,34 @@ class TrustedProxies:
         return None
 
 
+class _LocalAddress:
+    """
+    A connection's C{getHost}, asked once: twisted.web's C{Request} asks
+    its channel for the local address in its constructor, on every request,
+    and the transport answers with a C{getsockname} system call and a new
+    address object each time (1.5% of a refresh, as much of the floor:
+    C{docs/performance.md}, round six).  A connected socket's local address
+    never changes, so the first answer stands for the connection's life.
+    (The channel is held weakly: the channel holds this, and a cycle would
+    leave each closed connection to the garbage collector.)
+    """
+
+    __slots__ = ("_channel", "_host")
+
+    def __init__(self, channel: Any) -> None:
+        self._channel = weakref.ref(channel)
+        self._host: Any = None
+
+    def __call__(self) -> Any:
+        host = self._host
+        if host is None:
+            channel = self._channel()
+            # Only the channel itself asks, so it is alive.
+            assert channel is not None
+            host = self._host = channel.transport.getHost()
+        return host
+
+
 class SmeldrSite(Site):
     """
     The site for every smeldr-oauth HTTP listener.
@@ -270,6 +299,8 @@ class SmeldrSite(Site):
         # request.args is both unused and, through email.headerregistry, a
         # fifth of the CPU of an MCP POST.
         kw.setdefault("parsePOSTFormSubmission", False)
+        # The same lines as twisted.web's formatter, cheaper to make.
+        kw.setdefault("logFormatter", combined)
         super().__init__(resource, **kw)
         self.max_body = max_body
         self.metrics = metrics
@@ -295,6 +326,14 @@ class SmeldrSite(Site):
             super().log(request)
         elif self._logDateTime is not None:
             self.access_log.line(self._logFormatter(self._logDateTime, request))
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        # twisted.web wraps its HTTP/1.1 channel in a protocol that may
+        # switch to HTTP/2; requests are made by the channel inside.
+        channel = getattr(protocol, "_channel", protocol)
+        channel.getHost = _LocalAddress(channel)
+        return protocol
 
     def stopFactory(self) -> None:
         super().stopFactory()
