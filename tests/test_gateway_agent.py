@@ -199,6 +199,15 @@ class AgentTests(SynchronousTestCase):
             self.assertTrue(body.reason.check(ResponseDone), size)
             self.assertEqual(len(self.endpoints.links), 1, size)
 
+    def test_header_values_trimmed(self) -> None:
+        """Blanks around a value are not part of it; repeated names keep every value in order."""
+        link = self.start()
+        response, _ = self.respond(
+            link, b"HTTP/1.1 200 OK\r\nX-A:  one \t\r\nx-a:two\r\nX-Empty:\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.assertEqual(response.headers.getRawHeaders(b"X-A"), [b"one", b"two"])
+        self.assertEqual(response.headers.getRawHeaders(b"x-empty"), [b""])
+
     def test_lf_only_head(self) -> None:
         link = self.start()
         response, body = self.respond(link, b"HTTP/1.1 200 OK\nContent-Length: 2\n\n{}")
@@ -392,6 +401,18 @@ class AgentTests(SynchronousTestCase):
         self.assertTrue(link.closed)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.start()
+        self.assertEqual(len(self.endpoints.links), 2)
+
+    def test_idle_too_long_not_reused(self) -> None:
+        """
+        A connection idle past the timeout is not reused even if its timer
+        has not run yet (a busy reactor): the upstream may be closing it.
+        """
+        link = self.start()
+        self.respond(link, OK)
+        self.clock.rightNow += IDLE_TIMEOUT
+        self.start()
+        self.assertTrue(link.closed)
         self.assertEqual(len(self.endpoints.links), 2)
 
     def test_close(self) -> None:

@@ -19,7 +19,8 @@ no credentials of its own), a header value with CR, LF or NUL fails the
 request before anything is written, TLS is verified as a browser does,
 bodies are delivered to an C{IProtocol} whose transport's
 C{stopProducing} drops the connection.  Idle connections are closed after
-L{IDLE_TIMEOUT} (one timer for all); a request on a reused connection
+L{IDLE_TIMEOUT} (one timer for all, and never reused past it even
+before the timer runs); a request on a reused connection
 that the upstream closed before answering is sent again once on a new one
 when its method is idempotent (as Twisted's pool does; a C{POST} is never
 sent twice).
@@ -48,8 +49,15 @@ from smeldr_oauth.gateway.connection import CLOSED, TOKEN, Connection, Exchange
 #: instances and requests in flight are (C{max_instances},
 #: C{max_in_flight}), and each GET event stream holds one for its life.
 PERSISTENT_PER_ORIGIN = 64
-#: Seconds an idle connection is kept (Twisted's pool: 240).
-IDLE_TIMEOUT = 240.0
+#: Seconds an idle connection is kept and reused.  Below the 5 s after
+#: which Node (server-everything, the TypeScript SDK), uvicorn and
+#: hypercorn (the Python SDK) close idle connections: a POST sent on a
+#: connection the upstream is closing at that moment fails and cannot be
+#: sent again (it may have run), and on a loaded box the upstream's FIN
+#: can wait unread for a second or more (the bench saw three tool calls in
+#: 4,000 fail so with connections idle 6 s).  A new connection after 4 s
+#: of quiet costs a TCP handshake.
+IDLE_TIMEOUT = 4.0
 #: Origins (and request targets) remembered: the configured URLs and their
 #: legacy endpoints, a handful.
 _MAX_ORIGINS = 64
@@ -157,11 +165,18 @@ class UpstreamAgent:
         exchange = Exchange(self, target, data, method)
         idle = self._idle.get(target.origin)
         if idle:
-            connection = idle.pop()
-            exchange.reused = True
-            connection.send(exchange)
-        else:
-            self.connect(exchange)
+            oldest = self.reactor.seconds() - self.idle_timeout
+            while idle:
+                connection = idle.pop()
+                if connection.idle_since > oldest:
+                    exchange.reused = True
+                    connection.send(exchange)
+                    return exchange.result
+                # Past the timeout (its timer has not run yet): the upstream may be closing it.
+                connection.state = CLOSED
+                if connection.transport is not None:
+                    connection.transport.loseConnection()
+        self.connect(exchange)
         return exchange.result
 
     def close(self) -> None:

@@ -41,6 +41,11 @@ _MAX_TRAILERS = 16 * 1024
 TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+_BLANKS = (b" ", b"\t")
+#: One header line: a token, a colon, the value (no CR or LF inside; its
+#: leading blanks dropped here, the trailing ones by the loop); CRLF or a
+#: bare LF ends it.
+_FIELD = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)\r?$", re.MULTILINE)
 #: Requests sent again once when a reused connection closes before answering.
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -272,24 +277,30 @@ class Connection(Protocol):
             return b""
         if end > MAX_HEAD_BYTES:
             raise BadResponse("response head too large")
-        lines = data[:end].split(b"\n")
-        status = _STATUS.match(lines[0].rstrip(b"\r"))
+        first = data.find(b"\n", 0, end)
+        status = _STATUS.match(data[: end if first == -1 else first].rstrip(b"\r"))
         if status is None:
             raise BadResponse("bad status line")
-        if len(lines) > MAX_HEADERS + 1:
-            raise BadResponse("too many headers")
         raw: dict[bytes, list[bytes]] = {}
-        for line in lines[1:]:
-            name, colon, value = line.rstrip(b"\r").partition(b":")
-            if not colon or TOKEN.match(name) is None:
+        if first != -1:
+            # Every header line at once (one scan in C, not a loop of
+            # partitions): a line the pattern skips is one that is not a
+            # header, and makes the counts differ.
+            block = data[first + 1 : end]
+            fields = _FIELD.findall(block)
+            if len(fields) != block.count(b"\n") + 1:
                 raise BadResponse("bad header line")
-            key = name.lower()
-            value = value.strip(b" \t")
-            known = raw.get(key)
-            if known is None:
-                raw[key] = [value]
-            else:
-                known.append(value)
+            if len(fields) > MAX_HEADERS:
+                raise BadResponse("too many headers")
+            for name, value in fields:
+                if value[-1:] in _BLANKS:
+                    value = value.rstrip(b" \t")
+                key = name.lower()
+                known = raw.get(key)
+                if known is None:
+                    raw[key] = [value]
+                else:
+                    known.append(value)
         code = int(status.group(2))
         rest = data[after:]
         if 100 <= code < 200:
