@@ -69,7 +69,7 @@ def serve(upstream: str) -> None:
     from zope.interface import implementer
 
     from smeldr_oauth.gateway.configfile import load
-    from smeldr_oauth.gateway.http import upstream_agent, upstream_pool
+    from smeldr_oauth.gateway.agent import upstream_agent
     from smeldr_oauth.gateway.proxy import Gateway
     from smeldr_oauth.mcp.http import MCPHTTP
     from smeldr_oauth.oauth.interfaces import IAccessVerifier
@@ -91,7 +91,7 @@ def serve(upstream: str) -> None:
     # has: the comparison is of the gateway, not of sharing.
     toml = f'[upstreams.bench]\nurl = "{upstream}"\nisolation = "session"\nlimits = {{ max_instances = 256 }}\n'
     config = load((), toml).upstreams[0]
-    gateway = Gateway(config, clock=reactor, reactor=reactor, http_agent=upstream_agent(reactor, upstream_pool(reactor)))
+    gateway = Gateway(config, clock=reactor, reactor=reactor, http_agent=upstream_agent(reactor))
     app = Klein()
     port = reactor.listenTCP(0, SmeldrSite(app.resource()), interface="127.0.0.1")  # type: ignore[attr-defined]
     resource = f"http://127.0.0.1:{port.getHost().port}/mcp"

@@ -18,8 +18,9 @@ from twisted.internet import error, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 
+
+from smeldr_oauth.gateway.agent import UpstreamAgent, upstream_agent
 from smeldr_oauth.gateway.proxy import Gateway, GatewaySession
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.session import Principal
@@ -124,11 +125,11 @@ def text(answer: dict) -> str:
     return "".join(c.get("text", "") for c in answer["result"]["content"])
 
 
-def agent(test: TestCase) -> Agent:
-    """An HTTP agent with a connection pool closed at cleanup."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    test.addCleanup(pool.closeCachedConnections)
-    return Agent(reactor, pool=pool)
+def agent(test: TestCase) -> UpstreamAgent:
+    """The gateway's HTTP agent, its idle connections closed at cleanup."""
+    made = upstream_agent(reactor)
+    test.addCleanup(made.close)
+    return made
 
 
 class Recorder:

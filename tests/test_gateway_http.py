@@ -520,29 +520,6 @@ class StreamRuleTests(SynchronousTestCase):
         self.assertLessEqual(len(self.upstream.gets), 2)
 
 
-class UpstreamAgentTests(SynchronousTestCase):
-    """L{upstream_agent}'s endpoints: one per origin, TLS for https, nothing else."""
-
-    def test_endpoints(self) -> None:
-        from twisted.internet.endpoints import HostnameEndpoint
-        from twisted.internet.testing import MemoryReactorClock
-        from twisted.web.client import URI, BrowserLikePolicyForHTTPS
-        from twisted.web.error import SchemeNotSupported
-
-        from smeldr_oauth.gateway.http import _Endpoints
-
-        endpoints = _Endpoints(MemoryReactorClock(), BrowserLikePolicyForHTTPS())
-        plain = endpoints.endpointForURI(URI.fromBytes(b"http://10.0.0.5:9000/mcp"))
-        self.assertIsInstance(plain, HostnameEndpoint)
-        self.assertIs(endpoints.endpointForURI(URI.fromBytes(b"http://10.0.0.5:9000/mcp/message?s=1")), plain)
-        self.assertIsNot(endpoints.endpointForURI(URI.fromBytes(b"http://10.0.0.5:9001/mcp")), plain)
-        secure = endpoints.endpointForURI(URI.fromBytes(b"https://tools.example.com/mcp"))
-        self.assertNotIsInstance(secure, HostnameEndpoint)  # wrapped in TLS
-        self.assertIsNot(endpoints.endpointForURI(URI.fromBytes(b"http://tools.example.com/mcp")), secure)
-        with self.assertRaises(SchemeNotSupported):
-            endpoints.endpointForURI(URI.fromBytes(b"ftp://tools.example.com/mcp"))
-
-
 #: A tool result crafted to break a client's framing if it went through
 #: unescaped: SSE event separators, a forged event for another id, CR; and
 #: the line separators JavaScript once refused in strings, kept as they are.

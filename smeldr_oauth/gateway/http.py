@@ -45,16 +45,12 @@ from urllib.request import Request as _CookieRequest
 
 import hyperlink
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
 from smeldr_oauth.gateway import errors
@@ -184,60 +180,6 @@ class _Cookies:
             self._any = len(self.jar) > 0
 
 
-#: Connections kept open to one upstream origin: calls to it run side by
-#: side (Twisted's default keeps 2 per host, and every call over that
-#: pays a TCP handshake).
-PERSISTENT_PER_HOST = 64
-#: Origins whose endpoints are kept (the configured URLs and their legacy
-#: endpoints, on the same origins: a handful).
-_MAX_ENDPOINTS = 64
-
-
-@implementer(IAgentEndpointFactory)
-class _Endpoints:
-    """
-    One endpoint per origin, made once: Twisted's default factory builds a
-    new one (IDNA encoding, a TLS policy lookup) on every request.
-    """
-
-    def __init__(self, reactor: Any, tls: Any) -> None:
-        self.reactor = reactor
-        self.tls = tls
-        self.made: dict[tuple[bytes, bytes, int], Any] = {}
-
-    def endpointForURI(self, uri: Any) -> Any:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self.made.get(key)
-        if endpoint is None:
-            if uri.scheme not in (b"http", b"https"):
-                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-            host = uri.host.decode("ascii")
-            endpoint = HostnameEndpoint(self.reactor, host, uri.port)
-            if uri.scheme == b"https":
-                endpoint = wrapClientTLS(self.tls.creatorForNetloc(uri.host, uri.port), endpoint)
-            if len(self.made) >= _MAX_ENDPOINTS:
-                self.made.clear()
-            self.made[key] = endpoint
-        return endpoint
-
-
-def upstream_pool(reactor: Any) -> HTTPConnectionPool:
-    """Persistent connections to HTTP upstreams, L{PERSISTENT_PER_HOST} per origin."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = PERSISTENT_PER_HOST
-    return pool
-
-
-def upstream_agent(reactor: Any, pool: HTTPConnectionPool, tls: Any = None) -> IAgent:
-    """
-    The agent for HTTP upstreams: over C{pool} (L{upstream_pool}),
-    endpoints made once per origin, TLS verified as a browser does (or by
-    C{tls}, an C{IPolicyForHTTPS}).  Redirects are never followed (a bare
-    agent does not).
-    """
-    return Agent.usingEndpointFactory(reactor, _Endpoints(reactor, tls or BrowserLikePolicyForHTTPS()), pool=pool)
-
-
 def _wire_url(url: str) -> bytes:
     """A URL as it goes on the request line: IDNA host, percent-encoded."""
     return hyperlink.EncodedURL.from_text(url).to_uri().to_text().encode("ascii")
@@ -287,10 +229,10 @@ class HTTPChannel:
         self.clock = clock
         self.config = config
         self.owner = owner
-        # The agent itself, without treq's layers (URL parsing, a cookie
-        # agent and a content decoder per request): a third of the front's
-        # time went there under load.  Redirects are never followed (no
-        # redirect agent), bodies are streamed into capped readers.
+        # An agent without treq's layers (URL parsing, a cookie agent and a
+        # content decoder per request): usually the gateway's own
+        # (L{smeldr_oauth.gateway.agent}).  Redirects are never followed
+        # (no redirect agent), bodies are streamed into capped readers.
         self.agent = agent
         # Each channel has its own jar: cookies an upstream sets for one
         # user's session are never sent with another user's requests.

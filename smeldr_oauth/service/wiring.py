@@ -279,7 +279,6 @@ class StandaloneService(Service):
         self.reactor = reactor
         self.options = options
         self._http_agent: Any = None
-        self._http_pool: Any = None
         db_threads = options.get("db-threads")
         # Where the rate limits' buckets live: in memory for one process
         # (SQLite), in the shared database when any process may answer.
@@ -400,11 +399,10 @@ class StandaloneService(Service):
     def _gateway(self, upstream: Any) -> Any:
         """One upstream's L{Gateway}: stdio processes on the reactor, HTTP over a shared pool."""
         from smeldr_oauth.gateway import Gateway
-        from smeldr_oauth.gateway.http import upstream_agent, upstream_pool
+        from smeldr_oauth.gateway.agent import upstream_agent
 
         if self._http_agent is None:
-            self._http_pool = upstream_pool(self.reactor)
-            self._http_agent = upstream_agent(self.reactor, self._http_pool)
+            self._http_agent = upstream_agent(self.reactor)
         return Gateway(upstream, clock=self.reactor, reactor=self.reactor, http_agent=self._http_agent)
 
     def startService(self) -> None:
@@ -480,8 +478,8 @@ class StandaloneService(Service):
         def close(_: Any) -> None:
             self.store.close()
             self.site_stores.close()
-            if self._http_pool is not None:
-                self._http_pool.closeCachedConnections()
+            if self._http_agent is not None:
+                self._http_agent.close()
 
         def flush_flows(_: Any) -> Any:
             # After the shutdown, so that the streams it closes are in the

@@ -1,0 +1,475 @@
+# -*- test-case-name: tests.test_gateway_agent -*-
+"""
+One persistent HTTP/1.1 connection to an upstream, one exchange at a time:
+the request goes out in one write; the status line and the headers are
+parsed from the buffer in one pass; a C{Content-Length}, chunked or
+read-until-close body is handed on as it arrives (an event stream can stay
+open for hours).  L{smeldr_oauth.gateway.agent} pools these.
+
+Bytes that are not a response this client accepts (a bad status line, a
+header name that is not a token, conflicting lengths, an unknown transfer
+coding, a bad chunk, anything after a complete response) fail the request
+or end its body with C{ResponseFailed} and drop the connection: a
+half-read connection never goes back to the pool, and an upstream's extra
+bytes never answer the next request.  Sizes are capped (L{MAX_HEAD_BYTES},
+L{MAX_HEADERS}, chunk lines and trailers).
+
+Its tests are the agent's (C{tests/test_gateway_agent.py}): they drive
+these connections through it byte by byte.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+#: The status line and headers of one response, together.
+MAX_HEAD_BYTES = 64 * 1024
+#: Header lines in one response.
+MAX_HEADERS = 200
+#: A chunk-size line (with its extensions) or a trailer section.
+_MAX_CHUNK_LINE = 4096
+_MAX_TRAILERS = 16 * 1024
+
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?\Z")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+_BLANKS = (b" ", b"\t")
+#: One header line: a token, a colon, the value (no CR or LF inside; its
+#: leading blanks dropped here, the trailing ones by the loop); CRLF or a
+#: bare LF ends it.
+_FIELD = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)\r?$", re.MULTILINE)
+#: Requests sent again once when a reused connection closes before answering.
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+# Connection states.
+_IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, CLOSED = range(9)
+
+
+class BadResponse(Exception):
+    """The upstream's bytes are not an HTTP/1.1 response this agent accepts."""
+
+
+class ResponseHeaders:
+    """
+    A response's headers by lower-case name, read as C{Headers} is read
+    (C{getRawHeaders}, C{hasHeader}, C{getAllRawHeaders}); built once per
+    response without normalising every name to Header-Case.
+    """
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: dict[bytes, list[bytes]]) -> None:
+        self._raw = raw
+
+    def getRawHeaders(self, name: Any, default: Any = None) -> Any:
+        if isinstance(name, str):
+            values = self._raw.get(name.encode("latin-1").lower())
+            return [v.decode("utf-8", "replace") for v in values] if values else default
+        return self._raw.get(name.lower()) or default
+
+    def hasHeader(self, name: Any) -> bool:
+        key = name.encode("latin-1") if isinstance(name, str) else name
+        return key.lower() in self._raw
+
+    def getAllRawHeaders(self) -> Any:
+        return iter(self._raw.items())
+
+    # What wrappers of an agent (treq's content decoder) change.
+
+    def setRawHeaders(self, name: Any, values: Any) -> None:
+        key = name.encode("latin-1") if isinstance(name, str) else name
+        self._raw[key.lower()] = [v.encode("utf-8") if isinstance(v, str) else v for v in values]
+
+    def removeHeader(self, name: Any) -> None:
+        key = name.encode("latin-1") if isinstance(name, str) else name
+        self._raw.pop(key.lower(), None)
+
+    def __repr__(self) -> str:
+        return f"ResponseHeaders({self._raw!r})"
+
+
+class _BodyTransport:
+    """What a body protocol sees as its transport: stop (drop the connection), pause, resume."""
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: "Connection") -> None:
+        self._connection = connection
+
+    def stopProducing(self) -> None:
+        self._connection.abort_body()
+
+    # What twisted.web.client.readBody calls to give up on a body.
+    abortConnection = stopProducing
+
+    def pauseProducing(self) -> None:
+        transport = self._connection.transport
+        if transport is not None:
+            transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        transport = self._connection.transport
+        if transport is not None:
+            transport.resumeProducing()  # type: ignore[attr-defined]
+
+
+class Response:
+    """
+    An upstream's response: C{code}, C{phrase}, C{version}, C{headers},
+    C{length}; its body goes to the protocol given to L{deliverBody}
+    (what arrived before is kept for it).
+    """
+
+    def __init__(self, connection: "Connection", version: tuple[bytes, int, int], code: int, phrase: bytes, headers: ResponseHeaders, length: Any) -> None:
+        self.version = version
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers
+        self.length = length
+        self._connection = connection
+        self._protocol: Any = None
+        self._early: Optional[list[bytes]] = []
+        self._ended: Optional[Failure] = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        if self._protocol is not None:
+            raise RuntimeError("the body is already being delivered")
+        self._protocol = protocol
+        protocol.makeConnection(_BodyTransport(self._connection))
+        early, self._early = self._early, None
+        for data in early or ():
+            protocol.dataReceived(data)
+        if self._ended is not None:
+            protocol.connectionLost(self._ended)
+
+    def _data(self, data: bytes) -> None:
+        if self._protocol is None:
+            assert self._early is not None
+            self._early.append(data)
+        else:
+            self._protocol.dataReceived(data)
+
+    def _end(self, reason: Failure) -> None:
+        if self._protocol is None:
+            self._ended = reason
+        else:
+            self._protocol.connectionLost(reason)
+
+
+class Exchange:
+    """One request on one connection: what to send, who waits for the response."""
+
+    __slots__ = ("agent", "target", "data", "method", "result", "connection", "connecting", "reused", "retried", "response")
+
+    def __init__(self, agent: Any, target: Any, data: bytes, method: bytes) -> None:
+        self.agent = agent
+        self.target = target
+        self.data = data
+        self.method = method
+        self.result: Deferred = Deferred(self._cancel)
+        self.connection: Optional[Connection] = None
+        self.connecting: Optional[Deferred] = None
+        self.reused = False
+        self.retried = False
+        self.response: Optional[Response] = None
+
+    def _cancel(self, _: Deferred) -> None:
+        if self.connecting is not None:
+            connecting, self.connecting = self.connecting, None
+            connecting.cancel()
+        elif self.connection is not None:
+            self.connection.abort()
+
+
+class Connection(Protocol):
+    """One persistent connection to an upstream origin: one exchange at a time."""
+
+    def __init__(self, agent: Any, origin: tuple[bytes, bytes, int]) -> None:
+        self.agent = agent
+        self.origin = origin
+        self.state = _IDLE
+        self.exchange: Optional[Exchange] = None
+        self.response: Optional[Response] = None
+        self.idle_since = 0.0
+        self._buffer = b""
+        self._remaining = 0
+        self._persistent = False
+        self._head_request = False
+        self._received = False
+
+    # -- sending ---------------------------------------------------------------
+
+    def send(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        exchange.connection = self
+        self.state = _HEAD
+        self._received = False
+        self._head_request = exchange.method == b"HEAD"
+        assert self.transport is not None
+        self.transport.write(exchange.data)
+
+    def abort(self) -> None:
+        """Drop the connection now (a cancelled request, a stopped body, bad bytes)."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self.agent.forget(self)
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def abort_body(self) -> None:
+        exchange, response = self.exchange, self.response
+        self.exchange = self.response = None
+        self.abort()
+        if response is not None and exchange is not None:
+            response._end(Failure(ResponseFailed([Failure(CancelledError("the body was stopped"))])))
+
+    # -- receiving ---------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._buffer:
+            data = self._buffer + data
+            self._buffer = b""
+        self._received = True
+        try:
+            while data and self.state != CLOSED:
+                state = self.state
+                if state == _HEAD:
+                    data = self._head(data)
+                elif state == _LENGTH:
+                    data = self._length(data)
+                elif state == _CHUNK_DATA:
+                    data = self._chunk_data(data)
+                elif state == _CHUNK_SIZE:
+                    data = self._chunk_size(data)
+                elif state == _CHUNK_END:
+                    data = self._chunk_end(data)
+                elif state == _TRAILERS:
+                    data = self._trailers(data)
+                elif state == _UNTIL_CLOSE:
+                    self._body(data)
+                    data = b""
+                else:
+                    # Bytes nobody asked for: this connection cannot be trusted.
+                    raise BadResponse("data after the response")
+        except BadResponse as error:
+            self._bad(error)
+
+    def _head(self, data: bytes) -> bytes:
+        end = data.find(b"\r\n\r\n")
+        after = end + 4
+        # A bare LF ends a line too (RFC 9112 2.2), if it comes first.
+        bare = data.find(b"\n\n", 0, end if end != -1 else len(data))
+        if bare != -1:
+            end, after = bare, bare + 2
+        if end == -1:
+            if len(data) > MAX_HEAD_BYTES:
+                raise BadResponse("response head too large")
+            self._buffer = data
+            return b""
+        if end > MAX_HEAD_BYTES:
+            raise BadResponse("response head too large")
+        first = data.find(b"\n", 0, end)
+        status = _STATUS.match(data[: end if first == -1 else first].rstrip(b"\r"))
+        if status is None:
+            raise BadResponse("bad status line")
+        raw: dict[bytes, list[bytes]] = {}
+        if first != -1:
+            # Every header line at once (one scan in C, not a loop of
+            # partitions): a line the pattern skips is one that is not a
+            # header, and makes the counts differ.
+            block = data[first + 1 : end]
+            fields = _FIELD.findall(block)
+            if len(fields) != block.count(b"\n") + 1:
+                raise BadResponse("bad header line")
+            if len(fields) > MAX_HEADERS:
+                raise BadResponse("too many headers")
+            for name, value in fields:
+                if value[-1:] in _BLANKS:
+                    value = value.rstrip(b" \t")
+                key = name.lower()
+                known = raw.get(key)
+                if known is None:
+                    raw[key] = [value]
+                else:
+                    known.append(value)
+        code = int(status.group(2))
+        rest = data[after:]
+        if 100 <= code < 200:
+            if code == 101:
+                raise BadResponse("unexpected protocol switch")
+            return rest  # informational: the real response follows
+        minor = int(status.group(1))
+        connection = b",".join(raw.get(b"connection", ())).lower()
+        self._persistent = minor == 1 and b"close" not in connection
+        length: Any = UNKNOWN_LENGTH
+        encodings = raw.get(b"transfer-encoding")
+        if self._head_request or code in (204, 304):
+            length, after_state = 0, _IDLE
+        elif encodings is not None:
+            codings = [c.strip().lower() for c in b",".join(encodings).split(b",")]
+            if codings[-1] != b"chunked":
+                raise BadResponse("unsupported transfer coding")
+            if len(codings) > 1:
+                # A coding this agent does not undo, under chunked: refuse.
+                raise BadResponse("unsupported transfer coding")
+            if b"content-length" in raw:
+                self._persistent = False  # RFC 9112 6.3: never reuse after both
+            after_state = _CHUNK_SIZE
+        elif b"content-length" in raw:
+            values = {v.strip() for v in b",".join(raw[b"content-length"]).split(b",")}
+            if len(values) != 1:
+                raise BadResponse("conflicting content lengths")
+            value = values.pop()
+            if not value.isdigit() or len(value) > 18:
+                raise BadResponse("bad content length")
+            length = int(value)
+            self._remaining = length
+            after_state = _LENGTH if length else _IDLE
+        else:
+            self._persistent = False
+            after_state = _UNTIL_CLOSE
+        exchange = self.exchange
+        assert exchange is not None
+        response = Response(self, (b"HTTP", 1, minor), code, (status.group(3) or b""), ResponseHeaders(raw), length)
+        self.response = exchange.response = response
+        self.state = after_state
+        if after_state == _IDLE:
+            rest = self._finished(rest)
+        result = exchange.result
+        if not result.called:
+            result.callback(response)
+        return rest
+
+    def _body(self, data: bytes) -> None:
+        response = self.response
+        if response is not None:
+            response._data(data)
+
+    def _length(self, data: bytes) -> bytes:
+        remaining = self._remaining
+        if len(data) < remaining:
+            self._remaining = remaining - len(data)
+            self._body(data)
+            return b""
+        self._body(data[:remaining] if len(data) > remaining else data)
+        if self.state == _LENGTH:
+            return self._finished(data[remaining:])
+        return b""
+
+    def _chunk_size(self, data: bytes) -> bytes:
+        end = data.find(b"\n")
+        if end == -1:
+            if len(data) > _MAX_CHUNK_LINE:
+                raise BadResponse("chunk size line too long")
+            self._buffer = data
+            return b""
+        line = data[:end].rstrip(b"\r").split(b";", 1)[0].strip(b" \t")
+        if _HEX.match(line) is None:
+            raise BadResponse("bad chunk size")
+        size = int(line, 16)
+        if size == 0:
+            self.state = _TRAILERS
+        else:
+            self._remaining = size
+            self.state = _CHUNK_DATA
+        return data[end + 1 :]
+
+    def _chunk_data(self, data: bytes) -> bytes:
+        remaining = self._remaining
+        if len(data) <= remaining:
+            self._remaining = remaining - len(data)
+            if self._remaining == 0:
+                self.state = _CHUNK_END
+            self._body(data)
+            return b""
+        self.state = _CHUNK_END
+        self._body(data[:remaining])
+        return data[remaining:]
+
+    def _chunk_end(self, data: bytes) -> bytes:
+        if data.startswith(b"\r\n"):
+            rest = data[2:]
+        elif data.startswith(b"\n"):
+            rest = data[1:]
+        elif data == b"\r":
+            self._buffer = data
+            return b""
+        else:
+            raise BadResponse("chunk not followed by CRLF")
+        self.state = _CHUNK_SIZE
+        return rest
+
+    def _trailers(self, data: bytes) -> bytes:
+        # Trailers are read and dropped; the section ends with an empty line.
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end == -1:
+                if len(data) > _MAX_TRAILERS:
+                    raise BadResponse("trailers too large")
+                self._buffer = data
+                return b""
+            if data[start:end].rstrip(b"\r") == b"":
+                return self._finished(data[end + 1 :])
+            start = end + 1
+            if start > _MAX_TRAILERS:
+                raise BadResponse("trailers too large")
+
+    def _finished(self, rest: bytes) -> bytes:
+        """
+        The response is complete: back to the pool (or closed), then its
+        body ends.  Bytes after a response are never the start of the next
+        request's answer: with any, the connection is closed instead.
+        """
+        response = self.response
+        self.response = self.exchange = None
+        if self._persistent and not rest:
+            self.state = _IDLE
+            self.agent.release(self)
+        else:
+            self.state = CLOSED
+            self.agent.forget(self)
+            if self.transport is not None:
+                self.transport.loseConnection()
+        if response is not None:
+            response._end(Failure(ResponseDone("Response body fully received")))
+        return b""
+
+    def _bad(self, error: BadResponse) -> None:
+        exchange, response = self.exchange, self.response
+        self.exchange = self.response = None
+        self.abort()
+        failure = Failure(ResponseFailed([Failure(error)]))
+        if response is not None:
+            response._end(failure)
+        elif exchange is not None and not exchange.result.called:
+            exchange.result.errback(failure)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        state = self.state
+        self.state = CLOSED
+        self.agent.forget(self)
+        exchange, response = self.exchange, self.response
+        self.exchange = self.response = None
+        if response is not None:
+            if state == _UNTIL_CLOSE and reason is not None and reason.check(ConnectionDone):
+                response._end(Failure(PotentialDataLoss()))
+            else:
+                response._end(Failure(ResponseFailed([reason])))
+        elif exchange is not None and not exchange.result.called:
+            if exchange.reused and not self._received and not exchange.retried and exchange.method in _IDEMPOTENT:
+                # The upstream closed an idle connection as we reused it.
+                exchange.retried = True
+                exchange.connection = None
+                self.agent.connect(exchange)
+                return
+            exchange.result.errback(Failure(ResponseNeverReceived([reason])))
