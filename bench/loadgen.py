@@ -607,6 +607,21 @@ def process_cpu(pid: int) -> float:
     return own + sum(_live_cpu(child) for child in children)
 
 
+def database_cpu(pid: int) -> float:
+    """
+    User + system CPU seconds of a PostgreSQL server whose postmaster is
+    C{pid}: its own, its live children's (the backends of the server's
+    pool, the WAL writer, the checkpointer) and what its children that
+    have exited used (an autovacuum worker, a backend of a short
+    connection), which the kernel adds to the postmaster's C{cutime} and
+    C{cstime} when it reaps them.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    reaped = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    return process_cpu(pid) + reaped
+
+
 def _live_cpu(pid: int) -> float:
     try:
         return process_cpu(pid)
@@ -621,6 +636,7 @@ async def _worker_main(
     start: float,
     end: float,
     server_pid: Optional[int],
+    database_pid: Optional[int] = None,
 ) -> dict[str, Any]:
     rec = Recorder(start, end)
     loop = asyncio.get_event_loop()
@@ -630,6 +646,8 @@ async def _worker_main(
         marks[name + "_cpu"] = _cpu_seconds()
         if server_pid is not None:
             marks[name + "_server"] = process_cpu(server_pid)
+        if database_pid is not None:
+            marks[name + "_database"] = database_cpu(database_pid)
 
     loop.call_later(max(0.0, start - time.monotonic()), mark, "start")
     loop.call_later(max(0.0, end - time.monotonic()), mark, "end")
@@ -652,6 +670,8 @@ async def _worker_main(
     }
     if server_pid is not None and "start_server" in marks:
         result["server_cpu"] = marks["end_server"] - marks["start_server"]
+    if database_pid is not None and "start_database" in marks:
+        result["database_cpu"] = marks["end_database"] - marks["start_database"]
     return result
 
 
@@ -664,10 +684,11 @@ def _worker(
     start: float,
     end: float,
     server_pid: Optional[int],
+    database_pid: Optional[int] = None,
 ) -> None:
     lifeline.die_with_parent(parent_pid)
     try:
-        result = asyncio.run(_worker_main(scenario, target, states, start, end, server_pid))
+        result = asyncio.run(_worker_main(scenario, target, states, start, end, server_pid, database_pid))
     except Exception as e:  # report, never hang the parent
         result = {"latencies": [], "errors": len(states), "error_samples": [repr(e)], "cpu": 0.0}
     conn.send(result)
@@ -691,14 +712,19 @@ def run_load(
     warmup: float,
     processes: int,
     server_pid: Optional[int] = None,
+    database_pid: Optional[int] = None,
 ) -> dict[str, Any]:
     """
     Run C{len(states)} virtual users of C{scenario} in C{processes} worker
     processes for C{warmup + duration} seconds; measure only the last
     C{duration}.
 
-    @return: ops/s, p50/p99 (ms), errors, generator CPU and server CPU as a
-        fraction of the measured window (1.0 = one core busy).
+    @param database_pid: the postmaster of the PostgreSQL server the
+        server uses, when it runs on this machine: its CPU (L{database_cpu})
+        is measured over the same window.
+    @return: ops/s, p50/p99 (ms), errors, generator CPU and server CPU (and
+        the database's, with C{database_pid}) as a fraction of the
+        measured window (1.0 = one core busy).
     """
     processes = max(1, min(processes, len(states)))
     context = multiprocessing.get_context("fork")
@@ -711,7 +737,17 @@ def run_load(
         parent, child = context.Pipe(duplex=False)
         p = context.Process(
             target=_worker,
-            args=(child, os.getpid(), scenario, target, mine, start, end, server_pid if index == 0 else None),
+            args=(
+                child,
+                os.getpid(),
+                scenario,
+                target,
+                mine,
+                start,
+                end,
+                server_pid if index == 0 else None,
+                database_pid if index == 0 else None,
+            ),
             daemon=True,
         )
         p.start()
@@ -729,6 +765,7 @@ def run_load(
     errors = sum(r["errors"] for r in results)
     samples = [s for r in results for s in r["error_samples"]][:3]
     server_cpu = next((r["server_cpu"] for r in results if "server_cpu" in r), None)
+    database_cpu = next((r["database_cpu"] for r in results if "database_cpu" in r), None)
     p50 = percentile(latencies, 0.50)
     p99 = percentile(latencies, 0.99)
     return {
@@ -743,4 +780,5 @@ def run_load(
         "error_samples": samples,
         "client_cpu": sum(r["cpu"] for r in results) / duration,
         "server_cpu": None if server_cpu is None else server_cpu / duration,
+        **({} if database_cpu is None else {"database_cpu": database_cpu / duration}),
     }

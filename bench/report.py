@@ -60,6 +60,9 @@ def annotate(report: dict[str, Any]) -> None:
     for r in results:
         cpu = r.get("server_cpu")
         r["server_us_per_op"] = cpu * 1e6 / r["ops_per_s"] if cpu and r["ops_per_s"] else None
+        database = r.get("database_cpu")
+        if database is not None:
+            r["database_us_per_op"] = database * 1e6 / r["ops_per_s"] if r["ops_per_s"] else None
     for r in results:
         floors = _floors(results, r)
         costs = [f["server_us_per_op"] for f in floors if f.get("server_us_per_op")]

@@ -95,6 +95,8 @@ class Bench:
     def __init__(self, server_args: tuple[str, ...] = ()) -> None:
         self.server_args = server_args
         self.servers: dict[str, servers.Server] = {}
+        self._database_pid: Optional[int] = None
+        self._database_looked_up = False
         self._client_id: Optional[str] = None
         self._site_token: Optional[str] = None
 
@@ -105,6 +107,19 @@ class Bench:
             else:
                 self.servers[name] = servers.start_reference(name)
         return self.servers[name]
+
+    def database_pid(self) -> Optional[int]:
+        """
+        The postmaster of the C{--database} PostgreSQL server, when it runs
+        on this machine (L{servers.postmaster_pid}): the rows of the
+        smeldr server then report the database's CPU as well.
+        """
+        if not self._database_looked_up:
+            self._database_looked_up = True
+            if "--database" in self.server_args:
+                url = self.server_args[self.server_args.index("--database") + 1]
+                self._database_pid = servers.postmaster_pid(url)
+        return self._database_pid
 
     @property
     def smeldr(self) -> servers.OAuthServer:
@@ -145,6 +160,7 @@ class Bench:
             warmup=warmup,
             processes=processes,
             server_pid=self.server(row.server).pid,
+            database_pid=self.database_pid() if row.server == "smeldr" else None,
         )
 
     def wrk(self, row: Row, connections: int, duration: float, warmup: float) -> dict[str, Any]:

@@ -129,6 +129,17 @@ def _processes(settings: Settings, connections: int) -> int:
     return 1 if connections < 8 else 2
 
 
+def _database_figure(result: dict[str, Any]) -> str:
+    """
+    The PostgreSQL server's CPU (its backends and helpers) in the row's
+    line, when it was measured (a C{--database} on this machine).
+    """
+    cpu, ops = result.get("database_cpu"), result["ops_per_s"]
+    if cpu is None:
+        return ""
+    return f"  db {_fmt(cpu, 2)} ({_fmt(cpu * 1e6 / ops if ops else None, 0)} us/op)"
+
+
 def _record(
     results: list[dict[str, Any]], name: str, result: dict[str, Any], echo: bool = True
 ) -> dict[str, Any]:
@@ -140,7 +151,8 @@ def _record(
             f"  {name:<24} c={result['connections']:<4} {result['generator']:<6} {_fmt(ops, 1):>9}/s"
             f"  p50 {_fmt(result.get('p50_ms'), 2):>8} ms  p99 {_fmt(result.get('p99_ms'), 2):>8} ms"
             f"  cpu srv {_fmt(cpu, 2)} ({_fmt(cpu * 1e6 / ops if cpu and ops else None, 0)} us/op)"
-            f" gen {_fmt(result.get('client_cpu'), 2)}  err {result.get('errors', 0)}",
+            f" gen {_fmt(result.get('client_cpu'), 2)}  err {result.get('errors', 0)}"
+            + _database_figure(result),
             flush=True,
         )
         for sample in result.get("error_samples") or []:

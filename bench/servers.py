@@ -237,6 +237,30 @@ def start_smeldr(
     return server
 
 
+def postmaster_pid(url: str) -> Optional[int]:
+    """
+    The process id of the postmaster of the PostgreSQL server at C{url}
+    when it runs on this machine and its processes can be read (the parent
+    of the backend that answers), so that a run can measure the
+    database's CPU beside the server's; C{None} for a remote server or one
+    that cannot be reached.
+    """
+    try:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True, connect_timeout=5) as connection:
+            row = connection.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        with open(f"/proc/{int(row[0])}/status") as f:
+            parent = next(int(line.split()[1]) for line in f if line.startswith("PPid:"))
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            command = f.read().split(b"\0")[0]
+    except Exception:
+        return None
+    # A backend of another machine's server has a different pid here.
+    return parent if os.path.basename(command) in (b"postgres", b"postmaster") else None
+
+
 def admin_command() -> list[str]:
     script = os.path.join(os.path.dirname(sys.executable), "smeldr-oauth-admin")
     if os.path.exists(script):

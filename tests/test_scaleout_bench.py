@@ -1,7 +1,9 @@
 """
-A short run of C{python -m bench.crossprocess} so that the cross-process
-delivery benchmark cannot rot: real processes on the real PostgreSQL of
-L{tests.postgres}, numbers printed.  Nothing here is timed.
+Short runs of the PostgreSQL benchmarks so that they cannot rot: C{python
+-m bench.crossprocess} (cross-process delivery) and C{python -m bench
+--database} (the HTTP rows on PostgreSQL, with the database's own CPU):
+real processes on the real PostgreSQL of L{tests.postgres}, numbers
+printed.  Nothing here is timed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,37 @@ from tests import postgres
 from tests.e2e import runProgram
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class DatabaseBenchTests(TestCase):
+    timeout = 240
+
+    async def test_refresh_reports_the_database_cpu(self) -> None:
+        """
+        C{python -m bench --database URL} on a PostgreSQL server of this
+        machine measures the server's CPU per refresh and the database's
+        (its postmaster's processes, L{bench.loadgen.database_cpu}) over
+        the same window, in the JSON and in the printed line.
+        """
+        url = postgres.database_url(self)
+        output = os.path.abspath(self.mktemp())
+        out, err, code = await runProgram(
+            reactor,
+            [sys.executable, "-m", "bench", "--smoke", "--only", "refresh", "--database", url, "--output", output],
+            timeout=220,
+            path=CHECKOUT,
+        )
+        self.assertEqual(code, 0, err)
+        with open(output) as f:
+            rows = {r["name"]: r for r in json.load(f)["http"]}
+        refresh = rows["refresh_rotation"]
+        self.assertGreater(refresh["ops"], 0, refresh)
+        self.assertGreater(refresh["database_cpu"], 0, refresh)
+        self.assertGreater(refresh["database_us_per_op"], 0, refresh)
+        # The floor does not use the database: nothing is claimed for it.
+        self.assertNotIn("database_cpu", rows["floor"])
+        line = next(line for line in out.splitlines() if line.strip().startswith("refresh_rotation"))
+        self.assertIn(" db ", line)
 
 
 class CrossProcessBenchTests(TestCase):

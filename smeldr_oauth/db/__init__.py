@@ -20,8 +20,12 @@ from smeldr_oauth.db.postgres import PostgresEngine, is_postgres_url
 from smeldr_oauth.db.sqlite import SQLiteEngine
 
 #: Pool threads (and connections) of a PostgreSQL database when the caller
-#: names none.
-POSTGRES_THREADS = 4
+#: names none.  One process's refreshes are bounded by the transactions it
+#: has in flight, each waiting on its round trips and its commit's flush
+#: far longer than it runs: 8 refreshed about 1.5 times as fast as 4 on
+#: the 2-core test machine for the same CPU per refresh, and 16 no faster
+#: (docs/performance.md, round six).
+POSTGRES_THREADS = 8
 #: Of a SQLite database: its one writer, on a thread of its own.
 SQLITE_THREADS = 1
 
