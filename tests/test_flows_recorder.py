@@ -127,12 +127,11 @@ class RecorderTests(SynchronousTestCase):
         clock.advance(1)
         self.assertEqual(store.batches[0][0].kind, "approved")
 
-    def test_per_grant_limits_every_few_writes(self) -> None:
+    def test_per_client_limits_every_few_writes(self) -> None:
         """
-        The per-grant limits (a statement per grant, a new grant per flow)
-        are enforced every C{trim_every} writes, for every grant written
-        since, and on the way out; each write trims the few clients it
-        wrote.
+        The per-client and per-grant limits (a statement per client and
+        grant) are enforced every C{trim_every} writes, for everyone
+        written since, and on the way out.
         """
         recorder, store, clock = self.recorder(trim_every=2)
         recorder(event())
@@ -141,46 +140,7 @@ class RecorderTests(SynchronousTestCase):
         clock.advance(1)
         recorder(event())
         self.successResultOf(recorder.stop())
-        self.assertEqual(store.trims, [({"c"}, ()), ({"d"}, {"g", "h"}), ({"c"}, {"g"})])
-
-    def test_many_clients_wait_for_the_pass(self) -> None:
-        """
-        A write naming more than C{eager_clients} clients (a flood of
-        invented ones) leaves them to the next pass, as grants: a
-        statement per client would make each such write dearer.  A step
-        without a client trims nothing.
-        """
-        recorder, store, clock = self.recorder(trim_every=3, eager_clients=1)
-        recorder(dict(event(), client_id=None, grant_id=None))
-        clock.advance(1)
-        recorder(event())
-        recorder(dict(event(), client_id="d", grant_id="h"))
-        clock.advance(1)
-        recorder(dict(event(), client_id="e", grant_id=None))
-        clock.advance(1)
-        self.assertEqual(store.trims, [False, False, ({"c", "d", "e"}, {"g", "h"})])
-
-
-class RealStoreTrimTests(SynchronousTestCase):
-    def test_client_trimmed_with_each_write(self) -> None:
-        """
-        On a real store a busy client's steps are cut back to its limit by
-        the write that added them, not left to grow until the next pass:
-        the table stays small and no write has thousands of rows to delete.
-        """
-        from smeldr_oauth.flows.store import FlowStore, Retention
-
-        clock = Clock()
-        clock.advance(T0)
-        store = FlowStore.in_memory(clock, Retention(per_client=3, per_grant=100))
-        self.addCleanup(store.close)
-        recorder = FlowRecorder(store, clock, batch=1000, trim_every=1000)
-        for n in range(10):
-            recorder(dict(event(n), grant_id=f"g{n}"))
-        self.successResultOf(recorder.flush())
-        self.assertEqual(self.successResultOf(store.count()), 3)
-        steps = self.successResultOf(store.timeline(client_id="c"))
-        self.assertEqual([s.detail["tool"] for s in steps], ["t7", "t8", "t9"])
+        self.assertEqual(store.trims, [False, ({"c", "d"}, {"g", "h"}), ({"c"}, {"g"})])
 
 
 class JunkFloodTests(SynchronousTestCase):

@@ -9,17 +9,9 @@ in-memory buffer (one set look-up for the events it does not keep).
 Every C{interval} seconds, or as soon as C{batch} events are waiting, the
 buffer is turned into L{Step}s (L{step_from_event}: the allow-listed
 fields only) and written in one transaction (L{FlowStore.record}), on a
-later turn of the reactor.  The per-client limit is enforced with
-each write for the clients it wrote, when they are few (at most
-C{eager_clients}: a statement each); the per-grant limit (a statement per
-grant, and a flow makes a new grant) every C{trim_every} writes, for the
-grants written since, as the per-client limit for the clients of a write
-that named many (a flood of invented ones); the age and total limits with
-every write.  Trimming a client at each write keeps the table near its
-per-client limits instead of letting it grow to C{total} and cutting it
-back in one statement every C{trim_every} writes, which cost a quarter
-more CPU per step and stalled the reactor for tens of milliseconds
-(docs/performance.md, round six).  While one write is under way the next steps wait
+later turn of the reactor.  The per-client and per-grant limits are
+enforced every C{trim_every} writes, for the clients and grants written
+since (L{FlowStore.trim}); the age and total limits with every write.  While one write is under way the next steps wait
 for it; when the buffer is full (the database is down or slow), the
 oldest waiting steps are dropped and counted (L{FlowRecorder.dropped}):
 a timeline may lose steps, the server never waits or grows for it.
@@ -51,9 +43,6 @@ class FlowRecorder:
     @param interval: seconds between two flushes.
     @param batch: this many waiting steps start a flush at once.
     @param capacity: most steps waiting; beyond it the oldest are dropped.
-    @param trim_every: writes between two passes over the per-grant limits
-        (and the per-client limits left for later).
-    @param eager_clients: most clients a write trims itself.
     """
 
     def __init__(
@@ -64,7 +53,6 @@ class FlowRecorder:
         batch: int = 500,
         capacity: int = 10000,
         trim_every: int = 30,
-        eager_clients: int = 16,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -72,7 +60,6 @@ class FlowRecorder:
         self.batch = batch
         self.dropped = 0
         self.trim_every = trim_every
-        self.eager_clients = eager_clients
         self._waiting: deque[dict[str, Any]] = deque(maxlen=capacity)
         self._writes = 0
         self._clients: set[str] = set()
@@ -137,23 +124,14 @@ class FlowRecorder:
         self._waiting.clear()
         self._writes += 1
         clients, grants = self._clients, self._grants
-        named: set[str] = set()
         for step in steps:
-            if step.client_id is not None:
-                named.add(step.client_id)
+            if step.client_id is not None and len(clients) < self._capacity:
+                clients.add(step.client_id)
             if step.grant_id is not None and len(grants) < self._capacity:
                 grants.add(step.grant_id)
-        eager: set[str] = set()
-        if len(named) <= self.eager_clients:
-            eager = named
-        else:
-            for client_id in named:
-                if len(clients) >= self._capacity:
-                    break
-                clients.add(client_id)
-        trim: Any = (eager, ()) if eager else False
+        trim: Any = False
         if self._writes % self.trim_every == 0 or final:
-            trim = (clients | eager, grants)
+            trim = (clients, grants)
             self._clients, self._grants = set(), set()
 
         def written(_: object) -> None:

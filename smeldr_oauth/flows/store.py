@@ -251,10 +251,9 @@ class FlowStore:
         @param trim: whose per-client and per-grant limits to enforce:
             C{True}, the clients and grants of C{steps}; C{False}, none
             (the age and total limits always are); or C{(client_ids,
-            grant_ids)}.  The recorder trims the few clients of each write
-            with it, and every few writes the grants it wrote since (a
-            statement per grant, and a flow makes a new one, is the
-            dearest part of a write).
+            grant_ids)}.  The recorder trims every few writes, for all the
+            clients and grants it wrote since: a statement per client and
+            grant is the dearest part of a write.
         """
         steps = list(steps)
         if trim is True:
