@@ -143,7 +143,120 @@ class RecorderTests(SynchronousTestCase):
         self.assertEqual(store.trims, [False, ({"c", "d"}, {"g", "h"}), ({"c"}, {"g"})])
 
 
+def discovery(n: int = 0, address: str = "10.0.0.1", status: int = 200) -> dict[str, Any]:
+    return {
+        "log_time": T0 + n / 1000,
+        "smeldr_event": "http_step",
+        "method": "GET",
+        "path": "/.well-known/oauth-authorization-server",
+        "status": status,
+        "address": address,
+        "client_id": "",
+        "resource": "",
+        "challenge": None,
+    }
+
+
+class RepeatTests(SynchronousTestCase):
+    """
+    Identical C{http_step}s waiting for one write are kept once, counted:
+    a metadata poller costs a dictionary look-up per request, not a row.
+    """
+
+    def recorder(self, **kw: Any) -> tuple[FlowRecorder, FakeStore, Clock]:
+        store, clock = FakeStore(), Clock()
+        recorder = FlowRecorder(store, clock, **kw)
+        recorder.start()
+        self.addCleanup(recorder.stop)
+        return recorder, store, clock
+
+    def test_identical_requests_make_one_step(self) -> None:
+        recorder, store, clock = self.recorder()
+        for n in range(5):
+            recorder(discovery(n))
+        recorder(discovery(5, status=404))
+        recorder(discovery(6, address="10.0.0.2"))
+        recorder(discovery(7))
+        self.assertEqual(recorder.waiting, 3)
+        clock.advance(1)
+        [batch] = store.batches
+        self.assertEqual(
+            [(s.address, s.outcome, s.count, s.at) for s in batch],
+            [("10.0.0.1", "ok", 6, T0), ("10.0.0.1", "404", 1, T0 + 0.005), ("10.0.0.2", "ok", 1, T0 + 0.006)],
+        )
+        self.assertEqual(batch[0].detail["repeats"], "6")
+        self.assertNotIn("repeats", batch[1].detail)
+
+    def test_repeats_counted_per_write(self) -> None:
+        """The next write starts counting again: a step per write at most."""
+        recorder, store, clock = self.recorder()
+        recorder(discovery(0))
+        recorder(discovery(1))
+        clock.advance(1)
+        recorder(discovery(2))
+        clock.advance(1)
+        self.assertEqual([[s.count for s in b] for b in store.batches], [[2], [1]])
+
+    def test_protocol_events_are_never_coalesced(self) -> None:
+        """Only the site's per-request hook is: every grant, token, call is its own step."""
+        recorder, store, clock = self.recorder()
+        for _ in range(3):
+            recorder(event())
+        clock.advance(1)
+        self.assertEqual([s.count for s in store.batches[0]], [1, 1, 1])
+
+    def test_repeats_of_a_dropped_step_are_dropped_with_it(self) -> None:
+        recorder, store, clock = self.recorder(batch=1000, capacity=2)
+        store.hold = True
+        recorder(event())
+        clock.advance(1)
+        for n in range(4):
+            recorder(discovery(n))
+        recorder(event(1))
+        recorder(event(2))  # pushes the discovery step (4 requests) out
+        recorder(discovery(9))  # counted anew; pushes event(1) out
+        self.assertEqual((recorder.waiting, recorder.dropped), (2, 5))
+        store.pending[0].callback(None)
+        store.hold = False
+        clock.advance(1)
+        self.assertEqual([(s.kind, s.count) for s in store.batches[1]], [("mcp_call", 1), ("discovery", 1)])
+
+    def test_unhashable_fields_are_not_coalesced(self) -> None:
+        recorder, store, clock = self.recorder()
+        recorder(dict(discovery(), resource=["x"]))
+        recorder(dict(discovery(), resource=["x"]))
+        clock.advance(1)
+        self.assertEqual(len(store.batches[0]), 2)
+
+
 class JunkFloodTests(SynchronousTestCase):
+    def test_a_poller_does_not_push_other_steps_out(self) -> None:
+        """
+        Ten thousand metadata requests from one address, through a real
+        store that keeps 50 steps, beside one client's approval: both are
+        kept, the requests as a few counted steps.
+        """
+        from smeldr_oauth.flows.store import FlowStore, Retention
+
+        clock = Clock()
+        clock.advance(T0)
+        store = FlowStore.in_memory(clock, Retention(total=50))
+        self.addCleanup(store.close)
+        recorder = FlowRecorder(store, clock, batch=200)
+        recorder.start()
+        self.addCleanup(recorder.stop)
+        recorder({"log_time": T0, "smeldr_event": "grant_approved", "client_id": "c", "grant_id": "g"})
+        for n in range(10_000):
+            recorder(discovery(n))
+            if n % 1000 == 0:
+                clock.advance(0.25)
+        clock.advance(1)
+        steps = self.successResultOf(store.timeline(last=100))
+        self.assertIn("approved", [s.kind for s in steps])
+        self.assertEqual(sum(s.count for s in steps if s.kind == "discovery"), 10_000)
+        self.assertLessEqual(len(steps), 12)
+
+
     def test_flood_of_junk_clients_stays_bounded(self) -> None:
         """
         Thousands of registrations, invented client_id values at the

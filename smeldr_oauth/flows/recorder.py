@@ -15,6 +15,19 @@ since (L{FlowStore.trim}); the age and total limits with every write.  While one
 for it; when the buffer is full (the database is down or slow), the
 oldest waiting steps are dropped and counted (L{FlowRecorder.dropped}):
 a timeline may lose steps, the server never waits or grows for it.
+
+Identical C{http_step}s waiting for the same write are kept once, with
+how many there were (the step's L{REPEATS} detail, L{Step.count}): the
+same discovery request from the same address, answered the same way, a
+client polling the metadata or retrying a refused call.  A step per
+request made every metadata C{GET} a row to insert, index and later
+delete: 500 of them in one write every few tens of milliseconds under
+load, a 5-7 ms stop of the reactor each time and the whole of the
+metadata documents' tail latency beyond the bare twisted.web floor's
+(C{docs/performance.md}, round six).  It also let one busy poller push
+every other client's steps out of the table (L{Retention.total}).  What
+is kept is what the steps said, each request counted; only the time of
+the later ones goes.
 """
 
 from __future__ import annotations
@@ -22,17 +35,38 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Optional
 
+import attr
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from zope.interface import implementer
 
 from smeldr_oauth.db.errors import StoreUnavailable
-from smeldr_oauth.flows.events import EVENTS, step_from_event
-from smeldr_oauth.flows.model import Step
+from smeldr_oauth.flows.events import DETAIL_FIELDS, EVENTS, step_from_event
+from smeldr_oauth.flows.model import REPEATS, Step
 from smeldr_oauth.flows.store import IFlowStore
 
 log = Logger()
+
+#: The event that is coalesced (the site's hook, one per request).
+_HTTP_STEP = "http_step"
+#: The fields of an C{http_step} event its step is made of
+#: (L{step_from_event}): two events equal on these make the same step but
+#: for the time.
+_SAME_STEP = ("path", "status", "error", "client_id", "grant_id", "address") + tuple(
+    f for f in DETAIL_FIELDS if f != "path"
+)
+
+
+def _step_key(event: dict[str, Any]) -> Optional[tuple[Any, ...]]:
+    """What makes an C{http_step} event's step, or C{None} (not comparable)."""
+    key = tuple([event.get(name) for name in _SAME_STEP])
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 @implementer(ILogObserver)
@@ -61,6 +95,9 @@ class FlowRecorder:
         self.dropped = 0
         self.trim_every = trim_every
         self._waiting: deque[dict[str, Any]] = deque(maxlen=capacity)
+        # Waiting http_step events by what makes their step: how many
+        # identical ones arrived (see the module docstring).
+        self._repeats: dict[tuple[Any, ...], int] = {}
         self._writes = 0
         self._clients: set[str] = set()
         self._grants: set[str] = set()
@@ -71,11 +108,26 @@ class FlowRecorder:
         self._failing = False
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if event.get("smeldr_event") not in EVENTS:
+        name = event.get("smeldr_event")
+        if name not in EVENTS:
             return
+        if name == _HTTP_STEP:
+            key = _step_key(event)
+            if key is not None:
+                repeats = self._repeats
+                if key in repeats:
+                    repeats[key] += 1
+                    return
+                repeats[key] = 1
         waiting = self._waiting
         if len(waiting) == waiting.maxlen:
-            self.dropped += 1
+            # The oldest goes, with the requests it stood for.
+            oldest = waiting[0]
+            dropped = 1
+            key = _step_key(oldest) if oldest.get("smeldr_event") == _HTTP_STEP else None
+            if key is not None:
+                dropped = self._repeats.pop(key, 1)
+            self.dropped += dropped
         waiting.append(event)
         if len(waiting) >= self.batch and self._soon is None and self._writing is None:
             self._soon = self.clock.callLater(0, self._flush_soon)
@@ -117,10 +169,17 @@ class FlowRecorder:
         if not self._waiting:
             return succeed(None)
         steps: list[Step] = []
+        repeats, self._repeats = self._repeats, {}
         for event in self._waiting:
             step = step_from_event(event)
-            if step is not None:
-                steps.append(step)
+            if step is None:
+                continue
+            if repeats and event.get("smeldr_event") == _HTTP_STEP:
+                key = _step_key(event)
+                count = repeats.get(key, 1) if key is not None else 1
+                if count > 1:
+                    step = attr.evolve(step, detail={**step.detail, REPEATS: str(count)})
+            steps.append(step)
         self._waiting.clear()
         self._writes += 1
         clients, grants = self._clients, self._grants
