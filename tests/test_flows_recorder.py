@@ -127,20 +127,67 @@ class RecorderTests(SynchronousTestCase):
         clock.advance(1)
         self.assertEqual(store.batches[0][0].kind, "approved")
 
-    def test_per_client_limits_every_few_writes(self) -> None:
+    def test_limits_a_few_clients_and_grants_per_write(self) -> None:
         """
-        The per-client and per-grant limits (a statement per client and
-        grant) are enforced every C{trim_every} writes, for everyone
-        written since, and on the way out.
+        Each write enforces the per-client and per-grant limits (a
+        statement each) of at most C{trim_batch} of those written since
+        their last one (clients first, each oldest first); the rest on the
+        next writes; all on the way out.
         """
-        recorder, store, clock = self.recorder(trim_every=2)
+        recorder, store, clock = self.recorder(trim_batch=3)
         recorder(event())
-        clock.advance(1)
         recorder(dict(event(), client_id="d", grant_id="h"))
+        recorder(dict(event(), client_id="e", grant_id="i"))
         clock.advance(1)
         recorder(event())
+        clock.advance(1)
+        recorder(dict(event(), client_id="f", grant_id="j"))
         self.successResultOf(recorder.stop())
-        self.assertEqual(store.trims, [False, ({"c", "d"}, {"g", "h"}), ({"c"}, {"g"})])
+        self.assertEqual(
+            store.trims,
+            [({"c", "d", "e"}, set()), ({"c"}, {"g", "h"}), ({"f"}, {"i", "j"})],
+        )
+
+    def test_a_backlog_is_written_in_slices(self) -> None:
+        """
+        At most C{batch} steps a write, the next slice on the next turn
+        (the reactor serves requests between them), until one is not full.
+        """
+        recorder, store, clock = self.recorder(batch=4)
+        store.hold = True
+        recorder(event())
+        clock.advance(1)
+        for n in range(1, 11):
+            recorder(event(n))
+        sizes = []
+        while store.pending:
+            store.pending.pop(0).callback(None)
+            sizes.append([len(b) for b in store.batches])
+            clock.advance(0)
+        self.assertEqual(sizes, [[1], [1, 4], [1, 4, 4], [1, 4, 4, 2]])
+        self.assertEqual([s.detail["tool"] for b in store.batches[1:] for s in b], [f"t{n}" for n in range(1, 11)])
+        self.assertEqual(recorder.waiting, 0)
+
+    def test_stop_writes_the_whole_backlog(self) -> None:
+        recorder, store, clock = self.recorder(batch=4)
+        for n in range(10):
+            recorder(event(n))
+        self.successResultOf(recorder.stop())
+        self.assertEqual(sum(len(b) for b in store.batches), 10)
+
+    def test_stop_during_a_write_writes_the_rest_after_it(self) -> None:
+        recorder, store, clock = self.recorder(batch=4)
+        store.hold = True
+        for n in range(10):
+            recorder(event(n))
+        clock.advance(0)
+        stopped = recorder.stop()
+        self.assertNoResult(stopped)
+        store.hold = False
+        store.pending[0].callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual([len(b) for b in store.batches], [4, 6])
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 def discovery(n: int = 0, address: str = "10.0.0.1", status: int = 200) -> dict[str, Any]:
