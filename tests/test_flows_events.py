@@ -80,3 +80,15 @@ class StepFromEventTests(SynchronousTestCase):
         assert step is not None and step.client_id is not None
         self.assertEqual(len(step.client_id), model.MAX_FIELD)
         self.assertNotIn("\n", step.client_id)
+
+
+class StepCountTests(SynchronousTestCase):
+    def test_count(self) -> None:
+        """How many requests a step stands for; anything odd counts as one."""
+        from smeldr_oauth.flows.model import Step
+
+        def count(**detail: str) -> int:
+            return Step(at=0.0, kind=model.DISCOVERY, detail=detail).count
+
+        self.assertEqual((count(), count(repeats="7")), (1, 7))
+        self.assertEqual((count(repeats="x"), count(repeats="0"), count(repeats="-3")), (1, 1, 1))

@@ -98,6 +98,18 @@ class PatternTests(SynchronousTestCase):
         self.assertEqual(finding.name, patterns.CHALLENGE_LOST)
         self.assertIn("3 of them without WWW-Authenticate", finding.message)
 
+    def test_challenge_lost_counts_repeated_requests(self) -> None:
+        """
+        The recorder keeps identical refusals once with their count
+        (L{Step.count}): three refusals in one step are three.
+        """
+        steps = [
+            Step(at=T0, kind=model.MCP_REFUSED, address="a", outcome="401", detail={"challenge": "no", "repeats": "3"})
+        ]
+        [finding] = recognise(steps, CONTEXT)
+        self.assertEqual(finding.name, patterns.CHALLENGE_LOST)
+        self.assertIn("3 requests answered 401 (3 of them without WWW-Authenticate)", finding.message)
+
     def test_challenge_followed_is_not_lost(self) -> None:
         steps = [
             Step(at=T0, kind=model.MCP_REFUSED, address="a", outcome="401", detail={"challenge": "yes"}),

@@ -127,23 +127,183 @@ class RecorderTests(SynchronousTestCase):
         clock.advance(1)
         self.assertEqual(store.batches[0][0].kind, "approved")
 
-    def test_per_client_limits_every_few_writes(self) -> None:
+    def test_limits_a_few_clients_and_grants_per_write(self) -> None:
         """
-        The per-client and per-grant limits (a statement per client and
-        grant) are enforced every C{trim_every} writes, for everyone
-        written since, and on the way out.
+        Each write enforces the per-client and per-grant limits (a
+        statement each) of at most C{trim_batch} of those written since
+        their last one (clients first, each oldest first); the rest on the
+        next writes; all on the way out.
         """
-        recorder, store, clock = self.recorder(trim_every=2)
+        recorder, store, clock = self.recorder(trim_batch=3)
         recorder(event())
-        clock.advance(1)
         recorder(dict(event(), client_id="d", grant_id="h"))
+        recorder(dict(event(), client_id="e", grant_id="i"))
         clock.advance(1)
         recorder(event())
+        clock.advance(1)
+        recorder(dict(event(), client_id="f", grant_id="j"))
         self.successResultOf(recorder.stop())
-        self.assertEqual(store.trims, [False, ({"c", "d"}, {"g", "h"}), ({"c"}, {"g"})])
+        self.assertEqual(
+            store.trims,
+            [({"c", "d", "e"}, set()), ({"c"}, {"g", "h"}), ({"f"}, {"i", "j"})],
+        )
+
+    def test_a_backlog_is_written_in_slices(self) -> None:
+        """
+        At most C{batch} steps a write, the next slice on the next turn
+        (the reactor serves requests between them), until one is not full.
+        """
+        recorder, store, clock = self.recorder(batch=4)
+        store.hold = True
+        recorder(event())
+        clock.advance(1)
+        for n in range(1, 11):
+            recorder(event(n))
+        sizes = []
+        while store.pending:
+            store.pending.pop(0).callback(None)
+            sizes.append([len(b) for b in store.batches])
+            clock.advance(0)
+        self.assertEqual(sizes, [[1], [1, 4], [1, 4, 4], [1, 4, 4, 2]])
+        self.assertEqual([s.detail["tool"] for b in store.batches[1:] for s in b], [f"t{n}" for n in range(1, 11)])
+        self.assertEqual(recorder.waiting, 0)
+
+    def test_stop_writes_the_whole_backlog(self) -> None:
+        recorder, store, clock = self.recorder(batch=4)
+        for n in range(10):
+            recorder(event(n))
+        self.successResultOf(recorder.stop())
+        self.assertEqual(sum(len(b) for b in store.batches), 10)
+
+    def test_stop_during_a_write_writes_the_rest_after_it(self) -> None:
+        recorder, store, clock = self.recorder(batch=4)
+        store.hold = True
+        for n in range(10):
+            recorder(event(n))
+        clock.advance(0)
+        stopped = recorder.stop()
+        self.assertNoResult(stopped)
+        store.hold = False
+        store.pending[0].callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual([len(b) for b in store.batches], [4, 6])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+def discovery(n: int = 0, address: str = "10.0.0.1", status: int = 200) -> dict[str, Any]:
+    return {
+        "log_time": T0 + n / 1000,
+        "smeldr_event": "http_step",
+        "method": "GET",
+        "path": "/.well-known/oauth-authorization-server",
+        "status": status,
+        "address": address,
+        "client_id": "",
+        "resource": "",
+        "challenge": None,
+    }
+
+
+class RepeatTests(SynchronousTestCase):
+    """
+    Identical C{http_step}s waiting for one write are kept once, counted:
+    a metadata poller costs a dictionary look-up per request, not a row.
+    """
+
+    def recorder(self, **kw: Any) -> tuple[FlowRecorder, FakeStore, Clock]:
+        store, clock = FakeStore(), Clock()
+        recorder = FlowRecorder(store, clock, **kw)
+        recorder.start()
+        self.addCleanup(recorder.stop)
+        return recorder, store, clock
+
+    def test_identical_requests_make_one_step(self) -> None:
+        recorder, store, clock = self.recorder()
+        for n in range(5):
+            recorder(discovery(n))
+        recorder(discovery(5, status=404))
+        recorder(discovery(6, address="10.0.0.2"))
+        recorder(discovery(7))
+        self.assertEqual(recorder.waiting, 3)
+        clock.advance(1)
+        [batch] = store.batches
+        self.assertEqual(
+            [(s.address, s.outcome, s.count, s.at) for s in batch],
+            [("10.0.0.1", "ok", 6, T0), ("10.0.0.1", "404", 1, T0 + 0.005), ("10.0.0.2", "ok", 1, T0 + 0.006)],
+        )
+        self.assertEqual(batch[0].detail["repeats"], "6")
+        self.assertNotIn("repeats", batch[1].detail)
+
+    def test_repeats_counted_per_write(self) -> None:
+        """The next write starts counting again: a step per write at most."""
+        recorder, store, clock = self.recorder()
+        recorder(discovery(0))
+        recorder(discovery(1))
+        clock.advance(1)
+        recorder(discovery(2))
+        clock.advance(1)
+        self.assertEqual([[s.count for s in b] for b in store.batches], [[2], [1]])
+
+    def test_protocol_events_are_never_coalesced(self) -> None:
+        """Only the site's per-request hook is: every grant, token, call is its own step."""
+        recorder, store, clock = self.recorder()
+        for _ in range(3):
+            recorder(event())
+        clock.advance(1)
+        self.assertEqual([s.count for s in store.batches[0]], [1, 1, 1])
+
+    def test_repeats_of_a_dropped_step_are_dropped_with_it(self) -> None:
+        recorder, store, clock = self.recorder(batch=1000, capacity=2)
+        store.hold = True
+        recorder(event())
+        clock.advance(1)
+        for n in range(4):
+            recorder(discovery(n))
+        recorder(event(1))
+        recorder(event(2))  # pushes the discovery step (4 requests) out
+        recorder(discovery(9))  # counted anew; pushes event(1) out
+        self.assertEqual((recorder.waiting, recorder.dropped), (2, 5))
+        store.pending[0].callback(None)
+        store.hold = False
+        clock.advance(1)
+        self.assertEqual([(s.kind, s.count) for s in store.batches[1]], [("mcp_call", 1), ("discovery", 1)])
+
+    def test_unhashable_fields_are_not_coalesced(self) -> None:
+        recorder, store, clock = self.recorder()
+        recorder(dict(discovery(), resource=["x"]))
+        recorder(dict(discovery(), resource=["x"]))
+        clock.advance(1)
+        self.assertEqual(len(store.batches[0]), 2)
 
 
 class JunkFloodTests(SynchronousTestCase):
+    def test_a_poller_does_not_push_other_steps_out(self) -> None:
+        """
+        Ten thousand metadata requests from one address, through a real
+        store that keeps 50 steps, beside one client's approval: both are
+        kept, the requests as a few counted steps.
+        """
+        from smeldr_oauth.flows.store import FlowStore, Retention
+
+        clock = Clock()
+        clock.advance(T0)
+        store = FlowStore.in_memory(clock, Retention(total=50))
+        self.addCleanup(store.close)
+        recorder = FlowRecorder(store, clock, batch=200)
+        recorder.start()
+        self.addCleanup(recorder.stop)
+        recorder({"log_time": T0, "smeldr_event": "grant_approved", "client_id": "c", "grant_id": "g"})
+        for n in range(10_000):
+            recorder(discovery(n))
+            if n % 1000 == 0:
+                clock.advance(0.25)
+        clock.advance(1)
+        steps = self.successResultOf(store.timeline(last=100))
+        self.assertIn("approved", [s.kind for s in steps])
+        self.assertEqual(sum(s.count for s in steps if s.kind == "discovery"), 10_000)
+        self.assertLessEqual(len(steps), 12)
+
+
     def test_flood_of_junk_clients_stays_bounded(self) -> None:
         """
         Thousands of registrations, invented client_id values at the

@@ -60,3 +60,35 @@ class RequestFinishedTests(SynchronousTestCase):
         [with_header] = finished(b"/mcp", 401, b"POST", challenge=True)
         [without] = finished(b"/mcp", 403, b"POST")
         self.assertEqual((with_header["challenge"], without["challenge"]), ("yes", "no"))
+
+
+class RoutineTests(SynchronousTestCase):
+    def test_handed_to_the_timeline_directly(self) -> None:
+        """
+        One event per discovery request: when every other observer drops
+        debug events (C{twist}'s file observer at info), it goes to the
+        timeline without being built for the log (L{routine}).
+        """
+        from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, LogPublisher
+
+        from smeldr_oauth.oauth.routine import RoutineEvents
+        from smeldr_oauth.web import flow_events
+
+        publisher = LogPublisher()
+        written: list[dict[str, Any]] = []
+        publisher.addObserver(FilteringLogObserver(written.append, [LogLevelFilterPredicate(LogLevel.info)]))
+        events = RoutineEvents(publisher)
+        timeline: list[dict[str, Any]] = []
+        events.observe(timeline.append)
+        logger = Logger(namespace=flow_events.log.namespace, observer=publisher)
+        logged: list[Any] = []
+        self.patch(logger, "emit", lambda *a, **kw: logged.append(a))
+        self.patch(flow_events, "log", logger)
+        self.patch(flow_events, "routine", events)
+        request = DummyRequest([b".well-known", b"oauth-authorization-server"])
+        request.path = b"/.well-known/oauth-authorization-server"
+        request.code = 200
+        request_finished(request)
+        self.assertEqual(logged, [])
+        [event] = timeline
+        self.assertEqual((event["smeldr_event"], event["status"]), ("http_step", 200))

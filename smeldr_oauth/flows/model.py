@@ -51,6 +51,11 @@ LABELS = {
     REVOKED: "revoked",
 }
 
+#: The detail field of a step that stands for several identical requests
+#: (L{smeldr_oauth.flows.recorder} coalesces repeated C{http_step}s): how
+#: many, from the step's time on.
+REPEATS = "repeats"
+
 #: Steps that show a client used a token at the resource.
 MCP_USE = frozenset({MCP_SESSION, MCP_INITIALIZE, MCP_CALL, STREAM_CLOSED})
 
@@ -89,6 +94,17 @@ class Step:
     address: Optional[str] = None
     outcome: str = "ok"
     detail: Mapping[str, str] = attr.ib(factory=dict)
+
+    @property
+    def count(self) -> int:
+        """
+        How many requests the step stands for: its L{REPEATS} detail, 1
+        without one (or with one that is not a positive number).
+        """
+        try:
+            return max(1, int(self.detail.get(REPEATS, 1)))
+        except (TypeError, ValueError):
+            return 1
 
     def as_json(self) -> dict[str, Any]:
         return {

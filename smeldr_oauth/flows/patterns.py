@@ -215,7 +215,9 @@ def challenge_lost(steps: Sequence[Step], context: Context) -> list[Finding]:
     the header), or the 401 left without one.
     """
     refused = [s for s in steps if s.kind == model.MCP_REFUSED and s.outcome == "401"]
-    if len(refused) < 2:
+    # A step may stand for several identical refusals (Step.count).
+    times = sum(s.count for s in refused)
+    if times < 2:
         return []
     first = refused[0]
     fetched = any(
@@ -224,12 +226,12 @@ def challenge_lost(steps: Sequence[Step], context: Context) -> list[Finding]:
     )
     if fetched:
         return []
-    bare = sum(1 for s in refused if s.detail.get("challenge") == "no")
+    bare = sum(s.count for s in refused if s.detail.get("challenge") == "no")
     how = f"{bare} of them without WWW-Authenticate" if bare else "each with WWW-Authenticate when it left this server"
     return [
         Finding(
             CHALLENGE_LOST,
-            f"{len(refused)} requests answered 401 ({how}); the protected resource metadata was never fetched after",
+            f"{times} requests answered 401 ({how}); the protected resource metadata was never fetched after",
             first.at,
         )
     ]

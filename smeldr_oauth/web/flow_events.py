@@ -12,7 +12,9 @@ an operator needs to see.
   - any 401 or 403: with whether the answer carried C{WWW-Authenticate}.
 
 Every other request (a token refresh, an MCP tool call) costs one status
-comparison and one prefix test, and publishes nothing.
+comparison and one prefix test, and publishes nothing.  The timeline keeps
+identical steps that come in a burst once, counted
+(L{smeldr_oauth.flows.recorder}).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
+from smeldr_oauth.oauth.routine import routine
 from smeldr_oauth.oauth.text import loggable
 
 log = Logger()
@@ -56,7 +59,12 @@ def request_finished(request: Any) -> None:
     ):
         return
     address = getattr(request.getClientAddress(), "host", None) or "unknown"
-    log.debug(
+    # A routine event (one per discovery request): handed to the timeline
+    # directly unless someone keeps debug events (smeldr_oauth.oauth.routine),
+    # not built for every observer of the log and filtered out by the file's.
+    routine.emit(
+        log,
+        LogLevel.debug,
         "{method} {path} answered {status}",
         method=request.method.decode("ascii", "replace"),
         path=loggable(path.decode("utf-8", "replace")),
