@@ -43,13 +43,21 @@ def event(n: int = 0) -> dict[str, Any]:
     return {"log_time": T0 + n, "smeldr_event": "mcp_call", "client_id": "c", "grant_id": "g", "tool": f"t{n}"}
 
 
-class RecorderTests(SynchronousTestCase):
+class Recording(SynchronousTestCase):
+    """
+    A started L{FlowRecorder} over a L{FakeStore} on a L{Clock}, stopped
+    when the test ends.
+    """
+
     def recorder(self, **kw: Any) -> tuple[FlowRecorder, FakeStore, Clock]:
         store, clock = FakeStore(), Clock()
         recorder = FlowRecorder(store, clock, **kw)
         recorder.start()
         self.addCleanup(recorder.stop)
         return recorder, store, clock
+
+
+class RecorderTests(Recording):
 
     def test_nothing_written_on_the_logging_call(self) -> None:
         recorder, store, clock = self.recorder()
@@ -204,18 +212,11 @@ def discovery(n: int = 0, address: str = "10.0.0.1", status: int = 200) -> dict[
     }
 
 
-class RepeatTests(SynchronousTestCase):
+class RepeatTests(Recording):
     """
     Identical C{http_step}s waiting for one write are kept once, counted:
     a metadata poller costs a dictionary look-up per request, not a row.
     """
-
-    def recorder(self, **kw: Any) -> tuple[FlowRecorder, FakeStore, Clock]:
-        store, clock = FakeStore(), Clock()
-        recorder = FlowRecorder(store, clock, **kw)
-        recorder.start()
-        self.addCleanup(recorder.stop)
-        return recorder, store, clock
 
     def test_identical_requests_make_one_step(self) -> None:
         recorder, store, clock = self.recorder()
