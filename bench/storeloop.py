@@ -33,36 +33,21 @@ import sqlite3
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Optional, Sequence
-
-from twisted.internet.task import Clock
+from typing import Any, Optional, Sequence
 
 from smeldr_oauth.db import open_database
 from smeldr_oauth.oauth import model
 from smeldr_oauth.oauth.secrets import hash_secret, new_secrets
 from smeldr_oauth.store.sql import SQLStore
+# The suite's reactor for a store on the calling thread (the bench runs from
+# the checkout, as bench.crossprocess does with tests.postgres).
+from tests.test_store_sqlite import InlineReactor as _Reactor
 
 #: The grants' scopes and resource (the server's defaults' shape).
 SCOPES = ("mcp",)
 RESOURCE = "http://127.0.0.1/mcp"
 #: A WAL frame: its header and one page (the default page size).
 FRAME = 24 + 4096
-
-
-class _Reactor(Clock):
-    """Just enough reactor for the store on the calling thread."""
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
-
-    def callWhenRunning(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
-
-    def addSystemEventTrigger(self, *args: Any, **kwargs: Any) -> object:
-        return object()
-
-    def removeSystemEventTrigger(self, trigger: object) -> None:
-        pass
 
 
 def _settled(reactor: _Reactor, d: Any) -> Any:
