@@ -347,6 +347,22 @@ class AgentTests(SynchronousTestCase):
         self.start()
         self.assertEqual(len(self.endpoints.links), 2)
 
+    def test_ended_body_leaves_the_connection_alone(self) -> None:
+        """
+        Once a body has ended its connection serves the next request: a
+        late stop or pause from the old body's transport is ignored.
+        """
+        link = self.start()
+        _, old = self.respond(link, OK)
+        self.assertTrue(old.reason.check(ResponseDone))
+        self._pending = self.request()
+        old.transport.pauseProducing()
+        old.transport.stopProducing()
+        self.assertFalse(link.closed)
+        self.assertEqual(link.transport.producerState, "producing")
+        self.assertEqual(len(self.endpoints.links), 1)
+        self.assertEqual(self.respond(link, OK)[1].bytes, b"{}")
+
     def test_connect_fails(self) -> None:
         self.endpoints.refuse = True
         failure = self.failureResultOf(self.request(), ResponseNeverReceived)

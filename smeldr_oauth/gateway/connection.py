@@ -97,28 +97,41 @@ class ResponseHeaders:
 
 
 class _BodyTransport:
-    """What a body protocol sees as its transport: stop (drop the connection), pause, resume."""
+    """
+    What a body protocol sees as its transport: stop (drop the connection),
+    pause, resume; each only while its response is the connection's.  Once
+    the body has ended the connection may be back in the pool, serving
+    another request, which a late stop or pause must not touch (as
+    twisted.web.client detaches its producer proxy at the response's end).
+    """
 
-    __slots__ = ("_connection",)
+    __slots__ = ("_connection", "_response")
 
-    def __init__(self, connection: "Connection") -> None:
+    def __init__(self, connection: "Connection", response: "Response") -> None:
         self._connection = connection
+        self._response = response
+
+    def _current(self) -> Optional["Connection"]:
+        connection = self._connection
+        return connection if connection.response is self._response else None
 
     def stopProducing(self) -> None:
-        self._connection.abort_body()
+        connection = self._current()
+        if connection is not None:
+            connection.abort_body()
 
     # What twisted.web.client.readBody calls to give up on a body.
     abortConnection = stopProducing
 
     def pauseProducing(self) -> None:
-        transport = self._connection.transport
-        if transport is not None:
-            transport.pauseProducing()  # type: ignore[attr-defined]
+        connection = self._current()
+        if connection is not None and connection.transport is not None:
+            connection.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resumeProducing(self) -> None:
-        transport = self._connection.transport
-        if transport is not None:
-            transport.resumeProducing()  # type: ignore[attr-defined]
+        connection = self._current()
+        if connection is not None and connection.transport is not None:
+            connection.transport.resumeProducing()  # type: ignore[attr-defined]
 
 
 class Response:
@@ -143,7 +156,7 @@ class Response:
         if self._protocol is not None:
             raise RuntimeError("the body is already being delivered")
         self._protocol = protocol
-        protocol.makeConnection(_BodyTransport(self._connection))
+        protocol.makeConnection(_BodyTransport(self._connection, self))
         early, self._early = self._early, None
         for data in early or ():
             protocol.dataReceived(data)
