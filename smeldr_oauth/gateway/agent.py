@@ -41,7 +41,7 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
-from smeldr_oauth.gateway.connection import CLOSED, TOKEN, Connection, Exchange
+from smeldr_oauth.gateway.connection import TOKEN, Connection, Exchange
 
 #: Connections kept idle per upstream origin: calls to it run side by side
 #: (Twisted's pool keeps 2 by default, and every call over that pays a TCP
@@ -162,7 +162,7 @@ class UpstreamAgent:
             result: Deferred = Deferred()
             result.errback()
             return result
-        exchange = Exchange(self, target, data, method)
+        exchange = Exchange(target, data, method)
         idle = self._idle.get(target.origin)
         if idle:
             oldest = self.reactor.seconds() - self.idle_timeout
@@ -173,9 +173,7 @@ class UpstreamAgent:
                     connection.send(exchange)
                     return exchange.result
                 # Past the timeout (its timer has not run yet): the upstream may be closing it.
-                connection.state = CLOSED
-                if connection.transport is not None:
-                    connection.transport.loseConnection()
+                connection.close()
         self.connect(exchange)
         return exchange.result
 
@@ -192,9 +190,7 @@ class UpstreamAgent:
         idle, self._idle = self._idle, {}
         for connections in idle.values():
             for connection in connections:
-                connection.state = CLOSED
-                if connection.transport is not None:
-                    connection.transport.loseConnection()
+                connection.close()
 
     # -- requests ------------------------------------------------------------------
 
@@ -271,9 +267,7 @@ class UpstreamAgent:
         if idle is None:
             idle = self._idle[connection.origin] = []
         if self._closed or len(idle) >= self.persistent_per_origin:
-            connection.state = CLOSED
-            if connection.transport is not None:
-                connection.transport.loseConnection()
+            connection.close()
             return
         connection.idle_since = self.reactor.seconds()
         idle.append(connection)
@@ -294,9 +288,7 @@ class UpstreamAgent:
             for connection in list(idle):
                 if now - connection.idle_since >= self.idle_timeout:
                     idle.remove(connection)
-                    connection.state = CLOSED
-                    if connection.transport is not None:
-                        connection.transport.loseConnection()
+                    connection.close()
                 elif oldest is None or connection.idle_since < oldest:
                     oldest = connection.idle_since
         if oldest is not None:

@@ -180,10 +180,9 @@ class Response:
 class Exchange:
     """One request on one connection: what to send, who waits for the response."""
 
-    __slots__ = ("agent", "target", "data", "method", "result", "connection", "connecting", "reused", "retried", "response")
+    __slots__ = ("target", "data", "method", "result", "connection", "connecting", "reused", "retried")
 
-    def __init__(self, agent: Any, target: Any, data: bytes, method: bytes) -> None:
-        self.agent = agent
+    def __init__(self, target: Any, data: bytes, method: bytes) -> None:
         self.target = target
         self.data = data
         self.method = method
@@ -192,7 +191,6 @@ class Exchange:
         self.connecting: Optional[Deferred] = None
         self.reused = False
         self.retried = False
-        self.response: Optional[Response] = None
 
     def _cancel(self, _: Deferred) -> None:
         if self.connecting is not None:
@@ -228,6 +226,17 @@ class Connection(Protocol):
         self._head_request = exchange.method == b"HEAD"
         assert self.transport is not None
         self.transport.write(exchange.data)
+
+    def close(self) -> None:
+        """
+        Close the connection cleanly (an idle one, or one whose response
+        said so): no exchange runs on it again.
+        """
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def abort(self) -> None:
         """Drop the connection now (a cancelled request, a stopped body, bad bytes)."""
@@ -353,7 +362,7 @@ class Connection(Protocol):
         exchange = self.exchange
         assert exchange is not None
         response = Response(self, (b"HTTP", 1, minor), code, (status.group(3) or b""), ResponseHeaders(raw), length)
-        self.response = exchange.response = response
+        self.response = response
         self.state = after_state
         if after_state == _IDLE:
             rest = self._finished(rest)
@@ -449,10 +458,8 @@ class Connection(Protocol):
             self.state = _IDLE
             self.agent.release(self)
         else:
-            self.state = CLOSED
             self.agent.forget(self)
-            if self.transport is not None:
-                self.transport.loseConnection()
+            self.close()
         if response is not None:
             response._end(Failure(ResponseDone("Response body fully received")))
         return b""
