@@ -684,6 +684,35 @@ class CheckpointerTests(SynchronousTestCase):
         self.assertLess(sizes[-1] - sizes[1], sizes[0] / 4, sizes)
         self.assertEqual(held, [True] * 6)
 
+    def test_no_second_pass_when_idle(self) -> None:
+        """
+        Once the WAL has had its second pass, ticks with nothing written
+        since hold nothing back: one pass each.
+        """
+        from twisted.internet.defer import maybeDeferred
+
+        from smeldr_oauth.db.sqlite import Checkpointer
+
+        db = Database(SQLiteEngine(self.path), self.clock, threads=0, group_commit=True)
+        self.addCleanup(db.close)
+        runs = [0]
+
+        def run(f: Any) -> Any:
+            runs[0] += 1
+            return maybeDeferred(f)
+
+        checkpoints = Checkpointer(db, self.clock, run, interval=1.0, restart_frames=1)
+        self.successResultOf(checkpoints.start())
+        for i in range(100):
+            db.write(SCHEMA, insert, f"n{i:06d}", i, group=True)
+        self.clock.advance(0)
+        self.clock.advance(1.0)
+        self.assertEqual(runs[0], 2)
+        for _ in range(3):
+            self.clock.advance(1.0)
+        self.assertEqual(runs[0], 5)
+        self.successResultOf(checkpoints.stop())
+
     def test_a_hung_second_pass_holds_writes_for_a_limited_time(self) -> None:
         """
         Whatever the thread does, the grouped writes wait at most
