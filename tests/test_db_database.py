@@ -5,6 +5,7 @@ SQLite file and on a real PostgreSQL database (L{tests.postgres}).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from typing import Any
@@ -285,6 +286,37 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(self.committed(), ["a", "b", "c"])
         self.assertEqual(self.begins, 1)
         self.assertEqual(self.db.transaction_stats()["things.insert"].count, 3)
+
+    def test_held_batches_wait_for_the_release(self) -> None:
+        """
+        Grouped writes made while a hold lasts, and those already waiting
+        for the end of the turn, commit together on the turn after the
+        last release; a second call of a release does nothing.
+        """
+        early = self.db.write(SCHEMA, insert, "a", 1, group=True)
+        first = self.db.hold_batches()
+        second = self.db.hold_batches()
+        late = self.db.write(SCHEMA, insert, "b", 1, group=True)
+        self.reactor.advance(0)
+        self.assertNoResult(early)
+        self.assertEqual(self.committed(), [])
+        first()
+        first()
+        self.reactor.advance(0)
+        self.assertNoResult(late)
+        second()
+        self.reactor.advance(0)
+        self.assertIsNone(self.successResultOf(early))
+        self.assertIsNone(self.successResultOf(late))
+        self.assertEqual((self.committed(), self.begins), (["a", "b"], 1))
+
+    def test_close_runs_a_held_batch(self) -> None:
+        """Closing commits what a hold kept waiting: nothing is lost."""
+        self.db.hold_batches()
+        d = self.db.write(SCHEMA, insert, "a", 1, group=True)
+        self.db.close()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.committed(), ["a"])
 
     def test_close_runs_the_batch(self) -> None:
         """
@@ -591,6 +623,132 @@ class CheckpointerTests(SynchronousTestCase):
         other = sqlite3.connect(self.path)
         self.addCleanup(other.close)
         self.assertEqual(other.execute("SELECT COUNT(*) FROM things").fetchone()[0], 1501)
+
+    def wal_bytes(self) -> int:
+        """The WAL file's size: it grows only while the WAL does not restart."""
+        return os.path.getsize(self.path + "-wal")
+
+    def test_the_wal_restarts_under_a_steady_load(self) -> None:
+        """
+        A commit lands while every checkpoint runs (as under a steady
+        load, the checkpoint being in a thread): a second, short
+        checkpoint with the grouped writes held lets the next commit
+        restart the WAL, so that the file stays as long as what is written
+        between two ticks instead of growing tick after tick.
+        """
+        from twisted.internet.defer import maybeDeferred
+
+        from smeldr_oauth.db.sqlite import Checkpointer
+
+        db = Database(SQLiteEngine(self.path), self.clock, threads=0, group_commit=True)
+        self.addCleanup(db.close)
+        other = sqlite3.connect(self.path, isolation_level=None)
+        self.addCleanup(other.close)
+        count = [0]
+        held: list[bool] = []
+
+        def write(rows: int) -> None:
+            for _ in range(rows):
+                count[0] += 1
+                db.write(SCHEMA, insert, f"n{count[0]:06d}", count[0], group=True)
+            self.clock.advance(0)
+
+        def run(f: Any) -> Any:
+            count[0] += 1
+            d = db.write(SCHEMA, insert, f"n{count[0]:06d}", 0, group=True)
+            self.clock.advance(0)
+            if not d.called:
+                # Grouped writes are held: the second pass.
+                held.append(True)
+                return maybeDeferred(f)
+            # The first pass: a transaction begun before it ends commits
+            # after it.
+            other.execute("BEGIN IMMEDIATE")
+            other.executemany("INSERT INTO things VALUES (?, 1)", [(f"o{count[0]}-{i}",) for i in range(50)])
+            count[0] += 50
+            result = maybeDeferred(f)
+            other.execute("COMMIT")
+            return result
+
+        checkpoints = Checkpointer(db, self.clock, run, interval=1.0, restart_frames=10)
+        self.successResultOf(checkpoints.start())
+        sizes = []
+        for _ in range(6):
+            write(500)
+            self.clock.advance(1.0)
+            write(1)
+            sizes.append(self.wal_bytes())
+        # Without the restarts it grows by about a tick's writes a tick
+        # (the file is as long as the WAL ever was: a page or so more when
+        # one tick writes a little more than those before).
+        self.assertLess(sizes[-1] - sizes[1], sizes[0] / 4, sizes)
+        self.assertEqual(held, [True] * 6)
+
+    def test_no_second_pass_when_idle(self) -> None:
+        """
+        Once the WAL has had its second pass, ticks with nothing written
+        since hold nothing back: one pass each.
+        """
+        from twisted.internet.defer import maybeDeferred
+
+        from smeldr_oauth.db.sqlite import Checkpointer
+
+        db = Database(SQLiteEngine(self.path), self.clock, threads=0, group_commit=True)
+        self.addCleanup(db.close)
+        runs = [0]
+
+        def run(f: Any) -> Any:
+            runs[0] += 1
+            return maybeDeferred(f)
+
+        checkpoints = Checkpointer(db, self.clock, run, interval=1.0, restart_frames=1)
+        self.successResultOf(checkpoints.start())
+        for i in range(100):
+            db.write(SCHEMA, insert, f"n{i:06d}", i, group=True)
+        self.clock.advance(0)
+        self.clock.advance(1.0)
+        self.assertEqual(runs[0], 2)
+        for _ in range(3):
+            self.clock.advance(1.0)
+        self.assertEqual(runs[0], 5)
+        self.successResultOf(checkpoints.stop())
+
+    def test_a_hung_second_pass_holds_writes_for_a_limited_time(self) -> None:
+        """
+        Whatever the thread does, the grouped writes wait at most
+        L{HOLD_LIMIT} for the second pass.
+        """
+        from twisted.internet.defer import Deferred, maybeDeferred
+
+        from smeldr_oauth.db.sqlite import HOLD_LIMIT, Checkpointer
+
+        db = Database(SQLiteEngine(self.path), self.clock, threads=0, group_commit=True)
+        self.addCleanup(db.close)
+        hung: list[Deferred[Any]] = []
+
+        calls = [0]
+
+        def run(f: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 2:  # the second pass
+                hung.append(Deferred())
+                return hung[-1]
+            return maybeDeferred(f)
+
+        checkpoints = Checkpointer(db, self.clock, run, interval=1.0, restart_frames=1)
+        self.successResultOf(checkpoints.start())
+        for i in range(100):
+            db.write(SCHEMA, insert, f"n{i:06d}", i, group=True)
+        self.clock.advance(0)
+        self.clock.advance(1.0)
+        self.assertEqual(len(hung), 1)
+        d = db.write(SCHEMA, insert, "held", 1, group=True)
+        self.clock.advance(HOLD_LIMIT / 2)
+        self.assertNoResult(d)
+        self.clock.advance(HOLD_LIMIT / 2)
+        self.assertIsNone(self.successResultOf(d))
+        hung[0].callback(None)
+        self.successResultOf(checkpoints.stop())
 
     def test_skips_while_running(self) -> None:
         """

@@ -212,6 +212,16 @@ def discovery(n: int = 0, address: str = "10.0.0.1", status: int = 200) -> dict[
     }
 
 
+def refreshed(n: int = 0, client_id: str = "c", grant_id: str = "g") -> dict[str, Any]:
+    return {
+        "log_time": T0 + n / 1000,
+        "smeldr_event": "token_issued",
+        "grant_type": "refresh_token",
+        "client_id": client_id,
+        "grant_id": grant_id,
+    }
+
+
 class RepeatTests(Recording):
     """
     Identical C{http_step}s waiting for one write are kept once, counted:
@@ -245,8 +255,50 @@ class RepeatTests(Recording):
         clock.advance(1)
         self.assertEqual([[s.count for s in b] for b in store.batches], [[2], [1]])
 
+    def test_refreshes_of_one_grant_make_one_step(self) -> None:
+        """
+        A rotation chain's token issues waiting for one write are one
+        C{refreshed} step with their number; another grant's, or another
+        client's, are steps of their own.
+        """
+        recorder, store, clock = self.recorder()
+        for n in range(4):
+            recorder(refreshed(n))
+        recorder(refreshed(4, grant_id="g2"))
+        recorder(refreshed(5, client_id="c2"))
+        recorder(refreshed(6))
+        self.assertEqual(recorder.waiting, 3)
+        clock.advance(1)
+        [batch] = store.batches
+        self.assertEqual(
+            [(s.kind, s.client_id, s.grant_id, s.count, s.at) for s in batch],
+            [
+                ("refreshed", "c", "g", 5, T0),
+                ("refreshed", "c", "g2", 1, T0 + 0.004),
+                ("refreshed", "c2", "g", 1, T0 + 0.005),
+            ],
+        )
+
+    def test_code_exchanges_are_not_coalesced(self) -> None:
+        """Only the refresh grant's token issues are counted together."""
+        recorder, store, clock = self.recorder()
+        for n in range(2):
+            recorder(dict(refreshed(n), grant_type="authorization_code"))
+        clock.advance(1)
+        self.assertEqual([(s.kind, s.count) for s in store.batches[0]], [("code_exchanged", 1)] * 2)
+
+    def test_a_refresh_is_not_counted_with_a_request(self) -> None:
+        """The events' names are part of what makes a step the same."""
+        recorder, store, clock = self.recorder()
+        recorder(refreshed(0))
+        recorder(dict(refreshed(1), smeldr_event="http_step"))
+        self.assertEqual(recorder.waiting, 2)
+
     def test_protocol_events_are_never_coalesced(self) -> None:
-        """Only the site's per-request hook is: every grant, token, call is its own step."""
+        """
+        Beside the site's per-request hook only refreshes are: every grant,
+        code exchange, refusal and call is its own step.
+        """
         recorder, store, clock = self.recorder()
         for _ in range(3):
             recorder(event())

@@ -270,6 +270,7 @@ class Database:
         self._closed = False
         self.group_commit = group_commit and threads == 0 and engine.single_writer
         self._batch: Optional[_Batch] = None
+        self._holds = 0
 
     @property
     def inline(self) -> bool:
@@ -318,11 +319,36 @@ class Database:
         if group and self.group_commit and schema.component in self._current:
             if self._batch is None:
                 self._batch = _Batch(self)
-                self.reactor.callLater(0, self._commit_batch)
+                if not self._holds:
+                    self.reactor.callLater(0, self._commit_batch)
             return self._batch.add(name, func, args)
         return self._call(schema, True, name, func, args)
 
+    def hold_batches(self) -> Callable[[], None]:
+        """
+        Keep grouped writes from committing until the returned function is
+        called (once; later calls do nothing): they gather in one batch,
+        which commits on the turn after the last hold ends.  For
+        L{smeldr_oauth.db.sqlite.Checkpointer}, which needs a moment with
+        no commit to let SQLite restart the WAL; the reactor goes on
+        meanwhile, only the grouped writes' answers wait.
+        """
+        self._holds += 1
+        released: list[bool] = []
+
+        def release() -> None:
+            if released:
+                return
+            released.append(True)
+            self._holds -= 1
+            if not self._holds and self._batch is not None:
+                self.reactor.callLater(0, self._commit_batch)
+
+        return release
+
     def _commit_batch(self) -> None:
+        if self._holds and not self._closed:
+            return  # the last release schedules it again
         batch, self._batch = self._batch, None
         if batch is not None:
             batch.run()
@@ -545,8 +571,8 @@ class Database:
         for the end of the reactor turn are run and committed now).
         """
         if not self._closed:
-            self._commit_batch()
             self._closed = True
+            self._commit_batch()
             closing = getattr(self.engine, "closing", None)
             if closing is not None:
                 closing(self)

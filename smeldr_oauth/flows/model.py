@@ -52,8 +52,8 @@ LABELS = {
 }
 
 #: The detail field of a step that stands for several identical requests
-#: (L{smeldr_oauth.flows.recorder} coalesces repeated C{http_step}s): how
-#: many, from the step's time on.
+#: (L{smeldr_oauth.flows.recorder} coalesces repeated C{http_step}s and a
+#: rotation chain's refreshes): how many, from the step's time on.
 REPEATS = "repeats"
 
 #: Steps that show a client used a token at the resource.
