@@ -205,6 +205,41 @@ class SQLiteDatabaseTests(DatabaseMixin, SynchronousTestCase):
     def test_one_writer(self) -> None:
         self.assertRaises(ValueError, Database, SQLiteEngine(":memory:"), InlineReactor(), threads=2)
 
+    def test_change_stamp(self) -> None:
+        """
+        The change stamp stays the same across reads and moves with every
+        write: this process's (committed or rolled back) and another
+        connection's commit.  With database threads there is none.
+        """
+        path = self.mktemp() + ".db"
+        db = Database(SQLiteEngine(path), InlineReactor(), threads=0)
+        self.addCleanup(db.close)
+        self.ok(db.write(SCHEMA, insert, "a", 1))
+        stamp = db.change_stamp()
+        self.assertIsNotNone(stamp)
+        self.ok(db.read(SCHEMA, names))
+        self.assertEqual(db.change_stamp(), stamp)
+        self.ok(db.write(SCHEMA, insert, "b", 2))
+        self.assertNotEqual(db.change_stamp(), stamp)
+        stamp = db.change_stamp()
+
+        def undone(txn: Any) -> None:
+            insert(txn, "c", 3)
+            raise ValueError("stop")
+
+        self.failureResultOf(db.write(SCHEMA, undone), ValueError)
+        self.assertNotEqual(db.change_stamp(), stamp)
+        stamp = db.change_stamp()
+        other = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("SELECT COUNT(*) FROM things").fetchone()
+        self.assertEqual(db.change_stamp(), stamp)
+        other.execute("UPDATE things SET size = 5 WHERE name = 'a'")
+        self.assertNotEqual(db.change_stamp(), stamp)
+        threaded = Database(SQLiteEngine(path), InlineReactor(), threads=1, threadpool=InlineThreadPool())
+        self.addCleanup(threaded.close)
+        self.assertIsNone(threaded.change_stamp())
+
 
 def fail_unavailable(txn: Any) -> None:
     """
@@ -478,6 +513,14 @@ class PostgresDatabaseTests(DatabaseMixin, SynchronousTestCase):
         failure = self.failureResultOf(db.read(SCHEMA, names), StoreUnavailable)
         self.assertIn("postgresql database nothing on /nonexistent-socket-dir:1", str(failure.value))
         self.assertNotIn("hunter2", str(failure.value))
+
+    def test_no_change_stamp(self) -> None:
+        """
+        PostgreSQL gives no change stamp: only the server knows, and asking
+        is a round trip.
+        """
+        self.ok(self.db.write(SCHEMA, insert, "a", 1))
+        self.assertIsNone(self.db.change_stamp())
 
     def test_connection_lost_half_way(self) -> None:
         """

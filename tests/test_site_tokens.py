@@ -28,9 +28,21 @@ class SiteTokenStoreTests(TestCase):
 
         self.clock = Clock()
         self.clock.advance(500)
-        self.site = open_site(self.location(), reactor, clock=self.clock, threads=self.threads)
+        self.where = self.location()
+        self.site = open_site(self.where, reactor, clock=self.clock, threads=self.threads)
         self.addCleanup(self.site.close)
         self.tokens = self.site.tokens
+
+    def elsewhere(self):  # type: ignore[no-untyped-def]
+        """
+        The same database's stores through another connection, as another
+        process (C{smeldr-oauth-admin}, a second server) has them.
+        """
+        from twisted.internet import reactor
+
+        other = open_site(self.where, reactor, clock=self.clock, threads=1)
+        self.addCleanup(other.close)
+        return other
 
     @inlineCallbacks
     def test_create_stores_only_hash(self):
@@ -175,6 +187,96 @@ class SiteTokenStoreTests(TestCase):
         self.assertEqual(record.revoked_at, 501)
         self.assertFalse(record.active)
         yield self.assertFailure(self.tokens.revoke("nope"), TokenNotFound)
+
+
+    @inlineCallbacks
+    def test_kept_answer_reads_nothing(self):
+        """
+        Within the minute a live token's answer is kept: on SQLite with
+        calls on the reactor thread a paste of it then reads no row (the
+        change stamp, C{PRAGMA data_version}, is all it asks); elsewhere
+        (a database thread, PostgreSQL) every paste reads.
+        """
+        token_id, plaintext = yield self.tokens.create("alice")
+        other_id, other = yield self.tokens.create("bob")
+        real_read = self.tokens._db.read
+        reads = []
+
+        def counted(*args, **kw):
+            reads.append(args[1].__name__)
+            return real_read(*args, **kw)
+
+        self.patch(self.tokens._db, "read", counted)
+        self.clock.advance(10)
+        yield self.tokens.verify(plaintext)  # reads, records the use
+        yield self.tokens.verify(other)
+        yield self.tokens.verify(plaintext)  # reads again: the touch wrote
+        yield self.tokens.verify(other)
+        del reads[:]
+        for _ in range(3):
+            self.clock.advance(5)
+            approval = yield self.tokens.verify(plaintext)
+            self.assertEqual(approval, Approval(subject="alice", site_token_id=token_id))
+            approval = yield self.tokens.verify(other)
+            self.assertEqual(approval, Approval(subject="bob", site_token_id=other_id))
+        kept = self.threads == 0 and not self.where.startswith("postgresql")
+        self.assertEqual(reads, [] if kept else ["verify_token"] * 6)
+        # Past the minute the paste reads and records the use again.
+        self.clock.advance(60)
+        yield self.tokens.verify(plaintext)
+        record = yield self.tokens.get(token_id)
+        self.assertEqual(record.last_used_at, 585)
+        # Unknown and malformed pastes are never kept.
+        del reads[:]
+        for _ in range(2):
+            result = yield self.tokens.verify(plaintext + "x")
+            self.assertIsNone(result)
+        self.assertEqual(reads, ["verify_token"] * 2)
+
+    @inlineCallbacks
+    def test_revoked_here_refused_at_once(self):
+        """
+        A token revoked by this process is refused by the next paste, with
+        no time passing, whether the revocation went through L{revoke} or
+        through any other write to the table.
+        """
+        token_id, plaintext = yield self.tokens.create("alice")
+        other_id, other = yield self.tokens.create("bob")
+        self.clock.advance(10)
+        for _ in range(3):
+            approval = yield self.tokens.verify(plaintext)
+            self.assertEqual(approval.site_token_id, token_id)
+            yield self.tokens.verify(other)
+        yield self.tokens.revoke(token_id)
+        self.assertIsNone((yield self.tokens.verify(plaintext)))
+        self.assertEqual((yield self.tokens.verify(other)).site_token_id, other_id)
+        yield self.site.db.write(
+            SCHEMA, lambda txn: txn.execute("UPDATE site_tokens SET revoked_at = 1 WHERE id = ?", (other_id,))
+        )
+        self.assertIsNone((yield self.tokens.verify(other)))
+
+    @inlineCallbacks
+    def test_revoked_elsewhere_refused_at_once(self):
+        """
+        A token revoked through another connection (another process:
+        C{smeldr-oauth-admin tokens revoke}, a second server) is refused by
+        this process's next paste, with no time passing; so is one deleted
+        there.
+        """
+        token_id, plaintext = yield self.tokens.create("alice")
+        other_id, other = yield self.tokens.create("bob")
+        self.clock.advance(10)
+        for _ in range(3):
+            approval = yield self.tokens.verify(plaintext)
+            self.assertEqual(approval.site_token_id, token_id)
+            yield self.tokens.verify(other)
+        there = self.elsewhere()
+        changed = yield there.tokens.revoke(token_id)
+        self.assertTrue(changed)
+        self.assertIsNone((yield self.tokens.verify(plaintext)))
+        self.assertEqual((yield self.tokens.verify(other)).site_token_id, other_id)
+        yield there.db.write(SCHEMA, lambda txn: txn.execute("DELETE FROM site_tokens WHERE id = ?", (other_id,)))
+        self.assertIsNone((yield self.tokens.verify(other)))
 
 
 class AdminFlagTests(TestCase):

@@ -92,6 +92,42 @@ class FormatTests(SynchronousTestCase):
             got = e.status
         self.assertEqual(got, expected)
 
+    def test_decoded_once(self) -> None:
+        """
+        An encoded text seen again is not decoded again (a client's
+        redirect URI and resource in every consent and code exchange); one
+        that does not decode is refused each time and never kept; the kept
+        texts are bounded.
+        """
+        from smeldr_oauth.web import body
+
+        calls: list[str] = []
+        real = body.unquote
+
+        def counted(text: str, *args: Any, **kw: Any) -> str:
+            calls.append(text)
+            return real(text, *args, **kw)
+
+        self.patch(body, "unquote", counted)
+        self.patch(body, "_DECODED", {})
+        form = b"redirect_uri=https%3A%2F%2Fapp.example%2Fcb&scope=read+write&state=x"
+        for _ in range(3):
+            self.assertEqual(
+                read_form(posted(form, FORM.encode())),
+                {"redirect_uri": ["https://app.example/cb"], "scope": ["read write"], "state": ["x"]},
+            )
+        self.assertEqual(calls, ["https://app.example/cb".replace("/", "%2F").replace(":", "%3A"), "read write"])
+        for _ in range(2):
+            with self.assertRaises(errors.HTTPError):
+                read_form(posted(b"a=%ff", FORM.encode()))
+        self.assertEqual(len(calls), 4)
+        self.assertNotIn("%ff", body._DECODED)
+        for n in range(body._MAX_DECODED + 10):
+            read_form(posted(b"a=%25" + str(n).encode(), FORM.encode()))
+        self.assertLessEqual(len(body._DECODED), body._MAX_DECODED)
+        read_form(posted(b"a=" + b"%41" * body._MAX_DECODED_LENGTH, FORM.encode()))
+        self.assertNotIn("%41" * body._MAX_DECODED_LENGTH, body._DECODED)
+
     def test_query(self) -> None:
         self.assertEqual(read_query(posted(b"", uri=b"/x?a=%C3%A9&b")), {"a": ["\u00e9"], "b": [""]})
         self.assertEqual(read_query(posted(b"", uri=b"/x")), {})

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Iterator, Optional, Sequence, TypeVar
 
 import attr
 from twisted.enterprise import adbapi
@@ -278,6 +278,25 @@ class Database:
         C{True} when calls run on the calling thread (C{threads=0}).
         """
         return self.threads == 0
+
+    def change_stamp(self) -> Optional[Hashable]:
+        """
+        L{IDatabaseEngine.change_stamp} of this thread's connection, here
+        and now: a value that differs from every earlier one once anything
+        may have been committed to the database, by this process or
+        another.  Only when calls run on the calling thread (C{threads=0}:
+        the stamp is then that of the connection every call uses); C{None}
+        otherwise, when the engine cannot tell without a round trip
+        (PostgreSQL), or when the connection cannot be had (the next call
+        says why).  A caller keeps an answer read after taking a stamp only
+        while the stamp stays the same.
+        """
+        if self.threads != 0 or self._closed:
+            return None
+        try:
+            return self.engine.change_stamp(self._connect())
+        except Exception:
+            return None
 
     def describe(self) -> str:
         """

@@ -14,7 +14,7 @@ L{smeldr_oauth.db.postgres.PostgresEngine} are the two implementations.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Optional, Sequence
 
 from zope.interface import Attribute, Interface
 
@@ -137,6 +137,15 @@ class IDatabaseEngine(Interface):
         missed (so the caller must assume anything changed).  An engine
         without announcements calls C{callback(None)} whenever another
         connection has committed, checking every C{interval} seconds.
+        """
+
+    def change_stamp(connection: Any) -> Optional[Hashable]:  # type: ignore[misc]
+        """
+        A value that differs from any earlier one the moment anything may
+        have been committed to the database through C{connection} or
+        through any other connection, asked on the calling thread without
+        a round trip; C{None} if the engine cannot know that so cheaply
+        (then nothing may be kept on the strength of it).
         """
 
     def describe() -> str:  # type: ignore[misc]

@@ -272,6 +272,12 @@ class PostgresEngine:
             self._listener.stop()
             self._listener = None
 
+    def change_stamp(self, connection: Any) -> None:
+        # Only the server knows, and asking it is a round trip: a
+        # revocation by another process would be heard of (LISTEN) only
+        # after it committed, so nothing is kept on a stamp here.
+        return None
+
     def describe(self) -> str:
         params = self._params
         host = params.get("host") or "localhost"

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from cachetools import TTLCache
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from smeldr_oauth.oauth.config import Config
+from smeldr_oauth.oauth.expiring import ExpiringDict
 from smeldr_oauth.oauth.interfaces import IAccessVerifier
 from smeldr_oauth.oauth.model import AccessInfo
 from smeldr_oauth.oauth.params import MAX_TOKEN
@@ -45,11 +45,16 @@ class AccessVerifier:
         self.config = config
         self.store = store
         self._clock = clock
-        self._cache: TTLCache[str, AccessInfo] = TTLCache(
+        # (ExpiringDict, not cachetools.TTLCache: a full TTLCache's insert
+        # cost 5 µs, two of them per code exchange; docs/performance.md,
+        # round seven.)
+        self._cache: ExpiringDict[str, AccessInfo] = ExpiringDict(
             config.access_cache_size, config.access_cache_ttl, timer=clock.seconds
         )
         # Grants whose use was recorded less than TOUCH_INTERVAL ago.
-        self._touched: TTLCache[str, None] = TTLCache(config.access_cache_size, TOUCH_INTERVAL, timer=clock.seconds)
+        self._touched: ExpiringDict[str, None] = ExpiringDict(
+            config.access_cache_size, TOUCH_INTERVAL, timer=clock.seconds
+        )
         # Bumped by every revocation.  A look-up that started before a
         # revocation and ends after it may have read the token as live: its
         # answer must not be cached (it would outlive the revocation).
@@ -68,7 +73,6 @@ class AccessVerifier:
         now = self._clock.seconds()
         key = hash_secret(token)
         try:
-            # Indexing, not .get(): a cachetools .get is a lookup twice over.
             info = self._cache[key]
         except KeyError:
             return self._lookup(key, now, retry=True)

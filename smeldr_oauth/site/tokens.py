@@ -18,7 +18,7 @@ see L{smeldr_oauth.site.admin}).
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, Hashable
 
 import attr
 from twisted.internet.defer import Deferred, fail, succeed
@@ -42,6 +42,9 @@ MAX_TOKEN = 128
 #: Seconds between two records of the same token's use (C{last_used_at}):
 #: a paste checked within a minute of the last recorded one is a read only.
 TOUCH_INTERVAL = 60.0
+#: Live answers kept at most by L{SiteTokenStore.verify} (the dict is
+#: emptied when full): a site has a few tokens, pasted again and again.
+MAX_KEPT = 64
 
 
 class TokenNotFound(SiteError):
@@ -122,6 +125,10 @@ class SiteTokenStore:
     def __init__(self, db: Database, clock: SecondsClock | None = None) -> None:
         self._db = db
         self._clock = clock if clock is not None else wall_clock()
+        #: token hash -> (approval, token id, last_used_at) of live tokens,
+        #: read while the database's change stamp was L{_kept_stamp}.
+        self._kept: dict[str, tuple[Approval, str, float]] = {}
+        self._kept_stamp: Hashable | None = None
 
     def create(self, name: str, admin: bool = False) -> Deferred[tuple[str, str]]:
         """
@@ -232,6 +239,18 @@ class SiteTokenStore:
         Acceptance is a debug event: the consent form's C{grant_approved}
         and a page's sign-in (connected apps, flow timeline) record it at info, with the
         token's id (L{smeldr_oauth.oauth.authorization}).
+
+        A live token's answer is kept while the database's change stamp
+        (L{Database.change_stamp}) stays what it was before the read: on
+        SQLite with calls on the reactor thread, the rows this process
+        changed and C{PRAGMA data_version} (commits by any other
+        connection), taken again at every paste, so a revocation by this
+        process or by C{smeldr-oauth-admin} in another one is seen by the
+        next paste.  Where no stamp can be had without a round trip
+        (PostgreSQL, database threads) every paste reads.  A kept answer
+        is used only within L{TOUCH_INTERVAL} of its recorded use, then the
+        paste reads and records the use again (docs/performance.md, round
+        seven: the read was about 3% of a full flow).
         """
         if (
             not isinstance(plaintext, str)
@@ -242,38 +261,47 @@ class SiteTokenStore:
             return succeed(None)
         presented = hash_secret(plaintext)
         now = self._clock.seconds()
+        # Taken before the read: a change made after it, even one the read
+        # itself saw, makes the next paste read again.
+        stamp = self._db.change_stamp()
 
-        def verify_token(txn: Transaction) -> tuple[Approval | None, str | None, bool]:
+        def verify_token(txn: Transaction) -> tuple[Approval | None, str | None, bool, float | None]:
             row = txn.execute(
                 "SELECT id, name, token_hash, revoked_at, last_used_at FROM site_tokens WHERE token_hash = ?",
                 (presented,),
             ).fetchone()
             if row is None or not constant_time_equal(row["token_hash"], presented):
-                return None, None, False
+                return None, None, False, None
             if row["revoked_at"] is not None:
-                return None, row["id"], False
+                return None, row["id"], False, None
             used = row["last_used_at"]
             stale = used is None or not (0 <= now - used < TOUCH_INTERVAL)
-            return Approval(subject=row["name"], site_token_id=row["id"]), row["id"], stale
+            return Approval(subject=row["name"], site_token_id=row["id"]), row["id"], stale, used
 
         def touch(txn: Transaction, token_id: str) -> None:
             txn.execute("UPDATE site_tokens SET last_used_at = ? WHERE id = ?", (now, token_id))
 
-        def decided(result: tuple[Approval | None, str | None, bool]) -> Any:
+        def decided(result: tuple[Approval | None, str | None, bool, float | None]) -> Any:
             # One callback for the usual answer (a live token whose use was
             # recorded less than a minute ago): the read's Deferred has
             # fired on SQLite, and each callback added to it is run there
             # and then (docs/performance.md, round six).
-            approval, token_id, stale = result
+            approval, token_id, stale, used = result
             if approval is not None and stale:
                 assert token_id is not None
                 return self._db.write(SCHEMA, touch, token_id).addCallback(lambda _: logged(result))
+            if approval is not None and stamp is not None and stamp == self._kept_stamp:
+                # (The touch's write changes the stamp: that answer is not kept.)
+                assert token_id is not None and used is not None
+                if len(self._kept) >= MAX_KEPT:
+                    self._kept.clear()
+                self._kept[presented] = (approval, token_id, used)
             return logged(result)
 
         def logged(
-            result: tuple[Approval | None, str | None, bool],
+            result: tuple[Approval | None, str | None, bool, float | None],
         ) -> Approval | None:
-            approval, token_id, _ = result
+            approval, token_id, _, _ = result
             if approval is not None:
                 # A debug event nobody keeps at the default level: built
                 # only when an observer might (routine.quiet).
@@ -291,6 +319,15 @@ class SiteTokenStore:
                 log.info("site token rejected: unknown")
             return approval
 
+        if stamp is not None:
+            if stamp != self._kept_stamp:
+                self._kept.clear()
+                self._kept_stamp = stamp
+            # (Found by the hash's value, as the index probe finds it: the
+            # presenter does not choose the hash's bytes.)
+            kept = self._kept.get(presented)
+            if kept is not None and 0 <= now - kept[2] < TOUCH_INTERVAL:
+                return succeed(logged((kept[0], kept[1], False, kept[2])))
         return self._db.read(SCHEMA, verify_token).addCallback(decided)
 
     def is_admin(self, token_id: str | None) -> Deferred[bool]:
