@@ -299,6 +299,7 @@ class SQLStore:
             new_access,
             new_refresh,
             group=True,
+            together=transactions.redeem_refresh_tokens,
         )
 
     def lookup_access_token(self, token_hash: str, now: float) -> "Deferred[Optional[model.AccessInfo]]":
