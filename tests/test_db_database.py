@@ -646,6 +646,43 @@ class PostgresGroupCommitTests(SynchronousTestCase):
         self.assertEqual([self.successResultOf(d) for d in calls], [None, None])
         self.assertEqual(self.committed(), ["a", "b", "c", "d", "e", "f"])
 
+    def test_reads_together(self) -> None:
+        """
+        Reads given a C{together} leave as one call of it at the end of the
+        turn; while C{batches_at_once} such calls run, later ones gather
+        into one; its results are theirs, its failure is every call's.
+        """
+
+        def plus_one(txn: Any, n: int) -> int:
+            raise AssertionError("run alone")
+
+        def many(txn: Any, calls: list[Any]) -> list[int]:
+            if any(n < 0 for n, in calls):
+                raise ZeroDivisionError("a bug")
+            return [row[0] for row in txn.execute("SELECT unnest(?::int[]) + 1", ([n for n, in calls],))]
+
+        def read(n: int) -> Any:
+            return self.db.read(SCHEMA, plus_one, n, together=many)
+
+        first = [read(1), read(2)]
+        self.assertEqual(self.pool.queued, [])
+        self.reactor.advance(0)
+        second = [read(3)]
+        self.reactor.advance(0)
+        third = [read(4)]
+        self.reactor.advance(0)
+        third.append(read(5))
+        self.reactor.advance(0)
+        self.assertEqual(len(self.pool.queued), 2)
+        self.drain()
+        self.assertEqual([self.successResultOf(d) for d in first + second + third], [2, 3, 4, 5, 6])
+        self.assertEqual(self.db.transaction_stats()["things.plus_one"].count, 3)
+        failing = [read(6), read(-1)]
+        self.reactor.advance(0)
+        self.drain()
+        for d in failing:
+            self.failureResultOf(d, ZeroDivisionError)
+
     def test_connection_lost_in_commit(self) -> None:
         """
         A connection lost during the batch's C{COMMIT} may or may not have

@@ -36,7 +36,10 @@ writes asked for with C{group=True} wait for the end of the reactor turn
 and then share one transaction (SQLite: one C{SAVEPOINT} each): see
 L{_Batch}.  With pool threads (PostgreSQL) a batch is one call of one
 thread, at most L{Database.batches_at_once} of them at a time; the writes
-that arrive meanwhile gather into the next batch.
+that arrive meanwhile gather into the next batch.  Likewise, with
+C{group_commit}, L{Database.read} calls given a C{together} (a function
+that runs many of them as one statement, such as the rate-limit spends of
+many token requests) gather and leave as one call of it.
 
 Why one module over 500 lines: L{Database} (pool, retries, error
 translation, the schema gate) and L{_Batch} (group commit) run the same
@@ -282,6 +285,8 @@ class Database:
         self.group_commit = group_commit and (threads == 0 or not engine.single_writer)
         self._batch: Optional[_Batch] = None
         self._batches_running = 0
+        self._reads: dict[Any, _ReadBatch] = {}
+        self._reads_running = 0
 
     @property
     def inline(self) -> bool:
@@ -298,15 +303,63 @@ class Database:
 
     # Running calls
 
-    def read(self, schema: Schema, func: Callable[..., T], *args: Any, name: Optional[str] = None) -> "Deferred[T]":
+    def read(
+        self,
+        schema: Schema,
+        func: Callable[..., T],
+        *args: Any,
+        name: Optional[str] = None,
+        together: Optional[Callable[[Transaction, list[tuple[Any, ...]]], list[Any]]] = None,
+    ) -> "Deferred[T]":
         """
         Run C{func(transaction, *args)} without a transaction, once
         C{schema} is current.
 
         @param name: what L{transaction_stats} counts the call under;
             C{component.function} by default.
+        @param together: with L{group_commit}: a function that runs many
+            calls of C{func} as one statement, atomic on its own,
+            C{together(transaction, [args, ...])}, with the results they
+            would have one after another.  The calls of C{func} that
+            arrive while C{batches_at_once} of them run gather and leave
+            as one call of C{together} (one thread hand-off, one round
+            trip; counted once, under C{name}); its failure is every
+            call's.
         """
-        return self._call(schema, False, name or _name(schema, func), func, args)
+        name = name or _name(schema, func)
+        if together is not None and self.group_commit and schema.component in self._current:
+            batch = self._reads.get(together)
+            if batch is None:
+                batch = self._reads[together] = _ReadBatch(name)
+                self.reactor.callLater(0, self._send_reads, together)
+            d: Deferred[T] = Deferred()
+            batch.calls.append((args, d))
+            return d
+        return self._call(schema, False, name, func, args)
+
+    def _send_reads(self, together: Callable[..., list[Any]], closing: bool = False) -> None:
+        batch = self._reads.get(together)
+        if batch is None or (self._reads_running >= self.batches_at_once and not closing):
+            # Busy: the batch goes on gathering (see _reads_done).
+            return
+        del self._reads[together]
+        self._reads_running += 1
+        calls = batch.calls
+        self._dispatch(self._interact, False, batch.name, together, ([args for args, _ in calls],)).addBoth(
+            self._reads_done, together, calls
+        )
+
+    def _reads_done(self, results: Any, together: Callable[..., list[Any]], calls: list[Any]) -> None:
+        self._reads_running -= 1
+        if not isinstance(results, Failure) and len(results) != len(calls):
+            results = Failure(RuntimeError("a together function returned the wrong number of results"))
+        for index, (_, d) in enumerate(calls):
+            if isinstance(results, Failure):
+                d.errback(results)
+            else:
+                d.callback(results[index])
+        if together in self._reads:
+            self._send_reads(together)
 
     def write(
         self,
@@ -581,6 +634,8 @@ class Database:
         """
         if not self._closed:
             self._commit_batch(closing=True)
+            for together in list(self._reads):
+                self._send_reads(together, closing=True)
             self._closed = True
             closing = getattr(self.engine, "closing", None)
             if closing is not None:
@@ -766,6 +821,19 @@ class _Batch:
             elapsed = (time.perf_counter() - started) / (end - index)
             outcomes.extend((started, elapsed, result) for result in results)
             index = end
+
+
+class _ReadBatch:
+    """
+    Calls of one function gathered for one call of its C{together}
+    (L{Database.read}).
+    """
+
+    __slots__ = ("name", "calls")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: list[tuple[tuple[Any, ...], Deferred[Any]]] = []
 
 
 def _name(schema: Schema, func: Callable[..., Any]) -> str:

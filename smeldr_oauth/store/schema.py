@@ -191,7 +191,7 @@ OAUTH_SCHEMA = Schema(
         # in grant_id order, so that two processes' batches cannot lock
         # the same grants in opposite orders, then each presented token's
         # facts, as smeldr_refresh_facts reads them (see
-        # transactions.redeem_refresh_tokens).
+        # refresh_batch.redeem_refresh_tokens).
         Migration(4, sqlite=(), postgresql=(_REFRESH_FACTS_MANY_FUNCTION,)),
     ),
     tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
