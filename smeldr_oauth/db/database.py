@@ -675,10 +675,12 @@ class _Batch:
         durable returns, so an answer never tells of a write that a crash
         could still undo.
 
-    Two batches on two connections lock the grants they refresh in the
-    order of their calls; should two batches of concurrent refreshes of
-    the same two grants lock them in opposite orders, PostgreSQL reports
-    the deadlock to one of them, which then runs its calls alone.
+    Locks: a batch's refreshes lock their grants in C{grant_id} order
+    (L{smeldr_oauth.store.refresh_batch}), so two processes' batches of
+    refreshes cannot deadlock on them; other grouped calls lock rows in the
+    order of the calls.  Should two batches still lock rows in opposite
+    orders, PostgreSQL reports the deadlock to one of them (after its
+    C{deadlock_timeout}, 1 s by default), which then runs its calls alone.
     """
 
     def __init__(self, database: Database) -> None:
