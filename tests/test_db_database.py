@@ -15,6 +15,7 @@ from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.db import Database, Migration, Schema, open_database
+from smeldr_oauth.db.database import NoThreads
 from smeldr_oauth.db.errors import StoreConflict, StoreUnavailable
 from smeldr_oauth.db.postgres import PostgresEngine
 from smeldr_oauth.db.sqlite import SQLiteEngine
@@ -369,8 +370,7 @@ class GroupCommitTests(SynchronousTestCase):
     def test_not_without_group(self) -> None:
         """
         A write not asked to be grouped runs at once, alone; and without
-        C{group_commit} (or with threads, or on PostgreSQL) nothing is
-        grouped.
+        C{group_commit} (or with threads, on SQLite) nothing is grouped.
         """
         self.successResultOf(self.db.write(SCHEMA, insert, "a", 1))
         self.assertEqual(self.committed(), ["a"])
@@ -536,6 +536,247 @@ class PostgresDatabaseTests(DatabaseMixin, SynchronousTestCase):
 
         self.failureResultOf(self.db.write(SCHEMA, broken), StoreUnavailable)
         self.assertEqual(self.ok(self.db.read(SCHEMA, names)), ["a"])
+
+
+class HeldThreadPool:
+    """
+    A thread pool whose work waits until the test lets it run
+    (L{run_next}), on the caller's thread: a batch that is "running" on a
+    pool thread while the reactor goes on.
+    """
+
+    def __init__(self) -> None:
+        self.queued: list[Any] = []
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        while self.queued:
+            self.run_next()
+
+    def callInThreadWithCallback(self, onResult: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        self.queued.append((onResult, f, args, kwargs))
+
+    def run_next(self) -> None:
+        onResult, f, args, kwargs = self.queued.pop(0)
+        NoThreads().callInThreadWithCallback(onResult, f, *args, **kwargs)
+
+
+class PostgresGroupCommitTests(SynchronousTestCase):
+    """
+    Group commit on PostgreSQL with pool threads: the grouped writes that
+    arrive while the batch threads are busy leave together, as one call of
+    one pool thread, in one transaction (no savepoints); each outcome is
+    exactly what it would be alone.
+    """
+
+    def setUp(self) -> None:
+        self.url = postgres.database_url(self)
+        self.reactor = InlineReactor()
+        self.pool = HeldThreadPool()
+        self.db = Database(
+            PostgresEngine(self.url), self.reactor, threads=2, threadpool=self.pool, group_commit=True
+        )
+        self.addCleanup(self.db.close)
+        d = self.db.ensure(SCHEMA)
+        self.pool.run_next()
+        self.successResultOf(d)
+        self.begins = 0
+        begin = self.db.engine.begin
+
+        def counted(txn: Any) -> None:
+            self.begins += 1
+            begin(txn)
+
+        self.patch(self.db.engine, "begin", counted)
+
+    def committed(self) -> list[str]:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as other:
+            return [row[0] for row in other.execute("SELECT name FROM things ORDER BY name")]
+
+    def drain(self) -> None:
+        while self.pool.queued:
+            self.pool.run_next()
+
+    def test_one_transaction(self) -> None:
+        """
+        Grouped writes of one turn leave at its end as one pool call, run
+        in one transaction; no result before its commit.
+        """
+        self.assertTrue(self.db.group_commit)
+        calls = [self.db.write(SCHEMA, insert, name, 1, group=True) for name in ("a", "b", "c")]
+        self.assertEqual(self.pool.queued, [])
+        self.reactor.advance(0)
+        self.assertEqual(len(self.pool.queued), 1)
+        for d in calls:
+            self.assertNoResult(d)
+        self.pool.run_next()
+        for d in calls:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.committed(), ["a", "b", "c"])
+        self.assertEqual(self.begins, 1)
+        self.assertEqual(self.db.transaction_stats()["things.insert"].count, 3)
+
+    def test_gathers_while_busy(self) -> None:
+        """
+        While C{batches_at_once} batches run, the grouped writes of later
+        turns gather into one batch, which leaves when one of them is done.
+        """
+        running = []
+        for name in ("a", "b"):
+            running.append(self.db.write(SCHEMA, insert, name, 1, group=True))
+            self.reactor.advance(0)
+        self.assertEqual(len(self.pool.queued), 2)
+        waiting = []
+        for name in ("c", "d", "e"):
+            waiting.append(self.db.write(SCHEMA, insert, name, 1, group=True))
+            self.reactor.advance(0)
+        self.assertEqual(len(self.pool.queued), 2)
+        self.pool.run_next()
+        self.successResultOf(running[0])
+        self.assertEqual(len(self.pool.queued), 2)
+        self.drain()
+        for d in running + waiting:
+            self.successResultOf(d)
+        self.assertEqual(self.committed(), ["a", "b", "c", "d", "e"])
+        self.assertEqual(self.begins, 3)
+
+    def test_sees_earlier_calls(self) -> None:
+        """
+        Each call sees what the calls before it did, as had they committed
+        first.
+        """
+        first = self.db.write(SCHEMA, insert, "a", 1, group=True)
+        seen = self.db.write(SCHEMA, names, group=True)
+        self.reactor.advance(0)
+        self.drain()
+        self.successResultOf(first)
+        self.assertEqual(self.successResultOf(seen), ["a"])
+        self.assertEqual(self.begins, 1)
+
+    def test_one_failing(self) -> None:
+        """
+        A call that fails ends PostgreSQL's transaction: the batch is
+        rolled back and every call runs again alone, each with the outcome
+        it has alone (the conflict's message as alone), nothing twice.
+        """
+        calls = [
+            self.db.write(SCHEMA, insert, "a", 1, group=True),
+            self.db.write(SCHEMA, insert, "a", 2, group=True),
+            self.db.write(SCHEMA, bug, group=True),
+            self.db.write(SCHEMA, insert, "b", 1, group=True),
+        ]
+        self.reactor.advance(0)
+        self.drain()
+        self.successResultOf(calls[0])
+        conflict = self.failureResultOf(calls[1], StoreConflict)
+        alone = self.db.write(SCHEMA, insert, "a", 3)
+        self.drain()
+        self.assertEqual(str(conflict.value), str(self.failureResultOf(alone, StoreConflict).value))
+        self.failureResultOf(calls[2], ZeroDivisionError)
+        self.successResultOf(calls[3])
+        self.assertEqual(self.committed(), ["a", "b"])
+        # The batch, each of the four alone, the last conflict.
+        self.assertEqual(self.begins, 6)
+
+    def test_together(self) -> None:
+        """
+        Consecutive calls of one function given a C{together} run as one
+        call of it, with every call's arguments; its results are theirs.
+        A batch of one runs the function itself; a wrong count of results
+        abandons the batch (each call then runs alone).
+        """
+        seen: list[Any] = []
+
+        def both(txn: Any, calls: list[Any]) -> list[Any]:
+            seen.append(calls)
+            for args in calls:
+                insert(txn, *args)
+            return [f"together {args[0]}" for args in calls]
+
+        calls = [self.db.write(SCHEMA, insert, name, 1, group=True, together=both) for name in ("a", "b")]
+        calls.append(self.db.write(SCHEMA, names, group=True))
+        calls.append(self.db.write(SCHEMA, insert, "c", 1, group=True, together=both))
+        self.reactor.advance(0)
+        self.drain()
+        self.assertEqual(
+            [self.successResultOf(d) for d in calls], ["together a", "together b", ["a", "b"], None]
+        )
+        self.assertEqual(seen, [[("a", 1), ("b", 1)]])
+        self.assertEqual(self.begins, 1)
+        alone = self.db.write(SCHEMA, insert, "d", 1, group=True, together=both)
+        self.reactor.advance(0)
+        self.drain()
+        self.assertIsNone(self.successResultOf(alone))
+
+        def short(txn: Any, calls: list[Any]) -> list[Any]:
+            return []
+
+        calls = [self.db.write(SCHEMA, insert, name, 1, group=True, together=short) for name in ("e", "f")]
+        self.reactor.advance(0)
+        self.drain()
+        self.assertEqual([self.successResultOf(d) for d in calls], [None, None])
+        self.assertEqual(self.committed(), ["a", "b", "c", "d", "e", "f"])
+
+    def test_reads_together(self) -> None:
+        """
+        Reads given a C{together} leave as one call of it at the end of the
+        turn; while C{batches_at_once} such calls run, later ones gather
+        into one; its results are theirs, its failure is every call's.
+        """
+
+        def plus_one(txn: Any, n: int) -> int:
+            raise AssertionError("run alone")
+
+        def many(txn: Any, calls: list[Any]) -> list[int]:
+            if any(n < 0 for n, in calls):
+                raise ZeroDivisionError("a bug")
+            return [row[0] for row in txn.execute("SELECT unnest(?::int[]) + 1", ([n for n, in calls],))]
+
+        def read(n: int) -> Any:
+            return self.db.read(SCHEMA, plus_one, n, together=many)
+
+        first = [read(1), read(2)]
+        self.assertEqual(self.pool.queued, [])
+        self.reactor.advance(0)
+        second = [read(3)]
+        self.reactor.advance(0)
+        third = [read(4)]
+        self.reactor.advance(0)
+        third.append(read(5))
+        self.reactor.advance(0)
+        self.assertEqual(len(self.pool.queued), 2)
+        self.drain()
+        self.assertEqual([self.successResultOf(d) for d in first + second + third], [2, 3, 4, 5, 6])
+        self.assertEqual(self.db.transaction_stats()["things.plus_one"].count, 3)
+        failing = [read(6), read(-1)]
+        self.reactor.advance(0)
+        self.drain()
+        for d in failing:
+            self.failureResultOf(d, ZeroDivisionError)
+
+    def test_connection_lost_in_commit(self) -> None:
+        """
+        A connection lost during the batch's C{COMMIT} may or may not have
+        committed: every call is L{StoreUnavailable}, none runs again.
+        """
+        import smeldr_oauth.db.database as module
+
+        def lost(connection: Any) -> None:
+            connection.close()
+            raise StoreUnavailable("the connection went away")
+
+        self.patch(module, "_commit", lost)
+        calls = [self.db.write(SCHEMA, insert, name, 1, group=True) for name in ("a", "b")]
+        self.reactor.advance(0)
+        self.drain()
+        for d in calls:
+            self.failureResultOf(d, StoreUnavailable)
+        self.assertEqual(self.begins, 1)
+        self.assertEqual(self.committed(), [])
 
 
 class PostgresThreadTests(TestCase):

@@ -19,7 +19,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from smeldr_oauth.db.database import Database
+from smeldr_oauth.db.database import Database, Transaction
 from smeldr_oauth.db.postgres import PostgresEngine
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.model import Approval
@@ -219,7 +219,7 @@ class PostgresStoreTests(SynchronousTestCase):
             rows = connection.execute(
                 "SELECT component, version FROM schema_migrations ORDER BY component"
             ).fetchall()
-        self.assertEqual(rows, [("notifications", 1), ("oauth", 1), ("oauth", 2)])
+        self.assertEqual(rows, [("notifications", 1), ("oauth", 1), ("oauth", 2), ("oauth", 3)])
 
     def test_refresh_facts_function(self) -> None:
         """
@@ -244,6 +244,115 @@ class PostgresStoreTests(SynchronousTestCase):
                 plain = connection.execute(_REFRESH_FACTS.replace("?", "%s"), (token_hash, token_hash)).fetchall()
                 function = connection.execute("SELECT * FROM smeldr_refresh_facts(%s)", (token_hash,)).fetchall()
                 self.assertEqual(function, plain)
+                many = connection.execute(
+                    "SELECT * FROM smeldr_refresh_facts_many(%s::text[])", ([token_hash],)
+                ).fetchall()
+                self.assertEqual(many, plain)
+            every = connection.execute(
+                "SELECT * FROM smeldr_refresh_facts_many(%s::text[]) ORDER BY token_hash", (hashes + ["unknown"],)
+            ).fetchall()
+            self.assertEqual(every, sorted(
+                (connection.execute(_REFRESH_FACTS.replace("?", "%s"), (t, t)).fetchone() for t in hashes),
+                key=lambda row: row["token_hash"],
+            ))
+
+
+class PostgresGroupCommitStoreTests(SynchronousTestCase):
+    """
+    Refreshes with group commit on PostgreSQL (the server's setting): the
+    refreshes that arrive together share one transaction, and each one's
+    outcome is what it would be alone.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = InlineReactor()
+        database = Database(
+            PostgresEngine(postgres.database_url(self)),
+            self.reactor,
+            threads=1,
+            threadpool=InlineThreadPool(),
+            group_commit=True,
+        )
+        self.store = SQLStore(database)
+        self.addCleanup(self.store.close)
+        self.assertIs(self.successResultOf(self.store.ready), self.store)
+        self.commits = 0
+        import smeldr_oauth.db.database as module
+
+        real = module._commit
+
+        def counted(connection: Any) -> None:
+            self.commits += 1
+            real(connection)
+
+        self.patch(module, "_commit", counted)
+
+    def grant(self, name: str) -> None:
+        d = self.store.create_grant(make_grant(name), make_code(f"code-{name}", name))
+        self.reactor.advance(0)
+        self.successResultOf(d)
+        self.successResultOf(self.store.add_tokens(name, access(f"a-{name}"), refresh(f"r-{name}")))
+
+    def redeem(self, token: str, n: int, grace: float = GRACE) -> Any:
+        return self.store.redeem_refresh_token(
+            h(token), T0 + 100, grace, None, access(f"x{n}", T0 + 100), refresh(f"y{n}", T0 + 100)
+        )
+
+    def test_different_grants_one_commit(self) -> None:
+        """
+        Refreshes of three grants made in one turn: one transaction, three
+        rotations, each new token usable.
+        """
+        for name in ("g1", "g2", "g3"):
+            self.grant(name)
+        self.commits = 0
+        calls = [self.redeem(f"r-{name}", n) for n, name in enumerate(("g1", "g2", "g3"))]
+        for d in calls:
+            self.assertNoResult(d)
+        self.reactor.advance(0)
+        self.assertEqual([self.successResultOf(d).status for d in calls], ["rotated"] * 3)
+        self.assertEqual(self.commits, 1)
+        for n in range(3):
+            self.assertIsNotNone(self.successResultOf(self.store.lookup_access_token(h(f"x{n}"), T0 + 101)))
+
+    def test_three_round_trips(self) -> None:
+        """
+        A batch of refreshes is three statements whatever its size (the
+        facts of all, every rotation's writes, after C{BEGIN}), not two a
+        refresh.
+        """
+        for name in ("g1", "g2", "g3", "g4"):
+            self.grant(name)
+        statements: list[str] = []
+        real = Transaction.execute
+
+        def counted(txn: Any, sql: str, params: Any = ()) -> Any:
+            statements.append(sql.split(None, 3)[:3][-1])
+            return real(txn, sql, params)
+
+        self.patch(Transaction, "execute", counted)
+        calls = [self.redeem(f"r-{name}", n) for n, name in enumerate(("g1", "g2", "g3", "g4"))]
+        self.reactor.advance(0)
+        self.assertEqual([self.successResultOf(d).status for d in calls], ["rotated"] * 4)
+        self.assertEqual(len(statements), 3, statements)
+
+    def test_same_token_in_one_batch(self) -> None:
+        """
+        Two refreshes of one token in one batch: the first rotates, the
+        second is what it is alone after the first (inside the grace
+        window a sibling; without grace a reuse that ends the grant).
+        """
+        self.grant("g1")
+        self.grant("g2")
+        calls = [self.redeem("r-g1", 0), self.redeem("r-g1", 1), self.redeem("r-g2", 2, grace=0), self.redeem("r-g2", 3, grace=0)]
+        self.commits = 0
+        self.reactor.advance(0)
+        self.assertEqual(
+            [self.successResultOf(d).status for d in calls], ["rotated", "grace", "rotated", "reused"]
+        )
+        self.assertEqual(self.commits, 1)
+        grants = self.successResultOf(self.store.list_grants())
+        self.assertEqual([grant.grant_id for grant in grants], ["g1"])
 
 
 # Races: real threads and real processes against one database.

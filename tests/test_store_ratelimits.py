@@ -187,6 +187,60 @@ class PostgresStoreTests(StoreMixin, SynchronousTestCase):
         self.assertNotIn("192.0.2", keys[0])
 
 
+class PostgresGroupedTakeTests(SynchronousTestCase):
+    """
+    With group commit (the server's PostgreSQL database), the C{take_both}
+    calls that arrive together leave as one statement
+    (C{smeldr_take_both_many}, one thread hand-off), each answered as it
+    would be alone, one after another.
+    """
+
+    def setUp(self) -> None:
+        from smeldr_oauth.db.database import Database
+        from smeldr_oauth.db.postgres import PostgresEngine
+        from tests.test_store_sqlite import InlineThreadPool
+
+        self.reactor = InlineReactor()
+        self.database = Database(
+            PostgresEngine(postgres.database_url(self)),
+            self.reactor,
+            threads=1,
+            threadpool=InlineThreadPool(),
+            group_commit=True,
+        )
+        self.addCleanup(self.database.close)
+        self.successResultOf(self.database.ensure(RATE_LIMITS_SCHEMA))
+        self.store = SQLRateLimitStore(self.database)
+
+    def test_one_statement(self) -> None:
+        from smeldr_oauth.db.database import Transaction
+
+        statements: list[str] = []
+        real = Transaction.execute
+
+        def counted(txn: Any, sql: str, params: Any = ()) -> Any:
+            statements.append(sql)
+            return real(txn, sql, params)
+
+        self.patch(Transaction, "execute", counted)
+        first, second = ("test", "a", 2.0, 0.05), ("other", "b", 3.0, 0.05)
+        calls = [self.store.take_both(first, second, T0) for _ in range(3)]
+        calls.append(self.store.take_both(("third", "c", 1.0, 0.05), second, T0))
+        for d in calls:
+            self.assertNoResult(d)
+        self.reactor.advance(0)
+        self.assertEqual(
+            [self.successResultOf(d) for d in calls],
+            [((True, 1.0), (True, 2.0)), ((True, 0.0), (True, 1.0)), ((False, 0.0), None), ((True, 0.0), (True, 0.0))],
+        )
+        self.assertEqual(len(statements), 1)
+        self.assertIn("smeldr_take_both_many", statements[0])
+        # The next turn's batch starts from the buckets as this one left them.
+        later = self.store.take_both(("third", "c", 1.0, 0.05), second, T0)
+        self.reactor.advance(0)
+        self.assertEqual(self.successResultOf(later), ((False, 0.0), None))
+
+
 class SpendBothTests(SynchronousTestCase):
     """
     L{spend_both}: two shared limiters on one store, in one call of its

@@ -423,7 +423,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.addCleanup(connection.close)
         self.assertEqual(
             connection.execute("SELECT component, version FROM schema_migrations").fetchall(),
-            [("oauth", 1), ("oauth", 2)],
+            [("oauth", 1), ("oauth", 2), ("oauth", 3)],
         )
 
     def test_legacy_file_adopted(self) -> None:
@@ -447,7 +447,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.addCleanup(connection.close)
         self.assertEqual(
             connection.execute("SELECT component, version FROM schema_migrations").fetchall(),
-            [("oauth", 1), ("oauth", 2)],
+            [("oauth", 1), ("oauth", 2), ("oauth", 3)],
         )
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
         self.assertNotIn("schema_version", tables)
@@ -465,7 +465,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         """
         broken = Schema(
             "oauth",
-            OAUTH_SCHEMA.migrations + (Migration(len(OAUTH_SCHEMA.migrations) + 1, ("INSERT INTO nowhere VALUES (1)",)),),
+            OAUTH_SCHEMA.migrations + (Migration(OAUTH_SCHEMA.version + 1, ("INSERT INTO nowhere VALUES (1)",)),),
         )
         store = SQLiteStore(self.path, InlineReactor(), threadpool=InlineThreadPool(), schema=broken)
         self.addCleanup(store.close)

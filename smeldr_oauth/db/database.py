@@ -31,9 +31,15 @@ microseconds, less than handing it to a thread and back, and the returned
 L{Deferred} has already fired.  C{threads=N} runs calls on adbapi's pool of
 N threads (SQLite: 1, its one writer), each with its own connection.
 
-Group commit (C{group_commit=True}, SQLite on the calling thread only):
+Group commit (C{group_commit=True}; SQLite on the calling thread only):
 writes asked for with C{group=True} wait for the end of the reactor turn
-and then share one transaction, one C{SAVEPOINT} each: see L{_Batch}.
+and then share one transaction (SQLite: one C{SAVEPOINT} each): see
+L{_Batch}.  With pool threads (PostgreSQL) a batch is one call of one
+thread, at most L{Database.batches_at_once} of them at a time; the writes
+that arrive meanwhile gather into the next batch.  Likewise, with
+C{group_commit}, L{Database.read} calls given a C{together} (a function
+that runs many of them as one statement, such as the rate-limit spends of
+many token requests) gather and leave as one call of it.
 
 Why one module over 500 lines: L{Database} (pool, retries, error
 translation, the schema gate) and L{_Batch} (group commit) run the same
@@ -214,6 +220,11 @@ class Database:
         listener watches sockets with).
     """
 
+    #: With threads: how many grouped batches may run at once, each on a
+    #: pool thread of its own; the calls of the reactor turns in between
+    #: wait and gather into the next batch.
+    batches_at_once = 2
+
     def __init__(
         self,
         engine: IDatabaseEngine,
@@ -235,9 +246,9 @@ class Database:
         @param clock: the time source of C{applied_at} in migrations;
             C{reactor} when C{None}, else the wall clock.
         @param group_commit: let C{write(..., group=True)} calls made in
-            one reactor turn share a transaction (see L{_Batch}); only
-            for a single-writer engine (SQLite) with C{threads=0}, ignored
-            otherwise.
+            one reactor turn (with threads: while the batch threads are
+            busy) share a transaction (see L{_Batch}); ignored for a
+            single-writer engine (SQLite) with threads.
         """
         if threads < 0 or (engine.single_writer and threads > 1):
             raise ValueError(f"threads must be 0 or 1 for {engine.name}, not {threads!r}")
@@ -268,9 +279,15 @@ class Database:
         self._migrating: dict[str, list[Deferred[int]]] = {}
         self._in_flight = 0
         self._closed = False
-        self.group_commit = group_commit and threads == 0 and engine.single_writer
+        # SQLite: on the calling thread only (its one writer is then that
+        # thread).  PostgreSQL: on either path; with threads, a batch is
+        # one call of one pool thread.
+        self.group_commit = group_commit and (threads == 0 or not engine.single_writer)
         self._batch: Optional[_Batch] = None
         self._holds = 0
+        self._batches_running = 0
+        self._reads: dict[Any, _ReadBatch] = {}
+        self._reads_running = 0
 
     @property
     def inline(self) -> bool:
@@ -306,15 +323,63 @@ class Database:
 
     # Running calls
 
-    def read(self, schema: Schema, func: Callable[..., T], *args: Any, name: Optional[str] = None) -> "Deferred[T]":
+    def read(
+        self,
+        schema: Schema,
+        func: Callable[..., T],
+        *args: Any,
+        name: Optional[str] = None,
+        together: Optional[Callable[[Transaction, list[tuple[Any, ...]]], list[Any]]] = None,
+    ) -> "Deferred[T]":
         """
         Run C{func(transaction, *args)} without a transaction, once
         C{schema} is current.
 
         @param name: what L{transaction_stats} counts the call under;
             C{component.function} by default.
+        @param together: with L{group_commit}: a function that runs many
+            calls of C{func} as one statement, atomic on its own,
+            C{together(transaction, [args, ...])}, with the results they
+            would have one after another.  The calls of C{func} that
+            arrive while C{batches_at_once} of them run gather and leave
+            as one call of C{together} (one thread hand-off, one round
+            trip; counted once, under C{name}); its failure is every
+            call's.
         """
-        return self._call(schema, False, name or _name(schema, func), func, args)
+        name = name or _name(schema, func)
+        if together is not None and self.group_commit and schema.component in self._current:
+            batch = self._reads.get(together)
+            if batch is None:
+                batch = self._reads[together] = _ReadBatch(name)
+                self.reactor.callLater(0, self._send_reads, together)
+            d: Deferred[T] = Deferred()
+            batch.calls.append((args, d))
+            return d
+        return self._call(schema, False, name, func, args)
+
+    def _send_reads(self, together: Callable[..., list[Any]], closing: bool = False) -> None:
+        batch = self._reads.get(together)
+        if batch is None or (self._reads_running >= self.batches_at_once and not closing):
+            # Busy: the batch goes on gathering (see _reads_done).
+            return
+        del self._reads[together]
+        self._reads_running += 1
+        calls = batch.calls
+        self._dispatch(self._interact, False, batch.name, together, ([args for args, _ in calls],)).addBoth(
+            self._reads_done, together, calls
+        )
+
+    def _reads_done(self, results: Any, together: Callable[..., list[Any]], calls: list[Any]) -> None:
+        self._reads_running -= 1
+        if not isinstance(results, Failure) and len(results) != len(calls):
+            results = Failure(RuntimeError("a together function returned the wrong number of results"))
+        for index, (_, d) in enumerate(calls):
+            if isinstance(results, Failure):
+                d.errback(results)
+            else:
+                d.callback(results[index])
+        if together in self._reads:
+            self._send_reads(together)
 
     def write(
         self,
@@ -323,6 +388,7 @@ class Database:
         *args: Any,
         name: Optional[str] = None,
         group: bool = False,
+        together: Optional[Callable[[Transaction, list[tuple[Any, ...]]], list[Any]]] = None,
     ) -> "Deferred[T]":
         """
         Run C{func(transaction, *args)} in one write transaction, once
@@ -333,6 +399,11 @@ class Database:
             transaction with the other grouped writes of this reactor turn,
             its outcome exactly what it would be alone (L{_Batch}); the
             result comes after the commit, at the end of the turn.
+        @param together: with C{group}, on PostgreSQL: a function that
+            runs the batch's consecutive calls of C{func} at once,
+            C{together(transaction, [args, ...])}, with the results they
+            would have one after another (fewer round trips); a batch of
+            one call runs C{func}.
         """
         name = name or _name(schema, func)
         if group and self.group_commit and schema.component in self._current:
@@ -340,7 +411,7 @@ class Database:
                 self._batch = _Batch(self)
                 if not self._holds:
                     self.reactor.callLater(0, self._commit_batch)
-            return self._batch.add(name, func, args)
+            return self._batch.add(name, func, args, together)
         return self._call(schema, True, name, func, args)
 
     def hold_batches(self) -> Callable[[], None]:
@@ -365,12 +436,29 @@ class Database:
 
         return release
 
-    def _commit_batch(self) -> None:
-        if self._holds and not self._closed:
+    def _commit_batch(self, closing: bool = False) -> None:
+        if self._holds and not closing:
             return  # the last release schedules it again
-        batch, self._batch = self._batch, None
-        if batch is not None:
+        batch = self._batch
+        if batch is None:
+            return
+        if self.threads == 0:
+            self._batch = None
             batch.run()
+            return
+        if self._batches_running >= self.batches_at_once and not closing:
+            # Every batch thread is busy: this batch goes on gathering
+            # calls, and leaves when one of them is done (_batch_done).
+            return
+        self._batch = None
+        self._batches_running += 1
+        self._dispatch(batch.outcomes).addBoth(self._batch_done, batch)
+
+    def _batch_done(self, outcomes: Any, batch: "_Batch") -> None:
+        self._batches_running -= 1
+        batch.deliver(outcomes)
+        if self._batch is not None:
+            self._commit_batch()
 
     def with_connection(self, func: Callable[..., T], *args: Any) -> "Deferred[T]":
         """
@@ -590,8 +678,10 @@ class Database:
         for the end of the reactor turn are run and committed now).
         """
         if not self._closed:
+            self._commit_batch(closing=True)
+            for together in list(self._reads):
+                self._send_reads(together, closing=True)
             self._closed = True
-            self._commit_batch()
             closing = getattr(self.engine, "closing", None)
             if closing is not None:
                 closing(self)
@@ -604,37 +694,62 @@ class _Batch:
     run in one transaction with one C{COMMIT}: on a busy server many
     refreshes arrive in one turn, and each paid for its own C{BEGIN
     IMMEDIATE}, C{COMMIT} and WAL frames for pages its neighbours wrote
-    too.
+    too.  On PostgreSQL each paid for a hand-off to a pool thread, C{BEGIN}
+    and C{COMMIT} round trips and a WAL flush of its own.
 
     Each call's outcome is exactly what it would be alone:
 
       - the calls run one after another in the order they were made, each
         inside its own C{SAVEPOINT}, so each sees what the calls before it
         did, as it would had they committed first;
-      - a call that raises is rolled back to its savepoint, alone, and
-        fails as it would alone (L{StoreConflict} for a constraint, the
-        error itself for a bug); the others go on;
+      - SQLite: a call that raises is rolled back to its savepoint, alone,
+        and fails as it would alone (L{StoreConflict} for a constraint, the
+        error itself for a bug); the others go on.  PostgreSQL: no
+        savepoints (two round trips a call); any error ends the transaction
+        there, so a call that raises abandons the batch (below);
       - an error that may have ended the transaction itself (SQLite rolls
         the whole transaction back on some I/O, busy or full-disk errors:
         L{StoreUnavailable} kinds), or a failing C{BEGIN} or C{COMMIT},
         abandons the batch: it is rolled back and every call is run again
         alone, one transaction each, as without grouping (nothing of the
         batch was committed, so nothing runs twice);
+      - a connection lost during the C{COMMIT} (which may or may not have
+        committed) fails every call with L{StoreUnavailable}, as alone,
+        and runs none again;
       - no call's result is given out before the C{COMMIT} that makes it
         durable returns, so an answer never tells of a write that a crash
         could still undo.
+
+    Locks: a batch's refreshes lock their grants in C{grant_id} order
+    (L{smeldr_oauth.store.refresh_batch}), so two processes' batches of
+    refreshes cannot deadlock on them; other grouped calls lock rows in the
+    order of the calls.  Should two batches still lock rows in opposite
+    orders, PostgreSQL reports the deadlock to one of them (after its
+    C{deadlock_timeout}, 1 s by default), which then runs its calls alone.
     """
 
     def __init__(self, database: Database) -> None:
         self._database = database
+        self._committing = False
         self._calls: list[tuple[str, Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+        self._togethers: list[Any] = []
 
-    def add(self, name: str, func: Callable[..., T], args: tuple[Any, ...]) -> "Deferred[T]":
+    def add(
+        self, name: str, func: Callable[..., T], args: tuple[Any, ...], together: Any = None
+    ) -> "Deferred[T]":
         d: Deferred[T] = Deferred()
         self._calls.append((name, func, args, d))
+        self._togethers.append(together)
         return d
 
     def run(self) -> None:
+        self.deliver(self.outcomes())
+
+    def outcomes(self) -> list[Any]:
+        """
+        Run the calls (on a pool thread, with threads): each one's result,
+        or a L{Failure}.
+        """
         calls = self._calls
         if len(calls) == 1:
             outcomes: Optional[list[Any]] = None
@@ -642,7 +757,16 @@ class _Batch:
             outcomes = self._together()
         if outcomes is None:
             outcomes = [self._alone(name, func, args) for name, func, args, _ in calls]
-        for (_, _, _, d), outcome in zip(calls, outcomes):
+        return outcomes
+
+    def deliver(self, outcomes: Any) -> None:
+        """
+        Give each call its outcome (on the reactor thread).
+        """
+        if isinstance(outcomes, Failure):
+            # Only a bug in the batch itself: every call has it.
+            outcomes = [outcomes] * len(self._calls)
+        for (_, _, _, d), outcome in zip(self._calls, outcomes):
             if isinstance(outcome, Failure):
                 d.errback(outcome)
             else:
@@ -665,12 +789,21 @@ class _Batch:
         except BaseException:
             return None
         cursor = connection.cursor()
+        self._committing = False
         try:
             outcomes = self._in_transaction(connection, Transaction(cursor, database.engine, database._convert))
-        except BaseException:
+        except BaseException as error:
             # BEGIN, a savepoint or COMMIT failed, or a call's error may
             # have ended the transaction: nothing of the batch stands.
             database._rollback(connection)
+            if self._committing and database.engine.broken(connection):
+                # The connection died during the COMMIT: the batch may or
+                # may not have committed, so no call may run again; each
+                # says so, as it would alone.
+                database._drop(connection)
+                unavailable = StoreUnavailable(f"{database.describe()}: {_first_line(error)}")
+                unavailable.__cause__ = error
+                return [Failure(unavailable) for _ in self._calls]
             return None
         finally:
             _close_quietly(cursor)
@@ -680,9 +813,15 @@ class _Batch:
 
     def _in_transaction(self, connection: Any, txn: Transaction) -> list[tuple[float, float, Any]]:
         engine = txn.engine
+        # SQLite: a savepoint a call, so that one call's error is rolled
+        # back alone.  PostgreSQL: none (two more round trips a call); a
+        # call's error abandons the batch, and each call runs again alone.
+        savepoints = engine.single_writer
         engine.begin(txn)
         outcomes: list[tuple[float, float, Any]] = []
-        for _, func, args, _ in self._calls:
+        if not savepoints:
+            self._without_savepoints(txn, outcomes)
+        for _, func, args, _ in self._calls if savepoints else ():
             started = time.perf_counter()
             txn.execute("SAVEPOINT grouped")
             outcome: Any
@@ -702,8 +841,46 @@ class _Batch:
                 txn.execute("ROLLBACK TO grouped")
             txn.execute("RELEASE grouped")
             outcomes.append((started, time.perf_counter() - started, outcome))
+        self._committing = True
         _commit(connection)
         return outcomes
+
+    def _without_savepoints(self, txn: Transaction, outcomes: list[tuple[float, float, Any]]) -> None:
+        """
+        Run the calls one after another (a run of consecutive calls of one
+        function with a C{together} at once), their errors raised.
+        """
+        calls, togethers = self._calls, self._togethers
+        index = 0
+        while index < len(calls):
+            started = time.perf_counter()
+            together = togethers[index]
+            end = index + 1
+            if together is not None:
+                while end < len(calls) and togethers[end] is together and calls[end][1] is calls[index][1]:
+                    end += 1
+            if end - index > 1:
+                results = together(txn, [call[2] for call in calls[index:end]])
+                if len(results) != end - index:
+                    raise RuntimeError("a together function returned the wrong number of results")
+            else:
+                results = [calls[index][1](txn, *calls[index][2])]
+            elapsed = (time.perf_counter() - started) / (end - index)
+            outcomes.extend((started, elapsed, result) for result in results)
+            index = end
+
+
+class _ReadBatch:
+    """
+    Calls of one function gathered for one call of its C{together}
+    (L{Database.read}).
+    """
+
+    __slots__ = ("name", "calls")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: list[tuple[tuple[Any, ...], Deferred[Any]]] = []
 
 
 def _name(schema: Schema, func: Callable[..., Any]) -> str:
@@ -716,13 +893,17 @@ def _name(schema: Schema, func: Callable[..., Any]) -> str:
 def _cached(convert: Callable[[str], str]) -> Callable[[str], str]:
     """
     C{convert} with its results remembered: the stores' statements are a
-    few dozen constant strings.
+    few dozen constant strings, and the batched refreshes' statements,
+    which vary with the batch (so at most 4,096 are kept).
     """
     seen: dict[str, str] = {}
 
     def converted(sql: str) -> str:
         result = seen.get(sql)
         if result is None:
+            if len(seen) >= 4096:
+                # Batched statements vary with the batch: stay bounded.
+                seen.clear()
             result = seen[sql] = convert(sql)
         return result
 

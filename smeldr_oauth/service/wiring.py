@@ -291,7 +291,10 @@ class StandaloneService(Service):
             # One PostgreSQL database (one pool) for OAuth data, site
             # content, rate limits and MCP sessions, which every process
             # then serves.
-            database = open_database(options["database"], reactor, threads=db_threads)
+            # Refreshes, exchanges and consents that arrive while the
+            # pool's batch threads are busy share one transaction (group
+            # commit; see Database's group_commit).
+            database = open_database(options["database"], reactor, threads=db_threads, group_commit=True)
             self.site_stores = open_site(database, reactor)
             self.store = SQLStore(database, reactor)
             self.rate_limits = SQLRateLimitStore(database, reactor)

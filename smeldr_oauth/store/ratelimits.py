@@ -25,6 +25,12 @@ that costs: a PostgreSQL crash (not a clean restart) empties the table,
 that is refills every bucket, and standbys do not carry it, so a failover
 does the same; both let a client have at most one window's worth more.
 
+With group commit (the server's PostgreSQL database), the C{take_both}
+calls of token requests that arrive while the database threads are busy
+gather into one call of C{smeldr_take_both_many} (migration 3): one
+statement, one thread hand-off, each request's buckets taken as its own
+statement would, one after another in arrival order.
+
 Written once for both engines (C{CASE} rather than C{LEAST}/C{GREATEST}
 or C{MIN}/C{MAX}, which only one of them has as scalar functions); the
 server uses it on PostgreSQL, where several processes share a database.
@@ -51,32 +57,6 @@ PURGE_BATCH = 1000
 #: after its last use, so a table of keys seen in the last few minutes.
 PURGE_INTERVAL = 300.0
 
-RATE_LIMITS_SCHEMA = Schema(
-    "rate_limits",
-    (
-        Migration(
-            1,
-            (
-                """
-                CREATE TABLE rate_limits (
-                    name TEXT NOT NULL,
-                    key TEXT NOT NULL,
-                    tokens DOUBLE PRECISION NOT NULL,
-                    stamp DOUBLE PRECISION NOT NULL,
-                    capacity DOUBLE PRECISION NOT NULL,
-                    rate DOUBLE PRECISION NOT NULL,
-                    full_at DOUBLE PRECISION NOT NULL,
-                    taken INTEGER NOT NULL,
-                    PRIMARY KEY (name, key)
-                )
-                """,
-                "CREATE INDEX rate_limits_full_at ON rate_limits (full_at)",
-            ),
-        ),
-        # PostgreSQL: no WAL for the buckets (see the module docstring).
-        Migration(2, sqlite=(), postgresql=("ALTER TABLE rate_limits SET UNLOGGED",)),
-    ),
-)
 
 
 def _level(row: str, now: str) -> str:
@@ -123,6 +103,77 @@ _TAKE_BOTH = (
     " SELECT f.taken, f.tokens, s.taken, s.tokens FROM first_take f LEFT JOIN second_take s ON TRUE"
 )
 
+def _take_in_function(prefix: str) -> str:
+    """
+    L{_TAKE} as a statement of C{smeldr_take_both_many}: the bucket from
+    its C{prefix}ed arrays' element C{i}, the answer into its variables.
+    """
+    values = (
+        f" VALUES ({prefix}_names[i], {prefix}_keys[i], {prefix}_capacities[i] - 1.0, nows[i],"
+        f" {prefix}_capacities[i], {prefix}_rates[i], nows[i] + 1.0 / {prefix}_rates[i], 1)"
+    )
+    return _TAKE.replace(_VALUES, values) + f" INTO {prefix}_taken, {prefix}_tokens"
+
+
+#: PostgreSQL: the take_both of many token requests in one statement (one
+#: round trip, one thread hand-off), each as its own take_both would do
+#: it, one after another in the given order.
+_TAKE_BOTH_MANY_FUNCTION = f"""
+CREATE FUNCTION smeldr_take_both_many(
+    first_names TEXT[], first_keys TEXT[], first_capacities DOUBLE PRECISION[], first_rates DOUBLE PRECISION[],
+    second_names TEXT[], second_keys TEXT[], second_capacities DOUBLE PRECISION[], second_rates DOUBLE PRECISION[],
+    nows DOUBLE PRECISION[]
+)
+RETURNS TABLE (
+    first_taken INTEGER, first_tokens DOUBLE PRECISION, second_taken INTEGER, second_tokens DOUBLE PRECISION
+)
+LANGUAGE plpgsql VOLATILE AS $body$
+BEGIN
+    FOR i IN 1 .. COALESCE(array_length(nows, 1), 0) LOOP
+        second_taken := NULL;
+        second_tokens := NULL;
+        {_take_in_function("first")};
+        IF first_taken = 1 THEN
+            {_take_in_function("second")};
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$body$
+"""
+
+RATE_LIMITS_SCHEMA = Schema(
+    "rate_limits",
+    (
+        Migration(
+            1,
+            (
+                """
+                CREATE TABLE rate_limits (
+                    name TEXT NOT NULL,
+                    key TEXT NOT NULL,
+                    tokens DOUBLE PRECISION NOT NULL,
+                    stamp DOUBLE PRECISION NOT NULL,
+                    capacity DOUBLE PRECISION NOT NULL,
+                    rate DOUBLE PRECISION NOT NULL,
+                    full_at DOUBLE PRECISION NOT NULL,
+                    taken INTEGER NOT NULL,
+                    PRIMARY KEY (name, key)
+                )
+                """,
+                "CREATE INDEX rate_limits_full_at ON rate_limits (full_at)",
+            ),
+        ),
+        # PostgreSQL: no WAL for the buckets (see the module docstring).
+        Migration(2, sqlite=(), postgresql=("ALTER TABLE rate_limits SET UNLOGGED",)),
+        # PostgreSQL: many take_both in one statement (group commit's
+        # batches; see _take_both_many).  The function's statements are
+        # _TAKE as it is now: a change to _TAKE is a new migration
+        # replacing the function.
+        Migration(3, sqlite=(), postgresql=(_TAKE_BOTH_MANY_FUNCTION,)),
+    ),
+)
+
 _REFUND_LEVEL = _level("rate_limits", "?")
 _REFUNDED = (
     f"(CASE WHEN {_REFUND_LEVEL} + 1 >= rate_limits.capacity"
@@ -164,6 +215,30 @@ def _take_both(
     if row[2] is None:
         return (bool(row[0]), float(row[1])), None
     return (bool(row[0]), float(row[1])), (bool(row[2]), float(row[3]))
+
+
+def _take_both_many(
+    txn: Transaction, calls: list[tuple[Bucket, Bucket, float]]
+) -> list[tuple[tuple[bool, float], Optional[tuple[bool, float]]]]:
+    """
+    L{_take_both} for each of C{calls} in turn, in one statement on
+    PostgreSQL.
+    """
+    if txn.engine.single_writer:
+        return [_take_both(txn, *call) for call in calls]
+    columns: list[list[object]] = [[] for _ in range(9)]
+    for first, second, now in calls:
+        for index, value in enumerate((*first, *second, now)):
+            columns[index].append(value)
+    rows = txn.execute(
+        "SELECT * FROM smeldr_take_both_many(?::text[], ?::text[], ?::float8[], ?::float8[],"
+        " ?::text[], ?::text[], ?::float8[], ?::float8[], ?::float8[])",
+        columns,
+    ).fetchall()
+    return [
+        ((bool(row[0]), float(row[1])), None if row[2] is None else (bool(row[2]), float(row[3])))
+        for row in rows
+    ]
 
 
 def _refund(txn: Transaction, name: str, key: str, now: float) -> None:
@@ -224,7 +299,15 @@ class SQLRateLimitStore:
         @return: C{first}'s answer, and C{second}'s (C{None} when it was
             not asked).
         """
-        return self.database.read(RATE_LIMITS_SCHEMA, _take_both, first, second, now, name="rate_limits.take_both")
+        return self.database.read(
+            RATE_LIMITS_SCHEMA,
+            _take_both,
+            first,
+            second,
+            now,
+            name="rate_limits.take_both",
+            together=_take_both_many,
+        )
 
     def refund(self, name: str, key: str, capacity: float, rate: float, now: float) -> "Deferred[None]":
         return self.database.read(RATE_LIMITS_SCHEMA, _refund, name, key, now, name="rate_limits.refund")

@@ -64,6 +64,38 @@ END
 $body$
 """
 
+_REFRESH_FACTS_MANY_FUNCTION = """
+CREATE FUNCTION smeldr_refresh_facts_many(presented TEXT[])
+RETURNS TABLE (
+    grant_id TEXT, client_id TEXT, subject TEXT, scopes TEXT, resource TEXT,
+    created_at DOUBLE PRECISION, site_token_id TEXT, client_name TEXT,
+    last_used_at DOUBLE PRECISION, revoked_at DOUBLE PRECISION,
+    token_hash TEXT, token_scopes TEXT, generation INTEGER,
+    token_created_at DOUBLE PRECISION, expires_at DOUBLE PRECISION,
+    used_at DOUBLE PRECISION, token_revoked_at DOUBLE PRECISION,
+    live_generation INTEGER, live_siblings BIGINT
+)
+LANGUAGE plpgsql VOLATILE AS $body$
+#variable_conflict use_column
+BEGIN
+    PERFORM 1 FROM grants g
+        WHERE g.grant_id IN (SELECT p.grant_id FROM refresh_tokens p WHERE p.token_hash = ANY (presented))
+        ORDER BY g.grant_id FOR UPDATE;
+    RETURN QUERY
+    SELECT g.grant_id, g.client_id, g.subject, g.scopes, g.resource, g.created_at,
+           g.site_token_id, g.client_name, g.last_used_at, g.revoked_at,
+           t.token_hash, t.scopes, t.generation, t.created_at, t.expires_at, t.used_at,
+           t.revoked_at, live.generation, live.siblings
+    FROM refresh_tokens t JOIN grants g ON g.grant_id = t.grant_id
+    CROSS JOIN LATERAL
+         (SELECT r.generation, COUNT(*) AS siblings FROM refresh_tokens r
+          WHERE r.grant_id = t.grant_id
+          GROUP BY r.generation ORDER BY r.generation DESC LIMIT 1) live
+    WHERE t.token_hash = ANY (presented);
+END
+$body$
+"""
+
 OAUTH_SCHEMA = Schema(
     "oauth",
     (
@@ -153,6 +185,13 @@ OAUTH_SCHEMA = Schema(
         # transactions._REFRESH_FACTS with the grant's columns named: a change
         # to either is a new migration replacing the function.
         Migration(2, sqlite=(), postgresql=(_REFRESH_FACTS_FUNCTION,)),
+        # PostgreSQL: the facts of a batch of
+        # refreshes (group commit) in one round trip: their grants locked
+        # in grant_id order, so that two processes' batches cannot lock
+        # the same grants in opposite orders, then each presented token's
+        # facts, as smeldr_refresh_facts reads them (see
+        # refresh_batch.redeem_refresh_tokens).
+        Migration(3, sqlite=(), postgresql=(_REFRESH_FACTS_MANY_FUNCTION,)),
     ),
     tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
     legacy=_legacy_version,

@@ -37,7 +37,7 @@ from smeldr_oauth.oauth.interfaces import (
     RefreshRedemption,
 )
 from smeldr_oauth.oauth import model
-from smeldr_oauth.store import transactions
+from smeldr_oauth.store import refresh_batch, transactions
 from smeldr_oauth.store.common import (
     CLIENT_RETENTION,
     DEFAULT_PURGE_INTERVAL,
@@ -299,6 +299,7 @@ class SQLStore:
             new_access,
             new_refresh,
             group=True,
+            together=refresh_batch.redeem_refresh_tokens,
         )
 
     def lookup_access_token(self, token_hash: str, now: float) -> "Deferred[Optional[model.AccessInfo]]":

@@ -269,6 +269,19 @@ def redeem_refresh_token(
         row = txn.execute("SELECT * FROM smeldr_refresh_facts(?)", (token_hash,)).fetchone()
     if row is None:
         return RefreshRedemption(status=rotation.UNKNOWN)
+    decision, token, grant = _decide(row, now, grace, requested_scopes)
+    return RefreshRedemption(
+        status=decision.status,
+        grant=_apply(txn, decision, token, grant, now, new_access, new_refresh),
+    )
+
+
+def _decide(
+    row: Any, now: float, grace: float, requested_scopes: Optional[tuple[str, ...]]
+) -> tuple[rotation.RotationDecision, model.RefreshToken, model.Grant]:
+    """
+    L{rotation.decide} on one row of refresh facts.
+    """
     grant = _grant(row)
     token = model.RefreshToken(
         token_hash=row["token_hash"],
@@ -290,10 +303,7 @@ def redeem_refresh_token(
         grace=grace,
         requested_scopes=requested_scopes,
     )
-    return RefreshRedemption(
-        status=decision.status,
-        grant=_apply(txn, decision, token, grant, now, new_access, new_refresh),
-    )
+    return decision, token, grant
 
 
 def _apply(
@@ -313,6 +323,28 @@ def _apply(
         grant = attr.evolve(grant, revoked_at=now)
     # The writes of a rotation depend on nothing but the decision: one round
     # trip on PostgreSQL (see Transaction.execute_together).
+    grant, writes = _writes(decision, token, grant, now, new_access, new_refresh)
+    if writes:
+        txn.execute_together(writes)
+    if decision.mark_used and token.token_hash not in {row[0] for row in txn.fetchall()}:
+        # Impossible with the grant locked; refuse rather than fork the chain.
+        raise RuntimeError("refresh token spent concurrently")
+    return grant
+
+
+def _writes(
+    decision: rotation.RotationDecision,
+    token: model.RefreshToken,
+    grant: model.Grant,
+    now: float,
+    new_access: model.AccessToken,
+    new_refresh: model.RefreshToken,
+) -> tuple[model.Grant, list[tuple[str, Sequence[Any]]]]:
+    """
+    The statements of a L{rotation.RotationDecision} other than ending the
+    grant, and the grant as they leave it; the spend of the presented
+    token, when there is one, comes last and returns the hashes it spent.
+    """
     writes: list[tuple[str, Sequence[Any]]] = []
     if decision.new_generation is not None:
         writes.append(_access_row(new_access, grant.grant_id, decision.access_scopes, grant.resource))
@@ -338,12 +370,7 @@ def _apply(
                 (token.token_hash, now, token.token_hash, now, grant.grant_id, token.generation),
             )
         )
-    if writes:
-        txn.execute_together(writes)
-    if decision.mark_used and token.token_hash not in {row[0] for row in txn.fetchall()}:
-        # Impossible with the grant locked; refuse rather than fork the chain.
-        raise RuntimeError("refresh token spent concurrently")
-    return grant
+    return grant, writes
 
 
 def lookup_access_token(txn: Transaction, token_hash: str, now: float) -> Optional[model.AccessInfo]:
