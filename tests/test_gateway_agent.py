@@ -202,7 +202,7 @@ class AgentTests(SynchronousTestCase):
     def test_trickled_one_byte_at_a_time(self) -> None:
         """
         A response trickled in one byte at a time (a head near its bound,
-        a long chunk line, trailers) gives the same response, and each
+        a long chunk line, trailers with a long line) gives the same response, and each
         reader looks at every byte a bounded number of times, not at the
         whole head again on each read (which was quadratic).
         """
@@ -210,7 +210,8 @@ class AgentTests(SynchronousTestCase):
 
         head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: %s\r\n" % (n, b"v" * 200) for n in range(150))
         head += b"Transfer-Encoding: chunked\r\n\r\n"
-        data = head + b"2;" + b"e" * 3000 + b"\r\n{}\r\n0\r\n" + b"X-T: t\r\n" * 500 + b"\r\n"
+        trailers = b"X-Long: " + b"t" * 8000 + b"\r\n" + b"X-T: t\r\n" * 500 + b"\r\n"
+        data = head + b"2;" + b"e" * 3000 + b"\r\n{}\r\n0\r\n" + trailers
         self.assertGreater(len(head), 30_000)
         looked: list[int] = []
 

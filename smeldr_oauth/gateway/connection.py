@@ -131,6 +131,7 @@ class Connection(Protocol):
         #: An incomplete head or line (see L{dataReceived}), and how much of it was scanned.
         self._pending: Optional[bytearray] = None
         self._scanned = 0
+        self._line = 0
         self._remaining = 0
         self._persistent = False
         self._head_request = False
@@ -365,17 +366,20 @@ class Connection(Protocol):
 
     def _trailers(self, data: bytes, scanned: int) -> bytes:
         # Trailers are read and dropped; the section ends with an empty
-        # line.  C{scanned} is where the last read's incomplete line began.
-        start = scanned
+        # line.  After a wait, the incomplete line began at C{_line} and
+        # the bytes before C{scanned} hold no LF after it.
+        start = self._line if scanned else 0
+        position = max(start, scanned)
         while True:
-            end = data.find(b"\n", start)
+            end = data.find(b"\n", position)
             if end == -1:
                 if len(data) > _MAX_TRAILERS:
                     raise BadResponse("trailers too large")
-                return self._wait(data, start)
+                self._line = start
+                return self._wait(data, len(data))
             if data[start:end].rstrip(b"\r") == b"":
                 return self._finished(bytes(data[end + 1 :]))
-            start = end + 1
+            start = position = end + 1
             if start > _MAX_TRAILERS:
                 raise BadResponse("trailers too large")
 
