@@ -5,7 +5,8 @@ An upstream MCP server (the official C{server-everything} over Streamable
 HTTP, or with C{--upstream sdk} one built with the official Python SDK,
 C{tests/upstreams/sdk_server.py}, JSON answers) runs in its own process;
 the front (C{MCPHTTP} with the gateway's sessions, bearer check included,
-no access log, the garbage collector settled as the server settles it)
+its event log and access log written as C{twist} writes them, the garbage
+collector settled as the server settles it)
 runs in another, and a bare asyncio HTTP client
 (L{bench.loadgen.Connection}) calls the C{echo} tool over Streamable HTTP:
 
@@ -14,7 +15,9 @@ runs in another, and a bare asyncio HTTP client
   - C{--connections} connections (each its own MCP session) for
     C{--seconds}: calls per second direct and through the gateway, and
     the ratio (the two sides take C{--rounds} turns each, alternating, so
-    that the box's load changing meanwhile falls on both);
+    that the box's load changing meanwhile falls on both; each turn opens
+    its connections afresh, so that none idles past the upstream's 5 s
+    keep-alive while the other side has its turn);
   - the CPU each process spent per call in that phase (from C{/proc}):
     the upstream alone (direct), the front and the upstream (through the
     gateway), and the load generator; and the CPU ratio, the upstream's
@@ -75,6 +78,8 @@ def serve(upstream: str) -> None:
     from smeldr_oauth.oauth.interfaces import IAccessVerifier
     from smeldr_oauth.oauth.model import AccessInfo
     from smeldr_oauth.service.collector import settle
+    from smeldr_oauth.web.accesslog import BufferedAccessLog
+    from smeldr_oauth.web.logfile import BatchedWriter
     from smeldr_oauth.web.site import SmeldrSite
 
     @implementer(IAccessVerifier)
@@ -93,7 +98,17 @@ def serve(upstream: str) -> None:
     config = load((), toml).upstreams[0]
     gateway = Gateway(config, clock=reactor, reactor=reactor, http_agent=upstream_agent(reactor))
     app = Klein()
-    port = reactor.listenTCP(0, SmeldrSite(app.resource()), interface="127.0.0.1")  # type: ignore[attr-defined]
+    # The log as C{twist} keeps it (text, level info, the access log's
+    # lines batched into the same file), so that the front pays what the
+    # server pays and no more: without it the access lines went through
+    # the global log publisher (3.5% of the front's profiled time) into
+    # its start-up buffer, and debug events were kept (a routine event
+    # could not skip the log).
+    out = _log_file()
+    _log_as_twist(out)
+    access_log = BufferedAccessLog(BatchedWriter(out, reactor), reactor)
+    site = SmeldrSite(app.resource(), access_log=access_log)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
     resource = f"http://127.0.0.1:{port.getHost().port}/mcp"
     front = MCPHTTP(
         reactor,
@@ -114,6 +129,27 @@ def serve(upstream: str) -> None:
     reactor.callWhenRunning(settle)  # type: ignore[attr-defined]
     print(f"PORT {port.getHost().port}", flush=True)
     reactor.run()  # type: ignore[attr-defined]
+
+
+def _log_file() -> Any:
+    """The front's log file: a temporary file, gone when the front exits."""
+    import tempfile
+
+    return tempfile.TemporaryFile("w+", prefix="gateway-front-", suffix=".log")
+
+
+def _log_as_twist(out: Any) -> None:
+    """Log as C{twist --log-level info} does: text lines, debug dropped."""
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    observer = FilteringLogObserver(textFileLogObserver(out), [LogLevelFilterPredicate(LogLevel.info)])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
 def _spawn(argv: list[str]) -> tuple[subprocess.Popen, int]:
@@ -141,7 +177,16 @@ class Session:
     """One connection with one MCP session on it."""
 
     def __init__(self, conn: Connection, port: int, session: str) -> None:
-        self.conn, self.host, self.headers, self.ids = conn, f"127.0.0.1:{port}", _headers(session), 0
+        self.conn, self.port, self.host, self.headers, self.ids = conn, port, f"127.0.0.1:{port}", _headers(session), 0
+
+    async def reconnect(self) -> None:
+        """
+        The same MCP session on a new connection (a Streamable HTTP session
+        is not tied to one): for a turn after the other side's, which may
+        have been longer than the upstream's keep-alive.
+        """
+        self.conn.close()
+        self.conn = await connect("127.0.0.1", self.port)
 
     @classmethod
     async def open(cls, port: int) -> "Session":
@@ -225,7 +270,12 @@ class Side:
         one.conn.close()
 
     async def throughput(self, sessions: list[Session], seconds: float) -> None:
-        """Every session calls for C{seconds}; count the calls and the CPU they took."""
+        """
+        Every session calls for C{seconds} (on a connection of this turn's:
+        none has idled meanwhile); count the calls and the CPU they took.
+        """
+        for session in sessions:
+            await session.reconnect()
         deadline = time.monotonic() + seconds
 
         async def loop(session: Session) -> None:

@@ -199,6 +199,44 @@ class AgentTests(SynchronousTestCase):
             self.assertTrue(body.reason.check(ResponseDone), size)
             self.assertEqual(len(self.endpoints.links), 1, size)
 
+    def test_trickled_one_byte_at_a_time(self) -> None:
+        """
+        A response trickled in one byte at a time (a head near its bound,
+        a long chunk line, trailers with a long line) gives the same response, and each
+        reader looks at every byte a bounded number of times, not at the
+        whole head again on each read (which was quadratic).
+        """
+        from smeldr_oauth.gateway import connection
+
+        head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: %s\r\n" % (n, b"v" * 200) for n in range(150))
+        head += b"Transfer-Encoding: chunked\r\n\r\n"
+        trailers = b"X-Long: " + b"t" * 8000 + b"\r\n" + b"X-T: t\r\n" * 500 + b"\r\n"
+        data = head + b"2;" + b"e" * 3000 + b"\r\n{}\r\n0\r\n" + trailers
+        self.assertGreater(len(head), 30_000)
+        looked: list[int] = []
+
+        def counting(reader: Any) -> Any:
+            def read(conn: Any, data: bytes, scanned: int) -> bytes:
+                looked.append(len(data) - scanned)
+                return reader(conn, data, scanned)
+
+            return read
+
+        self.patch(connection, "_READERS", tuple(counting(r) for r in connection._READERS))
+        link = self.start()
+        for n in range(len(data)):
+            link.receive(data[n : n + 1])
+            if n == len(head) - 1:
+                response = self.successResultOf(self._pending)
+                body = Body()
+                response.deliverBody(body)
+        self.assertEqual(response.headers.getRawHeaders(b"x-h149"), [b"v" * 200])
+        self.assertEqual(body.bytes, b"{}")
+        self.assertTrue(body.reason.check(ResponseDone))
+        self.assertLess(sum(looked), 4 * len(data))
+        self.assertEqual(len(self.endpoints.links), 1)
+        self.assertFalse(link.closed)
+
     def test_header_values_trimmed(self) -> None:
         """Blanks around a value are not part of it; repeated names keep every value in order."""
         link = self.start()
@@ -390,6 +428,19 @@ class AgentTests(SynchronousTestCase):
         self.failureResultOf(post, ResponseNeverReceived)
         self.assertEqual(len(self.endpoints.links), 2)
 
+    def test_no_retry_after_close(self) -> None:
+        """
+        Once the agent is closed, a reused connection lost before its
+        answer fails the request: no new connection for the retry.
+        """
+        link = self.start(method=b"GET", body=None)
+        self.respond(link, OK)
+        get = self.request(method=b"GET", body=None)
+        self.agent.close()
+        link.lose()
+        self.failureResultOf(get, ResponseNeverReceived)
+        self.assertEqual(len(self.endpoints.links), 1)
+
     def test_idle_bound(self) -> None:
         """At most C{persistent_per_origin} idle connections are kept; the rest are closed."""
         agent = UpstreamAgent(self.clock, endpoints=self.endpoints, persistent_per_origin=1)
@@ -511,5 +562,28 @@ class RealSocketTests(TestCase):
                 response = await agent.request(b"POST", url, Headers(), _BytesProducer(b'{"n":%d}' % n))
                 self.assertEqual(await readBody(response), b'{"n":%d}' % n)
             self.assertEqual(len(connections), 1)
+
+        return Deferred.fromCoroutine(calls())
+
+    def test_request_sent_at_once(self) -> None:
+        """
+        A request on an idle connection goes to the socket as it is made,
+        not at the reactor's next turn (the transport is never watched for
+        writability); this pins the Twisted internals the agent reads.
+        """
+        port = reactor.listenTCP(0, Site(Echo()), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        agent = upstream_agent(reactor)
+        self.addCleanup(agent.close)
+        url = b"http://127.0.0.1:%d/mcp" % port.getHost().port
+
+        async def calls() -> None:
+            response = await agent.request(b"POST", url, Headers(), _BytesProducer(b"{}"))
+            await readBody(response)
+            second = agent.request(b"POST", url, Headers(), _BytesProducer(b'{"n":2}'))
+            self.assertEqual([c for o in agent._origins.values() for c in o.idle], [])  # the second took it
+            writers = [w for w in reactor.getWriters() if w is not port]  # type: ignore[attr-defined]
+            self.assertEqual(writers, [])
+            self.assertEqual(await readBody(await second), b'{"n":2}')
 
         return Deferred.fromCoroutine(calls())

@@ -62,3 +62,31 @@ class GatewayBenchSmokeTests(SynchronousTestCase):
         self.assertEqual(set(report["gateway"]["cpu_ms_per_call"]), {"front", "upstream", "generator"})
         self.assertGreater(report["gateway"]["cpu_ms_per_call"]["front"], 0)
         self.assertGreater(report["cpu_ratio"], 0)
+
+
+class GatewayFrontTurnTests(SynchronousTestCase):
+    def test_each_turn_opens_its_connections(self) -> None:
+        """
+        Each throughput turn puts its sessions on new connections before it
+        calls: none has idled through the other side's turn past the
+        upstream's 5 s keep-alive (which aborted runs with longer turns).
+        """
+        import asyncio
+
+        from bench.gateway_front import Side
+
+        events: list[str] = []
+
+        class Recorded:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            async def reconnect(self) -> None:
+                events.append("reconnect " + self.name)
+
+            async def echo(self) -> None:
+                events.append("echo " + self.name)
+
+        side = Side(0, {})
+        asyncio.run(side.throughput([Recorded("a"), Recorded("b")], 0.0))  # type: ignore[list-item]
+        self.assertEqual(events, ["reconnect a", "reconnect b"])

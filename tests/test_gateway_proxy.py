@@ -465,6 +465,42 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(event["log_level"], LogLevel.info)
 
 
+    def test_call_event_routine(self) -> None:
+        """
+        A call that went well is a routine event: when every other observer
+        drops debug events (the log file at info), it goes to the direct
+        observers (the metrics, the timeline) without L{Logger.emit}.
+        """
+        from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, LogPublisher
+
+        from smeldr_oauth.gateway import proxy
+        from smeldr_oauth.oauth.routine import RoutineEvents
+
+        publisher = LogPublisher()
+        direct: list[dict] = []
+        events = RoutineEvents(publisher)
+        events.observe(direct.append)
+        publisher.addObserver(FilteringLogObserver(lambda e: None, [LogLevelFilterPredicate(LogLevel.info)]))
+        emitted: list[Any] = []
+
+        class Counting(Logger):
+            def emit(self, level: LogLevel, format: Optional[str] = None, **kwargs: Any) -> None:
+                emitted.append(kwargs.get("smeldr_event"))
+                super().emit(level, format, **kwargs)
+
+        self.patch(proxy, "routine", events)
+        self.patch(proxy, "log", Counting(namespace=proxy.log.namespace, observer=publisher))
+        h = Harness()
+        session, _ = h.session()
+        self.successResultOf(h.call_tool(session, ALICE, "echo", {"text": "x"}))
+        (event,) = [e for e in direct if e.get("smeldr_event") == "gateway_call"]
+        self.assertEqual((event["tool"], event["outcome"], event["log_level"]), ("echo", "ok", LogLevel.debug))
+        self.assertNotIn("gateway_call", emitted)
+        # Any other outcome goes through the log, at info.
+        self.successResultOf(h.call_tool(session, ALICE, "no-such-tool", {}))
+        self.assertIn("gateway_call", emitted)
+
+
 class OutletTests(SynchronousTestCase):
     def test_related_messages_prefer_the_request_stream(self) -> None:
         h = Harness()

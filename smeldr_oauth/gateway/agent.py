@@ -22,8 +22,10 @@ C{stopProducing} drops the connection.  Idle connections are closed after
 L{IDLE_TIMEOUT} (one timer for all, and never reused past it even
 before the timer runs); a request on a reused connection
 that the upstream closed before answering is sent again once on a new one
-when its method is idempotent (as Twisted's pool does; a C{POST} is never
-sent twice).
+when its method is idempotent and the agent is not closed (as Twisted's
+pool does; a C{POST} is never sent twice).  The request goes to the socket
+at once when the connection has nothing queued
+(L{smeldr_oauth.gateway.connection.write_now}).
 """
 
 from __future__ import annotations
@@ -100,19 +102,25 @@ class _Target:
 
     __slots__ = ("origin", "endpoint", "head")
 
-    def __init__(self, origin: tuple[bytes, bytes, int], endpoint: Any, head: bytes) -> None:
+    def __init__(self, origin: "_Origin", endpoint: Any, head: bytes) -> None:
         self.origin = origin
         self.endpoint = endpoint
         self.head = head
 
 
-class _ConnectionFactory(Factory):
-    def __init__(self, agent: "UpstreamAgent", origin: tuple[bytes, bytes, int]) -> None:
+class _Origin(Factory):
+    """
+    One upstream origin (scheme, host, port): the factory of its
+    connections and the idle ones among them, newest last.
+    """
+
+    def __init__(self, agent: "UpstreamAgent", key: tuple[bytes, bytes, int]) -> None:
         self.agent = agent
-        self.origin = origin
+        self.key = key
+        self.idle: list[Connection] = []
 
     def buildProtocol(self, addr: Any) -> Connection:
-        return Connection(self.agent, self.origin)
+        return Connection(self.agent, self)
 
 
 @implementer(IAgent)
@@ -140,10 +148,10 @@ class UpstreamAgent:
         self.persistent_per_origin = persistent_per_origin
         self.idle_timeout = idle_timeout
         self._targets: dict[tuple[bytes, bytes], _Target] = {}
-        self._idle: dict[tuple[bytes, bytes, int], list[Connection]] = {}
-        self._factories: dict[tuple[bytes, bytes, int], _ConnectionFactory] = {}
+        self._origins: dict[tuple[bytes, bytes, int], _Origin] = {}
         self._sweep: Optional[IDelayedCall] = None
-        self._closed = False
+        #: Set by L{close}: no connection is kept, or opened again for a retry.
+        self.closed = False
 
     # -- IAgent --------------------------------------------------------------------
 
@@ -163,7 +171,7 @@ class UpstreamAgent:
             result.errback()
             return result
         exchange = Exchange(target, data, method)
-        idle = self._idle.get(target.origin)
+        idle = target.origin.idle
         if idle:
             oldest = self.reactor.seconds() - self.idle_timeout
             while idle:
@@ -183,13 +191,13 @@ class UpstreamAgent:
         leaves (the service stops; a test ends): no connection or timer
         outlives this.
         """
-        self._closed = True
+        self.closed = True
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
         self._sweep = None
-        idle, self._idle = self._idle, {}
-        for connections in idle.values():
-            for connection in connections:
+        for origin in self._origins.values():
+            idle, origin.idle = origin.idle, []
+            for connection in idle:
                 connection.close()
 
     # -- requests ------------------------------------------------------------------
@@ -206,7 +214,13 @@ class UpstreamAgent:
             if TOKEN.match(method) is None or _NOT_IN_TARGET.search(path + host) is not None:
                 raise ValueError("a request line with a space or a control character")
             line = method + b" " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n"
-            target = _Target((parsed.scheme, parsed.host, parsed.port), endpoint, line)
+            where = (parsed.scheme, parsed.host, parsed.port)
+            origin = self._origins.get(where)
+            if origin is None:
+                # Never forgotten: idle connections hang on it (a handful,
+                # one per configured URL and legacy endpoint).
+                origin = self._origins[where] = _Origin(self, where)
+            target = _Target(origin, endpoint, line)
             if len(self._targets) >= _MAX_TARGETS:
                 self._targets.clear()
             self._targets[key] = target
@@ -236,19 +250,13 @@ class UpstreamAgent:
         return b"".join(parts)
 
     def connect(self, exchange: Exchange) -> None:
-        origin = exchange.target.origin
-        factory = self._factories.get(origin)
-        if factory is None:
-            factory = self._factories[origin] = _ConnectionFactory(self, origin)
-        connecting = exchange.target.endpoint.connect(factory)
+        connecting = exchange.target.endpoint.connect(exchange.target.origin)
         exchange.connecting = connecting
 
         def connected(connection: Connection) -> None:
+            # Not after a cancel: that cancelled C{connecting} too, and a
+            # cancelled Deferred ignores its result (the endpoint's to close).
             exchange.connecting = None
-            if exchange.result.called:
-                # Cancelled meanwhile: keep the new connection for the next one.
-                self.release(connection)
-                return
             connection.send(exchange)
 
         def failed(failure: Failure) -> None:
@@ -263,10 +271,8 @@ class UpstreamAgent:
     # -- the pool --------------------------------------------------------------------
 
     def release(self, connection: Connection) -> None:
-        idle = self._idle.get(connection.origin)
-        if idle is None:
-            idle = self._idle[connection.origin] = []
-        if self._closed or len(idle) >= self.persistent_per_origin:
+        idle = connection.origin.idle
+        if self.closed or len(idle) >= self.persistent_per_origin:
             connection.close()
             return
         connection.idle_since = self.reactor.seconds()
@@ -275,7 +281,7 @@ class UpstreamAgent:
             self._sweep = self.reactor.callLater(self.idle_timeout, self._expire)
 
     def forget(self, connection: Connection) -> None:
-        idle = self._idle.get(connection.origin)
+        idle = connection.origin.idle
         if idle and connection in idle:
             idle.remove(connection)
 
@@ -284,7 +290,8 @@ class UpstreamAgent:
         self._sweep = None
         now = self.reactor.seconds()
         oldest: Optional[float] = None
-        for idle in self._idle.values():
+        for origin in self._origins.values():
+            idle = origin.idle
             for connection in list(idle):
                 if now - connection.idle_since >= self.idle_timeout:
                     idle.remove(connection)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -58,6 +58,7 @@ from smeldr_oauth.mcp.context import LOG_LEVELS
 from smeldr_oauth.mcp.jsonrpc import InsufficientScope, JSONRPCError, Message, Notification, Request
 from smeldr_oauth.mcp.calls import Outlet, Principal, log_scope_refusal
 from smeldr_oauth.mcp.conversation import ConversationState, SessionOptions
+from smeldr_oauth.oauth.routine import routine
 from smeldr_oauth.mcp.versions import (
     LATEST_SESSION_VERSION,
     MODERN_VERSIONS,
@@ -466,11 +467,15 @@ class GatewaySession(ConversationState):
                 outcome = "tool_error" if isinstance(result, dict) and result.get("isError") else "ok"
             if method == "tools/call":
                 # As for native tools (mcp/methods.py): a call that went well
-                # is routine, a debug event (still published to every
-                # observer: the log file at debug, tests); any other outcome
-                # stays at info.  Formatting a line per call under load is
-                # CPU the relay does not need to spend.
-                (log.debug if outcome == "ok" else log.info)(
+                # is routine, a debug event handed to the metrics and the
+                # timeline directly, and through the log only when someone
+                # keeps debug events here (smeldr_oauth.oauth.routine: through
+                # Logger.emit it was a walk over every observer and the
+                # file's level filter, per call); any other outcome stays at
+                # info.
+                routine.emit(
+                    log,
+                    LogLevel.debug if outcome == "ok" else LogLevel.info,
                     "Gateway {upstream}: tool {tool} called by {subject}: {outcome} in {ms:.1f} ms",
                     upstream=self.gateway.config.name,
                     tool=str(params.get("name"))[:200],
