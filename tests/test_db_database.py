@@ -758,6 +758,34 @@ class PostgresGroupCommitTests(SynchronousTestCase):
         for d in failing:
             self.failureResultOf(d, ZeroDivisionError)
 
+    def test_reads_of_two_functions(self) -> None:
+        """
+        Read batches of different C{together} functions share the
+        C{batches_at_once} slots: when one is done, another function's
+        batch, which gathered meanwhile, leaves.
+        """
+        self.db.batches_at_once = 1
+
+        def alone(txn: Any, n: int) -> int:
+            raise AssertionError("run alone")
+
+        def first(txn: Any, calls: list[Any]) -> list[int]:
+            return [n for n, in calls]
+
+        def second(txn: Any, calls: list[Any]) -> list[int]:
+            return [-n for n, in calls]
+
+        one = self.db.read(SCHEMA, alone, 1, together=first)
+        self.reactor.advance(0)
+        two = self.db.read(SCHEMA, alone, 2, together=second)
+        self.reactor.advance(0)
+        self.assertEqual(len(self.pool.queued), 1)
+        self.pool.run_next()
+        self.assertEqual(self.successResultOf(one), 1)
+        self.assertEqual(len(self.pool.queued), 1)
+        self.pool.run_next()
+        self.assertEqual(self.successResultOf(two), -2)
+
     def test_connection_lost_in_commit(self) -> None:
         """
         A connection lost during the batch's C{COMMIT} may or may not have

@@ -370,6 +370,10 @@ class Database:
         )
 
     def _reads_done(self, results: Any, together: Callable[..., list[Any]], calls: list[Any]) -> None:
+        # The running count is shared by every together function: the
+        # slot this batch frees may be another function's turn (sending
+        # only this function's next batch left the others gathering, with
+        # nothing left to send them).
         self._reads_running -= 1
         if not isinstance(results, Failure) and len(results) != len(calls):
             results = Failure(RuntimeError("a together function returned the wrong number of results"))
@@ -378,8 +382,8 @@ class Database:
                 d.errback(results)
             else:
                 d.callback(results[index])
-        if together in self._reads:
-            self._send_reads(together)
+        for waiting in list(self._reads):
+            self._send_reads(waiting)
 
     def write(
         self,
