@@ -323,6 +323,21 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(self.begins, 1)
         self.assertEqual(self.db.transaction_stats()["things.insert"].count, 3)
 
+    def test_batch_limit(self) -> None:
+        """
+        A batch holds at most C{batch_limit} calls; the calls after them
+        start further batches, which commit after it, in order, at the
+        end of the turn.
+        """
+        self.db.batch_limit = 2
+        calls = [self.db.write(SCHEMA, insert, name, 1, group=True) for name in "abcde"]
+        seen = self.db.write(SCHEMA, names, group=True)
+        self.reactor.advance(0)
+        for d in calls:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.successResultOf(seen), ["a", "b", "c", "d", "e"])
+        self.assertEqual(self.begins, 3)
+
     def test_held_batches_wait_for_the_release(self) -> None:
         """
         Grouped writes made while a hold lasts, and those already waiting
@@ -644,6 +659,27 @@ class PostgresGroupCommitTests(SynchronousTestCase):
         self.assertEqual(self.committed(), ["a", "b", "c", "d", "e"])
         self.assertEqual(self.begins, 3)
 
+    def test_batch_limit(self) -> None:
+        """
+        A batch holds at most C{batch_limit} calls: the calls after them
+        start another batch, queued behind it, and the batches leave in
+        order, C{batches_at_once} at a time.
+        """
+        self.db.batch_limit = 2
+        calls = [self.db.write(SCHEMA, insert, name, 1, group=True) for name in "abcde"]
+        self.reactor.advance(0)
+        self.assertEqual(len(self.pool.queued), 2)
+        self.pool.run_next()
+        self.assertEqual([self.successResultOf(d) for d in calls[:2]], [None, None])
+        self.assertEqual(self.committed(), ["a", "b"])
+        # The third batch left as the first was done.
+        self.assertEqual(len(self.pool.queued), 2)
+        self.drain()
+        for d in calls:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.committed(), ["a", "b", "c", "d", "e"])
+        self.assertEqual(self.begins, 3)
+
     def test_sees_earlier_calls(self) -> None:
         """
         Each call sees what the calls before it did, as had they committed
@@ -757,6 +793,34 @@ class PostgresGroupCommitTests(SynchronousTestCase):
         self.drain()
         for d in failing:
             self.failureResultOf(d, ZeroDivisionError)
+
+    def test_reads_of_two_functions(self) -> None:
+        """
+        Read batches of different C{together} functions share the
+        C{batches_at_once} slots: when one is done, another function's
+        batch, which gathered meanwhile, leaves.
+        """
+        self.db.batches_at_once = 1
+
+        def alone(txn: Any, n: int) -> int:
+            raise AssertionError("run alone")
+
+        def first(txn: Any, calls: list[Any]) -> list[int]:
+            return [n for n, in calls]
+
+        def second(txn: Any, calls: list[Any]) -> list[int]:
+            return [-n for n, in calls]
+
+        one = self.db.read(SCHEMA, alone, 1, together=first)
+        self.reactor.advance(0)
+        two = self.db.read(SCHEMA, alone, 2, together=second)
+        self.reactor.advance(0)
+        self.assertEqual(len(self.pool.queued), 1)
+        self.pool.run_next()
+        self.assertEqual(self.successResultOf(one), 1)
+        self.assertEqual(len(self.pool.queued), 1)
+        self.pool.run_next()
+        self.assertEqual(self.successResultOf(two), -2)
 
     def test_connection_lost_in_commit(self) -> None:
         """

@@ -354,6 +354,52 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
         grants = self.successResultOf(self.store.list_grants())
         self.assertEqual([grant.grant_id for grant in grants], ["g1"])
 
+    #: Refreshes of distinct grants in one turn: their rotations' writes
+    #: (18 to 20 bind parameters each) would be more than libpq's 65,535
+    #: in one statement.
+    MANY = 4_000
+
+    def many_grants(self) -> None:
+        created = [
+            self.store.create_grant(make_grant(f"g{n}"), make_code(f"code-g{n}", f"g{n}")) for n in range(self.MANY)
+        ]
+        self.reactor.advance(0)
+        for d in created:
+            self.successResultOf(d)
+        for n in range(self.MANY):
+            self.successResultOf(self.store.add_tokens(f"g{n}", access(f"a-g{n}"), refresh(f"r-g{n}")))
+
+    def redeem_many(self) -> list[Any]:
+        self.commits = 0
+        calls = [self.redeem(f"r-g{n}", n) for n in range(self.MANY)]
+        self.reactor.advance(0)
+        self.assertEqual({self.successResultOf(d).status for d in calls}, {"rotated"})
+        return calls
+
+    def test_batches_capped(self) -> None:
+        """
+        Thousands of refreshes arriving together (what gathers while the
+        database stalls) commit as batches of at most C{batch_limit}
+        calls, every one rotated: one batch of them all failed on libpq's
+        parameter limit, and every call then ran again alone.
+        """
+        self.many_grants()
+        self.redeem_many()
+        limit = self.store.database.batch_limit
+        self.assertEqual(self.commits, -(-self.MANY // limit))
+
+    def test_writes_in_bounded_statements(self) -> None:
+        """
+        A batch whose rotations' writes need more than C{MAX_PARAMETERS}
+        bind parameters (here with no batch cap) sends them in several
+        statements, in its one transaction, every refresh rotated.
+        """
+        self.many_grants()
+        self.store.database.batch_limit = self.MANY
+        self.redeem_many()
+        self.assertEqual(self.commits, 1)
+        self.assertIsNotNone(self.successResultOf(self.store.lookup_access_token(h(f"x{self.MANY - 1}"), T0 + 101)))
+
 
 # Races: real threads and real processes against one database.
 

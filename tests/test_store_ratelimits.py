@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from typing import Any
 
 from twisted.internet import reactor as global_reactor
@@ -239,6 +240,90 @@ class PostgresGroupedTakeTests(SynchronousTestCase):
         later = self.store.take_both(("third", "c", 1.0, 0.05), second, T0)
         self.reactor.advance(0)
         self.assertEqual(self.successResultOf(later), ((False, 0.0), None))
+
+
+class PostgresLockOrderTests(SynchronousTestCase):
+    """
+    Two batches of token requests taking the same buckets in opposite
+    orders (two pool threads, or two processes): C{smeldr_take_both_many}
+    first locks the batch's existing buckets in one order, so the batches
+    wait for each other instead of deadlocking.
+    """
+
+    def setUp(self) -> None:
+        self.url = postgres.database_url(self)
+        database = open_database(self.url, InlineReactor(), threads=0)
+        self.addCleanup(database.close)
+        store = SQLRateLimitStore(database)
+        # Every bucket exists: a new key's row cannot be locked beforehand.
+        for name, key in [("token_address", "x"), ("token_address", "y")] + [
+            ("token_client", f"c{n}") for n in range(1, 5)
+        ]:
+            self.successResultOf(store.take(name, key, 100.0, 1.0, T0))
+
+    def connect(self) -> Any:
+        import psycopg
+
+        connection = psycopg.connect(self.url)
+        self.addCleanup(connection.close)
+        return connection
+
+    def take(self, connection: Any, *requests: tuple[str, str]) -> list[Any]:
+        """
+        C{smeldr_take_both_many} of token requests, each an (address key,
+        client key), as the server sends it.
+        """
+        n = len(requests)
+        return connection.execute(
+            "SELECT * FROM smeldr_take_both_many(%s::text[], %s::text[], %s::float8[], %s::float8[],"
+            " %s::text[], %s::text[], %s::float8[], %s::float8[], %s::float8[])",
+            (
+                ["token_address"] * n, [address for address, _ in requests], [100.0] * n, [1.0] * n,
+                ["token_client"] * n, [client for _, client in requests], [100.0] * n, [1.0] * n,
+                [T0] * n,
+            ),
+        ).fetchall()
+
+    def test_opposite_orders(self) -> None:
+        """
+        Batch A = [(X, c1), (Y, c2)] holds X; batch B = [(Y, c3), (X, c4)]
+        then waits for X, holding nothing (in arrival order it would hold
+        Y); A then takes Y, and both finish, every bucket spent.
+        """
+        a, b, watcher = self.connect(), self.connect(), self.connect()
+        b.autocommit = watcher.autocommit = True
+        pid = b.info.backend_pid
+        # A's batch, as though stopped between its two requests: one
+        # transaction, X's lock held.
+        first = self.take(a, ("x", "c1"))
+        outcome: list[Any] = []
+
+        def run_b() -> None:
+            try:
+                outcome.append(self.take(b, ("y", "c3"), ("x", "c4")))
+            except Exception as error:
+                outcome.append(error)
+
+        thread = threading.Thread(target=run_b)
+        thread.start()
+        try:
+            # Until B waits for a lock (A's, on X).
+            while thread.is_alive() and not watcher.execute(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()[0]:
+                pass
+            self.assertEqual(outcome, [])
+            second = self.take(a, ("y", "c2"))
+            a.commit()
+        finally:
+            a.rollback()
+            thread.join(30)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual([row[0::2] for row in first + second], [(1, 1), (1, 1)])
+        [rows] = outcome
+        if isinstance(rows, Exception):
+            raise rows
+        self.assertEqual([row[0::2] for row in rows], [(1, 1), (1, 1)])
 
 
 class SpendBothTests(SynchronousTestCase):

@@ -36,10 +36,12 @@ writes asked for with C{group=True} wait for the end of the reactor turn
 and then share one transaction (SQLite: one C{SAVEPOINT} each): see
 L{_Batch}.  With pool threads (PostgreSQL) a batch is one call of one
 thread, at most L{Database.batches_at_once} of them at a time; the writes
-that arrive meanwhile gather into the next batch.  Likewise, with
-C{group_commit}, L{Database.read} calls given a C{together} (a function
-that runs many of them as one statement, such as the rate-limit spends of
-many token requests) gather and leave as one call of it.
+that arrive meanwhile gather into the next batch (at most
+L{Database.batch_limit} calls a batch; more queue behind it as further
+batches).  Likewise, with C{group_commit}, L{Database.read} calls given a
+C{together} (a function that runs many of them as one statement, such as
+the rate-limit spends of many token requests) gather and leave as one
+call of it.
 
 Why one module over 500 lines: L{Database} (pool, retries, error
 translation, the schema gate) and L{_Batch} (group commit) run the same
@@ -225,6 +227,17 @@ class Database:
     #: wait and gather into the next batch.
     batches_at_once = 2
 
+    #: The most calls in one grouped batch of writes.  Once a batch holds
+    #: that many, the next call starts another, which queues behind it:
+    #: without a cap, everything that arrived while the batch threads were
+    #: stalled left as one batch, whose refreshes' writes (about 20 bind
+    #: parameters each, in one statement) overflowed libpq's 65,535 from
+    #: about 3,300 refreshes on; the batch was abandoned and every call
+    #: run again alone, the slowest recovery when it mattered most.  256
+    #: keeps a statement near 5,000 parameters and a transaction's locks
+    #: short, and is still far more than a busy turn brings.
+    batch_limit = 256
+
     def __init__(
         self,
         engine: IDatabaseEngine,
@@ -284,6 +297,9 @@ class Database:
         # one call of one pool thread.
         self.group_commit = group_commit and (threads == 0 or not engine.single_writer)
         self._batch: Optional[_Batch] = None
+        # Batches that reached batch_limit, oldest first, waiting for a
+        # batch thread (self._batch is the one still gathering).
+        self._full: list[_Batch] = []
         self._holds = 0
         self._batches_running = 0
         self._reads: dict[Any, _ReadBatch] = {}
@@ -370,6 +386,10 @@ class Database:
         )
 
     def _reads_done(self, results: Any, together: Callable[..., list[Any]], calls: list[Any]) -> None:
+        # The running count is shared by every together function: the
+        # slot this batch frees may be another function's turn (sending
+        # only this function's next batch left the others gathering, with
+        # nothing left to send them).
         self._reads_running -= 1
         if not isinstance(results, Failure) and len(results) != len(calls):
             results = Failure(RuntimeError("a together function returned the wrong number of results"))
@@ -378,8 +398,8 @@ class Database:
                 d.errback(results)
             else:
                 d.callback(results[index])
-        if together in self._reads:
-            self._send_reads(together)
+        for waiting in list(self._reads):
+            self._send_reads(waiting)
 
     def write(
         self,
@@ -407,11 +427,14 @@ class Database:
         """
         name = name or _name(schema, func)
         if group and self.group_commit and schema.component in self._current:
-            if self._batch is None:
-                self._batch = _Batch(self)
+            batch = self._batch
+            if batch is None or len(batch) >= self.batch_limit:
+                if batch is not None:
+                    self._full.append(batch)
+                batch = self._batch = _Batch(self)
                 if not self._holds:
                     self.reactor.callLater(0, self._commit_batch)
-            return self._batch.add(name, func, args, together)
+            return batch.add(name, func, args, together)
         return self._call(schema, True, name, func, args)
 
     def hold_batches(self) -> Callable[[], None]:
@@ -439,25 +462,33 @@ class Database:
     def _commit_batch(self, closing: bool = False) -> None:
         if self._holds and not closing:
             return  # the last release schedules it again
-        batch = self._batch
-        if batch is None:
-            return
         if self.threads == 0:
-            self._batch = None
-            batch.run()
+            # Every batch gathered so far, oldest first.
+            batches = self._full
+            if self._batch is not None:
+                batches.append(self._batch)
+            self._full, self._batch = [], None
+            for batch in batches:
+                batch.run()
             return
-        if self._batches_running >= self.batches_at_once and not closing:
-            # Every batch thread is busy: this batch goes on gathering
-            # calls, and leaves when one of them is done (_batch_done).
-            return
-        self._batch = None
-        self._batches_running += 1
-        self._dispatch(batch.outcomes).addBoth(self._batch_done, batch)
+        while self._full or self._batch is not None:
+            if self._batches_running >= self.batches_at_once and not closing:
+                # Every batch thread is busy: the last batch goes on
+                # gathering calls, and the batches leave in order as
+                # threads are done (_batch_done).
+                return
+            if self._full:
+                batch = self._full.pop(0)
+            else:
+                assert self._batch is not None
+                batch, self._batch = self._batch, None
+            self._batches_running += 1
+            self._dispatch(batch.outcomes).addBoth(self._batch_done, batch)
 
     def _batch_done(self, outcomes: Any, batch: "_Batch") -> None:
         self._batches_running -= 1
         batch.deliver(outcomes)
-        if self._batch is not None:
+        if self._full or self._batch is not None:
             self._commit_batch()
 
     def with_connection(self, func: Callable[..., T], *args: Any) -> "Deferred[T]":
@@ -733,6 +764,9 @@ class _Batch:
         self._committing = False
         self._calls: list[tuple[str, Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
         self._togethers: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self._calls)
 
     def add(
         self, name: str, func: Callable[..., T], args: tuple[Any, ...], together: Any = None

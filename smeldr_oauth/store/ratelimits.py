@@ -29,7 +29,9 @@ With group commit (the server's PostgreSQL database), the C{take_both}
 calls of token requests that arrive while the database threads are busy
 gather into one call of C{smeldr_take_both_many} (migration 3): one
 statement, one thread hand-off, each request's buckets taken as its own
-statement would, one after another in arrival order.
+statement would, one after another in arrival order, after the batch's
+existing buckets are locked in one global order (L{_take_both_many}: two
+batches cannot deadlock on them).
 
 Written once for both engines (C{CASE} rather than C{LEAST}/C{GREATEST}
 or C{MIN}/C{MAX}, which only one of them has as scalar functions); the
@@ -117,7 +119,8 @@ def _take_in_function(prefix: str) -> str:
 
 #: PostgreSQL: the take_both of many token requests in one statement (one
 #: round trip, one thread hand-off), each as its own take_both would do
-#: it, one after another in the given order.
+#: it, one after another in the given order, after the batch's existing
+#: buckets are locked in one global order (see _take_both_many).
 _TAKE_BOTH_MANY_FUNCTION = f"""
 CREATE FUNCTION smeldr_take_both_many(
     first_names TEXT[], first_keys TEXT[], first_capacities DOUBLE PRECISION[], first_rates DOUBLE PRECISION[],
@@ -129,6 +132,14 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql VOLATILE AS $body$
 BEGIN
+    -- Lock the batch's existing buckets first, in the one order every
+    -- caller uses (see _take_both_many): first buckets, then second ones,
+    -- each by (name, key).  LockRows runs above the Sort, so the rows are
+    -- locked in that order.
+    PERFORM 1 FROM rate_limits b WHERE (b.name, b.key) IN (SELECT * FROM unnest(first_names, first_keys))
+        ORDER BY b.name, b.key FOR UPDATE;
+    PERFORM 1 FROM rate_limits b WHERE (b.name, b.key) IN (SELECT * FROM unnest(second_names, second_keys))
+        ORDER BY b.name, b.key FOR UPDATE;
     FOR i IN 1 .. COALESCE(array_length(nows, 1), 0) LOOP
         second_taken := NULL;
         second_tokens := NULL;
@@ -167,9 +178,10 @@ RATE_LIMITS_SCHEMA = Schema(
         # PostgreSQL: no WAL for the buckets (see the module docstring).
         Migration(2, sqlite=(), postgresql=("ALTER TABLE rate_limits SET UNLOGGED",)),
         # PostgreSQL: many take_both in one statement (group commit's
-        # batches; see _take_both_many).  The function's statements are
-        # _TAKE as it is now: a change to _TAKE is a new migration
-        # replacing the function.
+        # batches; see _take_both_many), the batch's buckets locked in one
+        # order first.  The function's statements are _TAKE as it is now:
+        # once released, a change to _TAKE is a new migration replacing
+        # the function.
         Migration(3, sqlite=(), postgresql=(_TAKE_BOTH_MANY_FUNCTION,)),
     ),
 )
@@ -223,6 +235,29 @@ def _take_both_many(
     """
     L{_take_both} for each of C{calls} in turn, in one statement on
     PostgreSQL.
+
+    Locks: the statement is one transaction, and each take keeps its
+    row's lock until it ends.  Taken in arrival order, batch A = [(X, c1),
+    (Y, c2)] and batch B = [(Y, c3), (X, c4)] (two pool threads, or two
+    processes) would lock X and Y in opposite orders: a deadlock, found
+    only after C{deadlock_timeout} (1 s by default) and run again, every
+    token request of both batches stalled meanwhile.  So
+    C{smeldr_take_both_many} first locks every existing bucket the batch
+    will touch in one global order: all first buckets by (name, key), then
+    all second buckets by (name, key).  A single L{_take_both} locks its
+    first bucket then its second, which is that order too, because no
+    limiter is ever both: the one caller,
+    L{smeldr_oauth.oauth.ratelimit.SharedRateLimiter.take_with}
+    through C{spend_both}, takes C{token_address} first and
+    C{token_client} second.  (Were one limiter used in both roles, no
+    order of roles would do: a single take_both of (N, k1), (N, k2) and
+    another of (N, k2), (N, k1) already lock in opposite orders; only
+    ordering every call's two buckets by (name, key) would.)  A bucket
+    seen for the first time has no row to lock beforehand: its C{INSERT}
+    still happens in arrival order, so two batches each creating a key the
+    other then touches can still deadlock; that needs two new keys within
+    the same moment, rare, and PostgreSQL detects it and the call is run
+    again (L{smeldr_oauth.db.database}).
     """
     if txn.engine.single_writer:
         return [_take_both(txn, *call) for call in calls]

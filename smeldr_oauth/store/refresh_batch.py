@@ -17,6 +17,14 @@ from smeldr_oauth.oauth import rotation
 from smeldr_oauth.oauth.interfaces import RefreshRedemption
 from smeldr_oauth.store.transactions import _apply, _decide, _writes, redeem_refresh_token
 
+#: The most bind parameters in one statement of rotations' writes: libpq
+#: refuses more than 65,535, which a rotation's 18 to 20 reach from about
+#: 3,300 refreshes on (then the whole batch failed, and was run again one
+#: call at a time).  Group commit's batches stay far below that
+#: (L{smeldr_oauth.db.database.Database.batch_limit}); past it, the writes
+#: go in more than one statement, a rotation's never split.
+MAX_PARAMETERS = 30_000
+
 
 def redeem_refresh_tokens(txn: Transaction, calls: list[tuple[Any, ...]]) -> list[RefreshRedemption]:
     """
@@ -29,8 +37,9 @@ def redeem_refresh_tokens(txn: Transaction, calls: list[tuple[Any, ...]]) -> lis
         in C{grant_id} order, in one call of C{smeldr_refresh_facts_many}
         (migration 3);
       - L{rotation.decide} for each, in Python, as alone;
-      - every rotation's writes in one statement, whose C{RETURNING} says
-        that each presented token was spent by this batch.
+      - every rotation's writes in one statement (one per
+        L{MAX_PARAMETERS} bind parameters), whose C{RETURNING} says that
+        each presented token was spent by this batch.
 
     A call whose grant an earlier call of the batch has already decided on
     (two refreshes of one grant, or a replay of one token) cannot use the
@@ -50,11 +59,14 @@ def redeem_refresh_tokens(txn: Transaction, calls: list[tuple[Any, ...]]) -> lis
     writes: list[tuple[str, Sequence[Any]]] = []
     spent: list[tuple[int, str]] = []
     results: list[RefreshRedemption] = []
+    parameters = 0
 
     def send() -> None:
+        nonlocal parameters
         if writes:
             _write_batch(txn, writes, spent)
             del writes[:], spent[:]
+            parameters = 0
 
     for args in calls:
         token_hash, now, grace, requested_scopes, new_access, new_refresh = args
@@ -73,6 +85,10 @@ def redeem_refresh_tokens(txn: Transaction, calls: list[tuple[Any, ...]]) -> lis
             grant = _apply(txn, decision, token, grant, now, new_access, new_refresh)
         else:
             grant, own = _writes(decision, token, grant, now, new_access, new_refresh)
+            own_parameters = sum(len(values) for _, values in own)
+            if parameters + own_parameters > MAX_PARAMETERS:
+                send()
+            parameters += own_parameters
             if decision.mark_used:
                 spent.append((len(writes) + len(own) - 1, token.token_hash))
             writes.extend(own)
