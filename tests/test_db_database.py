@@ -278,7 +278,27 @@ print("survived", answered)
 """
 
 
-class GroupCommitTests(SynchronousTestCase):
+class CountsBegins:
+    """
+    For group-commit tests: C{self.begins} counts the transactions the
+    database began (its engine's C{begin}) after L{count_begins}.
+    """
+
+    db: Any
+    begins: int
+
+    def count_begins(self) -> None:
+        self.begins = 0
+        begin = self.db.engine.begin
+
+        def counted(txn: Any) -> None:
+            self.begins += 1
+            begin(txn)
+
+        self.patch(self.db.engine, "begin", counted)  # type: ignore[attr-defined]
+
+
+class GroupCommitTests(CountsBegins, SynchronousTestCase):
     """
     Group commit (L{Database} C{group_commit}, SQLite on the calling
     thread): grouped writes of one reactor turn share one transaction,
@@ -291,14 +311,7 @@ class GroupCommitTests(SynchronousTestCase):
         self.db = open_database(self.path, self.reactor, threads=0, group_commit=True)
         self.addCleanup(self.db.close)
         self.successResultOf(self.db.ensure(SCHEMA))
-        self.begins = 0
-        begin = self.db.engine.begin
-
-        def counted(txn: Any) -> None:
-            self.begins += 1
-            begin(txn)
-
-        self.patch(self.db.engine, "begin", counted)
+        self.count_begins()
 
     def committed(self) -> list[str]:
         other = sqlite3.connect(self.path)
@@ -578,7 +591,7 @@ class HeldThreadPool:
         NoThreads().callInThreadWithCallback(onResult, f, *args, **kwargs)
 
 
-class PostgresGroupCommitTests(SynchronousTestCase):
+class PostgresGroupCommitTests(CountsBegins, SynchronousTestCase):
     """
     Group commit on PostgreSQL with pool threads: the grouped writes that
     arrive while the batch threads are busy leave together, as one call of
@@ -597,14 +610,7 @@ class PostgresGroupCommitTests(SynchronousTestCase):
         d = self.db.ensure(SCHEMA)
         self.pool.run_next()
         self.successResultOf(d)
-        self.begins = 0
-        begin = self.db.engine.begin
-
-        def counted(txn: Any) -> None:
-            self.begins += 1
-            begin(txn)
-
-        self.patch(self.db.engine, "begin", counted)
+        self.count_begins()
 
     def committed(self) -> list[str]:
         import psycopg

@@ -33,6 +33,22 @@ class SiteTokenStoreTests(TestCase):
         self.addCleanup(self.site.close)
         self.tokens = self.site.tokens
 
+    def calls(self, method: str) -> list:
+        """
+        From now on, the names of the functions given to the database's
+        C{method} (C{"read"} or C{"write"}), in order.
+        """
+        db = self.tokens._db
+        real = getattr(db, method)
+        names: list = []
+
+        def counted(*args, **kw):
+            names.append(args[1].__name__)
+            return real(*args, **kw)
+
+        self.patch(db, method, counted)
+        return names
+
     def elsewhere(self):  # type: ignore[no-untyped-def]
         """
         The same database's stores through another connection, as another
@@ -123,14 +139,7 @@ class SiteTokenStoreTests(TestCase):
         transaction), and acceptance is a debug event.
         """
         token_id, plaintext = yield self.tokens.create("alice")
-        real_write = self.tokens._db.write
-        writes = []
-
-        def counted(*args, **kw):
-            writes.append(args[1].__name__)
-            return real_write(*args, **kw)
-
-        self.patch(self.tokens._db, "write", counted)
+        writes = self.calls("write")
         self.clock.advance(10)
         with capturedLogs() as events:
             approval = yield self.tokens.verify(plaintext)
@@ -199,14 +208,7 @@ class SiteTokenStoreTests(TestCase):
         """
         token_id, plaintext = yield self.tokens.create("alice")
         other_id, other = yield self.tokens.create("bob")
-        real_read = self.tokens._db.read
-        reads = []
-
-        def counted(*args, **kw):
-            reads.append(args[1].__name__)
-            return real_read(*args, **kw)
-
-        self.patch(self.tokens._db, "read", counted)
+        reads = self.calls("read")
         self.clock.advance(10)
         yield self.tokens.verify(plaintext)  # reads, records the use
         yield self.tokens.verify(other)
