@@ -66,10 +66,6 @@ def _refresh(txn: Any, token: str, grant_id: str, generation: int, used: bool = 
 #: A fault planted on the baseline, and the words of the check that finds it.
 FAULTS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "orphan grant": (lambda txn: _grant(txn, "g2", "gone"), "grants of a registered client that does not exist"),
-    "revoked grant, live access token": (
-        lambda txn: (_grant(txn, "g3", "c1", revoked=True), _access(txn, "a3", "g3")),
-        "live access tokens of revoked grants",
-    ),
     "revoked grant, live refresh token": (
         lambda txn: (_grant(txn, "g4", "c1", revoked=True), _refresh(txn, "r4", "g4", 1)),
         "live refresh tokens of revoked grants",

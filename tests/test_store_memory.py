@@ -810,6 +810,70 @@ class StoreBehaviourMixin(_MixinBase):
         self.assertEqual(self.ok(self.store.purge_expired(T0 + 10 + GRANT_RETENTION)), 4)
         self.assertEqual(self.redeem("g1-r0", "r1", T0 + 10 + GRANT_RETENTION).status, "unknown")
 
+    def long_lived_access(self, grant_id: str, name: str, expires_at: float) -> None:
+        """
+        Store an access token of C{grant_id} (and no refresh token) that
+        lives until C{expires_at}: longer than the grant itself, here.
+        """
+        self.ok(self.store.add_tokens(grant_id, attr.evolve(access(name), expires_at=expires_at), None))
+
+    def test_access_token_of_revoked_grant(self) -> None:
+        """
+        A grant's revocation refuses its access tokens at once, although
+        the store does not mark them one by one (the look-up reads the
+        grant): every way of ending a grant, and a revocation by the token
+        of another client changes nothing.
+        """
+        for grant_id in ("g1", "g2", "g3"):
+            self.grant_with_tokens(grant_id, site_token_id="s-" + grant_id)
+        self.assertTrue(self.ok(self.store.revoke_grant("g1", T0 + 2)))
+        self.assertEqual(self.ok(self.store.revoke_token(h("g2-r0"), T0 + 2)), "g2")
+        self.assertEqual(self.ok(self.store.revoke_grants_of_site_token("s-g3", T0 + 2)), ["g3"])
+        for grant_id in ("g1", "g2", "g3"):
+            self.assertIsNone(self.live(grant_id + "-a0", T0 + 2))
+        # Revoking a refused token is harmless and still answers nothing.
+        self.assertIsNone(self.ok(self.store.revoke_token(h("g1-a0"), T0 + 3, client_id="client-1")))
+        self.assertIsNone(self.live("g1-a0", T0 + 3))
+
+    def test_access_token_of_purged_grant(self) -> None:
+        """
+        A grant purged while one of its access tokens has not expired (a
+        lifetime longer than the grant retention) takes that token's
+        answers with it at once: the token is an orphan, refused by every
+        look-up and unknown to revocation, until its own expiry purges it.
+        Access tokens neither keep a grant from the purge nor go with it.
+        """
+        self.ok(self.store.create_grant(make_grant("g1"), make_code("g1-code", "g1")))
+        self.assertEqual(self.ok(self.store.consume_code(h("g1-code"), T0 + 1)).status, "ok")
+        expiry = T0 + 2 * GRANT_RETENTION
+        self.long_lived_access("g1", "g1-long", expiry)
+        self.assertIsNotNone(self.live("g1-long", T0 + GRANT_RETENTION - 1))
+        # The code expired long ago, then the idle grant: 2 rows.
+        self.assertEqual(self.ok(self.store.purge_expired(T0 + GRANT_RETENTION)), 2)
+        self.assertEqual(self.ok(self.store.list_grants()), [])
+        self.assertIsNone(self.live("g1-long", T0 + GRANT_RETENTION))
+        self.assertIsNone(self.ok(self.store.revoke_token(h("g1-long"), T0 + GRANT_RETENTION)))
+        self.assertIsNone(self.live("g1-long", T0 + GRANT_RETENTION + 1))
+        # The orphan goes at its own expiry.
+        self.assertEqual(self.ok(self.store.purge_expired(expiry - 1)), 0)
+        self.assertEqual(self.ok(self.store.purge_expired(expiry)), 1)
+
+    def test_access_token_of_purged_revoked_grant(self) -> None:
+        """
+        A revoked grant purged after the retention goes with its code and
+        refresh token; a still unexpired access token of it stays refused
+        until its expiry purges it.
+        """
+        self.grant_with_tokens()
+        expiry = T0 + 2 * GRANT_RETENTION
+        self.long_lived_access("g1", "g1-long", expiry)
+        self.ok(self.store.revoke_grant("g1", T0 + 10))
+        self.assertIsNone(self.live("g1-long", T0 + 11))
+        # code + expired access token + refresh token + grant
+        self.assertEqual(self.ok(self.store.purge_expired(T0 + 10 + GRANT_RETENTION)), 4)
+        self.assertIsNone(self.live("g1-long", T0 + 10 + GRANT_RETENTION))
+        self.assertEqual(self.ok(self.store.purge_expired(expiry)), 1)
+
     def registered(self, client_id: str, created_at: float) -> Client:
         client = Client(
             client_id=client_id,

@@ -40,7 +40,12 @@ from tests.test_store_memory import (
     make_grant,
     refresh,
 )
-from tests.test_store_sqlite import InlineReactor, InlineThreadPool, NoCallFromThreadReactor
+from tests.test_store_sqlite import (
+    AccessTokensMigrationMixin,
+    InlineReactor,
+    InlineThreadPool,
+    NoCallFromThreadReactor,
+)
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -190,6 +195,29 @@ def dump(url: str) -> str:
         )
 
 
+class PostgresAccessTokensMigrationTests(AccessTokensMigrationMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.url = postgres.database_url(self)
+
+    def open_store(self, schema: Any) -> Any:
+        return pg_store(self, self.url, schema=schema)
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(self.url) as connection:
+            return connection.execute(sql).fetchall()
+
+    def grant_id_index_and_key(self) -> tuple[set[str], int]:
+        indexes = self.query(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'access_tokens' AND indexname NOT LIKE '%_pkey'"
+        )
+        keys = self.query(
+            "SELECT conname FROM pg_constraint WHERE conrelid = 'access_tokens'::regclass AND contype = 'f'"
+        )
+        return {name for (name,) in indexes}, len(keys)
+
+
 class PostgresStoreTests(SynchronousTestCase):
     """
     What is particular to PostgreSQL: bytes at rest, schema records.
@@ -219,7 +247,7 @@ class PostgresStoreTests(SynchronousTestCase):
             rows = connection.execute(
                 "SELECT component, version FROM schema_migrations ORDER BY component"
             ).fetchall()
-        self.assertEqual(rows, [("notifications", 1), ("oauth", 1), ("oauth", 2), ("oauth", 3)])
+        self.assertEqual(rows, [("notifications", 1), ("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4)])
 
     def test_refresh_facts_function(self) -> None:
         """

@@ -15,6 +15,7 @@ import os
 import sqlite3
 from typing import Any, Callable, Optional
 
+import attr
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.task import Clock
@@ -30,6 +31,7 @@ from smeldr_oauth.store.schema import OAUTH_SCHEMA
 from smeldr_oauth.store.transactions import _insert_grant
 from smeldr_oauth.store.sqlite import SQLiteStore
 from tests.test_store_memory import (
+    ACCESS_TTL,
     T0,
     StoreBehaviourMixin,
     access,
@@ -83,6 +85,93 @@ class SQLiteStoreBehaviourTests(StoreBehaviourMixin, SynchronousTestCase):
 
     def make_store(self) -> SQLiteStore:
         return inline_store(self, self.mktemp() + ".db")
+
+
+#: The OAuth schema before migration 4 (access tokens with the index on
+#: grant_id and the foreign key to grants).
+OAUTH_SCHEMA_3 = attr.evolve(OAUTH_SCHEMA, migrations=OAUTH_SCHEMA.migrations[:3])
+
+
+class AccessTokensMigrationMixin:
+    """
+    Migration 4 (access tokens without their index on C{grant_id} and
+    their foreign key) on a database made by migration 3: every token is
+    kept, and each is as live, revoked or expired as before.
+    """
+
+    def open_store(self, schema: Schema) -> Any:
+        """A store on this test's database (the same one each call)."""
+        raise NotImplementedError()
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """The rows of C{sql} through a connection of the test's own."""
+        raise NotImplementedError()
+
+    def grant_id_index_and_key(self) -> tuple[set[str], int]:
+        """The indexes of C{access_tokens}, and its number of foreign keys."""
+        raise NotImplementedError()
+
+    assertEqual: Callable[..., None]
+    assertIsNotNone: Callable[..., None]
+    assertIsNone: Callable[..., None]
+    assertTrue: Callable[..., None]
+
+    def test_migration_4_keeps_tokens(self) -> None:
+        ok: Callable[[Any], Any] = self.successResultOf  # type: ignore[attr-defined]
+        store = self.open_store(OAUTH_SCHEMA_3)
+        self.assertEqual(self.grant_id_index_and_key(), ({"access_tokens_grant_id", "access_tokens_expires_at"}, 1))
+        # g1 live, g2's access token revoked, g3's grant revoked, g4's
+        # access token expired.
+        for grant_id in ("g1", "g2", "g3", "g4"):
+            now = T0 - ACCESS_TTL if grant_id == "g4" else T0
+            ok(store.create_grant(make_grant(grant_id, created_at=now), make_code(grant_id + "-code", grant_id, now)))
+            ok(store.add_tokens(grant_id, access(grant_id + "-a0", now), refresh(grant_id + "-r0", now)))
+        ok(store.revoke_token(h("g2-a0"), T0 + 1))
+        ok(store.revoke_grant("g3", T0 + 1))
+        names = ["g1-a0", "g2-a0", "g3-a0", "g4-a0"]
+
+        def answers(store: Any) -> list[Any]:
+            return [ok(store.lookup_access_token(h(name), T0 + 2)) for name in names]
+
+        before = answers(store)
+        self.assertEqual([answer is not None for answer in before], [True, False, False, False])
+        rows = self.query("SELECT * FROM access_tokens ORDER BY token_hash")
+        store.close()
+        store = self.open_store(OAUTH_SCHEMA)
+        self.assertEqual(self.query("SELECT * FROM access_tokens ORDER BY token_hash"), rows)
+        self.assertEqual(answers(store), before)
+        self.assertEqual(self.grant_id_index_and_key(), ({"access_tokens_expires_at"}, 0))
+        # The migrated tables work as before: the live chain rotates and the
+        # new access token is looked up through its grant.
+        self.assertEqual(
+            ok(store.redeem_refresh_token(h("g1-r0"), T0 + 3, 10.0, None, access("n-a", T0 + 3), refresh("n", T0 + 3))).status,
+            "rotated",
+        )
+        self.assertIsNotNone(ok(store.lookup_access_token(h("n-a"), T0 + 4)))
+        self.assertTrue(ok(store.revoke_grant("g1", T0 + 5)))
+        self.assertIsNone(ok(store.lookup_access_token(h("n-a"), T0 + 6)))
+
+
+class SQLiteAccessTokensMigrationTests(AccessTokensMigrationMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = self.mktemp() + ".db"
+
+    def open_store(self, schema: Schema) -> Any:
+        return inline_store(self, self.path, schema=schema)
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        connection = raw(self.path)
+        try:
+            return connection.execute(sql).fetchall()
+        finally:
+            connection.close()
+
+    def grant_id_index_and_key(self) -> tuple[set[str], int]:
+        indexes = self.query(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'access_tokens'"
+            " AND name NOT LIKE 'sqlite_autoindex_%'"
+        )
+        return {name for (name,) in indexes}, len(self.query("PRAGMA foreign_key_list(access_tokens)"))
 
 
 class NoCallFromThreadReactor(InlineReactor):
@@ -423,7 +512,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.addCleanup(connection.close)
         self.assertEqual(
             connection.execute("SELECT component, version FROM schema_migrations").fetchall(),
-            [("oauth", 1), ("oauth", 2), ("oauth", 3)],
+            [("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4)],
         )
 
     def test_legacy_file_adopted(self) -> None:
@@ -447,7 +536,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.addCleanup(connection.close)
         self.assertEqual(
             connection.execute("SELECT component, version FROM schema_migrations").fetchall(),
-            [("oauth", 1), ("oauth", 2), ("oauth", 3)],
+            [("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4)],
         )
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
         self.assertNotIn("schema_version", tables)

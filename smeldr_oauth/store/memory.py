@@ -135,13 +135,11 @@ class MemoryStore:
         ended = grant.revoked_at is None
         if ended:
             self._grants[grant_id] = attr.evolve(grant, revoked_at=now)
-        for tokens, revoked in (
-            (self._access, self._access_revoked),
-            (self._refresh, self._refresh_revoked),
-        ):
-            for token_hash, token in tokens.items():
-                if token.grant_id == grant_id:
-                    revoked.setdefault(token_hash, now)
+        # Its access tokens are left as they are, as the SQL store leaves
+        # them: every look-up reads the grant (lookup_access_token).
+        for token_hash, token in self._refresh.items():
+            if token.grant_id == grant_id:
+                self._refresh_revoked.setdefault(token_hash, now)
         return ended
 
     def _check_new_tokens(
@@ -371,8 +369,9 @@ class MemoryStore:
         See L{smeldr_oauth.store.transactions.revoke_token}.
         """
         access = self._access.get(token_hash)
-        if access is not None:
-            if client_id is None or self._client_of(access.grant_id) == client_id:
+        grant = None if access is None else self._grants.get(access.grant_id)
+        if access is not None and grant is not None:
+            if grant.revoked_at is None and client_id in (None, grant.client_id):
                 self._access_revoked.setdefault(token_hash, now)
             return succeed(None)
         token = self._refresh.get(token_hash)
@@ -434,7 +433,10 @@ class MemoryStore:
                 del rows[key]
                 extra.pop(key, None)
                 removed += 1
-        in_use = {row.grant_id for rows, _ in tables for row in rows.values()}
+        # Access tokens neither keep a grant nor go with it: they go by
+        # expiry alone, as in the SQL store (sql._purge_dead_grants).
+        hanging = (tables[0], tables[2])
+        in_use = {row.grant_id for rows, _ in hanging for row in rows.values()}
         for grant in list(self._grants.values()):
             last_activity = max(grant.created_at, grant.last_used_at or grant.created_at)
             if (grant.revoked_at is not None and grant.revoked_at <= cutoff) or (
@@ -442,7 +444,7 @@ class MemoryStore:
                 and last_activity <= cutoff
                 and grant.grant_id not in in_use
             ):
-                for rows, extra in tables:
+                for rows, extra in hanging:
                     for key in [k for k, row in rows.items() if row.grant_id == grant.grant_id]:
                         del rows[key]
                         extra.pop(key, None)

@@ -192,6 +192,40 @@ OAUTH_SCHEMA = Schema(
         # facts, as smeldr_refresh_facts reads them (see
         # refresh_batch.redeem_refresh_tokens).
         Migration(3, sqlite=(), postgresql=(_REFRESH_FACTS_MANY_FUNCTION,)),
+        # Access tokens without the index on grant_id and without the
+        # foreign key to grants: every refresh and code exchange inserts an
+        # access token, and the index was one more B-tree insert each (and
+        # the key one more look-up of the grant).  Nothing needs them: every
+        # look-up of an access token joins its grant (an orphan is refused
+        # like a revoked token), a grant's revocation is read through that
+        # join instead of being copied onto its access tokens, and the purge
+        # deletes access tokens by expiry only (docs/performance.md, round
+        # eight).  SQLite cannot drop a foreign key: the table is rebuilt
+        # with its rows as they are.
+        Migration(
+            4,
+            sqlite=(
+                """
+                CREATE TABLE access_tokens_new (
+                    token_hash TEXT PRIMARY KEY,
+                    grant_id TEXT NOT NULL,
+                    scopes TEXT NOT NULL,
+                    resource TEXT NOT NULL,
+                    expires_at DOUBLE PRECISION NOT NULL,
+                    revoked_at DOUBLE PRECISION
+                )
+                """,
+                "INSERT INTO access_tokens_new (token_hash, grant_id, scopes, resource, expires_at, revoked_at)"
+                " SELECT token_hash, grant_id, scopes, resource, expires_at, revoked_at FROM access_tokens",
+                "DROP TABLE access_tokens",
+                "ALTER TABLE access_tokens_new RENAME TO access_tokens",
+                "CREATE INDEX access_tokens_expires_at ON access_tokens (expires_at)",
+            ),
+            postgresql=(
+                "ALTER TABLE access_tokens DROP CONSTRAINT access_tokens_grant_id_fkey",
+                "DROP INDEX access_tokens_grant_id",
+            ),
+        ),
     ),
     tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
     legacy=_legacy_version,

@@ -85,20 +85,31 @@ def _purge_idle_clients(txn: Transaction, cutoff: float, limit: int) -> int:
 
 
 def _purge_dead_grants(txn: Transaction, cutoff: float, limit: int) -> tuple[int, int]:
+    """
+    Delete up to C{limit} grants revoked at or before C{cutoff}, or live
+    ones unused since then with no code or refresh token left, with their
+    codes and refresh tokens.
+
+    Access tokens are not looked at: they have no index on C{grant_id}
+    (schema migration 4) and go by expiry alone (L{_purge_expired_rows}).
+    An access token outlives its grant's last use by at most its lifetime
+    (a code exchange records the use; a refresh, at most a minute late), far
+    less than the retention; one that does outlive its grant is an orphan,
+    refused by every look-up's join on C{grants}.
+    """
     grants = txn.execute(
         "SELECT grant_id FROM grants g WHERE"
         " (revoked_at IS NOT NULL AND revoked_at <= ?)"
         " OR (revoked_at IS NULL AND created_at <= ?"
         "  AND COALESCE(last_used_at, created_at) <= ?"
         "  AND NOT EXISTS (SELECT 1 FROM codes c WHERE c.grant_id = g.grant_id)"
-        "  AND NOT EXISTS (SELECT 1 FROM access_tokens a WHERE a.grant_id = g.grant_id)"
         "  AND NOT EXISTS (SELECT 1 FROM refresh_tokens r WHERE r.grant_id = g.grant_id))"
         " LIMIT ?",
         (cutoff, cutoff, cutoff, limit),
     ).fetchall()
     removed = 0
     for (grant_id,) in grants:
-        for table in ("codes", "access_tokens", "refresh_tokens", "grants"):
+        for table in ("codes", "refresh_tokens", "grants"):
             txn.execute(f"DELETE FROM {table} WHERE grant_id = ?", (grant_id,))
             removed += txn.rowcount
     return removed, len(grants)
@@ -331,10 +342,11 @@ class SQLStore:
         """
         Delete expired codes, access tokens and refresh tokens; then grants
         revoked more than C{grant_retention} seconds ago, and live grants
-        that have no code or token left and no activity (creation, last use)
-        for that long, with whatever still hangs from them; then idle
-        registered clients.  Spent refresh tokens stay until they expire:
-        they are what reuse detection reads.
+        that have no code or refresh token left and no activity (creation,
+        last use) for that long, with their codes and refresh tokens (their
+        access tokens go when they expire, and are refused until then: see
+        L{_purge_dead_grants}); then idle registered clients.  Spent refresh
+        tokens stay until they expire: they are what reuse detection reads.
 
         The work is done in transactions of at most L{smeldr_oauth.store.sql.PURGE_BATCH} rows,
         with a turn of the reactor between them, so that a large backlog

@@ -106,19 +106,23 @@ def _refresh_row(
 
 def revoke_grant(txn: Transaction, grant_id: str, now: float) -> bool:
     """
-    End a grant and mark every token of it revoked; C{True} if it was live
+    End a grant and mark its refresh tokens revoked; C{True} if it was live
     (and then other processes are told).
+
+    Its access tokens are not marked: every look-up of an access token
+    joins its grant (L{lookup_access_token}, L{revoke_token}), so the
+    grant's C{revoked_at} refuses them in the same transaction.  (Access
+    tokens have no index on C{grant_id}: schema migration 4.)
     """
     txn.execute(
         "UPDATE grants SET revoked_at = ? WHERE grant_id = ? AND revoked_at IS NULL",
         (now, grant_id),
     )
     ended = txn.rowcount == 1
-    for table in ("access_tokens", "refresh_tokens"):
-        txn.execute(
-            f"UPDATE {table} SET revoked_at = ? WHERE grant_id = ? AND revoked_at IS NULL",
-            (now, grant_id),
-        )
+    txn.execute(
+        "UPDATE refresh_tokens SET revoked_at = ? WHERE grant_id = ? AND revoked_at IS NULL",
+        (now, grant_id),
+    )
     if ended:
         txn.notify(CHANGES_CHANNEL, f"grant {grant_id}")
     return ended
@@ -374,6 +378,12 @@ def _writes(
 
 
 def lookup_access_token(txn: Transaction, token_hash: str, now: float) -> Optional[model.AccessInfo]:
+    """
+    A live access token as its verifier sees it.  The join on C{grants} is
+    what refuses a token of a revoked grant (L{revoke_grant} leaves its
+    access tokens unmarked) and an orphan whose grant has been purged
+    (access tokens have no foreign key: schema migration 4).
+    """
     row = txn.execute(
         "SELECT a.scopes, a.resource, a.grant_id, a.expires_at, g.subject, g.client_id"
         " FROM access_tokens a JOIN grants g ON g.grant_id = a.grant_id"
@@ -399,6 +409,11 @@ def revoke_token(
     """
     Revoke an access token (just it) or a refresh token (its whole grant);
     with C{client_id}, only if the token's grant belongs to that client.
+
+    An access token is found through its grant, as L{lookup_access_token}
+    finds it: one whose grant is gone (access tokens have no foreign key)
+    is unknown here too, and one whose grant is revoked is already refused
+    (L{revoke_grant} leaves it unmarked): nothing changes, nobody is told.
     """
 
     def owned(grant_id: str) -> bool:
@@ -407,9 +422,13 @@ def revoke_token(
         row = txn.execute("SELECT client_id FROM grants WHERE grant_id = ?", (grant_id,)).fetchone()
         return row is not None and row["client_id"] == client_id
 
-    row = txn.execute("SELECT grant_id FROM access_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+    row = txn.execute(
+        "SELECT g.client_id, g.revoked_at FROM access_tokens a JOIN grants g ON g.grant_id = a.grant_id"
+        " WHERE a.token_hash = ?",
+        (token_hash,),
+    ).fetchone()
     if row is not None:
-        if owned(row["grant_id"]):
+        if row["revoked_at"] is None and (client_id is None or row["client_id"] == client_id):
             txn.execute(
                 "UPDATE access_tokens SET revoked_at = ? WHERE token_hash = ? AND revoked_at IS NULL",
                 (now, token_hash),
