@@ -219,7 +219,7 @@ class PostgresStoreTests(SynchronousTestCase):
             rows = connection.execute(
                 "SELECT component, version FROM schema_migrations ORDER BY component"
             ).fetchall()
-        self.assertEqual(rows, [("notifications", 1), ("oauth", 1), ("oauth", 2), ("oauth", 3)])
+        self.assertEqual(rows, [("notifications", 1), ("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 5)])
 
     def test_refresh_facts_function(self) -> None:
         """
@@ -255,6 +255,53 @@ class PostgresStoreTests(SynchronousTestCase):
                 (connection.execute(_REFRESH_FACTS.replace("?", "%s"), (t, t)).fetchone() for t in hashes),
                 key=lambda row: row["token_hash"],
             ))
+
+
+    def test_refresh_facts_planned_per_call(self) -> None:
+        """
+        The facts functions plan their statements at every call (migration
+        5): a plan kept from the session's first calls, made when
+        C{refresh_tokens} was small, would go on reading the whole table
+        once it has grown.  Seen through C{auto_explain}'s plans of the
+        functions' statements, sent to the client as notices.
+        """
+        import psycopg
+
+        url = postgres.database_url(self)
+        store = pg_store(self, url)
+        issue_secrets(self, store, url)
+        store.close()
+        plans: list[str] = []
+        with psycopg.connect(url, autocommit=True) as connection:
+            hashes = [r[0] for r in connection.execute("SELECT token_hash FROM refresh_tokens").fetchall()]
+            # A session's first calls, on a table of a few rows that the
+            # planner knows is small (autovacuum analyzes a young table).
+            connection.execute("ANALYZE refresh_tokens")
+            for _ in range(8):
+                connection.execute("SELECT * FROM smeldr_refresh_facts_many(%s::text[])", (hashes,)).fetchall()
+                connection.execute("SELECT * FROM smeldr_refresh_facts(%s)", (hashes[0],)).fetchall()
+            # The table grows (every rotation adds a row), not yet analyzed.
+            connection.execute(
+                "INSERT INTO refresh_tokens (token_hash, grant_id, scopes, generation, created_at, expires_at)"
+                " SELECT md5(i::text), grant_id, scopes, -i, created_at, expires_at"
+                " FROM refresh_tokens, generate_series(1, 5000) i WHERE token_hash = %s",
+                (hashes[0],),
+            )
+            connection.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+            for setting in (
+                "LOAD 'auto_explain'",
+                "SET auto_explain.log_min_duration = 0",
+                "SET auto_explain.log_nested_statements = on",
+                "SET auto_explain.log_level = notice",
+                "SET client_min_messages = notice",
+            ):
+                connection.execute(setting)
+            connection.execute("SELECT * FROM smeldr_refresh_facts_many(%s::text[])", (hashes,)).fetchall()
+            connection.execute("SELECT * FROM smeldr_refresh_facts(%s)", (hashes[0],)).fetchall()
+        nested = [plan for plan in plans if "refresh_tokens" in plan and "smeldr_refresh_facts" not in plan]
+        self.assertGreaterEqual(len(nested), 4)
+        for plan in nested:
+            self.assertNotIn("Seq Scan on refresh_tokens", plan)
 
 
 class PostgresGroupCommitStoreTests(SynchronousTestCase):
