@@ -247,7 +247,7 @@ class PostgresStoreTests(SynchronousTestCase):
             rows = connection.execute(
                 "SELECT component, version FROM schema_migrations ORDER BY component"
             ).fetchall()
-        self.assertEqual(rows, [("notifications", 1), ("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4)])
+        self.assertEqual(rows, [("notifications", 1), ("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4), ("oauth", 5)])
 
     def test_refresh_facts_function(self) -> None:
         """
@@ -283,6 +283,53 @@ class PostgresStoreTests(SynchronousTestCase):
                 (connection.execute(_REFRESH_FACTS.replace("?", "%s"), (t, t)).fetchone() for t in hashes),
                 key=lambda row: row["token_hash"],
             ))
+
+
+    def test_refresh_facts_planned_per_call(self) -> None:
+        """
+        The facts functions plan their statements at every call (migration
+        5): a plan kept from the session's first calls, made when
+        C{refresh_tokens} was small, would go on reading the whole table
+        once it has grown.  Seen through C{auto_explain}'s plans of the
+        functions' statements, sent to the client as notices.
+        """
+        import psycopg
+
+        url = postgres.database_url(self)
+        store = pg_store(self, url)
+        issue_secrets(self, store, url)
+        store.close()
+        plans: list[str] = []
+        with psycopg.connect(url, autocommit=True) as connection:
+            hashes = [r[0] for r in connection.execute("SELECT token_hash FROM refresh_tokens").fetchall()]
+            # A session's first calls, on a table of a few rows that the
+            # planner knows is small (autovacuum analyzes a young table).
+            connection.execute("ANALYZE refresh_tokens")
+            for _ in range(8):
+                connection.execute("SELECT * FROM smeldr_refresh_facts_many(%s::text[])", (hashes,)).fetchall()
+                connection.execute("SELECT * FROM smeldr_refresh_facts(%s)", (hashes[0],)).fetchall()
+            # The table grows (every rotation adds a row), not yet analyzed.
+            connection.execute(
+                "INSERT INTO refresh_tokens (token_hash, grant_id, scopes, generation, created_at, expires_at)"
+                " SELECT md5(i::text), grant_id, scopes, -i, created_at, expires_at"
+                " FROM refresh_tokens, generate_series(1, 5000) i WHERE token_hash = %s",
+                (hashes[0],),
+            )
+            connection.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+            for setting in (
+                "LOAD 'auto_explain'",
+                "SET auto_explain.log_min_duration = 0",
+                "SET auto_explain.log_nested_statements = on",
+                "SET auto_explain.log_level = notice",
+                "SET client_min_messages = notice",
+            ):
+                connection.execute(setting)
+            connection.execute("SELECT * FROM smeldr_refresh_facts_many(%s::text[])", (hashes,)).fetchall()
+            connection.execute("SELECT * FROM smeldr_refresh_facts(%s)", (hashes[0],)).fetchall()
+        nested = [plan for plan in plans if "refresh_tokens" in plan and "smeldr_refresh_facts" not in plan]
+        self.assertGreaterEqual(len(nested), 4)
+        for plan in nested:
+            self.assertNotIn("Seq Scan on refresh_tokens", plan)
 
 
 class PostgresGroupCommitStoreTests(SynchronousTestCase):
@@ -354,15 +401,79 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
         statements: list[str] = []
         real = Transaction.execute
 
-        def counted(txn: Any, sql: str, params: Any = ()) -> Any:
+        def counted(txn: Any, sql: str, params: Any = (), **kwargs: Any) -> Any:
             statements.append(sql.split(None, 3)[:3][-1])
-            return real(txn, sql, params)
+            return real(txn, sql, params, **kwargs)
 
         self.patch(Transaction, "execute", counted)
         calls = [self.redeem(f"r-{name}", n) for n, name in enumerate(("g1", "g2", "g3", "g4"))]
         self.reactor.advance(0)
         self.assertEqual([self.successResultOf(d).status for d in calls], ["rotated"] * 4)
         self.assertEqual(len(statements), 3, statements)
+
+    def test_writes_one_text(self) -> None:
+        """
+        A batch's writes are one statement whose text is the same whatever
+        the batch's size (its rows travel as JSON parameters), sent
+        unprepared: PostgreSQL parses one short statement, not a clause
+        per write of a text never seen before, and plans it with the
+        tables as they are.  What it wrote is what each rotation alone
+        writes (the tests above, and the access tokens work).
+        """
+        for name in ("g1", "g2", "g3", "g4", "g5"):
+            self.grant(name)
+        writes: list[tuple[str, Any]] = []
+        real = Transaction.execute
+
+        def recorded(txn: Any, sql: str, params: Any = (), **kwargs: Any) -> Any:
+            if sql.startswith("WITH"):
+                writes.append((sql, kwargs.get("prepare")))
+            return real(txn, sql, params, **kwargs)
+
+        self.patch(Transaction, "execute", recorded)
+        for first, batch in ((0, ("g1", "g2")), (2, ("g3", "g4", "g5"))):
+            calls = [self.redeem(f"r-{name}", n) for n, name in enumerate(batch, first)]
+            self.reactor.advance(0)
+            self.assertEqual([self.successResultOf(d).status for d in calls], ["rotated"] * len(batch))
+        self.assertEqual(len(writes), 2)
+        self.assertEqual(writes[0], writes[1])
+        self.assertIs(writes[0][1], False)
+        for n in range(5):
+            self.assertIsNotNone(self.successResultOf(self.store.lookup_access_token(h(f"x{n}"), T0 + 101)))
+        # Each grant's first refresh recorded its use; the presented
+        # tokens are spent (a second presentation, past grace, is a reuse).
+        d = self.store.list_grants()
+        self.reactor.advance(0)
+        self.assertEqual(sorted(g.last_used_at for g in self.successResultOf(d)), [T0 + 100] * 5)
+        late = self.store.redeem_refresh_token(
+            h("r-g1"), T0 + 100 + GRACE + 1, GRACE, None, access("x9", T0 + 200), refresh("y9", T0 + 200)
+        )
+        self.reactor.advance(0)
+        self.assertEqual(self.successResultOf(late).status, "reused")
+
+    def test_writes_scrub_nul(self) -> None:
+        """
+        A NUL in a text value of the batch's JSON rows is stored as U+FFFD,
+        as in any text parameter (PostgreSQL refuses C{\\u0000} in text),
+        not an error that fails the whole batch.
+        """
+        from smeldr_oauth.store.refresh_batch import _write_batch
+        from smeldr_oauth.store.schema import OAUTH_SCHEMA
+        from smeldr_oauth.store.transactions import _access_row
+
+        self.grant("g1")
+        row = _access_row(access("n1"), "g1", ["read\x00x"], "https://r\x00")
+
+        def write(txn: Transaction) -> Any:
+            _write_batch(txn, [row], [])
+            return txn.execute("SELECT scopes, resource FROM access_tokens WHERE token_hash = ?", (h("n1"),)).fetchone()
+
+        d = self.store.database.write(OAUTH_SCHEMA, write)
+        self.reactor.advance(0)
+        scopes, resource = self.successResultOf(d)
+        # The scopes are JSON text already (with its escapes, kept as they are).
+        self.assertEqual((scopes, resource), (row[1][2], "https://r\ufffd"))
+        self.assertIn("\\u0000", scopes)
 
     def test_same_token_in_one_batch(self) -> None:
         """

@@ -34,7 +34,7 @@ from smeldr_oauth.oauth.ratelimit import (
     spend_both,
     store_key,
 )
-from smeldr_oauth.store.ratelimits import RATE_LIMITS_SCHEMA, SQLRateLimitStore
+from smeldr_oauth.store.ratelimits import RATE_LIMITS_SCHEMA, SQLRateLimitStore, _take
 from tests import postgres
 from tests.test_store_postgres import CHECKOUT, _Racer
 from tests.test_store_sqlite import InlineReactor
@@ -175,6 +175,27 @@ class PostgresStoreTests(StoreMixin, SynchronousTestCase):
             )
         )
         self.assertEqual(persistence, "u")
+
+    def test_takes_are_hot(self) -> None:
+        """
+        Spending from a bucket is a HOT update on PostgreSQL (the new row
+        version stays on its page and no index gets an entry): no indexed
+        column changes, although every take moves C{full_at}, and the page
+        has room.  A hot bucket (one address behind a balancer) would
+        otherwise leave an index entry per take for the next takes to walk
+        past; the purge still finds full buckets (L{test_purge}).
+        """
+
+        def takes(txn: Any) -> tuple[int, int]:
+            for index in range(40):
+                _take(txn, "test", "k", 1000.0, 0.05, T0 + index)
+            row = txn.execute(
+                "SELECT pg_stat_get_xact_tuples_updated(c.oid), pg_stat_get_xact_tuples_hot_updated(c.oid)"
+                " FROM pg_class c WHERE c.relname = 'rate_limits'"
+            ).fetchone()
+            return int(row[0]), int(row[1])
+
+        self.assertEqual(self.ok(self.database.write(RATE_LIMITS_SCHEMA, takes)), (39, 39))
 
     def test_keys_not_kept(self) -> None:
         """

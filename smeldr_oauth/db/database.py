@@ -96,10 +96,20 @@ class Transaction:
         self._convert = convert
         self.engine = engine
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> "Transaction":
+    def execute(self, sql: str, params: Sequence[Any] = (), prepare: Optional[bool] = None) -> "Transaction":
+        """
+        @param prepare: PostgreSQL: C{False} never makes the statement a
+            prepared one (psycopg prepares a statement from its fifth run
+            on), so that it is planned afresh for each run, with the
+            tables as they are then (see
+            L{smeldr_oauth.store.refresh_batch}); C{None}, the default.
+        """
         if self._convert is not None:
             sql = self._convert(sql)
-        self._cursor.execute(sql, params)
+        if prepare is None:
+            self._cursor.execute(sql, params)
+        else:
+            self._cursor.execute(sql, params, prepare=prepare)
         return self
 
     def execute_together(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> "Transaction":

@@ -226,6 +226,24 @@ OAUTH_SCHEMA = Schema(
                 "DROP INDEX access_tokens_grant_id",
             ),
         ),
+        # PostgreSQL: the two facts functions plan their statements at every
+        # call.  A PL/pgSQL function keeps its statements' plans for the
+        # session, and after five calls may keep one generic plan, made
+        # from what the planner knew then: on a young database (the
+        # bench's, or any after its first hour) a sequential scan of
+        # refresh_tokens, still used when the table had grown to thousands
+        # of rows (every rotation adds one), so each call read the whole
+        # table, twice: 1.8 ms of backend CPU a call, rising with the
+        # table.  A plan made at each call sees the table as it is and the
+        # presented hashes, and uses the primary key.
+        Migration(
+            5,
+            sqlite=(),
+            postgresql=(
+                "ALTER FUNCTION smeldr_refresh_facts(TEXT) SET plan_cache_mode = force_custom_plan",
+                "ALTER FUNCTION smeldr_refresh_facts_many(TEXT[]) SET plan_cache_mode = force_custom_plan",
+            ),
+        ),
     ),
     tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
     legacy=_legacy_version,
