@@ -19,6 +19,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import Request
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyChannel
 
 from smeldr_oauth.web.site import SmeldrSite, TrustedProxies, routable_host, routable_host_header
@@ -650,3 +651,107 @@ class HostHeaderTests(SynchronousTestCase):
             request.requestHeaders.setRawHeaders(b"host", [value])
             expected = routable_host(request.getRequestHostname())
             self.assertEqual(routable_host_header(value), expected, value)
+
+
+class AnswerGatheredTests(TestCase):
+    """
+    L{SmeldrRequest.write} and L{SmeldrChannel}: an answer's head and body
+    in one transport write, put on the wire after its access log line and
+    before the channel reads the next request.
+    """
+
+    async def test_headAndBodyOneWrite(self) -> None:
+        """
+        A C{Content-Length} answer is one C{send} (head and body together),
+        not twisted.web's two writes.
+        """
+        from tests.test_web_transport import GET, Served, whole
+
+        sends: list[bytes] = []
+
+        def answer(request: Any) -> bytes:
+            transport = request.channel.transport
+            send = transport.writeSomeData
+            transport.writeSomeData = lambda data: sends.append(bytes(data)) or send(data)
+            return b"the body"
+
+        served = Served(self, answer)
+        served.send(GET)
+        received = await served.read_until(whole)
+        self.assertEqual(sends, [received])
+
+    async def test_loggedBeforeOnTheWire(self) -> None:
+        """
+        An answer whole after its first write stays gathered until
+        C{finish()}: the access log's line is written before the client
+        can read the answer (as when the reactor's next turn sent it).
+        """
+        from tests.test_web_transport import GET, Served, peek, whole
+
+        atLog: list[bytes] = []
+        beforeFinish: list[bytes] = []
+
+        def answer(request: Any) -> Any:
+            request.setHeader(b"content-length", b"5")
+            request.write(b"whole")
+            beforeFinish.append(peek(served.client))
+            request.finish()
+            return NOT_DONE_YET
+
+        served = Served(self, answer)
+        log = served.site.log
+        served.site.log = lambda request: (atLog.append(peek(served.client)), log(request))  # type: ignore[method-assign]
+        served.send(GET)
+        received = await served.read_until(whole)
+        self.assertTrue(received.endswith(b"whole"))
+        self.assertEqual(beforeFinish, [b""])
+        self.assertEqual(atLog, [b""])
+
+    async def test_pipelinedInOrder(self) -> None:
+        """
+        Two requests in one packet, the first answered later: its answer is
+        on the wire before the channel reads the second request (which
+        twisted.web does inside the first's C{finish()}), so the answers
+        come in order.
+        """
+        from tests.test_web_transport import Served
+
+        def answer(request: Any) -> Any:
+            body = b"answer to " + request.path
+            if request.path == b"/b":
+                return body
+
+            # The first answer comes later: the second request waits in
+            # the channel's buffer, and is read when the first is done.
+            def later() -> None:
+                request.setHeader(b"content-length", b"%d" % (len(body),))
+                request.write(body)
+                request.finish()
+
+            reactor.callLater(0, later)  # type: ignore[attr-defined]
+            return NOT_DONE_YET
+
+        served = Served(self, answer)
+        served.send(
+            b"GET /a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        received = await served.read_until(lambda r: r.endswith(b"answer to /b"))
+        self.assertEqual(received.count(b"HTTP/1.1 200"), 2)
+        self.assertLess(received.index(b"answer to /a"), received.index(b"answer to /b"))
+
+    async def test_headAnswer(self) -> None:
+        """
+        A C{HEAD} answer (a head and no body) goes out whole, and the
+        connection serves the next request.
+        """
+        from tests.test_web_transport import GET, Served, whole
+
+        served = Served(self, lambda request: b"body")
+        served.send(b"HEAD /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = await served.read_until(lambda r: r.endswith(b"\r\n\r\n"))
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"))
+        self.assertIn(b"Content-Length: 4", head)
+        served.send(GET)
+        received = await served.read_until(whole)
+        self.assertTrue(received.endswith(b"\r\n\r\nbody"))
