@@ -181,21 +181,52 @@ class RunningServer:
             pass
 
 
+#: With L{waitForListening}'s C{spent}, a server that never listens while
+#: spending no CPU (blocked) is still given up on after this many seconds,
+#: before trial's own 120-second test timeout, so that the failure shows
+#: its log.
+WALL_LIMIT = 90.0
+
+
+def processCPU(pid: int) -> float:
+    """
+    The CPU seconds (user and system) process C{pid} and the children it
+    has reaped have used, from C{/proc}; 0 when it cannot be read (the
+    process is gone, or there is no C{/proc}).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 async def waitForListening(
     reactor: IReactorTime,
     port: int,
     alive: Any,
     timeout: float = 15.0,
     interval: float = 0.1,
+    spent: Callable[[], float] | None = None,
 ) -> None:
     """
     Connect to C{127.0.0.1:port} until a connection succeeds.
 
     @param alive: A callable that says whether the process is still running:
         a server that died will never listen, so stop waiting at once.
+    @param spent: A callable giving the CPU seconds the process has used
+        (L{processCPU}).  Given, C{timeout} counts those, not the wall
+        clock's: a server's start is about two seconds of CPU, which a
+        2-core box running the whole suite beside other jobs (load average
+        15-25) stretched past 15 wall-clock seconds before the server had
+        printed a line ("nothing listened ... within 15.0s", empty log),
+        while a server that is really stuck in a loop still fails after
+        C{timeout} seconds of its own work; one that waits without working
+        is given up on after L{WALL_LIMIT}.
     @raise ServerFailed: The process died, or C{timeout} passed.
     """
-    deadline = reactor.seconds() + timeout
+    started = reactor.seconds()
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2)
     while True:
         if not alive():
@@ -203,9 +234,13 @@ async def waitForListening(
         try:
             connected = await endpoint.connect(Factory.forProtocol(Protocol))
         except (error.ConnectError, error.ConnectionRefusedError):
-            if reactor.seconds() > deadline:
+            waited = reactor.seconds() - started
+            if spent is None and waited > timeout:
+                raise ServerFailed(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
+            if spent is not None and (spent() > timeout or waited > max(timeout, WALL_LIMIT)):
                 raise ServerFailed(
-                    f"nothing listened on 127.0.0.1:{port} within {timeout}s"
+                    f"nothing listened on 127.0.0.1:{port} within {timeout}s of the server's CPU"
+                    f" ({spent():.1f}s used in {waited:.1f}s)"
                 )
             await deferLater(reactor, interval, lambda: None)
         else:
@@ -294,7 +329,10 @@ async def launchServer(
     )
     testCase.addCleanup(lambda: Deferred.fromCoroutine(server.stop()))
     try:
-        await waitForListening(reactor, port, server.isRunning, timeout=timeout)
+        pid = process.pid
+        await waitForListening(
+            reactor, port, server.isRunning, timeout=timeout, spent=lambda: processCPU(pid) if pid else 0.0
+        )
     except ServerFailed as e:
         await server.stop()
         raise ServerFailed(server.annotate(str(e))) from None

@@ -97,6 +97,7 @@ class Cluster:
         self.process: Optional[subprocess.Popen[bytes]] = None
         self._names = itertools.count(1)
         self._log: Optional[IO[bytes]] = None
+        self._copier: Optional[threading.Thread] = None
         os.mkdir(self.socket_dir)
         self._user: dict[str, Any] = {}
         if os.geteuid() == 0:
@@ -172,9 +173,10 @@ class Cluster:
         assert self.process.stderr is not None
         # The log goes through this thread (to the log file), which also
         # notices the line saying the server is ready: no polling.
-        threading.Thread(
+        self._copier = threading.Thread(
             target=_copy_log, args=(self.process.stderr, self._log, ready), daemon=True
-        ).start()
+        )
+        self._copier.start()
         if not ready.wait(timeout) or not self.running:
             self.stop()
             raise RuntimeError(f"PostgreSQL did not start; see {self.log_path}:\n{self.log_tail()}")
@@ -192,6 +194,18 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        # The server's last lines (its shutdown) may still be in the pipe:
+        # the log is closed only once its thread has copied them all, or
+        # the thread writes to a closed file (a traceback at the test
+        # process's exit) and the lines are lost.  The thread ends at the
+        # pipe's end, which the server's exit brings; the bound only
+        # keeps a stray holder of the pipe from hanging the exit.
+        copier, self._copier = self._copier, None
+        if copier is not None:
+            copier.join(30)
+        log, self._log = self._log, None
+        if log is not None and (copier is None or not copier.is_alive()):
+            log.close()
 
     def restart(self) -> None:
         self.stop()
@@ -199,8 +213,6 @@ class Cluster:
 
     def destroy(self) -> None:
         self.stop()
-        if self._log is not None:
-            self._log.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def log_tail(self, size: int = 4000) -> str:
