@@ -15,6 +15,8 @@ from typing import Any, Optional, Union
 
 import attr
 
+from smeldr_oauth.oauth.jsontext import encoder
+
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
@@ -249,9 +251,11 @@ def _reject_constant(name: str) -> None:
 # C{json.dumps} given any option build a new one (and its scanner) per
 # call, which was a third of their cost for a tools/call's frames.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# The encoders are made once too, without JSONEncoder.encode's set-up per
+# call (see smeldr_oauth.oauth.jsontext).
+_ENCODER = encoder(ensure_ascii=False)
 #: For the rare message that has no UTF-8 (see L{encode}).
-_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_ASCII_ENCODER = encoder()
 
 
 def result_response(msg_id: RequestId, result: JSONValue) -> dict[str, JSONValue]:
@@ -295,8 +299,8 @@ def encode(message: JSONValue) -> bytes:
     non-ASCII character escaped, which is the same JSON, rather than an
     error that would leave the request without an answer.
     """
-    text = _ENCODER.encode(message)
+    text = _ENCODER(message)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        return _ASCII_ENCODER.encode(message).encode("ascii")
+        return _ASCII_ENCODER(message).encode("ascii")

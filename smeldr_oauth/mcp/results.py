@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from smeldr_oauth.mcp.content import CONTENT_TYPES, AudioContent, EmbeddedResource, ResourceLink
 from smeldr_oauth.mcp.versions import CACHEABLE, SERVER_INFO_KEY
+from smeldr_oauth.oauth.jsontext import encoder
 
 if TYPE_CHECKING:
     from smeldr_oauth.mcp.app import Prompt, Resource, Tool
@@ -34,12 +35,10 @@ def to_jsonable(value: object) -> JSONValue:
     return json.loads(json.dumps(value, default=str))
 
 
-#: Built once: C{json.dumps} with options makes a new encoder per call.
-_TEXT_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
-
-
-def _dump(value: object) -> str:
-    return _TEXT_ENCODER.encode(value)
+#: Built once: C{json.dumps} with options makes a new encoder per call,
+#: C{JSONEncoder.encode} a new C encoder (see L{smeldr_oauth.oauth.jsontext}).
+#: The standard separators: the text a tool's result has always had.
+_dump = encoder(separators=(", ", ": "), ensure_ascii=False, default=str)
 
 
 def content_json(item: object, version: str) -> dict[str, JSONValue]:

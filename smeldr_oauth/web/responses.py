@@ -7,18 +7,19 @@ and the C{303 See Other} after a form (L{see_other}).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from twisted.web.iweb import IRequest
 
+from smeldr_oauth.oauth.jsontext import encoder
 from smeldr_oauth.web.errors import JSON_HEADERS
 
 
 #: Compact JSON.  One encoder for every answer: C{json.dumps} with
 #: C{separators} builds a new one per call (a third of encoding a token
-#: response); an encoder keeps no state between calls.
-_compact = json.JSONEncoder(separators=(",", ":")).encode
+#: response), and C{JSONEncoder.encode} a new C encoder per call (see
+#: L{smeldr_oauth.oauth.jsontext}).
+_compact = encoder()
 
 
 def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
