@@ -21,10 +21,6 @@ are answered by a plain twisted.web resource found by exact path, without
 Klein's routing (L{SmeldrSite.static}, filled by the service from the
 routes: L{smeldr_oauth.web.routes.static_answers}); and the access log can
 go through a buffered writer (L{smeldr_oauth.web.accesslog}).
-
-Its channel, L{SmeldrChannel}, writes answers at once
-(L{smeldr_oauth.web.transport}) and each answer's head and first body
-bytes in one write (L{SmeldrRequest.write}).
 """
 
 from __future__ import annotations
@@ -37,18 +33,12 @@ import weakref
 from typing import Any, Iterable, Mapping, Optional
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.protocol import connectionDone
-from twisted.python.failure import Failure
-from twisted.web import http
-from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
-from twisted.web.http import NO_BODY_CODES
 from twisted.web.server import Request, Site
 
 from smeldr_oauth.web.flow_events import request_finished
 from smeldr_oauth.web import errors
 from smeldr_oauth.web.accesslog import BufferedAccessLog, combined
-from smeldr_oauth.web.transport import adopt
 
 DEFAULT_MAX_BODY = 1 << 20
 
@@ -105,7 +95,6 @@ class SmeldrRequest(Request):
 
     max_body = DEFAULT_MAX_BODY
     body_too_large = False
-    _holding = False
     _received = 0
     _started = 0.0
 
@@ -193,64 +182,16 @@ class SmeldrRequest(Request):
         self.write(body)
         self.finish()
 
-    def write(self, data: bytes) -> None:
-        """
-        The first write gathers the head and C{data} into one transport
-        write: twisted.web writes the head (C{channel.writeHeaders}) and
-        then the body (C{channel.write}) as two, which with answers written
-        at once (L{smeldr_oauth.web.transport}) would be two C{send}s.
-
-        When that write completes the answer (its C{Content-Length} reached,
-        or an answer without a body), the bytes stay gathered until
-        C{finish()} (which twisted.web's C{render} and Klein call right
-        after the write) has logged the request and observed its metrics
-        (L{_cleanup}): the answer is then on the wire only after its access
-        log line and its metrics, as it was when the reactor's next turn
-        sent it.  Otherwise (a stream, chunks, a producer) they are written
-        before this returns, so a head written alone (C{write(b"")}
-        opening a stream) still goes out now.
-        """
-        if self.startedWriting:
-            super().write(data)
-            return
-        channel: Any = self.channel
-        hold = getattr(channel, "hold", None)
-        if hold is None:
-            super().write(data)
-            return
-        hold()
-        try:
-            super().write(data)
-        except BaseException:
-            channel.release()
-            raise
-        if self._complete():
-            self._holding = True
-        else:
-            channel.release()
-
-    def _complete(self) -> bool:
-        """Is the answer whole once its first write is?"""
-        if self.method == b"HEAD" or self.code in NO_BODY_CODES:
-            return True
-        length = self.responseHeaders.getRawHeaders(b"content-length")
-        return length is not None and length[0] == b"%d" % (self.sentLength,)
-
-    def _cleanup(self) -> None:
-        # Called by finish() after the access log's line and before the
-        # channel moves on to the next request (requestDone): the metrics,
-        # then the gathered answer, if any, onto the wire.
-        metrics = getattr(getattr(self.channel, "site", None), "metrics", None)
+    def finish(self) -> None:
+        metrics = getattr(getattr(getattr(self, "channel", None), "site", None), "metrics", None)
+        super().finish()
         request_finished(self)
-        if metrics is not None and self._started:
-            content_type = self.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
-            if not content_type.startswith(b"text/event-stream"):
-                metrics.observe_request(self.path, self.method, self.code, time.perf_counter() - self._started)
-        if self._holding:
-            self._holding = False
-            channel: Any = self.channel
-            channel.release()
-        super()._cleanup()
+        if metrics is None or not self._started:
+            return
+        content_type = self.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
+        if content_type.startswith(b"text/event-stream"):
+            return
+        metrics.observe_request(self.path, self.method, self.code, time.perf_counter() - self._started)
 
 
 class TrustedProxies:
@@ -320,73 +261,6 @@ class _LocalAddress:
         return host
 
 
-class SmeldrChannel(http.HTTPChannel):
-    """
-    twisted.web's HTTP/1.1 channel, with the connection's transport adopted
-    by L{smeldr_oauth.web.transport.adopt} (answers written at once) and a
-    way to gather one answer's first writes into a single transport write
-    (L{hold}, L{release}; used by L{SmeldrRequest.write}).
-    """
-
-    _held: Optional[list[bytes]] = None
-
-    def connectionMade(self) -> None:
-        adopt(self.transport)
-        super().connectionMade()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._held = None
-        super().connectionLost(reason)
-
-    def hold(self) -> None:
-        """Gather the writes that follow until L{release}."""
-        self._held = []
-
-    def release(self) -> None:
-        """Write what was gathered since L{hold}, in one transport write."""
-        held, self._held = self._held, None
-        if held:
-            transport: Any = self.transport
-            transport.writeSequence(held)
-
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-        held = self._held
-        if held is None or not isinstance(headers, Headers):
-            super().writeHeaders(version, code, reason, headers)
-            return
-        # As twisted.web's writeHeaders builds the head (Headers has
-        # sanitised names and values already), gathered instead of written.
-        held.extend((version, b" ", code, b" ", reason, b"\r\n"))
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                held.extend((name, b": ", value, b"\r\n"))
-        held.append(b"\r\n")
-
-    def write(self, data: bytes) -> None:
-        held = self._held
-        if held is None:
-            transport: Any = self.transport
-            transport.write(data)
-        else:
-            held.append(data)
-
-    def writeSequence(self, iovec: Any) -> None:
-        held = self._held
-        if held is None:
-            transport: Any = self.transport
-            transport.writeSequence(iovec)
-        else:
-            held.extend(iovec)
-
-
-def _channel_protocol(site: Any) -> Any:
-    """
-    The protocol of every connection the site accepts: twisted.web's
-    (L{http._genericHTTPChannelProtocolFactory}) around a L{SmeldrChannel}.
-    """
-    return http._GenericHTTPChannelProtocol(SmeldrChannel())
-
-
 class SmeldrSite(Site):
     """
     The site for every smeldr-oauth HTTP listener.
@@ -408,7 +282,6 @@ class SmeldrSite(Site):
     """
 
     requestFactory = SmeldrRequest
-    protocol = _channel_protocol
 
     def __init__(
         self,
