@@ -18,7 +18,14 @@ from smeldr_oauth.db.database import Transaction
 from smeldr_oauth.db.postgres import _scrub
 from smeldr_oauth.oauth import rotation
 from smeldr_oauth.oauth.interfaces import RefreshRedemption
-from smeldr_oauth.store.transactions import _apply, _decide, _writes, redeem_refresh_token
+from smeldr_oauth.store.transactions import (
+    RECORD_USE,
+    SPEND_GENERATION,
+    _apply,
+    _decide,
+    _writes,
+    redeem_refresh_token,
+)
 
 #: The most bind parameters in one statement of rotations' writes: libpq
 #: refuses more than 65,535, which a rotation's 18 to 20 reach from about
@@ -100,18 +107,8 @@ def redeem_refresh_tokens(txn: Transaction, calls: list[tuple[Any, ...]]) -> lis
     return results
 
 
-#: A rotation's spend of its presented token (and its generation's other
-#: unused tokens), as L{smeldr_oauth.store.transactions._writes} sends
-#: it, and its use recorded on the grant: the statements L{_write_batch}
-#: sends for a whole batch as one statement of one text.
-_SPEND = (
-    "UPDATE refresh_tokens SET"
-    " used_at = CASE WHEN token_hash = ? THEN ? ELSE used_at END,"
-    " revoked_at = CASE WHEN token_hash = ? THEN revoked_at ELSE ? END"
-    " WHERE grant_id = ? AND generation = ? AND used_at IS NULL AND revoked_at IS NULL"
-    " RETURNING token_hash"
-)
-_RECORD_USE = "UPDATE grants SET last_used_at = ? WHERE grant_id = ?"
+#: An insert of one row of named columns, as the rotation sends its new
+#: tokens: a batch sends all rows of one such insert as one JSON parameter.
 _INSERT = re.compile(r"INSERT INTO (\w+) \(([\w, ]+)\) VALUES \([?, ]+\)\Z")
 
 _BATCH_RECORD_USE = (
@@ -159,10 +156,10 @@ def _write_batch(
     spent_at = {index for index, _ in spent}
     for position, (sql, values) in enumerate(writes):
         values = [_scrub(value) for value in values]
-        if sql == _SPEND:
+        if sql == SPEND_GENERATION:
             token_hash, now, _, _, grant_id, generation = values
             spends.append({"token_hash": token_hash, "now": now, "grant_id": grant_id, "generation": generation})
-        elif sql == _RECORD_USE:
+        elif sql == RECORD_USE:
             record_use.append({"now": values[0], "grant_id": values[1]})
         else:
             shape = _INSERT.match(sql)

@@ -104,6 +104,24 @@ def _refresh_row(
     )
 
 
+#: A grant's use recorded (its C{last_used_at}), by a code exchange, a
+#: rotation or a first use of an access token.
+RECORD_USE = "UPDATE grants SET last_used_at = ? WHERE grant_id = ?"
+
+#: A rotation's spend of the presented refresh token and the revocation of
+#: its generation's other unused tokens, in one statement that returns the
+#: hashes it spent (parameters: the token's hash, now, the hash again, now,
+#: the grant, the generation).  L{smeldr_oauth.store.refresh_batch} sends a
+#: batch's spends as one statement of its own and recognises them by it.
+SPEND_GENERATION = (
+    "UPDATE refresh_tokens SET"
+    " used_at = CASE WHEN token_hash = ? THEN ? ELSE used_at END,"
+    " revoked_at = CASE WHEN token_hash = ? THEN revoked_at ELSE ? END"
+    " WHERE grant_id = ? AND generation = ? AND used_at IS NULL AND revoked_at IS NULL"
+    " RETURNING token_hash"
+)
+
+
 def revoke_grant(txn: Transaction, grant_id: str, now: float) -> bool:
     """
     End a grant and mark its refresh tokens revoked; C{True} if it was live
@@ -215,7 +233,7 @@ def exchange_code(
         rows.append(_refresh_row(refresh, code.grant_id, code.scopes, 1))
     # The grant's use, recorded here rather than by a transaction of its
     # own when the new token is first used (AccessVerifier.grant_used).
-    rows.append(("UPDATE grants SET last_used_at = ? WHERE grant_id = ?", (now, code.grant_id)))
+    rows.append((RECORD_USE, (now, code.grant_id)))
     txn.execute_together(rows)
     grant = redemption.grant
     return attr.evolve(redemption, grant=None if grant is None else attr.evolve(grant, last_used_at=now)), None
@@ -356,7 +374,7 @@ def _writes(
             _refresh_row(new_refresh, grant.grant_id, decision.refresh_scopes, decision.new_generation)
         )
     if decision.record_use:
-        writes.append(("UPDATE grants SET last_used_at = ? WHERE grant_id = ?", (now, grant.grant_id)))
+        writes.append((RECORD_USE, (now, grant.grant_id)))
         grant = attr.evolve(grant, last_used_at=now)
     if decision.mark_used:
         # Spend the presented token and, with revoke_unused_siblings (they
@@ -366,11 +384,7 @@ def _writes(
         assert decision.revoke_unused_siblings
         writes.append(
             (
-                "UPDATE refresh_tokens SET"
-                " used_at = CASE WHEN token_hash = ? THEN ? ELSE used_at END,"
-                " revoked_at = CASE WHEN token_hash = ? THEN revoked_at ELSE ? END"
-                " WHERE grant_id = ? AND generation = ? AND used_at IS NULL AND revoked_at IS NULL"
-                " RETURNING token_hash",
+                SPEND_GENERATION,
                 (token.token_hash, now, token.token_hash, now, grant.grant_id, token.generation),
             )
         )
@@ -463,4 +477,4 @@ def list_grants(
 
 
 def touch_grant(txn: Transaction, grant_id: str, now: float) -> None:
-    txn.execute("UPDATE grants SET last_used_at = ? WHERE grant_id = ?", (now, grant_id))
+    txn.execute(RECORD_USE, (now, grant_id))
