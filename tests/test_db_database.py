@@ -1104,6 +1104,20 @@ class CheckpointerTests(SynchronousTestCase):
         hung[0].callback(None)
         self.successResultOf(checkpoints.stop())
 
+    def test_restart_threshold(self) -> None:
+        """
+        L{RESTART_FRAMES} is several seconds of a busy server's writes
+        (18,000-24,000 frames a second at 4,000-5,000 refreshes a
+        second on the bench box): at 16,384 the writes were held every
+        second, 1.2-1.4% of the refreshes, and those were a third to three
+        quarters of the slowest 1% (docs/performance.md, round nine).
+        """
+        from smeldr_oauth.db.sqlite import RESTART_FRAMES
+
+        self.assertGreaterEqual(RESTART_FRAMES, 3 * 20_000)
+        # Still bounded: 256 MiB of 4 KiB pages at most.
+        self.assertLessEqual(RESTART_FRAMES * 4096, 256 * 1024 * 1024)
+
     def test_skips_while_running(self) -> None:
         """
         A tick while the previous checkpoint still runs starts no other.

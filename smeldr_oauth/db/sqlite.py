@@ -184,11 +184,18 @@ class DataVersionWatch:
 CHECKPOINT_INTERVAL = 1.0
 
 #: WAL frames (pages) past which L{Checkpointer} makes sure the WAL
-#: restarts: 64 MiB of 4 KiB pages.  Each time, the grouped writes wait for
-#: a second checkpoint (8-34 ms on the loaded bench box, 4% of a second's
-#: refreshes when it came every second at 1,000 frames): rarer with a
-#: longer WAL, which SQLite mostly leaves to the page cache.
-RESTART_FRAMES = 16384
+#: restarts: 256 MiB of 4 KiB pages.  Each time, the grouped writes wait for
+#: a second checkpoint (6-15 ms on a quiet bench box, 10-40 ms on a loaded
+#: one: its two C{fsync}s), and every refresh that arrives meanwhile waits
+#: with it.  At 16,384 frames (64 MiB) a busy server (4,000 refreshes a
+#: second write 18,000-24,000 frames a second) held its writes every
+#: second, 1.2-1.4% of the refreshes, and those were a third to three
+#: quarters of the slowest 1% (C{docs/performance.md}, round nine).  At
+#: 65,536 the hold comes about every 3 s at that rate, to about 0.4% of
+#: the refreshes, below the 99th percentile; the WAL file stays under 256 MiB
+#: and a second of writes, and is written over from its start again after
+#: each restart.
+RESTART_FRAMES = 65536
 
 #: The longest L{Checkpointer} holds the grouped writes back, whatever its
 #: thread does: seconds.
