@@ -352,10 +352,15 @@ def register_client(server: OAuthServer) -> str:
         client.close()
 
 
-def obtain_tokens(server: OAuthServer, client_id: str, site_token: str, count: int) -> list[dict[str, str]]:
+def obtain_tokens(
+    server: OAuthServer, client_id: str, site_token: str, count: int, scope: str = "read write offline_access"
+) -> list[dict[str, str]]:
     """
     C{count} separate grants, each through the consent form and the code
     exchange; each gives an access token and a refresh token.
+
+    @param scope: what the consent grants (the site's tools' scopes by
+        default; a gateway's upstream has its own).
     """
     client = Client(server.port)
     form_headers = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -368,7 +373,7 @@ def obtain_tokens(server: OAuthServer, client_id: str, site_token: str, count: i
                     response_type="code",
                     client_id=client_id,
                     redirect_uri=REDIRECT_URI,
-                    scope="read write offline_access",
+                    scope=scope,
                     code_challenge=challenge,
                     code_challenge_method="S256",
                     resource=server.resource,
@@ -397,7 +402,7 @@ def obtain_tokens(server: OAuthServer, client_id: str, site_token: str, count: i
                 {
                     "client_id": client_id,
                     "access_token": issued["access_token"],
-                    "refresh_token": issued["refresh_token"],
+                    "refresh_token": issued.get("refresh_token", ""),
                 }
             )
     finally:

@@ -90,3 +90,49 @@ class GatewayFrontTurnTests(SynchronousTestCase):
         side = Side(0, {})
         asyncio.run(side.throughput([Recorded("a"), Recorded("b")], 0.0))  # type: ignore[list-item]
         self.assertEqual(events, ["reconnect a", "reconnect b"])
+
+
+class GatewayFrontShapeTests(SynchronousTestCase):
+    """
+    The bench's front is what C{twist smeldr-oauth} serves for an upstream:
+    until round nine it mounted the gateway on a Klein app of its own, a
+    path production does not take.
+    """
+
+    def test_front_is_the_server_with_the_upstream(self) -> None:
+        """
+        The server the bench starts, built from the bench's own arguments
+        (the listener and databases as L{bench.servers.start_smeldr} gives
+        them), answers the upstream's C{/mcp} through the site's direct
+        routes (no Klein), with the gateway's sessions, and keeps every
+        session the bench opens on one grant.
+        """
+        from bench.gateway_front import UPSTREAM_TOML, front_arguments
+        from smeldr_oauth.service import tap
+        from smeldr_oauth.service.wiring import StandaloneService
+        from smeldr_oauth.web.routes import DirectRoute
+        from tests.test_store_sqlite import InlineReactor
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        config = os.path.join(directory, "upstreams.toml")
+        with open(config, "w", encoding="utf-8") as f:
+            f.write(UPSTREAM_TOML.format(url="http://127.0.0.1:9/mcp"))
+        options = tap.Options()
+        options.parseOptions(
+            [
+                "--issuer", "http://127.0.0.1:1",
+                "--oauth-db", os.path.join(directory, "oauth.db"),
+                "--site-db", os.path.join(directory, "site.db"),
+                "--db-threads", "0",
+                "--dev",
+                *front_arguments(config),
+            ]
+        )
+        service = StandaloneService(options, InlineReactor())
+        [(front, gateway)] = service.mounted.fronts
+        self.assertIsInstance(service.site.direct[b"/mcp"], DirectRoute)
+        self.assertEqual(front.path, "/mcp")
+        self.assertEqual(gateway.config.isolation, "session")
+        self.assertGreaterEqual(options["max-sessions-per-grant"], 1000)
+        self.assertGreaterEqual(gateway.config.limits.max_instances, 1000)
