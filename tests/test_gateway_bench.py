@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -98,6 +99,30 @@ class GatewayFrontShapeTests(SynchronousTestCase):
     until round nine it mounted the gateway on a Klein app of its own, a
     path production does not take.
     """
+
+    def test_front_in_the_bench_session(self) -> None:
+        """
+        The front runs in the bench's own session, beside the upstream and
+        the generator: a session of its own would be a scheduling group of
+        its own (autogroup), a share of a busy box the direct side lacks.
+        """
+        import bench.servers
+        from bench import gateway_front
+
+        started: list[Any] = []
+
+        class Stop(Exception):
+            pass
+
+        def start_smeldr(extra: Any, **kwargs: Any) -> Any:
+            started.append((extra, kwargs))
+            raise Stop()
+
+        self.patch(bench.servers, "start_smeldr", start_smeldr)
+        self.assertRaises(Stop, gateway_front.start_front, "http://127.0.0.1:9/mcp")
+        [(extra, kwargs)] = started
+        self.assertIn("--upstream-config", extra)
+        self.assertEqual(kwargs, {"new_session": False})
 
     def test_front_is_the_server_with_the_upstream(self) -> None:
         """
