@@ -247,16 +247,21 @@ class Side:
         self.done = 0
         self.elapsed = 0.0
         self.cpu = {name: 0.0 for name in [*processes, "generator"]}
+        #: CPU seconds of each process in the one-connection calls.
+        self.cpu_one = {name: 0.0 for name in processes}
 
     async def latency(self, calls: int) -> None:
         """C{calls} calls one at a time on one connection (after a warm-up)."""
         one = await Session.open(self.port, self.token)
         for _ in range(max(5, calls // 10)):
             await one.echo()
+        cpu_before = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
         for _ in range(calls):
             began = time.perf_counter()
             await one.echo()
             self.latencies.append(time.perf_counter() - began)
+        for name, pid in self.processes.items():
+            self.cpu_one[name] += cpu_seconds(pid) - cpu_before[name]
         one.conn.close()
 
     async def throughput(self, sessions: list[Session], seconds: float) -> None:
@@ -288,6 +293,12 @@ class Side:
             "p99_ms": _percentile(self.latencies, 0.99),
             "calls_per_second": self.done / self.elapsed,
             "cpu_ms_per_call": {name: used * 1000 / max(self.done, 1) for name, used in self.cpu.items()},
+            # What each process spends on a call when nothing else is in
+            # flight: the work on the one-connection latency's path, which
+            # the box's load does not change as it changes the p50s.
+            "cpu_ms_per_call_one_connection": {
+                name: used * 1000 / max(len(self.latencies), 1) for name, used in self.cpu_one.items()
+            },
         }
 
 
@@ -417,6 +428,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"  CPU per call   direct: upstream {dc['upstream']:.2f} ms; gateway: front {gc['front']:.2f} + upstream"
         f" {gc['upstream']:.2f} = {gc['front'] + gc['upstream']:.2f} ms  (CPU ratio {result['cpu_ratio']:.2f});"
         f" generator {dc['generator']:.2f} / {gc['generator']:.2f} ms; load {result['load_average']:.1f}"
+    )
+    d1, g1 = d["cpu_ms_per_call_one_connection"], g["cpu_ms_per_call_one_connection"]
+    print(
+        f"  CPU per call at 1 connection: direct: upstream {d1['upstream']:.3f} ms; gateway: front {g1['front']:.3f}"
+        f" + upstream {g1['upstream']:.3f} ms"
     )
     if "bytes_per_idle_session" in g:
         print(f"  idle session in the front (its own upstream session each): {g['bytes_per_idle_session'] / 1024:.1f} KiB RSS")

@@ -62,6 +62,9 @@ class GatewayBenchSmokeTests(SynchronousTestCase):
         self.assertEqual(set(report["direct"]["cpu_ms_per_call"]), {"upstream", "generator"})
         self.assertEqual(set(report["gateway"]["cpu_ms_per_call"]), {"front", "upstream", "generator"})
         self.assertGreater(report["gateway"]["cpu_ms_per_call"]["front"], 0)
+        # And in the one-connection calls (the latency's path), per process.
+        self.assertEqual(set(report["direct"]["cpu_ms_per_call_one_connection"]), {"upstream"})
+        self.assertEqual(set(report["gateway"]["cpu_ms_per_call_one_connection"]), {"front", "upstream"})
         self.assertGreater(report["cpu_ratio"], 0)
 
 
