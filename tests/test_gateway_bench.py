@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -66,6 +67,24 @@ class GatewayBenchSmokeTests(SynchronousTestCase):
         self.assertEqual(set(report["direct"]["cpu_ms_per_call_one_connection"]), {"upstream"})
         self.assertEqual(set(report["gateway"]["cpu_ms_per_call_one_connection"]), {"front", "upstream"})
         self.assertGreater(report["cpu_ratio"], 0)
+
+
+class GatewayFrontCPUTests(SynchronousTestCase):
+    def test_cpu_below_a_clock_tick(self) -> None:
+        """
+        A process's CPU is read finer than the kernel's 10 ms clock tick:
+        3 ms of work (by this process's own clock) reads as about 3 ms, not
+        as 0 or 10.
+        """
+        from bench.gateway_front import cpu_seconds
+
+        before = cpu_seconds(os.getpid())
+        start = time.process_time()
+        while time.process_time() - start < 0.003:
+            pass
+        used = cpu_seconds(os.getpid()) - before
+        self.assertGreater(used, 0.0025)
+        self.assertLess(used, 0.009)
 
 
 class GatewayFrontTurnTests(SynchronousTestCase):
