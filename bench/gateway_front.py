@@ -4,10 +4,11 @@ The whole gateway over HTTP, against the same HTTP upstream called directly.
 An upstream MCP server (the official C{server-everything} over Streamable
 HTTP, or with C{--upstream sdk} one built with the official Python SDK,
 C{tests/upstreams/sdk_server.py}, JSON answers) runs in its own process;
-the front (C{MCPHTTP} with the gateway's sessions, bearer check included,
-its event log and access log written as C{twist} writes them, the garbage
-collector settled as the server settles it)
-runs in another, and a bare asyncio HTTP client
+the front runs in another, as production runs it: C{twist smeldr-oauth}
+with that upstream configured (L{start_front}: the site's direct routes,
+the authorization server's token check, the flow timeline, its event log and
+access log in a file, the garbage collector settled), called with a token
+obtained through the real consent; and a bare asyncio HTTP client
 (L{bench.loadgen.Connection}) calls the C{echo} tool over Streamable HTTP:
 
   - one connection, one call at a time: p50 and p99 direct and through
@@ -55,7 +56,11 @@ from bench.loadgen import Connection, build, connect
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SDK_SERVER = os.path.join(CHECKOUT, "tests", "upstreams", "sdk_server.py")
-TOKEN = "bench-gateway-front-token"
+#: The scope of an upstream whose configuration maps none
+#: (L{smeldr_oauth.gateway.front.BASE_SCOPE}): what the consent grants here.
+SCOPE = "mcp"
+#: The direct side's bearer token: the upstream ignores it (it has no OAuth).
+DIRECT_TOKEN = "bench-gateway-front-token"
 INIT = {
     "jsonrpc": "2.0",
     "id": 0,
@@ -64,92 +69,75 @@ INIT = {
 }
 
 
-def serve(upstream: str) -> None:
-    """The front, in this process: prints C{PORT n} once it listens."""
-    from klein import Klein
-    from twisted.internet import reactor
-    from twisted.internet.defer import succeed
-    from zope.interface import implementer
+#: The gateway's upstream, as an operator would configure it for this
+#: comparison: one upstream session per downstream session, as the direct
+#: side has (the comparison is of the gateway, not of sharing), and room
+#: for every session the bench opens.
+UPSTREAM_TOML = """\
+[upstreams.bench]
+url = "{url}"
+isolation = "session"
+limits = {{ max_instances = 1024 }}
+"""
 
-    from smeldr_oauth.gateway.configfile import load
-    from smeldr_oauth.gateway.agent import upstream_agent
-    from smeldr_oauth.gateway.proxy import Gateway
-    from smeldr_oauth.mcp.http import MCPHTTP
-    from smeldr_oauth.oauth.interfaces import IAccessVerifier
-    from smeldr_oauth.oauth.model import AccessInfo
-    from smeldr_oauth.service.collector import settle
-    from smeldr_oauth.web.accesslog import BufferedAccessLog
-    from smeldr_oauth.web.logfile import BatchedWriter
-    from smeldr_oauth.web.site import SmeldrSite
 
-    @implementer(IAccessVerifier)
-    class OneToken:
-        def __init__(self, resource: str) -> None:
-            self.info = AccessInfo(
-                subject="bench", client_id="bench", scopes=frozenset(), resource=resource, grant_id="g", expires_at=1e12
-            )
-
-        def verify_access_token(self, token: str) -> Any:
-            return succeed(self.info if token == TOKEN else None)
-
-    # One upstream session per downstream session, as the direct side
-    # has: the comparison is of the gateway, not of sharing.
-    toml = f'[upstreams.bench]\nurl = "{upstream}"\nisolation = "session"\nlimits = {{ max_instances = 256 }}\n'
-    config = load((), toml).upstreams[0]
-    gateway = Gateway(config, clock=reactor, reactor=reactor, http_agent=upstream_agent(reactor))
-    app = Klein()
-    # The log as C{twist} keeps it (text, level info, the access log's
-    # lines batched into the same file), so that the front pays what the
-    # server pays and no more: without it the access lines went through
-    # the global log publisher (3.5% of the front's profiled time) into
-    # its start-up buffer, and debug events were kept (a routine event
-    # could not skip the log).
-    out = _log_file()
-    _log_as_twist(out)
-    access_log = BufferedAccessLog(BatchedWriter(out, reactor), reactor)
-    site = SmeldrSite(app.resource(), access_log=access_log)
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
-    resource = f"http://127.0.0.1:{port.getHost().port}/mcp"
-    front = MCPHTTP(
-        reactor,
-        None,
-        OneToken(resource),
-        resource_url=resource,
-        resource_metadata_url=resource + "/metadata",
-        challenge_scope="",
-        session_factory=gateway.session,
-        max_sessions_per_grant=1000,
-        max_sessions_per_subject=1000,
+def front_arguments(config_path: str) -> tuple[str, ...]:
+    """
+    What C{twist smeldr-oauth} is given besides its listener and databases
+    (L{bench.servers.start_smeldr} adds those): the upstream's configuration
+    file, and session limits above the bench's sessions, which all belong to
+    one grant.
+    """
+    return (
+        "--upstream-config",
+        config_path,
+        "--max-sessions-per-grant",
+        "1000",
+        "--max-sessions-per-user",
+        "1000",
     )
-    front.register(app, "/mcp")
-    # As the server does once it is up (smeldr_oauth.service.collector):
-    # start-up objects frozen out of the collector, a higher young-generation
-    # threshold.  Without it this front paid about 0.25 ms of garbage
-    # collection per call that the server does not (0.1 ms with it).
-    reactor.callWhenRunning(settle)  # type: ignore[attr-defined]
-    print(f"PORT {port.getHost().port}", flush=True)
-    reactor.run()  # type: ignore[attr-defined]
 
 
-def _log_file() -> Any:
-    """The front's log file: a temporary file, gone when the front exits."""
+def start_front(upstream_url: str) -> tuple[Any, str]:
+    """
+    The front as production runs it: C{twist smeldr-oauth} with the
+    upstream (L{bench.servers.start_smeldr}: fresh databases, text log to a
+    file, the installed package), and an access token for its C{/mcp}
+    obtained through the real consent and code exchange.
+
+    Why the real server: until round nine this bench mounted L{MCPHTTP} on
+    a Klein app of its own, while C{twist smeldr-oauth --upstream} answers
+    C{/mcp} through the site's direct routes
+    (L{smeldr_oauth.web.routes.direct_answers}, no Werkzeug routing, no
+    Klein glue), checks tokens with the authorization server's verifier
+    and records the flow timeline: the bench measured a front nobody runs.
+
+    @return: the server (C{stop()} it) and the access token.
+    """
     import tempfile
 
-    return tempfile.TemporaryFile("w+", prefix="gateway-front-", suffix=".log")
+    from bench.servers import create_site_token, obtain_tokens, register_client, start_smeldr
 
-
-def _log_as_twist(out: Any) -> None:
-    """Log as C{twist --log-level info} does: text lines, debug dropped."""
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        globalLogBeginner,
-        textFileLogObserver,
-    )
-
-    observer = FilteringLogObserver(textFileLogObserver(out), [LogLevelFilterPredicate(LogLevel.info)])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    # The file is read when the server parses its options; the server's
+    # own directory (databases, log) goes when it stops.
+    with tempfile.TemporaryDirectory(prefix="smeldr-bench-gateway-") as directory:
+        config_path = os.path.join(directory, "upstreams.toml")
+        with open(config_path, "w", encoding="utf-8") as f:
+            f.write(UPSTREAM_TOML.format(url=upstream_url))
+        # In this process's session, as the upstream and the generator are:
+        # with the kernel's autogroup scheduling a session of its own is a
+        # share of a busy box of its own, and the gateway side (the front
+        # in its own group) got more of the box than the direct side
+        # (throughput ratio 0.94-1.03 against 0.65-0.72 for the old bench
+        # in the same minutes, load 6-12).
+        server = start_smeldr(front_arguments(config_path), new_session=False)
+    try:
+        client_id = register_client(server)
+        token = obtain_tokens(server, client_id, create_site_token(server), 1, scope=SCOPE)[0]["access_token"]
+    except Exception:
+        server.stop()
+        raise
+    return server, token
 
 
 def _spawn(argv: list[str]) -> tuple[subprocess.Popen, int]:
@@ -162,9 +150,9 @@ def _spawn(argv: list[str]) -> tuple[subprocess.Popen, int]:
     return process, int(line.split()[1])
 
 
-def _headers(session: Optional[str]) -> dict[str, str]:
+def _headers(session: Optional[str], token: str) -> dict[str, str]:
     headers = {
-        "Authorization": f"Bearer {TOKEN}",
+        "Authorization": f"Bearer {token}",
         "Content-Type": "application/json",
         "Accept": "application/json, text/event-stream",
     }
@@ -176,8 +164,9 @@ def _headers(session: Optional[str]) -> dict[str, str]:
 class Session:
     """One connection with one MCP session on it."""
 
-    def __init__(self, conn: Connection, port: int, session: str) -> None:
-        self.conn, self.port, self.host, self.headers, self.ids = conn, port, f"127.0.0.1:{port}", _headers(session), 0
+    def __init__(self, conn: Connection, port: int, session: str, token: str) -> None:
+        self.conn, self.port, self.host, self.ids = conn, port, f"127.0.0.1:{port}", 0
+        self.headers = _headers(session, token)
 
     async def reconnect(self) -> None:
         """
@@ -189,13 +178,13 @@ class Session:
         self.conn = await connect("127.0.0.1", self.port)
 
     @classmethod
-    async def open(cls, port: int) -> "Session":
+    async def open(cls, port: int, token: str) -> "Session":
         conn = await connect("127.0.0.1", port)
         host = f"127.0.0.1:{port}"
-        response = await conn.request(build("POST", "/mcp", host, _headers(None), json.dumps(INIT).encode()))
+        response = await conn.request(build("POST", "/mcp", host, _headers(None, token), json.dumps(INIT).encode()))
         if response.status != 200:
             raise SystemExit(f"initialize answered {response.status}: {response.body[:200]!r}")
-        self = cls(conn, port, response.headers[b"mcp-session-id"].decode())
+        self = cls(conn, port, response.headers[b"mcp-session-id"].decode(), token)
         note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
         await conn.request(build("POST", "/mcp", host, self.headers, note))
         return self
@@ -209,7 +198,7 @@ class Session:
             raise SystemExit(f"tools/call answered {response.status}: {response.body[:200]!r}")
 
 
-async def idle_sessions(port: int, pid: int, count: int) -> float:
+async def idle_sessions(port: int, pid: int, count: int, token: str) -> float:
     """
     Bytes of the front's resident memory per idle session: C{count}
     sessions initialized (no call) on one connection, the process's RSS
@@ -222,10 +211,10 @@ async def idle_sessions(port: int, pid: int, count: int) -> float:
     note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
     before = rss_kib(pid)
     for _ in range(count):
-        response = await conn.request(build("POST", "/mcp", host, _headers(None), json.dumps(INIT).encode()))
+        response = await conn.request(build("POST", "/mcp", host, _headers(None, token), json.dumps(INIT).encode()))
         if response.status != 200:
             raise SystemExit(f"initialize answered {response.status}: {response.body[:200]!r}")
-        headers = _headers(response.headers[b"mcp-session-id"].decode())
+        headers = _headers(response.headers[b"mcp-session-id"].decode(), token)
         await conn.request(build("POST", "/mcp", host, headers, note))
     after = rss_kib(pid)
     conn.close()
@@ -233,10 +222,27 @@ async def idle_sessions(port: int, pid: int, count: int) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds a process has used (Linux C{/proc})."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """
+    CPU seconds a process's live threads have run (Linux C{/proc}: each
+    thread's C{schedstat}, in nanoseconds); where the kernel keeps no
+    scheduler statistics, user plus system time from C{stat}.
+
+    Why nanoseconds: C{stat} counts clock ticks (10 ms), which over the
+    ~170 one-connection calls of a turn is 0.02 ms a call, the size of a
+    change to the front's work (docs/performance.md, round nine).  A
+    thread that ended during a measurement takes its time with it; the
+    processes measured here keep theirs.
+    """
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
+                total += int(schedstat.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total / 1e9
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -250,23 +256,29 @@ class Side:
     the processes whose CPU it spends, and what was measured on it.
     """
 
-    def __init__(self, port: int, processes: dict[str, int]) -> None:
+    def __init__(self, port: int, processes: dict[str, int], token: str = DIRECT_TOKEN) -> None:
         self.port = port
+        self.token = token
         self.processes = processes
         self.latencies: list[float] = []
         self.done = 0
         self.elapsed = 0.0
         self.cpu = {name: 0.0 for name in [*processes, "generator"]}
+        #: CPU seconds of each process in the one-connection calls.
+        self.cpu_one = {name: 0.0 for name in processes}
 
     async def latency(self, calls: int) -> None:
         """C{calls} calls one at a time on one connection (after a warm-up)."""
-        one = await Session.open(self.port)
+        one = await Session.open(self.port, self.token)
         for _ in range(max(5, calls // 10)):
             await one.echo()
+        cpu_before = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
         for _ in range(calls):
             began = time.perf_counter()
             await one.echo()
             self.latencies.append(time.perf_counter() - began)
+        for name, pid in self.processes.items():
+            self.cpu_one[name] += cpu_seconds(pid) - cpu_before[name]
         one.conn.close()
 
     async def throughput(self, sessions: list[Session], seconds: float) -> None:
@@ -298,6 +310,12 @@ class Side:
             "p99_ms": _percentile(self.latencies, 0.99),
             "calls_per_second": self.done / self.elapsed,
             "cpu_ms_per_call": {name: used * 1000 / max(self.done, 1) for name, used in self.cpu.items()},
+            # What each process spends on a call when nothing else is in
+            # flight: the work on the one-connection latency's path, which
+            # the box's load does not change as it changes the p50s.
+            "cpu_ms_per_call_one_connection": {
+                name: used * 1000 / max(len(self.latencies), 1) for name, used in self.cpu_one.items()
+            },
         }
 
 
@@ -313,7 +331,9 @@ async def measure(
     for _ in range(rounds):
         for side in (direct, gateway):
             await side.latency(max(1, calls // rounds))
-    sessions = {side.port: [await Session.open(side.port) for _ in range(connections)] for side in (direct, gateway)}
+    sessions = {
+        side.port: [await Session.open(side.port, side.token) for _ in range(connections)] for side in (direct, gateway)
+    }
     for _ in range(rounds):
         for side in (direct, gateway):
             await side.throughput(sessions[side.port], seconds / rounds)
@@ -361,13 +381,11 @@ def run(
         upstream, upstream_port = _everything()
     front = None
     try:
-        front, front_port = _spawn(
-            [sys.executable, "-m", "bench.gateway_front", "--serve", f"http://127.0.0.1:{upstream_port}/mcp"]
-        )
+        front, token = start_front(f"http://127.0.0.1:{upstream_port}/mcp")
         direct, gateway = asyncio.run(
             measure(
                 Side(upstream_port, {"upstream": upstream.pid}),
-                Side(front_port, {"front": front.pid, "upstream": upstream.pid}),
+                Side(front.port, {"front": front.pid, "upstream": upstream.pid}, token),
                 calls,
                 connections,
                 seconds,
@@ -375,12 +393,12 @@ def run(
             )
         )
         if idle:
-            gateway["bytes_per_idle_session"] = round(asyncio.run(idle_sessions(front_port, front.pid, idle)))
+            gateway["bytes_per_idle_session"] = round(asyncio.run(idle_sessions(front.port, front.pid, idle, token)))
     finally:
-        for process in (front, upstream):
-            if process is not None:
-                process.kill()
-                process.wait()
+        if front is not None:
+            front.stop()
+        upstream.kill()
+        upstream.wait()
     return {
         "upstream": (
             "Python SDK server (JSON answers)" if upstream_kind == "sdk" else "server-everything (Node)"
@@ -412,11 +430,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--idle-sessions", type=int, default=200, metavar="N",
         help="then open N idle sessions and report the front's memory per session (0: skip)",
     )
-    parser.add_argument("--serve", metavar="UPSTREAM_URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.serve:
-        serve(args.serve)
-        return 0
     result = run(args.calls, args.connections, args.seconds, args.upstream, args.idle_sessions, max(1, args.rounds))
     if args.json:
         print(json.dumps(result, indent=2))
@@ -431,6 +445,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"  CPU per call   direct: upstream {dc['upstream']:.2f} ms; gateway: front {gc['front']:.2f} + upstream"
         f" {gc['upstream']:.2f} = {gc['front'] + gc['upstream']:.2f} ms  (CPU ratio {result['cpu_ratio']:.2f});"
         f" generator {dc['generator']:.2f} / {gc['generator']:.2f} ms; load {result['load_average']:.1f}"
+    )
+    d1, g1 = d["cpu_ms_per_call_one_connection"], g["cpu_ms_per_call_one_connection"]
+    print(
+        f"  CPU per call at 1 connection: direct: upstream {d1['upstream']:.3f} ms; gateway: front {g1['front']:.3f}"
+        f" + upstream {g1['upstream']:.3f} ms"
     )
     if "bytes_per_idle_session" in g:
         print(f"  idle session in the front (its own upstream session each): {g['bytes_per_idle_session'] / 1024:.1f} KiB RSS")

@@ -123,7 +123,13 @@ class Server:
     """A server process on 127.0.0.1; stop it with L{stop}."""
 
     def __init__(
-        self, argv: list[str], port: int, directory: str, env: dict[str, str], own_directory: bool
+        self,
+        argv: list[str],
+        port: int,
+        directory: str,
+        env: dict[str, str],
+        own_directory: bool,
+        new_session: bool = True,
     ) -> None:
         self.argv = argv
         self.port = port
@@ -137,7 +143,7 @@ class Server:
             stderr=subprocess.STDOUT,
             cwd=directory,
             env=env,
-            start_new_session=True,
+            start_new_session=new_session,
             **lifeline.popen_kwargs(),
         )
         try:
@@ -210,7 +216,7 @@ class OAuthServer(Server):
 
 
 def start_smeldr(
-    extra: tuple[str, ...] = (), directory: Optional[str] = None, listen_options: str = ""
+    extra: tuple[str, ...] = (), directory: Optional[str] = None, listen_options: str = "", new_session: bool = True
 ) -> OAuthServer:
     """
     C{twist smeldr-oauth} with fresh databases.  Not run from the checkout's
@@ -219,6 +225,9 @@ def start_smeldr(
     @param listen_options: appended to the C{--listen} endpoint, e.g.
         C{":backlog=1024"} for a server that must accept thousands of
         connections at once.
+    @param new_session: start the server in a session of its own (off:
+        in the bench's, beside processes it is compared with; see
+        L{bench.gateway_front.start_front}).
     """
     own = directory is None
     directory = directory or tempfile.mkdtemp(prefix="smeldr-bench-")
@@ -260,7 +269,7 @@ def start_smeldr(
     server.issuer = issuer
     server.site_db = site_db
     server.resource = issuer + "/mcp"
-    Server.__init__(server, argv, port, directory, _environment(False), own)
+    Server.__init__(server, argv, port, directory, _environment(False), own, new_session)
     return server
 
 
@@ -352,10 +361,15 @@ def register_client(server: OAuthServer) -> str:
         client.close()
 
 
-def obtain_tokens(server: OAuthServer, client_id: str, site_token: str, count: int) -> list[dict[str, str]]:
+def obtain_tokens(
+    server: OAuthServer, client_id: str, site_token: str, count: int, scope: str = "read write offline_access"
+) -> list[dict[str, str]]:
     """
     C{count} separate grants, each through the consent form and the code
     exchange; each gives an access token and a refresh token.
+
+    @param scope: what the consent grants (the site's tools' scopes by
+        default; a gateway's upstream has its own).
     """
     client = Client(server.port)
     form_headers = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -368,7 +382,7 @@ def obtain_tokens(server: OAuthServer, client_id: str, site_token: str, count: i
                     response_type="code",
                     client_id=client_id,
                     redirect_uri=REDIRECT_URI,
-                    scope="read write offline_access",
+                    scope=scope,
                     code_challenge=challenge,
                     code_challenge_method="S256",
                     resource=server.resource,
@@ -397,7 +411,7 @@ def obtain_tokens(server: OAuthServer, client_id: str, site_token: str, count: i
                 {
                     "client_id": client_id,
                     "access_token": issued["access_token"],
-                    "refresh_token": issued["refresh_token"],
+                    "refresh_token": issued.get("refresh_token", ""),
                 }
             )
     finally:

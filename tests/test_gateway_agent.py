@@ -21,7 +21,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from smeldr_oauth.gateway.agent import IDLE_TIMEOUT, UpstreamAgent, upstream_agent
+from smeldr_oauth.gateway import agent as agent_module
+from smeldr_oauth.gateway.agent import IDLE_TIMEOUT, KeptHeaders, UpstreamAgent, upstream_agent
 from smeldr_oauth.gateway.connection import MAX_HEAD_BYTES
 from smeldr_oauth.gateway.http import _BytesProducer
 
@@ -153,6 +154,32 @@ class AgentTests(SynchronousTestCase):
 
         self.failureResultOf(self.agent.request(b"POST", URL, Raw(), None), ValueError)
         self.assertEqual(self.endpoints.links, [])
+
+    def test_kept_headers_encoded_once(self) -> None:
+        """
+        L{KeptHeaders} sent again go out as the lines checked the first
+        time, without being walked again; a change to them is sent (and
+        checked) as any new header is.
+        """
+        headers = KeptHeaders({b"X-Token": [b"up-secret"]})
+        walked: list[Any] = []
+        lines = agent_module._header_lines
+        self.patch(agent_module, "_header_lines", lambda h: walked.append(h) or lines(h))
+        expected = b"POST /mcp?x=1 HTTP/1.1\r\nHost: up.example:9000\r\nX-Token: up-secret\r\nContent-Length: 2\r\n\r\n{}"
+        self.request(headers=headers)
+        self.request(headers=headers)
+        self.assertEqual([link.sent() for link in self.endpoints.links], [expected, expected])
+        self.assertEqual(walked, [headers])
+        headers.setRawHeaders(b"X-Token", [b"other"])
+        self.request(headers=headers)
+        self.assertIn(b"X-Token: other\r\n", self.endpoints.links[-1].sent())
+        self.assertEqual(len(walked), 2)
+        headers.addRawHeader(b"X-Bad", b"a\0b")
+        self.failureResultOf(self.request(headers=headers), ValueError)
+        self.assertEqual(len(self.endpoints.links), 3)
+        headers.removeHeader(b"X-Bad")
+        self.request(headers=headers)
+        self.assertNotIn(b"X-Bad", self.endpoints.links[-1].sent())
 
     def test_target_with_space_refused(self) -> None:
         self.failureResultOf(self.agent.request(b"GET", b"http://up.example/a b", Headers(), None), ValueError)

@@ -321,6 +321,59 @@ class ChannelRuleTests(SynchronousTestCase):
         self.assertEqual(headers[b"Accept"], [b"application/json, text/event-stream"])
         self.assertEqual(self.receiver.messages[-1][1], 2)  # attributed to its request
 
+    def test_post_headers_kept_while_nothing_changes(self) -> None:
+        """
+        A POST's headers are the last POST's again while the session id,
+        the version and the caller are the same (so the agent can send
+        their lines as they are); a new session id, version or caller gets
+        new ones, never another caller's identity.
+        """
+        sent: list[Any] = []
+        traversal = self.agent
+
+        class Recording:
+            def request(self, method: bytes, uri: bytes, headers: Any = None, body: Any = None) -> Deferred:
+                sent.append(headers)
+                return traversal.request(method, uri, headers, body)
+
+        self.upstream.extra[b"Mcp-Session-Id"] = b"session-1"  # and no cookie
+        config = UpstreamConfig(name="web", kind="http", url="http://up.example/mcp", identity_headers=IDENTITY)
+        channel = HTTPChannel(Recording(), Clock(), config)  # type: ignore[arg-type]
+        self.successResultOf(channel.start(self.receiver))  # type: ignore[arg-type]
+        alice = Principal("alice", "c1", frozenset({"a"}), None)
+        bob = Principal("bob", "c1", frozenset({"a"}), None)
+        self.successResultOf(self.send(channel, jsonrpc.request(1, "initialize", {}), alice))
+        channel.negotiated("2025-06-18")
+        for n, who in enumerate([alice, alice, bob, alice, Principal("alice", "c1", frozenset({"a"}), None)]):
+            self.successResultOf(self.send(channel, jsonrpc.request(n + 2, "tools/list", {}), who))
+        first, *rest = sent
+        self.assertIsNot(first, sent[1])  # the session id and the version came after it
+        self.assertIs(sent[1], sent[2])
+        self.assertIsNot(sent[3], sent[2])
+        self.assertIsNot(sent[4], sent[3])
+        self.assertIs(sent[5], sent[4])  # the same caller, another principal object
+        subjects = [request[1][b"X-Smeldr-Subject"] for request in self.upstream.requests]
+        self.assertEqual(subjects, [[b"alice"]] * 3 + [[b"bob"]] + [[b"alice"]] * 2)
+        self.assertEqual(self.upstream.requests[-1][1][b"Mcp-Session-Id"], [b"session-1"])
+
+    def test_post_headers_with_cookies_are_new(self) -> None:
+        """Once the upstream set a cookie, every POST gets new headers (the jar adds to them)."""
+        sent: list[Any] = []
+        traversal = self.agent
+
+        class Recording:
+            def request(self, method: bytes, uri: bytes, headers: Any = None, body: Any = None) -> Deferred:
+                sent.append(headers)
+                return traversal.request(method, uri, headers, body)
+
+        config = UpstreamConfig(name="web", kind="http", url="http://up.example/mcp")
+        channel = HTTPChannel(Recording(), Clock(), config)  # type: ignore[arg-type]
+        self.successResultOf(channel.start(self.receiver))  # type: ignore[arg-type]
+        for n in range(3):
+            self.successResultOf(self.send(channel, jsonrpc.request(n + 1, "initialize" if n == 0 else "tools/list", {})))
+        self.assertIsNot(sent[1], sent[2])
+        self.assertEqual([request[1].get(b"Cookie") for request in self.upstream.requests[1:]], [[b"sticky=node-7"]] * 2)
+
     def test_notification_exchanges_are_bounded(self) -> None:
         channel = self.channel(limits=Limits(request_timeout=5))
         self.upstream.render = lambda request: NOT_DONE_YET  # type: ignore[method-assign]

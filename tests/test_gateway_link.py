@@ -80,6 +80,30 @@ class IsolationTests(SynchronousTestCase):
         self.assertEqual(text(self.successResultOf(d)), "model said: y")
 
 
+class CallTests(SynchronousTestCase):
+    def test_call_on_a_running_instance(self) -> None:
+        """
+        A call on a running instance goes to it at once, without a Deferred
+        of the instance from L{Link.ensure} to chain through (a step fewer
+        per relayed call); its answer, the link's bookkeeping and a
+        cancellation upstream are those of any call.
+        """
+        h = Harness()
+        a, _ = h.session(ALICE)
+        link = a.link
+        assert link is not None
+        self.patch(link, "ensure", lambda: self.fail("a running instance was waited for"))
+        h.clock.advance(7)
+        self.assertEqual(text(self.successResultOf(h.call_tool(a, ALICE, "echo", {"text": "now"}))), "now")
+        self.assertEqual((link.calls, link.last_active), ({}, h.clock.seconds()))
+        d = h.call_tool(a, ALICE, "never", msg_id="c1")
+        self.assertEqual(len(link.calls), 1)
+        h.notify(a, ALICE, "notifications/cancelled", {"requestId": "c1"})
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(h.channels[0].sent[-1][0]["method"], "notifications/cancelled")
+        self.assertEqual(link.calls, {})
+
+
 class LimitTests(SynchronousTestCase):
     def test_idle_instance_is_evicted_for_a_new_one(self) -> None:
         h = Harness(limits=Limits(max_instances=1))

@@ -54,6 +54,7 @@ from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
 from smeldr_oauth.gateway import errors
+from smeldr_oauth.gateway.agent import KeptHeaders
 from smeldr_oauth.gateway.config import UpstreamConfig
 from smeldr_oauth.gateway.interfaces import IChannelReceiver, IUpstreamChannel
 from smeldr_oauth.gateway.sse import Event, SSEDecoder, SSETooLarge
@@ -63,6 +64,8 @@ from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Response
 log = Logger()
 
 USER_AGENT = b"smeldr-oauth-gateway"
+#: What a POST accepts (Streamable HTTP: a JSON answer or an event stream).
+_POST_ACCEPT = b"application/json, text/event-stream"
 #: A session id is visible ASCII (the Streamable HTTP rule), and short.
 _MAX_SESSION_ID = 1024
 #: Bytes of an error body kept (for a JSON-RPC error inside it).
@@ -163,6 +166,11 @@ class _Cookies:
         self.jar = CookieJar()
         self._any = False
 
+    @property
+    def in_use(self) -> bool:
+        """Whether the upstream set a cookie: then requests carry one."""
+        return self._any
+
     def add_to(self, url: str, headers: Headers) -> None:
         if not self._any:
             return
@@ -253,6 +261,8 @@ class HTTPChannel:
         self._reconnect: Optional[IDelayedCall] = None
         self._endpoint_ready: Optional[Deferred] = None
         self._exchanges: set[Deferred] = set()
+        #: The POST headers of the last request, and what they were made of.
+        self._kept: Optional[tuple[Any, KeptHeaders]] = None
 
     @property
     def streaming(self) -> bool:
@@ -310,8 +320,10 @@ class HTTPChannel:
 
     # -- helpers -----------------------------------------------------------------
 
-    def _headers(self, identity: Any, accept: Optional[bytes] = None, json_body: bool = False) -> Headers:
-        headers = Headers({b"User-Agent": [USER_AGENT]})
+    def _headers(
+        self, identity: Any, accept: Optional[bytes] = None, json_body: bool = False, kind: Any = Headers
+    ) -> Headers:
+        headers: Headers = kind({b"User-Agent": [USER_AGENT]})
         if accept is not None:
             headers.setRawHeaders(b"Accept", [accept])
         if json_body:
@@ -353,8 +365,32 @@ class HTTPChannel:
         return d.addCallback(received)
 
     def _post_message(self, url: str, message: dict[str, Any], identity: Any) -> Deferred:
-        headers = self._headers(identity, b"application/json, text/event-stream", json_body=True)
-        return self._request("POST", url, headers, message)
+        return self._request("POST", url, self._post_headers(identity), message)
+
+    def _post_headers(self, identity: Any) -> Headers:
+        """
+        A POST's headers: the last request's again when nothing they are
+        made of changed (the transport, the session id, the negotiated
+        version, the caller's identity when identity headers are
+        configured), so that the agent sends their checked lines as they
+        are (L{KeptHeaders}); new ones otherwise.  With cookies in use,
+        always new ones: the jar adds its own header to them.
+        """
+        if self.cookies.in_use:
+            return self._headers(identity, _POST_ACCEPT, json_body=True)
+        who = identity if identity is not None else self.owner
+        names = self.config.identity_headers
+        person = None
+        if who is not None and (names.subject is not None or names.client is not None or names.scopes is not None):
+            scopes = getattr(who, "scopes", None) or ()
+            person = (getattr(who, "subject", None), getattr(who, "client_id", None), frozenset(scopes))
+        key = (self.mode, self.session_id, self.version, person)
+        kept = self._kept
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        headers = self._headers(identity, _POST_ACCEPT, json_body=True, kind=KeptHeaders)
+        self._kept = (key, headers)  # type: ignore[assignment]
+        return headers
 
     def _deliver(self, data: bytes, related: Any) -> list[Any]:
         """Parse one JSON frame and hand its messages on; return them."""

@@ -223,6 +223,17 @@ class Link:
             self.last_active = self.clock.seconds()
             return result
 
+        client = self.client
+        if self.state == "ready" and client is not None:
+            # The instance runs (every call after the first): the request
+            # goes to it now, without a Deferred of the instance to wait
+            # on and the result chained through it (what L{ensure} gives).
+            self.last_active = self.clock.seconds()
+            try:
+                sent = send(client)
+            except Exception:
+                sent = fail()
+            return sent.addBoth(done)
         return self.ensure().addCallback(send).addBoth(done)
 
     def notify(self, method: str, params: dict[str, Any], principal: Any) -> None:

@@ -486,4 +486,9 @@ class GatewaySession(ConversationState):
                 )
             return result
 
-        return link.call(method, upstream_params, call).addBoth(observed).addCallback(shaped)
+        def settled(result: Any) -> Any:
+            # One callback for both (a Deferred step fewer per call).
+            result = observed(result)
+            return result if isinstance(result, Failure) else shaped(result)
+
+        return link.call(method, upstream_params, call).addBoth(settled)
