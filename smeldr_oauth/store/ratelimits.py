@@ -31,7 +31,10 @@ gather into one call of C{smeldr_take_both_many} (migration 3): one
 statement, one thread hand-off, each request's buckets taken as its own
 statement would, one after another in arrival order, after the batch's
 existing buckets are locked in one global order (L{_take_both_many}: two
-batches cannot deadlock on them).
+batches cannot deadlock on them).  Since migration 5 the function writes
+each bucket once a batch, however many of its requests take it, and
+finds every bucket by primary key in any plan PostgreSQL keeps for it
+(L{_TAKE_BOTH_MANY_IN_MEMORY}).
 
 Written once for both engines (C{CASE} rather than C{LEAST}/C{GREATEST}
 or C{MIN}/C{MAX}, which only one of them has as scalar functions); the
@@ -240,10 +243,11 @@ _LOCK_AND_LOAD = """
 #: first version ran two INSERT ... ON CONFLICT statements a token request,
 #: and behind one address (or in the bench, one client) every request of a
 #: batch updated the same two rows again, each update a statement of its
-#: own (42 us of backend CPU a request in batches of 11).  Now the batch's
-#: existing buckets are locked in the same global order as before and read
-#: into arrays, each request is decided there (_take_in_memory), and the
-#: buckets it changed are written back in one UPDATE at the end.
+#: own (36-43 us of backend CPU a request in batches of 11).  Now the
+#: batch's existing buckets are locked in the same global order as before,
+#: one look-up by primary key each, and read into arrays; each request is
+#: decided there (_take_in_memory); the buckets it changed are written back
+#: at the end, one UPDATE by primary key each (18-22 us a request).
 _TAKE_BOTH_MANY_IN_MEMORY = f"""
 CREATE OR REPLACE FUNCTION smeldr_take_both_many(
     first_names TEXT[], first_keys TEXT[], first_capacities DOUBLE PRECISION[], first_rates DOUBLE PRECISION[],
