@@ -31,7 +31,10 @@ gather into one call of C{smeldr_take_both_many} (migration 3): one
 statement, one thread hand-off, each request's buckets taken as its own
 statement would, one after another in arrival order, after the batch's
 existing buckets are locked in one global order (L{_take_both_many}: two
-batches cannot deadlock on them).
+batches cannot deadlock on them).  Since migration 5 the function writes
+each bucket once a batch, however many of its requests take it, and
+finds every bucket by primary key in any plan PostgreSQL keeps for it
+(L{smeldr_oauth.store.ratelimit_statements._TAKE_BOTH_MANY_IN_MEMORY}).
 
 Written once for both engines (C{CASE} rather than C{LEAST}/C{GREATEST}
 or C{MIN}/C{MAX}, which only one of them has as scalar functions); the
@@ -41,6 +44,8 @@ Times are the callers' clocks, as POSIX seconds.
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Optional
 
 from twisted.internet.defer import Deferred
@@ -52,6 +57,13 @@ from smeldr_oauth.db.database import Database, Transaction
 from smeldr_oauth.db.migrations import Migration, Schema
 from smeldr_oauth.oauth.ratelimit import IRateLimitStore
 from smeldr_oauth.store.common import start_purging
+from smeldr_oauth.store.ratelimit_statements import (
+    _REFUND,
+    _TAKE,
+    _TAKE_BOTH,
+    _TAKE_BOTH_MANY_FUNCTION,
+    _TAKE_BOTH_MANY_IN_MEMORY,
+)
 
 #: Buckets deleted per purge transaction.
 PURGE_BATCH = 1000
@@ -59,99 +71,6 @@ PURGE_BATCH = 1000
 #: after its last use, so a table of keys seen in the last few minutes.
 PURGE_INTERVAL = 300.0
 
-
-
-def _level(row: str, now: str) -> str:
-    """
-    The SQL expression of a bucket's level at C{now}: refilled at its rate
-    since its stamp (never for time before the stamp: clocks of different
-    machines differ a little), up to its capacity.
-    """
-    elapsed = f"(CASE WHEN {now} > {row}.stamp THEN {now} - {row}.stamp ELSE 0 END)"
-    refilled = f"({row}.tokens + {elapsed} * {row}.rate)"
-    return f"(CASE WHEN {refilled} >= {row}.capacity THEN {row}.capacity ELSE {refilled} END)"
-
-
-def _later(row: str, now: str) -> str:
-    return f"(CASE WHEN {now} > {row}.stamp THEN {now} ELSE {row}.stamp END)"
-
-
-_LEVEL = _level("b", "excluded.stamp")
-_SPENT = f"(CASE WHEN {_LEVEL} >= 1 THEN 1 ELSE 0 END)"
-
-#: Take one event: a new bucket is a full one less one; an existing one is
-#: refilled, then spent from if it holds an event.  C{taken} says which.
-_TAKE = (
-    "INSERT INTO rate_limits AS b (name, key, tokens, stamp, capacity, rate, full_at, taken)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, 1)"
-    " ON CONFLICT (name, key) DO UPDATE SET"
-    f" taken = {_SPENT},"
-    f" tokens = {_LEVEL} - {_SPENT},"
-    f" full_at = {_later('b', 'excluded.stamp')}"
-    f" + (excluded.capacity - ({_LEVEL} - {_SPENT})) / excluded.rate,"
-    f" stamp = {_later('b', 'excluded.stamp')},"
-    " capacity = excluded.capacity,"
-    " rate = excluded.rate"
-    " RETURNING taken, tokens"
-)
-
-#: Two takes in one statement, the second only if the first was spent
-#: (PostgreSQL: an C{INSERT} in a C{WITH} can read the C{RETURNING} rows of
-#: the one before).  The two buckets must differ.
-_VALUES = " VALUES (?, ?, ?, ?, ?, ?, ?, 1)"
-_TAKE_BOTH = (
-    f"WITH first_take AS ({_TAKE}),"
-    f" second_take AS ({_TAKE.replace(_VALUES, ' SELECT ?, ?, ?, ?, ?, ?, ?, 1 FROM first_take WHERE taken = 1')})"
-    " SELECT f.taken, f.tokens, s.taken, s.tokens FROM first_take f LEFT JOIN second_take s ON TRUE"
-)
-
-def _take_in_function(prefix: str) -> str:
-    """
-    L{_TAKE} as a statement of C{smeldr_take_both_many}: the bucket from
-    its C{prefix}ed arrays' element C{i}, the answer into its variables.
-    """
-    values = (
-        f" VALUES ({prefix}_names[i], {prefix}_keys[i], {prefix}_capacities[i] - 1.0, nows[i],"
-        f" {prefix}_capacities[i], {prefix}_rates[i], nows[i] + 1.0 / {prefix}_rates[i], 1)"
-    )
-    return _TAKE.replace(_VALUES, values) + f" INTO {prefix}_taken, {prefix}_tokens"
-
-
-#: PostgreSQL: the take_both of many token requests in one statement (one
-#: round trip, one thread hand-off), each as its own take_both would do
-#: it, one after another in the given order, after the batch's existing
-#: buckets are locked in one global order (see _take_both_many).
-_TAKE_BOTH_MANY_FUNCTION = f"""
-CREATE FUNCTION smeldr_take_both_many(
-    first_names TEXT[], first_keys TEXT[], first_capacities DOUBLE PRECISION[], first_rates DOUBLE PRECISION[],
-    second_names TEXT[], second_keys TEXT[], second_capacities DOUBLE PRECISION[], second_rates DOUBLE PRECISION[],
-    nows DOUBLE PRECISION[]
-)
-RETURNS TABLE (
-    first_taken INTEGER, first_tokens DOUBLE PRECISION, second_taken INTEGER, second_tokens DOUBLE PRECISION
-)
-LANGUAGE plpgsql VOLATILE AS $body$
-BEGIN
-    -- Lock the batch's existing buckets first, in the one order every
-    -- caller uses (see _take_both_many): first buckets, then second ones,
-    -- each by (name, key).  LockRows runs above the Sort, so the rows are
-    -- locked in that order.
-    PERFORM 1 FROM rate_limits b WHERE (b.name, b.key) IN (SELECT * FROM unnest(first_names, first_keys))
-        ORDER BY b.name, b.key FOR UPDATE;
-    PERFORM 1 FROM rate_limits b WHERE (b.name, b.key) IN (SELECT * FROM unnest(second_names, second_keys))
-        ORDER BY b.name, b.key FOR UPDATE;
-    FOR i IN 1 .. COALESCE(array_length(nows, 1), 0) LOOP
-        second_taken := NULL;
-        second_tokens := NULL;
-        {_take_in_function("first")};
-        IF first_taken = 1 THEN
-            {_take_in_function("second")};
-        END IF;
-        RETURN NEXT;
-    END LOOP;
-END
-$body$
-"""
 
 RATE_LIMITS_SCHEMA = Schema(
     "rate_limits",
@@ -196,23 +115,11 @@ RATE_LIMITS_SCHEMA = Schema(
             sqlite=(),
             postgresql=("DROP INDEX rate_limits_full_at", "ALTER TABLE rate_limits SET (fillfactor = 50)"),
         ),
+        # PostgreSQL: smeldr_take_both_many writes each bucket once a batch
+        # (see _TAKE_BOTH_MANY_IN_MEMORY).
+        Migration(5, sqlite=(), postgresql=(_TAKE_BOTH_MANY_IN_MEMORY,)),
     ),
 )
-
-_REFUND_LEVEL = _level("rate_limits", "?")
-_REFUNDED = (
-    f"(CASE WHEN {_REFUND_LEVEL} + 1 >= rate_limits.capacity"
-    f" THEN rate_limits.capacity ELSE {_REFUND_LEVEL} + 1 END)"
-)
-
-#: Give one event back (nothing to do for a missing, hence full, bucket).
-_REFUND = (
-    f"UPDATE rate_limits SET tokens = {_REFUNDED},"
-    f" full_at = {_later('rate_limits', '?')} + (rate_limits.capacity - {_REFUNDED}) / rate_limits.rate,"
-    f" stamp = {_later('rate_limits', '?')}"
-    " WHERE name = ? AND key = ?"
-)
-
 
 def _take(txn: Transaction, name: str, key: str, capacity: float, rate: float, now: float) -> tuple[bool, float]:
     row = txn.execute(_TAKE, _take_params((name, key, capacity, rate), now)).fetchone()
@@ -281,12 +188,47 @@ def _take_both_many(
     rows = txn.execute(
         "SELECT * FROM smeldr_take_both_many(?::text[], ?::text[], ?::float8[], ?::float8[],"
         " ?::text[], ?::text[], ?::float8[], ?::float8[], ?::float8[])",
-        columns,
+        [_array_literal(column) for column in columns],
     ).fetchall()
+    # Unpacked, not indexed: a row's positions through Row.__getitem__
+    # are a Python call each.
     return [
-        ((bool(row[0]), float(row[1])), None if row[2] is None else (bool(row[2]), float(row[3])))
-        for row in rows
+        ((bool(first_taken), float(first_tokens)), None if second_taken is None else (bool(second_taken), float(second_tokens)))
+        for first_taken, first_tokens, second_taken, second_tokens in rows
     ]
+
+
+#: Text an array literal may hold as it is: limiter names and the keys'
+#: SHA-256 in hex (store_key) are words; anything else (a comma, a quote, a
+#: brace, a backslash, a space, an empty string, C{NULL}) goes through
+#: psycopg.
+_WORDS = re.compile(r"\w+(?:,\w+)*\Z", re.ASCII)
+
+
+def _array_literal(values: list[object]) -> object:
+    """
+    One column of L{_take_both_many} as a PostgreSQL array literal
+    (C{{a,b,c}}), which the statement casts (C{?::text[]}, C{?::float8[]}),
+    or the list itself when its values need quoting.
+
+    Why: psycopg dumps a list element by element in Python, with a regular
+    expression search for each text element to decide its quoting: for a
+    batch of 11 token requests, nine lists cost 130-225 us of the server's
+    CPU a statement against 65-97 us as literals (docs/performance.md,
+    "Round nine").  A float is written as C{repr} writes it, the shortest
+    text that reads back as the same double (PostgreSQL's C{float8in} reads
+    C{inf} and C{nan} too, but they go through psycopg all the same).
+    """
+    kind = values[0].__class__ if values else None
+    if kind is str:
+        if all(value.__class__ is str for value in values):
+            joined = ",".join(values)  # type: ignore[arg-type]
+            # (An unquoted NULL, in any case, would be a null element.)
+            if _WORDS.match(joined) and joined.count(",") == len(values) - 1 and "null" not in joined.lower():
+                return "{" + joined + "}"
+    elif kind is float and all(value.__class__ is float and math.isfinite(value) for value in values):  # type: ignore[arg-type]
+        return "{" + ",".join(map(repr, values)) + "}"
+    return values
 
 
 def _refund(txn: Transaction, name: str, key: str, now: float) -> None:
