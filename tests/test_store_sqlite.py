@@ -425,6 +425,35 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(len(begins), before + 1)
         self.assertEqual([s for s in statements if s.split()[0] in ("SAVEPOINT", "RELEASE", "ROLLBACK")], [])
 
+    def test_facts_read_by_name_once(self) -> None:
+        """
+        A refresh's facts, a C{sqlite3.Row}, are made a dict before they
+        are read by name (a C{sqlite3.Row} compares a name with every
+        column's in turn), and decided on as before.
+        """
+        from smeldr_oauth.store import transactions
+
+        reactor, store, _ = self.grouped()
+        store.create_grant(make_grant("g1"), make_code("g1-code", grant_id="g1"))
+        reactor.advance(0)
+        store.add_tokens("g1", access("g1-a0"), refresh("g1-r0"))
+        reactor.advance(0)
+        by_name: list[str] = []
+
+        class Counting(sqlite3.Row):
+            def __getitem__(self, key: Any) -> Any:
+                if isinstance(key, str):
+                    by_name.append(key)
+                return super().__getitem__(key)
+
+        other = sqlite3.connect(store.database.engine.path)
+        self.addCleanup(other.close)
+        other.row_factory = Counting
+        row = other.execute(transactions._REFRESH_FACTS, (h("g1-r0"), h("g1-r0"))).fetchone()
+        decision, token, grant = transactions._decide(row, T0 + 100, 10.0, None)
+        self.assertEqual(by_name, [])
+        self.assertEqual((decision.status, token.token_hash, grant.grant_id), ("rotated", h("g1-r0"), "g1"))
+
     def test_consents_and_exchanges_as_alone(self) -> None:
         """
         Consents and code exchanges made in one reactor turn share one
