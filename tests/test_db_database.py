@@ -452,6 +452,59 @@ class GroupCommitTests(CountsBegins, SynchronousTestCase):
         stats = self.db.transaction_stats()
         self.assertEqual((stats["things.half"].errors, stats["things.bug"].errors), (1, 1))
 
+    def test_together_without_savepoints(self) -> None:
+        """
+        Calls given a C{together} run in the batch without a savepoint each
+        (on SQLite a savepoint has every page a call changes first copied
+        to the statement journal), one after another, each seeing the ones
+        before it; a call without one keeps its savepoint.
+        """
+        statements: list[str] = []
+        self.db.pool.connect().set_trace_callback(statements.append)
+
+        def both(txn: Any, calls: list[Any]) -> list[Any]:
+            return [insert(txn, *args) for args in calls]
+
+        calls = [self.db.write(SCHEMA, insert, name, 1, group=True, together=both) for name in ("a", "b")]
+        calls.append(self.db.write(SCHEMA, insert, "c", 1, group=True))
+        calls.append(self.db.write(SCHEMA, names, group=True, together=lambda txn, calls: []))
+        self.reactor.advance(0)
+        self.assertEqual([self.successResultOf(d) for d in calls], [None, None, None, ["a", "b", "c"]])
+        self.assertEqual(self.committed(), ["a", "b", "c"])
+        self.assertEqual(self.begins, 1)
+        self.assertEqual(
+            [s for s in statements if s.split()[0] in ("SAVEPOINT", "RELEASE", "ROLLBACK")],
+            ["SAVEPOINT grouped", "RELEASE grouped"],
+        )
+
+    def test_together_failing(self) -> None:
+        """
+        An error in a call given a C{together} has no savepoint to go back
+        to: it abandons the batch, and every call runs again alone, each
+        with the outcome it has alone (the conflict's message as alone),
+        nothing twice.
+        """
+
+        def both(txn: Any, calls: list[Any]) -> list[Any]:
+            return [insert(txn, *args) for args in calls]
+
+        calls = [
+            self.db.write(SCHEMA, insert, "a", 1, group=True),
+            self.db.write(SCHEMA, insert, "b", 1, group=True, together=both),
+            self.db.write(SCHEMA, insert, "a", 2, group=True, together=both),
+            self.db.write(SCHEMA, insert, "c", 1, group=True),
+        ]
+        self.reactor.advance(0)
+        self.successResultOf(calls[0])
+        self.successResultOf(calls[1])
+        conflict = self.failureResultOf(calls[2], StoreConflict)
+        alone = self.failureResultOf(self.db.write(SCHEMA, insert, "a", 3), StoreConflict)
+        self.assertEqual(str(conflict.value), str(alone.value))
+        self.successResultOf(calls[3])
+        self.assertEqual(self.committed(), ["a", "b", "c"])
+        # The batch, then each of the four alone, then the last conflict.
+        self.assertEqual(self.begins, 6)
+
     def test_transaction_ending_error(self) -> None:
         """
         An error after which SQLite may have ended the whole transaction

@@ -5,6 +5,7 @@ Tests for L{smeldr_oauth.oauth.secrets}.
 from __future__ import annotations
 
 import base64
+import os
 import re
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -32,3 +33,66 @@ class NewSecretsTests(SynchronousTestCase):
         """
         made = [secret for _ in range(50) for secret in secrets.new_secrets(2)]
         self.assertEqual(len(set(made)), 100)
+
+    def test_made_in_batches(self) -> None:
+        """
+        Secrets are made L{secrets.POOL_SIZE} at a time from one read of
+        the system's random source, each the URL-safe base64 of its own 32
+        bytes of it, each handed out once, in order.
+        """
+        reads: list[int] = []
+        counter = [0]
+
+        def urandom(size: int) -> bytes:
+            reads.append(size)
+            made = bytes((counter[0] + i) % 256 for i in range(size))
+            counter[0] += 7
+            return made
+
+        secrets._pool.clear()
+        self.addCleanup(secrets._pool.clear)
+        self.patch(os, "urandom", urandom)
+        made = [secret for _ in range(secrets.POOL_SIZE // 2) for secret in secrets.new_secrets(2)]
+        self.assertEqual(reads, [secrets.TOKEN_BYTES * secrets.POOL_SIZE])
+        raw = bytes(i % 256 for i in range(secrets.TOKEN_BYTES * secrets.POOL_SIZE))
+        self.assertEqual(
+            made,
+            [
+                base64.urlsafe_b64encode(raw[start : start + secrets.TOKEN_BYTES]).rstrip(b"=").decode("ascii")
+                for start in range(0, len(raw), secrets.TOKEN_BYTES)
+            ],
+        )
+        # The pool empty: one more read, two left over; three asked for
+        # then: one more read, and the two first.
+        secrets.new_secrets(secrets.POOL_SIZE - 2)
+        self.assertEqual(reads, [secrets.TOKEN_BYTES * secrets.POOL_SIZE] * 2)
+        left = list(secrets._pool)
+        self.assertEqual(len(left), 2)
+        self.assertEqual(secrets.new_secrets(3)[:2], left)
+        self.assertEqual(reads, [secrets.TOKEN_BYTES * secrets.POOL_SIZE] * 3)
+
+    def test_forked_child_starts_empty(self) -> None:
+        """
+        A forked child does not hand out the secrets its parent's pool
+        holds: it starts with none of them.
+        """
+        secrets.new_secrets(1)
+        self.assertTrue(secrets._pool)
+        expected = secrets._pool[0]
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            try:
+                os.close(read)
+                os.write(write, secrets.new_secrets(1)[0].encode("ascii"))
+            finally:
+                os._exit(0)
+        os.close(write)
+        try:
+            child = os.read(read, 100).decode("ascii")
+        finally:
+            os.close(read)
+            os.waitpid(pid, 0)
+        self.assertEqual(len(child), 43)
+        self.assertNotEqual(child, expected)
+        self.assertEqual(secrets.new_secrets(1), [expected])

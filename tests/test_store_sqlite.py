@@ -389,8 +389,9 @@ class GroupCommitTests(SynchronousTestCase):
         def finish() -> None:
             before = len(begins)
             reactor.advance(0)
-            # The seven refreshes in one transaction.
-            self.assertEqual(len(begins), before + 1)
+            # The seven refreshes in one transaction, without a savepoint
+            # each: the conflict abandons it, and each runs again alone.
+            self.assertEqual(len(begins), before + 1 + 7)
 
         got = _refresh_scenario(grouped, finish, lambda: reactor.advance(0))
         self.assertEqual(
@@ -398,6 +399,60 @@ class GroupCommitTests(SynchronousTestCase):
             ["rotated", "grace", "rotated", "unknown", StoreConflict, "rotated", "reused"],
         )
         self.assertEqual(got, expected)
+
+    def test_refreshes_without_savepoints(self) -> None:
+        """
+        A turn's refreshes run one after another in one transaction without
+        a savepoint each (they are given a C{together}: an error abandons
+        the batch instead, as L{test_as_alone} shows), and rotate as alone.
+        """
+        reactor, store, begins = self.grouped()
+        statements: list[str] = []
+        for grant in ("g1", "g2"):
+            store.create_grant(make_grant(grant), make_code(f"{grant}-code", grant_id=grant))
+        reactor.advance(0)
+        for grant in ("g1", "g2"):
+            store.add_tokens(grant, access(f"{grant}-a0"), refresh(f"{grant}-r0"))
+        reactor.advance(0)
+        store.database.pool.connect().set_trace_callback(statements.append)
+        before = len(begins)
+        calls = [
+            store.redeem_refresh_token(h(f"{grant}-r0"), T0 + 100, 10.0, None, access(f"{new}-a"), refresh(new))
+            for grant, new in (("g1", "r1"), ("g2", "s1"), ("g1", "r1b"))
+        ]
+        reactor.advance(0)
+        self.assertEqual([self.successResultOf(d).status for d in calls], ["rotated", "rotated", "grace"])
+        self.assertEqual(len(begins), before + 1)
+        self.assertEqual([s for s in statements if s.split()[0] in ("SAVEPOINT", "RELEASE", "ROLLBACK")], [])
+
+    def test_facts_read_by_name_once(self) -> None:
+        """
+        A refresh's facts, a C{sqlite3.Row}, are made a dict before they
+        are read by name (a C{sqlite3.Row} compares a name with every
+        column's in turn), and decided on as before.
+        """
+        from smeldr_oauth.store import transactions
+
+        reactor, store, _ = self.grouped()
+        store.create_grant(make_grant("g1"), make_code("g1-code", grant_id="g1"))
+        reactor.advance(0)
+        store.add_tokens("g1", access("g1-a0"), refresh("g1-r0"))
+        reactor.advance(0)
+        by_name: list[str] = []
+
+        class Counting(sqlite3.Row):
+            def __getitem__(self, key: Any) -> Any:
+                if isinstance(key, str):
+                    by_name.append(key)
+                return super().__getitem__(key)
+
+        other = sqlite3.connect(store.database.engine.path)
+        self.addCleanup(other.close)
+        other.row_factory = Counting
+        row = other.execute(transactions._REFRESH_FACTS, (h("g1-r0"), h("g1-r0"))).fetchone()
+        decision, token, grant = transactions._decide(row, T0 + 100, 10.0, None)
+        self.assertEqual(by_name, [])
+        self.assertEqual((decision.status, token.token_hash, grant.grant_id), ("rotated", h("g1-r0"), "g1"))
 
     def test_consents_and_exchanges_as_alone(self) -> None:
         """

@@ -429,11 +429,13 @@ class Database:
             transaction with the other grouped writes of this reactor turn,
             its outcome exactly what it would be alone (L{_Batch}); the
             result comes after the commit, at the end of the turn.
-        @param together: with C{group}, on PostgreSQL: a function that
-            runs the batch's consecutive calls of C{func} at once,
-            C{together(transaction, [args, ...])}, with the results they
-            would have one after another (fewer round trips); a batch of
-            one call runs C{func}.
+        @param together: with C{group}: a function that runs the batch's
+            consecutive calls of C{func} at once, C{together(transaction,
+            [args, ...])}, with the results they would have one after
+            another (fewer round trips on PostgreSQL); a batch of one call
+            runs C{func}.  On SQLite such calls run without a savepoint
+            each: an error of theirs abandons the batch, and every call
+            runs again alone (see L{_Batch}).
         """
         name = name or _name(schema, func)
         if group and self.group_commit and schema.component in self._current:
@@ -747,7 +749,10 @@ class _Batch:
         and fails as it would alone (L{StoreConflict} for a constraint, the
         error itself for a bug); the others go on.  PostgreSQL: no
         savepoints (two round trips a call); any error ends the transaction
-        there, so a call that raises abandons the batch (below);
+        there, so a call that raises abandons the batch (below).  Calls
+        given a C{together} (the refreshes) run without a savepoint on
+        SQLite too, and an error of theirs abandons the batch as on
+        PostgreSQL (L{_run_together});
       - an error that may have ended the transaction itself (SQLite rolls
         the whole transaction back on some I/O, busy or full-disk errors:
         L{StoreUnavailable} kinds), or a failing C{BEGIN} or C{COMMIT},
@@ -858,14 +863,19 @@ class _Batch:
     def _in_transaction(self, connection: Any, txn: Transaction) -> list[tuple[float, float, Any]]:
         engine = txn.engine
         # SQLite: a savepoint a call, so that one call's error is rolled
-        # back alone.  PostgreSQL: none (two more round trips a call); a
-        # call's error abandons the batch, and each call runs again alone.
+        # back alone, except for the calls given a together (below).
+        # PostgreSQL: none (two more round trips a call); a call's error
+        # abandons the batch, and each call runs again alone.
         savepoints = engine.single_writer
         engine.begin(txn)
         outcomes: list[tuple[float, float, Any]] = []
-        if not savepoints:
-            self._without_savepoints(txn, outcomes)
-        for _, func, args, _ in self._calls if savepoints else ():
+        calls, togethers = self._calls, self._togethers
+        index = 0
+        while index < len(calls):
+            if not savepoints or togethers[index] is not None:
+                index = self._run_together(txn, index, outcomes)
+                continue
+            _, func, args, _ = calls[index]
             started = time.perf_counter()
             txn.execute("SAVEPOINT grouped")
             outcome: Any
@@ -885,33 +895,43 @@ class _Batch:
                 txn.execute("ROLLBACK TO grouped")
             txn.execute("RELEASE grouped")
             outcomes.append((started, time.perf_counter() - started, outcome))
+            index += 1
         self._committing = True
         _commit(connection)
         return outcomes
 
-    def _without_savepoints(self, txn: Transaction, outcomes: list[tuple[float, float, Any]]) -> None:
+    def _run_together(self, txn: Transaction, index: int, outcomes: list[tuple[float, float, Any]]) -> int:
         """
-        Run the calls one after another (a run of consecutive calls of one
-        function with a C{together} at once), their errors raised.
+        Run the call at C{index} without a savepoint, or, when it has a
+        C{together}, the run of consecutive calls of its function with that
+        C{together} at once; their errors are raised (the batch is then
+        abandoned and each call runs again alone, so each outcome is still
+        what it would be alone).  Returns the index after them.
+
+        On SQLite a savepoint is not free: every page a call first changes
+        inside one is copied to the statement journal first, which cost a
+        refresh about 5 of its 45 microseconds of database work
+        (C{docs/performance.md}, round nine); calls whose errors are rare
+        enough to pay for a whole batch run again (the refreshes) are
+        given a C{together} and run without one.
         """
         calls, togethers = self._calls, self._togethers
-        index = 0
-        while index < len(calls):
-            started = time.perf_counter()
-            together = togethers[index]
-            end = index + 1
-            if together is not None:
-                while end < len(calls) and togethers[end] is together and calls[end][1] is calls[index][1]:
-                    end += 1
-            if end - index > 1:
-                results = together(txn, [call[2] for call in calls[index:end]])
-                if len(results) != end - index:
-                    raise RuntimeError("a together function returned the wrong number of results")
-            else:
-                results = [calls[index][1](txn, *calls[index][2])]
-            elapsed = (time.perf_counter() - started) / (end - index)
-            outcomes.extend((started, elapsed, result) for result in results)
-            index = end
+        started = time.perf_counter()
+        together = togethers[index]
+        end = index + 1
+        if together is not None:
+            while end < len(calls) and togethers[end] is together and calls[end][1] is calls[index][1]:
+                end += 1
+        if end - index > 1:
+            assert together is not None
+            results = together(txn, [call[2] for call in calls[index:end]])
+            if len(results) != end - index:
+                raise RuntimeError("a together function returned the wrong number of results")
+        else:
+            results = [calls[index][1](txn, *calls[index][2])]
+        elapsed = (time.perf_counter() - started) / (end - index)
+        outcomes.extend((started, elapsed, result) for result in results)
+        return end
 
 
 class _ReadBatch:

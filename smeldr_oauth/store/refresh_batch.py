@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_store_postgres -*-
+# -*- test-case-name: tests.test_store_postgres,tests.test_store_sqlite -*-
 """
 A group-commit batch's refreshes on PostgreSQL in three statements
 (L{redeem_refresh_tokens}), whatever their number: the C{together} of
@@ -59,6 +59,9 @@ def redeem_refresh_tokens(txn: Transaction, calls: list[tuple[Any, ...]]) -> lis
     reuse that ends its grant (rare, and with a notification to send).
     """
     if txn.engine.single_writer:
+        # SQLite: one call after another, each reading its facts after the
+        # writes before it, as alone; being a together, without a
+        # savepoint each (Database.write), the refreshes' saving there.
         return [redeem_refresh_token(txn, *args) for args in calls]
     hashes = list(dict.fromkeys(args[0] for args in calls))
     facts = {
