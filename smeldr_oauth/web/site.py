@@ -39,6 +39,7 @@ from twisted.web.server import Request, Site
 from smeldr_oauth.web.flow_events import request_finished
 from smeldr_oauth.web import errors
 from smeldr_oauth.web.accesslog import BufferedAccessLog, combined
+from smeldr_oauth.web.transport import adopt
 
 DEFAULT_MAX_BODY = 1 << 20
 
@@ -135,6 +136,10 @@ class SmeldrRequest(Request):
 
     def process(self) -> None:
         self._started = time.perf_counter()
+        # Answers sent when the reactor's turn ends, in one send a
+        # connection (smeldr_oauth.web.transport); a no-op after the
+        # connection's first request, and for TLS and UNIX sockets.
+        adopt(self.channel.transport)
         if self.body_too_large:
             self._refuse(errors.body_too_large(), close=True)
             return
