@@ -347,10 +347,21 @@ class ReplayAfterClaimTests(PostgresBase):
 
 
 class PurgeTests(PostgresBase):
-    async def test_expired_unheld_records_and_their_events_go(self) -> None:
-        state = PostgresSessionState(self.db, self.clock)
-        await state.delivery.start()
+    """
+    The purge, run by the test itself: the heartbeat (which also purges)
+    is set beyond every C{clock.advance} here, so no purge of its own runs
+    beside the one awaited (one did, with C{advance(100)} past a 5 s
+    heartbeat, and the test's purge could answer 0 before the beat's
+    counted the record it removed).
+    """
+
+    def state(self, **kw: Any) -> PostgresSessionState:
+        state = PostgresSessionState(self.db, self.clock, heartbeat=10_000, **kw)
         self.addCleanup(state.stop)
+        return state
+
+    async def admitted(self, state: PostgresSessionState) -> None:
+        await state.delivery.start()
         limits = SessionLimits()
         await state.store.admit(record("old", expires_at=50.0), limits, all_idle)
         await state.store.admit(record("held", expires_at=50.0), limits, all_idle)
@@ -359,12 +370,23 @@ class PurgeTests(PostgresBase):
         state.delivery.attach("held", Inbox())
         await state.delivery.settled()
         self.clock.advance(100)
+
+    async def test_expired_unheld_records_and_their_events_go(self) -> None:
+        state = self.state()
+        await self.admitted(state)
         await state._purge()
         self.assertEqual(state.purged, 1)
         self.assertEqual(state.figures()["purged"], 1)
         self.assertIsNone(await state.store.get("old"))
         self.assertIsNotNone(await state.store.get("held"))
         self.assertEqual(await state.events.replay("old", 0), [])
+
+    async def test_heartbeat_purges(self) -> None:
+        state = self.state()
+        await self.admitted(state)
+        await state.delivery._beat()
+        self.assertEqual(state.purged, 1)
+        self.assertIsNone(await state.store.get("old"))
 
 
 class ConcurrentAdmissionTests(PostgresBase):
