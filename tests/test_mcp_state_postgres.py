@@ -388,6 +388,20 @@ class PurgeTests(PostgresBase):
         self.assertEqual(state.purged, 1)
         self.assertIsNone(await state.store.get("old"))
 
+    async def test_activity_noted_here_keeps_its_record(self) -> None:
+        """
+        A record whose stored expiry passed, but which this process used
+        since (activity not yet written, L{PostgresSessionStore.touch}),
+        is not purged: the activity is written first, as C{get} here
+        already reports it.
+        """
+        store = PostgresSessionStore(self.db, self.clock, touch_interval=10_000)
+        await store.admit(record("s", last_active=40.0, expires_at=50.0), SessionLimits(), all_idle)
+        self.clock.advance(100)
+        store.touch("s", 99.0, 500.0)
+        self.assertEqual(await store.purge(100.0), 0)
+        self.assertEqual(await store.count(), 1)
+
 
 class ConcurrentAdmissionTests(PostgresBase):
     async def test_caps_hold_across_processes(self) -> None:
