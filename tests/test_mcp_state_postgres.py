@@ -312,6 +312,40 @@ class TwoProcessDeliveryTests(PostgresBase):
         self.assertEqual((await store.get("stream")).stream_process, self.b.process_id)
 
 
+class StopTests(PostgresBase):
+    async def test_stop_waits_for_the_beat_running(self) -> None:
+        """
+        A beat running when the process stops (here its L{on_heartbeat}
+        hook, the purge, not finished) finishes before the process leaves:
+        it would otherwise write after the leave, or on a closed database.
+        """
+        delivery = PostgresDelivery(self.db, self.clock)
+        await delivery.start()
+        hooked: Deferred[None] = Deferred()
+        purging: Deferred[None] = Deferred()
+
+        def hook() -> Deferred[None]:
+            hooked.callback(None)
+            return purging
+
+        delivery.on_heartbeat = hook
+        self.clock.advance(delivery.heartbeat)
+        await hooked
+        dispatched: list[Optional[str]] = []
+        write = self.db.write
+
+        def recorded(*args: Any, **kw: Any) -> Any:
+            dispatched.append(kw.get("name"))
+            return write(*args, **kw)
+
+        self.patch(self.db, "write", recorded)
+        stopping = delivery.stop()
+        self.assertEqual(dispatched, [])
+        purging.callback(None)
+        await stopping
+        self.assertEqual(dispatched, ["mcp_processes.leave"])
+
+
 def _age(txn: Any, process_id: str) -> None:
     txn.execute(
         "UPDATE mcp_processes SET heartbeat_at = now() - interval '1 hour' WHERE process_id = ?", (process_id,)
