@@ -312,6 +312,40 @@ class TwoProcessDeliveryTests(PostgresBase):
         self.assertEqual((await store.get("stream")).stream_process, self.b.process_id)
 
 
+class StopTests(PostgresBase):
+    async def test_stop_waits_for_the_beat_running(self) -> None:
+        """
+        A beat running when the process stops (here its L{on_heartbeat}
+        hook, the purge, not finished) finishes before the process leaves:
+        it would otherwise write after the leave, or on a closed database.
+        """
+        delivery = PostgresDelivery(self.db, self.clock)
+        await delivery.start()
+        hooked: Deferred[None] = Deferred()
+        purging: Deferred[None] = Deferred()
+
+        def hook() -> Deferred[None]:
+            hooked.callback(None)
+            return purging
+
+        delivery.on_heartbeat = hook
+        self.clock.advance(delivery.heartbeat)
+        await hooked
+        dispatched: list[Optional[str]] = []
+        write = self.db.write
+
+        def recorded(*args: Any, **kw: Any) -> Any:
+            dispatched.append(kw.get("name"))
+            return write(*args, **kw)
+
+        self.patch(self.db, "write", recorded)
+        stopping = delivery.stop()
+        self.assertEqual(dispatched, [])
+        purging.callback(None)
+        await stopping
+        self.assertEqual(dispatched, ["mcp_processes.leave"])
+
+
 def _age(txn: Any, process_id: str) -> None:
     txn.execute(
         "UPDATE mcp_processes SET heartbeat_at = now() - interval '1 hour' WHERE process_id = ?", (process_id,)
@@ -347,10 +381,21 @@ class ReplayAfterClaimTests(PostgresBase):
 
 
 class PurgeTests(PostgresBase):
-    async def test_expired_unheld_records_and_their_events_go(self) -> None:
-        state = PostgresSessionState(self.db, self.clock)
-        await state.delivery.start()
+    """
+    The purge, run by the test itself: the heartbeat (which also purges)
+    is set beyond every C{clock.advance} here, so no purge of its own runs
+    beside the one awaited (one did, with C{advance(100)} past a 5 s
+    heartbeat, and the test's purge could answer 0 before the beat's
+    counted the record it removed).
+    """
+
+    def state(self, **kw: Any) -> PostgresSessionState:
+        state = PostgresSessionState(self.db, self.clock, heartbeat=10_000, **kw)
         self.addCleanup(state.stop)
+        return state
+
+    async def admitted(self, state: PostgresSessionState) -> None:
+        await state.delivery.start()
         limits = SessionLimits()
         await state.store.admit(record("old", expires_at=50.0), limits, all_idle)
         await state.store.admit(record("held", expires_at=50.0), limits, all_idle)
@@ -359,12 +404,37 @@ class PurgeTests(PostgresBase):
         state.delivery.attach("held", Inbox())
         await state.delivery.settled()
         self.clock.advance(100)
+
+    async def test_expired_unheld_records_and_their_events_go(self) -> None:
+        state = self.state()
+        await self.admitted(state)
         await state._purge()
         self.assertEqual(state.purged, 1)
         self.assertEqual(state.figures()["purged"], 1)
         self.assertIsNone(await state.store.get("old"))
         self.assertIsNotNone(await state.store.get("held"))
         self.assertEqual(await state.events.replay("old", 0), [])
+
+    async def test_heartbeat_purges(self) -> None:
+        state = self.state()
+        await self.admitted(state)
+        await state.delivery._beat()
+        self.assertEqual(state.purged, 1)
+        self.assertIsNone(await state.store.get("old"))
+
+    async def test_activity_noted_here_keeps_its_record(self) -> None:
+        """
+        A record whose stored expiry passed, but which this process used
+        since (activity not yet written, L{PostgresSessionStore.touch}),
+        is not purged: the activity is written first, as C{get} here
+        already reports it.
+        """
+        store = PostgresSessionStore(self.db, self.clock, touch_interval=10_000)
+        await store.admit(record("s", last_active=40.0, expires_at=50.0), SessionLimits(), all_idle)
+        self.clock.advance(100)
+        store.touch("s", 99.0, 500.0)
+        self.assertEqual(await store.purge(100.0), 0)
+        self.assertEqual(await store.count(), 1)
 
 
 class ConcurrentAdmissionTests(PostgresBase):

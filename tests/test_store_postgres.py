@@ -408,6 +408,20 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
             real(connection)
 
         self.patch(module, "_commit", counted)
+        # Why a batch was abandoned (its calls then run alone, silently):
+        # a statement timeout under load, say, rather than only a count of
+        # commits that is off.
+        self.abandoned: list[BaseException] = []
+        in_transaction = module._Batch._in_transaction
+
+        def recorded(batch: Any, connection: Any, txn: Any) -> Any:
+            try:
+                return in_transaction(batch, connection, txn)
+            except BaseException as error:
+                self.abandoned.append(error)
+                raise
+
+        self.patch(module._Batch, "_in_transaction", recorded)
 
     def grant(self, name: str) -> None:
         d = self.store.create_grant(make_grant(name), make_code(f"code-{name}", name))
@@ -559,6 +573,7 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
         self.commits = 0
         calls = [self.redeem(f"r-g{n}", n) for n in range(self.MANY)]
         self.reactor.advance(0)
+        self.assertEqual(self.abandoned, [], "a batch was abandoned, its calls run alone")
         self.assertEqual({self.successResultOf(d).status for d in calls}, {"rotated"})
         return calls
 

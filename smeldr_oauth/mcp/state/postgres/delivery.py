@@ -168,6 +168,7 @@ class PostgresDelivery:
         self._subscription: Any = None
         self._listener: Any = None
         self._beating: Optional[LoopingCall] = None
+        self._beats_over: Optional[Deferred[Any]] = None  # fires once the heartbeat stopped
         self.routed_out = 0
         self.routed_in = 0
         self.latencies: deque[float] = deque(maxlen=1024)
@@ -200,7 +201,7 @@ class PostgresDelivery:
             log.info("MCP sessions shared through the database as process {id}", id=self.process_id)
             self._beating = LoopingCall(self._beat)
             self._beating.clock = self._clock
-            self._beating.start(self.heartbeat, now=False).addErrback(logged("MCP heartbeat stopped"))
+            self._beats_over = self._beating.start(self.heartbeat, now=False).addErrback(logged("MCP heartbeat stopped"))
             if gate is not None:
                 gate.callback(None)
 
@@ -219,17 +220,19 @@ class PostgresDelivery:
     def stop(self) -> "Deferred[None]":
         """
         Leave: this process's claims go (its legacy sessions end with
-        their streams; Streamable HTTP records stay for the others).
+        their streams; Streamable HTTP records stay for the others), once
+        a beat running (heartbeat, purge) is over: it would register again.
         """
         if self._beating is not None and self._beating.running:
             self._beating.stop()
+        over, self._beats_over = self._beats_over or succeed(None), None
         for subscription in (self._subscription, self._changes):
             if subscription is not None:
                 subscription.stop()
         if self._gate is not None:
             # Never started: nothing of ours is in the database.
             return succeed(None)
-        return self.settled().addCallback(
+        return over.addCallback(lambda _: self.settled()).addCallback(
             lambda _: self._db.write(SESSIONS_SCHEMA, _leave, self.process_id, name="mcp_processes.leave")
         )
 
@@ -253,9 +256,7 @@ class PostgresDelivery:
                 return self._db.write(SESSIONS_SCHEMA, _register, self.process_id, held, name="mcp_processes.register")
             return None
 
-        d: Deferred[Any] = self._db.write(
-            SESSIONS_SCHEMA, _heartbeat, self.process_id, self.lease, name="mcp_processes.heartbeat"
-        )
+        d: Deferred[Any] = self._db.write(SESSIONS_SCHEMA, _heartbeat, self.process_id, self.lease, name="mcp_processes.heartbeat")
         d.addCallback(beaten)
         hook = self.on_heartbeat
         if hook is not None:

@@ -246,6 +246,12 @@ class PostgresSessionStore:
         process holds (a held one is ended by its holder's idle timer),
         and event logs left without a session.
 
+        The activity noted here is written first: a record used since its
+        stored expiry (which L{get} here already reports) is not removed
+        on that stale figure.
+
         @return: a L{Deferred} firing with the number of records removed.
         """
-        return self._db.write(SESSIONS_SCHEMA, _purge, now, batch, name="mcp_sessions.purge")
+        return self.flush().addCallback(
+            lambda _: self._db.write(SESSIONS_SCHEMA, _purge, now, batch, name="mcp_sessions.purge")
+        )
