@@ -312,6 +312,27 @@ def database_url(testcase: Any) -> str:
     return url
 
 
+def nested_plans(connection: Any) -> list[str]:
+    """
+    Log, as notices on C{connection} (a psycopg connection), the plan of
+    every statement it runs from now on, including those inside functions
+    (C{auto_explain} with nested statements); returns the list the plans
+    are appended to.  The store tests read it to show that a function's
+    kept plans use the index they need.
+    """
+    plans: list[str] = []
+    connection.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+    for setting in (
+        "LOAD 'auto_explain'",
+        "SET auto_explain.log_min_duration = 0",
+        "SET auto_explain.log_nested_statements = on",
+        "SET auto_explain.log_level = notice",
+        "SET client_min_messages = notice",
+    ):
+        connection.execute(setting)
+    return plans
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     bindir = find_bindir()

@@ -321,13 +321,8 @@ class ChannelRuleTests(SynchronousTestCase):
         self.assertEqual(headers[b"Accept"], [b"application/json, text/event-stream"])
         self.assertEqual(self.receiver.messages[-1][1], 2)  # attributed to its request
 
-    def test_post_headers_kept_while_nothing_changes(self) -> None:
-        """
-        A POST's headers are the last POST's again while the session id,
-        the version and the caller are the same (so the agent can send
-        their lines as they are); a new session id, version or caller gets
-        new ones, never another caller's identity.
-        """
+    def recording(self) -> tuple[Any, list[Any]]:
+        """An agent in front of C{self.agent} and the headers each request was given."""
         sent: list[Any] = []
         traversal = self.agent
 
@@ -336,9 +331,19 @@ class ChannelRuleTests(SynchronousTestCase):
                 sent.append(headers)
                 return traversal.request(method, uri, headers, body)
 
+        return Recording(), sent
+
+    def test_post_headers_kept_while_nothing_changes(self) -> None:
+        """
+        A POST's headers are the last POST's again while the session id,
+        the version and the caller are the same (so the agent can send
+        their lines as they are); a new session id, version or caller gets
+        new ones, never another caller's identity.
+        """
+        recording, sent = self.recording()
         self.upstream.extra[b"Mcp-Session-Id"] = b"session-1"  # and no cookie
         config = UpstreamConfig(name="web", kind="http", url="http://up.example/mcp", identity_headers=IDENTITY)
-        channel = HTTPChannel(Recording(), Clock(), config)  # type: ignore[arg-type]
+        channel = HTTPChannel(recording, Clock(), config)  # type: ignore[arg-type]
         self.successResultOf(channel.start(self.receiver))  # type: ignore[arg-type]
         alice = Principal("alice", "c1", frozenset({"a"}), None)
         bob = Principal("bob", "c1", frozenset({"a"}), None)
@@ -358,16 +363,9 @@ class ChannelRuleTests(SynchronousTestCase):
 
     def test_post_headers_with_cookies_are_new(self) -> None:
         """Once the upstream set a cookie, every POST gets new headers (the jar adds to them)."""
-        sent: list[Any] = []
-        traversal = self.agent
-
-        class Recording:
-            def request(self, method: bytes, uri: bytes, headers: Any = None, body: Any = None) -> Deferred:
-                sent.append(headers)
-                return traversal.request(method, uri, headers, body)
-
+        recording, sent = self.recording()
         config = UpstreamConfig(name="web", kind="http", url="http://up.example/mcp")
-        channel = HTTPChannel(Recording(), Clock(), config)  # type: ignore[arg-type]
+        channel = HTTPChannel(recording, Clock(), config)  # type: ignore[arg-type]
         self.successResultOf(channel.start(self.receiver))  # type: ignore[arg-type]
         for n in range(3):
             self.successResultOf(self.send(channel, jsonrpc.request(n + 1, "initialize" if n == 0 else "tools/list", {})))

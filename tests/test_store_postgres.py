@@ -346,7 +346,6 @@ class PostgresStoreTests(SynchronousTestCase):
         store = pg_store(self, url)
         issue_secrets(self, store, url)
         store.close()
-        plans: list[str] = []
         with psycopg.connect(url, autocommit=True) as connection:
             hashes = [r[0] for r in connection.execute("SELECT token_hash FROM refresh_tokens").fetchall()]
             # A session's first calls, on a table of a few rows that the
@@ -362,15 +361,7 @@ class PostgresStoreTests(SynchronousTestCase):
                 " FROM refresh_tokens, generate_series(1, 5000) i WHERE token_hash = %s",
                 (hashes[0],),
             )
-            connection.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
-            for setting in (
-                "LOAD 'auto_explain'",
-                "SET auto_explain.log_min_duration = 0",
-                "SET auto_explain.log_nested_statements = on",
-                "SET auto_explain.log_level = notice",
-                "SET client_min_messages = notice",
-            ):
-                connection.execute(setting)
+            plans = postgres.nested_plans(connection)
             connection.execute("SELECT * FROM smeldr_refresh_facts_many(%s::text[])", (hashes,)).fetchall()
             connection.execute("SELECT * FROM smeldr_refresh_facts(%s)", (hashes[0],)).fetchall()
         nested = [plan for plan in plans if "refresh_tokens" in plan and "smeldr_refresh_facts" not in plan]

@@ -118,16 +118,7 @@ class PostgresTakeBothManyTests(SynchronousTestCase):
             "INSERT INTO rate_limits (name, key, tokens, stamp, capacity, rate, full_at, taken)"
             " SELECT 'other', md5(i::text), 1, 1, 1, 1, 1, 1 FROM generate_series(1, 5000) i"
         )
-        plans: list[str] = []
-        self.connection.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
-        for setting in (
-            "LOAD 'auto_explain'",
-            "SET auto_explain.log_min_duration = 0",
-            "SET auto_explain.log_nested_statements = on",
-            "SET auto_explain.log_level = notice",
-            "SET client_min_messages = notice",
-        ):
-            self.connection.execute(setting)
+        plans = postgres.nested_plans(self.connection)
         self.batch(requests)
         nested = [plan for plan in plans if "rate_limits" in plan and "smeldr_take_both_many" not in plan]
         self.assertGreaterEqual(len(nested), 4)
