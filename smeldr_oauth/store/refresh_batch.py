@@ -114,33 +114,17 @@ def redeem_refresh_tokens(txn: Transaction, calls: list[tuple[Any, ...]]) -> lis
 #: tokens: a batch sends all rows of one such insert as one JSON parameter.
 _INSERT = re.compile(r"INSERT INTO (\w+) \(([\w, ]+)\) VALUES \([?, ]+\)\Z")
 
-#: A batch's grants whose use is recorded and its spends, each read once
-#: from its JSON parameter (C{MATERIALIZED}: the steps below read them
-#: twice, once for the keys of their index scan, once for the values).
-_BATCH_ROWS = (
-    "_ru AS MATERIALIZED (SELECT * FROM json_to_recordset(?::json) AS u(now DOUBLE PRECISION, grant_id TEXT)),"
-    " _su AS MATERIALIZED (SELECT * FROM json_to_recordset(?::json)"
-    " AS u(token_hash TEXT, now DOUBLE PRECISION, grant_id TEXT, generation INTEGER))"
-)
-#: The keys of each step are also given as C{= ANY(ARRAY(SELECT ...))}
-#: (implied by the join, so the rows are the same): an array the planner
-#: cannot see into, which it takes for 10 keys whatever the batch, so it
-#: reaches the rows by index at every batch and table size.  Joined on
-#: the JSON rows alone, whose number it takes for 100, it read the whole
-#: of C{grants} and C{refresh_tokens} (a hash join) while they were
-#: smaller than about 25,000 rows: 3.9 ms for a batch of 11 on 20,000
-#: rows, 0.46 ms on 30,000 (docs/performance.md, round nine).
 _BATCH_RECORD_USE = (
-    "_g AS (UPDATE grants g SET last_used_at = u.now FROM _ru u"
-    " WHERE g.grant_id = u.grant_id AND g.grant_id = ANY(ARRAY(SELECT grant_id FROM _ru)))"
+    "_g AS (UPDATE grants g SET last_used_at = u.now"
+    " FROM json_to_recordset(?::json) AS u(now DOUBLE PRECISION, grant_id TEXT)"
+    " WHERE g.grant_id = u.grant_id)"
 )
 _BATCH_SPEND = (
     "_s AS (UPDATE refresh_tokens t SET"
     " used_at = CASE WHEN t.token_hash = u.token_hash THEN u.now ELSE t.used_at END,"
     " revoked_at = CASE WHEN t.token_hash = u.token_hash THEN t.revoked_at ELSE u.now END"
-    " FROM _su u"
+    " FROM json_to_recordset(?::json) AS u(token_hash TEXT, now DOUBLE PRECISION, grant_id TEXT, generation INTEGER)"
     " WHERE t.grant_id = u.grant_id AND t.generation = u.generation"
-    " AND t.grant_id = ANY(ARRAY(SELECT grant_id FROM _su))"
     " AND t.used_at IS NULL AND t.revoked_at IS NULL RETURNING t.token_hash)"
 )
 
@@ -196,7 +180,7 @@ def _write_batch(
         for index, (table, columns, _) in enumerate(inserts.values())
     ]
     params: list[Any] = [json.dumps(rows, allow_nan=False) for _, _, rows in inserts.values()]
-    clauses += [_BATCH_ROWS, _BATCH_RECORD_USE, _BATCH_SPEND]
+    clauses += [_BATCH_RECORD_USE, _BATCH_SPEND]
     params += [json.dumps(record_use, allow_nan=False), json.dumps(spends, allow_nan=False)]
     found: set[str] = set()
     if others:
