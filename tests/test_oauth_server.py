@@ -1671,6 +1671,21 @@ class LogInjectionTests(ServerTestCase):
             self.assertNotIn("\n", out)
         self.assertEqual(loggable(None), "None")
 
+    def test_loggable_passes_exactly_printable_ascii(self) -> None:
+        """
+        A text passes unchanged exactly when every character is from space
+        to C{~} (no backslash, no leading quote, short enough), whatever the
+        characters: the fast check (C{isascii} and C{isprintable}) decides
+        as the per-character comparison did, at each end of the range and
+        beyond it (tab, DEL, Latin-1 and other printable non-ASCII).
+        """
+        from smeldr_oauth.oauth.server import loggable
+
+        for code in [*range(0, 0x250), 0x2028, 0x202E, 0x3000, 0xFEFF, 0x1F600]:
+            value = f"id{chr(code)}x"
+            plain = all(" " <= c <= "~" for c in value) and "\\" not in value
+            self.assertEqual(loggable(value) == value, plain, hex(code))
+
     def test_cimd_refusal_logged_safely(self) -> None:
         """
         A refused document's client_id and reason are client-chosen: the
