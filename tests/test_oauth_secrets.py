@@ -164,3 +164,24 @@ class NewIdTests(SynchronousTestCase):
         self.assertEqual(len(child), 32)
         self.assertNotEqual(child, expected)
         self.assertEqual(secrets.new_id(), expected)
+
+
+class NewOrderedIdTests(SynchronousTestCase):
+    def test_shape(self) -> None:
+        """32 lower-case hex digits, as L{secrets.new_id}: the milliseconds, then 80 random bits."""
+        made = secrets.new_ordered_id(1_800_000_000.123)
+        self.assertIsNotNone(re.fullmatch(r"[0-9a-f]{32}", made), made)
+        self.assertEqual(made[:12], "%012x" % 1_800_000_000_123)
+
+    def test_sorted_by_time(self) -> None:
+        """
+        Ids made later sort later (the point: each new grant's id goes to
+        the end of the indexes keyed by it); ids of the same millisecond
+        differ.
+        """
+        times = [1_800_000_000.0 + step / 1000 for step in range(0, 5000, 7)]
+        made = [secrets.new_ordered_id(now) for now in times]
+        self.assertEqual(sorted(made), made)
+        same = [secrets.new_ordered_id(1_800_000_000.0) for _ in range(3 * secrets.POOL_SIZE)]
+        self.assertEqual(len(set(same)), len(same))
+        self.assertEqual(len({made_id[12:] for made_id in same}), len(same))

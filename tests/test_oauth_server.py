@@ -657,6 +657,21 @@ class CodeGrantTests(ServerTestCase):
             (grant.subject, grant.site_token_id, grant.client_id), ("alice", "st-1", self.client_id)
         )
 
+    def test_grant_ids_in_creation_order(self) -> None:
+        """
+        Each grant's id starts with the milliseconds of its approval: the
+        grants made one after another sort one after another (see
+        L{smeldr_oauth.oauth.secrets.new_ordered_id}).
+        """
+        made = []
+        for _ in range(5):
+            self.code_for()
+            made.append(self.clock.seconds())
+            self.clock.advance(0.002)
+        grants = sorted(self.successResultOf(self.store.list_grants()), key=lambda g: g.created_at)
+        self.assertEqual([g.grant_id[:12] for g in grants], ["%012x" % int(now * 1000) for now in made])
+        self.assertEqual(sorted(g.grant_id for g in grants), [g.grant_id for g in grants])
+
     def test_exchange(self) -> None:
         body = self.tokens()
         self.assertEqual(body["token_type"], "Bearer")
