@@ -112,6 +112,27 @@ class FlowsPageTests(SynchronousTestCase):
         self.assertIn("no MCP request with this grant", text)
         self.assertIn(f"docs/troubleshooting.md#{patterns.NEVER_USED}", text)
 
+    def test_grant_ids_told_apart_by_their_end(self) -> None:
+        """
+        A grant's id starts with its creation time (the same for grants
+        made within a minute): the page shows its end, the whole id as the
+        title.
+        """
+        now = self.clock.seconds()
+        first, second = "0190aabbccdd" + "1" * 12 + "aaaa0001", "0190aabbccdd" + "2" * 12 + "bbbb0002"
+        self.successResultOf(
+            self.flows.record(
+                [
+                    Step(at=now - 10, kind=model.CODE_EXCHANGED, client_id="<c1>", grant_id=first),
+                    Step(at=now - 5, kind=model.CODE_EXCHANGED, client_id="<c1>", grant_id=second),
+                ]
+            )
+        )
+        cookie, _ = self.session()
+        _, text = self.request("GET", cookie=cookie, query="?client=%3Cc1%3E")
+        for grant_id in (first, second):
+            self.assertIn(f'title="{grant_id}">…{grant_id[-8:]}<', text)
+
     def test_admin_flag_checked_on_every_view(self) -> None:
         """
         An admin token revoked after the sign-in closes the page, and ends

@@ -1,6 +1,8 @@
 """
 Tests for L{smeldr_oauth.mcp.calls.outcome_now}: what a L{Deferred} already
-knows is taken out at once, and nothing else is.
+knows is taken out at once, and nothing else is; and for
+L{smeldr_oauth.mcp.calls.is_deferred}, C{isinstance} against L{Deferred}
+without the abstract base class's check.
 
 The fast path reads a fired L{Deferred}'s C{result} directly; these tests
 pin down the cases where that would be wrong (a failure that must be
@@ -10,14 +12,82 @@ running) so that each keeps the long way's answer.
 
 from __future__ import annotations
 
+import abc
 import gc
-from typing import Any
+from typing import Any, Iterator
+from contextlib import contextmanager
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from smeldr_oauth.mcp.calls import outcome_now
+from smeldr_oauth.mcp.calls import is_deferred, outcome_now
+
+
+@contextmanager
+def abc_checks() -> Iterator[list[object]]:
+    """
+    Count the calls of C{ABCMeta.__instancecheck__} (the slow path of
+    C{isinstance} against L{Deferred}, an C{Awaitable}) made inside.
+    """
+    seen: list[object] = []
+    original = abc.ABCMeta.__instancecheck__
+
+    def counting(cls: Any, instance: object) -> bool:
+        seen.append(instance)
+        return original(cls, instance)
+
+    abc.ABCMeta.__instancecheck__ = counting  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        abc.ABCMeta.__instancecheck__ = original  # type: ignore[method-assign]
+
+
+class _Sub(Deferred[Any]):
+    pass
+
+
+class IsDeferredTests(SynchronousTestCase):
+    def test_same_answer_as_isinstance(self) -> None:
+        """
+        True for a L{Deferred} (fired or not) and a subclass's instance,
+        False for what MCP work answers instead: a C{dict}, bytes, C{None},
+        a L{Failure}, a coroutine, a class.
+        """
+
+        async def coroutine() -> None:
+            return None
+
+        pending = coroutine()
+        self.addCleanup(pending.close)
+        values: list[object] = [Deferred(), succeed(1), _Sub(), {}, b"x", None, Failure(ValueError()), pending, Deferred]
+        for value in values:
+            self.assertEqual(is_deferred(value), isinstance(value, Deferred), value)
+
+    def test_no_abc_check(self) -> None:
+        """
+        The usual answers (not a L{Deferred}) take no C{ABCMeta} check; a
+        plain C{isinstance} does, which is what this avoids.
+        """
+        with abc_checks() as seen:
+            for value in ({}, b"x", None, [], "text"):
+                self.assertFalse(is_deferred(value))
+            self.assertTrue(is_deferred(_Sub()))
+        self.assertEqual(seen, [])
+        with abc_checks() as seen:
+            self.assertFalse(isinstance({}, Deferred))
+        self.assertEqual(len(seen), 1)
+
+    def test_outcome_now_no_abc_check(self) -> None:
+        """
+        Taking a fired Deferred's plain value out makes no C{ABCMeta} check
+        either (three a C{tools/call}).
+        """
+        d = succeed({"a": 1})
+        with abc_checks() as seen:
+            self.assertEqual(outcome_now(d), [{"a": 1}])
+        self.assertEqual(seen, [])
 
 
 class OutcomeNowTests(SynchronousTestCase):

@@ -96,3 +96,92 @@ class NewSecretsTests(SynchronousTestCase):
         self.assertEqual(len(child), 43)
         self.assertNotEqual(child, expected)
         self.assertEqual(secrets.new_secrets(1), [expected])
+
+    def test_new_secret_from_the_pool(self) -> None:
+        """
+        L{secrets.new_secret} hands out the pool's next secret: no read of
+        the system's random source of its own.
+        """
+        secrets.new_secrets(1)
+        expected = secrets._pool[0]
+        reads: list[int] = []
+        self.patch(os, "urandom", lambda size: reads.append(size) or b"\0" * size)
+        self.assertEqual(secrets.new_secret(), expected)
+        self.assertEqual(reads, [])
+
+
+class NewIdTests(SynchronousTestCase):
+    def test_shape_and_distinct(self) -> None:
+        """128 bits as 32 lower-case hex digits, never the same twice."""
+        made = [secrets.new_id() for _ in range(3 * secrets.POOL_SIZE)]
+        for made_id in made:
+            self.assertIsNotNone(re.fullmatch(r"[0-9a-f]{32}", made_id), made_id)
+        self.assertEqual(len(set(made)), len(made))
+
+    def test_made_in_batches(self) -> None:
+        """
+        Identifiers are made L{secrets.POOL_SIZE} at a time from one read,
+        each the hex of its own 16 bytes of it, each handed out once, in
+        order.
+        """
+        reads: list[int] = []
+
+        def urandom(size: int) -> bytes:
+            reads.append(size)
+            return bytes((len(reads) + i) % 256 for i in range(size))
+
+        secrets._ids.clear()
+        self.addCleanup(secrets._ids.clear)
+        self.patch(os, "urandom", urandom)
+        made = [secrets.new_id() for _ in range(secrets.POOL_SIZE)]
+        self.assertEqual(reads, [secrets.ID_BYTES * secrets.POOL_SIZE])
+        raw = bytes((1 + i) % 256 for i in range(secrets.ID_BYTES * secrets.POOL_SIZE))
+        self.assertEqual(
+            made, [raw[start : start + secrets.ID_BYTES].hex() for start in range(0, len(raw), secrets.ID_BYTES)]
+        )
+        secrets.new_id()
+        self.assertEqual(reads, [secrets.ID_BYTES * secrets.POOL_SIZE] * 2)
+
+    def test_forked_child_starts_empty(self) -> None:
+        """A forked child does not hand out the identifiers its parent holds."""
+        secrets.new_id()
+        self.assertTrue(secrets._ids)
+        expected = secrets._ids[0]
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            try:
+                os.close(read)
+                os.write(write, secrets.new_id().encode("ascii"))
+            finally:
+                os._exit(0)
+        os.close(write)
+        try:
+            child = os.read(read, 100).decode("ascii")
+        finally:
+            os.close(read)
+            os.waitpid(pid, 0)
+        self.assertEqual(len(child), 32)
+        self.assertNotEqual(child, expected)
+        self.assertEqual(secrets.new_id(), expected)
+
+
+class NewOrderedIdTests(SynchronousTestCase):
+    def test_shape(self) -> None:
+        """32 lower-case hex digits, as L{secrets.new_id}: the milliseconds, then 80 random bits."""
+        made = secrets.new_ordered_id(1_800_000_000.123)
+        self.assertIsNotNone(re.fullmatch(r"[0-9a-f]{32}", made), made)
+        self.assertEqual(made[:12], "%012x" % 1_800_000_000_123)
+
+    def test_sorted_by_time(self) -> None:
+        """
+        Ids made later sort later (the point: each new grant's id goes to
+        the end of the indexes keyed by it); ids of the same millisecond
+        differ.
+        """
+        times = [1_800_000_000.0 + step / 1000 for step in range(0, 5000, 7)]
+        made = [secrets.new_ordered_id(now) for now in times]
+        self.assertEqual(sorted(made), made)
+        same = [secrets.new_ordered_id(1_800_000_000.0) for _ in range(3 * secrets.POOL_SIZE)]
+        self.assertEqual(len(set(same)), len(same))
+        self.assertEqual(len({made_id[12:] for made_id in same}), len(same))

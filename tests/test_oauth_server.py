@@ -657,6 +657,21 @@ class CodeGrantTests(ServerTestCase):
             (grant.subject, grant.site_token_id, grant.client_id), ("alice", "st-1", self.client_id)
         )
 
+    def test_grant_ids_in_creation_order(self) -> None:
+        """
+        Each grant's id starts with the milliseconds of its approval: the
+        grants made one after another sort one after another (see
+        L{smeldr_oauth.oauth.secrets.new_ordered_id}).
+        """
+        made = []
+        for _ in range(5):
+            self.code_for()
+            made.append(self.clock.seconds())
+            self.clock.advance(0.002)
+        grants = sorted(self.successResultOf(self.store.list_grants()), key=lambda g: g.created_at)
+        self.assertEqual([g.grant_id[:12] for g in grants], ["%012x" % int(now * 1000) for now in made])
+        self.assertEqual(sorted(g.grant_id for g in grants), [g.grant_id for g in grants])
+
     def test_exchange(self) -> None:
         body = self.tokens()
         self.assertEqual(body["token_type"], "Bearer")
@@ -1670,6 +1685,21 @@ class LogInjectionTests(ServerTestCase):
             self.assertTrue(all(" " <= c <= "~" for c in out), out)
             self.assertNotIn("\n", out)
         self.assertEqual(loggable(None), "None")
+
+    def test_loggable_passes_exactly_printable_ascii(self) -> None:
+        """
+        A text passes unchanged exactly when every character is from space
+        to C{~} (no backslash, no leading quote, short enough), whatever the
+        characters: the fast check (C{isascii} and C{isprintable}) decides
+        as the per-character comparison did, at each end of the range and
+        beyond it (tab, DEL, Latin-1 and other printable non-ASCII).
+        """
+        from smeldr_oauth.oauth.server import loggable
+
+        for code in [*range(0, 0x250), 0x2028, 0x202E, 0x3000, 0xFEFF, 0x1F600]:
+            value = f"id{chr(code)}x"
+            plain = all(" " <= c <= "~" for c in value) and "\\" not in value
+            self.assertEqual(loggable(value) == value, plain, hex(code))
 
     def test_cimd_refusal_logged_safely(self) -> None:
         """

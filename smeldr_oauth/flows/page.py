@@ -93,7 +93,9 @@ def timeline_page(
                 tags.td(render.when(s.at)),
                 tags.td(LABELS.get(s.kind, s.kind)),
                 tags.td(s.outcome),
-                tags.td(tags.span(s.grant_id[:8] + "…", title=s.grant_id) if s.grant_id else "—"),
+                # The end of the id: a grant's id starts with its creation
+                # time (secrets.new_ordered_id), the same for a minute.
+                tags.td(tags.span("…" + s.grant_id[-8:], title=s.grant_id) if s.grant_id else "—"),
                 tags.td(render.detail_text(s), class_="wrap"),
             )
             for s in steps

@@ -9,7 +9,7 @@ Transports make principals and outlets; the session makes calls.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeGuard
 
 import attr
 from twisted.logger import Logger
@@ -114,6 +114,24 @@ def answer_lost(failure: Failure, message: jsonrpc.Message, send: Callable[[Any]
             log.failure("MCP error answer could not be sent on {where}", where=where)
 
 
+def is_deferred(value: object) -> TypeGuard[Deferred[Any]]:
+    """
+    C{isinstance(value, Deferred)}, for every real L{Deferred} and
+    subclass, without the abstract base class's check.
+
+    L{Deferred} is an C{Awaitable}, so C{isinstance} against it goes
+    through C{ABCMeta.__instancecheck__} (a Python call, about 200 ns)
+    whenever the value is I{not} exactly a L{Deferred}: a C{dict}, an
+    answer's bytes, C{None}, which is what most MCP work hands back (SQLite
+    on the reactor thread).  Seven such checks a C{tools/call}; the type's
+    method resolution order answers the same in a few tens of ns (Twisted
+    itself checks C{type(result)} against its list of subclasses).  Only
+    a class registered as a virtual subclass of L{Deferred}, which nothing
+    does, would be told apart.
+    """
+    return Deferred in type(value).__mro__
+
+
 def outcome_now(d: Deferred) -> list[Any]:
     """
     C{[result]} when C{d} has already fired (a failure is then taken out
@@ -135,7 +153,7 @@ def outcome_now(d: Deferred) -> list[Any]:
     """
     if d.called and not d.paused and not getattr(d, "_runningCallbacks", True):
         result = d.result
-        if not isinstance(result, (Failure, Deferred)):
+        if not (isinstance(result, Failure) or Deferred in type(result).__mro__):
             return [result]
     box: list[Any] = []
     d.addBoth(_kept, box)

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
-from smeldr_oauth.mcp.calls import Call, CallbackOutlet, Outlet, Principal, outcome_now
+from smeldr_oauth.mcp.calls import Call, CallbackOutlet, Outlet, Principal, is_deferred, outcome_now
 from smeldr_oauth.mcp.conversation import ConversationState, SessionOptions
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message, Request
 from smeldr_oauth.mcp.methods import METHODS, needed_scopes
@@ -105,7 +105,7 @@ class ServerSession(ConversationState):
             inner = self._dispatch(message, call)
         except BaseException:
             return succeed(self._response(message, call, Failure()))
-        if not isinstance(inner, Deferred):
+        if not is_deferred(inner):
             # A method that answered with its value (most calls, SQLite on
             # the reactor thread): no Deferred made and unwrapped again.
             return succeed(self._response(message, call, inner))
@@ -243,7 +243,7 @@ class ServerSession(ConversationState):
         if handler is None or (not call.modern and message.method == "server/discover"):
             raise jsonrpc.method_not_found(message.method)
         result = handler(self, message.params, call)
-        if isinstance(result, (Deferred, dict)) or result is None:
+        if result is None or isinstance(result, dict) or is_deferred(result):
             return result
         # What maybeDeferred made of anything else (a coroutine, a Failure).
         return maybeDeferred(lambda: result)

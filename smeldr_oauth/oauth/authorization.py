@@ -22,7 +22,7 @@ from smeldr_oauth.oauth.model import Approval, AuthorizationCode, Client, Grant
 from smeldr_oauth.oauth.params import AUTHORIZE_PARAMS, MAX_STATE, Params, reject_repeated, single
 from smeldr_oauth.oauth.ratelimit import IRateLimiter, spend_now
 from smeldr_oauth.oauth.scopes import check_resource, parse_scopes
-from smeldr_oauth.oauth.secrets import hash_secret, new_id, new_secret
+from smeldr_oauth.oauth.secrets import hash_secret, new_ordered_id, new_secret
 from smeldr_oauth.oauth.text import loggable
 from smeldr_oauth.oauth.urls import is_loopback_host, parse, redirect_uri_matches, with_query
 
@@ -283,7 +283,7 @@ class Authorization:
         now = self._clock.seconds()
         code = new_secret()
         grant = Grant(
-            grant_id=new_id(),
+            grant_id=new_ordered_id(now),
             client_id=request.client.client_id,
             subject=approval.subject,
             scopes=request.scopes,

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.auth import AuthFailure, BearerAuth, Challenger, Credential
+from smeldr_oauth.mcp.calls import is_deferred
 from smeldr_oauth.mcp.http import wire
 from smeldr_oauth.mcp.http.cors import ALLOWED_HEADERS, OriginPolicy
 from smeldr_oauth.mcp.http.errors import from_auth_failure, refused
@@ -255,14 +256,14 @@ class MCPHTTP:
             outcome = self.auth.credential(request)
         except AuthFailure as e:
             raise from_auth_failure(e)
-        if isinstance(outcome, Deferred):
+        if is_deferred(outcome):
             # Still looking (a store look-up): wait for it.
             return outcome.addCallback(then, *args).addErrback(refused)
         try:
             result = then(outcome, *args)
         except AuthFailure as e:
             raise from_auth_failure(e)
-        if isinstance(result, Deferred):
+        if is_deferred(result):
             result.addErrback(refused)
         return result
 
