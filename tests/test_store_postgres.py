@@ -379,8 +379,9 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.reactor = InlineReactor()
+        self.url = postgres.database_url(self)
         database = Database(
-            PostgresEngine(postgres.database_url(self)),
+            PostgresEngine(self.url),
             self.reactor,
             threads=1,
             threadpool=InlineThreadPool(),
@@ -466,7 +467,7 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
     def test_writes_one_text(self) -> None:
         """
         A batch's writes are one statement whose text is the same whatever
-        the batch's size (its rows travel as JSON parameters), sent
+        the batch's size (its rows travel as JSON and array parameters), sent
         unprepared: PostgreSQL parses one short statement, not a clause
         per write of a text never seen before, and plans it with the
         tables as they are.  What it wrote is what each rotation alone
@@ -502,6 +503,75 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
         )
         self.reactor.advance(0)
         self.assertEqual(self.successResultOf(late).status, "reused")
+
+    def test_writes_planned_by_index(self) -> None:
+        """
+        A batch's updates reach the rows of C{grants} and C{refresh_tokens}
+        by index, not by reading the whole table, on analyzed tables of a
+        size (5,000 rows) at which the planner read them whole when the
+        updates' rows came from C{json_to_recordset}, which it takes for
+        100 rows (a batch of 11 then cost 1.4 ms instead of 0.2; 2.4 ms
+        against 0.2 on 20,000 rows).  Seen in the plan of the batch's
+        statement (C{EXPLAIN}, then run).
+        """
+        import psycopg
+
+        for n in range(11):
+            self.grant(f"g{n}")
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute(
+                "INSERT INTO grants (grant_id, client_id, subject, scopes, resource, created_at)"
+                " SELECT 'other' || i, 'client-1', 'alice', '[]', 'r', 0 FROM generate_series(1, 5000) i"
+            )
+            connection.execute(
+                "INSERT INTO refresh_tokens (token_hash, grant_id, scopes, generation, created_at, expires_at)"
+                " SELECT 'other' || i, 'other' || i, '[]', 0, 0, 1 FROM generate_series(1, 5000) i"
+            )
+            connection.execute("ANALYZE grants")
+            connection.execute("ANALYZE refresh_tokens")
+        plans: list[str] = []
+        execute = Transaction.execute
+
+        def explained(txn: Transaction, sql: str, *args: Any, **kwargs: Any) -> Transaction:
+            if sql.startswith("WITH _i0 AS"):
+                execute(txn, "EXPLAIN " + sql, *args, **kwargs)
+                plans.append("\n".join(row[0] for row in txn.fetchall()))
+            return execute(txn, sql, *args, **kwargs)
+
+        self.patch(Transaction, "execute", explained)
+        calls = [self.redeem(f"r-g{n}", n) for n in range(11)]
+        self.reactor.advance(0)
+        self.assertEqual([self.successResultOf(d).status for d in calls], ["rotated"] * 11)
+        self.assertEqual(len(plans), 1)
+        self.assertNotIn("Seq Scan on grants", plans[0])
+        self.assertNotIn("Seq Scan on refresh_tokens", plans[0])
+        for index in ("grants_pkey", "refresh_tokens_grant_id"):
+            self.assertRegex(plans[0], rf"Index Scan (using|on) {index} ")
+
+    def test_writes_quoted_values(self) -> None:
+        """
+        The batch's updates take their columns as array literals only
+        where the values need no quoting there: grant ids with a comma, a
+        quote, a brace, a backslash, a space, or spelled C{NULL}, go as
+        lists, and their refreshes rotate and record their use like any
+        other.
+        """
+        names = ("g,1", 'g"2', "g{3}", "g\\4", "g 5", "NULL", "")
+        for name in names:
+            self.grant(name)
+        calls = [self.redeem(f"r-{name}", n) for n, name in enumerate(names)]
+        self.commits = 0
+        self.reactor.advance(0)
+        self.assertEqual([self.successResultOf(d).status for d in calls], ["rotated"] * len(names))
+        self.assertEqual(self.commits, 1)
+        d = self.store.list_grants()
+        self.reactor.advance(0)
+        self.assertEqual(
+            sorted((g.grant_id, g.last_used_at) for g in self.successResultOf(d)),
+            sorted((name, T0 + 100) for name in names),
+        )
+        for n in range(len(names)):
+            self.assertIsNotNone(self.successResultOf(self.store.lookup_access_token(h(f"x{n}"), T0 + 101)))
 
     def test_writes_scrub_nul(self) -> None:
         """
