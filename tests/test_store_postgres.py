@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import Any, Optional
 
@@ -247,7 +248,7 @@ class PostgresStoreTests(SynchronousTestCase):
             rows = connection.execute(
                 "SELECT component, version FROM schema_migrations ORDER BY component"
             ).fetchall()
-        self.assertEqual(rows, [("notifications", 1), ("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4), ("oauth", 5), ("oauth", 6)])
+        self.assertEqual(rows, [("notifications", 1), ("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4), ("oauth", 5), ("oauth", 6), ("oauth", 7)])
 
     def test_spends_are_hot(self) -> None:
         """
@@ -368,6 +369,57 @@ class PostgresStoreTests(SynchronousTestCase):
         self.assertGreaterEqual(len(nested), 4)
         for plan in nested:
             self.assertNotIn("Seq Scan on refresh_tokens", plan)
+
+
+    def test_refresh_facts_many_planned_once(self) -> None:
+        """
+        The batch's facts function (migration 7) plans its statements once
+        a session (generic plans, not one plan a call: planning was half
+        its cost), and every one of those plans reaches C{refresh_tokens}
+        and C{grants} through an index condition even when it was made
+        while the tables were small: the trap of migration 5 (a few calls
+        on an analyzed table of three rows, then thousands of rows more),
+        after which the first version of this function read a whole index
+        of C{refresh_tokens} with a filter at every call.  Seen through
+        C{auto_explain}'s verbose plans of the function's statements.
+        """
+        import psycopg
+
+        url = postgres.database_url(self)
+        store = pg_store(self, url)
+        issue_secrets(self, store, url)
+        store.close()
+        with psycopg.connect(url, autocommit=True) as connection:
+            hashes = [r[0] for r in connection.execute("SELECT token_hash FROM refresh_tokens").fetchall()]
+            connection.execute("ANALYZE grants")
+            connection.execute("ANALYZE refresh_tokens")
+            for _ in range(8):
+                connection.execute("SELECT * FROM smeldr_refresh_facts_many(%s::text[])", (hashes,)).fetchall()
+            connection.execute(
+                "INSERT INTO grants (grant_id, client_id, subject, scopes, resource, created_at)"
+                " SELECT 'other' || i, 'client-1', 'alice', '[]', 'r', 0 FROM generate_series(1, 2000) i"
+            )
+            connection.execute(
+                "INSERT INTO refresh_tokens (token_hash, grant_id, scopes, generation, created_at, expires_at)"
+                " SELECT 'other' || i || '-' || j, 'other' || i, '[]', j, 0, 1"
+                " FROM generate_series(1, 2000) i, generate_series(1, 5) j"
+            )
+            plans = postgres.nested_plans(connection)
+            connection.execute("SET auto_explain.log_verbose = on")
+            rows = connection.execute("SELECT * FROM smeldr_refresh_facts_many(%s::text[])", (hashes,)).fetchall()
+        self.assertEqual(len(rows), len(hashes))
+        nested = [plan for plan in plans if "smeldr_refresh_facts_many" not in plan]
+        self.assertEqual(len(nested), 2, plans)
+        for plan in nested:
+            # Generic: the presented hashes are a parameter, not constants.
+            self.assertRegex(plan, r"unnest\(\$1\)")
+            lines = [line.strip() for line in plan.splitlines()]
+            scans = [n for n, line in enumerate(lines) if re.search(r"Scan.* on (public\.)?(refresh_tokens|grants) ", line)]
+            self.assertTrue(scans)
+            for n in scans:
+                self.assertTrue(lines[n].startswith(("-> Index", "->  Index", "Index")), lines[n])
+                following = [line for line in lines[n + 1 : n + 4] if line.startswith(("Index Cond", "Filter"))]
+                self.assertTrue(following and following[0].startswith("Index Cond"), "\n".join(lines[n : n + 4]))
 
 
 class PostgresGroupCommitStoreTests(SynchronousTestCase):
