@@ -96,6 +96,67 @@ END
 $body$
 """
 
+#: OAuth migration 7 (PostgreSQL): smeldr_refresh_facts_many with the same
+#: arguments and rows (each presented hash once), its statements written so
+#: that every plan the planner can make for them, generic or custom, made
+#: on a table of three rows or three million, reaches each row through an
+#: index condition: the presented hashes are unnested and each is looked up
+#: in a LATERAL subquery that OFFSET 0 keeps from being flattened (so the
+#: look-up is by one hash, an equality on the primary key, and with
+#: sequential scans off no other path is cheaper), each token's grant is
+#: found the same way by its key (joined plainly, a generic plan made on a
+#: small table read the whole of grants_pkey for each token), the grants
+#: are locked one primary-key look-up each in grant_id order, and the
+#: live generation is MAX over the (grant_id, generation) index plus a
+#: count of that generation.  So the plans are made once a session
+#: (force_generic_plan), not at every call: planning the two statements at
+#: every call (migration 5) was half the function's backend CPU
+#: (docs/performance.md, "Round ten").  The first version joined
+#: token_hash = ANY (presented) directly; its generic plan, made on a small
+#: table, read a whole index of refresh_tokens with a filter (60 ms a
+#: call on 95,000 rows), as round nine found.
+_REFRESH_FACTS_MANY_GENERIC = """
+CREATE OR REPLACE FUNCTION smeldr_refresh_facts_many(presented TEXT[])
+RETURNS TABLE (
+    grant_id TEXT, client_id TEXT, subject TEXT, scopes TEXT, resource TEXT,
+    created_at DOUBLE PRECISION, site_token_id TEXT, client_name TEXT,
+    last_used_at DOUBLE PRECISION, revoked_at DOUBLE PRECISION,
+    token_hash TEXT, token_scopes TEXT, generation INTEGER,
+    token_created_at DOUBLE PRECISION, expires_at DOUBLE PRECISION,
+    used_at DOUBLE PRECISION, token_revoked_at DOUBLE PRECISION,
+    live_generation INTEGER, live_siblings BIGINT
+)
+LANGUAGE plpgsql VOLATILE
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+AS $body$
+#variable_conflict use_column
+BEGIN
+    PERFORM 1 FROM
+        (SELECT DISTINCT p.grant_id FROM unnest(presented) AS h(token_hash)
+         CROSS JOIN LATERAL
+             (SELECT p.grant_id FROM refresh_tokens p WHERE p.token_hash = h.token_hash OFFSET 0) p
+         ORDER BY p.grant_id) AS ids
+        CROSS JOIN LATERAL
+            (SELECT 1 FROM grants g WHERE g.grant_id = ids.grant_id OFFSET 0 FOR UPDATE) AS locked;
+    RETURN QUERY
+    SELECT f.* FROM (SELECT DISTINCT u.token_hash FROM unnest(presented) AS u(token_hash)) AS h
+    CROSS JOIN LATERAL (
+        SELECT g.grant_id, g.client_id, g.subject, g.scopes, g.resource, g.created_at,
+               g.site_token_id, g.client_name, g.last_used_at, g.revoked_at,
+               t.token_hash, t.scopes, t.generation, t.created_at, t.expires_at, t.used_at,
+               t.revoked_at, live.generation,
+               (SELECT COUNT(*) FROM refresh_tokens s
+                WHERE s.grant_id = t.grant_id AND s.generation = live.generation)
+        FROM refresh_tokens t
+        CROSS JOIN LATERAL (SELECT * FROM grants g WHERE g.grant_id = t.grant_id OFFSET 0) g
+        CROSS JOIN LATERAL
+            (SELECT MAX(r.generation) AS generation FROM refresh_tokens r WHERE r.grant_id = t.grant_id) live
+        WHERE t.token_hash = h.token_hash OFFSET 0) f;
+END
+$body$
+"""
+
 OAUTH_SCHEMA = Schema(
     "oauth",
     (
@@ -255,6 +316,10 @@ OAUTH_SCHEMA = Schema(
         # "Round nine").  Existing pages keep their rows; new pages take the
         # setting.  SQLite updates rows in place.
         Migration(6, sqlite=(), postgresql=("ALTER TABLE refresh_tokens SET (fillfactor = 70)",)),
+        # PostgreSQL: the batch's facts function planned once a session,
+        # in statements whose every plan is an index look-up (see
+        # _REFRESH_FACTS_MANY_GENERIC).  SQLite has no such function.
+        Migration(7, sqlite=(), postgresql=(_REFRESH_FACTS_MANY_GENERIC,)),
     ),
     tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
     legacy=_legacy_version,
