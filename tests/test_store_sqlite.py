@@ -425,19 +425,30 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(len(begins), before + 1)
         self.assertEqual([s for s in statements if s.split()[0] in ("SAVEPOINT", "RELEASE", "ROLLBACK")], [])
 
-    def test_facts_read_by_name_once(self) -> None:
+    def facts(self, row_factory: Any = sqlite3.Row) -> "tuple[sqlite3.Connection, sql_module.SQLStore]":
         """
-        A refresh's facts, a C{sqlite3.Row}, are made a dict before they
-        are read by name (a C{sqlite3.Row} compares a name with every
-        column's in turn), and decided on as before.
+        A store with grant g1 and its first tokens, and a second connection
+        to its file whose rows are made by C{row_factory}.
         """
-        from smeldr_oauth.store import transactions
-
         reactor, store, _ = self.grouped()
         store.create_grant(make_grant("g1"), make_code("g1-code", grant_id="g1"))
         reactor.advance(0)
         store.add_tokens("g1", access("g1-a0"), refresh("g1-r0"))
         reactor.advance(0)
+        other = sqlite3.connect(store.database.engine.path)
+        self.addCleanup(other.close)
+        other.row_factory = row_factory
+        return other, store
+
+    def test_facts_read_by_position(self) -> None:
+        """
+        A refresh's facts, a C{sqlite3.Row}, are read by position: never by
+        name (a C{sqlite3.Row} compares a name with every column's in
+        turn), nor made a dict first (round nine's way, through C{keys}),
+        and decided on as before.
+        """
+        from smeldr_oauth.store import transactions
+
         by_name: list[str] = []
 
         class Counting(sqlite3.Row):
@@ -446,13 +457,45 @@ class GroupCommitTests(SynchronousTestCase):
                     by_name.append(key)
                 return super().__getitem__(key)
 
-        other = sqlite3.connect(store.database.engine.path)
-        self.addCleanup(other.close)
-        other.row_factory = Counting
+            def keys(self) -> list[str]:
+                by_name.append("keys()")
+                return super().keys()
+
+        other, _ = self.facts(Counting)
         row = other.execute(transactions._REFRESH_FACTS, (h("g1-r0"), h("g1-r0"))).fetchone()
         decision, token, grant = transactions._decide(row, T0 + 100, 10.0, None)
         self.assertEqual(by_name, [])
         self.assertEqual((decision.status, token.token_hash, grant.grant_id), ("rotated", h("g1-r0"), "g1"))
+        self.assertEqual(grant, make_grant("g1"))
+        self.assertEqual(token, attr.evolve(refresh("g1-r0"), grant_id="g1"))
+
+    def test_facts_columns(self) -> None:
+        """
+        The facts statement's columns are, in order, the ones L{_decide}
+        reads by position, and by those names from PostgreSQL.
+        """
+        from smeldr_oauth.store import transactions
+
+        other, _ = self.facts()
+        cursor = other.execute(transactions._REFRESH_FACTS, (h("g1-r0"), h("g1-r0")))
+        self.assertEqual(tuple(d[0] for d in cursor.description), transactions._FACTS_COLUMNS)
+        self.assertEqual(
+            dict(zip(transactions._FACTS_COLUMNS, cursor.fetchone()))["live_generation"], refresh("g1-r0").generation
+        )
+
+    def test_facts_live_generation_not_materialised(self) -> None:
+        """
+        The live generation's subquery runs as a co-routine: it is not
+        materialised into an ephemeral table at every refresh.
+        """
+        from smeldr_oauth.store import transactions
+
+        other, _ = self.facts()
+        plan = [row[3] for row in other.execute("EXPLAIN QUERY PLAN " + transactions._REFRESH_FACTS, ("x", "x"))]
+        self.assertIn("CO-ROUTINE live", plan)
+        self.assertEqual([step for step in plan if "MATERIALIZE" in step], [])
+        opcodes = [row[1] for row in other.execute("EXPLAIN " + transactions._REFRESH_FACTS, ("x", "x"))]
+        self.assertNotIn("OpenEphemeral", opcodes)
 
     def test_consents_and_exchanges_as_alone(self) -> None:
         """
