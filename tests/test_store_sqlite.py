@@ -537,6 +537,33 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(got, expected)
 
 
+class TokenRowsTests(SynchronousTestCase):
+    """
+    The rows of new tokens, written out for speed, are the ones the
+    generic L{to_row} makes: the same statement, the same values.
+    """
+
+    def test_access_row(self) -> None:
+        from smeldr_oauth.db.rows import to_row
+        from smeldr_oauth.store import transactions
+
+        record = access("a1")
+        self.assertEqual(
+            transactions._access_row(record, "g1", ("b", "a"), "https://r"),
+            to_row("access_tokens", record, grant_id="g1", scopes='["b", "a"]', resource="https://r"),
+        )
+
+    def test_refresh_row(self) -> None:
+        from smeldr_oauth.db.rows import to_row
+        from smeldr_oauth.store import transactions
+
+        record = attr.evolve(refresh("r1"), used_at=T0 + 1)
+        self.assertEqual(
+            transactions._refresh_row(record, "g1", ["b", "a"], 7),
+            to_row("refresh_tokens", record, grant_id="g1", scopes='["b", "a"]', generation=7, used_at=None),
+        )
+
+
 class SQLiteStoreTests(SynchronousTestCase):
     """
     What is particular to SQLite: files, pragmas, migrations, bytes at rest.
