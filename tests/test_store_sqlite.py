@@ -26,6 +26,7 @@ from smeldr_oauth.db import open_database
 from smeldr_oauth.db.database import NoThreads
 from smeldr_oauth.db.errors import SchemaTooNew, StoreConflict
 from smeldr_oauth.db.migrations import Migration, Schema
+from smeldr_oauth.store import refresh_facts
 from smeldr_oauth.store import sql as sql_module
 from smeldr_oauth.store.schema import OAUTH_SCHEMA
 from smeldr_oauth.store.transactions import _insert_grant
@@ -462,7 +463,7 @@ class GroupCommitTests(SynchronousTestCase):
                 return super().keys()
 
         other, _ = self.facts(Counting)
-        row = other.execute(transactions._REFRESH_FACTS, (h("g1-r0"), h("g1-r0"))).fetchone()
+        row = other.execute(refresh_facts.REFRESH_FACTS, (h("g1-r0"), h("g1-r0"))).fetchone()
         decision, token, grant = transactions._decide(row, T0 + 100, 10.0, None)
         self.assertEqual(by_name, [])
         self.assertEqual((decision.status, token.token_hash, grant.grant_id), ("rotated", h("g1-r0"), "g1"))
@@ -474,13 +475,11 @@ class GroupCommitTests(SynchronousTestCase):
         The facts statement's columns are, in order, the ones L{_decide}
         reads by position, and by those names from PostgreSQL.
         """
-        from smeldr_oauth.store import transactions
-
         other, _ = self.facts()
-        cursor = other.execute(transactions._REFRESH_FACTS, (h("g1-r0"), h("g1-r0")))
-        self.assertEqual(tuple(d[0] for d in cursor.description), transactions._FACTS_COLUMNS)
+        cursor = other.execute(refresh_facts.REFRESH_FACTS, (h("g1-r0"), h("g1-r0")))
+        self.assertEqual(tuple(d[0] for d in cursor.description), refresh_facts.FACTS_COLUMNS)
         self.assertEqual(
-            dict(zip(transactions._FACTS_COLUMNS, cursor.fetchone()))["live_generation"], refresh("g1-r0").generation
+            dict(zip(refresh_facts.FACTS_COLUMNS, cursor.fetchone()))["live_generation"], refresh("g1-r0").generation
         )
 
     def test_facts_live_generation_not_materialised(self) -> None:
@@ -488,13 +487,11 @@ class GroupCommitTests(SynchronousTestCase):
         The live generation's subquery runs as a co-routine: it is not
         materialised into an ephemeral table at every refresh.
         """
-        from smeldr_oauth.store import transactions
-
         other, _ = self.facts()
-        plan = [row[3] for row in other.execute("EXPLAIN QUERY PLAN " + transactions._REFRESH_FACTS, ("x", "x"))]
+        plan = [row[3] for row in other.execute("EXPLAIN QUERY PLAN " + refresh_facts.REFRESH_FACTS, ("x", "x"))]
         self.assertIn("CO-ROUTINE live", plan)
         self.assertEqual([step for step in plan if "MATERIALIZE" in step], [])
-        opcodes = [row[1] for row in other.execute("EXPLAIN " + transactions._REFRESH_FACTS, ("x", "x"))]
+        opcodes = [row[1] for row in other.execute("EXPLAIN " + refresh_facts.REFRESH_FACTS, ("x", "x"))]
         self.assertNotIn("OpenEphemeral", opcodes)
 
     def test_consents_and_exchanges_as_alone(self) -> None:

@@ -36,6 +36,7 @@ from smeldr_oauth.db.database import Transaction
 from smeldr_oauth.db.rows import from_row, to_row, where
 from smeldr_oauth.oauth import model, rotation
 from smeldr_oauth.oauth.interfaces import CodeRedemption, RefreshRedemption
+from smeldr_oauth.store import refresh_facts
 
 #: Where revocations are announced (PostgreSQL C{NOTIFY}); the payload
 #: says what ended (C{"grant <id>"}, C{"access_token <hash>"}).
@@ -118,15 +119,8 @@ def _access_row(
 def _refresh_row(
     refresh: model.RefreshToken, grant_id: str, scopes: Sequence[str], generation: int
 ) -> tuple[str, Sequence[Any]]:
-    return _REFRESH_INSERT, (
-        refresh.token_hash,
-        grant_id,
-        _dump(scopes),
-        generation,
-        refresh.created_at,
-        refresh.expires_at,
-        None,
-    )
+    values = (refresh.token_hash, grant_id, _dump(scopes), generation, refresh.created_at, refresh.expires_at, None)
+    return _REFRESH_INSERT, values
 
 
 #: A grant's use recorded (its C{last_used_at}), by a code exchange, a
@@ -273,38 +267,9 @@ def add_tokens(
     txn.execute_together(rows)
 
 
-#: Everything a refresh decides on, in one statement (SQLite): the grant,
-#: the presented token, and the grant's live generation with its size, in
-#: the order of L{_FACTS_COLUMNS}.
-#:
-#: The live generation is the first term of the join and joined with
-#: C{CROSS JOIN}, which keeps it there: SQLite then runs it as a
-#: co-routine, its one row handed straight to the join.  As a later term
-#: (round nine's text) it was materialised into an ephemeral table at
-#: every refresh: a temporary B-tree opened, written, read and closed, for
-#: one row (C{docs/performance.md}, round ten).  The other two terms are
-#: read by primary key either way.
-_REFRESH_FACTS = (
-    "SELECT g.grant_id, g.client_id, g.subject, g.scopes, g.resource, g.created_at,"
-    " g.site_token_id, g.client_name, g.last_used_at, g.revoked_at,"
-    " t.token_hash, t.scopes AS token_scopes, t.generation,"
-    " t.created_at AS token_created_at, t.expires_at, t.used_at, t.revoked_at AS token_revoked_at,"
-    " live.generation AS live_generation, live.siblings AS live_siblings"
-    " FROM (SELECT generation, COUNT(*) AS siblings FROM refresh_tokens"
-    "  WHERE grant_id = (SELECT grant_id FROM refresh_tokens WHERE token_hash = ?)"
-    "  GROUP BY generation ORDER BY generation DESC LIMIT 1) live"
-    " CROSS JOIN refresh_tokens t JOIN grants g ON g.grant_id = t.grant_id"
-    " WHERE t.token_hash = ?"
-)
-
-#: The columns of L{_REFRESH_FACTS}, in order (and the names PostgreSQL's
-#: facts functions give them).
-_FACTS_COLUMNS = (
-    "grant_id", "client_id", "subject", "scopes", "resource", "created_at",
-    "site_token_id", "client_name", "last_used_at", "revoked_at",
-    "token_hash", "token_scopes", "generation", "token_created_at", "expires_at", "used_at", "token_revoked_at",
-    "live_generation", "live_siblings",
-)
+#: SQLite's facts statement (L{refresh_facts.REFRESH_FACTS}), by its old
+#: name: PostgreSQL's tests hold the facts functions to it.
+_REFRESH_FACTS = refresh_facts.REFRESH_FACTS
 
 
 def redeem_refresh_token(
@@ -329,7 +294,7 @@ def redeem_refresh_token(
     trip), whose statements each take a snapshot of their own.
     """
     if txn.engine.single_writer:
-        row = txn.execute(_REFRESH_FACTS, (token_hash, token_hash)).fetchone()
+        row = txn.execute(refresh_facts.REFRESH_FACTS, (token_hash, token_hash)).fetchone()
     else:
         # PostgreSQL: the lock, then these facts, in one round trip (the
         # function smeldr_oauth.store.schema's migration 2 creates).
@@ -349,49 +314,25 @@ def _decide(
     """
     L{rotation.decide} on one row of refresh facts.
 
-    A C{sqlite3.Row} (SQLite's facts, L{_REFRESH_FACTS}) is read by
-    position, in the order of L{_FACTS_COLUMNS}: it finds a name by
-    comparing it with each column's in turn (the facts have nineteen), so
-    round nine made it a dict first (18% fewer instructions than by name);
-    by position the records are built with neither the dict nor the
-    generic L{from_row} (C{docs/performance.md}, round ten).
-    PostgreSQL's rows (L{smeldr_oauth.db.postgres.Row}) look names up in a
-    dict already.
+    SQLite's row (a C{sqlite3.Row}) is read by position
+    (L{refresh_facts.from_sqlite}); PostgreSQL's
+    (L{smeldr_oauth.db.postgres.Row}) looks names up in a dict already.
     """
     if isinstance(row, sqlite3.Row):
-        (
-            grant_id, client_id, subject, scopes, resource, created_at,
-            site_token_id, client_name, last_used_at, revoked_at,
-            token_hash, token_scopes, generation, token_created_at, expires_at, used_at, token_revoked_at,
-            live_generation, live_siblings,
-        ) = row
-        grant = model.Grant(
-            grant_id=grant_id,
-            client_id=client_id,
-            subject=subject,
-            scopes=_load(scopes),
-            resource=resource,
-            created_at=created_at,
-            site_token_id=site_token_id,
-            client_name=client_name,
-            last_used_at=last_used_at,
-            revoked_at=revoked_at,
-        )
+        grant, token, token_revoked_at, live_generation, live_siblings = refresh_facts.from_sqlite(row, _load)
     else:
         grant = _grant(row)
-        token_hash, token_scopes, generation = row["token_hash"], row["token_scopes"], row["generation"]
-        token_created_at, expires_at, used_at = row["token_created_at"], row["expires_at"], row["used_at"]
+        token = model.RefreshToken(
+            token_hash=row["token_hash"],
+            grant_id=grant.grant_id,
+            scopes=_load(row["token_scopes"]),
+            generation=row["generation"],
+            created_at=row["token_created_at"],
+            expires_at=row["expires_at"],
+            used_at=row["used_at"],
+        )
         token_revoked_at = row["token_revoked_at"]
         live_generation, live_siblings = row["live_generation"], row["live_siblings"]
-    token = model.RefreshToken(
-        token_hash=token_hash,
-        grant_id=grant.grant_id,
-        scopes=_load(token_scopes),
-        generation=generation,
-        created_at=token_created_at,
-        expires_at=expires_at,
-        used_at=used_at,
-    )
     decision = rotation.decide(
         token=token,
         token_revoked=token_revoked_at is not None,
