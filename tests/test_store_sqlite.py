@@ -26,6 +26,7 @@ from smeldr_oauth.db import open_database
 from smeldr_oauth.db.database import NoThreads
 from smeldr_oauth.db.errors import SchemaTooNew, StoreConflict
 from smeldr_oauth.db.migrations import Migration, Schema
+from smeldr_oauth.store import refresh_facts
 from smeldr_oauth.store import sql as sql_module
 from smeldr_oauth.store.schema import OAUTH_SCHEMA
 from smeldr_oauth.store.transactions import _insert_grant
@@ -425,19 +426,30 @@ class GroupCommitTests(SynchronousTestCase):
         self.assertEqual(len(begins), before + 1)
         self.assertEqual([s for s in statements if s.split()[0] in ("SAVEPOINT", "RELEASE", "ROLLBACK")], [])
 
-    def test_facts_read_by_name_once(self) -> None:
+    def facts(self, row_factory: Any = sqlite3.Row) -> "tuple[sqlite3.Connection, sql_module.SQLStore]":
         """
-        A refresh's facts, a C{sqlite3.Row}, are made a dict before they
-        are read by name (a C{sqlite3.Row} compares a name with every
-        column's in turn), and decided on as before.
+        A store with grant g1 and its first tokens, and a second connection
+        to its file whose rows are made by C{row_factory}.
         """
-        from smeldr_oauth.store import transactions
-
         reactor, store, _ = self.grouped()
         store.create_grant(make_grant("g1"), make_code("g1-code", grant_id="g1"))
         reactor.advance(0)
         store.add_tokens("g1", access("g1-a0"), refresh("g1-r0"))
         reactor.advance(0)
+        other = sqlite3.connect(store.database.engine.path)
+        self.addCleanup(other.close)
+        other.row_factory = row_factory
+        return other, store
+
+    def test_facts_read_by_position(self) -> None:
+        """
+        A refresh's facts, a C{sqlite3.Row}, are read by position: never by
+        name (a C{sqlite3.Row} compares a name with every column's in
+        turn), nor made a dict first (round nine's way, through C{keys}),
+        and decided on as before.
+        """
+        from smeldr_oauth.store import transactions
+
         by_name: list[str] = []
 
         class Counting(sqlite3.Row):
@@ -446,13 +458,41 @@ class GroupCommitTests(SynchronousTestCase):
                     by_name.append(key)
                 return super().__getitem__(key)
 
-        other = sqlite3.connect(store.database.engine.path)
-        self.addCleanup(other.close)
-        other.row_factory = Counting
-        row = other.execute(transactions._REFRESH_FACTS, (h("g1-r0"), h("g1-r0"))).fetchone()
+            def keys(self) -> list[str]:
+                by_name.append("keys()")
+                return super().keys()
+
+        other, _ = self.facts(Counting)
+        row = other.execute(refresh_facts.REFRESH_FACTS, (h("g1-r0"), h("g1-r0"))).fetchone()
         decision, token, grant = transactions._decide(row, T0 + 100, 10.0, None)
         self.assertEqual(by_name, [])
         self.assertEqual((decision.status, token.token_hash, grant.grant_id), ("rotated", h("g1-r0"), "g1"))
+        self.assertEqual(grant, make_grant("g1"))
+        self.assertEqual(token, attr.evolve(refresh("g1-r0"), grant_id="g1"))
+
+    def test_facts_columns(self) -> None:
+        """
+        The facts statement's columns are, in order, the ones L{_decide}
+        reads by position, and by those names from PostgreSQL.
+        """
+        other, _ = self.facts()
+        cursor = other.execute(refresh_facts.REFRESH_FACTS, (h("g1-r0"), h("g1-r0")))
+        self.assertEqual(tuple(d[0] for d in cursor.description), refresh_facts.FACTS_COLUMNS)
+        self.assertEqual(
+            dict(zip(refresh_facts.FACTS_COLUMNS, cursor.fetchone()))["live_generation"], refresh("g1-r0").generation
+        )
+
+    def test_facts_live_generation_not_materialised(self) -> None:
+        """
+        The live generation's subquery runs as a co-routine: it is not
+        materialised into an ephemeral table at every refresh.
+        """
+        other, _ = self.facts()
+        plan = [row[3] for row in other.execute("EXPLAIN QUERY PLAN " + refresh_facts.REFRESH_FACTS, ("x", "x"))]
+        self.assertIn("CO-ROUTINE live", plan)
+        self.assertEqual([step for step in plan if "MATERIALIZE" in step], [])
+        opcodes = [row[1] for row in other.execute("EXPLAIN " + refresh_facts.REFRESH_FACTS, ("x", "x"))]
+        self.assertNotIn("OpenEphemeral", opcodes)
 
     def test_consents_and_exchanges_as_alone(self) -> None:
         """
@@ -492,6 +532,33 @@ class GroupCommitTests(SynchronousTestCase):
             ],
         )
         self.assertEqual(got, expected)
+
+
+class TokenRowsTests(SynchronousTestCase):
+    """
+    The rows of new tokens, written out for speed, are the ones the
+    generic L{to_row} makes: the same statement, the same values.
+    """
+
+    def test_access_row(self) -> None:
+        from smeldr_oauth.db.rows import to_row
+        from smeldr_oauth.store import transactions
+
+        record = access("a1")
+        self.assertEqual(
+            transactions._access_row(record, "g1", ("b", "a"), "https://r"),
+            to_row("access_tokens", record, grant_id="g1", scopes='["b", "a"]', resource="https://r"),
+        )
+
+    def test_refresh_row(self) -> None:
+        from smeldr_oauth.db.rows import to_row
+        from smeldr_oauth.store import transactions
+
+        record = attr.evolve(refresh("r1"), used_at=T0 + 1)
+        self.assertEqual(
+            transactions._refresh_row(record, "g1", ["b", "a"], 7),
+            to_row("refresh_tokens", record, grant_id="g1", scopes='["b", "a"]', generation=7, used_at=None),
+        )
 
 
 class SQLiteStoreTests(SynchronousTestCase):

@@ -83,3 +83,40 @@ class MediaTypeTests(SynchronousTestCase):
             self.assertIsInstance(media_type(request_with(b"content-type", value)), str)
         except errors.HTTPError as e:
             self.assertEqual(e.status, 400)
+
+
+class MediaTypeMemoTests(SynchronousTestCase):
+    """
+    A C{Content-Type} value is parsed once; the table of parsed values
+    stays bounded; a value is checked at every request all the same.
+    """
+
+    def setUp(self) -> None:
+        from smeldr_oauth.web import headers
+
+        self.headers = headers
+        self.parsed: list[str] = []
+        parse = headers.parse_options_header
+        self.patch(headers, "parse_options_header", lambda value: (self.parsed.append(value), parse(value))[1])
+        self.patch(headers, "_MEDIA_TYPES", {})
+
+    def test_parsed_once(self) -> None:
+        for _ in range(3):
+            request = request_with(b"content-type", b"Application/JSON; charset=utf-8")
+            self.assertEqual(media_type(request), "application/json")
+        self.assertEqual(self.parsed, ["Application/JSON; charset=utf-8"])
+
+    def test_bounded(self) -> None:
+        for i in range(self.headers._MAX_MEDIA_TYPES * 2 + 1):
+            self.assertEqual(media_type(request_with(b"content-type", b"text/x-%d" % i)), f"text/x-{i}")
+            self.assertLessEqual(len(self.headers._MEDIA_TYPES), self.headers._MAX_MEDIA_TYPES)
+        long = b"application/json; p=" + b"x" * self.headers._MAX_MEDIA_TYPE_LENGTH
+        self.assertEqual(media_type(request_with(b"content-type", long)), "application/json")
+        self.assertNotIn(long.decode(), self.headers._MEDIA_TYPES)
+
+    def test_still_checked(self) -> None:
+        self.assertEqual(media_type(request_with(b"content-type", b"application/json")), "application/json")
+        with self.assertRaises(errors.HTTPError):
+            media_type(request_with(b"content-type", b"application/json", b"application/json"))
+        with self.assertRaises(errors.HTTPError):
+            media_type(request_with(b"content-type", b"application/json\xff"))

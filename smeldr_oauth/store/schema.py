@@ -243,7 +243,7 @@ OAUTH_SCHEMA = Schema(
         # PL/pgSQL function takes a new snapshot for each statement at READ
         # COMMITTED, so the facts are read after the lock is granted, as the
         # two statements sent one after the other read them.  The facts are
-        # transactions._REFRESH_FACTS with the grant's columns named: a change
+        # refresh_facts.REFRESH_FACTS with the grant's columns named: a change
         # to either is a new migration replacing the function.
         Migration(2, sqlite=(), postgresql=(_REFRESH_FACTS_FUNCTION,)),
         # PostgreSQL: the facts of a batch of

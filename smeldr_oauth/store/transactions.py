@@ -36,6 +36,7 @@ from smeldr_oauth.db.database import Transaction
 from smeldr_oauth.db.rows import from_row, to_row, where
 from smeldr_oauth.oauth import model, rotation
 from smeldr_oauth.oauth.interfaces import CodeRedemption, RefreshRedemption
+from smeldr_oauth.store import refresh_facts
 
 #: Where revocations are announced (PostgreSQL C{NOTIFY}); the payload
 #: says what ended (C{"grant <id>"}, C{"access_token <hash>"}).
@@ -91,18 +92,35 @@ def _insert_grant(txn: Transaction, grant: model.Grant) -> None:
     txn.execute(*to_row("grants", grant, scopes=_dump(grant.scopes)))
 
 
+#: The C{INSERT}s of a new access and refresh token: L{to_row}'s text for
+#: their records, made once here.
+_ACCESS_INSERT = to_row(
+    "access_tokens", model.AccessToken(token_hash="", grant_id="", scopes=(), resource="", expires_at=0.0)
+)[0]
+_REFRESH_INSERT = to_row(
+    "refresh_tokens",
+    model.RefreshToken(token_hash="", grant_id="", scopes=(), generation=0, created_at=0.0, expires_at=0.0),
+)[0]
+
+
+# The rows of a new access and refresh token, as L{to_row} makes them
+# (tests.test_store_sqlite holds the two to the same statement and values),
+# written out: every rotation and code exchange makes both, and the generic
+# way (the record's fields fetched, then each converted one put in its
+# place) took three times as long (docs/performance.md, round ten).
+
+
 def _access_row(
     access: model.AccessToken, grant_id: str, scopes: Sequence[str], resource: str
 ) -> tuple[str, Sequence[Any]]:
-    return to_row("access_tokens", access, grant_id=grant_id, scopes=_dump(scopes), resource=resource)
+    return _ACCESS_INSERT, (access.token_hash, grant_id, _dump(scopes), resource, access.expires_at)
 
 
 def _refresh_row(
     refresh: model.RefreshToken, grant_id: str, scopes: Sequence[str], generation: int
 ) -> tuple[str, Sequence[Any]]:
-    return to_row(
-        "refresh_tokens", refresh, grant_id=grant_id, scopes=_dump(scopes), generation=generation, used_at=None
-    )
+    values = (refresh.token_hash, grant_id, _dump(scopes), generation, refresh.created_at, refresh.expires_at, None)
+    return _REFRESH_INSERT, values
 
 
 #: A grant's use recorded (its C{last_used_at}), by a code exchange, a
@@ -249,18 +267,9 @@ def add_tokens(
     txn.execute_together(rows)
 
 
-#: Everything a refresh decides on, in one statement: the grant, the
-#: presented token, and the grant's live generation with its size.
-_REFRESH_FACTS = (
-    "SELECT g.*, t.token_hash, t.scopes AS token_scopes, t.generation,"
-    " t.created_at AS token_created_at, t.expires_at, t.used_at, t.revoked_at AS token_revoked_at,"
-    " live.generation AS live_generation, live.siblings AS live_siblings"
-    " FROM refresh_tokens t JOIN grants g ON g.grant_id = t.grant_id,"
-    " (SELECT generation, COUNT(*) AS siblings FROM refresh_tokens"
-    "  WHERE grant_id = (SELECT grant_id FROM refresh_tokens WHERE token_hash = ?)"
-    "  GROUP BY generation ORDER BY generation DESC LIMIT 1) live"
-    " WHERE t.token_hash = ?"
-)
+#: SQLite's facts statement (L{refresh_facts.REFRESH_FACTS}), by its old
+#: name: PostgreSQL's tests hold the facts functions to it.
+_REFRESH_FACTS = refresh_facts.REFRESH_FACTS
 
 
 def redeem_refresh_token(
@@ -285,7 +294,7 @@ def redeem_refresh_token(
     trip), whose statements each take a snapshot of their own.
     """
     if txn.engine.single_writer:
-        row = txn.execute(_REFRESH_FACTS, (token_hash, token_hash)).fetchone()
+        row = txn.execute(refresh_facts.REFRESH_FACTS, (token_hash, token_hash)).fetchone()
     else:
         # PostgreSQL: the lock, then these facts, in one round trip (the
         # function smeldr_oauth.store.schema's migration 2 creates).
@@ -305,31 +314,32 @@ def _decide(
     """
     L{rotation.decide} on one row of refresh facts.
 
-    The row is read by name nineteen times, and a C{sqlite3.Row} finds a
-    name by comparing it with each column's in turn (the facts have
-    twenty): made a dict first, the call takes 18% fewer instructions
-    (C{docs/performance.md}, round nine).  PostgreSQL's rows
-    (L{smeldr_oauth.db.postgres.Row}) look names up in a dict already.
+    SQLite's row (a C{sqlite3.Row}) is read by position
+    (L{refresh_facts.from_sqlite}); PostgreSQL's
+    (L{smeldr_oauth.db.postgres.Row}) looks names up in a dict already.
     """
     if isinstance(row, sqlite3.Row):
-        row = dict(zip(row.keys(), row))
-    grant = _grant(row)
-    token = model.RefreshToken(
-        token_hash=row["token_hash"],
-        grant_id=grant.grant_id,
-        scopes=_load(row["token_scopes"]),
-        generation=row["generation"],
-        created_at=row["token_created_at"],
-        expires_at=row["expires_at"],
-        used_at=row["used_at"],
-    )
+        grant, token, token_revoked_at, live_generation, live_siblings = refresh_facts.from_sqlite(row, _load)
+    else:
+        grant = _grant(row)
+        token = model.RefreshToken(
+            token_hash=row["token_hash"],
+            grant_id=grant.grant_id,
+            scopes=_load(row["token_scopes"]),
+            generation=row["generation"],
+            created_at=row["token_created_at"],
+            expires_at=row["expires_at"],
+            used_at=row["used_at"],
+        )
+        token_revoked_at = row["token_revoked_at"]
+        live_generation, live_siblings = row["live_generation"], row["live_siblings"]
     decision = rotation.decide(
         token=token,
-        token_revoked=row["token_revoked_at"] is not None,
-        token_revoked_at=row["token_revoked_at"],
+        token_revoked=token_revoked_at is not None,
+        token_revoked_at=token_revoked_at,
         grant=grant,
-        live_generation=row["live_generation"],
-        live_siblings=row["live_siblings"],
+        live_generation=live_generation,
+        live_siblings=live_siblings,
         now=now,
         grace=grace,
         requested_scopes=requested_scopes,
