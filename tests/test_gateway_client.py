@@ -178,6 +178,33 @@ class RequestTests(ClientTestCase):
         self.assertEqual(self.successResultOf(second), {"n": "b"})
         self.assertEqual(self.client.in_flight, 0)
 
+    def test_timer_after_the_request_is_sent(self) -> None:
+        """
+        A request's timeout is set once the request has gone to the channel
+        (what the upstream waits for comes first), and not at all when the
+        channel has answered it meanwhile (an in-process upstream).
+        """
+        self.ready()
+        pending: list[int] = []
+
+        def send(message: dict[str, Any], identity: Any = None) -> Deferred:
+            pending.append(len(self.clock.getDelayedCalls()))
+            if message.get("params", {}).get("name") == "at-once":
+                self.channel.receiver.messageReceived(  # type: ignore[union-attr]
+                    jsonrpc.parse_message(jsonrpc.result_response(message["id"], {"ok": True}))
+                )
+            return succeed(None)
+
+        self.channel.send = send  # type: ignore[method-assign]
+        d = self.client.request("tools/call", {"name": "later"})
+        self.assertEqual(pending, [0])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.channel.push(jsonrpc.result_response(2, {}))
+        self.successResultOf(d)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.successResultOf(self.client.request("tools/call", {"name": "at-once"})), {"ok": True})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_upstream_error_passes_through(self) -> None:
         self.ready()
         d = self.client.request("tools/call", {})

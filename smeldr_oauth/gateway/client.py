@@ -242,10 +242,14 @@ class UpstreamClient:
         limit = self.limits.request_timeout if timeout is None else timeout
         d: Deferred = Deferred(lambda _: self._abandon(call_id, "Cancelled by the client"))
         call = _Call(call_id, method, d, context, token, self.clock.seconds() + self.limits.max_request_time)
-        call.timer = self.clock.callLater(min(limit, self.limits.max_request_time), self._expire, call_id, limit)
         self._calls[call_id] = call
         exchange = self._send(jsonrpc.request(call_id, method, params), identity)
         call.exchange = exchange
+        if call_id in self._calls:
+            # Timed from here, once the request is on its way: the timer
+            # is not work the upstream waits for (an in-process channel
+            # may have answered already: then there is nothing to time).
+            call.timer = self.clock.callLater(min(limit, self.limits.max_request_time), self._expire, call_id, limit)
 
         def exchange_failed(failure: Failure) -> None:
             if call_id not in self._calls or failure.check(CancelledError):

@@ -49,6 +49,12 @@ _BLANKS = (b" ", b"\t")
 #: leading blanks dropped here, the trailing ones by the loop); CRLF or a
 #: bare LF ends it.
 _FIELD = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)\r?$", re.MULTILINE)
+#: How every complete body ends (C{connectionLost} of the body's protocol):
+#: one L{Failure}, made once.  Building one is some 3.5 us (warm), once a
+#: relayed call, in the turn that sends its answer (docs/performance.md,
+#: "Round ten (gateway)").  It carries no traceback, and the gateway's body
+#: readers only check it.
+BODY_DONE = Failure(ResponseDone("Response body fully received"))
 #: Requests sent again once when a reused connection closes before answering.
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -398,7 +404,7 @@ class Connection(Protocol):
             self.agent.forget(self)
             self.close()
         if response is not None:
-            response._end(Failure(ResponseDone("Response body fully received")))
+            response._end(BODY_DONE)
         return b""
 
     def _bad(self, error: BadResponse) -> None:

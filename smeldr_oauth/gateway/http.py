@@ -106,6 +106,13 @@ class _Body(Protocol):
             self.abort()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        # The body is over: let go of its transport, which holds the
+        # response, which holds this protocol.  That cycle (with the
+        # response's headers, the event decoder and the chunk callback
+        # hanging off it, some 25 objects a relayed call) was otherwise
+        # left to the garbage collector (docs/performance.md, "Round ten
+        # (gateway)"); a late abort has nothing left to stop.
+        self.transport = None
         if not self.done.called:
             self.done.callback(None)
 
@@ -420,6 +427,9 @@ class HTTPChannel:
     def _post(self, message: dict[str, Any], identity: Any) -> Deferred:
         request_id = message.get("id") if "method" in message else None
         initialize = message.get("method") == "initialize"
+        # The request first (it is written to the upstream at once when a
+        # connection is idle); what only its answer needs, after it.
+        request = self._post_message(self.url, message, identity)
         state: dict[str, Any] = {"body": None}
 
         def cancel(_: Deferred) -> None:
@@ -428,7 +438,6 @@ class HTTPChannel:
             request.cancel()
 
         result: Deferred = Deferred(cancel)
-        request = self._post_message(self.url, message, identity)
 
         def answered(response: Any) -> Any:
             status = response.code
