@@ -7,12 +7,35 @@ from __future__ import annotations
 import base64
 import os
 import re
+from typing import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from smeldr_oauth.oauth import secrets
 
 _URLSAFE = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def _in_forked_child(make: Callable[[], str]) -> str:
+    """
+    What C{make} returns in a child forked now (each pool is emptied by
+    C{os.register_at_fork} in the child, so this is what a forked worker's
+    first call hands out).
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            os.close(read)
+            os.write(write, make().encode("ascii"))
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        return os.read(read, 100).decode("ascii")
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
 
 
 class NewSecretsTests(SynchronousTestCase):
@@ -79,20 +102,7 @@ class NewSecretsTests(SynchronousTestCase):
         secrets.new_secrets(1)
         self.assertTrue(secrets._pool)
         expected = secrets._pool[0]
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (the child)
-            try:
-                os.close(read)
-                os.write(write, secrets.new_secrets(1)[0].encode("ascii"))
-            finally:
-                os._exit(0)
-        os.close(write)
-        try:
-            child = os.read(read, 100).decode("ascii")
-        finally:
-            os.close(read)
-            os.waitpid(pid, 0)
+        child = _in_forked_child(lambda: secrets.new_secrets(1)[0])
         self.assertEqual(len(child), 43)
         self.assertNotEqual(child, expected)
         self.assertEqual(secrets.new_secrets(1), [expected])
@@ -147,20 +157,7 @@ class NewIdTests(SynchronousTestCase):
         secrets.new_id()
         self.assertTrue(secrets._ids)
         expected = secrets._ids[0]
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (the child)
-            try:
-                os.close(read)
-                os.write(write, secrets.new_id().encode("ascii"))
-            finally:
-                os._exit(0)
-        os.close(write)
-        try:
-            child = os.read(read, 100).decode("ascii")
-        finally:
-            os.close(read)
-            os.waitpid(pid, 0)
+        child = _in_forked_child(secrets.new_id)
         self.assertEqual(len(child), 32)
         self.assertNotEqual(child, expected)
         self.assertEqual(secrets.new_id(), expected)
