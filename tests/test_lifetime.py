@@ -66,6 +66,23 @@ def killMarked(mark: str) -> None:
             pass
 
 
+async def waitUntilMarked(mark: str, pid: int, timeout: float = 15.0) -> dict[int, str]:
+    """
+    Wait until process C{pid} is seen carrying C{mark}, or C{timeout}
+    seconds have passed; give back every process seen carrying it.  A
+    process in the middle of an C{execve} (a launcher becoming its program)
+    shows an empty C{/proc/PID/environ} for a moment, so one look can miss
+    a process that is there (seen once in CI: the child's pid absent, its
+    parent present).
+    """
+    deadline = reactor.seconds() + timeout
+    found = marked(mark)
+    while pid not in found and reactor.seconds() < deadline:
+        await deferLater(reactor, 0.05, lambda: None)
+        found = marked(mark)
+    return found
+
+
 async def waitUntilGone(mark: str, timeout: float = 15.0) -> dict[int, str]:
     """
     Wait until no process carries C{mark}, or C{timeout} seconds have
@@ -208,7 +225,7 @@ async def orphaned(case: TestCase, parent: str, spawn: Any = None) -> dict[int, 
     else:
         process = spawn(reactor, watcher, argv, env=env)
     child = await watcher.pid
-    case.assertIn(child, marked(mark))
+    case.assertIn(child, await waitUntilMarked(mark, child))
     os.kill(process.pid, signal.SIGKILL)
     await watcher.ended
     return await waitUntilGone(mark)
