@@ -7,7 +7,9 @@ the real reactor.
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from typing import Any, Optional
 
 import attr
@@ -25,7 +27,8 @@ from zope.interface import implementer
 from smeldr_oauth.mcp import Context, MCPApp
 from smeldr_oauth.mcp.http import MCPHTTP
 from smeldr_oauth.oauth.interfaces import IAccessVerifier
-from smeldr_oauth.web.site import SmeldrSite
+from smeldr_oauth.web.routes import direct_answers
+from smeldr_oauth.web.site import SmeldrRequest, SmeldrSite
 from smeldr_oauth.oauth.model import AccessInfo
 
 METADATA = "https://mcp.example/.well-known/oauth-protected-resource/mcp"
@@ -365,6 +368,39 @@ class StreamableHTTPTests(HTTPTestBase):
         self.assertEqual(code, 200)
         self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
         self.assertEqual(json.loads(body)["result"]["content"], [{"type": "text", "text": "hi"}])
+
+    async def test_answered_call_freed_without_the_collector(self) -> None:
+        """
+        A C{tools/call} answered as JSON through the site's direct route
+        (as the server answers C{/mcp}) leaves nothing to the garbage
+        collector: once it has finished, its request, and what its exchange
+        holds (the headers, the credential, the answer), go by reference
+        counting.  The exchange's outlet, a separate object holding the
+        exchange, made a cycle that kept it all until a collection.
+        """
+        requests: list[weakref.ref] = []
+
+        class Recording(SmeldrRequest):
+            def process(self) -> None:
+                requests.append(weakref.ref(self))
+                super().process()
+
+        site = SmeldrSite(Klein().resource(), max_body=1000, direct=direct_answers(self.mcp.routes()))
+        site.requestFactory = Recording
+        site.noisy = False
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+        self.base = f"http://127.0.0.1:{port.getHost().port}"
+        session_id = await self.initialize()
+        del requests[:]
+        gc.disable()
+        self.addCleanup(gc.enable)
+        code, _, body = await self.request(
+            "POST", body=self._ECHO, headers={"Mcp-Session-Id": session_id, "MCP-Protocol-Version": "2025-06-18"}
+        )
+        self.assertEqual((code, json.loads(body)["result"]["content"]), (200, [{"type": "text", "text": "hi"}]))
+        [request] = requests
+        self.assertIsNone(request())
 
     async def test_lone_surrogate_answered(self) -> None:
         """

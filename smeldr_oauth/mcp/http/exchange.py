@@ -34,19 +34,18 @@ from smeldr_oauth.mcp.streams import SSEStream
 log = Logger()
 
 
-class _PostOutlet(Outlet):
-    """Messages related to the requests of one POST go on its own stream."""
-
-    def __init__(self, exchange: "Exchange") -> None:
-        self._exchange = exchange
-        self.can_request = exchange.sse_ok
-
-    def send(self, message: dict[str, Any]) -> None:
-        self._exchange.related(message)
-
-
-class Exchange:
+class Exchange(Outlet):
     """
+    The exchange is also the outlet of its requests (L{Outlet}): the
+    messages related to them go on its own stream (L{related}).  It was a
+    separate C{_PostOutlet} holding the exchange, which held it back: a
+    reference cycle on every POST, so the request, its headers, the
+    credential and the answer (36 objects a C{tools/call}) waited for a
+    garbage collection instead of going when the request finished
+    (C{docs/performance.md}, "Round ten: a request's garbage").
+
+    @ivar can_request: the outlet's: server-to-client requests can go
+        out only when the client accepts an SSE answer.
     @ivar result: what the route returns: fires with the JSON body, or
         (SSE) when the stream ends.
     @ivar headers: sent with the answer, JSON or SSE (C{Mcp-Session-Id}
@@ -83,7 +82,7 @@ class Exchange:
         self.remaining = 0
         self.stream: Optional[SSEStream] = None
         self.result: Deferred = Deferred(self._cancelled)
-        self.outlet = _PostOutlet(self)
+        self.can_request = sse_ok
         self._timer: Optional[IDelayedCall] = None
         #: the JSON body, once answered without a stream.
         self.body: Optional[bytes] = None
@@ -99,7 +98,7 @@ class Exchange:
         if self.session is not None:
             self.session.add_exchange(self)
         for message in requests:
-            handled = self.protocol.handle(message, principal, self.outlet)
+            handled = self.protocol.handle(message, principal, self)
             # Most calls are answered by the time handle() returns (it
             # never fails): take the answer now rather than through a
             # callback on a Deferred that has already fired.
@@ -120,6 +119,10 @@ class Exchange:
         if self.body is not None:
             return self.body
         return self.result
+
+    def send(self, message: dict[str, Any]) -> None:
+        """L{Outlet.send}: a message related to this POST's requests."""
+        self.related(message)
 
     def related(self, message: dict[str, Any]) -> None:
         if self.mode == "done":
