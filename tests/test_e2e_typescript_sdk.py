@@ -279,6 +279,11 @@ class TypeScriptSDKTests(TestCase):
         # the token's expiry (stream deadlines are rounded up to the second,
         # so the two race by milliseconds).  When both arrive together the SDK
         # refreshes for each, in parallel, which the grace window allows.
+        # The second of those refreshes belongs to the GET stream's reconnect,
+        # which runs in the background: the driver may end and write its
+        # report before it is sent or answered (seen once behind HAProxy: its
+        # request in the trace without a status), so what is counted is every
+        # refresh that was answered, not every one that was started.
         expired = [
             e
             for e in report["http"]
@@ -289,9 +294,12 @@ class TypeScriptSDKTests(TestCase):
         self.assertIn(len(expired), (1, 2), why)
         for refused in expired:
             self.assertIn('error="invalid_token"', refused["www_authenticate"], why)
-        self.assertEqual(report["refresh_grants"], len(expired), why)
         refreshes = [e for e in report["http"] if e.get("grant_type") == "refresh_token"]
-        self.assertEqual([e["status"] for e in refreshes], [200] * len(expired), why)
+        self.assertIn(len(refreshes), range(1, len(expired) + 1), why)
+        answered = [e["status"] for e in refreshes if "status" in e]
+        self.assertTrue(answered, why)
+        self.assertEqual(answered, [200] * len(answered), why)
+        self.assertEqual(report["refresh_grants"], len(answered), why)
         self.assertEqual(report["authorizations"], 1, why)
         self.assertTrue(report["refreshed"], why)
         self.assertToolWorked(report["after_refresh_result"], why)
