@@ -300,14 +300,14 @@ class PostgresStoreTests(SynchronousTestCase):
     def test_refresh_facts_function(self) -> None:
         """
         The PL/pgSQL function a refresh reads its facts with (migration 2)
-        answers what L{transactions._REFRESH_FACTS} does, column for
+        answers what L{refresh_facts.REFRESH_FACTS} does, column for
         column: the two are written twice, and a column added to one alone
         (a new grant column, say) must fail here, not in production.
         """
         import psycopg
         from psycopg.rows import dict_row
 
-        from smeldr_oauth.store.transactions import _REFRESH_FACTS
+        from smeldr_oauth.store.refresh_facts import REFRESH_FACTS
 
         url = postgres.database_url(self)
         store = pg_store(self, url)
@@ -317,7 +317,7 @@ class PostgresStoreTests(SynchronousTestCase):
             hashes = [r["token_hash"] for r in connection.execute("SELECT token_hash FROM refresh_tokens").fetchall()]
             self.assertTrue(hashes)
             for token_hash in hashes + ["unknown"]:
-                plain = connection.execute(_REFRESH_FACTS.replace("?", "%s"), (token_hash, token_hash)).fetchall()
+                plain = connection.execute(REFRESH_FACTS.replace("?", "%s"), (token_hash, token_hash)).fetchall()
                 function = connection.execute("SELECT * FROM smeldr_refresh_facts(%s)", (token_hash,)).fetchall()
                 self.assertEqual(function, plain)
                 many = connection.execute(
@@ -328,7 +328,7 @@ class PostgresStoreTests(SynchronousTestCase):
                 "SELECT * FROM smeldr_refresh_facts_many(%s::text[]) ORDER BY token_hash", (hashes + ["unknown"],)
             ).fetchall()
             self.assertEqual(every, sorted(
-                (connection.execute(_REFRESH_FACTS.replace("?", "%s"), (t, t)).fetchone() for t in hashes),
+                (connection.execute(REFRESH_FACTS.replace("?", "%s"), (t, t)).fetchone() for t in hashes),
                 key=lambda row: row["token_hash"],
             ))
 

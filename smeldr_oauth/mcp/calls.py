@@ -153,7 +153,7 @@ def outcome_now(d: Deferred) -> list[Any]:
     """
     if d.called and not d.paused and not getattr(d, "_runningCallbacks", True):
         result = d.result
-        if not (isinstance(result, Failure) or Deferred in type(result).__mro__):
+        if not (isinstance(result, Failure) or is_deferred(result)):
             return [result]
     box: list[Any] = []
     d.addBoth(_kept, box)

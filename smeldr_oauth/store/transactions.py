@@ -267,11 +267,6 @@ def add_tokens(
     txn.execute_together(rows)
 
 
-#: SQLite's facts statement (L{refresh_facts.REFRESH_FACTS}), by its old
-#: name: PostgreSQL's tests hold the facts functions to it.
-_REFRESH_FACTS = refresh_facts.REFRESH_FACTS
-
-
 def redeem_refresh_token(
     txn: Transaction,
     token_hash: str,
