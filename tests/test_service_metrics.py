@@ -19,7 +19,7 @@ from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.service import metrics as metrics_module
-from smeldr_oauth.service.metrics import MAX_TOOL_LABELS, Metrics, MetricsObserver, method_label, route_label
+from smeldr_oauth.service.metrics import MAX_TOOL_LABELS, Metrics, MetricsObserver, route_label
 from smeldr_oauth.web.site import SmeldrSite
 
 
@@ -79,9 +79,11 @@ class MetricsObserverTests(SynchronousTestCase):
         self.assertEqual(route_label(b"/random/scan/path"), "other")
 
     def test_methods_bounded(self) -> None:
-        self.assertEqual(method_label(b"POST"), "POST")
-        self.assertEqual(method_label(b"BREW"), "other")
-        self.assertEqual(method_label(b"post"), "other")
+        for method in (b"POST", b"BREW", b"post", b"GET"):
+            self.metrics.observe_request(b"/mcp", method, 200, 0.01)
+        text = self.text()
+        labels = set(re.findall(r'smeldr_http_request_duration_seconds_count\{method="([^"]*)"', text))
+        self.assertEqual(labels, {"GET", "POST", "other"})
 
 
 class DatabaseFiguresTests(SynchronousTestCase):

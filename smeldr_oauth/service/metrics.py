@@ -53,6 +53,8 @@ KNOWN_ROUTES = frozenset(
     }
 )
 
+#: Methods with a latency label of their own, any other "other" (HTTP takes any token: each was a series for good).
+KNOWN_METHODS = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE")}
 MAX_TOOL_LABELS = 200
 
 
@@ -69,19 +71,6 @@ def route_label(path: bytes) -> str:
     text = path.split(b"?", 1)[0].decode("ascii", "replace")
     return text if text in KNOWN_ROUTES else "other"
 
-
-#: The methods the latency is labelled with; any other is C{other}.  HTTP
-#: takes any token as a method: labelled as sent, each one a client made
-#: up was a histogram's series more in the registry and in every scrape,
-#: for as long as the process ran.
-_METHOD_LABELS = {
-    method.encode("ascii"): method
-    for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT")
-}
-
-
-def method_label(method: bytes) -> str:
-    return _METHOD_LABELS.get(method, "other")
 
 
 class Metrics:
@@ -202,7 +191,7 @@ class Metrics:
     def observe_request(self, path: bytes, method: bytes, status: int, seconds: float) -> None:
         self.latency.labels(
             route=route_label(path),
-            method=method_label(method),
+            method=KNOWN_METHODS.get(method, "other"),
             status=f"{status // 100}xx",
         ).observe(seconds)
         if self._worker_requests is not None:
