@@ -376,3 +376,32 @@ class FindingsOverSocketTests(OAuthSocketMixin, TestCase):
         at 0 s, then refreshes at 30, 59, 60 and 119 s.
         """
         return Deferred.fromCoroutine(self.refreshes_record_use())
+
+    async def odd_display_urls(self) -> None:
+        await self.start(cimd=False)
+        before = await self.store.count_clients()
+        # JSON's escapes can carry what UTF-8 cannot: a lone surrogate.
+        bodies = [
+            b'{"redirect_uris": ["%s"], "logo_uri": "https://logo.example/\\ud800"}' % self.REDIRECT.encode(),
+            b'{"redirect_uris": ["%s"], "client_uri": "https://client.example/\\udfff"}' % self.REDIRECT.encode(),
+            json.dumps({"redirect_uris": [self.REDIRECT], "logo_uri": "https://logo.example/\u00e9"}).encode(),
+        ]
+        with capturedLogs() as events:
+            for body in bodies:
+                response, answer = await self.call(
+                    "POST", self.issuer + "/oauth/register", data=body, headers={"Content-Type": ["application/json"]}
+                )
+                self.assertEqual(response.code, 400, answer)
+                self.assertEqual(json.loads(answer)["error"], "invalid_client_metadata")
+        self.assertEqual([e for e in events if "log_failure" in e], [])
+        self.assertEqual(await self.store.count_clients(), before)
+
+    def test_odd_display_urls(self) -> Deferred[None]:
+        """
+        A registration whose C{client_uri} or C{logo_uri} is not plain
+        ASCII (a lone surrogate, which SQLite cannot store, or any other
+        non-ASCII character) is refused as C{invalid_client_metadata}
+        rather than failing in the store with a 500, as a metadata
+        document's are dropped (L{smeldr_oauth.oauth.cimd.document}).
+        """
+        return Deferred.fromCoroutine(self.odd_display_urls())

@@ -1223,6 +1223,8 @@ class RegistrationTests(ServerTestCase):
             ({"redirect_uris": ok, "scope": ["read"]}, "invalid_client_metadata"),
             ({"redirect_uris": ok, "client_uri": "http://client.example"}, "invalid_client_metadata"),
             ({"redirect_uris": ok, "logo_uri": 7}, "invalid_client_metadata"),
+            ({"redirect_uris": ok, "logo_uri": "https://logo.example/\ud800"}, "invalid_client_metadata"),
+            ({"redirect_uris": ok, "client_uri": "https://client.example/\u00e9"}, "invalid_client_metadata"),
         ]
         for metadata, error in cases:
             with self.unchanged():

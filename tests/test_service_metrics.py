@@ -5,12 +5,22 @@ structured log events, and labels stay bounded.
 
 from __future__ import annotations
 
+import re
+import socket
+from typing import Any
+
+from klein import Klein
 from prometheus_client import generate_latest
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, LogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.service import metrics as metrics_module
 from smeldr_oauth.service.metrics import MAX_TOOL_LABELS, Metrics, MetricsObserver, route_label
+from smeldr_oauth.web.site import SmeldrSite
 
 
 class MetricsObserverTests(SynchronousTestCase):
@@ -67,6 +77,13 @@ class MetricsObserverTests(SynchronousTestCase):
         self.assertEqual(route_label(b"/oauth/token"), "/oauth/token")
         self.assertEqual(route_label(b"/mcp?session_id=abc"), "/mcp")
         self.assertEqual(route_label(b"/random/scan/path"), "other")
+
+    def test_methods_bounded(self) -> None:
+        for method in (b"POST", b"BREW", b"post", b"GET"):
+            self.metrics.observe_request(b"/mcp", method, 200, 0.01)
+        text = self.text()
+        labels = set(re.findall(r'smeldr_http_request_duration_seconds_count\{method="([^"]*)"', text))
+        self.assertEqual(labels, {"GET", "POST", "other"})
 
 
 class DatabaseFiguresTests(SynchronousTestCase):
@@ -138,3 +155,49 @@ class RoutingFiguresTests(SynchronousTestCase):
         text = generate_latest(metrics.registry).decode()
         self.assertIn("smeldr_mcp_route_latency_seconds_count 6.0", text)
         self.assertIn('smeldr_mcp_route_latency_seconds_bucket{le="0.005"} 4.0', text)
+
+
+class RequestLabelsOverSocketTests(TestCase):
+    """
+    The request latency's labels stay bounded whatever a client sends,
+    over a real socket to the production site.
+    """
+
+    async def methods(self) -> None:
+        metrics = Metrics()
+        app = Klein()
+
+        @app.route("/healthz", methods=["GET"])
+        def healthz(request: Any) -> bytes:
+            return b"ok"
+
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            SmeldrSite(app.resource(), metrics=metrics)
+        )
+        self.addCleanup(port.stopListening)
+        address = ("127.0.0.1", port.getHost().port)
+        # Any token is a method to HTTP: each used to be a label of its
+        # own, a histogram's sixteen series more in the registry (and in
+        # every scrape) for each, without bound.
+        sent = [b"GET"] + [b"M%07d" % n for n in range(40)] + [b"get", b"\xff"]
+        for method in sent:
+            answer = await deferToThread(_exchange, address, method + b" /healthz HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 "), answer)
+        text = generate_latest(metrics.registry).decode()
+        labels = set(re.findall(r'smeldr_http_request_duration_seconds_count\{method="([^"]*)"', text))
+        self.assertEqual(labels, {"GET", "other"})
+
+    def test_methods_bounded(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.methods())
+
+
+def _exchange(address: tuple[str, int], request: bytes) -> bytes:
+    """Send C{request} on a new connection; everything the server answers."""
+    with socket.create_connection(address, timeout=10) as connection:
+        connection.sendall(request)
+        answer = b""
+        while True:
+            data = connection.recv(65536)
+            if not data:
+                return answer
+            answer += data

@@ -87,7 +87,7 @@ class PureTests(SynchronousTestCase):
         """
         self.assertEqual(one_line("  Hello\tthere ", "title", 20), "Hello\tthere")
         self.assertEqual(one_line("x" * 20, "title", 20), "x" * 20)
-        for bad in ("", "   ", "x" * 21, "a\nb", "a\rb", "a\x00b", "a\x7fb", 3, None):
+        for bad in ("", "   ", "x" * 21, "a\nb", "a\rb", "a\x00b", "a\x7fb", "a\ud800", 3, None):
             with self.assertRaises(ValidationError) as caught:
                 one_line(bad, "title", 20)
             self.assertEqual(caught.exception.field, "title")

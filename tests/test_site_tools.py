@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.mcp.app import invoke
@@ -357,6 +358,39 @@ class SiteToolsTests(TestCase):
         self.assertEqual(
             response["result"]["completion"]["values"], ["alpha", "alpine"]
         )
+
+    @inlineCallbacks
+    def test_lone_surrogates(self):
+        """
+        A lone surrogate (JSON lets a client send C{"\\ud800"}) has no
+        UTF-8, so SQLite cannot store or compare it: in a title or a body
+        it is a tool error naming the field, in a completion prefix it
+        completes nothing; neither is a failure logged with a traceback
+        nor, for the completion, an internal error.
+        """
+        yield self.initialize()
+        yield self.tool("create_post", title="Alpha", status="published")
+        with capturedLogs() as events:
+            for arguments, field in (
+                ({"title": "a\ud800"}, "title"),
+                ({"title": "ok", "body": "b\udfff"}, "body"),
+            ):
+                result = yield self.tool("create_post", **arguments)
+                self.assertTrue(result["isError"], result)
+                self.assertTrue(result["content"][0]["text"].startswith(field + ":"), result)
+            result = yield self.tool("update_post", slug="alpha", title="\udc80")
+            self.assertTrue(result["isError"], result)
+            response = yield self.call(
+                "completion/complete",
+                {
+                    "ref": {"type": "ref/resource", "uri": "smeldr://posts/{slug}"},
+                    "argument": {"name": "slug", "value": "a\ud800"},
+                },
+            )
+            self.assertEqual(response["result"]["completion"]["values"], [], response)
+        self.assertEqual([e for e in events if "log_failure" in e], [])
+        result = yield self.tool("get_post", slug="alpha")
+        self.assertEqual(result["structuredContent"]["title"], "Alpha")
 
     @inlineCallbacks
     def test_prompts(self):

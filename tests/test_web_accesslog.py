@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
@@ -18,6 +19,7 @@ from twisted.logger import LogLevel, formatTime, jsonFileLogObserver, textFileLo
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import combinedLogFormatter
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyChannel
 from hypothesis import given, settings, strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -182,6 +184,62 @@ class SiteTests(TestCase):
         for n, line in enumerate(lines):
             self.assertIn(f'"GET /hello/{n} HTTP/1.1" 200 2', line)
             self.assertIn('[twisted.python.log#info] "127.0.0.1"', line)
+
+
+class Held(Resource):
+    """
+    Answers nothing until the client goes away: C{/held} writes nothing,
+    C{/stream} starts an answer (an event stream's head and one event).
+    Fires C{arrived} with each request it is given, and C{gone} when its
+    client has gone.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived: Deferred[Any] = Deferred()
+        self.gone: Deferred[Any] = Deferred()
+
+    def render_GET(self, request: Any) -> Any:
+        if request.path == b"/stream":
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.write(b"data: 1\n\n")
+        gone, self.gone = self.gone, Deferred()
+        request.notifyFinish().addErrback(lambda _: gone.callback(request))
+        arrived, self.arrived = self.arrived, Deferred()
+        arrived.callback(request)
+        return NOT_DONE_YET
+
+
+class ClientGoneTests(TestCase):
+    async def test_client_gone_logged(self) -> None:
+        """
+        Over a real socket: a request whose client hangs up before its
+        answer is finished still gets its access-log line, once: C{499}
+        (nginx's "client closed request") when nothing was sent, the
+        status and bytes sent when an answer had started (an event
+        stream the client closes).  The request was handled (a token may
+        have been issued); without its line the log did not show it.
+        """
+        out = Out()
+        access = BufferedAccessLog(BatchedWriter(out, reactor, interval=60), reactor)
+        held = Held()
+        site = SmeldrSite(held, access_log=access)
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
+        for path in (b"/held", b"/stream"):
+            gone, arrived = held.gone, held.arrived
+            protocol = Raw(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % (path,))
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+            client = await endpoint.connect(Factory.forProtocol(lambda p=protocol: p))  # type: ignore[misc]
+            await arrived
+            client.transport.loseConnection()
+            await gone
+        await port.stopListening()
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn('"GET /held HTTP/1.1" 499 -', lines[0])
+        self.assertIn('"GET /stream HTTP/1.1" 200 9', lines[1])
 
 
 def _request(

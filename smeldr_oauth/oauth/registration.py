@@ -107,9 +107,13 @@ class Registration:
         for key in ("client_uri", "logo_uri"):
             value = metadata.get(key)
             if value is not None:
-                url = parse(value) if isinstance(value, str) else None
+                # Plain ASCII, as a metadata document's (cimd.document):
+                # a lone surrogate (a JSON escape) cannot be stored, and
+                # failed the store's write with a 500.
+                plain = isinstance(value, str) and all(" " < c < "\x7f" for c in value)
+                url = parse(value) if plain else None
                 if url is None or url.scheme != "https":
-                    raise errors.invalid_client_metadata(f"{key} must be an https URL")
+                    raise errors.invalid_client_metadata(f"{key} must be an https URL of plain ASCII")
                 optional_urls[key] = value
         if await self.store.count_clients() >= self.config.max_registered_clients:
             log.warn(

@@ -187,6 +187,24 @@ class SmeldrRequest(Request):
         self.write(body)
         self.finish()
 
+    def connectionLost(self, reason: Any) -> None:
+        """
+        The client went away: a request it sent and that was handled
+        (L{process} ran: a token may have been issued) but whose answer
+        had not finished still gets its access-log line, which only
+        L{finish} writes: with C{499} (nginx's "client closed request")
+        when nothing had been sent, else the status and bytes sent (an
+        event stream the client closed).
+        """
+        site = getattr(self.channel, "site", None)
+        if not self.finished and self._started and site is not None:
+            if not self.startedWriting:
+                self.code = 499
+            # Before the channel is let go of: the client's address may
+            # come from X-Forwarded-For, read with the site's proxies.
+            site.log(self)
+        super().connectionLost(reason)
+
     def finish(self) -> None:
         metrics = getattr(getattr(getattr(self, "channel", None), "site", None), "metrics", None)
         super().finish()

@@ -7,11 +7,13 @@ transaction starts.
 from __future__ import annotations
 
 import builtins
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.defer import fail as _fail
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
 
 from smeldr_oauth.db.database import Database, Transaction
@@ -66,6 +68,10 @@ def _set_tags(txn: Transaction, post_id: int, tags: Sequence[str]) -> None:
 def _slug_free(txn: Transaction, slug: str, except_id: int | None = None) -> bool:
     row = txn.execute("SELECT id FROM posts WHERE slug = ?", (slug,)).fetchone()
     return row is None or row["id"] == except_id
+
+
+#: What a slug's beginning can be (L{validate_slug}'s characters).
+_SLUG_PREFIX = re.compile(r"[a-z0-9-]*\Z")
 
 
 class PostStore:
@@ -185,6 +191,11 @@ class PostStore:
             prefix = ""
         # Slugs are lowercase, and LIKE is case-blind on SQLite only.
         prefix = prefix[:MAX_SLUG].lower()
+        if not _SLUG_PREFIX.match(prefix):
+            # No slug starts so (a slug is lowercase ASCII letters, digits
+            # and hyphens); a lone surrogate ("\\ud800" in JSON) could not
+            # even be sent to SQLite (an internal error and a traceback).
+            return succeed([])
         escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
         def slug_list(txn: Transaction) -> list[str]:

@@ -27,6 +27,9 @@ _SLUG = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*\Z")
 _TAG = _SLUG
 # Control characters other than tab/newline/carriage return.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Lone surrogates: JSON lets a client send one ("\\ud800"), but it has no
+# UTF-8, so SQLite could not store it (the write failed with a traceback).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def validate_slug(value: object, field: str = "slug") -> str:
@@ -76,6 +79,8 @@ def one_line(value: object, field: str, maximum: int, tab: bool = True) -> str:
         raise ValidationError(field, f"must be at most {maximum} characters")
     if "\n" in value or "\r" in value or (not tab and "\t" in value) or _CONTROL.search(value):
         raise ValidationError(field, "must be one line without control characters")
+    if _SURROGATE.search(value):
+        raise ValidationError(field, "must not contain lone surrogates")
     return value
 
 
@@ -90,6 +95,8 @@ def validate_body(value: object) -> str:
         raise ValidationError("body", f"must be at most {MAX_BODY} characters")
     if _CONTROL.search(value):
         raise ValidationError("body", "must not contain control characters")
+    if _SURROGATE.search(value):
+        raise ValidationError("body", "must not contain lone surrogates")
     return value
 
 
