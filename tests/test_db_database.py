@@ -15,7 +15,7 @@ from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.db import Database, Migration, Schema, open_database
-from smeldr_oauth.db.database import NoThreads
+from smeldr_oauth.db.database import Before, NoThreads
 from smeldr_oauth.db.errors import StoreConflict, StoreUnavailable
 from smeldr_oauth.db.postgres import PostgresEngine
 from smeldr_oauth.db.sqlite import SQLiteEngine
@@ -880,6 +880,109 @@ class PostgresGroupCommitTests(CountsBegins, SynchronousTestCase):
         self.assertEqual(len(self.pool.queued), 1)
         self.pool.run_next()
         self.assertEqual(self.successResultOf(two), -2)
+
+    def test_before(self) -> None:
+        """
+        Grouped writes carrying reads (L{Before}): the batch is one
+        hand-off to a pool thread; the reads run first, as one call of
+        their C{together}, counted once; a call's write runs only if
+        C{proceed} says so of its read, and a carrying call gets C{(read,
+        written)} (C{written} C{None} when it did not run); a call without
+        one, its result as before.
+        """
+        seen: list[Any] = []
+
+        def alone(txn: Any, n: int) -> int:
+            raise AssertionError("run alone")
+
+        def many(txn: Any, calls: list[Any]) -> list[int]:
+            seen.append(calls)
+            return [row[0] for row in txn.execute("SELECT unnest(?::int[]) * 10", ([n for n, in calls],))]
+
+        def before(n: int) -> Before:
+            return Before(SCHEMA, alone, (n,), many, "things.many", lambda result: result > 0)
+
+        calls = [
+            self.db.write(SCHEMA, insert, "a", 1, group=True, before=before(1)),
+            self.db.write(SCHEMA, insert, "b", 1, group=True, before=before(-1)),
+            self.db.write(SCHEMA, insert, "c", 1, group=True),
+            self.db.write(SCHEMA, insert, "d", 1, group=True, before=before(2)),
+        ]
+        self.reactor.advance(0)
+        self.assertEqual(len(self.pool.queued), 1)
+        self.pool.run_next()
+        self.assertEqual(self.pool.queued, [])
+        self.assertEqual([self.successResultOf(d) for d in calls], [(10, None), (-10, None), None, (20, None)])
+        self.assertEqual(seen, [[(1,), (-1,), (2,)]])
+        self.assertEqual(self.committed(), ["a", "c", "d"])
+        self.assertEqual(self.begins, 1)
+        self.assertEqual(self.db.transaction_stats()["things.many"].count, 1)
+        self.assertEqual(self.db.transaction_stats()["things.insert"].count, 3)
+
+    def test_before_kept_when_the_batch_runs_alone(self) -> None:
+        """
+        The reads run in autocommit: what they write stands whatever the
+        writes then do; a batch abandoned for a failing write runs its
+        writes again alone, never the reads.  A failing read is its calls'
+        (as C{read}), and stops their writes.
+        """
+        seen: list[Any] = []
+
+        def alone(txn: Any, name: str) -> None:
+            raise AssertionError("run alone")
+
+        def many(txn: Any, calls: list[Any]) -> list[bool]:
+            seen.append(calls)
+            for name, in calls:
+                insert(txn, name, 0)
+            return [True for _ in calls]
+
+        def before(name: str) -> Before:
+            return Before(SCHEMA, alone, (name,), many, "things.many", bool)
+
+        calls = [
+            self.db.write(SCHEMA, insert, "a", 1, group=True, before=before("r1")),
+            self.db.write(SCHEMA, insert, "a", 2, group=True, before=before("r2")),
+        ]
+        self.reactor.advance(0)
+        self.drain()
+        first, second = (self.successResultOf(d) for d in calls)
+        self.assertEqual(first, (True, None))
+        self.assertEqual(second[0], True)
+        second[1].trap(StoreConflict)
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(self.committed(), ["a", "r1", "r2"])
+        # The batch, then each write alone.
+        self.assertEqual(self.begins, 3)
+        failing = self.db.write(SCHEMA, insert, "b", 1, group=True, before=before("r1"))
+        self.reactor.advance(0)
+        self.drain()
+        read, written = self.successResultOf(failing)
+        read.trap(StoreConflict)
+        self.assertIsNone(written)
+        self.assertEqual(self.committed(), ["a", "r1", "r2"])
+
+    def test_before_outside_a_batch(self) -> None:
+        """
+        Without group commit a carried read and its write still take one
+        hand-off: the read, then the write in its own transaction.
+        """
+        self.db.group_commit = False
+
+        def alone(txn: Any, n: int) -> int:
+            return int(txn.execute("SELECT ? + 1", (n,)).fetchone()[0])
+
+        def many(txn: Any, calls: list[Any]) -> list[int]:
+            raise AssertionError("run together")
+
+        calls = [
+            self.db.write(SCHEMA, insert, "a", 1, group=True, before=Before(SCHEMA, alone, (1,), many, "things.one", bool)),
+            self.db.write(SCHEMA, insert, "b", 1, group=True, before=Before(SCHEMA, alone, (-1,), many, "things.one", bool)),
+        ]
+        self.assertEqual(len(self.pool.queued), 2)
+        self.drain()
+        self.assertEqual([self.successResultOf(d) for d in calls], [(2, None), (0, None)])
+        self.assertEqual(self.committed(), ["a"])
 
     def test_connection_lost_in_commit(self) -> None:
         """

@@ -458,9 +458,9 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
         self.abandoned: list[BaseException] = []
         in_transaction = module._Batch._in_transaction
 
-        def recorded(batch: Any, connection: Any, txn: Any) -> Any:
+        def recorded(batch: Any, connection: Any, txn: Any, *rest: Any) -> Any:
             try:
-                return in_transaction(batch, connection, txn)
+                return in_transaction(batch, connection, txn, *rest)
             except BaseException as error:
                 self.abandoned.append(error)
                 raise

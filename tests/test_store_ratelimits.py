@@ -737,3 +737,175 @@ class ProcessesTests(TestCase):
         self.assertEqual([code for _, code in codes], [0] * self.PROCESSES, [p.errors for p, _ in takers])
         allowed = [json.loads(p.output.split(b"ready\n", 1)[1]) for p, _ in takers]
         self.assertEqual(sum(allowed), self.CAPACITY, allowed)
+
+
+class CountedPool:
+    """
+    L{tests.test_db_database.HeldThreadPool} that counts the hand-offs to
+    its threads (C{callInThreadWithCallback}, the pool's interface).
+    """
+
+    def __init__(self) -> None:
+        from tests.test_db_database import HeldThreadPool
+
+        self.held = HeldThreadPool()
+        self.handed = 0
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.held.stop()
+
+    def callInThreadWithCallback(self, onResult: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        self.handed += 1
+        self.held.callInThreadWithCallback(onResult, f, *args, **kwargs)
+
+
+class PostgresCarriedSpendTests(SynchronousTestCase):
+    """
+    The refresh grant on PostgreSQL with shared token limits (the server's
+    setting): the request's rate-limit spend rides in its redemption's
+    hand-off to a database thread (L{smeldr_oauth.db.database.Before}),
+    and refuses exactly as before, across processes.
+    """
+
+    def setUp(self) -> None:
+        from smeldr_oauth.db.database import Database
+        from smeldr_oauth.db.postgres import PostgresEngine
+        from smeldr_oauth.oauth.config import Config
+        from smeldr_oauth.oauth.model import Client
+        from smeldr_oauth.oauth.server import OAuthServer
+        from smeldr_oauth.store.sql import SQLStore
+        from tests.test_store_memory import T0, access, make_code, make_grant, refresh
+
+        self.url = postgres.database_url(self)
+        self.clock = InlineReactor()
+        self.clock.advance(T0)
+        self.pool = CountedPool()
+        database = Database(PostgresEngine(self.url), self.clock, threads=2, threadpool=self.pool, group_commit=True)
+        self.store = SQLStore(database)
+        self.addCleanup(self.store.close)
+        self.settle(self.store.ready)
+        self.rates = SQLRateLimitStore(database, self.clock)
+        self.settle(database.ensure(RATE_LIMITS_SCHEMA))
+        self.config = Config(
+            issuer="https://example.com",
+            resource="https://example.com/mcp",
+            verify_bearer=lambda t: None,
+            token_requests_per_minute_per_client=2,
+            refresh_grace=0,
+        )
+        self.server = OAuthServer(
+            self.config, self.store, self.clock, limits=Limits.from_config(self.config, self.clock, store=self.rates)
+        )
+        self.settle(self.store.save_client(Client(client_id="client-1", client_name=None, redirect_uris=())))
+        for name in ("g1", "g2", "g3"):
+            self.settle(self.store.create_grant(make_grant(name), make_code(f"code-{name}", name)))
+            self.settle(self.store.add_tokens(name, access(f"a-{name}"), refresh(f"r-{name}")))
+        # The client known to this process, as after its first request.
+        self.settle(self.server.resolve_client("client-1"))
+
+    def drain(self) -> None:
+        """
+        Run the reactor's turns and the pool's work until nothing is left.
+        """
+        for _ in range(20):
+            self.clock.advance(0)
+            while self.pool.held.queued:
+                self.pool.held.run_next()
+
+    def settle(self, d: Any) -> Any:
+        self.drain()
+        return self.successResultOf(d)
+
+    def token(self, refresh_token: str, address: str = "192.0.2.1", **extra: str) -> Any:
+        from twisted.internet.defer import Deferred
+
+        params = {"grant_type": ["refresh_token"], "refresh_token": [refresh_token], "client_id": ["client-1"]}
+        params.update({key: [value] for key, value in extra.items()})
+        d = Deferred.fromCoroutine(self.server.tokens.token(params, None, address))
+        self.drain()
+        return d
+
+    def spent(self) -> list[Any]:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as other:
+            return [tuple(row) for row in other.execute("SELECT name, tokens FROM rate_limits ORDER BY name")]
+
+    def test_one_hand_off(self) -> None:
+        """
+        A refresh takes one hand-off to a database thread, its spend and
+        its redemption; both buckets are spent in the shared table.
+        """
+        self.pool.handed = 0
+        body = self.successResultOf(self.token("secret-r-g1"))
+        self.assertIn("access_token", body)
+        self.assertEqual(self.pool.handed, 1)
+        self.assertEqual(self.spent(), [("token_address", 599.0), ("token_client", 1.0)])
+
+    def test_batch_of_refreshes_one_hand_off(self) -> None:
+        """
+        Refreshes of one turn: one hand-off for the batch (it was two: the
+        spends' batch, then the refreshes').
+        """
+        self.pool.handed = 0
+        calls = []
+        from twisted.internet.defer import Deferred
+
+        for name, address in (("g1", "192.0.2.1"), ("g2", "192.0.2.2")):
+            params = {"grant_type": ["refresh_token"], "refresh_token": [f"secret-r-{name}"], "client_id": ["client-1"]}
+            calls.append(Deferred.fromCoroutine(self.server.tokens.token(params, None, address)))
+        self.clock.advance(0)
+        self.assertEqual(self.pool.handed, 1)
+        self.drain()
+        for d in calls:
+            self.assertIn("access_token", self.successResultOf(d))
+        self.assertEqual(self.pool.handed, 1)
+
+    def test_refused_across_processes(self) -> None:
+        """
+        A bucket drained by another process: the carried spend is refused
+        by the store (429, logged as a refusal), and the refresh token is
+        not redeemed: it still works once the bucket has refilled.
+        """
+        other = Limits.from_config(self.config, self.clock, store=self.rates)
+        for _ in range(2):
+            self.assertEqual(self.settle(other.token_per_client.take("client-1")), None)
+        self.pool.handed = 0
+        with capturedLogs() as events:
+            failure = self.failureResultOf(self.token("secret-r-g1"), RateLimited)
+        self.assertEqual(self.pool.handed, 1)
+        self.assertEqual(failure.value.retry_after, 30)
+        self.assertEqual([e.get("smeldr_event") for e in events], ["rate_limited"])
+        self.clock.advance(31)
+        self.assertIn("access_token", self.successResultOf(self.token("secret-r-g1")))
+
+    def test_refusal_before_a_bad_request(self) -> None:
+        """
+        A request that fails a check (an unknown scope) goes the usual way:
+        its spend first, so a refused one is a 429, not the check's 400.
+        """
+        from smeldr_oauth.oauth.errors import OAuthError
+
+        other = Limits.from_config(self.config, self.clock, store=self.rates)
+        for _ in range(2):
+            self.settle(other.token_per_client.take("client-1"))
+        self.failureResultOf(self.token("secret-r-g1", scope="nonsense"), RateLimited)
+        self.clock.advance(31)
+        self.failureResultOf(self.token("secret-r-g1", scope="nonsense"), OAuthError)
+        self.clock.advance(31)
+        self.assertIn("access_token", self.successResultOf(self.token("secret-r-g1")))
+
+    def test_redemption_refused_after_the_spend(self) -> None:
+        """
+        A refresh token used twice: the second request's spend is taken,
+        then its redemption refuses it as before (the grant revoked).
+        """
+        from smeldr_oauth.oauth.errors import OAuthError
+
+        self.successResultOf(self.token("secret-r-g3"))
+        failure = self.failureResultOf(self.token("secret-r-g3", address="192.0.2.9"), OAuthError)
+        self.assertEqual(failure.value.error, "invalid_grant")
+        self.assertEqual(self.spent(), [("token_address", 599.0), ("token_address", 599.0), ("token_client", 0.0)])

@@ -41,7 +41,10 @@ L{Database.batch_limit} calls a batch; more queue behind it as further
 batches).  Likewise, with C{group_commit}, L{Database.read} calls given a
 C{together} (a function that runs many of them as one statement, such as
 the rate-limit spends of many token requests) gather and leave as one
-call of it.
+call of it.  A grouped write may also carry such a read (L{Before}: a
+refresh grant's rate-limit spend): the batch's carried reads run first, as
+one call of their C{together}, on the thread that then runs the batch,
+and each write only if its read lets it; one hand-off instead of two.
 
 Why one module over 500 lines: L{Database} (pool, retries, error
 translation, the schema gate) and L{_Batch} (group commit) run the same
@@ -210,6 +213,41 @@ class TransactionStats:
     errors: int = 0
     retries: int = 0
     seconds: float = 0.0
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Before:
+    """
+    A read that a grouped write carries (L{Database.write}'s C{before}):
+    run without a transaction on the pool thread that then runs the write,
+    just before the write's batch begins, the reads of a batch's calls
+    gathered into one call of C{together}; the write runs only when
+    C{proceed} says so of the read's result.
+
+    Why: a token request's rate-limit spend (one statement) and then its
+    refresh were two batches, two wake-ups of a pool thread and two
+    results handed back to the reactor, a Deferred round each; the spend
+    carried by the refresh's batch is one (C{docs/performance.md}, round
+    eleven).  The read is what it is alone: the same statement, in
+    autocommit as before, committed whatever the write then does.
+
+    @ivar schema: the read's schema (made current before the write is).
+    @ivar func: C{func(transaction, *args)}, the read alone.
+    @ivar args: its arguments.
+    @ivar together: C{together(transaction, [args, ...])}, many reads at
+        once, with the results they would have one after another.
+    @ivar name: what L{Database.transaction_stats} counts it under (once
+        a batch, as L{Database.read}'s gathered calls).
+    @ivar proceed: C{proceed(result)}, on the pool thread: whether the
+        write runs.
+    """
+
+    schema: Schema
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    together: Callable[[Transaction, list[tuple[Any, ...]]], list[Any]]
+    name: str
+    proceed: Callable[[Any], bool]
 
 
 def _now(f: Callable[..., T], *args: Any) -> "Deferred[T]":
@@ -419,7 +457,8 @@ class Database:
         name: Optional[str] = None,
         group: bool = False,
         together: Optional[Callable[[Transaction, list[tuple[Any, ...]]], list[Any]]] = None,
-    ) -> "Deferred[T]":
+        before: Optional[Before] = None,
+    ) -> "Deferred[Any]":
         """
         Run C{func(transaction, *args)} in one write transaction, once
         C{schema} is current: committed if it returns, rolled back if it
@@ -436,8 +475,18 @@ class Database:
             runs C{func}.  On SQLite such calls run without a savepoint
             each: an error of theirs abandons the batch, and every call
             runs again alone (see L{_Batch}).
+        @param before: a read to run first, in the same hand-off to a pool
+            thread (L{Before}); the write runs only if C{before.proceed}
+            says so.  The L{Deferred} then fires with C{(read, written)}:
+            the read's result or its L{Failure}, and the write's result,
+            its L{Failure}, or C{None} when it did not run; a batch that
+            has to run its calls again alone does not run the reads again.
         """
         name = name or _name(schema, func)
+        if before is not None and before.schema.component not in self._current:
+            return self.ensure(before.schema).addCallback(
+                lambda _: self.write(schema, func, *args, name=name, group=group, together=together, before=before)
+            )
         if group and self.group_commit and schema.component in self._current:
             batch = self._batch
             if batch is None or len(batch) >= self.batch_limit:
@@ -446,8 +495,20 @@ class Database:
                 batch = self._batch = _Batch(self)
                 if not self._holds:
                     self.reactor.callLater(0, self._commit_batch)
-            return batch.add(name, func, args, together)
+            return batch.add(name, func, args, together, before)
+        if before is not None:
+            return self._call(schema, True, name, self._before_then, (before, func, args), plain=True)
         return self._call(schema, True, name, func, args)
+
+    def _before_then(self, before: Before, func: Callable[..., Any], args: tuple[Any, ...], name: str) -> Any:
+        """
+        A write with its L{Before} outside a batch: the read, then, if it
+        proceeds, the write, on one pool thread.
+        """
+        read = _outcome(self._interact, False, before.name, before.func, before.args)
+        if isinstance(read, Failure) or not before.proceed(read):
+            return (read, None)
+        return (read, _outcome(self._interact, True, name, func, args))
 
     def hold_batches(self) -> Callable[[], None]:
         """
@@ -515,8 +576,19 @@ class Database:
         return self._dispatch(run)
 
     def _call(
-        self, schema: Schema, write: bool, name: str, func: Callable[..., T], args: tuple[Any, ...]
+        self,
+        schema: Schema,
+        write: bool,
+        name: str,
+        func: Callable[..., T],
+        args: tuple[Any, ...],
+        plain: bool = False,
     ) -> "Deferred[T]":
+        if plain:
+            # func runs its own transactions: func(*args, name).
+            if schema.component in self._current:
+                return self._dispatch(func, *args, name)
+            return self.ensure(schema).addCallback(lambda _: self._dispatch(func, *args, name))
         if schema.component in self._current:
             return self._dispatch(self._interact, write, name, func, args)
         return self.ensure(schema).addCallback(
@@ -779,16 +851,24 @@ class _Batch:
         self._committing = False
         self._calls: list[tuple[str, Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
         self._togethers: list[Any] = []
+        # The calls' Befores (None for most), and how many are not None.
+        self._befores: list[Optional[Before]] = []
+        self._carried = 0
+        # The outcomes of the reads that stopped their writes, by index.
+        self._stopped: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return len(self._calls)
 
     def add(
-        self, name: str, func: Callable[..., T], args: tuple[Any, ...], together: Any = None
-    ) -> "Deferred[T]":
-        d: Deferred[T] = Deferred()
+        self, name: str, func: Callable[..., T], args: tuple[Any, ...], together: Any = None, before: Optional[Before] = None
+    ) -> "Deferred[Any]":
+        d: Deferred[Any] = Deferred()
         self._calls.append((name, func, args, d))
         self._togethers.append(together)
+        self._befores.append(before)
+        if before is not None:
+            self._carried += 1
         return d
 
     def run(self) -> None:
@@ -799,11 +879,73 @@ class _Batch:
         Run the calls (on a pool thread, with threads): each one's result,
         or a L{Failure}.
         """
-        calls = self._calls
+        if not self._carried:
+            return self._writes(self._calls, self._togethers)
+        # The reads the calls carry first (each gathered function's calls
+        # as one call of its together, in autocommit, as Database.read
+        # would), then the writes of the calls they let proceed; a call
+        # that carries a read gets (read, written).
+        reads = self._reads()
+        going = [index for index, read in enumerate(reads) if read is not _STOPPED]
+        written = self._writes([self._calls[i] for i in going], [self._togethers[i] for i in going])
+        outcomes: list[Any] = [None] * len(self._calls)
+        for index, outcome in zip(going, written):
+            outcomes[index] = outcome
+        for index, read in enumerate(reads):
+            if read is _NOT_CARRIED:
+                continue
+            if read is _STOPPED:
+                outcomes[index] = (self._stopped[index], None)
+            else:
+                outcomes[index] = (read, outcomes[index])
+        return outcomes
+
+    def _reads(self) -> list[Any]:
+        """
+        Run the reads the calls carry (L{Before}): for each call its read's
+        result, or C{_NOT_CARRIED}, or C{_STOPPED} (its read failed, or
+        C{proceed} said no: the outcome is kept in C{self._stopped}).
+        """
+        database = self._database
+        reads: list[Any] = [_NOT_CARRIED] * len(self._calls)
+        self._stopped.clear()
+        groups: dict[Any, list[int]] = {}
+        for index, before in enumerate(self._befores):
+            if before is not None:
+                groups.setdefault(before.together, []).append(index)
+        for together, indexes in groups.items():
+            first = self._befores[indexes[0]]
+            assert first is not None
+            results: Any
+            try:
+                results = database._interact(
+                    False, first.name, together, ([self._befores[i].args for i in indexes],)  # type: ignore[union-attr]
+                )
+                if len(results) != len(indexes):
+                    raise RuntimeError("a together function returned the wrong number of results")
+            except BaseException:
+                results = [Failure()] * len(indexes)
+            for index, result in zip(indexes, results):
+                before = self._befores[index]
+                assert before is not None
+                if isinstance(result, Failure) or not before.proceed(result):
+                    reads[index] = _STOPPED
+                    self._stopped[index] = result
+                else:
+                    reads[index] = result
+        return reads
+
+    def _writes(self, calls: list[Any], togethers: list[Any]) -> list[Any]:
+        """
+        Run C{calls}' writes: in one transaction, or each alone when the
+        batch is one call or had to be abandoned.
+        """
+        if not calls:
+            return []
         if len(calls) == 1:
             outcomes: Optional[list[Any]] = None
         else:
-            outcomes = self._together()
+            outcomes = self._together(calls, togethers)
         if outcomes is None:
             outcomes = [self._alone(name, func, args) for name, func, args, _ in calls]
         return outcomes
@@ -827,7 +969,7 @@ class _Batch:
         except BaseException:
             return Failure()
 
-    def _together(self) -> Optional[list[Any]]:
+    def _together(self, calls: list[Any], togethers: list[Any]) -> Optional[list[Any]]:
         """
         Run every call in one transaction; their outcomes, or C{None} when
         the batch had to be abandoned (then nothing of it is committed).
@@ -840,7 +982,9 @@ class _Batch:
         cursor = connection.cursor()
         self._committing = False
         try:
-            outcomes = self._in_transaction(connection, Transaction(cursor, database.engine, database._convert))
+            outcomes = self._in_transaction(
+                connection, Transaction(cursor, database.engine, database._convert), calls, togethers
+            )
         except BaseException as error:
             # BEGIN, a savepoint or COMMIT failed, or a call's error may
             # have ended the transaction: nothing of the batch stands.
@@ -852,15 +996,17 @@ class _Batch:
                 database._drop(connection)
                 unavailable = StoreUnavailable(f"{database.describe()}: {_first_line(error)}")
                 unavailable.__cause__ = error
-                return [Failure(unavailable) for _ in self._calls]
+                return [Failure(unavailable) for _ in calls]
             return None
         finally:
             _close_quietly(cursor)
-        for (name, _, _, _), (started, elapsed, outcome) in zip(self._calls, outcomes):
+        for (name, _, _, _), (started, elapsed, outcome) in zip(calls, outcomes):
             database._count(name, started, 0, isinstance(outcome, Failure), elapsed)
         return [outcome for _, _, outcome in outcomes]
 
-    def _in_transaction(self, connection: Any, txn: Transaction) -> list[tuple[float, float, Any]]:
+    def _in_transaction(
+        self, connection: Any, txn: Transaction, calls: list[Any], togethers: list[Any]
+    ) -> list[tuple[float, float, Any]]:
         engine = txn.engine
         # SQLite: a savepoint a call, so that one call's error is rolled
         # back alone, except for the calls given a together (below).
@@ -869,11 +1015,10 @@ class _Batch:
         savepoints = engine.single_writer
         engine.begin(txn)
         outcomes: list[tuple[float, float, Any]] = []
-        calls, togethers = self._calls, self._togethers
         index = 0
         while index < len(calls):
             if not savepoints or togethers[index] is not None:
-                index = self._run_together(txn, index, outcomes)
+                index = self._run_together(txn, index, outcomes, calls, togethers)
                 continue
             _, func, args, _ = calls[index]
             started = time.perf_counter()
@@ -900,7 +1045,14 @@ class _Batch:
         _commit(connection)
         return outcomes
 
-    def _run_together(self, txn: Transaction, index: int, outcomes: list[tuple[float, float, Any]]) -> int:
+    def _run_together(
+        self,
+        txn: Transaction,
+        index: int,
+        outcomes: list[tuple[float, float, Any]],
+        calls: list[Any],
+        togethers: list[Any],
+    ) -> int:
         """
         Run the call at C{index} without a savepoint, or, when it has a
         C{together}, the run of consecutive calls of its function with that
@@ -915,7 +1067,6 @@ class _Batch:
         enough to pay for a whole batch run again (the refreshes) are
         given a C{together} and run without one.
         """
-        calls, togethers = self._calls, self._togethers
         started = time.perf_counter()
         together = togethers[index]
         end = index + 1
@@ -932,6 +1083,18 @@ class _Batch:
         elapsed = (time.perf_counter() - started) / (end - index)
         outcomes.extend((started, elapsed, result) for result in results)
         return end
+
+
+#: L{_Batch._reads}: a call that carries no read; one whose read stopped it.
+_NOT_CARRIED = object()
+_STOPPED = object()
+
+
+def _outcome(f: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return f(*args)
+    except BaseException:
+        return Failure()
 
 
 class _ReadBatch:

@@ -164,21 +164,41 @@ class ClientResolver:
             request, if it was called.
         """
         client_id, secret = presented if presented is not None else presented_client(params, basic)
+        client = self.authenticated_now((client_id, secret))
+        if client is not None:
+            return client
+        client = await self.resolve(client_id)
+        if client is None:
+            raise errors.invalid_client("unknown client")
+        return _with_secret(client, secret)
+
+    def authenticated_now(self, presented: tuple[str, Optional[str]]) -> Optional[Client]:
+        """
+        L{authenticate} decided at once, from what L{presented_client}
+        read: the client, or C{None} when it must be resolved first (then
+        call L{authenticate}).
+
+        @raise errors.OAuthError: as L{authenticate} would.
+        """
+        client_id, secret = presented
         if not client_id:
             raise errors.invalid_client("client_id is required")
         if len(client_id) > MAX_PARAM:
             raise errors.invalid_client("unknown client")
         client = self.known(client_id)
-        if client is None:
-            client = await self.resolve(client_id)
-        if client is None:
-            raise errors.invalid_client("unknown client")
-        if client.client_secret_hash is not None:
-            if secret is None or not constant_time_equal(hash_secret(secret), client.client_secret_hash):
-                raise errors.invalid_client("client authentication failed")
-        elif secret is not None:
-            raise errors.invalid_client("this is a public client: it has no secret")
-        return client
+        return None if client is None else _with_secret(client, secret)
+
+
+def _with_secret(client: Client, secret: Optional[str]) -> Client:
+    """
+    C{client}, if C{secret} authenticates it (C{None} for a public client).
+    """
+    if client.client_secret_hash is not None:
+        if secret is None or not constant_time_equal(hash_secret(secret), client.client_secret_hash):
+            raise errors.invalid_client("client authentication failed")
+    elif secret is not None:
+        raise errors.invalid_client("this is a public client: it has no secret")
+    return client
 
 
 def presented_client(params: Params, basic: Optional[tuple[str, str]]) -> tuple[str, Optional[str]]:

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from smeldr_oauth.oauth.errors import RateLimited
+from smeldr_oauth.oauth.ratelimit_both import BothAsked
 from smeldr_oauth.oauth.text import loggable
 
 log = Logger()
@@ -259,6 +260,13 @@ class SharedRateLimiter:
         self._local = RateLimiter(clock, count, max_keys=max_keys, window=window, addresses=False)
         self._refused_until: LRUCache[str, float] = LRUCache(max_keys)
 
+    @property
+    def store(self) -> IRateLimitStore:
+        """
+        The shared store the buckets live in.
+        """
+        return self._store
+
     def take(self, key: str) -> "Deferred[Optional[int]]":
         asked = self._ask(key)
         if asked.__class__ is int:
@@ -278,6 +286,21 @@ class SharedRateLimiter:
         @return: fires with C{(-1, 0)} when both were spent, else with
             which was refused (0: this one, 1: C{then}) and its
             C{Retry-After}.
+        """
+        asked = self.ask_with(key, then, then_key)
+        if asked.__class__ is BothAsked:
+            return self._store.take_both(*asked.request).addCallbacks(  # type: ignore[attr-defined, union-attr]
+                asked.decided, asked.failed  # type: ignore[union-attr]
+            )
+        return asked  # type: ignore[return-value]
+
+    def ask_with(
+        self, key: str, then: "SharedRateLimiter", then_key: str
+    ) -> "Union[Deferred[tuple[int, int]], BothAsked]":
+        """
+        L{take_with} up to the store: its answer (a L{Deferred}, as
+        L{take_with}'s), or, when both buckets must be asked of the store
+        at once, a L{BothAsked} (what to ask, what to make of the answer).
         """
         asked = self._ask(key)
         if asked.__class__ is int:
@@ -299,28 +322,8 @@ class SharedRateLimiter:
                 self._decided, self._failed, callbackArgs=(key, now), errbackArgs=(key,)
             ).addCallback(second)
         then_key = then_asked[0]  # type: ignore[index]
-
-        def decided(results: tuple[tuple[bool, float], Optional[tuple[bool, float]]]) -> tuple[int, int]:
-            first, later = results
-            retry_after = self._decided(first, key, now)
-            if retry_after is not None:
-                then._local.refund(then_key)
-                return (0, retry_after)
-            assert later is not None
-            retry_after = then._decided(later, then_key, now)
-            return (-1, 0) if retry_after is None else (1, retry_after)
-
-        def failed(failure: Failure) -> Failure:
-            then._failed(failure, then_key)
-            return self._failed(failure, key)
-
-        assert take_both is not None
-        d: Deferred[tuple[tuple[bool, float], Optional[tuple[bool, float]]]] = take_both(
-            (self.name, store_key(key), self._capacity, self._rate),
-            (then.name, store_key(then_key), then._capacity, then._rate),
-            now,
-        )
-        return d.addCallbacks(decided, failed)
+        request = ((self.name, store_key(key), self._capacity, self._rate), (then.name, store_key(then_key), then._capacity, then._rate), now)
+        return BothAsked(self, key, then, then_key, now, request)
 
     def _ask(self, key: str) -> "Union[int, tuple[str, float]]":
         """
@@ -361,6 +364,17 @@ class SharedRateLimiter:
         self._refused_until.pop(key, None)
         d = self._store.refund(self.name, store_key(key), self._capacity, self._rate, self._clock.seconds())
         d.addErrback(lambda f: log.failure("could not give back a rate-limited event", f))
+
+
+def refuse_both(outcome: tuple[int, int], first_key: str, then_key: str, endpoint: str, what: str) -> None:
+    """
+    L{spend_both}'s answer from a L{SharedRateLimiter.take_with} outcome:
+    a refusal is logged as a security event and raised (L{RateLimited}).
+    """
+    refused, retry_after = outcome
+    if refused >= 0:
+        _refused((first_key, then_key)[refused], endpoint, what)
+        raise RateLimited(retry_after)
 
 
 def _refused(key: str, endpoint: str, what: str) -> None:
@@ -425,14 +439,7 @@ def spend_both(
     C{None}, or L{RateLimited} raised).
     """
     if isinstance(first, SharedRateLimiter) and isinstance(then, SharedRateLimiter):
-
-        def decided(outcome: tuple[int, int]) -> None:
-            refused, retry_after = outcome
-            if refused >= 0:
-                _refused((first_key, then_key)[refused], endpoint, what)
-                raise RateLimited(retry_after)
-
-        return first.take_with(first_key, then, then_key).addCallback(decided)
+        return first.take_with(first_key, then, then_key).addCallback(refuse_both, first_key, then_key, endpoint, what)
     later = spend_now(first, first_key, endpoint, what)
     if later is None:
         return spend_now(then, then_key, endpoint, what)

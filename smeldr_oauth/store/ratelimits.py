@@ -53,9 +53,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
-from smeldr_oauth.db.database import Database, Transaction
+from smeldr_oauth.db.database import Before, Database, Transaction
 from smeldr_oauth.db.migrations import Migration, Schema
 from smeldr_oauth.oauth.ratelimit import IRateLimitStore
+from smeldr_oauth.oauth.ratelimit_both import both_spent
 from smeldr_oauth.store.common import start_purging
 from smeldr_oauth.store.ratelimit_statements import (
     _REFUND,
@@ -297,6 +298,17 @@ class SQLRateLimitStore:
             now,
             name="rate_limits.take_both",
             together=_take_both_many,
+        )
+
+    def take_both_before(self, first: Bucket, second: Bucket, now: float) -> Before:
+        """
+        L{take_both} as a read that a grouped write of the same database
+        carries (L{Before}): the same statement, gathered with the batch's
+        other spends and run in autocommit on the write's pool thread just
+        before the write, which runs only when both buckets were spent.
+        """
+        return Before(
+            RATE_LIMITS_SCHEMA, _take_both, (first, second, now), _take_both_many, "rate_limits.take_both", both_spent
         )
 
     def refund(self, name: str, key: str, capacity: float, rate: float, now: float) -> "Deferred[None]":

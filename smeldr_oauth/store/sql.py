@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smeldr_oauth.db.database import Database, Transaction
+from smeldr_oauth.db.database import Before, Database, Transaction
 from smeldr_oauth.db.engine import IWatch
 from smeldr_oauth.db.migrations import Schema
 from smeldr_oauth.oauth.interfaces import (
@@ -311,6 +311,44 @@ class SQLStore:
             new_refresh,
             group=True,
             together=refresh_batch.redeem_refresh_tokens,
+        )
+
+    def carries(self, rate_limits: object) -> bool:
+        """
+        Whether L{redeem_refresh_token_after} can carry C{rate_limits}'
+        spends: it is a store of the same database.
+        """
+        return getattr(rate_limits, "database", None) is self.database and hasattr(rate_limits, "take_both_before")
+
+    def redeem_refresh_token_after(
+        self,
+        before: Before,
+        token_hash: str,
+        now: float,
+        grace: float,
+        requested_scopes: Optional[tuple[str, ...]],
+        new_access: model.AccessToken,
+        new_refresh: model.RefreshToken,
+    ) -> "Deferred[tuple[Any, Any]]":
+        """
+        L{redeem_refresh_token} carrying a read that decides whether it
+        runs (a token request's rate-limit spend, L{Before}), in the same
+        hand-off to a database thread: fires with C{(read, redemption)},
+        the read's result or L{Failure}, and the redemption, its
+        L{Failure}, or C{None} when the read did not let it run.
+        """
+        return self.database.write(
+            self._schema,
+            transactions.redeem_refresh_token,
+            token_hash,
+            now,
+            grace,
+            requested_scopes,
+            new_access,
+            new_refresh,
+            group=True,
+            together=refresh_batch.redeem_refresh_tokens,
+            before=before,
         )
 
     def lookup_access_token(self, token_hash: str, now: float) -> "Deferred[Optional[model.AccessInfo]]":
