@@ -291,8 +291,9 @@ def redeem_refresh_token(
     if txn.engine.single_writer:
         row = txn.execute(refresh_facts.REFRESH_FACTS, (token_hash, token_hash)).fetchone()
     else:
-        # PostgreSQL: the lock, then these facts, in one round trip (the
-        # function smeldr_oauth.store.schema's migration 2 creates).
+        # PostgreSQL: the grant's lock, then these facts, in one round
+        # trip (the function smeldr_oauth.store.schema's migration 2
+        # creates and migration 8 rewrites).
         row = txn.execute("SELECT * FROM smeldr_refresh_facts(?)", (token_hash,)).fetchone()
     if row is None:
         return RefreshRedemption(status=rotation.UNKNOWN)
