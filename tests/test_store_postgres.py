@@ -14,6 +14,7 @@ import re
 import sys
 from typing import Any, Optional
 
+import attr
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
@@ -296,6 +297,38 @@ class PostgresStoreTests(SynchronousTestCase):
         updated, hot = self.successResultOf(store.database.write(OAUTH_SCHEMA, rotations))
         self.assertEqual(updated, 200)
         self.assertGreater(hot, updated // 3)
+
+    def test_refresh_tokens_without_foreign_key(self) -> None:
+        """
+        Refresh tokens have no foreign key to C{grants} on PostgreSQL (OAuth
+        migration 8: its check looked up and locked again, at every
+        rotation, the grant the rotation already holds); the tokens made
+        before the migration are kept, and the grant is still required of
+        C{add_tokens} (the store contract's C{test_add_tokens_unknown_grant}).
+        """
+        import psycopg
+
+        from smeldr_oauth.store.schema import OAUTH_SCHEMA
+
+        url = postgres.database_url(self)
+        store = pg_store(self, url, schema=attr.evolve(OAUTH_SCHEMA, migrations=OAUTH_SCHEMA.migrations[:7]))
+        self.successResultOf(store.create_grant(make_grant("g1"), make_code("g1-code", "g1")))
+        self.successResultOf(store.add_tokens("g1", access("g1-a0"), refresh("g1-r0")))
+        store.close()
+
+        def keys() -> list[tuple[str]]:
+            with psycopg.connect(url) as connection:
+                return connection.execute(
+                    "SELECT conname FROM pg_constraint WHERE conrelid = 'refresh_tokens'::regclass AND contype = 'f'"
+                ).fetchall()
+
+        self.assertEqual(keys(), [("refresh_tokens_grant_id_fkey",)])
+        store = pg_store(self, url)
+        self.assertEqual(keys(), [])
+        result = self.successResultOf(
+            store.redeem_refresh_token(h("g1-r0"), T0 + 1, GRACE, None, access("g1-a1", T0 + 1), refresh("g1-r1", T0 + 1))
+        )
+        self.assertEqual(result.status, "rotated")
 
     def test_refresh_facts_function(self) -> None:
         """

@@ -380,8 +380,27 @@ OAUTH_SCHEMA = Schema(
         # _REFRESH_FACTS_MANY_GENERIC).  SQLite has no such function.
         Migration(7, sqlite=(), postgresql=(_REFRESH_FACTS_MANY_GENERIC,)),
         # PostgreSQL: the single refresh's facts function the same way,
-        # locking the grant alone (see _REFRESH_FACTS_GENERIC).
-        Migration(8, sqlite=(), postgresql=(_REFRESH_FACTS_GENERIC,)),
+        # locking the grant alone (see _REFRESH_FACTS_GENERIC); and refresh
+        # tokens without their foreign key to grants, as access tokens are
+        # since migration 4.  Every rotation and code exchange inserts a
+        # refresh token under its grant's lock (the facts functions,
+        # consume_code), and the key's check looked the grant up again
+        # and locked it once more: 4 us of PostgreSQL's CPU a refresh in a
+        # batch's writes (docs/performance.md, "Round eleven").
+        # transactions.add_tokens, the one other insert, checks the grant
+        # itself; the purge deletes a grant's refresh tokens before the
+        # grant (the key's ON DELETE CASCADE was never relied on); every
+        # read of a refresh token joins its grant, so an orphan would be
+        # unknown.  SQLite keeps its key (dropping one means rebuilding
+        # the table).
+        Migration(
+            8,
+            sqlite=(),
+            postgresql=(
+                _REFRESH_FACTS_GENERIC,
+                "ALTER TABLE refresh_tokens DROP CONSTRAINT refresh_tokens_grant_id_fkey",
+            ),
+        ),
     ),
     tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
     legacy=_legacy_version,

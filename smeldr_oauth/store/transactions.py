@@ -33,6 +33,7 @@ import attr
 from twisted.python.failure import Failure
 
 from smeldr_oauth.db.database import Transaction
+from smeldr_oauth.db.errors import StoreConflict
 from smeldr_oauth.db.rows import from_row, to_row, where
 from smeldr_oauth.oauth import model, rotation
 from smeldr_oauth.oauth.interfaces import CodeRedemption, RefreshRedemption
@@ -261,6 +262,22 @@ def exchange_code(
 def add_tokens(
     txn: Transaction, grant_id: str, access: model.AccessToken, refresh: Optional[model.RefreshToken]
 ) -> None:
+    """
+    Insert a grant's new tokens; a refresh token for a grant that does not
+    exist is a L{StoreConflict}.
+
+    On PostgreSQL refresh tokens have no foreign key to C{grants} (OAuth
+    migration 8: its check cost every rotation a look-up and lock of a
+    grant the rotation already holds), so the grant is looked for here,
+    and kept from a concurrent delete (C{FOR KEY SHARE}, the lock the key's
+    own check took) until this transaction ends.  The rotation and the code
+    exchange insert their tokens under the grant's lock (L{_apply},
+    L{consume_code}).  SQLite keeps its foreign key.
+    """
+    if refresh is not None and not txn.engine.single_writer:
+        found = txn.execute("SELECT 1 FROM grants WHERE grant_id = ? FOR KEY SHARE", (grant_id,)).fetchone()
+        if found is None:
+            raise StoreConflict(f"no grant {grant_id!r} for the refresh token")
     rows = [_access_row(access, grant_id, access.scopes, access.resource)]
     if refresh is not None:
         rows.append(_refresh_row(refresh, grant_id, refresh.scopes, refresh.generation))
