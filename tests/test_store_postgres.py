@@ -540,9 +540,12 @@ class PostgresStoreTests(SynchronousTestCase):
         )
         thread.start()
         self.addCleanup(thread.join)
+        # Should the test fail with the batch's transaction open, the
+        # thread waits no longer than the batch's connection lives.
+        self.addCleanup(batch.close)
         with psycopg.connect(url, autocommit=True) as watcher:
             # The single refresh is waiting for a lock (the grant's).
-            while not watcher.execute(
+            while thread.is_alive() and not watcher.execute(
                 "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'", (single_pid,)
             ).fetchone():
                 pass
