@@ -262,21 +262,9 @@ def exchange_code(
 def add_tokens(
     txn: Transaction, grant_id: str, access: model.AccessToken, refresh: Optional[model.RefreshToken]
 ) -> None:
-    """
-    Insert a grant's new tokens; a refresh token for a grant that does not
-    exist is a L{StoreConflict}.
-
-    On PostgreSQL refresh tokens have no foreign key to C{grants} (OAuth
-    migration 8: its check cost every rotation a look-up and lock of a
-    grant the rotation already holds), so the grant is looked for here,
-    and kept from a concurrent delete (C{FOR KEY SHARE}, the lock the key's
-    own check took) until this transaction ends.  The rotation and the code
-    exchange insert their tokens under the grant's lock (L{_apply},
-    L{consume_code}).  SQLite keeps its foreign key.
-    """
     if refresh is not None and not txn.engine.single_writer:
-        found = txn.execute("SELECT 1 FROM grants WHERE grant_id = ? FOR KEY SHARE", (grant_id,)).fetchone()
-        if found is None:
+        # No foreign key on PostgreSQL (OAuth migration 8): the grant is looked for, and kept, here.
+        if txn.execute("SELECT 1 FROM grants WHERE grant_id = ? FOR KEY SHARE", (grant_id,)).fetchone() is None:
             raise StoreConflict(f"no grant {grant_id!r} for the refresh token")
     rows = [_access_row(access, grant_id, access.scopes, access.resource)]
     if refresh is not None:
@@ -309,8 +297,7 @@ def redeem_refresh_token(
         row = txn.execute(refresh_facts.REFRESH_FACTS, (token_hash, token_hash)).fetchone()
     else:
         # PostgreSQL: the grant's lock, then these facts, in one round
-        # trip (the function smeldr_oauth.store.schema's migration 2
-        # creates and migration 8 rewrites).
+        # trip (schema migration 2's function, as migration 8 wrote it).
         row = txn.execute("SELECT * FROM smeldr_refresh_facts(?)", (token_hash,)).fetchone()
     if row is None:
         return RefreshRedemption(status=rotation.UNKNOWN)
