@@ -14,6 +14,7 @@ import re
 import sys
 from typing import Any, Optional
 
+import attr
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
@@ -248,7 +249,7 @@ class PostgresStoreTests(SynchronousTestCase):
             rows = connection.execute(
                 "SELECT component, version FROM schema_migrations ORDER BY component"
             ).fetchall()
-        self.assertEqual(rows, [("notifications", 1), ("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4), ("oauth", 5), ("oauth", 6), ("oauth", 7)])
+        self.assertEqual(rows, [("notifications", 1), ("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4), ("oauth", 5), ("oauth", 6), ("oauth", 7), ("oauth", 8)])
 
     def test_spends_are_hot(self) -> None:
         """
@@ -297,6 +298,38 @@ class PostgresStoreTests(SynchronousTestCase):
         self.assertEqual(updated, 200)
         self.assertGreater(hot, updated // 3)
 
+    def test_refresh_tokens_without_foreign_key(self) -> None:
+        """
+        Refresh tokens have no foreign key to C{grants} on PostgreSQL (OAuth
+        migration 8: its check looked up and locked again, at every
+        rotation, the grant the rotation already holds); the tokens made
+        before the migration are kept, and the grant is still required of
+        C{add_tokens} (the store contract's C{test_add_tokens_unknown_grant}).
+        """
+        import psycopg
+
+        from smeldr_oauth.store.schema import OAUTH_SCHEMA
+
+        url = postgres.database_url(self)
+        store = pg_store(self, url, schema=attr.evolve(OAUTH_SCHEMA, migrations=OAUTH_SCHEMA.migrations[:7]))
+        self.successResultOf(store.create_grant(make_grant("g1"), make_code("g1-code", "g1")))
+        self.successResultOf(store.add_tokens("g1", access("g1-a0"), refresh("g1-r0")))
+        store.close()
+
+        def keys() -> list[tuple[str]]:
+            with psycopg.connect(url) as connection:
+                return connection.execute(
+                    "SELECT conname FROM pg_constraint WHERE conrelid = 'refresh_tokens'::regclass AND contype = 'f'"
+                ).fetchall()
+
+        self.assertEqual(keys(), [("refresh_tokens_grant_id_fkey",)])
+        store = pg_store(self, url)
+        self.assertEqual(keys(), [])
+        result = self.successResultOf(
+            store.redeem_refresh_token(h("g1-r0"), T0 + 1, GRACE, None, access("g1-a1", T0 + 1), refresh("g1-r1", T0 + 1))
+        )
+        self.assertEqual(result.status, "rotated")
+
     def test_refresh_facts_function(self) -> None:
         """
         The PL/pgSQL function a refresh reads its facts with (migration 2)
@@ -335,11 +368,12 @@ class PostgresStoreTests(SynchronousTestCase):
 
     def test_refresh_facts_planned_per_call(self) -> None:
         """
-        The facts functions plan their statements at every call (migration
-        5): a plan kept from the session's first calls, made when
-        C{refresh_tokens} was small, would go on reading the whole table
-        once it has grown.  Seen through C{auto_explain}'s plans of the
-        functions' statements, sent to the client as notices.
+        The facts functions' plans never read C{refresh_tokens} whole once
+        it has grown: a plan kept from the session's first calls, made
+        when the table was small, would (migration 5 planned them at every
+        call; migrations 7 and 8 write them so that every plan is an index
+        look-up).  Seen through C{auto_explain}'s plans of the functions'
+        statements, sent to the client as notices.
         """
         import psycopg
 
@@ -420,6 +454,111 @@ class PostgresStoreTests(SynchronousTestCase):
                 self.assertTrue(lines[n].startswith(("-> Index", "->  Index", "Index")), lines[n])
                 following = [line for line in lines[n + 1 : n + 4] if line.startswith(("Index Cond", "Filter"))]
                 self.assertTrue(following and following[0].startswith("Index Cond"), "\n".join(lines[n : n + 4]))
+
+    def test_refresh_facts_planned_once(self) -> None:
+        """
+        The single refresh's facts function (migration 8) plans its
+        statements once a session, and every plan reaches C{refresh_tokens}
+        and C{grants} by an index condition though it was made on tables
+        of three rows and is used once they hold thousands (the trap of
+        migration 5).  Seen through C{auto_explain}'s verbose plans: the
+        presented hash is the parameter C{$1}, not a constant (planned at
+        every call, it would be the constant).
+        """
+        import psycopg
+
+        url = postgres.database_url(self)
+        store = pg_store(self, url)
+        issue_secrets(self, store, url)
+        store.close()
+        with psycopg.connect(url, autocommit=True) as connection:
+            hashes = [r[0] for r in connection.execute("SELECT token_hash FROM refresh_tokens").fetchall()]
+            connection.execute("ANALYZE grants")
+            connection.execute("ANALYZE refresh_tokens")
+            for _ in range(8):
+                connection.execute("SELECT * FROM smeldr_refresh_facts(%s)", (hashes[0],)).fetchall()
+            connection.execute(
+                "INSERT INTO grants (grant_id, client_id, subject, scopes, resource, created_at)"
+                " SELECT 'other' || i, 'client-1', 'alice', '[]', 'r', 0 FROM generate_series(1, 2000) i"
+            )
+            connection.execute(
+                "INSERT INTO refresh_tokens (token_hash, grant_id, scopes, generation, created_at, expires_at)"
+                " SELECT 'other' || i || '-' || j, 'other' || i, '[]', j, 0, 1"
+                " FROM generate_series(1, 2000) i, generate_series(1, 5) j"
+            )
+            plans = postgres.nested_plans(connection)
+            connection.execute("SET auto_explain.log_verbose = on")
+            rows = connection.execute("SELECT * FROM smeldr_refresh_facts(%s)", (hashes[0],)).fetchall()
+        self.assertEqual([row[10] for row in rows], [hashes[0]])
+        nested = [plan for plan in plans if "smeldr_refresh_facts" not in plan]
+        self.assertEqual(len(nested), 2, plans)
+        for plan in nested:
+            self.assertRegex(plan, r"token_hash = \$1\)")
+            self.assertNotIn(hashes[0], plan)
+            lines = [line.strip() for line in plan.splitlines()]
+            scans = [n for n, line in enumerate(lines) if re.search(r"Scan.* on (public\.)?(refresh_tokens|grants) ", line)]
+            self.assertTrue(scans)
+            for n in scans:
+                self.assertTrue(lines[n].startswith(("-> Index", "->  Index", "Index")), lines[n])
+                following = [line for line in lines[n + 1 : n + 4] if line.startswith(("Index Cond", "Filter"))]
+                self.assertTrue(following and following[0].startswith("Index Cond"), "\n".join(lines[n : n + 4]))
+
+    def test_refresh_facts_lock_the_grant_only(self) -> None:
+        """
+        A single refresh (C{smeldr_refresh_facts}) waiting for a grant that
+        a batch of another process holds does not hold the presented
+        token's row meanwhile, so the batch's spend of that generation goes
+        on and commits, and the single refresh then reads the token spent.
+        Migration 2's function locked the token's row, then waited for the
+        grant: the batch's spend waited for the token in turn, and
+        PostgreSQL's deadlock detector failed it.
+        """
+        import threading
+
+        import psycopg
+
+        url = postgres.database_url(self)
+        store = pg_store(self, url)
+        issue_secrets(self, store, url)
+        store.close()
+        with psycopg.connect(url, autocommit=True) as setup:
+            token_hash, grant_id, generation = setup.execute(
+                "SELECT token_hash, grant_id, generation FROM refresh_tokens WHERE used_at IS NULL AND revoked_at IS NULL LIMIT 1"
+            ).fetchone()
+        batch = psycopg.connect(url)
+        self.addCleanup(batch.close)
+        single = psycopg.connect(url)
+        self.addCleanup(single.close)
+        single_pid = single.info.backend_pid
+        batch.execute("SET deadlock_timeout = '20ms'")
+        batch.execute("SELECT * FROM smeldr_refresh_facts_many(%s::text[])", ([token_hash],)).fetchall()
+        read: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: read.extend(
+                single.execute("SELECT used_at FROM smeldr_refresh_facts(%s)", (token_hash,)).fetchall()
+            )
+        )
+        thread.start()
+        self.addCleanup(thread.join)
+        # Should the test fail with the batch's transaction open, the
+        # thread waits no longer than the batch's connection lives.
+        self.addCleanup(batch.close)
+        with psycopg.connect(url, autocommit=True) as watcher:
+            # The single refresh is waiting for a lock (the grant's).
+            while thread.is_alive() and not watcher.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'", (single_pid,)
+            ).fetchone():
+                pass
+        spent = batch.execute(
+            "UPDATE refresh_tokens SET used_at = 5 WHERE grant_id = %s AND generation = %s"
+            " AND used_at IS NULL AND revoked_at IS NULL RETURNING token_hash",
+            (grant_id, generation),
+        ).fetchall()
+        batch.commit()
+        thread.join()
+        single.commit()
+        self.assertEqual(spent, [(token_hash,)])
+        self.assertEqual(read, [(5.0,)])
 
 
 class PostgresGroupCommitStoreTests(SynchronousTestCase):

@@ -634,7 +634,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.addCleanup(connection.close)
         self.assertEqual(
             connection.execute("SELECT component, version FROM schema_migrations").fetchall(),
-            [("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4), ("oauth", 5), ("oauth", 6), ("oauth", 7)],
+            [("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4), ("oauth", 5), ("oauth", 6), ("oauth", 7), ("oauth", 8)],
         )
 
     def test_legacy_file_adopted(self) -> None:
@@ -658,7 +658,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.addCleanup(connection.close)
         self.assertEqual(
             connection.execute("SELECT component, version FROM schema_migrations").fetchall(),
-            [("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4), ("oauth", 5), ("oauth", 6), ("oauth", 7)],
+            [("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4), ("oauth", 5), ("oauth", 6), ("oauth", 7), ("oauth", 8)],
         )
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
         self.assertNotIn("schema_version", tables)

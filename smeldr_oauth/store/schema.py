@@ -157,6 +157,65 @@ END
 $body$
 """
 
+#: OAuth migration 8 (PostgreSQL): smeldr_refresh_facts, a batch of one
+#: (a quiet server's usual refresh), given migration 7's treatment: its
+#: statements planned once a session (force_generic_plan), each written so
+#: that every plan, made on three rows or three million, reaches each row
+#: by an index condition on one value (the presented hash on the primary
+#: key, the grant by its key in a LATERAL subquery that OFFSET 0 keeps
+#: apart, the live generation MAX over the (grant_id, generation) index
+#: plus a count of it; sequential scans off).
+#:
+#: It locks the grant alone, as the batch function does.  Migration 2's
+#: function locked the presented token's row too, not by design: C{FOR
+#: UPDATE} on a join locks a row of every table joined (the statement it
+#: replaced, "Lock the token's grant", was written that way).  The grant's
+#: lock is what makes a rotation single-use across processes: every
+#: refresh of a grant, alone or batched, takes it before reading its facts
+#: and holds it to the commit, and the spend is a conditional update
+#: whose returned rows are checked.  The token's lock added nothing but a
+#: WAL record a refresh and a lock order, token then grant, the reverse
+#: of a batch's (its grant in the facts function, then its tokens in the
+#: spend): a single refresh and a batch of another process on one grant
+#: could wait on each other until PostgreSQL's deadlock detector failed
+#: one (tests.test_store_postgres).
+_REFRESH_FACTS_GENERIC = """
+CREATE OR REPLACE FUNCTION smeldr_refresh_facts(presented TEXT)
+RETURNS TABLE (
+    grant_id TEXT, client_id TEXT, subject TEXT, scopes TEXT, resource TEXT,
+    created_at DOUBLE PRECISION, site_token_id TEXT, client_name TEXT,
+    last_used_at DOUBLE PRECISION, revoked_at DOUBLE PRECISION,
+    token_hash TEXT, token_scopes TEXT, generation INTEGER,
+    token_created_at DOUBLE PRECISION, expires_at DOUBLE PRECISION,
+    used_at DOUBLE PRECISION, token_revoked_at DOUBLE PRECISION,
+    live_generation INTEGER, live_siblings BIGINT
+)
+LANGUAGE plpgsql VOLATILE
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+AS $body$
+#variable_conflict use_column
+BEGIN
+    PERFORM 1 FROM refresh_tokens p
+        CROSS JOIN LATERAL
+            (SELECT 1 FROM grants g WHERE g.grant_id = p.grant_id OFFSET 0 FOR UPDATE) AS locked
+        WHERE p.token_hash = presented;
+    RETURN QUERY
+    SELECT g.grant_id, g.client_id, g.subject, g.scopes, g.resource, g.created_at,
+           g.site_token_id, g.client_name, g.last_used_at, g.revoked_at,
+           t.token_hash, t.scopes, t.generation, t.created_at, t.expires_at, t.used_at,
+           t.revoked_at, live.generation,
+           (SELECT COUNT(*) FROM refresh_tokens s
+            WHERE s.grant_id = t.grant_id AND s.generation = live.generation)
+    FROM refresh_tokens t
+    CROSS JOIN LATERAL (SELECT * FROM grants g WHERE g.grant_id = t.grant_id OFFSET 0) g
+    CROSS JOIN LATERAL
+        (SELECT MAX(r.generation) AS generation FROM refresh_tokens r WHERE r.grant_id = t.grant_id) live
+    WHERE t.token_hash = presented;
+END
+$body$
+"""
+
 OAUTH_SCHEMA = Schema(
     "oauth",
     (
@@ -320,6 +379,28 @@ OAUTH_SCHEMA = Schema(
         # in statements whose every plan is an index look-up (see
         # _REFRESH_FACTS_MANY_GENERIC).  SQLite has no such function.
         Migration(7, sqlite=(), postgresql=(_REFRESH_FACTS_MANY_GENERIC,)),
+        # PostgreSQL: the single refresh's facts function the same way,
+        # locking the grant alone (see _REFRESH_FACTS_GENERIC); and refresh
+        # tokens without their foreign key to grants, as access tokens are
+        # since migration 4.  Every rotation and code exchange inserts a
+        # refresh token under its grant's lock (the facts functions,
+        # consume_code), and the key's check looked the grant up again
+        # and locked it once more: 4 us of PostgreSQL's CPU a refresh in a
+        # batch's writes (docs/performance.md, "Round eleven").
+        # transactions.add_tokens, the one other insert, checks the grant
+        # itself; the purge deletes a grant's refresh tokens before the
+        # grant (the key's ON DELETE CASCADE was never relied on); every
+        # read of a refresh token joins its grant, so an orphan would be
+        # unknown.  SQLite keeps its key (dropping one means rebuilding
+        # the table).
+        Migration(
+            8,
+            sqlite=(),
+            postgresql=(
+                _REFRESH_FACTS_GENERIC,
+                "ALTER TABLE refresh_tokens DROP CONSTRAINT refresh_tokens_grant_id_fkey",
+            ),
+        ),
     ),
     tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
     legacy=_legacy_version,

@@ -33,6 +33,7 @@ import attr
 from twisted.python.failure import Failure
 
 from smeldr_oauth.db.database import Transaction
+from smeldr_oauth.db.errors import StoreConflict
 from smeldr_oauth.db.rows import from_row, to_row, where
 from smeldr_oauth.oauth import model, rotation
 from smeldr_oauth.oauth.interfaces import CodeRedemption, RefreshRedemption
@@ -261,6 +262,10 @@ def exchange_code(
 def add_tokens(
     txn: Transaction, grant_id: str, access: model.AccessToken, refresh: Optional[model.RefreshToken]
 ) -> None:
+    if refresh is not None and not txn.engine.single_writer:
+        # No foreign key on PostgreSQL (OAuth migration 8): the grant is looked for, and kept, here.
+        if txn.execute("SELECT 1 FROM grants WHERE grant_id = ? FOR KEY SHARE", (grant_id,)).fetchone() is None:
+            raise StoreConflict(f"no grant {grant_id!r} for the refresh token")
     rows = [_access_row(access, grant_id, access.scopes, access.resource)]
     if refresh is not None:
         rows.append(_refresh_row(refresh, grant_id, refresh.scopes, refresh.generation))
@@ -291,8 +296,8 @@ def redeem_refresh_token(
     if txn.engine.single_writer:
         row = txn.execute(refresh_facts.REFRESH_FACTS, (token_hash, token_hash)).fetchone()
     else:
-        # PostgreSQL: the lock, then these facts, in one round trip (the
-        # function smeldr_oauth.store.schema's migration 2 creates).
+        # PostgreSQL: the grant's lock, then these facts, in one round
+        # trip (schema migration 2's function, as migration 8 wrote it).
         row = txn.execute("SELECT * FROM smeldr_refresh_facts(?)", (token_hash,)).fetchone()
     if row is None:
         return RefreshRedemption(status=rotation.UNKNOWN)
