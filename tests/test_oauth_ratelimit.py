@@ -97,6 +97,36 @@ class RateLimiterTests(SynchronousTestCase):
         # "a" was forgotten: it starts with a full bucket again.
         self.assertTrue(limiter.hit("a"))
 
+    def test_spend_updates_bucket_in_place(self) -> None:
+        """
+        A spend on a key already tracked changes its bucket where it is
+        rather than storing a new one (the cache's C{__setitem__} was a
+        third of a spend, two of them a token request), and the bucket
+        says what was spent.
+        """
+        self.limiter.hit("a")
+        bucket = self.limiter._buckets["a"]
+        self.clock.advance(1)
+        self.assertTrue(self.limiter.hit("a"))
+        self.assertIs(self.limiter._buckets["a"], bucket)
+        # Three a minute: one spent, a twentieth refilled, one spent.
+        self.assertAlmostEqual(bucket[0], 1.05)
+        self.assertEqual(bucket[1], self.clock.seconds())
+
+    def test_spend_keeps_key_recent(self) -> None:
+        """
+        A spend on a tracked key makes it the most recently seen, though
+        its bucket is updated in place: the key forgotten next is another.
+        """
+        limiter = RateLimiter(self.clock, 1, max_keys=2)
+        limiter.hit("a")
+        limiter.hit("b")
+        self.assertFalse(limiter.hit("a"))
+        limiter.hit("c")
+        # "b" was forgotten, not "a": "a" is still refused, "b" starts full.
+        self.assertFalse(limiter.hit("a"))
+        self.assertTrue(limiter.hit("b"))
+
     def test_retry_after(self) -> None:
         """
         How long until the next event is allowed: a bucket of 3 a minute

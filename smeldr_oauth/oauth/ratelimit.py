@@ -146,7 +146,10 @@ class RateLimiter:
         self._fold = bucket_key if addresses else str
         self._capacity = float(max(count, 1))
         self._rate = self._capacity / window
-        self._buckets: LRUCache[str, tuple[float, float]] = LRUCache(max_keys)
+        # [tokens, stamp], changed in place by a spend after the look-up that
+        # makes it the most recent: the cache's __setitem__ was a third of a
+        # spend, two a token request (docs/performance.md, round eleven).
+        self._buckets: LRUCache[str, list[float]] = LRUCache(max_keys)
 
     def _level(self, key: str, now: Optional[float] = None) -> float:
         if now is None:
@@ -165,11 +168,17 @@ class RateLimiter:
         """
         key = self._fold(key)
         now = self._clock.seconds()
-        tokens = self._level(key, now)
+        try:
+            bucket = self._buckets[key]
+        except KeyError:
+            # A key not tracked has a full bucket, of at least one event.
+            self._buckets[key] = [self._capacity - 1.0, now]
+            return True
+        tokens = min(self._capacity, bucket[0] + (now - bucket[1]) * self._rate)
         ok = tokens >= 1.0
         if ok:
             tokens -= 1.0
-        self._buckets[key] = (tokens, now)
+        bucket[0], bucket[1] = tokens, now
         return ok
 
     def refund(self, key: str) -> None:
@@ -179,7 +188,7 @@ class RateLimiter:
         """
         key = self._fold(key)
         if key in self._buckets:
-            self._buckets[key] = (min(self._capacity, self._level(key) + 1.0), self._clock.seconds())
+            self._buckets[key] = [min(self._capacity, self._level(key) + 1.0), self._clock.seconds()]
 
     def retry_after(self, key: str) -> int:
         """
