@@ -146,14 +146,12 @@ class RateLimiter:
         self._fold = bucket_key if addresses else str
         self._capacity = float(max(count, 1))
         self._rate = self._capacity / window
-        # [tokens, stamp], changed in place by a spend after the look-up that
-        # makes it the most recent: the cache's __setitem__ was a third of a
-        # spend, two a token request (docs/performance.md, round eleven).
+        # [tokens, stamp], changed in place by a spend (the look-up makes it the most
+        # recent): the cache's __setitem__ was a third of a spend (performance.md).
         self._buckets: LRUCache[str, list[float]] = LRUCache(max_keys)
 
     def _level(self, key: str, now: Optional[float] = None) -> float:
-        if now is None:
-            now = self._clock.seconds()
+        now = self._clock.seconds() if now is None else now
         try:
             # Indexing, not .get(): a cachetools .get is a lookup twice over.
             tokens, stamp = self._buckets[key]
@@ -176,16 +174,11 @@ class RateLimiter:
             return True
         tokens = min(self._capacity, bucket[0] + (now - bucket[1]) * self._rate)
         ok = tokens >= 1.0
-        if ok:
-            tokens -= 1.0
-        bucket[0], bucket[1] = tokens, now
+        bucket[0], bucket[1] = (tokens - 1.0 if ok else tokens), now
         return ok
 
     def refund(self, key: str) -> None:
-        """
-        Give back one event spent with a successful L{hit} (never beyond the
-        bucket's capacity).
-        """
+        """Give back one event spent by a successful L{hit}, up to the bucket's capacity."""
         key = self._fold(key)
         if key in self._buckets:
             self._buckets[key] = [min(self._capacity, self._level(key) + 1.0), self._clock.seconds()]
