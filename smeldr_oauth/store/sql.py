@@ -298,20 +298,7 @@ class SQLStore:
         once a minute (L{smeldr_oauth.oauth.rotation.USE_RESOLUTION}): see
         L{IOAuthStore.redeem_refresh_token}.
         """
-        # Concurrent refreshes may share one transaction (group commit,
-        # when the database has it on), each outcome as it would be alone.
-        return self.database.write(
-            self._schema,
-            transactions.redeem_refresh_token,
-            token_hash,
-            now,
-            grace,
-            requested_scopes,
-            new_access,
-            new_refresh,
-            group=True,
-            together=refresh_batch.redeem_refresh_tokens,
-        )
+        return self._redeem(None, token_hash, now, grace, requested_scopes, new_access, new_refresh)
 
     def carries(self, rate_limits: object) -> bool:
         """
@@ -337,15 +324,15 @@ class SQLStore:
         the read's result or L{Failure}, and the redemption, its
         L{Failure}, or C{None} when the read did not let it run.
         """
+        return self._redeem(before, token_hash, now, grace, requested_scopes, new_access, new_refresh)
+
+    def _redeem(self, before: Optional[Before], *args: Any) -> "Deferred[Any]":
+        # Concurrent refreshes may share one transaction (group commit,
+        # when the database has it on), each outcome as it would be alone.
         return self.database.write(
             self._schema,
             transactions.redeem_refresh_token,
-            token_hash,
-            now,
-            grace,
-            requested_scopes,
-            new_access,
-            new_refresh,
+            *args,
             group=True,
             together=refresh_batch.redeem_refresh_tokens,
             before=before,
