@@ -483,9 +483,14 @@ class Database:
             has to run its calls again alone does not run the reads again.
         """
         name = name or _name(schema, func)
-        if before is not None and before.schema.component not in self._current:
-            return self.ensure(before.schema).addCallback(
-                lambda _: self.write(schema, func, *args, name=name, group=group, together=together, before=before)
+        if before is not None and not (before.schema.component in self._current and schema.component in self._current):
+            # Both schemas current first: the read and the write then leave in one hand-off.
+            return (
+                self.ensure(before.schema)
+                .addCallback(lambda _: self.ensure(schema))
+                .addCallback(
+                    lambda _: self.write(schema, func, *args, name=name, group=group, together=together, before=before)
+                )
             )
         if group and self.group_commit and schema.component in self._current:
             batch = self._batch
@@ -497,7 +502,7 @@ class Database:
                     self.reactor.callLater(0, self._commit_batch)
             return batch.add(name, func, args, together, before)
         if before is not None:
-            return self._call(schema, True, name, self._before_then, (before, func, args), plain=True)
+            return self._dispatch(self._before_then, before, func, args, name)
         return self._call(schema, True, name, func, args)
 
     def _before_then(self, before: Before, func: Callable[..., Any], args: tuple[Any, ...], name: str) -> Any:
@@ -576,19 +581,8 @@ class Database:
         return self._dispatch(run)
 
     def _call(
-        self,
-        schema: Schema,
-        write: bool,
-        name: str,
-        func: Callable[..., T],
-        args: tuple[Any, ...],
-        plain: bool = False,
+        self, schema: Schema, write: bool, name: str, func: Callable[..., T], args: tuple[Any, ...]
     ) -> "Deferred[T]":
-        if plain:
-            # func runs its own transactions: func(*args, name).
-            if schema.component in self._current:
-                return self._dispatch(func, *args, name)
-            return self.ensure(schema).addCallback(lambda _: self._dispatch(func, *args, name))
         if schema.component in self._current:
             return self._dispatch(self._interact, write, name, func, args)
         return self.ensure(schema).addCallback(
@@ -851,11 +845,8 @@ class _Batch:
         self._committing = False
         self._calls: list[tuple[str, Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
         self._togethers: list[Any] = []
-        # The calls' Befores (None for most), and how many are not None.
+        # The calls' Befores (None for most).
         self._befores: list[Optional[Before]] = []
-        self._carried = 0
-        # The outcomes of the reads that stopped their writes, by index.
-        self._stopped: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -867,8 +858,6 @@ class _Batch:
         self._calls.append((name, func, args, d))
         self._togethers.append(together)
         self._befores.append(before)
-        if before is not None:
-            self._carried += 1
         return d
 
     def run(self) -> None:
@@ -879,36 +868,33 @@ class _Batch:
         Run the calls (on a pool thread, with threads): each one's result,
         or a L{Failure}.
         """
-        if not self._carried:
+        if not any(self._befores):
             return self._writes(self._calls, self._togethers)
         # The reads the calls carry first (each gathered function's calls
         # as one call of its together, in autocommit, as Database.read
         # would), then the writes of the calls they let proceed; a call
         # that carries a read gets (read, written).
         reads = self._reads()
-        going = [index for index, read in enumerate(reads) if read is not _STOPPED]
+        going = [index for index, read in enumerate(reads) if read is None or read[0]]
         written = self._writes([self._calls[i] for i in going], [self._togethers[i] for i in going])
         outcomes: list[Any] = [None] * len(self._calls)
         for index, outcome in zip(going, written):
             outcomes[index] = outcome
         for index, read in enumerate(reads):
-            if read is _NOT_CARRIED:
-                continue
-            if read is _STOPPED:
-                outcomes[index] = (self._stopped[index], None)
-            else:
-                outcomes[index] = (read, outcomes[index])
+            if read is not None:
+                # A write its read stopped has no outcome: (read, None).
+                outcomes[index] = (read[1], outcomes[index])
         return outcomes
 
     def _reads(self) -> list[Any]:
         """
-        Run the reads the calls carry (L{Before}): for each call its read's
-        result, or C{_NOT_CARRIED}, or C{_STOPPED} (its read failed, or
-        C{proceed} said no: the outcome is kept in C{self._stopped}).
+        Run the reads the calls carry (L{Before}): for each call C{None}
+        (it carries none) or C{(proceeds, outcome)}: whether its write
+        runs (its read did not fail and C{proceed} said so), and the read's
+        result or L{Failure}.
         """
         database = self._database
-        reads: list[Any] = [_NOT_CARRIED] * len(self._calls)
-        self._stopped.clear()
+        reads: list[Optional[tuple[bool, Any]]] = [None] * len(self._calls)
         groups: dict[Any, list[int]] = {}
         for index, before in enumerate(self._befores):
             if before is not None:
@@ -928,11 +914,7 @@ class _Batch:
             for index, result in zip(indexes, results):
                 before = self._befores[index]
                 assert before is not None
-                if isinstance(result, Failure) or not before.proceed(result):
-                    reads[index] = _STOPPED
-                    self._stopped[index] = result
-                else:
-                    reads[index] = result
+                reads[index] = (not isinstance(result, Failure) and before.proceed(result), result)
         return reads
 
     def _writes(self, calls: list[Any], togethers: list[Any]) -> list[Any]:
@@ -1085,9 +1067,6 @@ class _Batch:
         return end
 
 
-#: L{_Batch._reads}: a call that carries no read; one whose read stopped it.
-_NOT_CARRIED = object()
-_STOPPED = object()
 
 
 def _outcome(f: Callable[..., Any], *args: Any) -> Any:
