@@ -72,7 +72,6 @@ def route_label(path: bytes) -> str:
     return text if text in KNOWN_ROUTES else "other"
 
 
-
 class Metrics:
     """
     The server's metrics, in a registry of their own (not the process-wide
