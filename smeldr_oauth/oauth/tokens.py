@@ -188,10 +188,7 @@ class Tokens:
             reject_repeated(params, TOKEN_PARAMS)
             if single(params, "grant_type", required=True) != "refresh_token":
                 return None
-            token = single(params, "refresh_token", required=True)
-            scope = single(params, "scope")
-            requested = None if scope is None else parse_scopes(self.config, scope)
-            check_resource(self.config, params.get("resource", []))
+            token, requested = self._refresh_params(params)
             client = self.clients.authenticated_now(presented)
         except errors.OAuthError:
             return None
@@ -335,13 +332,23 @@ class Tokens:
         self._logged("authorization_code", record.client_id, record.grant_id)
         return self._issued(access, record.scopes, refresh if record.issue_refresh else None)
 
-    async def _refresh_grant(
-        self, params: Params, basic: Optional[tuple[str, str]], presented: Optional[tuple[str, Optional[str]]] = None
-    ) -> dict[str, Any]:
+    def _refresh_params(self, params: Params) -> tuple[Optional[str], Optional[tuple[str, ...]]]:
+        """
+        A refresh grant's own parameters, checked: the refresh token and the
+        scopes requested (C{None}: the grant's).
+
+        @raise errors.OAuthError: one is missing, repeated or not allowed.
+        """
         token = single(params, "refresh_token", required=True)
         scope = single(params, "scope")
         requested = None if scope is None else parse_scopes(self.config, scope)
         check_resource(self.config, params.get("resource", []))
+        return token, requested
+
+    async def _refresh_grant(
+        self, params: Params, basic: Optional[tuple[str, str]], presented: Optional[tuple[str, Optional[str]]] = None
+    ) -> dict[str, Any]:
+        token, requested = self._refresh_params(params)
         client = await self.clients.authenticate(params, basic, presented)
         now = self._clock.seconds()
         # The store fills in the grant, scopes and generation.
