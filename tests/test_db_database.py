@@ -281,7 +281,8 @@ print("survived", answered)
 class CountsBegins:
     """
     For group-commit tests: C{self.begins} counts the transactions the
-    database began (its engine's C{begin}) after L{count_begins}.
+    database began (its engine's C{begin}, or PostgreSQL's C{begin_later}
+    for a batch) after L{count_begins}.
     """
 
     db: Any
@@ -289,13 +290,17 @@ class CountsBegins:
 
     def count_begins(self) -> None:
         self.begins = 0
-        begin = self.db.engine.begin
+        for method in ("begin", "begin_later"):
+            real = getattr(self.db.engine, method, None)
+            if real is not None:
+                self.patch(self.db.engine, method, self._counted(real))
 
+    def _counted(self, begin: Any) -> Any:
         def counted(txn: Any) -> None:
             self.begins += 1
             begin(txn)
 
-        self.patch(self.db.engine, "begin", counted)  # type: ignore[attr-defined]
+        return counted
 
 
 class GroupCommitTests(CountsBegins, SynchronousTestCase):
