@@ -690,23 +690,25 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
 
         for name in ("g1", "g2"):
             self.grant(name)
-        execute = psycopg.ClientCursor.execute
+        # (Patched on psycopg.Cursor, whose subclass ClientCursor is.)
+        execute = psycopg.Cursor.execute
+        losing = [True]
 
         def lost(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
             result = execute(cursor, query, *args, **kwargs)
-            if str(query).endswith("; COMMIT"):
+            if losing and str(query).endswith("; COMMIT"):
                 cursor.connection.close()
                 raise psycopg.OperationalError("the connection went away")
             return result
 
-        self.patch(psycopg.ClientCursor, "execute", lost)
+        self.patch(psycopg.Cursor, "execute", lost)
         calls = [self.redeem(f"r-{name}", n) for n, name in enumerate(("g1", "g2"))]
         self.reactor.advance(0)
         for d in calls:
             self.failureResultOf(d, StoreUnavailable)
         # It had committed; nothing ran again (a second run would have
         # rotated within the grace period and issued more tokens).
-        self.patch(psycopg.ClientCursor, "execute", execute)
+        losing.clear()
         for n in range(2):
             self.assertIsNotNone(self.successResultOf(self.store.lookup_access_token(h(f"x{n}"), T0 + 101)))
         d = self.store.list_grants()
