@@ -15,7 +15,7 @@ from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.db import Database, Migration, Schema, open_database
-from smeldr_oauth.db.database import Before, NoThreads
+from smeldr_oauth.db.database import Before, NoThreads, Transaction
 from smeldr_oauth.db.errors import StoreConflict, StoreUnavailable
 from smeldr_oauth.db.postgres import PostgresEngine
 from smeldr_oauth.db.sqlite import SQLiteEngine
@@ -281,7 +281,8 @@ print("survived", answered)
 class CountsBegins:
     """
     For group-commit tests: C{self.begins} counts the transactions the
-    database began (its engine's C{begin}) after L{count_begins}.
+    database began (its engine's C{begin}, or PostgreSQL's C{begin_later}
+    for a batch) after L{count_begins}.
     """
 
     db: Any
@@ -289,13 +290,17 @@ class CountsBegins:
 
     def count_begins(self) -> None:
         self.begins = 0
-        begin = self.db.engine.begin
+        for method in ("begin", "begin_later"):
+            real = getattr(self.db.engine, method, None)
+            if real is not None:
+                self.patch(self.db.engine, method, self._counted(real))
 
+    def _counted(self, begin: Any) -> Any:
         def counted(txn: Any) -> None:
             self.begins += 1
             begin(txn)
 
-        self.patch(self.db.engine, "begin", counted)  # type: ignore[attr-defined]
+        return counted
 
 
 class GroupCommitTests(CountsBegins, SynchronousTestCase):
@@ -642,6 +647,21 @@ class HeldThreadPool:
     def run_next(self) -> None:
         onResult, f, args, kwargs = self.queued.pop(0)
         NoThreads().callInThreadWithCallback(onResult, f, *args, **kwargs)
+
+
+class TransactionCommitTests(SynchronousTestCase):
+    """
+    A statement may carry the transaction's C{COMMIT} only where the
+    batch allows it (its last call) and only in the simple protocol: a
+    C{COMMIT} sent from the middle of a batch would commit the calls
+    before it and leave the rest in autocommit.
+    """
+
+    def test_commit_only_where_allowed(self) -> None:
+        txn = Transaction(object(), PostgresEngine("postgresql:///nowhere"), None)
+        self.assertRaises(ValueError, txn.execute, "SELECT 1", (), simple=True, commit=True)
+        self.assertRaises(ValueError, txn.execute, "SELECT 1", (), commit=True)
+        self.assertFalse(txn.committing)
 
 
 class PostgresGroupCommitTests(CountsBegins, SynchronousTestCase):

@@ -634,26 +634,116 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
         for n in range(3):
             self.assertIsNotNone(self.successResultOf(self.store.lookup_access_token(h(f"x{n}"), T0 + 101)))
 
-    def test_three_round_trips(self) -> None:
+    def round_trips(self) -> list[str]:
         """
-        A batch of refreshes is three statements whatever its size (the
-        facts of all, every rotation's writes, after C{BEGIN}), not two a
-        refresh.
+        Count what the store sends to PostgreSQL through the connection
+        (psycopg's C{execute} of either cursor, and a C{commit} with a
+        transaction to end): one entry a round trip, its first words.
+        """
+        import psycopg
+
+        sent: list[str] = []
+        # (psycopg.ClientCursor and the engine's cursor are subclasses.)
+        execute = psycopg.Cursor.execute
+
+        def counted(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            sent.append(" ".join(str(query).split()[:3]))
+            return execute(cursor, query, *args, **kwargs)
+
+        self.patch(psycopg.Cursor, "execute", counted)
+        commit = psycopg.Connection.commit
+
+        def committed(connection: Any) -> None:
+            if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                sent.append("COMMIT")
+            commit(connection)
+
+        self.patch(psycopg.Connection, "commit", committed)
+        return sent
+
+    def test_two_round_trips(self) -> None:
+        """
+        A batch of refreshes is two round trips whatever its size: C{BEGIN}
+        with the facts of all, then every rotation's writes with the
+        C{COMMIT} (round seven: two a refresh; round eleven: four a batch).
         """
         for name in ("g1", "g2", "g3", "g4"):
             self.grant(name)
-        statements: list[str] = []
-        real = Transaction.execute
-
-        def counted(txn: Any, sql: str, params: Any = (), **kwargs: Any) -> Any:
-            statements.append(sql.split(None, 3)[:3][-1])
-            return real(txn, sql, params, **kwargs)
-
-        self.patch(Transaction, "execute", counted)
+        sent = self.round_trips()
         calls = [self.redeem(f"r-{name}", n) for n, name in enumerate(("g1", "g2", "g3", "g4"))]
         self.reactor.advance(0)
         self.assertEqual([self.successResultOf(d).status for d in calls], ["rotated"] * 4)
-        self.assertEqual(len(statements), 3, statements)
+        self.assertEqual(len(sent), 2, sent)
+        for n in range(4):
+            self.assertIsNotNone(self.successResultOf(self.store.lookup_access_token(h(f"x{n}"), T0 + 101)))
+
+    def test_connection_lost_with_the_commit(self) -> None:
+        """
+        A connection lost in the round trip that carries the batch's
+        C{COMMIT} (here: after the server committed) may or may not have
+        committed: every call is L{StoreUnavailable}, as when the
+        C{COMMIT} went alone, and none runs again.
+        """
+        import psycopg
+
+        from smeldr_oauth.db.errors import StoreUnavailable
+
+        for name in ("g1", "g2"):
+            self.grant(name)
+        # (Patched on psycopg.Cursor, whose subclass ClientCursor is.)
+        execute = psycopg.Cursor.execute
+        losing = [True]
+
+        def lost(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            result = execute(cursor, query, *args, **kwargs)
+            if losing and str(query).endswith("; COMMIT"):
+                cursor.connection.close()
+                raise psycopg.OperationalError("the connection went away")
+            return result
+
+        self.patch(psycopg.Cursor, "execute", lost)
+        calls = [self.redeem(f"r-{name}", n) for n, name in enumerate(("g1", "g2"))]
+        self.reactor.advance(0)
+        for d in calls:
+            self.failureResultOf(d, StoreUnavailable)
+        # It had committed; nothing ran again (a second run would have
+        # rotated within the grace period and issued more tokens).
+        losing.clear()
+        for n in range(2):
+            self.assertIsNotNone(self.successResultOf(self.store.lookup_access_token(h(f"x{n}"), T0 + 101)))
+        d = self.store.list_grants()
+        self.reactor.advance(0)
+        self.assertEqual(len(self.successResultOf(d)), 2)
+
+    def test_spent_by_another_refused_in_the_database(self) -> None:
+        """
+        A presented token spent by someone else between the batch's facts
+        and its writes (nothing in the store does that: its grant is locked;
+        a stand-in for a bug) fails the writes statement in the database,
+        so the C{COMMIT} sent with it never runs: nothing of the batch is
+        committed, and each refresh runs again alone, the spent one then a
+        reuse.
+        """
+        import psycopg
+        import smeldr_oauth.store.refresh_batch as module
+
+        for name in ("g1", "g2"):
+            self.grant(name)
+        real = module._write_batch
+
+        def spend_first(txn: Any, *args: Any, **kwargs: Any) -> Any:
+            with psycopg.connect(self.url, autocommit=True) as other:
+                other.execute("UPDATE refresh_tokens SET used_at = %s WHERE token_hash = %s", (T0 + 50, h("r-g1")))
+            return real(txn, *args, **kwargs)
+
+        self.patch(module, "_write_batch", spend_first)
+        calls = [self.redeem(f"r-{name}", n) for n, name in enumerate(("g1", "g2"))]
+        self.reactor.advance(0)
+        self.assertEqual(len(self.abandoned), 1)
+        self.assertIn("refresh token spent concurrently", str(self.abandoned[0]))
+        self.assertEqual([self.successResultOf(d).status for d in calls], ["reused", "rotated"])
+        self.assertIsNone(self.successResultOf(self.store.lookup_access_token(h("x0"), T0 + 101)))
+        self.assertIsNotNone(self.successResultOf(self.store.lookup_access_token(h("x1"), T0 + 101)))
 
     def test_writes_one_text(self) -> None:
         """

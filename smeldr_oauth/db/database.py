@@ -92,27 +92,107 @@ class Transaction:
     @ivar engine: the L{IDatabaseEngine}.
     """
 
-    __slots__ = ("_cursor", "_convert", "engine")
+    __slots__ = ("_cursor", "_convert", "engine", "_pending", "_simple", "_rows", "may_commit", "committing")
 
     def __init__(self, cursor: Any, engine: IDatabaseEngine, convert: Optional[Callable[[str], str]]):
         self._cursor = cursor
         self._convert = convert
         self.engine = engine
+        # A statement without parameters (a batch's BEGIN) waiting to be
+        # sent with the next statement that can take it (begin_later).
+        self._pending: Optional[str] = None
+        # PostgreSQL: the client-side-binding cursor of simple=True.
+        self._simple: Any = None
+        # The cursor whose rows fetchone/fetchall read.
+        self._rows: Any = cursor
+        #: Set by the batch around its last call: that call's last
+        #: statement may commit the transaction in its own round trip
+        #: (execute(..., commit=True)).
+        self.may_commit = False
+        #: A COMMIT has been sent (with a statement): a connection lost
+        #: now may or may not have committed.
+        self.committing = False
 
-    def execute(self, sql: str, params: Sequence[Any] = (), prepare: Optional[bool] = None) -> "Transaction":
+    def begin_later(self, sql: str) -> None:
+        """
+        Send C{sql} (a statement without parameters: PostgreSQL's C{BEGIN})
+        in the same round trip as the next statement run with
+        C{simple=True}, or alone just before any other statement.  A
+        batch's C{BEGIN} was a round trip of its own (C{docs/performance.md},
+        round twelve).
+        """
+        self._pending = sql
+
+    def execute(
+        self,
+        sql: str,
+        params: Sequence[Any] = (),
+        prepare: Optional[bool] = None,
+        simple: bool = False,
+        commit: bool = False,
+    ) -> "Transaction":
         """
         @param prepare: PostgreSQL: C{False} never makes the statement a
             prepared one (psycopg prepares a statement from its fifth run
             on), so that it is planned afresh for each run, with the
             tables as they are then (see
             L{smeldr_oauth.store.refresh_batch}); C{None}, the default.
+        @param simple: PostgreSQL: send the statement in the simple query
+            protocol, its parameters bound by psycopg into the text
+            (C{psycopg.ClientCursor}; never prepared, planned with the
+            values as C{prepare=False}), together with a statement waiting
+            from L{begin_later}: one round trip for both.  Only for
+            statements whose parameters psycopg writes as literals
+            faithfully (text, numbers, lists of them, no NUL).
+        @param commit: with C{simple}, and only when L{may_commit}: send
+            C{COMMIT} after the statement, in the same round trip.  The
+            statement must then raise, in the database, whatever would
+            make its caller abandon the transaction: its rows come back
+            after the commit.
         """
         if self._convert is not None:
             sql = self._convert(sql)
+        if simple:
+            return self._execute_simple(sql, params, commit)
+        if commit:
+            raise ValueError("commit=True needs simple=True")
+        self._send_pending()
+        self._rows = self._cursor
         if prepare is None:
             self._cursor.execute(sql, params)
         else:
             self._cursor.execute(sql, params, prepare=prepare)
+        return self
+
+    def _send_pending(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._cursor.execute(pending)
+
+    def close(self) -> None:
+        """
+        Close the cursors (quietly: the connection may be gone).
+        """
+        _close_quietly(self._cursor)
+        if self._simple is not None:
+            _close_quietly(self._simple)
+
+    def _execute_simple(self, sql: str, params: Sequence[Any], commit: bool) -> "Transaction":
+        if commit and not self.may_commit:
+            raise ValueError("this statement is not the transaction's last")
+        cursor = self._simple
+        if cursor is None:
+            cursor = self._simple = self.engine.simple_cursor(self._cursor)  # type: ignore[attr-defined]
+        pending, self._pending = self._pending, None
+        text = sql if pending is None else f"{pending}; {sql}"
+        if commit:
+            text += "; COMMIT"
+            self.committing = True
+        self._rows = cursor
+        cursor.execute(text, params)
+        if pending is not None:
+            # The rows are the statement's, after the pending one's result.
+            cursor.nextset()
         return self
 
     def execute_together(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> "Transaction":
@@ -128,21 +208,23 @@ class Transaction:
     def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> "Transaction":
         if self._convert is not None:
             sql = self._convert(sql)
+        self._send_pending()
+        self._rows = self._cursor
         self._cursor.executemany(sql, params)
         return self
 
     def fetchone(self) -> Any:
-        return self._cursor.fetchone()
+        return self._rows.fetchone()
 
     def fetchall(self) -> list[Any]:
-        return list(self._cursor.fetchall())
+        return list(self._rows.fetchall())
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self._cursor.fetchall())
+        return iter(self._rows.fetchall())
 
     @property
     def rowcount(self) -> int:
-        return int(self._cursor.rowcount)
+        return int(self._rows.rowcount)
 
     def notify(self, channel: str, payload: str) -> None:
         """
@@ -961,17 +1043,15 @@ class _Batch:
             connection = database._connect()
         except BaseException:
             return None
-        cursor = connection.cursor()
+        txn = Transaction(connection.cursor(), database.engine, database._convert)
         self._committing = False
         try:
-            outcomes = self._in_transaction(
-                connection, Transaction(cursor, database.engine, database._convert), calls, togethers
-            )
+            outcomes = self._in_transaction(connection, txn, calls, togethers)
         except BaseException as error:
             # BEGIN, a savepoint or COMMIT failed, or a call's error may
             # have ended the transaction: nothing of the batch stands.
             database._rollback(connection)
-            if self._committing and database.engine.broken(connection):
+            if (self._committing or txn.committing) and database.engine.broken(connection):
                 # The connection died during the COMMIT: the batch may or
                 # may not have committed, so no call may run again; each
                 # says so, as it would alone.
@@ -981,7 +1061,7 @@ class _Batch:
                 return [Failure(unavailable) for _ in calls]
             return None
         finally:
-            _close_quietly(cursor)
+            txn.close()
         for (name, _, _, _), (started, elapsed, outcome) in zip(calls, outcomes):
             database._count(name, started, 0, isinstance(outcome, Failure), elapsed)
         return [outcome for _, _, outcome in outcomes]
@@ -995,7 +1075,9 @@ class _Batch:
         # PostgreSQL: none (two more round trips a call); a call's error
         # abandons the batch, and each call runs again alone.
         savepoints = engine.single_writer
-        engine.begin(txn)
+        # PostgreSQL: BEGIN goes with the batch's first statement
+        # (Transaction.begin_later).
+        getattr(engine, "begin_later", engine.begin)(txn)
         outcomes: list[tuple[float, float, Any]] = []
         index = 0
         while index < len(calls):
@@ -1024,6 +1106,8 @@ class _Batch:
             outcomes.append((started, time.perf_counter() - started, outcome))
             index += 1
         self._committing = True
+        # Nothing to send when the last statement took the COMMIT with it
+        # (psycopg commits nothing outside a transaction).
         _commit(connection)
         return outcomes
 
@@ -1055,13 +1139,18 @@ class _Batch:
         if together is not None:
             while end < len(calls) and togethers[end] is together and calls[end][1] is calls[index][1]:
                 end += 1
-        if end - index > 1:
-            assert together is not None
-            results = together(txn, [call[2] for call in calls[index:end]])
-            if len(results) != end - index:
-                raise RuntimeError("a together function returned the wrong number of results")
-        else:
-            results = [calls[index][1](txn, *calls[index][2])]
+        # The batch's last calls may commit with their last statement.
+        txn.may_commit = end == len(calls)
+        try:
+            if end - index > 1:
+                assert together is not None
+                results = together(txn, [call[2] for call in calls[index:end]])
+                if len(results) != end - index:
+                    raise RuntimeError("a together function returned the wrong number of results")
+            else:
+                results = [calls[index][1](txn, *calls[index][2])]
+        finally:
+            txn.may_commit = False
         elapsed = (time.perf_counter() - started) / (end - index)
         outcomes.extend((started, elapsed, result) for result in results)
         return end

@@ -208,6 +208,24 @@ class PostgresEngine:
     def begin(self, transaction: "Transaction") -> None:
         transaction.execute("BEGIN")
 
+    def begin_later(self, transaction: "Transaction") -> None:
+        """
+        A batch's C{BEGIN}, sent with its first statement that can take it
+        (L{Transaction.begin_later}).
+        """
+        transaction.begin_later("BEGIN")
+
+    def simple_cursor(self, cursor: Any) -> Any:
+        """
+        A cursor on C{cursor}'s connection that binds parameters into the
+        statement's text and sends it in the simple query protocol, where
+        one message may hold several statements (L{Transaction.execute}'s
+        C{simple}).
+        """
+        import psycopg
+
+        return psycopg.ClientCursor(cursor.connection)
+
     def combine(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[tuple[str, Sequence[Any]]]:
         if len(statements) < 2:
             return list(statements)
