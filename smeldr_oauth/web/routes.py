@@ -219,7 +219,8 @@ class DirectRoute(Resource):
     A handler's result is treated as Klein treats it: bytes (or text) are
     the body, C{None} ends a response the handler wrote itself (a stream),
     a failure goes through the error path unless the request is already
-    over; the handler's Deferred is cancelled when the client goes away.
+    over; the handler's Deferred (for a coroutine, what it awaits:
+    L{_Driven}) is cancelled when the client goes away.
     One difference: bytes that are already there when the handler returns
     (SQLite on the reactor thread: a whole token request usually is) are
     returned from C{render}, so twisted.web frames them with a
