@@ -941,6 +941,28 @@ class RefreshTests(ServerTestCase):
         again = self.drive(self.server.token(self.refresh(body["refresh_token"])))
         self.assertIn("refresh_token", again)
 
+    def test_known_client_not_awaited(self) -> None:
+        """
+        A refresh by a client the resolver already knows is authenticated
+        at once (C{authenticated_now}), without the C{authenticate}
+        coroutine; one it does not know yet still goes through it.
+        """
+        resolver = self.server.tokens.clients
+        awaited: list[Any] = []
+        authenticate = resolver.authenticate
+
+        def counted(*a: Any, **kw: Any) -> Any:
+            awaited.append(a)
+            return authenticate(*a, **kw)
+
+        self.patch(resolver, "authenticate", counted)
+        body = self.drive(self.server.token(self.refresh(self.first["refresh_token"])))
+        self.assertIn("refresh_token", body)
+        self.assertEqual(awaited, [])
+        resolver._known.clear()
+        self.drive(self.server.token(self.refresh(body["refresh_token"])))
+        self.assertEqual(len(awaited), 1)
+
     def test_narrowing(self) -> None:
         body = self.drive(self.server.token(self.refresh(self.first["refresh_token"], scope="read")))
         self.assertEqual(body["scope"], "read")

@@ -434,3 +434,165 @@ class DirectRouteTests(SynchronousTestCase):
             request.processingFailed(Failure(ConnectionDone()))
         self.assertEqual(len(cancelled), 1)
         self.assertEqual((request.written, request.finished), ([], 0))
+
+
+class DirectCoroutineTests(DirectRouteTests):
+    """
+    L{DirectRoute} running a coroutine handler itself (L{_Driven}), where
+    it awaits a L{Deferred} that fires later: answered, failed, cancelled
+    as through C{ensureDeferred}.
+    """
+
+    def test_not_through_ensure_deferred(self) -> None:
+        """
+        A coroutine that waits is resumed by a plain callback, not by
+        Twisted's coroutine driver (a cancellable Deferred, a status, a
+        context copy and a callback chain a request).
+        """
+        from twisted.internet import defer
+
+        driven: list[Any] = []
+        original = defer._cancellableInlineCallbacks
+
+        def counted(coro: Any) -> Any:
+            driven.append(coro)
+            return original(coro)
+
+        self.patch(defer, "_cancellableInlineCallbacks", counted)
+        d: Deferred[bytes] = Deferred()
+
+        async def handler(request: Any) -> bytes:
+            return await d
+
+        request, _ = self.render(handler)
+        d.callback(b"later")
+        self.assertEqual((request.written, request.finished), ([b"later"], 1))
+        self.assertEqual(driven, [])
+
+    def test_later(self) -> None:
+        first: Deferred[bytes] = Deferred()
+        second: Deferred[bytes] = Deferred()
+
+        async def handler(request: Any) -> bytes:
+            return await first + await second
+
+        request, _ = self.render(handler)
+        self.assertEqual(request.finished, 0)
+        first.callback(b"la")
+        self.assertEqual(request.finished, 0)
+        second.callback(b"ter")
+        self.assertEqual((request.written, request.finished), ([b"later"], 1))
+        # The awaited Deferreds are left with no result to report.
+        self.assertIsNone(self.successResultOf(first))
+
+    def test_later_framed_by_length(self) -> None:
+        from twisted.web.server import NOT_DONE_YET, Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from smeldr_oauth.web.routes import DirectRoute
+
+        d: Deferred[bytes] = Deferred()
+
+        async def handler(request: Any) -> bytes:
+            return await d
+
+        resource = DirectRoute(Route(path="/x", methods={"POST": handler}))
+        channel = DummyChannel()
+        request = Request(channel)
+        request.method, request.clientproto, request.uri, request.path = b"POST", b"HTTP/1.1", b"/x", b"/x"
+        self.assertIs(resource.render(request), NOT_DONE_YET)
+        d.callback(b"later")
+        head, _, body = channel.transport.written.getvalue().partition(b"\r\n\r\n")
+        self.assertEqual(body, b"later")
+        self.assertIn(b"\r\nContent-Length: 5", head)
+
+    def test_later_error(self) -> None:
+        d: Deferred[bytes] = Deferred()
+
+        async def handler(request: Any) -> bytes:
+            return await d
+
+        request, _ = self.render(handler)
+        d.errback(oauth_errors.invalid_grant("no"))
+        self.assertEqual((request.responseCode, request.finished), (400, 1))
+        self.assertEqual(json.loads(b"".join(request.written))["error"], "invalid_grant")
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_error_raised_where_awaited(self) -> None:
+        """
+        A failure is raised at the C{await}: the coroutine may catch it
+        and answer.
+        """
+        d: Deferred[bytes] = Deferred()
+
+        async def handler(request: Any) -> bytes:
+            try:
+                return await d
+            except oauth_errors.OAuthError as e:
+                return e.error.encode()
+
+        request, _ = self.render(handler)
+        d.errback(oauth_errors.invalid_grant("no"))
+        self.assertEqual((request.written, request.finished), ([b"invalid_grant"], 1))
+
+    def test_at_once_error(self) -> None:
+        async def handler(request: Any) -> bytes:
+            raise oauth_errors.invalid_request("bad")
+
+        request, _ = self.render(handler)
+        self.assertEqual((request.responseCode, request.finished), (400, 1))
+
+    def test_client_gone(self) -> None:
+        """
+        The client went away: what the coroutine awaits is cancelled, the
+        coroutine sees the C{CancelledError}, nothing is written and
+        nothing logged.
+        """
+        from twisted.internet.defer import CancelledError
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        seen: list[Any] = []
+        d: Deferred[bytes] = Deferred()
+
+        async def handler(request: Any) -> bytes:
+            try:
+                return await d
+            except CancelledError as e:
+                seen.append(e)
+                raise
+
+        request, _ = self.render(handler)
+        with capturedLogs() as events:
+            request.processingFailed(Failure(ConnectionDone()))
+        self.assertEqual(len(seen), 1)
+        self.assertEqual((request.written, request.finished), ([], 0))
+        self.assertEqual([e for e in events if e.get("log_failure") is not None and "after its answer" in e.get("log_format", "")], [])
+
+    def test_awaits_something_else(self) -> None:
+        """
+        Only Deferreds can be awaited here: anything else is raised into
+        the coroutine as a C{TypeError}, which answers as any bug does.
+        """
+
+        class Other:
+            def __await__(self) -> Any:
+                yield 42
+
+        async def handler(request: Any) -> bytes:
+            return await Other()  # type: ignore[no-any-return]
+
+        from twisted.web.server import Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from smeldr_oauth.web.routes import DirectRoute
+
+        resource = DirectRoute(Route(path="/x", methods={"POST": handler}))
+        channel = DummyChannel()
+        request = Request(channel)
+        request.method, request.clientproto, request.uri, request.path = b"POST", b"HTTP/1.1", b"/x", b"/x"
+        with capturedLogs():
+            body = resource.render(request)
+        self.assertEqual(request.code, 500)
+        self.assertEqual(json.loads(body)["error"], "server_error")
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)

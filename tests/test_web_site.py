@@ -21,7 +21,9 @@ from twisted.web.http import Request
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyChannel
 
-from smeldr_oauth.web.site import SmeldrSite, TrustedProxies, routable_host, routable_host_header
+from twisted.web.server import version
+
+from smeldr_oauth.web.site import HTTPDate, SmeldrRequest, SmeldrSite, TrustedProxies, routable_host, routable_host_header
 
 
 class Echo(Resource):
@@ -134,6 +136,91 @@ class SiteOverSocketTests(TestCase):
         self.assertEqual({(a.type, a.host) for a in seen}, {("TCP", "127.0.0.1")})
         self.assertEqual(len(set(seen)), 1)
         self.assertEqual(len(asked), 1)
+
+    async def test_peer_address_asked_once(self) -> None:
+        """
+        Each request knows its peer (C{request.getClientAddress()}), but
+        the transport is asked for it once per connection, not once per
+        request.
+        """
+        from twisted.internet import tcp
+
+        asked: list[object] = []
+        ask = tcp.Server.getPeer
+
+        def counted(transport: Any) -> Any:
+            asked.append(transport)
+            return ask(transport)
+
+        self.patch(tcp.Server, "getPeer", counted)
+        seen: list[Any] = []
+
+        class Peer(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                seen.append(request.getClientAddress())
+                return b"ok"
+
+        site = SmeldrSite(Peer())
+        answer = await self.exchange(
+            site,
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        self.assertEqual(answer.count(b"200 OK"), 3)
+        self.assertEqual(len(seen), 3)
+        self.assertEqual({(a.type, a.host) for a in seen}, {("TCP", "127.0.0.1")})
+        self.assertEqual(len(asked), 1)
+
+    async def test_client_address_once_a_request(self) -> None:
+        """
+        The client's address is worked out once a request (the token
+        endpoint and the access log both ask), from the peer and, for a
+        trusted proxy, its C{X-Forwarded-For}.
+        """
+        worked: list[object] = []
+        work = SmeldrRequest._client_address
+
+        def counted(request: Any) -> Any:
+            worked.append(request)
+            return work(request)
+
+        self.patch(SmeldrRequest, "_client_address", counted)
+        seen: list[str] = []
+
+        class Twice(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                seen.append(request.getClientAddress().host)
+                seen.append(request.getClientAddress().host)
+                return b"ok"
+
+        site = SmeldrSite(Twice(), trusted_proxies=TrustedProxies(["127.0.0.1/32"]))
+        answer = await self.exchange(
+            site,
+            b"GET /a HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.10\r\nConnection: close\r\n\r\n",
+        )
+        self.assertEqual(answer.count(b"200 OK"), 2)
+        self.assertEqual(seen, ["203.0.113.9"] * 2 + ["203.0.113.10"] * 2)
+        self.assertEqual(len(worked), 2)
+
+    async def test_date_header(self) -> None:
+        """
+        Every answer carries C{Server} and C{Date} (as twisted.web's
+        C{Request.process} sets them), the date from L{http_date}.
+        """
+        from smeldr_oauth.web import site as site_module
+
+        self.patch(site_module, "http_date", lambda: b"Sun, 06 Nov 1994 08:49:37 GMT")
+        site = SmeldrSite(Echo())
+        answer = await self.exchange(site, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head = answer.split(b"\r\n\r\n")[0].split(b"\r\n")
+        self.assertIn(b"Date: Sun, 06 Nov 1994 08:49:37 GMT", head)
+        self.assertIn(b"Server: " + version, head)
 
     async def test_forwarded_ignored_by_default(self) -> None:
         site = SmeldrSite(Echo())
@@ -650,3 +737,33 @@ class HostHeaderTests(SynchronousTestCase):
             request.requestHeaders.setRawHeaders(b"host", [value])
             expected = routable_host(request.getRequestHostname())
             self.assertEqual(routable_host_header(value), expected, value)
+
+
+class HTTPDateTests(SynchronousTestCase):
+    def test_once_a_second(self) -> None:
+        """
+        The C{Date} text is RFC 9110's, of the current second, formatted
+        once a second however many answers that second has.
+        """
+        from smeldr_oauth.web import site as site_module
+        from twisted.web.http import datetimeToString
+
+        made: list[int] = []
+
+        def counted(second: int) -> bytes:
+            made.append(second)
+            return datetimeToString(second)
+
+        self.patch(site_module, "datetimeToString", counted)
+        now = [784111777.25]
+        date = HTTPDate(lambda: now[0])
+        self.assertEqual(date(), b"Sun, 06 Nov 1994 08:49:37 GMT")
+        now[0] = 784111777.9
+        self.assertEqual(date(), b"Sun, 06 Nov 1994 08:49:37 GMT")
+        self.assertEqual(made, [784111777])
+        now[0] = 784111778.0
+        self.assertEqual(date(), b"Sun, 06 Nov 1994 08:49:38 GMT")
+        self.assertEqual(made, [784111777, 784111778])
+        # A clock set back is followed too.
+        now[0] = 784111700.5
+        self.assertEqual(date(), datetimeToString(784111700))

@@ -85,7 +85,8 @@ def _coalesced(name: Any, event: dict[str, Any]) -> bool:
 
 def _step_key(event: dict[str, Any]) -> Optional[tuple[Any, ...]]:
     """What makes a coalesced event's step, or C{None} (not comparable)."""
-    key = (event.get("smeldr_event"), *[event.get(name) for name in _SAME_STEP])
+    get = event.get
+    key = (get("smeldr_event"), *map(get, _SAME_STEP))
     try:
         hash(key)
     except TypeError:

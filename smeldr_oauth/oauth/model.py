@@ -136,15 +136,26 @@ class IssuedTokens:
     refresh_token: Optional[str] = None
 
     def as_json(self) -> dict[str, object]:
-        body: dict[str, object] = {
-            "access_token": self.access_token,
-            "token_type": "Bearer",
-            "expires_in": self.expires_in,
-            "scope": " ".join(self.scopes),
-        }
-        if self.refresh_token is not None:
-            body["refresh_token"] = self.refresh_token
-        return body
+        return token_response(self.access_token, self.expires_in, self.scopes, self.refresh_token)
+
+
+def token_response(
+    access_token: str, expires_in: int, scopes: tuple[str, ...], refresh_token: Optional[str]
+) -> dict[str, object]:
+    """
+    The token response's body (RFC 6749 section 5.1): L{IssuedTokens.as_json},
+    without a frozen record made on the way (the token endpoint answers
+    every refresh with one).
+    """
+    body: dict[str, object] = {
+        "access_token": access_token,
+        "token_type": "Bearer",
+        "expires_in": expires_in,
+        "scope": " ".join(scopes),
+    }
+    if refresh_token is not None:
+        body["refresh_token"] = refresh_token
+    return body
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from smeldr_oauth.oauth import errors, pkce, rotation
 from smeldr_oauth.oauth.clients import ClientResolver, presented_client
 from smeldr_oauth.oauth.config import Config
-from smeldr_oauth.oauth.model import AccessInfo, AccessToken, AuthorizationCode, Grant, IssuedTokens, RefreshToken
+from smeldr_oauth.oauth.model import AccessInfo, AccessToken, AuthorizationCode, Grant, RefreshToken, token_response
 from smeldr_oauth.oauth.params import MAX_PARAM, TOKEN_PARAMS, Params, reject_repeated, single
 from smeldr_oauth.oauth.ratelimit import Limits, SharedRateLimiter, refuse_both, spend_both, spend_now
 from smeldr_oauth.oauth.ratelimit_both import BothAsked
@@ -84,9 +84,9 @@ class Tokens:
             and store.carries(first.store)
         )
 
-    async def _check_rate(
+    def _spend(
         self, params: Params, basic: Optional[tuple[str, str]], address: Optional[str]
-    ) -> Optional[tuple[str, Optional[str]]]:
+    ) -> tuple[Optional[tuple[str, Optional[str]]], Optional[Deferred[None]]]:
         """
         Spend one token request for the client address and one for the
         client id it presents (unauthenticated yet: an id that turns out
@@ -94,9 +94,15 @@ class Tokens:
         limit, and the id bucket cannot be drained by a stranger faster
         than the address limit lets them).
 
+        A plain call, not a coroutine: in one process (SQLite) the
+        limiters answer at once and there is nothing to await (a
+        coroutine made and awaited for nothing, on every token request).
+
         @return: the client id and secret presented, if they could be read
-            (so authentication need not read them again).
-        @raise errors.RateLimited: either is used up.
+            (so authentication need not read them again), and the spend's
+            L{Deferred} to await when it is not decided yet (a shared
+            store), else C{None}.
+        @raise errors.RateLimited: either is used up (decided at once).
         """
         try:
             presented: Optional[tuple[str, Optional[str]]] = presented_client(params, basic)
@@ -115,9 +121,16 @@ class Tokens:
             later = spend_now(self.limits.token_per_address, address, "token", "token request")
         elif client_id is not None:
             later = spend_now(self.limits.token_per_client, client_id, "token", "token request")
-        if later is not None:
-            await later
-        return presented
+        return presented, later
+
+    def _known_client(self, presented: Optional[tuple[str, Optional[str]]]) -> Any:
+        """
+        The client L{ClientResolver.authenticate} would answer at once, from
+        its cache (L{ClientResolver.authenticated_now}, which refuses as
+        C{authenticate} would), or C{None}: then await C{authenticate}.
+        Spares the usual token request a coroutine made and awaited.
+        """
+        return None if presented is None else self.clients.authenticated_now(presented)
 
     async def token(
         self, params: Params, basic: Optional[tuple[str, str]] = None, address: Optional[str] = None
@@ -135,7 +148,9 @@ class Tokens:
         """
         checked = self._refresh_checked(params, basic) if self._carry and address is not None else None
         if checked is None:
-            presented = await self._check_rate(params, basic, address)
+            presented, later = self._spend(params, basic, address)
+            if later is not None:
+                await later
         else:
             presented, client, token, requested = checked
             assert address is not None
@@ -146,7 +161,7 @@ class Tokens:
                 return await self._refresh_carried(
                     asked, token, requested, client, address, client_id  # type: ignore[arg-type]
                 )
-            # Decided here, or asked bucket by bucket: as _check_rate.
+            # Decided here, or asked bucket by bucket: as _spend.
             refuse_both(await asked, address, client_id, "token", "token request")  # type: ignore[misc]
         grant_type: Optional[str] = None
         try:
@@ -208,7 +223,7 @@ class Tokens:
         request's rate-limit spend (L{SharedRateLimiter.ask_with}): the
         store runs the spend and then, if both buckets were spent, the
         redemption, in one hand-off to a database thread.  The spend's
-        answer is taken first, as L{_check_rate} takes it.
+        answer is taken first, as L{token} takes L{_spend}'s.
         """
         now = self._clock.seconds()
         access, refresh, access_record, refresh_record = self._new_tokens(
@@ -283,7 +298,7 @@ class Tokens:
         resource_values = [v for v in params.get("resource", []) if v]
         if resource_values:
             check_resource(self.config, resource_values)
-        client = await self.clients.authenticate(params, basic, presented)
+        client = self._known_client(presented) or await self.clients.authenticate(params, basic, presented)
         if not pkce.valid_verifier(verifier or ""):
             raise errors.invalid_grant("code_verifier is malformed")
         now = self._clock.seconds()
@@ -349,7 +364,7 @@ class Tokens:
         self, params: Params, basic: Optional[tuple[str, str]], presented: Optional[tuple[str, Optional[str]]] = None
     ) -> dict[str, Any]:
         token, requested = self._refresh_params(params)
-        client = await self.clients.authenticate(params, basic, presented)
+        client = self._known_client(presented) or await self.clients.authenticate(params, basic, presented)
         now = self._clock.seconds()
         # The store fills in the grant, scopes and generation.
         access, refresh, access_record, refresh_record = self._new_tokens(
@@ -461,6 +476,4 @@ class Tokens:
         """
         The token response's body (RFC 6749 section 5.1).
         """
-        return IssuedTokens(
-            access_token=access, expires_in=self.config.access_token_ttl, scopes=scopes, refresh_token=refresh
-        ).as_json()
+        return token_response(access, self.config.access_token_ttl, scopes, refresh)

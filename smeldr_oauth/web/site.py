@@ -33,8 +33,11 @@ import weakref
 from typing import Any, Iterable, Mapping, Optional
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.python.failure import Failure
+from twisted.web import resource as _resource
+from twisted.web.http import datetimeToString
 from twisted.web.resource import IResource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request, Site, unquote, version
 
 from smeldr_oauth.web.flow_events import request_finished
 from smeldr_oauth.web import errors
@@ -47,6 +50,38 @@ DEFAULT_MAX_BODY = 1 << 20
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: A Host header routing can use: visible ASCII, no spaces.
 _HOST = re.compile(rb"[\x21-\x7e]*")
+#: Methods known to be tokens, so that the usual request skips L{_METHOD}.
+_TOKEN_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"))
+
+
+class HTTPDate:
+    """
+    The C{Date} header's text (RFC 9110 section 6.6.1: to the second),
+    formatted once a second rather than once a request: twisted.web's
+    C{Request.process} calls C{datetimeToString} (a C{gmtime} and a
+    nine-field format) for every answer, about 1% of a refresh
+    (docs/performance.md, round twelve).  Requests are processed on the
+    reactor's thread only.
+
+    @param now: the wall clock, in seconds (C{time.time}; a test's own).
+    """
+
+    __slots__ = ("_now", "_kept")
+
+    def __init__(self, now: Any = time.time) -> None:
+        self._now = now
+        self._kept: tuple[int, bytes] = (-1, b"")
+
+    def __call__(self) -> bytes:
+        second = int(self._now())
+        kept = self._kept
+        if kept[0] != second:
+            kept = self._kept = (second, datetimeToString(second))
+        return kept[1]
+
+
+#: The process's C{Date} header text (L{SmeldrRequest.process}).
+http_date = HTTPDate()
 
 
 @functools.lru_cache(maxsize=256)
@@ -98,6 +133,7 @@ class SmeldrRequest(Request):
     body_too_large = False
     _received = 0
     _started = 0.0
+    _client_found: Any = None
 
     def gotLength(self, length: Optional[int]) -> None:
         site = getattr(self.channel, "site", None)
@@ -120,7 +156,20 @@ class SmeldrRequest(Request):
         nearest address in C{X-Forwarded-For} that is not itself a trusted
         proxy.  Without that option forwarded headers are ignored, so a
         client cannot pick its own rate-limit key.
+
+        Worked out once a request once it is processed (its headers are
+        all in, and its peer, the site's proxies and its headers no longer
+        change): the token endpoint's rate limits and the access log both
+        ask.
         """
+        found = self._client_found
+        if found is None:
+            found = self._client_address()
+            if self._started:
+                self._client_found = found
+        return found
+
+    def _client_address(self):  # type: ignore[no-untyped-def]
         peer = super().getClientAddress()
         site = getattr(getattr(self, "channel", None), "site", None)
         proxies: Optional[TrustedProxies] = getattr(site, "trusted_proxies", None)
@@ -147,14 +196,38 @@ class SmeldrRequest(Request):
         if problem is not None:
             self._refuse(errors.bad_request(problem))
             return
-        super().process()
+        self._route()
+
+    def _route(self) -> None:
+        """
+        twisted.web's C{Request.process} (26.10), with the C{Date} header
+        from L{http_date}: the same headers in the same order, the same
+        resource look-up, rendering and failure path.
+        """
+        self.site = self.channel.site  # type: ignore[attr-defined]
+        self.setHeader(b"Server", version)
+        self.setHeader(b"Date", http_date())
+        self.prepath = []
+        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            found = self.site.getResourceFor(self)
+            if _resource._IEncodingResource.providedBy(found):
+                encoder = found.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(found)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def _unroutable(self) -> Optional[str]:
         """
         Why routing could not read this request, or C{None}.  Cheap for the
         usual request: plain ASCII paths skip the decoding.
         """
-        if _METHOD.fullmatch(self.method) is None:
+        if self.method not in _TOKEN_METHODS and _METHOD.fullmatch(self.method) is None:
             return "the method is not an HTTP token"
         host = self.requestHeaders.getRawHeaders(b"host")
         if host is not None and (len(host) > 1 or not self._routable(host[0])):
@@ -256,32 +329,37 @@ class TrustedProxies:
         return None
 
 
-class _LocalAddress:
+class _ConnectionAddress:
     """
-    A connection's C{getHost}, asked once: twisted.web's C{Request} asks
-    its channel for the local address in its constructor, on every request,
-    and the transport answers with a C{getsockname} system call and a new
-    address object each time (1.5% of a refresh, as much of the floor:
-    C{docs/performance.md}, round six).  A connected socket's local address
-    never changes, so the first answer stands for the connection's life.
-    (The channel is held weakly: the channel holds this, and a cycle would
-    leave each closed connection to the garbage collector.)
+    A connection's C{getHost} or C{getPeer}, asked once: twisted.web's
+    C{Request} asks its channel for both addresses in its constructor, on
+    every request, and the TCP transport answers the local one with a
+    C{getsockname} system call and each with a new address object (the
+    local one 1.5% of a refresh, as much of the floor: round six; the
+    peer's object about 0.5%: round twelve, C{docs/performance.md}).  A
+    connected socket's addresses never change, so the first answer stands
+    for the connection's life.  (The channel is held weakly: the channel
+    holds this, and a cycle would leave each closed connection to the
+    garbage collector.)
+
+    @param which: C{"getHost"} or C{"getPeer"}, the transport's method.
     """
 
-    __slots__ = ("_channel", "_host")
+    __slots__ = ("_channel", "_which", "_address")
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: Any, which: str) -> None:
         self._channel = weakref.ref(channel)
-        self._host: Any = None
+        self._which = which
+        self._address: Any = None
 
     def __call__(self) -> Any:
-        host = self._host
-        if host is None:
+        found = self._address
+        if found is None:
             channel = self._channel()
             # Only the channel itself asks, so it is alive.
             assert channel is not None
-            host = self._host = channel.transport.getHost()
-        return host
+            found = self._address = getattr(channel.transport, self._which)()
+        return found
 
 
 class SmeldrSite(Site):
@@ -355,7 +433,8 @@ class SmeldrSite(Site):
         # twisted.web wraps its HTTP/1.1 channel in a protocol that may
         # switch to HTTP/2; requests are made by the channel inside.
         channel = getattr(protocol, "_channel", protocol)
-        channel.getHost = _LocalAddress(channel)
+        channel.getHost = _ConnectionAddress(channel, "getHost")
+        channel.getPeer = _ConnectionAddress(channel, "getPeer")
         return protocol
 
     def stopFactory(self) -> None:
