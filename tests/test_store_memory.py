@@ -704,6 +704,27 @@ class StoreBehaviourMixin(_MixinBase):
         self.assertEqual(self.ok(self.store.list_grants()), [])
         self.assertIsNone(self.ok(self.store.revoke_token(h("g1-r0"), T0 + 3)))
 
+    def test_hash_spelled_otherwise(self) -> None:
+        """
+        A stored hash is found only as L{hash_secret} spells it (64
+        lowercase hex digits): its capitals, its bytes as text, or text
+        that is no hash at all find nothing and change nothing, on every
+        store (SQLite keys hashes by their bytes: L{hashkeys}).
+        """
+        self.grant_with_tokens()
+        for other in (h("g1-a0").upper(), h("g1-a0")[:-2], " " + h("g1-a0"), "not a hash", ""):
+            self.assertIsNone(self.ok(self.store.lookup_access_token(other, T0 + 2)))
+            self.assertIsNone(self.ok(self.store.revoke_token(other, T0 + 2)))
+        for other in (h("g1-r0").upper(), "not a hash"):
+            self.assertIsNone(self.ok(self.store.revoke_token(other, T0 + 2)))
+            redemption = self.ok(
+                self.store.redeem_refresh_token(other, T0 + 3, GRACE, None, access("n-a", T0 + 3), refresh("n", T0 + 3))
+            )
+            self.assertEqual(redemption.status, "unknown")
+        self.assertEqual(self.ok(self.store.consume_code(h("g1-code").upper(), T0 + 3)).status, "unknown")
+        self.assertIsNotNone(self.live("g1-a0"))
+        self.assertEqual(self.redeem("g1-r0", "g1-r1", T0 + 4).status, "rotated")
+
     def test_revoke_unknown_token(self) -> None:
         self.assertIsNone(self.ok(self.store.revoke_token(h("nothing"), T0)))
         self.assertIsNone(self.ok(self.store.revoke_token(h("nothing"), T0, client_id="client-1")))

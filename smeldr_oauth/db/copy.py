@@ -30,6 +30,7 @@ from twisted.internet.defer import Deferred
 from smeldr_oauth.db.database import Database, Transaction
 from smeldr_oauth.db.migrations import Schema
 from smeldr_oauth.db.sqlite import SQLiteEngine
+from smeldr_oauth.store.hashkeys import shown
 
 #: Rows per batch while copying a table.
 BATCH = 500
@@ -117,11 +118,17 @@ def _copy_table(source: sqlite3.Connection, txn: Transaction, table: str) -> int
     names = ", ".join(columns)
     insert = f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' for _ in columns)})"
     cursor = source.execute(f"SELECT {names} FROM {table} ORDER BY rowid")
+    # SQLite keeps the hashes of codes and tokens as their bytes (OAuth
+    # migration 9), every other engine as their hex (TEXT), and no column
+    # of any copied table holds other bytes.
+    convert = txn.engine.name != "sqlite"
     copied = 0
     while True:
         rows = cursor.fetchmany(BATCH)
         if not rows:
             return copied
+        if convert:
+            rows = [tuple(shown(value) for value in row) for row in rows]
         txn.executemany(insert, rows)
         copied += len(rows)
 
