@@ -26,6 +26,20 @@ class KeyTests(SynchronousTestCase):
         self.assertEqual(len(key), 32)
         self.assertEqual(hashkeys.shown(key), hashed)
 
+    def test_sqlite_stamped(self) -> None:
+        """
+        A stamped secret's hash (76 hex digits: its time stamp, then its
+        SHA-256) is bound as its 38 bytes.
+        """
+        from smeldr_oauth.oauth.secrets import new_secret
+
+        hashed = hash_secret(new_secret())
+        key = hashkeys.key_for("sqlite")(hashed)
+        self.assertEqual((key, len(key)), (bytes.fromhex(hashed), 38))
+        self.assertEqual(hashkeys.shown(key), hashed)
+        for other in (hashed.upper(), hashed[:-2], hashed + "00"):
+            self.assertIs(hashkeys.key_for("sqlite")(other), other)
+
     def test_sqlite_other_spellings_unchanged(self) -> None:
         """
         Anything else is bound unchanged (as text, which no stored hash

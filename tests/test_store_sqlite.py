@@ -214,16 +214,21 @@ class HashKeysTests(SynchronousTestCase):
         A new file stores a code's and its tokens' hashes as 32 bytes in
         C{BLOB} columns, and reads them back as the hex everything else has.
         """
+        from smeldr_oauth.oauth.secrets import hash_secret, new_secrets
+
         store = inline_store(self, self.path)
         ok = self.successResultOf
         ok(store.create_grant(make_grant("g1"), make_code("c1", "g1")))
         ok(store.add_tokens("g1", access("a1"), refresh("r1")))
+        # A stamped secret's hash (its time stamp, then its SHA-256): 38 bytes.
+        stamped_access, stamped_refresh = (hash_secret(secret) for secret in new_secrets(2))
+        ok(store.add_tokens("g1", attr.evolve(access("x"), token_hash=stamped_access), attr.evolve(refresh("x"), token_hash=stamped_refresh)))
         self.assertEqual(
             self.stored(),
             {
                 "codes": [("blob", 32, h("c1"))],
-                "access_tokens": [("blob", 32, h("a1"))],
-                "refresh_tokens": [("blob", 32, h("r1"))],
+                "access_tokens": sorted([("blob", 32, h("a1")), ("blob", 38, stamped_access)]),
+                "refresh_tokens": sorted([("blob", 32, h("r1")), ("blob", 38, stamped_refresh)]),
             },
         )
         for table, key in HASH_KEYED:

@@ -30,7 +30,6 @@ from twisted.internet.defer import Deferred
 from smeldr_oauth.db.database import Database, Transaction
 from smeldr_oauth.db.migrations import Schema
 from smeldr_oauth.db.sqlite import SQLiteEngine
-from smeldr_oauth.store.hashkeys import shown
 
 #: Rows per batch while copying a table.
 BATCH = 500
@@ -119,8 +118,8 @@ def _copy_table(source: sqlite3.Connection, txn: Transaction, table: str) -> int
     insert = f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' for _ in columns)})"
     cursor = source.execute(f"SELECT {names} FROM {table} ORDER BY rowid")
     # SQLite keeps the hashes of codes and tokens as their bytes (OAuth
-    # migration 9), every other engine as their hex (TEXT), and no column
-    # of any copied table holds other bytes.
+    # migration 9, smeldr_oauth.store.hashkeys), every other engine as
+    # their hex (TEXT), and no column of any copied table holds other bytes.
     convert = txn.engine.name != "sqlite"
     copied = 0
     while True:
@@ -128,7 +127,7 @@ def _copy_table(source: sqlite3.Connection, txn: Transaction, table: str) -> int
         if not rows:
             return copied
         if convert:
-            rows = [tuple(shown(value) for value in row) for row in rows]
+            rows = [tuple(v.hex() if isinstance(v, bytes) else v for v in row) for row in rows]
         txn.executemany(insert, rows)
         copied += len(rows)
 

@@ -24,8 +24,6 @@ makes them, so that other processes hear of them only once committed.
 
 from __future__ import annotations
 
-import functools
-import json
 import sqlite3
 from typing import Any, Callable, Optional, Sequence
 
@@ -37,33 +35,14 @@ from smeldr_oauth.db.errors import StoreConflict
 from smeldr_oauth.db.rows import from_row, to_row, where
 from smeldr_oauth.oauth import model, rotation
 from smeldr_oauth.oauth.interfaces import CodeRedemption, RefreshRedemption
-from smeldr_oauth.store import hashkeys, refresh_facts
-from smeldr_oauth.store.hashkeys import key_for
+from smeldr_oauth.store import refresh_facts
+from smeldr_oauth.store.hashkeys import key_for, shown
+from smeldr_oauth.store.scopelists import dump as _dump, load as _load
+from smeldr_oauth.store.token_rows import _access_row, _refresh_row
 
 #: Where revocations are announced (PostgreSQL C{NOTIFY}); the payload
 #: says what ended (C{"grant <id>"}, C{"access_token <hash>"}).
 CHANGES_CHANNEL = "smeldr_oauth_changes"
-
-# Scope lists repeat: a server sees a handful of distinct ones, and each
-# refresh encodes two and decodes two (a JSON round trip costs about 2 us).
-# Tuples and the text are immutable, so remembering them is safe.
-
-
-@functools.lru_cache(maxsize=256)
-def _dump_tuple(values: tuple[str, ...]) -> str:
-    return json.dumps(list(values))
-
-
-def _dump(values: Sequence[str]) -> str:
-    if isinstance(values, tuple):
-        return _dump_tuple(values)
-    return json.dumps(list(values))
-
-
-@functools.lru_cache(maxsize=256)
-def _load(text: str) -> tuple[str, ...]:
-    return tuple(json.loads(text))
-
 
 def _client(row: Any) -> model.Client:
     return from_row(model.Client, row, redirect_uris=_load(row["redirect_uris"]), grant_types=_load(row["grant_types"]))
@@ -74,13 +53,8 @@ def _grant(row: Any) -> model.Grant:
 
 
 def _code(row: Any) -> model.AuthorizationCode:
-    return from_row(
-        model.AuthorizationCode,
-        row,
-        code_hash=hashkeys.shown(row["code_hash"]),
-        scopes=_load(row["scopes"]),
-        issue_refresh=bool(row["issue_refresh"]),
-    )
+    hashed, scopes, issue = shown(row["code_hash"]), _load(row["scopes"]), bool(row["issue_refresh"])
+    return from_row(model.AuthorizationCode, row, code_hash=hashed, scopes=scopes, issue_refresh=issue)
 
 
 def _get_grant(txn: Transaction, grant_id: str, lock: bool = False) -> Optional[model.Grant]:
@@ -98,39 +72,6 @@ def _get_grant(txn: Transaction, grant_id: str, lock: bool = False) -> Optional[
 
 def _insert_grant(txn: Transaction, grant: model.Grant) -> None:
     txn.execute(*to_row("grants", grant, scopes=_dump(grant.scopes)))
-
-
-#: The C{INSERT}s of a new access and refresh token: L{to_row}'s text for
-#: their records, made once here.
-_ACCESS_INSERT = to_row(
-    "access_tokens", model.AccessToken(token_hash="", grant_id="", scopes=(), resource="", expires_at=0.0)
-)[0]
-_REFRESH_INSERT = to_row(
-    "refresh_tokens",
-    model.RefreshToken(token_hash="", grant_id="", scopes=(), generation=0, created_at=0.0, expires_at=0.0),
-)[0]
-
-
-# The rows of a new access and refresh token, as L{to_row} makes them
-# (tests.test_store_sqlite holds the two to the same statement and values),
-# written out: every rotation and code exchange makes both, and the generic
-# way (the record's fields fetched, then each converted one put in its
-# place) took three times as long (docs/performance.md, round ten).
-
-
-def _access_row(
-    access: model.AccessToken, grant_id: str, scopes: Sequence[str], resource: str, key: Callable[[str], Any]
-) -> tuple[str, Sequence[Any]]:
-    return _ACCESS_INSERT, (key(access.token_hash), grant_id, _dump(scopes), resource, access.expires_at)
-
-
-def _refresh_row(
-    refresh: model.RefreshToken, grant_id: str, scopes: Sequence[str], generation: int, key: Callable[[str], Any]
-) -> tuple[str, Sequence[Any]]:
-    values = (
-        key(refresh.token_hash), grant_id, _dump(scopes), generation, refresh.created_at, refresh.expires_at, None
-    )
-    return _REFRESH_INSERT, values
 
 
 #: A grant's use recorded (its C{last_used_at}), by a code exchange, a
@@ -204,15 +145,8 @@ def create_grant(txn: Transaction, grant: model.Grant, code: model.Authorization
     if code.grant_id != grant.grant_id:
         raise ValueError("the code does not belong to the grant")
     _insert_grant(txn, grant)
-    txn.execute(
-        *to_row(
-            "codes",
-            code,
-            code_hash=key_for(txn.engine.name)(code.code_hash),
-            scopes=_dump(code.scopes),
-            issue_refresh=int(code.issue_refresh),
-        )
-    )
+    key, refresh = key_for(txn.engine.name)(code.code_hash), int(code.issue_refresh)
+    txn.execute(*to_row("codes", code, code_hash=key, scopes=_dump(code.scopes), issue_refresh=refresh))
 
 
 def consume_code(txn: Transaction, code_hash: str, now: float) -> CodeRedemption:
@@ -408,8 +342,7 @@ def _writes(
     The statements of a L{rotation.RotationDecision} other than ending the
     grant, and the grant as they leave it; the spend of the presented
     token, when there is one, comes last and returns the hashes it spent
-    (as C{key} makes them: L{hashkeys}; PostgreSQL's batch, whose keys
-    are the hex, leaves the default).
+    (as C{key} stores them: L{key_for}; PostgreSQL's batch leaves it).
     """
     writes: list[tuple[str, Sequence[Any]]] = []
     if decision.new_generation is not None:
