@@ -20,8 +20,9 @@ from smeldr_oauth.site.stores import open_site
 from smeldr_oauth.site.tokens import SCHEMA as SITE_TOKENS_SCHEMA
 from smeldr_oauth.store import open_store
 from smeldr_oauth.store.schema import OAUTH_SCHEMA
+from smeldr_oauth.store.sql import SQLStore
 from tests import postgres
-from tests.test_store_memory import make_code, make_grant
+from tests.test_store_memory import T0, access, h, make_code, make_grant, refresh
 
 TABLES = ("clients", "grants", "codes", "access_tokens", "refresh_tokens", "posts", "post_tags", "site_tokens")
 
@@ -64,6 +65,36 @@ class CopyTests(TestCase):
         )
         found = yield counts(self.target)
         self.assertEqual(found, copied)
+
+    @inlineCallbacks
+    def test_hashes_copied_as_hex(self) -> Any:
+        """
+        The hashes SQLite keeps as bytes (OAuth migration 9) arrive in
+        PostgreSQL as the hex it keeps, and the copied code and tokens
+        answer there: the access token is looked up, the refresh token
+        rotates, the code is spent once.
+        """
+        store = open_store(self.oauth_db, global_reactor)
+        yield store.add_tokens("g1", access("a1"), refresh("r1"))
+        store.close()
+        yield Deferred.fromCoroutine(
+            copy_from_sqlite(self.target, sources(self.oauth_db, self.site_db), global_reactor)
+        )
+
+        def keys(txn: Any) -> list[Any]:
+            return [
+                txn.execute(f"SELECT {key} FROM {table}").fetchone()[0]
+                for table, key in (("codes", "code_hash"), ("access_tokens", "token_hash"), ("refresh_tokens", "token_hash"))
+            ]
+
+        self.assertEqual((yield self.target.read(OAUTH_SCHEMA, keys)), [h("c1"), h("a1"), h("r1")])
+        copied = SQLStore(self.target)
+        yield copied.ready
+        info = yield copied.lookup_access_token(h("a1"), T0 + 1)
+        self.assertEqual(info.grant_id, "g1")
+        redemption = yield copied.redeem_refresh_token(h("r1"), T0 + 2, 10.0, None, access("a2", T0 + 2), refresh("r2", T0 + 2))
+        self.assertEqual(redemption.status, "rotated")
+        self.assertEqual((yield copied.consume_code(h("c1"), T0 + 3)).status, "ok")
 
     @inlineCallbacks
     def test_refuses_data(self) -> Any:

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from smeldr_oauth.oauth import secrets
 
-_URLSAFE = re.compile(r"[A-Za-z0-9_-]{43}")
+_URLSAFE = re.compile(r"[0-9a-f]{12}[A-Za-z0-9_-]{43}")
 
 
 def _in_forked_child(make: Callable[[], str]) -> str:
@@ -42,12 +42,14 @@ class NewSecretsTests(SynchronousTestCase):
     def test_shape(self) -> None:
         """
         Each of L{secrets.new_secrets}' secrets is what L{secrets.new_secret}
-        makes: 256 bits as URL-safe base64 without padding.
+        makes: a time stamp, then 256 bits as URL-safe base64 without
+        padding.
         """
         made = secrets.new_secrets(3) + [secrets.new_secret()]
         for secret in made:
             self.assertIsNotNone(_URLSAFE.fullmatch(secret), secret)
-            self.assertEqual(len(base64.urlsafe_b64decode(secret + "=")), secrets.TOKEN_BYTES)
+            self.assertEqual(len(secret), secrets.STAMPED_CHARS)
+            self.assertEqual(len(base64.urlsafe_b64decode(secret[12:] + "=")), secrets.TOKEN_BYTES)
 
     def test_distinct(self) -> None:
         """
@@ -79,7 +81,7 @@ class NewSecretsTests(SynchronousTestCase):
         self.assertEqual(reads, [secrets.TOKEN_BYTES * secrets.POOL_SIZE])
         raw = bytes(i % 256 for i in range(secrets.TOKEN_BYTES * secrets.POOL_SIZE))
         self.assertEqual(
-            made,
+            [secret[12:] for secret in made],
             [
                 base64.urlsafe_b64encode(raw[start : start + secrets.TOKEN_BYTES]).rstrip(b"=").decode("ascii")
                 for start in range(0, len(raw), secrets.TOKEN_BYTES)
@@ -91,7 +93,7 @@ class NewSecretsTests(SynchronousTestCase):
         self.assertEqual(reads, [secrets.TOKEN_BYTES * secrets.POOL_SIZE] * 2)
         left = list(secrets._pool)
         self.assertEqual(len(left), 2)
-        self.assertEqual(secrets.new_secrets(3)[:2], left)
+        self.assertEqual([secret[12:] for secret in secrets.new_secrets(3)[:2]], left)
         self.assertEqual(reads, [secrets.TOKEN_BYTES * secrets.POOL_SIZE] * 3)
 
     def test_forked_child_starts_empty(self) -> None:
@@ -103,9 +105,9 @@ class NewSecretsTests(SynchronousTestCase):
         self.assertTrue(secrets._pool)
         expected = secrets._pool[0]
         child = _in_forked_child(lambda: secrets.new_secrets(1)[0])
-        self.assertEqual(len(child), 43)
-        self.assertNotEqual(child, expected)
-        self.assertEqual(secrets.new_secrets(1), [expected])
+        self.assertEqual(len(child), secrets.STAMPED_CHARS)
+        self.assertNotEqual(child[12:], expected)
+        self.assertEqual(secrets.new_secrets(1)[0][12:], expected)
 
     def test_new_secret_from_the_pool(self) -> None:
         """
@@ -116,8 +118,60 @@ class NewSecretsTests(SynchronousTestCase):
         expected = secrets._pool[0]
         reads: list[int] = []
         self.patch(os, "urandom", lambda size: reads.append(size) or b"\0" * size)
-        self.assertEqual(secrets.new_secret(), expected)
+        self.assertEqual(secrets.new_secret()[12:], expected)
         self.assertEqual(reads, [])
+
+    def test_stamped(self) -> None:
+        """
+        The secrets are handed out after the milliseconds of the wall
+        clock as 12 hex digits, the same for the secrets of one call.
+        """
+        self.patch(secrets.time, "time", lambda: 1_700_000_000.1234)
+        made = secrets.new_secrets(2) + [secrets.new_secret()]
+        self.assertEqual({secret[:12] for secret in made}, {"%012x" % 1_700_000_000_123})
+        self.assertEqual(len({secret[12:] for secret in made}), 3)
+
+
+class HashSecretTests(SynchronousTestCase):
+    def test_stamped_first(self) -> None:
+        """
+        A stamped secret is stored as its stamp and then its SHA-256, so
+        that secrets made in turn are stored in turn, whatever their
+        random part.
+        """
+        import hashlib
+
+        now = [0]
+        # The middle of each millisecond: a float's rounding never moves it.
+        self.patch(secrets.time, "time", lambda: (1_700_000_000_000 + now[0] + 0.5) / 1000)
+        made = []
+        for _ in range(20):
+            made.append(secrets.new_secret())
+            now[0] += 1
+        hashed = [secrets.hash_secret(secret) for secret in made]
+        for secret, stored in zip(made, hashed):
+            self.assertEqual(stored, secret[:12] + hashlib.sha256(secret.encode("ascii")).hexdigest())
+        self.assertEqual(sorted(hashed), hashed)
+
+    def test_others_hash_alone(self) -> None:
+        """
+        A secret of the releases before (43 characters), and anything not
+        stamped as L{secrets.new_secrets} stamps, is stored as its SHA-256
+        alone, as before.
+        """
+        import hashlib
+
+        stamped = secrets.new_secret()
+        for value in (
+            stamped[12:],
+            "G" + stamped[1:],
+            stamped[:11].upper() + "A" + stamped[12:],
+            "+" + stamped[1:],
+            stamped + "x",
+            "",
+            "smeldr_" + stamped,
+        ):
+            self.assertEqual(secrets.hash_secret(value), hashlib.sha256(value.encode("utf-8")).hexdigest(), value)
 
 
 class NewIdTests(SynchronousTestCase):

@@ -704,6 +704,52 @@ class StoreBehaviourMixin(_MixinBase):
         self.assertEqual(self.ok(self.store.list_grants()), [])
         self.assertIsNone(self.ok(self.store.revoke_token(h("g1-r0"), T0 + 3)))
 
+    def test_stamped_hashes(self) -> None:
+        """
+        Codes and tokens whose hashes carry their secrets' time stamps
+        (L{hash_secret} of what L{new_secrets} makes: 76 hex digits) are
+        stored, found, rotated and revoked like the plain ones.
+        """
+        from smeldr_oauth.oauth.secrets import new_secrets
+
+        code, a0, r0, a1, r1 = (hash_secret(secret) for secret in new_secrets(5))
+        self.assertEqual({len(hashed) for hashed in (code, a0, r0, a1, r1)}, {76})
+        self.ok(self.store.create_grant(make_grant("g1"), attr.evolve(make_code("unused", "g1"), code_hash=code)))
+        self.assertEqual(self.ok(self.store.consume_code(code, T0 + 1)).code.code_hash, code)
+        self.ok(self.store.add_tokens("g1", attr.evolve(access("x"), token_hash=a0), attr.evolve(refresh("x"), token_hash=r0)))
+        self.assertEqual(self.ok(self.store.lookup_access_token(a0, T0 + 2)).grant_id, "g1")
+        redemption = self.ok(
+            self.store.redeem_refresh_token(
+                r0, T0 + 3, GRACE, None, attr.evolve(access("y"), token_hash=a1), attr.evolve(refresh("y"), token_hash=r1)
+            )
+        )
+        self.assertEqual(redemption.status, "rotated")
+        self.assertIsNotNone(self.ok(self.store.lookup_access_token(a1, T0 + 4)))
+        self.assertIsNone(self.ok(self.store.lookup_access_token(a1.upper(), T0 + 4)))
+        self.assertEqual(self.ok(self.store.revoke_token(r1, T0 + 5)), "g1")
+        self.assertIsNone(self.ok(self.store.lookup_access_token(a1, T0 + 6)))
+
+    def test_hash_spelled_otherwise(self) -> None:
+        """
+        A stored hash is found only as L{hash_secret} spells it (64
+        lowercase hex digits): its capitals, its bytes as text, or text
+        that is no hash at all find nothing and change nothing, on every
+        store (SQLite keys hashes by their bytes: L{hashkeys}).
+        """
+        self.grant_with_tokens()
+        for other in (h("g1-a0").upper(), h("g1-a0")[:-2], " " + h("g1-a0"), "not a hash", ""):
+            self.assertIsNone(self.ok(self.store.lookup_access_token(other, T0 + 2)))
+            self.assertIsNone(self.ok(self.store.revoke_token(other, T0 + 2)))
+        for other in (h("g1-r0").upper(), "not a hash"):
+            self.assertIsNone(self.ok(self.store.revoke_token(other, T0 + 2)))
+            redemption = self.ok(
+                self.store.redeem_refresh_token(other, T0 + 3, GRACE, None, access("n-a", T0 + 3), refresh("n", T0 + 3))
+            )
+            self.assertEqual(redemption.status, "unknown")
+        self.assertEqual(self.ok(self.store.consume_code(h("g1-code").upper(), T0 + 3)).status, "unknown")
+        self.assertIsNotNone(self.live("g1-a0"))
+        self.assertEqual(self.redeem("g1-r0", "g1-r1", T0 + 4).status, "rotated")
+
     def test_revoke_unknown_token(self) -> None:
         self.assertIsNone(self.ok(self.store.revoke_token(h("nothing"), T0)))
         self.assertIsNone(self.ok(self.store.revoke_token(h("nothing"), T0, client_id="client-1")))

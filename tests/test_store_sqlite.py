@@ -28,6 +28,7 @@ from smeldr_oauth.db.errors import SchemaTooNew, StoreConflict
 from smeldr_oauth.db.migrations import Migration, Schema
 from smeldr_oauth.store import refresh_facts
 from smeldr_oauth.store import sql as sql_module
+from smeldr_oauth.store.hashkeys import key_for
 from smeldr_oauth.store.schema import OAUTH_SCHEMA
 from smeldr_oauth.store.transactions import _insert_grant
 from smeldr_oauth.store.sqlite import SQLiteStore
@@ -173,6 +174,154 @@ class SQLiteAccessTokensMigrationTests(AccessTokensMigrationMixin, SynchronousTe
             " AND name NOT LIKE 'sqlite_autoindex_%'"
         )
         return {name for (name,) in indexes}, len(self.query("PRAGMA foreign_key_list(access_tokens)"))
+
+
+#: The OAuth schema before migration 9 (hashes as hex text on SQLite).
+OAUTH_SCHEMA_8 = attr.evolve(OAUTH_SCHEMA, migrations=OAUTH_SCHEMA.migrations[:8])
+
+#: The hash-keyed tables and their key columns.
+HASH_KEYED = (("codes", "code_hash"), ("access_tokens", "token_hash"), ("refresh_tokens", "token_hash"))
+
+
+class HashKeysTests(SynchronousTestCase):
+    """
+    On SQLite the hashes of codes and tokens are stored as their 32 bytes
+    (L{smeldr_oauth.store.hashkeys}, OAuth migration 9), and a file whose
+    rows were written as hex by the releases before is converted: every
+    code and token answers as it did.
+    """
+
+    def setUp(self) -> None:
+        self.path = self.mktemp() + ".db"
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        connection = raw(self.path)
+        try:
+            return connection.execute(sql).fetchall()
+        finally:
+            connection.close()
+
+    def stored(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Each hash-keyed table's keys: their type, length and hex (a text's own)."""
+        value = "CASE typeof({0}) WHEN 'blob' THEN lower(hex({0})) ELSE {0} END"
+        return {
+            table: sorted(self.query(f"SELECT typeof({key}), length({key}), {value.format(key)} FROM {table}"))
+            for table, key in HASH_KEYED
+        }
+
+    def test_blob_keys(self) -> None:
+        """
+        A new file stores a code's and its tokens' hashes as 32 bytes in
+        C{BLOB} columns, and reads them back as the hex everything else has.
+        """
+        from smeldr_oauth.oauth.secrets import hash_secret, new_secrets
+
+        store = inline_store(self, self.path)
+        ok = self.successResultOf
+        ok(store.create_grant(make_grant("g1"), make_code("c1", "g1")))
+        ok(store.add_tokens("g1", access("a1"), refresh("r1")))
+        # A stamped secret's hash (its time stamp, then its SHA-256): 38 bytes.
+        stamped_access, stamped_refresh = (hash_secret(secret) for secret in new_secrets(2))
+        ok(store.add_tokens("g1", attr.evolve(access("x"), token_hash=stamped_access), attr.evolve(refresh("x"), token_hash=stamped_refresh)))
+        self.assertEqual(
+            self.stored(),
+            {
+                "codes": [("blob", 32, h("c1"))],
+                "access_tokens": sorted([("blob", 32, h("a1")), ("blob", 38, stamped_access)]),
+                "refresh_tokens": sorted([("blob", 32, h("r1")), ("blob", 38, stamped_refresh)]),
+            },
+        )
+        for table, key in HASH_KEYED:
+            columns = {row[1]: row[2] for row in self.query(f"PRAGMA table_info({table})")}
+            self.assertEqual(columns[key], "BLOB")
+        self.assertEqual(ok(store.consume_code(h("c1"), T0 + 1)).code.code_hash, h("c1"))
+        redemption = ok(store.redeem_refresh_token(h("r1"), T0 + 2, 10.0, None, access("a2"), refresh("r2")))
+        self.assertEqual(redemption.status, "rotated")
+
+    def scenario(self, store: Any) -> list[Any]:
+        """
+        Codes and tokens in every state, written at T0: g1 a live chain
+        rotated once (g1-r0 spent) with an unused code, g2 its access
+        token revoked, g3 revoked, g4 a spent code.
+        """
+        ok = self.successResultOf
+        for grant_id in ("g1", "g2", "g3", "g4"):
+            ok(store.create_grant(make_grant(grant_id), make_code(grant_id + "-code", grant_id)))
+            ok(store.add_tokens(grant_id, access(grant_id + "-a0"), refresh(grant_id + "-r0")))
+        outcomes = [
+            ok(store.redeem_refresh_token(h("g1-r0"), T0 + 1, 10.0, None, access("g1-a1", T0 + 1), refresh("g1-r1", T0 + 1))).status,
+            ok(store.revoke_token(h("g2-a0"), T0 + 1)),
+            ok(store.revoke_grant("g3", T0 + 1)),
+            ok(store.consume_code(h("g4-code"), T0 + 1)).status,
+        ]
+        return outcomes
+
+    def answers(self, store: Any) -> list[Any]:
+        """What each code and token answers after the scenario, in order."""
+        ok = self.successResultOf
+        looked = [ok(store.lookup_access_token(h(name), T0 + 100)) for name in ("g1-a0", "g1-a1", "g2-a0", "g3-a0", "g4-a0")]
+        codes = [ok(store.consume_code(h(name), T0 + 30)).status for name in ("g1-code", "g4-code")]
+        rotated = ok(store.redeem_refresh_token(h("g1-r1"), T0 + 200, 10.0, None, access("n-a", T0 + 200), refresh("n", T0 + 200)))
+        fresh = ok(store.lookup_access_token(h("n-a"), T0 + 201))
+        # g4-code's replay revoked g4; g2's chain is revoked by its refresh token.
+        revoked = ok(store.revoke_token(h("g2-r0"), T0 + 202))
+        # g1-r0, spent at T0 + 1, presented again: reuse, the grant ends.
+        reused = ok(store.redeem_refresh_token(h("g1-r0"), T0 + 300, 10.0, None, access("x-a", T0 + 300), refresh("x", T0 + 300)))
+        after = [ok(store.lookup_access_token(h(name), T0 + 301)) for name in ("g1-a1", "n-a")]
+        return [looked, codes, rotated.status, fresh, revoked, reused.status, after]
+
+    def test_migration_9_converts_hex_rows(self) -> None:
+        """
+        A file made before migration 9, its hashes written as hex text (the
+        store of that release, here: the SQLite rule switched off), is
+        converted, each value to its bytes, and every code and token
+        answers as on a file made now.
+        """
+        from smeldr_oauth.store import hashkeys, transactions
+
+        hex_keys = hashkeys.key_for("postgresql")
+        original = transactions.key_for
+        transactions.key_for = lambda name: hex_keys
+        try:
+            store = inline_store(self, self.path, schema=OAUTH_SCHEMA_8)
+            outcomes = self.scenario(store)
+            store.close()
+        finally:
+            transactions.key_for = original
+        before = self.stored()
+        self.assertEqual({kind for rows in before.values() for kind, _, _ in rows}, {"text"})
+        store = inline_store(self, self.path)
+        after = self.stored()
+        self.assertEqual(
+            {table: [("blob", 32, value) for _, _, value in rows] for table, rows in before.items()}, after
+        )
+        answers = self.answers(store)
+        store.close()
+        # The same scenario on a file made now.
+        self.path = self.mktemp() + ".db"
+        control = inline_store(self, self.path)
+        self.assertEqual(self.scenario(control), outcomes)
+        self.assertEqual(self.answers(control), answers)
+        self.assertEqual(outcomes, ["rotated", None, True, "ok"])
+        self.assertEqual(
+            [[info is not None for info in answers[0]], answers[1], answers[2], answers[3] is not None, answers[4], answers[5]],
+            [[True, True, False, False, True], ["ok", "replayed"], "rotated", True, "g2", "reused"],
+        )
+        self.assertEqual(answers[6], [None, None])
+
+    def test_migration_9_leaves_other_text(self) -> None:
+        """
+        A key that is not a hash's hex (none was ever written but by hand)
+        is left as it is by the migration, not made C{NULL} or dropped.
+        """
+        store = inline_store(self, self.path, schema=OAUTH_SCHEMA_8)
+        self.successResultOf(store.create_grant(make_grant("g1"), make_code("c1", "g1")))
+        store.close()
+        connection = raw(self.path)
+        connection.execute("UPDATE codes SET code_hash = 'by-hand'")
+        connection.close()
+        inline_store(self, self.path).close()
+        self.assertEqual(self.query("SELECT typeof(code_hash), code_hash FROM codes"), [("text", "by-hand")])
 
 
 class NoCallFromThreadReactor(InlineReactor):
@@ -463,7 +612,8 @@ class GroupCommitTests(SynchronousTestCase):
                 return super().keys()
 
         other, _ = self.facts(Counting)
-        row = other.execute(refresh_facts.REFRESH_FACTS, (h("g1-r0"), h("g1-r0"))).fetchone()
+        presented = bytes.fromhex(h("g1-r0"))
+        row = other.execute(refresh_facts.REFRESH_FACTS, (presented, presented)).fetchone()
         decision, token, grant = transactions._decide(row, T0 + 100, 10.0, None)
         self.assertEqual(by_name, [])
         self.assertEqual((decision.status, token.token_hash, grant.grant_id), ("rotated", h("g1-r0"), "g1"))
@@ -476,7 +626,8 @@ class GroupCommitTests(SynchronousTestCase):
         reads by position, and by those names from PostgreSQL.
         """
         other, _ = self.facts()
-        cursor = other.execute(refresh_facts.REFRESH_FACTS, (h("g1-r0"), h("g1-r0")))
+        presented = bytes.fromhex(h("g1-r0"))
+        cursor = other.execute(refresh_facts.REFRESH_FACTS, (presented, presented))
         self.assertEqual(tuple(d[0] for d in cursor.description), refresh_facts.FACTS_COLUMNS)
         self.assertEqual(
             dict(zip(refresh_facts.FACTS_COLUMNS, cursor.fetchone()))["live_generation"], refresh("g1-r0").generation
@@ -546,8 +697,15 @@ class TokenRowsTests(SynchronousTestCase):
 
         record = access("a1")
         self.assertEqual(
-            transactions._access_row(record, "g1", ("b", "a"), "https://r"),
-            to_row("access_tokens", record, grant_id="g1", scopes='["b", "a"]', resource="https://r"),
+            transactions._access_row(record, "g1", ("b", "a"), "https://r", key_for("sqlite")),
+            to_row(
+                "access_tokens",
+                record,
+                token_hash=bytes.fromhex(record.token_hash),
+                grant_id="g1",
+                scopes='["b", "a"]',
+                resource="https://r",
+            ),
         )
 
     def test_refresh_row(self) -> None:
@@ -556,7 +714,7 @@ class TokenRowsTests(SynchronousTestCase):
 
         record = attr.evolve(refresh("r1"), used_at=T0 + 1)
         self.assertEqual(
-            transactions._refresh_row(record, "g1", ["b", "a"], 7),
+            transactions._refresh_row(record, "g1", ["b", "a"], 7, key_for("postgresql")),
             to_row("refresh_tokens", record, grant_id="g1", scopes='["b", "a"]', generation=7, used_at=None),
         )
 
@@ -634,7 +792,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.addCleanup(connection.close)
         self.assertEqual(
             connection.execute("SELECT component, version FROM schema_migrations").fetchall(),
-            [("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4), ("oauth", 5), ("oauth", 6), ("oauth", 7), ("oauth", 8)],
+            [("oauth", version) for version in range(1, 10)],
         )
 
     def test_legacy_file_adopted(self) -> None:
@@ -658,7 +816,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.addCleanup(connection.close)
         self.assertEqual(
             connection.execute("SELECT component, version FROM schema_migrations").fetchall(),
-            [("oauth", 1), ("oauth", 2), ("oauth", 3), ("oauth", 4), ("oauth", 5), ("oauth", 6), ("oauth", 7), ("oauth", 8)],
+            [("oauth", version) for version in range(1, 10)],
         )
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
         self.assertNotIn("schema_version", tables)
@@ -821,4 +979,7 @@ class HashesOnlyTests(SynchronousTestCase):
                         data += f.read()
         for secret in secrets:
             self.assertNotIn(secret.encode("ascii"), data)
-            self.assertIn(hash_secret(secret).encode("ascii"), data)
+            # The site file has the hex; the OAuth file, since its
+            # migration 9, the hash's bytes (smeldr_oauth.store.hashkeys).
+            hashed = hash_secret(secret)
+            self.assertTrue(hashed.encode("ascii") in data or bytes.fromhex(hashed) in data)

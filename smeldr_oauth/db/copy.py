@@ -117,11 +117,17 @@ def _copy_table(source: sqlite3.Connection, txn: Transaction, table: str) -> int
     names = ", ".join(columns)
     insert = f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' for _ in columns)})"
     cursor = source.execute(f"SELECT {names} FROM {table} ORDER BY rowid")
+    # SQLite keeps the hashes of codes and tokens as their bytes (OAuth
+    # migration 9, smeldr_oauth.store.hashkeys), every other engine as
+    # their hex (TEXT), and no column of any copied table holds other bytes.
+    convert = txn.engine.name != "sqlite"
     copied = 0
     while True:
         rows = cursor.fetchmany(BATCH)
         if not rows:
             return copied
+        if convert:
+            rows = [tuple(v.hex() if isinstance(v, bytes) else v for v in row) for row in rows]
         txn.executemany(insert, rows)
         copied += len(rows)
 

@@ -76,6 +76,8 @@ class SQLiteEngine:
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute("PRAGMA foreign_keys=ON")
         connection.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        if sqlite3.sqlite_version_info < (3, 41, 0):
+            connection.create_function("unhex", 1, unhex, deterministic=True)
 
     def begin(self, transaction: "Transaction") -> None:
         transaction.execute("BEGIN IMMEDIATE")
@@ -128,6 +130,17 @@ class SQLiteEngine:
 
     def describe(self) -> str:
         return self.path
+
+
+def unhex(text: Any) -> Optional[bytes]:
+    """
+    SQLite 3.41's C{unhex(X)} for older libraries (Debian 12 has 3.40): the
+    bytes a string of hex digits spells, C{NULL} for anything else.  OAuth
+    migration 9 converts hex keys with it (L{smeldr_oauth.store.hashkeys}).
+    """
+    if not isinstance(text, str) or len(text) % 2 or text.strip("0123456789abcdefABCDEF"):
+        return None
+    return bytes.fromhex(text)
 
 
 def data_version(connection: sqlite3.Connection) -> int:

@@ -16,7 +16,8 @@ MAX_PARAM = 2048
 #: Longest C{state} sent back to a client.
 MAX_STATE = 1024
 
-#: Longest access token worth looking up: ours are 43 characters.
+#: Longest access token worth looking up: ours are 55 characters (43 before
+#: their time stamp, L{smeldr_oauth.oauth.secrets.new_secrets}).
 MAX_TOKEN = 512
 
 #: The authorization request's parameters that may appear at most once

@@ -16,6 +16,7 @@ import sqlite3
 from typing import Callable, Optional
 
 from smeldr_oauth.oauth import model
+from smeldr_oauth.store.hashkeys import shown
 
 #: The grant, the presented token, and the grant's live generation with its
 #: size, in the order of L{FACTS_COLUMNS}.
@@ -85,7 +86,7 @@ def from_sqlite(
         revoked_at=revoked_at,
     )
     token = model.RefreshToken(
-        token_hash=token_hash,
+        token_hash=shown(token_hash),
         grant_id=grant_id,
         scopes=load(token_scopes),
         generation=generation,

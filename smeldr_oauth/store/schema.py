@@ -6,7 +6,8 @@ The OAuth tables, as the C{oauth} component of the one migration scheme
 Scopes and lists are JSON arrays in C{TEXT}; times are POSIX seconds in
 C{DOUBLE PRECISION} (SQLite gives the name REAL affinity, as C{REAL}, which
 the first SQLite files were created with: the two are the same thing
-there); secrets are hex SHA-256 only.
+there); secrets are SHA-256 only: hex TEXT, but on SQLite the codes' and
+tokens' hashes are BLOBs of 32 bytes since migration 9 (L{hashkeys}).
 
 Never edit a migration that has shipped: append a new one.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from smeldr_oauth.db.database import Transaction
 from smeldr_oauth.db.migrations import Migration, Schema
+from smeldr_oauth.store import hashkeys
 
 
 def _legacy_version(txn: Transaction) -> int:
@@ -216,6 +218,66 @@ END
 $body$
 """
 
+_BLOB_KEYS = (
+    """
+    CREATE TABLE codes_new (
+        code_hash BLOB PRIMARY KEY,
+        grant_id TEXT NOT NULL REFERENCES grants (grant_id) ON DELETE CASCADE,
+        client_id TEXT NOT NULL,
+        redirect_uri TEXT NOT NULL,
+        code_challenge TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        issue_refresh INTEGER NOT NULL,
+        used_at DOUBLE PRECISION
+    )
+    """,
+    "INSERT INTO codes_new (code_hash, grant_id, client_id, redirect_uri, code_challenge, scopes, resource,"
+    " expires_at, issue_refresh, used_at)"
+    f" SELECT {hashkeys.to_blob_sql('code_hash')}, grant_id, client_id, redirect_uri, code_challenge, scopes,"
+    " resource, expires_at, issue_refresh, used_at FROM codes ORDER BY rowid",
+    "DROP TABLE codes",
+    "ALTER TABLE codes_new RENAME TO codes",
+    "CREATE INDEX codes_grant_id ON codes (grant_id)",
+    "CREATE INDEX codes_expires_at ON codes (expires_at)",
+    """
+    CREATE TABLE access_tokens_new (
+        token_hash BLOB PRIMARY KEY,
+        grant_id TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION
+    )
+    """,
+    "INSERT INTO access_tokens_new (token_hash, grant_id, scopes, resource, expires_at, revoked_at)"
+    f" SELECT {hashkeys.to_blob_sql('token_hash')}, grant_id, scopes, resource, expires_at, revoked_at"
+    " FROM access_tokens ORDER BY rowid",
+    "DROP TABLE access_tokens",
+    "ALTER TABLE access_tokens_new RENAME TO access_tokens",
+    "CREATE INDEX access_tokens_expires_at ON access_tokens (expires_at)",
+    """
+    CREATE TABLE refresh_tokens_new (
+        token_hash BLOB PRIMARY KEY,
+        grant_id TEXT NOT NULL REFERENCES grants (grant_id) ON DELETE CASCADE,
+        scopes TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        used_at DOUBLE PRECISION,
+        revoked_at DOUBLE PRECISION
+    )
+    """,
+    "INSERT INTO refresh_tokens_new (token_hash, grant_id, scopes, generation, created_at, expires_at, used_at,"
+    f" revoked_at) SELECT {hashkeys.to_blob_sql('token_hash')}, grant_id, scopes, generation, created_at,"
+    " expires_at, used_at, revoked_at FROM refresh_tokens ORDER BY rowid",
+    "DROP TABLE refresh_tokens",
+    "ALTER TABLE refresh_tokens_new RENAME TO refresh_tokens",
+    "CREATE INDEX refresh_tokens_grant_id ON refresh_tokens (grant_id, generation)",
+    "CREATE INDEX refresh_tokens_expires_at ON refresh_tokens (expires_at)",
+)
+
 OAUTH_SCHEMA = Schema(
     "oauth",
     (
@@ -401,6 +463,13 @@ OAUTH_SCHEMA = Schema(
                 "ALTER TABLE refresh_tokens DROP CONSTRAINT refresh_tokens_grant_id_fkey",
             ),
         ),
+        # SQLite: the hashes of codes and tokens kept as their 32 bytes
+        # (BLOB) rather than 64 hex characters, their primary keys' entries
+        # half the size (see smeldr_oauth.store.hashkeys, the one place
+        # that converts them).  The three tables are rebuilt with their
+        # rows, each hash converted, their other columns, keys and indexes
+        # as they were.  PostgreSQL keeps hex TEXT.
+        Migration(9, sqlite=_BLOB_KEYS, postgresql=()),
     ),
     tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
     legacy=_legacy_version,

@@ -24,8 +24,6 @@ makes them, so that other processes hear of them only once committed.
 
 from __future__ import annotations
 
-import functools
-import json
 import sqlite3
 from typing import Any, Callable, Optional, Sequence
 
@@ -38,31 +36,13 @@ from smeldr_oauth.db.rows import from_row, to_row, where
 from smeldr_oauth.oauth import model, rotation
 from smeldr_oauth.oauth.interfaces import CodeRedemption, RefreshRedemption
 from smeldr_oauth.store import refresh_facts
+from smeldr_oauth.store.hashkeys import key_for, shown
+from smeldr_oauth.store.scopelists import dump as _dump, load as _load
+from smeldr_oauth.store.token_rows import _access_row, _refresh_row
 
 #: Where revocations are announced (PostgreSQL C{NOTIFY}); the payload
 #: says what ended (C{"grant <id>"}, C{"access_token <hash>"}).
 CHANGES_CHANNEL = "smeldr_oauth_changes"
-
-# Scope lists repeat: a server sees a handful of distinct ones, and each
-# refresh encodes two and decodes two (a JSON round trip costs about 2 us).
-# Tuples and the text are immutable, so remembering them is safe.
-
-
-@functools.lru_cache(maxsize=256)
-def _dump_tuple(values: tuple[str, ...]) -> str:
-    return json.dumps(list(values))
-
-
-def _dump(values: Sequence[str]) -> str:
-    if isinstance(values, tuple):
-        return _dump_tuple(values)
-    return json.dumps(list(values))
-
-
-@functools.lru_cache(maxsize=256)
-def _load(text: str) -> tuple[str, ...]:
-    return tuple(json.loads(text))
-
 
 def _client(row: Any) -> model.Client:
     return from_row(model.Client, row, redirect_uris=_load(row["redirect_uris"]), grant_types=_load(row["grant_types"]))
@@ -73,7 +53,8 @@ def _grant(row: Any) -> model.Grant:
 
 
 def _code(row: Any) -> model.AuthorizationCode:
-    return from_row(model.AuthorizationCode, row, scopes=_load(row["scopes"]), issue_refresh=bool(row["issue_refresh"]))
+    hashed, scopes, issue = shown(row["code_hash"]), _load(row["scopes"]), bool(row["issue_refresh"])
+    return from_row(model.AuthorizationCode, row, code_hash=hashed, scopes=scopes, issue_refresh=issue)
 
 
 def _get_grant(txn: Transaction, grant_id: str, lock: bool = False) -> Optional[model.Grant]:
@@ -91,37 +72,6 @@ def _get_grant(txn: Transaction, grant_id: str, lock: bool = False) -> Optional[
 
 def _insert_grant(txn: Transaction, grant: model.Grant) -> None:
     txn.execute(*to_row("grants", grant, scopes=_dump(grant.scopes)))
-
-
-#: The C{INSERT}s of a new access and refresh token: L{to_row}'s text for
-#: their records, made once here.
-_ACCESS_INSERT = to_row(
-    "access_tokens", model.AccessToken(token_hash="", grant_id="", scopes=(), resource="", expires_at=0.0)
-)[0]
-_REFRESH_INSERT = to_row(
-    "refresh_tokens",
-    model.RefreshToken(token_hash="", grant_id="", scopes=(), generation=0, created_at=0.0, expires_at=0.0),
-)[0]
-
-
-# The rows of a new access and refresh token, as L{to_row} makes them
-# (tests.test_store_sqlite holds the two to the same statement and values),
-# written out: every rotation and code exchange makes both, and the generic
-# way (the record's fields fetched, then each converted one put in its
-# place) took three times as long (docs/performance.md, round ten).
-
-
-def _access_row(
-    access: model.AccessToken, grant_id: str, scopes: Sequence[str], resource: str
-) -> tuple[str, Sequence[Any]]:
-    return _ACCESS_INSERT, (access.token_hash, grant_id, _dump(scopes), resource, access.expires_at)
-
-
-def _refresh_row(
-    refresh: model.RefreshToken, grant_id: str, scopes: Sequence[str], generation: int
-) -> tuple[str, Sequence[Any]]:
-    values = (refresh.token_hash, grant_id, _dump(scopes), generation, refresh.created_at, refresh.expires_at, None)
-    return _REFRESH_INSERT, values
 
 
 #: A grant's use recorded (its C{last_used_at}), by a code exchange, a
@@ -195,7 +145,8 @@ def create_grant(txn: Transaction, grant: model.Grant, code: model.Authorization
     if code.grant_id != grant.grant_id:
         raise ValueError("the code does not belong to the grant")
     _insert_grant(txn, grant)
-    txn.execute(*to_row("codes", code, scopes=_dump(code.scopes), issue_refresh=int(code.issue_refresh)))
+    key, refresh = key_for(txn.engine.name)(code.code_hash), int(code.issue_refresh)
+    txn.execute(*to_row("codes", code, code_hash=key, scopes=_dump(code.scopes), issue_refresh=refresh))
 
 
 def consume_code(txn: Transaction, code_hash: str, now: float) -> CodeRedemption:
@@ -206,13 +157,14 @@ def consume_code(txn: Transaction, code_hash: str, now: float) -> CodeRedemption
     whether or not the code has expired since); C{"revoked"} (the grant
     ended before the exchange); C{"expired"}; C{"ok"}.
     """
+    key = key_for(txn.engine.name)(code_hash)
     row = txn.execute(
         "UPDATE codes SET used_at = ? WHERE code_hash = ? AND used_at IS NULL RETURNING *",
-        (now, code_hash),
+        (now, key),
     ).fetchone()
     spent_now = row is not None
     if row is None:
-        row = txn.execute("SELECT * FROM codes WHERE code_hash = ?", (code_hash,)).fetchone()
+        row = txn.execute("SELECT * FROM codes WHERE code_hash = ?", (key,)).fetchone()
         if row is None:
             return CodeRedemption(status="unknown")
     code = _code(row)
@@ -247,10 +199,11 @@ def exchange_code(
             raise ValueError("the code issues a refresh token but none was given")
     except Exception:
         return redemption, Failure()
-    rows = [_access_row(access, code.grant_id, code.scopes, code.resource)]
+    key = key_for(txn.engine.name)
+    rows = [_access_row(access, code.grant_id, code.scopes, code.resource, key)]
     if code.issue_refresh:
         assert refresh is not None
-        rows.append(_refresh_row(refresh, code.grant_id, code.scopes, 1))
+        rows.append(_refresh_row(refresh, code.grant_id, code.scopes, 1, key))
     # The grant's use, recorded here rather than by a transaction of its
     # own when the new token is first used (AccessVerifier.grant_used).
     rows.append((RECORD_USE, (now, code.grant_id)))
@@ -266,9 +219,10 @@ def add_tokens(
         # No foreign key on PostgreSQL (OAuth migration 8): the grant is looked for, and kept, here.
         if txn.execute("SELECT 1 FROM grants WHERE grant_id = ? FOR KEY SHARE", (grant_id,)).fetchone() is None:
             raise StoreConflict(f"no grant {grant_id!r} for the refresh token")
-    rows = [_access_row(access, grant_id, access.scopes, access.resource)]
+    key = key_for(txn.engine.name)
+    rows = [_access_row(access, grant_id, access.scopes, access.resource, key)]
     if refresh is not None:
-        rows.append(_refresh_row(refresh, grant_id, refresh.scopes, refresh.generation))
+        rows.append(_refresh_row(refresh, grant_id, refresh.scopes, refresh.generation, key))
     txn.execute_together(rows)
 
 
@@ -294,7 +248,8 @@ def redeem_refresh_token(
     trip), whose statements each take a snapshot of their own.
     """
     if txn.engine.single_writer:
-        row = txn.execute(refresh_facts.REFRESH_FACTS, (token_hash, token_hash)).fetchone()
+        presented = key_for(txn.engine.name)(token_hash)
+        row = txn.execute(refresh_facts.REFRESH_FACTS, (presented, presented)).fetchone()
     else:
         # PostgreSQL: the grant's lock, then these facts, in one round
         # trip (schema migration 2's function, as migration 8 wrote it).
@@ -364,10 +319,11 @@ def _apply(
         grant = attr.evolve(grant, revoked_at=now)
     # The writes of a rotation depend on nothing but the decision: one round
     # trip on PostgreSQL (see Transaction.execute_together).
-    grant, writes = _writes(decision, token, grant, now, new_access, new_refresh)
+    key = key_for(txn.engine.name)
+    grant, writes = _writes(decision, token, grant, now, new_access, new_refresh, key)
     if writes:
         txn.execute_together(writes)
-    if decision.mark_used and token.token_hash not in {row[0] for row in txn.fetchall()}:
+    if decision.mark_used and key(token.token_hash) not in {row[0] for row in txn.fetchall()}:
         # Impossible with the grant locked; refuse rather than fork the chain.
         raise RuntimeError("refresh token spent concurrently")
     return grant
@@ -380,17 +336,19 @@ def _writes(
     now: float,
     new_access: model.AccessToken,
     new_refresh: model.RefreshToken,
+    key: Callable[[str], Any] = key_for("postgresql"),
 ) -> tuple[model.Grant, list[tuple[str, Sequence[Any]]]]:
     """
     The statements of a L{rotation.RotationDecision} other than ending the
     grant, and the grant as they leave it; the spend of the presented
-    token, when there is one, comes last and returns the hashes it spent.
+    token, when there is one, comes last and returns the hashes it spent
+    (as C{key} stores them: L{key_for}; PostgreSQL's batch leaves it).
     """
     writes: list[tuple[str, Sequence[Any]]] = []
     if decision.new_generation is not None:
-        writes.append(_access_row(new_access, grant.grant_id, decision.access_scopes, grant.resource))
+        writes.append(_access_row(new_access, grant.grant_id, decision.access_scopes, grant.resource, key))
         writes.append(
-            _refresh_row(new_refresh, grant.grant_id, decision.refresh_scopes, decision.new_generation)
+            _refresh_row(new_refresh, grant.grant_id, decision.refresh_scopes, decision.new_generation, key)
         )
     if decision.record_use:
         writes.append((RECORD_USE, (now, grant.grant_id)))
@@ -401,12 +359,8 @@ def _writes(
         # generation, in one statement.  (The new token is of another
         # generation.)
         assert decision.revoke_unused_siblings
-        writes.append(
-            (
-                SPEND_GENERATION,
-                (token.token_hash, now, token.token_hash, now, grant.grant_id, token.generation),
-            )
-        )
+        spent = key(token.token_hash)
+        writes.append((SPEND_GENERATION, (spent, now, spent, now, grant.grant_id, token.generation)))
     return grant, writes
 
 
@@ -422,7 +376,7 @@ def lookup_access_token(txn: Transaction, token_hash: str, now: float) -> Option
         " FROM access_tokens a JOIN grants g ON g.grant_id = a.grant_id"
         " WHERE a.token_hash = ? AND a.revoked_at IS NULL"
         " AND g.revoked_at IS NULL AND a.expires_at > ?",
-        (token_hash, now),
+        (key_for(txn.engine.name)(token_hash), now),
     ).fetchone()
     if row is None:
         return None
@@ -455,21 +409,22 @@ def revoke_token(
         row = txn.execute("SELECT client_id FROM grants WHERE grant_id = ?", (grant_id,)).fetchone()
         return row is not None and row["client_id"] == client_id
 
+    key = key_for(txn.engine.name)(token_hash)
     row = txn.execute(
         "SELECT g.client_id, g.revoked_at FROM access_tokens a JOIN grants g ON g.grant_id = a.grant_id"
         " WHERE a.token_hash = ?",
-        (token_hash,),
+        (key,),
     ).fetchone()
     if row is not None:
         if row["revoked_at"] is None and (client_id is None or row["client_id"] == client_id):
             txn.execute(
                 "UPDATE access_tokens SET revoked_at = ? WHERE token_hash = ? AND revoked_at IS NULL",
-                (now, token_hash),
+                (now, key),
             )
             if txn.rowcount:
                 txn.notify(CHANGES_CHANNEL, f"access_token {token_hash}")
         return None
-    row = txn.execute("SELECT grant_id FROM refresh_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+    row = txn.execute("SELECT grant_id FROM refresh_tokens WHERE token_hash = ?", (key,)).fetchone()
     if row is not None and owned(row["grant_id"]) and revoke_grant(txn, row["grant_id"], now):
         return str(row["grant_id"])
     return None
