@@ -128,6 +128,25 @@ class OptionsTests(SynchronousTestCase):
         self.stderr.seek(0)
         self.assertExit2("--issuer", "https://a.example", "--refresh-grace", "-1")
 
+    def test_huge_numbers(self) -> None:
+        """
+        A whole number beyond any sensible setting is a usage error: one of
+        hundreds of digits was taken, and then failed the start-up with an
+        OverflowError (C{--keepalive}, the rate limits) or every token
+        request with a 500 (the lifetimes, C{--refresh-grace}).
+        """
+        for option in (
+            "--access-token-ttl", "--auth-code-ttl", "--refresh-token-ttl", "--refresh-grace", "--keepalive",
+            "--max-body", "--max-sessions", "--paste-limit", "--token-limit-per-address", "--rate-limit-keys",
+        ):
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+            self.assertIn("at most", self.assertExit2("--issuer", "https://a.example", option, str(10**400)))
+        self.assertEqual(
+            parse("--issuer", "https://a.example", "--access-token-ttl", str(tap.MAX_WHOLE))["config"].access_token_ttl,
+            tap.MAX_WHOLE,
+        )
+
     def test_bad_listen(self) -> None:
         self.assertIn("--listen", self.assertExit2("--issuer", "https://a.example", "--listen", "nope:1"))
 
