@@ -386,7 +386,7 @@ class RaceOnPostgresTests(TestCase):
     Two changes at once take one slug, over a real socket on PostgreSQL
     (C{twist smeldr-oauth --database URL}): the second post gets the next
     free slug, or L{SlugTaken} when its slug was given, never a tool that
-    failed with a traceback.  The first change is another transaction's
+    failed with a traceback; a post changed as it is deleted is not found.  The first change is another transaction's
     insert (or rename), held uncommitted until the tool call waits on it:
     what two tool calls of two processes (or two pool threads) do at once,
     every time.
@@ -473,3 +473,13 @@ class RaceOnPostgresTests(TestCase):
         )
         self.assertTrue(result["isError"], result)
         self.assertEqual(result["content"][0]["text"], "slug 'race' is already used by another post")
+
+    @inlineCallbacks
+    def test_deleted(self) -> Any:
+        result = yield self.rpc("tools/call", {"name": "create_post", "arguments": {"title": "Gone"}})
+        self.assertFalse((yield result.json())["result"]["isError"])
+        result = yield self.call_held(
+            "DELETE FROM posts WHERE slug = %s", "gone", "update_post", {"slug": "gone", "tags": ["x"], "title": "Back"}
+        )
+        self.assertTrue(result["isError"], result)
+        self.assertEqual(result["content"][0]["text"], "no post with slug 'gone'")

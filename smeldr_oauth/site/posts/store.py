@@ -328,6 +328,11 @@ class PostStore:
                 sets.append("published_at = COALESCE(published_at, ?)")
                 params.append(now)
             txn.execute(f"UPDATE posts SET {', '.join(sets)} WHERE id = ?", (*params, post.id))
+            if txn.rowcount == 0:
+                # Deleted since _get found it (PostgreSQL, a delete_post at
+                # the same moment; the update waited for it): its tags
+                # would have failed their foreign key with a traceback.
+                raise PostNotFound(slug)
             if tag_tuple is not None:
                 _set_tags(txn, post.id, tag_tuple)
             return _get(txn, str(changes.get("slug", slug)))
