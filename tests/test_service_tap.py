@@ -347,3 +347,38 @@ class ProcfileTests(TestCase):
         await server.stop()
         self.assertIn(server._collector.status(), (0, -15), server.annotate("exit status after SIGTERM"))
         self.assertNotIn("Traceback", server.log(), server.annotate("traceback"))
+
+
+class CannotStartTests(TestCase):
+    """
+    C{twist smeldr-oauth} (one process) with a database it cannot reach.
+    """
+
+    async def test_exit_status(self) -> None:
+        """
+        Exit status 1 and the reason in one critical line, no traceback:
+        it exited 0 after three tracebacks, so a service manager's restart
+        on failure never saw a failure.
+        """
+        from tests import postgres
+
+        server = postgres.cluster()
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = e2e.freePort()
+        out, err, code = await e2e.runProgram(
+            reactor,
+            [
+                sys.executable, "-m", "twisted", "--log-format=text", "smeldr-oauth",
+                "--issuer", f"http://127.0.0.1:{port}",
+                "--listen", f"tcp:{port}:interface=127.0.0.1",
+                "--database", server.url("no_such_database"),
+            ],
+            timeout=120,
+            path=directory,
+        )
+        log = out + err
+        self.assertEqual(code, 1, log)
+        self.assertIn("the OAuth database could not be opened: ", log)
+        self.assertIn("no_such_database", log)
+        self.assertNotIn("Traceback", log)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence, TypeGuard
 
 import attr
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.internet.defer import Deferred, FirstError
 from twisted.python.failure import Failure
 
@@ -101,20 +101,21 @@ def log_scope_refusal(what: str, principal: Principal, needed: Sequence[str]) ->
     )
 
 
-def log_failure(failure: Failure, format: str, **fields: Any) -> None:
+def log_failure(failure: Failure, format: str, outage: LogLevel = LogLevel.warn, **fields: Any) -> None:
     """
     C{log.failure(format, failure, **fields)}, but a database out of reach
     (L{StoreUnavailable}: restarting, a failover) as one warning line with
     its reason: expected, the operator's to see, not a bug, as every
     endpoint says an outage (C{docs/operations.md}); with a traceback and
     at critical level, a tool call or a stream made in an outage read as
-    a crash.
+    a crash.  (C{outage}: that line's level; critical when the server
+    cannot start.)
     """
     if failure.check(FirstError):
         # Of a gatherResults (the session's record and its claims saved).
         failure = failure.value.subFailure  # type: ignore[union-attr]
     if failure.check(StoreUnavailable):
-        log.warn("{what}: {error}", what=format.format(**fields), error=str(failure.value))
+        log.emit(outage, "{what}: {error}", what=format.format(**fields), error=str(failure.value))
     else:
         log.failure(format, failure, **fields)
 

@@ -439,6 +439,10 @@ def makeService(options: Options) -> IService:
         # The parent listens and serves the metrics.
         workers.serve_as_worker(options, app_service).setServiceParent(top)
         return top
+    # A database that cannot be opened at start-up: exit status 1 (twist
+    # exited 0 after stopping the reactor, so a service manager's restart
+    # on failure never saw one).
+    app_service.on_failure = lambda: workers.exit_with_failure(app_service.reactor)
     for description in options["listen"]:
         listener = strports_service(description, app_service.site)
         listener.setServiceParent(top)
