@@ -91,6 +91,14 @@ class SQLiteFlowsCommandTests(FlowsCommandMixin, TestCase):
         self.location = os.path.join(self.mktemp() + ".db")
         self.where = ["--oauth-db", self.location]
 
+    def test_bad_count(self) -> None:
+        from smeldr_oauth.site.admin.common import UsageError
+
+        for value in ("0", "-5", str(2**63), "many"):
+            with self.assertRaises(UsageError) as caught:  # type: ignore[attr-defined]
+                parse(["flows", "--last", value, *self.where])
+            self.assertIn("--last", str(caught.exception))  # type: ignore[attr-defined]
+
     async def test_missing_database(self) -> None:
         os.remove(self.location) if os.path.exists(self.location) else None
         status, _, err = await self.admin()

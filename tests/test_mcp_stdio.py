@@ -183,6 +183,15 @@ class LoadAppTests(SynchronousTestCase):
             failure = self.failureResultOf(load_app(spec), AppLoadError)
             self.assertIn("--app", str(failure.value))
         self.failureResultOf(load_app("tests.test_mcp_stdio:not_an_app_factory"), AppLoadError)
+        # A callable that is no factory of an app: its error, in one line.
+        failure = self.failureResultOf(load_app("json:loads"), AppLoadError)
+        self.assertIn("--app 'json:loads': TypeError", str(failure.value))
+
+    def test_bad_line_length(self) -> None:
+        for value in ("0", "-1", str(2**31), "many"):
+            with self.assertRaises(SystemExit) as caught:
+                main(["--site-db", "site.db", "--max-line", value])
+            self.assertEqual(caught.exception.code, 2)
 
     def test_default_app_needs_site_db(self) -> None:
         self.assertRaises(SystemExit, main, [])
@@ -290,3 +299,11 @@ class ConsoleCommandTests(TestCase):
         self.assertIn(b"no_such_module_anywhere", pipes.stderr)
         self.assertNotIn(b"Traceback", pipes.stderr)
         self.assertEqual(pipes.lines, [])
+
+    async def test_factory_error_is_one_line_and_a_failure_exit(self) -> None:
+        pipes, transport = self.spawn("--app", "json:loads")
+        ended = await pipes.ended
+        self.assertIsInstance(ended, ProcessTerminated)
+        self.assertEqual(ended.exitCode, 1)
+        self.assertIn(b"--app 'json:loads': TypeError", pipes.stderr)
+        self.assertNotIn(b"Traceback", pipes.stderr)

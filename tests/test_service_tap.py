@@ -128,6 +128,25 @@ class OptionsTests(SynchronousTestCase):
         self.stderr.seek(0)
         self.assertExit2("--issuer", "https://a.example", "--refresh-grace", "-1")
 
+    def test_huge_numbers(self) -> None:
+        """
+        A whole number beyond any sensible setting is a usage error: one of
+        hundreds of digits was taken, and then failed the start-up with an
+        OverflowError (C{--keepalive}, the rate limits) or every token
+        request with a 500 (the lifetimes, C{--refresh-grace}).
+        """
+        for option in (
+            "--access-token-ttl", "--auth-code-ttl", "--refresh-token-ttl", "--refresh-grace", "--keepalive",
+            "--max-body", "--max-sessions", "--paste-limit", "--token-limit-per-address", "--rate-limit-keys",
+        ):
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+            self.assertIn("at most", self.assertExit2("--issuer", "https://a.example", option, str(10**400)))
+        self.assertEqual(
+            parse("--issuer", "https://a.example", "--access-token-ttl", str(tap.MAX_WHOLE))["config"].access_token_ttl,
+            tap.MAX_WHOLE,
+        )
+
     def test_bad_listen(self) -> None:
         self.assertIn("--listen", self.assertExit2("--issuer", "https://a.example", "--listen", "nope:1"))
 
@@ -328,3 +347,38 @@ class ProcfileTests(TestCase):
         await server.stop()
         self.assertIn(server._collector.status(), (0, -15), server.annotate("exit status after SIGTERM"))
         self.assertNotIn("Traceback", server.log(), server.annotate("traceback"))
+
+
+class CannotStartTests(TestCase):
+    """
+    C{twist smeldr-oauth} (one process) with a database it cannot reach.
+    """
+
+    async def test_exit_status(self) -> None:
+        """
+        Exit status 1 and the reason in one critical line, no traceback:
+        it exited 0 after three tracebacks, so a service manager's restart
+        on failure never saw a failure.
+        """
+        from tests import postgres
+
+        server = postgres.cluster()
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = e2e.freePort()
+        out, err, code = await e2e.runProgram(
+            reactor,
+            [
+                sys.executable, "-m", "twisted", "--log-format=text", "smeldr-oauth",
+                "--issuer", f"http://127.0.0.1:{port}",
+                "--listen", f"tcp:{port}:interface=127.0.0.1",
+                "--database", server.url("no_such_database"),
+            ],
+            timeout=120,
+            path=directory,
+        )
+        log = out + err
+        self.assertEqual(code, 1, log)
+        self.assertIn("the OAuth database could not be opened: ", log)
+        self.assertIn("no_such_database", log)
+        self.assertNotIn("Traceback", log)

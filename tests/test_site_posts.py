@@ -379,3 +379,107 @@ class SearchPropertyTests(SynchronousTestCase):
         if not isinstance(result, list):
             result.trap(InvalidQuery)
             self.assertNotIn("could not be searched", str(result.value))
+
+
+class RaceOnPostgresTests(TestCase):
+    """
+    Two changes at once take one slug, over a real socket on PostgreSQL
+    (C{twist smeldr-oauth --database URL}): the second post gets the next
+    free slug, or L{SlugTaken} when its slug was given, never a tool that
+    failed with a traceback; a post changed as it is deleted is not found.  The first change is another transaction's
+    insert (or rename), held uncommitted until the tool call waits on it:
+    what two tool calls of two processes (or two pool threads) do at once,
+    every time.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        from tests import test_service_database
+
+        yield test_service_database.ServiceOnPostgresTests.setUp(self)  # type: ignore[arg-type]
+        token, _ = yield test_service_database.ServiceOnPostgresTests.tokens(self)  # type: ignore[arg-type]
+        self.headers = {"Authorization": [f"Bearer {token}"], "Accept": ["application/json, text/event-stream"]}
+        response = yield self.rpc(
+            "initialize",
+            {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+        )
+        self.headers["Mcp-Session-Id"] = response.headers.getRawHeaders("mcp-session-id")
+        self.headers["MCP-Protocol-Version"] = ["2025-06-18"]
+        yield self.http.post(
+            self.base + "/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=self.headers
+        )
+        # (The posts' tables are made on their first use.)
+        response = yield self.rpc("tools/call", {"name": "list_posts", "arguments": {}})
+        self.assertFalse((yield response.json())["result"]["isError"])
+
+    def post(self, path: str, form: dict[str, str]) -> Any:
+        from tests import test_service_database
+
+        return test_service_database.ServiceOnPostgresTests.post(self, path, form)  # type: ignore[arg-type]
+
+    def rpc(self, method: str, params: dict[str, Any]) -> Any:
+        return self.http.post(
+            self.base + "/mcp", json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}, headers=self.headers
+        )
+
+    @inlineCallbacks
+    def call_held(self, statement: str, slug: str, name: str, arguments: dict[str, Any]) -> Any:
+        """
+        Run C{statement} (on the post C{slug}) in a transaction of another
+        connection, call the tool C{name} while it is held until the tool's
+        statement waits on it, commit it: the tool's result.
+        """
+        import psycopg
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        holder = psycopg.connect(self.url)
+        self.addCleanup(holder.close)
+        watcher = psycopg.connect(self.url, autocommit=True)
+        self.addCleanup(watcher.close)
+        holder.execute(statement, (slug,))
+        d = self.rpc("tools/call", {"name": name, "arguments": arguments})
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%posts%'"
+        while watcher.execute(waiting).fetchone()[0] == 0:  # type: ignore[index]
+            yield deferLater(reactor, 0.02, lambda: None)  # type: ignore[arg-type]
+        holder.commit()
+        response = yield d
+        self.assertEqual(response.code, 200)
+        return (yield response.json())["result"]
+
+    INSERT = (
+        "INSERT INTO posts (slug, title, body, status, tags, created_at, updated_at)"
+        " VALUES (%s, 'First', '', 'draft', '', 0, 0)"
+    )
+
+    @inlineCallbacks
+    def test_made_from_the_title(self) -> Any:
+        result = yield self.call_held(self.INSERT, "race", "create_post", {"title": "Race"})
+        self.assertFalse(result["isError"], result)
+        self.assertEqual(result["structuredContent"]["slug"], "race-2")
+
+    @inlineCallbacks
+    def test_given(self) -> Any:
+        result = yield self.call_held(self.INSERT, "race", "create_post", {"title": "Race", "slug": "race"})
+        self.assertTrue(result["isError"], result)
+        self.assertEqual(result["content"][0]["text"], "slug 'race' is already used by another post")
+
+    @inlineCallbacks
+    def test_renamed(self) -> Any:
+        result = yield self.rpc("tools/call", {"name": "create_post", "arguments": {"title": "Other"}})
+        self.assertFalse((yield result.json())["result"]["isError"])
+        result = yield self.call_held(
+            self.INSERT, "race", "update_post", {"slug": "other", "new_slug": "race"}
+        )
+        self.assertTrue(result["isError"], result)
+        self.assertEqual(result["content"][0]["text"], "slug 'race' is already used by another post")
+
+    @inlineCallbacks
+    def test_deleted(self) -> Any:
+        result = yield self.rpc("tools/call", {"name": "create_post", "arguments": {"title": "Gone"}})
+        self.assertFalse((yield result.json())["result"]["isError"])
+        result = yield self.call_held(
+            "DELETE FROM posts WHERE slug = %s", "gone", "update_post", {"slug": "gone", "tags": ["x"], "title": "Back"}
+        )
+        self.assertTrue(result["isError"], result)
+        self.assertEqual(result["content"][0]["text"], "no post with slug 'gone'")

@@ -25,7 +25,7 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> argpars
     )
     flows.add_argument("--client", metavar="ID", default=None, help="one client's timeline")
     flows.add_argument("--grant", metavar="ID", default=None, help="one grant's timeline")
-    flows.add_argument("--last", metavar="N", type=int, default=50, help="the newest N steps (default 50)")
+    flows.add_argument("--last", metavar="N", type=_count, default=50, help="the newest N steps (default 50)")
     flows.add_argument("--resource", metavar="URL", default=None, help="the server's resource, to name mismatches")
     flows.add_argument(
         "--access-ttl", metavar="SECONDS", type=float, default=3600.0, help="access token lifetime (default 3600)"
@@ -40,6 +40,21 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> argpars
     flows.add_argument("--json", action="store_true", help="print one JSON document")
     flows.set_defaults(command="show")
     return flows
+
+
+def _count(value: str) -> int:
+    """
+    C{--last}: a whole number from 1 to 2**31 - 1 (a larger one failed the
+    database's LIMIT with an OverflowError; a negative one was no limit on
+    SQLite).
+    """
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}")
+    if not 0 < number < 2**31:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {2**31 - 1}: {value!r}")
+    return number
 
 
 async def show(reactor: Any, options: argparse.Namespace, location: str, out: IO[str]) -> int:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import attr
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 
 from smeldr_oauth.mcp.context import Context, ToolError
@@ -442,7 +443,14 @@ def load_app(spec: str, *args: Any) -> "Deferred[MCPApp]":
             raise AppLoadError(f"--app {spec!r} did not give an MCPApp")
         return app
 
-    return maybeDeferred(target, *args).addCallback(check)
+    def failed(failure: Failure) -> MCPApp:
+        # The factory could not make the app (a callable that is no factory
+        # of one, json:loads; a factory's own error): said in one line as
+        # an attribute that cannot be imported is, where smeldr-oauth-stdio
+        # logged it as a crash with a traceback.
+        raise AppLoadError(f"--app {spec!r}: {failure.type.__name__}: {failure.value}")
+
+    return maybeDeferred(target, *args).addCallbacks(check, failed)
 
 
 # Context and ToolError are re-exported: the tool-author API was imported

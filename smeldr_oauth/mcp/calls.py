@@ -12,14 +12,18 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence, TypeGuard
 
 import attr
-from twisted.logger import Logger
-from twisted.internet.defer import Deferred
+from twisted.logger import Logger, LogLevel
+from twisted.internet.defer import Deferred, FirstError
 from twisted.python.failure import Failure
 
+from smeldr_oauth.db.errors import StoreUnavailable
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.context import Context
 
 log = Logger()
+
+#: What a caller is told when the database is out of reach: for now.
+UNAVAILABLE = "The server's database is unavailable; try again in a moment"
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -97,6 +101,25 @@ def log_scope_refusal(what: str, principal: Principal, needed: Sequence[str]) ->
     )
 
 
+def log_failure(failure: Failure, format: str, outage: LogLevel = LogLevel.warn, **fields: Any) -> None:
+    """
+    C{log.failure(format, failure, **fields)}, but a database out of reach
+    (L{StoreUnavailable}: restarting, a failover) as one warning line with
+    its reason: expected, the operator's to see, not a bug, as every
+    endpoint says an outage (C{docs/operations.md}); with a traceback and
+    at critical level, a tool call or a stream made in an outage read as
+    a crash.  (C{outage}: that line's level; critical when the server
+    cannot start.)
+    """
+    if failure.check(FirstError):
+        # Of a gatherResults (the session's record and its claims saved).
+        failure = failure.value.subFailure  # type: ignore[union-attr]
+    if failure.check(StoreUnavailable):
+        log.emit(outage, "{what}: {error}", what=format.format(**fields), error=str(failure.value))
+    else:
+        log.failure(format, failure, **fields)
+
+
 def answer_lost(failure: Failure, message: jsonrpc.Message, send: Callable[[Any], None], where: str) -> None:
     """
     The answer to C{message} could not be made, saved or sent (a bug, the
@@ -105,7 +128,7 @@ def answer_lost(failure: Failure, message: jsonrpc.Message, send: Callable[[Any]
     so that its request does not wait for good.  Used by the transports
     whose answers go out apart from the request (stdio, the legacy stream).
     """
-    log.failure("MCP answer could not be sent on {where}", failure, where=where)
+    log_failure(failure, "MCP answer could not be sent on {where}", where=where)
     error = jsonrpc.lost_answer(message)
     if error is not None:
         try:

@@ -35,8 +35,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from smeldr_oauth.db.errors import StoreUnavailable
 from smeldr_oauth.mcp import jsonrpc
-from smeldr_oauth.mcp.calls import Outlet, Principal
+from smeldr_oauth.mcp.calls import UNAVAILABLE, Outlet, Principal, log_failure
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message, Notification, Request, Response
 from smeldr_oauth.mcp.state.interfaces import ISessionDelivery
 
@@ -356,7 +357,9 @@ class ConversationState:
             return None
         if failure.check(JSONRPCError):
             return jsonrpc.error_response(request.id, failure.value)  # type: ignore[arg-type]
-        log.failure(self.failure_format, failure, method=request.method)
+        log_failure(failure, self.failure_format, method=request.method)
+        if failure.check(StoreUnavailable):
+            return jsonrpc.error_response(request.id, JSONRPCError(jsonrpc.INTERNAL_ERROR, UNAVAILABLE))
         return jsonrpc.error_response(request.id, jsonrpc.internal_error())
 
     def _cancel(self, inner: Deferred, call: Any) -> None:

@@ -21,9 +21,10 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from smeldr_oauth.db.errors import StoreUnavailable
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp, invoke
-from smeldr_oauth.mcp.calls import outcome_now
+from smeldr_oauth.mcp.calls import UNAVAILABLE, log_failure, outcome_now
 from smeldr_oauth.mcp.context import LOG_LEVELS, Context, ToolError
 from smeldr_oauth.mcp.jsonrpc import InsufficientScope, JSONRPCError, Message, Request
 from smeldr_oauth.mcp.results import error_result, prompt_result, resource_contents, tool_result
@@ -267,7 +268,9 @@ def _tool_answer(result: object, tool: Any, call: "Call") -> dict[str, Any]:
         failure.raiseException()
     if failure.check(JSONRPCError):
         return error_result(failure.value.message)  # type: ignore[union-attr]
-    log.failure("Tool {tool} failed", failure, tool=tool.name)
+    log_failure(failure, "Tool {tool} failed", tool=tool.name)
+    if failure.check(StoreUnavailable):
+        return error_result(UNAVAILABLE)
     return error_result("Tool execution failed")
 
 

@@ -146,6 +146,20 @@ class StdioMCP(LineReceiver):
             self.finished.callback(None)
 
 
+def _line_length(value: str) -> int:
+    """
+    C{--max-line}: from 1 to 2**31 - 1 bytes (0 or less refused every
+    message as too large).
+    """
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}")
+    if not 0 < number < 2**31:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {2**31 - 1}: {value!r}")
+    return number
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point: serve an app on stdin/stdout until stdin closes."""
     parser = argparse.ArgumentParser(prog="smeldr-oauth-stdio", description=__doc__.split("\n\n")[0])
@@ -154,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument(
         "--database", default=None, help="PostgreSQL URL of the site content (instead of --site-db)"
     )
-    parser.add_argument("--max-line", type=int, default=1 << 20, help="longest accepted message, in bytes")
+    parser.add_argument("--max-line", type=_line_length, default=1 << 20, help="longest accepted message, in bytes")
     args = parser.parse_args(argv)
     site_db = args.database or args.site_db
     if args.app == DEFAULT_APP and site_db is None:

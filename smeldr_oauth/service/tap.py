@@ -21,6 +21,14 @@ from smeldr_oauth.oauth.config import Config, ConfigError
 from smeldr_oauth.service import workers
 
 
+#: The largest whole number an option takes: any lifetime, size, count or
+#: limit worth setting is far below it, and every one is added to times
+#: and compared as a float, or stored as a 64-bit integer, which an integer
+#: of hundreds of digits is not (an OverflowError at start-up, or a 500 on
+#: every token request).
+MAX_WHOLE = 2**31 - 1
+
+
 def _positive_int(name: str, unit: str = "seconds"):  # type: ignore[no-untyped-def]
     def convert(value: str) -> int:
         try:
@@ -29,6 +37,8 @@ def _positive_int(name: str, unit: str = "seconds"):  # type: ignore[no-untyped-
             raise usage.UsageError(f"--{name} must be a whole number of {unit}, got {value!r}")
         if number <= 0:
             raise usage.UsageError(f"--{name} must be positive, got {value!r}")
+        if number > MAX_WHOLE:
+            raise usage.UsageError(f"--{name} must be at most {MAX_WHOLE}, got {value!r}")
         return number
 
     return convert
@@ -429,6 +439,10 @@ def makeService(options: Options) -> IService:
         # The parent listens and serves the metrics.
         workers.serve_as_worker(options, app_service).setServiceParent(top)
         return top
+    # A database that cannot be opened at start-up: exit status 1 (twist
+    # exited 0 after stopping the reactor, so a service manager's restart
+    # on failure never saw one).
+    app_service.on_failure = lambda: workers.exit_with_failure(app_service.reactor)
     for description in options["listen"]:
         listener = strports_service(description, app_service.site)
         listener.setServiceParent(top)

@@ -15,9 +15,10 @@ from klein import Klein
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from smeldr_oauth.mcp.app import MCPApp
+from smeldr_oauth.mcp.calls import log_failure
 from smeldr_oauth.mcp.http import MCPHTTP
 from smeldr_oauth.oauth.config import OFFLINE_ACCESS
 from smeldr_oauth.oauth.ratelimit import Limits
@@ -278,6 +279,7 @@ class StandaloneService(Service):
 
         self.reactor = reactor
         self.options = options
+        self.on_failure: Optional[Callable[[], None]] = None  # the database not opened (tap: exit 1)
         self._http_agent: Any = None
         db_threads = options.get("db-threads")
         # Where the rate limits' buckets live: in memory for one process
@@ -439,8 +441,8 @@ class StandaloneService(Service):
             self.collector.ready()
 
         def failed(f: Any) -> None:
-            log.failure("the OAuth database could not be opened", f)
-            self.reactor.stop()
+            log_failure(f, "the OAuth database could not be opened", outage=LogLevel.critical)
+            (self.on_failure or self.reactor.stop)()
 
         self.store.ready.addCallbacks(ready, failed)
         starting = [self.store.ready]

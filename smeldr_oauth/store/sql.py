@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from smeldr_oauth.db.database import Before, Database, Transaction
 from smeldr_oauth.db.engine import IWatch
+from smeldr_oauth.db.errors import StoreUnavailable
 from smeldr_oauth.db.migrations import Schema
 from smeldr_oauth.oauth.interfaces import (
     CodeRedemption,
@@ -159,7 +160,11 @@ class SQLStore:
 
     def _migrated(self, result: object) -> None:
         if isinstance(result, Failure):
-            log.failure("The OAuth database could not be migrated", result)
+            if result.check(StoreUnavailable):
+                # Out of reach: one line (the next call tries again).
+                log.warn("The OAuth database could not be migrated: {error}", error=str(result.value))
+            else:
+                log.failure("The OAuth database could not be migrated", result)
         self._outcome = result if isinstance(result, Failure) else self
         waiting, self._waiting = self._waiting, []
         for d in waiting:

@@ -49,7 +49,7 @@ from zope.interface import implementer
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.http.errors import from_session_limit, session_not_found
-from smeldr_oauth.mcp.calls import Outlet
+from smeldr_oauth.mcp.calls import Outlet, log_failure
 from smeldr_oauth.mcp.session import ServerSession
 from smeldr_oauth.mcp.state.interfaces import IEventLog, ISessionDelivery, ISessionSink, ISessionStore
 from smeldr_oauth.mcp.state.records import LEGACY, STREAMABLE, SessionLimitReached, SessionLimits, SessionRecord
@@ -92,7 +92,7 @@ def _logged(message: str) -> Callable[[Failure], None]:
     """An errback that logs a failure of the session state backend."""
 
     def errback(failure: Failure) -> None:
-        log.failure(message, failure)
+        log_failure(failure, message)
 
     return errback
 
@@ -554,7 +554,7 @@ class SessionRegistry:
             if live.saving is both:
                 live.saving = None
             if isinstance(result, Failure):
-                log.failure("MCP session state could not be saved", result)
+                log_failure(result, "MCP session state could not be saved")
 
         both.addBoth(done)
 

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.auth import BearerAuth, Credential
+from smeldr_oauth.mcp.calls import log_failure
 from smeldr_oauth.mcp.http import wire
 from smeldr_oauth.mcp.http.errors import bad_request, invalid_frame, modern_refusal, rpc_error
 from smeldr_oauth.mcp.http.exchange import Exchange
@@ -55,7 +56,7 @@ log = Logger()
 
 
 def _not_replayed(failure: Failure) -> list[tuple[int, str]]:
-    log.failure("MCP events could not be replayed", failure)
+    log_failure(failure, "MCP events could not be replayed")
     return []
 
 

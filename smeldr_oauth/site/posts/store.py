@@ -15,8 +15,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.defer import fail as _fail
 from twisted.internet.defer import succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from smeldr_oauth.db.database import Database, Transaction
+from smeldr_oauth.db.errors import StoreConflict
 from smeldr_oauth.db.rows import where
 from smeldr_oauth.site.db import SecondsClock, wall_clock
 from smeldr_oauth.site.posts.model import (
@@ -239,31 +241,35 @@ class PostStore:
         now = self._clock.seconds()
 
         def create_post(txn: Transaction) -> Post:
-            chosen = base
-            if not _slug_free(txn, chosen):
+            # The slug is taken by the insert itself (ON CONFLICT DO
+            # NOTHING): a look-up first and then the insert let two posts
+            # made at once on PostgreSQL both find a slug free, and the
+            # second insert failed on the unique slug (a traceback, "Tool
+            # execution failed"); the look-up only skips slugs seen taken.
+            chosen, n = base, 1
+            while True:
+                if _slug_free(txn, chosen):
+                    row = txn.execute(
+                        "INSERT INTO posts (slug, title, body, status, tags, created_at, updated_at, published_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (slug) DO NOTHING RETURNING id",
+                        (
+                            chosen,
+                            title,
+                            body,
+                            status,
+                            " ".join(tag_tuple),
+                            now,
+                            now,
+                            now if status == PUBLISHED else None,
+                        ),
+                    ).fetchone()
+                    if row is not None:
+                        break
                 if explicit:
                     raise SlugTaken(chosen)
-                n = 2
-                while True:
-                    suffix = f"-{n}"
-                    chosen = base[: MAX_SLUG - len(suffix)].rstrip("-") + suffix
-                    if _slug_free(txn, chosen):
-                        break
-                    n += 1
-            row = txn.execute(
-                "INSERT INTO posts (slug, title, body, status, tags, created_at, updated_at, published_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (
-                    chosen,
-                    title,
-                    body,
-                    status,
-                    " ".join(tag_tuple),
-                    now,
-                    now,
-                    now if status == PUBLISHED else None,
-                ),
-            ).fetchone()
+                n += 1
+                suffix = f"-{n}"
+                chosen = base[: MAX_SLUG - len(suffix)].rstrip("-") + suffix
             _set_tags(txn, row[0], tag_tuple)
             return _get(txn, chosen)
 
@@ -322,12 +328,26 @@ class PostStore:
                 sets.append("published_at = COALESCE(published_at, ?)")
                 params.append(now)
             txn.execute(f"UPDATE posts SET {', '.join(sets)} WHERE id = ?", (*params, post.id))
+            if txn.rowcount == 0:
+                # Deleted since _get found it (PostgreSQL, a delete_post at
+                # the same moment; the update waited for it): its tags
+                # would have failed their foreign key with a traceback.
+                raise PostNotFound(slug)
             if tag_tuple is not None:
                 _set_tags(txn, post.id, tag_tuple)
             return _get(txn, str(changes.get("slug", slug)))
 
+        def renamed_meanwhile(failure: Failure) -> Failure:
+            # Another post took the new slug after update_post found it
+            # free (PostgreSQL, two changes at once): the unique slug
+            # refused it, as SlugTaken says.
+            failure.trap(StoreConflict)
+            if "slug" in changes and "slug" in str(failure.value):
+                raise SlugTaken(str(changes["slug"]))
+            return failure
+
         d = self._write(update_post)
-        d.addCallback(_logged, "updated")
+        d.addCallbacks(_logged, renamed_meanwhile, callbackArgs=("updated",))
         return d
 
     def publish(self, slug: str) -> Deferred[Post]:
