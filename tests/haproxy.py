@@ -397,6 +397,7 @@ def haproxyConfig(
     routedPaths: Optional[Sequence[str]] = None,
     healthCheck: Optional[str] = None,
     checkInterval: float = 0.5,
+    timeoutCheck: float = 1.0,
     redispatch: bool = True,
     extraFrontend: Sequence[str] = (),
     extraBackend: Sequence[str] = (),
@@ -423,6 +424,13 @@ def haproxyConfig(
         server each C{checkInterval} seconds, taking a server that fails
         two checks out of the rotation until it passes two (for tests that
         kill a server); none by default.
+    @param timeoutCheck: C{timeout check}, seconds: how long a health
+        check waits for its answer once connected.  Without it haproxy
+        gives a check C{checkInterval} in all, and a live server on a
+        loaded machine (its reactor busy past 0.1 s) failed two checks
+        in a row and left the rotation: with the other one killed, every
+        request was a 503.  A killed server still fails at once (its
+        connection is refused).
     @param redispatch: a request whose connection to a server fails (a
         killed process) is retried on another one (C{option redispatch},
         C{retries 2}); a request the server accepted is never retried.
@@ -464,6 +472,7 @@ def haproxyConfig(
         f"    timeout connect {_ms(timeoutConnect)}\n"
         f"    timeout client {_ms(timeoutClient)}\n"
         f"    timeout server {_ms(timeoutServer)}\n"
+        f"    timeout check {_ms(timeoutCheck)}\n"
         "frontend public\n" + "\n".join(frontend) + "\n"
         "backend app\n" + "\n".join(backend) + "\n" + servers + "\n"
         "backend website\n"
