@@ -767,3 +767,44 @@ class HTTPDateTests(SynchronousTestCase):
         # A clock set back is followed too.
         now[0] = 784111700.5
         self.assertEqual(date(), datetimeToString(784111700))
+
+
+class RouteFollowsTwistedTests(SynchronousTestCase):
+    def test_process_unchanged(self) -> None:
+        """
+        L{SmeldrRequest._route} is a copy of twisted.web's
+        C{Request.process} with one change (the C{Date} header): a Twisted
+        whose C{process} reads otherwise (a header added, a new step before
+        rendering) fails here, so that the copy is brought up to date
+        rather than silently left behind.
+        """
+        import inspect
+        from twisted.web.server import Request as ServerRequest
+
+        source = inspect.getsource(ServerRequest.process)
+        # The code alone: no docstring, comments or blank lines.
+        body = source.split('"""')[-1]
+        code = [line.strip() for line in body.splitlines() if line.strip() and not line.strip().startswith("#")]
+        self.assertEqual(
+            code,
+            [
+                "self.site = self.channel.site",
+                'self.setHeader(b"Server", version)',
+                'self.setHeader(b"Date", datetimeToString())',
+                "self.prepath = []",
+                'self.postpath = list(map(unquote, self.path[1:].split(b"/")))',
+                'if self.path == b"*":',
+                "self._handleStar()",
+                "return",
+                "try:",
+                "resrc = self.site.getResourceFor(self)",
+                "if resource._IEncodingResource.providedBy(resrc):",
+                "encoder = resrc.getEncoder(self)",
+                "if encoder is not None:",
+                "self._encoder = encoder",
+                "self.render(resrc)",
+                "except BaseException:",
+                "self.processingFailed(failure.Failure())",
+            ],
+            "twisted.web's Request.process changed: bring SmeldrRequest._route up to date with it",
+        )
