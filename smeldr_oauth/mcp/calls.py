@@ -120,6 +120,21 @@ def log_failure(failure: Failure, format: str, outage: LogLevel = LogLevel.warn,
         log.failure(format, failure, **fields)
 
 
+def logged(message: str) -> Callable[[Failure], None]:
+    """
+    An errback that logs a failure of the session state (this process's
+    or the shared one) with L{log_failure}: the heartbeat meets an outage
+    every few seconds while it lasts, and with a traceback each it read as
+    a crash (and failed a test that stops the database whenever a beat
+    fell in the outage).
+    """
+
+    def errback(failure: Failure) -> None:
+        log_failure(failure, message)
+
+    return errback
+
+
 def answer_lost(failure: Failure, message: jsonrpc.Message, send: Callable[[Any], None], where: str) -> None:
     """
     The answer to C{message} could not be made, saved or sent (a bug, the

@@ -49,7 +49,7 @@ from zope.interface import implementer
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.http.errors import from_session_limit, session_not_found
-from smeldr_oauth.mcp.calls import Outlet, log_failure
+from smeldr_oauth.mcp.calls import Outlet, log_failure, logged
 from smeldr_oauth.mcp.session import ServerSession
 from smeldr_oauth.mcp.state.interfaces import IEventLog, ISessionDelivery, ISessionSink, ISessionStore
 from smeldr_oauth.mcp.state.records import LEGACY, STREAMABLE, SessionLimitReached, SessionLimits, SessionRecord
@@ -86,15 +86,6 @@ def _at_once(d: Deferred, then: Callable[..., Any], *args: Any) -> Any:
     if isinstance(result, Failure):
         result.raiseException()
     return then(result, *args)
-
-
-def _logged(message: str) -> Callable[[Failure], None]:
-    """An errback that logs a failure of the session state backend."""
-
-    def errback(failure: Failure) -> None:
-        log_failure(failure, message)
-
-    return errback
 
 
 @implementer(ISessionSink)
@@ -260,7 +251,7 @@ class DeliveryOutlet(Outlet):
             self._delivery.deliver(self._session_id, data)
             return
         self._delivery.deliver_logged(self._session_id, data, self._events).addErrback(
-            _logged("MCP message could not be logged for resumption")
+            logged("MCP message could not be logged for resumption")
         )
 
 
@@ -546,7 +537,7 @@ class SessionRegistry:
         both = gatherResults([saved, self.delivery.settled(live.session_id)], consumeErrors=True)
         if both.called:
             # The in-process seams: saved already.
-            both.addErrback(_logged("MCP session state could not be saved"))
+            both.addErrback(logged("MCP session state could not be saved"))
             return
         live.saving = both
 
@@ -607,7 +598,7 @@ class SessionRegistry:
             log.info("MCP session idle; ended")
             self.end(live)
 
-        self.store.get(live.session_id).addCallback(check).addErrback(_logged("MCP session expiry failed"))
+        self.store.get(live.session_id).addCallback(check).addErrback(logged("MCP session expiry failed"))
 
     # -- ending -------------------------------------------------------------------
 
@@ -625,7 +616,7 @@ class SessionRegistry:
             self._ended(session_id)
 
         d: Deferred[None] = self.store.remove(session_id).addErrback(
-            _logged("MCP session record could not be removed")
+            logged("MCP session record could not be removed")
         ).addCallback(removed)
         # Not attached (any more): the delivery cannot reach it.
         self.release(live)
@@ -662,7 +653,7 @@ class SessionRegistry:
                 self._ended(session_id)
 
         self.store.remove_grant(grant_id).addCallback(removed).addErrback(
-            _logged("MCP sessions of a revoked grant could not be ended")
+            logged("MCP sessions of a revoked grant could not be ended")
         )
         for live in list(self._live.values()):
             if live.record.grant_id == grant_id:

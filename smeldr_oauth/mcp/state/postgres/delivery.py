@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smeldr_oauth.db.notify import NOTIFICATIONS_SCHEMA, NOTIFY_LIMIT, publish
+from smeldr_oauth.mcp.calls import logged
 from smeldr_oauth.mcp.jsonrpc import Response
 from smeldr_oauth.mcp.state.interfaces import IEventLog, ISessionDelivery, ISessionSink
 from smeldr_oauth.mcp.state.memory import LocalDelivery, append_then_deliver
@@ -32,7 +33,6 @@ from smeldr_oauth.mcp.state.postgres.schema import (
     SESSIONS_SCHEMA,
     Serial,
     log,
-    logged,
 )
 from smeldr_oauth.mcp.state.records import SessionRecord
 

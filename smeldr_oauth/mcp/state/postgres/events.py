@@ -12,7 +12,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
 from smeldr_oauth.mcp.state.interfaces import IEventLog
-from smeldr_oauth.mcp.state.postgres.schema import SESSIONS_SCHEMA, TOUCH_INTERVAL, Serial, logged
+from smeldr_oauth.mcp.calls import logged
+from smeldr_oauth.mcp.state.postgres.schema import SESSIONS_SCHEMA, TOUCH_INTERVAL, Serial
 
 if TYPE_CHECKING:
     from smeldr_oauth.db.database import Database, Transaction

@@ -10,9 +10,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from smeldr_oauth.db.errors import StoreUnavailable
 from smeldr_oauth.db.migrations import Migration, Schema
 
 log = Logger()
@@ -134,24 +132,3 @@ class Serial:
 
         tails = list(self._tails.values()) if key is None else [t for k, t in self._tails.items() if k == key]
         return gatherResults([when(t) for t in tails]).addCallback(lambda _: None)
-
-
-def logged(message: str) -> Callable[[Failure], None]:
-    """
-    An errback that logs a failure of the shared session state: the
-    database out of reach (L{StoreUnavailable}: restarting, a network cut)
-    as one warning line, as the endpoints, the health check and the flow
-    timeline say an outage, since it is the operator's to see, not a bug,
-    and the heartbeat meets one every few seconds while it lasts (with a
-    traceback each, it read as a crash, and failed a test that stops the
-    database whenever a beat fell in the outage); anything else with its
-    traceback.
-    """
-
-    def errback(failure: Failure) -> None:
-        if failure.check(StoreUnavailable):
-            log.warn("{what}: {error}", what=message, error=str(failure.value))
-            return
-        log.failure(message, failure)
-
-    return errback

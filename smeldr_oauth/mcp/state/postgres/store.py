@@ -14,7 +14,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import implementer
 
 from smeldr_oauth.mcp.state.interfaces import ISessionStore
-from smeldr_oauth.mcp.state.postgres.schema import _ADMIT_LOCK, PURGE_BATCH, SESSIONS_SCHEMA, TOUCH_INTERVAL, logged
+from smeldr_oauth.mcp.calls import logged
+from smeldr_oauth.mcp.state.postgres.schema import _ADMIT_LOCK, PURGE_BATCH, SESSIONS_SCHEMA, TOUCH_INTERVAL
 from smeldr_oauth.mcp.state.records import SessionLimits, SessionRecord, make_room
 
 if TYPE_CHECKING:
