@@ -31,7 +31,8 @@ with an index look-up of each (the grant's primary key; the token's
 C{(grant_id, generation)}): C{tests.test_store_postgres}.
 
 The rows to insert are JSON arrays of objects named by column; a column
-missing from them is NULL (the tables have no defaults).  The check that
+missing from them is NULL (the tables have no defaults: a column given
+one later needs this function replaced, or it is stored NULL here).  The check that
 the spend spent every presented token, which the statement did with a
 failing cast, is a C{RAISE}: the error ends the transaction before the
 C{COMMIT} that rides in the same round trip.
