@@ -20,6 +20,7 @@ from smeldr_oauth.db.postgres import _scrub
 from smeldr_oauth.oauth import rotation
 from smeldr_oauth.oauth.interfaces import RefreshRedemption
 from smeldr_oauth.store.ratelimits import _array_literal
+from smeldr_oauth.store.rotation_writes import TABLES, WRITE_ROTATIONS
 from smeldr_oauth.store.transactions import (
     RECORD_USE,
     SPEND_GENERATION,
@@ -49,9 +50,9 @@ def redeem_refresh_tokens(txn: Transaction, calls: list[tuple[Any, ...]]) -> lis
         in C{grant_id} order, in one call of C{smeldr_refresh_facts_many}
         (migration 3);
       - L{rotation.decide} for each, in Python, as alone;
-      - every rotation's writes in one statement (one per
-        L{MAX_PARAMETERS} bind parameters), whose C{RETURNING} says that
-        each presented token was spent by this batch.
+      - every rotation's writes in one call of C{smeldr_write_rotations}
+        (one per L{MAX_PARAMETERS} parameters; OAuth migration 10), which
+        fails unless each presented token was spent by this batch.
 
     A call whose grant an earlier call of the batch has already decided on
     (two refreshes of one grant, or a replay of one token) cannot use the
@@ -116,30 +117,9 @@ def redeem_refresh_tokens(txn: Transaction, calls: list[tuple[Any, ...]]) -> lis
 
 
 #: An insert of one row of named columns, as the rotation sends its new
-#: tokens: a batch sends all rows of one such insert as one JSON parameter.
+#: tokens: a batch sends all rows of such inserts into each table of
+#: L{TABLES} as one JSON parameter.
 _INSERT = re.compile(r"INSERT INTO (\w+) \(([\w, ]+)\) VALUES \([?, ]+\)\Z")
-
-#: A batch's grants whose use is recorded and its spends travel as arrays,
-#: one a column, read by C{unnest}: the planner knows from the arrays
-#: themselves how many rows they hold, and with a handful of rows it
-#: reaches C{grants} and C{refresh_tokens} by index at every table size.
-#: Joined on C{json_to_recordset}, which it takes for 100 rows whatever
-#: the batch, it read both tables whole (hash joins) while they were
-#: smaller than about 25,000 rows: a batch of 11 on 20,000 analyzed rows
-#: 2.4 ms against 0.2 (docs/performance.md, "Round ten").
-_BATCH_RECORD_USE = (
-    "_g AS (UPDATE grants g SET last_used_at = u.now"
-    " FROM unnest(?::float8[], ?::text[]) AS u(now, grant_id)"
-    " WHERE g.grant_id = u.grant_id)"
-)
-_BATCH_SPEND = (
-    "_s AS (UPDATE refresh_tokens t SET"
-    " used_at = CASE WHEN t.token_hash = u.token_hash THEN u.now ELSE t.used_at END,"
-    " revoked_at = CASE WHEN t.token_hash = u.token_hash THEN t.revoked_at ELSE u.now END"
-    " FROM unnest(?::text[], ?::float8[], ?::text[], ?::int4[]) AS u(token_hash, now, grant_id, generation)"
-    " WHERE t.grant_id = u.grant_id AND t.generation = u.generation"
-    " AND t.used_at IS NULL AND t.revoked_at IS NULL RETURNING t.token_hash)"
-)
 
 
 def _column(values: list[Any]) -> Any:
@@ -157,41 +137,29 @@ def _column(values: list[Any]) -> Any:
     return _array_literal(values)
 
 
-#: The end of a batch's writes statement: it fails, in the database, unless
-#: its spend (C{_s}) spent every token the batch presented, so that a
-#: C{COMMIT} sent in the same round trip is never reached then (a simple
-#: query stops at its first error).  The error is a cast of text that says
-#: why; it depends on C{count(*)}, so the planner cannot fold it away.
-_CHECK_SPENT = (
-    " SELECT CASE WHEN count(*) = ? THEN count(*)"
-    " ELSE ('refresh token spent concurrently: ' || count(*) || ' of ' || ?)::int END"
-    " FROM _s WHERE token_hash = ANY(?::text[])"
-)
-
-
 def _write_batch(
     txn: Transaction, writes: list[tuple[str, Sequence[Any]]], spent: list[tuple[int, str]], last: bool = False
 ) -> None:
     """
-    Send a batch's writes as one statement (they touch rows of distinct
-    grants, so none depends on another), and refuse, as L{_apply} does, if
-    a presented token was not spent by it.
+    Send a batch's writes as one call of C{smeldr_write_rotations} (they
+    touch rows of distinct grants, so none depends on another; see
+    L{smeldr_oauth.store.rotation_writes}), which refuses, as L{_apply}
+    does, if a presented token was not spent by it.
 
-    The rows of each kind of write travel as one JSON parameter, so the
-    statement's text is the same whatever the batch holds: PostgreSQL
-    parses one short statement instead of a clause per write (a batch of
-    25 refreshes was 75 clauses and 450 parameters, a text never seen
-    before, parsed and planned at 1.9 ms of backend CPU).  It is not
-    prepared (C{prepare=False}): a prepared statement's plan may be kept
-    from when C{refresh_tokens} was small (a sequential scan, as the facts
-    functions' were: OAuth migration 5), this one is planned at each run.
-    Writes of another shape (none today) go as one clause each, as
-    before.  Text values are stored with a NUL as U+FFFD, as every text
-    parameter is on PostgreSQL (L{smeldr_oauth.db.postgres}), which
+    The rows of each kind of write travel as one JSON or array parameter
+    a column, so the statement's text is the same whatever the batch
+    holds: PostgreSQL parses one short statement instead of a clause per
+    write (a batch of 25 refreshes was 75 clauses and 450 parameters, a
+    text never seen before, parsed and planned at 1.9 ms of backend CPU),
+    and plans only the call (the function's statements are planned once
+    a session).  Writes of another shape (none today) go first, as one
+    clause each.  Text values are stored with a NUL as U+FFFD, as every
+    text parameter is on PostgreSQL (L{smeldr_oauth.db.postgres}), which
     refuses C{\\u0000} in text; floats keep their exact value (Python
     writes the shortest decimal that reads back as the same double).
     """
-    inserts: dict[str, tuple[str, list[str], list[dict[str, Any]]]] = {}
+    rows: dict[str, list[dict[str, Any]]] = {table: [] for table in TABLES}
+    columns: dict[str, list[str]] = {}
     # Columns: (now, grant_id) and (token_hash, now, grant_id, generation).
     record_use: tuple[list[Any], ...] = ([], [])
     spends: tuple[list[Any], ...] = ([], [], [], [])
@@ -209,37 +177,31 @@ def _write_batch(
             record_use[1].append(values[1])
         else:
             shape = _INSERT.match(sql)
-            if shape is None:
+            if shape is None or shape.group(1) not in rows:
                 if position in spent_at:
                     others_spent.append(len(others))
                 others.append((sql, values))
                 continue
-            if sql not in inserts:
-                inserts[sql] = (shape.group(1), shape.group(2).split(", "), [])
-            inserts[sql][2].append(dict(zip(inserts[sql][1], values)))
-    clauses = [
-        f"_i{index} AS (INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)}"
-        f" FROM json_populate_recordset(NULL::{table}, ?::json))"
-        for index, (table, columns, _) in enumerate(inserts.values())
-    ]
-    params: list[Any] = [json.dumps(rows, allow_nan=False) for _, _, rows in inserts.values()]
-    clauses += [_BATCH_RECORD_USE, _BATCH_SPEND]
-    params += [_column(column) for column in record_use]
-    params += [_column(column) for column in spends]
+            if sql not in columns:
+                columns[sql] = shape.group(2).split(", ")
+            rows[shape.group(1)].append(dict(zip(columns[sql], values)))
     found: set[str] = set()
     if others:
         _write_clauses(txn, others, others_spent, found)
         # Tokens spent by those clauses are checked here, the rest in the
-        # statement.
+        # function.
         spent = [(index, token_hash) for index, token_hash in spent if token_hash not in found]
     expected: list[object] = [*sorted({token_hash for _, token_hash in spent})]
-    params += [len(expected), len(expected), _array_literal(expected) if expected else "{}"]
     # The batch's last statement takes the COMMIT with it when it may:
     # one round trip instead of two.
     txn.execute(
-        f"WITH {', '.join(clauses)}{_CHECK_SPENT}",
-        params,
-        prepare=False,
+        WRITE_ROTATIONS,
+        [
+            *(json.dumps(rows[table], allow_nan=False) for table in TABLES),
+            *(_column(column) for column in record_use),
+            *(_column(column) for column in spends),
+            _array_literal(expected) if expected else "{}",
+        ],
         simple=True,
         commit=last and not others and txn.may_commit,
     )

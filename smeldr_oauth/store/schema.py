@@ -17,6 +17,7 @@ from __future__ import annotations
 from smeldr_oauth.db.database import Transaction
 from smeldr_oauth.db.migrations import Migration, Schema
 from smeldr_oauth.store import hashkeys
+from smeldr_oauth.store.rotation_writes import WRITE_ROTATIONS_FUNCTION
 
 
 def _legacy_version(txn: Transaction) -> int:
@@ -470,6 +471,10 @@ OAUTH_SCHEMA = Schema(
         # rows, each hash converted, their other columns, keys and indexes
         # as they were.  PostgreSQL keeps hex TEXT.
         Migration(9, sqlite=_BLOB_KEYS, postgresql=()),
+        # PostgreSQL: a batch of rotations' writes in one function, its
+        # statements planned once a session instead of at every batch
+        # (see smeldr_oauth.store.rotation_writes).
+        Migration(10, sqlite=(), postgresql=(WRITE_ROTATIONS_FUNCTION,)),
     ),
     tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
     legacy=_legacy_version,
