@@ -402,3 +402,18 @@ class CannotStartTests(TestCase):
         self.assertIn("the OAuth database could not be opened: ", log)
         self.assertIn("unable to open database file", log)
         self.assertNotIn("Traceback", log)
+
+    async def test_sqlite_not_a_database(self) -> None:
+        """
+        A SQLite file that is not a database (or a damaged one): the same
+        exit status and one line naming the file and why, without the two
+        tracebacks it logged (and with the default C{--db-threads 0}, the
+        server then served on).
+        """
+        junk = os.path.abspath(self.mktemp())
+        with open(junk, "wb") as f:
+            f.write(b"not a database " * 500)
+        log, code = await self.start("--oauth-db", junk)
+        self.assertEqual(code, 1, log)
+        self.assertIn(f"the OAuth database could not be opened: cannot connect to {junk}: file is not a database", log)
+        self.assertNotIn("Traceback", log)
