@@ -432,16 +432,23 @@ class Tokens:
         revoked the grant without its log line, and the process's caches
         kept the grant's access tokens (seen over a real socket).
         """
-        stored.addCallback(self._spent_again)
         waiter: Deferred[Any] = Deferred()
-        stored.addBoth(lambda result: None if waiter.called else waiter.callback(result))
+        stored.addBoth(self._answered, waiter)
         return waiter
 
-    def _spent_again(self, result: Any) -> Any:
+    def _answered(self, result: Any, waiter: "Deferred[Any]") -> None:
+        # One callback: the wait costs 14,000 instructions more than the
+        # store's Deferred alone, 20,000 with two (callgrind, a bare loop).
+        if not isinstance(result, Failure):
+            self._spent_again(result)
+        if not waiter.called:
+            waiter.callback(result)
+
+    def _spent_again(self, result: Any) -> None:
         """
         A single-use credential presented a second time (a replayed code, a
         reused refresh token; RFC 9700 section 4.14.2 and OAuth 2.1 section
-        4.1.3), seen in the store's C{result} (passed on): the store has
+        4.1.3), seen in the store's C{result}: the store has
         already revoked the grant in the same transaction; this says so in
         the log and tells the caches the grant is gone.
 
@@ -455,7 +462,7 @@ class Tokens:
         elif status == rotation.REUSED:
             how, credential, event, spent = "reused", "refresh token", "refresh_reuse", redemption.grant
         else:
-            return result
+            return
         log.warn(
             "{how} {credential} refused: grant {grant_id} revoked",
             how=how,
@@ -465,7 +472,6 @@ class Tokens:
             smeldr_event=event,
         )
         self.events.grant_revoked(spent.grant_id)
-        return result
 
     def _logged(self, grant_type: str, client_id: str, grant_id: str) -> None:
         # Debug level: a token issue is routine (one per refresh), and
