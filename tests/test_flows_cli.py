@@ -99,6 +99,21 @@ class SQLiteFlowsCommandTests(FlowsCommandMixin, TestCase):
                 parse(["flows", "--last", value, *self.where])
             self.assertIn("--last", str(caught.exception))  # type: ignore[attr-defined]
 
+    def test_bad_seconds(self) -> None:
+        """
+        The lifetimes are finite seconds, not negative: C{nan} failed the
+        command with a bare C{ValueError}, a negative C{--access-ttl} read
+        every token as expired.
+        """
+        from smeldr_oauth.site.admin.common import UsageError
+
+        for option in ("--access-ttl", "--grace"):
+            for value in ("nan", "inf", "-inf", "1e309", "-5", str(2**31), "soon"):
+                with self.assertRaises(UsageError) as caught:  # type: ignore[attr-defined]
+                    parse(["flows", f"{option}={value}", *self.where])
+                self.assertIn(option, str(caught.exception))  # type: ignore[attr-defined]
+            self.assertEqual(getattr(parse(["flows", option, "0.5", *self.where]), option[2:].replace("-", "_")), 0.5)
+
     async def test_missing_database(self) -> None:
         os.remove(self.location) if os.path.exists(self.location) else None
         status, _, err = await self.admin()

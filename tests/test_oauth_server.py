@@ -1280,7 +1280,13 @@ class SlowLookupStore(MemoryStore):
         self.held: list[tuple[Deferred[Any], Deferred[Any]]] = []
 
     def exchange_code(self, *args: Any) -> "Deferred[Any]":
-        answer = super().exchange_code(*args)
+        return self._held(super().exchange_code(*args))
+
+    def redeem_refresh_token(self, *args: Any) -> "Deferred[Any]":
+        return self._held(super().redeem_refresh_token(*args))
+
+    def _held(self, answer: "Deferred[Any]") -> "Deferred[Any]":
+        """The store's C{answer}, or, with C{hold_exchanges}, a Deferred it reaches at L{release_exchanges}."""
         if not self.hold_exchanges:
             return answer
         d: Deferred[Any] = Deferred()
@@ -1493,6 +1499,48 @@ class ExchangeRemembersTests(SlowStoreTestCase):
         self.assertNotIn("h1", verifier._cache)
         verifier.access_issued("h2", attr.evolve(info, resource=RESOURCE), verifier.revocation_mark())
         self.assertIn("h2", verifier._cache)
+
+class LeftBeforeTheStoreTests(SlowStoreTestCase):
+    """
+    A replayed code or a reused refresh token whose client leaves before
+    the store answers (a request cancelled, as the site does when the
+    connection is lost): the store has revoked the grant all the same, so
+    the replay is logged and the caches are told.  Over a real socket on
+    PostgreSQL, clients that hung up at once had grants revoked without a
+    log line, their access tokens still accepted from this process's cache.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.server.add_revocation_observer(self.revoked.append)
+
+    def left(self, params: dict[str, list[str]], event: str) -> None:
+        from twisted.internet.defer import CancelledError, ensureDeferred
+
+        self.store.hold_exchanges = True
+        request = ensureDeferred(self.server.token(params))
+        self.assertNoResult(request)
+        request.cancel()
+        self.failureResultOf(request, CancelledError)
+        with capturedLogs() as events:
+            self.store.release_exchanges()
+        self.assertIn(event, [e.get("smeldr_event") for e in events])
+        self.assertEqual(len(self.revoked), 1)
+
+    def test_replayed_code(self) -> None:
+        code = self.code_for()
+        body = self.drive(self.server.token(self.exchange_params(code)))
+        self.assertIn(hash_secret(body["access_token"]), self.server.verifier._cache)
+        self.left(self.exchange_params(code), "code_replay")
+        self.assertNotIn(hash_secret(body["access_token"]), self.server.verifier._cache)
+
+    def test_reused_refresh_token(self) -> None:
+        first = self.tokens(scope="read write offline_access")
+        second = self.drive(self.server.token(self.refresh(first["refresh_token"])))
+        self.clock.advance(self.config.refresh_grace + 1)
+        self.left(self.refresh(first["refresh_token"]), "refresh_reuse")
+        self.assertNotIn(hash_secret(second["access_token"]), self.server.verifier._cache)
+
 
 class ConfigTests(SynchronousTestCase):
     def test_issuer(self) -> None:

@@ -354,15 +354,11 @@ class CannotStartTests(TestCase):
     C{twist smeldr-oauth} (one process) with a database it cannot reach.
     """
 
-    async def test_exit_status(self) -> None:
+    async def start(self, *database: str) -> tuple[str, int]:
         """
-        Exit status 1 and the reason in one critical line, no traceback:
-        it exited 0 after three tracebacks, so a service manager's restart
-        on failure never saw a failure.
+        Run the command with C{database}'s options until it exits (or for
+        a minute, when it serves on): its output and exit status.
         """
-        from tests import postgres
-
-        server = postgres.cluster()
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         port = e2e.freePort()
@@ -372,13 +368,52 @@ class CannotStartTests(TestCase):
                 sys.executable, "-m", "twisted", "--log-format=text", "smeldr-oauth",
                 "--issuer", f"http://127.0.0.1:{port}",
                 "--listen", f"tcp:{port}:interface=127.0.0.1",
-                "--database", server.url("no_such_database"),
+                *database,
             ],
-            timeout=120,
+            timeout=60,
             path=directory,
         )
-        log = out + err
+        return out + err, code
+
+    async def test_exit_status(self) -> None:
+        """
+        Exit status 1 and the reason in one critical line, no traceback:
+        it exited 0 after three tracebacks, so a service manager's restart
+        on failure never saw a failure.
+        """
+        from tests import postgres
+
+        server = postgres.cluster()
+        log, code = await self.start("--database", server.url("no_such_database"))
         self.assertEqual(code, 1, log)
         self.assertIn("the OAuth database could not be opened: ", log)
         self.assertIn("no_such_database", log)
+        self.assertNotIn("Traceback", log)
+
+    async def test_sqlite_exit_status(self) -> None:
+        """
+        The same for a SQLite file that cannot be opened: on SQLite (with
+        the default C{--db-threads 0}) the store fails before the reactor
+        runs, and the server, its stop lost, served on, every answer that
+        needs the store a 503 or a 500.
+        """
+        log, code = await self.start("--oauth-db", os.path.abspath(self.mktemp()) + "/no/such/oauth.db")
+        self.assertEqual(code, 1, log)
+        self.assertIn("the OAuth database could not be opened: ", log)
+        self.assertIn("unable to open database file", log)
+        self.assertNotIn("Traceback", log)
+
+    async def test_sqlite_not_a_database(self) -> None:
+        """
+        A SQLite file that is not a database (or a damaged one): the same
+        exit status and one line naming the file and why, without the two
+        tracebacks it logged (and with the default C{--db-threads 0}, the
+        server then served on).
+        """
+        junk = os.path.abspath(self.mktemp())
+        with open(junk, "wb") as f:
+            f.write(b"not a database " * 500)
+        log, code = await self.start("--oauth-db", junk)
+        self.assertEqual(code, 1, log)
+        self.assertIn(f"the OAuth database could not be opened: cannot connect to {junk}: file is not a database", log)
         self.assertNotIn("Traceback", log)

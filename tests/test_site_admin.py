@@ -556,6 +556,22 @@ class ScriptTests(TestCase):
         self.assertNotIn(b"Traceback", err)
 
     @inlineCallbacks
+    def test_not_a_database(self):
+        """
+        A database file that is not one: exit status 1 and one line naming
+        the file and why (a traceback came first).
+        """
+        junk = os.path.abspath(self.mktemp())
+        with open(junk, "wb") as f:
+            f.write(b"not a database " * 500)
+        for argv in (("grants", "list", "--oauth-db", junk), ("token", "list", "--site-db", junk)):
+            out, err, code = yield self.script(*argv)
+            self.assertEqual(code, 1, err)
+            self.assertNotIn(b"Traceback", err)
+            self.assertEqual(err.count(b"\n"), 1, err)
+            self.assertIn(junk.encode() + b": file is not a database", err)
+
+    @inlineCallbacks
     def test_create_then_list(self):
         base = self.mktemp()
         os.makedirs(base)

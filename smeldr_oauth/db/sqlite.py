@@ -48,6 +48,13 @@ BUSY_TIMEOUT = 5.0
 #: OperationalError too).
 _UNAVAILABLE_WORDS = ("locked", "busy", "unable to open", "disk i/o", "disk is full", "readonly")
 
+#: SQLite's error names (C{sqlite3.DatabaseError.sqlite_errorname}) for a
+#: file that is not a SQLite database, or a damaged one: no statement can
+#: work, and no bug of ours made it so.  The operator's to mend, said in
+#: one line as an unreachable database is (the server then does not start):
+#: they were tracebacks, and a server that served on with 500s.
+_UNUSABLE_FILE = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+
 
 @implementer(IDatabaseEngine)
 class SQLiteEngine:
@@ -95,6 +102,8 @@ class SQLiteEngine:
             message = str(error).lower()
             if any(word in message for word in _UNAVAILABLE_WORDS):
                 return UNAVAILABLE
+        if str(getattr(error, "sqlite_errorname", "")).startswith(_UNUSABLE_FILE):
+            return UNAVAILABLE
         return None
 
     def broken(self, connection: Any) -> bool:

@@ -28,12 +28,12 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> argpars
     flows.add_argument("--last", metavar="N", type=_count, default=50, help="the newest N steps (default 50)")
     flows.add_argument("--resource", metavar="URL", default=None, help="the server's resource, to name mismatches")
     flows.add_argument(
-        "--access-ttl", metavar="SECONDS", type=float, default=3600.0, help="access token lifetime (default 3600)"
+        "--access-ttl", metavar="SECONDS", type=_seconds, default=3600.0, help="access token lifetime (default 3600)"
     )
     flows.add_argument(
         "--grace",
         metavar="SECONDS",
-        type=float,
+        type=_seconds,
         default=NEVER_USED_AFTER,
         help=f"a token unused this long after its issue is 'never used' (default {NEVER_USED_AFTER:g})",
     )
@@ -54,6 +54,22 @@ def _count(value: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {value!r}")
     if not 0 < number < 2**31:
         raise argparse.ArgumentTypeError(f"must be from 1 to {2**31 - 1}: {value!r}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    """
+    C{--access-ttl} and C{--grace}: seconds from 0 to 2**31 - 1, as the
+    server's lifetimes (C{nan} failed the timeline's time formatting with
+    a bare C{ValueError}, C{inf} was taken, a negative lifetime read every
+    token as expired at its issue).
+    """
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}")
+    if not 0 <= number < 2**31:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {2**31 - 1} seconds: {value!r}")
     return number
 
 

@@ -442,7 +442,8 @@ class StandaloneService(Service):
 
         def failed(f: Any) -> None:
             log_failure(f, "the OAuth database could not be opened", outage=LogLevel.critical)
-            (self.on_failure or self.reactor.stop)()
+            # SQLite fails here before the reactor runs: a stop then was lost and the server served on.
+            self.reactor.callWhenRunning(self.on_failure or self.reactor.stop)
 
         self.store.ready.addCallbacks(ready, failed)
         starting = [self.store.ready]
