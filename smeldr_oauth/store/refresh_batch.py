@@ -20,6 +20,7 @@ from smeldr_oauth.db.postgres import _scrub
 from smeldr_oauth.oauth import rotation
 from smeldr_oauth.oauth.interfaces import RefreshRedemption
 from smeldr_oauth.store.ratelimits import _array_literal
+from smeldr_oauth.store.refresh_facts import GRANT_ID, TOKEN_HASH
 from smeldr_oauth.store.transactions import (
     RECORD_USE,
     SPEND_GENERATION,
@@ -68,7 +69,7 @@ def redeem_refresh_tokens(txn: Transaction, calls: list[tuple[Any, ...]]) -> lis
     hashes: list[object] = list(dict.fromkeys(args[0] for args in calls))
     # simple: in the round trip of the batch's BEGIN (Transaction.begin_later).
     facts = {
-        row["token_hash"]: row
+        row[TOKEN_HASH]: row
         for row in txn.execute(
             "SELECT * FROM smeldr_refresh_facts_many(?::text[])", (_array_literal(hashes),), simple=True
         ).fetchall()
@@ -89,14 +90,14 @@ def redeem_refresh_tokens(txn: Transaction, calls: list[tuple[Any, ...]]) -> lis
     for args in calls:
         token_hash, now, grace, requested_scopes, new_access, new_refresh = args
         row = facts.get(token_hash)
-        if row is not None and row["grant_id"] in decided:
+        if row is not None and row[GRANT_ID] in decided:
             send()
             results.append(redeem_refresh_token(txn, *args))
             continue
         if row is None:
             results.append(RefreshRedemption(status=rotation.UNKNOWN))
             continue
-        decided.add(row["grant_id"])
+        decided.add(row[GRANT_ID])
         decision, token, grant = _decide(row, now, grace, requested_scopes)
         if decision.revoke_grant:
             send()
