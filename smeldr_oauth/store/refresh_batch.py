@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from smeldr_oauth.db.database import Transaction
 from smeldr_oauth.db.postgres import _scrub
@@ -155,7 +155,46 @@ def _column(values: list[Any]) -> Any:
         return "{}"
     if all(value.__class__ is int or (value.__class__ is float and math.isfinite(value)) for value in values):
         return "{" + ",".join(map(repr, values)) + "}"
-    return _array_literal(values)
+    literal = _array_literal(values)
+    # A literal holds words only (no NUL); a list goes through psycopg, and
+    # PostgreSQL refuses a NUL in text.
+    return literal if literal is not values else [_scrub(value) for value in values]
+
+
+#: What L{_shapes} holds for a statement not yet seen.
+_UNSEEN = object()
+#: Each statement of a rotation's writes, as L{_shape} reads it: the same
+#: few texts arrive with every refresh.
+_shapes: dict[str, Any] = {}
+
+
+def _shape(sql: str) -> Optional[tuple[str, list[str]]]:
+    """
+    The table and the columns of an insert of one row (L{_INSERT}), or
+    C{None} for a statement of another shape.
+    """
+    match = _INSERT.match(sql)
+    return None if match is None else (match.group(1), match.group(2).split(", "))
+
+
+def _json_rows(rows: list[dict[str, Any]]) -> str:
+    """
+    The rows of one insert as the JSON text of its parameter, a NUL in a
+    text value stored as U+FFFD (L{_scrub}), as in every text parameter on
+    PostgreSQL, which refuses C{\\u0000} in text.
+
+    The text is made first and looked at once: a NUL is written
+    C{\\u0000} in it, so only then are the rows scrubbed value by value
+    and the text made again (a backslash stored before C{u0000} is taken
+    for one too: the rows are scrubbed for nothing, the text is the
+    same).  Scrubbing every value of every write before, in Python, was
+    about a fifth of the batch's writes' Python (C{docs/performance.md},
+    "Round thirteen: CPU a refresh on PostgreSQL").
+    """
+    text = json.dumps(rows, allow_nan=False)
+    if "\\u0000" in text:
+        text = json.dumps([{name: _scrub(value) for name, value in row.items()} for row in rows], allow_nan=False)
+    return text
 
 
 #: The end of a batch's writes statement: it fails, in the database, unless
@@ -200,7 +239,6 @@ def _write_batch(
     others_spent: list[int] = []
     spent_at = {index for index, _ in spent}
     for position, (sql, values) in enumerate(writes):
-        values = [_scrub(value) for value in values]
         if sql == SPEND_GENERATION:
             token_hash, now, _, _, grant_id, generation = values
             for column, value in zip(spends, (token_hash, now, grant_id, generation)):
@@ -209,21 +247,23 @@ def _write_batch(
             record_use[0].append(values[0])
             record_use[1].append(values[1])
         else:
-            shape = _INSERT.match(sql)
+            shape = _shapes.get(sql, _UNSEEN)
+            if shape is _UNSEEN:
+                shape = _shapes[sql] = _shape(sql)
             if shape is None:
                 if position in spent_at:
                     others_spent.append(len(others))
-                others.append((sql, values))
+                others.append((sql, [_scrub(value) for value in values]))
                 continue
             if sql not in inserts:
-                inserts[sql] = (shape.group(1), shape.group(2).split(", "), [])
-            inserts[sql][2].append(dict(zip(inserts[sql][1], values)))
+                inserts[sql] = (shape[0], shape[1], [])
+            inserts[sql][2].append(dict(zip(shape[1], values)))
     clauses = [
         f"_i{index} AS (INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)}"
         f" FROM json_populate_recordset(NULL::{table}, ?::json))"
         for index, (table, columns, _) in enumerate(inserts.values())
     ]
-    params: list[Any] = [json.dumps(rows, allow_nan=False) for _, _, rows in inserts.values()]
+    params: list[Any] = [_json_rows(rows) for _, _, rows in inserts.values()]
     clauses += [_BATCH_RECORD_USE, _BATCH_SPEND]
     params += [_column(column) for column in record_use]
     params += [_column(column) for column in spends]
