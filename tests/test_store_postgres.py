@@ -251,6 +251,24 @@ class PostgresStoreTests(SynchronousTestCase):
             ).fetchall()
         self.assertEqual(rows, [("notifications", 1)] + [("oauth", version) for version in range(1, 11)])
 
+    def test_facts_columns(self) -> None:
+        """
+        Both facts functions return their columns by the names and in the
+        order of C{refresh_facts.FACTS_COLUMNS}: the store reads their rows
+        by position (C{refresh_facts.records}), so a function whose columns
+        moved would make records of the wrong fields.
+        """
+        import psycopg
+
+        from smeldr_oauth.store.refresh_facts import FACTS_COLUMNS
+
+        url = postgres.database_url(self)
+        pg_store(self, url)
+        with psycopg.connect(url) as connection:
+            for call in ("smeldr_refresh_facts('x')", "smeldr_refresh_facts_many('{x}'::text[])"):
+                cursor = connection.execute(f"SELECT * FROM {call}")
+                self.assertEqual(tuple(column.name for column in cursor.description), FACTS_COLUMNS, call)
+
     def test_spends_are_hot(self) -> None:
         """
         Spending a refresh token is mostly a HOT update on PostgreSQL

@@ -1,19 +1,20 @@
-# -*- test-case-name: tests.test_store_sqlite -*-
+# -*- test-case-name: tests.test_store_sqlite,tests.test_store_postgres -*-
 """
-What a refresh is decided on, on SQLite: the one statement that reads it
-(L{REFRESH_FACTS}) and the records made from its row (L{from_sqlite}).
+What a refresh is decided on: SQLite's one statement that reads it
+(L{REFRESH_FACTS}) and the records made from a row of it (L{records}).
 L{smeldr_oauth.store.transactions.redeem_refresh_token} runs the statement
-and decides; PostgreSQL reads the same facts, by these names, through the
-functions of L{smeldr_oauth.store.schema}.
+and decides; PostgreSQL reads the same facts, by these names and in this
+order, through the functions of L{smeldr_oauth.store.schema}, and its rows
+are read the same way.
 
-A module of its own because the row is read by position: the statement and
-its reader change together.
+A module of its own because the row is read by position: the statements
+and their reader change together (C{tests.test_store_postgres} checks the
+functions' columns against L{FACTS_COLUMNS}).
 """
 
 from __future__ import annotations
 
-import sqlite3
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from smeldr_oauth.oauth import model
 from smeldr_oauth.store.hashkeys import shown
@@ -41,8 +42,8 @@ REFRESH_FACTS = (
     " WHERE t.token_hash = ?"
 )
 
-#: The columns of L{REFRESH_FACTS}, in order (the names PostgreSQL's facts
-#: functions give them too).
+#: The columns of L{REFRESH_FACTS}, in order (the names and the order of
+#: PostgreSQL's facts functions' columns too).
 FACTS_COLUMNS = (
     "grant_id", "client_id", "subject", "scopes", "resource", "created_at",
     "site_token_id", "client_name", "last_used_at", "revoked_at",
@@ -50,20 +51,27 @@ FACTS_COLUMNS = (
     "live_generation", "live_siblings",
 )
 
+#: Where a row of facts holds the grant's id and the presented token's hash.
+GRANT_ID, TOKEN_HASH = FACTS_COLUMNS.index("grant_id"), FACTS_COLUMNS.index("token_hash")
 
-def from_sqlite(
-    row: sqlite3.Row, load: Callable[[str], tuple[str, ...]]
+
+def records(
+    row: Sequence[Any], load: Callable[[str], tuple[str, ...]]
 ) -> tuple[model.Grant, model.RefreshToken, Optional[float], int, int]:
     """
     The grant, the presented token, its revocation time and the live
-    generation with its size, from a row of L{REFRESH_FACTS}, read by
-    position.
+    generation with its size, from a row of facts (L{REFRESH_FACTS}'s, a
+    C{sqlite3.Row}, or a PostgreSQL facts function's, a
+    L{smeldr_oauth.db.postgres.Row}), read by position.
 
     A C{sqlite3.Row} finds a name by comparing it with each column's in
     turn (the facts have nineteen): round nine made the row a dict first
     and built the records through the generic L{from_row}; unpacked by
     position they are built with neither (C{docs/performance.md}, round
-    ten).
+    ten).  PostgreSQL's rows were still read by name, nineteen calls of
+    C{Row.__getitem__} in Python and the dict of L{from_row} a refresh, on
+    the batch's thread (C{docs/performance.md}, "Round thirteen: CPU a
+    refresh on PostgreSQL").
 
     @param load: decodes a JSON list of scopes.
     """

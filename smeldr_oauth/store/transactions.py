@@ -24,7 +24,6 @@ makes them, so that other processes hear of them only once committed.
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any, Callable, Optional, Sequence
 
 import attr
@@ -267,27 +266,10 @@ def _decide(
     row: Any, now: float, grace: float, requested_scopes: Optional[tuple[str, ...]]
 ) -> tuple[rotation.RotationDecision, model.RefreshToken, model.Grant]:
     """
-    L{rotation.decide} on one row of refresh facts.
-
-    SQLite's row (a C{sqlite3.Row}) is read by position
-    (L{refresh_facts.from_sqlite}); PostgreSQL's
-    (L{smeldr_oauth.db.postgres.Row}) looks names up in a dict already.
+    L{rotation.decide} on one row of refresh facts, SQLite's or
+    PostgreSQL's, read by position (L{refresh_facts.records}).
     """
-    if isinstance(row, sqlite3.Row):
-        grant, token, token_revoked_at, live_generation, live_siblings = refresh_facts.from_sqlite(row, _load)
-    else:
-        grant = _grant(row)
-        token = model.RefreshToken(
-            token_hash=row["token_hash"],
-            grant_id=grant.grant_id,
-            scopes=_load(row["token_scopes"]),
-            generation=row["generation"],
-            created_at=row["token_created_at"],
-            expires_at=row["expires_at"],
-            used_at=row["used_at"],
-        )
-        token_revoked_at = row["token_revoked_at"]
-        live_generation, live_siblings = row["live_generation"], row["live_siblings"]
+    grant, token, token_revoked_at, live_generation, live_siblings = refresh_facts.records(row, _load)
     decision = rotation.decide(
         token=token,
         token_revoked=token_revoked_at is not None,
