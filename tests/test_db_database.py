@@ -901,6 +901,18 @@ class PostgresGroupCommitTests(CountsBegins, SynchronousTestCase):
         self.pool.run_next()
         self.assertEqual(self.successResultOf(two), -2)
 
+    def four_writes(self, before: Any) -> list[Any]:
+        """
+        Grouped inserts of a, b, c and d, all but c carrying C{before(n)}:
+        1, -1 and 2.
+        """
+        return [
+            self.db.write(SCHEMA, insert, "a", 1, group=True, before=before(1)),
+            self.db.write(SCHEMA, insert, "b", 1, group=True, before=before(-1)),
+            self.db.write(SCHEMA, insert, "c", 1, group=True),
+            self.db.write(SCHEMA, insert, "d", 1, group=True, before=before(2)),
+        ]
+
     def test_before(self) -> None:
         """
         Grouped writes carrying reads (L{Before}): the batch is one
@@ -922,12 +934,7 @@ class PostgresGroupCommitTests(CountsBegins, SynchronousTestCase):
         def before(n: int) -> Before:
             return Before(SCHEMA, alone, (n,), many, "things.many", lambda result: result > 0)
 
-        calls = [
-            self.db.write(SCHEMA, insert, "a", 1, group=True, before=before(1)),
-            self.db.write(SCHEMA, insert, "b", 1, group=True, before=before(-1)),
-            self.db.write(SCHEMA, insert, "c", 1, group=True),
-            self.db.write(SCHEMA, insert, "d", 1, group=True, before=before(2)),
-        ]
+        calls = self.four_writes(before)
         self.reactor.advance(0)
         self.assertEqual(len(self.pool.queued), 1)
         self.pool.run_next()
@@ -981,6 +988,61 @@ class PostgresGroupCommitTests(CountsBegins, SynchronousTestCase):
         read.trap(StoreConflict)
         self.assertIsNone(written)
         self.assertEqual(self.committed(), ["a", "r1", "r2"])
+
+    def test_before_carried(self) -> None:
+        """
+        Reads that give their statement (L{Before.statement}), in a batch
+        of more than one call, go in the round trip of the batch's
+        C{BEGIN}, before it (L{Transaction.carry}), also when the batch's
+        first statement is not a simple-protocol one (here the inserts):
+        the reads' statement, its C{COMMIT} and the C{BEGIN} alone then.
+        What they wrote stands though a refusal then ends that
+        transaction; the writes they let proceed run as a batch of their
+        own, the refused one's never.
+        """
+
+        def alone(txn: Any, n: int) -> int:
+            raise AssertionError("run alone")
+
+        def many(txn: Any, calls: list[Any]) -> list[int]:
+            raise AssertionError("run apart")
+
+        def statement(calls: list[Any]) -> tuple[str, list[Any]]:
+            return (
+                "INSERT INTO things (name, size) SELECT 'r' || n, n FROM unnest(?::int[]) AS n RETURNING size",
+                [[n for n, in calls]],
+            )
+
+        def before(n: int) -> Before:
+            return Before(
+                SCHEMA, alone, (n,), many, "things.many", lambda size: size > 0, statement, lambda rows: [r[0] for r in rows]
+            )
+
+        sent: list[str] = []
+        real = Transaction._execute_simple
+
+        def simple(txn: Any, sql: str, *args: Any) -> Any:
+            sent.append(sql)
+            return real(txn, sql, *args)
+
+        self.patch(Transaction, "_execute_simple", simple)
+        calls = self.four_writes(before)
+        self.reactor.advance(0)
+        self.drain()
+        self.assertEqual([self.successResultOf(d) for d in calls], [(1, None), (-1, None), None, (2, None)])
+        self.assertEqual(sent, [""])
+        self.assertEqual(self.committed(), ["a", "c", "d", "r-1", "r1", "r2"])
+        # The carrying batch, rolled back at the refusal; then the others'.
+        self.assertEqual(self.begins, 2)
+        self.assertEqual(self.db.transaction_stats()["things.many"].count, 1)
+        # None refused: one transaction.
+        self.begins = 0
+        calls = [self.db.write(SCHEMA, insert, name, 1, group=True, before=before(n)) for n, name in ((3, "e"), (4, "f"))]
+        self.reactor.advance(0)
+        self.drain()
+        self.assertEqual([self.successResultOf(d) for d in calls], [(3, None), (4, None)])
+        self.assertEqual(self.begins, 1)
+        self.assertEqual(self.committed(), ["a", "c", "d", "e", "f", "r-1", "r1", "r2", "r3", "r4"])
 
     def test_before_outside_a_batch(self) -> None:
         """

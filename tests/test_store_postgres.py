@@ -579,6 +579,35 @@ class PostgresStoreTests(SynchronousTestCase):
         self.assertEqual(read, [(5.0,)])
 
 
+def round_trips(case: SynchronousTestCase) -> list[str]:
+    """
+    Count what a store sends to PostgreSQL through its connections from
+    now until C{case} ends (psycopg's C{execute} of either cursor, and a
+    C{commit} with a transaction to end): one entry a round trip, its
+    first words.
+    """
+    import psycopg
+
+    sent: list[str] = []
+    # (psycopg.ClientCursor and the engine's cursor are subclasses.)
+    execute = psycopg.Cursor.execute
+
+    def counted(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(" ".join(str(query).split()[:3]))
+        return execute(cursor, query, *args, **kwargs)
+
+    case.patch(psycopg.Cursor, "execute", counted)
+    commit = psycopg.Connection.commit
+
+    def committed(connection: Any) -> None:
+        if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            sent.append("COMMIT")
+        commit(connection)
+
+    case.patch(psycopg.Connection, "commit", committed)
+    return sent
+
+
 class PostgresGroupCommitStoreTests(SynchronousTestCase):
     """
     Refreshes with group commit on PostgreSQL (the server's setting): the
@@ -652,33 +681,6 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
         for n in range(3):
             self.assertIsNotNone(self.successResultOf(self.store.lookup_access_token(h(f"x{n}"), T0 + 101)))
 
-    def round_trips(self) -> list[str]:
-        """
-        Count what the store sends to PostgreSQL through the connection
-        (psycopg's C{execute} of either cursor, and a C{commit} with a
-        transaction to end): one entry a round trip, its first words.
-        """
-        import psycopg
-
-        sent: list[str] = []
-        # (psycopg.ClientCursor and the engine's cursor are subclasses.)
-        execute = psycopg.Cursor.execute
-
-        def counted(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-            sent.append(" ".join(str(query).split()[:3]))
-            return execute(cursor, query, *args, **kwargs)
-
-        self.patch(psycopg.Cursor, "execute", counted)
-        commit = psycopg.Connection.commit
-
-        def committed(connection: Any) -> None:
-            if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                sent.append("COMMIT")
-            commit(connection)
-
-        self.patch(psycopg.Connection, "commit", committed)
-        return sent
-
     def test_two_round_trips(self) -> None:
         """
         A batch of refreshes is two round trips whatever its size: C{BEGIN}
@@ -687,7 +689,7 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
         """
         for name in ("g1", "g2", "g3", "g4"):
             self.grant(name)
-        sent = self.round_trips()
+        sent = round_trips(self)
         calls = [self.redeem(f"r-{name}", n) for n, name in enumerate(("g1", "g2", "g3", "g4"))]
         self.reactor.advance(0)
         self.assertEqual([self.successResultOf(d).status for d in calls], ["rotated"] * 4)

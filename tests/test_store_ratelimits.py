@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import threading
-from typing import Any
+from typing import Any, Optional
 
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import DeferredList, fail, inlineCallbacks
@@ -909,3 +909,172 @@ class PostgresCarriedSpendTests(SynchronousTestCase):
         failure = self.failureResultOf(self.token("secret-r-g3", address="192.0.2.9"), OAuthError)
         self.assertEqual(failure.value.error, "invalid_grant")
         self.assertEqual(self.spent(), [("token_address", 599.0), ("token_address", 599.0), ("token_client", 0.0)])
+
+    def batch(self, *tokens: tuple[str, str]) -> list[Any]:
+        """
+        Token requests of one turn (a refresh token and an address each),
+        run as one batch.
+        """
+        from twisted.internet.defer import Deferred
+
+        calls = []
+        for token, address in tokens:
+            params = {"grant_type": ["refresh_token"], "refresh_token": [token], "client_id": ["client-1"]}
+            calls.append(Deferred.fromCoroutine(self.server.tokens.token(params, None, address)))
+        self.drain()
+        return calls
+
+    def redeemed_once(self, calls: Optional[list[Any]] = None) -> None:
+        """
+        Refreshes of g1 and g2 in one batch (two addresses; C{calls}, or
+        made now): both redeemed, each request's buckets spent once.
+        """
+        if calls is None:
+            calls = self.batch(("secret-r-g1", "192.0.2.1"), ("secret-r-g2", "192.0.2.2"))
+        for d in calls:
+            self.assertIn("access_token", self.successResultOf(d))
+        self.assertEqual(self.spent(), [("token_address", 599.0), ("token_address", 599.0), ("token_client", 0.0)])
+        self.assertEqual(self.unused(), ["g3"])
+
+    def unused(self) -> list[str]:
+        """
+        The grants whose first refresh token is still unspent.
+        """
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as other:
+            rows = other.execute(
+                "SELECT grant_id FROM refresh_tokens WHERE generation = 0 AND used_at IS NULL ORDER BY grant_id"
+            )
+            return [row[0] for row in rows]
+
+    def test_batch_two_round_trips(self) -> None:
+        """
+        A batch of refreshes carrying their spends is two round trips: the
+        spends, their C{COMMIT}, C{BEGIN} and the facts in one simple query
+        (C{docs/performance.md}, round thirteen; it was three, the spends
+        alone first), then the writes with the C{COMMIT}.
+        """
+        from tests.test_store_postgres import round_trips
+
+        sent = round_trips(self)
+        calls = self.batch(("secret-r-g1", "192.0.2.1"), ("secret-r-g2", "192.0.2.2"))
+        self.assertEqual(len(sent), 2, sent)
+        self.redeemed_once(calls)
+
+    def test_refused_in_a_batch(self) -> None:
+        """
+        A batch whose second spend is refused (the client's bucket holds
+        one): that request is a 429, logged as a refusal, and nothing of
+        its refresh is written (its refresh token still unspent, usable
+        once the bucket refills); the other is redeemed.  The facts were
+        asked for both: the refused one's transaction is rolled back and
+        the other runs as a batch of its own.
+        """
+        other = Limits.from_config(self.config, self.clock, store=self.rates)
+        self.assertIsNone(self.settle(other.token_per_client.take("client-1")))
+        with capturedLogs() as events:
+            first, second = self.batch(("secret-r-g1", "192.0.2.1"), ("secret-r-g2", "192.0.2.2"))
+        self.assertIn("access_token", self.successResultOf(first))
+        failure = self.failureResultOf(second, RateLimited)
+        self.assertEqual(failure.value.retry_after, 30)
+        self.assertEqual([e.get("smeldr_event") for e in events].count("rate_limited"), 1)
+        self.assertEqual(self.unused(), ["g2", "g3"])
+        self.clock.advance(31)
+        self.assertIn("access_token", self.successResultOf(self.token("secret-r-g2")))
+        self.assertEqual(self.unused(), ["g3"])
+
+    def test_spends_failing_told_apart(self) -> None:
+        """
+        The spends' statement failing stops its query string before the
+        C{BEGIN}: nothing of it stands, and the batch goes the old way, the
+        spends alone (now working), then the refreshes: each spent once.
+        """
+        import smeldr_oauth.store.ratelimits as module
+
+        real = module._take_both_many_statement
+        failing = [True]
+
+        def statement(calls: Any) -> Any:
+            sql, params = real(calls)
+            if failing:
+                failing.clear()
+                return sql.replace("smeldr_take_both_many", "smeldr_no_such_function"), params
+            return sql, params
+
+        self.patch(module, "_take_both_many_statement", statement)
+        self.redeemed_once()
+        self.assertFalse(failing)
+
+    def test_facts_failing_after_the_spends(self) -> None:
+        """
+        A failure after the C{BEGIN} (the facts' statement, here made to
+        fail) leaves the spends committed and their answers known: the
+        batch is abandoned and each refresh runs alone, as when its writes
+        fail; the spends are not run again (twice would have emptied the
+        client's bucket of two and refused both).
+        """
+        from smeldr_oauth.db.database import Transaction
+
+        real = Transaction._execute_simple
+        failing = [True]
+
+        def facts_fail(txn: Any, sql: str, *args: Any) -> Any:
+            if failing and "smeldr_refresh_facts_many" in sql:
+                failing.clear()
+                sql = "SELECT 1 / 0"
+                args = ((), *args[1:])
+            return real(txn, sql, *args)
+
+        self.patch(Transaction, "_execute_simple", facts_fail)
+        self.redeemed_once()
+        self.assertFalse(failing)
+
+    def test_connection_lost_with_the_spends(self) -> None:
+        """
+        A connection lost in the round trip that carries the spends (here:
+        after the server ran all of it) may or may not have committed
+        them: every request of the batch is L{StoreUnavailable}, nothing of
+        the refreshes is written, and nothing runs again (the spends
+        counted once: twice would have refused both).
+        """
+        import psycopg
+
+        execute = psycopg.Cursor.execute
+        losing = [True]
+
+        def lost(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            result = execute(cursor, query, *args, **kwargs)
+            if losing and "smeldr_take_both_many" in str(query):
+                losing.clear()
+                cursor.connection.close()
+                raise psycopg.OperationalError("the connection went away")
+            return result
+
+        self.patch(psycopg.Cursor, "execute", lost)
+        calls = self.batch(("secret-r-g1", "192.0.2.1"), ("secret-r-g2", "192.0.2.2"))
+        self.assertFalse(losing)
+        for d in calls:
+            self.failureResultOf(d, StoreUnavailable)
+        self.assertEqual(self.spent(), [("token_address", 599.0), ("token_address", 599.0), ("token_client", 0.0)])
+        self.assertEqual(self.unused(), ["g1", "g2", "g3"])
+
+    def test_connection_ended_while_idle(self) -> None:
+        """
+        A pooled connection the server ended while it was idle (a restart,
+        here C{pg_terminate_backend}) does not carry the spends (a lost
+        carrying round trip would fail the batch): the batch goes the
+        older way, which replaces the connection without failing a call.
+        """
+        import psycopg
+
+        database = self.store.database
+        pids = [connection.info.backend_pid for connection in database.pool.connections.values()]
+        self.assertTrue(pids)
+        with psycopg.connect(self.url, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+            # Until the backends are gone (they say so to their clients first).
+            for _ in range(10_000):
+                if not other.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchone()[0]:
+                    break
+        self.redeemed_once()

@@ -44,7 +44,9 @@ the rate-limit spends of many token requests) gather and leave as one
 call of it.  A grouped write may also carry such a read (L{Before}: a
 refresh grant's rate-limit spend): the batch's carried reads run first, as
 one call of their C{together}, on the thread that then runs the batch,
-and each write only if its read lets it; one hand-off instead of two.
+and each write only if its read lets it; one hand-off instead of two.  On
+PostgreSQL they go in the round trip of the batch's C{BEGIN}, committed
+before it (L{_Batch._carry}): one round trip fewer.
 
 Why one module over 500 lines: L{Database} (pool, retries, error
 translation, the schema gate) and L{_Batch} (group commit) run the same
@@ -92,7 +94,7 @@ class Transaction:
     @ivar engine: the L{IDatabaseEngine}.
     """
 
-    __slots__ = ("_cursor", "_convert", "engine", "_pending", "_simple", "_rows", "may_commit", "committing")
+    __slots__ = ("_cursor", "_convert", "engine", "_pending", "_carried", "_simple", "_rows", "may_commit", "committing")
 
     def __init__(self, cursor: Any, engine: IDatabaseEngine, convert: Optional[Callable[[str], str]]):
         self._cursor = cursor
@@ -101,6 +103,9 @@ class Transaction:
         # A statement without parameters (a batch's BEGIN) waiting to be
         # sent with the next statement that can take it (begin_later).
         self._pending: Optional[str] = None
+        # A statement to commit before the pending BEGIN, in its round
+        # trip, and what to call with its rows (carry).
+        self._carried: Optional[tuple[str, Sequence[Any], Callable[[list[Any]], bool]]] = None
         # PostgreSQL: the client-side-binding cursor of simple=True.
         self._simple: Any = None
         # The cursor whose rows fetchone/fetchall read.
@@ -122,6 +127,30 @@ class Transaction:
         round twelve).
         """
         self._pending = sql
+
+    def carry(self, sql: str, params: Sequence[Any], received: Callable[[list[Any]], bool]) -> None:
+        """
+        PostgreSQL: send C{sql}, a transaction of its own, committed
+        whatever this one then does, in the round trip of this
+        transaction's pending C{BEGIN} (L{begin_later}), before it:
+        C{BEGIN; sql; COMMIT; BEGIN; ...} in one simple query (a batch's
+        carried rate-limit spends, L{Before}: a round trip of their own
+        before, C{docs/performance.md}, round thirteen; the first C{BEGIN}
+        makes the C{COMMIT} one of a transaction begun, not a warning in
+        the server's log).  C{received(rows)} is called with its rows once
+        the round trip is back, also when a statement after the second
+        C{BEGIN} failed (the carried one had committed then); when it
+        returns C{False} the transaction goes no further: L{CarriedRefused}
+        is raised, and the caller rolls it back.  When the carried
+        statement itself fails, the string stops there, before its
+        C{COMMIT}: nothing of it stands, C{received} is not called and the
+        error is raised.  A connection lost in that round trip
+        (L{committing}) may or may not have committed the carried
+        statement.
+        """
+        if self._convert is not None:
+            sql = self._convert(sql)
+        self._carried = (sql, params, received)
 
     def execute(
         self,
@@ -165,7 +194,11 @@ class Transaction:
         return self
 
     def _send_pending(self) -> None:
-        if self._pending is not None:
+        if self._carried is not None:
+            # A carried statement needs the simple protocol: it goes with
+            # the BEGIN alone, before a statement that cannot take them.
+            self._execute_simple("", (), False)
+        elif self._pending is not None:
             pending, self._pending = self._pending, None
             self._cursor.execute(pending)
 
@@ -184,15 +217,44 @@ class Transaction:
         if cursor is None:
             cursor = self._simple = self.engine.simple_cursor(self._cursor)  # type: ignore[attr-defined]
         pending, self._pending = self._pending, None
-        text = sql if pending is None else f"{pending}; {sql}"
+        carried, self._carried = self._carried, None
+        parts = [part for part in (pending, sql) if part]
+        if carried is not None:
+            assert pending is not None, "a carried statement goes before a BEGIN"
+            parts.insert(0, f"BEGIN; {carried[0]}; COMMIT")
+            params = [*carried[1], *params]
+            # Not with a carried statement: its verdict may stop the
+            # transaction first (the COMMIT then goes alone).
+            commit = False
+            self.committing = True
         if commit:
-            text += "; COMMIT"
+            parts.append("COMMIT")
             self.committing = True
         self._rows = cursor
-        cursor.execute(text, params)
-        if pending is not None:
+        try:
+            cursor.execute("; ".join(parts), params)
+        except BaseException:
+            # (BEGIN, the carried statement, COMMIT, BEGIN: 4.)
+            if carried is not None and self.engine.ran(cursor) >= 4:  # type: ignore[attr-defined]
+                # A statement after the second BEGIN failed: the carried
+                # one had committed, and its rows are known.
+                self.committing = False
+                cursor.nextset()
+                carried[2](cursor.fetchall())
+            raise
+        proceed = True
+        if carried is not None:
+            self.committing = False
+            cursor.nextset()
+            proceed = carried[2](cursor.fetchall())
+            # Past the carried statement's rows and its COMMIT.
+            cursor.nextset()
+            cursor.nextset()
+        if pending is not None and sql:
             # The rows are the statement's, after the pending one's result.
             cursor.nextset()
+        if not proceed:
+            raise CarriedRefused()
         return self
 
     def execute_together(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> "Transaction":
@@ -232,6 +294,13 @@ class Transaction:
         L{IDatabaseEngine.notify}.
         """
         self.engine.notify(self, channel, payload)
+
+
+class CarriedRefused(Exception):
+    """
+    A carried statement's rows said that the transaction must go no
+    further (L{Transaction.carry}).
+    """
 
 
 class NoThreads:
@@ -322,6 +391,13 @@ class Before:
         a batch, as L{Database.read}'s gathered calls).
     @ivar proceed: C{proceed(result)}, on the pool thread: whether the
         write runs.
+    @ivar statement: C{statement([args, ...])}, C{None} or the one
+        statement (C{(sql, params)}, parameters that the simple protocol
+        takes: see L{Transaction.execute}'s C{simple}) that C{together}
+        sends for those calls on PostgreSQL, and C{results(rows)} its rows'
+        results: then a batch of more than one call sends it in the round
+        trip of its C{BEGIN} (L{Transaction.carry}; L{_Batch._carry}).
+    @ivar results: see C{statement}.
     """
 
     schema: Schema
@@ -330,6 +406,8 @@ class Before:
     together: Callable[[Transaction, list[tuple[Any, ...]]], list[Any]]
     name: str
     proceed: Callable[[Any], bool]
+    statement: Optional[Callable[[list[tuple[Any, ...]]], tuple[str, Sequence[Any]]]] = None
+    results: Optional[Callable[[list[Any]], list[Any]]] = None
 
 
 def _now(f: Callable[..., T], *args: Any) -> "Deferred[T]":
@@ -952,6 +1030,9 @@ class _Batch:
         """
         if not any(self._befores):
             return self._writes(self._calls, self._togethers)
+        carried = self._carry()
+        if carried is not None:
+            return carried
         # The reads the calls carry first (each gathered function's calls
         # as one call of its together, in autocommit, as Database.read
         # would), then the writes of the calls they let proceed; a call
@@ -959,6 +1040,13 @@ class _Batch:
         reads = self._reads()
         going = [index for index, read in enumerate(reads) if read is None or read[0]]
         written = self._writes([self._calls[i] for i in going], [self._togethers[i] for i in going])
+        return self._with_reads(reads, going, written)
+
+    def _with_reads(self, reads: list[Any], going: list[int], written: list[Any]) -> list[Any]:
+        """
+        The calls' outcomes: C{written[k]} the write's of C{going[k]}; a
+        call that carries a read gets C{(read, written)}.
+        """
         outcomes: list[Any] = [None] * len(self._calls)
         for index, outcome in zip(going, written):
             outcomes[index] = outcome
@@ -967,6 +1055,99 @@ class _Batch:
                 # A write its read stopped has no outcome: (read, None).
                 outcomes[index] = (read[1], outcomes[index])
         return outcomes
+
+    def _carry(self) -> Optional[list[Any]]:
+        """
+        PostgreSQL, a batch of more than one call whose reads are of one
+        kind and have a L{Before.statement}: the reads' statement in the
+        round trip of the batch's C{BEGIN} and its first statement
+        (L{Transaction.carry}: C{BEGIN; reads; COMMIT; BEGIN; facts}), one round
+        trip fewer than reads then writes.  The outcomes, or C{None} when
+        nothing of that round trip stands (a batch of one call, SQLite,
+        other reads, or the reads' statement failed: the string stopped
+        there, before its C{COMMIT}): then the batch goes as before, the reads
+        first, alone, as L{Database.read} runs them (a deadlock run again,
+        the error theirs).
+
+        The verdicts (C{proceed}) come back only with the first
+        statement's answer, so that statement (the refreshes' facts) is
+        asked for every call of the batch, those whose read will refuse
+        them too.  When one is refused, the transaction goes no further
+        (L{CarriedRefused}): it is rolled back, nothing of it written (a
+        refused grant was locked for that round trip, no longer), and the
+        calls that may proceed run as a batch of their own, as they would
+        have after the reads.  Refusals (a 429) are the rare case and
+        cost a round trip more than before; the writes' functions know
+        nothing of the reads, and the rule stays in C{proceed}.  (The
+        verdict computed inside the first statement would need each
+        read's rule in SQL too.)
+
+        The reads committed whatever the writes do: a failure after the
+        second C{BEGIN} (say the facts') abandons the batch as before, its calls
+        run again alone, the reads not.  A connection lost in that round
+        trip leaves the reads' commit unknown: every call of the batch is
+        L{StoreUnavailable} and none runs again, as for a connection lost
+        in a batch's C{COMMIT} (the reads then are at most spent once,
+        never twice); so the reads are not carried on a connection the
+        server has ended while it was idle, a restart (the engine's
+        C{spoken}): the older way replaces it without failing a call.
+        """
+        database = self._database
+        present = [before for before in self._befores if before is not None]
+        first = present[0]
+        if (
+            len(self._calls) < 2
+            or database.engine.single_writer
+            or first.statement is None
+            or first.results is None
+            or any(before.together is not first.together for before in present)
+        ):
+            return None
+        try:
+            if database.engine.spoken(database._connect()):  # type: ignore[attr-defined]
+                return None
+        except BaseException:
+            return None
+        results = first.results
+        sql, params = first.statement([before.args for before in present])
+        reads: list[Any] = []
+        started = time.perf_counter()
+
+        def received(rows: list[Any]) -> bool:
+            answers: list[Any]
+            try:
+                answers = results(rows)
+                if len(answers) != len(present):
+                    raise RuntimeError("a statement's results were the wrong number")
+            except BaseException:
+                # (Only a bug: the reads stand, their results are this.)
+                answers = [Failure()] * len(present)
+            database._count(first.name, started, 0, isinstance(answers[0], Failure))
+            given = iter(answers)
+            for before in self._befores:
+                if before is None:
+                    reads.append(None)
+                else:
+                    answer = next(given)
+                    reads.append((not isinstance(answer, Failure) and before.proceed(answer), answer))
+            return all(read is None or read[0] for read in reads)
+
+        written = self._together(self._calls, self._togethers, (sql, params, received))
+        if not reads:
+            if written is None:
+                return None
+            # The connection was lost: each call is StoreUnavailable.
+            return [written[i] if before is None else (written[i], None) for i, before in enumerate(self._befores)]
+        going = [index for index, read in enumerate(reads) if read is None or read[0]]
+        if written is None:
+            calls = [self._calls[i] for i in going]
+            if len(going) < len(reads):
+                # Refused: the others as a batch of their own.
+                written = self._writes(calls, [self._togethers[i] for i in going])
+            else:
+                # Abandoned after the reads: each call alone, as before.
+                written = [self._alone(name, func, args) for name, func, args, _ in calls]
+        return self._with_reads(reads, going, written)
 
     def _reads(self) -> list[Any]:
         """
@@ -1033,10 +1214,11 @@ class _Batch:
         except BaseException:
             return Failure()
 
-    def _together(self, calls: list[Any], togethers: list[Any]) -> Optional[list[Any]]:
+    def _together(self, calls: list[Any], togethers: list[Any], carry: Any = None) -> Optional[list[Any]]:
         """
         Run every call in one transaction; their outcomes, or C{None} when
         the batch had to be abandoned (then nothing of it is committed).
+        C{carry}: the arguments of L{Transaction.carry} (L{_carry}).
         """
         database = self._database
         try:
@@ -1044,6 +1226,8 @@ class _Batch:
         except BaseException:
             return None
         txn = Transaction(connection.cursor(), database.engine, database._convert)
+        if carry is not None:
+            txn.carry(*carry)
         self._committing = False
         try:
             outcomes = self._in_transaction(connection, txn, calls, togethers)

@@ -102,6 +102,51 @@ def _cursor_factory() -> Any:
     return _cursor_class
 
 
+_simple_class: Any = None
+
+
+def _simple_cursor_class() -> Any:
+    """
+    psycopg's C{ClientCursor}, keeping the results of a query string's
+    statements that ran before the one that failed (and saying how many:
+    C{ran}): psycopg raises the error and drops them, and the rows of a
+    carried statement, committed before the failing one
+    (L{Transaction.carry}), are still needed then.  (Over
+    C{_check_results}, which psycopg 3.1 to 3.3 call on every query's
+    results before keeping them; a psycopg that stopped doing so fails
+    C{tests.test_store_ratelimits}' facts-failure test.)
+    """
+    global _simple_class
+    if _simple_class is None:
+        import psycopg
+
+        kept = (psycopg.pq.ExecStatus.TUPLES_OK, psycopg.pq.ExecStatus.COMMAND_OK)
+
+        class SimpleCursor(psycopg.ClientCursor):  # type: ignore[type-arg]
+            ran = 0
+
+            def execute(self, *args: Any, **kwargs: Any) -> Any:
+                self.ran = 0
+                return super().execute(*args, **kwargs)
+
+            def _check_results(self, results: Any) -> None:
+                try:
+                    super()._check_results(results)
+                except psycopg.Error:
+                    done = []
+                    for result in results:
+                        if result.status not in kept:
+                            break
+                        done.append(result)
+                    self.ran = len(done)
+                    if done:
+                        self._set_results(done)
+                    raise
+
+        _simple_class = SimpleCursor
+    return _simple_class
+
+
 def is_postgres_url(location: object) -> bool:
     """
     Whether a C{--database} value names a PostgreSQL database.
@@ -222,9 +267,37 @@ class PostgresEngine:
         one message may hold several statements (L{Transaction.execute}'s
         C{simple}).
         """
-        import psycopg
+        return _simple_cursor_class()(cursor.connection)
 
-        return psycopg.ClientCursor(cursor.connection)
+    def spoken(self, connection: Any) -> bool:
+        """
+        Whether the server has sent something to this idle connection
+        since its last answer (without waiting: one C{poll}, no round
+        trip; not C{select}, which refuses descriptors past 1,023, and a
+        server holding many streams has them).  An idle connection is sent nothing but its end (a server
+        that restarted or ended the session says so, then closes): a batch
+        does not carry its reads on it (L{Transaction.carry}), since a
+        connection lost in that round trip fails the batch, and goes the
+        older way, where a connection that died idle is replaced without
+        failing a call.
+        """
+        import select
+
+        try:
+            poller = select.poll()
+            poller.register(connection.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
+    def ran(self, cursor: Any) -> int:
+        """
+        After C{cursor} (a L{simple_cursor}) raised for a query string: how
+        many of its statements had run before the one that failed (their
+        results then read from the first, C{nextset} to the next): 0 for a
+        connection lost (L{Transaction.carry}).
+        """
+        return int(cursor.ran)
 
     def combine(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[tuple[str, Sequence[Any]]]:
         if len(statements) < 2:

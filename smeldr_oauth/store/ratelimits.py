@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -182,15 +182,30 @@ def _take_both_many(
     """
     if txn.engine.single_writer:
         return [_take_both(txn, *call) for call in calls]
+    return _take_both_many_results(txn.execute(*_take_both_many_statement(calls)).fetchall())
+
+
+def _take_both_many_statement(calls: list[tuple[Bucket, Bucket, float]]) -> tuple[str, list[object]]:
+    """
+    L{_take_both_many}'s statement on PostgreSQL, its parameters array
+    literals (or lists), which the simple protocol also takes (a batch of
+    refreshes sends it in its C{BEGIN}'s round trip: L{Before.statement}).
+    """
     columns: list[list[object]] = [[] for _ in range(9)]
     for first, second, now in calls:
         for index, value in enumerate((*first, *second, now)):
             columns[index].append(value)
-    rows = txn.execute(
+    return (
         "SELECT * FROM smeldr_take_both_many(?::text[], ?::text[], ?::float8[], ?::float8[],"
         " ?::text[], ?::text[], ?::float8[], ?::float8[], ?::float8[])",
         [_array_literal(column) for column in columns],
-    ).fetchall()
+    )
+
+
+def _take_both_many_results(rows: list[Any]) -> list[tuple[tuple[bool, float], Optional[tuple[bool, float]]]]:
+    """
+    L{_take_both_many_statement}'s rows as L{_take_both}'s results.
+    """
     # Unpacked, not indexed: a row's positions through Row.__getitem__
     # are a Python call each.
     return [
@@ -304,11 +319,20 @@ class SQLRateLimitStore:
         """
         L{take_both} as a read that a grouped write of the same database
         carries (L{Before}): the same statement, gathered with the batch's
-        other spends and run in autocommit on the write's pool thread just
-        before the write, which runs only when both buckets were spent.
+        other spends and committed on the write's pool thread just before
+        the write (on PostgreSQL in the round trip of the batch's C{BEGIN},
+        L{_take_both_many_statement}), which runs only when both buckets
+        were spent.
         """
         return Before(
-            RATE_LIMITS_SCHEMA, _take_both, (first, second, now), _take_both_many, "rate_limits.take_both", both_spent
+            RATE_LIMITS_SCHEMA,
+            _take_both,
+            (first, second, now),
+            _take_both_many,
+            "rate_limits.take_both",
+            both_spent,
+            _take_both_many_statement,
+            _take_both_many_results,
         )
 
     def refund(self, name: str, key: str, capacity: float, rate: float, now: float) -> "Deferred[None]":
