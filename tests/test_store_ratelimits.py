@@ -962,6 +962,29 @@ class PostgresCarriedSpendTests(SynchronousTestCase):
         self.assertEqual(len(sent), 2, sent)
         self.redeemed_once(calls)
 
+    def test_older_way_without_kept_results(self) -> None:
+        """
+        With a psycopg whose C{ClientCursor} has no C{_check_results} (where
+        the simple cursor keeps what ran before a failing statement), the
+        batch does not carry its spends (a failure after their C{COMMIT}
+        would look like theirs, and they would run twice): three round
+        trips, each request spent once.
+        """
+        import psycopg
+
+        from tests.test_store_postgres import round_trips
+
+        from smeldr_oauth.db.postgres import _simple_cursor_class
+
+        # The simple cursor the writes use is made first, from the real
+        # class; only the check sees a psycopg without the method.
+        _simple_cursor_class()
+        self.patch(psycopg, "ClientCursor", type("ClientCursor", (), {}))
+        sent = round_trips(self)
+        calls = self.batch(("secret-r-g1", "192.0.2.1"), ("secret-r-g2", "192.0.2.2"))
+        self.assertEqual(len(sent), 3, sent)
+        self.redeemed_once(calls)
+
     def test_refused_in_a_batch(self) -> None:
         """
         A batch whose second spend is refused (the client's bucket holds

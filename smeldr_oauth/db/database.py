@@ -1098,6 +1098,7 @@ class _Batch:
         if (
             len(self._calls) < 2
             or database.engine.single_writer
+            or not database.engine.carries  # type: ignore[attr-defined]
             or first.statement is None
             or first.results is None
             or any(before.together is not first.together for before in present)

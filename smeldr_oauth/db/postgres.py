@@ -290,6 +290,22 @@ class PostgresEngine:
         except (OSError, ValueError):
             return True
 
+    @property
+    def carries(self) -> bool:
+        """
+        Whether a batch may carry its reads in its C{BEGIN}'s round trip
+        (L{Transaction.carry}): only where the simple cursor keeps the
+        results of the statements before a failing one (psycopg's
+        C{_check_results}, 3.1 to 3.3; see L{_simple_cursor_class}).
+        Without them a failure after the reads' C{COMMIT} would look like
+        the reads' own, and they would run, and spend, a second time: a
+        psycopg without that method gets the older way, one round trip
+        more.
+        """
+        import psycopg
+
+        return hasattr(psycopg.ClientCursor, "_check_results")
+
     def ran(self, cursor: Any) -> int:
         """
         After C{cursor} (a L{simple_cursor}) raised for a query string: how
