@@ -1541,6 +1541,22 @@ class LeftBeforeTheStoreTests(SlowStoreTestCase):
         self.left(self.refresh(first["refresh_token"]), "refresh_reuse")
         self.assertNotIn(hash_secret(second["access_token"]), self.server.verifier._cache)
 
+    def test_stolen_refresh_token(self) -> None:
+        """
+        A refresh token presented by another client, who hangs up before
+        the store answers: the token was rotated all the same, so the
+        grant is revoked and the theft logged (checked after the request's
+        await, the grant stayed alive, nothing logged).
+        """
+        first = self.tokens(scope="read write offline_access")
+        other = self.drive(self.server.register({"redirect_uris": ["https://client.example/cb"]}))
+        self.assertIn(hash_secret(first["access_token"]), self.server.verifier._cache)
+        self.left(self.refresh(first["refresh_token"], client_id=other["client_id"]), "refresh_wrong_client")
+        self.assertNotIn(hash_secret(first["access_token"]), self.server.verifier._cache)
+        looked = self.server.verify_access_token(first["access_token"])
+        self.store.release()
+        self.assertIsNone(self.successResultOf(looked))
+
 
 class ConfigTests(SynchronousTestCase):
     def test_issuer(self) -> None:

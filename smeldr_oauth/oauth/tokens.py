@@ -21,6 +21,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from smeldr_oauth.oauth import errors, pkce, rotation
+from smeldr_oauth.oauth.answered import CODE_OK, CODE_REPLAYED, kept
 from smeldr_oauth.oauth.clients import ClientResolver, presented_client
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.model import AccessInfo, AccessToken, AuthorizationCode, RefreshToken, token_response
@@ -36,9 +37,6 @@ from smeldr_oauth.oauth.urls import canonical_resource
 
 log = Logger()
 
-#: The statuses of L{smeldr_oauth.oauth.interfaces.CodeRedemption}.
-CODE_OK = "ok"
-CODE_REPLAYED = "replayed"
 
 
 def _label(value: Optional[str]) -> str:
@@ -233,9 +231,9 @@ class Tokens:
         limiter = cast(SharedRateLimiter, self.limits.token_per_address)
         before = limiter.store.take_both_before(*asked.request)  # type: ignore[attr-defined]
         try:
-            spent, result = await self._kept(self.store.redeem_refresh_token_after(
+            spent, result = await kept(self.store.redeem_refresh_token_after(
                 before, hash_secret(token or ""), now, float(self.config.refresh_grace), requested, access_record, refresh_record
-            ))
+            ), self.events, self.store, client.client_id, now)
         except BaseException:
             # A bug of the batch itself: nothing is known of the spend.
             asked.failed(Failure())
@@ -322,9 +320,9 @@ class Tokens:
             "", (), self.config.resource or "", True, generation=1
         )
         mark = self.events.revocation_mark()
-        result = await self._kept(self.store.exchange_code(hash_secret(code or ""), now, check, access_record, refresh_record))
+        result = await kept(self.store.exchange_code(hash_secret(code or ""), now, check, access_record, refresh_record), self.events)
         if result.status == CODE_REPLAYED:
-            # The store has revoked the grant (_kept said so).
+            # The store has revoked the grant (answered.kept said so).
             raise errors.invalid_grant("authorization code already used")
         if result.status != CODE_OK:
             raise errors.invalid_grant("authorization code is invalid or expired")
@@ -369,9 +367,9 @@ class Tokens:
         access, refresh, access_record, refresh_record = self._new_tokens(
             "", (), self.config.resource or "", True, generation=0
         )
-        result = await self._kept(self.store.redeem_refresh_token(
+        result = await kept(self.store.redeem_refresh_token(
             hash_secret(token or ""), now, float(self.config.refresh_grace), requested, access_record, refresh_record
-        ))
+        ), self.events, self.store, client.client_id, now)
         return await self._refreshed(result, client, access, refresh, requested, now)
 
     async def _refreshed(
@@ -389,7 +387,7 @@ class Tokens:
         """
         status = result.status
         if status == rotation.REUSED:
-            # The store has revoked the grant (_kept said so).
+            # The store has revoked the grant (answered.kept said so).
             raise errors.invalid_grant("refresh token already used")
         if status == rotation.SUPERSEDED:
             # A parallel refresh's loser: its sibling was rotated moments
@@ -407,71 +405,11 @@ class Tokens:
         grant = result.grant
         assert grant is not None
         if grant.client_id != client.client_id:
-            # A refresh token in the hands of another client is a stolen
-            # one: end the grant rather than just refuse.
-            await self.store.revoke_grant(grant.grant_id, now)
-            self.events.grant_revoked(grant.grant_id)
-            log.warn(
-                "refresh token of client {owner} presented by {client_id}: grant {grant_id} revoked",
-                owner=loggable(grant.client_id),
-                client_id=loggable(client.client_id),
-                grant_id=grant.grant_id,
-                smeldr_event="refresh_wrong_client",
-            )
+            # A stolen refresh token: its grant was revoked on the store's
+            # answer (answered.kept), whether or not its presenter waited.
             raise errors.invalid_grant("refresh token was issued to another client")
         self._logged("refresh_token", grant.client_id, grant.grant_id)
         return self._issued(access, requested if requested is not None else grant.scopes, refresh)
-
-    def _kept(self, stored: "Deferred[Any]") -> "Deferred[Any]":
-        """
-        What a token request awaits of the store call that spends its code
-        or refresh token: a client that leaves cancels this, not the
-        store's call, whose effects stand anyway (a spent token, a grant
-        revoked for a replay).  So L{_spent_again} runs on the store's
-        answer whoever waits for it: a replay whose client hung up at once
-        revoked the grant without its log line, and the process's caches
-        kept the grant's access tokens (seen over a real socket).
-        """
-        waiter: Deferred[Any] = Deferred()
-        stored.addBoth(self._answered, waiter)
-        return waiter
-
-    def _answered(self, result: Any, waiter: "Deferred[Any]") -> None:
-        # One callback: the wait costs 14,000 instructions more than the
-        # store's Deferred alone, 20,000 with two (callgrind, a bare loop).
-        if not isinstance(result, Failure):
-            self._spent_again(result)
-        if not waiter.called:
-            waiter.callback(result)
-
-    def _spent_again(self, result: Any) -> None:
-        """
-        A single-use credential presented a second time (a replayed code, a
-        reused refresh token; RFC 9700 section 4.14.2 and OAuth 2.1 section
-        4.1.3), seen in the store's C{result}: the store has
-        already revoked the grant in the same transaction; this says so in
-        the log and tells the caches the grant is gone.
-
-        @param result: a code's redemption, a refresh token's, or the
-            carried refresh's C{(spend, redemption)}.
-        """
-        redemption = result[1] if isinstance(result, tuple) else result
-        status = getattr(redemption, "status", None)
-        if status == CODE_REPLAYED:
-            how, credential, event, spent = "replayed", "authorization code", "code_replay", redemption.code
-        elif status == rotation.REUSED:
-            how, credential, event, spent = "reused", "refresh token", "refresh_reuse", redemption.grant
-        else:
-            return
-        log.warn(
-            "{how} {credential} refused: grant {grant_id} revoked",
-            how=how,
-            credential=credential,
-            grant_id=spent.grant_id,
-            client_id=loggable(spent.client_id),
-            smeldr_event=event,
-        )
-        self.events.grant_revoked(spent.grant_id)
 
     def _logged(self, grant_type: str, client_id: str, grant_id: str) -> None:
         # Debug level: a token issue is routine (one per refresh), and
