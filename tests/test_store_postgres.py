@@ -64,6 +64,24 @@ def pg_store(testcase: SynchronousTestCase, url: Optional[str] = None, **kwargs:
     return store
 
 
+def rotated_at(testcase: SynchronousTestCase, url: str, schema: Any, version: int) -> None:
+    """
+    A database at C{url} made with C{schema}'s first C{version} migrations
+    only, as an old server left it: grants C{g1} and C{g2}, each with its
+    access token C{a-NAME} and refresh token C{r-NAME} rotated there to
+    C{b-NAME} and C{s-NAME}.
+    """
+    old = pg_store(testcase, url, schema=attr.evolve(schema, migrations=schema.migrations[:version]))
+    for name in ("g1", "g2"):
+        testcase.successResultOf(old.create_grant(make_grant(name), make_code(f"code-{name}", name)))
+        testcase.successResultOf(old.add_tokens(name, access(f"a-{name}"), refresh(f"r-{name}")))
+        rotated = old.redeem_refresh_token(
+            h(f"r-{name}"), T0 + 10, GRACE, None, access(f"b-{name}", T0 + 10), refresh(f"s-{name}", T0 + 10)
+        )
+        testcase.assertEqual(testcase.successResultOf(rotated).status, "rotated")
+    old.close()
+
+
 class PostgresStoreBehaviourTests(StoreBehaviourMixin, SynchronousTestCase):
     """
     The shared store contract, unchanged, on PostgreSQL (calls on the
@@ -249,7 +267,7 @@ class PostgresStoreTests(SynchronousTestCase):
             rows = connection.execute(
                 "SELECT component, version FROM schema_migrations ORDER BY component"
             ).fetchall()
-        self.assertEqual(rows, [("notifications", 1)] + [("oauth", version) for version in range(1, 11)])
+        self.assertEqual(rows, [("notifications", 1)] + [("oauth", version) for version in range(1, 12)])
 
     def test_facts_columns(self) -> None:
         """
@@ -867,15 +885,7 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
         from smeldr_oauth.store.schema import OAUTH_SCHEMA
 
         url = postgres.database_url(self)
-        old = pg_store(self, url, schema=attr.evolve(OAUTH_SCHEMA, migrations=OAUTH_SCHEMA.migrations[:9]))
-        for name in ("g1", "g2"):
-            self.successResultOf(old.create_grant(make_grant(name), make_code(f"code-{name}", name)))
-            self.successResultOf(old.add_tokens(name, access(f"a-{name}"), refresh(f"r-{name}")))
-            rotated = old.redeem_refresh_token(
-                h(f"r-{name}"), T0 + 10, GRACE, None, access(f"b-{name}", T0 + 10), refresh(f"s-{name}", T0 + 10)
-            )
-            self.assertEqual(self.successResultOf(rotated).status, "rotated")
-        old.close()
+        rotated_at(self, url, OAUTH_SCHEMA, 9)
         database = Database(PostgresEngine(url), self.reactor, threads=1, threadpool=InlineThreadPool(), group_commit=True)
         store = SQLStore(database)
         self.addCleanup(store.close)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from smeldr_oauth.db.database import Transaction
 from smeldr_oauth.db.migrations import Migration, Schema
 from smeldr_oauth.store import hashkeys
+from smeldr_oauth.store.facts_functions import REFRESH_FACTS_FUNCTION, REFRESH_FACTS_MANY_FUNCTION
 from smeldr_oauth.store.rotation_writes import WRITE_ROTATIONS_FUNCTION
 
 
@@ -475,6 +476,11 @@ OAUTH_SCHEMA = Schema(
         # statements planned once a session instead of at every batch
         # (see smeldr_oauth.store.rotation_writes).
         Migration(10, sqlite=(), postgresql=(WRITE_ROTATIONS_FUNCTION,)),
+        # PostgreSQL: the two facts functions read a grant's live
+        # generation and its count in one backward index scan bounded by
+        # the presented token's generation, not MAX then COUNT (see
+        # smeldr_oauth.store.facts_functions).
+        Migration(11, sqlite=(), postgresql=(REFRESH_FACTS_MANY_FUNCTION, REFRESH_FACTS_FUNCTION)),
     ),
     tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
     legacy=_legacy_version,
