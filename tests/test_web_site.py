@@ -307,6 +307,32 @@ class RefusedBeforeRoutingTests(TestCase):
         answer, _ = await self.exchange(b"GET /x/a HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n")
         self.assertIn(b" 200 ", answer.split(b"\r\n")[0])
 
+    async def test_absolute_form(self) -> None:
+        """
+        An absolute-form target (RFC 9112 section 3.2.2: a server must
+        accept it) routes by its path, its authority standing for the
+        C{Host} header; it was routed whole, a 404.
+        """
+        for target in (b"http://x/x/a", b"HTTPS://x:8443/x/a?q=1", b"http://[::1]/x/a"):
+            answer, events = await self.exchange(
+                b"GET " + target + b" HTTP/1.1\r\nHost: elsewhere\r\nConnection: close\r\n\r\n"
+            )
+            self.assertIn(b" 200 ", answer.split(b"\r\n")[0], target)
+            self.assertEqual(answer.split(b"\r\n\r\n", 1)[1], b"1\r\na\r\n0\r\n\r\n", target)
+            self.assertEqual(events, [], target)
+
+    async def test_other_targets(self) -> None:
+        """
+        A target that is neither a path nor an http(s) URL, or whose
+        authority is no host name, or holds a user name, is a 400.
+        """
+        for target in (b"x", b"ftp://x/x/a", b"http:///x/a", b"http://a..b/x/a", b"http://u@x/x/a"):
+            answer, events = await self.exchange(
+                b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            self.assertIn(b" 400 ", answer.split(b"\r\n")[0], target)
+            self.assertEqual(events, [], target)
+
     async def test_bad_method(self) -> None:
         answer, events = await self.exchange(b"G\xffT /x/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertIn(b" 400 ", answer.split(b"\r\n")[0])

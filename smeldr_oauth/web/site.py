@@ -229,6 +229,8 @@ class SmeldrRequest(Request):
         """
         if self.method not in _TOKEN_METHODS and _METHOD.fullmatch(self.method) is None:
             return "the method is not an HTTP token"
+        if self.path[:1] != b"/" and self.path != b"*" and not self._origin_form():
+            return "the request target is neither a path nor an http(s) URL"
         host = self.requestHeaders.getRawHeaders(b"host")
         if host is not None and (len(host) > 1 or not self._routable(host[0])):
             return "the Host header is not a single valid host name"
@@ -241,6 +243,29 @@ class SmeldrRequest(Request):
             except UnicodeDecodeError:
                 return "the path is not UTF-8"
         return None
+
+    def _origin_form(self) -> bool:
+        """
+        An absolute-form request target (C{GET http://host/path}, what a
+        client sends a proxy, and which a server must accept: RFC 9112
+        section 3.2.2) read as the origin form: its path routes, and its
+        authority stands for the C{Host} header, which the RFC says it
+        overrides (and which is then checked as any C{Host} is).  Klein
+        routed the whole URL as a path: a 404.  C{False} for any other
+        target that is not a path (another scheme, no authority, a user
+        name in it: RFC 9110 section 4.2.4).
+        """
+        scheme, sep, rest = self.path.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            return False
+        authority, slash, path = rest.partition(b"/")
+        if not authority or b"@" in authority:
+            return False
+        self.path = slash + path or b"/"
+        _, query, arguments = self.uri.partition(b"?")
+        self.uri = self.path + query + arguments
+        self.requestHeaders.setRawHeaders(b"host", [authority])
+        return True
 
     def _routable(self, value: bytes) -> bool:
         known = routable_host_header(value)
