@@ -14,6 +14,7 @@ from smeldr_oauth.db import open_database
 from smeldr_oauth.flows import render
 from smeldr_oauth.flows.patterns import NEVER_USED_AFTER, Context, recognise
 from smeldr_oauth.flows.store import FlowStore
+from smeldr_oauth.oauth.numbers import count, seconds
 
 
 def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -25,52 +26,21 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> argpars
     )
     flows.add_argument("--client", metavar="ID", default=None, help="one client's timeline")
     flows.add_argument("--grant", metavar="ID", default=None, help="one grant's timeline")
-    flows.add_argument("--last", metavar="N", type=_count, default=50, help="the newest N steps (default 50)")
+    flows.add_argument("--last", metavar="N", type=count, default=50, help="the newest N steps (default 50)")
     flows.add_argument("--resource", metavar="URL", default=None, help="the server's resource, to name mismatches")
     flows.add_argument(
-        "--access-ttl", metavar="SECONDS", type=_seconds, default=3600.0, help="access token lifetime (default 3600)"
+        "--access-ttl", metavar="SECONDS", type=seconds, default=3600.0, help="access token lifetime (default 3600)"
     )
     flows.add_argument(
         "--grace",
         metavar="SECONDS",
-        type=_seconds,
+        type=seconds,
         default=NEVER_USED_AFTER,
         help=f"a token unused this long after its issue is 'never used' (default {NEVER_USED_AFTER:g})",
     )
     flows.add_argument("--json", action="store_true", help="print one JSON document")
     flows.set_defaults(command="show")
     return flows
-
-
-def _count(value: str) -> int:
-    """
-    C{--last}: a whole number from 1 to 2**31 - 1 (a larger one failed the
-    database's LIMIT with an OverflowError; a negative one was no limit on
-    SQLite).
-    """
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}")
-    if not 0 < number < 2**31:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {2**31 - 1}: {value!r}")
-    return number
-
-
-def _seconds(value: str) -> float:
-    """
-    C{--access-ttl} and C{--grace}: seconds from 0 to 2**31 - 1, as the
-    server's lifetimes (C{nan} failed the timeline's time formatting with
-    a bare C{ValueError}, C{inf} was taken, a negative lifetime read every
-    token as expired at its issue).
-    """
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}")
-    if not 0 <= number < 2**31:
-        raise argparse.ArgumentTypeError(f"must be from 0 to {2**31 - 1} seconds: {value!r}")
-    return number
 
 
 async def show(reactor: Any, options: argparse.Namespace, location: str, out: IO[str]) -> int:

@@ -30,6 +30,7 @@ from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import AppLoadError, MCPApp, load_app
 from smeldr_oauth.mcp.calls import CallbackOutlet, Principal, answer_lost
 from smeldr_oauth.mcp.session import ServerSession
+from smeldr_oauth.oauth.numbers import count
 
 log = Logger()
 
@@ -146,20 +147,6 @@ class StdioMCP(LineReceiver):
             self.finished.callback(None)
 
 
-def _line_length(value: str) -> int:
-    """
-    C{--max-line}: from 1 to 2**31 - 1 bytes (0 or less refused every
-    message as too large).
-    """
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}")
-    if not 0 < number < 2**31:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {2**31 - 1}: {value!r}")
-    return number
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point: serve an app on stdin/stdout until stdin closes."""
     parser = argparse.ArgumentParser(prog="smeldr-oauth-stdio", description=__doc__.split("\n\n")[0])
@@ -168,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument(
         "--database", default=None, help="PostgreSQL URL of the site content (instead of --site-db)"
     )
-    parser.add_argument("--max-line", type=_line_length, default=1 << 20, help="longest accepted message, in bytes")
+    parser.add_argument("--max-line", type=count, default=1 << 20, help="longest accepted message, in bytes")
     args = parser.parse_args(argv)
     site_db = args.database or args.site_db
     if args.app == DEFAULT_APP and site_db is None:

@@ -18,15 +18,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from smeldr_oauth.oauth.config import Config, ConfigError
+from smeldr_oauth.oauth.numbers import MAX_WHOLE
 from smeldr_oauth.service import workers
-
-
-#: The largest whole number an option takes: any lifetime, size, count or
-#: limit worth setting is far below it, and every one is added to times
-#: and compared as a float, or stored as a 64-bit integer, which an integer
-#: of hundreds of digits is not (an OverflowError at start-up, or a 500 on
-#: every token request).
-MAX_WHOLE = 2**31 - 1
 
 
 def _positive_int(name: str, unit: str = "seconds"):  # type: ignore[no-untyped-def]
