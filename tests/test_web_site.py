@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from klein import Klein
 from twisted.internet import reactor
@@ -99,38 +99,46 @@ class SiteOverSocketTests(TestCase):
         )
         self.assertTrue(answer.endswith(b"127.0.0.1 10"), answer)
 
+    async def asked(self, method: str, read: Callable[[Any], Any]) -> tuple[bytes, list[Any], list[object]]:
+        """
+        Three requests on one connection, each reading C{read(request)}:
+        the answer, what each read, and the transports asked through
+        C{tcp.Server}'s C{method}.
+        """
+        from twisted.internet import tcp
+
+        asked: list[object] = []
+        ask = getattr(tcp.Server, method)
+
+        def counted(transport: Any) -> Any:
+            asked.append(transport)
+            return ask(transport)
+
+        self.patch(tcp.Server, method, counted)
+        seen: list[Any] = []
+
+        class Reader(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                seen.append(read(request))
+                return b"ok"
+
+        answer = await self.exchange(
+            SmeldrSite(Reader()),
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        return answer, seen, asked
+
     async def test_local_address_asked_once(self) -> None:
         """
         Each request knows the connection's local address
         (C{request.getHost()}), but the socket is asked for it once per
         connection, not once per request.
         """
-        from twisted.internet import tcp
-
-        asked: list[object] = []
-        ask = tcp.Server.getHost
-
-        def counted(transport: Any) -> Any:
-            asked.append(transport)
-            return ask(transport)
-
-        self.patch(tcp.Server, "getHost", counted)
-        seen: list[Any] = []
-
-        class Host(Resource):
-            isLeaf = True
-
-            def render_GET(self, request: Any) -> bytes:
-                seen.append(request.getHost())
-                return b"ok"
-
-        site = SmeldrSite(Host())
-        answer = await self.exchange(
-            site,
-            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
-            b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
-            b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
+        answer, seen, asked = await self.asked("getHost", lambda request: request.getHost())
         self.assertEqual(answer.count(b"200 OK"), 3)
         self.assertEqual(len(seen), 3)
         self.assertEqual({(a.type, a.host) for a in seen}, {("TCP", "127.0.0.1")})
@@ -143,32 +151,7 @@ class SiteOverSocketTests(TestCase):
         the transport is asked for it once per connection, not once per
         request.
         """
-        from twisted.internet import tcp
-
-        asked: list[object] = []
-        ask = tcp.Server.getPeer
-
-        def counted(transport: Any) -> Any:
-            asked.append(transport)
-            return ask(transport)
-
-        self.patch(tcp.Server, "getPeer", counted)
-        seen: list[Any] = []
-
-        class Peer(Resource):
-            isLeaf = True
-
-            def render_GET(self, request: Any) -> bytes:
-                seen.append(request.getClientAddress())
-                return b"ok"
-
-        site = SmeldrSite(Peer())
-        answer = await self.exchange(
-            site,
-            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
-            b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
-            b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
+        answer, seen, asked = await self.asked("getPeer", lambda request: request.getClientAddress())
         self.assertEqual(answer.count(b"200 OK"), 3)
         self.assertEqual(len(seen), 3)
         self.assertEqual({(a.type, a.host) for a in seen}, {("TCP", "127.0.0.1")})
