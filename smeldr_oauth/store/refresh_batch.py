@@ -10,6 +10,7 @@ L{smeldr_oauth.store.transactions}; only how they are sent differs.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -141,20 +142,15 @@ def _column(values: list[Any]) -> Any:
     return literal if literal is not values else [_scrub(value) for value in values]
 
 
-#: What L{_shapes} holds for a statement not yet seen.
-_UNSEEN = object()
-#: Each statement of a rotation's writes, as L{_shape} reads it: the same
-#: few texts arrive with every refresh.
-_shapes: dict[str, Any] = {}
-
-
-def _shape(sql: str) -> Optional[tuple[str, list[str]]]:
+@functools.lru_cache(maxsize=64)
+def _shape(sql: str) -> Optional[tuple[str, tuple[str, ...]]]:
     """
     The table and the columns of an insert of one row (L{_INSERT}), or
-    C{None} for a statement of another shape.
+    C{None} for a statement of another shape; remembered, since the same
+    few statement texts arrive with every refresh.
     """
     match = _INSERT.match(sql)
-    return None if match is None else (match.group(1), match.group(2).split(", "))
+    return None if match is None else (match.group(1), tuple(match.group(2).split(", ")))
 
 
 def _json_rows(rows: list[dict[str, Any]]) -> str:
@@ -214,9 +210,7 @@ def _write_batch(
             record_use[0].append(values[0])
             record_use[1].append(values[1])
         else:
-            shape = _shapes.get(sql, _UNSEEN)
-            if shape is _UNSEEN:
-                shape = _shapes[sql] = _shape(sql)
+            shape = _shape(sql)
             if shape is None or shape[0] not in rows:
                 if position in spent_at:
                     others_spent.append(len(others))
