@@ -60,15 +60,19 @@ def answer_of(body: bytes) -> dict[str, Any]:
     return dict(answers[-1])
 
 
-class FaultsThroughTheFrontTests(OAuthSocketMixin, TestCase):
+class _Front(OAuthSocketMixin):
+    """Our OAuth and the MCP front over one upstream, C{command}."""
+
     timeout = 60
+    #: the upstream's command
+    command = sys.executable + " " + MISBEHAVING
 
     async def setUp(self) -> None:  # type: ignore[override]
         app = await self.serve()
         store = await self.open_store()
         toml = f"""
 [upstreams.bad]
-command = {json.dumps(sys.executable + " " + MISBEHAVING)}
+command = {json.dumps(self.command)}
 limits = {{ request_timeout = 1, stop_grace = 1, restart_backoff = 1 }}
 """
         mounted = plan(gateway_config.load((), toml), self.issuer)
@@ -79,6 +83,19 @@ limits = {{ request_timeout = 1, stop_grace = 1, restart_backoff = 1 }}
         self.mounted = mount(app, oauth, None, reactor=reactor, upstreams=[(mounted[0], self.gateway)])
         self.addCleanup(self.mounted.shutdown)
         self.bearer = (await self.token(self.issuer + "/mcp", "mcp", SITE_TOKEN))["access_token"]
+        self.session: Optional[str] = None
+        self.ids = 0
+
+    async def post(self, message: dict[str, Any]) -> tuple[Any, bytes]:
+        headers = dict(ACCEPT, Authorization=["Bearer " + self.bearer])
+        if self.session is not None:
+            headers["Mcp-Session-Id"] = [self.session]
+        return await self.call("POST", self.issuer + "/mcp", data=json.dumps(message).encode(), headers=headers)
+
+
+class FaultsThroughTheFrontTests(_Front, TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        await super().setUp()
         response, body = await self.post(
             {
                 "jsonrpc": "2.0",
@@ -90,13 +107,6 @@ limits = {{ request_timeout = 1, stop_grace = 1, restart_backoff = 1 }}
         self.assertEqual(response.code, 200, body)
         self.session = response.headers.getRawHeaders("mcp-session-id")[0]
         await self.post({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        self.ids = 0
-
-    async def post(self, message: dict[str, Any]) -> tuple[Any, bytes]:
-        headers = dict(ACCEPT, Authorization=["Bearer " + self.bearer])
-        if getattr(self, "session", None):
-            headers["Mcp-Session-Id"] = [self.session]
-        return await self.call("POST", self.issuer + "/mcp", data=json.dumps(message).encode(), headers=headers)
 
     async def tool(self, name: str) -> dict[str, Any]:
         self.ids += 1
@@ -135,6 +145,25 @@ limits = {{ request_timeout = 1, stop_grace = 1, restart_backoff = 1 }}
         cancelled = json.loads(self.text(await self.tool("cancelled")))
         self.assertEqual(len(cancelled), 1, cancelled)
         self.assertEqual(self.gateway.metrics.timeouts, 1)
+
+
+class UpstreamWontStartTests(_Front, TestCase):
+    """An upstream that exits at once (C{false}): every C{initialize} fails."""
+
+    command = "false"
+
+    async def test_initialize_refused(self) -> None:
+        """
+        The refused C{initialize} names no session (C{Mcp-Session-Id}):
+        none was kept, and the client would be sent on to a 404.
+        """
+        response, body = await self.post(
+            {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-11-25"}}
+        )
+        self.assertEqual(response.code, 200, body)
+        answer = answer_of(body)
+        self.assertEqual(answer["error"]["data"]["reason"], "exited", answer)
+        self.assertIsNone(response.headers.getRawHeaders("mcp-session-id"))
 
 
 @implementer(IAccessVerifier)

@@ -369,6 +369,23 @@ class StreamableHTTPTests(HTTPTestBase):
         self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
         self.assertEqual(json.loads(body)["result"]["content"], [{"type": "text", "text": "hi"}])
 
+    async def test_failed_initialize_names_no_session(self) -> None:
+        """
+        An C{initialize} refused (here: a protocolVersion that is not a
+        string) leaves no session behind, so its answer names none: an
+        C{Mcp-Session-Id} there would send the client on to a session
+        that answers 404.  A good one after it still gets its id.
+        """
+        for params in ({"protocolVersion": 7}, {"protocolVersion": "2025-06-18", "capabilities": []}):
+            code, headers, body = await self.request(
+                "POST", body={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params}
+            )
+            self.assertEqual(json.loads(body)["error"]["code"], -32602, body)
+            self.assertIsNone(headers.getRawHeaders("mcp-session-id"), body)
+        self.assertEqual(len(self.mcp.sessions), 0)
+        session_id = await self.initialize()
+        self.assertGreaterEqual(len(session_id), 22)
+
     async def test_answered_call_freed_without_the_collector(self) -> None:
         """
         A C{tools/call} answered as JSON through the site's direct route

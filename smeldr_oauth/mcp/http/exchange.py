@@ -173,8 +173,12 @@ class Exchange(Outlet):
             return
         self.mode = "done"
         request = self.request
-        for name, value in self.headers.items():
-            request.setHeader(name.encode(), value.encode())
+        if self.session is None or self.protocol.initialized:
+            # A refused initialize ended its session: its answer names
+            # none (the client would be sent on to a 404).  On a stream
+            # the headers went before the answer was known.
+            for name, value in self.headers.items():
+                request.setHeader(name.encode(), value.encode())
         if not self.responses:
             # Every request was cancelled: nothing to say.
             request.setResponseCode(202)
