@@ -28,6 +28,7 @@ _DB = "smeldr_oauth.db"
 _DB_ERRORS = "smeldr_oauth.db.errors"
 _MCP = "smeldr_oauth.mcp"
 _MCP_HTTP = "smeldr_oauth.mcp.http"
+_MCP_STDIO = "smeldr_oauth.mcp.stdio"
 _MCP_STATE_PG = "smeldr_oauth.mcp.state.postgres"
 _STORE = "smeldr_oauth.store"
 _WEB = "smeldr_oauth.web"
@@ -54,6 +55,9 @@ LAYERS: dict[str, Optional[frozenset[str]]] = {
     # The MCP protocol core and its session-state seams: transport-free.
     # It reads the resource server's verdicts (oauth's IAccessVerifier).
     _MCP: frozenset({_OAUTH, _DB_ERRORS}),
+    # The smeldr-oauth-stdio command (a process's main): its --database is
+    # a PostgreSQL URL by db's rule, as every command's is.
+    _MCP_STDIO: frozenset({_MCP, _OAUTH, _DB, _DB_ERRORS}),
     # The OAuth store implementations (memory, SQL): oauth's IOAuthStore
     # over db.
     _STORE: frozenset({_OAUTH, _DB, _DB_ERRORS}),
@@ -105,7 +109,7 @@ NO_SERVER_HTTP = (_OAUTH, _MCP, _MCP_STATE_PG, _DB, _STORE, _SITE)
 #: wiring, and entry points that are a process's C{main}.
 REACTOR_IMPORTERS = {
     _SERVICE: "the wiring",
-    "smeldr_oauth.mcp.stdio": "main(), the smeldr-oauth-stdio command",
+    _MCP_STDIO: "main(), the smeldr-oauth-stdio command",
     # Known, left to the database layer's owner: Database(reactor=None)
     # falls back to the global reactor.
     "smeldr_oauth.db.database": "the default of Database(reactor=None)",

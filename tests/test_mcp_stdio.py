@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Any
+from typing import Any, Optional
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
@@ -244,7 +244,7 @@ class ConsoleCommandTests(TestCase):
 
     timeout = 60
 
-    def spawn(self, *args: str) -> tuple[_Pipes, Any]:
+    def spawn(self, *args: str, path: Optional[str] = None) -> tuple[_Pipes, Any]:
         command = shutil.which("smeldr-oauth-stdio", path=os.path.dirname(sys.executable))
         if command is None:
             self.fail("smeldr-oauth-stdio is not installed next to this Python: pip install -e .")
@@ -252,7 +252,7 @@ class ConsoleCommandTests(TestCase):
         env = dict(os.environ)
         # The checkout first, so --app can name a test module.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
-        transport = reactor.spawnProcess(pipes, command, [command, *args], env=env)  # type: ignore[attr-defined]
+        transport = reactor.spawnProcess(pipes, command, [command, *args], env=env, path=path)  # type: ignore[attr-defined]
 
         def kill() -> Deferred:
             if not pipes.ended.called:
@@ -290,6 +290,29 @@ class ConsoleCommandTests(TestCase):
         self.assertEqual([line["id"] for line in pipes.lines], [0, 1, 2, 3])
         self.assertNotIn(b"Traceback", pipes.stderr)
         self.assertTrue(os.path.exists(site_db))
+
+    async def test_database_is_a_postgresql_url(self) -> None:
+        """
+        C{--database} names a PostgreSQL database: anything else is a usage
+        error (status 2, one line), as C{twist smeldr-oauth} and
+        C{smeldr-oauth-admin} say, not a SQLite file of that name made in
+        the working directory; with C{--site-db} as well it names two.
+        """
+        where = os.path.abspath(self.mktemp())
+        os.mkdir(where)
+        for args, said in (
+            (("--database", "garbage"), b"--database must be a postgresql:// URL"),
+            (("--database", "postgresql://nobody@127.0.0.1:1/x", "--site-db", "site.db"), b"not allowed with"),
+        ):
+            pipes, transport = self.spawn(*args, path=where)
+            # Nothing to serve: a command that started would end here.
+            transport.closeStdin()
+            ended = await pipes.ended
+            self.assertIsInstance(ended, ProcessTerminated)
+            self.assertEqual(ended.exitCode, 2, pipes.stderr)
+            self.assertIn(said, pipes.stderr)
+            self.assertNotIn(b"Traceback", pipes.stderr)
+        self.assertEqual(os.listdir(where), [])
 
     async def test_bad_app_is_one_line_and_a_failure_exit(self) -> None:
         pipes, transport = self.spawn("--app", "no_such_module_anywhere:app")

@@ -151,12 +151,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point: serve an app on stdin/stdout until stdin closes."""
     parser = argparse.ArgumentParser(prog="smeldr-oauth-stdio", description=__doc__.split("\n\n")[0])
     parser.add_argument("--app", default=DEFAULT_APP, help="module:attr of an MCPApp or a factory of one")
-    parser.add_argument("--site-db", default=None, help="path of the site content database")
-    parser.add_argument(
-        "--database", default=None, help="PostgreSQL URL of the site content (instead of --site-db)"
-    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--site-db", default=None, help="path of the site content database")
+    where.add_argument("--database", default=None, help="PostgreSQL URL of the site content (instead of --site-db)")
     parser.add_argument("--max-line", type=count, default=1 << 20, help="longest accepted message, in bytes")
     args = parser.parse_args(argv)
+    from smeldr_oauth.db.postgres import is_postgres_url
+
+    if args.database is not None and not is_postgres_url(args.database):
+        # Not a SQLite file of that name in the working directory.
+        parser.error("--database must be a postgresql:// URL (a SQLite file is --site-db)")
     site_db = args.database or args.site_db
     if args.app == DEFAULT_APP and site_db is None:
         parser.error("--site-db or --database is required for the default site-content app")
