@@ -316,6 +316,20 @@ class RefusedBeforeRoutingTests(TestCase):
             self.assertIn(b" 400 ", answer.split(b"\r\n")[0], target)
             self.assertEqual(events, [], target)
 
+    async def test_two_hosts_whatever_the_target(self) -> None:
+        """
+        Two C{Host} lines are a 400 whatever the target's form (RFC 9112
+        section 3.2: "any request message"); an absolute-form target's
+        authority replaced them, so the request was served (200) where
+        the same request in origin form is refused.
+        """
+        for target in (b"/x/a", b"http://x/x/a"):
+            answer, events = await self.exchange(
+                b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nHost: y\r\nConnection: close\r\n\r\n"
+            )
+            self.assertIn(b" 400 ", answer.split(b"\r\n")[0], target)
+            self.assertEqual(events, [], target)
+
     async def test_bad_method(self) -> None:
         answer, events = await self.exchange(b"G\xffT /x/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertIn(b" 400 ", answer.split(b"\r\n")[0])

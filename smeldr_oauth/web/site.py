@@ -123,6 +123,9 @@ def routable_host_header(value: bytes) -> Optional[bool]:
     return routable_host(match.group("host"))
 
 
+_NOT_ONE_HOST = "the Host header is not a single valid host name"
+
+
 class SmeldrRequest(Request):
     """
     A request that stops storing its body past C{site.max_body} bytes and
@@ -229,11 +232,17 @@ class SmeldrRequest(Request):
         """
         if self.method not in _TOKEN_METHODS and _METHOD.fullmatch(self.method) is None:
             return "the method is not an HTTP token"
-        if self.path[:1] != b"/" and self.path != b"*" and not self._origin_form():
-            return "the request target is neither a path nor an http(s) URL"
         host = self.requestHeaders.getRawHeaders(b"host")
+        if self.path[:1] != b"/" and self.path != b"*":
+            # Two Host lines are a 400 whatever the target (RFC 9112
+            # section 3.2), before an absolute form's authority replaces them.
+            if host is not None and len(host) > 1:
+                return _NOT_ONE_HOST
+            if not self._origin_form():
+                return "the request target is neither a path nor an http(s) URL"
+            host = self.requestHeaders.getRawHeaders(b"host")
         if host is not None and (len(host) > 1 or not self._routable(host[0])):
-            return "the Host header is not a single valid host name"
+            return _NOT_ONE_HOST
         path = self.path
         if not path.isascii() or b"%" in path:
             from urllib.parse import unquote_to_bytes
