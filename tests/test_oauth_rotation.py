@@ -183,9 +183,13 @@ class DecideTests(SynchronousTestCase):
 
     def test_spent_in_the_future(self) -> None:
         """
-        A spend time after C{now} (a clock stepped back) is not grace.
+        A spend up to C{grace} after C{now} is a parallel request that
+        started later and spent first (two workers): grace, as before it;
+        further (a clock stepped back a long way) is not.
         """
-        self.assertEqual(run(token=spent(-1)), REUSED)
+        self.assertEqual(run(token=spent(-0.005)).status, "grace")
+        self.assertEqual(run(token=spent(-GRACE)).status, "grace")
+        self.assertEqual(run(token=spent(-GRACE - 0.001)), REUSED)
 
     def test_sibling_cap(self) -> None:
         self.assertEqual(run(token=spent(1), live_siblings=MAX_SIBLINGS - 1).status, "grace")
@@ -288,12 +292,16 @@ class SupersededTests(SynchronousTestCase):
     def test_outside_window_is_reuse(self) -> None:
         self.assertEqual(self.decide(GRACE + 0.001), REUSED)
 
-    def test_future_revocation_is_reuse(self) -> None:
+    def test_future_revocation(self) -> None:
         """
-        A revocation time after now (a clock step backwards) is not trusted
-        to excuse anything.
+        A revocation up to C{grace} after C{now} is a parallel request that
+        started later and rotated the other sibling first (two workers):
+        superseded, as before it; further (a clock stepped back a long
+        way) is not trusted to excuse anything.
         """
-        self.assertEqual(self.decide(-1), REUSED)
+        for ago in (-0.005, -1, -GRACE):
+            self.assertEqual(self.decide(ago), RotationDecision(status="superseded"), ago)
+        self.assertEqual(self.decide(-GRACE - 0.001), REUSED)
 
     def test_grace_off(self) -> None:
         self.assertEqual(self.decide(0, grace=0), REUSED)

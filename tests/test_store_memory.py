@@ -610,6 +610,26 @@ class StoreBehaviourMixin(_MixinBase):
         self.assertEqual(self.redeem("r1", "lost2", T0 + 103).status, "superseded")
         self.assertEqual(self.redeem("r2", "r3", T0 + 104).status, "rotated")
 
+    def test_refresh_parallel_across_clocks(self) -> None:
+        """
+        A parallel refresh that took its time before the winner's (two
+        workers: each request reads its clock when it starts, and the
+        later one's batch may commit first) is the loser of the same race:
+        a sibling, or refused as superseded, never the reuse that ended
+        the grant (it did: 4 grants of 5 revoked by 30 parallel refreshes
+        of one token across two workers on PostgreSQL, now - used_at -1
+        to -5 ms).  Beyond the window either way it is still reuse.
+        """
+        self.grant_with_tokens()
+        self.assertEqual(self.redeem("g1-r0", "r1", T0 + 100).status, "rotated")
+        self.assertEqual(self.redeem("g1-r0", "r1b", T0 + 99.995).status, "grace")
+        self.assertEqual(self.redeem("r1b", "r2", T0 + 102).status, "rotated")
+        result = self.redeem("r1", "lost", T0 + 101.995)
+        self.assertEqual(result.status, "superseded")
+        self.assertIsNone(result.grant.revoked_at)
+        self.assertEqual(self.redeem("r2", "r3", T0 + 103).status, "rotated")
+        self.assertEqual(self.redeem("r2", "r3b", T0 + 103 - GRACE - 1).status, "reused")
+
     def test_refresh_superseded_sibling_late(self) -> None:
         """
         Outside the grace window of the revocation it is reuse again.

@@ -150,7 +150,7 @@ def decide(
       2. the grant has ended: C{"revoked"};
       3. an unspent token revoked on its own (a sibling superseded when
          another sibling rotated: the stores revoke tokens singly for no
-         other reason), revoked at most C{grace} seconds ago:
+         other reason), revoked at most C{grace} seconds from C{now}:
          C{"superseded"}, refused without ending the grant, because it is
          the loser of a parallel refresh, not a thief;
       4. the token was revoked on its own (a superseded sibling), or is
@@ -162,7 +162,8 @@ def decide(
       5. the token's idle lifetime is over: C{"expired"};
       6. the request asks for scopes beyond the grant: C{"invalid_scope"};
       7. a spent token of the generation just before the live one, spent at
-         most C{grace} seconds ago: C{"grace"}, a sibling of the live
+         most C{grace} seconds from C{now} (before it, or after it by a
+         request that started later): C{"grace"}, a sibling of the live
          generation is issued, unless the live generation already holds
          C{max_siblings} tokens: then C{"grace_exhausted"}, refused
          without ending the grant;
@@ -183,19 +184,23 @@ def decide(
     if grant.revoked_at is not None:
         return RotationDecision(status=REVOKED)
 
+    # Within the window either way: a request reads its clock when it
+    # starts, and a parallel one that started later may have spent (or
+    # superseded) the token first (two workers, or batches that commit
+    # out of arrival order): the same race, not a theft.
     in_window = (
         grace > 0
         and token.used_at is not None
         and not token_revoked
         and token.generation == live_generation - 1
-        and 0 <= now - token.used_at <= grace
+        and abs(now - token.used_at) <= grace
     )
     superseded = (
         grace > 0
         and token_revoked
         and token_revoked_at is not None
         and token.used_at is None
-        and 0 <= now - token_revoked_at <= grace
+        and abs(now - token_revoked_at) <= grace
     )
     if superseded:
         return RotationDecision(status=SUPERSEDED)
