@@ -58,7 +58,8 @@ class Servers(TestCase):
         options = parse("--issuer", "http://127.0.0.1:1", "--database", self.url, "--dev", *argv)
         service = StandaloneService(options, reactor)
         service.startService()
-        self.addCleanup(service.stopService)
+        # (Unless a test stopped it itself.)
+        self.addCleanup(lambda: service.stopService() if service.running else None)
         yield service.ready
         port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(service.site)
         self.addCleanup(port.stopListening)
@@ -391,6 +392,21 @@ class OutageTests(Servers):
         self.assertNotIn(b"Traceback", body)
         self.assertNotIn(self.url.encode(), body)
         return body
+
+    @inlineCallbacks
+    def test_stopped_in_an_outage(self) -> Any:
+        """
+        A server stopped while its database is out of reach says so in one
+        warning line (its MCP sessions could not be handed back), as the
+        endpoints do, not a critical traceback that reads as a crash.
+        """
+        self.cluster.stop()
+        with capturedLogs() as events:
+            yield self.service.stopService()
+        said = [formatEvent(e) for e in events if "MCP sessions not left cleanly" in formatEvent(e)]
+        self.assertEqual(len(said), 1, said)
+        self.assertIn("database", said[0])
+        self.assertFalse([e for e in events if "log_failure" in e])
 
     @inlineCallbacks
     def test_outage(self) -> Any:

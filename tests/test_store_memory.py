@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import attr
 from twisted.internet.defer import fail
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -27,6 +27,7 @@ from smeldr_oauth.oauth.model import (
 from smeldr_oauth.oauth.secrets import hash_secret
 from smeldr_oauth.oauth.interfaces import IOAuthStore
 from smeldr_oauth.oauth.rotation import USE_RESOLUTION
+from smeldr_oauth.db.errors import StoreUnavailable
 from smeldr_oauth.store.common import CLIENT_RETENTION, GRANT_RETENTION, StoreConflict, start_purging
 from smeldr_oauth.store.memory import MemoryStore
 
@@ -1041,3 +1042,24 @@ class StartPurgingTests(SynchronousTestCase):
         self.assertEqual(calls, [0, 10])
         self.assertEqual(len([e for e in events if "log_failure" in e]), 2)
         self.flushLoggedErrors(RuntimeError)
+
+    def test_outage_one_line(self) -> None:
+        """
+        A purge that meets a database out of reach (PostgreSQL restarting)
+        logs one warning line with the reason, at every interval the outage
+        lasts, not a critical traceback; the loop goes on.
+        """
+
+        class Unreachable:
+            def purge_expired(self, now: float) -> Any:
+                return fail(StoreUnavailable("cannot connect to the database"))
+
+        clock = Clock()
+        with capturedLogs() as events:
+            loop = start_purging(Unreachable(), clock, 10, what="expired rows")  # type: ignore[arg-type]
+            clock.advance(10)
+        loop.stop()
+        self.assertFalse([e for e in events if "log_failure" in e])
+        said = [(e["log_level"], formatEvent(e)) for e in events]
+        self.assertEqual(said, [(LogLevel.warn, "Purging expired rows failed: cannot connect to the database")] * 2)
+        self.assertEqual(events[0]["log_namespace"], "smeldr_oauth.store.common")

@@ -11,6 +11,14 @@ programming error, a syntax error) propagates as the engine raised it.
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
+from twisted.internet.defer import FirstError
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+log = Logger()
+
 
 class StoreConflict(Exception):
     """
@@ -51,3 +59,26 @@ class SchemaTooNew(Exception):
     The database was migrated by a newer smeldr-oauth than this one: refuse
     to touch it rather than misread it.
     """
+
+
+def log_failure(
+    failure: Failure, format: str, outage: LogLevel = LogLevel.warn, logger: Optional[Logger] = None, **fields: Any
+) -> None:
+    """
+    C{logger.failure(format, failure, **fields)}, but a database out of
+    reach (L{StoreUnavailable}: restarting, a failover) as one warning line
+    with its reason: expected, the operator's to see, not a bug, as every
+    endpoint says an outage (C{docs/operations.md}); with a traceback and
+    at critical level, a tool call, a stream, a periodic purge or a
+    shutdown in an outage read as a crash.  (C{outage}: that line's level;
+    critical when the server cannot start.  C{logger}: the caller's, for
+    its namespace; this module's when C{None}.)
+    """
+    logger = log if logger is None else logger
+    if failure.check(FirstError):
+        # Of a gatherResults (the session's record and its claims saved).
+        failure = failure.value.subFailure  # type: ignore[union-attr]
+    if failure.check(StoreUnavailable):
+        logger.emit(outage, "{what}: {error}", what=format.format(**fields), error=str(failure.value))
+    else:
+        logger.failure(format, failure, **fields)

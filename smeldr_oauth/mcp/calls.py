@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence, TypeGuard
 
 import attr
-from twisted.logger import Logger, LogLevel
-from twisted.internet.defer import Deferred, FirstError
+from twisted.logger import Logger
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from smeldr_oauth.db.errors import StoreUnavailable
+from smeldr_oauth.db.errors import log_failure
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.context import Context
 
@@ -99,25 +99,6 @@ def log_scope_refusal(what: str, principal: Principal, needed: Sequence[str]) ->
         client_id=principal.client_id,
         scopes=" ".join(needed),
     )
-
-
-def log_failure(failure: Failure, format: str, outage: LogLevel = LogLevel.warn, **fields: Any) -> None:
-    """
-    C{log.failure(format, failure, **fields)}, but a database out of reach
-    (L{StoreUnavailable}: restarting, a failover) as one warning line with
-    its reason: expected, the operator's to see, not a bug, as every
-    endpoint says an outage (C{docs/operations.md}); with a traceback and
-    at critical level, a tool call or a stream made in an outage read as
-    a crash.  (C{outage}: that line's level; critical when the server
-    cannot start.)
-    """
-    if failure.check(FirstError):
-        # Of a gatherResults (the session's record and its claims saved).
-        failure = failure.value.subFailure  # type: ignore[union-attr]
-    if failure.check(StoreUnavailable):
-        log.emit(outage, "{what}: {error}", what=format.format(**fields), error=str(failure.value))
-    else:
-        log.failure(format, failure, **fields)
 
 
 def logged(message: str) -> Callable[[Failure], None]:

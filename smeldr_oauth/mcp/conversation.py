@@ -35,9 +35,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smeldr_oauth.db.errors import StoreUnavailable
+from smeldr_oauth.db.errors import StoreUnavailable, log_failure
 from smeldr_oauth.mcp import jsonrpc
-from smeldr_oauth.mcp.calls import UNAVAILABLE, Outlet, Principal, log_failure
+from smeldr_oauth.mcp.calls import UNAVAILABLE, Outlet, Principal
 from smeldr_oauth.mcp.jsonrpc import JSONRPCError, Message, Notification, Request, Response
 from smeldr_oauth.mcp.state.interfaces import ISessionDelivery
 

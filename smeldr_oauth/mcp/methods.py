@@ -21,10 +21,10 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from smeldr_oauth.db.errors import StoreUnavailable
+from smeldr_oauth.db.errors import StoreUnavailable, log_failure
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp, invoke
-from smeldr_oauth.mcp.calls import UNAVAILABLE, log_failure, outcome_now
+from smeldr_oauth.mcp.calls import UNAVAILABLE, outcome_now
 from smeldr_oauth.mcp.context import LOG_LEVELS, Context, ToolError
 from smeldr_oauth.mcp.jsonrpc import InsufficientScope, JSONRPCError, Message, Request
 from smeldr_oauth.mcp.results import error_result, prompt_result, resource_contents, tool_result

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
 from smeldr_oauth.mcp.app import MCPApp
-from smeldr_oauth.mcp.calls import log_failure
+from smeldr_oauth.db.errors import log_failure
 from smeldr_oauth.mcp.http import MCPHTTP
 from smeldr_oauth.oauth.config import OFFLINE_ACCESS
 from smeldr_oauth.oauth.ratelimit import Limits
@@ -473,7 +473,8 @@ class StandaloneService(Service):
 
         def leave(_: Any) -> Any:
             if self.sessions is not None:
-                return self.sessions.stop().addErrback(lambda f: log.failure("MCP sessions not left cleanly", f))
+                # An outage at shutdown: one warning line, not a traceback.
+                return self.sessions.stop().addErrback(log_failure, "MCP sessions not left cleanly")
             return None
 
         def checkpointed(_: Any) -> Any:

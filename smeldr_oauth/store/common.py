@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smeldr_oauth.db.errors import StoreConflict  # noqa: F401 (its old home)
+from smeldr_oauth.db.errors import log_failure
 
 log = Logger()
 
@@ -62,7 +63,8 @@ def start_purging(
                 log.info("Purged {count} {what}", count=count, what=what)
 
         def failed(failure: Failure) -> None:
-            log.failure("Purging {what} failed", failure, what=what)
+            # An outage (PostgreSQL restarting) is one line each interval, not a traceback.
+            log_failure(failure, "Purging {what} failed", logger=log, what=what)
 
         return d.addCallbacks(purged, failed)
 

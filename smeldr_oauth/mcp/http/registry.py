@@ -49,7 +49,8 @@ from zope.interface import implementer
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.http.errors import from_session_limit, session_not_found
-from smeldr_oauth.mcp.calls import Outlet, log_failure, logged
+from smeldr_oauth.db.errors import log_failure
+from smeldr_oauth.mcp.calls import Outlet, logged
 from smeldr_oauth.mcp.session import ServerSession
 from smeldr_oauth.mcp.state.interfaces import IEventLog, ISessionDelivery, ISessionSink, ISessionStore
 from smeldr_oauth.mcp.state.records import LEGACY, STREAMABLE, SessionLimitReached, SessionLimits, SessionRecord

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from smeldr_oauth.mcp import jsonrpc
 from smeldr_oauth.mcp.app import MCPApp
 from smeldr_oauth.mcp.auth import BearerAuth, Credential
-from smeldr_oauth.mcp.calls import log_failure
+from smeldr_oauth.db.errors import log_failure
 from smeldr_oauth.mcp.http import wire
 from smeldr_oauth.mcp.http.errors import bad_request, invalid_frame, modern_refusal, rpc_error
 from smeldr_oauth.mcp.http.exchange import Exchange
