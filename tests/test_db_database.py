@@ -608,6 +608,61 @@ class PostgresDatabaseTests(DatabaseMixin, SynchronousTestCase):
         self.ok(self.db.write(SCHEMA, insert, "a", 1))
         self.assertIsNone(self.db.change_stamp())
 
+    #: Texts a simple-protocol statement binds into its text: quotes,
+    #: backslashes (a batch's JSON rows hold one before each nested quote),
+    #: non-ASCII, dollar quotes, a comment's start.
+    QUOTED = ("a'b", "c\\d", '{"scopes": "[\\"mcp\\"]"}', "\u00e9'\u00fc\\", "", "$$", "x'';--")
+
+    def test_simple_texts_quoted_by_doubling(self) -> None:
+        """
+        The simple cursor writes a text as C{'...'} with its quotes doubled
+        (the server's C{standard_conforming_strings} is on): no C{E'...'}
+        with each backslash doubled, as libpq's C{PQescapeLiteral} wrote
+        it; the texts come back as they were sent.
+        """
+
+        def run(txn: Any) -> Any:
+            marks = ", ".join("?" for _ in self.QUOTED)
+            row = txn.execute(f"SELECT {marks}", self.QUOTED, simple=True).fetchone()
+            sent = txn.engine.simple_cursor(txn._cursor).mogrify("SELECT %s, %s", self.QUOTED[1:3])
+            return tuple(row), sent
+
+        row, sent = self.ok(self.db.write(SCHEMA, run))
+        self.assertEqual(row, self.QUOTED)
+        self.assertEqual(sent, 'SELECT \'c\\d\', \'{"scopes": "[\\"mcp\\"]"}\'')
+
+    def test_simple_texts_escaped_without_standard_strings(self) -> None:
+        """
+        In a session where a backslash escapes (C{standard_conforming_strings}
+        off), the texts are quoted by psycopg as before, and come back as
+        they were sent.
+        """
+
+        def run(txn: Any) -> Any:
+            txn.execute("SET LOCAL standard_conforming_strings = off")
+            marks = ", ".join("?" for _ in self.QUOTED)
+            return tuple(txn.execute(f"SELECT {marks}", self.QUOTED, simple=True).fetchone())
+
+        self.assertEqual(self.ok(self.db.write(SCHEMA, run)), self.QUOTED)
+
+    def test_simple_statements_not_counted_for_preparing(self) -> None:
+        """
+        A simple-protocol statement (its values in its text, never
+        prepared) is not counted in psycopg's table of statements to
+        prepare, which took each one's whole text as a key: hashed at
+        every batch, and kept, up to a hundred texts, when one statement.
+        """
+
+        def run(txn: Any) -> Any:
+            counts = txn._cursor.connection._prepared._counts
+            before = len(counts)
+            for index in range(3):
+                txn.execute("SELECT ?", (f"text {index}",), simple=True)
+            return before, len(counts), [tuple(row) for row in txn.fetchall()]
+
+        before, after, rows = self.ok(self.db.write(SCHEMA, run))
+        self.assertEqual((after, rows), (before, [("text 2",)]))
+
     def test_connection_lost_half_way(self) -> None:
         """
         A connection that breaks in the middle of a write: the write is

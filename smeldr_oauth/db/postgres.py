@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_db_postgres -*-
+# -*- test-case-name: tests.test_db_database -*-
 """
 The PostgreSQL engine, with psycopg 3.
 
@@ -102,6 +102,46 @@ def _cursor_factory() -> Any:
     return _cursor_class
 
 
+_quoting_class: Any = None
+
+
+def _quoting_dumper_class() -> Any:
+    """
+    psycopg's text dumper for the simple cursor (L{PostgresEngine.simple_cursor}),
+    quoting a text into the statement's text by doubling its quotes, where
+    the server takes a backslash as it is (C{standard_conforming_strings},
+    on by default since PostgreSQL 9.1).
+
+    Why: psycopg quotes with libpq's C{PQescapeLiteral}, which looks at
+    each character and writes a text holding a backslash as C{E'...'}
+    with every backslash doubled; a batch's JSON rows hold one before each
+    nested quote (the scopes' JSON inside the JSON), so the server then
+    read an escape string too.  It was 4% of the client's instructions a
+    refresh (C{docs/performance.md}, "Round fourteen: the worker's CPU a
+    refresh on PostgreSQL").  The byte C{'} is never part of a multibyte
+    character in a client encoding PostgreSQL offers, so doubling it is
+    safe in each.  A text with a NUL (refused, as before), or a session
+    where backslashes escape, is quoted by psycopg as before.
+    """
+    global _quoting_class
+    if _quoting_class is None:
+        from psycopg.types.string import StrDumperUnknown
+
+        class QuotingStrDumper(StrDumperUnknown):
+            def quote(self, obj: Any) -> Any:
+                connection = self.connection
+                if (
+                    connection is None
+                    or _NUL in obj
+                    or connection.pgconn.parameter_status(b"standard_conforming_strings") != b"on"
+                ):
+                    return super().quote(obj)
+                return b"'" + obj.encode(self._encoding).replace(b"'", b"''") + b"'"
+
+        _quoting_class = QuotingStrDumper
+    return _quoting_class
+
+
 _simple_class: Any = None
 
 
@@ -119,6 +159,7 @@ def _simple_cursor_class() -> Any:
     global _simple_class
     if _simple_class is None:
         import psycopg
+        from psycopg.generators import execute
 
         kept = (psycopg.pq.ExecStatus.TUPLES_OK, psycopg.pq.ExecStatus.COMMAND_OK)
 
@@ -142,6 +183,20 @@ def _simple_cursor_class() -> Any:
                     if done:
                         self._set_results(done)
                     raise
+
+            def _maybe_prepare_gen(self, pgq: Any, *, prepare: Any = None, binary: Any = None) -> Any:
+                # Never prepared (its parameters are in its text): sent
+                # without psycopg's count of the statements to prepare,
+                # which hashed each batch's whole text (values included)
+                # as a key, kept it up to a hundred texts when it was one
+                # statement, and dropped it when several (docs/performance.md,
+                # "Round fourteen: the worker's CPU a refresh on PostgreSQL").
+                if self._conn._pipeline:
+                    return (yield from super()._maybe_prepare_gen(pgq, prepare=prepare, binary=binary))
+                self._execute_send(pgq, binary=binary)
+                results = yield from execute(self._pgconn)
+                self._check_results(results)
+                self._set_results(results)
 
         _simple_class = SimpleCursor
     return _simple_class
@@ -267,7 +322,9 @@ class PostgresEngine:
         one message may hold several statements (L{Transaction.execute}'s
         C{simple}).
         """
-        return _simple_cursor_class()(cursor.connection)
+        simple = _simple_cursor_class()(cursor.connection)
+        simple.adapters.register_dumper(str, _quoting_dumper_class())
+        return simple
 
     def spoken(self, connection: Any) -> bool:
         """
