@@ -34,9 +34,13 @@ C{(grant_id, generation)}): C{tests.test_store_postgres}.
 Why arrays a column (migration 12), not JSON rows (migration 10): the
 JSON was read twice, checked by C{json_in} when the literal was cast and
 parsed again by C{json_populate_recordset}, which also matches every
-value's key by name: 15% of the instructions of the facts and writes of a
-batch of 17 under callgrind, where the same rows as one C{unnest} of typed
-arrays cost 9% less in all (C{JSONB} instead: 1% more;
+value's key by name: 56,000 instructions a refresh of a live backend's
+324,000 under callgrind (a store loop, batches of 10).  Arrays cost
+C{array_in} instead; the rows are read from them by subscript over
+C{generate_subscripts} (PL/pgSQL keeps its array arguments expanded, so a
+subscript is a look-up), not C{unnest(a, b, ...)}, which fills a
+tuplestore per array: 316,900 instructions a refresh with C{unnest},
+308,400 with subscripts (C{JSONB} instead of JSON: more, not fewer;
 C{docs/performance.md}, "Round fourteen: PostgreSQL's CPU a refresh").
 Each table's columns are L{COLUMNS}, all of them, in order: a column an
 insert does not give is NULL (the tables have no defaults: a column given
@@ -141,10 +145,13 @@ def _signature(table: str, prefix: str) -> str:
     return ", ".join(f"{prefix}_{name} {kind.upper()}[]" for name, kind in COLUMNS[table])
 
 
-def _unnest(table: str, prefix: str) -> str:
+def _insert(table: str, prefix: str) -> str:
     names = [name for name, _ in COLUMNS[table]]
-    arrays = ", ".join(f"{prefix}_{name}" for name in names)
-    return f"INSERT INTO {table} ({', '.join(names)}) SELECT * FROM unnest({arrays});"
+    elements = ", ".join(f"{prefix}_{name}[i]" for name in names)
+    return (
+        f"INSERT INTO {table} ({', '.join(names)}) SELECT {elements}"
+        f" FROM generate_subscripts({prefix}_{names[0]}, 1) AS i;"
+    )
 
 
 def _function(parameters: str, inserts: str) -> str:
@@ -197,7 +204,7 @@ $body$
 #: taken as arrays a column.
 WRITE_ROTATIONS_FUNCTION = _function(
     f"{_signature('access_tokens', 'a')},\n    {_signature('refresh_tokens', 'r')},\n    ",
-    f"{_unnest('access_tokens', 'a')}\n    {_unnest('refresh_tokens', 'r')}",
+    f"{_insert('access_tokens', 'a')}\n    {_insert('refresh_tokens', 'r')}",
 )
 
 #: OAuth migration 10's function, as it shipped (the same text): the rows
