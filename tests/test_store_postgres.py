@@ -267,7 +267,7 @@ class PostgresStoreTests(SynchronousTestCase):
             rows = connection.execute(
                 "SELECT component, version FROM schema_migrations ORDER BY component"
             ).fetchall()
-        self.assertEqual(rows, [("notifications", 1)] + [("oauth", version) for version in range(1, 12)])
+        self.assertEqual(rows, [("notifications", 1)] + [("oauth", version) for version in range(1, 13)])
 
     def test_facts_columns(self) -> None:
         """
@@ -839,7 +839,7 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
 
         self.grant("g1")
         call = (
-            "SELECT smeldr_write_rotations('[]', '[]', %s::float8[], %s::text[],"
+            "SELECT smeldr_write_rotations(" + "'{}', " * 14 + "%s::float8[], %s::text[],"
             " %s::text[], %s::float8[], %s::text[], %s::int4[], '{}')"
         )
         args = (
@@ -882,10 +882,21 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
         in a batch through the new function, and the tokens that batch
         issued rotate and authorize in turn.
         """
+        self.writes_after_migration(9)
+
+    def test_writes_after_migration_12(self) -> None:
+        """
+        The same across migration 12 (the function's rows as arrays a
+        column): a database made at migration 11, its tokens rotated there
+        through the JSON function, rotates them through the new one.
+        """
+        self.writes_after_migration(11)
+
+    def writes_after_migration(self, version: int) -> None:
         from smeldr_oauth.store.schema import OAUTH_SCHEMA
 
         url = postgres.database_url(self)
-        rotated_at(self, url, OAUTH_SCHEMA, 9)
+        rotated_at(self, url, OAUTH_SCHEMA, version)
         database = Database(PostgresEngine(url), self.reactor, threads=1, threadpool=InlineThreadPool(), group_commit=True)
         store = SQLStore(database)
         self.addCleanup(store.close)
@@ -931,6 +942,64 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
         )
         for n in range(len(names)):
             self.assertIsNotNone(self.successResultOf(self.store.lookup_access_token(h(f"x{n}"), T0 + 101)))
+
+    def test_writes_take_no_json(self) -> None:
+        """
+        The writes function takes the new tokens' rows as typed arrays a
+        column (OAuth migration 12), and is the only one of its name:
+        migration 10's, whose JSON rows PostgreSQL read twice, is dropped.
+        """
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            found = connection.execute(
+                "SELECT pg_get_function_identity_arguments(oid) FROM pg_proc WHERE proname = 'smeldr_write_rotations'"
+            ).fetchall()
+        self.assertEqual(len(found), 1, found)
+        self.assertNotIn("json", found[0][0])
+        self.assertIn("a_token_hash text[]", found[0][0])
+
+    def test_writes_values_as_given(self) -> None:
+        """
+        The batch's new rows go as array literals: values with a quote, a
+        backslash, a comma, braces, a space, spelled C{NULL} or empty, and
+        C{None}, are stored exactly as given, whole numbers and floats
+        too.
+        """
+        from smeldr_oauth.store.refresh_batch import _write_batch
+        from smeldr_oauth.store.schema import OAUTH_SCHEMA
+        from smeldr_oauth.store.token_rows import _ACCESS_INSERT, _REFRESH_INSERT
+
+        self.grant("g1")
+        odd = ['["a\\"b", "c\\\\d"]', "{x,y}", "NULL", "", " a b ", "ü\u00fc"]
+        writes: list[tuple[str, Any]] = []
+        for n, text in enumerate(odd):
+            writes.append((_ACCESS_INSERT, (f"ah{n}", "g1", text, text, T0 + n + 0.1)))
+            writes.append((_REFRESH_INSERT, (f"rh{n}", "g1", text, n, T0 + 1e-7, 1e16, None if n % 2 else 2.5)))
+
+        def write(txn: Transaction) -> Any:
+            _write_batch(txn, writes, [])
+            return (
+                txn.execute(
+                    "SELECT token_hash, scopes, resource, expires_at, revoked_at FROM access_tokens"
+                    " WHERE token_hash LIKE 'ah%'"
+                ).fetchall(),
+                txn.execute(
+                    "SELECT token_hash, scopes, generation, created_at, expires_at, used_at, revoked_at FROM refresh_tokens"
+                    " WHERE token_hash LIKE 'rh%'"
+                ).fetchall(),
+            )
+
+        d = self.store.database.write(OAUTH_SCHEMA, write)
+        self.reactor.advance(0)
+        accessed, refreshed = self.successResultOf(d)
+        self.assertEqual(
+            sorted(tuple(row) for row in accessed), [(f"ah{n}", t, t, T0 + n + 0.1, None) for n, t in enumerate(odd)]
+        )
+        self.assertEqual(
+            sorted(tuple(row) for row in refreshed),
+            [(f"rh{n}", t, n, T0 + 1e-7, 1e16, None if n % 2 else 2.5, None) for n, t in enumerate(odd)],
+        )
 
     def test_writes_scrub_nul(self) -> None:
         """

@@ -11,7 +11,6 @@ L{smeldr_oauth.store.transactions}; only how they are sent differs.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 from typing import Any, Optional, Sequence
@@ -22,7 +21,7 @@ from smeldr_oauth.oauth import rotation
 from smeldr_oauth.oauth.interfaces import RefreshRedemption
 from smeldr_oauth.store.ratelimits import _array_literal
 from smeldr_oauth.store.refresh_facts import GRANT_ID, TOKEN_HASH
-from smeldr_oauth.store.rotation_writes import TABLES, WRITE_ROTATIONS
+from smeldr_oauth.store.rotation_writes import TABLES, WRITE_ROTATIONS, columns
 from smeldr_oauth.store.transactions import (
     RECORD_USE,
     SPEND_GENERATION,
@@ -120,7 +119,7 @@ def redeem_refresh_tokens(txn: Transaction, calls: list[tuple[Any, ...]]) -> lis
 
 #: An insert of one row of named columns, as the rotation sends its new
 #: tokens: a batch sends all rows of such inserts into each table of
-#: L{TABLES} as one JSON parameter.
+#: L{TABLES} as one array parameter a column (L{columns}).
 _INSERT = re.compile(r"INSERT INTO (\w+) \(([\w, ]+)\) VALUES \([?, ]+\)\Z")
 
 
@@ -153,26 +152,6 @@ def _shape(sql: str) -> Optional[tuple[str, tuple[str, ...]]]:
     return None if match is None else (match.group(1), tuple(match.group(2).split(", ")))
 
 
-def _json_rows(rows: list[dict[str, Any]]) -> str:
-    """
-    The rows of one insert as the JSON text of its parameter, a NUL in a
-    text value stored as U+FFFD (L{_scrub}), as in every text parameter on
-    PostgreSQL, which refuses C{\\u0000} in text.
-
-    The text is made first and looked at once: a NUL is written
-    C{\\u0000} in it, so only then are the rows scrubbed value by value
-    and the text made again (a backslash stored before C{u0000} is taken
-    for one too: the rows are scrubbed for nothing, the text is the
-    same).  Scrubbing every value of every write before, in Python, was
-    about a fifth of the batch's writes' Python (C{docs/performance.md},
-    "Round thirteen: CPU a refresh on PostgreSQL").
-    """
-    text = json.dumps(rows, allow_nan=False)
-    if "\\u0000" in text:
-        text = json.dumps([{name: _scrub(value) for name, value in row.items()} for row in rows], allow_nan=False)
-    return text
-
-
 def _write_batch(
     txn: Transaction, writes: list[tuple[str, Sequence[Any]]], spent: list[tuple[int, str]], last: bool = False
 ) -> None:
@@ -182,8 +161,8 @@ def _write_batch(
     L{smeldr_oauth.store.rotation_writes}), which refuses, as L{_apply}
     does, if a presented token was not spent by it.
 
-    The rows of each kind of write travel as one JSON or array parameter
-    a column, so the statement's text is the same whatever the batch
+    The rows of each kind of write travel as one array parameter a
+    column, so the statement's text is the same whatever the batch
     holds: PostgreSQL parses one short statement instead of a clause per
     write (a batch of 25 refreshes was 75 clauses and 450 parameters, a
     text never seen before, parsed and planned at 1.9 ms of backend CPU),
@@ -229,7 +208,7 @@ def _write_batch(
     txn.execute(
         WRITE_ROTATIONS,
         [
-            *(_json_rows(rows[table]) for table in TABLES),
+            *(column for table in TABLES for column in columns(table, rows[table])),
             *(_column(column) for column in record_use),
             *(_column(column) for column in spends),
             _array_literal(expected) if expected else "{}",

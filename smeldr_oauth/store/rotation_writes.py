@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_store_postgres -*-
 """
 A batch of rotations' writes on PostgreSQL in one function call, planned
-once a session: C{smeldr_write_rotations}, OAuth migration 10
+once a session: C{smeldr_write_rotations}, OAuth migration 10, its new
+tokens' rows as typed arrays a column since migration 12
 (L{smeldr_oauth.store.schema}), called by
 L{smeldr_oauth.store.refresh_batch}.
 
@@ -30,31 +31,138 @@ merge joins off for the function, is a nested loop over the parameters
 with an index look-up of each (the grant's primary key; the token's
 C{(grant_id, generation)}): C{tests.test_store_postgres}.
 
-The rows to insert are JSON arrays of objects named by column; a column
-missing from them is NULL (the tables have no defaults: a column given
-one later needs this function replaced, or it is stored NULL here).  The check that
-the spend spent every presented token, which the statement did with a
-failing cast, is a C{RAISE}: the error ends the transaction before the
-C{COMMIT} that rides in the same round trip.
+Why arrays a column (migration 12), not JSON rows (migration 10): the
+JSON was read twice, checked by C{json_in} when the literal was cast and
+parsed again by C{json_populate_recordset}, which also matches every
+value's key by name: 56,000 instructions a refresh of a live backend's
+324,000 under callgrind (a store loop, batches of 10).  Arrays cost
+C{array_in} instead; the rows are read from them by subscript over
+C{generate_subscripts} (PL/pgSQL keeps its array arguments expanded, so a
+subscript is a look-up), not C{unnest(a, b, ...)}, which fills a
+tuplestore per array: 316,900 instructions a refresh with C{unnest},
+308,400 with subscripts (C{JSONB} instead of JSON: more, not fewer;
+C{docs/performance.md}, "Round fourteen: PostgreSQL's CPU a refresh").
+Each table's columns are L{COLUMNS}, all of them, in order: a column an
+insert does not give is NULL (the tables have no defaults: a column given
+one later needs this function replaced, or it is stored NULL here).  The
+check that the spend spent every presented token, which the statement
+did with a failing cast, is a C{RAISE}: the error ends the transaction
+before the C{COMMIT} that rides in the same round trip.
 """
 
 from __future__ import annotations
 
-#: The function's parameters, in order: the access tokens' and refresh
-#: tokens' rows (JSON), the grants whose use is recorded (now, grant_id),
-#: the spends (token_hash, now, grant_id, generation), and the hashes the
-#: spends must have spent.
-WRITE_ROTATIONS = (
-    "SELECT smeldr_write_rotations(?::json, ?::json, ?::float8[], ?::text[],"
-    " ?::text[], ?::float8[], ?::text[], ?::int4[], ?::text[])"
-)
+from typing import Any, Sequence
+
+from smeldr_oauth.db.postgres import _scrub
+
+#: The tables whose inserts the function takes, and each one's columns
+#: with their types: one array parameter a column, in this order.
+COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "access_tokens": (
+        ("token_hash", "text"), ("grant_id", "text"), ("scopes", "text"), ("resource", "text"),
+        ("expires_at", "float8"), ("revoked_at", "float8"),
+    ),
+    "refresh_tokens": (
+        ("token_hash", "text"), ("grant_id", "text"), ("scopes", "text"), ("generation", "int4"),
+        ("created_at", "float8"), ("expires_at", "float8"), ("used_at", "float8"), ("revoked_at", "float8"),
+    ),
+}
 
 #: The tables whose inserts the function takes.
-TABLES = ("access_tokens", "refresh_tokens")
+TABLES = tuple(COLUMNS)
 
-WRITE_ROTATIONS_FUNCTION = """
+#: The function's parameters, in order: each table's columns
+#: (L{COLUMNS}), the grants whose use is recorded (now, grant_id), the
+#: spends (token_hash, now, grant_id, generation), and the hashes the
+#: spends must have spent.
+WRITE_ROTATIONS = (
+    "SELECT smeldr_write_rotations("
+    + ", ".join(f"?::{kind}[]" for table in TABLES for _, kind in COLUMNS[table])
+    + ", ?::float8[], ?::text[], ?::text[], ?::float8[], ?::text[], ?::int4[], ?::text[])"
+)
+
+
+def _text_array(values: Sequence[Any]) -> str:
+    """
+    Text values as an array literal, every element quoted (a quote and a
+    backslash escaped, C{None} an unquoted NULL), a NUL stored as U+FFFD
+    as in any text parameter (L{_scrub}), which PostgreSQL refuses in
+    text.  The values are joined with NULs and escaped in one pass over
+    the joined text: a Python call a value would cost more than the
+    server's C{array_in} saves (a batch's scopes hold quotes).
+    """
+    if not values:
+        return "{}"
+    try:
+        joined = "\x00".join(values)
+    except TypeError:
+        # A value not text is stored as its text, as a JSON number was.
+        return "{" + ",".join("NULL" if value is None else _text_array([str(value)])[1:-1] for value in values) + "}"
+    if joined.count("\x00") != len(values) - 1:
+        joined = "\x00".join(_scrub(value) for value in values)
+    return '{"' + joined.replace("\\", "\\\\").replace('"', '\\"').replace("\x00", '","') + '"}'
+
+
+#: The classes of values written into a number array as C{repr} writes them.
+_NUMBERS = frozenset((int, float, type(None)))
+
+
+def _number_array(values: Sequence[Any]) -> Any:
+    """
+    Whole numbers and finite floats as an array literal (C{repr}: the
+    shortest text that reads back as the same double; C{None} a NULL),
+    else the list, which psycopg dumps element by element.
+    """
+    if _NUMBERS.issuperset(map(type, values)):
+        text = ",".join(map(repr, values))
+        # Only infinities and NaN have these letters (psycopg spells them).
+        if "inf" not in text and "nan" not in text:
+            return "{" + text.replace("None", "NULL") + "}"
+    return values
+
+
+def columns(table: str, rows: list[dict[str, Any]]) -> list[Any]:
+    """
+    The parameters of the inserts into C{table} (one of L{TABLES}): its
+    rows, dicts by column, as one array a column of L{COLUMNS} (a column
+    no row gives, all NULL).  Rows made by one insert text have their
+    columns in one order, so they are turned into columns at once.
+    """
+    if len(set(map(tuple, rows))) == 1:
+        given = dict(zip(rows[0], zip(*map(dict.values, rows))))
+        nulls = [None] * len(rows)
+        found = [given.get(name, nulls) for name, _ in COLUMNS[table]]
+    else:
+        found = [[row.get(name) for row in rows] for name, _ in COLUMNS[table]]
+    return [
+        (_text_array if kind == "text" else _number_array)(values)
+        for values, (_, kind) in zip(found, COLUMNS[table])
+    ]
+
+
+def _signature(table: str, prefix: str) -> str:
+    return ", ".join(f"{prefix}_{name} {kind.upper()}[]" for name, kind in COLUMNS[table])
+
+
+def _insert(table: str, prefix: str) -> str:
+    names = [name for name, _ in COLUMNS[table]]
+    elements = ", ".join(f"{prefix}_{name}[i]" for name in names)
+    return (
+        f"INSERT INTO {table} ({', '.join(names)}) SELECT {elements}"
+        f" FROM generate_subscripts({prefix}_{names[0]}, 1) AS i;"
+    )
+
+
+def _function(parameters: str, inserts: str) -> str:
+    """
+    The writes function's C{CREATE} with these parameters (before the
+    ones it always takes) and these inserts: the updates, the spend and
+    its check are the same in every version.
+    """
+    return f"""
 CREATE FUNCTION smeldr_write_rotations(
-    access JSON, refresh JSON, use_now FLOAT8[], use_grant TEXT[],
+    {parameters}use_now FLOAT8[], use_grant TEXT[],
     spend_hash TEXT[], spend_now FLOAT8[], spend_grant TEXT[], spend_generation INT4[],
     expected TEXT[]
 ) RETURNS INTEGER
@@ -67,8 +175,7 @@ AS $body$
 DECLARE
     spent INTEGER;
 BEGIN
-    INSERT INTO access_tokens SELECT * FROM json_populate_recordset(NULL::access_tokens, access);
-    INSERT INTO refresh_tokens SELECT * FROM json_populate_recordset(NULL::refresh_tokens, refresh);
+    {inserts}
     IF cardinality(use_grant) > 0 THEN
         UPDATE grants g SET last_used_at = u.now
             FROM unnest(use_now, use_grant) AS u(now, grant_id)
@@ -91,3 +198,19 @@ BEGIN
 END
 $body$
 """
+
+
+#: OAuth migration 12's function: migration 10's, the new tokens' rows
+#: taken as arrays a column.
+WRITE_ROTATIONS_FUNCTION = _function(
+    f"{_signature('access_tokens', 'a')},\n    {_signature('refresh_tokens', 'r')},\n    ",
+    f"{_insert('access_tokens', 'a')}\n    {_insert('refresh_tokens', 'r')}",
+)
+
+#: OAuth migration 10's function, as it shipped (the same text): the rows
+#: as JSON (C{json_populate_recordset}); migration 12 drops it.
+WRITE_ROTATIONS_JSON_FUNCTION = _function(
+    "access JSON, refresh JSON, ",
+    "INSERT INTO access_tokens SELECT * FROM json_populate_recordset(NULL::access_tokens, access);\n"
+    "    INSERT INTO refresh_tokens SELECT * FROM json_populate_recordset(NULL::refresh_tokens, refresh);",
+)

@@ -18,7 +18,7 @@ from smeldr_oauth.db.database import Transaction
 from smeldr_oauth.db.migrations import Migration, Schema
 from smeldr_oauth.store import hashkeys
 from smeldr_oauth.store.facts_functions import REFRESH_FACTS_FUNCTION, REFRESH_FACTS_MANY_FUNCTION
-from smeldr_oauth.store.rotation_writes import WRITE_ROTATIONS_FUNCTION
+from smeldr_oauth.store.rotation_writes import WRITE_ROTATIONS_FUNCTION, WRITE_ROTATIONS_JSON_FUNCTION
 
 
 def _legacy_version(txn: Transaction) -> int:
@@ -475,12 +475,24 @@ OAUTH_SCHEMA = Schema(
         # PostgreSQL: a batch of rotations' writes in one function, its
         # statements planned once a session instead of at every batch
         # (see smeldr_oauth.store.rotation_writes).
-        Migration(10, sqlite=(), postgresql=(WRITE_ROTATIONS_FUNCTION,)),
+        Migration(10, sqlite=(), postgresql=(WRITE_ROTATIONS_JSON_FUNCTION,)),
         # PostgreSQL: the two facts functions read a grant's live
         # generation and its count in one backward index scan bounded by
         # the presented token's generation, not MAX then COUNT (see
         # smeldr_oauth.store.facts_functions).
         Migration(11, sqlite=(), postgresql=(REFRESH_FACTS_MANY_FUNCTION, REFRESH_FACTS_FUNCTION)),
+        # PostgreSQL: the batch's writes function taking the new tokens'
+        # rows as typed arrays a column instead of JSON, which was read
+        # twice (see smeldr_oauth.store.rotation_writes).
+        Migration(
+            12,
+            sqlite=(),
+            postgresql=(
+                "DROP FUNCTION smeldr_write_rotations(JSON, JSON, FLOAT8[], TEXT[], TEXT[], FLOAT8[], TEXT[],"
+                " INT4[], TEXT[])",
+                WRITE_ROTATIONS_FUNCTION,
+            ),
+        ),
     ),
     tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
     legacy=_legacy_version,
