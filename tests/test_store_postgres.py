@@ -943,21 +943,32 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
         for n in range(len(names)):
             self.assertIsNotNone(self.successResultOf(self.store.lookup_access_token(h(f"x{n}"), T0 + 101)))
 
-    def test_writes_take_no_json(self) -> None:
+    def test_writes_beside_the_earlier_function(self) -> None:
         """
         The writes function takes the new tokens' rows as typed arrays a
-        column (OAuth migration 12), and is the only one of its name:
-        migration 10's, whose JSON rows PostgreSQL read twice, is dropped.
+        column (OAuth migration 12), beside migration 10's, which takes
+        them as JSON: a server of the earlier release, still running
+        during a rolling upgrade, goes on writing through it, and neither
+        call is ambiguous (this store's calls are every other test's).
         """
         import psycopg
 
         with psycopg.connect(self.url, autocommit=True) as connection:
-            found = connection.execute(
-                "SELECT pg_get_function_identity_arguments(oid) FROM pg_proc WHERE proname = 'smeldr_write_rotations'"
-            ).fetchall()
-        self.assertEqual(len(found), 1, found)
-        self.assertNotIn("json", found[0][0])
-        self.assertIn("a_token_hash text[]", found[0][0])
+            found = sorted(
+                row[0]
+                for row in connection.execute(
+                    "SELECT pg_get_function_identity_arguments(oid) FROM pg_proc"
+                    " WHERE proname = 'smeldr_write_rotations'"
+                ).fetchall()
+            )
+            self.assertEqual(len(found), 2, found)
+            self.assertIn("a_token_hash text[]", " ".join(found))
+            self.assertIn("json", " ".join(found))
+            # The earlier release's call, as it sends it (an empty batch).
+            connection.execute(
+                "SELECT smeldr_write_rotations('[]'::json, '[]'::json, '{}'::float8[], '{}'::text[],"
+                " '{}'::text[], '{}'::float8[], '{}'::text[], '{}'::int4[], '{}'::text[])"
+            )
 
     def test_writes_values_as_given(self) -> None:
         """

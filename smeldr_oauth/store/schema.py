@@ -483,16 +483,12 @@ OAUTH_SCHEMA = Schema(
         Migration(11, sqlite=(), postgresql=(REFRESH_FACTS_MANY_FUNCTION, REFRESH_FACTS_FUNCTION)),
         # PostgreSQL: the batch's writes function taking the new tokens'
         # rows as typed arrays a column instead of JSON, which was read
-        # twice (see smeldr_oauth.store.rotation_writes).
-        Migration(
-            12,
-            sqlite=(),
-            postgresql=(
-                "DROP FUNCTION smeldr_write_rotations(JSON, JSON, FLOAT8[], TEXT[], TEXT[], FLOAT8[], TEXT[],"
-                " INT4[], TEXT[])",
-                WRITE_ROTATIONS_FUNCTION,
-            ),
-        ),
+        # twice (see smeldr_oauth.store.rotation_writes).  Beside
+        # migration 10's, not instead: a server of the earlier release,
+        # still running during a rolling upgrade, goes on calling that one
+        # (its call casts to json, so the two never make a call
+        # ambiguous); a later migration may drop it.
+        Migration(12, sqlite=(), postgresql=(WRITE_ROTATIONS_FUNCTION,)),
     ),
     tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
     legacy=_legacy_version,
