@@ -15,11 +15,14 @@ from typing import Any, Optional
 from twisted.application.service import IService, MultiService
 from twisted.application.strports import service as strports_service
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from smeldr_oauth.oauth.config import Config, ConfigError
 from smeldr_oauth.oauth.numbers import MAX_WHOLE
-from smeldr_oauth.service import workers
+from smeldr_oauth.service import affinity, workers
+
+log = Logger()
 
 
 def _positive_int(name: str, unit: str = "seconds"):  # type: ignore[no-untyped-def]
@@ -241,6 +244,12 @@ class Options(usage.Options):
             None,
             "Issue refresh tokens only when the offline_access scope was granted.",
         ],
+        [
+            "pin-cpus",
+            None,
+            "Pin each serving process, all its threads, to one CPU (worker i to the i-th it may use); "
+            "Linux only; for hosts whose cores are the server's (docs/deployment.md).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -359,6 +368,8 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--database must be a postgresql:// URL (SQLite files are --oauth-db and --site-db)"
             )
+        if self["pin-cpus"] and not affinity.available():
+            raise usage.UsageError("--pin-cpus needs Linux (sched_setaffinity)")
         if not self["database"] and (self["db-threads"] or 0) > 1:
             raise usage.UsageError("--db-threads must be 0 or 1 with SQLite (one writer per file)")
         if not self["listen"]:
@@ -425,6 +436,10 @@ def makeService(options: Options) -> IService:
 
     if options["workers"] > 1 and options["worker"] is None:
         return workers.supervise(options)
+    if options["pin-cpus"]:
+        # Before the reactor runs: the threads started later inherit it.
+        index = 0 if options["worker"] is None else options["worker"].index
+        log.info("pinned to CPU {cpu}", cpu=affinity.pin(index))
     top = MultiService()
     app_service = StandaloneService(options)
     app_service.setServiceParent(top)
