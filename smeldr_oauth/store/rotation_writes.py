@@ -208,7 +208,8 @@ WRITE_ROTATIONS_FUNCTION = _function(
 )
 
 #: OAuth migration 10's function, as it shipped (the same text): the rows
-#: as JSON (C{json_populate_recordset}); migration 12 drops it.
+#: as JSON (C{json_populate_recordset}); kept beside migration 12's for a server
+#: of the earlier release during a rolling upgrade (see the migration).
 WRITE_ROTATIONS_JSON_FUNCTION = _function(
     "access JSON, refresh JSON, ",
     "INSERT INTO access_tokens SELECT * FROM json_populate_recordset(NULL::access_tokens, access);\n"
