@@ -54,6 +54,11 @@ class Hostile(Resource):
     def render_POST(self, request: Any) -> bytes:
         message = json.loads(request.content.read())
         request.setHeader(b"content-type", b"application/json")
+        if message.get("method") == "initialize" and self.version == "nested":
+            # An event stream whose message is nested deeper than any JSON
+            # decoder goes.
+            request.setHeader(b"content-type", b"text/event-stream")
+            return b"event: message\ndata: " + b"[" * 5000 + b"]" * 5000 + b"\n\n"
         if message.get("method") == "initialize":
             request.setHeader(b"mcp-session-id", self.session_id)
             result = {"protocolVersion": self.version, "capabilities": {}, "serverInfo": {"name": "x", "version": "1"}}
@@ -99,6 +104,16 @@ class HostileTests(TestCase):
         self.assertIsNone(report.probe)
         self.assertEqual(report.reason, "initialize answered the protocol version '2025-\u20ac', not a date")
 
+    async def test_answerNestedTooDeep(self) -> None:
+        """
+        An C{initialize} answered with an event whose data is nested too
+        deep to decode: the session check fails with what came (it used to
+        end the run with a RecursionError).
+        """
+        url = await self.serve(version="nested")
+        report = await MCPSession(self.fetcher(), url, "token").check(0.5)
+        self.assertEqual(report.reason, "initialize answered 200 text/event-stream")
+
     async def test_sessionIdNotVisibleASCII(self) -> None:
         url = await self.serve(session_id=b"s\xe91")
         report = await MCPSession(self.fetcher(), url, "token").check(0.5)
@@ -111,7 +126,7 @@ class HostileTests(TestCase):
         stream watched, or the session refused): every check has its
         verdict.
         """
-        for version in ("2025-11-25", "2025-\u20ac"):
+        for version in ("2025-11-25", "2025-\u20ac", "nested"):
             url = await self.serve(version=version)
             verdicts = await diagnose(self.fetcher(), DoctorOptions(url=url, access_token="token", keepalive=0.2))
             self.assertEqual([v.check for v in verdicts][-2:], ["session", "stream"])

@@ -45,7 +45,8 @@ def rpc_answer(fetched: Fetched) -> Optional[dict[str, Any]]:
                 continue
             try:
                 value = json.loads(data)
-            except ValueError:
+            except (ValueError, RecursionError):
+                # RecursionError: nested deeper than the decoder goes.
                 continue
             if isinstance(value, dict) and ("result" in value or "error" in value):
                 return value
