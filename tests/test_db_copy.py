@@ -6,6 +6,8 @@ C{smeldr-oauth-admin migrate}, is tested in C{tests.test_site_admin}.)
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 from typing import Any
 
@@ -14,7 +16,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from smeldr_oauth.db import StoreConflict, open_database
-from smeldr_oauth.db.copy import SourceMissing, TargetNotEmpty, copy_from_sqlite
+from smeldr_oauth.db.copy import SourceMissing, TargetNotEmpty, WrongSource, copy_from_sqlite
 from smeldr_oauth.site.posts import SCHEMA as POSTS_SCHEMA
 from smeldr_oauth.site.stores import open_site
 from smeldr_oauth.site.tokens import SCHEMA as SITE_TOKENS_SCHEMA
@@ -146,3 +148,74 @@ class CopyTests(TestCase):
             ),
             SourceMissing,
         )
+
+    def tablesOf(self, path: str) -> set[str]:
+        connection = sqlite3.connect(path)
+        try:
+            return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            connection.close()
+
+    @inlineCallbacks
+    def test_swapped_sources(self) -> Any:
+        """
+        The site file given as the OAuth one and the reverse: refused
+        before either file is written to (it used to migrate each file to
+        the other's schema, copy nothing and succeed), the target empty.
+        """
+        before = (self.tablesOf(self.oauth_db), self.tablesOf(self.site_db))
+        error = yield self.assertFailure(
+            Deferred.fromCoroutine(
+                copy_from_sqlite(self.target, sources(self.site_db, self.oauth_db), global_reactor)
+            ),
+            WrongSource,
+        )
+        self.assertIn(self.site_db + " holds none of the tables clients, grants", str(error))
+        self.assertEqual((self.tablesOf(self.oauth_db), self.tablesOf(self.site_db)), before)
+
+    @inlineCallbacks
+    def test_not_a_database(self) -> Any:
+        with open(self.site_db, "wb") as f:
+            f.write(b"not sqlite at all, " * 100)
+        error = yield self.assertFailure(
+            Deferred.fromCoroutine(
+                copy_from_sqlite(self.target, sources(self.oauth_db, self.site_db), global_reactor)
+            ),
+            WrongSource,
+        )
+        self.assertIn("is not a SQLite database", str(error))
+
+    @inlineCallbacks
+    def test_missing_table(self) -> Any:
+        """
+        A file that lost one of its tables (its migrations recorded as
+        done): the table is named, and nothing at all is copied.
+        """
+        connection = sqlite3.connect(self.site_db)
+        connection.execute("DROP TABLE site_tokens")
+        connection.commit()
+        connection.close()
+        error = yield self.assertFailure(
+            Deferred.fromCoroutine(
+                copy_from_sqlite(self.target, sources(self.oauth_db, self.site_db), global_reactor)
+            ),
+            WrongSource,
+        )
+        self.assertEqual(str(error), f"{self.site_db} has no table site_tokens (a damaged or foreign file?); nothing was copied")
+        found = yield counts(self.target)
+        self.assertEqual(set(found.values()), {0})
+
+    @inlineCallbacks
+    def test_uri_characters_in_path(self) -> Any:
+        """
+        A file name with C{?}, C{#} and C{%} is read as itself (the
+        read-only URI used to end the name at the C{?}, create an empty
+        database there and fail).
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        odd = os.path.join(directory, "a?b#c%41.db")
+        shutil.copy(self.oauth_db, odd)
+        copied = yield Deferred.fromCoroutine(copy_from_sqlite(self.target, sources(odd, self.site_db), global_reactor))
+        self.assertEqual((copied["grants"], copied["codes"], copied["posts"]), (1, 1, 1))
+        self.assertEqual({name for name in os.listdir(directory) if not name.endswith(("-wal", "-shm"))}, {"a?b#c%41.db"})

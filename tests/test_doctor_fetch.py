@@ -80,19 +80,26 @@ class Paths(Resource):
         return NOT_DONE_YET
 
 
+async def serveOnLoopback(test: TestCase, resource: Any) -> str:
+    """
+    Serve C{resource} (with a C{pending} list of held requests, finished at
+    the end) on 127.0.0.1 for C{test}; its base URL.
+    """
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
+    test.addCleanup(port.stopListening)
+
+    def finishPending() -> None:
+        for request in resource.pending:
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.finish()
+
+    test.addCleanup(finishPending)
+    return f"http://127.0.0.1:{port.getHost().port}"
+
+
 class FetchTests(TestCase):
     async def serve(self) -> str:
-        resource = Paths()
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
-        self.addCleanup(port.stopListening)
-
-        def finishPending() -> None:
-            for request in resource.pending:
-                if not request.finished and not getattr(request, "_disconnected", False):
-                    request.finish()
-
-        self.addCleanup(finishPending)
-        return f"http://127.0.0.1:{port.getHost().port}"
+        return await serveOnLoopback(self, Paths())
 
     def fetcher(self, timeout: float = 5.0) -> Fetcher:
         return Fetcher(reactor, http_client(reactor, load_trust_root(None), timeout), timeout)

@@ -84,6 +84,20 @@ class OptionTests(SynchronousTestCase):
             ["--upstream #1.credential.env: the environment variable NOPE is not set or empty"],
         )
 
+    def test_credential_must_be_latin1(self) -> None:
+        """
+        A credential (or its prefix) that cannot be an HTTP header value is
+        refused at start-up, without the value; it used to be accepted, and
+        every call to the upstream failed encoding its header.
+        """
+        lines = problems(["https://h/mcp"], credential_env="UP_TOKEN", environ={"UP_TOKEN": "s3cr\u20act"})
+        self.assertEqual(lines, ["--upstream #1.credential: the credential from env:UP_TOKEN is not Latin-1 text (it goes in an HTTP header)"])
+        text = '[upstreams.x]\nurl = "https://h/mcp"\ncredential = { prefix = "T\u20ac ", env = "K" }\n'
+        self.assertEqual(
+            problems(toml_text=text, environ={"K": "k"}),
+            ["upstreams.x.credential.prefix: must be a string on one line, in Latin-1 (it goes in an HTTP header)"],
+        )
+
     def test_bad_urls(self) -> None:
         self.assertEqual(problems(["https://user:pw@h/mcp"]), ["--upstream #1.url: must not carry a user or password: use credential = { ... }"])
         self.assertEqual(problems(["http:///mcp"]), ["--upstream #1.url: must be an http:// or https:// URL with a host"])
@@ -190,6 +204,22 @@ command = "ls"
                 "upstreams.c.identity_headers.subject: Host is set by the gateway itself",
                 "upstreams.c.cwd: applies to stdio upstreams only",
                 "upstreams.D_bad: the name must be lower-case letters, digits and '-' (it becomes /mcp/NAME)",
+            ],
+        )
+
+    def test_limits_must_be_finite(self) -> None:
+        """
+        TOML's nan and inf are refused: a nan limit used to pass the
+        minimum check, and then every call answered "Internal error" (its
+        timer refused).
+        """
+        text = '[upstreams.x]\nurl = "https://h/mcp"\nlimits = { request_timeout = nan, stop_grace = inf, notification_rate = -nan }\n'
+        self.assertEqual(
+            problems(toml_text=text),
+            [
+                "upstreams.x.limits.request_timeout: must be a number >= 0.1",
+                "upstreams.x.limits.notification_rate: must be a number >= 0.1",
+                "upstreams.x.limits.stop_grace: must be a number >= 0",
             ],
         )
 

@@ -719,3 +719,75 @@ class BodyTests(SynchronousTestCase):
             del answer, body, done, d
             self.assertIsNone(reader(), "the body reader waits for the garbage collector")
             self.assertIsNone(response(), "the response waits for the garbage collector")
+
+
+class HeldDelete(Resource):
+    """
+    A Streamable HTTP upstream that works until its session is ended: it
+    takes the C{DELETE} and never answers it (a hung or dying server), or
+    (C{headers_first}) answers its headers and never ends the body.
+    """
+
+    isLeaf = True
+
+    def __init__(self, headers_first: bool) -> None:
+        super().__init__()
+        self.headers_first = headers_first
+        self.held: list[Any] = []
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setResponseCode(405)
+        return b""
+
+    def render_DELETE(self, request: Any) -> Any:
+        self.held.append(request)
+        if self.headers_first:
+            request.setHeader(b"Content-Length", b"1000")
+            request.write(b"ending")
+        return NOT_DONE_YET
+
+    def render_POST(self, request: Any) -> bytes:
+        message = json.loads(request.content.read())
+        if "id" not in message:
+            request.setResponseCode(202)
+            return b""
+        request.setHeader(b"Content-Type", b"application/json")
+        result: dict[str, Any] = {}
+        if message["method"] == "initialize":
+            request.setHeader(b"Mcp-Session-Id", b"held-1")
+            result = {"protocolVersion": "2025-11-25", "capabilities": {"tools": {}}, "serverInfo": {"name": "held", "version": "1"}}
+        return json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}).encode()
+
+
+class HeldDeleteTests(HTTPTestCase):
+    #: The failure looked for is a hang: well before trial's two minutes.
+    timeout = 30
+
+    async def test_stop_does_not_wait_for_a_hung_upstream(self) -> None:
+        """
+        Over a real socket: the gateway's stop (the server's shutdown)
+        ends the upstream session with C{DELETE}, waits for its answer at
+        most C{stop_grace}, then drops it; it used to wait for ever.
+        """
+        await self.stopWith(HeldDelete(headers_first=False))
+
+    async def test_stop_does_not_wait_for_an_endless_answer(self) -> None:
+        """
+        The same when the C{DELETE}'s answer starts and never ends.
+        """
+        await self.stopWith(HeldDelete(headers_first=True))
+
+    async def stopWith(self, upstream: HeldDelete) -> None:
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+        from twisted.web.server import Site
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(upstream))
+        self.addCleanup(port.stopListening)
+        gateway = self.gateway(http_config(f"http://127.0.0.1:{port.getHost().port}/mcp", limits=Limits(stop_grace=0.5)))
+        client = Downstream(gateway)
+        await client.initialize()
+        self.assertEqual(self.channel.session_id, "held-1")
+        await gateway.stop()
+        self.assertEqual([request.method for request in upstream.held], [b"DELETE"])
+        # The connection was dropped, not left open to the upstream.
+        await until(lambda: all(request._disconnected for request in upstream.held), 10, "the DELETE dropped")

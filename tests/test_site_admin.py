@@ -532,6 +532,32 @@ class MigrateCommandTests(TestCase):
         self.assertIn("already holds data", err.getvalue())
         self.assertEqual(err.getvalue().count("\n"), 1)
 
+    @inlineCallbacks
+    def test_swapped(self):
+        """
+        The two files in the wrong order: exit status 1 with the reason in
+        one line (not reported as a failure of the command), nothing copied.
+        """
+        from twisted.internet import reactor
+
+        from smeldr_oauth.store import open_store
+
+        base = self.mktemp()
+        os.makedirs(base)
+        oauth_db, site_db = os.path.join(base, "oauth.db"), os.path.join(base, "site.db")
+        store = open_store(oauth_db, reactor, threads=0)
+        yield store.ready
+        store.close()
+        site = open_site(site_db, reactor)
+        yield site.tokens.create("alice")
+        site.close()
+        out, err = io.StringIO(), io.StringIO()
+        argv = ["migrate", "--from-sqlite", site_db, oauth_db, "--database", postgres.database_url(self)]
+        status = yield run(reactor, parse(argv), out, err)
+        self.assertEqual((status, out.getvalue()), (1, ""))
+        self.assertEqual(err.getvalue().count("\n"), 1)
+        self.assertTrue(err.getvalue().startswith(f"smeldr-oauth-admin: {site_db} holds none of the tables"), err.getvalue())
+
 
 class ScriptTests(TestCase):
     """

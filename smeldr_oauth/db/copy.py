@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from typing import Any, Sequence
+from urllib.request import pathname2url
 
 from twisted.internet.defer import Deferred
 
@@ -54,6 +55,14 @@ class SourceMissing(Exception):
     """
 
 
+class WrongSource(Exception):
+    """
+    A source file is not the database its place on the command line says
+    (the two files swapped, another SQLite file, one that lost a table):
+    nothing was copied, and the file was not changed.
+    """
+
+
 async def copy_from_sqlite(
     target: Database, sources: Sequence[tuple[str, Sequence[Schema]]], reactor: Any
 ) -> dict[str, int]:
@@ -65,11 +74,24 @@ async def copy_from_sqlite(
     @param reactor: runs the sources' migrations (on the calling thread).
     @return: rows copied, by table.
     @raise SourceMissing: a file does not exist.
+    @raise WrongSource: a file holds none of its schemas' tables (checked
+        before anything is written to it), or lacks one once migrated.
     @raise TargetNotEmpty: a target table holds rows.
     """
-    for path, schemas in sources:
+    for path, _ in sources:
         if not os.path.exists(path):
             raise SourceMissing(f"no SQLite database at {path}")
+    for path, schemas in sources:
+        # Before any migration writes to it: migrating the site file as the
+        # OAuth one (the arguments swapped) would add empty tables to both
+        # files and "copy" nothing, successfully.
+        wanted = [table for schema in schemas for table in schema.tables]
+        if not set(wanted) & _tables_in(path):
+            raise WrongSource(
+                f"{path} holds none of the tables {', '.join(wanted)}: is it the right file "
+                "(the server's --oauth-db first, its --site-db second)? Nothing was copied"
+            )
+    for path, schemas in sources:
         source = Database(SQLiteEngine(path), reactor, threads=0)
         try:
             for schema in schemas:
@@ -98,13 +120,13 @@ def _copy_all(txn: Transaction, sources: Sequence[tuple[str, Sequence[Schema]]])
                     raise TargetNotEmpty(table, rows)
     counts: dict[str, int] = {}
     for path, schemas in sources:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        connection = sqlite3.connect(_read_only(path), uri=True, isolation_level=None)
         try:
             # One snapshot of the whole file.
             connection.execute("BEGIN")
             for schema in schemas:
                 for table in schema.tables:
-                    counts[table] = _copy_table(connection, txn, table)
+                    counts[table] = _copy_table(connection, txn, table, path)
             connection.execute("COMMIT")
         finally:
             connection.close()
@@ -112,8 +134,36 @@ def _copy_all(txn: Transaction, sources: Sequence[tuple[str, Sequence[Schema]]])
     return counts
 
 
-def _copy_table(source: sqlite3.Connection, txn: Transaction, table: str) -> int:
+def _read_only(path: str) -> str:
+    """
+    The URI that opens C{path} read-only: percent-encoded, so that a name
+    with C{?}, C{#} or C{%} opens that file (not a new, empty one named by
+    the part before the C{?}).
+    """
+    return "file:" + pathname2url(os.path.abspath(path)) + "?mode=ro"
+
+
+def _tables_in(path: str) -> set[str]:
+    """
+    The tables of the SQLite file at C{path}, read without writing to it.
+
+    @raise WrongSource: it is not a SQLite database.
+    """
+    try:
+        connection = sqlite3.connect(_read_only(path), uri=True)
+        try:
+            return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as e:
+        raise WrongSource(f"{path} is not a SQLite database ({e}); nothing was copied")
+
+
+def _copy_table(source: sqlite3.Connection, txn: Transaction, table: str, path: str) -> int:
     columns = [row[1] for row in source.execute(f"PRAGMA table_info({table})")]
+    if not columns:
+        # Raised inside the target's transaction: nothing is kept.
+        raise WrongSource(f"{path} has no table {table} (a damaged or foreign file?); nothing was copied")
     names = ", ".join(columns)
     insert = f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' for _ in columns)})"
     cursor = source.execute(f"SELECT {names} FROM {table} ORDER BY rowid")

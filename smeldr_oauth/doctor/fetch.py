@@ -133,6 +133,16 @@ class _CappedBody(Protocol):
             # A response body's transport is its producer: stop it.
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
+    def stop(self) -> None:
+        """
+        The deadline passed before the body ended (a server that sends its
+        headers and then nothing, or trickles): keep what came, drop the
+        connection.
+        """
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+        self.connectionLost()
+
     def connectionLost(self, reason: Failure = web_client.ResponseDone()) -> None:  # type: ignore[assignment]
         if not self.done.called:
             self.done.callback(b"".join(self.chunks))
@@ -353,8 +363,14 @@ class Fetcher:
         media = content_type.decode("latin-1").split(";", 1)[0].strip().lower()
         if response.code != 200 or media != "text/event-stream":
             done: Deferred[bytes] = Deferred()
-            response.deliverBody(_CappedBody(4096, done))
+            body = _CappedBody(4096, done)
+            response.deliverBody(body)
+            # The body is read within the watch's time too: a server that
+            # never ends it must not hold the doctor for ever.
+            deadline = self.reactor.callLater(max(0.0, seconds - headers_at), body.stop)
             await done
+            if deadline.active():
+                deadline.cancel()
             return StreamObservation(
                 url=url,
                 status=response.code,

@@ -11,6 +11,7 @@ The token is sent only to the MCP URL the operator named.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Optional
 
 import attr
@@ -19,6 +20,11 @@ from smeldr_oauth.doctor.checks import SessionProbe
 from smeldr_oauth.doctor.fetch import PROTOCOL_VERSION, Fetcher
 from smeldr_oauth.doctor.model import Fetched
 from smeldr_oauth.doctor.sse import StreamObservation
+
+#: A protocol version (C{2025-11-25}); a session id is visible ASCII
+#: (the Streamable HTTP rule).
+VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+SESSION_ID = re.compile(r"[\x21-\x7e]{1,1024}")
 
 #: Requests sent on the session after C{initialize}: enough that a
 #: round-robin balancer over two or three processes sends some elsewhere.
@@ -39,7 +45,8 @@ def rpc_answer(fetched: Fetched) -> Optional[dict[str, Any]]:
                 continue
             try:
                 value = json.loads(data)
-            except ValueError:
+            except (ValueError, RecursionError):
+                # RecursionError: nested deeper than the decoder goes.
                 continue
             if isinstance(value, dict) and ("result" in value or "error" in value):
                 return value
@@ -107,6 +114,15 @@ class MCPSession:
             return report
         self.version = str(result["result"].get("protocolVersion") or PROTOCOL_VERSION)
         self.session_id = answer.header("mcp-session-id")
+        # Both go back in the next requests' headers: a value that cannot
+        # be one (a hostile or broken server's) ends this check with the
+        # reason, rather than the whole run with an encoding error.
+        if not VERSION.fullmatch(self.version):
+            report.reason = f"initialize answered the protocol version {self.version[:40]!r}, not a date"
+            return report
+        if self.session_id is not None and not SESSION_ID.fullmatch(self.session_id):
+            report.reason = "initialize answered a session id that is not visible ASCII"
+            return report
         await self.fetcher.post_json(
             self.mcp_url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, self._headers()
         )

@@ -43,6 +43,7 @@ The TOML file::
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -225,7 +226,10 @@ def _limits(value: Any, where: str, problems: _Problems) -> Limits:
             continue
         raw = value[key]
         ok = isinstance(raw, int) if kind is int else isinstance(raw, (int, float))
-        if isinstance(raw, bool) or not ok or raw < minimum:
+        # TOML has inf and nan: a nan passes "< minimum" and fails every
+        # timer the limit sets (callLater refuses it), an inf makes the
+        # rate and backoff arithmetic nan; a large number does what either meant.
+        if isinstance(raw, bool) or not ok or not math.isfinite(raw) or raw < minimum:
             noun = "a whole number" if kind is int else "a number"
             problems.add(f"{where}.{key}", f"must be {noun} >= {minimum:g}")
             continue
@@ -238,6 +242,15 @@ def _limits(value: Any, where: str, problems: _Problems) -> Limits:
     return limits
 
 
+def _latin1(text: str) -> bool:
+    """Whether C{text} can be an HTTP header value as the channel sends it."""
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _read_secret(value: Any, where: str, problems: _Problems, environ: Mapping[str, str]) -> Optional[Credential]:
     if not isinstance(value, dict):
         problems.add(where, "must be a table: { header = ..., file = ... } or { header = ..., env = ... }")
@@ -245,8 +258,8 @@ def _read_secret(value: Any, where: str, problems: _Problems, environ: Mapping[s
     _unknown(value, ("header", "prefix", "file", "env"), where, problems)
     header = _header(value.get("header", "Authorization"), f"{where}.header", problems)
     prefix = value.get("prefix", "")
-    if not isinstance(prefix, str) or any(c in prefix for c in "\r\n\0"):
-        problems.add(f"{where}.prefix", "must be a string on one line")
+    if not isinstance(prefix, str) or any(c in prefix for c in "\r\n\0") or not _latin1(prefix):
+        problems.add(f"{where}.prefix", "must be a string on one line, in Latin-1 (it goes in an HTTP header)")
         prefix = ""
     if ("file" in value) == ("env" in value):
         problems.add(where, "give exactly one of file (a path) and env (a variable name)")
@@ -277,6 +290,11 @@ def _read_secret(value: Any, where: str, problems: _Problems, environ: Mapping[s
         return None
     if any(c in secret for c in "\r\n\0"):
         problems.add(where, f"the credential from {source} must be one line")
+        return None
+    if not _latin1(secret):
+        # Every request would fail encoding its header (an internal error
+        # for each call); said here, without the value.
+        problems.add(where, f"the credential from {source} is not Latin-1 text (it goes in an HTTP header)")
         return None
     if header is None:
         return None

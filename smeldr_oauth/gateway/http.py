@@ -215,6 +215,13 @@ def _drain(response: Any) -> Deferred:
     return _read(response, lambda _: None, _ERROR_BODY_MAX)[1]
 
 
+def _cancelling(result: Any, call: IDelayedCall) -> Any:
+    """Cancel C{call} if it has not run; pass C{result} on."""
+    if call.active():
+        call.cancel()
+    return result
+
+
 def _media_type(response: Any) -> str:
     values = response.headers.getRawHeaders(b"content-type") or [b""]
     return values[0].split(b";")[0].strip().lower().decode("latin-1")
@@ -319,10 +326,25 @@ class HTTPChannel:
         for d in list(self._exchanges):
             d.cancel()
         if self.mode == "streamable" and self.session_id is not None:
-            # Tell the upstream the session is over; 405 (not supported) is fine.
+            # Tell the upstream the session is over; 405 (not supported) is
+            # fine.  Waited for C{stop_grace} at most, as a stdio process's
+            # exit is: the server's shutdown waits for this, and a hung
+            # upstream must not hold it for ever.
             d = self._request("DELETE", self.url, self._headers(None))
-            d.addCallback(_drain)
-            return d.addErrback(lambda _: None)
+            reading: list[_Body] = []
+
+            def read(response: Any) -> Deferred:
+                body, done = _read(response, lambda _: None, _ERROR_BODY_MAX)
+                reading.append(body)
+                return done
+
+            def give_up() -> None:
+                for body in reading:
+                    body.abort()
+                d.cancel()
+
+            timer = self.clock.callLater(self.config.limits.stop_grace, give_up)
+            return d.addCallback(read).addErrback(lambda _: None).addBoth(_cancelling, timer)
         return succeed(None)
 
     # -- helpers -----------------------------------------------------------------

@@ -28,7 +28,7 @@ def add_parser(kinds: Any) -> None:
 
 async def from_sqlite(ctx: Context) -> int:
     from smeldr_oauth.db import open_database
-    from smeldr_oauth.db.copy import SourceMissing, TargetNotEmpty, copy_from_sqlite
+    from smeldr_oauth.db.copy import SourceMissing, TargetNotEmpty, WrongSource, copy_from_sqlite
     from smeldr_oauth.site.posts import SCHEMA as POSTS_SCHEMA
     from smeldr_oauth.site.tokens import SCHEMA as SITE_TOKENS_SCHEMA
     from smeldr_oauth.store.schema import OAUTH_SCHEMA
@@ -41,7 +41,7 @@ async def from_sqlite(ctx: Context) -> int:
             [(oauth_db, [OAUTH_SCHEMA]), (site_db, [POSTS_SCHEMA, SITE_TOKENS_SCHEMA])],
             ctx.reactor,
         )
-    except (SourceMissing, TargetNotEmpty) as e:
+    except (SourceMissing, TargetNotEmpty, WrongSource) as e:
         ctx.complain(str(e))
         return 1
     finally:
