@@ -331,6 +331,8 @@ class WholeSiteTests(SynchronousTestCase):
         self.assertIn(b"https://as.example/mcp", body)
         self.assertIn(b"https://as.example/oauth/grants", body)
         self.assertEqual(headers.getRawHeaders("x-frame-options"), ["DENY"])
+        # An https issuer's every page carries HSTS (web.oauth.hsts).
+        self.assertEqual(headers.getRawHeaders("strict-transport-security"), ["max-age=31536000"])
 
     def test_issuer_with_path(self) -> None:
         """
