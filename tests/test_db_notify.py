@@ -19,7 +19,7 @@ from smeldr_oauth.db.notify import NOTIFY_LIMIT, NOTIFICATIONS_SCHEMA, Listener,
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.oauth.secrets import hash_secret
 from smeldr_oauth.oauth.server import OAuthServer
-from smeldr_oauth.service.wiring import watch_external_changes
+from smeldr_oauth.service.standalone import watch_external_changes
 from smeldr_oauth.store import open_store
 from tests import postgres
 from tests.test_store_memory import RESOURCE, T0, access, make_code, make_grant

@@ -156,7 +156,7 @@ class GatewayFrontShapeTests(SynchronousTestCase):
         """
         from bench.gateway_front import UPSTREAM_TOML, front_arguments
         from smeldr_oauth.service import tap
-        from smeldr_oauth.service.wiring import StandaloneService
+        from smeldr_oauth.service.standalone import StandaloneService
         from smeldr_oauth.web.routes import DirectRoute
         from tests.test_store_sqlite import InlineReactor
 

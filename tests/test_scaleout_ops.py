@@ -25,7 +25,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from smeldr_oauth.mcp.calls import UNAVAILABLE
-from smeldr_oauth.service.wiring import StandaloneService
+from smeldr_oauth.service.standalone import StandaloneService
 from smeldr_oauth.store.schema import OAUTH_SCHEMA
 from tests import e2e, postgres
 from tests.haproxy import READY_PATH as HAPROXY_READY

@@ -12,13 +12,12 @@ import json
 import os
 import sys
 
-from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.service import affinity, tap
-from smeldr_oauth.service.workers import Supervisor, WorkerSpec
-from tests import e2e, postgres
+from tests import postgres
 from tests.test_conformance import httpClient
+from tests.supervised import twist_workers
 from tests.test_service_tap import parse
 
 
@@ -83,37 +82,11 @@ class PinnedWorkersTests(TestCase):
         pin included (a registration uses them), runs only on the CPU the
         worker's index gives it, and the worker says so in its log.
         """
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        listen = "tcp:0:interface=127.0.0.1"
-        arguments = ["--issuer", "http://127.0.0.1:1", "--listen", listen, "--database", postgres.database_url(self)]
-
-        def command(spec: WorkerSpec) -> list[str]:
-            return [sys.executable, "-m", "twisted", "--log-format=text", "smeldr-oauth", *arguments, "--pin-cpus", spec.argument()]
-
-        log = open(os.path.join(directory, "workers.log"), "wb")
-        self.addCleanup(log.close)
-        supervisor = Supervisor(
-            reactor,
-            2,
-            [listen],
-            command,
-            env=e2e.subprocessEnvironment(),
-            on_failure=lambda: None,
-            stdio={0: 0, 1: log.fileno(), 2: log.fileno()},
+        supervised = await twist_workers(
+            self, 2, ["--issuer", "http://127.0.0.1:1", "--database", postgres.database_url(self), "--pin-cpus"]
         )
-        supervisor.startService()
-        self.addCleanup(supervisor.stopService)
-
-        def workersLog() -> str:
-            with open(log.name) as f:
-                return f.read()
-
-        try:
-            await supervisor.ready().addTimeout(90, reactor)
-        except RuntimeError:
-            self.fail(workersLog())
-        port = supervisor.listeners[0].getHost().port  # type: ignore[attr-defined]
+        supervisor = supervised.supervisor
+        port = supervised.port()
         client = httpClient(self)
         for _ in range(4):
             response = await client.post(
@@ -131,6 +104,6 @@ class PinnedWorkersTests(TestCase):
             self.assertGreater(len(threads), 1, threads)
             expected = str(affinity.cpu_for(index, mine))
             self.assertEqual(set(threads.values()), {expected}, (index, threads))
-            self.assertIn(f"pinned to CPU {expected}", workersLog())
+            self.assertIn(f"pinned to CPU {expected}", supervised.log())
         await supervisor.stopService()
-        self.assertNotIn("Traceback", workersLog())
+        self.assertNotIn("Traceback", supervised.log())

@@ -24,7 +24,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.service.tap import Options
-from smeldr_oauth.service.wiring import StandaloneService
+from smeldr_oauth.service.standalone import StandaloneService
 from smeldr_oauth.site.stores import open_site
 from tests import postgres
 from tests.test_db_notify import Inbox

@@ -19,7 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from smeldr_oauth.service import tap
-from smeldr_oauth.service.wiring import StandaloneService
+from smeldr_oauth.service.standalone import StandaloneService
 from tests import certificates, e2e
 from tests.test_conformance import httpClient
 

@@ -39,6 +39,7 @@ from smeldr_oauth.service.workers import READY, Supervisor, WorkerSpec
 from tests import e2e, lifetime, workers_tiny
 from tests.test_conformance import httpClient
 from tests.test_lifetime import MARK, killMarked, marked, waitUntilGone
+from tests.supervised import supervise, twist_workers
 from tests.test_service_tap import parse, self_signed
 
 
@@ -435,22 +436,11 @@ class TinyPoolTests(TestCase):
             os.makedirs(self.metricsDirectory)
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metricsDirectory
         self.failures: list[None] = []
-        # The workers' log, kept beside the test's other files.
-        log = open(os.path.abspath(self.mktemp()) + ".log", "wb")
-        self.addCleanup(log.close)
-        self.workerLog = log.name
-        supervisor = Supervisor(
-            reactor,
-            count,
-            descriptions,
-            workers_tiny.command(descriptions, fail=fail),
-            env=env,
-            on_failure=lambda: self.failures.append(None),
-            stdio={0: 0, 1: log.fileno(), 2: log.fileno()},
+        supervised = supervise(
+            self, count, descriptions, workers_tiny.command(descriptions, fail=fail), env, lambda: self.failures.append(None)
         )
-        supervisor.startService()
-        self.addCleanup(supervisor.stopService)
-        return supervisor
+        self.workerLog = supervised.log_path
+        return supervised.supervisor
 
     def base(self, supervisor: Supervisor, scheme: str = "http") -> str:
         port = supervisor.listeners[0].getHost().port  # type: ignore[attr-defined]
@@ -690,39 +680,22 @@ class SmeldrWorkerTests(TestCase):
         os.makedirs(metricsDirectory)
         env = e2e.subprocessEnvironment()
         env["PROMETHEUS_MULTIPROC_DIR"] = metricsDirectory
-        listen = "tcp:0:interface=127.0.0.1"
-        arguments = [
-            "--issuer", "http://127.0.0.1:1",
-            "--listen", listen,
-            "--oauth-db", os.path.join(directory, "oauth.db"),
-            "--site-db", os.path.join(directory, "site.db"),
-            "--metrics-listen", "tcp:0:interface=127.0.0.1",
-        ]
-
-        def command(spec: WorkerSpec) -> list[str]:
-            return [sys.executable, "-m", "twisted", "--log-format=text", "smeldr-oauth", *arguments, spec.argument()]
-
-        log = open(os.path.join(directory, "worker.log"), "wb")
-        self.addCleanup(log.close)
-        supervisor = Supervisor(
-            reactor, 1, [listen], command, env=env, on_failure=lambda: None, stdio={0: 0, 1: log.fileno(), 2: log.fileno()}
+        supervised = await twist_workers(
+            self,
+            1,
+            [
+                "--issuer", "http://127.0.0.1:1",
+                "--oauth-db", os.path.join(directory, "oauth.db"),
+                "--site-db", os.path.join(directory, "site.db"),
+                "--metrics-listen", "tcp:0:interface=127.0.0.1",
+            ],
+            env,
         )
-        supervisor.startService()
-        self.addCleanup(supervisor.stopService)
-
-        def workerLog() -> str:
-            with open(log.name) as f:
-                return f.read()
-
-        try:
-            await supervisor.ready().addTimeout(90, reactor)
-        except RuntimeError:
-            self.fail(workerLog())
+        supervisor = supervised.supervisor
         # The parent only holds the socket: it does not accept.
         self.assertNotIn(supervisor.listeners[0], reactor.getReaders())
-        port = supervisor.listeners[0].getHost().port  # type: ignore[attr-defined]
-        response = await httpClient(self).get(f"http://127.0.0.1:{port}/healthz")
-        self.assertEqual(json.loads(await response.content()), {"status": "ok"}, workerLog())
+        response = await httpClient(self).get(f"http://127.0.0.1:{supervised.port()}/healthz")
+        self.assertEqual(json.loads(await response.content()), {"status": "ok"}, supervised.log())
 
         pool = PoolMetrics(metricsDirectory, running=lambda: float(supervisor.running_children()))
         text = _render(pool)
@@ -734,7 +707,7 @@ class SmeldrWorkerTests(TestCase):
         self.assertIn("smeldr_workers 1.0", text)
 
         await supervisor.stopService()
-        text = workerLog()
+        text = supervised.log()
         self.assertIn("worker 0 serving", text)
         self.assertNotIn("Traceback", text)
         # Its metrics are the parent's to serve: no listener of its own.

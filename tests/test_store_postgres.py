@@ -920,11 +920,10 @@ class PostgresGroupCommitStoreTests(SynchronousTestCase):
 
     def test_writes_quoted_values(self) -> None:
         """
-        The batch's updates take their columns as array literals only
-        where the values need no quoting there: grant ids with a comma, a
-        quote, a brace, a backslash, a space, or spelled C{NULL}, go as
-        lists, and their refreshes rotate and record their use like any
-        other.
+        The batch's updates take their columns as array literals, every
+        text element quoted (L{smeldr_oauth.db.arrays}): grant ids with a
+        comma, a quote, a brace, a backslash, a space, or spelled C{NULL}
+        rotate and record their use like any other.
         """
         names = ("g,1", 'g"2', "g{3}", "g\\4", "g 5", "NULL", "")
         for name in names:

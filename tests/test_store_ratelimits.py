@@ -282,8 +282,9 @@ class PostgresGroupedTakeTests(SynchronousTestCase):
     def test_array_literals(self) -> None:
         """
         The batch's columns of limiter names, hashed keys and finite floats
-        (every token request's) travel as array literals, not as lists
-        that psycopg would dump element by element in Python.
+        (every token request's) travel as array literals
+        (L{smeldr_oauth.db.arrays}), not as lists that psycopg would dump
+        element by element in Python.
         """
         params = self.sent()
         first = ("token_address", store_key("192.0.2.7"), 30.0, 0.5)
@@ -298,23 +299,23 @@ class PostgresGroupedTakeTests(SynchronousTestCase):
         self.assertEqual(
             params[0],
             [
-                "{token_address,token_address,token_address}",
-                "{" + ",".join([store_key("192.0.2.7")] * 3) + "}",
+                '{"token_address","token_address","token_address"}',
+                '{"' + '","'.join([store_key("192.0.2.7")] * 3) + '"}',
                 "{30.0,30.0,30.0}",
                 "{0.5,0.5,0.5}",
-                "{token_client,token_client,token_client}",
-                "{" + ",".join([store_key("client-1")] * 3) + "}",
+                '{"token_client","token_client","token_client"}',
+                '{"' + '","'.join([store_key("client-1")] * 3) + '"}',
                 "{60.0,60.0,60.0}",
                 "{1.0,1.0,1.0}",
                 "{%r,%r,%r}" % (T0, T0 + 0.125, T0 + 0.25),
             ],
         )
 
-    def test_values_a_literal_cannot_hold(self) -> None:
+    def test_values_quoted(self) -> None:
         """
-        A column with text a literal would have to quote (a comma, a quote,
-        a brace, a backslash, a space, an empty or non-ASCII key, C{NULL})
-        or a float that is not finite goes as a list, and every bucket is
+        Keys a literal has to quote (a comma, a quote, a brace, a
+        backslash, a space, an empty or non-ASCII key, C{NULL}) go quoted
+        in it, a float that is not finite as a list, and every bucket is
         still its own: the answers are those of the calls one by one.
         """
         params = self.sent()
@@ -326,14 +327,14 @@ class PostgresGroupedTakeTests(SynchronousTestCase):
             [self.successResultOf(d) for d in calls],
             [((True, 1.0), (True, 2.0))] * len(keys) + [((True, 0.0), (True, float("inf")))],
         )
-        self.assertEqual(params[0][1], keys + ["a,b"])
+        self.assertEqual(params[0][1], '{"a,b","q\\"uote","{brace}","back\\\\slash","with space","","caf\u00e9","NULL","a,b"}')
         self.assertEqual(params[0][6], [3.0] * len(keys) + [float("inf")])
-        self.assertEqual(params[0][0], "{" + ",".join(["name"] * (len(keys) + 1)) + "}")
+        self.assertEqual(params[0][0], '{"' + '","'.join(["name"] * (len(keys) + 1)) + '"}')
         # Words all, but an unquoted NULL in a literal is a null element.
         words = [self.store.take_both(("name", key, 2.0, 0.05), ("other", "z", 3.0, 0.05), T0) for key in ("null", "nullx")]
         self.reactor.advance(0)
         self.assertEqual([self.successResultOf(d)[0] for d in words], [(True, 1.0), (True, 1.0)])
-        self.assertEqual(params[1][1], ["null", "nullx"])
+        self.assertEqual(params[1][1], '{"null","nullx"}')
         rows = self.successResultOf(
             self.database.read(RATE_LIMITS_SCHEMA, lambda txn: txn.execute("SELECT name, key FROM rate_limits").fetchall())
         )

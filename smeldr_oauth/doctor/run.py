@@ -16,7 +16,7 @@ from smeldr_oauth.doctor import checks, discovery, sse
 from smeldr_oauth.doctor.fetch import PROTOCOL_VERSION, Fetcher
 from smeldr_oauth.doctor.flow import Flow, FlowError
 from smeldr_oauth.doctor.model import Fetched, Verdict
-from smeldr_oauth.doctor.session import MCPSession, SessionReport
+from smeldr_oauth.doctor.session import MCPSession, SessionReport, initialize
 
 #: The Origin sent for the CORS check: MCP Inspector's, a browser-based
 #: client people use to try a server.
@@ -67,19 +67,7 @@ async def diagnose(fetcher: Fetcher, options: DoctorOptions) -> list[Verdict]:
 
     # The challenge first: it tells whether the MCP URL reaches the server,
     # which names the cause when a well-known URL does not.
-    challenge = await fetcher.post_json(
-        mcp_url,
-        {
-            "jsonrpc": "2.0",
-            "id": 0,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": PROTOCOL_VERSION,
-                "capabilities": {},
-                "clientInfo": {"name": "smeldr-oauth-doctor", "version": "1"},
-            },
-        },
-    )
+    challenge = await fetcher.post_json(mcp_url, initialize(0))
     reached = challenge.status == 401 and bool(challenge.headers.get("www-authenticate"))
 
     documents: dict[str, dict[str, Any]] = {}

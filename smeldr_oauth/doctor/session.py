@@ -31,6 +31,25 @@ SESSION_ID = re.compile(r"[\x21-\x7e]{1,1024}")
 PINGS = 4
 
 
+def initialize(request_id: int) -> dict[str, Any]:
+    """
+    The doctor's C{initialize} request, as the unauthenticated challenge
+    (L{smeldr_oauth.doctor.run}) and the session with a token send it: one
+    client identity and protocol version, so that the two requests a
+    server's log shows from the doctor are the same but for their id.
+    """
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": PROTOCOL_VERSION,
+            "capabilities": {},
+            "clientInfo": {"name": "smeldr-oauth-doctor", "version": "1"},
+        },
+    }
+
+
 def rpc_answer(fetched: Fetched) -> Optional[dict[str, Any]]:
     """
     The JSON-RPC answer in a Streamable HTTP response: the JSON body, or
@@ -94,16 +113,7 @@ class MCPSession:
         report = SessionReport()
         answer = await self.fetcher.post_json(
             self.mcp_url,
-            {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "initialize",
-                "params": {
-                    "protocolVersion": PROTOCOL_VERSION,
-                    "capabilities": {},
-                    "clientInfo": {"name": "smeldr-oauth-doctor", "version": "1"},
-                },
-            },
+            initialize(1),
             {"Authorization": f"Bearer {self._token}"},
         )
         result = rpc_answer(answer)

@@ -122,7 +122,7 @@ class AccessVerifier:
         Drop every cached answer, so the next use of each token asks the
         store again.  For revocations made outside this process (the admin
         command on the same database): see
-        L{smeldr_oauth.service.wiring.watch_external_changes}.
+        L{smeldr_oauth.service.standalone.watch_external_changes}.
         """
         self._cache.clear()
         self._revocations += 1

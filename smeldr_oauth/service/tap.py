@@ -432,7 +432,7 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    from smeldr_oauth.service.wiring import StandaloneService
+    from smeldr_oauth.service.standalone import StandaloneService
 
     if options["workers"] > 1 and options["worker"] is None:
         return workers.supervise(options)

@@ -44,8 +44,6 @@ Times are the callers' clocks, as POSIX seconds.
 
 from __future__ import annotations
 
-import math
-import re
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
@@ -53,6 +51,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
+from smeldr_oauth.db.arrays import number_array, text_array
 from smeldr_oauth.db.database import Before, Database, Transaction
 from smeldr_oauth.db.migrations import Migration, Schema
 from smeldr_oauth.oauth.ratelimit import IRateLimitStore
@@ -185,11 +184,17 @@ def _take_both_many(
     return _take_both_many_results(txn.execute(*_take_both_many_statement(calls)).fetchall())
 
 
+#: How each of L{_take_both_many_statement}'s columns is sent, in its
+#: order: the two buckets' name, key, capacity and rate, then the time.
+_TAKE_BOTH_MANY_ARRAYS = (text_array, text_array, number_array, number_array) * 2 + (number_array,)
+
+
 def _take_both_many_statement(calls: list[tuple[Bucket, Bucket, float]]) -> tuple[str, list[object]]:
     """
     L{_take_both_many}'s statement on PostgreSQL, its parameters array
-    literals (or lists), which the simple protocol also takes (a batch of
-    refreshes sends it in its C{BEGIN}'s round trip: L{Before.statement}).
+    literals (L{smeldr_oauth.db.arrays}), which the simple protocol also
+    takes (a batch of refreshes sends it in its C{BEGIN}'s round trip:
+    L{Before.statement}).
     """
     columns: list[list[object]] = [[] for _ in range(9)]
     for first, second, now in calls:
@@ -198,7 +203,7 @@ def _take_both_many_statement(calls: list[tuple[Bucket, Bucket, float]]) -> tupl
     return (
         "SELECT * FROM smeldr_take_both_many(?::text[], ?::text[], ?::float8[], ?::float8[],"
         " ?::text[], ?::text[], ?::float8[], ?::float8[], ?::float8[])",
-        [_array_literal(column) for column in columns],
+        [array(column) for array, column in zip(_TAKE_BOTH_MANY_ARRAYS, columns)],
     )
 
 
@@ -212,39 +217,6 @@ def _take_both_many_results(rows: list[Any]) -> list[tuple[tuple[bool, float], O
         ((bool(first_taken), float(first_tokens)), None if second_taken is None else (bool(second_taken), float(second_tokens)))
         for first_taken, first_tokens, second_taken, second_tokens in rows
     ]
-
-
-#: Text an array literal may hold as it is: limiter names and the keys'
-#: SHA-256 in hex (store_key) are words; anything else (a comma, a quote, a
-#: brace, a backslash, a space, an empty string, C{NULL}) goes through
-#: psycopg.
-_WORDS = re.compile(r"\w+(?:,\w+)*\Z", re.ASCII)
-
-
-def _array_literal(values: list[object]) -> object:
-    """
-    One column of L{_take_both_many} as a PostgreSQL array literal
-    (C{{a,b,c}}), which the statement casts (C{?::text[]}, C{?::float8[]}),
-    or the list itself when its values need quoting.
-
-    Why: psycopg dumps a list element by element in Python, with a regular
-    expression search for each text element to decide its quoting: for a
-    batch of 11 token requests, nine lists cost 130-225 us of the server's
-    CPU a statement against 65-97 us as literals (docs/performance.md,
-    "Round nine").  A float is written as C{repr} writes it, the shortest
-    text that reads back as the same double (PostgreSQL's C{float8in} reads
-    C{inf} and C{nan} too, but they go through psycopg all the same).
-    """
-    kind = values[0].__class__ if values else None
-    if kind is str:
-        if all(value.__class__ is str for value in values):
-            joined = ",".join(values)  # type: ignore[arg-type]
-            # (An unquoted NULL, in any case, would be a null element.)
-            if _WORDS.match(joined) and joined.count(",") == len(values) - 1 and "null" not in joined.lower():
-                return "{" + joined + "}"
-    elif kind is float and all(value.__class__ is float and math.isfinite(value) for value in values):  # type: ignore[arg-type]
-        return "{" + ",".join(map(repr, values)) + "}"
-    return values
 
 
 def _refund(txn: Transaction, name: str, key: str, now: float) -> None:

@@ -11,15 +11,14 @@ L{smeldr_oauth.store.transactions}; only how they are sent differs.
 from __future__ import annotations
 
 import functools
-import math
 import re
 from typing import Any, Optional, Sequence
 
+from smeldr_oauth.db.arrays import number_array, text_array
 from smeldr_oauth.db.database import Transaction
 from smeldr_oauth.db.postgres import _scrub
 from smeldr_oauth.oauth import rotation
 from smeldr_oauth.oauth.interfaces import RefreshRedemption
-from smeldr_oauth.store.ratelimits import _array_literal
 from smeldr_oauth.store.refresh_facts import GRANT_ID, TOKEN_HASH
 from smeldr_oauth.store.rotation_writes import TABLES, WRITE_ROTATIONS, columns
 from smeldr_oauth.store.transactions import (
@@ -72,7 +71,7 @@ def redeem_refresh_tokens(txn: Transaction, calls: list[tuple[Any, ...]]) -> lis
     facts = {
         row[TOKEN_HASH]: row
         for row in txn.execute(
-            "SELECT * FROM smeldr_refresh_facts_many(?::text[])", (_array_literal(hashes),), simple=True
+            "SELECT * FROM smeldr_refresh_facts_many(?::text[])", (text_array(hashes),), simple=True
         ).fetchall()
     }
     decided: set[str] = set()
@@ -121,24 +120,6 @@ def redeem_refresh_tokens(txn: Transaction, calls: list[tuple[Any, ...]]) -> lis
 #: tokens: a batch sends all rows of such inserts into each table of
 #: L{TABLES} as one array parameter a column (L{columns}).
 _INSERT = re.compile(r"INSERT INTO (\w+) \(([\w, ]+)\) VALUES \([?, ]+\)\Z")
-
-
-def _column(values: list[Any]) -> Any:
-    """
-    One column of the batch's updates as a parameter: an array literal
-    where the values allow one (numbers written as C{repr} writes them, the
-    shortest text that reads back as the same value; text as
-    L{_array_literal} decides), else the list, which psycopg dumps element
-    by element at several times the cost.
-    """
-    if not values:
-        return "{}"
-    if all(value.__class__ is int or (value.__class__ is float and math.isfinite(value)) for value in values):
-        return "{" + ",".join(map(repr, values)) + "}"
-    literal = _array_literal(values)
-    # A literal holds words only (no NUL); a list goes through psycopg, and
-    # PostgreSQL refuses a NUL in text.
-    return literal if literal is not values else [_scrub(value) for value in values]
 
 
 @functools.lru_cache(maxsize=64)
@@ -209,9 +190,13 @@ def _write_batch(
         WRITE_ROTATIONS,
         [
             *(column for table in TABLES for column in columns(table, rows[table])),
-            *(_column(column) for column in record_use),
-            *(_column(column) for column in spends),
-            _array_literal(expected) if expected else "{}",
+            number_array(record_use[0]),
+            text_array(record_use[1]),
+            text_array(spends[0]),
+            number_array(spends[1]),
+            text_array(spends[2]),
+            number_array(spends[3]),
+            text_array(expected),
         ],
         simple=True,
         commit=last and not others and txn.may_commit,

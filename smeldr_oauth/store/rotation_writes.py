@@ -52,9 +52,9 @@ before the C{COMMIT} that rides in the same round trip.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
-from smeldr_oauth.db.postgres import _scrub
+from smeldr_oauth.db.arrays import typed_array
 
 #: The tables whose inserts the function takes, and each one's columns
 #: with their types: one array parameter a column, in this order.
@@ -83,45 +83,6 @@ WRITE_ROTATIONS = (
 )
 
 
-def _text_array(values: Sequence[Any]) -> str:
-    """
-    Text values as an array literal, every element quoted (a quote and a
-    backslash escaped, C{None} an unquoted NULL), a NUL stored as U+FFFD
-    as in any text parameter (L{_scrub}), which PostgreSQL refuses in
-    text.  The values are joined with NULs and escaped in one pass over
-    the joined text: a Python call a value would cost more than the
-    server's C{array_in} saves (a batch's scopes hold quotes).
-    """
-    if not values:
-        return "{}"
-    try:
-        joined = "\x00".join(values)
-    except TypeError:
-        # A value not text is stored as its text, as a JSON number was.
-        return "{" + ",".join("NULL" if value is None else _text_array([str(value)])[1:-1] for value in values) + "}"
-    if joined.count("\x00") != len(values) - 1:
-        joined = "\x00".join(_scrub(value) for value in values)
-    return '{"' + joined.replace("\\", "\\\\").replace('"', '\\"').replace("\x00", '","') + '"}'
-
-
-#: The classes of values written into a number array as C{repr} writes them.
-_NUMBERS = frozenset((int, float, type(None)))
-
-
-def _number_array(values: Sequence[Any]) -> Any:
-    """
-    Whole numbers and finite floats as an array literal (C{repr}: the
-    shortest text that reads back as the same double; C{None} a NULL),
-    else the list, which psycopg dumps element by element.
-    """
-    if _NUMBERS.issuperset(map(type, values)):
-        text = ",".join(map(repr, values))
-        # Only infinities and NaN have these letters (psycopg spells them).
-        if "inf" not in text and "nan" not in text:
-            return "{" + text.replace("None", "NULL") + "}"
-    return values
-
-
 def columns(table: str, rows: list[dict[str, Any]]) -> list[Any]:
     """
     The parameters of the inserts into C{table} (one of L{TABLES}): its
@@ -135,10 +96,7 @@ def columns(table: str, rows: list[dict[str, Any]]) -> list[Any]:
         found = [given.get(name, nulls) for name, _ in COLUMNS[table]]
     else:
         found = [[row.get(name) for row in rows] for name, _ in COLUMNS[table]]
-    return [
-        (_text_array if kind == "text" else _number_array)(values)
-        for values, (_, kind) in zip(found, COLUMNS[table])
-    ]
+    return [typed_array(kind, values) for values, (_, kind) in zip(found, COLUMNS[table])]
 
 
 def _signature(table: str, prefix: str) -> str:

@@ -28,7 +28,7 @@ from smeldr_oauth.oauth.text import loggable
 from smeldr_oauth.oauth.urls import is_host, is_loopback_host, parse
 from smeldr_oauth.web import errors, pages
 from smeldr_oauth.web.body import read_form, read_query
-from smeldr_oauth.web.oauth import HSTS, client_address, issuer_path
+from smeldr_oauth.web.oauth import client_address, hsts, issuer_path
 from smeldr_oauth.web.responses import see_other
 from smeldr_oauth.web.routes import Route
 
@@ -138,7 +138,7 @@ class AuthorizeRoutes:
         self.server = server
         self.config = server.config
         self.prefix = issuer_path(self.config.issuer)
-        self.hsts = (HSTS,) if self.config.issuer.startswith("https://") else ()
+        self.hsts = hsts(self.config.issuer)
 
     def routes(self) -> list[Route]:
         methods = {"GET": self.get, "POST": self.post}

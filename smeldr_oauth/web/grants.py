@@ -35,7 +35,7 @@ from smeldr_oauth.oauth.server import OAuthServer
 from smeldr_oauth.oauth.text import loggable
 from smeldr_oauth.web import errors, pages
 from smeldr_oauth.web.body import read_form
-from smeldr_oauth.web.oauth import HSTS, client_address, issuer_path
+from smeldr_oauth.web.oauth import client_address, hsts, issuer_path
 from smeldr_oauth.web.routes import Route
 
 log = Logger()
@@ -159,7 +159,7 @@ class GrantsPage:
                 path=self.path,
                 methods={"GET": self.get, "POST": self.post},
                 dialect=errors.PAGE,
-                headers=(HSTS,) if self.secure else (),
+                headers=hsts(self.server.config.issuer),
                 name=self.route_name,
             )
         ]

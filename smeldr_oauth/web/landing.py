@@ -15,7 +15,7 @@ from twisted.web.template import tags
 
 from smeldr_oauth.oauth.config import Config
 from smeldr_oauth.web import errors, pages
-from smeldr_oauth.web.oauth import AS_METADATA, HSTS, PR_METADATA, issuer_path
+from smeldr_oauth.web.oauth import AS_METADATA, PR_METADATA, hsts, issuer_path
 from smeldr_oauth.web.routes import Route
 
 
@@ -68,7 +68,7 @@ class Landing:
         self.page = landing_page(config, docs_url)
         prefix = issuer_path(config.issuer)
         self.paths = list(dict.fromkeys(["/", prefix + "/"]))
-        self.hsts = (HSTS,) if config.issuer.startswith("https://") else ()
+        self.hsts = hsts(config.issuer)
 
     def routes(self) -> list[Route]:
         return [

@@ -40,6 +40,16 @@ from smeldr_oauth.web.routes import CORS, Route
 #: issuer over plain http again (a year, the usual preload minimum).
 HSTS = (b"Strict-Transport-Security", b"max-age=31536000")
 
+
+def hsts(issuer: str) -> tuple[tuple[bytes, bytes], ...]:
+    """
+    The headers of L{HSTS} for every route of C{issuer}: only when it is
+    https (a browser ignores the header over plain http, and a plain http
+    issuer is a test or a local server).  One place, since every page and
+    endpoint of the issuer must agree.
+    """
+    return (HSTS,) if issuer.startswith("https://") else ()
+
 #: The JSON endpoints may be called from any web page (browser-based MCP
 #: clients such as the Inspector); the authorization endpoint never is.
 CORS_ANY = CORS(allow_headers="Authorization, Content-Type, MCP-Protocol-Version")
@@ -135,7 +145,7 @@ class OAuthRoutes:
         self.server = server
         self.config = server.config
         self.prefix = issuer_path(self.config.issuer)
-        self.hsts = (HSTS,) if self.config.issuer.startswith("https://") else ()
+        self.hsts = hsts(self.config.issuer)
         self.as_metadata = StaticJSON(server.authorization_server_metadata())
         self.pr_metadata = StaticJSON(server.protected_resource_metadata())
         # RFC 9728 section 3.1: each resource's document at the well-known
