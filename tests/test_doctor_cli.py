@@ -80,6 +80,28 @@ class SecretTests(SynchronousTestCase):
         with self.assertRaises(CredentialError):
             read_secret(self.mktemp(), ACCESS_TOKEN_ENV, "access token", io.StringIO())
 
+    def test_notVisibleASCII(self) -> None:
+        """
+        A token is visible ASCII: one with a character outside it (typed
+        by hand, pasted with a stray one) is refused, from a file, stdin or
+        the environment, without repeating it.
+        """
+        for value in ("t\u00f6k\u20acn", "tok\u00e9n", "tok\x7fen", "tok\x00en"):
+            with self.assertRaises(CredentialError) as caught:
+                read_secret(self.file(value), ACCESS_TOKEN_ENV, "access token", io.StringIO())
+            self.assertIn("does not hold one access token (a token is visible ASCII)", str(caught.exception))
+            with self.assertRaises(CredentialError):
+                read_secret("-", SITE_TOKEN_ENV, "site token", io.StringIO(value + "\n"))
+            if "\x00" in value:
+                continue  # no environment variable holds one
+            os.environ[SITE_TOKEN_ENV] = value
+            self.addCleanup(os.environ.pop, SITE_TOKEN_ENV, None)
+            with self.assertRaises(CredentialError) as caught:
+                read_secret(None, SITE_TOKEN_ENV, "site token", io.StringIO())
+            self.assertEqual(
+                str(caught.exception), f"${SITE_TOKEN_ENV} does not hold one site token (a token is visible ASCII)"
+            )
+
 
 class RunTests(SynchronousTestCase):
     def test_unreadableCredential(self) -> None:

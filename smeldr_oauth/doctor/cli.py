@@ -13,7 +13,10 @@ are reported as not run):
     (for servers without dynamic registration, or not smeldr-oauth).
 
 Never on the command line (where C{ps} and shell history show it), never
-printed, sent only to the MCP URL's own origin.
+printed, sent only to the MCP URL's own origin.  A token is visible ASCII
+(RFC 6750's C{b64token} is a part of it; the server's tokens are
+URL-safe base64): anything else is refused up front, before a request
+carries it (a character outside Latin-1 cannot be a header value at all).
 """
 
 from __future__ import annotations
@@ -107,10 +110,13 @@ def read_secret(path: Optional[str], env: str, what: str, stdin: IO[str]) -> Opt
     A credential from a file, stdin (C{-}) or the environment; C{None}
     when none is given.
 
-    @raise CredentialError: the file cannot be read or is empty.
+    @raise CredentialError: the file cannot be read, or does not hold one
+        token (visible ASCII).
     """
     if path is None:
         value = os.environ.get(env, "").strip()
+        if value and not _visible_ascii(value):
+            raise CredentialError(f"${env} does not hold one {what} (a token is visible ASCII)")
         return value or None
     try:
         if path == "-":
@@ -121,9 +127,13 @@ def read_secret(path: Optional[str], env: str, what: str, stdin: IO[str]) -> Opt
     except (OSError, UnicodeDecodeError) as e:
         raise CredentialError(f"cannot read the {what} from {path}: {type(e).__name__}")
     value = text.strip()
-    if not value or any(c.isspace() for c in value):
-        raise CredentialError(f"{path} does not hold one {what}")
+    if not _visible_ascii(value):
+        raise CredentialError(f"{path} does not hold one {what} (a token is visible ASCII)")
     return value
+
+
+def _visible_ascii(value: str) -> bool:
+    return bool(value) and all("\x21" <= c <= "\x7e" for c in value)
 
 
 async def _doctor(reactor: Any, options: argparse.Namespace, out: IO[str], err: IO[str], stdin: IO[str]) -> int:
