@@ -26,6 +26,7 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(options.url, "https://example.com/mcp")
         self.assertEqual((options.keepalive, options.cert_days, options.timeout), (15.0, 14.0, 10.0))
         self.assertFalse(options.json)
+        self.assertFalse(options.allow_private)
         self.assertIsNone(options.stream_seconds)
 
     def test_options(self) -> None:
@@ -33,6 +34,7 @@ class ParseTests(SynchronousTestCase):
             ["doctor", "https://e/mcp", "--json", "--keepalive", "2", "--stream-seconds", "60", "--ca-file", "ca.pem"]
         )
         self.assertEqual((options.json, options.keepalive, options.stream_seconds, options.ca_file), (True, 2.0, 60.0, "ca.pem"))
+        self.assertTrue(parse(["doctor", "https://e/mcp", "--allow-private"]).allow_private)
 
     def test_bad(self) -> None:
         for argv in (["doctor"], ["doctor", "u", "--keepalive", "0"], ["doctor", "u", "--timeout", "x"], ["doctor", "u", "--token", "t"]):

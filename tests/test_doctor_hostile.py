@@ -18,12 +18,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from smeldr_oauth.doctor.cli import run
-from smeldr_oauth.doctor.fetch import Fetcher, http_client, load_trust_root
+from smeldr_oauth.doctor.fetch import Fetcher, guarded_fetcher, load_trust_root
 from smeldr_oauth.doctor.run import DoctorOptions, diagnose
 from smeldr_oauth.doctor.session import MCPSession
 from smeldr_oauth.doctor.sse import CLOSED
 from smeldr_oauth.site.admin import parse
-from tests.test_doctor_fetch import serveOnLoopback
+from tests.test_doctor_fetch import LOOPBACK, serveOnLoopback
 
 reactor: Any = _globalReactor
 
@@ -84,7 +84,7 @@ class HostileTests(TestCase):
         return await serveOnLoopback(self, Hostile(version, session_id)) + "/mcp"
 
     def fetcher(self) -> Fetcher:
-        return Fetcher(reactor, http_client(reactor, load_trust_root(None), 5.0), 5.0)
+        return guarded_fetcher(reactor, load_trust_root(None), 5.0, LOOPBACK)
 
     async def test_streamBodyNeverEnds(self) -> None:
         """

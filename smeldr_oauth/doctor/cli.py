@@ -17,6 +17,10 @@ printed, sent only to the MCP URL's own origin.  A token is visible ASCII
 (RFC 6750's C{b64token} is a part of it; the server's tokens are
 URL-safe base64): anything else is refused up front, before a request
 carries it (a character outside Latin-1 cannot be a header value at all).
+
+Where the doctor may connect: L{smeldr_oauth.doctor.guard} (public
+addresses, and the given URL's own host; C{--allow-private} for a
+deployment over several private hosts).
 """
 
 from __future__ import annotations
@@ -90,6 +94,13 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         help="trust only this CA instead of the system's (a private CA; tests)",
     )
     doctor.add_argument(
+        "--allow-private",
+        action="store_true",
+        help="let the doctor connect to loopback and private addresses other than the URL's own host (a "
+        "deployment whose authorization server is on another internal host); by default only "
+        "public addresses and the URL's own host",
+    )
+    doctor.add_argument(
         "--timeout", type=_positive, default=10.0, metavar="SECONDS", help="per request [default: %(default)s]"
     )
     return doctor
@@ -140,7 +151,8 @@ async def _doctor(reactor: Any, options: argparse.Namespace, out: IO[str], err: 
     # Imported here: the admin CLI builds this parser for every command,
     # and only this one needs an HTTP client.
     from smeldr_oauth.doctor import report
-    from smeldr_oauth.doctor.fetch import Fetcher, http_client, load_trust_root
+    from smeldr_oauth.doctor.fetch import guarded_fetcher, load_trust_root
+    from smeldr_oauth.doctor.guard import guard_for
     from smeldr_oauth.doctor.run import DoctorOptions, diagnose
 
     try:
@@ -153,7 +165,8 @@ async def _doctor(reactor: Any, options: argparse.Namespace, out: IO[str], err: 
     except Exception as e:
         err.write(f"doctor: cannot load --ca-file {options.ca_file}: {type(e).__name__}\n")
         return 2
-    fetcher = Fetcher(reactor, http_client(reactor, trust_root, options.timeout), options.timeout, trust_root)
+    guard = await guard_for(reactor, options.url, options.timeout, options.allow_private)
+    fetcher = guarded_fetcher(reactor, trust_root, options.timeout, guard)
     try:
         verdicts = await diagnose(
             fetcher,
