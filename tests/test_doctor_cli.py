@@ -26,6 +26,7 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(options.url, "https://example.com/mcp")
         self.assertEqual((options.keepalive, options.cert_days, options.timeout), (15.0, 14.0, 10.0))
         self.assertFalse(options.json)
+        self.assertFalse(options.allow_private)
         self.assertIsNone(options.stream_seconds)
 
     def test_options(self) -> None:
@@ -33,6 +34,7 @@ class ParseTests(SynchronousTestCase):
             ["doctor", "https://e/mcp", "--json", "--keepalive", "2", "--stream-seconds", "60", "--ca-file", "ca.pem"]
         )
         self.assertEqual((options.json, options.keepalive, options.stream_seconds, options.ca_file), (True, 2.0, 60.0, "ca.pem"))
+        self.assertTrue(parse(["doctor", "https://e/mcp", "--allow-private"]).allow_private)
 
     def test_bad(self) -> None:
         for argv in (["doctor"], ["doctor", "u", "--keepalive", "0"], ["doctor", "u", "--timeout", "x"], ["doctor", "u", "--token", "t"]):
@@ -79,6 +81,28 @@ class SecretTests(SynchronousTestCase):
                 self.assertNotIn(SECRET, str(caught.exception))
         with self.assertRaises(CredentialError):
             read_secret(self.mktemp(), ACCESS_TOKEN_ENV, "access token", io.StringIO())
+
+    def test_notVisibleASCII(self) -> None:
+        """
+        A token is visible ASCII: one with a character outside it (typed
+        by hand, pasted with a stray one) is refused, from a file, stdin or
+        the environment, without repeating it.
+        """
+        for value in ("t\u00f6k\u20acn", "tok\u00e9n", "tok\x7fen", "tok\x00en"):
+            with self.assertRaises(CredentialError) as caught:
+                read_secret(self.file(value), ACCESS_TOKEN_ENV, "access token", io.StringIO())
+            self.assertIn("does not hold one access token (a token is visible ASCII)", str(caught.exception))
+            with self.assertRaises(CredentialError):
+                read_secret("-", SITE_TOKEN_ENV, "site token", io.StringIO(value + "\n"))
+            if "\x00" in value:
+                continue  # no environment variable holds one
+            os.environ[SITE_TOKEN_ENV] = value
+            self.addCleanup(os.environ.pop, SITE_TOKEN_ENV, None)
+            with self.assertRaises(CredentialError) as caught:
+                read_secret(None, SITE_TOKEN_ENV, "site token", io.StringIO())
+            self.assertEqual(
+                str(caught.exception), f"${SITE_TOKEN_ENV} does not hold one site token (a token is visible ASCII)"
+            )
 
 
 class RunTests(SynchronousTestCase):

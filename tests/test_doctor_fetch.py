@@ -16,13 +16,17 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from smeldr_oauth.doctor.fetch import MAX_BODY, Fetcher, http_client, load_trust_root
+from smeldr_oauth.doctor.fetch import MAX_BODY, Fetcher, guarded_fetcher, load_trust_root
+from smeldr_oauth.doctor.guard import guard_around
 from smeldr_oauth.doctor.session import rpc_answer
 from smeldr_oauth.doctor.sse import CLOSED, FAILED, WATCHED
 from tests.e2e import freePort
 from tests.haproxy import makeTestCA
 
 reactor: Any = _globalReactor
+
+#: The guard of a run against a URL on 127.0.0.1 (the test servers').
+LOOPBACK = guard_around(["127.0.0.1"])
 
 
 class Paths(Resource):
@@ -102,7 +106,7 @@ class FetchTests(TestCase):
         return await serveOnLoopback(self, Paths())
 
     def fetcher(self, timeout: float = 5.0) -> Fetcher:
-        return Fetcher(reactor, http_client(reactor, load_trust_root(None), timeout), timeout)
+        return guarded_fetcher(reactor, load_trust_root(None), timeout, LOOPBACK)
 
     async def test_bodyCapped(self) -> None:
         base = await self.serve()
@@ -176,7 +180,7 @@ class CertificateTests(TestCase):
     async def test_trusted(self) -> None:
         url, caFile = await self.tlsServer()
         trust = load_trust_root(caFile)
-        certificate = await Fetcher(reactor, http_client(reactor, trust, 5), 5, trust).certificate(url)
+        certificate = await guarded_fetcher(reactor, trust, 5, LOOPBACK).certificate(url)
         self.assertIsNone(certificate.error)
         self.assertIn("smeldr test CA", certificate.issuer)
         assert certificate.not_after is not None and certificate.not_before is not None
@@ -189,14 +193,14 @@ class CertificateTests(TestCase):
         """
         url, _ = await self.tlsServer()
         trust = load_trust_root(None)
-        certificate = await Fetcher(reactor, http_client(reactor, trust, 5), 5, trust).certificate(url)
+        certificate = await guarded_fetcher(reactor, trust, 5, LOOPBACK).certificate(url)
         self.assertIn("TLS", certificate.error or "")
         self.assertIsNotNone(certificate.not_after)
 
     async def test_wrongHost(self) -> None:
         url, caFile = await self.tlsServer(hosts=("localhost",))
         trust = load_trust_root(caFile)
-        certificate = await Fetcher(reactor, http_client(reactor, trust, 5), 5, trust).certificate(url)
+        certificate = await guarded_fetcher(reactor, trust, 5, LOOPBACK).certificate(url)
         self.assertIn("TLS", certificate.error or "")
 
     async def test_stalledHandshake(self) -> None:
@@ -209,7 +213,7 @@ class CertificateTests(TestCase):
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Protocol))
         self.addCleanup(port.stopListening)
         trust = load_trust_root(None)
-        certificate = await Fetcher(reactor, http_client(reactor, trust, 0.3), 0.3, trust).certificate(
+        certificate = await guarded_fetcher(reactor, trust, 0.3, LOOPBACK).certificate(
             f"https://127.0.0.1:{port.getHost().port}/mcp"
         )
         self.assertEqual(certificate.error, "no answer within 0.3 s (timed out)")
@@ -217,7 +221,7 @@ class CertificateTests(TestCase):
 
     async def test_nothingListening(self) -> None:
         trust = load_trust_root(None)
-        certificate = await Fetcher(reactor, http_client(reactor, trust, 5), 5, trust).certificate(
+        certificate = await guarded_fetcher(reactor, trust, 5, LOOPBACK).certificate(
             f"https://127.0.0.1:{freePort()}/mcp"
         )
         self.assertEqual(certificate.error, "connection refused")

@@ -8,6 +8,7 @@ server does.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -16,11 +17,13 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from smeldr_oauth.doctor.fetch import Fetcher, http_client, load_trust_root
+from smeldr_oauth.doctor.cli import run
+from smeldr_oauth.doctor.fetch import Fetcher, guarded_fetcher, load_trust_root
 from smeldr_oauth.doctor.run import DoctorOptions, diagnose
 from smeldr_oauth.doctor.session import MCPSession
 from smeldr_oauth.doctor.sse import CLOSED
-from tests.test_doctor_fetch import serveOnLoopback
+from smeldr_oauth.site.admin import parse
+from tests.test_doctor_fetch import LOOPBACK, serveOnLoopback
 
 reactor: Any = _globalReactor
 
@@ -81,7 +84,7 @@ class HostileTests(TestCase):
         return await serveOnLoopback(self, Hostile(version, session_id)) + "/mcp"
 
     def fetcher(self) -> Fetcher:
-        return Fetcher(reactor, http_client(reactor, load_trust_root(None), 5.0), 5.0)
+        return guarded_fetcher(reactor, load_trust_root(None), 5.0, LOOPBACK)
 
     async def test_streamBodyNeverEnds(self) -> None:
         """
@@ -119,6 +122,25 @@ class HostileTests(TestCase):
         report = await MCPSession(self.fetcher(), url, "token").check(0.5)
         self.assertIsNone(report.probe)
         self.assertEqual(report.reason, "initialize answered a session id that is not visible ASCII")
+
+    async def test_accessTokenNotLatin1(self) -> None:
+        """
+        An access token that cannot be a header value (a character outside
+        Latin-1): the command refuses it in one line before any request
+        (it used to end the run with 'doctor: failed: UnicodeEncodeError'
+        when the session sent it).
+        """
+        url = await self.serve()
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("t\u00f6k\u20acn\n")
+        options = parse(["doctor", url, "--access-token-file", path, "--keepalive", "0.2", "--timeout", "5"])
+        out, err = io.StringIO(), io.StringIO()
+        status = await run(reactor, options, out, err, io.StringIO())
+        self.assertEqual(
+            (status, out.getvalue(), err.getvalue()),
+            (2, "", f"doctor: {path} does not hold one access token (a token is visible ASCII)\n"),
+        )
 
     async def test_wholeRun(self) -> None:
         """

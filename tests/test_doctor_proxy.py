@@ -191,10 +191,11 @@ class DoctorDirectTests(DoctorTestsMixin, TestCase):
         server = await self.server()
         token, path = await self.siteTokenFile(server)
         # A real access token, from the doctor's own flow run in-process.
-        from smeldr_oauth.doctor.fetch import Fetcher, http_client
+        from smeldr_oauth.doctor.fetch import guarded_fetcher
+        from smeldr_oauth.doctor.guard import guard_around
         from smeldr_oauth.doctor.flow import Flow
 
-        fetcher = Fetcher(reactor, http_client(reactor, None, 5), 5)
+        fetcher = guarded_fetcher(reactor, None, 5, guard_around(["127.0.0.1"]))
         metadata = json.loads(
             (await fetcher.get(server.issuer + "/.well-known/oauth-authorization-server")).body
         )
@@ -445,23 +446,27 @@ class NaiveMetadata(Resource):
         scheme = request.getHeader(b"x-forwarded-proto") or (b"https" if request.isSecure() else b"http")
         return f"{scheme.decode()}://{request.getHeader(b'host').decode()}"
 
+    def resource_metadata(self, base: str) -> dict[str, Any]:
+        return {"resource": base + "/mcp", "authorization_servers": [base]}
+
+    def server_metadata(self, base: str) -> dict[str, Any]:
+        return {
+            "issuer": base,
+            "authorization_endpoint": base + "/authorize",
+            "token_endpoint": base + "/token",
+            "registration_endpoint": base + "/register",
+            "response_types_supported": ["code"],
+            "code_challenge_methods_supported": ["S256"],
+        }
+
     def render_GET(self, request: Any) -> bytes:
         base = self.base(request)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"access-control-allow-origin", b"*")
         if request.path.startswith(b"/.well-known/oauth-protected-resource"):
-            return json.dumps({"resource": base + "/mcp", "authorization_servers": [base]}).encode()
+            return json.dumps(self.resource_metadata(base)).encode()
         if request.path == b"/.well-known/oauth-authorization-server":
-            return json.dumps(
-                {
-                    "issuer": base,
-                    "authorization_endpoint": base + "/authorize",
-                    "token_endpoint": base + "/token",
-                    "registration_endpoint": base + "/register",
-                    "response_types_supported": ["code"],
-                    "code_challenge_methods_supported": ["S256"],
-                }
-            ).encode()
+            return json.dumps(self.server_metadata(base)).encode()
         request.setResponseCode(404)
         return b"{}"
 

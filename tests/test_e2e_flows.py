@@ -18,6 +18,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from smeldr_oauth.doctor.fetch import Fetcher, http_client
+from smeldr_oauth.doctor.guard import guard_around
 from smeldr_oauth.doctor.flow import Flow
 import treq
 from twisted.web.client import ResponseFailed
@@ -161,7 +162,7 @@ class FlowTimelineTests(TestCase):
         A client that stops after the token exchange: the doctor's flow,
         over the real socket.
         """
-        fetcher = Fetcher(reactor, http_client(reactor, None, 10), 10)
+        fetcher = Fetcher(reactor, http_client(reactor, None, 10, guard_around(["127.0.0.1"])), 10)
         fetched = await fetcher.request("GET", server.issuer + "/.well-known/oauth-authorization-server")
         metadata = json.loads(fetched.body)
         flow = Flow(fetcher, server.mcpURL, server.mcpURL, metadata)
@@ -227,7 +228,7 @@ class FlowTimelineTests(TestCase):
         server = await startServer(self, reactor, ["--issuer", issuer, "--trust-forwarded-from", "127.0.0.1"])
         proxy = await startHAProxy(self, reactor, [server.port], frontend=frontend, timeoutServer=2.5)
         site_token = await createSiteToken(reactor, server)
-        fetcher = Fetcher(reactor, http_client(reactor, None, 10), 10)
+        fetcher = Fetcher(reactor, http_client(reactor, None, 10, guard_around(["127.0.0.1"])), 10)
         fetched = await fetcher.request("GET", issuer + "/.well-known/oauth-authorization-server")
         mcp = issuer + "/mcp"
         credentials = await Flow(fetcher, mcp, mcp, json.loads(fetched.body)).run(site_token)
@@ -377,7 +378,7 @@ class PostgresWorkersTimelineTests(TestCase):
         out, err, code = await runProgram(reactor, [*adminCommand(), "token", "create", "e2e", "--database", url])
         self.assertEqual(code, 0, err)
         site_token = out.strip().split()[-1]
-        fetcher = Fetcher(reactor, http_client(reactor, None, 10), 10)
+        fetcher = Fetcher(reactor, http_client(reactor, None, 10, guard_around(["127.0.0.1"])), 10)
         fetched = await fetcher.request("GET", issuer + "/.well-known/oauth-authorization-server")
         credentials = await Flow(fetcher, server.mcpURL, server.mcpURL, json.loads(fetched.body)).run(site_token)
         for _ in range(6):

@@ -122,9 +122,10 @@ class ProcessDeathTests(ThreeProcesses):
         await super().setUp()
         # A real access token, from the doctor's flow through the balancer.
         from smeldr_oauth.doctor.fetch import Fetcher, http_client
+        from smeldr_oauth.doctor.guard import guard_around
         from smeldr_oauth.doctor.flow import Flow
 
-        fetcher = Fetcher(reactor, http_client(reactor, None, 5), 5)
+        fetcher = Fetcher(reactor, http_client(reactor, None, 5, guard_around(["127.0.0.1"])), 5)
         metadata = json.loads((await fetcher.get(self.issuer + "/.well-known/oauth-authorization-server")).body)
         mcp = self.proxy.url + "/mcp"
         self.access = (await Flow(fetcher, mcp, mcp, metadata).run(self.token)).access_token

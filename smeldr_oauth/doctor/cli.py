@@ -13,7 +13,14 @@ are reported as not run):
     (for servers without dynamic registration, or not smeldr-oauth).
 
 Never on the command line (where C{ps} and shell history show it), never
-printed, sent only to the MCP URL's own origin.
+printed, sent only to the MCP URL's own origin.  A token is visible ASCII
+(RFC 6750's C{b64token} is a part of it; the server's tokens are
+URL-safe base64): anything else is refused up front, before a request
+carries it (a character outside Latin-1 cannot be a header value at all).
+
+Where the doctor may connect: L{smeldr_oauth.doctor.guard} (public
+addresses, and the given URL's own host; C{--allow-private} for a
+deployment over several private hosts).
 """
 
 from __future__ import annotations
@@ -87,6 +94,13 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         help="trust only this CA instead of the system's (a private CA; tests)",
     )
     doctor.add_argument(
+        "--allow-private",
+        action="store_true",
+        help="let the doctor connect to loopback and private addresses other than the URL's own host (a "
+        "deployment whose authorization server is on another internal host); by default only "
+        "public addresses and the URL's own host",
+    )
+    doctor.add_argument(
         "--timeout", type=_positive, default=10.0, metavar="SECONDS", help="per request [default: %(default)s]"
     )
     return doctor
@@ -107,10 +121,13 @@ def read_secret(path: Optional[str], env: str, what: str, stdin: IO[str]) -> Opt
     A credential from a file, stdin (C{-}) or the environment; C{None}
     when none is given.
 
-    @raise CredentialError: the file cannot be read or is empty.
+    @raise CredentialError: the file cannot be read, or does not hold one
+        token (visible ASCII).
     """
     if path is None:
         value = os.environ.get(env, "").strip()
+        if value and not _visible_ascii(value):
+            raise CredentialError(f"${env} does not hold one {what} (a token is visible ASCII)")
         return value or None
     try:
         if path == "-":
@@ -121,16 +138,21 @@ def read_secret(path: Optional[str], env: str, what: str, stdin: IO[str]) -> Opt
     except (OSError, UnicodeDecodeError) as e:
         raise CredentialError(f"cannot read the {what} from {path}: {type(e).__name__}")
     value = text.strip()
-    if not value or any(c.isspace() for c in value):
-        raise CredentialError(f"{path} does not hold one {what}")
+    if not _visible_ascii(value):
+        raise CredentialError(f"{path} does not hold one {what} (a token is visible ASCII)")
     return value
+
+
+def _visible_ascii(value: str) -> bool:
+    return bool(value) and all("\x21" <= c <= "\x7e" for c in value)
 
 
 async def _doctor(reactor: Any, options: argparse.Namespace, out: IO[str], err: IO[str], stdin: IO[str]) -> int:
     # Imported here: the admin CLI builds this parser for every command,
     # and only this one needs an HTTP client.
     from smeldr_oauth.doctor import report
-    from smeldr_oauth.doctor.fetch import Fetcher, http_client, load_trust_root
+    from smeldr_oauth.doctor.fetch import guarded_fetcher, load_trust_root
+    from smeldr_oauth.doctor.guard import guard_for
     from smeldr_oauth.doctor.run import DoctorOptions, diagnose
 
     try:
@@ -143,7 +165,8 @@ async def _doctor(reactor: Any, options: argparse.Namespace, out: IO[str], err: 
     except Exception as e:
         err.write(f"doctor: cannot load --ca-file {options.ca_file}: {type(e).__name__}\n")
         return 2
-    fetcher = Fetcher(reactor, http_client(reactor, trust_root, options.timeout), options.timeout, trust_root)
+    guard = await guard_for(reactor, options.url, options.timeout, options.allow_private)
+    fetcher = guarded_fetcher(reactor, trust_root, options.timeout, guard)
     try:
         verdicts = await diagnose(
             fetcher,

@@ -7,7 +7,10 @@ server's certificate, and the watching of an event stream.
 Every exchange has a deadline and a body cap; nothing here decides
 whether what came back is right (that is L{smeldr_oauth.doctor.checks}).
 The reactor and the treq client are given, so tests can use StubTreq or a
-client that trusts a test CA.
+client that trusts a test CA.  Every connection (the client's, each
+redirect hop's, the handshake's) is made through the run's
+L{smeldr_oauth.doctor.guard.Guard}: where the doctor may connect is decided
+there, once.
 """
 
 from __future__ import annotations
@@ -21,18 +24,19 @@ from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet import defer, error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate as TLSCertificate
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS, platformTrust
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from smeldr_oauth.doctor.checks import Certificate
+from smeldr_oauth.doctor.guard import Guard, describe_refusal
 from smeldr_oauth.doctor.model import Fetched
 from smeldr_oauth.doctor.sse import CLOSED, FAILED, WATCHED, EventTimeline, StreamObservation
 
@@ -57,20 +61,27 @@ def load_trust_root(ca_file: Optional[str]) -> Any:
         return TLSCertificate.loadPEM(f.read())
 
 
-def http_client(reactor: Any, trust_root: Any, timeout: float) -> HTTPClient:
+def http_client(reactor: Any, trust_root: Any, timeout: float, guard: Optional[Guard] = None) -> HTTPClient:
     """
-    A treq client that verifies certificates against C{trust_root} and
-    keeps no connection open after an exchange (each check sees a fresh
-    connection, as a new client would, and nothing is left behind).
+    A treq client that verifies certificates against C{trust_root},
+    connects only where C{guard} allows (by default public addresses only;
+    each redirect hop is a new request through it), and keeps no
+    connection open after an exchange (each check sees a fresh connection,
+    as a new client would, and nothing is left behind).
     """
     pool = HTTPConnectionPool(reactor, persistent=False)
-    agent = Agent(
-        reactor,
-        contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust_root),
-        pool=pool,
-        connectTimeout=timeout,
-    )
+    tls = BrowserLikePolicyForHTTPS(trustRoot=trust_root)
+    endpoints = (guard if guard is not None else Guard()).endpoints(reactor, tls, timeout)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     return HTTPClient(agent)
+
+
+def guarded_fetcher(reactor: Any, trust_root: Any, timeout: float, guard: Guard) -> "Fetcher":
+    """
+    The doctor's L{Fetcher}: its requests and its certificate handshake
+    under the one C{guard}, verified against the one C{trust_root}.
+    """
+    return Fetcher(reactor, http_client(reactor, trust_root, timeout, guard), timeout, trust_root, guard)
 
 
 def describe_failure(reason: Failure, timeout: float) -> str:
@@ -78,6 +89,9 @@ def describe_failure(reason: Failure, timeout: float) -> str:
     One line for why an exchange got no answer, without a traceback.
     """
     value = reason.value
+    refused = describe_refusal(value)
+    if refused is not None:
+        return refused
     if isinstance(value, (CancelledError, defer.TimeoutError, error.TimeoutError)):
         return f"no answer within {timeout:g} s (timed out)"
     if isinstance(value, error.ConnectionRefusedError):
@@ -204,6 +218,8 @@ class Fetcher:
     @param timeout: seconds each exchange may take.
     @param trust_root: what the certificate check trusts (the same as
         C{http}'s).
+    @param guard: where the certificate's handshake may connect (the same
+        as C{http}'s); by default public addresses only.
     """
 
     def __init__(
@@ -212,11 +228,13 @@ class Fetcher:
         http: HTTPClient,
         timeout: float = 10.0,
         trust_root: Any = None,
+        guard: Optional[Guard] = None,
     ) -> None:
         self.reactor = reactor
         self.http = http
         self.timeout = timeout
         self.trust_root = trust_root
+        self.guard = guard if guard is not None else Guard()
         #: Every answer, in order, for the clock check.
         self.answers: list[Fetched] = []
 
@@ -294,21 +312,26 @@ class Fetcher:
         without it so the message can say whether it merely expired.
         """
         parsed = URL.from_text(url)
-        host, port = parsed.host, parsed.port or 443
         try:
-            peer = await self._handshake(host, port, optionsForClientTLS(host, self.trust_root))
+            peer = await self._handshake(parsed, optionsForClientTLS(parsed.host, self.trust_root))
         except Exception:
-            problem = describe_failure(Failure(), self.timeout)
+            failure = Failure()
+            problem = describe_failure(failure, self.timeout)
+            if describe_refusal(failure.value) is not None:
+                return Certificate(error=problem)
             try:
-                peer = await self._handshake(host, port, CertificateOptions(verify=False))
+                peer = await self._handshake(parsed, CertificateOptions(verify=False))
             except Exception:
                 return Certificate(error=problem)
             return _certificate(peer, problem)
         return _certificate(peer, None)
 
-    async def _handshake(self, host: str, port: int, options: Any) -> Any:
+    async def _handshake(self, url: URL, options: Any) -> Any:
         done: Deferred[Any] = Deferred()
-        endpoint = wrapClientTLS(options, HostnameEndpoint(self.reactor, host, port, timeout=self.timeout))
+        # The guard's endpoint, as every request's: the host resolved once,
+        # the address vetted, TLS with C{options} against the URL's name.
+        uri = URI.fromBytes(url.to_uri().to_text().encode("ascii"))
+        endpoint = self.guard.endpoints(self.reactor, _FixedTLS(options), self.timeout).endpointForURI(uri)
         attempt = endpoint.connect(Factory.forProtocol(lambda: _Handshake(done)))
 
         def refused(reason: Failure) -> None:
@@ -428,6 +451,19 @@ class _StreamReader(Protocol):
         if not self.ended.called:
             self.ended_at = self.clock.seconds() - self.start
             self.ended.callback(CLOSED)
+
+
+@implementer(IPolicyForHTTPS)
+class _FixedTLS:
+    """
+    The same TLS options for any host (the handshake's, made for its URL).
+    """
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return self.options
 
 
 def _certificate(peer: Any, problem: Optional[str]) -> Certificate:

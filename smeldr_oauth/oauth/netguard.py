@@ -247,9 +247,13 @@ class _Collector:
             self.done.callback(self.addresses)
 
 
-def _resolve_once(
+def resolve_once(
     resolver: IHostnameResolver, host: str, port: int
 ) -> Deferred[list[str]]:
+    """
+    Every address C{resolver} gives for C{host}, from one resolution (the
+    doctor resolves the host it is pointed at this way to allow it).
+    """
     collector = _Collector()
     resolver.resolveHostName(collector, host, port)
     return collector.done
@@ -279,7 +283,7 @@ class _VettedEndpoint:
             resolved: Deferred[list[str]] = Deferred()
             resolved.callback([str(literal)])
         else:
-            resolved = _resolve_once(self.name_resolver, self.host, self.port)
+            resolved = resolve_once(self.name_resolver, self.host, self.port)
         return resolved.addCallback(self._vet).addCallback(
             self._attempt, protocolFactory, 0
         )
