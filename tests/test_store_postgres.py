@@ -267,7 +267,7 @@ class PostgresStoreTests(SynchronousTestCase):
             rows = connection.execute(
                 "SELECT component, version FROM schema_migrations ORDER BY component"
             ).fetchall()
-        self.assertEqual(rows, [("notifications", 1)] + [("oauth", version) for version in range(1, 13)])
+        self.assertEqual(rows, [("notifications", 1)] + [("oauth", version) for version in range(1, 14)])
 
     def test_facts_columns(self) -> None:
         """
@@ -289,16 +289,18 @@ class PostgresStoreTests(SynchronousTestCase):
 
     def test_spends_are_hot(self) -> None:
         """
-        Spending a refresh token is mostly a HOT update on PostgreSQL
-        (OAuth migration 6: refresh_tokens' pages keep room for it).  A
-        rotation inserts the next token and spends the one presented, which
-        on a busy server was inserted many rotations (of other grants)
-        before: its page is long full, and without free space there the new
-        row version goes to another page, with an entry in each of the
-        table's three indexes.  Forty grants' chains rotated in turn, in one
-        transaction (whose own counters say how each update was made, and
-        which prunes nothing): 112 of 200 HOT with the migration, 7
-        without.
+        Spending a refresh token is a HOT update on PostgreSQL even when
+        nothing can be pruned (OAuth migrations 6 and 13: refresh_tokens'
+        pages keep room for it).  A rotation inserts the next token and
+        spends the one presented, which on a busy server was inserted many
+        rotations (of other grants) before: its page is long full, and
+        without free space there the new row version goes to another page,
+        with an entry in each of the table's three indexes.  Forty grants'
+        chains rotated in turn, in one transaction (whose own counters say
+        how each update was made, and which prunes nothing, as a busy
+        server's other sessions' snapshots keep a page's dead versions):
+        196 of 200 HOT with half of each page free (migration 13), 112 with
+        30% (migration 6 alone), 7 with none.
         """
         from smeldr_oauth.store import transactions
         from smeldr_oauth.store.schema import OAUTH_SCHEMA
@@ -332,7 +334,38 @@ class PostgresStoreTests(SynchronousTestCase):
 
         updated, hot = self.successResultOf(store.database.write(OAUTH_SCHEMA, rotations))
         self.assertEqual(updated, 200)
-        self.assertGreater(hot, updated // 3)
+        self.assertGreaterEqual(hot, updated * 9 // 10, hot)
+
+    def test_refresh_tokens_half_free(self) -> None:
+        """
+        OAuth migration 13 sets refresh_tokens' fillfactor to 50 on a
+        database made before it (migration 6 left it at 70); the tokens
+        rotated there go on rotating after it, through a server of the
+        previous release still running (a rolling upgrade) and through
+        the new one.
+        """
+        import psycopg
+
+        from smeldr_oauth.store.schema import OAUTH_SCHEMA
+
+        url = postgres.database_url(self)
+        rotated_at(self, url, OAUTH_SCHEMA, 12)
+        earlier = pg_store(self, url, schema=attr.evolve(OAUTH_SCHEMA, migrations=OAUTH_SCHEMA.migrations[:12]))
+        query = "SELECT reloptions FROM pg_class WHERE relname = 'refresh_tokens'"
+        with psycopg.connect(url) as connection:
+            self.assertEqual(connection.execute(query).fetchone(), (["fillfactor=70"],))
+        store = pg_store(self, url)
+        with psycopg.connect(url) as connection:
+            self.assertEqual(connection.execute(query).fetchone(), (["fillfactor=50"],))
+        for name, server in (("g1", earlier), ("g2", store)):
+            rotated = server.redeem_refresh_token(
+                h(f"s-{name}"), T0 + 20, GRACE, None, access(f"c-{name}", T0 + 20), refresh(f"t-{name}", T0 + 20)
+            )
+            self.assertEqual(self.successResultOf(rotated).status, "rotated")
+            rotated = store.redeem_refresh_token(
+                h(f"t-{name}"), T0 + 30, GRACE, None, access(f"d-{name}", T0 + 30), refresh(f"u-{name}", T0 + 30)
+            )
+            self.assertEqual(self.successResultOf(rotated).status, "rotated")
 
     def test_refresh_tokens_without_foreign_key(self) -> None:
         """

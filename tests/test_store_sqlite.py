@@ -792,7 +792,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.addCleanup(connection.close)
         self.assertEqual(
             connection.execute("SELECT component, version FROM schema_migrations").fetchall(),
-            [("oauth", version) for version in range(1, 13)],
+            [("oauth", version) for version in range(1, 14)],
         )
 
     def test_legacy_file_adopted(self) -> None:
@@ -816,7 +816,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.addCleanup(connection.close)
         self.assertEqual(
             connection.execute("SELECT component, version FROM schema_migrations").fetchall(),
-            [("oauth", version) for version in range(1, 13)],
+            [("oauth", version) for version in range(1, 14)],
         )
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
         self.assertNotIn("schema_version", tables)

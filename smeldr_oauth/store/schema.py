@@ -489,6 +489,10 @@ OAUTH_SCHEMA = Schema(
         # (its call casts to json, so the two never make a call
         # ambiguous); a later migration may drop it.
         Migration(12, sqlite=(), postgresql=(WRITE_ROTATIONS_FUNCTION,)),
+        # PostgreSQL: half of refresh_tokens' new pages free, room for every spend's HOT
+        # version while other sessions' snapshots keep pruning back (docs/performance.md,
+        # "Round fifteen: PostgreSQL's WAL and CPU a refresh").  Migration 6's 30% was not.
+        Migration(13, sqlite=(), postgresql=("ALTER TABLE refresh_tokens SET (fillfactor = 50)",)),
     ),
     tables=("clients", "grants", "codes", "access_tokens", "refresh_tokens"),
     legacy=_legacy_version,
