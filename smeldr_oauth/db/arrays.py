@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from smeldr_oauth.db.postgres import _scrub
+from smeldr_oauth.db.postgres import scrub
 
 
 def text_array(values: Sequence[Any]) -> str:
@@ -46,7 +46,7 @@ def text_array(values: Sequence[Any]) -> str:
     except TypeError:
         return "{" + ",".join("NULL" if value is None else text_array([str(value)])[1:-1] for value in values) + "}"
     if joined.count("\x00") != len(values) - 1:
-        joined = "\x00".join(_scrub(value) for value in values)
+        joined = "\x00".join(scrub(value) for value in values)
     return '{"' + joined.replace("\\", "\\\\").replace('"', '\\"').replace("\x00", '","') + '"}'
 
 

@@ -67,7 +67,12 @@ _NUL = "\x00"
 _REPLACEMENT = "\ufffd"
 
 
-def _scrub(value: Any) -> Any:
+def scrub(value: Any) -> Any:
+    """
+    C{value} as PostgreSQL can store it: a text's NULs as U+FFFD, anything
+    else as it is.  The one rule for every text parameter, array elements
+    included (L{smeldr_oauth.db.arrays}).
+    """
     if value.__class__ is str and _NUL in value:
         return value.replace(_NUL, _REPLACEMENT)
     return value
@@ -91,11 +96,11 @@ def _cursor_factory() -> Any:
         class Cursor(psycopg.Cursor):  # type: ignore[type-arg]
             def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
                 if params:
-                    params = [_scrub(value) for value in params]
+                    params = [scrub(value) for value in params]
                 return super().execute(query, params, **kwargs)
 
             def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> Any:
-                scrubbed = [[_scrub(value) for value in params] for params in params_seq]
+                scrubbed = [[scrub(value) for value in params] for params in params_seq]
                 return super().executemany(query, scrubbed, **kwargs)
 
         _cursor_class = Cursor

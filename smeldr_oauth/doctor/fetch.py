@@ -316,9 +316,11 @@ class Fetcher:
             peer = await self._handshake(parsed, optionsForClientTLS(parsed.host, self.trust_root))
         except Exception:
             failure = Failure()
+            refused = describe_refusal(failure.value)
+            if refused is not None:
+                # The guard refused the address: no second try without verification.
+                return Certificate(error=refused)
             problem = describe_failure(failure, self.timeout)
-            if describe_refusal(failure.value) is not None:
-                return Certificate(error=problem)
             try:
                 peer = await self._handshake(parsed, CertificateOptions(verify=False))
             except Exception:

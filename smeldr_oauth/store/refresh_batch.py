@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 from smeldr_oauth.db.arrays import number_array, text_array
 from smeldr_oauth.db.database import Transaction
-from smeldr_oauth.db.postgres import _scrub
+from smeldr_oauth.db.postgres import scrub
 from smeldr_oauth.oauth import rotation
 from smeldr_oauth.oauth.interfaces import RefreshRedemption
 from smeldr_oauth.store.refresh_facts import GRANT_ID, TOKEN_HASH
@@ -174,7 +174,7 @@ def _write_batch(
             if shape is None or shape[0] not in rows:
                 if position in spent_at:
                     others_spent.append(len(others))
-                others.append((sql, [_scrub(value) for value in values]))
+                others.append((sql, [scrub(value) for value in values]))
                 continue
             rows[shape[0]].append(dict(zip(shape[1], values)))
     found: set[str] = set()
